@@ -1,0 +1,62 @@
+"""busted: audit a Linux host's traffic to LLM providers with eBPF.
+
+    import busted
+    with busted.Monitor() as m:
+        for ev in m.events():
+            print(ev.to_dict())
+"""
+
+from busted.errors import (
+    BccNotInstalled,
+    BustedError,
+    EnvironmentProblem,
+    KernelHeadersMissing,
+    MonitorClosed,
+    PermissionDenied,
+    ProbeLoadError,
+    ProbeUnavailable,
+    StoreError,
+    TracefsNotMounted,
+)
+from busted.events import (
+    Direction,
+    DnsAnswer,
+    DnsRecord,
+    Event,
+    EventsLost,
+    Evidence,
+    FlowClassified,
+    FlowClosed,
+    FlowEvent,
+    FlowOpened,
+    LossPlace,
+    TlsClientHello,
+)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "BccNotInstalled",
+    "BustedError",
+    "Direction",
+    "DnsAnswer",
+    "DnsRecord",
+    "EnvironmentProblem",
+    "Event",
+    "EventsLost",
+    "Evidence",
+    "FlowClassified",
+    "FlowClosed",
+    "FlowEvent",
+    "FlowOpened",
+    "KernelHeadersMissing",
+    "LossPlace",
+    "MonitorClosed",
+    "PermissionDenied",
+    "ProbeLoadError",
+    "ProbeUnavailable",
+    "StoreError",
+    "TlsClientHello",
+    "TracefsNotMounted",
+    "__version__",
+]

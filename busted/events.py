@@ -1,0 +1,200 @@
+"""Every event busted yields: frozen dataclasses with ``to_dict()``.
+
+Conventions (kept for the life of the schema):
+
+* Enums start at ``UNKNOWN = 0``; new members are appended.
+* Addresses: ``saddr``/``sport`` are always *this host's* socket, ``daddr``/``dport`` the peer,
+  for both directions (like tcplife's LADDR/RADDR). ``direction`` says who initiated.
+* Times: ``ts_ns`` is CLOCK_MONOTONIC nanoseconds (the kernel's ``bpf_ktime_get_ns``);
+  ``wall_time`` is UNIX seconds derived from it. Durations carry their unit (``duration_ns``).
+* ``None`` means "not known" and differs from zero/false (e.g. ``ppid`` of a process that exited
+  before we could read /proc).
+* Loss is data: ``EventsLost`` travels in the same stream as everything else.
+* ``flow_id`` joins every event about one TCP flow (open, classification, TLS hello, close).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+__all__ = [
+    "Direction",
+    "DnsAnswer",
+    "DnsRecord",
+    "Event",
+    "EventsLost",
+    "Evidence",
+    "FlowClassified",
+    "FlowClosed",
+    "FlowEvent",
+    "FlowOpened",
+    "LossPlace",
+    "TlsClientHello",
+]
+
+
+class Direction(enum.IntEnum):
+    UNKNOWN = 0
+    CONNECT = 1  # this host initiated (connect())
+    ACCEPT = 2  # the peer initiated (accept())
+
+
+class Evidence(enum.IntEnum):
+    """Why a flow was tied to a hostname/provider. Stronger evidence wins: SNI > DNS > CIDR > PORT."""
+
+    UNKNOWN = 0  # nothing tied it yet
+    PORT = 1  # a well-known local-server port (e.g. Ollama :11434) on a local address
+    CIDR = 2  # the peer address lies in a provider's published range
+    DNS = 3  # a DNS answer seen on this host mapped the peer address to a name
+    SNI = 4  # the client's TLS ClientHello named the server
+
+
+class LossPlace(enum.IntEnum):
+    UNKNOWN = 0
+    KERNEL_RING = 1  # ring buffer full when BPF tried to emit
+    KERNEL_MAP = 2  # a BPF map was full: a flow could not be tracked
+    USER_QUEUE = 3  # the Monitor's bounded queue was full (consumer too slow)
+    PARSE = 4  # captured bytes that no parser could read (malformed or truncated)
+
+
+def _jsonable(v: Any) -> Any:
+    if isinstance(v, enum.Enum):
+        return v.name.lower()
+    if isinstance(v, tuple | list):
+        return [_jsonable(x) for x in v]
+    if dataclasses.is_dataclass(v) and not isinstance(v, type):
+        return {f.name: _jsonable(getattr(v, f.name)) for f in dataclasses.fields(v)}
+    if isinstance(v, bytes):
+        return v.hex()
+    return v
+
+
+@dataclass(frozen=True, kw_only=True)
+class Event:
+    """Base of all events. ``kind`` names the concrete type in ``to_dict()`` output."""
+
+    kind: ClassVar[str] = "event"
+    ts_ns: int
+    wall_time: float
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-safe dict: enums become lower-case names, tuples lists, bytes hex."""
+        d: dict[str, Any] = {"kind": self.kind}
+        for f in dataclasses.fields(self):
+            d[f.name] = _jsonable(getattr(self, f.name))
+        return d
+
+
+@dataclass(frozen=True, kw_only=True)
+class FlowEvent(Event):
+    """Identity of a TCP flow: who (process) and where (4-tuple), plus what it was classified as."""
+
+    kind: ClassVar[str] = "flow"
+    flow_id: int
+    direction: Direction
+    # process (pid/tid/uid/comm/cgroup_id from BPF at attribution; the rest from /proc)
+    pid: int
+    tid: int
+    uid: int
+    comm: str
+    ppid: int | None = None
+    exe: str | None = None
+    cmdline: tuple[str, ...] | None = None
+    cgroup_id: int = 0
+    netns: int | None = None
+    # addresses: s* = this host's socket, d* = the peer
+    family: int  # 4 or 6
+    saddr: str
+    sport: int
+    daddr: str
+    dport: int
+    # True iff the flow was open before the Monitor started (found by a sock_diag dump)
+    preexisting: bool = False
+    # classification (issue: classification); None/UNKNOWN until something tied it
+    hostname: str | None = None
+    provider: str | None = None
+    evidence: Evidence = Evidence.UNKNOWN
+    confidence: float = 0.0
+
+
+@dataclass(frozen=True, kw_only=True)
+class FlowOpened(FlowEvent):
+    kind: ClassVar[str] = "flow_opened"
+
+
+@dataclass(frozen=True, kw_only=True)
+class FlowClassified(FlowEvent):
+    """The flow's hostname/provider became known (or stronger evidence arrived) after FlowOpened.
+
+    Always delivered after the flow's FlowOpened and before its FlowClosed.
+    """
+
+    kind: ClassVar[str] = "flow_classified"
+
+
+@dataclass(frozen=True, kw_only=True)
+class FlowClosed(FlowEvent):
+    kind: ClassVar[str] = "flow_closed"
+    bytes_sent: int
+    bytes_received: int
+    duration_ns: int  # 0 for preexisting flows: their start is not known
+
+
+@dataclass(frozen=True, kw_only=True)
+class EventsLost(Event):
+    """``count`` events (or items) were lost at ``where``; counted, never silent."""
+
+    kind: ClassVar[str] = "events_lost"
+    where: LossPlace
+    count: int
+    detail: str = ""
+
+
+@dataclass(frozen=True)
+class DnsRecord:
+    name: str
+    rtype: str  # "A", "AAAA", "CNAME"
+    value: str  # address, or CNAME target
+    ttl: int
+
+
+@dataclass(frozen=True, kw_only=True)
+class DnsAnswer(Event):
+    kind: ClassVar[str] = "dns_answer"
+    pid: int | None
+    tid: int | None = None
+    comm: str | None = None
+    netns: int | None = None
+    transport: str = "udp"  # "udp" or "tcp"
+    server: str | None = None  # resolver address the answer came from, when known
+    qname: str
+    qtype: str
+    rcode: str
+    answers: tuple[DnsRecord, ...] = ()
+    cname_chain: tuple[str, ...] = ()  # qname, alias1, alias2, ... as followed
+
+    @property
+    def addresses(self) -> tuple[str, ...]:
+        return tuple(r.value for r in self.answers if r.rtype in ("A", "AAAA"))
+
+
+@dataclass(frozen=True, kw_only=True)
+class TlsClientHello(Event):
+    """A TLS ClientHello parsed from the first bytes a client wrote on a flow."""
+
+    kind: ClassVar[str] = "tls_client_hello"
+    flow_id: int
+    pid: int
+    comm: str
+    saddr: str
+    sport: int
+    daddr: str
+    dport: int
+    sni: str | None
+    alpn: tuple[str, ...] = ()
+    versions: tuple[str, ...] = ()  # offered, e.g. ("TLS1.3", "TLS1.2")
+    ja4: str = ""
+
