@@ -1,0 +1,170 @@
+/* busted: definitions shared by every BPF capability file.
+ *
+ * Rule R0: nothing here, or in any busted .c file, reads a kernel-internal struct. Socket pointers
+ * are opaque map keys; addresses come from tracepoint arguments or user memory; process identity
+ * from helpers (bpf_get_current_*). That is why busted compiles against headers of another kernel.
+ *
+ * The loader concatenates: this header, one bytes-tier file, one lifecycle-tier file (and later
+ * capability files). The bytes tier is included first because it defines the hooks the lifecycle
+ * tier calls (hook_connect_start, hook_passive_established, hook_flow_end).
+ */
+#include <uapi/linux/ptrace.h>
+#include <uapi/linux/in.h>
+#include <uapi/linux/in6.h>
+#include <uapi/linux/socket.h>
+
+/* TCP states (include/net/tcp_states.h, stable uapi-visible numbering). */
+#define BST_TCP_ESTABLISHED 1
+#define BST_TCP_SYN_SENT    2
+#define BST_TCP_SYN_RECV    3
+#define BST_TCP_FIN_WAIT1   4
+#define BST_TCP_CLOSE       7
+#define BST_TCP_LAST_ACK    9
+#define BST_TCP_LISTEN      10
+
+#define BST_MSG_PEEK 2
+
+/* Record types on the ring buffer. */
+#define REC_OPEN  1   /* flow attributed to a process: FlowOpened */
+#define REC_CLOSE 2   /* flow ended: FlowClosed (carries bytes) */
+
+/* flow.flags */
+#define FL_ATTRIBUTED  1   /* pid/comm/uid were taken in the owning process's context */
+#define FL_OPEN_SENT   2   /* a REC_OPEN was emitted */
+#define FL_HAVE_TUPLE  4   /* addresses/ports are filled */
+#define FL_MIDSTREAM   8   /* first seen after it began (flow predates the monitor) */
+#define FL_UNTRACKED  16   /* REC_CLOSE for a socket with no flow entry at all */
+
+#define DIR_CONNECT 1
+#define DIR_ACCEPT  2
+
+/* Loss counters, indexed by place (matches busted.events.LossPlace). */
+#define LOSS_RING 1
+#define LOSS_MAP  2
+
+struct flow {
+    u64 open_ns;
+    u64 cgroup;
+    u64 sent;
+    u64 recv;
+    u64 fdkey;          /* (tgid << 32 | fd) when the syscall tier linked an fd, else 0 */
+    u32 pid;
+    u32 tid;
+    u32 uid;
+    u16 family;
+    u16 sport;
+    u16 dport;
+    u8 direction;
+    u8 flags;
+    u8 saddr[16];
+    u8 daddr[16];
+    char comm[16];
+};
+
+struct rec {
+    u32 type;
+    u32 flags;
+    u64 ts_ns;
+    u64 open_ns;
+    u64 sk;
+    u64 cgroup;
+    u64 sent;
+    u64 recv;
+    u32 pid;
+    u32 tid;
+    u32 uid;
+    u16 family;
+    u16 sport;
+    u16 dport;
+    u8 direction;
+    u8 pad;
+    u8 saddr[16];
+    u8 daddr[16];
+    char comm[16];
+};
+
+BPF_RINGBUF_OUTPUT(events, RINGBUF_PAGES);
+BPF_HASH(flows, u64, struct flow, MAX_FLOWS);
+BPF_PERCPU_ARRAY(losses, u64, 4);
+
+static __always_inline void count_loss(int place)
+{
+    u32 k = place;
+    u64 *v = losses.lookup(&k);
+    if (v)
+        *v += 1;
+}
+
+/* Take process identity from the current task: only valid in the owning process's context. */
+static __always_inline void attribute(struct flow *f)
+{
+    u64 pt = bpf_get_current_pid_tgid();
+    f->pid = pt >> 32;
+    f->tid = (u32)pt;
+    f->uid = (u32)bpf_get_current_uid_gid();
+    f->cgroup = bpf_get_current_cgroup_id();
+    bpf_get_current_comm(&f->comm, sizeof(f->comm));
+    f->flags |= FL_ATTRIBUTED;
+}
+
+static __always_inline void emit(u32 type, u64 sk, struct flow *f)
+{
+    struct rec *r = events.ringbuf_reserve(sizeof(struct rec));
+    if (!r) {
+        count_loss(LOSS_RING);
+        return;
+    }
+    r->type = type;
+    r->flags = f->flags;
+    r->ts_ns = bpf_ktime_get_ns();
+    r->open_ns = f->open_ns;
+    r->sk = sk;
+    r->cgroup = f->cgroup;
+    r->sent = f->sent;
+    r->recv = f->recv;
+    r->pid = f->pid;
+    r->tid = f->tid;
+    r->uid = f->uid;
+    r->family = f->family;
+    r->sport = f->sport;
+    r->dport = f->dport;
+    r->direction = f->direction;
+    r->pad = 0;
+    __builtin_memcpy(r->saddr, f->saddr, 16);
+    __builtin_memcpy(r->daddr, f->daddr, 16);
+    __builtin_memcpy(r->comm, f->comm, 16);
+    events.ringbuf_submit(r, 0);
+}
+
+/* Insert a new flow; a full map is a counted loss, never silent. */
+static __always_inline struct flow *flow_insert(u64 sk, struct flow *init)
+{
+    if (flows.insert(&sk, init) != 0) {
+        /* EEXIST (pointer reused without us seeing the end): overwrite; else the map is full. */
+        if (flows.update(&sk, init) != 0) {
+            count_loss(LOSS_MAP);
+            return 0;
+        }
+    }
+    return flows.lookup(&sk);
+}
+
+/* A flow first seen mid-stream (it predates the monitor): track bytes from now on. */
+static __always_inline struct flow *flow_midstream(u64 sk)
+{
+    struct flow init = {};
+    init.flags = FL_MIDSTREAM;
+    return flow_insert(sk, &init);
+}
+
+/* Attribute an accepted flow in process context and announce it (once). */
+static __always_inline void flow_attribute_and_open(u64 sk, struct flow *f)
+{
+    if (f->flags & FL_ATTRIBUTED)
+        return;
+    attribute(f);
+    if ((f->flags & FL_HAVE_TUPLE) && !(f->flags & FL_OPEN_SENT)) {
+        f->flags |= FL_OPEN_SENT;
+        emit(REC_OPEN, sk, f);
+    }
+}

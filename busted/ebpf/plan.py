@@ -1,0 +1,109 @@
+"""The probe plan: which tier serves each capability, chosen from the capability probe.
+
+Every tier can be forced (``Monitor(probes={"bytes": "syscall"})``) so tests cover each one; a
+forced tier the kernel cannot run raises ``ProbeUnavailable`` saying what is missing.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+from busted.ebpf.probe import TRACEPOINTS, Capabilities
+from busted.errors import ProbeUnavailable
+
+__all__ = ["LIFECYCLE_TIERS", "BYTES_TIERS", "ProbePlan", "choose_plan"]
+
+LIFECYCLE_TIERS = ("tracepoint", "kprobe")
+BYTES_TIERS = ("tracepoint", "syscall", "kprobe")
+
+
+@dataclass(frozen=True)
+class ProbePlan:
+    lifecycle: str = "tracepoint"
+    bytes: str = "tracepoint"
+    # Where flows end: "destroy" (tcp:tcp_destroy_sock, final byte counts) or "close-state".
+    flow_end: str = "destroy"
+
+    def describe(self) -> dict[str, str]:
+        return {"lifecycle": self.lifecycle, "bytes": self.bytes, "flow_end": self.flow_end}
+
+
+def _missing(caps: Capabilities, tps: tuple[str, ...]) -> list[str]:
+    return [tp for tp in tps if not caps.has(tp)]
+
+
+def _lifecycle_ok(caps: Capabilities, tier: str) -> str | None:
+    """None if the tier can run, else why not."""
+    if tier == "tracepoint":
+        miss = _missing(caps, ("sock/inet_sock_set_state",))
+        return f"missing tracepoint {', '.join(miss)}" if miss else None
+    if tier == "kprobe":
+        if not caps.kprobes:
+            return "this kernel has no kprobes (CONFIG_KPROBES off or no kprobe PMU)"
+        miss = _missing(caps, ("syscalls/sys_enter_connect", "syscalls/sys_enter_accept4"))
+        return f"missing tracepoint {', '.join(miss)}" if miss else None
+    return f"unknown lifecycle tier {tier!r}; choose one of {LIFECYCLE_TIERS}"
+
+
+def _bytes_ok(caps: Capabilities, tier: str) -> str | None:
+    if tier == "tracepoint":
+        miss = _missing(caps, TRACEPOINTS["bytes"])
+    elif tier == "syscall":
+        miss = _missing(caps, TRACEPOINTS["syscall"])
+    elif tier == "kprobe":
+        return None if caps.kprobes else "this kernel has no kprobes (CONFIG_KPROBES off or no kprobe PMU)"
+    else:
+        return f"unknown bytes tier {tier!r}; choose one of {BYTES_TIERS}"
+    return f"missing tracepoints {', '.join(miss)}" if miss else None
+
+
+def choose_plan(caps: Capabilities, force: Mapping[str, str] | ProbePlan | None = None) -> ProbePlan:
+    """Pick the best tier per capability, honouring ``force`` (a ProbePlan or a partial mapping)."""
+    forced: dict[str, str] = {}
+    if isinstance(force, ProbePlan):
+        forced = force.describe()
+    elif force:
+        unknown = set(force) - {"lifecycle", "bytes", "flow_end"}
+        if unknown:
+            raise ProbeUnavailable(
+                f"unknown probe capability {sorted(unknown)}; use keys 'lifecycle' and 'bytes'"
+            )
+        forced = dict(force)
+
+    def pick(name: str, tiers: tuple[str, ...], check) -> str:
+        if name in forced:
+            why = check(caps, forced[name])
+            if why:
+                raise ProbeUnavailable(
+                    f"{name} tier {forced[name]!r} was forced but cannot run here: {why}. "
+                    f"Run `busted doctor` to see which tiers this kernel supports."
+                )
+            return forced[name]
+        reasons = []
+        for t in tiers:
+            why = check(caps, t)
+            if why is None:
+                return t
+            reasons.append(f"{t}: {why}")
+        raise ProbeUnavailable(f"no {name} tier can run on this kernel ({'; '.join(reasons)})")
+
+    lifecycle = pick("lifecycle", LIFECYCLE_TIERS, _lifecycle_ok)
+    nbytes = pick("bytes", BYTES_TIERS, _bytes_ok)
+    if lifecycle == "kprobe" and nbytes == "syscall":
+        if "bytes" in forced:
+            raise ProbeUnavailable(
+                "the kprobe lifecycle tier cannot be combined with the syscall bytes tier; "
+                "use bytes='kprobe' or bytes='tracepoint'"
+            )
+        nbytes = "kprobe"
+    end = forced.get("flow_end")
+    if lifecycle == "kprobe":
+        end = "close-state"  # tcp_close() ends flows in that tier
+    elif end is None:
+        end = "destroy" if caps.has("tcp/tcp_destroy_sock") else "close-state"
+    elif end not in ("destroy", "close-state"):
+        raise ProbeUnavailable(f"unknown flow_end {end!r}; use 'destroy' or 'close-state'")
+    elif end == "destroy" and not caps.has("tcp/tcp_destroy_sock"):
+        raise ProbeUnavailable("flow_end 'destroy' needs tracepoint tcp/tcp_destroy_sock")
+    return ProbePlan(lifecycle=lifecycle, bytes=nbytes, flow_end=end)

@@ -1,0 +1,86 @@
+"""Flows open before the Monitor started: a sock_diag dump (pyroute2) joined to owning pids.
+
+Only the host (root) network namespace is dumped: sock_diag answers for the namespace of the
+netlink socket. Owners come from /proc/<pid>/fd links ("socket:[inode]").
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import socket
+from typing import NamedTuple
+
+__all__ = ["ExistingFlow", "dump_established", "inode_owners"]
+
+_TCP_ESTABLISHED = 1
+_TCP_LISTEN = 10
+
+
+class ExistingFlow(NamedTuple):
+    family: int  # 4 or 6
+    saddr: str
+    sport: int
+    daddr: str
+    dport: int
+    inode: int
+    uid: int
+    listening_port: bool  # sport is a port some socket here listens on: the flow was accepted
+
+
+def _norm(addr: str) -> tuple[int, str]:
+    ip = ipaddress.ip_address(addr)
+    if ip.version == 6 and ip.ipv4_mapped is not None:
+        return 4, str(ip.ipv4_mapped)
+    return ip.version, str(ip)
+
+
+def dump_established() -> list[ExistingFlow]:
+    """Every ESTABLISHED TCP socket of this network namespace (IPv4 and IPv6)."""
+    from pyroute2 import DiagSocket
+
+    out: list[ExistingFlow] = []
+    with DiagSocket() as ds:
+        ds.bind()
+        listen_ports: set[int] = set()
+        est = []
+        for fam in (socket.AF_INET, socket.AF_INET6):
+            for m in ds.get_sock_stats(family=fam, states=(1 << _TCP_LISTEN)):
+                listen_ports.add(m.get("idiag_sport"))
+            est.extend(ds.get_sock_stats(family=fam, states=(1 << _TCP_ESTABLISHED)))
+    for m in est:
+        fam, s = _norm(m.get("idiag_src"))
+        _, d = _norm(m.get("idiag_dst"))
+        sport = m.get("idiag_sport")
+        out.append(
+            ExistingFlow(fam, s, sport, d, m.get("idiag_dport"), m.get("idiag_inode"),
+                         m.get("idiag_uid"), sport in listen_ports)
+        )
+    return out
+
+
+def inode_owners(inodes: set[int], proc: str = "/proc") -> dict[int, int]:
+    """socket inode -> pid of a process holding it (the first found)."""
+    found: dict[int, int] = {}
+    if not inodes:
+        return found
+    for name in os.listdir(proc):
+        if not name.isdigit():
+            continue
+        fd_dir = f"{proc}/{name}/fd"
+        try:
+            fds = os.listdir(fd_dir)
+        except OSError:
+            continue
+        for fd in fds:
+            try:
+                link = os.readlink(f"{fd_dir}/{fd}")
+            except OSError:
+                continue
+            if link.startswith("socket:["):
+                ino = int(link[8:-1])
+                if ino in inodes and ino not in found:
+                    found[ino] = int(name)
+        if len(found) == len(inodes):
+            break
+    return found

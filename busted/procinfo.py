@@ -1,0 +1,80 @@
+"""Process details from /proc, cached (cachetools) so a busy process is read once.
+
+BPF already captured pid, tid, uid, comm and cgroup id in the process's own context; /proc adds
+exe, cmdline, ppid and the network namespace. A process that exited before we looked keeps what
+BPF captured and gets ``None`` for the rest.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import NamedTuple
+
+from cachetools import TTLCache
+
+__all__ = ["ProcInfo", "ProcCache"]
+
+
+class ProcInfo(NamedTuple):
+    ppid: int | None
+    exe: str | None
+    cmdline: tuple[str, ...] | None
+    netns: int | None
+    start_ticks: int | None
+
+
+_MISSING = ProcInfo(None, None, None, None, None)
+
+
+def read_proc(pid: int, root: str = "/proc") -> ProcInfo:
+    base = f"{root}/{pid}"
+    try:
+        with open(f"{base}/stat", "rb") as f:
+            stat = f.read()
+    except OSError:
+        return _MISSING
+    # comm may contain spaces and parentheses: fields start after the last ')'.
+    rest = stat[stat.rfind(b")") + 2 :].split()
+    try:
+        ppid = int(rest[1])
+        start = int(rest[19])
+    except (IndexError, ValueError):
+        ppid, start = None, None
+    try:
+        exe: str | None = os.readlink(f"{base}/exe")
+    except OSError:
+        exe = None
+    try:
+        with open(f"{base}/cmdline", "rb") as f:
+            raw = f.read(8192)
+        cmd: tuple[str, ...] | None = tuple(
+            a.decode("utf-8", "replace") for a in raw.rstrip(b"\0").split(b"\0")
+        ) if raw else ()
+    except OSError:
+        cmd = None
+    try:
+        link = os.readlink(f"{base}/ns/net")  # "net:[4026531840]"
+        netns: int | None = int(link[link.index("[") + 1 : -1])
+    except (OSError, ValueError):
+        netns = None
+    return ProcInfo(ppid, exe, cmd, netns, start)
+
+
+class ProcCache:
+    """pid -> ProcInfo, bounded and short-lived (pids are reused; exec changes exe/cmdline)."""
+
+    def __init__(self, maxsize: int = 4096, ttl: float = 30.0, root: str = "/proc") -> None:
+        self._cache: TTLCache[int, ProcInfo] = TTLCache(maxsize=maxsize, ttl=ttl)
+        self._root = root
+        self.reads = 0
+
+    def get(self, pid: int) -> ProcInfo:
+        if pid <= 0:
+            return _MISSING
+        info = self._cache.get(pid)
+        if info is None:
+            self.reads += 1
+            info = read_proc(pid, self._root)
+            if info.exe is not None or info.ppid is not None:
+                self._cache[pid] = info
+        return info
