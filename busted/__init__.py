@@ -32,6 +32,7 @@ from busted.events import (
     LossPlace,
     TlsClientHello,
 )
+from busted.monitor import Monitor, MonitorStats
 
 __version__ = "0.1.0"
 
@@ -51,6 +52,8 @@ __all__ = [
     "FlowOpened",
     "KernelHeadersMissing",
     "LossPlace",
+    "Monitor",
+    "MonitorStats",
     "MonitorClosed",
     "PermissionDenied",
     "ProbeLoadError",

@@ -505,7 +505,7 @@ class Monitor:
 
         out = set()
         try:
-            for _k, v in self._program.bpf["flows"].items():
+            for _k, v in self._program.bpf[b"flows"].items():
                 if v.flags & FL.HAVE_TUPLE and not v.flags & FL.MIDSTREAM:
                     _, s = _addr(v.family, bytes(v.saddr))
                     _, d = _addr(v.family, bytes(v.daddr))

@@ -111,7 +111,7 @@ class FlowProgram:
         bcc = _import_bcc()
         t0 = time.monotonic()
         try:
-            self.bpf = bcc.BPF(text=self.source)
+            self.bpf = bcc.BPF(text=self.source.encode())
         except Exception as exc:  # BCC raises bare Exception for compile errors
             msg = str(exc)
             if "kernel headers" in msg.lower() or "kheaders" in msg.lower():
@@ -138,16 +138,16 @@ class FlowProgram:
             for kind, kfn, fn in _KP_ATTACH.get(key, []):
                 try:
                     if kind == "kprobe":
-                        self.bpf.attach_kprobe(event=kfn, fn_name=fn)
+                        self.bpf.attach_kprobe(event=kfn.encode(), fn_name=fn.encode())
                     else:
-                        self.bpf.attach_kretprobe(event=kfn, fn_name=fn)
+                        self.bpf.attach_kretprobe(event=kfn.encode(), fn_name=fn.encode())
                 except Exception as exc:
                     raise ProbeUnavailable(f"cannot attach {kind} {kfn}: {exc}") from exc
                 self.attached.append(f"{kind}:{kfn}")
 
     def _attach_tp(self, tp: str, fn: str) -> None:
         try:
-            self.bpf.attach_tracepoint(tp=tp, fn_name=fn)
+            self.bpf.attach_tracepoint(tp=tp.encode(), fn_name=fn.encode())
         except Exception as exc:
             raise ProbeLoadError(f"cannot attach tracepoint {tp}: {exc}") from exc
         self.attached.append(f"tracepoint:{tp}")
@@ -155,7 +155,7 @@ class FlowProgram:
     def open_ring(self, callback: Callable[[int, int, int], object]) -> None:
         """Register ``callback(ctx, data_ptr, size)`` for every ring buffer record."""
         self._cb = callback  # keep a reference: BCC holds only a ctypes pointer
-        self.bpf["events"].open_ring_buffer(callback)
+        self.bpf[b"events"].open_ring_buffer(callback)
 
     def poll(self, timeout_ms: int) -> None:
         self.bpf.ring_buffer_poll(timeout_ms)
@@ -166,7 +166,7 @@ class FlowProgram:
     def losses(self) -> dict[int, int]:
         """Cumulative kernel-side losses by place (LossPlace values), summed over CPUs."""
         out: dict[int, int] = {}
-        table = self.bpf["losses"]
+        table = self.bpf[b"losses"]
         for place in (1, 2):
             vals = table[ctypes.c_int(place)]
             out[place] = int(sum(vals))
