@@ -9,5 +9,6 @@ See docs/lab.md.
 """
 
 from busted.lab.core import Lab, LabError, LabHost
+from busted.lab.traffic import ClientResult, demo_traffic
 
 __all__ = ["ClientResult", "Lab", "LabError", "LabHost", "demo_traffic"]

@@ -251,14 +251,24 @@ class LabHTTPServer(ThreadingHTTPServer):
 
     def finish_request(self, request: socket.socket, client_address: tuple) -> None:
         # Runs in the connection's thread (ThreadingMixIn), so the TLS handshake does too.
-        if self.tls is not None:
-            request.settimeout(IDLE_SECONDS)
+        if self.tls is None:
+            super().finish_request(request, client_address)
+            return
+        request.settimeout(IDLE_SECONDS)
+        try:
+            tls_sock = self.tls.wrap_socket(request, server_side=True)
+        except (OSError, ssl.SSLError) as exc:
+            log(flavour=self.flavour, peer=client_address[0], tls_error=str(exc))
+            return
+        try:
+            super().finish_request(tls_sock, client_address)
+        finally:
+            # Send close_notify like a real server does, so clients see a clean TLS EOF.
             try:
-                request = self.tls.wrap_socket(request, server_side=True)
-            except (OSError, ssl.SSLError) as exc:
-                log(flavour=self.flavour, peer=client_address[0], tls_error=str(exc))
-                return
-        super().finish_request(request, client_address)
+                tls_sock.settimeout(1.0)
+                tls_sock.unwrap().close()
+            except (OSError, ValueError, ssl.SSLError):
+                tls_sock.close()
 
     def handle_error(self, request: object, client_address: tuple) -> None:
         pass  # client resets and timeouts are normal for a lab server
