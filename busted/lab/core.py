@@ -88,7 +88,7 @@ _PREV_SIGTERM: object = None
 
 def _close_all() -> None:
     with _LIVE_LOCK:
-        labs = list(_LIVE)
+        labs = [lab for lab in _LIVE if lab._owner_pid == os.getpid()]
     for lab in labs:
         with contextlib.suppress(Exception):
             lab.close()
@@ -98,6 +98,15 @@ def _on_sigterm(signum: int, frame: object) -> None:
     _close_all()
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
     os.kill(os.getpid(), signal.SIGTERM)
+
+
+def _forget_labs_in_child() -> None:
+    # A fork (pyroute2 forks helpers for netns work) must never tear down its parent's labs from
+    # its atexit or SIGTERM handler: only the process that started a lab closes it.
+    _LIVE.clear()
+
+
+os.register_at_fork(after_in_child=_forget_labs_in_child)
 
 
 def _pdeathsig() -> None:
@@ -147,6 +156,7 @@ class Lab:
         self._extra_tls: list[str] = []
         self._closed = False
         self._started = False
+        self._owner_pid = os.getpid()
         self._lock = threading.RLock()
 
     # ------------------------------------------------------------------ names and addresses
@@ -205,6 +215,7 @@ class Lab:
         if os.geteuid() != 0:
             raise LabError("the network lab needs root (network namespaces, veths, ports 53/443)")
         self._started = True
+        self._owner_pid = os.getpid()
         self._register()
         try:
             self._build()
@@ -537,6 +548,8 @@ class Lab:
     # ------------------------------------------------------------------ teardown
     def close(self) -> None:
         """Kill every process of the lab and delete its namespaces, veths and files. Idempotent."""
+        if os.getpid() != self._owner_pid:
+            return  # a forked copy: the namespaces belong to the parent
         with self._lock:
             if self._closed:
                 return

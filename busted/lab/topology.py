@@ -69,6 +69,10 @@ class Plan:
         return f"{self.prefix}{self.lab_id}-c"
 
     @property
+    def root_veth_direct(self) -> str:  # only briefly in the root netns, renamed srv0 in the client's
+        return f"{self.prefix}{self.lab_id}-x"
+
+    @property
     def state_file(self) -> Path:
         return STATE_DIR / f"{self.prefix}{self.lab_id}.json"
 
@@ -105,12 +109,13 @@ class Plan:
 
 # ----------------------------------------------------------------------------------------------
 def proc_start_time(pid: int) -> str:
-    """The kernel's start time of *pid* (field 22 of /proc/pid/stat), '' if it does not exist."""
+    """The kernel's start time of *pid* (field 22 of /proc/pid/stat), '' if it is gone or a zombie."""
     try:
         stat = Path(f"/proc/{pid}/stat").read_text()
     except OSError:
         return ""
-    return stat.rsplit(")", 1)[1].split()[19]
+    fields = stat.rsplit(")", 1)[1].split()
+    return "" if fields[0] in ("Z", "X") else fields[19]
 
 
 def owner_alive(plan: Plan) -> bool:
@@ -170,39 +175,49 @@ def read_states(prefix: str) -> list[Plan]:
 
 # ----------------------------------------------------------------------------------------------
 def build(plan: Plan) -> None:
-    """Create both namespaces, the three veth pairs, addresses and routes described in the module doc."""
+    """Create both namespaces, the three veth pairs, addresses and routes described in the module doc.
+
+    All veths are created from the root netns and moved with namespace fds this function opens
+    and closes itself (pyroute2 0.9.7 opening ``/run/netns/<name>`` by name from inside a
+    ``NetNS`` proved flaky here after a netns removal: the peer went missing or elsewhere).
+    """
     from pyroute2 import IPRoute, NetNS, netns
 
     netns.create(plan.server_ns)
     netns.create(plan.client_ns)
-    with IPRoute() as ipr:
-        ipr.link("add", ifname=plan.root_veth_srv, kind="veth",
-                 peer={"ifname": "up0", "net_ns_fd": plan.server_ns})
-        ipr.link("add", ifname=plan.root_veth_cli, kind="veth",
-                 peer={"ifname": "up0", "net_ns_fd": plan.client_ns})
-        for ifname, v4, v6 in (
-            (plan.root_veth_srv, plan.v4(1), plan.v6(0, "1")),
-            (plan.root_veth_cli, plan.v4(5), plan.v6(1, "1")),
-        ):
-            idx = ipr.link_lookup(ifname=ifname)[0]
-            ipr.addr("add", index=idx, address=v4, prefixlen=30)
-            ipr.addr("add", index=idx, address=v6, prefixlen=64, flags=IFA_F_NODAD)
-            ipr.link("set", index=idx, state="up")
+    fd_srv = os.open(NETNS_RUN / plan.server_ns, os.O_RDONLY | os.O_CLOEXEC)
+    fd_cli = os.open(NETNS_RUN / plan.client_ns, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        with IPRoute() as ipr:
+            ipr.link("add", ifname=plan.root_veth_srv, kind="veth", peer={"ifname": "up0", "net_ns_fd": fd_srv})
+            ipr.link("add", ifname=plan.root_veth_cli, kind="veth", peer={"ifname": "up0", "net_ns_fd": fd_cli})
+            # the direct client <-> servers link: created here, one end moved to each namespace
+            ipr.link("add", ifname=plan.root_veth_direct, kind="veth",
+                     peer={"ifname": "cli0", "net_ns_fd": fd_srv})
+            ipr.link("set", index=_index(ipr, plan.root_veth_direct, "root"), net_ns_fd=fd_cli)
+            for ifname, v4, v6 in (
+                (plan.root_veth_srv, plan.v4(1), plan.v6(0, "1")),
+                (plan.root_veth_cli, plan.v4(5), plan.v6(1, "1")),
+            ):
+                idx = _index(ipr, ifname, "root")
+                ipr.addr("add", index=idx, address=v4, prefixlen=30)
+                ipr.addr("add", index=idx, address=v6, prefixlen=64, flags=IFA_F_NODAD)
+                ipr.link("set", index=idx, state="up")
+    finally:
+        os.close(fd_srv)
+        os.close(fd_cli)
     with NetNS(plan.server_ns) as ns:
-        # the direct client <-> servers link, created from inside the servers netns
-        ns.link("add", ifname="cli0", kind="veth", peer={"ifname": "srv0", "net_ns_fd": plan.client_ns})
-        lo = ns.link_lookup(ifname="lo")[0]
-        ns.link("set", index=lo, state="up")
+        ns.link("set", index=_index(ns, "lo", plan.server_ns), state="up")
         for ifname, v4, v6 in (("up0", plan.v4(2), plan.v6(0, "2")), ("cli0", plan.v4(10), plan.v6(2, "2"))):
-            idx = ns.link_lookup(ifname=ifname)[0]
+            idx = _index(ns, ifname, plan.server_ns)
             ns.addr("add", index=idx, address=v4, prefixlen=30)
             ns.addr("add", index=idx, address=v6, prefixlen=64, flags=IFA_F_NODAD)
             ns.link("set", index=idx, state="up")
     with NetNS(plan.client_ns) as ns:
-        lo = ns.link_lookup(ifname="lo")[0]
-        ns.link("set", index=lo, state="up")
+        ns.link("set", index=_index(ns, plan.root_veth_direct, plan.client_ns), ifname="srv0")
+        ns.link("set", index=_index(ns, "lo", plan.client_ns), state="up")
         for ifname, v4, v6 in (("up0", plan.v4(6), plan.v6(1, "2")), ("srv0", plan.v4(9), plan.v6(2, "1"))):
-            idx = ns.link_lookup(ifname=ifname)[0]
+            idx = _index(ns, ifname, plan.client_ns)
             ns.addr("add", index=idx, address=v4, prefixlen=30)
             ns.addr("add", index=idx, address=v6, prefixlen=64, flags=IFA_F_NODAD)
             ns.link("set", index=idx, state="up")
@@ -211,6 +226,13 @@ def build(plan: Plan) -> None:
     with IPRoute() as ipr:
         ipr.route("add", dst=plan.hosts_v4, gateway=plan.v4(2))
         ipr.route("add", dst=plan.hosts_v6, gateway=plan.v6(0, "2"))
+
+
+def _index(ipr, ifname: str, where: str) -> int:
+    found = ipr.link_lookup(ifname=ifname)
+    if not found:
+        raise RuntimeError(f"interface {ifname} missing in {where} right after creating it")
+    return found[0]
 
 
 def add_server_address(plan: Plan, v4: str | None, v6: str | None) -> None:
@@ -314,7 +336,7 @@ def destroy(plan: Plan) -> list[str]:
         NETNS_ETC.rmdir()  # only if empty
     try:
         with IPRoute() as ipr:
-            for ifname in (plan.root_veth_srv, plan.root_veth_cli):
+            for ifname in (plan.root_veth_srv, plan.root_veth_cli, plan.root_veth_direct):
                 for idx in ipr.link_lookup(ifname=ifname):
                     with contextlib.suppress(Exception):
                         ipr.link("del", index=idx)
@@ -351,7 +373,7 @@ def cleanup_stale(prefix: str) -> list[str]:
             destroy(plan)
             removed.append(f"state {plan.prefix}{plan.lab_id}")
     claimed_ns = {n for p in live for n in (p.server_ns, p.client_ns)}
-    claimed_if = {n for p in live for n in (p.root_veth_srv, p.root_veth_cli)}
+    claimed_if = {n for p in live for n in (p.root_veth_srv, p.root_veth_cli, p.root_veth_direct)}
     for ns in netns.listnetns():
         if ns.startswith(prefix) and ns not in claimed_ns:
             kill_pids(pids_in_netns(ns))
