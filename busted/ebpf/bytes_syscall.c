@@ -80,15 +80,15 @@ static __always_inline void hook_flow_end(u64 sk, struct flow *f)
 }
 
 /* Hook: connect() entry: remember the fd so CLOSE->SYN_SENT (inside this call) can link it. */
-int bst_conn_enter(struct tracepoint__syscalls__sys_enter_connect *args)
+int bst_conn_enter(struct sys_enter_args *args)
 {
     u32 tid = (u32)bpf_get_current_pid_tgid();
-    u32 fd = (u32)args->fd;
+    u32 fd = (u32)args->arg[0];
     cur_conn.update(&tid, &fd);
     return 0;
 }
 
-int bst_conn_exit(struct tracepoint__syscalls__sys_exit_connect *args)
+int bst_conn_exit(struct sys_exit_args *args)
 {
     u32 tid = (u32)bpf_get_current_pid_tgid();
     cur_conn.delete(&tid);
@@ -143,34 +143,34 @@ static __always_inline void acc_exit(long ret)
     flow_attribute_and_open(sk, f);
 }
 
-int bst_acc_enter(struct tracepoint__syscalls__sys_enter_accept *args)
+int bst_acc_enter(struct sys_enter_args *args)
 {
-    acc_enter((u64)args->upeer_sockaddr);
+    acc_enter(args->arg[1]);
     return 0;
 }
 
-int bst_acc_exit(struct tracepoint__syscalls__sys_exit_accept *args)
+int bst_acc_exit(struct sys_exit_args *args)
 {
     acc_exit(args->ret);
     return 0;
 }
 
-int bst_acc4_enter(struct tracepoint__syscalls__sys_enter_accept4 *args)
+int bst_acc4_enter(struct sys_enter_args *args)
 {
-    acc_enter((u64)args->upeer_sockaddr);
+    acc_enter(args->arg[1]);
     return 0;
 }
 
-int bst_acc4_exit(struct tracepoint__syscalls__sys_exit_accept4 *args)
+int bst_acc4_exit(struct sys_exit_args *args)
 {
     acc_exit(args->ret);
     return 0;
 }
 
 /* close(): the fd number may be reused for anything; unlink it. */
-int bst_close_enter(struct tracepoint__syscalls__sys_enter_close *args)
+int bst_close_enter(struct sys_enter_args *args)
 {
-    u64 key = fd_key(args->fd);
+    u64 key = fd_key(args->arg[0]);
     fdsk.delete(&key);
     return 0;
 }
@@ -212,19 +212,18 @@ static __always_inline void io_exit(long ret)
 
 /* Hooks: the eight byte-moving socket syscalls, entry (which fd, is it ours?) and exit (how many
  * bytes). Entry/exit pairs are matched per thread through cur_io. */
-int bst_write_in(struct tracepoint__syscalls__sys_enter_write *a) { io_enter(a->fd, 1, 0); return 0; }
-int bst_write_out(struct tracepoint__syscalls__sys_exit_write *a) { io_exit(a->ret); return 0; }
-int bst_writev_in(struct tracepoint__syscalls__sys_enter_writev *a) { io_enter(a->fd, 1, 0); return 0; }
-int bst_writev_out(struct tracepoint__syscalls__sys_exit_writev *a) { io_exit(a->ret); return 0; }
-int bst_sendto_in(struct tracepoint__syscalls__sys_enter_sendto *a) { io_enter(a->fd, 1, 0); return 0; }
-int bst_sendto_out(struct tracepoint__syscalls__sys_exit_sendto *a) { io_exit(a->ret); return 0; }
-int bst_sendmsg_in(struct tracepoint__syscalls__sys_enter_sendmsg *a) { io_enter(a->fd, 1, 0); return 0; }
-int bst_sendmsg_out(struct tracepoint__syscalls__sys_exit_sendmsg *a) { io_exit(a->ret); return 0; }
-int bst_read_in(struct tracepoint__syscalls__sys_enter_read *a) { io_enter(a->fd, 0, 0); return 0; }
-int bst_read_out(struct tracepoint__syscalls__sys_exit_read *a) { io_exit(a->ret); return 0; }
-int bst_readv_in(struct tracepoint__syscalls__sys_enter_readv *a) { io_enter(a->fd, 0, 0); return 0; }
-int bst_readv_out(struct tracepoint__syscalls__sys_exit_readv *a) { io_exit(a->ret); return 0; }
-int bst_recvfrom_in(struct tracepoint__syscalls__sys_enter_recvfrom *a) { io_enter(a->fd, 0, a->flags); return 0; }
-int bst_recvfrom_out(struct tracepoint__syscalls__sys_exit_recvfrom *a) { io_exit(a->ret); return 0; }
-int bst_recvmsg_in(struct tracepoint__syscalls__sys_enter_recvmsg *a) { io_enter(a->fd, 0, a->flags); return 0; }
-int bst_recvmsg_out(struct tracepoint__syscalls__sys_exit_recvmsg *a) { io_exit(a->ret); return 0; }
+int bst_write_in(struct sys_enter_args *a) { io_enter(a->arg[0], 1, 0); return 0; }
+int bst_writev_in(struct sys_enter_args *a) { io_enter(a->arg[0], 1, 0); return 0; }
+int bst_sendto_in(struct sys_enter_args *a) { io_enter(a->arg[0], 1, 0); return 0; }
+int bst_sendmsg_in(struct sys_enter_args *a) { io_enter(a->arg[0], 1, 0); return 0; }
+int bst_read_in(struct sys_enter_args *a) { io_enter(a->arg[0], 0, 0); return 0; }
+int bst_readv_in(struct sys_enter_args *a) { io_enter(a->arg[0], 0, 0); return 0; }
+int bst_recvfrom_in(struct sys_enter_args *a) { io_enter(a->arg[0], 0, a->arg[3]); return 0; }
+int bst_recvmsg_in(struct sys_enter_args *a) { io_enter(a->arg[0], 0, a->arg[2]); return 0; }
+
+/* Hook: the exit of all eight syscalls above; cur_io says which flow and direction. */
+int bst_io_out(struct sys_exit_args *a)
+{
+    io_exit(a->ret);
+    return 0;
+}

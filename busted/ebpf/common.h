@@ -4,9 +4,9 @@
  * are opaque map keys; addresses come from tracepoint arguments or user memory; process identity
  * from helpers (bpf_get_current_*). That is why busted compiles against headers of another kernel.
  *
- * The loader concatenates: this header, one bytes-tier file, one lifecycle-tier file (and later
- * capability files). The bytes tier is included first because it defines the hooks the lifecycle
- * tier calls (hook_connect_start, hook_passive_established, hook_flow_end).
+ * The loader concatenates: this header, optional capability files (capture.c), one bytes-tier
+ * file, one lifecycle-tier file. The lifecycle tier comes last because it calls hooks the others
+ * define (hook_connect_start, hook_passive_established, hook_flow_end; cap_on_syn_sent).
  */
 #include <uapi/linux/ptrace.h>
 #include <uapi/linux/in.h>
@@ -81,6 +81,23 @@ struct rec {
     u8 saddr[16];
     u8 daddr[16];
     char comm[16];
+};
+
+/* Syscall tracepoint records have one fixed layout (see any events/syscalls/sys_enter_x/format):
+ * 8 bytes of common fields, the syscall number, then each argument in an 8-byte slot; exits carry
+ * the return value. Declaring it once lets several capability files hook the same syscall (BCC
+ * would otherwise generate one struct per function and fail on the duplicate). */
+struct sys_enter_args {
+    u64 common;
+    s32 nr;
+    s32 pad;
+    u64 arg[6];
+};
+struct sys_exit_args {
+    u64 common;
+    s32 nr;
+    s32 pad;
+    s64 ret;
 };
 
 BPF_RINGBUF_OUTPUT(events, RINGBUF_PAGES);

@@ -27,18 +27,18 @@ static __always_inline void peer_from_user(struct flow *f)
     f->flags |= FL_HAVE_TUPLE;
 }
 
-int bst_kp_conn_in(struct tracepoint__syscalls__sys_enter_connect *args)
+int bst_kp_conn_in(struct sys_enter_args *args)
 {
     u32 tid = (u32)bpf_get_current_pid_tgid();
-    u64 ua = (u64)args->uservaddr;
+    u64 ua = args->arg[1];
     kp_addr.update(&tid, &ua);
     return 0;
 }
 
-int bst_kp_acc_in(struct tracepoint__syscalls__sys_enter_accept4 *args)
+int bst_kp_acc_in(struct sys_enter_args *args)
 {
     u32 tid = (u32)bpf_get_current_pid_tgid();
-    u64 ua = (u64)args->upeer_sockaddr;
+    u64 ua = args->arg[1];
     kp_addr.update(&tid, &ua);
     return 0;
 }
@@ -55,6 +55,9 @@ int bst_kp_connect(struct pt_regs *ctx)
     struct flow *f = flow_insert(sk, &init);
     if (f) {
         hook_connect_start(sk, f);
+#ifdef HAVE_CAPTURE
+        cap_on_syn_sent(sk);
+#endif
         f->flags |= FL_OPEN_SENT;
         emit(REC_OPEN, sk, f);
     }

@@ -84,6 +84,9 @@ int bst_set_state(struct tracepoint__sock__inet_sock_set_state *args)
         struct flow *f = flow_insert(sk, &init);
         if (f)
             hook_connect_start(sk, f);
+#ifdef HAVE_CAPTURE
+        cap_on_syn_sent(sk);
+#endif
         return 0;
     }
 

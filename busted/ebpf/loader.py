@@ -44,7 +44,7 @@ _TP_ATTACH = {
         ("syscalls:sys_enter_close", "bst_close_enter"),
     ]
     + [
-        (f"syscalls:sys_{d}_{n}", f"bst_{n}_{'in' if d == 'enter' else 'out'}")
+        (f"syscalls:sys_{d}_{n}", f"bst_{n}_in" if d == "enter" else "bst_io_out")
         for n in ("write", "writev", "sendto", "sendmsg", "read", "readv", "recvfrom", "recvmsg")
         for d in ("enter", "exit")
     ],
@@ -53,6 +53,15 @@ _TP_ATTACH = {
         ("syscalls:sys_enter_accept4", "bst_kp_acc_in"),
     ],
 }
+_CAPTURE_ATTACH = [
+    ("syscalls:sys_enter_connect", "bst_cap_conn_in"),
+    ("syscalls:sys_exit_connect", "bst_cap_conn_out"),
+    ("syscalls:sys_enter_close", "bst_cap_close"),
+] + [
+    (f"syscalls:sys_{d}_{n}", f"bst_cap_{n}_in" if d == "enter" else "bst_cap_out")
+    for n in ("write", "writev", "sendto", "sendmsg", "read", "readv", "recvfrom", "recvmsg")
+    for d in ("enter", "exit")
+]
 _KP_ATTACH = {
     ("lifecycle", "kprobe"): [
         ("kprobe", "tcp_connect", "bst_kp_connect"),
@@ -83,6 +92,7 @@ def build_source(plan: ProbePlan, *, ringbuf_bytes: int = 8 << 20, max_flows: in
     parts = [
         "\n".join(defines),
         _read("common.h"),
+        _read("capture.c") if plan.capture == "syscall" else "",
         _read(_BYTES_FILES[plan.bytes]),
         _read(_LIFECYCLE_FILES[plan.lifecycle]),
     ]
@@ -131,6 +141,9 @@ class FlowProgram:
         keys = [("lifecycle", self.plan.lifecycle), ("bytes", self.plan.bytes)]
         for key in keys:
             for tp, fn in _TP_ATTACH.get(key, []):
+                self._attach_tp(tp, fn)
+        if self.plan.capture == "syscall":
+            for tp, fn in _CAPTURE_ATTACH:
                 self._attach_tp(tp, fn)
         if self.plan.lifecycle == "tracepoint" and self.plan.flow_end == "destroy":
             self._attach_tp("tcp:tcp_destroy_sock", "bst_destroy")

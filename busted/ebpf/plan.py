@@ -24,9 +24,12 @@ class ProbePlan:
     bytes: str = "tracepoint"
     # Where flows end: "destroy" (tcp:tcp_destroy_sock, final byte counts) or "close-state".
     flow_end: str = "destroy"
+    # "syscall": DNS answers and TLS ClientHellos copied at the syscall boundary; "off".
+    capture: str = "syscall"
 
     def describe(self) -> dict[str, str]:
-        return {"lifecycle": self.lifecycle, "bytes": self.bytes, "flow_end": self.flow_end}
+        return {"lifecycle": self.lifecycle, "bytes": self.bytes, "flow_end": self.flow_end,
+                "capture": self.capture}
 
 
 def _missing(caps: Capabilities, tps: tuple[str, ...]) -> list[str]:
@@ -64,7 +67,7 @@ def choose_plan(caps: Capabilities, force: Mapping[str, str] | ProbePlan | None 
     if isinstance(force, ProbePlan):
         forced = force.describe()
     elif force:
-        unknown = set(force) - {"lifecycle", "bytes", "flow_end"}
+        unknown = set(force) - {"lifecycle", "bytes", "flow_end", "capture"}
         if unknown:
             raise ProbeUnavailable(
                 f"unknown probe capability {sorted(unknown)}; use keys 'lifecycle' and 'bytes'"
@@ -106,4 +109,12 @@ def choose_plan(caps: Capabilities, force: Mapping[str, str] | ProbePlan | None 
         raise ProbeUnavailable(f"unknown flow_end {end!r}; use 'destroy' or 'close-state'")
     elif end == "destroy" and not caps.has("tcp/tcp_destroy_sock"):
         raise ProbeUnavailable("flow_end 'destroy' needs tracepoint tcp/tcp_destroy_sock")
-    return ProbePlan(lifecycle=lifecycle, bytes=nbytes, flow_end=end)
+    capture = forced.get("capture")
+    cap_missing = _missing(caps, TRACEPOINTS["syscall"])
+    if capture is None:
+        capture = "off" if cap_missing else "syscall"
+    elif capture not in ("syscall", "off"):
+        raise ProbeUnavailable(f"unknown capture tier {capture!r}; use 'syscall' or 'off'")
+    elif capture == "syscall" and cap_missing:
+        raise ProbeUnavailable(f"capture tier 'syscall' needs tracepoints {', '.join(cap_missing)}")
+    return ProbePlan(lifecycle=lifecycle, bytes=nbytes, flow_end=end, capture=capture)

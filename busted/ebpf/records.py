@@ -6,10 +6,15 @@ import socket
 import struct
 from typing import NamedTuple
 
-__all__ = ["REC_CLOSE", "REC_OPEN", "FL", "FlowRecord", "decode", "REC_SIZE"]
+__all__ = [
+    "CAP_HDR", "FL", "REC_CLOSE", "REC_DNS", "REC_OPEN", "REC_SIZE", "REC_TLS",
+    "CapRecord", "FlowRecord", "decode", "decode_capture",
+]
 
 REC_OPEN = 1
 REC_CLOSE = 2
+REC_DNS = 3  # capture.c: a DNS answer read by a process
+REC_TLS = 4  # capture.c: a client's first write(s) on a new TCP connection
 
 
 class FL:
@@ -69,3 +74,36 @@ def decode(buf: bytes) -> FlowRecord:
         typ, flags, ts, open_ns, sk, cg, sent, recv, pid, tid, uid, f1 if f1 == f2 else max(f1, f2),
         sport, dport, direction, s, d, comm.split(b"\0", 1)[0].decode("utf-8", "replace"),
     )
+
+
+_DNS_TCP = 2
+
+# struct cap_hdr in capture.c
+CAP_HDR = struct.Struct("<IIQQIIIIHHB3x16s16s")
+
+
+class CapRecord(NamedTuple):
+    type: int
+    ts_ns: int
+    sk: int
+    pid: int
+    tid: int
+    uid: int
+    fd: int
+    peer: str | None
+    peer_port: int
+    tcp: bool
+    comm: str
+    data: bytes
+
+
+def decode_capture(buf: bytes) -> CapRecord:
+    typ, n, ts, sk, pid, tid, uid, fd, fam, port, transport, addr, comm = CAP_HDR.unpack_from(buf)
+    data = bytes(buf[CAP_HDR.size : CAP_HDR.size + n])
+    peer = None
+    if fam == socket.AF_INET:
+        peer = socket.inet_ntop(socket.AF_INET, addr[:4])
+    elif fam == socket.AF_INET6:
+        peer = socket.inet_ntop(socket.AF_INET6, addr)
+    return CapRecord(typ, ts, sk, pid, tid, uid, fd, peer, port, transport == _DNS_TCP,
+                     comm.split(b"\0", 1)[0].decode("utf-8", "replace"), data)

@@ -1,0 +1,315 @@
+/* Capability "capture": the few payload bytes classification needs, copied from user memory.
+ *
+ *   DNS answers  - what a process reads from a socket connected to port 53 (UDP or TCP), or
+ *                  from recvfrom()/recvmsg() whose source address has port 53 (unconnected UDP).
+ *                  Any resolver library works: only the syscall boundary is watched.
+ *   TLS hellos   - the first bytes a client writes on a new TCP connection, only if they start a
+ *                  TLS handshake record (0x16), continued over up to CAP_WRITES writes so a hello
+ *                  split across writes (post-quantum key shares make them ~1.5-2 KB) is whole.
+ *
+ * Syscall tracepoints run in the caller's context, so the pid is the asking process. Buffers are
+ * read at the syscall's exit, where the return value says how many bytes are valid. Only user
+ * memory and the user ABI layouts of sockaddr/iovec/msghdr are read (R0).
+ */
+
+#define CAP_MAX    4096   /* bytes copied per record (power of two: used as a mask) */
+#define CAP_WRITES 4      /* writes inspected per new connection for a ClientHello */
+#define CAP_TOTAL  16384  /* bytes per connection after which we stop looking */
+
+#define REC_DNS 3
+#define REC_TLS 4
+
+#define CAP_DNS_UDP 1
+#define CAP_DNS_TCP 2
+
+struct cap_hdr {
+    u32 type;
+    u32 len;
+    u64 ts_ns;
+    u64 sk;          /* TLS: the flow's socket pointer (joins to the flow); DNS: 0 */
+    u32 pid;
+    u32 tid;
+    u32 uid;
+    u32 fd;
+    u16 family;      /* DNS: peer (resolver) address, when known */
+    u16 port;
+    u8 transport;    /* CAP_DNS_UDP / CAP_DNS_TCP */
+    u8 pad[3];
+    u8 addr[16];
+    char comm[16];
+};
+
+struct cap_rec {
+    struct cap_hdr h;
+    u8 data[CAP_MAX];
+};
+
+struct cap_conn_ctx {
+    u64 uaddr;       /* connect()'s sockaddr */
+    u32 fd;
+    u32 is_tcp;      /* set by the SYN_SENT transition inside this connect() */
+    u64 sk;
+};
+
+struct cap_tls {
+    u64 sk;
+    u32 writes;
+    u32 bytes;
+};
+
+struct cap_io {
+    u64 buf;         /* read()/recvfrom()/write()/sendto() buffer, or first iovec's base */
+    u64 iov;         /* readv/writev/recvmsg/sendmsg: user iovec array (first entry is read) */
+    u64 name;        /* recvfrom/recvmsg: where the kernel writes the source address */
+    u32 fd;
+    u32 kind;        /* 1 = TLS write on a new connection, 2 = DNS read */
+};
+
+/* User ABI layouts (they are what user space passes; stable by definition). */
+struct bst_iovec {
+    u64 base;
+    u64 len;
+};
+struct bst_msghdr {
+    u64 name;
+    s32 namelen;
+    s32 pad;
+    u64 iov;
+    u64 iovlen;
+};
+
+BPF_HASH(cap_conn, u32, struct cap_conn_ctx, 4096);   /* tid -> connect() in flight */
+BPF_HASH(cap_dns_fd, u64, u8, 16384);                /* (tgid<<32|fd) -> CAP_DNS_* */
+BPF_HASH(cap_tls_fd, u64, struct cap_tls, 16384);    /* (tgid<<32|fd) -> new TCP connection */
+BPF_HASH(cap_io_ctx, u32, struct cap_io, 4096);      /* tid -> I/O syscall in flight */
+BPF_PERCPU_ARRAY(cap_scratch, struct cap_rec, 1);
+
+static __always_inline u64 cap_key(u64 fd)
+{
+    return (bpf_get_current_pid_tgid() & 0xffffffff00000000ULL) | (u32)fd;
+}
+
+/* Copy len bytes of user memory at ubuf into a record and send it. */
+static __always_inline void cap_emit(u32 type, u64 sk, u32 fd, u64 ubuf, long len, u8 transport,
+                                     struct sockaddr_in6 *peer)
+{
+    u32 zero = 0;
+    struct cap_rec *r = cap_scratch.lookup(&zero);
+    if (!r || len <= 0)
+        return;
+    u32 n = len > CAP_MAX ? CAP_MAX : (u32)len;
+    n &= (CAP_MAX - 1) | CAP_MAX;
+    if (n > CAP_MAX)
+        return;
+    if (bpf_probe_read_user(r->data, n, (void *)ubuf) != 0)
+        return;
+    u64 pt = bpf_get_current_pid_tgid();
+    r->h.type = type;
+    r->h.len = n;
+    r->h.ts_ns = bpf_ktime_get_ns();
+    r->h.sk = sk;
+    r->h.pid = pt >> 32;
+    r->h.tid = (u32)pt;
+    r->h.uid = (u32)bpf_get_current_uid_gid();
+    r->h.fd = fd;
+    r->h.transport = transport;
+    r->h.family = 0;
+    r->h.port = 0;
+    if (peer) {
+        r->h.family = peer->sin6_family;
+        r->h.port = __builtin_bswap16(peer->sin6_port);
+        if (peer->sin6_family == AF_INET)
+            __builtin_memcpy(r->h.addr, &((struct sockaddr_in *)peer)->sin_addr, 4);
+        else
+            __builtin_memcpy(r->h.addr, &peer->sin6_addr, 16);
+    }
+    bpf_get_current_comm(&r->h.comm, sizeof(r->h.comm));
+    if (events.ringbuf_output(r, sizeof(struct cap_hdr) + n, 0) != 0)
+        count_loss(LOSS_RING);
+}
+
+/* Hook: connect() entry: remember the target; port 53 makes the fd a DNS socket at exit. */
+int bst_cap_conn_in(struct sys_enter_args *args)
+{
+    u32 tid = (u32)bpf_get_current_pid_tgid();
+    struct cap_conn_ctx c = {};
+    c.uaddr = args->arg[1];
+    c.fd = (u32)args->arg[0];
+    cap_conn.update(&tid, &c);
+    return 0;
+}
+
+/* Called by the lifecycle tier at CLOSE->SYN_SENT, which runs inside connect() on the calling
+ * thread: it tells us the fd is TCP and gives the socket pointer the flow events carry. */
+#define HAVE_CAPTURE 1
+static __always_inline void cap_on_syn_sent(u64 sk)
+{
+    u32 tid = (u32)bpf_get_current_pid_tgid();
+    struct cap_conn_ctx *c = cap_conn.lookup(&tid);
+    if (!c)
+        return;
+    c->is_tcp = 1;
+    c->sk = sk;
+}
+
+/* Hook: connect() exit. Success or EINPROGRESS (non-blocking) both count. */
+int bst_cap_conn_out(struct sys_exit_args *args)
+{
+    u32 tid = (u32)bpf_get_current_pid_tgid();
+    struct cap_conn_ctx *c = cap_conn.lookup(&tid);
+    if (!c)
+        return 0;
+    struct cap_conn_ctx cc = *c;
+    cap_conn.delete(&tid);
+    if (args->ret != 0 && args->ret != -115 /* EINPROGRESS */)
+        return 0;
+    struct sockaddr_in6 sa = {};
+    if (cc.uaddr == 0 || bpf_probe_read_user(&sa, sizeof(u32), (void *)cc.uaddr) != 0)
+        return 0;
+    if (sa.sin6_family != AF_INET && sa.sin6_family != AF_INET6)
+        return 0;
+    u64 key = cap_key(cc.fd);
+    if (__builtin_bswap16(sa.sin6_port) == 53) {
+        u8 t = cc.is_tcp ? CAP_DNS_TCP : CAP_DNS_UDP;
+        cap_dns_fd.update(&key, &t);
+    } else {
+        cap_dns_fd.delete(&key);
+    }
+    if (cc.is_tcp) {
+        struct cap_tls t = {};
+        t.sk = cc.sk;
+        cap_tls_fd.update(&key, &t);
+    }
+    return 0;
+}
+
+/* Hook: close(): forget the fd (its number will be reused). */
+int bst_cap_close(struct sys_enter_args *args)
+{
+    u64 key = cap_key(args->arg[0]);
+    cap_dns_fd.delete(&key);
+    cap_tls_fd.delete(&key);
+    return 0;
+}
+
+static __always_inline void cap_write_in(u64 fd, u64 buf, u64 iov)
+{
+    u64 key = cap_key(fd);
+    if (!cap_tls_fd.lookup(&key))
+        return;
+    u32 tid = (u32)bpf_get_current_pid_tgid();
+    struct cap_io io = {};
+    io.buf = buf;
+    io.iov = iov;
+    io.fd = (u32)fd;
+    io.kind = 1;
+    cap_io_ctx.update(&tid, &io);
+}
+
+static __always_inline void cap_read_in(u64 fd, u64 buf, u64 iov, u64 name)
+{
+    u64 key = cap_key(fd);
+    if (!cap_dns_fd.lookup(&key) && name == 0)
+        return;  /* not a DNS socket, and no source address to check */
+    u32 tid = (u32)bpf_get_current_pid_tgid();
+    struct cap_io io = {};
+    io.buf = buf;
+    io.iov = iov;
+    io.name = name;
+    io.fd = (u32)fd;
+    io.kind = 2;
+    cap_io_ctx.update(&tid, &io);
+}
+
+static __always_inline u64 first_iov_base(u64 iov)
+{
+    struct bst_iovec v = {};
+    if (!iov || bpf_probe_read_user(&v, sizeof(v), (void *)iov) != 0)
+        return 0;
+    return v.base;
+}
+
+static __always_inline void cap_io_out(long ret)
+{
+    u32 tid = (u32)bpf_get_current_pid_tgid();
+    struct cap_io *p = cap_io_ctx.lookup(&tid);
+    if (!p)
+        return;
+    struct cap_io io = *p;
+    cap_io_ctx.delete(&tid);
+    if (ret <= 0)
+        return;
+    u64 buf = io.buf ? io.buf : first_iov_base(io.iov);
+    if (!buf)
+        return;
+    u64 key = cap_key(io.fd);
+
+    if (io.kind == 1) {
+        struct cap_tls *t = cap_tls_fd.lookup(&key);
+        if (!t)
+            return;
+        u32 whole = 0;
+        if (t->writes == 0) {
+            u8 h[5] = {};
+            bpf_probe_read_user(h, sizeof(h), (void *)buf);
+            if (h[0] != 0x16) {  /* not a TLS handshake record: nothing to classify here */
+                cap_tls_fd.delete(&key);
+                return;
+            }
+            /* The first record is whole in this write: the hello is complete, stop after it. */
+            whole = ret >= 5 + (((u32)h[3] << 8) | h[4]);
+        }
+        cap_emit(REC_TLS, t->sk, io.fd, buf, ret, 0, 0);
+        t->writes += 1;
+        t->bytes += ret;
+        if (whole || t->writes >= CAP_WRITES || t->bytes >= CAP_TOTAL)
+            cap_tls_fd.delete(&key);
+        return;
+    }
+
+    u8 *kind = cap_dns_fd.lookup(&key);
+    if (kind) {
+        cap_emit(REC_DNS, 0, io.fd, buf, ret, *kind, 0);
+        return;
+    }
+    /* Unconnected UDP: keep it only if the answer came from port 53. */
+    struct sockaddr_in6 sa = {};
+    if (bpf_probe_read_user(&sa, sizeof(sa), (void *)io.name) != 0)
+        return;
+    if ((sa.sin6_family == AF_INET || sa.sin6_family == AF_INET6) && __builtin_bswap16(sa.sin6_port) == 53)
+        cap_emit(REC_DNS, 0, io.fd, buf, ret, CAP_DNS_UDP, &sa);
+}
+
+static __always_inline u64 msg_iov(u64 umsg)
+{
+    struct bst_msghdr m = {};
+    if (!umsg || bpf_probe_read_user(&m, sizeof(m), (void *)umsg) != 0)
+        return 0;
+    return m.iov;
+}
+
+static __always_inline u64 msg_name(u64 umsg)
+{
+    struct bst_msghdr m = {};
+    if (!umsg || bpf_probe_read_user(&m, sizeof(m), (void *)umsg) != 0)
+        return 0;
+    return m.name;
+}
+
+/* Hooks: writes on new TCP connections (ClientHello) and reads on DNS sockets (answers). */
+int bst_cap_write_in(struct sys_enter_args *a) { cap_write_in(a->arg[0], a->arg[1], 0); return 0; }
+int bst_cap_writev_in(struct sys_enter_args *a) { cap_write_in(a->arg[0], 0, a->arg[1]); return 0; }
+int bst_cap_sendto_in(struct sys_enter_args *a) { cap_write_in(a->arg[0], a->arg[1], 0); return 0; }
+int bst_cap_sendmsg_in(struct sys_enter_args *a) { cap_write_in(a->arg[0], 0, msg_iov(a->arg[1])); return 0; }
+int bst_cap_read_in(struct sys_enter_args *a) { cap_read_in(a->arg[0], a->arg[1], 0, 0); return 0; }
+int bst_cap_readv_in(struct sys_enter_args *a) { cap_read_in(a->arg[0], 0, a->arg[1], 0); return 0; }
+int bst_cap_recvfrom_in(struct sys_enter_args *a) { cap_read_in(a->arg[0], a->arg[1], 0, a->arg[4]); return 0; }
+int bst_cap_recvmsg_in(struct sys_enter_args *a) { u64 m = a->arg[1]; cap_read_in(a->arg[0], 0, msg_iov(m), msg_name(m)); return 0; }
+
+/* Hook: the exit of all eight syscalls above (one program attached eight times: the exit record
+ * layout is the same and the per-thread context says what the call was). */
+int bst_cap_out(struct sys_exit_args *a)
+{
+    cap_io_out(a->ret);
+    return 0;
+}
