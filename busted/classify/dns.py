@@ -1,0 +1,111 @@
+"""DNS wire parsing (dnspython) and a sans-I/O framer for DNS over TCP."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import dns.exception
+import dns.message
+import dns.opcode
+import dns.rcode
+import dns.rdatatype
+
+from busted.events import DnsRecord
+
+__all__ = ["DnsInfo", "TcpDnsFramer", "parse_dns"]
+
+_KEEP = {dns.rdatatype.A: "A", dns.rdatatype.AAAA: "AAAA", dns.rdatatype.CNAME: "CNAME"}
+
+
+def _name(n: object) -> str:
+    return str(n).rstrip(".").lower()
+
+
+@dataclass(frozen=True)
+class DnsInfo:
+    id: int
+    is_response: bool
+    qname: str
+    qtype: str
+    rcode: str
+    records: tuple[DnsRecord, ...]
+    cname_chain: tuple[str, ...]  # qname, then each alias followed, in order
+    addresses: tuple[str, ...]  # A/AAAA values held by the end of the chain
+
+
+def parse_dns(wire: bytes) -> DnsInfo | None:
+    """Parse one DNS message; None if it is not one (malformed, truncated, no question)."""
+    try:
+        msg = dns.message.from_wire(wire, ignore_trailing=True, one_rr_per_rrset=True)
+    except (dns.exception.DNSException, ValueError, IndexError, UnicodeError, KeyError, TypeError):
+        return None
+    except Exception:  # dnspython raises assorted types on hostile input; none may escape
+        return None
+    if not msg.question:
+        return None
+    q = msg.question[0]
+    qname = _name(q.name)
+    records: list[DnsRecord] = []
+    cnames: dict[str, str] = {}
+    addrs: dict[str, list[str]] = {}
+    for rrset in msg.answer:
+        rtype = _KEEP.get(rrset.rdtype)
+        if rtype is None:
+            continue
+        owner = _name(rrset.name)
+        for rd in rrset:
+            value = _name(rd.target) if rtype == "CNAME" else rd.address
+            records.append(DnsRecord(owner, rtype, value, int(rrset.ttl)))
+            if rtype == "CNAME":
+                cnames.setdefault(owner, value)
+            else:
+                addrs.setdefault(owner, []).append(value)
+    # Follow the chain from the question, whatever order the answer lists it in; stop on loops.
+    chain = [qname]
+    seen = {qname}
+    while chain[-1] in cnames and cnames[chain[-1]] not in seen and len(chain) < 16:
+        nxt = cnames[chain[-1]]
+        chain.append(nxt)
+        seen.add(nxt)
+    return DnsInfo(
+        id=msg.id,
+        is_response=bool(msg.flags & 0x8000),
+        qname=qname,
+        qtype=dns.rdatatype.to_text(q.rdtype),
+        rcode=dns.rcode.to_text(msg.rcode()),
+        records=tuple(records),
+        cname_chain=tuple(chain),
+        addresses=tuple(addrs.get(chain[-1], ())),
+    )
+
+
+class TcpDnsFramer:
+    """DNS over TCP: 2-byte big-endian length, then the message. ``feed`` returns whole messages.
+
+    Bounded: at most one maximal message (65,535 bytes) plus its prefix is ever buffered.
+    """
+
+    MAX = 65535 + 2
+
+    def __init__(self) -> None:
+        self._buf = bytearray()
+
+    def feed(self, data: bytes) -> list[bytes]:
+        self._buf += data
+        out: list[bytes] = []
+        while len(self._buf) >= 2:
+            n = (self._buf[0] << 8) | self._buf[1]
+            if n == 0:  # no DNS message is empty: garbage, resynchronising is hopeless
+                self._buf.clear()
+                break
+            if len(self._buf) < 2 + n:
+                break
+            out.append(bytes(self._buf[2 : 2 + n]))
+            del self._buf[: 2 + n]
+        if len(self._buf) > self.MAX:  # cannot happen with a valid prefix; keep the bound anyway
+            self._buf.clear()
+        return out
+
+    @property
+    def buffered(self) -> int:
+        return len(self._buf)

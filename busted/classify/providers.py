@@ -1,0 +1,221 @@
+"""The provider catalog: which hostnames, address ranges and local ports belong to which LLM provider.
+
+The built-in catalog ships as ``busted/classify/data/providers.json``; users extend or override it
+from a file (``Catalog.from_file``) or from Python (``catalog.add(Provider(...))``). An entry with
+the id of a built-in one replaces it.
+
+Lookups are dictionary probes, not scans: a hostname is checked exactly, then each of its label
+suffixes (longest first), then against the few glob patterns; an address is checked against one
+dict per prefix length (longest first). This runs for every flow.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+import re
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+__all__ = ["CATEGORIES", "Catalog", "Provider", "ProviderMatch"]
+
+CATEGORIES = ("hosted", "cloud", "gateway", "local")
+
+
+@dataclass(frozen=True)
+class Provider:
+    id: str
+    name: str
+    category: str  # one of CATEGORIES
+    hostnames: tuple[str, ...] = ()  # exact API hostnames
+    suffixes: tuple[str, ...] = ()  # any name ending in ".<suffix>" (or equal to it)
+    patterns: tuple[str, ...] = ()  # globs, "*" = one or more characters within a label
+    cidrs: tuple[str, ...] = ()  # published address ranges
+    ports: tuple[int, ...] = ()  # local servers: matched on loopback/private/link-local addresses only
+    source: str = ""  # where the hostnames/ranges are documented
+
+    def __post_init__(self) -> None:
+        if not self.id or not isinstance(self.id, str):
+            raise ValueError("provider id must be a non-empty string")
+        if self.category not in CATEGORIES:
+            raise ValueError(f"provider {self.id!r}: category {self.category!r} is not one of {CATEGORIES}")
+        if not (self.hostnames or self.suffixes or self.patterns or self.cidrs or self.ports):
+            raise ValueError(f"provider {self.id!r}: needs at least one of hostnames/suffixes/patterns/cidrs/ports")
+        for c in self.cidrs:
+            ipaddress.ip_network(c, strict=False)  # raises ValueError with the bad value
+        for p in self.ports:
+            if not isinstance(p, int) or not 0 < p < 65536:
+                raise ValueError(f"provider {self.id!r}: bad port {p!r}")
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> Provider:
+        known = {f for f in cls.__dataclass_fields__}
+        extra = set(d) - known
+        if extra:
+            raise ValueError(f"unknown provider field(s) {sorted(extra)}")
+        kw = {k: (tuple(v) if isinstance(v, list) else v) for k, v in d.items()}
+        kw["hostnames"] = tuple(_norm(h) for h in kw.get("hostnames", ()))
+        kw["suffixes"] = tuple(_norm(h) for h in kw.get("suffixes", ()))
+        kw["patterns"] = tuple(_norm(h) for h in kw.get("patterns", ()))
+        return cls(**kw)
+
+
+@dataclass(frozen=True)
+class ProviderMatch:
+    provider: Provider
+    via: str  # "hostname" | "suffix" | "pattern" | "cidr" | "port"
+    matched: str = ""  # the rule that matched
+
+    @property
+    def id(self) -> str:
+        return self.provider.id
+
+
+def _norm(name: str) -> str:
+    return name.strip().rstrip(".").lower()
+
+
+def _glob_re(pat: str) -> re.Pattern[str]:
+    return re.compile("^" + "[^.]+".join(re.escape(p) for p in pat.split("*")) + "$")
+
+
+@dataclass
+class Catalog:
+    providers: dict[str, Provider] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self._reindex()
+
+    # -- building ----------------------------------------------------------------------------
+
+    @classmethod
+    def builtin(cls) -> Catalog:
+        text = resources.files("busted.classify").joinpath("data/providers.json").read_text()
+        return cls._from_json(json.loads(text), "built-in catalog")
+
+    @classmethod
+    def from_file(cls, path: str | Path, *, base: Catalog | None = None) -> Catalog:
+        """Load providers from JSON or TOML (``{"providers": [...]}``) on top of ``base`` (default:
+        the built-in catalog; pass ``Catalog()`` for none). Raises ValueError naming the problem."""
+        p = Path(path)
+        try:
+            raw = p.read_bytes()
+        except OSError as exc:
+            raise ValueError(f"{p}: cannot read provider catalog: {exc.strerror}") from exc
+        try:
+            if p.suffix == ".toml":
+                import tomllib
+
+                data = tomllib.loads(raw.decode())
+            else:
+                data = json.loads(raw)
+        except (ValueError, UnicodeDecodeError) as exc:
+            raise ValueError(f"{p}: not valid {'TOML' if p.suffix == '.toml' else 'JSON'}: {exc}") from exc
+        cat = cls(dict((base if base is not None else cls.builtin()).providers))
+        cat.extend(cls._from_json(data, str(p)).providers.values())
+        return cat
+
+    @classmethod
+    def _from_json(cls, data: Any, where: str) -> Catalog:
+        if not isinstance(data, dict) or not isinstance(data.get("providers"), list):
+            raise ValueError(f"{where}: expected an object with a 'providers' list")
+        out: dict[str, Provider] = {}
+        for i, d in enumerate(data["providers"]):
+            if not isinstance(d, dict):
+                raise ValueError(f"{where}: providers[{i}] is not an object")
+            try:
+                prov = Provider.from_dict(d)
+            except (TypeError, ValueError) as exc:
+                raise ValueError(f"{where}: providers[{i}] ({d.get('id', '?')}): {exc}") from exc
+            out[prov.id] = prov
+        return cls(out)
+
+    def add(self, provider: Provider) -> None:
+        """Add or replace (same id) one provider."""
+        self.providers[provider.id] = provider
+        self._reindex()
+
+    def extend(self, providers: Iterable[Provider]) -> None:
+        for p in providers:
+            self.providers[p.id] = p
+        self._reindex()
+
+    def __len__(self) -> int:
+        return len(self.providers)
+
+    def _reindex(self) -> None:
+        self._exact: dict[str, Provider] = {}
+        self._suffix: dict[str, Provider] = {}
+        self._patterns: list[tuple[re.Pattern[str], str, Provider]] = []
+        self._nets: dict[int, dict[tuple[int, int], tuple[Provider, str]]] = {}
+        self._ports: dict[int, Provider] = {}
+        for p in self.providers.values():
+            for h in p.hostnames:
+                self._exact[h] = p
+            for s in p.suffixes:
+                self._suffix[s] = p
+            for pat in p.patterns:
+                self._patterns.append((_glob_re(pat), pat, p))
+            for c in p.cidrs:
+                net = ipaddress.ip_network(c, strict=False)
+                self._nets.setdefault(net.prefixlen + (0 if net.version == 4 else 1000), {})[
+                    (net.version, int(net.network_address))] = (p, c)
+            for port in p.ports:
+                self._ports[port] = p
+        self._prefixes = sorted(self._nets, reverse=True)
+
+    # -- matching ----------------------------------------------------------------------------
+
+    def match_host(self, name: str | None) -> ProviderMatch | None:
+        if not name:
+            return None
+        n = _norm(name)
+        p = self._exact.get(n)
+        if p is not None:
+            return ProviderMatch(p, "hostname", n)
+        labels = n.split(".")
+        for i in range(len(labels)):  # longest suffix first
+            s = ".".join(labels[i:])
+            p = self._suffix.get(s)
+            if p is not None:
+                return ProviderMatch(p, "suffix", s)
+        for rx, pat, p in self._patterns:
+            if rx.match(n):
+                return ProviderMatch(p, "pattern", pat)
+        return None
+
+    def match_ip(self, ip: str | None) -> ProviderMatch | None:
+        if not ip or not self._prefixes:
+            return None
+        try:
+            addr = ipaddress.ip_address(ip)
+        except ValueError:
+            return None
+        if addr.version == 6 and addr.ipv4_mapped is not None:
+            addr = addr.ipv4_mapped
+        value, bits = int(addr), (32 if addr.version == 4 else 128)
+        for key in self._prefixes:
+            plen = key if key < 1000 else key - 1000
+            if (key < 1000) != (addr.version == 4):
+                continue
+            hit = self._nets[key].get((addr.version, value >> (bits - plen) << (bits - plen)))
+            if hit is not None:
+                return ProviderMatch(hit[0], "cidr", hit[1])
+        return None
+
+    def match_port(self, ip: str | None, port: int) -> ProviderMatch | None:
+        p = self._ports.get(port)
+        if p is None or not ip:
+            return None
+        try:
+            addr = ipaddress.ip_address(ip)
+        except ValueError:
+            return None
+        if addr.version == 6 and addr.ipv4_mapped is not None:
+            addr = addr.ipv4_mapped
+        if addr.is_loopback or addr.is_private or addr.is_link_local:
+            return ProviderMatch(p, "port", str(port))
+        return None
