@@ -36,6 +36,14 @@ from busted.monitor import Monitor, MonitorStats
 
 __version__ = "0.1.0"
 
+
+def to_dataframe(events):  # noqa: ANN001, ANN201 - pandas is an optional extra
+    """One row per event (``to_dict()`` flattened) as a pandas DataFrame; needs ``busted[pandas]``."""
+    from busted.dataframe import to_dataframe as _to_dataframe
+
+    return _to_dataframe(events)
+
+
 __all__ = [
     "BccNotInstalled",
     "BustedError",
@@ -62,4 +70,5 @@ __all__ = [
     "TlsClientHello",
     "TracefsNotMounted",
     "__version__",
+    "to_dataframe",
 ]

@@ -25,12 +25,13 @@ from typing import Any, Protocol, TypeVar
 
 from busted.ebpf.plan import ProbePlan, choose_plan
 from busted.ebpf.probe import Capabilities, mount_tracefs, probe
-from busted.ebpf.records import FL, REC_CLOSE, REC_OPEN, FlowRecord, decode
+from busted.ebpf.records import FL, REC_CLOSE, REC_DNS, REC_OPEN, FlowRecord, decode, decode_capture
 from busted.errors import MonitorClosed, TracefsNotMounted
 from busted.events import (
     Direction,
     Event,
     EventsLost,
+    FlowClassified,
     FlowClosed,
     FlowEvent,
     FlowOpened,
@@ -80,10 +81,6 @@ def _boot_id() -> bytes:
         return b""
 
 
-class _Classifier(Protocol):
-    def classify_flow(self, ev: FlowEvent) -> FlowEvent: ...
-
-
 class Monitor:
     """Watch every TCP flow on the host. See the module docstring.
 
@@ -108,7 +105,8 @@ class Monitor:
         ringbuf_bytes: int = 8 << 20,
         max_flows: int = 65536,
         mount_tracefs: bool = False,
-        classifier: _Classifier | None = None,
+        classify: bool = True,
+        catalog: Any = None,
     ) -> None:
         self._force = probes
         self._filters = _Filters.build(pid=pid, uid=uid, comm=comm, cgroup=cgroup, port=port,
@@ -119,7 +117,9 @@ class Monitor:
         self._ringbuf_bytes = ringbuf_bytes
         self._max_flows = max_flows
         self._mount = mount_tracefs
-        self._classifier = classifier
+        self._classify = classify
+        self._catalog = catalog
+        self._enricher: Any = None
         self._ready = threading.Event()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -155,7 +155,14 @@ class Monitor:
                 raise TracefsNotMounted()
             caps = probe()
         self.capabilities = caps
-        self.plan = choose_plan(caps, self._force)
+        force = self._force
+        if not self._classify and not (isinstance(force, ProbePlan) or (force and "capture" in force)):
+            force = {**(force or {}), "capture": "off"}
+        self.plan = choose_plan(caps, force)
+        if self._classify:
+            from busted.enrich import Enricher
+
+            self._enricher = Enricher(self._catalog)
         from busted.ebpf.loader import FlowProgram
 
         self._program = FlowProgram(self.plan, ringbuf_bytes=self._ringbuf_bytes,
@@ -319,8 +326,11 @@ class Monitor:
 
     def _on_record(self, _ctx: int, data: int, size: int) -> int:
         # Called by BCC through ctypes: an exception here would only be printed, so keep it.
+        raw = ctypes.string_at(data, size)
         try:
-            rec = decode(ctypes.string_at(data, size))
+            if raw[0] >= REC_DNS:
+                return self._on_capture(raw)
+            rec = decode(raw)
         except Exception:
             self._count_loss(LossPlace.PARSE, 1, "short kernel record")
             return 0
@@ -331,6 +341,34 @@ class Monitor:
             self._error = exc
             self._stop.set()
             return -1  # stops ring_buffer_poll
+        return 0
+
+    def _on_capture(self, raw: bytes) -> int:
+        self._stats.records += 1
+        enr = self._enricher
+        if enr is None:
+            return 0
+        rec = decode_capture(raw)
+        wall = self._wall(rec.ts_ns)
+        before = enr.parse_errors
+        try:
+            if rec.type == REC_DNS:
+                info = self._proc.get(rec.pid)
+                self._pending.extend(enr.on_dns(rec, wall, info.netns))
+            else:
+                flow = self._open.get(rec.sk)
+                evs = enr.on_tls(rec, wall, flow)
+                for ev in evs:
+                    if isinstance(ev, FlowClassified):
+                        self._open[rec.sk] = ev  # the close carries the classification
+                self._pending.extend(evs)
+        except Exception as exc:  # a parser bug must not stop the monitor: count it
+            enr.parse_errors += 1
+            self._count_loss(LossPlace.PARSE, 1, f"{type(exc).__name__}: {exc}")
+            return 0
+        if enr.parse_errors > before:
+            self._count_loss(LossPlace.PARSE, enr.parse_errors - before,
+                             "malformed DNS answer" if rec.type == REC_DNS else "malformed TLS ClientHello")
         return 0
 
     def _flush_pending(self) -> None:
@@ -411,8 +449,8 @@ class Monitor:
             dport=rec.dport,
             preexisting=preexisting,
         )
-        if self._classifier is not None:
-            ev = self._classifier.classify_flow(ev)
+        if self._enricher is not None:
+            ev = self._enricher.classify_flow(ev)
         return ev
 
     def _closed_from(self, opened: FlowEvent, rec: FlowRecord) -> FlowClosed:
@@ -437,6 +475,8 @@ class Monitor:
             self._count_loss(LossPlace.PARSE, 1, f"unknown record type {rec.type}")
             return []
         opened = self._open.pop(rec.sk, None)
+        if self._enricher is not None:
+            self._enricher.forget_flow(rec.sk)
         if opened is not None:
             return [self._closed_from(opened, rec)]
         key = (rec.saddr, rec.sport, rec.daddr, rec.dport)
@@ -494,8 +534,8 @@ class Monitor:
                 family=e.family, saddr=e.saddr, sport=e.sport, daddr=e.daddr, dport=e.dport,
                 preexisting=True,
             )
-            if self._classifier is not None:
-                ev = self._classifier.classify_flow(ev)
+            if self._enricher is not None:
+                ev = self._enricher.classify_flow(ev)
             self._pre[key] = ev
             self._pending.append(ev)
         self._flush_pending()
