@@ -1,0 +1,72 @@
+"""Probe plan choice from capabilities (pure: no kernel needed)."""
+
+import struct
+
+import pytest
+
+from busted.ebpf.plan import ProbePlan, choose_plan
+from busted.ebpf.probe import TRACEPOINTS, Capabilities
+from busted.ebpf.records import REC_SIZE, decode
+from busted.errors import ProbeUnavailable
+
+
+def caps(*, tps=None, kprobes=False) -> Capabilities:
+    all_tps = [tp for g in TRACEPOINTS.values() for tp in g]
+    present = set(all_tps if tps is None else tps)
+    return Capabilities(kernel_release="6.18.0", kernel_version=(6, 18), btf=True, tracefs="/x",
+                        tracepoints={tp: tp in present for tp in all_tps}, kprobes=kprobes)
+
+
+def test_everything_present_picks_tracepoints():
+    p = choose_plan(caps())
+    assert p == ProbePlan("tracepoint", "tracepoint", "destroy", "syscall")
+
+
+def test_no_sock_length_tracepoints_falls_back_to_syscalls():
+    tps = [t for t in TRACEPOINTS["lifecycle"] + TRACEPOINTS["syscall"]]
+    assert choose_plan(caps(tps=tps)).bytes == "syscall"
+
+
+def test_old_kernel_without_tracepoints_uses_kprobes():
+    p = choose_plan(caps(tps=TRACEPOINTS["syscall"], kprobes=True))
+    assert (p.lifecycle, p.bytes, p.flow_end) == ("kprobe", "kprobe", "close-state")
+
+
+def test_no_destroy_tracepoint_ends_at_close_state():
+    tps = [t for g in TRACEPOINTS.values() for t in g if t != "tcp/tcp_destroy_sock"]
+    assert choose_plan(caps(tps=tps)).flow_end == "close-state"
+
+
+def test_forced_tier_that_cannot_run_says_why():
+    with pytest.raises(ProbeUnavailable, match="no kprobes"):
+        choose_plan(caps(), {"bytes": "kprobe"})
+    with pytest.raises(ProbeUnavailable, match="unknown probe capability"):
+        choose_plan(caps(), {"bites": "tracepoint"})
+    with pytest.raises(ProbeUnavailable, match="no lifecycle tier"):
+        choose_plan(caps(tps=[]))
+
+
+def test_forcing_each_runnable_tier():
+    c = caps(kprobes=True)
+    for lifecycle in ("tracepoint", "kprobe"):
+        for nbytes in ("tracepoint", "syscall", "kprobe"):
+            if lifecycle == "kprobe" and nbytes == "syscall":
+                with pytest.raises(ProbeUnavailable):
+                    choose_plan(c, {"lifecycle": lifecycle, "bytes": nbytes})
+                continue
+            p = choose_plan(c, {"lifecycle": lifecycle, "bytes": nbytes})
+            assert (p.lifecycle, p.bytes) == (lifecycle, nbytes)
+
+
+def test_record_decoder_maps_v4_mapped_ipv6_to_ipv4():
+    raw = struct.pack(
+        "<IIQQQQQQIIIHHHBB16s16s16s", 2, 7, 10, 5, 0xABC, 1, 100, 200, 42, 43, 0, 10, 1234, 443, 1, 0,
+        b"\0" * 10 + b"\xff\xff" + bytes([127, 0, 0, 1]), b"\0" * 10 + b"\xff\xff" + bytes([10, 0, 0, 2]),
+        b"curl\0" + b"\0" * 11,
+    )
+    assert len(raw) == REC_SIZE
+    r = decode(raw + b"\0" * 4)
+    assert (r.family, r.saddr, r.daddr, r.sport, r.dport, r.comm) == (4, "127.0.0.1", "10.0.0.2", 1234, 443, "curl")
+    assert (r.sent, r.recv, r.pid, r.tid) == (100, 200, 42, 43)
+    with pytest.raises(struct.error):
+        decode(raw[:50])
