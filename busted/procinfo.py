@@ -12,6 +12,8 @@ from typing import NamedTuple
 
 from cachetools import TTLCache
 
+from busted.redact import redact_argv
+
 __all__ = ["ProcInfo", "ProcCache"]
 
 
@@ -47,8 +49,10 @@ def read_proc(pid: int, root: str = "/proc") -> ProcInfo:
     try:
         with open(f"{base}/cmdline", "rb") as f:
             raw = f.read(8192)
-        cmd: tuple[str, ...] | None = tuple(
-            a.decode("utf-8", "replace") for a in raw.rstrip(b"\0").split(b"\0")
+        # Secrets on command lines (curl -H "Authorization: ...", --api-key ...) are masked here,
+        # before anything else sees them.
+        cmd: tuple[str, ...] | None = redact_argv(
+            [a.decode("utf-8", "replace") for a in raw.rstrip(b"\0").split(b"\0")]
         ) if raw else ()
     except OSError:
         cmd = None
