@@ -1,0 +1,38 @@
+"""Realistic synthetic events of every kind, for sink tests (no kernel needed)."""
+
+from busted.events import (
+    Direction,
+    DnsAnswer,
+    DnsRecord,
+    EventsLost,
+    Evidence,
+    FlowClassified,
+    FlowClosed,
+    FlowOpened,
+    LossPlace,
+    TlsClientHello,
+)
+
+IDENT = dict(flow_id=4242, direction=Direction.CONNECT, pid=100, tid=101, uid=1000, comm="curl", ppid=1,
+             exe="/usr/bin/curl", cmdline=("curl", "-H", "Authorization: [REDACTED]", "https://api.openai.com"),
+             cgroup_id=7, netns=4026531840, family=4, saddr="10.0.0.1", sport=40000, daddr="10.231.1.65", dport=443)
+
+
+def sample_events(t0: float = 1_700_000_000.0, flow_id: int = 4242, pid: int = 100) -> list:
+    ident = {**IDENT, "flow_id": flow_id, "pid": pid}
+    return [
+        DnsAnswer(ts_ns=1, wall_time=t0, pid=pid, tid=pid + 1, comm="curl", netns=4026531840, transport="udp",
+                  server="10.231.1.80", qname="api.openai.com", qtype="A", rcode="NOERROR",
+                  answers=(DnsRecord("api.openai.com", "A", "10.231.1.65", 60),), cname_chain=("api.openai.com",)),
+        FlowOpened(ts_ns=2, wall_time=t0 + 0.1, **ident, hostname="api.openai.com", provider="openai",
+                   evidence=Evidence.DNS, confidence=0.8),
+        TlsClientHello(ts_ns=3, wall_time=t0 + 0.2, flow_id=flow_id, pid=pid, comm="curl", saddr="10.0.0.1",
+                       sport=40000, daddr="10.231.1.65", dport=443, sni="api.openai.com", alpn=("h2", "http/1.1"),
+                       versions=("TLS1.3", "TLS1.2"), ja4="t13d3112h2_e8f1e7e78f70_b26ce05bbdd6"),
+        FlowClassified(ts_ns=3, wall_time=t0 + 0.2, **ident, hostname="api.openai.com", provider="openai",
+                       evidence=Evidence.SNI, confidence=0.95),
+        FlowClosed(ts_ns=4, wall_time=t0 + 1.1, **ident, hostname="api.openai.com", provider="openai",
+                   evidence=Evidence.SNI, confidence=0.95, bytes_sent=811, bytes_received=2233,
+                   duration_ns=1_000_000_000),
+        EventsLost(ts_ns=5, wall_time=t0 + 1.2, where=LossPlace.KERNEL_RING, count=3, detail="ring buffer full"),
+    ]
