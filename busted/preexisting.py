@@ -36,7 +36,32 @@ def _norm(addr: str) -> tuple[int, str]:
 
 
 def dump_established() -> list[ExistingFlow]:
-    """Every ESTABLISHED TCP socket of this network namespace (IPv4 and IPv6)."""
+    """Every ESTABLISHED TCP socket of this network namespace (IPv4 and IPv6).
+
+    pyroute2 drives its sockets with an asyncio loop of its own, which fails inside a thread that
+    already runs one (Jupyter, ``async with Monitor()``): the dump runs in a short-lived thread.
+    """
+    import threading
+
+    box: list = []
+
+    def run() -> None:
+        try:
+            box.append(_dump())
+        except BaseException as exc:  # re-raised in the caller's thread
+            box.append(exc)
+
+    t = threading.Thread(target=run, name="busted-sockdiag", daemon=True)
+    t.start()
+    t.join(30)
+    if not box:
+        raise TimeoutError("sock_diag dump did not finish in 30 s")
+    if isinstance(box[0], BaseException):
+        raise box[0]
+    return box[0]
+
+
+def _dump() -> list[ExistingFlow]:
     from pyroute2 import DiagSocket
 
     out: list[ExistingFlow] = []
