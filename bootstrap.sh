@@ -47,7 +47,11 @@ fi
 # 2. Kernel headers for BCC. With no headers for this exact kernel, link the newest installed
 #    generic ones. That is only sound because busted's BPF reads no kernel-internal struct (rule R0).
 if have_headers; then
-    say "kernel headers for $release: $(readlink -f "/lib/modules/$release/build")"
+    hdr_real=$(readlink -f "/lib/modules/$release/build")
+    case "$hdr_real" in
+        *"$release"*) say "kernel headers for $release: $hdr_real" ;;
+        *) say "kernel headers for $release: LINKED to $hdr_real (another version; sound because busted's BPF reads no kernel-internal struct)" ;;
+    esac
 else
     hdr=$(ls -d /usr/src/linux-headers-*-amd64 2>/dev/null | sort -V | tail -n 1 || true)
     common=${hdr%-amd64}-common
@@ -78,8 +82,13 @@ fi
 stamp="$venv/.busted-installed"
 want=$(sha256sum pyproject.toml | cut -d' ' -f1)
 if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
-    "$venv/bin/python" -m pip install -q --upgrade pip >/dev/null
-    "$venv/bin/python" -m pip install -q -e ".[dev,lab,metrics]"
+    log="$venv/pip-install.log"
+    if ! { "$venv/bin/python" -m pip install -q --upgrade pip && \
+           "$venv/bin/python" -m pip install -q -e ".[dev,lab,metrics]"; } >"$log" 2>&1; then
+        tail -n 40 "$log" >&2
+        say "pip install failed; full log in $log" >&2
+        exit 1
+    fi
     echo "$want" >"$stamp"
     say "installed busted (editable) with dev extras into $venv"
 else

@@ -3,7 +3,9 @@
 Pure: time is passed in (``now``, UNIX seconds), nothing is read from the clock or the network.
 
 Precedence: the TLS SNI of the flow itself > a DNS answer seen on this host for the address >
-a provider's published CIDR > a local-server port. Confidence says how sure each is.
+a provider's published CIDR > a local-server port. Confidence says how sure each is. An SNI is
+final (a named non-LLM host stays non-LLM); a DNS name that matches no provider still lets the
+address (CIDR) or port name one, and is kept as the hostname.
 """
 
 from __future__ import annotations
@@ -156,6 +158,7 @@ class Classifier:
             m = self.catalog.match_host(sni)
             return Classification(sni, m.id if m else None, m.provider.category if m else None, Evidence.SNI,
                                   CONFIDENCE[Evidence.SNI], {"matched": m.matched if m else None})
+        by_name: Classification | None = None
         entries = [e for e in self.cache.get(netns, daddr, now=now) if e.source == "dns"]
         if entries:
             matched = [(e, self._host_match(e)) for e in entries]
@@ -166,14 +169,21 @@ class Classifier:
                 conf -= 0.2  # the address is shared by hosts of different providers
             elif len(entries) > 1 and not with_provider:
                 conf -= 0.1
-            return Classification(e.name, m.id if m else None, m.provider.category if m else None, Evidence.DNS,
-                                  round(conf, 2), {"names": [x.name for x in entries], "chain": list(e.chain)})
+            by_name = Classification(e.name, m.id if m else None, m.provider.category if m else None, Evidence.DNS,
+                                     round(conf, 2), {"names": [x.name for x in entries], "chain": list(e.chain)})
+            if m is not None:
+                return by_name
+        # A DNS name that is no provider's (an internal alias, a lab name) does not hide what the
+        # address or port says; the name is still reported.
+        hostname = by_name.hostname if by_name else None
         m = self.catalog.match_ip(daddr)
         if m is not None:
-            return Classification(None, m.id, m.provider.category, Evidence.CIDR, CONFIDENCE[Evidence.CIDR],
+            return Classification(hostname, m.id, m.provider.category, Evidence.CIDR, CONFIDENCE[Evidence.CIDR],
                                   {"cidr": m.matched})
         m = self.catalog.match_port(daddr, dport)
         if m is not None:
-            return Classification(None, m.id, m.provider.category, Evidence.PORT, CONFIDENCE[Evidence.PORT],
+            return Classification(hostname, m.id, m.provider.category, Evidence.PORT, CONFIDENCE[Evidence.PORT],
                                   {"port": dport})
+        if by_name is not None:
+            return by_name
         return Classification()

@@ -152,3 +152,9 @@ def test_malformed_bytes_are_counted_never_raised(lab, mon):
     assert mon.stats().lost.get("PARSE", 0) == before + 1
     pid, evs = run(lab, mon, ["curl", "-s", "-m", "5", "https://api.openai.com/"])
     assert final_flow(evs).provider == "openai"  # still working
+
+
+def test_local_server_by_name_still_matched_by_port(lab, mon):
+    pid, evs = run(lab, mon, ["curl", "-s", "-m", "5", "http://ollama.lab.test:11434/api/tags"])
+    c = final_flow(evs, dport=11434)
+    assert (c.hostname, c.provider, c.evidence) == ("ollama.lab.test", "ollama", Evidence.PORT)
