@@ -366,13 +366,16 @@ def _top(args: argparse.Namespace, out: TextIO) -> int:
     _install_sigterm(stop)
     table = TopTable()
     tty = out.isatty()
+    sinks = _Sinks(args)
     with busted.Monitor(**_monitor_kwargs(args)) as mon:
         end = None if args.duration is None else time.monotonic() + args.duration
         try:
             while not stop.is_set() and (end is None or time.monotonic() < end):
                 tick = time.monotonic() + args.interval
                 for ev in mon.events(timeout=max(0.05, tick - time.monotonic()), stop_event=stop):
-                    table.add(ev)
+                    sinks.write(ev)
+                    if _wants(ev, args.provider):
+                        table.add(ev)
                     if time.monotonic() >= tick:
                         break
                 if tty:
@@ -385,6 +388,8 @@ def _top(args: argparse.Namespace, out: TextIO) -> int:
                 out.flush()
         except KeyboardInterrupt:
             pass
+        finally:
+            sinks.close()
     return 0
 
 
