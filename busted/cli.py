@@ -511,7 +511,7 @@ def _parser() -> argparse.ArgumentParser:
         sp.add_argument("--store", help="also write every event to this SQLite file")
         sp.add_argument("--jsonl", help="also append every event to this JSONL file (rotated)")
         sp.add_argument("--metrics", help="serve Prometheus metrics on ADDR (e.g. 127.0.0.1:9464)")
-        sp.add_argument("--policy", help="policy file (allow/audit/deny); reserved, not yet applied")
+        sp.add_argument("--policy", help="policy file (allow/audit/deny): not implemented yet, refused")
 
     m = sub.add_parser("monitor", help="live view of flows")
     filters(m)
@@ -540,6 +540,10 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None, out: TextIO | None = None) -> int:
     args = _parser().parse_args(argv)
     out = out or sys.stdout
+    if getattr(args, "policy", None):
+        print("busted: --policy is not implemented yet (policies come with the allow/audit/deny work); "
+              "run without it", file=sys.stderr)
+        return 2
     handlers = {"doctor": _doctor, "monitor": _monitor, "top": _top, "lab": _lab, "query": _query}
     try:
         return handlers[args.cmd](args, out)

@@ -3,8 +3,9 @@
  * tcp_connect(), inet_csk_accept() (return) and tcp_close() all run in the owning process's
  * context, so attribution is direct. Their only useful argument is the socket pointer, which R0
  * lets us use as a key but not read, so the 4-tuple's peer side comes from the sockaddr the
- * application passed to connect()/got from accept() (user memory); the local side is left to user
- * space (sock_diag). Only used where kprobes exist: this VM has none, so it is compile-tested.
+ * application passed to connect() (user memory); the local address/port are not known in this
+ * tier (events carry "" and 0), nor is the peer of an accepted flow. Only used where kprobes
+ * exist: this VM has none, so the tier is compile- and verifier-tested only.
  */
 
 BPF_HASH(kp_addr, u32, u64, 4096);   /* tid -> user sockaddr pointer in connect()/accept() */

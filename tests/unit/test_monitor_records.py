@@ -72,6 +72,14 @@ def test_open_then_close_carry_one_identity(mon):
     assert (c.pid, c.comm, c.saddr, c.daddr, c.dport) == (10, "curl", "127.0.0.1", "127.0.0.2", 443)
 
 
+def test_process_gone_before_we_looked_keeps_what_bpf_captured(mon):
+    gone = 4_000_000  # above pid_max: no such process
+    feed(mon, rec(REC_OPEN, A, 0xAB, pid=gone, comm=b"shortlived"))
+    (o,) = drain(mon)
+    assert (o.pid, o.comm, o.uid, o.cgroup_id) == (gone, "shortlived", 0, 7)
+    assert (o.exe, o.cmdline, o.ppid, o.netns) == (None, None, None, None)
+
+
 def test_accept_never_attributed_gets_a_synthesized_open(mon):
     feed(mon, rec(REC_CLOSE, FL.HAVE_TUPLE, 0xB, pid=0, direction=2, comm=b""))
     o, c = drain(mon)
