@@ -73,6 +73,13 @@ class MonitorStats:
         return dict(self.__dict__)
 
 
+def _trim_heap() -> None:
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc: nothing to do
+        pass
+
+
 def _boot_id() -> bytes:
     try:
         with open("/proc/sys/kernel/random/boot_id", "rb") as f:
@@ -159,14 +166,17 @@ class Monitor:
         if not self._classify and not (isinstance(force, ProbePlan) or (force and "capture" in force)):
             force = {**(force or {}), "capture": "off"}
         self.plan = choose_plan(caps, force)
+        from busted.ebpf.loader import FlowProgram
+
+        # Compile first: LLVM's peak is the process's peak, so nothing else should be loaded yet;
+        # then hand the compiler's freed heap back to the OS.
+        self._program = FlowProgram(self.plan, ringbuf_bytes=self._ringbuf_bytes,
+                                    max_flows=self._max_flows)
+        _trim_heap()
         if self._classify:
             from busted.enrich import Enricher
 
             self._enricher = Enricher(self._catalog)
-        from busted.ebpf.loader import FlowProgram
-
-        self._program = FlowProgram(self.plan, ringbuf_bytes=self._ringbuf_bytes,
-                                    max_flows=self._max_flows)
         self._stats.plan = self.plan.describe()
         self._program.open_ring(self._on_record)
         self._started = True

@@ -2,6 +2,7 @@
  * the sock:* length tracepoints nor usable syscall tracepoints. Both run in the caller's context;
  * the socket pointer (first argument) is only a key. Compile-tested where kprobes are missing.
  */
+#include <uapi/linux/ptrace.h>  /* PT_REGS_* for kprobe contexts */
 
 static __always_inline void hook_connect_start(u64 sk, struct flow *f) {}
 static __always_inline void hook_passive_established(u64 sk, struct flow *f) {}

@@ -113,17 +113,16 @@ static __always_inline void acc_exit(long ret)
     cur_acc.delete(&tid);
     if (ret < 0 || ua == 0)
         return;
-    struct sockaddr_in6 sa = {};
+    struct bst_sockaddr sa = {};
     if (bpf_probe_read_user(&sa, sizeof(sa), (void *)ua) != 0)
         return;
     struct acc_key k = {};
-    k.family = sa.sin6_family;
-    k.port = __builtin_bswap16(sa.sin6_port);
-    if (sa.sin6_family == AF_INET) {
-        struct sockaddr_in *s4 = (struct sockaddr_in *)&sa;
-        __builtin_memcpy(k.addr, &s4->sin_addr, 4);
-    } else if (sa.sin6_family == AF_INET6) {
-        __builtin_memcpy(k.addr, &sa.sin6_addr, 16);
+    k.family = sa.family;
+    k.port = __builtin_bswap16(sa.port);
+    if (sa.family == BST_AF_INET) {
+        __builtin_memcpy(k.addr, &sa.addr4, 4);
+    } else if (sa.family == BST_AF_INET6) {
+        __builtin_memcpy(k.addr, sa.addr6, 16);
     } else {
         return;
     }

@@ -31,7 +31,7 @@ static __always_inline void count_bytes(u64 sk, int ret, int flags, int is_send)
 /* Hook: a socket send completed (ret = bytes accepted by the socket). */
 int bst_send_len(struct tracepoint__sock__sock_send_length *args)
 {
-    if (args->protocol != IPPROTO_TCP)
+    if (args->protocol != BST_IPPROTO_TCP)
         return 0;
     count_bytes((u64)args->sk, args->ret, args->flags, 1);
     return 0;
@@ -40,7 +40,7 @@ int bst_send_len(struct tracepoint__sock__sock_send_length *args)
 /* Hook: a socket receive completed (ret = bytes copied to the application). */
 int bst_recv_len(struct tracepoint__sock__sock_recv_length *args)
 {
-    if (args->protocol != IPPROTO_TCP)
+    if (args->protocol != BST_IPPROTO_TCP)
         return 0;
     count_bytes((u64)args->sk, args->ret, args->flags, 0);
     return 0;

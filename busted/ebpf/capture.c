@@ -91,7 +91,7 @@ static __always_inline u64 cap_key(u64 fd)
 
 /* Copy len bytes of user memory at ubuf into a record and send it. */
 static __always_inline void cap_emit(u32 type, u64 sk, u32 fd, u64 ubuf, long len, u8 transport,
-                                     struct sockaddr_in6 *peer)
+                                     struct bst_sockaddr *peer)
 {
     u32 zero = 0;
     struct cap_rec *r = cap_scratch.lookup(&zero);
@@ -116,12 +116,12 @@ static __always_inline void cap_emit(u32 type, u64 sk, u32 fd, u64 ubuf, long le
     r->h.family = 0;
     r->h.port = 0;
     if (peer) {
-        r->h.family = peer->sin6_family;
-        r->h.port = __builtin_bswap16(peer->sin6_port);
-        if (peer->sin6_family == AF_INET)
-            __builtin_memcpy(r->h.addr, &((struct sockaddr_in *)peer)->sin_addr, 4);
+        r->h.family = peer->family;
+        r->h.port = __builtin_bswap16(peer->port);
+        if (peer->family == BST_AF_INET)
+            __builtin_memcpy(r->h.addr, &peer->addr4, 4);
         else
-            __builtin_memcpy(r->h.addr, &peer->sin6_addr, 16);
+            __builtin_memcpy(r->h.addr, peer->addr6, 16);
     }
     bpf_get_current_comm(&r->h.comm, sizeof(r->h.comm));
     if (events.ringbuf_output(r, sizeof(struct cap_hdr) + n, 0) != 0)
@@ -163,13 +163,13 @@ int bst_cap_conn_out(struct sys_exit_args *args)
     cap_conn.delete(&tid);
     if (args->ret != 0 && args->ret != -115 /* EINPROGRESS */)
         return 0;
-    struct sockaddr_in6 sa = {};
+    struct bst_sockaddr sa = {};
     if (cc.uaddr == 0 || bpf_probe_read_user(&sa, sizeof(u32), (void *)cc.uaddr) != 0)
         return 0;
-    if (sa.sin6_family != AF_INET && sa.sin6_family != AF_INET6)
+    if (sa.family != BST_AF_INET && sa.family != BST_AF_INET6)
         return 0;
     u64 key = cap_key(cc.fd);
-    if (__builtin_bswap16(sa.sin6_port) == 53) {
+    if (__builtin_bswap16(sa.port) == 53) {
         u8 t = cc.is_tcp ? CAP_DNS_TCP : CAP_DNS_UDP;
         cap_dns_fd.update(&key, &t);
     } else {
@@ -273,10 +273,10 @@ static __always_inline void cap_io_out(long ret)
         return;
     }
     /* Unconnected UDP: keep it only if the answer came from port 53. */
-    struct sockaddr_in6 sa = {};
+    struct bst_sockaddr sa = {};
     if (bpf_probe_read_user(&sa, sizeof(sa), (void *)io.name) != 0)
         return;
-    if ((sa.sin6_family == AF_INET || sa.sin6_family == AF_INET6) && __builtin_bswap16(sa.sin6_port) == 53)
+    if ((sa.family == BST_AF_INET || sa.family == BST_AF_INET6) && __builtin_bswap16(sa.port) == 53)
         cap_emit(REC_DNS, 0, io.fd, buf, ret, CAP_DNS_UDP, &sa);
 }
 

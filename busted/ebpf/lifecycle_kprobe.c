@@ -7,6 +7,7 @@
  * tier (events carry "" and 0), nor is the peer of an accepted flow. Only used where kprobes
  * exist: this VM has none, so the tier is compile- and verifier-tested only.
  */
+#include <uapi/linux/ptrace.h>  /* PT_REGS_* for kprobe contexts */
 
 BPF_HASH(kp_addr, u32, u64, 4096);   /* tid -> user sockaddr pointer in connect()/accept() */
 
@@ -16,15 +17,15 @@ static __always_inline void peer_from_user(struct flow *f)
     u64 *ua = kp_addr.lookup(&tid);
     if (!ua || *ua == 0)
         return;
-    struct sockaddr_in6 sa = {};
+    struct bst_sockaddr sa = {};
     if (bpf_probe_read_user(&sa, sizeof(sa), (void *)*ua) != 0)
         return;
-    f->family = sa.sin6_family;
-    f->dport = __builtin_bswap16(sa.sin6_port);
-    if (sa.sin6_family == AF_INET)
-        __builtin_memcpy(f->daddr, &((struct sockaddr_in *)&sa)->sin_addr, 4);
+    f->family = sa.family;
+    f->dport = __builtin_bswap16(sa.port);
+    if (sa.family == BST_AF_INET)
+        __builtin_memcpy(f->daddr, &sa.addr4, 4);
     else
-        __builtin_memcpy(f->daddr, &sa.sin6_addr, 16);
+        __builtin_memcpy(f->daddr, sa.addr6, 16);
     f->flags |= FL_HAVE_TUPLE;
 }
 

@@ -23,7 +23,7 @@ struct tuple {
         (t)->family = (args)->family;                                                    \
         (t)->sport = (args)->sport;                                                      \
         (t)->dport = (args)->dport;                                                      \
-        if ((t)->family == AF_INET) {                                                    \
+        if ((t)->family == BST_AF_INET) {                                                    \
             bpf_probe_read_kernel((t)->saddr, 4, (args)->saddr);                         \
             bpf_probe_read_kernel((t)->daddr, 4, (args)->daddr);                         \
         } else {                                                                         \
@@ -70,7 +70,7 @@ static __always_inline void flow_end(u64 sk, struct tuple *t)
  * connect() in the caller's context; everything after may run in softirq (any pid). */
 int bst_set_state(struct tracepoint__sock__inet_sock_set_state *args)
 {
-    if (args->protocol != IPPROTO_TCP)
+    if (args->protocol != BST_IPPROTO_TCP)
         return 0;
     u64 sk = (u64)args->skaddr;
     int os = args->oldstate;
