@@ -99,6 +99,17 @@ def build_source(plan: ProbePlan, *, ringbuf_bytes: int = 8 << 20, max_flows: in
     return "\n".join(parts)
 
 
+def headers_available(release: str | None = None, modules: str = "/lib/modules") -> bool:
+    """Whether BCC will find kernel headers: /lib/modules/<release>/build, $BCC_KERNEL_SOURCE, or
+    the kernel's built-in kheaders (CONFIG_IKHEADERS)."""
+    release = release or os.uname().release
+    if os.environ.get("BCC_KERNEL_SOURCE"):
+        return True
+    if os.path.exists(f"{modules}/{release}/build/include") or os.path.exists(f"{modules}/{release}/source/include"):
+        return True
+    return os.path.exists("/sys/kernel/kheaders.tar.xz")
+
+
 def _import_bcc():
     try:
         import bcc
@@ -119,6 +130,8 @@ class FlowProgram:
             if not _has_cap_bpf():
                 raise PermissionDenied(f"euid {os.geteuid()}")
         bcc = _import_bcc()
+        if not headers_available():
+            raise KernelHeadersMissing(os.uname().release)
         t0 = time.monotonic()
         try:
             self.bpf = bcc.BPF(text=self.source.encode())

@@ -70,3 +70,16 @@ def test_record_decoder_maps_v4_mapped_ipv6_to_ipv4():
     assert (r.sent, r.recv, r.pid, r.tid) == (100, 200, 42, 43)
     with pytest.raises(struct.error):
         decode(raw[:50])
+
+
+def test_missing_headers_are_detected_before_compiling(tmp_path, monkeypatch):
+    from busted.ebpf.loader import headers_available
+    from busted.errors import KernelHeadersMissing
+
+    monkeypatch.delenv("BCC_KERNEL_SOURCE", raising=False)
+    assert not headers_available("9.9.9-none", modules=str(tmp_path)) or \
+        __import__("os").path.exists("/sys/kernel/kheaders.tar.xz")
+    (tmp_path / "9.9.9-none" / "build" / "include").mkdir(parents=True)
+    assert headers_available("9.9.9-none", modules=str(tmp_path))
+    msg = str(KernelHeadersMissing("9.9.9-none"))
+    assert "linux-headers-9.9.9-none" in msg and "bootstrap.sh" in msg
