@@ -11,6 +11,7 @@ dict per prefix length (longest first). This runs for every flow.
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import json
 import re
@@ -72,6 +73,21 @@ class ProviderMatch:
     @property
     def id(self) -> str:
         return self.provider.id
+
+
+_MISS = object()
+
+
+@functools.lru_cache(maxsize=4096)
+def _is_local(ip: str) -> bool:
+    """Loopback, private or link-local: where a local model server would listen."""
+    try:
+        addr = ipaddress.ip_address(ip)
+    except ValueError:
+        return False
+    if addr.version == 6 and addr.ipv4_mapped is not None:
+        addr = addr.ipv4_mapped
+    return addr.is_loopback or addr.is_private or addr.is_link_local
 
 
 def _norm(name: str) -> str:
@@ -166,6 +182,7 @@ class Catalog:
             for port in p.ports:
                 self._ports[port] = p
         self._prefixes = sorted(self._nets, reverse=True)
+        self._ip_memo: dict[str, ProviderMatch | None] = {}
 
     # -- matching ----------------------------------------------------------------------------
 
@@ -190,6 +207,16 @@ class Catalog:
     def match_ip(self, ip: str | None) -> ProviderMatch | None:
         if not ip or not self._prefixes:
             return None
+        hit = self._ip_memo.get(ip, _MISS)
+        if hit is not _MISS:
+            return hit
+        res = self._match_ip(ip)
+        if len(self._ip_memo) >= 8192:  # bounded memo: addresses repeat, parsing them does not need to
+            self._ip_memo.clear()
+        self._ip_memo[ip] = res
+        return res
+
+    def _match_ip(self, ip: str) -> ProviderMatch | None:
         try:
             addr = ipaddress.ip_address(ip)
         except ValueError:
@@ -208,14 +235,6 @@ class Catalog:
 
     def match_port(self, ip: str | None, port: int) -> ProviderMatch | None:
         p = self._ports.get(port)
-        if p is None or not ip:
+        if p is None or not ip or not _is_local(ip):
             return None
-        try:
-            addr = ipaddress.ip_address(ip)
-        except ValueError:
-            return None
-        if addr.version == 6 and addr.ipv4_mapped is not None:
-            addr = addr.ipv4_mapped
-        if addr.is_loopback or addr.is_private or addr.is_link_local:
-            return ProviderMatch(p, "port", str(port))
-        return None
+        return ProviderMatch(p, "port", str(port))
