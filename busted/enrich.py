@@ -51,8 +51,26 @@ class Enricher:
         self._framers: _Bounded = _Bounded(max_streams)  # (pid, fd) -> TcpDnsFramer
         self._done: _Bounded = _Bounded(max_streams * 4)  # sk -> True once its hello was answered
         self.parse_errors = 0
+        self._memo: dict[tuple[int | None, str, int], tuple[tuple[int, int], tuple]] = {}
 
     # -- flows -------------------------------------------------------------------------------
+
+    def classify_peer(self, netns: int | None, daddr: str, dport: int,
+                      now: float) -> tuple[str | None, str | None, Evidence, float]:
+        """(hostname, provider, evidence, confidence) for a new flow's peer, memoized: the answer
+        only changes when the name cache gains entries (its insert count) or entries expire (the
+        5-second time bucket; TTLs are clamped to >= 30 s)."""
+        key = (netns, daddr, dport)
+        stamp = (self.cache.stats.inserts, int(now) // 5)
+        hit = self._memo.get(key)
+        if hit is not None and hit[0] == stamp:
+            return hit[1]
+        c = self.classifier.classify(netns, daddr, dport, now=now)
+        res = (c.hostname, c.provider, c.evidence, c.confidence)
+        if len(self._memo) >= 8192:
+            self._memo.clear()
+        self._memo[key] = (stamp, res)
+        return res
 
     def classify_flow(self, ev: FlowEvent, now: float | None = None, sni: str | None = None) -> FlowEvent:
         c = self.classifier.classify(ev.netns, ev.daddr, ev.dport, sni=sni,

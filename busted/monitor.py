@@ -4,10 +4,12 @@
         for ev in m.events():           # or: async for ev in m  /  m.aevents()
             ...
 
-A reader thread drains the BPF ring buffer into a bounded queue, so the kernel side never waits
-on your loop; if your loop falls behind, what the queue cannot hold is counted and reported as an
-``EventsLost(where=USER_QUEUE)`` event. Callbacks registered with ``on()`` run in the consuming
-thread, from ``events()``/``aevents()``/``run()``, never concurrently.
+A reader thread drains the kernel's ring buffer, decodes and enriches each batch (reading /proc
+while short-lived processes still exist) and appends the events to a bounded queue. Only flow
+opens wake it; ends and payload captures wait for its next drain (every ``drain_interval``, 20 ms),
+so bursts cost few wake-ups. Your loop (``events()``, ``aevents()``, ``run()``) takes from the queue. What the kernel
+ring or the queue cannot hold is counted and reported as ``EventsLost`` (never silent). Callbacks
+registered with ``on()`` run in the consuming thread, never concurrently.
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ from busted.events import (
     Direction,
     Event,
     EventsLost,
+    Evidence,
     FlowClassified,
     FlowClosed,
     FlowEvent,
@@ -71,6 +74,18 @@ class MonitorStats:
 
     def to_dict(self) -> dict[str, Any]:
         return dict(self.__dict__)
+
+
+_DIRECTIONS = {1: Direction.CONNECT, 2: Direction.ACCEPT}
+
+
+def _make(cls: type[E], fields: dict[str, Any]) -> E:
+    """Build a frozen event from a dict naming every field, without the dataclass ``__init__``
+    (one ``object.__setattr__`` per field): this runs for every flow. Tests compare the result
+    with a normally constructed instance."""
+    ev = object.__new__(cls)
+    ev.__dict__.update(fields)
+    return ev
 
 
 def _derive(cls: type[E], base: FlowEvent, **changes: Any) -> E:
@@ -120,8 +135,9 @@ class Monitor:
         netns: int | None = None,
         family: int | None = None,
         preexisting: bool = True,
-        queue_size: int = 65536,
-        ringbuf_bytes: int = 8 << 20,
+        queue_size: int | None = None,
+        drain_interval: float = 0.02,
+        ringbuf_bytes: int = 4 << 20,
         max_flows: int = 65536,
         mount_tracefs: bool = False,
         classify: bool = True,
@@ -132,16 +148,20 @@ class Monitor:
                                        netns=netns, family=family)
         self._want_pre = preexisting
         self._queue: collections.deque[Event] = collections.deque()
-        self._queue_size = queue_size
+        # Default: as many events as a full kernel ring holds, so one drain never overflows it.
+        self._queue_size = queue_size if queue_size is not None else max(16384, ringbuf_bytes // 128)
+        self._drain_interval = drain_interval
         self._ringbuf_bytes = ringbuf_bytes
         self._max_flows = max_flows
         self._mount = mount_tracefs
         self._classify = classify
         self._catalog = catalog
         self._enricher: Any = None
-        self._ready = threading.Event()
         self._stop = threading.Event()
+        self._ready = threading.Event()
         self._thread: threading.Thread | None = None
+        self._drain_lock = threading.Lock()
+        self._next_loss_check = 0.0
         self._program: Any = None
         self._closed = False
         self._started = False
@@ -151,7 +171,7 @@ class Monitor:
         self._proc = ProcCache()
         self._salt = int.from_bytes(hashlib.blake2b(_boot_id(), digest_size=8).digest(), "little")
         self._wall_offset = time.time() - time.monotonic()
-        self._stats = MonitorStats(queue_size=queue_size)
+        self._stats = MonitorStats(queue_size=self._queue_size)
         self._kernel_lost: dict[int, int] = {}
         self._user_lost_pending = 0
         self._pending: list[Event] = []
@@ -200,16 +220,18 @@ class Monitor:
         return self
 
     def close(self) -> None:
-        """Stop reading and detach every probe. Idempotent; also runs on ``with`` exit."""
+        """Detach every probe. Idempotent; also runs on ``with`` exit. Safe from another thread:
+        a consumer blocked in ``events()`` returns."""
         if self._closed:
             return
         self._closed = True
         self._stop.set()
         if self._thread is not None and self._thread is not threading.current_thread():
             self._thread.join(timeout=5)
-        if self._program is not None:
-            self._program.close()
-            self._program = None
+        with self._drain_lock:
+            if self._program is not None:
+                self._program.close()
+                self._program = None
         self._ready.set()
 
     def __enter__(self) -> Monitor:
@@ -257,31 +279,34 @@ class Monitor:
         self._dispatch(ev)
         return ev
 
+    def _next(self, timeout: float | None, stop_event: StopEvent | None, idle_since: float) -> Event | None:
+        """The next event, or None when the caller should stop; waits at most ~0.1 s per call."""
+        while True:
+            ev = self._pop()
+            if ev is not None:
+                return ev
+            if self._error is not None:
+                err, self._error = self._error, None
+                raise err
+            if self._closed or (stop_event is not None and stop_event.is_set()):
+                return None
+            left = None if timeout is None else idle_since + timeout - time.monotonic()
+            if left is not None and left <= 0:
+                return None
+            self._ready.clear()
+            if self._queue:
+                continue
+            self._ready.wait(0.1 if left is None else min(0.1, left))
+
     def events(self, timeout: float | None = None, stop_event: StopEvent | None = None) -> Iterator[Event]:
         """Yield events as they come. Ends after ``timeout`` seconds without an event (None: never),
         when ``stop_event.is_set()``, or when the Monitor is closed."""
         if not self._started:
             self.start()
-        while True:
-            ev = self._pop()
-            if ev is not None:
-                yield ev
-                continue
-            if self._error is not None:
-                err, self._error = self._error, None
-                raise err
-            if self._closed or (stop_event is not None and stop_event.is_set()):
-                return
-            self._ready.clear()
-            if self._queue:
-                continue
-            wait = 0.1 if timeout is None else min(0.1, timeout)
-            deadline = None if timeout is None else time.monotonic() + timeout
-            while not self._ready.wait(wait):
-                if self._closed or (stop_event is not None and stop_event.is_set()):
-                    return
-                if deadline is not None and time.monotonic() >= deadline:
-                    return
+        idle_since = time.monotonic()
+        while (ev := self._next(timeout, stop_event, idle_since)) is not None:
+            yield ev
+            idle_since = time.monotonic()
 
     def run(self, timeout: float | None = None, stop_event: StopEvent | None = None) -> None:
         """Consume events only to feed ``on()`` callbacks, until timeout/stop/close."""
@@ -290,27 +315,25 @@ class Monitor:
 
     async def aevents(self, timeout: float | None = None,
                       stop_event: StopEvent | None = None) -> AsyncIterator[Event]:
-        """Async twin of ``events()``; waiting happens in a worker thread, never in the loop."""
+        """Async twin of ``events()``: waiting happens in a worker thread, never in the loop."""
         if not self._started:
             self.start()
         loop = asyncio.get_running_loop()
         idle_since = time.monotonic()
         while True:
             ev = self._pop()
+            if ev is None:
+                # _next waits at most ~0.1 s, so cancellation is noticed promptly
+                ev = await loop.run_in_executor(None, self._next, min(timeout, 0.1) if timeout is not None
+                                                else 0.1, stop_event, time.monotonic())
             if ev is not None:
-                idle_since = time.monotonic()
                 yield ev
+                idle_since = time.monotonic()
                 continue
-            if self._error is not None:
-                err, self._error = self._error, None
-                raise err
             if self._closed or (stop_event is not None and stop_event.is_set()):
                 return
             if timeout is not None and time.monotonic() - idle_since >= timeout:
                 return
-            self._ready.clear()
-            if not self._queue:
-                await loop.run_in_executor(None, self._ready.wait, 0.1)
 
     def __aiter__(self) -> AsyncIterator[Event]:
         return self.aevents()
@@ -328,23 +351,34 @@ class Monitor:
     # -- producing (reader thread) -----------------------------------------------------------
 
     def _reader(self) -> None:
-        prog = self._program
-        next_loss_check = 0.0
         try:
+            ms = max(1, int(self._drain_interval * 1000))
             while not self._stop.is_set():
-                prog.poll(100)
-                self._flush_pending()
-                now = time.monotonic()
-                if now >= next_loss_check:
-                    self._check_kernel_losses()
-                    next_loss_check = now + 0.5
-            prog.consume()
-            self._flush_pending()
-            self._check_kernel_losses()
+                self._drain(ms)
+            self._drain(0)
         except BaseException as exc:  # surfaced to the consumer, never swallowed
             self._error = exc
         finally:
             self._ready.set()
+
+    def _drain(self, wait_ms: int) -> None:
+        """Wait up to ``wait_ms`` for a flow open (the only records that wake us), then read all
+        the kernel submitted and queue the events."""
+        prog = self._program
+        if prog is None:
+            return
+        if wait_ms:
+            prog.poll(wait_ms)  # consumes too when woken
+        with self._drain_lock:
+            prog = self._program
+            if prog is None:
+                return
+            prog.consume()
+            now = time.monotonic()
+            if now >= self._next_loss_check:
+                self._next_loss_check = now + 0.5
+                self._check_kernel_losses()
+            self._flush_pending()
 
     def _on_record(self, _ctx: int, data: int, size: int) -> int:
         # Called by BCC through ctypes: an exception here would only be printed, so keep it.
@@ -362,7 +396,7 @@ class Monitor:
         except Exception as exc:
             self._error = exc
             self._stop.set()
-            return -1  # stops ring_buffer_poll
+            return -1  # stops ring_buffer_consume; the consumer raises the error
         return 0
 
     def _on_capture(self, raw: bytes) -> int:
@@ -450,30 +484,23 @@ class Monitor:
 
     def _opened(self, rec: FlowRecord, *, preexisting: bool = False) -> FlowEvent:
         info = self._proc.get(rec.pid) if rec.flags & FL.ATTRIBUTED else None
-        ev = FlowOpened(
-            ts_ns=rec.open_ns or rec.ts_ns,
-            wall_time=self._wall(rec.open_ns or rec.ts_ns),
-            flow_id=self._flow_id(rec.sk, rec.open_ns),
-            direction=Direction(rec.direction) if rec.direction in (1, 2) else Direction.UNKNOWN,
-            pid=rec.pid,
-            tid=rec.tid,
-            uid=rec.uid,
-            comm=rec.comm,
-            ppid=info.ppid if info else None,
-            exe=info.exe if info else None,
-            cmdline=info.cmdline if info else None,
-            cgroup_id=rec.cgroup,
-            netns=info.netns if info else None,
-            family=rec.family,
-            saddr=rec.saddr,
-            sport=rec.sport,
-            daddr=rec.daddr,
-            dport=rec.dport,
-            preexisting=preexisting,
-        )
+        ts = rec.open_ns or rec.ts_ns
+        wall = self._wall(ts)
+        netns = info.netns if info else None
         if self._enricher is not None:
-            ev = self._enricher.classify_flow(ev)
-        return ev
+            hostname, provider, evidence, confidence = self._enricher.classify_peer(netns, rec.daddr, rec.dport, wall)
+        else:
+            hostname, provider, evidence, confidence = None, None, Evidence.UNKNOWN, 0.0
+        return _make(FlowOpened, {
+            "ts_ns": ts, "wall_time": wall, "flow_id": self._flow_id(rec.sk, rec.open_ns),
+            "direction": _DIRECTIONS.get(rec.direction, Direction.UNKNOWN),
+            "pid": rec.pid, "tid": rec.tid, "uid": rec.uid, "comm": rec.comm,
+            "ppid": info.ppid if info else None, "exe": info.exe if info else None,
+            "cmdline": info.cmdline if info else None, "cgroup_id": rec.cgroup, "netns": netns,
+            "family": rec.family, "saddr": rec.saddr, "sport": rec.sport, "daddr": rec.daddr, "dport": rec.dport,
+            "preexisting": preexisting, "hostname": hostname, "provider": provider, "evidence": evidence,
+            "confidence": confidence,
+        })
 
     def _closed_from(self, opened: FlowEvent, rec: FlowRecord) -> FlowClosed:
         # Same identity as the open (or latest classification), new time and counts. Built by

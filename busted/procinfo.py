@@ -8,6 +8,7 @@ BPF captured and gets ``None`` for the rest.
 from __future__ import annotations
 
 import os
+import time
 from typing import NamedTuple
 
 from cachetools import TTLCache
@@ -71,14 +72,28 @@ class ProcCache:
         self._cache: TTLCache[int, ProcInfo] = TTLCache(maxsize=maxsize, ttl=ttl)
         self._root = root
         self.reads = 0
+        # A few busy pids account for most flows: a plain dict in front of the TTLCache (whose
+        # timer bookkeeping costs more than the lookup), cleared every second.
+        self._hot: dict[int, ProcInfo] = {}
+        self._hot_until = 0.0
 
     def get(self, pid: int) -> ProcInfo:
         if pid <= 0:
             return _MISSING
+        info = self._hot.get(pid)
+        if info is not None:
+            if time.monotonic() < self._hot_until:
+                return info
+            self._hot.clear()
+            self._hot_until = time.monotonic() + 1.0
         info = self._cache.get(pid)
         if info is None:
             self.reads += 1
             info = read_proc(pid, self._root)
             if info.exe is not None or info.ppid is not None:
                 self._cache[pid] = info
+        if info.exe is not None or info.ppid is not None:
+            if len(self._hot) >= 256:
+                self._hot.clear()
+            self._hot[pid] = info
         return info

@@ -7,8 +7,9 @@
  *                  TLS handshake record (0x16), continued over up to CAP_WRITES writes so a hello
  *                  split across writes (post-quantum key shares make them ~1.5-2 KB) is whole.
  *
- * Syscall tracepoints run in the caller's context, so the pid is the asking process. Buffers are
- * read at the syscall's exit, where the return value says how many bytes are valid. Only user
+ * Syscall tracepoints run in the caller's context, so the pid is the asking process. Answers are
+ * read at the syscall's exit, where the return value says how many bytes are valid; writes at
+ * entry, from the buffer about to be sent. Only user
  * memory and the user ABI layouts of sockaddr/iovec/msghdr are read (R0).
  */
 
@@ -62,7 +63,7 @@ struct cap_io {
     u64 iov;         /* readv/writev/recvmsg/sendmsg: user iovec array (first entry is read) */
     u64 name;        /* recvfrom/recvmsg: where the kernel writes the source address */
     u32 fd;
-    u32 kind;        /* 1 = TLS write on a new connection, 2 = DNS read */
+    u32 kind;        /* 2 = DNS read (the only kind left for exit-time capture) */
 };
 
 /* User ABI layouts (they are what user space passes; stable by definition). */
@@ -124,7 +125,7 @@ static __always_inline void cap_emit(u32 type, u64 sk, u32 fd, u64 ubuf, long le
             __builtin_memcpy(r->h.addr, peer->addr6, 16);
     }
     bpf_get_current_comm(&r->h.comm, sizeof(r->h.comm));
-    if (events.ringbuf_output(r, sizeof(struct cap_hdr) + n, 0) != 0)
+    if (events.ringbuf_output(r, sizeof(struct cap_hdr) + n, BPF_RB_NO_WAKEUP) != 0)
         count_loss(LOSS_RING);
 }
 
@@ -192,18 +193,40 @@ int bst_cap_close(struct sys_enter_args *args)
     return 0;
 }
 
-static __always_inline void cap_write_in(u64 fd, u64 buf, u64 iov)
+/* A write on a new connection: captured at syscall entry, from the buffer being written (its
+ * length is what the caller asked to write; the first write on a fresh socket is sent whole).
+ * Capturing at entry spares an exit hook on every write of every process. */
+static __always_inline void cap_write_in(u64 fd, u64 buf, u64 iov, u64 len)
 {
     u64 key = cap_key(fd);
-    if (!cap_tls_fd.lookup(&key))
+    struct cap_tls *t = cap_tls_fd.lookup(&key);
+    if (!t)
         return;
-    u32 tid = (u32)bpf_get_current_pid_tgid();
-    struct cap_io io = {};
-    io.buf = buf;
-    io.iov = iov;
-    io.fd = (u32)fd;
-    io.kind = 1;
-    cap_io_ctx.update(&tid, &io);
+    if (!buf && iov) {
+        struct bst_iovec v = {};
+        if (bpf_probe_read_user(&v, sizeof(v), (void *)iov) != 0)
+            return;
+        buf = v.base;
+        len = v.len;
+    }
+    if (!buf || len == 0)
+        return;
+    u32 whole = 0;
+    if (t->writes == 0) {
+        u8 h[5] = {};
+        bpf_probe_read_user(h, sizeof(h), (void *)buf);
+        if (h[0] != 0x16) {  /* not a TLS handshake record: nothing to classify here */
+            cap_tls_fd.delete(&key);
+            return;
+        }
+        /* The first record is whole in this write: the hello is complete, stop after it. */
+        whole = len >= 5 + (((u32)h[3] << 8) | h[4]);
+    }
+    cap_emit(REC_TLS, t->sk, (u32)fd, buf, (long)(len > CAP_MAX ? CAP_MAX : len), 0, 0);
+    t->writes += 1;
+    t->bytes += len;
+    if (whole || t->writes >= CAP_WRITES || t->bytes >= CAP_TOTAL)
+        cap_tls_fd.delete(&key);
 }
 
 static __always_inline void cap_read_in(u64 fd, u64 buf, u64 iov, u64 name)
@@ -244,29 +267,6 @@ static __always_inline void cap_io_out(long ret)
         return;
     u64 key = cap_key(io.fd);
 
-    if (io.kind == 1) {
-        struct cap_tls *t = cap_tls_fd.lookup(&key);
-        if (!t)
-            return;
-        u32 whole = 0;
-        if (t->writes == 0) {
-            u8 h[5] = {};
-            bpf_probe_read_user(h, sizeof(h), (void *)buf);
-            if (h[0] != 0x16) {  /* not a TLS handshake record: nothing to classify here */
-                cap_tls_fd.delete(&key);
-                return;
-            }
-            /* The first record is whole in this write: the hello is complete, stop after it. */
-            whole = ret >= 5 + (((u32)h[3] << 8) | h[4]);
-        }
-        cap_emit(REC_TLS, t->sk, io.fd, buf, ret, 0, 0);
-        t->writes += 1;
-        t->bytes += ret;
-        if (whole || t->writes >= CAP_WRITES || t->bytes >= CAP_TOTAL)
-            cap_tls_fd.delete(&key);
-        return;
-    }
-
     u8 *kind = cap_dns_fd.lookup(&key);
     if (kind) {
         cap_emit(REC_DNS, 0, io.fd, buf, ret, *kind, 0);
@@ -297,17 +297,17 @@ static __always_inline u64 msg_name(u64 umsg)
 }
 
 /* Hooks: writes on new TCP connections (ClientHello) and reads on DNS sockets (answers). */
-int bst_cap_write_in(struct sys_enter_args *a) { cap_write_in(a->arg[0], a->arg[1], 0); return 0; }
-int bst_cap_writev_in(struct sys_enter_args *a) { cap_write_in(a->arg[0], 0, a->arg[1]); return 0; }
-int bst_cap_sendto_in(struct sys_enter_args *a) { cap_write_in(a->arg[0], a->arg[1], 0); return 0; }
-int bst_cap_sendmsg_in(struct sys_enter_args *a) { cap_write_in(a->arg[0], 0, msg_iov(a->arg[1])); return 0; }
+int bst_cap_write_in(struct sys_enter_args *a) { cap_write_in(a->arg[0], a->arg[1], 0, a->arg[2]); return 0; }
+int bst_cap_writev_in(struct sys_enter_args *a) { cap_write_in(a->arg[0], 0, a->arg[1], 0); return 0; }
+int bst_cap_sendto_in(struct sys_enter_args *a) { cap_write_in(a->arg[0], a->arg[1], 0, a->arg[2]); return 0; }
+int bst_cap_sendmsg_in(struct sys_enter_args *a) { cap_write_in(a->arg[0], 0, msg_iov(a->arg[1]), 0); return 0; }
 int bst_cap_read_in(struct sys_enter_args *a) { cap_read_in(a->arg[0], a->arg[1], 0, 0); return 0; }
 int bst_cap_readv_in(struct sys_enter_args *a) { cap_read_in(a->arg[0], 0, a->arg[1], 0); return 0; }
 int bst_cap_recvfrom_in(struct sys_enter_args *a) { cap_read_in(a->arg[0], a->arg[1], 0, a->arg[4]); return 0; }
 int bst_cap_recvmsg_in(struct sys_enter_args *a) { u64 m = a->arg[1]; cap_read_in(a->arg[0], 0, msg_iov(m), msg_name(m)); return 0; }
 
-/* Hook: the exit of all eight syscalls above (one program attached eight times: the exit record
- * layout is the same and the per-thread context says what the call was). */
+/* Hook: the exit of the four reading syscalls above (one program attached four times: the exit
+ * record layout is the same and the per-thread context says what the call was). */
 int bst_cap_out(struct sys_exit_args *a)
 {
     cap_io_out(a->ret);

@@ -113,6 +113,11 @@ struct sys_exit_args {
     s64 ret;
 };
 
+/* Most records are submitted without waking the reader: it drains the ring on a short timer
+ * (Monitor's drain_interval), so a burst costs one wake-up, not one per record. */
+#ifndef BPF_RB_NO_WAKEUP
+#define BPF_RB_NO_WAKEUP 1
+#endif
 BPF_RINGBUF_OUTPUT(events, RINGBUF_PAGES);
 BPF_HASH(flows, u64, struct flow, MAX_FLOWS);
 BPF_PERCPU_ARRAY(losses, u64, 4);
@@ -163,7 +168,9 @@ static __always_inline void emit(u32 type, u64 sk, struct flow *f)
     __builtin_memcpy(r->saddr, f->saddr, 16);
     __builtin_memcpy(r->daddr, f->daddr, 16);
     __builtin_memcpy(r->comm, f->comm, 16);
-    events.ringbuf_submit(r, 0);
+    /* Opens wake the reader (it reads /proc while short-lived processes still exist); ends and
+     * payload captures wait for its next timed drain. */
+    events.ringbuf_submit(r, type == REC_OPEN ? 0 : BPF_RB_NO_WAKEUP);
 }
 
 /* Insert a new flow; a full map is a counted loss, never silent. */

@@ -58,10 +58,9 @@ _CAPTURE_ATTACH = [
     ("syscalls:sys_exit_connect", "bst_cap_conn_out"),
     ("syscalls:sys_enter_close", "bst_cap_close"),
 ] + [
-    (f"syscalls:sys_{d}_{n}", f"bst_cap_{n}_in" if d == "enter" else "bst_cap_out")
+    (f"syscalls:sys_enter_{n}", f"bst_cap_{n}_in")
     for n in ("write", "writev", "sendto", "sendmsg", "read", "readv", "recvfrom", "recvmsg")
-    for d in ("enter", "exit")
-]
+] + [(f"syscalls:sys_exit_{n}", "bst_cap_out") for n in ("read", "readv", "recvfrom", "recvmsg")]
 _KP_ATTACH = {
     ("lifecycle", "kprobe"): [
         ("kprobe", "tcp_connect", "bst_kp_connect"),

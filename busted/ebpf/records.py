@@ -54,7 +54,21 @@ class FlowRecord(NamedTuple):
     comm: str
 
 
+_ADDR_MEMO: dict[tuple[int, bytes], tuple[int, str]] = {}
+
+
 def _addr(family: int, raw: bytes) -> tuple[int, str]:
+    """(4|6|0, text) for a 16-byte address field; memoized (bounded): peers repeat."""
+    key = (family, raw)
+    hit = _ADDR_MEMO.get(key)
+    if hit is None:
+        if len(_ADDR_MEMO) >= 4096:
+            _ADDR_MEMO.clear()
+        hit = _ADDR_MEMO[key] = _addr_text(family, raw)
+    return hit
+
+
+def _addr_text(family: int, raw: bytes) -> tuple[int, str]:
     if family == _AF_INET:
         return 4, socket.inet_ntop(_AF_INET, raw[:4])
     if family == socket.AF_INET6:

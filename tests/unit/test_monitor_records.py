@@ -135,3 +135,16 @@ def test_filters_drop_but_count(mon):
     m._program = FakeProgram()
     feed(m, rec(REC_OPEN, A, 0xF))
     assert drain(m) == [] and m.stats().filtered == 1
+
+
+def test_fast_constructed_events_equal_normal_ones(mon):
+    from busted.events import FlowEvent
+
+    feed(mon, rec(REC_OPEN, A, 0xC1))
+    feed(mon, rec(REC_CLOSE, A, 0xC1, ts=9_000, sent=5, recv=6))
+    o, c = drain(mon)
+    fields = {f: getattr(o, f) for f in FlowEvent.__dataclass_fields__ if f != "kind"}
+    assert o == FlowOpened(**fields) and hash(o) == hash(FlowOpened(**fields))
+    assert c == FlowClosed(**{**fields, "ts_ns": 9_000, "wall_time": c.wall_time, "bytes_sent": 5,
+                              "bytes_received": 6, "duration_ns": 8_000})
+    assert repr(o).startswith("FlowOpened(") and o.to_dict()["kind"] == "flow_opened"

@@ -1,0 +1,50 @@
+"""A busted Monitor consuming events until SIGTERM/SIGINT, then a JSON summary on stdout.
+
+    python bench/busted_consumer.py [--no-classify]
+Prints "READY <startup_s>" once the probes are attached. BUSTED_PROFILE=FILE dumps cProfile stats.
+"""
+
+import json
+import os
+import resource
+import signal
+import sys
+import threading
+import time
+
+t_spawn = time.monotonic()
+import busted  # noqa: E402
+from busted import EventsLost  # noqa: E402
+
+stop = threading.Event()
+signal.signal(signal.SIGTERM, lambda *a: stop.set())
+signal.signal(signal.SIGINT, lambda *a: stop.set())
+
+prof = None
+if os.environ.get("BUSTED_PROFILE"):
+    import cProfile
+
+    prof = cProfile.Profile()
+
+classify = "--no-classify" not in sys.argv
+mon = busted.Monitor(classify=classify).start()
+print("READY", round(time.monotonic() - t_spawn, 3), flush=True)
+events = lost = 0
+t0 = time.monotonic()
+if prof:
+    prof.enable()
+for ev in mon.events(stop_event=stop):
+    events += 1
+    if isinstance(ev, EventsLost):
+        lost += ev.count
+if prof:
+    prof.disable()
+    prof.dump_stats(os.environ["BUSTED_PROFILE"])
+elapsed = time.monotonic() - t0
+st = mon.stats()
+mon.close()
+print(json.dumps({
+    "events": events, "lost_events": lost, "lost_stats": sum(st.lost.values()), "lost_by_place": st.lost,
+    "startup_s": st.startup_s, "events_per_s": events / elapsed if elapsed else 0,
+    "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "records": st.records,
+}), flush=True)
