@@ -29,12 +29,8 @@ static __always_inline void kp_io_exit(struct pt_regs *ctx, int is_send)
     if (ret <= 0)
         return;
     struct flow *f = flows.lookup(&sk);
-    if (!f)
-        return;
-    if (is_send)
-        __sync_fetch_and_add(&f->sent, ret);
-    else
-        __sync_fetch_and_add(&f->recv, ret);
+    if (f)
+        flow_count(f, ret, is_send);
 }
 
 int bst_kp_send_in(struct pt_regs *ctx) { kp_io_enter(ctx); return 0; }

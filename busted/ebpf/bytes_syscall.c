@@ -201,12 +201,8 @@ static __always_inline void io_exit(long ret)
     if (ret <= 0)
         return;
     struct flow *f = flows.lookup(&sk);
-    if (!f)
-        return;
-    if (is_send)
-        __sync_fetch_and_add(&f->sent, ret);
-    else
-        __sync_fetch_and_add(&f->recv, ret);
+    if (f)
+        flow_count(f, ret, is_send);
 }
 
 /* Hooks: the eight byte-moving socket syscalls, entry (which fd, is it ours?) and exit (how many

@@ -22,10 +22,7 @@ static __always_inline void count_bytes(u64 sk, int ret, int flags, int is_send)
             return;
     }
     flow_attribute_and_open(sk, f);
-    if (is_send)
-        __sync_fetch_and_add(&f->sent, ret);
-    else
-        __sync_fetch_and_add(&f->recv, ret);
+    flow_count(f, ret, is_send);
 }
 
 /* Hook: a socket send completed (ret = bytes accepted by the socket). */

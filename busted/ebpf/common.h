@@ -194,6 +194,15 @@ static __always_inline struct flow *flow_midstream(u64 sk)
     return flow_insert(sk, &init);
 }
 
+/* Count a completed send/receive on a flow (every bytes tier ends here). */
+static __always_inline void flow_count(struct flow *f, long n, int is_send)
+{
+    if (is_send)
+        __sync_fetch_and_add(&f->sent, n);
+    else
+        __sync_fetch_and_add(&f->recv, n);
+}
+
 /* Attribute an accepted flow in process context and announce it (once). */
 static __always_inline void flow_attribute_and_open(u64 sk, struct flow *f)
 {

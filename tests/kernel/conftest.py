@@ -13,6 +13,15 @@ def _root(root_required):
     return None
 
 
+@pytest.fixture(scope="module")
+def lab():
+    """A network lab (namespaces, lab DNS, fake providers) shared by a test module."""
+    from busted.lab import Lab
+
+    with Lab() as lab:
+        yield lab
+
+
 class Peer:
     """A peers.py child process; ``port`` is known once it listens."""
 

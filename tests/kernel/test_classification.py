@@ -13,14 +13,6 @@ from busted.classify import Catalog, Provider
 PY = sys.executable
 
 
-@pytest.fixture(scope="module")
-def lab():
-    from busted.lab import Lab
-
-    with Lab() as lab:
-        yield lab
-
-
 def run(lab, mon, argv, *, stdin=None, want_close=True, timeout=15):
     """Run a real client in the lab's client namespace; return (pid, its events)."""
     import subprocess

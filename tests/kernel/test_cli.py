@@ -10,8 +10,6 @@ import subprocess
 import sys
 import time
 
-import pytest
-
 from busted.cli import main
 
 BUSTED = [sys.executable, "-m", "busted.cli"]
@@ -75,14 +73,6 @@ class Pty:
         self.read_until(rb"(?!x)x", 0.5)
         os.close(self.master)
         return self.buf.decode("utf-8", "replace")
-
-
-@pytest.fixture(scope="module")
-def lab():
-    from busted.lab import Lab
-
-    with Lab() as lab:
-        yield lab
 
 
 def _curl(lab, host="api.openai.com"):

@@ -8,19 +8,9 @@ import threading
 import time
 import urllib.request
 
-import pytest
-
 import busted
 from busted import FlowClosed, FlowEvent
 from busted.sinks import Store
-
-
-@pytest.fixture(scope="module")
-def lab():
-    from busted.lab import Lab
-
-    with Lab() as lab:
-        yield lab
 
 
 def _curl(lab, host="api.openai.com"):
