@@ -7,8 +7,9 @@
 A reader thread drains the kernel's ring buffer, decodes and enriches each batch (reading /proc
 while short-lived processes still exist) and appends the events to a bounded queue. Only flow
 opens wake it; ends and payload captures wait for its next drain (every ``drain_interval``, 20 ms),
-so bursts cost few wake-ups. Your loop (``events()``, ``aevents()``, ``run()``) takes from the queue. What the kernel
-ring or the queue cannot hold is counted and reported as ``EventsLost`` (never silent). Callbacks
+so bursts cost few wake-ups. Your loop (``events()``, ``aevents()``, ``run()``) takes from the
+queue. When the queue is full the reader stops draining and the kernel ring buffers; what the
+ring cannot hold is counted and reported as ``EventsLost`` (never silent). Callbacks
 registered with ``on()`` run in the consuming thread, never concurrently.
 """
 
@@ -135,7 +136,7 @@ class Monitor:
         netns: int | None = None,
         family: int | None = None,
         preexisting: bool = True,
-        queue_size: int | None = None,
+        queue_size: int = 16384,
         drain_interval: float = 0.02,
         ringbuf_bytes: int = 4 << 20,
         max_flows: int = 65536,
@@ -148,8 +149,7 @@ class Monitor:
                                        netns=netns, family=family)
         self._want_pre = preexisting
         self._queue: collections.deque[Event] = collections.deque()
-        # Default: as many events as a full kernel ring holds, so one drain never overflows it.
-        self._queue_size = queue_size if queue_size is not None else max(16384, ringbuf_bytes // 128)
+        self._queue_size = queue_size
         self._drain_interval = drain_interval
         self._ringbuf_bytes = ringbuf_bytes
         self._max_flows = max_flows
@@ -353,7 +353,13 @@ class Monitor:
     def _reader(self) -> None:
         try:
             ms = max(1, int(self._drain_interval * 1000))
+            half = self._queue_size // 2
             while not self._stop.is_set():
+                if len(self._queue) > half:
+                    # Back-pressure: let the consumer catch up (the GIL is shared) while the
+                    # kernel ring keeps buffering; dropping decoded events would be a waste.
+                    self._stop.wait(self._drain_interval)
+                    continue
                 self._drain(ms)
             self._drain(0)
         except BaseException as exc:  # surfaced to the consumer, never swallowed
@@ -385,7 +391,8 @@ class Monitor:
         raw = ctypes.string_at(data, size)
         try:
             if raw[0] >= REC_DNS:
-                return self._on_capture(raw)
+                self._on_capture(raw)
+                return self._room_left()
             rec = decode(raw)
         except Exception:
             self._count_loss(LossPlace.PARSE, 1, "short kernel record")
@@ -397,7 +404,12 @@ class Monitor:
             self._error = exc
             self._stop.set()
             return -1  # stops ring_buffer_consume; the consumer raises the error
-        return 0
+        return self._room_left()
+
+    def _room_left(self) -> int:
+        """0 to go on; -1 stops this drain (libbpf leaves the rest in the kernel ring) when the
+        queue could not take more: the ring is the buffer, decoded events are never dropped."""
+        return -1 if len(self._pending) + len(self._queue) >= self._queue_size else 0
 
     def _on_capture(self, raw: bytes) -> int:
         self._stats.records += 1

@@ -41,7 +41,7 @@ class FakeProgram:
 
 def feed(mon, raw):
     buf = ctypes.create_string_buffer(raw, len(raw))
-    assert mon._on_record(None, ctypes.addressof(buf), len(raw)) == 0
+    assert mon._on_record(None, ctypes.addressof(buf), len(raw)) in (0, -1)  # -1: queue full, stop draining
 
 
 @pytest.fixture
@@ -113,6 +113,15 @@ def test_queue_overflow_is_counted_and_reported(mon):
     got = drain(mon)
     lost = [e for e in got if isinstance(e, EventsLost)]
     assert lost and lost[0].where == LossPlace.USER_QUEUE and lost[0].count == 12
+
+
+def test_a_full_queue_stops_the_drain_instead_of_dropping(mon):
+    bufs = [rec(REC_OPEN, A, 0x300 + i) for i in range(10)]
+    rets = []
+    for raw in bufs:
+        b = ctypes.create_string_buffer(raw, len(raw))
+        rets.append(mon._on_record(None, ctypes.addressof(b), len(raw)))
+    assert rets[:7] == [0] * 7 and rets[7] == -1  # the 8th fills the queue of 8: libbpf stops there
 
 
 def test_kernel_losses_become_events(mon):
