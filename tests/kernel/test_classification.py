@@ -150,3 +150,27 @@ def test_local_server_by_name_still_matched_by_port(lab, mon):
     pid, evs = run(lab, mon, ["curl", "-s", "-m", "5", "http://ollama.lab.test:11434/api/tags"])
     c = final_flow(evs, dport=11434)
     assert (c.hostname, c.provider, c.evidence) == ("ollama.lab.test", "ollama", Evidence.PORT)
+
+
+@pytest.mark.parametrize("argv,transport", [
+    (["dig", "+short", "api.mistral.ai"], "udp"),
+    (["dig", "+tcp", "+short", "x.openai.azure.com"], "tcp"),
+    (["host", "-t", "A", "api.openai.com"], "udp"),
+])
+def test_dns_answers_from_other_resolvers(lab, mon, argv, transport):
+    """Whatever the resolver (bind's dig/host here, glibc and Python elsewhere), UDP or TCP/53."""
+    pid, evs = run(lab, mon, argv, want_close=False)
+    answers = [e for e in evs if isinstance(e, DnsAnswer)]
+    assert answers, evs
+    qname = next(a for a in argv if "." in a)
+    a = [x for x in answers if x.qname == qname][0]
+    assert a.transport == transport and a.pid == pid and a.rcode in ("NOERROR", "NXDOMAIN")
+
+
+def test_dns_answer_from_a_direct_dnspython_query(lab, mon):
+    code = ("import dns.message, dns.query; q = dns.message.make_query('api.anthropic.com', 'A');"
+            f"dns.query.udp(q, '{lab.dns_addr}', timeout=3)")
+    pid, evs = run(lab, mon, [PY, "-c", code], want_close=False)
+    a = [e for e in evs if isinstance(e, DnsAnswer)]
+    assert a and a[0].qname == "api.anthropic.com" and a[0].server == lab.dns_addr
+    assert set(a[0].addresses) & set(lab.hosts["api.anthropic.com"].addresses)
