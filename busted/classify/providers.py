@@ -78,16 +78,22 @@ class ProviderMatch:
 _MISS = object()
 
 
-@functools.lru_cache(maxsize=4096)
-def _is_local(ip: str) -> bool:
-    """Loopback, private or link-local: where a local model server would listen."""
+def _parse_ip(ip: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
+    """The address, with v4-mapped IPv6 (::ffff:a.b.c.d) as IPv4; None if it is not one."""
     try:
         addr = ipaddress.ip_address(ip)
     except ValueError:
-        return False
+        return None
     if addr.version == 6 and addr.ipv4_mapped is not None:
-        addr = addr.ipv4_mapped
-    return addr.is_loopback or addr.is_private or addr.is_link_local
+        return addr.ipv4_mapped
+    return addr
+
+
+@functools.lru_cache(maxsize=4096)
+def _is_local(ip: str) -> bool:
+    """Loopback, private or link-local: where a local model server would listen."""
+    addr = _parse_ip(ip)
+    return addr is not None and (addr.is_loopback or addr.is_private or addr.is_link_local)
 
 
 def _norm(name: str) -> str:
@@ -217,12 +223,9 @@ class Catalog:
         return res
 
     def _match_ip(self, ip: str) -> ProviderMatch | None:
-        try:
-            addr = ipaddress.ip_address(ip)
-        except ValueError:
+        addr = _parse_ip(ip)
+        if addr is None:
             return None
-        if addr.version == 6 and addr.ipv4_mapped is not None:
-            addr = addr.ipv4_mapped
         value, bits = int(addr), (32 if addr.version == 4 else 128)
         for key in self._prefixes:
             plen = key if key < 1000 else key - 1000
