@@ -20,6 +20,7 @@ import collections
 import ctypes
 import dataclasses
 import hashlib
+import os
 import threading
 import time
 from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Mapping
@@ -29,7 +30,7 @@ from typing import Any, Protocol, TypeVar
 from busted.ebpf.plan import ProbePlan, choose_plan
 from busted.ebpf.probe import Capabilities, mount_tracefs, probe
 from busted.ebpf.records import FL, REC_CLOSE, REC_DNS, REC_OPEN, FlowRecord, decode, decode_capture
-from busted.errors import MonitorClosed, TracefsNotMounted
+from busted.errors import MonitorClosed, PermissionDenied, TracefsNotMounted
 from busted.events import (
     Direction,
     Event,
@@ -189,6 +190,8 @@ class Monitor:
             return self
         t0 = time.monotonic()
         caps = probe()
+        if not caps.privileged:  # checked first: unprivileged users cannot even see tracefs
+            raise PermissionDenied(f"euid {os.geteuid()}")
         if caps.tracefs is None:
             if not self._mount or mount_tracefs() is None:
                 raise TracefsNotMounted()
