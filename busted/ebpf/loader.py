@@ -123,11 +123,10 @@ class FlowProgram:
     def __init__(self, plan: ProbePlan, *, ringbuf_bytes: int = 8 << 20, max_flows: int = 65536) -> None:
         self.plan = plan
         self.source = build_source(plan, ringbuf_bytes=ringbuf_bytes, max_flows=max_flows)
-        if os.geteuid() != 0:
-            from busted.ebpf.probe import _has_cap_bpf
+        from busted.ebpf.probe import _has_cap_bpf
 
-            if not _has_cap_bpf():
-                raise PermissionDenied(f"euid {os.geteuid()}")
+        if not _has_cap_bpf():
+            raise PermissionDenied(f"euid {os.geteuid()}, no CAP_BPF+CAP_PERFMON")
         bcc = _import_bcc()
         if not headers_available():
             raise KernelHeadersMissing(os.uname().release)

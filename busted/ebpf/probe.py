@@ -103,17 +103,17 @@ def _bcc_version() -> str | None:
 
 
 def _has_cap_bpf() -> bool:
-    if os.geteuid() == 0:
-        return True
+    """Effective capabilities allow loading tracing BPF: CAP_BPF + CAP_PERFMON, or CAP_SYS_ADMIN
+    (kernels before 5.8). Checked from CapEff, not the uid: root without capabilities cannot."""
     try:
         with open("/proc/self/status") as f:
             for line in f:
                 if line.startswith("CapEff:"):
                     eff = int(line.split()[1], 16)
-                    return bool(eff & (1 << 39)) and bool(eff & (1 << 38))  # CAP_BPF, CAP_PERFMON
+                    return bool(eff & (1 << 21)) or (bool(eff & (1 << 39)) and bool(eff & (1 << 38)))
     except OSError:
         pass
-    return False
+    return os.geteuid() == 0
 
 
 @dataclass(frozen=True)
