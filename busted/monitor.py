@@ -412,7 +412,9 @@ class Monitor:
     def _room_left(self) -> int:
         """0 to go on; -1 stops this drain (libbpf leaves the rest in the kernel ring) when the
         queue could not take more: the ring is the buffer, decoded events are never dropped."""
-        return -1 if len(self._pending) + len(self._queue) >= self._queue_size else 0
+        # Headroom: one record can become a few events (a synthesized open + its close, a hello
+        # + its classification, several DNS messages in one TCP read).
+        return -1 if len(self._pending) + len(self._queue) >= self._queue_size - 16 else 0
 
     def _on_capture(self, raw: bytes) -> int:
         self._stats.records += 1

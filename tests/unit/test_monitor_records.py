@@ -115,13 +115,16 @@ def test_queue_overflow_is_counted_and_reported(mon):
     assert lost and lost[0].where == LossPlace.USER_QUEUE and lost[0].count == 12
 
 
-def test_a_full_queue_stops_the_drain_instead_of_dropping(mon):
-    bufs = [rec(REC_OPEN, A, 0x300 + i) for i in range(10)]
+def test_a_full_queue_stops_the_drain_instead_of_dropping():
+    m = Monitor(classify=False, queue_size=40)
+    m._program = FakeProgram()
     rets = []
-    for raw in bufs:
+    for i in range(30):
+        raw = rec(REC_OPEN, A, 0x300 + i)
         b = ctypes.create_string_buffer(raw, len(raw))
-        rets.append(mon._on_record(None, ctypes.addressof(b), len(raw)))
-    assert rets[:7] == [0] * 7 and rets[7] == -1  # the 8th fills the queue of 8: libbpf stops there
+        rets.append(m._on_record(None, ctypes.addressof(b), len(raw)))
+    # stops with headroom (16) left for the events one record can still produce
+    assert rets[:23] == [0] * 23 and rets[23] == -1
 
 
 def test_kernel_losses_become_events(mon):
