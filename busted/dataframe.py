@@ -1,4 +1,8 @@
-"""pandas view of events: one row per event, ``to_dict()`` flattened. pandas is an optional extra."""
+"""pandas view of events: one row per event, ``to_dict()`` flattened. pandas is an optional extra.
+
+    df = busted.to_dataframe(events)          # or Store.open_readonly(p).dataframe("events")
+    df[df.kind == "flow_closed"].groupby("provider").bytes_received.sum()
+"""
 
 from __future__ import annotations
 
@@ -7,19 +11,46 @@ from typing import Any
 
 from busted.errors import EnvironmentProblem
 from busted.events import Event
+from busted.sinks._codec import redact
 
-__all__ = ["to_dataframe"]
+__all__ = ["frame_from_dicts", "to_dataframe"]
+
+_FIRST = ["time", "kind", "ts_ns", "wall_time"]
 
 
-def to_dataframe(events: Iterable[Event]) -> Any:
-    """A DataFrame with a ``kind`` column, every event field as a column (missing -> NaN/None) and
-    ``time`` (pandas datetime, UTC) from ``wall_time``."""
+def _pandas() -> Any:
     try:
         import pandas as pd
     except ImportError as exc:
-        raise EnvironmentProblem("to_dataframe needs pandas: pip install 'busted[pandas]'") from exc
-    rows = [e.to_dict() for e in events]
-    df = pd.DataFrame(rows)
-    if "wall_time" in df:
-        df["time"] = pd.to_datetime(df["wall_time"], unit="s", utc=True)
+        raise EnvironmentProblem("busted's DataFrame output needs pandas: pip install 'busted[pandas]'") from exc
+    return pd
+
+
+def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """Nested dicts become ``parent.child`` columns; lists (answers, alpn, cmdline) stay one cell."""
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_flatten(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def frame_from_dicts(rows: Iterable[dict[str, Any]]) -> Any:
+    """A DataFrame from ``to_dict()``-shaped dicts (any kind, known to this version or not)."""
+    pd = _pandas()
+    flat = [_flatten(redact(r)) for r in rows]
+    cols: dict[str, None] = dict.fromkeys(_FIRST[1:])
+    for r in flat:
+        cols.update(dict.fromkeys(r))
+    df = pd.DataFrame(flat, columns=list(cols))
+    df.insert(0, "time", pd.to_datetime(df["wall_time"].astype("float64"), unit="s", utc=True))
     return df
+
+
+def to_dataframe(events: Iterable[Event]) -> Any:
+    """One row per event: ``time`` (pandas datetime, UTC, from ``wall_time``), ``kind``, then every
+    field of every kind present (a field a kind lacks is NaN/None). Enums are their lower-case
+    names, as in ``to_dict()``; tuples are lists; credential-named keys are masked."""
+    return frame_from_dicts(e.to_dict() for e in events)
