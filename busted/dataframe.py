@@ -22,7 +22,8 @@ def _pandas() -> Any:
     try:
         import pandas as pd
     except ImportError as exc:
-        raise EnvironmentProblem("busted's DataFrame output needs pandas: pip install 'busted[pandas]'") from exc
+        raise EnvironmentProblem("busted's DataFrame output needs pandas: "
+                                 "pip install 'busted[pandas]'") from exc
     return pd
 
 

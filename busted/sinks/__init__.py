@@ -3,21 +3,33 @@
 Every sink has ``write(event)`` and ``close()`` (and ``flush()`` where it buffers); the CLI's
 ``--store``/``--jsonl``/``--metrics`` feed them every event. Unknown event kinds are kept
 generically (the store's ``events`` table, JSONL lines), so new kinds need no schema change.
+Credential-named keys are masked (``redact``) before anything is written or exported.
 """
 
-from typing import Protocol
+from typing import Protocol, runtime_checkable
 
 from busted.events import Event
-from busted.sinks._codec import event_from_dict, redact
+from busted.sinks._codec import event_from_dict, event_kinds, redact
 from busted.sinks.jsonl import JsonlSink
 from busted.sinks.prometheus import PrometheusExporter
-from busted.sinks.sqlite import Store
+from busted.sinks.sqlite import SCHEMA_VERSION, Store
 
 
+@runtime_checkable
 class Sink(Protocol):
+    """What the CLI (and you) feed events to. ``flush()`` is optional: call it if present."""
+
     def write(self, event: Event) -> None: ...
 
     def close(self) -> None: ...
 
 
-__all__ = ["JsonlSink", "PrometheusExporter", "Sink", "Store", "event_from_dict", "redact"]
+def flush(sink: Sink) -> None:
+    """Flush ``sink`` if it buffers (has ``flush()``); a no-op otherwise."""
+    f = getattr(sink, "flush", None)
+    if callable(f):
+        f()
+
+
+__all__ = ["SCHEMA_VERSION", "JsonlSink", "PrometheusExporter", "Sink", "Store", "event_from_dict",
+           "event_kinds", "flush", "redact"]

@@ -99,9 +99,9 @@ _MIGRATIONS: dict[int, list[str]] = {
     ],
 }
 
-_FLOW_COLS = ("flow_id", "opened", "closed", "direction", "pid", "tid", "uid", "ppid", "comm", "exe", "cmdline",
-              "cgroup_id", "netns", "family", "saddr", "sport", "daddr", "dport", "preexisting", "hostname",
-              "provider", "evidence", "confidence", "bytes_sent", "bytes_received", "duration_ns")
+_FLOW_COLS = ("flow_id", "opened", "closed", "direction", "pid", "tid", "uid", "ppid", "comm", "exe",
+              "cmdline", "cgroup_id", "netns", "family", "saddr", "sport", "daddr", "dport", "preexisting",
+              "hostname", "provider", "evidence", "confidence", "bytes_sent", "bytes_received", "duration_ns")
 _CLASS_COLS = ("hostname", "provider", "evidence", "confidence")
 _CLOSE_COLS = ("closed", "bytes_sent", "bytes_received", "duration_ns")
 
@@ -123,12 +123,13 @@ _SQL_CLOSED = _flow_upsert([*(f"{c}=excluded.{c}" for c in _FLOW_COLS if c not i
 _SQL_EVENT = "INSERT INTO events(ts, kind, flow_id, pid, comm, provider, json) VALUES (?,?,?,?,?,?,?)"
 _SQL_DNS = ("INSERT INTO dns_answers(ts, pid, comm, netns, transport, server, qname, qtype, rcode, answers,"
             " cname_chain) VALUES (?,?,?,?,?,?,?,?,?,?,?)")
-_SQL_TLS = ("INSERT INTO tls_hellos(ts, flow_id, pid, comm, saddr, sport, daddr, dport, sni, alpn, versions, ja4)"
-            " VALUES (?,?,?,?,?,?,?,?,?,?,?,?)")
+_SQL_TLS = ("INSERT INTO tls_hellos(ts, flow_id, pid, comm, saddr, sport, daddr, dport, sni, alpn, versions,"
+            " ja4) VALUES (?,?,?,?,?,?,?,?,?,?,?,?)")
 _SQL_LOSS = "INSERT INTO losses(ts, place, count, detail) VALUES (?,?,?,?)"
 _LLM_COLS = ("flow_id", "pid", "comm", "provider", "model", "endpoint", "hostname", "method", "input_tokens",
              "output_tokens", "status", "duration_ns")
-_SQL_LLM = f"INSERT INTO llm_calls(ts, {', '.join(_LLM_COLS)}) VALUES ({', '.join('?' * (len(_LLM_COLS) + 1))})"
+_SQL_LLM = (f"INSERT INTO llm_calls(ts, {', '.join(_LLM_COLS)}) "
+            f"VALUES ({', '.join('?' * (len(_LLM_COLS) + 1))})")
 _POLICY_COLS = ("flow_id", "pid", "comm", "provider", "model", "decision", "rule", "reason")
 _SQL_POLICY = (f"INSERT INTO policy_decisions(ts, {', '.join(_POLICY_COLS)}) "
                f"VALUES ({', '.join('?' * (len(_POLICY_COLS) + 1))})")
@@ -181,8 +182,8 @@ def _typed(ev: Event, d: dict[str, Any]) -> tuple[str, tuple[Any, ...]] | None:
             sql = _SQL_CLASSIFIED
         return sql, _row(*(row[c] for c in _FLOW_COLS))
     if isinstance(ev, DnsAnswer):
-        return _SQL_DNS, _row(ts, ev.pid, ev.comm, ev.netns, ev.transport, ev.server, ev.qname, ev.qtype, ev.rcode,
-                              d["answers"], d["cname_chain"])
+        return _SQL_DNS, _row(ts, ev.pid, ev.comm, ev.netns, ev.transport, ev.server, ev.qname, ev.qtype,
+                              ev.rcode, d["answers"], d["cname_chain"])
     if isinstance(ev, TlsClientHello):
         return _SQL_TLS, _row(ts, ev.flow_id, ev.pid, ev.comm, ev.saddr, ev.sport, ev.daddr, ev.dport, ev.sni,
                               d["alpn"], d["versions"], ev.ja4)
@@ -267,9 +268,9 @@ class Store:
         msg = str(exc)
         p = self.path
         if "locked" in msg or "busy" in msg:
-            return StoreError(f"{p}: the database is locked by another process (waited {self.busy_timeout:g} s "
-                              f"while {doing}). Stop the other writer (only one busted may write a store), "
-                              "or choose another --store path.")
+            return StoreError(f"{p}: the database is locked by another process (waited "
+                              f"{self.busy_timeout:g} s while {doing}). Stop the other writer (only one "
+                              "busted may write a store), or choose another --store path.")
         if "not a database" in msg or "malformed" in msg or "corrupt" in msg:
             return StoreError(f"{p}: not a busted store, or corrupted ({msg}). Move it aside and start a new "
                               "one, or try to salvage it with `sqlite3 FILE .recover | sqlite3 NEW.db`.")
@@ -285,7 +286,8 @@ class Store:
         if p.is_dir():
             raise StoreError(f"{p} is a directory; give a file path for the store")
         try:
-            db = sqlite3.connect(str(p), timeout=self.busy_timeout, check_same_thread=False, isolation_level=None)
+            db = sqlite3.connect(str(p), timeout=self.busy_timeout, check_same_thread=False,
+                                 isolation_level=None)
         except sqlite3.Error as exc:
             raise self._error(exc, "opening") from exc
         try:
@@ -344,7 +346,8 @@ class Store:
 
     def _check_readable(self) -> None:
         if not self.path.exists():
-            raise StoreError(f"{self.path}: no such store; write one with `busted monitor --store {self.path}`")
+            raise StoreError(f"{self.path}: no such store; write one with "
+                             f"`busted monitor --store {self.path}`")
         with self._reader() as db:
             try:
                 version = self._check_version(db)
@@ -381,7 +384,8 @@ class Store:
             self.db.close()
 
     def _reader(self) -> Store._Conn:
-        """A fresh read-only connection (each query its own: safe from any thread, never blocks the writer)."""
+        """A fresh read-only connection: each query its own, so any thread may read, and reads
+        never block the writer."""
         return Store._Conn(self)
 
     # -- writing -----------------------------------------------------------------------------
@@ -456,8 +460,9 @@ class Store:
         invalid = 0
         evs = list(batch)
         if lost:  # the queue overflowed: record the gap in the store itself ("loss is data")
-            evs.append(EventsLost(ts_ns=time.monotonic_ns(), wall_time=time.time(), where=LossPlace.USER_QUEUE,
-                                  count=lost, detail=f"busted.sinks.Store queue full ({self.queue_size} events)"))
+            evs.append(EventsLost(ts_ns=time.monotonic_ns(), wall_time=time.time(),
+                                  where=LossPlace.USER_QUEUE, count=lost,
+                                  detail=f"busted.sinks.Store queue full ({self.queue_size} events)"))
         for ev in evs:
             try:  # encode outside the transaction; an event that cannot be encoded is counted, not retried
                 d = redact(ev.to_dict())
@@ -489,7 +494,8 @@ class Store:
                     self._isolate = len(batch)
                 return True
             invalid, lost = len(batch), 0  # this event is the culprit; a loss record is retried later
-            self.last_error = f"cannot store a {getattr(batch[0], 'kind', '?') if batch else '?'} event: {exc!r}"
+            kind = getattr(batch[0], "kind", "?") if batch else "?"
+            self.last_error = f"cannot store a {kind} event: {exc!r}"
         with self._cv:
             self._stats["written"] += len(batch) - invalid + (1 if lost else 0)
             self._stats["invalid"] += invalid
@@ -587,9 +593,10 @@ class Store:
                                      f"{len(self._q)} events not written ({self.last_error})")
                 left = end - time.monotonic()
                 if left <= 0:
-                    raise StoreError(f"{self.path}: {len(self._q) + self._inflight} events not yet written after "
-                                     f"{timeout:g} s ({self.last_error or 'writer busy'}); they are kept in "
-                                     "memory and retried. If another process holds the database, stop it.")
+                    raise StoreError(f"{self.path}: {len(self._q) + self._inflight} events not yet written "
+                                     f"after {timeout:g} s ({self.last_error or 'writer busy'}); they are "
+                                     "kept in memory and retried. If another process holds the database, "
+                                     "stop it.")
                 self._cv.wait(min(left, 0.05))
                 self._cv.notify_all()
             invalid = self._stats["invalid"] - self._invalid_reported
@@ -660,9 +667,9 @@ class Store:
                 args.append(provider)
         return (" WHERE " + " AND ".join(clauses)) if clauses else "", args
 
-    def events(self, kinds: Iterable[str] | None = None, since: float | None = None, until: float | None = None,
-               pid: int | None = None, comm: str | None = None, provider: str | None = None, *,
-               raw: bool = False) -> Iterator[Any]:
+    def events(self, kinds: Iterable[str] | str | None = None, since: float | None = None,
+               until: float | None = None, pid: int | None = None, comm: str | None = None,
+               provider: str | None = None, *, raw: bool = False) -> Iterator[Any]:
         """The stored events, in write order, rebuilt as the original objects (``raw=True``: the
         stored dicts, including kinds this version has no class for, which are otherwise skipped).
         ``provider`` also matches events of flows classified as that provider (e.g. their TLS hello)."""
@@ -694,7 +701,8 @@ class Store:
                                   ts="coalesce(opened, closed)")
         with self._reader() as db:
             try:
-                cur = db.execute(f"SELECT * FROM flows{where} ORDER BY coalesce(opened, closed), flow_id", args)
+                cur = db.execute(f"SELECT * FROM flows{where} ORDER BY coalesce(opened, closed), flow_id",
+                                 args)
                 names = [c[0] for c in cur.description]
                 rows = cur.fetchall()
             except sqlite3.Error as exc:
@@ -711,10 +719,9 @@ class Store:
         """A pandas DataFrame of ``flows`` (default; plus ``opened_at``/``closed_at`` datetimes),
         ``events`` (as ``busted.to_dataframe``, any kind) or another table (plus a ``time`` column).
         ``filters``: since, until, pid, comm, provider (and kinds, for events)."""
-        try:
-            import pandas as pd
-        except ImportError as exc:
-            raise StoreError("Store.dataframe needs pandas: pip install 'busted[pandas]'") from exc
+        from busted.dataframe import _pandas
+
+        pd = _pandas()  # EnvironmentProblem naming `pip install 'busted[pandas]'` if missing
         if table == "flows":
             df = pd.DataFrame(self.flows(**filters), columns=list(_FLOW_COLS))
             df["opened_at"] = pd.to_datetime(df["opened"], unit="s", utc=True)

@@ -84,7 +84,8 @@ def test_round_trip_equal_across_restarts(tmp_path):
         flows = r.flows()
         assert [f["flow_id"] for f in flows] == [1, 2]
         f = flows[0]
-        assert (f["provider"], f["evidence"], f["bytes_sent"], f["bytes_received"]) == ("openai", "sni", 811, 2233)
+        got = (f["provider"], f["evidence"], f["bytes_sent"], f["bytes_received"])
+        assert got == ("openai", "sni", 811, 2233)
         assert f["opened"] == pytest.approx(1_700_000_000.1) and f["closed"] == pytest.approx(1_700_000_001.1)
         assert f["direction"] == "connect" and f["duration_ns"] == 1_000_000_000 and f["preexisting"] is False
         assert f["cmdline"] == ["curl", "-H", "Authorization: [REDACTED]", "https://api.openai.com"]
@@ -103,8 +104,9 @@ def test_typed_tables(tmp_path):
     with Store(p) as s:
         s.write_many(sample_events())
     assert _rows(p, "SELECT qname, qtype, rcode, answers, cname_chain FROM dns_answers") == [
-        ("api.openai.com", "A", "NOERROR", '[{"name": "api.openai.com", "rtype": "A", "value": "10.231.1.65", '
-         '"ttl": 60}]', '["api.openai.com"]')]
+        ("api.openai.com", "A", "NOERROR",
+         '[{"name": "api.openai.com", "rtype": "A", "value": "10.231.1.65", "ttl": 60}]',
+         '["api.openai.com"]')]
     assert _rows(p, "SELECT flow_id, sni, alpn, versions, saddr, sport, dport FROM tls_hellos") == [
         (4242, "api.openai.com", '["h2", "http/1.1"]', '["TLS1.3", "TLS1.2"]', "10.0.0.1", 40000, 443)]
     assert _rows(p, "SELECT place, count, detail FROM losses") == [("kernel_ring", 3, "ring buffer full")]
@@ -150,9 +152,11 @@ def test_future_kinds_are_stored_generically(tmp_path):
                        provider="openai", decision="deny", rule="no-openai")
     with Store(p) as s:
         s.write_many([call, dec])
-    assert _rows(p, "SELECT provider, model, endpoint, input_tokens, output_tokens, status FROM llm_calls") == [
+    sql = "SELECT provider, model, endpoint, input_tokens, output_tokens, status FROM llm_calls"
+    assert _rows(p, sql) == [
         ("openai", "gpt-4o", "/v1/chat/completions", 12, 34, 200)]
-    assert _rows(p, "SELECT decision, rule, provider FROM policy_decisions") == [("deny", "no-openai", "openai")]
+    sql = "SELECT decision, rule, provider FROM policy_decisions"
+    assert _rows(p, sql) == [("deny", "no-openai", "openai")]
     assert "sk-secret" not in Path(p).read_bytes().decode("latin-1")
     # a kind no class claims (written by a newer busted): skipped as objects, visible raw
     db = sqlite3.connect(p)
@@ -271,15 +275,14 @@ def test_newer_schema_is_refused(tmp_path):
             opener(p)
 
 
-_SCHEMA_V1 = Path(__file__).with_name("fixtures") / "store_schema_v1.sql"
 _V1 = """
 CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 CREATE TABLE events (id INTEGER PRIMARY KEY, ts REAL NOT NULL, kind TEXT NOT NULL, flow_id INTEGER,
     pid INTEGER, comm TEXT, provider TEXT, json TEXT NOT NULL);
 CREATE TABLE flows (flow_id INTEGER PRIMARY KEY, opened REAL, closed REAL, direction TEXT, pid INTEGER,
-    tid INTEGER, uid INTEGER, ppid INTEGER, comm TEXT, exe TEXT, cmdline TEXT, cgroup_id INTEGER, netns INTEGER,
-    family INTEGER, saddr TEXT, sport INTEGER, daddr TEXT, dport INTEGER, preexisting INTEGER, hostname TEXT,
-    provider TEXT, evidence TEXT, confidence REAL, bytes_sent INTEGER, bytes_received INTEGER,
+    tid INTEGER, uid INTEGER, ppid INTEGER, comm TEXT, exe TEXT, cmdline TEXT, cgroup_id INTEGER,
+    netns INTEGER, family INTEGER, saddr TEXT, sport INTEGER, daddr TEXT, dport INTEGER, preexisting INTEGER,
+    hostname TEXT, provider TEXT, evidence TEXT, confidence REAL, bytes_sent INTEGER, bytes_received INTEGER,
     duration_ns INTEGER);
 CREATE TABLE dns_answers (id INTEGER PRIMARY KEY, ts REAL NOT NULL, pid INTEGER, comm TEXT, netns INTEGER,
     transport TEXT, server TEXT, qname TEXT, qtype TEXT, rcode TEXT, answers TEXT, cname_chain TEXT);
@@ -477,7 +480,8 @@ _ident = dict(ts_ns=_int, wall_time=st.floats(0, 4e9), flow_id=_int, direction=s
               family=st.sampled_from([4, 6]), saddr=_text, sport=st.integers(0, 65535), daddr=_text,
               dport=st.integers(0, 65535), preexisting=st.booleans(), hostname=st.none() | _text,
               provider=st.none() | _text, evidence=st.sampled_from(Evidence), confidence=st.floats(0, 1))
-_record = st.builds(DnsRecord, name=_text, rtype=st.sampled_from(["A", "AAAA", "CNAME"]), value=_text, ttl=_int)
+_record = st.builds(DnsRecord, name=_text, rtype=st.sampled_from(["A", "AAAA", "CNAME"]), value=_text,
+                    ttl=_int)
 EVENTS = st.one_of(
     st.builds(FlowOpened, **_ident),
     st.builds(FlowClassified, **_ident),
@@ -489,8 +493,9 @@ EVENTS = st.one_of(
               transport=st.sampled_from(["udp", "tcp"]), server=st.none() | _text, qname=_text, qtype=_text,
               rcode=_text, answers=st.lists(_record, max_size=3).map(tuple),
               cname_chain=st.lists(_text, max_size=3).map(tuple)),
-    st.builds(TlsClientHello, ts_ns=_int, wall_time=st.floats(0, 4e9), flow_id=_int, pid=st.integers(0, 2**22),
-              comm=_text, saddr=_text, sport=st.integers(0, 65535), daddr=_text, dport=st.integers(0, 65535),
+    st.builds(TlsClientHello, ts_ns=_int, wall_time=st.floats(0, 4e9), flow_id=_int,
+              pid=st.integers(0, 2**22), comm=_text, saddr=_text, sport=st.integers(0, 65535), daddr=_text,
+              dport=st.integers(0, 65535),
               sni=st.none() | _text, alpn=st.lists(_text, max_size=3).map(tuple),
               versions=st.lists(_text, max_size=3).map(tuple), ja4=_text),
 )

@@ -1,0 +1,78 @@
+"""busted.to_dataframe: one row per event, flattened, kind and time columns."""
+
+import builtins
+from dataclasses import dataclass
+from typing import ClassVar
+
+import pytest
+from events_factory import sample_events
+
+import busted
+from busted.dataframe import frame_from_dicts, to_dataframe
+from busted.errors import EnvironmentProblem
+from busted.events import Event
+
+pd = pytest.importorskip("pandas")
+
+
+def test_columns_and_rows():
+    evs = sample_events()
+    df = busted.to_dataframe(evs)
+    assert len(df) == len(evs)
+    assert list(df.columns[:4]) == ["time", "kind", "ts_ns", "wall_time"]
+    assert list(df["kind"]) == ["dns_answer", "flow_opened", "tls_client_hello", "flow_classified",
+                                "flow_closed", "events_lost"]
+    for col in ("flow_id", "pid", "comm", "provider", "evidence", "bytes_sent", "bytes_received",
+                "duration_ns", "qname", "answers", "sni", "alpn", "ja4", "where", "count"):
+        assert col in df.columns, col
+    closed = df[df["kind"] == "flow_closed"].iloc[0]
+    assert closed["bytes_received"] == 2233 and closed["evidence"] == "sni"
+    assert closed["direction"] == "connect"
+    assert df.loc[df["kind"] == "events_lost", "where"].iloc[0] == "kernel_ring"
+    assert pd.isna(df.loc[df["kind"] == "dns_answer", "bytes_sent"].iloc[0])
+    assert df.loc[df["kind"] == "dns_answer", "answers"].iloc[0][0]["value"] == "10.231.1.65"
+
+
+def test_time_is_utc_datetime_from_wall_time():
+    df = to_dataframe(sample_events())
+    assert str(df["time"].dtype) == "datetime64[ns, UTC]"
+    assert df["time"].iloc[0] == pd.Timestamp(1_700_000_000.0, unit="s", tz="UTC")
+
+
+def test_empty_and_groupby():
+    df = to_dataframe([])
+    assert len(df) == 0 and {"time", "kind", "wall_time"} <= set(df.columns)
+    df = to_dataframe(sample_events(flow_id=1) + sample_events(flow_id=2))
+    by = df[df.kind == "flow_closed"].groupby("provider")["bytes_received"].sum()
+    assert by["openai"] == 2 * 2233
+
+
+def test_unknown_kinds_and_nested_dicts():
+    @dataclass(frozen=True, kw_only=True)
+    class Future(Event):
+        kind: ClassVar[str] = "test_future_df"
+        usage: dict
+        token: str = ""
+
+        def to_dict(self):
+            return {**super().to_dict(), "usage": self.usage,
+                    "headers": [["authorization", self.token]]}
+
+    df = to_dataframe([Future(ts_ns=1, wall_time=2.0, usage={"input": 3, "output": 4}, token="sk-x"),
+                       *sample_events()[:1]])
+    assert df["usage.input"].iloc[0] == 3 and df["usage.output"].iloc[0] == 4
+    assert df["headers"].iloc[0] == [["authorization", "[REDACTED]"]]
+    assert frame_from_dicts([{"kind": "raw", "wall_time": 1.5}])["kind"].iloc[0] == "raw"
+
+
+def test_missing_pandas_is_a_clear_error(monkeypatch):
+    real = builtins.__import__
+
+    def fake(name, *a, **k):
+        if name == "pandas":
+            raise ImportError("No module named 'pandas'")
+        return real(name, *a, **k)
+
+    monkeypatch.setattr(builtins, "__import__", fake)
+    with pytest.raises(EnvironmentProblem, match=r"pip install 'busted\[pandas\]'"):
+        to_dataframe(sample_events())

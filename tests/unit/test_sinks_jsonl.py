@@ -1,0 +1,164 @@
+"""JSONL sink: one event per line, exact round trip, rotation, stdout, secrets masked."""
+
+import json
+import threading
+
+import pytest
+from events_factory import sample_events
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from busted import StoreError
+from busted.sinks import JsonlSink, Sink, event_from_dict, redact
+
+
+def _read(path):
+    return [event_from_dict(json.loads(ln)) for ln in path.read_text().splitlines()]
+
+
+def test_lines_round_trip(tmp_path):
+    p = tmp_path / "x.jsonl"
+    evs = sample_events()
+    with JsonlSink(p) as s:
+        assert isinstance(s, Sink)
+        for ev in evs:
+            s.write(ev)
+    assert _read(p) == evs
+    first = json.loads(p.read_text().splitlines()[0])
+    assert list(first)[0] == "kind" and first["kind"] == "dns_answer"
+
+
+def test_appends_across_sessions(tmp_path):
+    p = tmp_path / "a.jsonl"
+    with JsonlSink(p) as s:
+        s.write(sample_events()[0])
+    with JsonlSink(p) as s:
+        s.write(sample_events()[1])
+    assert [e.kind for e in _read(p)] == ["dns_answer", "flow_opened"]
+
+
+def test_rotation_keeps_n_backups_and_every_line_parses(tmp_path):
+    p = tmp_path / "e.jsonl"
+    n = 0
+    with JsonlSink(p, max_bytes=2000, backups=2) as s:
+        for i in range(30):
+            for ev in sample_events(flow_id=i):
+                s.write(ev)
+                n += 1
+    files = sorted(tmp_path.iterdir())
+    assert [f.name for f in files] == ["e.jsonl", "e.jsonl.1", "e.jsonl.2"]
+    assert s.rotations > 2 and s.written == n
+    seen = []
+    for f in (p.with_name("e.jsonl.2"), p.with_name("e.jsonl.1"), p):  # oldest first
+        assert f.stat().st_size <= 2000
+        seen += _read(f)
+    # the newest events are kept, in order, with nothing torn across files
+    flat = [e for i in range(30) for e in sample_events(flow_id=i)]
+    assert seen == flat[len(flat) - len(seen):]
+
+
+def test_rotation_with_no_backups_starts_over(tmp_path):
+    p = tmp_path / "z.jsonl"
+    with JsonlSink(p, max_bytes=1500, backups=0) as s:
+        for ev in sample_events() * 5:
+            s.write(ev)
+    assert [f.name for f in tmp_path.iterdir()] == ["z.jsonl"] and p.stat().st_size <= 1500
+    assert _read(p)
+
+
+def test_stdout(capsys):
+    s = JsonlSink("-")
+    for ev in sample_events():
+        s.write(ev)
+    s.close()
+    s.close()  # idempotent
+    out = capsys.readouterr().out.splitlines()
+    assert [event_from_dict(json.loads(ln)) for ln in out] == sample_events()
+
+
+def test_lines_reach_the_file_within_the_flush_interval(tmp_path):
+    p = tmp_path / "f.jsonl"
+    s = JsonlSink(p, flush_interval=0.0)
+    s.write(sample_events()[0])
+    assert len(p.read_text().splitlines()) == 1  # visible to `tail -f` without close
+    s.close()
+
+
+def test_threads_do_not_interleave_lines(tmp_path):
+    p = tmp_path / "t.jsonl"
+    with JsonlSink(p, max_bytes=20_000, backups=50) as s:
+        ths = [threading.Thread(target=lambda i=i: [s.write(ev) for ev in sample_events(flow_id=i) * 20])
+               for i in range(8)]
+        for t in ths:
+            t.start()
+        for t in ths:
+            t.join()
+    lines = [ln for f in tmp_path.iterdir() for ln in f.read_text().splitlines()]
+    assert len(lines) == 8 * 6 * 20
+    for ln in lines:
+        json.loads(ln)
+
+
+def test_errors_name_the_path(tmp_path):
+    with pytest.raises(StoreError, match="no/such/dir/x.jsonl: cannot open the JSONL output"):
+        JsonlSink(tmp_path / "no" / "such" / "dir" / "x.jsonl")
+    s = JsonlSink(tmp_path / "c.jsonl")
+    s.close()
+    with pytest.raises(StoreError, match="closed"):
+        s.write(sample_events()[0])
+
+
+def test_secrets_never_reach_the_file(tmp_path):
+    class Leaky:
+        kind = "leaky"
+
+        def to_dict(self):
+            return {"kind": "leaky",
+                    "headers": [["Authorization", "Bearer sk-live-123"], ["X-Api-Key", "k1"]],
+                    "request": {"api_key": "k2", "Cookie": "session=abc", "model": "gpt-4o"}}
+
+    p = tmp_path / "s.jsonl"
+    with JsonlSink(p) as s:
+        s.write(Leaky())
+    text = p.read_text()
+    for secret in ("sk-live-123", "k1", "k2", "session=abc"):
+        assert secret not in text
+    assert json.loads(text)["request"]["model"] == "gpt-4o"
+
+
+# -- redact ---------------------------------------------------------------------------------------
+
+
+def test_redact_any_depth_and_header_pairs():
+    d = {"a": {"Authorization": "Bearer x", "headers": [["x-api-key", "k"], ["accept", "json"]]},
+         "api-key": "z", "Proxy-Authorization": "Basic y", "list": [{"cookie": "c"}],
+         "pairs": (("API_KEY", "q"), ("x", "y")), "nested": {"authorization": {"deep": "secret"}}}
+    r = redact(d)
+    assert r["a"]["Authorization"] == "[REDACTED]" and r["api-key"] == "[REDACTED]"
+    assert r["a"]["headers"] == [["x-api-key", "[REDACTED]"], ["accept", "json"]]
+    assert r["Proxy-Authorization"] == "[REDACTED]" and r["list"] == [{"cookie": "[REDACTED]"}]
+    assert r["pairs"] == (("API_KEY", "[REDACTED]"), ("x", "y"))
+    assert r["nested"] == {"authorization": "[REDACTED]"}
+    assert d["a"]["Authorization"] == "Bearer x"  # input untouched
+
+
+def test_redact_leaves_ordinary_data_alone():
+    for ev in sample_events():
+        assert redact(ev.to_dict()) == ev.to_dict()
+    # a plain list of two strings is not a header list (e.g. a command line)
+    assert redact({"cmdline": ["cookie", "jar"]}) == {"cmdline": ["cookie", "jar"]}
+
+
+_KEYS = st.sampled_from(["a", "Authorization", "x-api-key", "COOKIE", "b"]) | st.text(max_size=6)
+
+
+@settings(max_examples=200)
+@given(st.recursive(st.none() | st.integers() | st.text(max_size=8),
+                    lambda kids: st.lists(kids, max_size=4) | st.dictionaries(_KEYS, kids, max_size=4),
+                    max_leaves=20),
+       st.text(min_size=1, max_size=12))
+def test_redact_never_lets_a_secret_through(tree, secret):
+    wrapped = {"x": tree, "Authorization": secret, "h": [["Cookie", secret]], "d": {"x-api-key": secret}}
+    r = redact(wrapped)
+    assert r["Authorization"] == r["h"][0][1] == r["d"]["x-api-key"] == "[REDACTED]"
+    assert redact(r) == r  # idempotent

@@ -1,0 +1,179 @@
+"""Prometheus exporter: exact counter values scraped over HTTP, bounded labels, own registry."""
+
+import socket
+import urllib.request
+from dataclasses import dataclass, replace
+from typing import ClassVar
+
+import pytest
+from events_factory import sample_events
+
+from busted.errors import BustedError, EnvironmentProblem
+from busted.events import Direction, DnsAnswer, DnsRecord, Event, EventsLost, LossPlace
+from busted.sinks import PrometheusExporter, Sink
+
+prometheus_client = pytest.importorskip("prometheus_client")
+
+
+@dataclass(frozen=True, kw_only=True)
+class FakeLlmCall(Event):
+    kind: ClassVar[str] = "test_prom_llm_call"
+    provider: str | None
+    model: str | None
+    comm: str
+    input_tokens: int | None = None
+    output_tokens: int | None = None
+
+
+def _scrape(port):
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as r:
+        assert r.status == 200
+        return r.read().decode()
+
+
+def _value(text, name, **labels):
+    """The sample ``name{labels}`` (labels matched exactly), or None."""
+    want = ",".join(f'{k}="{v}"' for k, v in sorted(labels.items()))
+    for line in text.splitlines():
+        if line.startswith("#"):
+            continue
+        metric, _, value = line.rpartition(" ")
+        base, _, lab = metric.partition("{")
+        got = ",".join(sorted(lab.rstrip("}").split(","))) if lab else ""
+        if base == name and got == want:
+            return float(value)
+    return None
+
+
+def _text(exp):
+    return prometheus_client.generate_latest(exp.registry).decode()
+
+
+def test_counters_over_http():
+    exp = PrometheusExporter("127.0.0.1:0").start()
+    try:
+        assert isinstance(exp, Sink) and exp.port > 0
+        for i in range(3):
+            for ev in sample_events(flow_id=i):
+                exp.observe(ev)
+        exp.write(sample_events(flow_id=99)[1])  # one flow still open
+        exp.set_queue_depth(17)
+        text = _scrape(exp.port)
+    finally:
+        exp.close()
+    assert _value(text, "busted_flows_total", provider="openai", comm="curl", direction="connect") == 4
+    assert _value(text, "busted_bytes_sent_total", provider="openai", comm="curl") == 3 * 811
+    assert _value(text, "busted_bytes_received_total", provider="openai", comm="curl") == 3 * 2233
+    assert _value(text, "busted_dns_answers_total", provider="openai") == 3  # api.openai.com, via the catalog
+    assert _value(text, "busted_events_lost_total", where="kernel_ring") == 9
+    assert _value(text, "busted_queue_depth") == 17
+    assert _value(text, "busted_flows_open") == 1
+    assert "process_cpu_seconds_total" not in text  # its own registry, not the global one
+    with pytest.raises(OSError):
+        _scrape(exp.port)  # closed
+
+
+def test_a_flow_is_counted_once_with_its_provider():
+    exp = PrometheusExporter("127.0.0.1:0")
+    dns, opened, hello, classified, closed, _ = sample_events()
+    exp.observe(replace(opened, provider=None, hostname=None))  # provider not known yet at open
+    assert _value(_text(exp), "busted_flows_total", provider="none", comm="curl", direction="connect") is None
+    exp.observe(hello)
+    exp.observe(classified)  # now it is: counted as openai
+    exp.observe(closed)
+    text = _text(exp)
+    assert _value(text, "busted_flows_total", provider="openai", comm="curl", direction="connect") == 1
+    assert _value(text, "busted_flows_total", provider="none", comm="curl", direction="connect") is None
+    # never classified: counted at close, as provider="none"; a close without an open is counted too
+    other = replace(opened, flow_id=5, provider=None, hostname=None, direction=Direction.ACCEPT, comm="sshd")
+    exp.observe(other)
+    exp.observe(replace(closed, flow_id=5, provider=None, hostname=None, direction=Direction.ACCEPT,
+                        comm="sshd"))
+    exp.observe(replace(closed, flow_id=6, comm="sshd", provider=None, direction=Direction.ACCEPT))
+    text = _text(exp)
+    assert _value(text, "busted_flows_total", provider="none", comm="sshd", direction="accept") == 2
+    assert _value(text, "busted_bytes_sent_total", provider="none", comm="sshd") == 2 * 811
+    assert _value(text, "busted_flows_open") == 0  # never negative, even for closes of unseen opens
+
+
+def test_llm_calls_and_tokens_duck_typed():
+    exp = PrometheusExporter()
+    exp.observe(FakeLlmCall(ts_ns=1, wall_time=1.0, provider="anthropic", model="claude-3-5-sonnet",
+                            comm="python3", input_tokens=100, output_tokens=250))
+    exp.observe(FakeLlmCall(ts_ns=2, wall_time=2.0, provider="anthropic", model="claude-3-5-sonnet",
+                            comm="python3", input_tokens=7, output_tokens=None))
+    exp.observe(FakeLlmCall(ts_ns=3, wall_time=3.0, provider=None, model=None, comm="node"))
+    text = _text(exp)
+    lab = dict(provider="anthropic", model="claude-3-5-sonnet", comm="python3")
+    assert _value(text, "busted_llm_calls_total", **lab) == 2
+    assert _value(text, "busted_llm_tokens_total", **lab, kind="input") == 107
+    assert _value(text, "busted_llm_tokens_total", **lab, kind="output") == 250
+    assert _value(text, "busted_llm_calls_total", provider="none", model="unknown", comm="node") == 1
+
+
+def test_dns_provider_from_qname_or_cname_chain():
+    exp = PrometheusExporter()
+    base = sample_events()[0]
+    exp.observe(replace(base, qname="example.org", cname_chain=("example.org",), answers=()))
+    exp.observe(replace(base, qname="chat.example.net", cname_chain=("chat.example.net", "api.anthropic.com"),
+                        answers=(DnsRecord("chat.example.net", "CNAME", "api.anthropic.com", 60),)))
+    text = _text(exp)
+    assert _value(text, "busted_dns_answers_total", provider="none") == 1
+    assert _value(text, "busted_dns_answers_total", provider="anthropic") == 1
+    assert isinstance(base, DnsAnswer)
+
+
+def test_label_cardinality_is_bounded():
+    exp = PrometheusExporter(max_label_sets=5)
+    opened, closed = sample_events()[1], sample_events()[4]
+    for i in range(20):
+        exp.observe(replace(opened, flow_id=i, comm=f"c{i}"))
+        exp.observe(replace(closed, flow_id=i, comm=f"c{i}"))
+    for i in range(20):
+        exp.observe(FakeLlmCall(ts_ns=1, wall_time=1.0, provider="openai", model=f"m{i}", comm="x",
+                                input_tokens=1))
+    text = _text(exp)
+    assert _value(text, "busted_flows_total", provider="openai", comm="other", direction="connect") == 15
+    assert _value(text, "busted_flows_total", provider="openai", comm="c0", direction="connect") == 1
+    assert _value(text, "busted_bytes_sent_total", provider="openai", comm="other") == 15 * 811
+    assert _value(text, "busted_llm_calls_total", provider="openai", model="other", comm="other") == 15
+    series = [ln for ln in text.splitlines() if ln.startswith("busted_flows_total{")]
+    assert len(series) == 6
+    exp.observe(replace(opened, flow_id=100, comm="c3"))  # a known comm keeps its own series
+    assert _value(_text(exp), "busted_flows_total", provider="openai", comm="c3", direction="connect") == 2
+
+
+def test_losses_by_place():
+    exp = PrometheusExporter()
+    for where, n in ((LossPlace.KERNEL_RING, 3), (LossPlace.USER_QUEUE, 2), (LossPlace.KERNEL_RING, 4)):
+        exp.observe(EventsLost(ts_ns=1, wall_time=1.0, where=where, count=n))
+    text = _text(exp)
+    assert _value(text, "busted_events_lost_total", where="kernel_ring") == 7
+    assert _value(text, "busted_events_lost_total", where="user_queue") == 2
+
+
+def test_two_exporters_do_not_share_metrics():
+    a, b = PrometheusExporter(), PrometheusExporter()
+    a.observe(sample_events()[1])
+    assert _value(_text(b), "busted_flows_total", provider="openai", comm="curl", direction="connect") is None
+
+
+def test_addresses_and_bind_errors():
+    assert (PrometheusExporter().host, PrometheusExporter().port) == ("127.0.0.1", 9464)
+    assert (PrometheusExporter(":9100").host, PrometheusExporter("9100").port) == ("127.0.0.1", 9100)
+    assert PrometheusExporter("[::1]:9100").host == "::1"
+    with pytest.raises(EnvironmentProblem, match="expected HOST:PORT"):
+        PrometheusExporter("localhost:http")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        busy = s.getsockname()[1]
+        with pytest.raises(BustedError, match=f"cannot serve metrics on 127.0.0.1:{busy}"):
+            PrometheusExporter(f"127.0.0.1:{busy}").start()
+
+
+def test_close_is_idempotent():
+    exp = PrometheusExporter("127.0.0.1:0").start()
+    assert exp.start() is exp  # already serving
+    exp.close()
+    exp.close()
