@@ -363,7 +363,9 @@ class Store:
             db.close()
             # A WAL store with no writer and no -shm file, in a directory we may not write (e.g. made
             # by root): read it as immutable -- safe, since nobody is writing it.
-            if "unable to open" not in str(exc) or (self.path.parent / (self.path.name + "-wal")).exists():
+            msg = str(exc)
+            if ("unable to open" not in msg and "readonly" not in msg) or \
+                    (self.path.parent / (self.path.name + "-wal")).exists():
                 raise
             self._ro_uri += "&immutable=1"
             db = sqlite3.connect(self._ro_uri, uri=True, timeout=self.busy_timeout, check_same_thread=False)

@@ -555,3 +555,30 @@ def test_store_dataframes(tmp_path):
     Store(empty).close()
     with Store.open_readonly(empty) as r:
         assert len(r.dataframe()) == 0 and "bytes_sent" in r.dataframe().columns
+
+
+def test_a_reader_who_cannot_write_the_directory(tmp_path):
+    """A store made by root (the monitor), read by an unprivileged user after the writer is gone."""
+    import os
+    import shutil
+    import subprocess
+    import sys
+
+    if os.geteuid() != 0 or not shutil.which("setpriv"):
+        pytest.skip("needs root and setpriv to read as another user")
+    d = Path(tempfile.mkdtemp(prefix="busted-ro-"))
+    try:
+        d.chmod(0o755)
+        p = d / "s.db"
+        with Store(p) as s:
+            s.write_many(sample_events())
+        p.chmod(0o644)
+        code = (f"from busted.sinks import Store\nr = Store.open_readonly({str(p)!r})\n"
+                "print(len(list(r.events())), r.flows()[0]['provider'])")
+        argv = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", sys.executable, "-c", code]
+        r = subprocess.run(argv, capture_output=True, text=True, cwd=Path(__file__).parents[2], timeout=60)
+        if "Permission denied" in r.stderr and "s.db" not in r.stderr:
+            pytest.skip("the interpreter or checkout is not readable by uid 65534")
+        assert r.stdout.split() == ["6", "openai"], r.stderr
+    finally:
+        shutil.rmtree(d)
