@@ -52,7 +52,7 @@ static __always_inline void hook_connect_start(u64 sk, struct flow *f)
     if (fdsk.update(&key, &sk) == 0)
         f->fdkey = key;
     else
-        count_loss(LOSS_MAP);
+        count_map_loss(sk);
 }
 
 static __always_inline void hook_passive_established(u64 sk, struct flow *f)
@@ -60,7 +60,7 @@ static __always_inline void hook_passive_established(u64 sk, struct flow *f)
     struct acc_key k = {};
     acc_key_of(&k, f);
     if (pending_acc.update(&k, &sk) != 0)
-        count_loss(LOSS_MAP);
+        count_map_loss(sk);
 }
 
 static __always_inline void hook_flow_end(u64 sk, struct flow *f)
@@ -138,7 +138,7 @@ static __always_inline void acc_exit(long ret)
     if (fdsk.update(&key, &sk) == 0)
         f->fdkey = key;
     else
-        count_loss(LOSS_MAP);
+        count_map_loss(sk);
     flow_attribute_and_open(sk, f);
 }
 

@@ -9,7 +9,8 @@
  *
  * Syscall tracepoints run in the caller's context, so the pid is the asking process. Answers are
  * read at the syscall's exit, where the return value says how many bytes are valid; writes at
- * entry, from the buffer about to be sent. Only user
+ * entry, from the buffer about to be sent. Every record says how many bytes the syscall really
+ * moved (wire_len), so a copy cut at CAP_MAX is a counted truncation in user space. Only user
  * memory and the user ABI layouts of sockaddr/iovec/msghdr are read (R0).
  */
 
@@ -17,28 +18,7 @@
 #define CAP_WRITES 4      /* writes inspected per new connection for a ClientHello */
 #define CAP_TOTAL  16384  /* bytes per connection after which we stop looking */
 
-#define REC_DNS 3
-#define REC_TLS 4
-
-#define CAP_DNS_UDP 1
-#define CAP_DNS_TCP 2
-
-struct cap_hdr {
-    u32 type;
-    u32 len;
-    u64 ts_ns;
-    u64 sk;          /* TLS: the flow's socket pointer (joins to the flow); DNS: 0 */
-    u32 pid;
-    u32 tid;
-    u32 uid;
-    u32 fd;
-    u16 family;      /* DNS: peer (resolver) address, when known */
-    u16 port;
-    u8 transport;    /* CAP_DNS_UDP / CAP_DNS_TCP */
-    u8 pad[3];
-    u8 addr[16];
-    char comm[16];
-};
+/* struct cap_hdr, REC_DNS/REC_TLS and CAP_DNS_* come from busted/ebpf/layout.py. */
 
 struct cap_rec {
     struct cap_hdr h;
@@ -80,7 +60,13 @@ struct bst_msghdr {
 };
 
 BPF_HASH(cap_conn, u32, struct cap_conn_ctx, 4096);   /* tid -> connect() in flight */
-BPF_HASH(cap_dns_fd, u64, u8, 16384);                /* (tgid<<32|fd) -> CAP_DNS_* */
+struct cap_dns {
+    u64 sk;          /* TCP: the connection's socket (DNS reassembly state is per connection) */
+    u32 kind;        /* CAP_DNS_UDP / CAP_DNS_TCP */
+    u32 pad;
+};
+
+BPF_HASH(cap_dns_fd, u64, struct cap_dns, 16384);    /* (tgid<<32|fd) -> DNS socket */
 BPF_HASH(cap_tls_fd, u64, struct cap_tls, 16384);    /* (tgid<<32|fd) -> new TCP connection */
 BPF_HASH(cap_io_ctx, u32, struct cap_io, 4096);      /* tid -> I/O syscall in flight */
 BPF_PERCPU_ARRAY(cap_scratch, struct cap_rec, 1);
@@ -92,7 +78,7 @@ static __always_inline u64 cap_key(u64 fd)
 
 /* Copy len bytes of user memory at ubuf into a record and send it. */
 static __always_inline void cap_emit(u32 type, u64 sk, u32 fd, u64 ubuf, long len, u8 transport,
-                                     struct bst_sockaddr *peer)
+                                     struct bst_sockaddr *peer, u64 wire_len)
 {
     u32 zero = 0;
     struct cap_rec *r = cap_scratch.lookup(&zero);
@@ -107,6 +93,7 @@ static __always_inline void cap_emit(u32 type, u64 sk, u32 fd, u64 ubuf, long le
     u64 pt = bpf_get_current_pid_tgid();
     r->h.type = type;
     r->h.len = n;
+    r->h.wire_len = wire_len > 0xffffffffULL ? 0xffffffff : (u32)wire_len;
     r->h.ts_ns = bpf_ktime_get_ns();
     r->h.sk = sk;
     r->h.pid = pt >> 32;
@@ -171,8 +158,10 @@ int bst_cap_conn_out(struct sys_exit_args *args)
         return 0;
     u64 key = cap_key(cc.fd);
     if (__builtin_bswap16(sa.port) == 53) {
-        u8 t = cc.is_tcp ? CAP_DNS_TCP : CAP_DNS_UDP;
-        cap_dns_fd.update(&key, &t);
+        struct cap_dns d = {};
+        d.kind = cc.is_tcp ? CAP_DNS_TCP : CAP_DNS_UDP;
+        d.sk = cc.is_tcp ? cc.sk : 0;
+        cap_dns_fd.update(&key, &d);
     } else {
         cap_dns_fd.delete(&key);
     }
@@ -222,7 +211,7 @@ static __always_inline void cap_write_in(u64 fd, u64 buf, u64 iov, u64 len)
         /* The first record is whole in this write: the hello is complete, stop after it. */
         whole = len >= 5 + (((u32)h[3] << 8) | h[4]);
     }
-    cap_emit(REC_TLS, t->sk, (u32)fd, buf, (long)(len > CAP_MAX ? CAP_MAX : len), 0, 0);
+    cap_emit(REC_TLS, t->sk, (u32)fd, buf, (long)(len > CAP_MAX ? CAP_MAX : len), 0, 0, len);
     t->writes += 1;
     t->bytes += len;
     if (whole || t->writes >= CAP_WRITES || t->bytes >= CAP_TOTAL)
@@ -267,9 +256,9 @@ static __always_inline void cap_io_out(long ret)
         return;
     u64 key = cap_key(io.fd);
 
-    u8 *kind = cap_dns_fd.lookup(&key);
-    if (kind) {
-        cap_emit(REC_DNS, 0, io.fd, buf, ret, *kind, 0);
+    struct cap_dns *d = cap_dns_fd.lookup(&key);
+    if (d) {
+        cap_emit(REC_DNS, d->sk, io.fd, buf, ret, (u8)d->kind, 0, ret);
         return;
     }
     /* Unconnected UDP: keep it only if the answer came from port 53. */
@@ -277,7 +266,7 @@ static __always_inline void cap_io_out(long ret)
     if (bpf_probe_read_user(&sa, sizeof(sa), (void *)io.name) != 0)
         return;
     if ((sa.family == BST_AF_INET || sa.family == BST_AF_INET6) && __builtin_bswap16(sa.port) == 53)
-        cap_emit(REC_DNS, 0, io.fd, buf, ret, CAP_DNS_UDP, &sa);
+        cap_emit(REC_DNS, 0, io.fd, buf, ret, CAP_DNS_UDP, &sa, ret);
 }
 
 static __always_inline u64 msg_iov(u64 umsg)

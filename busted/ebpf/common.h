@@ -37,64 +37,11 @@ struct bst_sockaddr {
 
 #define BST_MSG_PEEK 2
 
-/* Record types on the ring buffer. */
-#define REC_OPEN  1   /* flow attributed to a process: FlowOpened */
-#define REC_CLOSE 2   /* flow ended: FlowClosed (carries bytes) */
-
-/* flow.flags */
-#define FL_ATTRIBUTED  1   /* pid/comm/uid were taken in the owning process's context */
-#define FL_OPEN_SENT   2   /* a REC_OPEN was emitted */
-#define FL_HAVE_TUPLE  4   /* addresses/ports are filled */
-#define FL_MIDSTREAM   8   /* first seen after it began (flow predates the monitor) */
-#define FL_UNTRACKED  16   /* REC_CLOSE for a socket with no flow entry at all */
+/* The record layouts (struct flow, struct rec, struct cap_hdr), record types REC_*, flow flags
+ * FL_* and loss places LOSS_* are generated from busted/ebpf/layout.py and precede this file. */
 
 #define DIR_CONNECT 1
 #define DIR_ACCEPT  2
-
-/* Loss counters, indexed by place (matches busted.events.LossPlace). */
-#define LOSS_RING 1
-#define LOSS_MAP  2
-
-struct flow {
-    u64 open_ns;
-    u64 cgroup;
-    u64 sent;
-    u64 recv;
-    u64 fdkey;          /* (tgid << 32 | fd) when the syscall tier linked an fd, else 0 */
-    u32 pid;
-    u32 tid;
-    u32 uid;
-    u16 family;
-    u16 sport;
-    u16 dport;
-    u8 direction;
-    u8 flags;
-    u8 saddr[16];
-    u8 daddr[16];
-    char comm[16];
-};
-
-struct rec {
-    u32 type;
-    u32 flags;
-    u64 ts_ns;
-    u64 open_ns;
-    u64 sk;
-    u64 cgroup;
-    u64 sent;
-    u64 recv;
-    u32 pid;
-    u32 tid;
-    u32 uid;
-    u16 family;
-    u16 sport;
-    u16 dport;
-    u8 direction;
-    u8 pad;
-    u8 saddr[16];
-    u8 daddr[16];
-    char comm[16];
-};
 
 /* Syscall tracepoint records have one fixed layout (see any events/syscalls/sys_enter_x/format):
  * 8 bytes of common fields, the syscall number, then each argument in an 8-byte slot; exits carry
@@ -121,6 +68,8 @@ struct sys_exit_args {
 BPF_RINGBUF_OUTPUT(events, RINGBUF_PAGES);
 BPF_HASH(flows, u64, struct flow, MAX_FLOWS);
 BPF_PERCPU_ARRAY(losses, u64, 4);
+/* Sockets whose map-full loss was counted: one loss per flow, not one per send/receive. */
+BPF_TABLE("lru_hash", u64, u8, lost_socks, 4096);
 
 static __always_inline void count_loss(int place)
 {
@@ -128,6 +77,14 @@ static __always_inline void count_loss(int place)
     u64 *v = losses.lookup(&k);
     if (v)
         *v += 1;
+}
+
+/* The flows map is full: count the socket once, however often it sends or receives. */
+static __always_inline void count_map_loss(u64 sk)
+{
+    u8 one = 1;
+    if (lost_socks.insert(&sk, &one) == 0)
+        count_loss(LOSS_MAP);
 }
 
 /* Take process identity from the current task: only valid in the owning process's context. */
@@ -149,25 +106,11 @@ static __always_inline void emit(u32 type, u64 sk, struct flow *f)
         count_loss(LOSS_RING);
         return;
     }
-    r->type = type;
-    r->flags = f->flags;
-    r->ts_ns = bpf_ktime_get_ns();
-    r->open_ns = f->open_ns;
-    r->sk = sk;
-    r->cgroup = f->cgroup;
-    r->sent = f->sent;
-    r->recv = f->recv;
-    r->pid = f->pid;
-    r->tid = f->tid;
-    r->uid = f->uid;
-    r->family = f->family;
-    r->sport = f->sport;
-    r->dport = f->dport;
-    r->direction = f->direction;
-    r->pad = 0;
-    __builtin_memcpy(r->saddr, f->saddr, 16);
-    __builtin_memcpy(r->daddr, f->daddr, 16);
-    __builtin_memcpy(r->comm, f->comm, 16);
+    r->h.type = type;
+    r->h.pad = 0;
+    r->h.ts_ns = bpf_ktime_get_ns();
+    r->h.sk = sk;
+    __builtin_memcpy(&r->f, f, sizeof(struct flow));
     /* Opens wake the reader (it reads /proc while short-lived processes still exist); ends and
      * payload captures wait for its next timed drain. */
     events.ringbuf_submit(r, type == REC_OPEN ? 0 : BPF_RB_NO_WAKEUP);
@@ -179,7 +122,7 @@ static __always_inline struct flow *flow_insert(u64 sk, struct flow *init)
     if (flows.insert(&sk, init) != 0) {
         /* EEXIST (pointer reused without us seeing the end): overwrite; else the map is full. */
         if (flows.update(&sk, init) != 0) {
-            count_loss(LOSS_MAP);
+            count_map_loss(sk);
             return 0;
         }
     }

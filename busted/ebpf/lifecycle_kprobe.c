@@ -89,8 +89,10 @@ int bst_kp_close(struct pt_regs *ctx)
 {
     u64 sk = PT_REGS_PARM1(ctx);
     struct flow *f = flows.lookup(&sk);
-    if (!f)
+    if (!f) {
+        lost_socks.delete(&sk);
         return 0;
+    }
     emit(REC_CLOSE, sk, f);
     hook_flow_end(sk, f);
     flows.delete(&sk);

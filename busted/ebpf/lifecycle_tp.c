@@ -48,6 +48,7 @@ static __always_inline void flow_end(u64 sk, struct tuple *t)
     if (!f) {
         /* Never seen sending or receiving: if it predates us, user space may know it from its
          * sock_diag dump and wants to hear that it ended. */
+        lost_socks.delete(&sk);
         struct flow tmp = {};
         tmp.flags = FL_UNTRACKED | FL_MIDSTREAM;
         copy_tuple(&tmp, t);

@@ -1,35 +1,42 @@
-"""Decoder for the flow program's ring buffer records (``struct rec`` in common.h)."""
+"""Decoders for the ring buffer records, from the layouts in ``busted.ebpf.layout``.
+
+``decode_any(raw)`` dispatches on the record type (the first u32): flow records (open/close)
+become ``FlowRecord``, capture records (DNS answers, TLS hellos) ``CapRecord``.
+"""
 
 from __future__ import annotations
 
 import socket
 import struct
+from functools import lru_cache
 from typing import NamedTuple
 
+from busted.ebpf.layout import (
+    CAP_DNS_TCP,
+    CAP_HDR,
+    FL,
+    FLOW,
+    REC_CLOSE,
+    REC_DNS,
+    REC_HDR,
+    REC_OPEN,
+    REC_TLS,
+)
+
 __all__ = [
-    "CAP_HDR", "FL", "REC_CLOSE", "REC_DNS", "REC_OPEN", "REC_SIZE", "REC_TLS",
-    "CapRecord", "FlowRecord", "decode", "decode_capture",
+    "FL", "REC_CLOSE", "REC_DNS", "REC_OPEN", "REC_SIZE", "REC_TLS",
+    "CapRecord", "FlowRecord", "addr_text", "decode", "decode_any", "decode_capture", "decode_flow_value",
 ]
 
-REC_OPEN = 1
-REC_CLOSE = 2
-REC_DNS = 3  # capture.c: a DNS answer read by a process
-REC_TLS = 4  # capture.c: a client's first write(s) on a new TCP connection
-
-
-class FL:
-    ATTRIBUTED = 1
-    OPEN_SENT = 2
-    HAVE_TUPLE = 4
-    MIDSTREAM = 8
-    UNTRACKED = 16
-
-
-# Must match struct rec in common.h, field for field.
-_REC = struct.Struct("<IIQQQQQQIIIHHHBB16s16s16s")
+# A flow record: the header, then the flow. Both sizes are multiples of 8: no gap between them.
+_REC = struct.Struct("<" + REC_HDR.format + FLOW.format)
+_FLOW = FLOW.struct
+_CAP = CAP_HDR.struct
 REC_SIZE = _REC.size
+CAP_HDR_SIZE = _CAP.size
 
 _AF_INET = socket.AF_INET
+_AF_INET6 = socket.AF_INET6
 _V4MAPPED = b"\x00" * 10 + b"\xff\xff"
 
 
@@ -54,52 +61,10 @@ class FlowRecord(NamedTuple):
     comm: str
 
 
-_ADDR_MEMO: dict[tuple[int, bytes], tuple[int, str]] = {}
-
-
-def _addr(family: int, raw: bytes) -> tuple[int, str]:
-    """(4|6|0, text) for a 16-byte address field; memoized (bounded): peers repeat."""
-    key = (family, raw)
-    hit = _ADDR_MEMO.get(key)
-    if hit is None:
-        if len(_ADDR_MEMO) >= 4096:
-            _ADDR_MEMO.clear()
-        hit = _ADDR_MEMO[key] = _addr_text(family, raw)
-    return hit
-
-
-def _addr_text(family: int, raw: bytes) -> tuple[int, str]:
-    if family == _AF_INET:
-        return 4, socket.inet_ntop(_AF_INET, raw[:4])
-    if family == socket.AF_INET6:
-        if raw[:12] == _V4MAPPED:
-            return 4, socket.inet_ntop(_AF_INET, raw[12:16])
-        return 6, socket.inet_ntop(socket.AF_INET6, raw)
-    return 0, ""
-
-
-def decode(buf: bytes) -> FlowRecord:
-    """Decode one record. Raises ``struct.error`` on a short buffer (counted by the caller)."""
-    (typ, flags, ts, open_ns, sk, cg, sent, recv, pid, tid, uid, fam, sport, dport, direction, _pad,
-     saddr, daddr, comm) = _REC.unpack_from(buf)
-    f1, s = _addr(fam, saddr)
-    f2, d = _addr(fam, daddr)
-    return FlowRecord(
-        typ, flags, ts, open_ns, sk, cg, sent, recv, pid, tid, uid, f1 if f1 == f2 else max(f1, f2),
-        sport, dport, direction, s, d, comm.split(b"\0", 1)[0].decode("utf-8", "replace"),
-    )
-
-
-_DNS_TCP = 2
-
-# struct cap_hdr in capture.c
-CAP_HDR = struct.Struct("<IIQQIIIIHHB3x16s16s")
-
-
 class CapRecord(NamedTuple):
     type: int
     ts_ns: int
-    sk: int
+    sk: int  # the flow's socket (TLS, DNS over TCP), 0 when none
     pid: int
     tid: int
     uid: int
@@ -109,15 +74,68 @@ class CapRecord(NamedTuple):
     tcp: bool
     comm: str
     data: bytes
+    wire_len: int  # bytes the syscall moved; more than len(data) when the copy was truncated
+
+
+@lru_cache(maxsize=4096)  # peers repeat; this runs for both ends of every flow
+def addr_text(family: int, raw: bytes) -> tuple[int, str]:
+    """(4|6|0, text) for a 16-byte address field in AF_* numbering; v4-mapped IPv6 becomes 4."""
+    if family == _AF_INET:
+        return 4, socket.inet_ntop(_AF_INET, raw[:4])
+    if family == _AF_INET6:
+        if raw[:12] == _V4MAPPED:
+            return 4, socket.inet_ntop(_AF_INET, raw[12:16])
+        return 6, socket.inet_ntop(_AF_INET6, raw)
+    return 0, ""
+
+
+def _comm(raw: bytes) -> str:
+    return raw.split(b"\0", 1)[0].decode("utf-8", "replace")
+
+
+def decode(buf: bytes) -> FlowRecord:
+    """Decode one flow record. Raises ``struct.error`` on a short buffer (counted by the caller)."""
+    (typ, _pad, ts, sk, open_ns, cg, sent, recv, _fdkey, pid, tid, uid, fam, sport, dport, direction,
+     flags, saddr, daddr, comm, _tail) = _REC.unpack_from(buf)
+    f1, s = addr_text(fam, saddr)
+    f2, d = addr_text(fam, daddr)
+    return FlowRecord(
+        typ, flags, ts, open_ns, sk, cg, sent, recv, pid, tid, uid, f1 if f1 == f2 else max(f1, f2),
+        sport, dport, direction, s, d, _comm(comm),
+    )
+
+
+def decode_flow_value(buf: bytes) -> tuple[int, int, str, int, str, int]:
+    """(flags, family, saddr, sport, daddr, dport) of a ``flows`` map value (struct flow)."""
+    v = _FLOW.unpack_from(buf)
+    fam, sport, dport, flags, saddr, daddr = v[8], v[9], v[10], v[12], v[13], v[14]
+    f1, s = addr_text(fam, saddr)
+    _f2, d = addr_text(fam, daddr)
+    return flags, f1, s, sport, d, dport
 
 
 def decode_capture(buf: bytes) -> CapRecord:
-    typ, n, ts, sk, pid, tid, uid, fd, fam, port, transport, addr, comm = CAP_HDR.unpack_from(buf)
-    data = bytes(buf[CAP_HDR.size : CAP_HDR.size + n])
+    """Decode one capture record (header + payload). Raises ``struct.error`` when short."""
+    (typ, n, ts, sk, pid, tid, uid, fd, wire_len, fam, port, transport, addr, comm,
+     _tail) = _CAP.unpack_from(buf)
+    data = bytes(buf[_CAP.size : _CAP.size + n])
     peer = None
-    if fam == socket.AF_INET:
-        peer = socket.inet_ntop(socket.AF_INET, addr[:4])
-    elif fam == socket.AF_INET6:
-        peer = socket.inet_ntop(socket.AF_INET6, addr)
-    return CapRecord(typ, ts, sk, pid, tid, uid, fd, peer, port, transport == _DNS_TCP,
-                     comm.split(b"\0", 1)[0].decode("utf-8", "replace"), data)
+    if fam in (_AF_INET, _AF_INET6):
+        peer = addr_text(fam, addr)[1]
+    return CapRecord(typ, ts, sk, pid, tid, uid, fd, peer, port, transport == CAP_DNS_TCP,
+                     _comm(comm), data, max(wire_len, len(data)))
+
+
+_DECODERS = {REC_OPEN: decode, REC_CLOSE: decode, REC_DNS: decode_capture, REC_TLS: decode_capture}
+
+
+def decode_any(buf: bytes) -> FlowRecord | CapRecord:
+    """Decode a record of any type. Raises ``ValueError`` for an unknown type, ``struct.error``
+    for a short buffer."""
+    if len(buf) < 4:
+        raise struct.error("record shorter than its type")
+    typ = int.from_bytes(buf[:4], "little")
+    dec = _DECODERS.get(typ)
+    if dec is None:
+        raise ValueError(f"unknown record type {typ}")
+    return dec(buf)

@@ -1,0 +1,189 @@
+"""Wire layouts shared by the BPF programs and the Python decoder, declared once.
+
+Each layout is a list of (name, C type[, count]). From it come the C struct text that the loader
+puts in front of the BPF source (``c_definitions()``) and the ``struct.Struct`` the decoder uses,
+with the same offsets: padding the C compiler would add is declared explicitly on both sides, so
+the two cannot drift. The record type numbers, flow flags and loss places are generated here too.
+A kernel test compares these offsets with what BCC compiled (tests/kernel/test_layout.py).
+"""
+
+from __future__ import annotations
+
+import struct
+from dataclasses import dataclass
+
+__all__ = [
+    "CAP_DNS_TCP", "CAP_DNS_UDP", "CAP_HDR", "FL", "FLOW", "LOSS_MAP", "LOSS_MISS", "LOSS_RING",
+    "Layout", "REC_CLOSE", "REC_DNS", "REC_HDR", "REC_OPEN", "REC_TLS", "c_definitions",
+]
+
+_TYPES = {"u8": ("B", 1), "u16": ("H", 2), "u32": ("I", 4), "u64": ("Q", 8), "char": ("s", 1)}
+
+
+@dataclass(frozen=True)
+class Layout:
+    """A C struct as data. ``fields`` are (name, type, count); count > 1 makes an array (byte
+    arrays decode as ``bytes``). Padding is inserted where C would put it and named ``_padN``."""
+
+    name: str
+    fields: tuple[tuple[str, str, int], ...]
+
+    @staticmethod
+    def of(name: str, *spec: tuple) -> Layout:
+        out: list[tuple[str, str, int]] = []
+        off = 0
+        pads = 0
+        align = 1
+        for item in spec:
+            fname, ctype = item[0], item[1]
+            count = item[2] if len(item) > 2 else 1
+            size = _TYPES[ctype][1]
+            align = max(align, size)
+            if off % size:
+                gap = size - off % size
+                out.append((f"_pad{pads}", "u8", gap))
+                pads += 1
+                off += gap
+            out.append((fname, ctype, count))
+            off += size * count
+        if off % align:
+            out.append((f"_pad{pads}", "u8", align - off % align))
+        return Layout(name, tuple(out))
+
+    @property
+    def format(self) -> str:
+        parts = []
+        for _name, ctype, count in self.fields:
+            code = _TYPES[ctype][0]
+            if ctype in ("u8", "char") and count > 1:
+                parts.append(f"{count}s")
+            else:
+                parts.append(code * count if count > 1 else code)
+        return "".join(parts)
+
+    @property
+    def struct(self) -> struct.Struct:
+        return struct.Struct("<" + self.format)
+
+    @property
+    def size(self) -> int:
+        return self.struct.size
+
+    def offsets(self) -> dict[str, int]:
+        out = {}
+        off = 0
+        for name, ctype, count in self.fields:
+            out[name] = off
+            off += _TYPES[ctype][1] * count
+        return out
+
+    def pack(self, **values: int | bytes) -> bytes:
+        """Bytes of this struct with the named fields set (others zero): for tests and replays."""
+        unknown = set(values) - set(self.names())
+        if unknown:
+            raise KeyError(f"{self.name} has no field {sorted(unknown)}")
+        args = []
+        for name, ctype, count in self.fields:
+            blob = ctype in ("u8", "char") and count > 1
+            args.append(values.get(name, b"" if blob else 0))
+        return self.struct.pack(*args)
+
+    def names(self) -> tuple[str, ...]:
+        return tuple(n for n, _t, _c in self.fields)
+
+    def c_struct(self) -> str:
+        lines = [f"struct {self.name} {{"]
+        for name, ctype, count in self.fields:
+            lines.append(f"    {ctype} {name}[{count}];" if count > 1 else f"    {ctype} {name};")
+        lines.append("};")
+        return "\n".join(lines)
+
+
+# Record types on the ring buffer (the first u32 of every record).
+REC_OPEN = 1  # a flow attributed to a process: FlowOpened
+REC_CLOSE = 2  # a flow ended: FlowClosed (carries bytes)
+REC_DNS = 3  # capture: a DNS answer read by a process
+REC_TLS = 4  # capture: a client's first write(s) on a new TCP connection
+
+CAP_DNS_UDP = 1
+CAP_DNS_TCP = 2
+
+# Kernel loss counters, indexed by place (the values of busted.events.LossPlace).
+LOSS_RING = 1
+LOSS_MAP = 2
+LOSS_MISS = 6  # not counted by BPF: the kernel's per-program recursion misses, read by the loader
+
+
+class FL:
+    """flow.flags"""
+
+    ATTRIBUTED = 1  # pid/comm/uid were taken in the owning process's context
+    OPEN_SENT = 2  # a REC_OPEN was emitted
+    HAVE_TUPLE = 4  # addresses/ports are filled
+    MIDSTREAM = 8  # first seen after it began (the flow predates the monitor)
+    UNTRACKED = 16  # REC_CLOSE for a socket with no flow entry at all
+
+
+# The kernel's per-socket state (the `flows` map value) and what every flow record carries.
+FLOW = Layout.of(
+    "flow",
+    ("open_ns", "u64"),
+    ("cgroup", "u64"),
+    ("sent", "u64"),
+    ("recv", "u64"),
+    ("fdkey", "u64"),  # (tgid << 32 | fd) when the syscall tier linked an fd, else 0
+    ("pid", "u32"),
+    ("tid", "u32"),
+    ("uid", "u32"),
+    ("family", "u16"),
+    ("sport", "u16"),
+    ("dport", "u16"),
+    ("direction", "u8"),
+    ("flags", "u8"),
+    ("saddr", "u8", 16),
+    ("daddr", "u8", 16),
+    ("comm", "char", 16),
+)
+
+# A flow record is this header followed by the flow itself (one copy in emit()).
+REC_HDR = Layout.of(
+    "rec_hdr",
+    ("type", "u32"),
+    ("pad", "u32"),
+    ("ts_ns", "u64"),
+    ("sk", "u64"),
+)
+
+# A capture record is this header followed by `len` payload bytes.
+CAP_HDR = Layout.of(
+    "cap_hdr",
+    ("type", "u32"),
+    ("len", "u32"),  # payload bytes that follow (at most CAP_MAX)
+    ("ts_ns", "u64"),
+    ("sk", "u64"),  # the flow's socket (TLS, DNS over TCP); 0 for UDP DNS
+    ("pid", "u32"),
+    ("tid", "u32"),
+    ("uid", "u32"),
+    ("fd", "u32"),
+    ("wire_len", "u32"),  # what the syscall really moved: > len means the copy was truncated
+    ("family", "u16"),  # DNS: peer (resolver) address, when known
+    ("port", "u16"),
+    ("transport", "u8"),  # CAP_DNS_UDP / CAP_DNS_TCP
+    ("addr", "u8", 16),
+    ("comm", "char", 16),
+)
+
+
+def c_definitions() -> str:
+    """The C text for every layout and constant above (the loader prepends it to the program)."""
+    consts = [
+        ("REC_OPEN", REC_OPEN), ("REC_CLOSE", REC_CLOSE), ("REC_DNS", REC_DNS), ("REC_TLS", REC_TLS),
+        ("CAP_DNS_UDP", CAP_DNS_UDP), ("CAP_DNS_TCP", CAP_DNS_TCP),
+        ("LOSS_RING", LOSS_RING), ("LOSS_MAP", LOSS_MAP),
+    ] + [(f"FL_{k}", v) for k, v in vars(FL).items() if k.isupper()]
+    out = ["/* Generated from busted/ebpf/layout.py: edit it there. */"]
+    out += [f"#define {k} {v}" for k, v in consts]
+    for lay in (FLOW, REC_HDR, CAP_HDR):
+        out.append(lay.c_struct())
+    out.append("struct rec {\n    struct rec_hdr h;\n    struct flow f;\n};")
+    return "\n".join(out) + "\n"
