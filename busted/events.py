@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from typing import Any, ClassVar
 
 __all__ = [
+    "FLOW_IDENTITY",
     "Direction",
     "DnsAnswer",
     "DnsRecord",
@@ -58,6 +59,8 @@ class LossPlace(enum.IntEnum):
     KERNEL_MAP = 2  # a BPF map was full: a flow could not be tracked
     USER_QUEUE = 3  # the Monitor's bounded queue was full (consumer too slow)
     PARSE = 4  # captured bytes that no parser could read (malformed or truncated)
+    USER_TABLE = 5  # the flow table's bound: a flow's identity evicted before its end was seen
+    KERNEL_MISS = 6  # the kernel skipped a BPF program (recursion), or a flow end it never reported
 
 
 def _jsonable(v: Any) -> Any:
@@ -120,6 +123,11 @@ class FlowEvent(Event):
     confidence: float = 0.0
 
 
+#: The fields that identify a flow (who, where, what it is), in ``FlowEvent``'s order: every flow
+#: event carries them, flat in ``to_dict()``.
+FLOW_IDENTITY: tuple[str, ...] = tuple(f.name for f in dataclasses.fields(FlowEvent))
+
+
 @dataclass(frozen=True, kw_only=True)
 class FlowOpened(FlowEvent):
     kind: ClassVar[str] = "flow_opened"
@@ -175,6 +183,11 @@ class DnsAnswer(Event):
     rcode: str
     answers: tuple[DnsRecord, ...] = ()
     cname_chain: tuple[str, ...] = ()  # qname, alias1, alias2, ... as followed
+    # The catalog's provider for the name (or an alias on its chain); None: no provider's name.
+    # Flows to the answer's addresses carry it once they open (their FlowOpened.provider).
+    provider: str | None = None
+    # DNS over TCP: the flow that carried the answer; None over UDP.
+    flow_id: int | None = None
 
     @property
     def addresses(self) -> tuple[str, ...]:
@@ -183,18 +196,24 @@ class DnsAnswer(Event):
 
 @dataclass(frozen=True, kw_only=True)
 class TlsClientHello(Event):
-    """A TLS ClientHello parsed from the first bytes a client wrote on a flow."""
+    """A TLS ClientHello parsed from the first bytes a client wrote on a flow.
+
+    ``flow_id`` and the addresses join it to its flow; they are None when the flow's open was not
+    seen (filtered or lost). ``hostname``/``provider`` are the flow's classification after the
+    hello (the same values as the FlowClassified that may follow it).
+    """
 
     kind: ClassVar[str] = "tls_client_hello"
-    flow_id: int
+    flow_id: int | None
     pid: int
     comm: str
-    saddr: str
-    sport: int
-    daddr: str
-    dport: int
+    saddr: str | None = None
+    sport: int | None = None
+    daddr: str | None = None
+    dport: int | None = None
     sni: str | None
     alpn: tuple[str, ...] = ()
     versions: tuple[str, ...] = ()  # offered, e.g. ("TLS1.3", "TLS1.2")
     ja4: str = ""
-
+    hostname: str | None = None
+    provider: str | None = None

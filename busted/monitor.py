@@ -18,7 +18,6 @@ from __future__ import annotations
 import asyncio
 import collections
 import ctypes
-import dataclasses
 import hashlib
 import os
 import threading
@@ -29,27 +28,14 @@ from typing import Any, Protocol, TypeVar
 
 from busted.ebpf.plan import ProbePlan, choose_plan
 from busted.ebpf.probe import Capabilities, mount_tracefs, probe
-from busted.ebpf.records import FL, REC_CLOSE, REC_DNS, REC_OPEN, FlowRecord, decode, decode_capture
 from busted.errors import MonitorClosed, PermissionDenied, TracefsNotMounted
-from busted.events import (
-    Direction,
-    Event,
-    EventsLost,
-    Evidence,
-    FlowClassified,
-    FlowClosed,
-    FlowEvent,
-    FlowOpened,
-    LossPlace,
-)
+from busted.events import Event, EventsLost, FlowEvent, LossPlace
+from busted.flows import FlowTable
 from busted.procinfo import ProcCache
 
 __all__ = ["Monitor", "MonitorStats", "StopEvent"]
 
 E = TypeVar("E", bound=Event)
-
-
-_IDENTITY_FIELDS = tuple(f.name for f in dataclasses.fields(FlowEvent))
 
 
 class StopEvent(Protocol):
@@ -78,30 +64,6 @@ class MonitorStats:
         return dict(self.__dict__)
 
 
-_DIRECTIONS = {1: Direction.CONNECT, 2: Direction.ACCEPT}
-
-
-def _make(cls: type[E], fields: dict[str, Any]) -> E:
-    """Build a frozen event from a dict naming every field, without the dataclass ``__init__``
-    (one ``object.__setattr__`` per field): this runs for every flow. Tests compare the result
-    with a normally constructed instance."""
-    ev = object.__new__(cls)
-    ev.__dict__.update(fields)
-    return ev
-
-
-def _derive(cls: type[E], base: FlowEvent, **changes: Any) -> E:
-    """A ``cls`` event with ``base``'s flow identity and ``changes``, without re-running the frozen
-    dataclass ``__init__`` (25 ``object.__setattr__`` calls): the fields are the same names."""
-    ev = object.__new__(cls)
-    d = ev.__dict__
-    bd = base.__dict__
-    for k in _IDENTITY_FIELDS:
-        d[k] = bd[k]
-    d.update(changes)
-    return ev
-
-
 def _trim_heap() -> None:
     try:
         ctypes.CDLL("libc.so.6").malloc_trim(0)
@@ -119,6 +81,9 @@ def _boot_id() -> bytes:
 
 class Monitor:
     """Watch every TCP flow on the host. See the module docstring.
+
+    The Monitor owns the kernel program, the reader thread and the bounded queue; what a record
+    means (flows, their ids, parsers, losses) is decided by its ``FlowTable`` (busted.flows).
 
     Filters (all optional; a flow must match every one given): ``pid``, ``uid``, ``comm`` (exact),
     ``cgroup`` (cgroup v2 id), ``port`` (either end), ``netns`` (inode), ``family`` (4 or 6).
@@ -144,6 +109,7 @@ class Monitor:
         mount_tracefs: bool = False,
         classify: bool = True,
         catalog: Any = None,
+        sweep_interval: float = 30.0,
     ) -> None:
         self._force = probes
         self._filters = _Filters.build(pid=pid, uid=uid, comm=comm, cgroup=cgroup, port=port,
@@ -157,7 +123,7 @@ class Monitor:
         self._mount = mount_tracefs
         self._classify = classify
         self._catalog = catalog
-        self._enricher: Any = None
+        self._table: FlowTable | None = None
         self._stop = threading.Event()
         self._ready = threading.Event()
         self._thread: threading.Thread | None = None
@@ -167,14 +133,15 @@ class Monitor:
         self._closed = False
         self._started = False
         self._callbacks: list[tuple[type[Event], Callable[[Any], object]]] = []
-        self._open: dict[int, FlowEvent] = {}  # sk -> the flow's FlowOpened (identity)
-        self._pre: dict[tuple[str, int, str, int], FlowEvent] = {}
         self._proc = ProcCache()
         self._salt = int.from_bytes(hashlib.blake2b(_boot_id(), digest_size=8).digest(), "little")
         self._wall_offset = time.time() - time.monotonic()
         self._stats = MonitorStats(queue_size=self._queue_size)
-        self._kernel_lost: dict[int, int] = {}
+        self._next_sweep = 0.0
         self._user_lost_pending = 0
+        self._user_lost: dict[str, int] = {}
+        self._sweep_interval = sweep_interval
+        self._sweep_failed = False
         self._pending: list[Event] = []
         self._error: BaseException | None = None
         self.capabilities: Capabilities | None = None
@@ -208,10 +175,13 @@ class Monitor:
         self._program = FlowProgram(self.plan, ringbuf_bytes=self._ringbuf_bytes,
                                     max_flows=self._max_flows)
         _trim_heap()
+        enricher = None
         if self._classify:
             from busted.enrich import Enricher
 
-            self._enricher = Enricher(self._catalog)
+            enricher = Enricher(self._catalog)
+        self._table = FlowTable(enricher=enricher, proc=self._proc.get, salt=self._salt,
+                                wall_offset=self._wall_offset, max_flows=4 * self._max_flows)
         self._stats.plan = self.plan.describe()
         self._program.open_ring(self._on_record)
         self._started = True
@@ -244,7 +214,7 @@ class Monitor:
         self.close()
 
     async def __aenter__(self) -> Monitor:
-        return self.start()
+        return await asyncio.to_thread(self.start)  # the compile must not block the event loop
 
     async def __aexit__(self, *exc: object) -> None:
         self.close()
@@ -318,25 +288,33 @@ class Monitor:
 
     async def aevents(self, timeout: float | None = None,
                       stop_event: StopEvent | None = None) -> AsyncIterator[Event]:
-        """Async twin of ``events()``: waiting happens in a worker thread, never in the loop."""
+        """Async twin of ``events()``. Starting (the BPF compile, 1-2 s) and waiting happen in a
+        worker thread, never on the event loop; events are taken from the queue and ``on()``
+        callbacks run in the consuming task."""
         if not self._started:
-            self.start()
-        loop = asyncio.get_running_loop()
+            await asyncio.to_thread(self.start)
         idle_since = time.monotonic()
         while True:
             ev = self._pop()
-            if ev is None:
-                # _next waits at most ~0.1 s, so cancellation is noticed promptly
-                ev = await loop.run_in_executor(None, self._next, min(timeout, 0.1) if timeout is not None
-                                                else 0.1, stop_event, time.monotonic())
             if ev is not None:
                 yield ev
                 idle_since = time.monotonic()
                 continue
+            if self._error is not None:
+                err, self._error = self._error, None
+                raise err
             if self._closed or (stop_event is not None and stop_event.is_set()):
                 return
-            if timeout is not None and time.monotonic() - idle_since >= timeout:
+            left = None if timeout is None else idle_since + timeout - time.monotonic()
+            if left is not None and left <= 0:
                 return
+            # Wait at most 0.1 s per trip so cancellation and stop_event are noticed promptly.
+            await asyncio.to_thread(self._wait_ready, 0.1 if left is None else min(0.1, left))
+
+    def _wait_ready(self, seconds: float) -> None:
+        self._ready.clear()
+        if not self._queue and self._error is None and not self._closed:
+            self._ready.wait(seconds)
 
     def __aiter__(self) -> AsyncIterator[Event]:
         return self.aevents()
@@ -347,9 +325,16 @@ class Monitor:
     def stats(self) -> MonitorStats:
         s = self._stats
         s.queue_depth = len(self._queue)
-        s.open_flows = len(self._open)
+        t = self._table
+        if t is not None:
+            s.open_flows = t.open_flows
+            s.records = t.records
+            s.ignored = t.ignored
         s.proc_reads = self._proc.reads
-        return replace(s, lost=dict(s.lost), plan=dict(s.plan))
+        lost = dict(t.lost) if t is not None else {}
+        for k, v in self._user_lost.items():
+            lost[k] = lost.get(k, 0) + v
+        return replace(s, lost=lost, plan=dict(s.plan))
 
     # -- producing (reader thread) -----------------------------------------------------------
 
@@ -391,18 +376,8 @@ class Monitor:
 
     def _on_record(self, _ctx: int, data: int, size: int) -> int:
         # Called by BCC through ctypes: an exception here would only be printed, so keep it.
-        raw = ctypes.string_at(data, size)
         try:
-            if raw[0] >= REC_DNS:
-                self._on_capture(raw)
-                return self._room_left()
-            rec = decode(raw)
-        except Exception:
-            self._count_loss(LossPlace.PARSE, 1, "short kernel record")
-            return 0
-        self._stats.records += 1
-        try:
-            self._pending.extend(self._handle(rec))
+            self._pending.extend(self._table.feed(ctypes.string_at(data, size)))
         except Exception as exc:
             self._error = exc
             self._stop.set()
@@ -415,34 +390,6 @@ class Monitor:
         # Headroom: one record can become a few events (a synthesized open + its close, a hello
         # + its classification, several DNS messages in one TCP read).
         return -1 if len(self._pending) + len(self._queue) >= self._queue_size - 16 else 0
-
-    def _on_capture(self, raw: bytes) -> int:
-        self._stats.records += 1
-        enr = self._enricher
-        if enr is None:
-            return 0
-        rec = decode_capture(raw)
-        wall = self._wall(rec.ts_ns)
-        before = enr.parse_errors
-        try:
-            if rec.type == REC_DNS:
-                info = self._proc.get(rec.pid)
-                self._pending.extend(enr.on_dns(rec, wall, info.netns))
-            else:
-                flow = self._open.get(rec.sk)
-                evs = enr.on_tls(rec, wall, flow)
-                for ev in evs:
-                    if isinstance(ev, FlowClassified):
-                        self._open[rec.sk] = ev  # the close carries the classification
-                self._pending.extend(evs)
-        except Exception as exc:  # a parser bug must not stop the monitor: count it
-            enr.parse_errors += 1
-            self._count_loss(LossPlace.PARSE, 1, f"{type(exc).__name__}: {exc}")
-            return 0
-        if enr.parse_errors > before:
-            self._count_loss(LossPlace.PARSE, enr.parse_errors - before,
-                             "malformed DNS answer" if rec.type == REC_DNS else "malformed TLS ClientHello")
-        return 0
 
     def _flush_pending(self) -> None:
         if not self._pending:
@@ -460,7 +407,7 @@ class Monitor:
                 continue
             if room <= 0:
                 self._user_lost_pending += 1
-                self._stats.lost["USER_QUEUE"] = self._stats.lost.get("USER_QUEUE", 0) + 1
+                self._user_lost["USER_QUEUE"] = self._user_lost.get("USER_QUEUE", 0) + 1
                 continue
             q.append(ev)
             room -= 1
@@ -472,93 +419,44 @@ class Monitor:
         return EventsLost(ts_ns=ns, wall_time=ns / 1e9 + self._wall_offset, where=where, count=count,
                           detail=detail)
 
-    def _count_loss(self, where: LossPlace, n: int, detail: str = "") -> None:
-        self._stats.lost[where.name] = self._stats.lost.get(where.name, 0) + n
-        self._pending.append(self._loss_event(where, n, detail))
-
     def _check_kernel_losses(self) -> None:
         prog = self._program
-        if prog is None:
+        if prog is None or self._table is None:
             return
-        for place, total in prog.losses().items():
-            prev = self._kernel_lost.get(place, 0)
-            if total > prev:
-                self._kernel_lost[place] = total
-                where = LossPlace(place)
-                self._count_loss(where, total - prev,
-                                 "ring buffer full" if where == LossPlace.KERNEL_RING else "flow map full")
+        now = time.monotonic_ns()
+        self._pending.extend(self._table.kernel_losses(prog.losses(), now))
+        if time.monotonic() >= self._next_sweep:
+            self._next_sweep = time.monotonic() + self._sweep_interval
+            self._sweep(now)
         self._flush_pending()
 
-    # -- record -> events --------------------------------------------------------------------
+    def _sweep(self, now_ns: int) -> None:
+        """End flows whose socket no longer exists although the kernel never reported their end
+        (a BPF program the kernel skipped under load): without this the kernel map and our
+        table keep them forever. A flow is stale when its 4-tuple is absent from a sock_diag
+        dump taken after it was read from the kernel map."""
+        prog = self._program
+        table = self._table
+        try:
+            candidates = prog.flow_entries(older_than_ns=now_ns - int(self._sweep_interval * 1e9))
+            if not candidates:
+                return
+            from busted.preexisting import live_tuples
 
-    def _flow_id(self, sk: int, open_ns: int) -> int:
-        # (socket pointer, open time) is unique on this boot; the boot id salt keeps ids from two
-        # boots apart in one store. A multiplicative mix, not a hash call: this runs per flow.
-        return ((sk * 0x9E3779B97F4A7C15) ^ (open_ns * 0xC2B2AE3D27D4EB4F) ^ self._salt) & 0x7FFFFFFFFFFFFFFF
-
-    def _wall(self, ns: int) -> float:
-        return ns / 1e9 + self._wall_offset
-
-    def _opened(self, rec: FlowRecord, *, preexisting: bool = False) -> FlowEvent:
-        info = self._proc.get(rec.pid) if rec.flags & FL.ATTRIBUTED else None
-        ts = rec.open_ns or rec.ts_ns
-        wall = self._wall(ts)
-        netns = info.netns if info else None
-        if self._enricher is not None:
-            hostname, provider, evidence, confidence = self._enricher.classify_peer(netns, rec.daddr, rec.dport, wall)
-        else:
-            hostname, provider, evidence, confidence = None, None, Evidence.UNKNOWN, 0.0
-        return _make(FlowOpened, {
-            "ts_ns": ts, "wall_time": wall, "flow_id": self._flow_id(rec.sk, rec.open_ns),
-            "direction": _DIRECTIONS.get(rec.direction, Direction.UNKNOWN),
-            "pid": rec.pid, "tid": rec.tid, "uid": rec.uid, "comm": rec.comm,
-            "ppid": info.ppid if info else None, "exe": info.exe if info else None,
-            "cmdline": info.cmdline if info else None, "cgroup_id": rec.cgroup, "netns": netns,
-            "family": rec.family, "saddr": rec.saddr, "sport": rec.sport, "daddr": rec.daddr, "dport": rec.dport,
-            "preexisting": preexisting, "hostname": hostname, "provider": provider, "evidence": evidence,
-            "confidence": confidence,
-        })
-
-    def _closed_from(self, opened: FlowEvent, rec: FlowRecord) -> FlowClosed:
-        # Same identity as the open (or latest classification), new time and counts. Built by
-        # copying the frozen instance's fields directly: this runs for every flow.
-        return _derive(FlowClosed, opened, ts_ns=rec.ts_ns, wall_time=self._wall(rec.ts_ns),
-                       bytes_sent=rec.sent, bytes_received=rec.recv,
-                       duration_ns=0 if opened.preexisting else max(0, rec.ts_ns - opened.ts_ns))
-
-    def _handle(self, rec: FlowRecord) -> list[Event]:
-        if rec.type == REC_OPEN:
-            ev = self._opened(rec)
-            if len(self._open) >= 4 * self._max_flows:  # a lost close must not grow us forever
-                self._open.pop(next(iter(self._open)))
-                self._count_loss(LossPlace.KERNEL_RING, 1, "flow end never seen; identity evicted")
-            self._open[rec.sk] = ev
-            return [ev]
-        if rec.type != REC_CLOSE:
-            self._count_loss(LossPlace.PARSE, 1, f"unknown record type {rec.type}")
-            return []
-        opened = self._open.pop(rec.sk, None)
-        if self._enricher is not None:
-            self._enricher.forget_flow(rec.sk)
-        if opened is not None:
-            return [self._closed_from(opened, rec)]
-        key = (rec.saddr, rec.sport, rec.daddr, rec.dport)
-        if rec.flags & FL.MIDSTREAM:
-            pre = self._pre.pop(key, None)
-            if pre is None:
-                if rec.flags & FL.UNTRACKED or not rec.dport:
-                    self._stats.ignored += 1  # listener, or a socket we never saw carry data
-                    return []
-                # began before we started, ended before the dump saw it: report what we know
-                pre = self._opened(rec, preexisting=True)
-                return [pre, self._closed_from(pre, rec)]
-            if rec.flags & FL.ATTRIBUTED and pre.pid == 0:
-                pre = replace(pre, pid=rec.pid, tid=rec.tid, uid=rec.uid, comm=rec.comm)
-            return [self._closed_from(pre, rec)]
-        # An accepted flow nobody attributed before it ended (never read, written or closed by a
-        # process we saw): announce it now, then its end, so every close has an open.
-        opened = self._opened(rec)
-        return [opened, self._closed_from(opened, rec)]
+            live = live_tuples()
+        except Exception as exc:  # no sock_diag: nothing to compare with, say so once
+            if not self._sweep_failed:
+                self._sweep_failed = True
+                self._pending.append(self._loss_event(LossPlace.UNKNOWN, 0, f"stale-flow sweep off: {exc}"))
+            return
+        own = self._proc.get(os.getpid()).netns
+        for sk, (tup, sent, recv) in candidates.items():
+            flow = table.flow(sk)
+            # The dump sees this network namespace only: flows of others are left alone.
+            if tup in live or flow is None or flow.netns != own:
+                continue
+            if prog.forget_flow(sk):
+                self._pending.extend(table.expire(sk, now_ns, sent, recv))
 
     # -- flows that predate us ---------------------------------------------------------------
 
@@ -568,54 +466,14 @@ class Monitor:
         try:
             existing = dump_established()
         except Exception as exc:  # sock_diag unavailable: say so in the stream, keep going
-            self._count_loss(LossPlace.UNKNOWN, 0, f"preexisting flows not dumped: {exc}")
+            self._pending.append(self._loss_event(LossPlace.UNKNOWN, 0, f"preexisting flows not dumped: {exc}"))
+            self._flush_pending()
             return
         # Flows established after attach are already in the kernel map: not preexisting.
-        tracked = self._kernel_tuples()
+        tracked = {tup for tup, _s, _r in self._program.flow_entries().values()}
         owners = inode_owners({e.inode for e in existing if e.inode})
-        now = time.monotonic_ns()
-        for e in existing:
-            key = (e.saddr, e.sport, e.daddr, e.dport)
-            if key in tracked:
-                continue
-            pid = owners.get(e.inode, 0)
-            info = self._proc.get(pid) if pid else None
-            comm = ""
-            if pid:
-                try:
-                    with open(f"/proc/{pid}/comm") as f:
-                        comm = f.read().strip()
-                except OSError:
-                    pass
-            ev: FlowEvent = FlowOpened(
-                ts_ns=now, wall_time=self._wall(now),
-                flow_id=self._flow_id(e.inode, 0),
-                direction=Direction.ACCEPT if e.listening_port else Direction.CONNECT,
-                pid=pid, tid=pid, uid=e.uid, comm=comm,
-                ppid=info.ppid if info else None, exe=info.exe if info else None,
-                cmdline=info.cmdline if info else None, netns=info.netns if info else None,
-                family=e.family, saddr=e.saddr, sport=e.sport, daddr=e.daddr, dport=e.dport,
-                preexisting=True,
-            )
-            if self._enricher is not None:
-                ev = self._enricher.classify_flow(ev)
-            self._pre[key] = ev
-            self._pending.append(ev)
+        self._pending.extend(self._table.preexisting(existing, owners, tracked, time.monotonic_ns()))
         self._flush_pending()
-
-    def _kernel_tuples(self) -> set[tuple[str, int, str, int]]:
-        from busted.ebpf.records import _addr
-
-        out = set()
-        try:
-            for _k, v in self._program.bpf[b"flows"].items():
-                if v.flags & FL.HAVE_TUPLE and not v.flags & FL.MIDSTREAM:
-                    _, s = _addr(v.family, bytes(v.saddr))
-                    _, d = _addr(v.family, bytes(v.daddr))
-                    out.add((s, v.sport, d, v.dport))
-        except Exception:
-            pass
-        return out
 
 
 class _Filters:

@@ -6,12 +6,13 @@ netlink socket. Owners come from /proc/<pid>/fd links ("socket:[inode]").
 
 from __future__ import annotations
 
-import ipaddress
 import os
 import socket
 from typing import NamedTuple
 
-__all__ = ["ExistingFlow", "dump_established", "inode_owners"]
+from busted.classify.providers import parse_ip
+
+__all__ = ["ExistingFlow", "dump_established", "inode_owners", "live_tuples"]
 
 _TCP_ESTABLISHED = 1
 _TCP_LISTEN = 10
@@ -29,25 +30,33 @@ class ExistingFlow(NamedTuple):
 
 
 def _norm(addr: str) -> tuple[int, str]:
-    ip = ipaddress.ip_address(addr)
-    if ip.version == 6 and ip.ipv4_mapped is not None:
-        return 4, str(ip.ipv4_mapped)
+    ip = parse_ip(addr)  # v4-mapped IPv6 becomes IPv4, as in kernel records
+    if ip is None:
+        return 0, addr
     return ip.version, str(ip)
 
 
 def dump_established() -> list[ExistingFlow]:
-    """Every ESTABLISHED TCP socket of this network namespace (IPv4 and IPv6).
+    """Every ESTABLISHED TCP socket of this network namespace (IPv4 and IPv6)."""
+    return _in_thread(_dump)
 
-    pyroute2 drives its sockets with an asyncio loop of its own, which fails inside a thread that
-    already runs one (Jupyter, ``async with Monitor()``): the dump runs in a short-lived thread.
-    """
+
+def live_tuples() -> set[tuple[str, int, str, int]]:
+    """(saddr, sport, daddr, dport) of every TCP socket of this network namespace that still
+    exists, in any state: what the stale-flow sweep compares the kernel map with."""
+    return _in_thread(_dump_all)
+
+
+def _in_thread(fn):  # type: ignore[no-untyped-def]
+    """pyroute2 drives its sockets with an asyncio loop of its own, which fails inside a thread that
+    already runs one (Jupyter, ``async with Monitor()``): the dump runs in a short-lived thread."""
     import threading
 
     box: list = []
 
     def run() -> None:
         try:
-            box.append(_dump())
+            box.append(fn())
         except BaseException as exc:  # re-raised in the caller's thread
             box.append(exc)
 
@@ -81,6 +90,19 @@ def _dump() -> list[ExistingFlow]:
             ExistingFlow(fam, s, sport, d, m.get("idiag_dport"), m.get("idiag_inode"),
                          m.get("idiag_uid"), sport in listen_ports)
         )
+    return out
+
+
+def _dump_all() -> set[tuple[str, int, str, int]]:
+    from pyroute2 import DiagSocket
+
+    out: set[tuple[str, int, str, int]] = set()
+    with DiagSocket() as ds:
+        ds.bind()
+        for fam in (socket.AF_INET, socket.AF_INET6):
+            for m in ds.get_sock_stats(family=fam, states=0xFFFF & ~(1 << _TCP_LISTEN)):
+                out.add((_norm(m.get("idiag_src"))[1], m.get("idiag_sport"),
+                         _norm(m.get("idiag_dst"))[1], m.get("idiag_dport")))
     return out
 
 

@@ -24,6 +24,7 @@ class ProcInfo(NamedTuple):
     cmdline: tuple[str, ...] | None
     netns: int | None
     start_ticks: int | None
+    comm: str | None = None
 
 
 _MISSING = ProcInfo(None, None, None, None, None)
@@ -37,7 +38,9 @@ def read_proc(pid: int, root: str = "/proc") -> ProcInfo:
     except OSError:
         return _MISSING
     # comm may contain spaces and parentheses: fields start after the last ')'.
-    rest = stat[stat.rfind(b")") + 2 :].split()
+    close = stat.rfind(b")")
+    comm = stat[stat.find(b"(") + 1 : close].decode("utf-8", "replace")
+    rest = stat[close + 2 :].split()
     try:
         ppid = int(rest[1])
         start = int(rest[19])
@@ -62,7 +65,7 @@ def read_proc(pid: int, root: str = "/proc") -> ProcInfo:
         netns: int | None = int(link[link.index("[") + 1 : -1])
     except (OSError, ValueError):
         netns = None
-    return ProcInfo(ppid, exe, cmd, netns, start)
+    return ProcInfo(ppid, exe, cmd, netns, start, comm)
 
 
 class ProcCache:

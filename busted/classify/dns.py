@@ -89,8 +89,20 @@ class TcpDnsFramer:
 
     def __init__(self) -> None:
         self._buf = bytearray()
+        self._skip = 0  # bytes still to come of a message whose middle was lost
+        self.lost = False  # framing lost for good (bytes we never saw held a length prefix)
 
-    def feed(self, data: bytes) -> list[bytes]:
+    def feed(self, data: bytes, missing: int = 0) -> list[bytes]:
+        """Whole messages completed by ``data``. ``missing`` > 0 says that many bytes followed
+        ``data`` on the wire but were not captured (a truncated copy): the message they fall in
+        is dropped and framing continues after it; if they reach past it (or hold a length
+        prefix), the stream cannot be followed and later feeds return nothing (``lost`` is set)."""
+        if self.lost:
+            return []
+        if self._skip:
+            n = min(self._skip, len(data))
+            self._skip -= n
+            data = data[n:]
         self._buf += data
         out: list[bytes] = []
         while len(self._buf) >= 2:
@@ -103,6 +115,13 @@ class TcpDnsFramer:
             out.append(bytes(self._buf[2 : 2 + n]))
             del self._buf[: 2 + n]
         if len(self._buf) > self.MAX:  # cannot happen with a valid prefix; keep the bound anyway
+            self._buf.clear()
+        if missing > 0:
+            rest = 2 + ((self._buf[0] << 8) | self._buf[1]) - len(self._buf) if len(self._buf) >= 2 else 0
+            if 0 < missing <= rest:
+                self._skip = rest - missing
+            else:
+                self.lost = True
             self._buf.clear()
         return out
 

@@ -21,7 +21,9 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-__all__ = ["CATEGORIES", "Catalog", "Provider", "ProviderMatch"]
+from cachetools import LRUCache
+
+__all__ = ["CATEGORIES", "Catalog", "Provider", "ProviderMatch", "parse_ip"]
 
 CATEGORIES = ("hosted", "cloud", "gateway", "local")
 
@@ -78,7 +80,7 @@ class ProviderMatch:
 _MISS = object()
 
 
-def _parse_ip(ip: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
+def parse_ip(ip: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
     """The address, with v4-mapped IPv6 (::ffff:a.b.c.d) as IPv4; None if it is not one."""
     try:
         addr = ipaddress.ip_address(ip)
@@ -92,7 +94,7 @@ def _parse_ip(ip: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
 @functools.lru_cache(maxsize=4096)
 def _is_local(ip: str) -> bool:
     """Loopback, private or link-local: where a local model server would listen."""
-    addr = _parse_ip(ip)
+    addr = parse_ip(ip)
     return addr is not None and (addr.is_loopback or addr.is_private or addr.is_link_local)
 
 
@@ -188,7 +190,8 @@ class Catalog:
             for port in p.ports:
                 self._ports[port] = p
         self._prefixes = sorted(self._nets, reverse=True)
-        self._ip_memo: dict[str, ProviderMatch | None] = {}
+        # Addresses repeat and parsing them is the cost: a bounded memo.
+        self._ip_memo: LRUCache[str, ProviderMatch | None] = LRUCache(maxsize=8192)
 
     # -- matching ----------------------------------------------------------------------------
 
@@ -216,14 +219,11 @@ class Catalog:
         hit = self._ip_memo.get(ip, _MISS)
         if hit is not _MISS:
             return hit
-        res = self._match_ip(ip)
-        if len(self._ip_memo) >= 8192:  # bounded memo: addresses repeat, parsing them does not need to
-            self._ip_memo.clear()
-        self._ip_memo[ip] = res
+        res = self._ip_memo[ip] = self._match_ip(ip)
         return res
 
     def _match_ip(self, ip: str) -> ProviderMatch | None:
-        addr = _parse_ip(ip)
+        addr = parse_ip(ip)
         if addr is None:
             return None
         value, bits = int(addr), (32 if addr.version == 4 else 128)

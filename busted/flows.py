@@ -1,0 +1,345 @@
+"""The flow table: kernel records in, typed events out. Sans-I/O.
+
+``FlowTable.feed(raw)`` takes one ring-buffer record (bytes) and returns the events it makes. The
+table owns everything that is per flow: the open flows and those that predate the monitor, flow
+ids, the capture parsers' state (a ClientHello split over writes, DNS over TCP framing) and the
+loss accounting. It reads nothing by itself: process details come from the ``proc`` function and
+classification from an ``Enricher``, both given to it, so it can be driven by plain records in a
+test or a notebook. The Monitor owns the threads, the kernel program and the queue.
+
+Flow identity: ``(socket pointer, open time)`` names a flow on one boot; ``flow_id`` mixes it with
+a per-boot salt. Every event about a flow carries that id.
+"""
+
+from __future__ import annotations
+
+import struct
+from collections import Counter
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any, TypeVar
+
+from cachetools import LRUCache
+
+from busted.classify.dns import TcpDnsFramer, parse_dns
+from busted.classify.tls import ClientHelloInfo, ClientHelloParser, NeedMore
+from busted.ebpf.layout import FL, REC_CLOSE, REC_DNS, REC_OPEN
+from busted.ebpf.records import CapRecord, FlowRecord, decode_any
+from busted.events import (
+    FLOW_IDENTITY,
+    Direction,
+    Event,
+    EventsLost,
+    Evidence,
+    FlowClassified,
+    FlowClosed,
+    FlowEvent,
+    FlowOpened,
+    LossPlace,
+    TlsClientHello,
+)
+from busted.procinfo import ProcInfo
+
+__all__ = ["FlowTable"]
+
+E = TypeVar("E", bound=Event)
+
+_DIRECTIONS = {1: Direction.CONNECT, 2: Direction.ACCEPT}
+_NO_PROC = ProcInfo(None, None, None, None, None)
+
+
+def _make(cls: type[E], fields: dict[str, Any]) -> E:
+    """A frozen event from a dict naming every field, without the dataclass ``__init__`` (one
+    ``object.__setattr__`` per field): this runs for every flow. Tests compare the result with a
+    normally constructed instance."""
+    ev = object.__new__(cls)
+    ev.__dict__.update(fields)
+    return ev
+
+
+def _derive(cls: type[E], base: FlowEvent, **changes: Any) -> E:
+    """A ``cls`` event with ``base``'s flow identity and ``changes`` (same trick as ``_make``)."""
+    ev = object.__new__(cls)
+    d = ev.__dict__
+    bd = base.__dict__
+    for k in FLOW_IDENTITY:
+        d[k] = bd[k]
+    d.update(changes)
+    return ev
+
+
+class _Flow:
+    """One open flow: its identity (the latest FlowOpened/FlowClassified) and parser state."""
+
+    __slots__ = ("ev", "hello", "hello_done", "dns")
+
+    def __init__(self, ev: FlowEvent | None) -> None:
+        self.ev = ev
+        self.hello: ClientHelloParser | None = None
+        self.hello_done = False
+        self.dns: TcpDnsFramer | None = None
+
+
+class FlowTable:
+    """Kernel records -> events. Not thread-safe: one reader feeds it.
+
+    ``proc(pid)`` returns a ``ProcInfo`` (the Monitor passes its /proc cache); ``enricher`` (None:
+    no classification, no capture parsing) classifies peers. ``max_flows`` bounds the open-flow
+    table (4x the kernel map's size: the kernel is the first bound); an identity evicted before its
+    end was seen is a counted ``USER_TABLE`` loss.
+    """
+
+    def __init__(self, *, enricher: Any = None, proc: Callable[[int], ProcInfo] | None = None,
+                 salt: int = 0, wall_offset: float = 0.0, max_flows: int = 4 * 65536,
+                 max_streams: int = 4096) -> None:
+        self.enricher = enricher
+        self._proc = proc or (lambda _pid: _NO_PROC)
+        self._salt = salt
+        self._wall_offset = wall_offset
+        self._max_flows = max_flows
+        self._open: dict[int, _Flow] = {}  # sk -> flow
+        self._pre: dict[tuple[str, int, str, int], FlowEvent] = {}  # 4-tuple -> pre-existing flow
+        # Capture state for sockets with no open flow (its open was filtered out or lost).
+        self._orphans: LRUCache[int, _Flow] = LRUCache(maxsize=max_streams)
+        self.lost: Counter[str] = Counter()
+        self.records = 0
+        self.ignored = 0  # records for sockets never tracked (listeners, pre-start leftovers)
+        self._kernel_seen: dict[int, int] = {}
+
+    # -- in ------------------------------------------------------------------------------------
+
+    def feed(self, raw: bytes) -> list[Event]:
+        """Events made by one kernel record. Never raises for bad input: it is a counted loss."""
+        self.records += 1
+        try:
+            rec = decode_any(raw)
+        except (struct.error, ValueError) as exc:
+            return [self.loss(LossPlace.PARSE, 1, f"kernel record: {exc}")]
+        if isinstance(rec, CapRecord):
+            return self._capture(rec)
+        if rec.type == REC_OPEN:
+            return self._on_open(rec)
+        return self._on_close(rec)
+
+    @property
+    def open_flows(self) -> int:
+        return len(self._open)
+
+    def flow(self, sk: int) -> FlowEvent | None:
+        """The latest identity of the open flow on socket ``sk``."""
+        f = self._open.get(sk)
+        return f.ev if f is not None else None
+
+    # -- losses --------------------------------------------------------------------------------
+
+    def loss(self, where: LossPlace, count: int, detail: str = "", ts_ns: int = 0) -> EventsLost:
+        """Count a loss and return the event that reports it."""
+        self.lost[where.name] += count
+        return EventsLost(ts_ns=ts_ns, wall_time=self.wall(ts_ns) if ts_ns else 0.0, where=where,
+                          count=count, detail=detail)
+
+    def kernel_losses(self, totals: Mapping[int, int], ts_ns: int) -> list[Event]:
+        """Events for the growth of the kernel's cumulative loss counters (by LossPlace value)."""
+        out: list[Event] = []
+        details = {LossPlace.KERNEL_RING: "ring buffer full", LossPlace.KERNEL_MAP: "flow map full",
+                   LossPlace.KERNEL_MISS: "BPF program skipped by the kernel (recursion)"}
+        for place, total in totals.items():
+            prev = self._kernel_seen.get(place, 0)
+            if total > prev:
+                self._kernel_seen[place] = total
+                where = LossPlace(place)
+                out.append(self.loss(where, total - prev, details.get(where, ""), ts_ns))
+        return out
+
+    def wall(self, ns: int) -> float:
+        return ns / 1e9 + self._wall_offset
+
+    # -- flows ---------------------------------------------------------------------------------
+
+    def flow_id(self, sk: int, open_ns: int) -> int:
+        # A multiplicative mix, not a hash call: this runs per flow. The salt (from the boot id)
+        # keeps ids of two boots apart in one store.
+        return ((sk * 0x9E3779B97F4A7C15) ^ (open_ns * 0xC2B2AE3D27D4EB4F) ^ self._salt) & 0x7FFFFFFFFFFFFFFF
+
+    def _opened(self, rec: FlowRecord, *, preexisting: bool = False) -> FlowEvent:
+        info = self._proc(rec.pid) if rec.flags & FL.ATTRIBUTED else _NO_PROC
+        ts = rec.open_ns or rec.ts_ns
+        wall = self.wall(ts)
+        netns = info.netns
+        enr = self.enricher
+        if enr is not None:
+            hostname, provider, evidence, confidence = enr.classify_peer(netns, rec.daddr, rec.dport, wall)
+        else:
+            hostname, provider, evidence, confidence = None, None, Evidence.UNKNOWN, 0.0
+        return _make(FlowOpened, {
+            "ts_ns": ts, "wall_time": wall, "flow_id": self.flow_id(rec.sk, rec.open_ns),
+            "direction": _DIRECTIONS.get(rec.direction, Direction.UNKNOWN),
+            "pid": rec.pid, "tid": rec.tid, "uid": rec.uid, "comm": rec.comm,
+            "ppid": info.ppid, "exe": info.exe, "cmdline": info.cmdline, "cgroup_id": rec.cgroup,
+            "netns": netns, "family": rec.family, "saddr": rec.saddr, "sport": rec.sport,
+            "daddr": rec.daddr, "dport": rec.dport, "preexisting": preexisting, "hostname": hostname,
+            "provider": provider, "evidence": evidence, "confidence": confidence,
+        })
+
+    def _closed(self, opened: FlowEvent, rec: FlowRecord) -> FlowClosed:
+        return _derive(FlowClosed, opened, ts_ns=rec.ts_ns, wall_time=self.wall(rec.ts_ns),
+                       bytes_sent=rec.sent, bytes_received=rec.recv,
+                       duration_ns=0 if opened.preexisting else max(0, rec.ts_ns - opened.ts_ns))
+
+    def _on_open(self, rec: FlowRecord) -> list[Event]:
+        ev = self._opened(rec)
+        out: list[Event] = [ev]
+        if len(self._open) >= self._max_flows:  # a lost end must not grow us forever
+            self._open.pop(next(iter(self._open)))
+            out.append(self.loss(LossPlace.USER_TABLE, 1, "flow end never seen; identity evicted", rec.ts_ns))
+        flow = self._orphans.pop(rec.sk, None) or _Flow(None)
+        flow.ev = ev
+        self._open[rec.sk] = flow
+        return out
+
+    def _on_close(self, rec: FlowRecord) -> list[Event]:
+        if rec.type != REC_CLOSE:
+            return [self.loss(LossPlace.PARSE, 1, f"unknown record type {rec.type}", rec.ts_ns)]
+        self._orphans.pop(rec.sk, None)
+        flow = self._open.pop(rec.sk, None)
+        if flow is not None and flow.ev is not None:
+            return [self._closed(flow.ev, rec)]
+        key = (rec.saddr, rec.sport, rec.daddr, rec.dport)
+        if rec.flags & FL.MIDSTREAM:
+            pre = self._pre.pop(key, None)
+            if pre is None:
+                if rec.flags & FL.UNTRACKED or not rec.dport:
+                    self.ignored += 1  # a listener, or a socket we never saw carry data
+                    return []
+                # Began before we started, ended before the dump saw it: report what we know.
+                pre = self._opened(rec, preexisting=True)
+                return [pre, self._closed(pre, rec)]
+            if rec.flags & FL.ATTRIBUTED and pre.pid == 0:
+                pre = _derive(FlowOpened, pre, pid=rec.pid, tid=rec.tid, uid=rec.uid, comm=rec.comm)
+            return [self._closed(pre, rec)]
+        # An accepted flow nobody attributed before it ended (never read, written or closed by a
+        # process we saw): announce it now, then its end, so every close has an open.
+        opened = self._opened(rec)
+        return [opened, self._closed(opened, rec)]
+
+    def expire(self, sk: int, ts_ns: int, sent: int = 0, recv: int = 0) -> list[Event]:
+        """End the open flow on ``sk`` whose end the kernel never reported (its socket is gone):
+        its close, with the bytes last counted, and a counted loss saying so."""
+        flow = self._open.pop(sk, None)
+        self._orphans.pop(sk, None)
+        if flow is None or flow.ev is None:
+            return []
+        rec = FlowRecord(REC_CLOSE, 0, ts_ns, 0, sk, 0, sent, recv, 0, 0, 0, 0, 0, 0, 0, "", "", "")
+        return [self.loss(LossPlace.KERNEL_MISS, 1, "flow end missed by the kernel; closed by the sweep",
+                          ts_ns), self._closed(flow.ev, rec)]
+
+    # -- flows that predate the monitor ----------------------------------------------------------
+
+    def preexisting(self, existing: Iterable[Any], owners: Mapping[int, int],
+                    tracked: set[tuple[str, int, str, int]], ts_ns: int) -> list[Event]:
+        """FlowOpened(preexisting=True) for each dumped flow (``ExistingFlow``) the kernel does not
+        already track; ``owners`` maps socket inodes to pids."""
+        out: list[Event] = []
+        wall = self.wall(ts_ns)
+        for e in existing:
+            key = (e.saddr, e.sport, e.daddr, e.dport)
+            if key in tracked:
+                continue
+            pid = owners.get(e.inode, 0)
+            info = self._proc(pid) if pid else _NO_PROC
+            ev: FlowEvent = FlowOpened(
+                ts_ns=ts_ns, wall_time=wall, flow_id=self.flow_id(e.inode, 0),
+                direction=Direction.ACCEPT if e.listening_port else Direction.CONNECT,
+                pid=pid, tid=pid, uid=e.uid, comm=getattr(info, "comm", None) or "",
+                ppid=info.ppid, exe=info.exe, cmdline=info.cmdline, netns=info.netns,
+                family=e.family, saddr=e.saddr, sport=e.sport, daddr=e.daddr, dport=e.dport,
+                preexisting=True,
+            )
+            if self.enricher is not None:
+                ev = self.enricher.classify_flow(ev)
+            self._pre[key] = ev
+            out.append(ev)
+        return out
+
+    # -- captured payloads -------------------------------------------------------------------------
+
+    def _state(self, sk: int) -> _Flow:
+        flow = self._open.get(sk)
+        if flow is None:
+            flow = self._orphans.get(sk)
+            if flow is None:
+                flow = self._orphans[sk] = _Flow(None)
+        return flow
+
+    def _capture(self, rec: CapRecord) -> list[Event]:
+        if self.enricher is None:
+            return []
+        try:
+            if rec.type == REC_DNS:
+                return self._dns(rec)
+            return self._tls(rec)
+        except Exception as exc:  # a parser bug must not stop the monitor: count it
+            return [self.loss(LossPlace.PARSE, 1, f"{type(exc).__name__}: {exc}", rec.ts_ns)]
+
+    def _dns(self, rec: CapRecord) -> list[Event]:
+        truncated = rec.wire_len > len(rec.data)
+        out: list[Event] = []
+        flow = None
+        if rec.tcp:
+            flow = self._state(rec.sk) if rec.sk else None
+            framer = flow.dns if flow is not None else None
+            if framer is None:
+                framer = TcpDnsFramer()
+                if flow is not None:
+                    flow.dns = framer
+            messages = framer.feed(rec.data, missing=rec.wire_len - len(rec.data))
+            if truncated:
+                out.append(self.loss(LossPlace.PARSE, 1, f"DNS over TCP read of {rec.wire_len} bytes "
+                                     f"truncated to {len(rec.data)}; framing resynchronised", rec.ts_ns))
+        else:
+            if truncated:  # a UDP datagram cut short cannot be parsed
+                return [self.loss(LossPlace.PARSE, 1, f"DNS answer of {rec.wire_len} bytes truncated "
+                                  f"to {len(rec.data)}", rec.ts_ns)]
+            messages = [rec.data]
+        wall = self.wall(rec.ts_ns)
+        netns = self._proc(rec.pid).netns
+        flow_id = flow.ev.flow_id if flow is not None and flow.ev is not None else None
+        for wire in messages:
+            info = parse_dns(wire)
+            if info is None:
+                out.append(self.loss(LossPlace.PARSE, 1, "malformed DNS answer", rec.ts_ns))
+                continue
+            if not info.is_response:
+                continue
+            out.append(self.enricher.dns_answer(rec, info, wall, netns, flow_id))
+        return out
+
+    def _tls(self, rec: CapRecord) -> list[Event]:
+        flow = self._state(rec.sk)
+        if flow.hello_done:  # later writes of a flow whose hello is already parsed
+            return []
+        if flow.hello is None:
+            flow.hello = ClientHelloParser()
+        res = flow.hello.feed(rec.data)
+        if isinstance(res, NeedMore):
+            return []
+        flow.hello = None
+        flow.hello_done = True
+        if not isinstance(res, ClientHelloInfo):
+            return [self.loss(LossPlace.PARSE, 1, "malformed TLS ClientHello", rec.ts_ns)]
+        wall = self.wall(rec.ts_ns)
+        opened = flow.ev
+        new = None
+        if opened is not None and res.sni:
+            new = self.enricher.reclassify(opened, res.sni, wall)
+        cur = new or opened
+        out: list[Event] = [TlsClientHello(
+            ts_ns=rec.ts_ns, wall_time=wall, flow_id=cur.flow_id if cur else None, pid=rec.pid,
+            comm=rec.comm, saddr=cur.saddr if cur else None, sport=cur.sport if cur else None,
+            daddr=cur.daddr if cur else None, dport=cur.dport if cur else None, sni=res.sni,
+            alpn=tuple(res.alpn), versions=tuple(res.versions), ja4=res.ja4,
+            hostname=cur.hostname if cur else None, provider=cur.provider if cur else None,
+        )]
+        if new is not None and opened is not None:
+            flow.ev = _derive(FlowClassified, new, ts_ns=rec.ts_ns, wall_time=wall)
+            out.append(flow.ev)
+        return out
