@@ -9,11 +9,14 @@ from __future__ import annotations
 
 import ctypes
 import os
+import struct
 import time
 from collections.abc import Callable
 from importlib import resources
 
+from busted.ebpf.layout import FL, FLOW, LOSS_MAP, LOSS_MISS, LOSS_RING, c_definitions
 from busted.ebpf.plan import ProbePlan
+from busted.ebpf.records import decode_flow_value
 from busted.errors import (
     BccNotInstalled,
     KernelHeadersMissing,
@@ -76,6 +79,33 @@ _KP_ATTACH = {
 }
 
 
+_FLOW_HEAD = struct.Struct("<QQQQ")  # struct flow starts with open_ns, cgroup, sent, recv
+assert FLOW.offsets()["recv"] == 24
+
+# bpf(BPF_OBJ_GET_INFO_BY_FD) reads struct bpf_prog_info (uapi): recursion_misses sits at byte 208.
+_BPF_SYSCALL = {"x86_64": 321, "aarch64": 280}.get(os.uname().machine)
+_BPF_OBJ_GET_INFO_BY_FD = 15
+_PROG_INFO_SIZE = 232
+_RECURSION_MISSES_AT = 208
+
+
+def prog_recursion_misses(fd: int) -> int:
+    """recursion_misses of the BPF program behind ``fd`` (kernel >= 5.12), 0 if unreadable."""
+    if _BPF_SYSCALL is None:
+        return 0
+    info = ctypes.create_string_buffer(_PROG_INFO_SIZE)
+    attr = struct.pack("<IIQ", fd, _PROG_INFO_SIZE, ctypes.addressof(info))
+    abuf = ctypes.create_string_buffer(attr, len(attr))
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.syscall(_BPF_SYSCALL, _BPF_OBJ_GET_INFO_BY_FD, abuf, len(attr)) != 0:
+        return 0
+    # The kernel writes back how much it filled: older kernels stop before the field.
+    filled = struct.unpack_from("<I", abuf.raw, 4)[0]
+    if filled < _RECURSION_MISSES_AT + 8:
+        return 0
+    return struct.unpack_from("<Q", info.raw, _RECURSION_MISSES_AT)[0]
+
+
 def _read(name: str) -> str:
     return resources.files("busted.ebpf").joinpath(name).read_text()
 
@@ -90,6 +120,7 @@ def build_source(plan: ProbePlan, *, ringbuf_bytes: int = 8 << 20, max_flows: in
         defines.append("#define END_AT_CLOSE 1")
     parts = [
         "\n".join(defines),
+        c_definitions(),
         _read("common.h"),
         _read("capture.c") if plan.capture == "syscall" else "",
         _read(_BYTES_FILES[plan.bytes]),
@@ -98,7 +129,8 @@ def build_source(plan: ProbePlan, *, ringbuf_bytes: int = 8 << 20, max_flows: in
     return "\n".join(parts)
 
 
-def headers_available(release: str | None = None, modules: str = "/lib/modules") -> bool:
+def headers_available(release: str | None = None, modules: str = "/lib/modules",
+                      kheaders: str = "/sys/kernel/kheaders.tar.xz") -> bool:
     """Whether BCC will find kernel headers: /lib/modules/<release>/build, $BCC_KERNEL_SOURCE, or
     the kernel's built-in kheaders (CONFIG_IKHEADERS)."""
     release = release or os.uname().release
@@ -106,7 +138,7 @@ def headers_available(release: str | None = None, modules: str = "/lib/modules")
         return True
     if os.path.exists(f"{modules}/{release}/build/include") or os.path.exists(f"{modules}/{release}/source/include"):
         return True
-    return os.path.exists("/sys/kernel/kheaders.tar.xz")
+    return os.path.exists(kheaders)
 
 
 def _import_bcc():
@@ -191,10 +223,45 @@ class FlowProgram:
         """Cumulative kernel-side losses by place (LossPlace values), summed over CPUs."""
         out: dict[int, int] = {}
         table = self.bpf[b"losses"]
-        for place in (1, 2):
+        for place in (LOSS_RING, LOSS_MAP):
             vals = table[ctypes.c_int(place)]
             out[place] = int(sum(vals))
+        out[LOSS_MISS] = self.recursion_misses()
         return out
+
+    def recursion_misses(self) -> int:
+        """How often the kernel skipped one of our programs (bpf_prog_info.recursion_misses, summed):
+        an event that happened with nothing recorded, e.g. a flow end. 0 where unreadable."""
+        total = 0
+        for fn in getattr(self.bpf, "funcs", {}).values():
+            fd = getattr(fn, "fd", None)
+            if fd is not None and fd >= 0:
+                total += prog_recursion_misses(fd)
+        return total
+
+    def flow_entries(self, older_than_ns: int | None = None) -> dict[int, tuple[tuple[str, int, str, int], int, int]]:
+        """Flows the kernel tracks with a known 4-tuple (opened while we watched):
+        sk -> ((saddr, sport, daddr, dport), sent, recv); only those opened before
+        ``older_than_ns`` (CLOCK_MONOTONIC) when given. Decoded with the declared layout."""
+        out = {}
+        for k, v in self.bpf[b"flows"].items():
+            raw = bytes(v)
+            flags, _fam, saddr, sport, daddr, dport = decode_flow_value(raw)
+            if not flags & FL.HAVE_TUPLE or flags & FL.MIDSTREAM:
+                continue
+            open_ns, _cg, sent, recv = _FLOW_HEAD.unpack_from(raw)
+            if older_than_ns is not None and open_ns > older_than_ns:
+                continue
+            out[int(k.value)] = ((saddr, sport, daddr, dport), sent, recv)
+        return out
+
+    def forget_flow(self, sk: int) -> bool:
+        """Delete a flow from the kernel map; False if it was already gone (its end is on the way)."""
+        try:
+            del self.bpf[b"flows"][ctypes.c_ulonglong(sk)]
+        except KeyError:
+            return False
+        return True
 
     def close(self) -> None:
         bpf = getattr(self, "bpf", None)
