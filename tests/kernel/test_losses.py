@@ -1,0 +1,111 @@
+"""Losses the kernel side must report exactly: a full flow map counts each flow once, and DNS over
+TCP survives a read larger than the capture limit (counted, then back in step)."""
+
+import os
+import socket
+import struct
+import threading
+import time
+
+import dns.message
+import dns.query
+import dns.rrset
+
+import busted
+from busted import DnsAnswer, EventsLost, LossPlace
+
+
+def _drain(mon, seconds):
+    got = []
+    end = time.monotonic() + seconds
+    while time.monotonic() < end:
+        got.extend(mon.events(timeout=0.2))
+    return got
+
+
+def test_full_flow_map_counts_each_untracked_flow_once():
+    srv = socket.create_server(("127.0.0.1", 0))
+    keep = []
+    with busted.Monitor(max_flows=8, preexisting=False, classify=False, pid=os.getpid()) as mon:
+        for _ in range(6):  # 12 sockets: more than the map holds
+            c = socket.create_connection(srv.getsockname())
+            keep += [c, srv.accept()[0]]
+        _drain(mon, 0.5)
+        before = mon.stats().lost.get("KERNEL_MAP", 0)
+        assert before >= 1  # the map is full
+        c = socket.create_connection(srv.getsockname())
+        s, _ = srv.accept()
+        for _ in range(500):  # one untracked connection, 500 round trips
+            c.sendall(b"x")
+            s.recv(1)
+            s.sendall(b"y")
+            c.recv(1)
+        got = _drain(mon, 1.0)
+        after = mon.stats().lost.get("KERNEL_MAP", 0)
+        keep += [c, s]
+    for k in keep:
+        k.close()
+    srv.close()
+    # the new connection's two sockets, counted once each (before: one per send and receive)
+    assert 1 <= after - before <= 2, (before, after)
+    assert sum(e.count for e in got if isinstance(e, EventsLost) and e.where == LossPlace.KERNEL_MAP) == after - before
+
+
+class _TcpDns:
+    """A DNS-over-TCP server on 127.0.0.1:53 (loopback only); answers each query on a connection
+    in turn; names starting with 'big' get 300 A records (> 4096 bytes)."""
+
+    def __init__(self):
+        self.sock = socket.create_server(("127.0.0.1", 53))
+        self.sock.settimeout(10)
+        self.thread = threading.Thread(target=self._serve, daemon=True)
+        self.thread.start()
+
+    def _serve(self):
+        for _ in range(4):  # bounded: the test makes at most 4 connections
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return
+            with conn:
+                conn.settimeout(5)
+                while True:
+                    try:
+                        hdr = conn.recv(2, socket.MSG_WAITALL)
+                        if len(hdr) < 2:
+                            break
+                        q = dns.message.from_wire(conn.recv(struct.unpack("!H", hdr)[0], socket.MSG_WAITALL))
+                    except (OSError, dns.exception.DNSException):
+                        break
+                    name = q.question[0].name.to_text()
+                    r = dns.message.make_response(q)
+                    n = 300 if name.startswith("big") else 1
+                    r.answer = [dns.rrset.from_text(name, 60, "IN", "A",
+                                                    *(f"10.77.{i // 250}.{i % 250 + 1}" for i in range(n)))]
+                    wire = r.to_wire()
+                    conn.sendall(struct.pack("!H", len(wire)) + wire)
+
+    def close(self):
+        self.sock.close()
+
+
+def test_dns_over_tcp_read_over_the_capture_limit_is_counted_and_resynced():
+    server = _TcpDns()
+    try:
+        with busted.Monitor(preexisting=False, pid=os.getpid()) as mon:
+            # one connection: a big answer (read whole, > 4096 bytes), then a normal one
+            sock = socket.create_connection(("127.0.0.1", 53))
+            big = dns.query.tcp(dns.message.make_query("big.example.", "A"), "127.0.0.1", sock=sock, timeout=5)
+            small = dns.query.tcp(dns.message.make_query("api.openai.com.", "A"), "127.0.0.1", sock=sock, timeout=5)
+            sock.close()
+            # a new connection (the same fd number, most likely) starts clean
+            again = dns.query.tcp(dns.message.make_query("api.anthropic.com.", "A"), "127.0.0.1", timeout=5)
+            got = _drain(mon, 1.5)
+    finally:
+        server.close()
+    assert len(big.to_wire()) > 4096 and small.answer and again.answer
+    answers = [e for e in got if isinstance(e, DnsAnswer)]
+    assert [a.qname for a in answers] == ["api.openai.com", "api.anthropic.com"], answers
+    assert answers[0].provider == "openai" and answers[0].transport == "tcp" and answers[0].flow_id is not None
+    lost = [e for e in got if isinstance(e, EventsLost) and e.where == LossPlace.PARSE]
+    assert len(lost) == 1 and "truncated" in lost[0].detail
