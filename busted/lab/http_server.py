@@ -94,6 +94,99 @@ def _reason(status: int) -> bytes:
         return b""
 
 
+class _Stream:
+    """A connection's bytes, TLS done here with ``ssl.MemoryBIO`` rather than by asyncio.
+
+    asyncio's TLS transport closes the whole connection when the client sends close_notify, so a
+    client that half-closes after its request (``gnutls-cli`` with stdin at EOF) never got its
+    answer. Here close_notify is only the end of the client's data; the answer still goes out,
+    then our own close_notify, like a real server.
+    """
+
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
+                 tls: ssl.SSLContext | None) -> None:
+        self.reader, self.writer, self.tls = reader, writer, tls
+        self.alpn: str | None = None
+        self._in = ssl.MemoryBIO()
+        self._out = ssl.MemoryBIO()
+        self._ssl = tls.wrap_bio(self._in, self._out, server_side=True) if tls is not None else None
+        self._eof = False
+
+    def _flush(self) -> None:
+        data = self._out.read()
+        if data:
+            self.writer.write(data)
+
+    async def _fill(self) -> bool:
+        """Feed more ciphertext to the TLS object; False at the peer's TCP EOF."""
+        raw = await self.reader.read(READ_SIZE)
+        if raw:
+            self._in.write(raw)
+            return True
+        self._in.write_eof()
+        return False
+
+    async def handshake(self) -> None:
+        assert self._ssl is not None
+        for _ in range(64):  # a handful of flights; bounded against a peer trickling bytes
+            try:
+                self._ssl.do_handshake()
+                self._flush()
+                await self.writer.drain()
+                self.alpn = self._ssl.selected_alpn_protocol()
+                return
+            except ssl.SSLWantReadError:
+                self._flush()
+                await self.writer.drain()
+                if not await self._fill():
+                    raise ConnectionResetError("EOF during the TLS handshake") from None
+        raise ssl.SSLError("TLS handshake did not finish")
+
+    async def read(self) -> bytes:
+        """Up to READ_SIZE bytes of the peer's data; b"" at its end (TCP FIN or TLS close_notify)."""
+        if self._ssl is None:
+            return await self.reader.read(READ_SIZE)
+        for _ in range(10_000):
+            if self._eof:
+                return b""
+            try:
+                data = self._ssl.read(READ_SIZE)
+                self._flush()
+                return data
+            except ssl.SSLWantReadError:
+                self._flush()  # e.g. session tickets, key updates
+                if not await self._fill():
+                    self._eof = True
+            except ssl.SSLZeroReturnError:
+                self._eof = True
+        return b""
+
+    def write(self, data: bytes) -> None:
+        if not data:
+            return
+        if self._ssl is None:
+            self.writer.write(data)
+            return
+        self._ssl.write(data)
+        self._flush()
+
+    async def drain(self) -> None:
+        await self.writer.drain()
+
+    async def aclose(self) -> None:
+        try:
+            if self._ssl is not None:
+                try:
+                    self._ssl.unwrap()  # queues our close_notify
+                except (ssl.SSLError, ValueError):
+                    pass
+                self._flush()
+            self.writer.close()
+            await asyncio.wait_for(self.writer.wait_closed(), 1.0)
+        except (*_QUIET, asyncio.CancelledError):
+            pass
+
+
 class LabHTTPServer:
     """Every listener on one asyncio loop in a background thread; ``start()`` returns once bound."""
 
@@ -172,13 +265,10 @@ class LabHTTPServer:
 
     async def _bind(self) -> None:
         for lst in self.listeners:
-            tls = self.tls if lst.flavour == "tls" else None
-
             async def handler(r: asyncio.StreamReader, w: asyncio.StreamWriter, _f: str = lst.flavour) -> None:
                 await self._connection(_f, r, w)
 
-            srv = await asyncio.start_server(handler, lst.host, lst.port, ssl=tls, reuse_address=True,
-                                             backlog=128, ssl_handshake_timeout=self.idle_seconds if tls else None)
+            srv = await asyncio.start_server(handler, lst.host, lst.port, reuse_address=True, backlog=128)
             self._servers.append(srv)
             port = srv.sockets[0].getsockname()[1]
             self.bound.append((lst.flavour, lst.host, port))
@@ -201,38 +291,35 @@ class LabHTTPServer:
         task = asyncio.current_task()
         assert task is not None
         self._conns.add(task)
-        sslobj = writer.get_extra_info("ssl_object")
         peer = writer.get_extra_info("peername") or ("?",)
         local = writer.get_extra_info("sockname") or ("?",)
-        alpn = sslobj.selected_alpn_protocol() if sslobj is not None else None
-        c = _Conn(flavour, str(peer[0]), str(local[0]), next(self._ids), alpn)
+        io = _Stream(reader, writer, self.tls if flavour == "tls" else None)
         try:
-            if alpn == "h2":
-                await self._serve_h2(c, reader, writer, b"")
+            if io.tls is not None:
+                await asyncio.wait_for(io.handshake(), self.idle_seconds)
+            c = _Conn(flavour, str(peer[0]), str(local[0]), next(self._ids), io.alpn)
+            if io.alpn == "h2":
+                await self._serve_h2(c, io, b"")
                 return
-            first = b"" if sslobj is not None else await self._sniff_preface(reader)
+            first = b"" if io.tls is not None else await self._sniff_preface(io)
             if first.startswith(H2_PREFACE):
-                await self._serve_h2(c, reader, writer, first)
+                await self._serve_h2(c, io, first)
             else:
-                await self._serve_h1(c, reader, writer, first)
+                await self._serve_h1(c, io, first)
         except _QUIET:
-            pass  # resets, timeouts and garbage are normal for a lab server
+            pass  # resets, timeouts, failed handshakes and garbage are normal for a lab server
         finally:
             self._conns.discard(task)
-            writer.close()  # on TLS this sends close_notify, like a real server
-            try:
-                await asyncio.wait_for(writer.wait_closed(), 1.0)
-            except (*_QUIET, asyncio.CancelledError):
-                pass
+            await io.aclose()
 
-    async def _read(self, reader: asyncio.StreamReader) -> bytes:
-        return await asyncio.wait_for(reader.read(READ_SIZE), self.idle_seconds)
+    async def _read(self, io: _Stream) -> bytes:
+        return await asyncio.wait_for(io.read(), self.idle_seconds)
 
-    async def _sniff_preface(self, reader: asyncio.StreamReader) -> bytes:
+    async def _sniff_preface(self, io: _Stream) -> bytes:
         """The first bytes of a plain connection: enough to tell the h2c preface from HTTP/1.x."""
         data = b""
         for _ in range(len(H2_PREFACE)):
-            chunk = await self._read(reader)
+            chunk = await self._read(io)
             if not chunk:
                 break
             data += chunk
@@ -260,7 +347,7 @@ class LabHTTPServer:
         return ans, headers
 
     # ------------------------------------------------------------------ HTTP/1.1 (h11)
-    async def _serve_h1(self, c: _Conn, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
+    async def _serve_h1(self, c: _Conn, io: _Stream,
                         first: bytes) -> None:
         conn = h11.Connection(h11.SERVER, max_incomplete_event_size=64 * 1024)
         if first:  # receive_data(b"") would mean EOF
@@ -273,10 +360,10 @@ class LabHTTPServer:
                     ev = conn.next_event()
                 except h11.RemoteProtocolError as exc:
                     if conn.our_state in (h11.IDLE, h11.SEND_RESPONSE):
-                        await self._h1_simple(conn, writer, exc.error_status_hint)
+                        await self._h1_simple(conn, io, exc.error_status_hint)
                     return
                 if ev is h11.NEED_DATA:
-                    conn.receive_data(await self._read(reader))  # b"" is EOF, h11 turns it into an event
+                    conn.receive_data(await self._read(io))  # b"" is EOF, h11 turns it into an event
                     continue
                 if ev is h11.PAUSED or isinstance(ev, h11.ConnectionClosed):
                     return
@@ -284,11 +371,11 @@ class LabHTTPServer:
                     head = ev
                     if conn.they_are_waiting_for_100_continue:
                         go_on = h11.InformationalResponse(status_code=100, headers=[], reason=b"Continue")
-                        writer.write(conn.send(go_on) or b"")
+                        io.write(conn.send(go_on) or b"")
                 elif isinstance(ev, h11.Data):
                     body += ev.data
                     if len(body) > MAX_BODY:
-                        await self._h1_simple(conn, writer, 413)
+                        await self._h1_simple(conn, io, 413)
                         return
                 elif isinstance(ev, h11.EndOfMessage):
                     break
@@ -299,36 +386,36 @@ class LabHTTPServer:
             ans, headers = self._answer(c, req)
             head_only = req.method == "HEAD"
             self._record(c, head.http_version.decode(), None, req, ans, ans.status, 0 if head_only else len(ans.body))
-            writer.write(conn.send(h11.Response(status_code=ans.status, headers=headers,
+            io.write(conn.send(h11.Response(status_code=ans.status, headers=headers,
                                                 reason=_reason(ans.status))) or b"")
             for chunk in () if head_only else ans.chunks:
                 if chunk:
-                    writer.write(conn.send(h11.Data(data=chunk)) or b"")
-                    await writer.drain()  # one write per chunk: a stream arrives as a stream
-            writer.write(conn.send(h11.EndOfMessage()) or b"")
-            await writer.drain()
+                    io.write(conn.send(h11.Data(data=chunk)) or b"")
+                    await io.drain()  # one write per chunk: a stream arrives as a stream
+            io.write(conn.send(h11.EndOfMessage()) or b"")
+            await io.drain()
             if conn.our_state is not h11.DONE or conn.their_state is not h11.DONE:
                 return  # Connection: close, HTTP/1.0, or an unread body
             conn.start_next_cycle()
 
-    async def _h1_simple(self, conn: h11.Connection, writer: asyncio.StreamWriter, status: int) -> None:
+    async def _h1_simple(self, conn: h11.Connection, io: _Stream, status: int) -> None:
         body = json.dumps({"error": {"message": _reason(status).decode(), "code": status}}).encode()
         headers = [("content-type", "application/json"), ("content-length", str(len(body))),
                    ("connection", "close"), ("server", SERVER_NAME)]
         try:
-            writer.write(conn.send(h11.Response(status_code=status, headers=headers, reason=_reason(status))) or b"")
-            writer.write(conn.send(h11.Data(data=body)) or b"")
-            writer.write(conn.send(h11.EndOfMessage()) or b"")
-            await writer.drain()
+            io.write(conn.send(h11.Response(status_code=status, headers=headers, reason=_reason(status))) or b"")
+            io.write(conn.send(h11.Data(data=body)) or b"")
+            io.write(conn.send(h11.EndOfMessage()) or b"")
+            await io.drain()
         except h11.LocalProtocolError:
             pass
 
     # ------------------------------------------------------------------ HTTP/2 (h2)
-    async def _serve_h2(self, c: _Conn, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
+    async def _serve_h2(self, c: _Conn, io: _Stream,
                         first: bytes) -> None:
         conn = h2.connection.H2Connection(h2.config.H2Configuration(client_side=False, header_encoding="latin-1"))
         conn.initiate_connection()
-        writer.write(conn.data_to_send())
+        io.write(conn.data_to_send())
         streams: dict[int, tuple[list[tuple[str, str]], bytearray]] = {}
         tasks: dict[int, asyncio.Task] = {}
         window = asyncio.Event()  # set whenever the peer grants send window
@@ -350,7 +437,7 @@ class LabHTTPServer:
                     elif isinstance(ev, h2.events.StreamEnded) and ev.stream_id in streams:
                         hdrs, body = streams.pop(ev.stream_id)
                         tasks[ev.stream_id] = asyncio.create_task(
-                            self._h2_stream(c, conn, writer, window, ev.stream_id, hdrs, bytes(body)))
+                            self._h2_stream(c, conn, io, window, ev.stream_id, hdrs, bytes(body)))
                     elif isinstance(ev, h2.events.StreamReset):
                         streams.pop(ev.stream_id, None)
                         task = tasks.pop(ev.stream_id, None)
@@ -359,21 +446,21 @@ class LabHTTPServer:
                     elif isinstance(ev, h2.events.WindowUpdated | h2.events.RemoteSettingsChanged):
                         window.set()
                     elif isinstance(ev, h2.events.ConnectionTerminated):
-                        writer.write(conn.data_to_send())
-                        await writer.drain()
+                        io.write(conn.data_to_send())
+                        await io.drain()
                         return
                 for sid in [s for s, t in tasks.items() if t.done()]:
                     tasks.pop(sid)
-                writer.write(conn.data_to_send())
-                await writer.drain()
-                data = await self._read(reader)
+                io.write(conn.data_to_send())
+                await io.drain()
+                data = await self._read(io)
                 if not data:
                     return
         finally:
             for task in tasks.values():
                 task.cancel()
 
-    async def _h2_stream(self, c: _Conn, conn: h2.connection.H2Connection, writer: asyncio.StreamWriter,
+    async def _h2_stream(self, c: _Conn, conn: h2.connection.H2Connection, io: _Stream,
                          window: asyncio.Event, sid: int, hdrs: list[tuple[str, str]], body: bytes) -> None:
         pseudo = {k: v for k, v in hdrs if k.startswith(":")}
         plain = [(k.lower(), v) for k, v in hdrs if not k.startswith(":")]
@@ -386,17 +473,17 @@ class LabHTTPServer:
         try:
             chunks = [ch for ch in ans.chunks if ch] if not head_only else []
             conn.send_headers(sid, [(":status", str(ans.status)), *headers], end_stream=not chunks)
-            writer.write(conn.data_to_send())
+            io.write(conn.data_to_send())
             for chunk in chunks:
-                await self._h2_send(conn, writer, window, sid, chunk)
+                await self._h2_send(conn, io, window, sid, chunk)
             if chunks:
                 conn.end_stream(sid)
-                writer.write(conn.data_to_send())
-            await writer.drain()
+                io.write(conn.data_to_send())
+            await io.drain()
         except (*_QUIET, h2.exceptions.StreamClosedError):
             pass  # the peer reset the stream or went away
 
-    async def _h2_send(self, conn: h2.connection.H2Connection, writer: asyncio.StreamWriter,
+    async def _h2_send(self, conn: h2.connection.H2Connection, io: _Stream,
                        window: asyncio.Event, sid: int, chunk: bytes) -> None:
         view = memoryview(chunk)
         while view:
@@ -407,8 +494,8 @@ class LabHTTPServer:
                 continue
             conn.send_data(sid, view[:size].tobytes())
             view = view[size:]
-            writer.write(conn.data_to_send())
-            await writer.drain()
+            io.write(conn.data_to_send())
+            await io.drain()
 
 
 def _quiet_handler(loop: asyncio.AbstractEventLoop, context: dict) -> None:

@@ -185,3 +185,15 @@ def test_log_is_bounded_and_empty_without_requests(lab_tls):
             for i in range(3):
                 assert c.get(f"https://localhost:{port}/n{i}").json()["path"] == f"/n{i}"
         assert [r["path"] for r in small.requests()] == ["/n1", "/n2"]
+
+
+@pytest.mark.skipif(shutil.which("gnutls-cli") is None, reason="gnutls-cli not installed")
+def test_answer_after_client_close_notify(srv):
+    # gnutls-cli sends close_notify once stdin ends, before the answer: a half-close, still answered
+    req = b"GET /?m=halfclose HTTP/1.1\r\nHost: localhost\r\n\r\n"
+    r = subprocess.run(["gnutls-cli", "--x509cafile", str(srv.ca_path), "-p", str(srv.tls_port), "localhost"],
+                       input=req, capture_output=True, timeout=20)
+    assert r.returncode == 0, r.stderr
+    assert b"HTTP/1.1 200 OK" in r.stdout and b'"path":"/?m=halfclose"' in r.stdout
+    (rec,) = logged(srv, "?m=halfclose")
+    assert (rec["alpn"], rec["http_version"]) == (None, "1.1")
