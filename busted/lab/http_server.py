@@ -146,7 +146,7 @@ class _Stream:
         """Up to READ_SIZE bytes of the peer's data; b"" at its end (TCP FIN or TLS close_notify)."""
         if self._ssl is None:
             return await self.reader.read(READ_SIZE)
-        for _ in range(10_000):
+        for _ in range(1_000_000):  # each turn reads; the caller's idle timeout bounds the time
             if self._eof:
                 return b""
             try:
@@ -427,7 +427,10 @@ class LabHTTPServer:
                     if isinstance(ev, h2.events.RequestReceived):
                         streams[ev.stream_id] = (list(ev.headers), bytearray())
                     elif isinstance(ev, h2.events.DataReceived):
-                        conn.acknowledge_received_data(ev.flow_controlled_length, ev.stream_id)
+                        try:
+                            conn.acknowledge_received_data(ev.flow_controlled_length, ev.stream_id)
+                        except h2.exceptions.StreamClosedError:
+                            pass  # data racing our reset of that stream
                         st = streams.get(ev.stream_id)
                         if st is not None:
                             st[1].extend(ev.data)
@@ -446,8 +449,7 @@ class LabHTTPServer:
                     elif isinstance(ev, h2.events.WindowUpdated | h2.events.RemoteSettingsChanged):
                         window.set()
                     elif isinstance(ev, h2.events.ConnectionTerminated):
-                        io.write(conn.data_to_send())
-                        await io.drain()
+                        await self._h2_finish(conn, io, tasks)
                         return
                 for sid in [s for s, t in tasks.items() if t.done()]:
                     tasks.pop(sid)
@@ -455,10 +457,19 @@ class LabHTTPServer:
                 await io.drain()
                 data = await self._read(io)
                 if not data:
+                    await self._h2_finish(conn, io, tasks)
                     return
         finally:
             for task in tasks.values():
                 task.cancel()
+
+    async def _h2_finish(self, conn: h2.connection.H2Connection, io: _Stream, tasks: dict[int, asyncio.Task]) -> None:
+        """The peer said goodbye (GOAWAY or EOF): let answers already under way finish, bounded."""
+        pending = [t for t in tasks.values() if not t.done()]
+        if pending:
+            await asyncio.wait(pending, timeout=self.idle_seconds)
+        io.write(conn.data_to_send())
+        await io.drain()
 
     async def _h2_stream(self, c: _Conn, conn: h2.connection.H2Connection, io: _Stream,
                          window: asyncio.Event, sid: int, hdrs: list[tuple[str, str]], body: bytes) -> None:

@@ -197,3 +197,25 @@ def test_answer_after_client_close_notify(srv):
     assert b"HTTP/1.1 200 OK" in r.stdout and b'"path":"/?m=halfclose"' in r.stdout
     (rec,) = logged(srv, "?m=halfclose")
     assert (rec["alpn"], rec["http_version"]) == (None, "1.1")
+
+
+def _plain_exchange(srv, request: bytes) -> bytes:
+    with socket.create_connection(("127.0.0.1", srv.plain_port), timeout=5) as s:
+        s.sendall(request)
+        data = b""
+        for _ in range(1000):
+            chunk = s.recv(65536)
+            if not chunk:
+                break
+            data += chunk
+    return data
+
+
+def test_http10_stream_is_close_delimited_and_garbage_is_400(srv):
+    body = b'{"model":"m"}'
+    data = _plain_exchange(srv, b"POST /api/chat?m=h10 HTTP/1.0\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body))
+    head, _, rest = data.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 200 OK") and b"transfer-encoding" not in head.lower()
+    assert json.loads(rest.splitlines()[-1])["eval_count"] == 8  # NDJSON until the server closes
+    assert logged(srv, "?m=h10")[0]["http_version"] == "1.0"
+    assert _plain_exchange(srv, b"NOT HTTP AT ALL\r\n\r\n").startswith(b"HTTP/1.1 400 ")
