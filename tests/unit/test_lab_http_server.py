@@ -219,3 +219,40 @@ def test_http10_stream_is_close_delimited_and_garbage_is_400(srv):
     assert json.loads(rest.splitlines()[-1])["eval_count"] == 8  # NDJSON until the server closes
     assert logged(srv, "?m=h10")[0]["http_version"] == "1.0"
     assert _plain_exchange(srv, b"NOT HTTP AT ALL\r\n\r\n").startswith(b"HTTP/1.1 400 ")
+
+
+def test_h2_reset_stream_leaves_the_connection_usable(srv):
+    import h2.config
+    import h2.connection
+    import h2.events
+
+    ctx = ssl.create_default_context(cafile=str(srv.ca_path))
+    ctx.set_alpn_protocols(["h2"])
+    with socket.create_connection(("127.0.0.1", srv.tls_port), timeout=5) as raw:
+        with ctx.wrap_socket(raw, server_hostname="localhost") as s:
+            assert s.selected_alpn_protocol() == "h2"
+            conn = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True))
+            conn.initiate_connection()
+            hdrs = [(":method", "POST"), (":scheme", "https"), (":authority", "localhost")]
+            conn.send_headers(1, [*hdrs, (":path", "/v1/chat/completions?m=rst")])
+            conn.send_data(1, b'{"stream":')  # a half-sent body...
+            conn.reset_stream(1)  # ...abandoned
+            conn.send_headers(3, [*hdrs, (":path", "/v1/embeddings?m=after")], end_stream=False)
+            conn.send_data(3, b'{"input":"x"}', end_stream=True)
+            s.sendall(conn.data_to_send())
+            body, ended = b"", False
+            for _ in range(1000):
+                data = s.recv(65536)
+                if not data:
+                    break
+                for ev in conn.receive_data(data):
+                    if isinstance(ev, h2.events.DataReceived) and ev.stream_id == 3:
+                        body += ev.data
+                        conn.acknowledge_received_data(ev.flow_controlled_length, 3)
+                    elif isinstance(ev, h2.events.StreamEnded) and ev.stream_id == 3:
+                        ended = True
+                s.sendall(conn.data_to_send())
+                if ended:
+                    break
+    assert ended and json.loads(body)["usage"]["prompt_tokens"] == len(b'{"input":"x"}') // 4
+    assert logged(srv, "?m=rst") == [] and logged(srv, "?m=after")[0]["stream_id"] == 3
