@@ -158,9 +158,14 @@ class Server:
         finally:
             conn.close()
 
-    def run(self) -> None:
-        sel = selectors.DefaultSelector()
-        socks: list[socket.socket] = []
+    def bind(self) -> list[tuple[str, str, int]]:
+        """Bind every configured address (UDP and TCP); returns (proto, host, port) per socket.
+
+        Port 0 binds an ephemeral port, different for UDP and TCP (tests query each on its own).
+        """
+        self._sel = selectors.DefaultSelector()
+        self._socks: list[socket.socket] = []
+        bound = []
         for host, port in self.config["listen"]:
             fam = socket.AF_INET6 if ":" in host else socket.AF_INET
             u = socket.socket(fam, socket.SOCK_DGRAM)
@@ -170,11 +175,21 @@ class Server:
             t.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             t.bind((host, port))
             t.listen(64)
-            for s in (u, t):
+            for s, proto in ((u, "udp"), (t, "tcp")):
                 s.setblocking(False)
-                sel.register(s, selectors.EVENT_READ)
-                socks.append(s)
+                self._sel.register(s, selectors.EVENT_READ)
+                self._socks.append(s)
+                bound.append((proto, host, s.getsockname()[1]))
+        return bound
+
+    def run(self) -> None:
+        self.bind()
         print("READY", flush=True)
+        self.serve()
+
+    def serve(self) -> None:
+        """Answer until ``stop`` is set or ``max_seconds`` pass (checked every 0.5 s), then close."""
+        sel, socks = self._sel, self._socks
         deadline = time.monotonic() + float(self.config.get("max_seconds", 3600))
         while not self.stop.is_set() and time.monotonic() < deadline:
             if self.reload.is_set():

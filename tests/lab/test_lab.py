@@ -104,26 +104,33 @@ def test_curl_each_provider_over_tls(lab, name, family):
 
 
 def test_provider_endpoints_and_keepalive(lab):
-    base = ["curl", "-sS", "-v", "-m", "10", "-H", "Content-Type: application/json"]
-    r = lab.run_client([*base, "-d", '{"model":"gpt-4o","messages":[]}',
-                        "https://api.openai.com/v1/chat/completions",
-                        "--next", *base, "-d", '{"model":"gpt-4o","stream":true}',
-                        "https://api.openai.com/v1/chat/completions"], timeout=20)
-    assert r.returncode == 0, r.stderr
-    assert b"Re-using existing connection" in r.stderr  # keep-alive across the two requests
-    first, _, rest = r.stdout.partition(b"}}")
-    assert json.loads(first + b"}}")["usage"]["total_tokens"] > 0
-    assert b"data: [DONE]" in rest
+    chat, stream = '{"model":"gpt-4o","messages":[]}', '{"model":"gpt-4o","stream":true}'
+    for version in ("--http2", "--http1.1"):
+        base = ["curl", "-sS", "-v", "-m", "10", version, "-H", "Content-Type: application/json",
+                "-w", "\n%{http_version}\n"]
+        r = lab.run_client([*base, "-d", chat, f"https://api.openai.com/v1/chat/completions?v={version}",
+                            "--next", *base, "-d", stream,
+                            f"https://api.openai.com/v1/chat/completions?v={version}s"], timeout=20)
+        assert r.returncode == 0, r.stderr
+        assert b"Re-using existing connection" in r.stderr  # keep-alive / one h2 connection for both
+        first, v1, rest = r.stdout.split(b"\n", 2)
+        want = b"2" if version == "--http2" else b"1.1"
+        assert v1 == want and rest.endswith(b"data: [DONE]\n\n\n" + want + b"\n")
+        assert json.loads(first)["usage"]["prompt_tokens"] == len(chat) // 4  # the documented rule
+        recs = [q for q in lab.http_requests() if q["path"].endswith(f"?v={version}")
+                or q["path"].endswith(f"?v={version}s")]
+        assert [q["http_version"] for q in recs] == [want.decode()] * 2 and recs[0]["conn"] == recs[1]["conn"]
 
     r = lab.run_client(["curl", "-sS", "-m", "10", "-H", "x-api-key: sk-lab-test",
                         "-d", '{"model":"claude","max_tokens":5}', "https://api.anthropic.com/v1/messages"])
-    assert json.loads(r.stdout)["usage"]["output_tokens"] > 0
+    assert json.loads(r.stdout)["usage"]["output_tokens"] == 5
     r = lab.run_client(["curl", "-sS", "-m", "10", "-d", "{}",
                         "https://generativelanguage.googleapis.com/v1beta/models/gemini-pro:generateContent"])
-    assert json.loads(r.stdout)["usageMetadata"]["totalTokenCount"] > 0
-    r = lab.run_client(["curl", "-sS", "-m", "10", "-d", '{"model":"llama3","prompt":"hi"}',
-                        "http://ollama.lab.test:11434/api/generate"])
-    assert json.loads(r.stdout)["done"] is True
+    assert json.loads(r.stdout)["usageMetadata"]["totalTokenCount"] == 1 + 8
+    gen = '{"model":"llama3","prompt":"hi"}'
+    r = lab.run_client(["curl", "-sS", "-m", "10", "-d", gen, "http://ollama.lab.test:11434/api/generate"])
+    *_, last = [json.loads(x) for x in r.stdout.splitlines()]  # NDJSON: Ollama streams by default
+    assert last["done"] is True and last["prompt_eval_count"] == len(gen) // 4
     r = lab.run_client(["curl", "-sS", "-m", "10", "http://www.example-nonllm.test/plain"])
     assert json.loads(r.stdout)["path"] == "/plain"
     big = "x" * 300_000  # the server reads the whole body before answering
@@ -249,12 +256,15 @@ def test_add_server_ip(lab):
 
 
 # ---------------------------------------------------------------------------------------- teardown
-def _leftovers(names: list[str], pids: list[int]) -> list[str]:
+def _leftovers(names: list[str], pids: list[int], netns_inodes: tuple[int, ...] = ()) -> list[str]:
+    """What still exists of a lab: its netns / veth / /etc/netns names, live pids, and any process
+    (lab-made or not) still inside one of its namespaces (by the namespace's inode)."""
     out = []
-    netns = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
+    netns = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout.split()
     links = subprocess.run(["ip", "-o", "link"], capture_output=True, text=True).stdout
+    link_names = {part.split(":")[1].strip().split("@")[0] for part in links.splitlines() if ":" in part}
     for n in names:
-        if n in netns or n in links or Path(f"/etc/netns/{n}").exists():
+        if n in netns or n in link_names or Path(f"/etc/netns/{n}").exists():
             out.append(n)
     for p in pids:
         try:
@@ -263,6 +273,17 @@ def _leftovers(names: list[str], pids: list[int]) -> list[str]:
             continue
         if state != "Z":
             out.append(f"pid {p}")
+    if netns_inodes:
+        for proc in Path("/proc").iterdir():
+            if not proc.name.isdigit() or int(proc.name) in pids:
+                continue
+            try:
+                if (proc / "stat").read_text().rsplit(")", 1)[1].split()[0] == "Z":
+                    continue  # exited, not yet reaped: holds no namespace
+                if os.stat(proc / "ns" / "net").st_ino in netns_inodes:
+                    out.append(f"pid {proc.name} in a lab netns")
+            except OSError:
+                continue  # gone meanwhile, or a kernel thread
     return out
 
 
@@ -272,16 +293,37 @@ def test_teardown_leaves_nothing(need_root):
     lab = Lab()
     with lab:
         plan = lab.plan
-        names = [plan.client_ns, plan.server_ns, plan.root_veth_srv, plan.root_veth_cli,
-                 plan.root_veth_direct]
+        live_names = [plan.client_ns, plan.server_ns, plan.root_veth_srv, plan.root_veth_cli]
+        # root_veth_direct only exists in the root netns while the lab is being built (then it is
+        # renamed srv0 in the client netns); after teardown it must not be there either.
+        names = [*live_names, plan.root_veth_direct]
+        inodes = tuple(os.stat(f"/run/netns/{ns}").st_ino for ns in (plan.client_ns, plan.server_ns))
         sleeper = lab.spawn_client(["sleep", "30"])
         sink = lab.start_tcp_sink(7100, reply_bytes=1)
         pids = [*lab.server_pids, sleeper.pid, sink]
         tmpdir = lab.tmpdir
         assert Path(f"/etc/netns/{lab.client_ns}/resolv.conf").read_text().count(lab.dns_addr) == 1
-        assert not _leftovers([], []) and all(Path(f"/proc/{p}").exists() for p in pids)
-    assert _leftovers(names, pids) == []
-    assert not tmpdir.exists() and not plan.state_file.exists()
+        # the checker sees everything the running lab made (so an empty answer below means gone)
+        assert _leftovers(names, pids) == [*live_names, *[f"pid {p}" for p in pids]]
+        # a process the lab did not start, inside its server netns: teardown must kill it too
+        stray = subprocess.Popen(["ip", "netns", "exec", plan.server_ns, "sh", "-c", "echo in; exec sleep 30"],
+                                 stdout=subprocess.PIPE)
+        try:
+            assert stray.stdout.readline() == b"in\n"  # announced from inside the netns
+            inside = _leftovers([], pids, inodes)  # the lab's own pids are listed by pid, not again
+            assert inside[: len(pids)] == [f"pid {p}" for p in pids]
+            assert f"pid {stray.pid} in a lab netns" in inside[len(pids):]
+        except BaseException:
+            stray.kill()
+            stray.wait(5)
+            raise
+    try:
+        assert _leftovers(names, pids, inodes) == []
+        assert not tmpdir.exists() and not plan.state_file.exists()
+    finally:
+        stray.kill()
+        stray.wait(5)
+        stray.stdout.close()
     lab.close()  # idempotent
 
 
