@@ -31,6 +31,9 @@ __all__ = [
     "FlowClassified",
     "FlowClosed",
     "FlowEvent",
+    "FlowIdentity",
+    "LlmCall",
+    "McpMessage",
     "FlowOpened",
     "LossPlace",
     "TlsClientHello",
@@ -61,6 +64,7 @@ class LossPlace(enum.IntEnum):
     PARSE = 4  # captured bytes that no parser could read (malformed or truncated)
     USER_TABLE = 5  # the flow table's bound: a flow's identity evicted before its end was seen
     KERNEL_MISS = 6  # the kernel skipped a BPF program (recursion), or a flow end it never reported
+    PLAINTEXT = 7  # plaintext not followed: a call larger than the copy limit, or never joined to a flow
 
 
 def _jsonable(v: Any) -> Any:
@@ -92,8 +96,12 @@ class Event:
 
 
 @dataclass(frozen=True, kw_only=True)
-class FlowEvent(Event):
-    """Identity of a TCP flow: who (process) and where (4-tuple), plus what it was classified as."""
+class FlowIdentity(Event):
+    """Identity of a TCP flow: who (process) and where (4-tuple), plus what it was classified as.
+
+    Declared once, here: flow events (``FlowEvent``) and events about what travels on a flow
+    (``LlmCall``, ``McpMessage``) carry these fields, flat in ``to_dict()``.
+    """
 
     kind: ClassVar[str] = "flow"
     flow_id: int
@@ -123,9 +131,16 @@ class FlowEvent(Event):
     confidence: float = 0.0
 
 
-#: The fields that identify a flow (who, where, what it is), in ``FlowEvent``'s order: every flow
-#: event carries them, flat in ``to_dict()``.
-FLOW_IDENTITY: tuple[str, ...] = tuple(f.name for f in dataclasses.fields(FlowEvent))
+@dataclass(frozen=True, kw_only=True)
+class FlowEvent(FlowIdentity):
+    """A change in a flow's life: opened, classified, closed."""
+
+    kind: ClassVar[str] = "flow"
+
+
+#: The fields that identify a flow (who, where, what it is), in ``FlowIdentity``'s order: every
+#: flow event carries them, flat in ``to_dict()``.
+FLOW_IDENTITY: tuple[str, ...] = tuple(f.name for f in dataclasses.fields(FlowIdentity))
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -217,3 +232,62 @@ class TlsClientHello(Event):
     ja4: str = ""
     hostname: str | None = None
     provider: str | None = None
+
+
+@dataclass(frozen=True, kw_only=True)
+class LlmCall(FlowIdentity):
+    """One request/response exchange with an LLM API, read from TLS plaintext or plain HTTP.
+
+    Emitted when the response completes, or when the flow ends mid-response (``complete`` False).
+    ``api`` names the API shape recognised (e.g. "openai.chat", "anthropic.messages"); a call
+    recognised by shape on a flow no catalog entry names has ``provider`` None. Every count is
+    None when the API did not report it (never 0 for unknown). ``input_tokens`` follows OTel: it
+    includes cache reads and writes where the API reports those apart (Anthropic), and the parts
+    are given. ``cost_usd`` is tokens x the price of ``response_model`` (or ``request_model``)
+    from ``price_source``; None when the model's price is unknown.
+    """
+
+    kind: ClassVar[str] = "llm_call"
+    api: str
+    operation: str | None = None  # OTel gen_ai.operation.name: chat, text_completion, embeddings, ...
+    method: str = ""
+    path: str = ""  # query-string credentials removed
+    http_version: str = ""
+    stream_id: int = 0  # the HTTP/2 stream, 0 for HTTP/1.x
+    request_model: str | None = None
+    response_model: str | None = None
+    stream: bool | None = None
+    status: int | None = None
+    error_type: str | None = None
+    input_tokens: int | None = None
+    output_tokens: int | None = None
+    cache_read_tokens: int | None = None
+    cache_write_tokens: int | None = None
+    reasoning_tokens: int | None = None
+    total_tokens: int | None = None
+    finish_reason: str | None = None
+    tool_calls: int | None = None
+    request_bytes: int | None = None  # decoded body bytes
+    response_bytes: int | None = None
+    time_to_first_token_ns: int | None = None  # first content for streams, first body byte otherwise
+    duration_ns: int | None = None  # request start to response end
+    user_agent: str | None = None
+    complete: bool = True
+    cost_usd: float | None = None
+    price_source: str | None = None
+    prompt: str | None = None  # only with capture_content: the first N bytes, secrets masked
+    completion: str | None = None
+
+
+@dataclass(frozen=True, kw_only=True)
+class McpMessage(FlowIdentity):
+    """One MCP JSON-RPC message seen over HTTP (Streamable HTTP or HTTP+SSE)."""
+
+    kind: ClassVar[str] = "mcp_message"
+    direction_sent: bool  # True: this process sent it (on the flow's own socket)
+    jsonrpc_method: str | None = None
+    jsonrpc_id: str | None = None
+    session_id: str | None = None
+    tool: str | None = None  # tools/call: the tool's name
+    error_code: int | None = None
+    is_notification: bool = False

@@ -22,8 +22,8 @@ from cachetools import LRUCache
 
 from busted.classify.dns import TcpDnsFramer, parse_dns
 from busted.classify.tls import ClientHelloInfo, ClientHelloParser, NeedMore
-from busted.ebpf.layout import FL, REC_CLOSE, REC_DNS, REC_OPEN
-from busted.ebpf.records import CapRecord, FlowRecord, decode_any
+from busted.ebpf.layout import FL, REC_BIND, REC_CLOSE, REC_DNS, REC_OPEN
+from busted.ebpf.records import CapRecord, FlowRecord, PlainRecord, decode_any
 from busted.events import (
     FLOW_IDENTITY,
     Direction,
@@ -70,13 +70,15 @@ def _derive(cls: type[E], base: FlowEvent, **changes: Any) -> E:
 class _Flow:
     """One open flow: its identity (the latest FlowOpened/FlowClassified) and parser state."""
 
-    __slots__ = ("ev", "hello", "hello_done", "dns")
+    __slots__ = ("ev", "hello", "hello_done", "dns", "reader", "plain_off")
 
     def __init__(self, ev: FlowEvent | None) -> None:
         self.ev = ev
         self.hello: ClientHelloParser | None = None
         self.hello_done = False
         self.dns: TcpDnsFramer | None = None
+        self.reader: Any = None  # plaintext -> LLM calls (see ``readers``)
+        self.plain_off = False  # its plaintext is not followed (judged, or a gap in it)
 
 
 class FlowTable:
@@ -90,8 +92,19 @@ class FlowTable:
 
     def __init__(self, *, enricher: Any = None, proc: Callable[[int], ProcInfo] | None = None,
                  salt: int = 0, wall_offset: float = 0.0, max_flows: int = 4 * 65536,
-                 max_streams: int = 4096) -> None:
+                 max_streams: int = 4096, reader: Callable[[FlowEvent], Any] | None = None,
+                 skip: Callable[[int], None] | None = None, max_pending: int = 64) -> None:
         self.enricher = enricher
+        # Plaintext: ``reader(flow)`` makes the per-flow object that turns plaintext into events
+        # (``feed(sent, data, ts_ns) -> list[Event]``, ``close(ts_ns)``, ``interesting``: None
+        # undecided / False not an LLM API nor MCP); ``skip(sk)`` tells the kernel to stop
+        # copying a judged flow's plaintext.
+        self._reader = reader
+        self._skip = skip
+        self._ssl_sk: LRUCache[tuple[int, int], int] = LRUCache(maxsize=65536)  # (pid, SSL*) -> sk
+        # Chunks of sessions not joined to a socket yet (memory-BIO stacks write before they send).
+        self._ssl_pending: LRUCache[tuple[int, int], list[PlainRecord]] = LRUCache(maxsize=max_streams)
+        self._max_pending = max_pending
         self._proc = proc or (lambda _pid: _NO_PROC)
         self._salt = salt
         self._wall_offset = wall_offset
@@ -116,6 +129,8 @@ class FlowTable:
             return [self.loss(LossPlace.PARSE, 1, f"kernel record: {exc}")]
         if isinstance(rec, CapRecord):
             return self._capture(rec)
+        if isinstance(rec, PlainRecord):
+            return self._plain(rec)
         if rec.type == REC_OPEN:
             return self._on_open(rec)
         return self._on_close(rec)
@@ -202,6 +217,8 @@ class FlowTable:
         self._orphans.pop(rec.sk, None)
         flow = self._open.pop(rec.sk, None)
         if flow is not None and flow.ev is not None:
+            if flow.reader is not None:  # calls cut short by the end of the flow come first
+                return [*self._read_close(flow, rec.ts_ns), self._closed(flow.ev, rec)]
             return [self._closed(flow.ev, rec)]
         key = (rec.saddr, rec.sport, rec.daddr, rec.dport)
         if rec.flags & FL.MIDSTREAM:
@@ -343,3 +360,58 @@ class FlowTable:
             flow.ev = _derive(FlowClassified, new, ts_ns=rec.ts_ns, wall_time=wall)
             out.append(flow.ev)
         return out
+
+    # -- plaintext (TLS libraries, plain HTTP) -------------------------------------------------------
+
+    def _plain(self, rec: PlainRecord) -> list[Event]:
+        key = (rec.pid, rec.ssl)
+        if rec.type == REC_BIND:
+            self._ssl_sk[key] = rec.sk
+            out: list[Event] = []
+            for r in self._ssl_pending.pop(key, ()):
+                out.extend(self._plain_chunk(r, rec.sk))
+            return out
+        sk = rec.sk or (self._ssl_sk.get(key, 0) if rec.ssl else 0)
+        if not sk:
+            pending = self._ssl_pending.get(key)
+            if pending is None:
+                pending = self._ssl_pending[key] = []
+            if len(pending) >= self._max_pending:
+                return [self.loss(LossPlace.PLAINTEXT, 1, "plaintext of a session never joined to its socket",
+                                  rec.ts_ns)]
+            pending.append(rec)
+            return []
+        if rec.ssl and rec.sk:
+            self._ssl_sk[key] = rec.sk
+        return self._plain_chunk(rec, sk)
+
+    def _plain_chunk(self, rec: PlainRecord, sk: int) -> list[Event]:
+        flow = self._open.get(sk)
+        if flow is None or flow.ev is None or flow.plain_off or self._reader is None:
+            return []  # a flow we do not know (it predates us) or do not follow
+        if flow.reader is None:
+            flow.reader = self._reader(flow.ev)
+        try:
+            out = flow.reader.feed(rec.sent, rec.data, rec.ts_ns)
+        except Exception as exc:  # a parser bug must not stop the monitor
+            flow.plain_off = True
+            return [self.loss(LossPlace.PARSE, 1, f"plaintext: {type(exc).__name__}: {exc}", rec.ts_ns)]
+        if rec.cut:  # a gap: the stream cannot be followed past it
+            out.append(self.loss(LossPlace.PLAINTEXT, 1, f"a {rec.wire_len}-byte plaintext call was cut at "
+                                 f"{rec.offset + len(rec.data)} bytes; flow no longer parsed", rec.ts_ns))
+            out.extend(self._read_close(flow, rec.ts_ns))
+            flow.plain_off = True
+        elif flow.reader.interesting is False:
+            flow.plain_off = True
+            if self._skip is not None:
+                self._skip(sk)
+        return out
+
+    def _read_close(self, flow: _Flow, ts_ns: int) -> list[Event]:
+        reader, flow.reader = flow.reader, None
+        if reader is None:
+            return []
+        try:
+            return list(reader.close(ts_ns))
+        except Exception as exc:
+            return [self.loss(LossPlace.PARSE, 1, f"plaintext: {type(exc).__name__}: {exc}", ts_ns)]

@@ -110,6 +110,9 @@ class Monitor:
         classify: bool = True,
         catalog: Any = None,
         sweep_interval: float = 30.0,
+        llm_calls: bool = True,
+        capture_content: int = 0,
+        chunk_bytes: int = 16384,
     ) -> None:
         self._force = probes
         self._filters = _Filters.build(pid=pid, uid=uid, comm=comm, cgroup=cgroup, port=port,
@@ -142,6 +145,10 @@ class Monitor:
         self._user_lost: dict[str, int] = {}
         self._sweep_interval = sweep_interval
         self._sweep_failed = False
+        self._llm_calls = llm_calls
+        self._capture_content = capture_content
+        self._chunk_bytes = chunk_bytes
+        self._tls_scanner: Any = None
         self._pending: list[Event] = []
         self._error: BaseException | None = None
         self.capabilities: Capabilities | None = None
@@ -167,21 +174,32 @@ class Monitor:
         force = self._force
         if not self._classify and not (isinstance(force, ProbePlan) or (force and "capture" in force)):
             force = {**(force or {}), "capture": "off"}
+        if not (self._classify and self._llm_calls) and not (isinstance(force, ProbePlan)
+                                                              or (force and "plaintext" in force)):
+            force = {**(force or {}), "plaintext": "off"}
         self.plan = choose_plan(caps, force)
         from busted.ebpf.loader import FlowProgram
 
         # Compile first: LLVM's peak is the process's peak, so nothing else should be loaded yet;
         # then hand the compiler's freed heap back to the OS.
         self._program = FlowProgram(self.plan, ringbuf_bytes=self._ringbuf_bytes,
-                                    max_flows=self._max_flows)
+                                    max_flows=self._max_flows, chunk_bytes=self._chunk_bytes)
         _trim_heap()
+        reader = None
+        if self.plan.plaintext == "uprobe":
+            from busted.calls import TlsScanner, reader_factory
+
+            reader = reader_factory(capture_content=self._capture_content)
+            self._tls_scanner = TlsScanner(self._program)
+            self._tls_scanner.scan_all()
         enricher = None
         if self._classify:
             from busted.enrich import Enricher
 
             enricher = Enricher(self._catalog)
         self._table = FlowTable(enricher=enricher, proc=self._proc.get, salt=self._salt,
-                                wall_offset=self._wall_offset, max_flows=4 * self._max_flows)
+                                wall_offset=self._wall_offset, max_flows=4 * self._max_flows,
+                                reader=reader, skip=self._program.skip_plaintext)
         self._stats.plan = self.plan.describe()
         self._program.open_ring(self._on_record)
         self._started = True
@@ -190,6 +208,8 @@ class Monitor:
         self._stats.startup_s = time.monotonic() - t0
         self._thread = threading.Thread(target=self._reader, name="busted-reader", daemon=True)
         self._thread.start()
+        if self._tls_scanner is not None:
+            self._tls_scanner.start()
         return self
 
     def close(self) -> None:
@@ -199,6 +219,8 @@ class Monitor:
             return
         self._closed = True
         self._stop.set()
+        if self._tls_scanner is not None:
+            self._tls_scanner.stop()
         if self._thread is not None and self._thread is not threading.current_thread():
             self._thread.join(timeout=5)
         with self._drain_lock:
@@ -401,7 +423,10 @@ class Monitor:
             q.append(self._loss_event(LossPlace.USER_QUEUE, self._user_lost_pending))
             self._user_lost_pending = 0
             room -= 1
+        scanner = self._tls_scanner
         for ev in pending:
+            if scanner is not None and ev.kind == "flow_opened":
+                scanner.saw(ev.pid)  # a process new to us may use a TLS library not probed yet
             if not self._filters.match(ev):
                 self._stats.filtered += 1
                 continue

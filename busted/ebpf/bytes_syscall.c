@@ -200,6 +200,9 @@ static __always_inline void io_exit(long ret)
     cur_io.delete(&tid);
     if (ret <= 0)
         return;
+#ifdef HAVE_PLAINTEXT
+    plaintext_on_sock_io(sk, is_send);  /* joins TLS library calls to this socket */
+#endif
     struct flow *f = flows.lookup(&sk);
     if (f)
         flow_count(f, ret, is_send);

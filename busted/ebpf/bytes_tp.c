@@ -15,6 +15,9 @@ static __always_inline void count_bytes(u64 sk, int ret, int flags, int is_send)
 {
     if (ret <= 0 || (flags & BST_MSG_PEEK))
         return;
+#ifdef HAVE_PLAINTEXT
+    plaintext_on_sock_io(sk, is_send);  /* joins TLS library calls to this socket */
+#endif
     struct flow *f = flows.lookup(&sk);
     if (!f) {
         f = flow_midstream(sk);

@@ -43,7 +43,8 @@ struct cap_io {
     u64 iov;         /* readv/writev/recvmsg/sendmsg: user iovec array (first entry is read) */
     u64 name;        /* recvfrom/recvmsg: where the kernel writes the source address */
     u32 fd;
-    u32 kind;        /* 2 = DNS read (the only kind left for exit-time capture) */
+    u32 kind;        /* 2 = DNS read, 3 = plain-HTTP read (exit-time capture) */
+    u64 sk;          /* kind 3: the connection's socket */
 };
 
 /* User ABI layouts (they are what user space passes; stable by definition). */
@@ -69,6 +70,7 @@ struct cap_dns {
 BPF_HASH(cap_dns_fd, u64, struct cap_dns, 16384);    /* (tgid<<32|fd) -> DNS socket */
 BPF_HASH(cap_tls_fd, u64, struct cap_tls, 16384);    /* (tgid<<32|fd) -> new TCP connection */
 BPF_HASH(cap_io_ctx, u32, struct cap_io, 4096);      /* tid -> I/O syscall in flight */
+BPF_HASH(cap_http_fd, u64, u64, 16384);              /* (tgid<<32|fd) -> socket of a plain-HTTP connection */
 BPF_PERCPU_ARRAY(cap_scratch, struct cap_rec, 1);
 
 static __always_inline u64 cap_key(u64 fd)
@@ -179,18 +181,34 @@ int bst_cap_close(struct sys_enter_args *args)
     u64 key = cap_key(args->arg[0]);
     cap_dns_fd.delete(&key);
     cap_tls_fd.delete(&key);
+    cap_http_fd.delete(&key);
     return 0;
 }
 
 /* A write on a new connection: captured at syscall entry, from the buffer being written (its
  * length is what the caller asked to write; the first write on a fresh socket is sent whole).
  * Capturing at entry spares an exit hook on every write of every process. */
+/* The first bytes of a connection start an HTTP/1.x request, or the HTTP/2 cleartext preface. */
+static __always_inline int looks_like_http(u8 *h)
+{
+    u32 w = (u32)h[0] | (u32)h[1] << 8 | (u32)h[2] << 16 | (u32)h[3] << 24;
+    return w == 0x20544547 /* "GET " */ || w == 0x54534f50 /* "POST" */ || w == 0x20545550 /* "PUT " */ ||
+           w == 0x44414548 /* "HEAD" */ || w == 0x43544150 /* "PATC" */ || w == 0x454c4544 /* "DELE" */ ||
+           w == 0x4954504f /* "OPTI" */ || w == 0x20495250 /* "PRI " */;
+}
+
 static __always_inline void cap_write_in(u64 fd, u64 buf, u64 iov, u64 len)
 {
     u64 key = cap_key(fd);
     struct cap_tls *t = cap_tls_fd.lookup(&key);
+#ifdef HAVE_PLAINTEXT
+    u64 *http_sk = t ? 0 : cap_http_fd.lookup(&key);
+    if (!t && !http_sk)
+        return;
+#else
     if (!t)
         return;
+#endif
     if (!buf && iov) {
         struct bst_iovec v = {};
         if (bpf_probe_read_user(&v, sizeof(v), (void *)iov) != 0)
@@ -200,11 +218,25 @@ static __always_inline void cap_write_in(u64 fd, u64 buf, u64 iov, u64 len)
     }
     if (!buf || len == 0)
         return;
+#ifdef HAVE_PLAINTEXT
+    if (!t) {  /* a later write of a plain-HTTP connection */
+        if (http_sk)
+            plaintext_socket(*http_sk, buf, len, 0);
+        return;
+    }
+#endif
     u32 whole = 0;
     if (t->writes == 0) {
         u8 h[5] = {};
         bpf_probe_read_user(h, sizeof(h), (void *)buf);
         if (h[0] != 0x16) {  /* not a TLS handshake record: nothing to classify here */
+#ifdef HAVE_PLAINTEXT
+            if (looks_like_http(h)) {  /* plain HTTP: follow the connection's plaintext */
+                u64 sk = t->sk;
+                cap_http_fd.update(&key, &sk);
+                plaintext_socket(sk, buf, len, 0);
+            }
+#endif
             cap_tls_fd.delete(&key);
             return;
         }
@@ -221,24 +253,28 @@ static __always_inline void cap_write_in(u64 fd, u64 buf, u64 iov, u64 len)
 static __always_inline void cap_read_in(u64 fd, u64 buf, u64 iov, u64 name)
 {
     u64 key = cap_key(fd);
-    if (!cap_dns_fd.lookup(&key) && name == 0)
-        return;  /* not a DNS socket, and no source address to check */
+    u32 kind = 2;
+    u64 sk = 0;
+    if (!cap_dns_fd.lookup(&key)) {
+#ifdef HAVE_PLAINTEXT
+        u64 *http_sk = cap_http_fd.lookup(&key);
+        if (http_sk) {
+            kind = 3;
+            sk = *http_sk;
+        } else
+#endif
+        if (name == 0)
+            return;  /* not a DNS or HTTP socket, and no source address to check */
+    }
     u32 tid = (u32)bpf_get_current_pid_tgid();
     struct cap_io io = {};
     io.buf = buf;
     io.iov = iov;
     io.name = name;
     io.fd = (u32)fd;
-    io.kind = 2;
+    io.kind = kind;
+    io.sk = sk;
     cap_io_ctx.update(&tid, &io);
-}
-
-static __always_inline u64 first_iov_base(u64 iov)
-{
-    struct bst_iovec v = {};
-    if (!iov || bpf_probe_read_user(&v, sizeof(v), (void *)iov) != 0)
-        return 0;
-    return v.base;
 }
 
 static __always_inline void cap_io_out(long ret)
@@ -251,9 +287,23 @@ static __always_inline void cap_io_out(long ret)
     cap_io_ctx.delete(&tid);
     if (ret <= 0)
         return;
-    u64 buf = io.buf ? io.buf : first_iov_base(io.iov);
+    u64 buf = io.buf;
+    if (!buf) {
+        struct bst_iovec v = {};
+        if (!io.iov || bpf_probe_read_user(&v, sizeof(v), (void *)io.iov) != 0)
+            return;
+        buf = v.base;
+        if ((u64)ret > v.len)
+            ret = (long)v.len;  /* only the first iovec is copied: never past its end */
+    }
     if (!buf)
         return;
+#ifdef HAVE_PLAINTEXT
+    if (io.kind == 3) {
+        plaintext_socket(io.sk, buf, ret, 1);
+        return;
+    }
+#endif
     u64 key = cap_key(io.fd);
 
     struct cap_dns *d = cap_dns_fd.lookup(&key);

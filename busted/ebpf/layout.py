@@ -14,7 +14,8 @@ from dataclasses import dataclass
 
 __all__ = [
     "CAP_DNS_TCP", "CAP_DNS_UDP", "CAP_HDR", "FL", "FLOW", "LOSS_MAP", "LOSS_MISS", "LOSS_RING",
-    "Layout", "REC_CLOSE", "REC_DNS", "REC_HDR", "REC_OPEN", "REC_TLS", "c_definitions",
+    "Layout", "PT_HDR", "REC_BIND", "REC_CLOSE", "REC_DNS", "REC_HDR", "REC_OPEN", "REC_PLAIN", "REC_TLS",
+    "c_definitions",
 ]
 
 _TYPES = {"u8": ("B", 1), "u16": ("H", 2), "u32": ("I", 4), "u64": ("Q", 8), "char": ("s", 1)}
@@ -104,6 +105,8 @@ REC_OPEN = 1  # a flow attributed to a process: FlowOpened
 REC_CLOSE = 2  # a flow ended: FlowClosed (carries bytes)
 REC_DNS = 3  # capture: a DNS answer read by a process
 REC_TLS = 4  # capture: a client's first write(s) on a new TCP connection
+REC_PLAIN = 10  # plaintext: a chunk a process gave its TLS library or a plain-HTTP socket
+REC_BIND = 11  # plaintext: a TLS session (SSL*) was joined to its socket
 
 CAP_DNS_UDP = 1
 CAP_DNS_TCP = 2
@@ -174,16 +177,35 @@ CAP_HDR = Layout.of(
 )
 
 
+# A plaintext record is this header followed by `len` bytes; a bind record is the header alone.
+PT_HDR = Layout.of(
+    "pt_hdr",
+    ("type", "u32"),
+    ("len", "u32"),  # bytes that follow (at most the chunk size)
+    ("ts_ns", "u64"),
+    ("sk", "u64"),  # the flow's socket, 0 while the session is not joined yet
+    ("ssl", "u64"),  # the library's session pointer (an opaque key); 0 for plain HTTP
+    ("pid", "u32"),
+    ("tid", "u32"),
+    ("wire_len", "u32"),  # bytes the call moved in all; > offset + len means pieces were cut
+    ("offset", "u32"),  # where this piece starts within the call's bytes
+    ("direction", "u8"),  # 0 the process wrote (sent), 1 it read (received)
+    ("source", "u8"),  # 1 OpenSSL, 2 GnuTLS, 3 a plain socket
+    ("cut", "u8"),  # 1: the call moved more bytes than were copied; they end after this piece
+)
+
+
 def c_definitions() -> str:
     """The C text for every layout and constant above (the loader prepends it to the program)."""
     consts = [
         ("REC_OPEN", REC_OPEN), ("REC_CLOSE", REC_CLOSE), ("REC_DNS", REC_DNS), ("REC_TLS", REC_TLS),
+        ("REC_PLAIN", REC_PLAIN), ("REC_BIND", REC_BIND),
         ("CAP_DNS_UDP", CAP_DNS_UDP), ("CAP_DNS_TCP", CAP_DNS_TCP),
         ("LOSS_RING", LOSS_RING), ("LOSS_MAP", LOSS_MAP),
     ] + [(f"FL_{k}", v) for k, v in vars(FL).items() if k.isupper()]
     out = ["/* Generated from busted/ebpf/layout.py: edit it there. */"]
     out += [f"#define {k} {v}" for k, v in consts]
-    for lay in (FLOW, REC_HDR, CAP_HDR):
+    for lay in (FLOW, REC_HDR, CAP_HDR, PT_HDR):
         out.append(lay.c_struct())
     out.append("struct rec {\n    struct rec_hdr h;\n    struct flow f;\n};")
     return "\n".join(out) + "\n"

@@ -106,22 +106,48 @@ def prog_recursion_misses(fd: int) -> int:
     return struct.unpack_from("<Q", info.raw, _RECURSION_MISSES_AT)[0]
 
 
+# TLS libraries' plaintext functions: (symbol, entry program, return program).
+_TLS_HOOKS = {
+    "openssl": [
+        ("SSL_write", "bst_ssl_write_in", "bst_ssl_write_out"),
+        ("SSL_write_ex", "bst_ssl_write_ex_in", "bst_ssl_write_ex_out"),
+        ("SSL_read", "bst_ssl_read_in", "bst_ssl_read_out"),
+        ("SSL_read_ex", "bst_ssl_read_ex_in", "bst_ssl_read_ex_out"),
+    ],
+    "gnutls": [
+        ("gnutls_record_send", "bst_gnutls_send_in", "bst_gnutls_send_out"),
+        ("gnutls_record_recv", "bst_gnutls_recv_in", "bst_gnutls_recv_out"),
+    ],
+}
+
+
+def _has_symbol(path: str, sym: str) -> bool:
+    from busted.ebpf.tlslibs import exported_symbols
+
+    return sym in exported_symbols(path)
+
+
 def _read(name: str) -> str:
     return resources.files("busted.ebpf").joinpath(name).read_text()
 
 
-def build_source(plan: ProbePlan, *, ringbuf_bytes: int = 8 << 20, max_flows: int = 65536) -> str:
+def build_source(plan: ProbePlan, *, ringbuf_bytes: int = 8 << 20, max_flows: int = 65536,
+                 chunk_bytes: int = 16384) -> str:
     """The complete BPF C text for ``plan`` (what ``busted doctor --ebpf`` prints)."""
     pages = max(1, ringbuf_bytes // 4096)
     if pages & (pages - 1):  # BPF ring buffers are a power-of-two number of pages
         pages = 1 << pages.bit_length()
-    defines = [f"#define RINGBUF_PAGES {pages}", f"#define MAX_FLOWS {max_flows}"]
+    if chunk_bytes & (chunk_bytes - 1) or not 256 <= chunk_bytes <= 65536:
+        raise ValueError("chunk_bytes must be a power of two between 256 and 65536")
+    defines = [f"#define RINGBUF_PAGES {pages}", f"#define MAX_FLOWS {max_flows}",
+               f"#define PT_CHUNK_BYTES {chunk_bytes}"]
     if plan.flow_end == "close-state" or plan.lifecycle != "tracepoint":
         defines.append("#define END_AT_CLOSE 1")
     parts = [
         "\n".join(defines),
         c_definitions(),
         _read("common.h"),
+        _read("plaintext.c") if plan.plaintext == "uprobe" else "",
         _read("capture.c") if plan.capture == "syscall" else "",
         _read(_BYTES_FILES[plan.bytes]),
         _read(_LIFECYCLE_FILES[plan.lifecycle]),
@@ -152,9 +178,13 @@ def _import_bcc():
 class FlowProgram:
     """The loaded flow program. ``close()`` detaches everything (also done by process exit)."""
 
-    def __init__(self, plan: ProbePlan, *, ringbuf_bytes: int = 8 << 20, max_flows: int = 65536) -> None:
+    def __init__(self, plan: ProbePlan, *, ringbuf_bytes: int = 8 << 20, max_flows: int = 65536,
+                 chunk_bytes: int = 16384) -> None:
         self.plan = plan
-        self.source = build_source(plan, ringbuf_bytes=ringbuf_bytes, max_flows=max_flows)
+        self.source = build_source(plan, ringbuf_bytes=ringbuf_bytes, max_flows=max_flows,
+                                   chunk_bytes=chunk_bytes)
+        self.tls_files: dict[str, str] = {}  # path -> "openssl" | "gnutls": attached
+        self.tls_failed: dict[str, str] = {}  # path -> why not
         from busted.ebpf.probe import _has_cap_bpf
 
         if not _has_cap_bpf():
@@ -207,6 +237,46 @@ class FlowProgram:
         except Exception as exc:
             raise ProbeLoadError(f"cannot attach tracepoint {tp}: {exc}") from exc
         self.attached.append(f"tracepoint:{tp}")
+
+    def attach_tls_library(self, path: str, kind: str) -> bool:
+        """Attach the plaintext uprobes to one library file (or executable that exports the
+        symbols); every process that maps it, now or later, is covered. False (with the reason
+        in ``tls_failed``) if it cannot be done; idempotent per path."""
+        if self.plan.plaintext != "uprobe" or path in self.tls_files or path in self.tls_failed:
+            return path in self.tls_files
+        hooks = _TLS_HOOKS[kind]
+        done = []
+        try:
+            for sym, fn_in, fn_out in hooks:
+                if not _has_symbol(path, sym):
+                    continue
+                self.bpf.attach_uprobe(name=path.encode(), sym=sym.encode(), fn_name=fn_in.encode())
+                self.bpf.attach_uretprobe(name=path.encode(), sym=sym.encode(), fn_name=fn_out.encode())
+                done.append(sym)
+        except Exception as exc:
+            self.tls_failed[path] = f"{type(exc).__name__}: {exc}"
+            return False
+        if not done:
+            self.tls_failed[path] = "no TLS symbols exported"
+            return False
+        self.tls_files[path] = kind
+        self.attached.append(f"uprobe:{path}:{'+'.join(done)}")
+        return True
+
+    def skip_plaintext(self, sk: int) -> None:
+        """Stop copying this socket's plaintext in the kernel (judged: not an LLM API or MCP)."""
+        if self.plan.plaintext == "uprobe":
+            try:
+                self.bpf[b"pt_skip"][ctypes.c_ulonglong(sk)] = ctypes.c_ubyte(1)
+            except Exception:  # map full: the verdict is an optimisation, user space still drops
+                pass
+
+    def unskip_plaintext(self, sk: int) -> None:
+        if self.plan.plaintext == "uprobe":
+            try:
+                del self.bpf[b"pt_skip"][ctypes.c_ulonglong(sk)]
+            except KeyError:
+                pass
 
     def open_ring(self, callback: Callable[[int, int, int], object]) -> None:
         """Register ``callback(ctx, data_ptr, size)`` for every ring buffer record."""

@@ -26,10 +26,12 @@ class ProbePlan:
     flow_end: str = "destroy"
     # "syscall": DNS answers and TLS ClientHellos copied at the syscall boundary; "off".
     capture: str = "syscall"
+    # "uprobe": TLS library plaintext (and plain HTTP) for LLM calls; "off".
+    plaintext: str = "off"
 
     def describe(self) -> dict[str, str]:
         return {"lifecycle": self.lifecycle, "bytes": self.bytes, "flow_end": self.flow_end,
-                "capture": self.capture}
+                "capture": self.capture, "plaintext": self.plaintext}
 
 
 def _missing(caps: Capabilities, tps: tuple[str, ...]) -> list[str]:
@@ -67,7 +69,7 @@ def choose_plan(caps: Capabilities, force: Mapping[str, str] | ProbePlan | None 
     if isinstance(force, ProbePlan):
         forced = force.describe()
     elif force:
-        unknown = set(force) - {"lifecycle", "bytes", "flow_end", "capture"}
+        unknown = set(force) - {"lifecycle", "bytes", "flow_end", "capture", "plaintext"}
         if unknown:
             raise ProbeUnavailable(
                 f"unknown probe capability {sorted(unknown)}; use keys 'lifecycle' and 'bytes'"
@@ -117,4 +119,23 @@ def choose_plan(caps: Capabilities, force: Mapping[str, str] | ProbePlan | None 
         raise ProbeUnavailable(f"unknown capture tier {capture!r}; use 'syscall' or 'off'")
     elif capture == "syscall" and cap_missing:
         raise ProbeUnavailable(f"capture tier 'syscall' needs tracepoints {', '.join(cap_missing)}")
-    return ProbePlan(lifecycle=lifecycle, bytes=nbytes, flow_end=end, capture=capture)
+    plaintext = forced.get("plaintext")
+    why_not = _plaintext_why_not(caps, capture, nbytes)
+    if plaintext is None:
+        plaintext = "off" if why_not else "uprobe"
+    elif plaintext not in ("uprobe", "off"):
+        raise ProbeUnavailable(f"unknown plaintext tier {plaintext!r}; use 'uprobe' or 'off'")
+    elif plaintext == "uprobe" and why_not:
+        raise ProbeUnavailable(f"plaintext tier 'uprobe' cannot run here: {why_not}")
+    return ProbePlan(lifecycle=lifecycle, bytes=nbytes, flow_end=end, capture=capture, plaintext=plaintext)
+
+
+def _plaintext_why_not(caps: Capabilities, capture: str, nbytes: str) -> str | None:
+    """None if LLM-call plaintext can be read here, else why not."""
+    if not caps.uprobes:
+        return "this kernel has no uprobes (CONFIG_UPROBE_EVENTS off): flows and SNI only"
+    if capture != "syscall":
+        return "it needs the capture tier 'syscall' (plain HTTP and connection tracking)"
+    if nbytes not in ("tracepoint", "syscall"):
+        return "it needs the bytes tier 'tracepoint' or 'syscall' (the join to the socket)"
+    return None

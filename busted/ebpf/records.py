@@ -16,22 +16,27 @@ from busted.ebpf.layout import (
     CAP_HDR,
     FL,
     FLOW,
+    PT_HDR,
+    REC_BIND,
     REC_CLOSE,
     REC_DNS,
     REC_HDR,
     REC_OPEN,
+    REC_PLAIN,
     REC_TLS,
 )
 
 __all__ = [
     "FL", "REC_CLOSE", "REC_DNS", "REC_OPEN", "REC_SIZE", "REC_TLS",
-    "CapRecord", "FlowRecord", "addr_text", "decode", "decode_any", "decode_capture", "decode_flow_value",
+    "CapRecord", "FlowRecord", "PlainRecord", "addr_text", "decode", "decode_any", "decode_capture",
+    "decode_flow_value", "decode_plain",
 ]
 
 # A flow record: the header, then the flow. Both sizes are multiples of 8: no gap between them.
 _REC = struct.Struct("<" + REC_HDR.format + FLOW.format)
 _FLOW = FLOW.struct
 _CAP = CAP_HDR.struct
+_PT = PT_HDR.struct
 REC_SIZE = _REC.size
 CAP_HDR_SIZE = _CAP.size
 
@@ -75,6 +80,29 @@ class CapRecord(NamedTuple):
     comm: str
     data: bytes
     wire_len: int  # bytes the syscall moved; more than len(data) when the copy was truncated
+
+
+class PlainRecord(NamedTuple):
+    """A plaintext chunk (REC_PLAIN), or a session joined to its socket (REC_BIND, no data)."""
+
+    type: int
+    ts_ns: int
+    sk: int  # 0 while the session is not joined to its socket
+    ssl: int  # the TLS library's session pointer (opaque); 0 for plain HTTP
+    pid: int
+    tid: int
+    wire_len: int  # bytes the call moved in all
+    offset: int  # where this piece starts within the call's bytes
+    sent: bool  # the process wrote it (else it read it)
+    source: int  # 1 OpenSSL, 2 GnuTLS, 3 a plain socket
+    cut: bool  # bytes after this piece were not copied (the call moved more than the limit)
+    data: bytes
+
+
+def decode_plain(buf: bytes) -> PlainRecord:
+    typ, n, ts, sk, ssl, pid, tid, wire_len, offset, direction, source, cut, _tail = _PT.unpack_from(buf)
+    data = bytes(buf[_PT.size : _PT.size + n]) if typ == REC_PLAIN else b""
+    return PlainRecord(typ, ts, sk, ssl, pid, tid, wire_len, offset, direction == 0, source, bool(cut), data)
 
 
 @lru_cache(maxsize=4096)  # peers repeat; this runs for both ends of every flow
@@ -126,10 +154,11 @@ def decode_capture(buf: bytes) -> CapRecord:
                      _comm(comm), data, max(wire_len, len(data)))
 
 
-_DECODERS = {REC_OPEN: decode, REC_CLOSE: decode, REC_DNS: decode_capture, REC_TLS: decode_capture}
+_DECODERS = {REC_OPEN: decode, REC_CLOSE: decode, REC_DNS: decode_capture, REC_TLS: decode_capture,
+             REC_PLAIN: decode_plain, REC_BIND: decode_plain}
 
 
-def decode_any(buf: bytes) -> FlowRecord | CapRecord:
+def decode_any(buf: bytes) -> FlowRecord | CapRecord | PlainRecord:
     """Decode a record of any type. Raises ``ValueError`` for an unknown type, ``struct.error``
     for a short buffer."""
     if len(buf) < 4:
