@@ -11,6 +11,8 @@ import os
 import socket
 from typing import NamedTuple
 
+from busted.errors import EnvironmentProblem
+
 __all__ = ["ExistingFlow", "dump_established", "inode_owners"]
 
 _TCP_ESTABLISHED = 1
@@ -55,7 +57,9 @@ def dump_established() -> list[ExistingFlow]:
     t.start()
     t.join(30)
     if not box:
-        raise TimeoutError("sock_diag dump did not finish in 30 s")
+        raise EnvironmentProblem("the sock_diag dump of open TCP sockets did not finish in 30 s; flows "
+                                 "opened before the monitor will be missing (Monitor(preexisting=False) "
+                                 "skips the dump)")
     if isinstance(box[0], BaseException):
         raise box[0]
     return box[0]
