@@ -22,7 +22,11 @@ from busted.errors import (
     ProbeUnavailable,
 )
 
-__all__ = ["FlowProgram", "build_source"]
+__all__ = ["MAX_FLOWS", "RINGBUF_BYTES", "FlowProgram", "build_source"]
+
+# Defaults shared by Monitor, FlowProgram and `busted doctor --ebpf` (which must print what loads).
+RINGBUF_BYTES = 4 << 20
+MAX_FLOWS = 65536
 
 _BYTES_FILES = {"tracepoint": "bytes_tp.c", "syscall": "bytes_syscall.c", "kprobe": "bytes_kprobe.c"}
 _LIFECYCLE_FILES = {"tracepoint": "lifecycle_tp.c", "kprobe": "lifecycle_kprobe.c"}
@@ -80,7 +84,7 @@ def _read(name: str) -> str:
     return resources.files("busted.ebpf").joinpath(name).read_text()
 
 
-def build_source(plan: ProbePlan, *, ringbuf_bytes: int = 8 << 20, max_flows: int = 65536) -> str:
+def build_source(plan: ProbePlan, *, ringbuf_bytes: int = RINGBUF_BYTES, max_flows: int = MAX_FLOWS) -> str:
     """The complete BPF C text for ``plan`` (what ``busted doctor --ebpf`` prints)."""
     pages = max(1, ringbuf_bytes // 4096)
     if pages & (pages - 1):  # BPF ring buffers are a power-of-two number of pages
@@ -120,7 +124,7 @@ def _import_bcc():
 class FlowProgram:
     """The loaded flow program. ``close()`` detaches everything (also done by process exit)."""
 
-    def __init__(self, plan: ProbePlan, *, ringbuf_bytes: int = 8 << 20, max_flows: int = 65536) -> None:
+    def __init__(self, plan: ProbePlan, *, ringbuf_bytes: int = RINGBUF_BYTES, max_flows: int = MAX_FLOWS) -> None:
         self.plan = plan
         self.source = build_source(plan, ringbuf_bytes=ringbuf_bytes, max_flows=max_flows)
         from busted.ebpf.probe import _has_cap_bpf
