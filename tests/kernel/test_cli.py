@@ -129,11 +129,11 @@ def test_top_in_a_terminal(lab):
         _curl(lab)
     out = t.finish()
     last = out.split("busted top")[-1]
-    row = [ln.split() for ln in last.splitlines() if ln.startswith("curl ")]
+    # the host is shared: other curl rows (other providers) may be there too; ours is curl x openai
+    row = [ln.split() for ln in last.splitlines() if ln.split()[:2] == ["curl", "openai"]]
     assert row, out[-3000:]
-    comm, provider, pids, conns = row[0][:4]
-    assert (comm, provider) == ("curl", "openai")
-    assert int(pids) == 3 and int(conns) == 3
+    pids, conns = row[0][2:4]
+    assert int(pids) == 3 and int(conns) == 3, out[-3000:]
 
 
 # -- terminal injection: names from the kernel and the wire are shown escaped, never obeyed -----
