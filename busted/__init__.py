@@ -9,14 +9,18 @@
 from busted.errors import (
     BccNotInstalled,
     BustedError,
+    CatalogError,
     EnvironmentProblem,
     KernelHeadersMissing,
+    LabError,
+    MissingDependency,
     MonitorClosed,
     PermissionDenied,
     ProbeLoadError,
     ProbeUnavailable,
     StoreError,
     TracefsNotMounted,
+    UsageError,
 )
 from busted.events import (
     Direction,
@@ -47,6 +51,7 @@ def to_dataframe(events):  # noqa: ANN001, ANN201 - pandas is an optional extra
 __all__ = [
     "BccNotInstalled",
     "BustedError",
+    "CatalogError",
     "Direction",
     "DnsAnswer",
     "DnsRecord",
@@ -59,7 +64,9 @@ __all__ = [
     "FlowEvent",
     "FlowOpened",
     "KernelHeadersMissing",
+    "LabError",
     "LossPlace",
+    "MissingDependency",
     "Monitor",
     "MonitorStats",
     "MonitorClosed",
@@ -69,6 +76,7 @@ __all__ = [
     "StoreError",
     "TlsClientHello",
     "TracefsNotMounted",
+    "UsageError",
     "__version__",
     "to_dataframe",
 ]

@@ -10,17 +10,22 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
+import importlib.util
 import json
 import os
 import signal
+import socket
 import sys
 import threading
 import time
 from collections import Counter
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
+from pathlib import Path
 from typing import Any, TextIO
 
-from busted.errors import BustedError
+from busted._text import printable as _p
+from busted.errors import BustedError, EnvironmentProblem, MissingDependency, StoreError, UsageError
 from busted.events import (
     DnsAnswer,
     Event,
@@ -32,32 +37,44 @@ from busted.events import (
     TlsClientHello,
 )
 
-__all__ = ["main"]
+__all__ = ["HEADER", "TopTable", "main", "ready_line", "render"]
 
 
 # -- doctor ------------------------------------------------------------------------------------
 
+_UNPRIVILEGED = ("not running as root, and without CAP_BPF+CAP_PERFMON: this user cannot load BPF or see "
+                 "tracefs. Run `sudo busted doctor`.")
+
 
 def _doctor(args: argparse.Namespace, out: TextIO) -> int:
-    from busted.ebpf.loader import build_source
+    from busted.ebpf.loader import MAX_FLOWS, RINGBUF_BYTES, build_source
     from busted.ebpf.plan import BYTES_TIERS, LIFECYCLE_TIERS, _bytes_ok, _lifecycle_ok, choose_plan
     from busted.ebpf.probe import probe
 
+    force = _parse_probes(args.probes)
     caps = probe()
+    # Without privileges tracefs is invisible, so every tracepoint would look MISSING: say why instead.
+    hidden = not caps.privileged and caps.tracefs is None
     plan = None
     plan_err = None
-    try:
-        plan = choose_plan(caps, _parse_probes(args.probes))
-    except BustedError as exc:
-        plan_err = str(exc)
+    if not caps.privileged:
+        plan_err = _UNPRIVILEGED
+    else:
+        try:
+            plan = choose_plan(caps, force)
+        except BustedError as exc:
+            plan_err = str(exc)
     if args.ebpf:
         if plan is None:
-            print(plan_err, file=sys.stderr)
+            print(_p(f"busted: {plan_err}"), file=sys.stderr)
             return 1
-        out.write(build_source(plan))
+        # Exactly what Monitor() loads: the same defaults (a test pins Monitor's to these).
+        out.write(build_source(plan, ringbuf_bytes=RINGBUF_BYTES, max_flows=MAX_FLOWS))
         return 0
     if args.json:
         d = caps.to_dict()
+        if hidden:
+            d["tracefs"] = d["tracepoints"] = None  # unknown, not absent
         d["plan"] = plan.describe() if plan else None
         d["plan_error"] = plan_err
         json.dump(d, out, indent=2)
@@ -67,43 +84,57 @@ def _doctor(args: argparse.Namespace, out: TextIO) -> int:
     def yn(b: bool) -> str:
         return "yes" if b else "NO"
 
-    w = out.write
-    w(f"kernel          {caps.kernel_release}\n")
-    w(f"privileges      {'root/CAP_BPF' if caps.privileged else 'NOT privileged: run as root'}\n")
-    w(f"bcc             {caps.bcc_version or 'NOT importable (apt-get install python3-bpfcc)'}\n")
+    def w(line: str) -> None:  # paths, versions and BCC's words are printed, never interpreted
+        out.write(_p(line) + "\n")
+
+    if not caps.privileged:
+        w(f"NOT PRIVILEGED  uid {os.geteuid()}: {_UNPRIVILEGED}")
+        if hidden:
+            w("                tracefs, tracepoints and tiers below are unknown, not missing.")
+    w(f"kernel          {caps.kernel_release}")
+    w(f"privileges      {'root/CAP_BPF' if caps.privileged else 'NO (see the first line)'}")
+    w(f"bcc             {caps.bcc_version or 'NOT importable (apt-get install python3-bpfcc)'}")
     if caps.headers:
         note = ""
         if caps.headers_mismatch:
             note = (f"  (linked from another kernel: {caps.headers_version}; safe because busted's BPF "
                     "reads no kernel-internal struct)")
-        w(f"headers         {caps.headers}{note}\n")
+        w(f"headers         {caps.headers}{note}")
     else:
         w(f"headers         NOT found for {caps.kernel_release}: install linux-headers-{caps.kernel_release}"
-          " or run ./bootstrap.sh\n")
-    w(f"BTF             {yn(caps.btf)}\n")
-    w(f"tracefs         {caps.tracefs or 'NOT mounted (mount -t tracefs nodev /sys/kernel/tracing)'}\n")
-    w(f"kprobes         {'available' if caps.kprobes else 'unavailable (no kprobe PMU / CONFIG_KPROBES off)'}\n")
-    w(f"uprobes         {'available' if caps.uprobes else 'unavailable'}\n")
-    w(f"ring buffer     {yn(caps.ringbuf)}\n")
-    w(f"cgroup v2       {caps.cgroup2 or 'not mounted'}\n")
-    w("tracepoints\n")
-    for tp, ok in sorted(caps.tracepoints.items()):
-        if not tp.startswith("syscalls/") or not ok:
-            w(f"  {tp:<36}{'present' if ok else 'MISSING'}\n")
-    nsys = sum(1 for tp, ok in caps.tracepoints.items() if tp.startswith("syscalls/") and ok)
-    w(f"  syscalls/* (connect, accept, read, write, ...) {nsys} of "
-      f"{sum(1 for tp in caps.tracepoints if tp.startswith('syscalls/'))} present\n")
-    w("tiers\n")
-    for name, tiers, check in (("lifecycle", LIFECYCLE_TIERS, _lifecycle_ok), ("bytes", BYTES_TIERS, _bytes_ok)):
-        for t in tiers:
-            why = check(caps, t)
-            w(f"  {name:<10}{t:<12}{'available' if why is None else 'unavailable: ' + why}\n")
+          " or run ./bootstrap.sh")
+    w(f"BTF             {yn(caps.btf)}")
+    if hidden:
+        w("tracefs         unknown (not visible without privileges)")
+    else:
+        w(f"tracefs         {caps.tracefs or 'NOT mounted (mount -t tracefs nodev /sys/kernel/tracing)'}")
+    w(f"kprobes         {'available' if caps.kprobes else 'unavailable (no kprobe PMU / CONFIG_KPROBES off)'}")
+    w(f"uprobes         {'available' if caps.uprobes else 'unavailable'}")
+    w(f"ring buffer     {yn(caps.ringbuf)}")
+    w(f"cgroup v2       {caps.cgroup2 or 'not mounted'}")
+    if hidden:
+        w("tracepoints     unknown: not visible without privileges")
+        w("tiers           unknown: not visible without privileges")
+    else:
+        w("tracepoints")
+        for tp, ok in sorted(caps.tracepoints.items()):
+            if not tp.startswith("syscalls/") or not ok:
+                w(f"  {tp:<36}{'present' if ok else 'MISSING'}")
+        nsys = sum(1 for tp, ok in caps.tracepoints.items() if tp.startswith("syscalls/") and ok)
+        w(f"  syscalls/* (connect, accept, read, write, ...) {nsys} of "
+          f"{sum(1 for tp in caps.tracepoints if tp.startswith('syscalls/'))} present")
+        w("tiers")
+        for name, tiers, check in (("lifecycle", LIFECYCLE_TIERS, _lifecycle_ok),
+                                   ("bytes", BYTES_TIERS, _bytes_ok)):
+            for t in tiers:
+                why = check(caps, t)
+                w(f"  {name:<10}{t:<12}{'available' if why is None else 'unavailable: ' + why}")
     if plan:
-        w("chosen plan\n")
+        w("chosen plan")
         for k, v in plan.describe().items():
-            w(f"  {k:<10}{v}\n")
+            w(f"  {k:<10}{v}")
         return 0
-    w(f"chosen plan     NONE: {plan_err}\n")
+    w(f"chosen plan     NONE: {'needs privileges (see the first line)' if not caps.privileged else plan_err}")
     return 1
 
 
@@ -114,19 +145,23 @@ def _parse_probes(spec: str | None) -> dict[str, str] | None:
     for part in spec.split(","):
         k, _, v = part.partition("=")
         if not v:
-            raise SystemExit(f"--probes wants key=value pairs, e.g. bytes=syscall (got {part!r})")
+            raise UsageError(f"--probes wants key=value pairs, e.g. bytes=syscall,lifecycle=tracepoint "
+                             f"(got {part!r})")
         out[k.strip()] = v.strip()
     return out
 
 
 # -- rendering ---------------------------------------------------------------------------------
+# Every string from the kernel or the wire (comm, SNI, DNS names, hostnames) is attacker-chosen:
+# table output passes it through printable() so it cannot drive the terminal. --json output is
+# json.dumps with ensure_ascii=True: exact, and only printable ASCII.
 
 
 def _ep(addr: str, port: int) -> str:
     return f"[{addr}]:{port}" if ":" in addr else f"{addr}:{port}"
 
 
-def _fmt_bytes(n: int) -> str:
+def _fmt_bytes(n: float) -> str:
     for unit in ("B", "K", "M", "G"):
         if n < 1024 or unit == "G":
             return f"{n:.0f}{unit}" if unit == "B" else f"{n:.1f}{unit}"
@@ -134,12 +169,17 @@ def _fmt_bytes(n: int) -> str:
     return str(n)
 
 
+def _col(s: str | None, width: int) -> str:
+    """An attacker-controlled field, escaped, then cut and padded to its column."""
+    return f"{_p(s or '')[:width]:<{width}}"
+
+
 HEADER = f"{'TIME':<8} {'EVENT':<10} {'PID':>7} {'COMM':<15} {'DIR':<3} {'LOCAL':<22} {'REMOTE':<22} " \
          f"{'PROVIDER/HOST':<34} {'TX':>7} {'RX':>7}"
 
 
 def render(ev: Event) -> str:
-    """One human line per event (the table view of ``busted monitor``)."""
+    """One human line per event (the table view of ``busted monitor``); never a control character."""
     t = time.strftime("%H:%M:%S", time.localtime(ev.wall_time))
     if isinstance(ev, FlowEvent):
         kind = {FlowOpened: "open", FlowClosed: "close", FlowClassified: "classified"}.get(type(ev), ev.kind)
@@ -150,19 +190,27 @@ def render(ev: Event) -> str:
         if isinstance(ev, FlowClosed):
             tx, rx = _fmt_bytes(ev.bytes_sent), _fmt_bytes(ev.bytes_received)
         d = "out" if ev.direction == 1 else "in" if ev.direction == 2 else "?"
-        return (f"{t:<8} {kind:<10} {ev.pid:>7} {ev.comm[:15]:<15} {d:<3} {_ep(ev.saddr, ev.sport):<22} "
-                f"{_ep(ev.daddr, ev.dport):<22} {who[:34]:<34} {tx:>7} {rx:>7}")
-    if isinstance(ev, DnsAnswer):
+        line = (f"{t:<8} {kind:<10} {ev.pid:>7} {_col(ev.comm, 15)} {d:<3} {_ep(ev.saddr, ev.sport):<22} "
+                f"{_ep(ev.daddr, ev.dport):<22} {_col(who, 34)} {tx:>7} {rx:>7}")
+    elif isinstance(ev, DnsAnswer):
         ans = ",".join(ev.addresses) or ev.rcode
         chain = " -> ".join(ev.cname_chain[1:])
-        return (f"{t:<8} {'dns':<10} {ev.pid or 0:>7} {(ev.comm or '')[:15]:<15} {'':<3} "
-                f"{ev.qname} {ev.qtype} {ans}{' via ' + chain if chain else ''}")
-    if isinstance(ev, TlsClientHello):
-        return (f"{t:<8} {'tls-hello':<10} {ev.pid:>7} {ev.comm[:15]:<15} {'out':<3} "
-                f"sni={ev.sni or '-'} alpn={','.join(ev.alpn) or '-'} ja4={ev.ja4}")
-    if isinstance(ev, EventsLost):
-        return f"{t:<8} {'LOST':<10} {ev.count} at {ev.where.name.lower()} {ev.detail}"
-    return f"{t:<8} {ev.kind:<10} {json.dumps(ev.to_dict(), default=str)}"
+        line = (f"{t:<8} {'dns':<10} {ev.pid or 0:>7} {_col(ev.comm, 15)} {'':<3} "
+                f"{_p(ev.qname)} {ev.qtype} {_p(ans)}{' via ' + _p(chain) if chain else ''}")
+    elif isinstance(ev, TlsClientHello):
+        line = (f"{t:<8} {'tls-hello':<10} {ev.pid:>7} {_col(ev.comm, 15)} {'out':<3} "
+                f"sni={_p(ev.sni or '-')} alpn={_p(','.join(ev.alpn)) or '-'} ja4={_p(ev.ja4)}")
+    elif isinstance(ev, EventsLost):
+        line = f"{t:<8} {'LOST':<10} {ev.count} at {ev.where.name.lower()} {ev.detail}"
+    else:
+        line = f"{t:<8} {ev.kind:<10} {json.dumps(ev.to_dict(), default=str)}"
+    return _p(line)  # the last guard: fields not escaped above (kinds, details) cannot slip through
+
+
+def _json(d: dict[str, Any]) -> str:
+    # ensure_ascii (the default) escapes every control and non-ASCII character as \uXXXX: the line
+    # is exact JSON and safe on a terminal.
+    return json.dumps(d, default=str, ensure_ascii=True)
 
 
 class _Summary:
@@ -184,49 +232,119 @@ class _Summary:
         if self.providers:
             s += "\nLLM flows by provider: " + ", ".join(f"{k}={v}" for k, v in self.providers.most_common())
         s += "\nlost: " + (", ".join(f"{k}={v}" for k, v in self.lost.items()) if self.lost else "none")
-        return s
+        return "\n".join(_p(line) for line in s.split("\n"))
 
 
-# -- monitor -----------------------------------------------------------------------------------
+# -- outputs and the monitor ---------------------------------------------------------------------
 
 
 def _monitor_kwargs(args: argparse.Namespace) -> dict[str, Any]:
     kw: dict[str, Any] = {"probes": _parse_probes(getattr(args, "probes", None))}
     if getattr(args, "pid", None):
         kw["pid"] = args.pid
-    if getattr(args, "uid", None) is not None:
+    if getattr(args, "uid", None):
         kw["uid"] = args.uid
     if getattr(args, "comm", None):
         kw["comm"] = args.comm
     if getattr(args, "port", None):
         kw["port"] = args.port
-    if getattr(args, "ipv4", False):
-        kw["family"] = 4
-    if getattr(args, "ipv6", False):
-        kw["family"] = 6
+    if getattr(args, "family", None):
+        kw["family"] = args.family
     return kw
 
 
+def _check_file_output(flag: str, path: str) -> None:
+    """Fail now, creating nothing, if ``path`` cannot be written: not after loading BPF."""
+    p = Path(path)
+    parent = p.parent
+    if p.is_dir():
+        raise StoreError(f"{flag} {path}: is a directory; give a file path")
+    if not parent.is_dir():
+        raise StoreError(f"{flag} {path}: directory {parent} does not exist; create it or choose another path")
+    # The directory must be writable even for an existing file: SQLite adds -wal/-shm files next
+    # to the store and JSONL rotation renames files in it.
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise StoreError(f"{flag} {path}: directory {parent} is not writable by uid {os.geteuid()}; "
+                         "choose another path or run with the rights to write there")
+    if p.exists() and not os.access(p, os.W_OK):
+        raise StoreError(f"{flag} {path}: not writable by uid {os.geteuid()}; choose another path")
+
+
+def _metrics_addr(addr: str) -> tuple[str, int]:
+    host, sep, port = addr.rpartition(":")
+    if not sep and addr.isdigit():
+        host, port = "", addr
+    host = host.strip("[]") or "127.0.0.1"
+    if not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise UsageError(f"--metrics {addr!r}: expected HOST:PORT, e.g. 127.0.0.1:9464")
+    return host, int(port)
+
+
+def _check_metrics(addr: str) -> None:
+    if importlib.util.find_spec("prometheus_client") is None:
+        raise MissingDependency("prometheus_client", "metrics", "--metrics")
+    host, port = _metrics_addr(addr)
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except OSError as exc:
+        raise UsageError(f"--metrics {addr!r}: cannot resolve {host!r} ({exc})") from exc
+    fam, typ, proto, _, sa = infos[0]
+    with socket.socket(fam, typ, proto) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the HTTP server will
+        try:
+            s.bind(sa)
+        except OSError as exc:
+            raise EnvironmentProblem(f"--metrics {addr}: cannot listen there ({exc.strerror or exc}); "
+                                     "choose another address or stop what holds the port") from exc
+
+
+def _check_outputs(args: argparse.Namespace) -> None:
+    """Every output given, checked before anything is created or loaded (issue: bad paths were
+    found ~3 s later, after the BPF load, and a failed --jsonl left an empty store behind)."""
+    for flag in ("store", "jsonl"):
+        path = getattr(args, flag, None)
+        if path:
+            _check_file_output(f"--{flag}", path)
+    if getattr(args, "metrics", None):
+        _check_metrics(args.metrics)
+
+
 class _Sinks:
-    """--store / --metrics / --jsonl outputs, fed every event the CLI sees."""
+    """--store / --metrics / --jsonl outputs, fed every event the CLI sees.
+
+    Opened before the probes are loaded, so a bad output fails at once; on any failure (here or
+    in the Monitor's start) ``abort()`` closes them and removes the files they created."""
 
     def __init__(self, args: argparse.Namespace) -> None:
         self.sinks: list[Any] = []
         self.exporter = None
-        if getattr(args, "store", None):
-            from busted.sinks import Store
+        self._created: list[Path] = []
+        _check_outputs(args)
+        try:
+            if getattr(args, "store", None):
+                from busted.sinks import Store
 
-            self.sinks.append(Store(args.store))
-        if getattr(args, "jsonl", None):
-            from busted.sinks import JsonlSink
+                self._note(args.store, "-wal", "-shm", "-journal")
+                self.sinks.append(Store(args.store))
+            if getattr(args, "jsonl", None):
+                from busted.sinks import JsonlSink
 
-            self.sinks.append(JsonlSink(args.jsonl))
-        if getattr(args, "metrics", None):
-            from busted.sinks import PrometheusExporter
+                self._note(args.jsonl)
+                self.sinks.append(JsonlSink(args.jsonl))
+            if getattr(args, "metrics", None):
+                from busted.sinks import PrometheusExporter
 
-            self.exporter = PrometheusExporter(args.metrics)
-            self.exporter.start()
-            self.sinks.append(self.exporter)
+                self.exporter = PrometheusExporter(args.metrics)
+                self.sinks.append(self.exporter)
+                self.exporter.start()
+        except BaseException:
+            self.abort()
+            raise
+
+    def _note(self, path: str, *suffixes: str) -> None:
+        for p in (path, *(path + s for s in suffixes)):
+            if not os.path.lexists(p):
+                self._created.append(Path(p))
 
     def write(self, ev: Event, queue_depth: int = 0) -> None:
         for s in self.sinks:
@@ -237,6 +355,45 @@ class _Sinks:
     def close(self) -> None:
         for s in self.sinks:
             s.close()
+
+    def abort(self) -> None:
+        """Close what was opened and remove the files this run created: a failed start leaves nothing."""
+        for s in self.sinks:
+            with contextlib.suppress(Exception):
+                s.close()
+        self.sinks = []
+        for p in self._created:
+            with contextlib.suppress(OSError):
+                p.unlink()
+
+
+def _start(args: argparse.Namespace) -> tuple[Any, _Sinks]:
+    """Outputs first (a bad one fails in milliseconds and creates nothing), then the probes."""
+    import busted
+
+    sinks = _Sinks(args)
+    mon = None
+    try:
+        mon = busted.Monitor(**_monitor_kwargs(args))
+        mon.start()
+    except BaseException:
+        if mon is not None:
+            mon.close()
+        sinks.abort()
+        raise
+    return mon, sinks
+
+
+def ready_line(mon: Any, what: str = "monitoring") -> str:
+    """What the CLI prints to stderr once the probes are attached and it is reading (tests and
+    scripts wait for it instead of guessing how long the BPF compile takes)."""
+    st = mon.stats()
+    plan = " ".join(f"{k}={v}" for k, v in st.plan.items())
+    return f"busted: {what} (probes attached in {st.startup_s:.2f} s; plan {plan})"
+
+
+def _announce(mon: Any, what: str = "monitoring") -> None:
+    print(ready_line(mon, what), file=sys.stderr, flush=True)
 
 
 def _wants(ev: Event, provider: Sequence[str] | None) -> bool:
@@ -255,35 +412,36 @@ def _install_sigterm(stop: threading.Event) -> None:
         signal.signal(signal.SIGTERM, handler)
 
 
-def _run_monitor(args: argparse.Namespace, out: TextIO, events: Iterable[Event] | None = None,
-                 mon: Any = None) -> _Summary:
+def _run_monitor(args: argparse.Namespace, out: TextIO, events: Iterable[Event], mon: Any = None,
+                 sinks: _Sinks | None = None) -> _Summary:
     summary = _Summary()
     as_json = args.json or not out.isatty()
     if not as_json:
         out.write(HEADER + "\n")
         out.flush()
-    sinks = _Sinks(args)
     try:
         for ev in events:
             summary.add(ev)
-            sinks.write(ev, mon.stats().queue_depth if mon is not None else 0)
+            if sinks is not None:
+                sinks.write(ev, mon.stats().queue_depth if mon is not None else 0)
             if not _wants(ev, args.provider):
                 continue
-            out.write((json.dumps(ev.to_dict()) if as_json else render(ev)) + "\n")
+            out.write((_json(ev.to_dict()) if as_json else render(ev)) + "\n")
             out.flush()
     except KeyboardInterrupt:
         pass
     finally:
-        sinks.close()
+        if sinks is not None:
+            sinks.close()
     return summary
 
 
 def _monitor(args: argparse.Namespace, out: TextIO) -> int:
-    import busted
-
     stop = threading.Event()
     _install_sigterm(stop)
-    with busted.Monitor(**_monitor_kwargs(args)) as mon:
+    mon, sinks = _start(args)
+    with mon:
+        _announce(mon)
         deadline = None if args.duration is None else time.monotonic() + args.duration
 
         def stream() -> Iterable[Event]:
@@ -293,10 +451,10 @@ def _monitor(args: argparse.Namespace, out: TextIO) -> int:
                     return
                 yield from mon.events(timeout=min(0.5, left) if left is not None else 0.5, stop_event=stop)
 
-        summary = _run_monitor(args, out, stream(), mon)
+        summary = _run_monitor(args, out, stream(), mon, sinks)
         st = mon.stats()
     print(summary.text(), file=sys.stderr)
-    print(f"kernel records {st.records}, events {st.events}, plan {st.plan}", file=sys.stderr)
+    print(_p(f"kernel records {st.records}, events {st.events}, plan {st.plan}"), file=sys.stderr)
     return 0
 
 
@@ -347,44 +505,55 @@ class TopTable:
             if (getattr(ev, "status", 200) or 200) >= 400:
                 row["errors"] += 1
 
+    def top(self, limit: int = 30) -> list[dict[str, Any]]:
+        """The rows, busiest first (bytes + connections), as dicts (exact names, for --json)."""
+        rows = sorted(self.rows.items(), key=lambda kv: -(kv[1]["tx"] + kv[1]["rx"] + kv[1]["conns"]))
+        return [{"comm": comm, "provider": prov, "pids": len(self.pids[(comm, prov)]), "conns": r["conns"],
+                 "tx": r["tx"], "rx": r["rx"], "calls": r["calls"], "tokens": r["tokens"],
+                 "errors": r["errors"]} for (comm, prov), r in rows[:limit]]
+
     def text(self, limit: int = 30) -> str:
         head = (f"{'COMM':<15} {'PROVIDER':<22} {'PIDS':>5} {'CONNS':>6} {'TX':>8} {'RX':>8} {'CALLS':>6} "
                 f"{'TOKENS':>7} {'ERR':>4}")
         lines = [head]
-        rows = sorted(self.rows.items(), key=lambda kv: -(kv[1]["tx"] + kv[1]["rx"] + kv[1]["conns"]))
-        for (comm, prov), r in rows[:limit]:
-            lines.append(f"{comm[:15]:<15} {prov[:22]:<22} {len(self.pids[(comm, prov)]):>5} {r['conns']:>6} "
-                         f"{_fmt_bytes(r['tx']):>8} {_fmt_bytes(r['rx']):>8} {r['calls']:>6} {r['tokens']:>7} "
-                         f"{r['errors']:>4}")
+        for r in self.top(limit):
+            lines.append(_p(f"{_col(r['comm'], 15)} {_col(r['provider'], 22)} {r['pids']:>5} {r['conns']:>6} "
+                            f"{_fmt_bytes(r['tx']):>8} {_fmt_bytes(r['rx']):>8} {r['calls']:>6} "
+                            f"{r['tokens']:>7} {r['errors']:>4}"))
         return "\n".join(lines)
 
 
 def _top(args: argparse.Namespace, out: TextIO) -> int:
-    import busted
-
     stop = threading.Event()
     _install_sigterm(stop)
     table = TopTable()
-    tty = out.isatty()
-    sinks = _Sinks(args)
-    with busted.Monitor(**_monitor_kwargs(args)) as mon:
+    as_json = args.json
+    tty = out.isatty() and not as_json
+    mon, sinks = _start(args)
+    with mon:
+        _announce(mon)
         end = None if args.duration is None else time.monotonic() + args.duration
         try:
             while not stop.is_set() and (end is None or time.monotonic() < end):
                 tick = time.monotonic() + args.interval
                 for ev in mon.events(timeout=max(0.05, tick - time.monotonic()), stop_event=stop):
-                    sinks.write(ev)
+                    sinks.write(ev, mon.stats().queue_depth)
                     if _wants(ev, args.provider):
                         table.add(ev)
                     if time.monotonic() >= tick:
                         break
-                if tty:
-                    out.write("\x1b[H\x1b[2J")
                 st = mon.stats()
-                out.write(f"busted top — {time.strftime('%H:%M:%S')}  events {st.events}  "
-                          f"lost {sum(st.lost.values())}\n{table.text()}\n")
-                if not tty:
-                    out.write("\n")
+                lost = sum(st.lost.values())
+                if as_json:
+                    out.write(_json({"time": time.time(), "events": st.events, "lost": lost,
+                                     "rows": table.top()}) + "\n")
+                else:
+                    if tty:
+                        out.write("\x1b[H\x1b[2J")  # ours: home + clear, before the redraw
+                    out.write(f"busted top — {time.strftime('%H:%M:%S')}  events {st.events}  "
+                              f"lost {lost}\n{table.text()}\n")
+                    if not tty:
+                        out.write("\n")
                 out.flush()
         except KeyboardInterrupt:
             pass
@@ -398,48 +567,69 @@ def _top(args: argparse.Namespace, out: TextIO) -> int:
 
 def _lab(args: argparse.Namespace, out: TextIO) -> int:
     import busted
-    from busted.lab import Lab, demo_traffic
+    from busted.lab import Lab
 
     summary = _Summary()
-    as_json = args.json
-    print("busted lab: starting network namespaces, lab DNS and fake LLM providers ...", file=sys.stderr)
-    with Lab() as lab, busted.Monitor(**_monitor_kwargs(args)) as mon:
-        print(f"busted lab: monitor up in {mon.stats().startup_s:.2f}s, plan {mon.plan.describe()}",
-              file=sys.stderr)
-        print(f"busted lab: client namespace {lab.client_ns}, lab DNS {lab.dns_addr}; running demo clients",
-              file=sys.stderr)
-        results: list[Any] = []
-        worker = threading.Thread(target=lambda: results.extend(demo_traffic(lab, rounds=args.rounds)),
-                                  daemon=True)
-        worker.start()
-        lab_nets = (lab.client_ns, lab.server_ns)
-        sinks = _Sinks(args)
-        if not as_json:
-            out.write(HEADER + "\n")
-        try:
-            while worker.is_alive() or True:
-                got = False
-                for ev in mon.events(timeout=1.0):
-                    got = True
-                    if isinstance(ev, FlowEvent | DnsAnswer | TlsClientHello) and not _in_lab(ev, lab):
-                        continue
-                    summary.add(ev)
-                    sinks.write(ev)
-                    out.write((json.dumps(ev.to_dict()) if as_json else render(ev)) + "\n")
-                    out.flush()
-                    if not worker.is_alive():
-                        break
-                if not worker.is_alive() and not got:
-                    break
-        except KeyboardInterrupt:
-            pass
-        finally:
+    stop = threading.Event()
+    _install_sigterm(stop)
+    results: list[Any] = []
+    sinks = _Sinks(args)  # outputs first: a bad path fails before namespaces or BPF exist
+    started = False
+    try:
+        with contextlib.ExitStack() as stack:
+            print("busted lab: starting network namespaces, lab DNS and fake LLM providers ...", file=sys.stderr)
+            lab = stack.enter_context(Lab())
+            mon = stack.enter_context(busted.Monitor(**_monitor_kwargs(args)))
+            started = True
+            _run_lab(args, out, lab, mon, sinks, summary, results, stop)
+    finally:
+        if started:
             sinks.close()
-        _ = lab_nets
+        else:
+            sinks.abort()  # the lab or the probes failed: leave no output files behind
     print(summary.text(), file=sys.stderr)
     ok = sum(1 for r in results if r.returncode == 0)
     print(f"busted lab: {ok}/{len(results)} demo clients succeeded; lab torn down", file=sys.stderr)
     return 0
+
+
+def _run_lab(args: argparse.Namespace, out: TextIO, lab: Any, mon: Any, sinks: _Sinks, summary: _Summary,
+             results: list[Any], stop: threading.Event) -> None:
+    from busted.lab import demo_traffic
+
+    as_json = args.json or not out.isatty()
+    _announce(mon)
+    print(f"busted lab: client namespace {lab.client_ns}, lab DNS {lab.dns_addr}; running demo clients",
+          file=sys.stderr)
+    worker = threading.Thread(target=lambda: results.extend(demo_traffic(lab, rounds=args.rounds)),
+                              daemon=True)
+    worker.start()
+    if not as_json:
+        out.write(HEADER + "\n")
+
+    def show(ev: Event) -> None:
+        if isinstance(ev, FlowEvent | DnsAnswer | TlsClientHello) and not _in_lab(ev, lab):
+            return
+        summary.add(ev)
+        sinks.write(ev, mon.stats().queue_depth)
+        if _wants(ev, args.provider):
+            out.write((_json(ev.to_dict()) if as_json else render(ev)) + "\n")
+            out.flush()
+
+    try:
+        while worker.is_alive() and not stop.is_set():
+            for ev in mon.events(timeout=0.5, stop_event=stop):
+                show(ev)
+                if not worker.is_alive():
+                    break
+        # The demo is done: take what is still in flight (closes, late answers), bounded.
+        end = time.monotonic() + 3.0
+        for ev in mon.events(timeout=1.0, stop_event=stop):
+            show(ev)
+            if time.monotonic() >= end:
+                break
+    except KeyboardInterrupt:
+        pass
 
 
 def _in_lab(ev: Event, lab: Any) -> bool:
@@ -460,80 +650,123 @@ def _in_lab(ev: Event, lab: Any) -> bool:
 # -- query -------------------------------------------------------------------------------------
 
 
+def _row_filter(args: argparse.Namespace, flow_provider: dict[int, str | None]) -> Callable[[dict], bool]:
+    """The monitor's filters over stored rows (dicts). A row without a filtered field (a DNS
+    answer has no port) does not match; an event's provider is its flow's when it has none."""
+    checks: list[Callable[[dict], bool]] = []
+    if args.pid:
+        checks.append(lambda r: r.get("pid") in args.pid)
+    if args.uid:
+        checks.append(lambda r: r.get("uid") in args.uid)
+    if args.comm:
+        checks.append(lambda r: r.get("comm") in args.comm)
+    if args.port:
+        checks.append(lambda r: r.get("sport") in args.port or r.get("dport") in args.port)
+    if args.family:
+        checks.append(lambda r: r.get("family") == args.family)
+    if args.provider:
+        def prov(r: dict) -> bool:
+            p = r.get("provider") or flow_provider.get(r.get("flow_id", -1))
+            return (p or "none") in args.provider
+
+        checks.append(prov)
+    return lambda r: all(c(r) for c in checks)
+
+
 def _query(args: argparse.Namespace, out: TextIO) -> int:
     from busted.sinks import Store
 
+    if args.json and args.format == "csv":
+        raise UsageError("--json and --format csv contradict each other; give one")
     since = time.time() - args.since if args.since else None
-    filters = {k: v for k, v in (("pid", args.pid), ("comm", args.comm), ("provider", args.provider)) if v}
     with Store.open_readonly(args.store) as store:
+        flows = list(store.flows(since=since))
         if args.table == "events":
-            rows = [ev.to_dict() for ev in store.events(since=since, **filters)]
+            by_flow = {f["flow_id"]: f.get("provider") for f in flows} if args.provider else {}
+            keep = _row_filter(args, by_flow)
+            rows = [d for d in (ev.to_dict() for ev in store.events(since=since)) if keep(d)]
         else:
-            rows = list(store.flows(since=since, **filters))
-    if args.format == "json":
+            keep = _row_filter(args, {})
+            rows = [f for f in flows if keep(f)]
+    if args.format != "csv":
         for r in rows:
-            out.write(json.dumps(r, default=str) + "\n")
-    else:
-        import csv
+            out.write(_json(r) + "\n")
+        return 0
+    import csv
 
-        cols: list[str] = []
-        for r in rows:
-            cols.extend(k for k in r if k not in cols)
-        w = csv.DictWriter(out, fieldnames=cols)
-        w.writeheader()
-        for r in rows:
-            w.writerow({k: json.dumps(v) if isinstance(v, list | dict) else v for k, v in r.items()})
+    tty = out.isatty()
+    cols: list[str] = []
+    for r in rows:
+        cols.extend(k for k in r if k not in cols)
+    w = csv.DictWriter(out, fieldnames=cols)
+    w.writeheader()
+    for r in rows:
+        cells = {k: json.dumps(v) if isinstance(v, list | dict) else v for k, v in r.items()}
+        if tty:  # CSV is exact in a file or pipe; on a terminal its text cells are escaped
+            cells = {k: _p(v) if isinstance(v, str) else v for k, v in cells.items()}
+        w.writerow(cells)
     return 0
 
 
 # -- entry -------------------------------------------------------------------------------------
 
 
+def _filter_flags() -> argparse.ArgumentParser:
+    """The filter flags, defined once: monitor, top, lab and query take the same ones."""
+    fp = argparse.ArgumentParser(add_help=False)
+    g = fp.add_argument_group("filters (a flow must match every one given; repeatable ones match any value)")
+    g.add_argument("-p", "--pid", type=int, action="append", help="only this process id (repeatable)")
+    g.add_argument("-u", "--uid", type=int, action="append", help="only this user id (repeatable)")
+    g.add_argument("-c", "--comm", action="append", help="only this command name, exact (repeatable)")
+    g.add_argument("-P", "--port", type=int, action="append", help="only flows with this port at either end "
+                   "(repeatable)")
+    fam = g.add_mutually_exclusive_group()
+    fam.add_argument("-4", "--ipv4", dest="family", action="store_const", const=4, help="only IPv4")
+    fam.add_argument("-6", "--ipv6", dest="family", action="store_const", const=6, help="only IPv6")
+    g.add_argument("--provider", action="append", help="only flows to this provider id ('none' = non-LLM; "
+                   "repeatable)")
+    return fp
+
+
+def _live_flags() -> argparse.ArgumentParser:
+    """Flags of the commands that load probes and write outputs (monitor, top, lab)."""
+    lp = argparse.ArgumentParser(add_help=False)
+    lp.add_argument("--probes", help="force tiers, e.g. bytes=syscall,lifecycle=tracepoint")
+    lp.add_argument("--json", action="store_true", help="NDJSON (default when stdout is not a terminal)")
+    g = lp.add_argument_group("outputs (checked before the probes load; a bad one exits 2 and creates nothing)")
+    g.add_argument("--store", help="also write every event to this SQLite file")
+    g.add_argument("--jsonl", help="also append every event to this JSONL file (rotated)")
+    g.add_argument("--metrics", help="serve Prometheus metrics on ADDR (e.g. 127.0.0.1:9464)")
+    lp.add_argument("--policy", help="policy file (allow/audit/deny): not implemented yet, refused")
+    return lp
+
+
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="busted", description="Audit this host's traffic to LLM providers (eBPF).")
     sub = p.add_subparsers(dest="cmd", required=True)
+    filters, live = _filter_flags(), _live_flags()
 
     d = sub.add_parser("doctor", help="what this kernel offers and which probe tiers would be used")
     d.add_argument("--json", action="store_true")
-    d.add_argument("--ebpf", action="store_true", help="print the generated BPF program and exit")
+    d.add_argument("--ebpf", action="store_true", help="print the BPF program Monitor() would load and exit")
     d.add_argument("--probes", help="force tiers, e.g. bytes=syscall,lifecycle=tracepoint")
 
-    def filters(sp: argparse.ArgumentParser) -> None:
-        sp.add_argument("-p", "--pid", type=int, action="append", help="only this process (repeatable)")
-        sp.add_argument("-u", "--uid", type=int, help="only this user id")
-        sp.add_argument("-c", "--comm", action="append", help="only this command name (repeatable)")
-        sp.add_argument("-P", "--port", type=int, action="append", help="only flows with this port")
-        sp.add_argument("-4", "--ipv4", action="store_true", help="only IPv4")
-        sp.add_argument("-6", "--ipv6", action="store_true", help="only IPv6")
-        sp.add_argument("--provider", action="append", help="only flows to this provider id ('none' = non-LLM)")
-        sp.add_argument("--probes", help="force tiers, e.g. bytes=syscall")
-        sp.add_argument("--json", action="store_true", help="NDJSON (default when stdout is not a terminal)")
-        sp.add_argument("--store", help="also write every event to this SQLite file")
-        sp.add_argument("--jsonl", help="also append every event to this JSONL file (rotated)")
-        sp.add_argument("--metrics", help="serve Prometheus metrics on ADDR (e.g. 127.0.0.1:9464)")
-        sp.add_argument("--policy", help="policy file (allow/audit/deny): not implemented yet, refused")
-
-    m = sub.add_parser("monitor", help="live view of flows")
-    filters(m)
+    m = sub.add_parser("monitor", help="live view of flows", parents=[filters, live])
     m.add_argument("--duration", type=float, help="stop after this many seconds")
 
-    t = sub.add_parser("top", help="refreshing per-process x provider table")
-    filters(t)
-    t.add_argument("--interval", type=float, default=2.0)
-    t.add_argument("--duration", type=float)
+    t = sub.add_parser("top", help="refreshing per-process x provider table", parents=[filters, live])
+    t.add_argument("--interval", type=float, default=2.0, help="seconds between refreshes")
+    t.add_argument("--duration", type=float, help="stop after this many seconds")
 
-    lab = sub.add_parser("lab", help="network lab with demo LLM traffic, monitored")
-    filters(lab)
+    lab = sub.add_parser("lab", help="network lab with demo LLM traffic, monitored", parents=[filters, live])
     lab.add_argument("--rounds", type=int, default=1)
 
-    q = sub.add_parser("query", help="read a store")
+    q = sub.add_parser("query", help="read a store written with --store", parents=[filters])
     q.add_argument("--store", required=True)
     q.add_argument("--table", choices=("flows", "events"), default="flows")
     q.add_argument("--since", type=float, help="only the last N seconds")
-    q.add_argument("--pid", type=int)
-    q.add_argument("--comm")
-    q.add_argument("--provider")
-    q.add_argument("--format", choices=("json", "csv"), default="json")
+    q.add_argument("--json", action="store_true", help="NDJSON, as monitor --json (the default)")
+    q.add_argument("--format", choices=("json", "csv"), default="json", help="json (= --json) or csv")
     return p
 
 
@@ -548,7 +781,8 @@ def main(argv: Sequence[str] | None = None, out: TextIO | None = None) -> int:
     try:
         return handlers[args.cmd](args, out)
     except BustedError as exc:
-        print(f"busted: {exc}", file=sys.stderr)
+        # Messages carry paths and BCC's output: escaped per line, newlines kept.
+        print("\n".join(_p(line) for line in f"busted: {exc}".split("\n")), file=sys.stderr)
         return 2
     except BrokenPipeError:
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())

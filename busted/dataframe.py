@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 from typing import Any
 
-from busted.errors import EnvironmentProblem
+from busted.errors import MissingDependency
 from busted.events import Event
 from busted.sinks._codec import redact
 
@@ -22,8 +22,7 @@ def _pandas() -> Any:
     try:
         import pandas as pd
     except ImportError as exc:
-        raise EnvironmentProblem("busted's DataFrame output needs pandas: "
-                                 "pip install 'busted[pandas]'") from exc
+        raise MissingDependency("pandas", "pandas", "busted's DataFrame output") from exc
     return pd
 
 

@@ -5,11 +5,15 @@
     ├── EnvironmentProblem      the host lacks something busted needs
     │   ├── BccNotInstalled     `import bcc` fails
     │   ├── KernelHeadersMissing  BCC cannot find headers for this kernel
-    │   └── TracefsNotMounted   no tracefs to attach tracepoints through
+    │   ├── TracefsNotMounted   no tracefs to attach tracepoints through
+    │   └── MissingDependency   an optional Python package is not installed (names the pip extra)
     ├── ProbeUnavailable        a forced probe tier cannot run on this kernel
     ├── ProbeLoadError          BPF failed to compile, verify or attach
     ├── MonitorClosed           the Monitor was used after close()
-    └── StoreError              the event store cannot be opened or written
+    ├── StoreError              an output (store, JSONL file) cannot be opened or written
+    ├── UsageError              an option or argument is malformed (the message shows the form)
+    ├── CatalogError            a provider catalog is invalid (also a ValueError)
+    └── LabError                the network lab could not be built, did not become ready, or was misused
 
 Third-party errors are translated at the boundary with ``raise Ours(...) from exc``.
 """
@@ -19,14 +23,18 @@ from __future__ import annotations
 __all__ = [
     "BccNotInstalled",
     "BustedError",
+    "CatalogError",
     "EnvironmentProblem",
     "KernelHeadersMissing",
+    "LabError",
+    "MissingDependency",
     "MonitorClosed",
     "PermissionDenied",
     "ProbeLoadError",
     "ProbeUnavailable",
     "StoreError",
     "TracefsNotMounted",
+    "UsageError",
 ]
 
 
@@ -77,6 +85,17 @@ class TracefsNotMounted(EnvironmentProblem):
         )
 
 
+class MissingDependency(EnvironmentProblem):
+    """An optional Python package is missing; the message names the pip extra that brings it."""
+
+    def __init__(self, package: str, extra: str, what: str = "") -> None:
+        self.package, self.extra = package, extra
+        super().__init__(
+            f"{what or 'this feature'} needs the Python package {package!r}, which is not installed: "
+            f"pip install 'busted[{extra}]' (or `pip install {package}` in busted's environment)"
+        )
+
+
 class ProbeUnavailable(BustedError):
     """A probe tier was forced that this kernel cannot run."""
 
@@ -91,4 +110,19 @@ class MonitorClosed(BustedError):
 
 
 class StoreError(BustedError):
-    """The event store cannot be opened or written; the message names the file."""
+    """An output (the event store, a JSONL file) cannot be opened or written; the message names
+    the file."""
+
+
+class UsageError(BustedError):
+    """An option or argument is malformed; the message names it and shows the expected form."""
+
+
+class CatalogError(BustedError, ValueError):
+    """A provider catalog (file or entry) is invalid; the message names the file and entry.
+
+    Also a ``ValueError``, which is what catalog loading raised before this class existed."""
+
+
+class LabError(BustedError):
+    """The network lab could not be built, did not become ready, or was misused."""

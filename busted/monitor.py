@@ -26,6 +26,7 @@ from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any, Protocol, TypeVar
 
+from busted.ebpf.loader import CHUNK_BYTES, MAX_FLOWS, RINGBUF_BYTES
 from busted.ebpf.plan import ProbePlan, choose_plan
 from busted.ebpf.probe import Capabilities, mount_tracefs, probe
 from busted.errors import MonitorClosed, PermissionDenied, TracefsNotMounted
@@ -104,15 +105,15 @@ class Monitor:
         preexisting: bool = True,
         queue_size: int = 16384,
         drain_interval: float = 0.02,
-        ringbuf_bytes: int = 4 << 20,
-        max_flows: int = 65536,
+        ringbuf_bytes: int = RINGBUF_BYTES,
+        max_flows: int = MAX_FLOWS,
         mount_tracefs: bool = False,
         classify: bool = True,
         catalog: Any = None,
         sweep_interval: float = 30.0,
         llm_calls: bool = True,
         capture_content: int = 0,
-        chunk_bytes: int = 16384,
+        chunk_bytes: int = CHUNK_BYTES,
     ) -> None:
         self._force = probes
         self._filters = _Filters.build(pid=pid, uid=uid, comm=comm, cgroup=cgroup, port=port,

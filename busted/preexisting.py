@@ -11,6 +11,7 @@ import socket
 from typing import NamedTuple
 
 from busted.classify.providers import parse_ip
+from busted.errors import EnvironmentProblem
 
 __all__ = ["ExistingFlow", "dump_established", "inode_owners", "live_tuples"]
 
@@ -64,7 +65,9 @@ def _in_thread(fn):  # type: ignore[no-untyped-def]
     t.start()
     t.join(30)
     if not box:
-        raise TimeoutError("sock_diag dump did not finish in 30 s")
+        raise EnvironmentProblem("the sock_diag dump of open TCP sockets did not finish in 30 s; flows "
+                                 "opened before the monitor will be missing (Monitor(preexisting=False) "
+                                 "skips the dump)")
     if isinstance(box[0], BaseException):
         raise box[0]
     return box[0]

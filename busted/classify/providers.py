@@ -23,6 +23,8 @@ from typing import Any
 
 from cachetools import LRUCache
 
+from busted.errors import CatalogError
+
 __all__ = ["CATEGORIES", "Catalog", "Provider", "ProviderMatch", "parse_ip"]
 
 CATEGORIES = ("hosted", "cloud", "gateway", "local")
@@ -42,23 +44,26 @@ class Provider:
 
     def __post_init__(self) -> None:
         if not self.id or not isinstance(self.id, str):
-            raise ValueError("provider id must be a non-empty string")
+            raise CatalogError("provider id must be a non-empty string")
         if self.category not in CATEGORIES:
-            raise ValueError(f"provider {self.id!r}: category {self.category!r} is not one of {CATEGORIES}")
+            raise CatalogError(f"provider {self.id!r}: category {self.category!r} is not one of {CATEGORIES}")
         if not (self.hostnames or self.suffixes or self.patterns or self.cidrs or self.ports):
-            raise ValueError(f"provider {self.id!r}: needs at least one of hostnames/suffixes/patterns/cidrs/ports")
+            raise CatalogError(f"provider {self.id!r}: needs at least one of hostnames/suffixes/patterns/cidrs/ports")
         for c in self.cidrs:
-            ipaddress.ip_network(c, strict=False)  # raises ValueError with the bad value
+            try:
+                ipaddress.ip_network(c, strict=False)
+            except (TypeError, ValueError) as exc:
+                raise CatalogError(f"provider {self.id!r}: bad CIDR {c!r} ({exc})") from exc
         for p in self.ports:
             if not isinstance(p, int) or not 0 < p < 65536:
-                raise ValueError(f"provider {self.id!r}: bad port {p!r}")
+                raise CatalogError(f"provider {self.id!r}: bad port {p!r}")
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> Provider:
         known = {f for f in cls.__dataclass_fields__}
         extra = set(d) - known
         if extra:
-            raise ValueError(f"unknown provider field(s) {sorted(extra)}")
+            raise CatalogError(f"unknown provider field(s) {sorted(extra)}")
         kw = {k: (tuple(v) if isinstance(v, list) else v) for k, v in d.items()}
         kw["hostnames"] = tuple(_norm(h) for h in kw.get("hostnames", ()))
         kw["suffixes"] = tuple(_norm(h) for h in kw.get("suffixes", ()))
@@ -123,12 +128,12 @@ class Catalog:
     @classmethod
     def from_file(cls, path: str | Path, *, base: Catalog | None = None) -> Catalog:
         """Load providers from JSON or TOML (``{"providers": [...]}``) on top of ``base`` (default:
-        the built-in catalog; pass ``Catalog()`` for none). Raises ValueError naming the problem."""
+        the built-in catalog; pass ``Catalog()`` for none). Raises CatalogError (a ValueError) naming the problem."""
         p = Path(path)
         try:
             raw = p.read_bytes()
         except OSError as exc:
-            raise ValueError(f"{p}: cannot read provider catalog: {exc.strerror}") from exc
+            raise CatalogError(f"{p}: cannot read provider catalog: {exc.strerror}") from exc
         try:
             if p.suffix == ".toml":
                 import tomllib
@@ -137,7 +142,7 @@ class Catalog:
             else:
                 data = json.loads(raw)
         except (ValueError, UnicodeDecodeError) as exc:
-            raise ValueError(f"{p}: not valid {'TOML' if p.suffix == '.toml' else 'JSON'}: {exc}") from exc
+            raise CatalogError(f"{p}: not valid {'TOML' if p.suffix == '.toml' else 'JSON'}: {exc}") from exc
         cat = cls(dict((base if base is not None else cls.builtin()).providers))
         cat.extend(cls._from_json(data, str(p)).providers.values())
         return cat
@@ -145,15 +150,15 @@ class Catalog:
     @classmethod
     def _from_json(cls, data: Any, where: str) -> Catalog:
         if not isinstance(data, dict) or not isinstance(data.get("providers"), list):
-            raise ValueError(f"{where}: expected an object with a 'providers' list")
+            raise CatalogError(f"{where}: expected an object with a 'providers' list")
         out: dict[str, Provider] = {}
         for i, d in enumerate(data["providers"]):
             if not isinstance(d, dict):
-                raise ValueError(f"{where}: providers[{i}] is not an object")
+                raise CatalogError(f"{where}: providers[{i}] is not an object")
             try:
                 prov = Provider.from_dict(d)
             except (TypeError, ValueError) as exc:
-                raise ValueError(f"{where}: providers[{i}] ({d.get('id', '?')}): {exc}") from exc
+                raise CatalogError(f"{where}: providers[{i}] ({d.get('id', '?')}): {exc}") from exc
             out[prov.id] = prov
         return cls(out)
 

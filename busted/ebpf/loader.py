@@ -25,7 +25,12 @@ from busted.errors import (
     ProbeUnavailable,
 )
 
-__all__ = ["FlowProgram", "build_source"]
+__all__ = ["MAX_FLOWS", "RINGBUF_BYTES", "FlowProgram", "build_source"]
+
+# Defaults shared by Monitor, FlowProgram and `busted doctor --ebpf` (which must print what loads).
+RINGBUF_BYTES = 4 << 20
+MAX_FLOWS = 65536
+CHUNK_BYTES = 16384  # plaintext bytes per ring record (the TLS record size)
 
 _BYTES_FILES = {"tracepoint": "bytes_tp.c", "syscall": "bytes_syscall.c", "kprobe": "bytes_kprobe.c"}
 _LIFECYCLE_FILES = {"tracepoint": "lifecycle_tp.c", "kprobe": "lifecycle_kprobe.c"}
@@ -131,8 +136,8 @@ def _read(name: str) -> str:
     return resources.files("busted.ebpf").joinpath(name).read_text()
 
 
-def build_source(plan: ProbePlan, *, ringbuf_bytes: int = 8 << 20, max_flows: int = 65536,
-                 chunk_bytes: int = 16384) -> str:
+def build_source(plan: ProbePlan, *, ringbuf_bytes: int = RINGBUF_BYTES, max_flows: int = MAX_FLOWS,
+                 chunk_bytes: int = CHUNK_BYTES) -> str:
     """The complete BPF C text for ``plan`` (what ``busted doctor --ebpf`` prints)."""
     pages = max(1, ringbuf_bytes // 4096)
     if pages & (pages - 1):  # BPF ring buffers are a power-of-two number of pages
@@ -178,8 +183,8 @@ def _import_bcc():
 class FlowProgram:
     """The loaded flow program. ``close()`` detaches everything (also done by process exit)."""
 
-    def __init__(self, plan: ProbePlan, *, ringbuf_bytes: int = 8 << 20, max_flows: int = 65536,
-                 chunk_bytes: int = 16384) -> None:
+    def __init__(self, plan: ProbePlan, *, ringbuf_bytes: int = RINGBUF_BYTES, max_flows: int = MAX_FLOWS,
+                 chunk_bytes: int = CHUNK_BYTES) -> None:
         self.plan = plan
         self.source = build_source(plan, ringbuf_bytes=ringbuf_bytes, max_flows=max_flows,
                                    chunk_bytes=chunk_bytes)

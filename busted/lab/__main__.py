@@ -13,7 +13,8 @@ import signal
 import sys
 import threading
 
-from busted.lab.core import Lab, LabError
+from busted.errors import BustedError
+from busted.lab.core import Lab
 from busted.lab.traffic import demo_traffic
 
 
@@ -81,7 +82,7 @@ def main(argv: list[str] | None = None) -> int:
             if not stop.is_set():
                 print(f"running for up to {args.seconds:.0f}s; Ctrl-C to stop", flush=True)
                 stop.wait(max(0.0, args.seconds))
-    except LabError as exc:
+    except BustedError as exc:  # LabError, or MissingDependency when the lab extra is absent
         print(f"busted lab: {exc}", file=sys.stderr)
         return 1
     print("lab torn down", flush=True)

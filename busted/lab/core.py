@@ -10,6 +10,7 @@ import atexit
 import contextlib
 import ctypes
 import fcntl
+import importlib.util
 import ipaddress
 import json
 import os
@@ -24,7 +25,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from busted.errors import BustedError
+from busted.errors import LabError, MissingDependency
 from busted.lab import topology
 from busted.lab.topology import Plan
 
@@ -46,10 +47,6 @@ EXTRA_OCTETS = range(81, 110)  # for add_server_ip without an explicit address
 BARE_OCTET = 113  # "bare IP in a provider CIDR": no DNS name; 10.231.N.112/28, fd6c:6162:R:100::110/124
 OLLAMA_PORT = 11434
 DNS_TTL = 60
-
-
-class LabError(BustedError):
-    """The lab could not be built, did not become ready, or was misused."""
 
 
 @dataclass(frozen=True)
@@ -213,7 +210,9 @@ class Lab:
         if self._started:
             raise LabError("a Lab can be started once; make a new one")
         if os.geteuid() != 0:
-            raise LabError("the network lab needs root (network namespaces, veths, ports 53/443)")
+            raise LabError("the network lab needs root (network namespaces, veths, ports 53/443): run it with sudo")
+        if importlib.util.find_spec("cryptography") is None:  # the lab CA; checked before building anything
+            raise MissingDependency("cryptography", "lab", "the network lab (its TLS certificates)")
         self._started = True
         self._owner_pid = os.getpid()
         self._register()

@@ -30,6 +30,8 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from busted.errors import LabError
+
 STATE_DIR = Path("/run/busted-lab")
 NETNS_ETC = Path("/etc/netns")
 NETNS_RUN = Path("/run/netns")
@@ -156,7 +158,8 @@ def choose_networks(prefix: str, ipr, rng: random.Random | None = None) -> tuple
             v6 = cand6
             break
     if v4 is None or v6 is None:
-        raise RuntimeError("no free 10.231.x.0/24 or fd6c:6162:x::/48 for a lab (256 tries each)")
+        raise LabError("no free 10.231.x.0/24 or fd6c:6162:x::/48 for a lab (256 tries each); routes "
+                       "or other labs hold them all: see `ip route`, `ip netns list`")
     return str(v4), str(v6)
 
 
@@ -231,7 +234,8 @@ def build(plan: Plan) -> None:
 def _index(ipr, ifname: str, where: str) -> int:
     found = ipr.link_lookup(ifname=ifname)
     if not found:
-        raise RuntimeError(f"interface {ifname} missing in {where} right after creating it")
+        raise LabError(f"interface {ifname} missing in {where} right after creating it "
+                       "(was it removed concurrently? start the lab again)")
     return found[0]
 
 

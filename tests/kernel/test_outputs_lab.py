@@ -1,6 +1,8 @@
 """Outputs fed by a real capture: the store round-trips it, Prometheus counts it, query reads it."""
 
 import json
+import os
+import select
 import socket
 import subprocess
 import sys
@@ -47,6 +49,16 @@ def test_lab_capture_round_trips_through_the_store_across_restarts(lab, tmp_path
                 e.provider, e.bytes_sent, e.bytes_received, e.pid)
 
 
+def _wait_ready(proc, timeout: float = 60.0) -> None:
+    """Until the CLI's ready line (probes attached) is on its stderr. Read from the fd, unbuffered,
+    so no later line is swallowed into a buffer the wait cannot see."""
+    fd, buf, end = proc.stderr.fileno(), b"", time.monotonic() + timeout
+    while b"busted: monitoring (" not in buf and time.monotonic() < end and proc.poll() is None:
+        if select.select([fd], [], [], 0.2)[0]:
+            buf += os.read(fd, 4096)
+    assert b"busted: monitoring (" in buf, buf.decode(errors="replace")
+
+
 def _free_port():
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -70,13 +82,7 @@ def test_cli_store_metrics_and_query(lab, tmp_path):
                              "--store", str(db), "--metrics", f"127.0.0.1:{port}", "--duration", "25"],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
-        deadline = time.monotonic() + 15
-        while time.monotonic() < deadline:
-            try:
-                urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=1).read()
-                break
-            except OSError:
-                time.sleep(0.2)
+        _wait_ready(proc)
         for _ in range(3):
             _curl(lab)
         text = ""

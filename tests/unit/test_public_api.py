@@ -1,12 +1,15 @@
 """The public names are pinned: adding or removing one is a deliberate change."""
 
+import re
+
 import busted
 
 EXPECTED = [
-    "BccNotInstalled", "BustedError", "Direction", "DnsAnswer", "DnsRecord", "EnvironmentProblem", "Event",
-    "EventsLost", "Evidence", "FlowClassified", "FlowClosed", "FlowEvent", "FlowOpened", "KernelHeadersMissing",
-    "LossPlace", "Monitor", "MonitorClosed", "MonitorStats", "PermissionDenied", "ProbeLoadError",
-    "ProbeUnavailable", "StoreError", "TlsClientHello", "TracefsNotMounted", "__version__", "to_dataframe",
+    "BccNotInstalled", "BustedError", "CatalogError", "Direction", "DnsAnswer", "DnsRecord", "EnvironmentProblem",
+    "Event", "EventsLost", "Evidence", "FlowClassified", "FlowClosed", "FlowEvent", "FlowOpened",
+    "KernelHeadersMissing", "LabError", "LossPlace", "MissingDependency", "Monitor", "MonitorClosed", "MonitorStats",
+    "PermissionDenied", "ProbeLoadError", "ProbeUnavailable", "StoreError", "TlsClientHello", "TracefsNotMounted",
+    "UsageError", "__version__", "to_dataframe",
 ]
 
 
@@ -23,3 +26,19 @@ def test_every_error_is_a_busted_error_with_advice():
             assert issubclass(obj, busted.BustedError)
     assert "apt-get install python3-bpfcc" in str(busted.BccNotInstalled())
     assert "mount -t tracefs" in str(busted.TracefsNotMounted())
+    assert "pip install 'busted[pandas]'" in str(busted.MissingDependency("pandas", "pandas"))
+    assert isinstance(busted.CatalogError("x"), ValueError)  # what catalog loading raised before
+
+
+def test_the_lab_error_is_the_one_in_the_tree():
+    from busted.lab import LabError
+
+    assert LabError is busted.LabError and issubclass(LabError, busted.BustedError)
+
+
+def test_the_docstring_tree_draws_every_error():
+    import busted.errors
+
+    drawn = busted.errors.__doc__
+    for name in busted.errors.__all__:
+        assert re.search(rf"[ ─]{name}\b", drawn), name

@@ -1,0 +1,456 @@
+"""The busted command without root: rendering, the top table, filters, outputs and doctor.
+
+The Monitor is replaced by a scripted fake (the CLI only starts it, reads ``events()`` and
+``stats()``), so these tests check the CLI's own logic; tests/kernel/test_cli.py runs the real one.
+"""
+
+import dataclasses
+import inspect
+import io
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from events_factory import IDENT, sample_events
+
+import busted
+from busted import cli
+from busted.cli import HEADER, TopTable, main, render
+from busted.events import (
+    DnsAnswer,
+    DnsRecord,
+    Evidence,
+    FlowClassified,
+    FlowClosed,
+    FlowOpened,
+    TlsClientHello,
+)
+from busted.monitor import MonitorStats
+
+EVIL = "\x1b]0;OWNED\x07"
+ROOT = Path(__file__).parents[2]
+
+
+def _has_control(s: str) -> bool:
+    return any(ord(c) < 0x20 or 0x7F <= ord(c) < 0xA0 for c in s)
+
+
+def opened(flow_id=1, comm="curl", provider="openai", pid=100, **kw):
+    ident = {**IDENT, "flow_id": flow_id, "comm": comm, "pid": pid, "tid": pid}
+    return FlowOpened(ts_ns=1, wall_time=1_700_000_000.0, **ident, provider=provider,
+                      hostname="api.openai.com" if provider else None, **kw)
+
+
+def closed(flow_id=1, comm="curl", provider="openai", pid=100, sent=1000, received=3000):
+    ident = {**IDENT, "flow_id": flow_id, "comm": comm, "pid": pid, "tid": pid}
+    return FlowClosed(ts_ns=2, wall_time=1_700_000_001.0, **ident, provider=provider,
+                      bytes_sent=sent, bytes_received=received, duration_ns=1)
+
+
+# -- render: one line, no control character, escaped fields -----------------------------------
+
+
+def test_render_every_kind_is_one_line():
+    for ev in sample_events():
+        line = render(ev)
+        assert "\n" not in line and not _has_control(line), line
+    rows = [render(ev) for ev in sample_events()]
+    assert rows[0].split()[1:] == ["dns", "100", "curl", "api.openai.com", "A", "10.231.1.65"]
+    assert " close " in rows[4] and "openai api.openai.com (sni)" in rows[4] and rows[4].endswith("811B    2.2K")
+    assert "sni=api.openai.com alpn=h2,http/1.1" in rows[2]
+
+
+def test_render_escapes_attacker_fields_and_keeps_columns():
+    comm = EVIL[:15]
+    ev = dataclasses.replace(opened(), comm=comm, hostname="x\n12:00:00 close 1 sshd \u202e")
+    line = render(ev)
+    assert not _has_control(line) and "\u202e" not in line
+    assert "\\x1b]0;OWNED\\x" in line  # escaped, then cut to the 15-character column
+    assert "x\\x0a12:00:00 close" in line
+    # the columns after COMM did not move
+    assert line.index("out ") == HEADER.index("DIR")
+    hello = TlsClientHello(ts_ns=1, wall_time=1.0, flow_id=1, pid=5, comm="c", saddr="a", sport=1, daddr="b",
+                           dport=2, sni=EVIL.lower(), alpn=("h2\x1b[2J",), ja4="t")
+    line = render(hello)
+    assert "sni=\\x1b]0;owned\\x07" in line and "alpn=h2\\x1b[2J" in line and not _has_control(line)
+    dns = DnsAnswer(ts_ns=1, wall_time=1.0, pid=1, comm="\x9bcomm", qname="a\x1b.b", qtype="A", rcode="NOERROR",
+                    answers=(DnsRecord("a", "A", "1.2.3.4", 1),), cname_chain=("a", "\u2066evil"))
+    line = render(dns)
+    assert "\\x9bcomm" in line and "a\\x1b.b" in line and "via \\u2066evil" in line and not _has_control(line)
+
+
+# -- the top table, root-free ------------------------------------------------------------------
+
+
+def _top_rows(text):
+    return [ln.split() for ln in text.splitlines()[1:]]
+
+
+def test_top_groups_by_command_and_provider_and_sorts_by_traffic():
+    t = TopTable()
+    for i, pid in enumerate((10, 11, 12)):
+        t.add(opened(flow_id=i, pid=pid))
+        t.add(closed(flow_id=i, pid=pid, sent=1024, received=2048))
+    t.add(opened(flow_id=9, comm="python3", provider=None, pid=20))
+    t.add(closed(flow_id=9, comm="python3", provider=None, pid=20, sent=10, received=20))
+    text = t.text()
+    assert text.splitlines()[0].split() == ["COMM", "PROVIDER", "PIDS", "CONNS", "TX", "RX", "CALLS", "TOKENS",
+                                            "ERR"]
+    assert _top_rows(text) == [
+        ["curl", "openai", "3", "3", "3.0K", "6.0K", "0", "0", "0"],
+        ["python3", "-", "1", "1", "10B", "20B", "0", "0", "0"],
+    ]
+    assert t.top()[0] == {"comm": "curl", "provider": "openai", "pids": 3, "conns": 3, "tx": 3072, "rx": 6144,
+                          "calls": 0, "tokens": 0, "errors": 0}
+
+
+def test_top_moves_a_flow_to_its_latest_classification():
+    t = TopTable()
+    t.add(opened(flow_id=1, provider=None))
+    ident = {**IDENT, "flow_id": 1}
+    t.add(FlowClassified(ts_ns=2, wall_time=2.0, **ident, provider="anthropic", hostname="api.anthropic.com",
+                         evidence=Evidence.SNI, confidence=0.95))
+    t.add(closed(flow_id=1, provider="anthropic", sent=100, received=200))
+    rows = {(r["comm"], r["provider"]): r for r in t.top()}
+    assert rows[("curl", "anthropic")]["conns"] == 1 and rows[("curl", "anthropic")]["tx"] == 100
+    assert rows[("curl", "-")]["conns"] == 0
+
+
+def test_top_counts_llm_calls_duck_typed():
+    @dataclasses.dataclass
+    class Call:  # the shape LLM-call events will have
+        comm: str = "node"
+        provider: str = "openai"
+        pid: int = 7
+        model: str = "gpt"
+        input_tokens: int = 10
+        output_tokens: int = 5
+        status: int = 200
+
+    t = TopTable()
+    t.add(Call())
+    t.add(Call(status=429))
+    assert _top_rows(t.text()) == [["node", "openai", "1", "0", "0B", "0B", "2", "30", "1"]]
+
+
+def test_top_escapes_names_and_limits_rows():
+    t = TopTable()
+    t.add(opened(flow_id=1, comm=EVIL[:15]))
+    for i in range(40):
+        t.add(opened(flow_id=100 + i, comm=f"c{i}"))
+    text = t.text(limit=5)
+    assert len(text.splitlines()) == 6 and not any(_has_control(ln) for ln in text.splitlines())
+    assert "\\x1b]0;OWNED" in t.text()
+
+
+# -- the CLI with a fake Monitor ---------------------------------------------------------------
+
+
+class FakeMonitor:
+    """Stands in for busted.Monitor: records how it was made and started, yields scripted events."""
+
+    made: list = []
+    script: list = []
+    fail_start: BaseException | None = None
+
+    def __init__(self, **kw):
+        self.kw = kw
+        self.started = False
+        self.closed = False
+        FakeMonitor.made.append(self)
+
+    def start(self):
+        if FakeMonitor.fail_start is not None:
+            raise FakeMonitor.fail_start
+        self.started = True
+        return self
+
+    def __enter__(self):
+        return self.start()
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def close(self):
+        self.closed = True
+
+    def stats(self):
+        return MonitorStats(events=len(FakeMonitor.script), startup_s=1.25,
+                            plan={"lifecycle": "tracepoint", "bytes": "tracepoint"})
+
+    def events(self, timeout=None, stop_event=None):
+        yield from FakeMonitor.script
+        FakeMonitor.script = []
+
+
+@pytest.fixture
+def fake(monkeypatch):
+    FakeMonitor.made, FakeMonitor.script, FakeMonitor.fail_start = [], [], None
+    monkeypatch.setattr(busted, "Monitor", FakeMonitor)
+    return FakeMonitor
+
+
+class Tty(io.StringIO):
+    def isatty(self):
+        return True
+
+
+def test_monitor_prints_the_ready_line_then_escaped_rows(fake, capsys):
+    fake.script = [dataclasses.replace(opened(), comm=EVIL[:15])]
+    out = Tty()
+    assert main(["monitor", "--duration", "0.3", "-c", "curl", "-p", "5", "-p", "6", "-4", "-P", "443"],
+                out=out) == 0
+    err = capsys.readouterr().err
+    assert err.startswith("busted: monitoring (probes attached in 1.25 s; plan lifecycle=tracepoint "
+                          "bytes=tracepoint)\n")
+    text = out.getvalue()
+    assert text.splitlines()[0] == HEADER and "\\x1b]0;OWNED" in text and "\x1b" not in text
+    assert fake.made[0].kw == {"probes": None, "pid": [5, 6], "comm": ["curl"], "port": [443], "family": 4}
+
+
+def test_monitor_json_is_exact(fake, capsys):
+    fake.script = [dataclasses.replace(opened(), comm=EVIL[:15], hostname="h\u202e")]
+    out = io.StringIO()
+    assert main(["monitor", "--json", "--duration", "0.3"], out=out) == 0
+    line = out.getvalue().splitlines()[0]
+    assert json.loads(line)["comm"] == EVIL[:15] and json.loads(line)["hostname"] == "h\u202e"
+    assert all(0x20 <= ord(c) <= 0x7E for c in line)
+
+
+def test_top_json_and_filters(fake, capsys):
+    fake.script = [opened(flow_id=1), closed(flow_id=1), opened(flow_id=2, provider=None, comm="wget"),
+                   closed(flow_id=2, provider=None, comm="wget")]
+    out = io.StringIO()
+    assert main(["top", "--json", "--interval", "0.05", "--duration", "0.2", "--provider", "openai", "-u", "1000"],
+                out=out) == 0
+    snap = json.loads(out.getvalue().splitlines()[0])
+    assert [(r["comm"], r["provider"], r["conns"]) for r in snap["rows"]] == [("curl", "openai", 1)]
+    assert fake.made[0].kw["uid"] == [1000]
+    assert "busted: monitoring (probes attached in 1.25 s" in capsys.readouterr().err
+
+
+def test_one_filter_vocabulary():
+    p = cli._parser()
+    for cmd in ("monitor", "top", "lab"):
+        a = p.parse_args([cmd, "-p", "1", "-u", "2", "-c", "x", "-P", "3", "-6", "--provider", "openai", "--json"])
+        assert (a.pid, a.uid, a.comm, a.port, a.family, a.provider, a.json) == ([1], [2], ["x"], [3], 6,
+                                                                                  ["openai"], True)
+    a = p.parse_args(["query", "--store", "s", "-p", "1", "-u", "2", "-c", "x", "-P", "3", "-4", "--provider", "o",
+                      "--json"])
+    assert (a.pid, a.uid, a.comm, a.port, a.family, a.provider, a.json) == ([1], [2], ["x"], [3], 4, ["o"], True)
+    with pytest.raises(SystemExit):
+        p.parse_args(["monitor", "-4", "-6"])
+
+
+def test_bad_probes_spec_is_a_usage_error(capsys):
+    assert main(["doctor", "--probes", "bytes"]) == 2
+    assert "--probes wants key=value pairs" in capsys.readouterr().err
+
+
+# -- outputs are checked before anything loads -------------------------------------------------
+
+
+def test_bad_jsonl_path_fails_before_the_monitor_and_creates_no_store(fake, tmp_path, capsys):
+    store = tmp_path / "s.db"
+    rc = main(["monitor", "--store", str(store), "--jsonl", str(tmp_path / "missing" / "x.jsonl")], out=io.StringIO())
+    err = capsys.readouterr().err
+    assert rc == 2 and "--jsonl" in err and "does not exist" in err
+    assert fake.made == [] and not store.exists() and list(tmp_path.iterdir()) == []
+    assert "busted: monitoring" not in err
+
+
+def test_a_directory_as_store_and_a_file_as_directory(fake, tmp_path, capsys):
+    assert main(["monitor", "--store", str(tmp_path)], out=io.StringIO()) == 2
+    assert "is a directory" in capsys.readouterr().err
+    f = tmp_path / "f"
+    f.write_text("")
+    assert main(["top", "--jsonl", str(f / "x.jsonl")], out=io.StringIO()) == 2
+    assert "does not exist" in capsys.readouterr().err
+    assert fake.made == [] and list(tmp_path.iterdir()) == [f]
+
+
+def test_metrics_port_in_use_fails_before_the_monitor(fake, tmp_path, capsys):
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        port = s.getsockname()[1]
+        store = tmp_path / "s.db"
+        assert main(["monitor", "--store", str(store), "--metrics", f"127.0.0.1:{port}"], out=io.StringIO()) == 2
+    err = capsys.readouterr().err
+    assert f"--metrics 127.0.0.1:{port}: cannot listen there" in err
+    assert fake.made == [] and list(tmp_path.iterdir()) == []
+    assert main(["monitor", "--metrics", "nohost:notaport"], out=io.StringIO()) == 2
+    assert "expected HOST:PORT" in capsys.readouterr().err
+
+
+def test_a_failed_monitor_start_removes_the_outputs_it_created(fake, tmp_path, capsys):
+    fake.fail_start = busted.PermissionDenied("euid 1000")
+    assert main(["monitor", "--store", str(tmp_path / "s.db"), "--jsonl", str(tmp_path / "e.jsonl")],
+                out=io.StringIO()) == 2
+    assert "needs root" in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_existing_outputs_survive_a_failed_start(fake, tmp_path, capsys):
+    j = tmp_path / "e.jsonl"
+    j.write_text('{"kind": "old"}\n')
+    fake.fail_start = busted.PermissionDenied()
+    assert main(["monitor", "--jsonl", str(j)], out=io.StringIO()) == 2
+    assert j.read_text() == '{"kind": "old"}\n'
+
+
+def _as_nobody(code: str) -> subprocess.CompletedProcess:
+    if os.geteuid() != 0 or not shutil.which("setpriv"):
+        pytest.skip("needs root and setpriv to run as uid 65534")
+    argv = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", sys.executable, "-c", code]
+    r = subprocess.run(argv, capture_output=True, text=True, cwd=ROOT, timeout=60)
+    if "Permission denied" in r.stderr and "busted" not in r.stdout + r.stderr:
+        pytest.skip("the interpreter or checkout is not readable by uid 65534")
+    return r
+
+
+def test_an_unwritable_directory_as_uid_65534(tmp_path):
+    d = Path(__import__("tempfile").mkdtemp(prefix="busted-ro-"))
+    try:
+        d.chmod(0o755)  # root's: not writable by nobody
+        code = (f"import sys; from busted.cli import main; "
+                f"sys.exit(main(['monitor', '--store', {str(d / 's.db')!r}]))")
+        r = _as_nobody(code)
+        assert r.returncode == 2, r.stderr
+        assert f"directory {d} is not writable by uid 65534" in r.stderr
+        assert "busted: monitoring" not in r.stderr and list(d.iterdir()) == []
+    finally:
+        shutil.rmtree(d)
+
+
+# -- query -------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def store(tmp_path):
+    from busted.sinks import Store
+
+    p = tmp_path / "s.db"
+    with Store(p) as s:
+        s.write_many(sample_events())
+        s.write_many(sample_events(flow_id=7, pid=200)[1:5])
+    return p
+
+
+def test_query_json_flag_is_the_json_format(store):
+    a, b = io.StringIO(), io.StringIO()
+    assert main(["query", "--store", str(store), "--json"], out=a) == 0
+    assert main(["query", "--store", str(store), "--format", "json"], out=b) == 0
+    assert a.getvalue() == b.getvalue()
+    assert sorted(json.loads(ln)["flow_id"] for ln in a.getvalue().splitlines()) == [7, 4242]
+
+
+def test_query_filters_match_the_monitor_flags(store):
+    def q(*args, table="flows"):
+        out = io.StringIO()
+        assert main(["query", "--store", str(store), "--table", table, *args], out=out) == 0
+        return [json.loads(ln) for ln in out.getvalue().splitlines()]
+
+    assert [r["pid"] for r in q("-p", "200")] == [200]
+    assert len(q("-p", "200", "-p", "100")) == 2
+    assert q("-u", "1000", "-c", "curl", "-P", "443", "-4", "--provider", "openai") != []
+    assert q("-6") == [] and q("-P", "80") == [] and q("--provider", "none") == []
+    ev = q("-p", "100", "--provider", "openai", table="events")
+    assert {r["kind"] for r in ev} == {"flow_opened", "tls_client_hello", "flow_classified", "flow_closed"}
+
+
+def test_query_json_and_csv_contradict(store, capsys):
+    assert main(["query", "--store", str(store), "--json", "--format", "csv"], out=io.StringIO()) == 2
+    assert "contradict" in capsys.readouterr().err
+
+
+def test_query_csv_escapes_only_on_a_terminal(tmp_path):
+    from busted.sinks import Store
+
+    p = tmp_path / "s.db"
+    with Store(p) as s:
+        s.write(closed(flow_id=1, comm=EVIL[:15]))
+    plain, tty = io.StringIO(), Tty()
+    assert main(["query", "--store", str(p), "--format", "csv"], out=plain) == 0
+    assert main(["query", "--store", str(p), "--format", "csv"], out=tty) == 0
+    assert EVIL[:15] in plain.getvalue()  # exact in a file or pipe
+    assert "\x1b" not in tty.getvalue() and "\\x1b]0;OWNED" in tty.getvalue()
+
+
+# -- doctor ------------------------------------------------------------------------------------
+
+
+def _caps(privileged=True, tracefs="/sys/kernel/tracing"):
+    from busted.ebpf.probe import TRACEPOINTS, Capabilities
+
+    tps = {tp: tracefs is not None for group in TRACEPOINTS.values() for tp in group}
+    return Capabilities(kernel_release="6.1.0-test", kernel_version=(6, 1), btf=True, tracefs=tracefs,
+                        tracepoints=tps, ringbuf=True, bcc_version="0.26.0", privileged=privileged)
+
+
+def test_doctor_without_privileges_says_so_first(monkeypatch):
+    import busted.ebpf.probe
+
+    monkeypatch.setattr(busted.ebpf.probe, "probe", lambda: _caps(privileged=False, tracefs=None))
+    out = io.StringIO()
+    assert main(["doctor"], out=out) == 1
+    text = out.getvalue()
+    assert text.startswith("NOT PRIVILEGED") and "sudo busted doctor" in text.splitlines()[0]
+    assert "MISSING" not in text and "unavailable: missing tracepoint" not in text
+    assert re.search(r"tracepoints\s+unknown: not visible without privileges", text)
+    out = io.StringIO()
+    assert main(["doctor", "--json"], out=out) == 1
+    d = json.loads(out.getvalue())
+    assert d["privileged"] is False and d["tracepoints"] is None and "CAP_BPF" in d["plan_error"]
+
+
+def test_doctor_as_uid_65534():
+    r = _as_nobody("import sys; from busted.cli import main; sys.exit(main(['doctor']))")
+    assert r.returncode == 1, r.stderr
+    first = r.stdout.splitlines()[0]
+    assert first.startswith("NOT PRIVILEGED  uid 65534") and "sudo" in first
+    assert "MISSING" not in r.stdout and "NOT mounted" not in r.stdout
+
+
+def test_doctor_ebpf_prints_what_monitor_loads(monkeypatch):
+    import busted.ebpf.probe
+    from busted.ebpf.loader import build_source
+    from busted.ebpf.plan import choose_plan
+
+    caps = _caps()
+    monkeypatch.setattr(busted.ebpf.probe, "probe", lambda: caps)
+    out = io.StringIO()
+    assert main(["doctor", "--ebpf"], out=out) == 0
+    params = inspect.signature(busted.monitor.Monitor.__init__).parameters
+    want = build_source(choose_plan(caps, None), ringbuf_bytes=params["ringbuf_bytes"].default,
+                        max_flows=params["max_flows"].default)
+    assert out.getvalue() == want
+    assert "#define RINGBUF_PAGES 1024\n" in want  # 4 MiB
+
+
+def test_monitor_and_loader_share_their_defaults():
+    from busted.ebpf import loader
+
+    params = inspect.signature(busted.monitor.Monitor.__init__).parameters
+    assert params["ringbuf_bytes"].default == loader.RINGBUF_BYTES
+    assert params["max_flows"].default == loader.MAX_FLOWS
+    for fn in (loader.build_source, loader.FlowProgram.__init__):
+        p = inspect.signature(fn).parameters
+        assert (p["ringbuf_bytes"].default, p["max_flows"].default) == (loader.RINGBUF_BYTES, loader.MAX_FLOWS)
+
+
+def test_doctor_escapes_what_it_prints(monkeypatch):
+    import busted.ebpf.probe
+
+    caps = dataclasses.replace(_caps(), kernel_release="6.1\x1b]0;x\x07")
+    monkeypatch.setattr(busted.ebpf.probe, "probe", lambda: caps)
+    out = io.StringIO()
+    main(["doctor"], out=out)
+    assert "\x1b" not in out.getvalue() and "6.1\\x1b]0;x\\x07" in out.getvalue()
