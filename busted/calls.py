@@ -84,11 +84,11 @@ class TlsScanner:
                         pass
 
 
-def reader_factory(*, capture_content: int = 0) -> Any:
-    """A function flow -> reader for the FlowTable (see busted.flows)."""
+def reader_factory(*, capture_content: int = 0, prices: Any = None) -> Any:
+    """A function (flow, wall) -> reader for the FlowTable (see busted.flows)."""
     from busted.llmreader import CallReader
 
-    def make(flow: Any) -> CallReader:
-        return CallReader(flow, capture_content=capture_content)
+    def make(flow: Any, wall: Any) -> CallReader:
+        return CallReader(flow, wall, capture_content=capture_content, prices=prices)
 
     return make

@@ -92,16 +92,19 @@ class FlowTable:
 
     def __init__(self, *, enricher: Any = None, proc: Callable[[int], ProcInfo] | None = None,
                  salt: int = 0, wall_offset: float = 0.0, max_flows: int = 4 * 65536,
-                 max_streams: int = 4096, reader: Callable[[FlowEvent], Any] | None = None,
-                 skip: Callable[[int], None] | None = None, max_pending: int = 64) -> None:
+                 max_streams: int = 4096, reader: Callable[[FlowEvent, Callable[[int], float]], Any] | None = None,
+                 kernel: Any = None, max_pending: int = 64) -> None:
         self.enricher = enricher
-        # Plaintext: ``reader(flow)`` makes the per-flow object that turns plaintext into events
+        # Plaintext: ``reader(flow, wall)`` makes the per-flow object that turns plaintext into events
         # (``feed(sent, data, ts_ns) -> list[Event]``, ``close(ts_ns)``, ``interesting``: None
-        # undecided / False not an LLM API nor MCP); ``skip(sk)`` tells the kernel to stop
-        # copying a judged flow's plaintext.
+        # undecided / False not an LLM API nor MCP). ``kernel`` (the loaded program, or None) is
+        # told verdicts: ``skip_plaintext(sk)`` stops copying a judged flow's plaintext,
+        # ``unbind_ssl(pid, ssl)`` forgets a session joined to a socket that ended (the SSL*
+        # address may be reused by the next connection).
         self._reader = reader
-        self._skip = skip
+        self._kernel = kernel
         self._ssl_sk: LRUCache[tuple[int, int], int] = LRUCache(maxsize=65536)  # (pid, SSL*) -> sk
+        self._sk_ssl: dict[int, set[tuple[int, int]]] = {}  # sk -> its sessions
         # Chunks of sessions not joined to a socket yet (memory-BIO stacks write before they send).
         self._ssl_pending: LRUCache[tuple[int, int], list[PlainRecord]] = LRUCache(maxsize=max_streams)
         self._max_pending = max_pending
@@ -216,7 +219,11 @@ class FlowTable:
             return [self.loss(LossPlace.PARSE, 1, f"unknown record type {rec.type}", rec.ts_ns)]
         self._orphans.pop(rec.sk, None)
         flow = self._open.pop(rec.sk, None)
+        if self._sk_ssl:
+            self._unbind(rec.sk)
         if flow is not None and flow.ev is not None:
+            if flow.plain_off and self._kernel is not None:
+                self._kernel.unskip_plaintext(rec.sk)  # the socket address may be reused
             if flow.reader is not None:  # calls cut short by the end of the flow come first
                 return [*self._read_close(flow, rec.ts_ns), self._closed(flow.ev, rec)]
             return [self._closed(flow.ev, rec)]
@@ -366,7 +373,7 @@ class FlowTable:
     def _plain(self, rec: PlainRecord) -> list[Event]:
         key = (rec.pid, rec.ssl)
         if rec.type == REC_BIND:
-            self._ssl_sk[key] = rec.sk
+            self._bind(key, rec.sk)
             out: list[Event] = []
             for r in self._ssl_pending.pop(key, ()):
                 out.extend(self._plain_chunk(r, rec.sk))
@@ -381,16 +388,28 @@ class FlowTable:
                                   rec.ts_ns)]
             pending.append(rec)
             return []
-        if rec.ssl and rec.sk:
-            self._ssl_sk[key] = rec.sk
+        if rec.ssl and rec.sk and self._ssl_sk.get(key) != rec.sk:
+            self._bind(key, rec.sk)
         return self._plain_chunk(rec, sk)
+
+    def _bind(self, key: tuple[int, int], sk: int) -> None:
+        self._ssl_sk[key] = sk
+        if sk in self._open:  # only sockets whose end will come and clean up
+            self._sk_ssl.setdefault(sk, set()).add(key)
+
+    def _unbind(self, sk: int) -> None:
+        for key in self._sk_ssl.pop(sk, ()):
+            if self._ssl_sk.get(key) == sk:
+                del self._ssl_sk[key]
+                if self._kernel is not None:
+                    self._kernel.unbind_ssl(*key)
 
     def _plain_chunk(self, rec: PlainRecord, sk: int) -> list[Event]:
         flow = self._open.get(sk)
         if flow is None or flow.ev is None or flow.plain_off or self._reader is None:
             return []  # a flow we do not know (it predates us) or do not follow
         if flow.reader is None:
-            flow.reader = self._reader(flow.ev)
+            flow.reader = self._reader(flow.ev, self.wall)
         try:
             out = flow.reader.feed(rec.sent, rec.data, rec.ts_ns)
         except Exception as exc:  # a parser bug must not stop the monitor
@@ -403,8 +422,8 @@ class FlowTable:
             flow.plain_off = True
         elif flow.reader.interesting is False:
             flow.plain_off = True
-            if self._skip is not None:
-                self._skip(sk)
+            if self._kernel is not None:
+                self._kernel.skip_plaintext(sk)
         return out
 
     def _read_close(self, flow: _Flow, ts_ns: int) -> list[Event]:

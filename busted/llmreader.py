@@ -1,22 +1,130 @@
-"""Per flow: plaintext (per direction) -> HTTP events -> LlmCall / McpMessage events."""
+"""Per flow: plaintext bytes (each tagged sent/received) -> HTTP events -> LlmCall / McpMessage.
+
+The FlowTable makes one ``CallReader`` per flow whose plaintext it follows. The HTTP layer
+(``busted.classify.http``) and the API-shape layer (``busted.classify.llm``) are sans-I/O and
+do the parsing; this module maps their records onto typed events carrying the flow's identity,
+prices calls, and judges the flow: ``interesting`` becomes False once the flow is known to carry
+neither an LLM API nor MCP (its plaintext then stops in the kernel).
+"""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
-__all__ = ["CallReader"]
+from busted.classify.http import HttpConnection
+from busted.classify.httpevents import HttpProtocolError, RequestEnd, ResponseHead, Side
+from busted.classify.llm import CallTracker, LlmCallInfo
+from busted.classify.mcp import CLIENT_TO_SERVER, McpMessageInfo
+from busted.events import FLOW_IDENTITY, Direction, Event, FlowIdentity, LlmCall, McpMessage
+
+__all__ = ["CallReader", "default_prices"]
+
+_IDENTITY = tuple(k for k in FLOW_IDENTITY if k not in ("ts_ns", "wall_time"))
+_PRICES: Any = None
+
+
+def default_prices() -> Any:
+    """The process-wide price book (genai-prices when installed), built on first use."""
+    global _PRICES
+    if _PRICES is None:
+        from busted.classify.prices import PriceBook
+
+        _PRICES = PriceBook()
+    return _PRICES
 
 
 class CallReader:
-    def __init__(self, flow: Any, *, capture_content: int = 0) -> None:
+    """One flow's plaintext -> events. ``flow`` is the flow's latest identity; ``wall`` turns
+    monotonic nanoseconds into UNIX seconds."""
+
+    def __init__(self, flow: FlowIdentity, wall: Callable[[int], float], *, capture_content: int = 0,
+                 prices: Any = None) -> None:
         self.flow = flow
+        self._wall = wall
+        self._http = HttpConnection()
+        self._calls = CallTracker(capture_content=capture_content)
+        self._prices = prices
+        # Who is the HTTP client on this flow: we connected (our writes are requests), or we
+        # accepted (our writes are responses: a local model server, an MCP server).
+        self._we_are_client = flow.direction != Direction.ACCEPT
+        self._requests = 0
+        self._known = 0  # LLM or MCP records produced
         self.interesting: bool | None = None
-        self.seen: list[tuple[bool, bytes]] = []
 
-    def feed(self, sent: bool, data: bytes, ts_ns: int) -> list:
-        if len(self.seen) < 64:
-            self.seen.append((sent, data))
-        return []
+    def feed(self, sent: bool, data: bytes, ts_ns: int) -> list[Event]:
+        side = Side.CLIENT if sent == self._we_are_client else Side.SERVER
+        out: list[Event] = []
+        for hev in self._http.feed(side, data, ts_ns):
+            out.extend(self._records(self._calls.feed(hev)))
+            if isinstance(hev, RequestEnd | ResponseHead):
+                self._requests += 1
+            elif isinstance(hev, HttpProtocolError) and not self._known:
+                self.interesting = False if self.flow.provider is None else self.interesting
+        self._judge()
+        return out
 
-    def close(self, ts_ns: int) -> list:
-        return []
+    def close(self, ts_ns: int) -> list[Event]:
+        out = self._records(self._calls.close(ts_ns))
+        for hev in self._http.close(ts_ns):
+            out.extend(self._records(self._calls.feed(hev)))
+        return out
+
+    def _judge(self) -> None:
+        if self._known:
+            self.interesting = True
+        elif self._http.stopped and self.flow.provider is None:
+            self.interesting = False  # not HTTP at all
+        elif self._requests and self.flow.provider is None and self._calls.undecided == 0:
+            # a first exchange that is no LLM API call or MCP, to a host no catalog entry names
+            self.interesting = False
+
+    def _records(self, recs: list[Any]) -> list[Event]:
+        out: list[Event] = []
+        for r in recs:
+            if isinstance(r, LlmCallInfo):
+                out.append(self._llm(r))
+            elif isinstance(r, McpMessageInfo):
+                out.append(self._mcp(r))
+        self._known += len(out)
+        return out
+
+    def _identity(self, ts_ns: int) -> dict[str, Any]:
+        fd = self.flow.__dict__
+        d = {k: fd[k] for k in _IDENTITY}
+        d["ts_ns"] = ts_ns
+        d["wall_time"] = self._wall(ts_ns)
+        return d
+
+    def _llm(self, r: LlmCallInfo) -> LlmCall:
+        cost = None
+        model = r.response_model or r.request_model
+        prices = self._prices if self._prices is not None else default_prices()
+        try:
+            cost = prices.cost(model=model, input_tokens=r.input_tokens, output_tokens=r.output_tokens,
+                               cache_read_tokens=r.cache_read_tokens, cache_write_tokens=r.cache_write_tokens,
+                               provider=self.flow.provider, authority=r.authority, api=r.api)
+        except Exception:  # a price is an extra: never lose the call over it
+            cost = None
+        return LlmCall(
+            **self._identity(r.ts_ns), api=r.api, operation=r.operation, method=r.method, path=r.path,
+            http_version=r.http_version, stream_id=r.stream_id, request_model=r.request_model,
+            response_model=r.response_model, stream=r.stream, status=r.status, error_type=r.error_type,
+            input_tokens=r.input_tokens, output_tokens=r.output_tokens, cache_read_tokens=r.cache_read_tokens,
+            cache_write_tokens=r.cache_write_tokens, reasoning_tokens=r.reasoning_tokens,
+            total_tokens=r.total_tokens, finish_reason=r.finish_reason, tool_calls=r.tool_calls,
+            request_bytes=r.request_body_bytes, response_bytes=r.response_body_bytes,
+            time_to_first_token_ns=r.time_to_first_token_ns, duration_ns=r.duration_ns,
+            user_agent=r.user_agent, complete=r.complete,
+            cost_usd=cost.usd if cost is not None else None,
+            price_source=cost.source if cost is not None else None,
+            prompt=r.prompt_text, completion=r.completion_text,
+        )
+
+    def _mcp(self, r: McpMessageInfo) -> McpMessage:
+        sent_by_client = r.direction == CLIENT_TO_SERVER
+        return McpMessage(
+            **self._identity(r.ts_ns), direction_sent=sent_by_client == self._we_are_client,
+            jsonrpc_method=r.method, jsonrpc_id=None if r.id is None else str(r.id), session_id=r.session_id,
+            tool=r.tool_name, error_code=r.error_code, is_notification=r.is_notification,
+        )

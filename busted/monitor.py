@@ -200,7 +200,7 @@ class Monitor:
             enricher = Enricher(self._catalog)
         self._table = FlowTable(enricher=enricher, proc=self._proc.get, salt=self._salt,
                                 wall_offset=self._wall_offset, max_flows=4 * self._max_flows,
-                                reader=reader, skip=self._program.skip_plaintext)
+                                reader=reader, kernel=self._program)
         self._stats.plan = self.plan.describe()
         self._program.open_ring(self._on_record)
         self._started = True

@@ -276,6 +276,15 @@ class FlowProgram:
             except Exception:  # map full: the verdict is an optimisation, user space still drops
                 pass
 
+    def unbind_ssl(self, pid: int, ssl: int) -> None:
+        """Forget a TLS session's socket (the connection ended; the SSL* may be reused)."""
+        if self.plan.plaintext == "uprobe":
+            key = self.bpf[b"pt_bind"].Key(ssl=ssl, tgid=pid)
+            try:
+                del self.bpf[b"pt_bind"][key]
+            except KeyError:
+                pass
+
     def unskip_plaintext(self, sk: int) -> None:
         if self.plan.plaintext == "uprobe":
             try:
