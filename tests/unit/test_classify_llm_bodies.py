@@ -69,8 +69,10 @@ OPENAI_CHAT_RESP = j({
     "id": "chatcmpl-B9MHDbslfkBeAs8l4bebGdFOJ6PeG", "object": "chat.completion", "created": 1741570283,
     "model": "gpt-4o-2024-08-06",
     "choices": [{"index": 0, "message": {"role": "assistant", "content": None, "tool_calls": [
-        {"id": "call_abc", "type": "function", "function": {"name": "get_weather", "arguments": "{\"city\":\"Paris\"}"}},
-        {"id": "call_def", "type": "function", "function": {"name": "get_weather", "arguments": "{\"city\":\"Lyon\"}"}},
+        {"id": "call_abc", "type": "function",
+         "function": {"name": "get_weather", "arguments": "{\"city\":\"Paris\"}"}},
+        {"id": "call_def", "type": "function",
+         "function": {"name": "get_weather", "arguments": "{\"city\":\"Lyon\"}"}},
     ], "refusal": None}, "logprobs": None, "finish_reason": "tool_calls"}],
     "usage": {"prompt_tokens": 1117, "completion_tokens": 46, "total_tokens": 1163,
               "prompt_tokens_details": {"cached_tokens": 1024, "audio_tokens": 0},
