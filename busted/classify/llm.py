@@ -549,8 +549,10 @@ class CallTracker:
         info = ex.info
         if ex.mode == "json" and ex.resp_head:
             if ex.resp_truncated:
+                tools = u.tool_calls
                 shapes.handle(info.api, u, shapes.regex_usage(info.api, bytes(ex.resp_head), bytes(ex.resp_tail)),
                               ex.first_byte_ts or ts)
+                u.tool_calls = tools  # the regex cannot see the answer's items: still unknown
             else:
                 obj = self._loads(bytes(ex.resp_head))
                 if isinstance(obj, list):  # a JSON-array stream answered as application/json

@@ -563,3 +563,14 @@ def test_events_for_unknown_streams_are_counted_not_raised():
     assert t.feed(ResponseData(7, 1, b"x")) == [] and t.feed(RequestEnd(7, 1, 0)) == []
     assert t.feed(ResponseEnd(9, 1, 0, True)) == [] and t.feed(RequestData(9, 1, b"")) == []
     assert t.stats["orphan_events"] == 4 and t.stats["internal_errors"] == 0
+
+
+def test_truncated_gemini_answer_keeps_usage_and_leaves_tools_unknown():
+    from test_classify_llm_bodies import gemini_obj
+    obj = gemini_obj("z" * 300_000, {"promptTokenCount": 7, "candidatesTokenCount": 70_000, "totalTokenCount": 70_007},
+                     "MAX_TOKENS")
+    out, t = run(events("POST", GEM + ":generateContent", GEMINI_REQ, 200, JSON, [j(obj)]), response_body_cap=4096)
+    (rec,) = out
+    assert (rec.input_tokens, rec.output_tokens, rec.total_tokens, rec.finish_reason, rec.response_model,
+            rec.tool_calls) == (7, 70_000, 70_007, "MAX_TOKENS", "gemini-2.5-flash", None)
+    assert t.stats["response_truncated"] == 1
