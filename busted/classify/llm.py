@@ -46,6 +46,7 @@ STREAM_EVENT_CAP = 1 << 20  # one SSE event / NDJSON line / array element / even
 MAX_EXCHANGES = 256  # open exchanges per connection (HTTP/2 streams, pipelined requests)
 MAX_PENDING_IDS = 1024  # JSON-RPC ids remembered to name responses
 MASK = "[REDACTED]"
+_JSON_SPECIAL = re.compile(rb'["\\\[\]{},]')
 
 
 @dataclass(frozen=True, slots=True)
@@ -141,50 +142,64 @@ class _JsonValues:
 
     def feed(self, data: bytes) -> list[bytes]:
         out: list[bytes] = []
-        for ch in data:
-            if not self._started:
-                if ch in b" \t\r\n":
-                    continue
-                self._started = True
-                if ch == 0x5B:  # "["
-                    self._array = True
-                    continue
+        n = len(data)
+        i = 0
+        if not self._started:
+            while i < n and data[i] in b" \t\r\n":
+                i += 1
+            if i == n:
+                return out
+            self._started = True
+            if data[i] == 0x5B:  # "["
+                self._array = True
+                i += 1
+        pos = i  # bytes before pos are in the buffer (or dropped as separators)
+        esc_at = i if self._esc else -1  # a byte escaped by a backslash that ended the previous chunk
+        self._esc = False
+        # Only these bytes change state; the regex jumps over the rest (a per-byte loop was 5x slower).
+        for m in _JSON_SPECIAL.finditer(data, i):
+            k = m.start()
+            if k == esc_at:
+                continue
+            ch = data[k]
             if self._in_str:
-                if self._esc:
-                    self._esc = False
-                elif ch == 0x5C:
-                    self._esc = True
+                if ch == 0x5C:
+                    esc_at = k + 1
+                    self._esc = k + 1 == n
                 elif ch == 0x22:
                     self._in_str = False
-                self._put(ch)
                 continue
-            base = 1 if self._array else 0
             if ch == 0x22:
                 self._in_str = True
-            elif ch in b"{[":
+            elif ch == 0x7B or ch == 0x5B:
                 self._depth += 1
-            elif ch in b"}]":
+            elif ch == 0x7D or ch == 0x5D:
                 if self._depth == 0 and self._array and ch == 0x5D:
-                    self._array = False  # end of the top-level array
+                    self._put(data[pos:k])  # end of the top-level array
+                    pos = k + 1
+                    self._array = False
                     self._emit(out)
                     continue
                 self._depth = max(0, self._depth - 1)
-            elif ch == 0x2C and self._depth == 0 and base:
+                if self._depth == 0 and not self._array:
+                    self._put(data[pos : k + 1])
+                    pos = k + 1
+                    self._emit(out)
+            elif ch == 0x2C and self._depth == 0 and self._array:
+                self._put(data[pos:k])
+                pos = k + 1
                 self._emit(out)
-                continue
-            self._put(ch)
-            if self._depth == 0 and ch in b"}]" and not self._array:
-                self._emit(out)
+        self._put(data[pos:])
         return out
 
-    def _put(self, ch: int) -> None:
-        if self._skip:
+    def _put(self, piece: bytes) -> None:
+        if self._skip or not piece:
             return
-        if len(self._buf) >= self._cap:
+        if len(self._buf) + len(piece) > self._cap:
             self._skip = True
             self._buf.clear()
             return
-        self._buf.append(ch)
+        self._buf += piece
 
     def _emit(self, out: list[bytes]) -> None:
         if self._skip:

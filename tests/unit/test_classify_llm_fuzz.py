@@ -140,3 +140,19 @@ def test_regex_fallbacks_never_raise(head, tail):
     for api in shapes.HANDLERS:
         shapes.handle(api, shapes.Usage(), shapes.regex_usage(api, head, tail), 1)
     shapes.regex_request(head)
+
+
+@settings(max_examples=400, deadline=None)
+@given(st.lists(json_values, max_size=6), st.sampled_from([None, 0, 2]), st.lists(st.integers(0, 3000), max_size=8))
+def test_json_array_splitter_matches_json_loads(values, indent, cuts):
+    import json
+
+    from busted.classify.llm import _JsonValues
+
+    doc = json.dumps(values, indent=indent).encode()
+    cuts = sorted(c for c in cuts if c <= len(doc))
+    sp = _JsonValues(1 << 20)
+    got = []
+    for a, b in zip([0, *cuts], [*cuts, len(doc)], strict=True):
+        got += [json.loads(e) for e in sp.feed(doc[a:b])]
+    assert json.dumps(got) == json.dumps(values)
