@@ -1,6 +1,7 @@
 """Fuzz the LLM/MCP extractors with random and mutated inputs; count anything that escapes.
 
     .venv/bin/python bench/fuzz_llm.py [--inputs 1000000] [--procs N] [--seed 1]
+    .venv/bin/python bench/fuzz_llm.py --throughput     # parse speed of each streamed shape instead
 
 Each input is one of (round robin):
   tracker-mutated  a realistic exchange of one API shape (tests/unit/test_classify_llm_bodies.py), request
@@ -207,12 +208,48 @@ def worker(args: tuple[int, int]) -> dict:
     return {"res": res, "first": first}
 
 
+def throughput() -> None:
+    """MB/s of one CallTracker over ~1 MB streamed answers cut in 4 KiB chunks (one core)."""
+    import json
+
+    g = json.dumps(B.gemini_obj("hello world", {"promptTokenCount": 5})).encode()
+    shapes_ = [
+        ("OpenAI chat SSE", "/v1/chat/completions", B.OPENAI_CHAT_STREAM_REQ, B.SSE, B.OPENAI_CHAT_STREAM_RESP[1]),
+        ("Anthropic SSE", "/v1/messages", B.ANTH_STREAM_REQ, B.SSE, B.ANTH_STREAM[3]),
+        ("Gemini JSON array", "/v1beta/models/g:streamGenerateContent", B.GEMINI_REQ, B.JSON, g + b","),
+        ("Ollama NDJSON", "/api/chat", B.OLLAMA_CHAT_REQ, B.NDJSON, B.OLLAMA_CHAT_STREAM[1]),
+        ("Bedrock event-stream", "/model/m/converse-stream", B.BEDROCK_CONVERSE_REQ, B.EVENTSTREAM,
+         B.BEDROCK_CONVERSE_STREAM[1]),
+    ]
+    print("| stream | MB | events | ms | MB/s | events/s |")
+    print("|---|---:|---:|---:|---:|---:|")
+    for name, path, req, hdrs, unit in shapes_:
+        n = 1_000_000 // len(unit)
+        body = unit * n
+        if hdrs == B.JSON:
+            body = b"[" + body[:-1] + b"]"
+        parts = [body[i : i + 4096] for i in range(0, len(body), 4096)]
+        best = float("inf")
+        for _ in range(5):
+            evs = exchange(path, req, hdrs, ([req], parts))
+            t0 = time.perf_counter()
+            recs, internal = tracker_run(random.Random(0), evs)
+            best = min(best, time.perf_counter() - t0)
+            assert recs == 1 and internal == 0
+        print(f"| {name} | {len(body) / 1e6:.2f} | {n:,} | {best * 1000:.0f} | {len(body) / 1e6 / best:.1f} | "
+              f"{n / best:,.0f} |")
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--inputs", type=int, default=1_000_000)
     ap.add_argument("--procs", type=int, default=os.cpu_count() or 1)
     ap.add_argument("--seed", type=int, default=1)
+    ap.add_argument("--throughput", action="store_true", help="measure parse speed instead of fuzzing")
     a = ap.parse_args(argv)
+    if a.throughput:
+        throughput()
+        return 0
     jobs = 64
     per = [a.inputs // jobs + (1 if i < a.inputs % jobs else 0) for i in range(jobs)]
     t0 = time.monotonic()
