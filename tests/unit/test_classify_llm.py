@@ -574,3 +574,25 @@ def test_truncated_gemini_answer_keeps_usage_and_leaves_tools_unknown():
     assert (rec.input_tokens, rec.output_tokens, rec.total_tokens, rec.finish_reason, rec.response_model,
             rec.tool_calls) == (7, 70_000, 70_007, "MAX_TOKENS", "gemini-2.5-flash", None)
     assert t.stats["response_truncated"] == 1
+
+
+def test_openai_responses_failed_event():
+    import json as _json
+    failed = {**_json.loads(RESPONSES_RESP), "status": "failed", "output": [], "usage": None,
+              "error": {"code": "server_error", "message": "The model failed to generate a response."}}
+    c = [RESPONSES_STREAM[0], sse({"type": "response.failed", "sequence_number": 1, "response": failed}, named=True)]
+    rec = one(events("POST", "/v1/responses", RESPONSES_REQ, 200, SSE, c))
+    assert (rec.error_type, rec.finish_reason, rec.tool_calls, rec.input_tokens, rec.status) == (
+        "server_error", "failed", 0, None, 200)
+
+
+def test_embeddings_of_ollama_and_gemini():
+    body = j({"model": "all-minilm", "embeddings": [[0.01, -0.002]], "total_duration": 14143917,
+              "load_duration": 1019500, "prompt_eval_count": 8})
+    rec = one(events("POST", "/api/embed", j({"model": "all-minilm", "input": "hi"}), 200, JSON, [body]))
+    assert (rec.api, rec.operation, rec.stream, rec.input_tokens, rec.output_tokens, rec.total_tokens) == (
+        "ollama.embed", "embeddings", False, 8, None, None)
+    g = one(events("POST", "/v1beta/models/text-embedding-004:embedContent", j({"content": {"parts": [{"text": "x"}]}}),
+                   200, JSON, [j({"embedding": {"values": [0.1, 0.2]}})]))
+    assert (g.api, g.operation, g.request_model, g.input_tokens) == (
+        "gemini.embed_content", "embeddings", "text-embedding-004", None)
