@@ -110,3 +110,29 @@ def test_record_fields():
         ts_ns=T0 + 2, stream=0, direction=CLIENT_TO_SERVER, kind="request", method="tools/call", id=2,
         is_notification=False, session_id=None, tool_name="get_weather", error_code=None,
         transport="streamable_http", authority="api.example.test", path="/mcp?token=[REDACTED]")
+
+
+def test_fixtures_and_sdk_built_messages_are_valid_mcp():
+    """The official SDK's types accept our fixtures, and messages it builds are recognised."""
+    import pytest
+
+    types = pytest.importorskip("mcp.types")
+    pydantic = pytest.importorskip("pydantic")
+    ta = pydantic.TypeAdapter(types.JSONRPCMessage)
+    got = [type(ta.validate_json(b)).__name__ for b in (MCP_INIT, MCP_INIT_RESULT, MCP_INITIALIZED, MCP_CALL,
+                                                         MCP_ERROR)]
+    assert got == ["JSONRPCRequest", "JSONRPCResponse", "JSONRPCNotification", "JSONRPCRequest", "JSONRPCError"]
+    for line in MCP_CALL_SSE.split(b"\n"):
+        if line.startswith(b"data: "):
+            ta.validate_json(line[6:])
+    req = types.CallToolRequest(params=types.CallToolRequestParams(name="search_docs", arguments={"q": "x"}))
+    body = types.JSONRPCRequest(jsonrpc="2.0", id=9, **req.model_dump(by_alias=True, exclude_none=True, mode="json"))
+    res = types.CallToolResult(content=[types.TextContent(type="text", text="ok")], isError=False)
+    answer = types.JSONRPCResponse(jsonrpc="2.0", id=9, result=res.model_dump(by_alias=True, exclude_none=True,
+                                                                              mode="json"))
+    out, _ = run(events("POST", "/mcp", body.model_dump_json(by_alias=True, exclude_none=True).encode(), 200, JSON,
+                        [answer.model_dump_json(by_alias=True, exclude_none=True).encode()]))
+    assert rows(out) == [
+        (CLIENT_TO_SERVER, "request", "tools/call", 9, False, None, "search_docs", None, "streamable_http"),
+        (SERVER_TO_CLIENT, "response", "tools/call", 9, False, None, "search_docs", None, "streamable_http"),
+    ]
