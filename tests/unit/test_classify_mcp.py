@@ -125,7 +125,8 @@ def test_fixtures_and_sdk_built_messages_are_valid_mcp():
     for line in MCP_CALL_SSE.split(b"\n"):
         if line.startswith(b"data: "):
             ta.validate_json(line[6:])
-    req = types.CallToolRequest(params=types.CallToolRequestParams(name="search_docs", arguments={"q": "x"}))
+    req = types.CallToolRequest(method="tools/call",
+                                params=types.CallToolRequestParams(name="search_docs", arguments={"q": "x"}))
     body = types.JSONRPCRequest(jsonrpc="2.0", id=9, **req.model_dump(by_alias=True, exclude_none=True, mode="json"))
     res = types.CallToolResult(content=[types.TextContent(type="text", text="ok")], isError=False)
     answer = types.JSONRPCResponse(jsonrpc="2.0", id=9, result=res.model_dump(by_alias=True, exclude_none=True,
