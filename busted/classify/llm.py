@@ -214,7 +214,7 @@ class _Exchange:
     __slots__ = ("stream", "ts", "method", "path", "raw_path", "query", "authority", "req_headers", "version",
                  "req_body", "req_truncated", "req_bytes", "req_ended", "req_done", "kind", "info", "usage",
                  "status", "resp_headers", "mode", "parser", "resp_head", "resp_tail", "resp_truncated",
-                 "resp_bytes", "first_byte_ts", "resp_started", "session", "transport", "prompt", "sse_event")
+                 "resp_bytes", "first_byte_ts", "session", "transport", "prompt")
 
     def __init__(self, h: RequestHead) -> None:
         self.stream = h.stream
@@ -231,7 +231,7 @@ class _Exchange:
         self.req_bytes = 0
         self.req_ended = False
         self.req_done = False  # request classified
-        self.kind = "unknown"  # "llm", "mcp", "other"
+        self.kind = "unknown"  # "llm", "mcp", "maybe_mcp" (a GET, until its answer shows), "other"
         self.info: shapes.RequestInfo | None = None
         self.usage: shapes.Usage | None = None
         self.status: int | None = None
@@ -243,11 +243,9 @@ class _Exchange:
         self.resp_truncated = False
         self.resp_bytes = 0
         self.first_byte_ts: int | None = None
-        self.resp_started = False
         self.session: str | None = None
         self.transport = "streamable_http"
         self.prompt: str | None = None
-        self.sse_event: str | None = None
 
 
 Record = LlmCallInfo | McpMessageInfo
