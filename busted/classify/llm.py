@@ -473,8 +473,10 @@ class CallTracker:
                     del ex.resp_tail[: len(ex.resp_tail) - RESPONSE_TAIL]
             return
         if mode == "sse":
+            before = ex.parser.overlong
             for sev in ex.parser.feed(data):
                 self._sse_event(ex, sev.event, sev.data, ts, out)
+            self.stats["overlong"] += ex.parser.overlong - before
             return
         if mode == "ndjson":
             for line in ex.parser.feed(data):

@@ -596,3 +596,12 @@ def test_embeddings_of_ollama_and_gemini():
                    200, JSON, [j({"embedding": {"values": [0.1, 0.2]}})]))
     assert (g.api, g.operation, g.request_model, g.input_tokens) == (
         "gemini.embed_content", "embeddings", "text-embedding-004", None)
+
+
+def test_overlong_stream_event_is_skipped_and_counted():
+    big = sse({"type": "response.output_text.delta", "delta": "x" * 5000}, named=True)
+    c = [RESPONSES_STREAM[0], big, RESPONSES_STREAM[-1]]
+    out, t = run(events("POST", "/v1/responses", RESPONSES_REQ, 200, SSE, c), stream_event_cap=4096)
+    assert t.stats["overlong"] == 1
+    # the only delta was dropped: time to first token falls back to the first body byte
+    assert (out[0].input_tokens, out[0].output_tokens, out[0].time_to_first_token_ns) == (36, 87, STEP)
