@@ -108,6 +108,7 @@ class FlowTable:
         # Chunks of sessions not joined to a socket yet (memory-BIO stacks write before they send).
         self._ssl_pending: LRUCache[tuple[int, int], list[PlainRecord]] = LRUCache(maxsize=max_streams)
         self._max_pending = max_pending
+        self.plain_records = 0
         self._proc = proc or (lambda _pid: _NO_PROC)
         self._salt = salt
         self._wall_offset = wall_offset
@@ -371,6 +372,7 @@ class FlowTable:
     # -- plaintext (TLS libraries, plain HTTP) -------------------------------------------------------
 
     def _plain(self, rec: PlainRecord) -> list[Event]:
+        self.plain_records += rec.type != REC_BIND
         key = (rec.pid, rec.ssl)
         if rec.type == REC_BIND:
             self._bind(key, rec.sk)

@@ -13,7 +13,7 @@ from collections.abc import Callable
 from typing import Any
 
 from busted.classify.http import HttpConnection
-from busted.classify.httpevents import HttpProtocolError, RequestEnd, ResponseHead, Side
+from busted.classify.httpevents import Side
 from busted.classify.llm import CallTracker, LlmCallInfo
 from busted.classify.mcp import CLIENT_TO_SERVER, McpMessageInfo
 from busted.events import FLOW_IDENTITY, Direction, Event, FlowIdentity, LlmCall, McpMessage
@@ -48,7 +48,6 @@ class CallReader:
         # Who is the HTTP client on this flow: we connected (our writes are requests), or we
         # accepted (our writes are responses: a local model server, an MCP server).
         self._we_are_client = flow.direction != Direction.ACCEPT
-        self._requests = 0
         self._known = 0  # LLM or MCP records produced
         self.interesting: bool | None = None
 
@@ -57,10 +56,6 @@ class CallReader:
         out: list[Event] = []
         for hev in self._http.feed(side, data, ts_ns):
             out.extend(self._records(self._calls.feed(hev)))
-            if isinstance(hev, RequestEnd | ResponseHead):
-                self._requests += 1
-            elif isinstance(hev, HttpProtocolError) and not self._known:
-                self.interesting = False if self.flow.provider is None else self.interesting
         self._judge()
         return out
 
@@ -71,12 +66,15 @@ class CallReader:
         return out
 
     def _judge(self) -> None:
-        if self._known:
+        kinds = self._calls.kinds
+        if self._known or kinds.get("llm") or kinds.get("mcp"):
             self.interesting = True
-        elif self._http.stopped and self.flow.provider is None:
+        elif self.flow.provider is not None:
+            return  # a provider's flow: keep reading, whatever its first exchanges were
+        elif self._http.stopped:
             self.interesting = False  # not HTTP at all
-        elif self._requests and self.flow.provider is None and self._calls.undecided == 0:
-            # a first exchange that is no LLM API call or MCP, to a host no catalog entry names
+        elif kinds.get("other") and not kinds.get("maybe_mcp"):
+            # exchanges that are no LLM API call or MCP, to a host no catalog entry names
             self.interesting = False
 
     def _records(self, recs: list[Any]) -> list[Event]:

@@ -58,6 +58,8 @@ class MonitorStats:
     queue_size: int = 0
     open_flows: int = 0
     proc_reads: int = 0
+    plaintext_records: int = 0  # TLS/HTTP plaintext chunks received from the kernel
+    tls_libraries: dict[str, str] = field(default_factory=dict)  # probed file -> "openssl" | "gnutls"
     startup_s: float = 0.0
     plan: dict[str, str] = field(default_factory=dict)
 
@@ -353,11 +355,14 @@ class Monitor:
             s.open_flows = t.open_flows
             s.records = t.records
             s.ignored = t.ignored
+            s.plaintext_records = t.plain_records
+        if self._tls_scanner is not None:
+            s.tls_libraries = self._tls_scanner.files
         s.proc_reads = self._proc.reads
         lost = dict(t.lost) if t is not None else {}
         for k, v in self._user_lost.items():
             lost[k] = lost.get(k, 0) + v
-        return replace(s, lost=lost, plan=dict(s.plan))
+        return replace(s, lost=lost, plan=dict(s.plan), tls_libraries=dict(s.tls_libraries))
 
     # -- producing (reader thread) -----------------------------------------------------------
 

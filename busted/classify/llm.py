@@ -264,6 +264,9 @@ class CallTracker:
         self._open = 0
         self._pending: dict[tuple[str, str | int], tuple[str | None, str | None]] = {}
         self._session: str | None = None  # last MCP session seen on this connection
+        # Exchanges by what they were judged to be ("llm", "mcp", "maybe_mcp", "other"): how the
+        # monitor decides that a flow carries neither (and stops copying its plaintext).
+        self.kinds: dict[str, int] = {}
         self.stats: dict[str, int] = {
             "calls": 0, "mcp_messages": 0, "internal_errors": 0, "json_errors": 0, "overlong": 0,
             "request_truncated": 0, "response_truncated": 0, "dropped_exchanges": 0, "protocol_errors": 0,
@@ -386,20 +389,26 @@ class CallTracker:
         hdr_session = _header(ex.req_headers, "mcp-session-id")
         if ex.method == "POST" and not ex.req_truncated and is_jsonrpc(obj):
             ex.kind = "mcp"
+            self._count_kind("mcp")
             self._mcp_session(ex, hdr_session)
             self._mcp(ex, obj, ts, CLIENT_TO_SERVER, out)
             return
         info = shapes.recognise(ex.method, ex.path, ex.query, obj)
         if info is not None:
             ex.kind, ex.info = "llm", info
+            self._count_kind("llm")
             ex.usage = shapes.Usage(self.capture_content)
             if self.capture_content and isinstance(obj, dict) and not ex.req_truncated:
                 ex.prompt = redact_secrets(shapes.prompt_text(obj, self.capture_content))
             return
         # GETs may open an MCP server->client SSE stream (either transport); decided by the answer.
         ex.kind = "maybe_mcp" if ex.method == "GET" else "other"
+        self._count_kind(ex.kind)
         if ex.kind == "maybe_mcp":
             self._mcp_session(ex, hdr_session)
+
+    def _count_kind(self, kind: str, n: int = 1) -> None:
+        self.kinds[kind] = self.kinds.get(kind, 0) + n
 
     def _mcp_session(self, ex: _Exchange, hdr: str | None) -> None:
         if hdr:
@@ -435,6 +444,8 @@ class CallTracker:
                 ex.mode, ex.parser = "sse", SseParser(self._event_cap)
             else:
                 ex.mode, ex.kind = "skip", "other"
+                self._count_kind("maybe_mcp", -1)
+                self._count_kind("other")
             return
         if "text/event-stream" in ctype:
             ex.mode, ex.parser = "sse", SseParser(self._event_cap)
