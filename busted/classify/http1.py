@@ -49,7 +49,7 @@ class Http1Parser:
         self._req = self._new_request_parser(b"")
         self._resp: h11.Connection | None = None
         self._resp_pending = b""  # server bytes not yet handed to a response parser
-        self._methods: deque[bytes] = deque()  # methods of requests not yet answered
+        self._methods: deque[tuple[bytes, bool]] = deque()  # (method, upgrade?) of requests not yet answered
         self._req_body: BodyDecoder | None = None
         self._req_n = 0
         self._resp_body: BodyDecoder | None = None
@@ -68,10 +68,13 @@ class Http1Parser:
         return c
 
     def _new_response_parser(self, data: bytes) -> h11.Connection:
-        method = self._methods.popleft() if self._methods else b"GET"
+        method, upgrade = self._methods.popleft() if self._methods else (b"GET", False)
         c = h11.Connection(h11.CLIENT, max_incomplete_event_size=MAX_HEAD)
-        target = b"*" if method == b"OPTIONS" else (b"x:1" if method == b"CONNECT" else b"/")
-        c.send(h11.Request(method=method, target=target, headers=[(b"host", b"x"), (b"content-length", b"0")]))
+        target = b"x:1" if method == b"CONNECT" else b"/"
+        headers = [(b"host", b"x"), (b"content-length", b"0")]
+        if upgrade:  # so that h11 accepts a 101 answer
+            headers += [(b"connection", b"upgrade"), (b"upgrade", b"x")]
+        c.send(h11.Request(method=method, target=target, headers=headers))
         if method != b"CONNECT":
             c.send(h11.EndOfMessage())
         if data:
@@ -99,11 +102,12 @@ class Http1Parser:
                                        authority, hs, ev.http_version.decode("latin-1")))
                 if len(self._methods) >= MAX_UNANSWERED:
                     raise ValueError(f"over {MAX_UNANSWERED} requests without a response")
-                self._methods.append(ev.method)
+                upgrade = any(n == "upgrade" for n, _ in hs)
+                self._methods.append((ev.method, upgrade))
                 self._req_body = BodyDecoder(content_codings(hs), self._max_decoded)
                 self._req_n = 0
                 self._req_ok = True
-                if ev.method == b"CONNECT" or any(n == "upgrade" for n, _ in hs):
+                if ev.method == b"CONNECT" or upgrade:
                     # What follows the head is (or may become) another protocol: stop reading it.
                     out.append(RequestEnd(0, ts, 0))
                     self.client_stopped = True
