@@ -117,13 +117,15 @@ class Http2Parser:
         pos = 0
         try:
             while len(buf) - pos >= 9 and not self.stopped:
-                frame, length = Frame.parse_frame_header(memoryview(buf)[pos : pos + 9])
+                # Copies, not views of buf: a frame (or an exception's traceback) may keep its view,
+                # and a bytearray with live views cannot be trimmed.
+                frame, length = Frame.parse_frame_header(memoryview(bytes(buf[pos : pos + 9])))
                 limit = d.max_frame or 0xFFFFFF  # unknown limit (joined late): the buffer cap bounds it
                 if length > limit:
                     raise ValueError(f"frame of {length} bytes over SETTINGS_MAX_FRAME_SIZE {limit}")
                 if len(buf) - pos - 9 < length:
                     break
-                frame.parse_body(memoryview(buf)[pos + 9 : pos + 9 + length])
+                frame.parse_body(memoryview(bytes(buf[pos + 9 : pos + 9 + length])))
                 pos += 9 + length
                 self._frame(side, d, frame, ts, out)
         finally:

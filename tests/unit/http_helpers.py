@@ -53,3 +53,44 @@ def merged(events: list[HttpEvent]) -> list[HttpEvent]:
 
 def body(events: list[HttpEvent], kind: type, stream: int | None = None) -> bytes:
     return b"".join(e.data for e in events if isinstance(e, kind) and (stream is None or e.stream == stream))
+
+
+def mutate(rng, chunks: list[Chunk], others: list[list[Chunk]]) -> list[Chunk]:
+    """A damaged copy of a recorded exchange: the kinds of damage a late join, a lost capture
+    record or a hostile peer produce (flipped, inserted, dropped, reordered, spliced bytes)."""
+    out = [(s, bytearray(d)) for s, d in chunks]
+    for _ in range(rng.randint(1, 4)):
+        if not out:
+            out.append((Side(rng.randint(0, 1)), bytearray()))
+        i = rng.randrange(len(out))
+        side, d = out[i]
+        op = rng.randrange(10)
+        if op == 0 and d:  # flip bytes
+            for _ in range(rng.randint(1, 8)):
+                d[rng.randrange(len(d))] = rng.randrange(256)
+        elif op == 1:  # insert random bytes
+            at = rng.randint(0, len(d))
+            d[at:at] = rng.randbytes(rng.randint(1, 32))
+        elif op == 2 and d:  # drop a range
+            a = rng.randrange(len(d))
+            del d[a : a + rng.randint(1, 64)]
+        elif op == 3:  # drop leading chunks: a late join
+            del out[: rng.randint(1, len(out))]
+        elif op == 4:  # duplicate a chunk
+            out.insert(i, (side, bytearray(d)))
+        elif op == 5:  # wrong direction
+            out[i] = (Side(1 - side), d)
+        elif op == 6 and others:  # splice in a chunk from another exchange
+            o = rng.choice(others)
+            if o:
+                out.insert(i, (lambda c: (c[0], bytearray(c[1])))(rng.choice(o)))
+        elif op == 7 and len(d) >= 3:  # blow up a length-ish field
+            a = rng.randrange(len(d) - 2)
+            d[a : a + 3] = rng.choice([b"\xff\xff\xff", b"\x00\x00\x00", b"\x7f\xff\xff", rng.randbytes(3)])
+        elif op == 8:  # truncate
+            del out[i + 1 :]
+            del d[rng.randint(0, len(d)) :]
+        else:  # shuffle two chunks
+            j = rng.randrange(len(out))
+            out[i], out[j] = out[j], out[i]
+    return [(s, bytes(d)) for s, d in out]
