@@ -57,6 +57,7 @@ class Http1Parser:
         self._resp_ok = True  # False once the body decoder gave up on this response
         self._req_ok = True
         self._in_response = False
+        self._unanswered = 0  # requests seen whose response has not ended
         self.client_stopped = False  # after an Upgrade/CONNECT request: the rest is a tunnel
         self.stopped = False
 
@@ -102,6 +103,7 @@ class Http1Parser:
                                        authority, hs, ev.http_version.decode("latin-1")))
                 if len(self._methods) >= MAX_UNANSWERED:
                     raise ValueError(f"over {MAX_UNANSWERED} requests without a response")
+                self._unanswered += 1
                 upgrade = any(n == "upgrade" for n, _ in hs)
                 self._methods.append((ev.method, upgrade))
                 self._req_body = BodyDecoder(content_codings(hs), self._max_decoded)
@@ -149,12 +151,17 @@ class Http1Parser:
             if ev is h11.NEED_DATA:
                 return out
             if ev is h11.PAUSED:  # switched protocols (101, or 2xx to CONNECT): a tunnel now
+                if self._in_response:  # the CONNECT exchange itself is complete
+                    out.append(ResponseEnd(0, ts, 0, True))
+                    self._in_response = False
+                    self._unanswered = max(0, self._unanswered - 1)
                 self.stopped = True
                 return out
             if isinstance(ev, h11.InformationalResponse):
                 if ev.status_code == 101:
                     out.append(ResponseHead(0, ts, 101, _headers(ev.headers), ev.http_version.decode("latin-1")))
                     out.append(ResponseEnd(0, ts, 0, True))
+                    self._unanswered = max(0, self._unanswered - 1)
                 continue  # 100 Continue and other interim answers are not the response
             if isinstance(ev, h11.Response):
                 hs = _headers(ev.headers)
@@ -174,6 +181,7 @@ class Http1Parser:
                         out.append(HttpProtocolError(0, ts, f"response body: {exc}"))
             elif isinstance(ev, h11.EndOfMessage):
                 out.append(ResponseEnd(0, ts, self._resp_n, self._resp_ok))
+                self._unanswered = max(0, self._unanswered - 1)  # late join: responses without requests
                 self._in_response = False
                 self._resp_body = None
                 rest, closed = self._resp.trailing_data
@@ -188,16 +196,19 @@ class Http1Parser:
         return out
 
     def close(self, ts: int) -> list[HttpEvent]:
-        """End of the connection: a close-delimited body ends here, anything else in flight is cut."""
+        """End of the connection: a close-delimited body ends here; a response in flight, and each
+        request still waiting for one, gets ``ResponseEnd(complete=False)``."""
         out: list[HttpEvent] = []
-        if self.stopped or self._resp is None or not self._in_response:
-            return out
-        try:
-            self._resp.receive_data(b"")
-            out.extend(self._drain_responses(ts))
-        except h11.RemoteProtocolError:
-            pass
+        if self._resp is not None and self._in_response and not self.stopped:
+            try:
+                self._resp.receive_data(b"")
+                out.extend(self._drain_responses(ts))
+            except h11.RemoteProtocolError:
+                pass
         if self._in_response:
             out.append(ResponseEnd(0, ts, self._resp_n, False))
             self._in_response = False
+            self._unanswered = max(0, self._unanswered - 1)
+        out.extend(ResponseEnd(0, ts, 0, False) for _ in range(self._unanswered))
+        self._unanswered = 0
         return out

@@ -125,6 +125,16 @@ def test_h1_close_mid_body_is_incomplete():
     assert ev[-1] == ResponseEnd(0, 4, 0, False)
 
 
+def test_close_flags_requests_never_answered():
+    ev = run(FIXTURES["h1_keepalive"]["chunks"][:3])  # /two asked, connection gone
+    assert kinds(ev)[-3:] == ["RequestHead", "RequestEnd", "ResponseEnd"] and ev[-1] == ResponseEnd(0, 3, 0, False)
+    c = HttpConnection()
+    c.feed(Side.CLIENT, b"GET /a HTTP/1.1\r\nHost: h\r\n\r\nGET /b HTTP/1.1\r\nHost: h\r\n\r\n", 1)
+    assert c.close(2) == [ResponseEnd(0, 2, 0, False)] * 2
+    ev = run(FIXTURES["h2_post"]["chunks"][:3])
+    assert ev[-1] == ResponseEnd(1, 3, 0, False) and kinds(ev).count("ResponseEnd") == 1
+
+
 def test_h1_late_join_response_without_request():
     chunks = FIXTURES["h1_keepalive"]["chunks"][1:]
     ev = run(chunks)
@@ -178,7 +188,8 @@ def test_h1_upgrade_and_connect_stop_parsing():
     ev = c.feed(Side.CLIENT, b"CONNECT api.openai.com:443 HTTP/1.1\r\nHost: api.openai.com:443\r\n\r\n\x16\x03\x01", 1)
     assert [(e.method, e.path) for e in ev if isinstance(e, RequestHead)] == [("CONNECT", "api.openai.com:443")]
     ev = c.feed(Side.SERVER, b"HTTP/1.1 200 Connection established\r\n\r\n\x16\x03\x03\x00\x10", 2)
-    assert kinds(ev) == ["ResponseHead"] and c.stopped and c.errors == 0
+    assert kinds(ev) == ["ResponseHead", "ResponseEnd"] and c.stopped and c.errors == 0
+    assert ev[1] == ResponseEnd(0, 2, 0, True) and c.close(3) == []
 
 
 def test_h1_oversized_head_is_an_error():
