@@ -84,6 +84,7 @@ class _Direction:
     block_end_stream: bool = False
     block_push: bool = False
     max_frame: int = 0  # set from the other side's SETTINGS_MAX_FRAME_SIZE; 0 = not seen
+    first: bool = True  # no frame parsed yet in this direction
 
 
 class Http2Parser:
@@ -119,7 +120,13 @@ class Http2Parser:
             while len(buf) - pos >= 9 and not self.stopped:
                 # Copies, not views of buf: a frame (or an exception's traceback) may keep its view,
                 # and a bytearray with live views cannot be trimmed.
-                frame, length = Frame.parse_frame_header(memoryview(bytes(buf[pos : pos + 9])))
+                head = bytes(buf[pos : pos + 9])
+                if d.first:
+                    # An ALPN hint says h2, but a join in the middle of a frame says garbage.
+                    if not looks_like_frame(head):
+                        raise ValueError("first bytes are not an HTTP/2 frame (joined mid-frame?)")
+                    d.first = False
+                frame, length = Frame.parse_frame_header(memoryview(head))
                 limit = d.max_frame or 0xFFFFFF  # unknown limit (joined late): the buffer cap bounds it
                 if length > limit:
                     raise ValueError(f"frame of {length} bytes over SETTINGS_MAX_FRAME_SIZE {limit}")

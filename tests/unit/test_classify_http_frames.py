@@ -144,6 +144,10 @@ def test_late_join_static_headers_decode_and_hint():
                             DataFrame(9, data=b"hi", flags=["END_STREAM"])), 2)
         assert kinds(ev) == ["RequestHead", "RequestEnd", "ResponseHead", "ResponseData", "ResponseEnd"], alpn
         assert ev[0].path == "/v1/messages" and c.protocol == "h2"
+    # hinted h2 but joined in the middle of a frame: given up at once, not after buffering 1 MiB
+    c = HttpConnection("h2")
+    ev = c.feed(S, b"\xff" * 9 + b"payload", 1)
+    assert len(ev) == 1 and "not an HTTP/2 frame" in ev[0].detail and c.stopped
     # joined mid-response: DATA for a stream whose head was not seen is skipped, not an error
     c = HttpConnection("h2")
     assert c.feed(S, ser(DataFrame(11, data=b"lost", flags=["END_STREAM"])), 1) == [] and c.errors == 0
@@ -157,7 +161,7 @@ def test_frame_over_max_frame_size_and_buffer_limit():
     # joined late (no SETTINGS seen): the frame size is unknown, the buffer cap bounds it
     c = HttpConnection("h2", max_buffer=100_000)
     hdr = (5_000_000).to_bytes(3, "big") + b"\x00\x00\x00\x00\x00\x01"
-    ev = c.feed(S, hdr + b"x" * 60_000, 1)
+    ev = c.feed(S, ser(PingFrame(0, opaque_data=b"12345678")) + hdr + b"x" * 60_000, 1)
     assert ev == []
     ev = c.feed(S, b"x" * 60_000, 2)
     assert len(ev) == 1 and "buffer limit" in ev[0].detail and c.errors == 1
