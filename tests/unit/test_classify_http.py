@@ -152,6 +152,20 @@ def test_h1_late_join_mid_body_gives_up_quietly():
     assert c.feed(Side.CLIENT, b"GET / HTTP/1.1\r\nHost: x\r\n\r\n", 6) == [] and c.close(7) == []
 
 
+def test_streamed_bodies_arrive_as_they_come():
+    # An LLM streaming answer (SSE over chunked) must not wait for the end of the response.
+    c = HttpConnection()
+    c.feed(Side.CLIENT, b"POST /v1/chat/completions HTTP/1.1\r\nHost: h\r\nContent-Length: 2\r\n\r\n{}", 1)
+    ev = c.feed(Side.SERVER, b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\n"
+                             b"Transfer-Encoding: chunked\r\n\r\n", 2)
+    assert kinds(ev) == ["ResponseHead"]
+    lines = [b'data: {"delta": "He"}\n\n', b'data: {"delta": "llo"}\n\n']
+    for ts, line in enumerate(lines, start=3):
+        ev = c.feed(Side.SERVER, b"%x\r\n%s\r\n" % (len(line), line), ts)
+        assert ev == [ResponseData(0, ts, line)]
+    assert c.feed(Side.SERVER, b"0\r\n\r\n", 9) == [ResponseEnd(0, 9, sum(map(len, lines)), True)]
+
+
 def test_h1_pipelined_head_then_get():
     c = HttpConnection()
     ev = c.feed(Side.CLIENT, b"HEAD /a HTTP/1.1\r\nHost: h\r\n\r\nGET /b HTTP/1.1\r\nHost: h\r\n\r\n", 1)
