@@ -70,7 +70,7 @@ class HttpConnection:
         if proto == "h2":
             self._h2 = Http2Parser(self.max_decoded, self.max_buffer)
         else:
-            self._h1 = Http1Parser(self.max_decoded)
+            self._h1 = Http1Parser(self.max_decoded, self.max_buffer)
 
     def feed(self, side: Side, data: bytes, ts_ns: int) -> list[HttpEvent]:
         """Bytes written by ``side``, in the order they were seen; returns the events they complete."""

@@ -44,11 +44,11 @@ def _headers(raw) -> tuple[tuple[str, str], ...]:
 class Http1Parser:
     """Both directions of one HTTP/1.x connection. ``stopped`` once the bytes stop being HTTP."""
 
-    def __init__(self, max_decoded: int) -> None:
+    def __init__(self, max_decoded: int, max_buffer: int = 1 << 20) -> None:
         self._max_decoded = max_decoded
+        self._max_buffer = max_buffer
         self._req = self._new_request_parser(b"")
         self._resp: h11.Connection | None = None
-        self._resp_pending = b""  # server bytes not yet handed to a response parser
         self._methods: deque[tuple[bytes, bool]] = deque()  # (method, upgrade?) of requests not yet answered
         self._req_body: BodyDecoder | None = None
         self._req_n = 0
@@ -58,7 +58,11 @@ class Http1Parser:
         self._req_ok = True
         self._in_response = False
         self._unanswered = 0  # requests seen whose response has not ended
-        self.client_stopped = False  # after an Upgrade/CONNECT request: the rest is a tunnel
+        # After an Upgrade/CONNECT request the client's next bytes may be another protocol: they
+        # are held until the response says (101 / 2xx to CONNECT: a tunnel; anything else: HTTP).
+        self._held: bytearray | None = None
+        self._resp_switch: bytes | None = None  # method of the Upgrade/CONNECT request being answered
+        self._req_switch = False  # the request being parsed is an Upgrade/CONNECT
         self.stopped = False
 
     @staticmethod
@@ -70,6 +74,7 @@ class Http1Parser:
 
     def _new_response_parser(self, data: bytes) -> h11.Connection:
         method, upgrade = self._methods.popleft() if self._methods else (b"GET", False)
+        self._resp_switch = method if upgrade or method == b"CONNECT" else None
         c = h11.Connection(h11.CLIENT, max_incomplete_event_size=MAX_HEAD)
         target = b"x:1" if method == b"CONNECT" else b"/"
         headers = [(b"host", b"x"), (b"content-length", b"0")]
@@ -85,7 +90,12 @@ class Http1Parser:
     # -- client side -------------------------------------------------------------------------
 
     def feed_client(self, data: bytes, ts: int) -> list[HttpEvent]:
-        if self.client_stopped or self.stopped:
+        if self.stopped:
+            return []
+        if self._held is not None:
+            self._held += data
+            if len(self._held) > self._max_buffer:
+                raise ValueError(f"buffer limit ({self._max_buffer} bytes) waiting for an Upgrade answer")
             return []
         self._req.receive_data(data)
         return self._drain_requests(ts)
@@ -109,11 +119,7 @@ class Http1Parser:
                 self._req_body = BodyDecoder(content_codings(hs), self._max_decoded)
                 self._req_n = 0
                 self._req_ok = True
-                if ev.method == b"CONNECT" or upgrade:
-                    # What follows the head is (or may become) another protocol: stop reading it.
-                    out.append(RequestEnd(0, ts, 0))
-                    self.client_stopped = True
-                    return out
+                self._req_switch = ev.method == b"CONNECT" or upgrade
             elif isinstance(ev, h11.Data):
                 if self._req_ok and self._req_body is not None:
                     try:
@@ -127,11 +133,24 @@ class Http1Parser:
                 out.append(RequestEnd(0, ts, self._req_n))
                 self._req_body = None
                 rest, closed = self._req.trailing_data
+                if self._req_switch:
+                    self._req_switch = False
+                    self._held = bytearray(rest)
+                    self._req = self._new_request_parser(b"")
+                    return out
                 self._req = self._new_request_parser(rest)
                 if closed:
                     self._req.receive_data(b"")
             elif isinstance(ev, h11.ConnectionClosed):
                 return out
+
+    def _release(self, ts: int) -> list[HttpEvent]:
+        held, self._held = self._held, None
+        self._resp_switch = None
+        if not held:
+            return []
+        self._req.receive_data(bytes(held))
+        return self._drain_requests(ts)
 
     # -- server side -------------------------------------------------------------------------
 
@@ -167,6 +186,8 @@ class Http1Parser:
                 hs = _headers(ev.headers)
                 out.append(ResponseHead(0, ts, ev.status_code, hs, ev.http_version.decode("latin-1")))
                 self._in_response = True
+                if self._resp_switch is not None and not (self._resp_switch == b"CONNECT" and ev.status_code < 300):
+                    out.extend(self._release(ts))  # refused: the client's held bytes are HTTP after all
                 self._resp_body = BodyDecoder(content_codings(hs), self._max_decoded)
                 self._resp_n = 0
                 self._resp_ok = True

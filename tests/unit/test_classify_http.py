@@ -206,6 +206,33 @@ def test_h1_upgrade_and_connect_stop_parsing():
     assert ev[1] == ResponseEnd(0, 2, 0, True) and c.close(3) == []
 
 
+def test_h1_refused_upgrade_keeps_parsing():
+    # curl --http2 on http:// asks for h2c; a server without it answers in HTTP/1.1 and the
+    # connection goes on. The client's bytes sent meanwhile are held, then parsed.
+    c = HttpConnection()
+    ev = c.feed(Side.CLIENT, b"POST /a HTTP/1.1\r\nHost: h\r\nConnection: Upgrade, HTTP2-Settings\r\n"
+                             b"Upgrade: h2c\r\nHTTP2-Settings: AAMAAABkAAQAoAAAAAIAAAAA\r\nContent-Length: 3\r\n\r\nabc"
+                             b"GET /b HTTP/1.1\r\nHost: h\r\n\r\n", 1)
+    assert kinds(ev) == ["RequestHead", "RequestData", "RequestEnd"] and ev[1].data == b"abc"
+    ev = c.feed(Side.SERVER, b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok", 2)
+    assert kinds(ev) == ["ResponseHead", "RequestHead", "RequestEnd", "ResponseData", "ResponseEnd"]
+    assert ev[1].path == "/b"
+    ev = c.feed(Side.SERVER, b"HTTP/1.1 204 No Content\r\n\r\n", 3)
+    assert kinds(ev) == ["ResponseHead", "ResponseEnd"] and c.errors == 0 and not c.stopped
+    c = HttpConnection()
+    c.feed(Side.CLIENT, b"CONNECT api.openai.com:443 HTTP/1.1\r\nHost: api.openai.com:443\r\n\r\n", 1)
+    ev = c.feed(Side.SERVER, b"HTTP/1.1 407 Proxy Authentication Required\r\nContent-Length: 4\r\n\r\nauth", 2)
+    assert kinds(ev) == ["ResponseHead", "ResponseData", "ResponseEnd"] and ev[0].status == 407
+    ev = c.feed(Side.CLIENT, b"CONNECT api.openai.com:443 HTTP/1.1\r\nHost: api.openai.com:443\r\n"
+                             b"Proxy-Authorization: Basic eDp5\r\n\r\n", 3)
+    assert kinds(ev) == ["RequestHead", "RequestEnd"] and not c.stopped
+    # held bytes are bounded
+    c = HttpConnection(max_buffer=1000)
+    c.feed(Side.CLIENT, b"GET / HTTP/1.1\r\nHost: h\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\r\n", 1)
+    ev = c.feed(Side.CLIENT, b"x" * 2000, 2)
+    assert len(ev) == 1 and "buffer limit" in ev[0].detail
+
+
 def test_h1_oversized_head_is_an_error():
     c = HttpConnection()
     ev = c.feed(Side.CLIENT, b"GET / HTTP/1.1\r\nX-A: " + b"a" * 100_000, 1)
