@@ -147,6 +147,9 @@ class Http1Parser:
     def _release(self, ts: int) -> list[HttpEvent]:
         held, self._held = self._held, None
         self._resp_switch = None
+        if held is None:  # answered before the request's end: that request is plain HTTP now
+            self._req_switch = False
+            return []
         if not held:
             return []
         self._req.receive_data(bytes(held))
