@@ -1,0 +1,272 @@
+"""HTTP/2 seen from the side: hyperframe splits frames, one hpack Decoder per direction.
+
+A passive observer is not an endpoint, so this does not use h2's state machine (it would answer,
+enforce flow control, and refuse a connection joined late). Each direction's header blocks go to
+its own hpack decoder, because client and server keep separate dynamic tables; SETTINGS_HEADER_TABLE_SIZE
+sent by one side bounds the *other* side's table, and the size updates themselves are in the
+header blocks, which the decoder applies.
+
+Raises (hyperframe, hpack, ValueError) to the facade, which turns them into ``HttpProtocolError``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import hpack
+from hyperframe.frame import (
+    ContinuationFrame,
+    DataFrame,
+    Frame,
+    GoAwayFrame,
+    HeadersFrame,
+    PushPromiseFrame,
+    RstStreamFrame,
+    SettingsFrame,
+)
+
+from .httpbody import BodyDecoder, BodyLimitError, content_codings
+from .httpevents import (
+    HttpEvent,
+    HttpProtocolError,
+    RequestData,
+    RequestEnd,
+    RequestHead,
+    ResponseData,
+    ResponseEnd,
+    ResponseHead,
+    Side,
+)
+
+__all__ = ["PREFACE", "Http2Parser", "looks_like_frame"]
+
+PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
+DEFAULT_MAX_FRAME = 16384
+MAX_STREAMS = 1024  # open streams tracked per connection
+MAX_HEADER_LIST = 256 * 1024  # decoded header bytes per block (hpack's own bomb guard)
+MAX_TABLE = 64 * 1024  # largest HPACK dynamic table we agree to mirror
+
+_CONN_FRAMES = {0x4, 0x6, 0x7}  # SETTINGS, PING, GOAWAY: stream 0 only
+_STREAM_FRAMES = {0x0, 0x1, 0x2, 0x3, 0x5, 0x9}  # DATA, HEADERS, PRIORITY, RST, PUSH, CONTINUATION
+
+
+def looks_like_frame(head: bytes) -> bool:
+    """Is this 9-byte prefix a plausible first frame of a connection joined late?"""
+    length = int.from_bytes(head[0:3], "big")
+    typ, sid = head[3], int.from_bytes(head[5:9], "big")
+    if length > DEFAULT_MAX_FRAME or sid & 0x80000000 or typ > 0x9:
+        return False
+    if typ in _CONN_FRAMES:
+        return sid == 0
+    if typ in _STREAM_FRAMES:
+        return sid != 0
+    return True  # WINDOW_UPDATE: either
+
+
+@dataclass(slots=True)
+class _Stream:
+    req_head: bool = False
+    req_done: bool = False
+    req_body: BodyDecoder | None = None
+    req_ok: bool = True
+    resp_head: bool = False
+    resp_body: BodyDecoder | None = None
+    resp_ok: bool = True
+
+
+@dataclass(slots=True)
+class _Direction:
+    decoder: hpack.Decoder
+    buf: bytearray = field(default_factory=bytearray)
+    preface_checked: bool = False
+    block_sid: int = 0  # stream of a header block awaiting CONTINUATION, 0 if none
+    block: bytearray = field(default_factory=bytearray)
+    block_end_stream: bool = False
+    block_push: bool = False
+    max_frame: int = 0  # set from the other side's SETTINGS_MAX_FRAME_SIZE; 0 = not seen
+    first: bool = True  # no frame parsed yet in this direction
+
+
+class Http2Parser:
+    """Both directions of one HTTP/2 connection."""
+
+    def __init__(self, max_decoded: int, max_buffer: int) -> None:
+        self._max_decoded = max_decoded
+        self._max_buffer = max_buffer
+        self._dirs = (_Direction(hpack.Decoder(MAX_HEADER_LIST)), _Direction(hpack.Decoder(MAX_HEADER_LIST)))
+        self._dirs[Side.SERVER].preface_checked = True  # only the client sends the preface
+        self._streams: dict[int, _Stream] = {}
+        self.goaway = False
+        self.stopped = False
+
+    def feed(self, side: Side, data: bytes, ts: int) -> list[HttpEvent]:
+        d = self._dirs[side]
+        d.buf += data
+        if len(d.buf) > self._max_buffer:
+            raise ValueError(f"buffer limit ({self._max_buffer} bytes)")
+        if not d.preface_checked:
+            n = min(len(d.buf), len(PREFACE))
+            if d.buf[:n] != PREFACE[:n]:
+                d.preface_checked = True  # joined late: frames from the first byte
+            elif n < len(PREFACE):
+                return []
+            else:
+                del d.buf[: len(PREFACE)]
+                d.preface_checked = True
+        out: list[HttpEvent] = []
+        buf = d.buf
+        pos = 0
+        try:
+            while len(buf) - pos >= 9 and not self.stopped:
+                # Copies, not views of buf: a frame (or an exception's traceback) may keep its view,
+                # and a bytearray with live views cannot be trimmed.
+                head = bytes(buf[pos : pos + 9])
+                if d.first:
+                    # An ALPN hint says h2, but a join in the middle of a frame says garbage.
+                    if not looks_like_frame(head):
+                        raise ValueError("first bytes are not an HTTP/2 frame (joined mid-frame?)")
+                    d.first = False
+                frame, length = Frame.parse_frame_header(memoryview(head))
+                limit = d.max_frame or 0xFFFFFF  # unknown limit (joined late): the buffer cap bounds it
+                if length > limit:
+                    raise ValueError(f"frame of {length} bytes over SETTINGS_MAX_FRAME_SIZE {limit}")
+                if len(buf) - pos - 9 < length:
+                    break
+                frame.parse_body(memoryview(bytes(buf[pos + 9 : pos + 9 + length])))
+                pos += 9 + length
+                self._frame(side, d, frame, ts, out)
+        finally:
+            del buf[:pos]
+        return out
+
+    def _frame(self, side: Side, d: _Direction, f: Frame, ts: int, out: list[HttpEvent]) -> None:
+        if d.block_sid:
+            if not isinstance(f, ContinuationFrame) or f.stream_id != d.block_sid:
+                raise ValueError("header block interrupted before END_HEADERS")
+            d.block += f.data
+            if len(d.block) > self._max_buffer:
+                raise ValueError(f"buffer limit ({self._max_buffer} bytes) in a header block")
+            if "END_HEADERS" in f.flags:
+                sid, d.block_sid = d.block_sid, 0
+                block, d.block = bytes(d.block), bytearray()
+                self._headers(side, d, sid, block, d.block_end_stream, d.block_push, ts, out)
+            return
+        if isinstance(f, HeadersFrame | PushPromiseFrame):
+            push = isinstance(f, PushPromiseFrame)
+            end_stream = not push and "END_STREAM" in f.flags
+            if "END_HEADERS" in f.flags:
+                self._headers(side, d, f.stream_id, f.data, end_stream, push, ts, out)
+            else:
+                d.block_sid, d.block_end_stream, d.block_push = f.stream_id, end_stream, push
+                d.block = bytearray(f.data)
+        elif isinstance(f, DataFrame):
+            self._data(side, f.stream_id, f.data, "END_STREAM" in f.flags, ts, out)
+        elif isinstance(f, ContinuationFrame):
+            raise ValueError("CONTINUATION without HEADERS")
+        elif isinstance(f, RstStreamFrame):
+            st = self._streams.pop(f.stream_id, None)
+            if st is not None and (st.req_head or st.resp_head):
+                out.append(ResponseEnd(f.stream_id, ts, st.resp_body.decoded if st.resp_body else 0, False))
+        elif isinstance(f, SettingsFrame):
+            if "ACK" in f.flags:
+                return
+            other = self._dirs[1 - side]
+            size = f.settings.get(SettingsFrame.HEADER_TABLE_SIZE)
+            if size is not None:
+                # Bounds the table of the peer's encoder, i.e. the decoder of the other direction.
+                # The encoder's own size updates (in its header blocks) resize the table; this only
+                # bounds them. An observer keeps the largest announced (the old size stays valid
+                # until the ACK, and refusing a peer's slip would only blind us), capped for memory.
+                dec = other.decoder
+                dec.max_allowed_table_size = min(max(dec.max_allowed_table_size, size), MAX_TABLE)
+            mfs = f.settings.get(SettingsFrame.MAX_FRAME_SIZE)
+            if mfs is not None:
+                other.max_frame = max(DEFAULT_MAX_FRAME, min(mfs, 0xFFFFFF))
+            elif not other.max_frame:
+                other.max_frame = DEFAULT_MAX_FRAME
+        elif isinstance(f, GoAwayFrame):
+            self.goaway = True
+        # PING, PRIORITY, WINDOW_UPDATE, extension frames: nothing for an observer
+
+    def _headers(self, side: Side, d: _Direction, sid: int, block: bytes, end_stream: bool, push: bool,
+                 ts: int, out: list[HttpEvent]) -> None:
+        headers = d.decoder.decode(block, raw=True)  # always decoded: it updates the dynamic table
+        if push:
+            return  # promised request headers; the pushed response shows up as a response
+        hs = [(n.decode("latin-1").lower(), v.decode("latin-1")) for n, v in headers]
+        pseudo = {n: v for n, v in hs if n.startswith(":")}
+        plain = tuple((n, v) for n, v in hs if not n.startswith(":"))
+        st = self._streams.get(sid)
+        if side is Side.CLIENT:
+            if st is None or not st.req_head:
+                if st is None:
+                    st = self._open(sid)
+                st.req_head = True
+                st.req_body = BodyDecoder(content_codings(plain), self._max_decoded)
+                authority = pseudo.get(":authority") or next((v for n, v in plain if n == "host"), None)
+                out.append(RequestHead(sid, ts, pseudo.get(":method", ""), pseudo.get(":path", ""),
+                                       authority, plain, "2"))
+            if end_stream and not st.req_done:  # end of the request (trailers, if a body came first)
+                st.req_done = True
+                out.append(RequestEnd(sid, ts, st.req_body.decoded if st.req_body else 0))
+            return
+        status = pseudo.get(":status", "")
+        if st is None or not st.resp_head:
+            if status[:1] == "1" and len(status) == 3:
+                return  # interim (100 Continue, 103 Early Hints)
+            if st is None:
+                st = self._open(sid)
+            st.resp_head = True
+            st.resp_body = BodyDecoder(content_codings(plain), self._max_decoded)
+            code = int(status) if status.isdigit() and len(status) == 3 else 0
+            out.append(ResponseHead(sid, ts, code, plain, "2"))
+        if end_stream:
+            self._end_response(sid, st, ts, out)
+
+    def _open(self, sid: int) -> _Stream:
+        if len(self._streams) >= MAX_STREAMS:
+            raise ValueError(f"over {MAX_STREAMS} open streams")
+        st = self._streams[sid] = _Stream()
+        return st
+
+    def _end_response(self, sid: int, st: _Stream, ts: int, out: list[HttpEvent]) -> None:
+        out.append(ResponseEnd(sid, ts, st.resp_body.decoded if st.resp_body else 0, st.resp_ok))
+        del self._streams[sid]
+
+    def _data(self, side: Side, sid: int, data: bytes, end_stream: bool, ts: int, out: list[HttpEvent]) -> None:
+        st = self._streams.get(sid)
+        if st is None:
+            return  # a stream whose head we did not see (joined late): its body cannot be decoded
+        if side is Side.CLIENT:
+            if not st.req_head or st.req_done:
+                return
+            if data and st.req_ok and st.req_body is not None:
+                try:
+                    out.extend(RequestData(sid, ts, p) for p in st.req_body.feed(data))
+                except BodyLimitError as exc:
+                    st.req_ok = False
+                    out.append(HttpProtocolError(sid, ts, f"request body: {exc}"))
+            if end_stream:
+                st.req_done = True
+                out.append(RequestEnd(sid, ts, st.req_body.decoded if st.req_body else 0))
+            return
+        if not st.resp_head:
+            return
+        if data and st.resp_ok and st.resp_body is not None:
+            try:
+                out.extend(ResponseData(sid, ts, p) for p in st.resp_body.feed(data))
+            except BodyLimitError as exc:
+                st.resp_ok = False
+                out.append(HttpProtocolError(sid, ts, f"response body: {exc}"))
+        if end_stream:
+            self._end_response(sid, st, ts, out)
+
+    def close(self, ts: int) -> list[HttpEvent]:
+        """Responses still in flight are cut short."""
+        out: list[HttpEvent] = [
+            ResponseEnd(sid, ts, st.resp_body.decoded if st.resp_body else 0, False)
+            for sid, st in sorted(self._streams.items())
+            if st.req_head or st.resp_head
+        ]
+        self._streams.clear()
+        return out
