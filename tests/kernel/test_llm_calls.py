@@ -143,7 +143,7 @@ def test_gnutls_client(lab, mon):
     req = (f"POST /v1/chat/completions HTTP/1.1\r\nHost: api.openai.com\r\ncontent-type: application/json\r\n"
            f"content-length: {len(BODY)}\r\nconnection: close\r\n\r\n{BODY}").encode()
     assert body
-    p = lab.spawn_client(["gnutls-cli", "--x509cafile", lab.ca_file, "-p", "443", "api.openai.com"],
+    p = lab.spawn_client(["gnutls-cli", "--x509cafile", str(lab.ca_path), "-p", "443", "api.openai.com"],
                          stdin=__import__("subprocess").PIPE)
     p.communicate(req, timeout=20)
     (c,) = calls_of(mon, p.pid)
