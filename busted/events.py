@@ -58,6 +58,7 @@ class LossPlace(enum.IntEnum):
     KERNEL_MAP = 2  # a BPF map was full: a flow could not be tracked
     USER_QUEUE = 3  # the Monitor's bounded queue was full (consumer too slow)
     PARSE = 4  # captured bytes that no parser could read (malformed or truncated)
+    SINK = 5  # an output (store, JSONL file) could not keep them: disk full, I/O error, its backlog full
 
 
 def _jsonable(v: Any) -> Any:
