@@ -644,3 +644,79 @@ def test_a_reader_who_cannot_write_the_directory(tmp_path):
         assert r.stdout.split() == ["6", "openai"], r.stderr
     finally:
         shutil.rmtree(d)
+
+
+# -- one writer ----------------------------------------------------------------------------------
+
+
+def test_a_second_writer_is_refused_readers_are_not(tmp_path):
+    """Two writers would store every event twice: the second, in another process, gets advice."""
+    import subprocess
+    import sys
+
+    p = tmp_path / "one.db"
+    code = ("import sys\nfrom busted.sinks import Store\nfrom events_factory import sample_events\n"
+            f"s = Store({str(p)!r})\ns.write_many(sample_events())\ns.flush()\nprint('ready', flush=True)\n"
+            "sys.stdin.readline()\ns.close()\n")
+    env = {"PYTHONPATH": str(Path(__file__).parent), "PATH": "/usr/bin:/bin"}
+    first = subprocess.Popen([sys.executable, "-c", code], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                             text=True, env=env)
+    try:
+        assert first.stdout.readline().strip() == "ready"
+        with pytest.raises(StoreError, match=rf"another busted \(pid {first.pid}\) is writing this store") as ei:
+            Store(p)
+        assert "choose another --store path" in str(ei.value) and "busted query --store" in str(ei.value)
+        with Store.open_readonly(p) as r:  # reading while it writes is fine
+            assert len(list(r.events())) == 6
+        second = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env,
+                                timeout=60, input="\n")
+        assert second.returncode == 1 and "StoreError" in second.stderr and "is writing this store" in second.stderr
+    finally:
+        first.communicate("\n", timeout=60)
+    assert first.returncode == 0
+    with Store(p) as s:  # the lock goes with its holder
+        s.write_many(sample_events(flow_id=9))
+    with Store.open_readonly(p) as r:
+        assert len(list(r.events())) == 12  # each event once
+
+
+def test_two_writers_in_one_process_are_refused_too(tmp_path):
+    p = tmp_path / "same.db"
+    s = Store(p)
+    try:
+        with pytest.raises(StoreError, match="is writing this store"):
+            Store(p)
+    finally:
+        s.close()
+    Store(p).close()  # released at close
+
+
+# -- retention while writing -----------------------------------------------------------------------
+
+
+def test_a_size_cap_keeps_the_file_bounded_while_writing(tmp_path):
+    """The writer enforces max_bytes by itself, every trim_interval, and the file gives space back."""
+    import os
+
+    p = tmp_path / "cap.db"
+    cap = 1 << 20
+    s = Store(p, max_bytes=cap, trim_interval=0.02, batch_size=200)
+    biggest = 0
+    now = time.time()
+    for chunk in range(150):
+        for i in range(20):
+            s.write_many(sample_events(t0=now + chunk * 20 + i, flow_id=chunk * 20 + i))
+        s.flush()
+        biggest = max(biggest, p.stat().st_size)
+    deadline = time.monotonic() + 10
+    page = _rows(p, "PRAGMA page_size")[0][0]
+    while s.stats()["trimmed"] == 0 or _rows(p, "PRAGMA page_count")[0][0] * page > cap:
+        assert time.monotonic() < deadline, "the writer did not trim"
+        time.sleep(0.02)
+    st_ = s.stats()
+    s.close()
+    assert st_["written"] == 150 * 20 * 6 and st_["trimmed"] > 0
+    assert biggest <= cap + 256 * 1024  # at most about one chunk over, at any time (unbounded: ~11 MB)
+    assert os.path.getsize(p) <= cap + 64 * 1024
+    kept = [e.flow_id for e in Store.open_readonly(p).events(kinds=["flow_closed"])]
+    assert 0 < len(kept) < 3000 and kept == list(range(3000 - len(kept), 3000))  # the newest are kept
