@@ -535,7 +535,8 @@ class Store:
         rows: list[_Row] = []
         invalid = 0
         if lost:  # drops since the last record: the gap goes into the store itself ("loss is data")
-            cause = self._drop_cause
+            with self._cv:
+                cause, self._drop_cause = self._drop_cause, None
             detail = (f"busted.sinks.Store: {lost} events dropped, its backlog of {self.queue_size} being full"
                       + (f" while the store could not write ({cause})" if cause else ""))
             evs = [*evs, EventsLost(ts_ns=time.monotonic_ns(), wall_time=time.time(), where=LossPlace.SINK,
@@ -609,7 +610,6 @@ class Store:
             dropped_meanwhile = self._stats["dropped"] - self._dropped_at_failure
             if since is not None:
                 self._told_dropping = False
-                self._drop_cause = None
             self.last_error = None
             self._cv.notify_all()
         if since is not None:
