@@ -20,6 +20,7 @@ from collections import Counter
 from collections.abc import Iterable, Sequence
 from typing import Any, TextIO
 
+from busted import sinks
 from busted.errors import BustedError
 from busted.events import (
     DnsAnswer,
@@ -216,11 +217,12 @@ class _Sinks:
         if getattr(args, "store", None):
             from busted.sinks import Store
 
-            self.sinks.append(Store(args.store))
+            self.sinks.append(Store(args.store, retention_seconds=getattr(args, "retention_age", None),
+                                    max_bytes=getattr(args, "retention_size", None), on_error=_warn))
         if getattr(args, "jsonl", None):
             from busted.sinks import JsonlSink
 
-            self.sinks.append(JsonlSink(args.jsonl))
+            self.sinks.append(JsonlSink(args.jsonl, on_error=_warn))
         if getattr(args, "metrics", None):
             from busted.sinks import PrometheusExporter
 
@@ -235,8 +237,20 @@ class _Sinks:
             self.exporter.set_queue_depth(queue_depth)
 
     def close(self) -> None:
+        """Close every sink; a sink's failure is printed, not raised, so the summary still comes."""
         for s in self.sinks:
-            s.close()
+            try:
+                s.close()
+            except BustedError as exc:
+                _warn(str(exc))
+            else:
+                if hasattr(s, "report"):
+                    print(f"busted: {s.report()['text']}", file=sys.stderr)
+
+
+def _warn(msg: str) -> None:
+    """Sink trouble (disk full, ...) goes to stderr at once, from whichever thread meets it."""
+    print(f"busted: {msg}", file=sys.stderr, flush=True)
 
 
 def _wants(ev: Event, provider: Sequence[str] | None) -> bool:
@@ -489,6 +503,20 @@ def _query(args: argparse.Namespace, out: TextIO) -> int:
 # -- entry -------------------------------------------------------------------------------------
 
 
+def _age(text: str) -> float | None:
+    try:
+        return sinks.parse_age(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _size(text: str) -> int | None:
+    try:
+        return sinks.parse_size(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="busted", description="Audit this host's traffic to LLM providers (eBPF).")
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -509,6 +537,10 @@ def _parser() -> argparse.ArgumentParser:
         sp.add_argument("--probes", help="force tiers, e.g. bytes=syscall")
         sp.add_argument("--json", action="store_true", help="NDJSON (default when stdout is not a terminal)")
         sp.add_argument("--store", help="also write every event to this SQLite file")
+        sp.add_argument("--retention-age", type=_age, default=sinks.DEFAULT_RETENTION_SECONDS, metavar="AGE",
+                        help="--store keeps events this long (e.g. 7d, 12h; 'off': forever; default 7d)")
+        sp.add_argument("--retention-size", type=_size, default=sinks.DEFAULT_MAX_BYTES, metavar="SIZE",
+                        help="--store keeps at most this much data (e.g. 1GiB, 500MiB; 'off'; default 1GiB)")
         sp.add_argument("--jsonl", help="also append every event to this JSONL file (rotated)")
         sp.add_argument("--metrics", help="serve Prometheus metrics on ADDR (e.g. 127.0.0.1:9464)")
         sp.add_argument("--policy", help="policy file (allow/audit/deny): not implemented yet, refused")

@@ -206,7 +206,7 @@ class JsonlSink:
 
     def close(self) -> None:
         """Write out, stop the timer and close (stdout is flushed, not closed). Idempotent. Never
-        raises for a refusing disk: what could not be written is counted (``report()``) and told."""
+        raises for a refusing disk: what could not be written is counted (see ``report()``)."""
         with self._lock:
             if not self._is_open:
                 return
@@ -223,9 +223,6 @@ class JsonlSink:
             os.close(fd)
         if tell:
             self._tell(tell)
-        rep = self.report()
-        if rep["lost"]:
-            self._tell(rep["text"])
 
     def report(self) -> dict[str, Any]:
         """The truth so far: lines ``written``, ``lost`` (dropped + not written at close), a ``text``."""

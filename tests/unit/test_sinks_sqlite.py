@@ -720,3 +720,18 @@ def test_a_size_cap_keeps_the_file_bounded_while_writing(tmp_path):
     assert os.path.getsize(p) <= cap + 64 * 1024
     kept = [e.flow_id for e in Store.open_readonly(p).events(kinds=["flow_closed"])]
     assert 0 < len(kept) < 3000 and kept == list(range(3000 - len(kept), 3000))  # the newest are kept
+
+
+def test_retention_flags_parse():
+    from busted.sinks import DEFAULT_MAX_BYTES, DEFAULT_RETENTION_SECONDS, parse_age, parse_size
+
+    assert (DEFAULT_RETENTION_SECONDS, DEFAULT_MAX_BYTES) == (7 * 86400, 1 << 30)
+    assert [parse_age(t) for t in ("7d", "12h", "90m", "3600", "1.5h", "2w", "off", "0")] == [
+        604800, 43200, 5400, 3600, 5400, 1209600, None, None]
+    assert [parse_size(t) for t in ("1GiB", "500M", "64k", "1048576", "2 MB", "none")] == [
+        1 << 30, 500 << 20, 64 << 10, 1 << 20, 2 << 20, None]
+    for bad in ("7 days", "-1d", "x"):
+        with pytest.raises(ValueError, match="retention age"):
+            parse_age(bad)
+    with pytest.raises(ValueError, match="retention size"):
+        parse_size("1 gigabyte")
