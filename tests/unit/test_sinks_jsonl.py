@@ -64,7 +64,9 @@ def test_rotation_with_no_backups_starts_over(tmp_path):
         for ev in sample_events() * 5:
             s.write(ev)
     assert [f.name for f in tmp_path.iterdir()] == ["z.jsonl"] and p.stat().st_size <= 1500
-    assert _read(p)
+    got = _read(p)
+    assert got and got == (sample_events() * 5)[-len(got):]  # the newest lines, whole and in order
+    assert s.rotations >= 1
 
 
 def test_stdout(capsys):
