@@ -244,6 +244,9 @@ class Store:
     of up to ``batch_size`` events, at least every ``flush_interval`` seconds. At most
     ``queue_size`` events wait in memory; more are dropped and counted. Retention
     (``retention_seconds``, ``max_bytes``) is applied by the writer every ``trim_interval`` s.
+    ``on_error(message)`` is called (from the writer thread, or ``write``'s caller) when writing
+    starts failing, when drops start, and when writing works again. ``max_flows`` bounds the
+    ``FlowView`` behind the ``flows`` rows. Only one writer may open a store (``<path>.lock``).
     """
 
     def __init__(self, path: str | os.PathLike[str], *, readonly: bool = False,
@@ -375,8 +378,8 @@ class Store:
         try:
             fd = os.open(lock, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
         except OSError as exc:
-            raise StoreError(f"{self.path}: cannot create the writer lock {lock} ({exc.strerror}); check that the "
-                             "directory is writable by this user") from exc
+            raise StoreError(f"{self.path}: cannot open the writer lock {lock} ({exc.strerror}); this user must "
+                             "be able to write it and its directory (or read with `busted query`)") from exc
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError as exc:
