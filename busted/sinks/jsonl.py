@@ -129,8 +129,10 @@ class JsonlSink:
         self.last_error = f"{exc.strerror or exc} while {doing}"
         if not first:
             return None
+        mib = self.max_backlog / (1 << 20)
+        backlog = f"{mib:g} MiB" if mib >= 1 else f"{self.max_backlog} bytes"
         return (f"{self.path}: cannot write the JSONL output ({self.last_error}; is the disk full?). Up to "
-                f"{self.max_backlog} bytes of lines wait in memory and writing is retried every "
+                f"{backlog} of lines wait in memory and writing is retried every "
                 f"{self.flush_interval:g} s; beyond that new lines are dropped and counted.")
 
     def _write_out(self) -> str | None:

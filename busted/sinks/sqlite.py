@@ -389,8 +389,11 @@ class Store:
                              "may write a store (a second would store every event twice). Stop it or choose "
                              "another --store path; reading while it runs is fine (`busted query --store`, "
                              "Store.open_readonly()).") from exc
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        try:  # the holder's pid, for the message above; best effort (the disk may be full)
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        except OSError:
+            pass
         self._lockfd = fd
 
     def _release_lock(self) -> None:

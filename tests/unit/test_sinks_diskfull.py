@@ -216,3 +216,39 @@ def test_jsonl_full_at_close_keeps_whole_lines():
         rep = s.report()
         lines = _lines(p)
         assert len(lines) == rep["written"] and rep["written"] + rep["lost"] == 150 * 6
+
+
+# -- the CLI's outputs -----------------------------------------------------------------------------
+
+
+def test_cli_outputs_on_a_full_disk_say_so_and_the_summary_still_comes(capsys):
+    """Issue 8.6/8.7 end to end (without BPF: the CLI's output loop fed recorded events)."""
+    import io
+    import re
+
+    from busted.cli import _parser, _run_monitor
+
+    with small_tmpfs("256k") as d:
+        args = _parser().parse_args(["monitor", "--json", "--store", str(d / "s.db"), "--jsonl", str(d / "x.jsonl")])
+        evs = [ev for i in range(300) for ev in sample_events(flow_id=i)]
+
+        def capture():
+            _fill(d / "ballast")  # the disk fills up once the monitor runs
+            yield from evs
+
+        t0 = time.monotonic()
+        summary = _run_monitor(args, io.StringIO(), capture())
+        assert time.monotonic() - t0 < 15  # no 10 s wait for a disk that refuses
+        err = capsys.readouterr().err.splitlines()
+        assert sum(summary.kinds.values()) == len(evs)  # the summary is there to print
+        store = [ln for ln in err if "s.db" in ln]
+        jsonl = [ln for ln in err if "x.jsonl" in ln]
+        assert "cannot write the store" in store[0], err
+        m = re.search(r"closed with (\d+) events not written .* (\d+) events written, (\d+) lost", store[-1])
+        assert m and int(m[1]) > 0 and int(m[2]) + int(m[3]) == len(evs), err
+        assert "kept in memory" not in store[-1]
+        assert "cannot write the JSONL output" in jsonl[0], err
+        m = re.fullmatch(rf"busted: jsonl {d / 'x.jsonl'}: (\d+) events written, (\d+) lost "
+                         r"\(not written at close (\d+)\)", jsonl[-1])
+        assert m and int(m[1]) + int(m[2]) == len(evs) and m[2] == m[3], err  # within the 8 MiB backlog
+        assert len(_lines(d / "x.jsonl")) == int(m[1])
