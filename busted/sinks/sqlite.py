@@ -630,7 +630,9 @@ class Store:
                     self._dropped_at_failure = self._stats["dropped"]
                 self._cv.notify_all()
             if first:
-                self._tell(f"{self.path}: cannot write the store ({exc}; is the disk full or failing?). Up to "
+                why = "another program holds the database" if "locked" in str(exc) or "busy" in str(exc) else \
+                    "is the disk full or failing?"
+                self._tell(f"{self.path}: cannot write the store ({exc}; {why}). Up to "
                            f"{self.queue_size} events wait in memory and writing is retried; beyond that "
                            "new events are dropped and counted.")
             return False
@@ -651,8 +653,9 @@ class Store:
             self.last_error = None
             self._cv.notify_all()
         if since is not None:
-            self._tell(f"{self.path}: the store writes again, after {time.monotonic() - since:.1f} s; "
-                       f"{dropped_meanwhile} events were dropped meanwhile (recorded as events_lost)")
+            lost = (f"{dropped_meanwhile} events were dropped meanwhile (recorded as events_lost)"
+                    if dropped_meanwhile else "nothing was lost")
+            self._tell(f"{self.path}: the store writes again, after {time.monotonic() - since:.1f} s; {lost}")
         return True
 
     def _transaction(self, batch: list[_Row]) -> None:

@@ -392,7 +392,8 @@ def test_locked_at_open_is_a_clear_error(tmp_path):
 
 def test_locked_later_loses_nothing(tmp_path):
     p = tmp_path / "l.db"
-    s = Store(p, busy_timeout=0.1, flush_interval=0.05)
+    msgs = []
+    s = Store(p, busy_timeout=0.1, flush_interval=0.05, on_error=msgs.append)
     other = sqlite3.connect(p, isolation_level=None)
     other.execute("BEGIN EXCLUSIVE")
     evs = sample_events()
@@ -406,8 +407,11 @@ def test_locked_later_loses_nothing(tmp_path):
     other.execute("COMMIT")
     other.close()
     s.flush(timeout=10)
-    assert s.stats()["last_error"] is None
+    assert s.stats()["last_error"] is None and s.stats()["failing"] is None
     s.close()
+    assert len(msgs) == 2, msgs  # told once when it started, once when it ended
+    assert msgs[0].startswith(f"{p}: cannot write the store (database is locked; another program holds")
+    assert msgs[1].startswith(f"{p}: the store writes again, after ") and msgs[1].endswith("; nothing was lost")
     with Store.open_readonly(p) as r:
         assert list(r.events()) == evs
 
