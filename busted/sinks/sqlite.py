@@ -693,8 +693,10 @@ class Store:
                 if self.max_bytes:
                     for _ in range(10):  # bounded; usually one pass
                         used = _used_bytes(db)
+                        if used <= self.max_bytes:  # the usual case: no count(*) scan every trim
+                            break
                         n = _one(db, "SELECT count(*) FROM events")
-                        if used <= self.max_bytes or n == 0:
+                        if n == 0:
                             break
                         # drop the oldest share of events that is over ~90% of the limit (by time)
                         drop = max(1, int(n * (1 - 0.9 * self.max_bytes / used)))
