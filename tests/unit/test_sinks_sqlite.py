@@ -720,7 +720,8 @@ def test_a_size_cap_keeps_the_file_bounded_while_writing(tmp_path):
     st_ = s.stats()
     s.close()
     assert st_["written"] == 150 * 20 * 6 and st_["trimmed"] > 0
-    assert biggest <= cap + 256 * 1024  # at most about one chunk over, at any time (unbounded: ~11 MB)
+    # over the cap by at most what arrives between two trims (unbounded, these events take ~11 MB)
+    assert biggest <= 2 * cap
     assert os.path.getsize(p) <= cap + 64 * 1024
     kept = [e.flow_id for e in Store.open_readonly(p).events(kinds=["flow_closed"])]
     assert 0 < len(kept) < 3000 and kept == list(range(3000 - len(kept), 3000))  # the newest are kept
