@@ -24,6 +24,7 @@ from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any, TextIO
 
+from busted import sinks
 from busted._text import printable as _p
 from busted.errors import BustedError, EnvironmentProblem, MissingDependency, StoreError, UsageError
 from busted.events import (
@@ -324,13 +325,14 @@ class _Sinks:
             if getattr(args, "store", None):
                 from busted.sinks import Store
 
-                self._note(args.store, "-wal", "-shm", "-journal")
-                self.sinks.append(Store(args.store))
+                self._note(args.store, "-wal", "-shm", "-journal", ".lock")
+                self.sinks.append(Store(args.store, retention_seconds=getattr(args, "retention_age", None),
+                                        max_bytes=getattr(args, "retention_size", None), on_error=_warn))
             if getattr(args, "jsonl", None):
                 from busted.sinks import JsonlSink
 
                 self._note(args.jsonl)
-                self.sinks.append(JsonlSink(args.jsonl))
+                self.sinks.append(JsonlSink(args.jsonl, on_error=_warn))
             if getattr(args, "metrics", None):
                 from busted.sinks import PrometheusExporter
 
@@ -353,8 +355,15 @@ class _Sinks:
             self.exporter.set_queue_depth(queue_depth)
 
     def close(self) -> None:
+        """Close every sink; a sink's failure is printed, not raised, so the summary still comes."""
         for s in self.sinks:
-            s.close()
+            try:
+                s.close()
+            except BustedError as exc:
+                _warn(str(exc))
+            else:
+                if hasattr(s, "report"):
+                    print(f"busted: {_p(s.report()['text'])}", file=sys.stderr)
 
     def abort(self) -> None:
         """Close what was opened and remove the files this run created: a failed start leaves nothing."""
@@ -365,6 +374,11 @@ class _Sinks:
         for p in self._created:
             with contextlib.suppress(OSError):
                 p.unlink()
+
+
+def _warn(msg: str) -> None:
+    """Sink trouble (disk full, ...) goes to stderr at once, from whichever thread meets it."""
+    print(f"busted: {_p(msg)}", file=sys.stderr, flush=True)
 
 
 def _start(args: argparse.Namespace) -> tuple[Any, _Sinks]:
@@ -711,6 +725,20 @@ def _query(args: argparse.Namespace, out: TextIO) -> int:
 # -- entry -------------------------------------------------------------------------------------
 
 
+def _age(text: str) -> float | None:
+    try:
+        return sinks.parse_age(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _size(text: str) -> int | None:
+    try:
+        return sinks.parse_size(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
 def _filter_flags() -> argparse.ArgumentParser:
     """The filter flags, defined once: monitor, top, lab and query take the same ones."""
     fp = argparse.ArgumentParser(add_help=False)
@@ -735,6 +763,10 @@ def _live_flags() -> argparse.ArgumentParser:
     lp.add_argument("--json", action="store_true", help="NDJSON (default when stdout is not a terminal)")
     g = lp.add_argument_group("outputs (checked before the probes load; a bad one exits 2 and creates nothing)")
     g.add_argument("--store", help="also write every event to this SQLite file")
+    g.add_argument("--retention-age", type=_age, default=sinks.DEFAULT_RETENTION_SECONDS, metavar="AGE",
+                   help="--store keeps events this long (e.g. 7d, 12h; 'off': forever; default 7d)")
+    g.add_argument("--retention-size", type=_size, default=sinks.DEFAULT_MAX_BYTES, metavar="SIZE",
+                   help="--store keeps at most this much data (e.g. 1GiB, 500MiB; 'off'; default 1GiB)")
     g.add_argument("--jsonl", help="also append every event to this JSONL file (rotated)")
     g.add_argument("--metrics", help="serve Prometheus metrics on ADDR (e.g. 127.0.0.1:9464)")
     lp.add_argument("--policy", help="policy file (allow/audit/deny): not implemented yet, refused")

@@ -65,6 +65,7 @@ class LossPlace(enum.IntEnum):
     USER_TABLE = 5  # the flow table's bound: a flow's identity evicted before its end was seen
     KERNEL_MISS = 6  # the kernel skipped a BPF program (recursion), or a flow end it never reported
     PLAINTEXT = 7  # plaintext not followed: a call larger than the copy limit, or never joined to a flow
+    SINK = 8  # an output (store, JSONL file) could not keep them: disk full, I/O error, its backlog full
 
 
 def _jsonable(v: Any) -> Any:

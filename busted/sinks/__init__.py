@@ -12,7 +12,14 @@ from busted.events import Event
 from busted.sinks._codec import event_from_dict, event_kinds, redact
 from busted.sinks.jsonl import JsonlSink
 from busted.sinks.prometheus import PrometheusExporter
-from busted.sinks.sqlite import SCHEMA_VERSION, Store
+from busted.sinks.sqlite import (
+    DEFAULT_MAX_BYTES,
+    DEFAULT_RETENTION_SECONDS,
+    SCHEMA_VERSION,
+    Store,
+    parse_age,
+    parse_size,
+)
 
 
 @runtime_checkable
@@ -31,5 +38,5 @@ def flush(sink: Sink) -> None:
         f()
 
 
-__all__ = ["SCHEMA_VERSION", "JsonlSink", "PrometheusExporter", "Sink", "Store", "event_from_dict",
-           "event_kinds", "flush", "redact"]
+__all__ = ["DEFAULT_MAX_BYTES", "DEFAULT_RETENTION_SECONDS", "SCHEMA_VERSION", "JsonlSink", "PrometheusExporter",
+           "Sink", "Store", "event_from_dict", "event_kinds", "flush", "parse_age", "parse_size", "redact"]

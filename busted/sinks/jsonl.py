@@ -1,9 +1,15 @@
 """NDJSON output: one event per line (``to_dict()``, secrets masked), rotated by size.
 
 Each line is one JSON object, ``kind`` first; ``busted.sinks.event_from_dict(json.loads(line))``
-gives the event back. Writes go through a 64 KiB buffer, flushed at least every ``flush_interval``
-seconds (checked on each write) and on ``flush()``/``close()``, so the event path never waits on the
-disk for more than one buffered write.
+gives the event back. Lines collect in a buffer written out when it holds 64 KiB, on ``flush()`` /
+``close()``, and by a timer every ``flush_interval`` seconds (so ``tail -f`` sees events within that
+time even when traffic stops, and a SIGKILL loses at most that much).
+
+The file only ever holds whole lines: a write cut short (disk full) is truncated back to its last
+complete line. When the disk refuses (ENOSPC, EIO, ...) the sink says so at once (``on_error``),
+keeps running, keeps at most ``max_backlog`` bytes of lines in memory (newer lines beyond that
+are dropped and counted), retries on each timer tick (space may come back), and ``close()`` never
+raises for it: ``report()`` says how many lines were written and how many lost.
 """
 
 from __future__ import annotations
@@ -12,8 +18,8 @@ import json
 import os
 import sys
 import threading
-import time
-from typing import IO
+from collections.abc import Callable
+from typing import Any
 
 from busted.errors import StoreError
 from busted.events import Event
@@ -21,42 +27,57 @@ from busted.sinks._codec import redact
 
 __all__ = ["JsonlSink"]
 
+_CHUNK = 1 << 16  # buffer size that triggers a write
+
 
 class JsonlSink:
     """Append events to ``path`` ("-" = stdout). When the file would pass ``max_bytes`` it is rotated:
     path -> path.1 -> ... -> path.<backups>, the oldest dropped (``backups=0``: start over).
-    Thread-safe. ``written``, ``rotations`` count what it did."""
+    Thread-safe. ``written`` (lines in the file), ``dropped`` (lines lost to a refusing disk),
+    ``rotations`` count what it did; ``last_error`` is the write error while the disk refuses."""
 
     def __init__(self, path: str | os.PathLike[str], *, max_bytes: int = 100 << 20, backups: int = 5,
-                 flush_interval: float = 1.0) -> None:
+                 flush_interval: float = 1.0, max_backlog: int = 8 << 20,
+                 on_error: Callable[[str], None] | None = None) -> None:
         if backups < 0 or max_bytes <= 0:
             raise ValueError("JsonlSink needs max_bytes > 0 and backups >= 0")
         self.path = os.fspath(path)
         self.max_bytes = max_bytes
         self.backups = backups
         self.flush_interval = flush_interval
+        self.max_backlog = max_backlog
+        self.on_error = on_error
         self._lock = threading.Lock()
-        self._fh: IO[str] | None = None
-        self._size = 0
-        self._last_flush = time.monotonic()
+        self._fd: int | None = None
+        self._is_open = False
+        self._size = 0  # bytes in the current file
+        self._buf = bytearray()  # whole lines not yet written
+        self._buf_lines = 0
         self.written = 0
+        self.dropped = 0
         self.rotations = 0
+        self.last_error: str | None = None
+        self._unwritten_at_close = 0
+        self._stop = threading.Event()
         self._open()
+        self._is_open = True
+        self._timer = threading.Thread(target=self._tick, name="busted-jsonl-flush", daemon=True)
+        self._timer.start()
 
     def _open(self) -> None:
         if self.path == "-":
-            self._fh = sys.stdout
             return
         try:
-            self._fh = open(self.path, "a", encoding="utf-8", buffering=1 << 16)  # noqa: SIM115
+            self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o644)
         except OSError as exc:
             raise StoreError(f"{self.path}: cannot open the JSONL output ({exc.strerror}); check the "
                              "directory exists and is writable, or choose another --jsonl path") from exc
-        self._size = os.fstat(self._fh.fileno()).st_size
+        self._size = os.fstat(self._fd).st_size
 
     def _rotate(self) -> None:
-        assert self._fh is not None
-        self._fh.close()
+        assert self._fd is not None
+        os.close(self._fd)
+        self._fd = None
         if self.backups == 0:
             os.unlink(self.path)
         else:
@@ -67,42 +88,153 @@ class JsonlSink:
         self.rotations += 1
         self._open()
 
-    def write(self, event: Event) -> None:
-        line = json.dumps(redact(event.to_dict()), separators=(",", ":"), default=str) + "\n"
-        n = len(line.encode("utf-8"))
-        with self._lock:
-            if self._fh is None:
-                raise StoreError(f"{self.path}: JSONL sink is closed")
+    def _tell(self, msg: str) -> None:
+        if self.on_error is not None:
             try:
-                if self.path != "-" and self._size and self._size + n > self.max_bytes:
-                    self._rotate()
-                self._fh.write(line)
-                self._size += n
-                self.written += 1
-                now = time.monotonic()
-                if now - self._last_flush >= self.flush_interval:
-                    self._fh.flush()
-                    self._last_flush = now
+                self.on_error(msg)
+            except Exception:  # noqa: BLE001 - a broken callback must not stop the output
+                pass
+
+    # -- writing -----------------------------------------------------------------------------
+
+    def write(self, event: Event) -> None:
+        line = (json.dumps(redact(event.to_dict()), separators=(",", ":"), default=str) + "\n").encode()
+        tell = None
+        with self._lock:
+            if not self._is_open:
+                raise StoreError(f"{self.path}: JSONL sink is closed")
+            if self.path != "-" and self._size + len(self._buf) + len(line) > self.max_bytes and \
+                    (self._size or self._buf):
+                tell = self._write_out()
+                if not self._buf and self.last_error is None:
+                    try:
+                        self._rotate()
+                    except OSError as exc:
+                        tell = tell or self._failed(exc, "rotating")
+            if len(self._buf) + len(line) > self.max_backlog and self.last_error is None:
+                tell = self._write_out() or tell  # a backlog smaller than a chunk: write out first
+            if len(self._buf) + len(line) > self.max_backlog:
+                self.dropped += 1  # the disk refuses and the backlog is full: newest dropped, counted
+            else:
+                self._buf += line
+                self._buf_lines += 1
+                if len(self._buf) >= _CHUNK or self.flush_interval <= 0:
+                    tell = self._write_out() or tell
+        if tell:
+            self._tell(tell)
+
+    def _failed(self, exc: OSError, doing: str) -> str | None:
+        """Record a refused write; the message to tell if this starts a failure. Caller holds the lock."""
+        first = self.last_error is None
+        self.last_error = f"{exc.strerror or exc} while {doing}"
+        if not first:
+            return None
+        mib = self.max_backlog / (1 << 20)
+        backlog = f"{mib:g} MiB" if mib >= 1 else f"{self.max_backlog} bytes"
+        return (f"{self.path}: cannot write the JSONL output ({self.last_error}; is the disk full?). Up to "
+                f"{backlog} of lines wait in memory and writing is retried every "
+                f"{self.flush_interval:g} s; beyond that new lines are dropped and counted.")
+
+    def _write_out(self) -> str | None:
+        """Write the buffer out as whole lines. Caller holds the lock. Returns a message to tell
+        (a failure starting, or ending), or None."""
+        if not self._buf:
+            return None
+        if self._fd is None:  # stdout
+            try:
+                sys.stdout.write(self._buf.decode())
+                sys.stdout.flush()
             except OSError as exc:
-                raise StoreError(f"{self.path}: cannot write the JSONL output ({exc.strerror}); "
-                                 "is the disk full?") from exc
+                return self._failed(exc, "writing stdout")
+            self.written += self._buf_lines
+            self._buf.clear()
+            self._buf_lines = 0
+            return self._recovered()
+        done = 0
+        try:
+            while done < len(self._buf):
+                done += os.write(self._fd, memoryview(self._buf)[done:])
+        except OSError as exc:
+            self._keep_whole_lines(done)
+            return self._failed(exc, "writing")
+        self._size += done
+        self.written += self._buf_lines
+        self._buf.clear()
+        self._buf_lines = 0
+        return self._recovered()
+
+    def _keep_whole_lines(self, done: int) -> None:
+        """A write stopped after ``done`` bytes: cut the file back to the last whole line and keep
+        the rest (from that line on) in the buffer. Caller holds the lock."""
+        if done == 0:
+            return
+        assert self._fd is not None
+        keep = self._buf.rfind(b"\n", 0, done) + 1  # bytes of whole lines that made it
+        n = self._buf.count(b"\n", 0, keep)
+        self.written += n
+        self._buf_lines -= n
+        if keep < done:
+            try:
+                os.ftruncate(self._fd, self._size + keep)
+            except OSError:  # cannot even cut it back: the torn line stays; do not append its rest
+                end = self._buf.find(b"\n", done) + 1
+                self._size += done
+                self.dropped += 1
+                self._buf_lines -= 1
+                del self._buf[:end]
+                return
+        self._size += keep
+        del self._buf[:keep]
+
+    def _recovered(self) -> str | None:
+        if self.last_error is None:
+            return None
+        self.last_error = None
+        return f"{self.path}: the JSONL output writes again; {self.dropped} lines dropped so far"
+
+    def _tick(self) -> None:
+        while not self._stop.wait(self.flush_interval if self.flush_interval > 0 else 1.0):
+            with self._lock:
+                tell = self._write_out() if self._is_open else None
+            if tell:
+                self._tell(tell)
 
     def flush(self) -> None:
+        """Write out what is buffered now. Does not raise for a refusing disk (see ``report()``)."""
         with self._lock:
-            if self._fh is not None:
-                self._fh.flush()
-                self._last_flush = time.monotonic()
+            tell = self._write_out() if self._is_open else None
+        if tell:
+            self._tell(tell)
 
     def close(self) -> None:
-        """Flush and close (stdout is flushed, not closed). Idempotent."""
+        """Write out, stop the timer and close (stdout is flushed, not closed). Idempotent. Never
+        raises for a refusing disk: what could not be written is counted (see ``report()``)."""
         with self._lock:
-            fh, self._fh = self._fh, None
-            if fh is None:
+            if not self._is_open:
                 return
-            if fh is sys.stdout:
-                fh.flush()
-            else:
-                fh.close()
+            self._is_open = False
+            tell = self._write_out()
+            self._unwritten_at_close = self._buf_lines
+            self._buf.clear()
+            self._buf_lines = 0
+            fd, self._fd = self._fd, None
+        self._stop.set()
+        if threading.current_thread() is not self._timer:
+            self._timer.join(timeout=5)
+        if fd is not None:
+            os.close(fd)
+        if tell:
+            self._tell(tell)
+
+    def report(self) -> dict[str, Any]:
+        """The truth so far: lines ``written``, ``lost`` (dropped + not written at close), a ``text``."""
+        with self._lock:
+            written, dropped, unwritten = self.written, self.dropped, self._unwritten_at_close
+        lost = dropped + unwritten
+        parts = [f"{k} {v}" for k, v in (("dropped", dropped), ("not written at close", unwritten)) if v]
+        text = f"jsonl {self.path}: {written} events written, {lost} lost" + (f" ({', '.join(parts)})"
+                                                                                if parts else "")
+        return {"written": written, "lost": lost, "dropped": dropped, "unwritten": unwritten, "text": text}
 
     def __enter__(self) -> JsonlSink:
         return self

@@ -12,15 +12,19 @@ from __future__ import annotations
 
 import collections
 import threading
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from busted.errors import EnvironmentProblem
-from busted.events import DnsAnswer, Event, EventsLost, FlowClassified, FlowClosed, FlowEvent, FlowOpened
+from busted.events import DnsAnswer, Event, EventsLost, FlowClosed, FlowEvent
+from busted.flowview import FlowView
+
+if TYPE_CHECKING:
+    from busted.classify.providers import Catalog
 
 __all__ = ["PrometheusExporter"]
 
 NONE = "none"  # provider label of flows not tied to an LLM provider
-OTHER = "other"  # comm/model label values beyond the cardinality cap
+OTHER = "other"  # comm label values beyond the cardinality cap
 
 
 def _parse_addr(addr: str) -> tuple[str, int]:
@@ -44,16 +48,20 @@ class PrometheusExporter:
 
     Metrics (see docs/outputs.md): busted_flows_total{provider,comm,direction},
     busted_bytes_{sent,received}_total{provider,comm}, busted_dns_answers_total{provider},
-    busted_llm_calls_total{provider,model,comm}, busted_llm_tokens_total{provider,model,comm,kind},
     busted_events_lost_total{where}, gauges busted_queue_depth and busted_flows_open.
 
     A flow is counted once, as soon as its provider is known (at open, or at its FlowClassified),
-    else at close as provider="none". Each metric keeps at most ``max_label_sets`` label sets;
-    beyond that new ``comm`` (and ``model``) values are folded into "other".
+    else at close as provider="none"; flow state comes from one ``FlowView`` (at most
+    ``max_open_flows`` open flows). Each metric keeps at most ``max_label_sets`` label sets; beyond
+    that new ``comm`` values are folded into "other".
+
+    DNS answers are labelled with the provider the answer itself carries (if its event has one),
+    else by ``catalog`` (pass the one given to ``Monitor(catalog=...)``), else by the hostnames the
+    Monitor's own flow classifications tied to a provider, else by the built-in catalog.
     """
 
     def __init__(self, addr: str = "127.0.0.1:9464", registry: Any = None, *, max_label_sets: int = 1000,
-                 catalog: Any = None, max_open_flows: int = 1_000_000) -> None:
+                 catalog: Catalog | None = None, max_open_flows: int = 1_000_000) -> None:
         try:
             from prometheus_client import CollectorRegistry, Counter, Gauge
         except ImportError as exc:  # pragma: no cover - depends on the install
@@ -71,18 +79,16 @@ class PrometheusExporter:
                                       ["provider", "comm"], registry=r)
         self.dns = Counter("busted_dns_answers", "DNS answers seen, by the provider the name belongs to",
                            ["provider"], registry=r)
-        self.calls = Counter("busted_llm_calls", "LLM API calls", ["provider", "model", "comm"], registry=r)
-        self.tokens = Counter("busted_llm_tokens", "LLM tokens", ["provider", "model", "comm", "kind"],
-                              registry=r)
         self.lost = Counter("busted_events_lost", "Events lost, by place", ["where"], registry=r)
         self.queue_depth = Gauge("busted_queue_depth", "Events waiting in the Monitor's queue", registry=r)
         self.open_flows = Gauge("busted_flows_open", "Flows currently open (seen opening, not yet closed)",
                                 registry=r)
         self.max_label_sets = max_label_sets
-        self.max_open_flows = max_open_flows
+        self.view = FlowView(max_flows=max_open_flows)
         self._catalog = catalog
+        self._builtin: Catalog | None | bool = None  # loaded on first need; False: unavailable
         self._seen: dict[int, set[tuple[str, ...]]] = collections.defaultdict(set)
-        self._open: dict[int, bool] = {}  # flow_id -> already counted in busted_flows_total
+        self._learned: collections.OrderedDict[str, str] = collections.OrderedDict()  # hostname -> provider
         self._dns_cache: dict[str, str] = {}
         self._lock = threading.Lock()
         self._server: Any = None
@@ -100,30 +106,51 @@ class PrometheusExporter:
             seen.add(values)  # folded sets are few: bounded by the unfolded labels' values
         return metric.labels(*values)
 
-    def _count_flow(self, ev: FlowEvent) -> None:
+    def _count_flow(self, ev: FlowEvent, provider: str | None) -> None:
         direction = ev.direction.name.lower()
-        self._labels(self.flows, ev.provider or NONE, ev.comm or "?", direction, fold=(1,)).inc()
+        self._labels(self.flows, provider or NONE, ev.comm or "?", direction, fold=(1,)).inc()
 
-    def _dns_provider(self, ev: DnsAnswer) -> str:
-        prov = getattr(ev, "provider", None)
-        if prov:
-            return str(prov)
-        if self._catalog is None:
+    def _learn(self, ev: FlowEvent) -> None:
+        """Remember which provider the Monitor tied a hostname to (its catalog, whatever it is)."""
+        if ev.hostname and ev.provider:
+            name = ev.hostname.rstrip(".").lower()
+            if self._learned.get(name) != ev.provider:
+                self._learned[name] = ev.provider
+                self._learned.move_to_end(name)
+                self._dns_cache.clear()  # a cached "none" may now be wrong
+                while len(self._learned) > 10_000:
+                    self._learned.popitem(last=False)
+
+    def _match(self, name: str) -> str | None:
+        if self._catalog is not None:
+            m = self._catalog.match_host(name)
+            return m.id if m is not None else None
+        learned = self._learned.get(name.rstrip(".").lower())
+        if learned:
+            return learned
+        if self._builtin is None:
             try:
                 from busted.classify.providers import Catalog
 
-                self._catalog = Catalog.builtin()
+                self._builtin = Catalog.builtin()
             except Exception:  # noqa: BLE001 - the label is best effort
-                self._catalog = False
-        if not self._catalog:
-            return NONE
+                self._builtin = False
+        if self._builtin:
+            m = self._builtin.match_host(name)
+            return m.id if m is not None else None
+        return None
+
+    def _dns_provider(self, ev: DnsAnswer) -> str:
+        prov = getattr(ev, "provider", None)  # set by the Monitor once answers carry their provider
+        if prov:
+            return str(prov)
         hit = self._dns_cache.get(ev.qname)
         if hit is None:
             hit = NONE
             for name in (ev.qname, *ev.cname_chain, *(r.value for r in ev.answers if r.rtype == "CNAME")):
-                m = self._catalog.match_host(name)
-                if m is not None:
-                    hit = m.id
+                found = self._match(name)
+                if found:
+                    hit = found
                     break
             if len(self._dns_cache) >= 10_000:
                 self._dns_cache.clear()
@@ -139,39 +166,23 @@ class PrometheusExporter:
     write = observe
 
     def _observe(self, ev: Event) -> None:
-        if isinstance(ev, FlowOpened):
-            if ev.flow_id in self._open:
-                return
-            if len(self._open) >= self.max_open_flows:  # closes lost: forget the oldest
-                self._open.pop(next(iter(self._open)))
-            self._open[ev.flow_id] = bool(ev.provider)
-            if ev.provider:
-                self._count_flow(ev)
-        elif isinstance(ev, FlowClassified):
-            if ev.provider and self._open.get(ev.flow_id) is False:
-                self._open[ev.flow_id] = True
-                self._count_flow(ev)
-        elif isinstance(ev, FlowClosed):
-            if not self._open.pop(ev.flow_id, False):
-                self._count_flow(ev)
-            prov, comm = ev.provider or NONE, ev.comm or "?"
-            self._labels(self.bytes_sent, prov, comm, fold=(1,)).inc(max(0, ev.bytes_sent))
-            self._labels(self.bytes_received, prov, comm, fold=(1,)).inc(max(0, ev.bytes_received))
+        if isinstance(ev, FlowEvent):
+            self._learn(ev)
+            change = self.view.update(ev)
+            if change is not None:
+                after = change.after
+                if change.provider_learned or (isinstance(ev, FlowClosed) and not after.provider):
+                    self._count_flow(after.flow, after.provider)
+                if isinstance(ev, FlowClosed):
+                    prov, comm = after.provider or NONE, after.comm or "?"
+                    self._labels(self.bytes_sent, prov, comm, fold=(1,)).inc(max(0, after.bytes_sent or 0))
+                    self._labels(self.bytes_received, prov, comm, fold=(1,)).inc(
+                        max(0, after.bytes_received or 0))
         elif isinstance(ev, DnsAnswer):
             self._labels(self.dns, self._dns_provider(ev)).inc()
         elif isinstance(ev, EventsLost):
             self._labels(self.lost, ev.where.name.lower()).inc(max(0, ev.count))
-        elif not isinstance(ev, FlowEvent) and hasattr(ev, "provider") and hasattr(ev, "model"):
-            # LLM-call events, duck-typed until they exist: provider, model, comm, *_tokens
-            prov = str(getattr(ev, "provider", None) or NONE)
-            model = str(getattr(ev, "model", None) or "unknown")
-            comm = str(getattr(ev, "comm", None) or "?")
-            self._labels(self.calls, prov, model, comm, fold=(1, 2)).inc()
-            for kind in ("input", "output"):
-                n = getattr(ev, f"{kind}_tokens", None)
-                if isinstance(n, int) and n > 0:
-                    self._labels(self.tokens, prov, model, comm, kind, fold=(1, 2)).inc(n)
-        self.open_flows.set(len(self._open))
+        self.open_flows.set(len(self.view))
 
     def set_queue_depth(self, n: int) -> None:
         self.queue_depth.set(n)

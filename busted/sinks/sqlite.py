@@ -9,25 +9,31 @@ Why SQLite + WAL: one file, no server, in the standard library, and readers (``b
 notebooks, another process) never block the writer nor are blocked by it.
 
 Every event lands in ``events`` as its exact JSON (so any kind, including future ones, round-trips);
-known kinds are also spread into typed tables (``flows``, ``dns_answers``, ``tls_hellos``,
-``losses``; ``llm_calls`` and ``policy_decisions`` take events that look like LLM calls / policy
-decisions). Nothing is lost silently: a full queue is counted (and recorded in the store as an
-``EventsLost``), a failed batch stays in memory and is retried, and ``flush()``/``close()`` raise
-``StoreError`` while anything is still unwritten (``pending()`` hands those events back).
+known kinds are also spread into typed tables (``flows`` -- one row per flow, its latest state from a
+``FlowView`` --, ``dns_answers``, ``tls_hellos``, ``losses``). One writer per store (a lock file);
+any number of readers.
+
+Nothing is lost silently. When the database refuses a write (disk full, I/O error, locked) the
+batch is kept and retried (backing off to every 2 s: space may come back) and ``on_error`` is told
+at once; at most ``queue_size`` events wait in memory, newer ones are dropped, counted and recorded
+as an ``EventsLost`` row once writing works again. ``close()`` reports the truth (``report()``:
+written, lost) and raises ``StoreError`` if events remain unwritten (``pending()`` hands them back).
 """
 
 from __future__ import annotations
 
 import collections
+import fcntl
 import json
 import os
+import re
 import sqlite3
 import threading
 import time
 import urllib.parse
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from busted.errors import StoreError
 from busted.events import (
@@ -36,16 +42,47 @@ from busted.events import (
     EventsLost,
     FlowClassified,
     FlowClosed,
-    FlowEvent,
     FlowOpened,
     LossPlace,
     TlsClientHello,
 )
+from busted.flowview import FlowState, FlowView
 from busted.sinks._codec import event_from_dict, redact
 
-__all__ = ["SCHEMA_VERSION", "Store"]
+__all__ = ["DEFAULT_MAX_BYTES", "DEFAULT_RETENTION_SECONDS", "SCHEMA_VERSION", "Store", "parse_age", "parse_size"]
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
+
+# Retention `busted monitor --store` applies unless told otherwise (--retention-age/--retention-size):
+# a week of history, and at most 1 GiB of data (about 11 minutes at the 1.6 MB/s measured with 500
+# connections/s; days at ordinary rates). The library's Store keeps everything unless given limits.
+DEFAULT_RETENTION_SECONDS = 7 * 24 * 3600
+DEFAULT_MAX_BYTES = 1 << 30
+
+_AGE_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
+_SIZE_UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
+
+
+def parse_age(text: str) -> float | None:
+    """"7d", "12h", "90m", "3600" (seconds) -> seconds; "0"/"off"/"none" -> None (keep all)."""
+    t = text.strip().lower()
+    if t in ("0", "off", "none"):
+        return None
+    m = re.fullmatch(r"(\d+(?:\.\d+)?)\s*([smhdw]?)", t)
+    if not m or float(m[1]) <= 0:
+        raise ValueError(f"retention age {text!r}: expected e.g. 7d, 12h, 90m, 3600 (seconds) or off")
+    return float(m[1]) * _AGE_UNITS[m[2] or "s"]
+
+
+def parse_size(text: str) -> int | None:
+    """"1GiB", "500M", "64k", "1048576" (bytes) -> bytes (binary units); "0"/"off"/"none" -> None."""
+    t = text.strip().lower()
+    if t in ("0", "off", "none"):
+        return None
+    m = re.fullmatch(r"(\d+(?:\.\d+)?)\s*([kmgt]?)(?:i?b)?", t)
+    if not m or float(m[1]) <= 0:
+        raise ValueError(f"retention size {text!r}: expected e.g. 1GiB, 500MiB, 64k, a byte count, or off")
+    return int(float(m[1]) * _SIZE_UNITS[m[2]])
 
 # The newest schema. A new store gets it whole; an older one is first brought here by _MIGRATIONS.
 _SCHEMA = """
@@ -76,15 +113,6 @@ CREATE INDEX IF NOT EXISTS tls_ts ON tls_hellos(ts);
 CREATE TABLE IF NOT EXISTS losses (
     id INTEGER PRIMARY KEY, ts REAL NOT NULL, place TEXT, count INTEGER, detail TEXT);
 CREATE INDEX IF NOT EXISTS losses_ts ON losses(ts);
-CREATE TABLE IF NOT EXISTS llm_calls (
-    id INTEGER PRIMARY KEY, ts REAL NOT NULL, flow_id INTEGER, pid INTEGER, comm TEXT, provider TEXT,
-    model TEXT, endpoint TEXT, input_tokens INTEGER, output_tokens INTEGER, status INTEGER,
-    duration_ns INTEGER, hostname TEXT, method TEXT);
-CREATE INDEX IF NOT EXISTS llm_ts ON llm_calls(ts);
-CREATE TABLE IF NOT EXISTS policy_decisions (
-    id INTEGER PRIMARY KEY, ts REAL NOT NULL, flow_id INTEGER, pid INTEGER, comm TEXT, provider TEXT,
-    decision TEXT, rule TEXT, reason TEXT, model TEXT);
-CREATE INDEX IF NOT EXISTS policy_ts ON policy_decisions(ts);
 """
 
 # from_version -> statements that bring a store of that version to from_version + 1.
@@ -93,9 +121,12 @@ _MIGRATIONS: dict[int, list[str]] = {
     1: [
         "ALTER TABLE tls_hellos ADD COLUMN saddr TEXT",
         "ALTER TABLE tls_hellos ADD COLUMN sport INTEGER",
-        "ALTER TABLE llm_calls ADD COLUMN hostname TEXT",
-        "ALTER TABLE llm_calls ADD COLUMN method TEXT",
-        "ALTER TABLE policy_decisions ADD COLUMN model TEXT",
+    ],
+    # v1/v2 had placeholder tables for LLM calls and policy decisions, events that do not exist
+    # yet; whatever was spread into them is also in `events` (as JSON), so nothing is lost.
+    2: [
+        "DROP TABLE IF EXISTS llm_calls",
+        "DROP TABLE IF EXISTS policy_decisions",
     ],
 }
 
@@ -106,37 +137,31 @@ _CLASS_COLS = ("hostname", "provider", "evidence", "confidence")
 _CLOSE_COLS = ("closed", "bytes_sent", "bytes_received", "duration_ns")
 
 
-def _flow_upsert(update: Iterable[str]) -> str:
-    cols = ", ".join(_FLOW_COLS)
-    sets = ", ".join(update)
-    return (f"INSERT INTO flows({cols}) VALUES ({', '.join('?' * len(_FLOW_COLS))}) "
-            f"ON CONFLICT(flow_id) DO UPDATE SET {sets}")
+def _keep_if_null(c: str) -> str:
+    return f"{c}=coalesce(excluded.{c}, flows.{c})"
 
 
-# FlowOpened: identity + opened (keeps what a FlowClosed that came first recorded).
-_SQL_OPENED = _flow_upsert(f"{c}=excluded.{c}" for c in _FLOW_COLS if c not in ("flow_id", *_CLOSE_COLS))
-# FlowClassified: only the classification changes.
-_SQL_CLASSIFIED = _flow_upsert(f"{c}=excluded.{c}" for c in _CLASS_COLS)
-# FlowClosed: everything, but an opened time already known wins over one derived from duration.
-_SQL_CLOSED = _flow_upsert([*(f"{c}=excluded.{c}" for c in _FLOW_COLS if c not in ("flow_id", "opened")),
-                            "opened=coalesce(flows.opened, excluded.opened)"])
+# One upsert for every flow change (the row is FlowView's state): identity from the latest event;
+# a classification only when the event carries one; an opened time already known wins (it may
+# come from FlowOpened while the state only derived it from the duration); close facts never
+# go back to NULL (a FlowOpened replayed after its close keeps them).
+_SQL_FLOW = (f"INSERT INTO flows({', '.join(_FLOW_COLS)}) VALUES ({', '.join('?' * len(_FLOW_COLS))}) "
+             "ON CONFLICT(flow_id) DO UPDATE SET " + ", ".join(
+                 [f"{c}=excluded.{c}" for c in _FLOW_COLS
+                  if c not in ("flow_id", "opened", *_CLASS_COLS, *_CLOSE_COLS)]
+                 + [f"{c}=CASE WHEN excluded.provider IS NULL AND excluded.hostname IS NULL THEN flows.{c} "
+                    f"ELSE excluded.{c} END" for c in _CLASS_COLS]
+                 + ["opened=coalesce(flows.opened, excluded.opened)"]
+                 + [_keep_if_null(c) for c in _CLOSE_COLS]))
 _SQL_EVENT = "INSERT INTO events(ts, kind, flow_id, pid, comm, provider, json) VALUES (?,?,?,?,?,?,?)"
 _SQL_DNS = ("INSERT INTO dns_answers(ts, pid, comm, netns, transport, server, qname, qtype, rcode, answers,"
             " cname_chain) VALUES (?,?,?,?,?,?,?,?,?,?,?)")
 _SQL_TLS = ("INSERT INTO tls_hellos(ts, flow_id, pid, comm, saddr, sport, daddr, dport, sni, alpn, versions,"
             " ja4) VALUES (?,?,?,?,?,?,?,?,?,?,?,?)")
 _SQL_LOSS = "INSERT INTO losses(ts, place, count, detail) VALUES (?,?,?,?)"
-_LLM_COLS = ("flow_id", "pid", "comm", "provider", "model", "endpoint", "hostname", "method", "input_tokens",
-             "output_tokens", "status", "duration_ns")
-_SQL_LLM = (f"INSERT INTO llm_calls(ts, {', '.join(_LLM_COLS)}) "
-            f"VALUES ({', '.join('?' * (len(_LLM_COLS) + 1))})")
-_POLICY_COLS = ("flow_id", "pid", "comm", "provider", "model", "decision", "rule", "reason")
-_SQL_POLICY = (f"INSERT INTO policy_decisions(ts, {', '.join(_POLICY_COLS)}) "
-               f"VALUES ({', '.join('?' * (len(_POLICY_COLS) + 1))})")
-
 # table -> the expression retention compares with a cutoff
-_TABLES_WITH_TS = {"events": "ts", "dns_answers": "ts", "tls_hellos": "ts", "losses": "ts", "llm_calls": "ts",
-                   "policy_decisions": "ts", "flows": "coalesce(closed, opened)"}
+_TABLES_WITH_TS = {"events": "ts", "dns_answers": "ts", "tls_hellos": "ts", "losses": "ts",
+                   "flows": "coalesce(closed, opened)"}
 _INT64 = (-(2**63), 2**63 - 1)
 
 
@@ -166,21 +191,19 @@ def _row(*values: Any) -> tuple[Any, ...]:
     return tuple(_sql(v) for v in values)
 
 
-def _typed(ev: Event, d: dict[str, Any]) -> tuple[str, tuple[Any, ...]] | None:
+def _flow_row(st: FlowState) -> tuple[Any, ...]:
+    d = redact(st.flow.to_dict())
+    d.update(opened=st.opened, closed=st.closed, bytes_sent=st.bytes_sent, bytes_received=st.bytes_received,
+             duration_ns=st.duration_ns)
+    return _row(*(d.get(c) for c in _FLOW_COLS))
+
+
+def _typed(ev: Event, d: dict[str, Any], flows: FlowView) -> tuple[str, tuple[Any, ...]] | None:
     """The typed-table statement for one event (None: it lives only in ``events``)."""
     ts = ev.wall_time
     if isinstance(ev, FlowOpened | FlowClassified | FlowClosed):
-        row = {k: d.get(k) for k in _FLOW_COLS}
-        if isinstance(ev, FlowClosed):
-            row["closed"] = ts
-            row["opened"] = ts - ev.duration_ns / 1e9 if ev.duration_ns else None
-            sql = _SQL_CLOSED
-        elif isinstance(ev, FlowOpened):
-            row["opened"] = ts
-            sql = _SQL_OPENED
-        else:
-            sql = _SQL_CLASSIFIED
-        return sql, _row(*(row[c] for c in _FLOW_COLS))
+        change = flows.update(ev)
+        return None if change is None else (_SQL_FLOW, _flow_row(change.after))
     if isinstance(ev, DnsAnswer):
         return _SQL_DNS, _row(ts, ev.pid, ev.comm, ev.netns, ev.transport, ev.server, ev.qname, ev.qtype,
                               ev.rcode, d["answers"], d["cname_chain"])
@@ -189,13 +212,17 @@ def _typed(ev: Event, d: dict[str, Any]) -> tuple[str, tuple[Any, ...]] | None:
                               d["alpn"], d["versions"], ev.ja4)
     if isinstance(ev, EventsLost):
         return _SQL_LOSS, _row(ts, d["where"], ev.count, ev.detail)
-    if isinstance(ev, FlowEvent):
-        return None  # a future flow kind: kept in `events`
-    if "model" in d and "provider" in d:  # LLM-call events, duck-typed until they exist
-        return _SQL_LLM, _row(ts, *(d.get(c) for c in _LLM_COLS))
-    if "decision" in d:  # policy decisions, likewise
-        return _SQL_POLICY, _row(ts, *(d.get(c) for c in _POLICY_COLS))
-    return None
+    return None  # any other kind (including future ones): kept in `events`
+
+
+class _Row(NamedTuple):
+    """One encoded event: its ``events`` row, its typed-table statement, and for the store's own
+    loss record (``src`` None) the number of drops it records."""
+
+    src: Event | None
+    event: tuple[Any, ...]
+    typed: tuple[str, tuple[Any, ...]] | None
+    lost: int
 
 
 def _one(db: sqlite3.Connection, sql: str, *args: Any) -> Any:
@@ -217,13 +244,18 @@ class Store:
     of up to ``batch_size`` events, at least every ``flush_interval`` seconds. At most
     ``queue_size`` events wait in memory; more are dropped and counted. Retention
     (``retention_seconds``, ``max_bytes``) is applied by the writer every ``trim_interval`` s.
+    ``on_error(message)`` is called (from the writer thread, or ``write``'s caller) when writing
+    starts failing, when drops start, and when writing works again. ``max_flows`` bounds the
+    ``FlowView`` behind the ``flows`` rows. Only one writer may open a store (``<path>.lock``).
     """
 
     def __init__(self, path: str | os.PathLike[str], *, readonly: bool = False,
                  retention_seconds: float | None = None, max_bytes: int | None = None, batch_size: int = 500,
                  flush_interval: float = 0.5, queue_size: int = 100_000, busy_timeout: float = 5.0,
-                 trim_interval: float = 5.0) -> None:
+                 trim_interval: float = 5.0, on_error: Callable[[str], None] | None = None,
+                 max_flows: int = 65536) -> None:
         self.path = Path(path)
+        self.on_error = on_error
         self.readonly = readonly
         self.retention_seconds = retention_seconds
         self.max_bytes = max_bytes
@@ -235,15 +267,24 @@ class Store:
         self._q: collections.deque[Event] = collections.deque()
         self._cv = threading.Condition()
         self._dblock = threading.Lock()  # the write connection: writer thread vs trim() callers
-        self._inflight = 0
+        self._inflight = 0  # accepted events taken from _q and not yet committed (or found invalid)
+        self._retry: collections.deque[list[_Row]] = collections.deque()  # encoded batches to commit, in order
+        self._flows = FlowView(max_flows=max_flows)  # the `flows` rows: latest state per flow
+        self._lockfd: int | None = None
+        self._failing_since: float | None = None  # monotonic time the database began refusing writes
+        self._dropped_at_failure = 0
+        self._told_dropping = False
+        self._drop_cause: str | None = None
+        self._lost_batched = 0  # drops in an encoded loss record not yet committed
+        self._invalid_error: str | None = None
         self._closed = False
         self._stop = False
         self._thread_done = False
         self._close_db_on_exit = False
         self._lost_recorded = 0  # drops already recorded in the store as EventsLost
         self._invalid_reported = 0
-        self._isolate = 0  # after a batch failed on a bad event: this many go one per transaction
-        self._stats = {"written": 0, "dropped": 0, "invalid": 0, "batches": 0, "retries": 0, "trimmed": 0}
+        self._stats = {"written": 0, "loss_records": 0, "dropped": 0, "invalid": 0, "batches": 0, "retries": 0,
+                       "trimmed": 0}
         self.last_error: str | None = None
         self._ro_uri = f"file:{urllib.parse.quote(str(self.path.absolute()))}?mode=ro"
         self._db: sqlite3.Connection | None = None
@@ -285,10 +326,12 @@ class Store:
             raise StoreError(f"{p}: directory {p.parent} does not exist; create it or choose another path")
         if p.is_dir():
             raise StoreError(f"{p} is a directory; give a file path for the store")
+        self._take_lock()
         try:
             db = sqlite3.connect(str(p), timeout=self.busy_timeout, check_same_thread=False,
                                  isolation_level=None)
         except sqlite3.Error as exc:
+            self._release_lock()
             raise self._error(exc, "opening") from exc
         try:
             version = self._check_version(db)
@@ -320,11 +363,48 @@ class Store:
                 raise
         except sqlite3.Error as exc:
             db.close()
+            self._release_lock()
             raise self._error(exc, "opening") from exc
         except StoreError:
             db.close()
+            self._release_lock()
             raise
         return db
+
+    def _take_lock(self) -> None:
+        """One writer per store: an exclusive flock on ``<store>.lock``, held until close. Readers
+        do not take it (they open the database read-only), so they still open while a writer runs."""
+        lock = self.path.parent / (self.path.name + ".lock")
+        try:
+            fd = os.open(lock, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        except OSError as exc:
+            raise StoreError(f"{self.path}: cannot open the writer lock {lock} ({exc.strerror}); this user must "
+                             "be able to write it and its directory (or read with `busted query`)") from exc
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as exc:
+            holder = os.pread(fd, 32, 0).decode("ascii", "replace").strip() or "?"
+            os.close(fd)
+            raise StoreError(f"{self.path}: another busted (pid {holder}) is writing this store; only one writer "
+                             "may write a store (a second would store every event twice). Stop it or choose "
+                             "another --store path; reading while it runs is fine (`busted query --store`, "
+                             "Store.open_readonly()).") from exc
+        try:  # the holder's pid, for the message above; best effort (the disk may be full)
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        except OSError:
+            pass
+        self._lockfd = fd
+
+    def _release_lock(self) -> None:
+        fd, self._lockfd = self._lockfd, None
+        if fd is not None:
+            os.close(fd)  # releases the flock
+
+    def _close_db(self) -> None:
+        if self._db is not None:
+            self._db.close()
+        self._release_lock()
 
     def _check_version(self, db: sqlite3.Connection) -> int:
         tables = {r[0] for r in db.execute("SELECT name FROM sqlite_master WHERE type='table'")}
@@ -393,19 +473,29 @@ class Store:
     # -- writing -----------------------------------------------------------------------------
 
     def write(self, event: Event) -> None:
-        """Queue one event. Never waits for the database; if the queue is full the event is dropped
-        and counted (``stats()["dropped"]``, and an ``EventsLost`` row in the store)."""
+        """Queue one event. Never waits for the database. At most ``queue_size`` events wait in
+        memory (also while the disk refuses writes); beyond that new events are dropped, counted
+        (``stats()["dropped"]``) and recorded as an ``EventsLost`` row once writing works again."""
         if self.readonly:
             raise StoreError(f"{self.path}: opened read-only; open it with Store(path) to write")
         if self._closed:
             raise StoreError(f"{self.path}: store is closed; open a new Store to write more")
+        tell = None
         with self._cv:
-            if len(self._q) >= self.queue_size:
+            if len(self._q) + self._inflight >= self.queue_size:
                 self._stats["dropped"] += 1
-                return
-            self._q.append(event)
-            if len(self._q) >= self.batch_size:
-                self._cv.notify_all()
+                if self._failing_since is not None:
+                    self._drop_cause = self.last_error
+                    if not self._told_dropping:
+                        self._told_dropping = True
+                        tell = (f"{self.path}: {self.queue_size} events wait in memory for the store; dropping "
+                                "new ones from now on (counted, and recorded in the store once it can write)")
+            else:
+                self._q.append(event)
+                if len(self._q) >= self.batch_size:
+                    self._cv.notify_all()
+        if tell:
+            self._tell(tell)
 
     def write_many(self, events: Iterable[Event]) -> None:
         for ev in events:
@@ -414,7 +504,16 @@ class Store:
     def pending(self) -> list[Event]:
         """Events accepted but not yet committed (e.g. after ``close()`` raised), oldest first."""
         with self._cv:
-            return list(self._q)
+            held = [r.src for b in self._retry for r in b if r.src is not None]
+            return held + list(self._q)
+
+    def _tell(self, msg: str) -> None:
+        """Say it now (``on_error``): the store's trouble must not wait for close()."""
+        if self.on_error is not None:
+            try:
+                self.on_error(msg)
+            except Exception:  # noqa: BLE001 - a broken callback must not stop the writer
+                pass
 
     def _writer(self) -> None:
         next_trim = time.monotonic() + self.trim_interval
@@ -422,22 +521,32 @@ class Store:
         try:
             while True:
                 with self._cv:
-                    if not self._q and not self._stop:
+                    if not self._q and not self._retry and not self._stop and not self._unrecorded():
                         self._cv.wait(min(self.flush_interval, max(0.0, next_trim - time.monotonic()))
                                       if self._wants_trim() else self.flush_interval)
                     if self._stop:
                         return
-                    n = 1 if self._isolate > 0 else self.batch_size
-                    batch = [self._q.popleft() for _ in range(min(n, len(self._q)))]
-                    self._inflight = len(batch)
-                    lost = self._stats["dropped"] - self._lost_recorded
-                if batch or lost:
-                    if self._commit(batch, lost):
+                    evs: list[Event] = []
+                    lost = 0
+                    if not self._retry:
+                        evs = [self._q.popleft() for _ in range(min(self.batch_size, len(self._q)))]
+                        self._inflight += len(evs)
+                        lost = self._unrecorded()
+                if evs or lost:
+                    batch = self._encode(evs, lost)  # once per event: FlowView sees each event once
+                    with self._cv:
+                        if batch:
+                            self._retry.append(batch)
+                        self._cv.notify_all()
+                if self._retry:
+                    if self._commit():
                         backoff = 0.05
                     else:
-                        time.sleep(backoff)
+                        with self._cv:
+                            if not self._stop:
+                                self._cv.wait(backoff)  # flush()/close() wake it for one more try
                         backoff = min(backoff * 2, 2.0)
-                if self._wants_trim() and time.monotonic() >= next_trim:
+                if self._wants_trim() and time.monotonic() >= next_trim and self._failing_since is None:
                     next_trim = time.monotonic() + self.trim_interval
                     try:
                         self.trim()
@@ -448,76 +557,115 @@ class Store:
                 self._thread_done = True
                 close_db = self._close_db_on_exit
                 self._cv.notify_all()
-            if close_db and self._db is not None:
-                self._db.close()
+            if close_db:
+                self._close_db()
+
+    def _unrecorded(self) -> int:
+        """Drops not yet in (a batch headed for) the store as an EventsLost row. Caller holds _cv."""
+        return self._stats["dropped"] - self._lost_recorded - self._lost_batched
 
     def _wants_trim(self) -> bool:
         return bool(self.retention_seconds or self.max_bytes)
 
-    def _commit(self, batch: list[Event], lost: int) -> bool:
-        """Commit one batch in one transaction. On a database error the batch goes back to the front
-        of the queue (order kept) and False is returned; the caller backs off and retries."""
-        events: list[tuple[Any, ...]] = []
-        typed: list[tuple[str, tuple[Any, ...]]] = []
+    def _encode(self, evs: list[Event], lost: int) -> list[_Row]:
+        """Encode events into rows, outside any transaction. An event that cannot be encoded is
+        counted (``invalid``), not retried."""
+        rows: list[_Row] = []
         invalid = 0
-        evs = list(batch)
-        if lost:  # the queue overflowed: record the gap in the store itself ("loss is data")
-            evs.append(EventsLost(ts_ns=time.monotonic_ns(), wall_time=time.time(),
-                                  where=LossPlace.USER_QUEUE, count=lost,
-                                  detail=f"busted.sinks.Store queue full ({self.queue_size} events)"))
-        for ev in evs:
-            try:  # encode outside the transaction; an event that cannot be encoded is counted, not retried
+        if lost:  # drops since the last record: the gap goes into the store itself ("loss is data")
+            with self._cv:
+                cause, self._drop_cause = self._drop_cause, None
+            detail = (f"busted.sinks.Store: {lost} events dropped, its backlog of {self.queue_size} being full"
+                      + (f" while the store could not write ({cause})" if cause else ""))
+            evs = [*evs, EventsLost(ts_ns=time.monotonic_ns(), wall_time=time.time(), where=LossPlace.SINK,
+                                    count=lost, detail=detail)]
+        for i, ev in enumerate(evs):
+            is_loss_record = lost and i == len(evs) - 1
+            try:
                 d = redact(ev.to_dict())
                 if not isinstance(ev.wall_time, int | float):
                     raise TypeError(f"wall_time is {type(ev.wall_time).__name__}")
-                events.append(_row(ev.wall_time, ev.kind, d.get("flow_id"), d.get("pid"), d.get("comm"),
-                                   d.get("provider"), json.dumps(d, separators=(",", ":"), default=str)))
-                t = _typed(ev, d)
-                if t is not None:
-                    typed.append(t)
+                row = _row(ev.wall_time, ev.kind, d.get("flow_id"), d.get("pid"), d.get("comm"), d.get("provider"),
+                           json.dumps(d, separators=(",", ":"), default=str))
+                rows.append(_Row(None if is_loss_record else ev, row, _typed(ev, d, self._flows),
+                                 lost if is_loss_record else 0))
             except Exception as exc:  # noqa: BLE001 - a bad event must not stop the writer
                 invalid += 1
-                self.last_error = f"cannot encode a {getattr(ev, 'kind', type(ev).__name__)} event: {exc!r}"
-        try:
-            self._transaction(events, typed)
-        except sqlite3.Error as exc:
-            self.last_error = f"{type(exc).__name__}: {exc} (batch of {len(batch)} kept in memory, retrying)"
-            with self._cv:
-                self._q.extendleft(reversed(batch))
-                self._inflight = 0
-                self._stats["retries"] += 1
-                self._cv.notify_all()
-            return False
-        except Exception as exc:  # noqa: BLE001 - not the database's fault: an event it cannot take
-            if len(batch) > 1:  # find the culprit: commit these events one at a time
-                with self._cv:
-                    self._q.extendleft(reversed(batch))
-                    self._inflight = 0
-                    self._isolate = len(batch)
-                return True
-            invalid, lost = len(batch), 0  # this event is the culprit; a loss record is retried later
-            kind = getattr(batch[0], "kind", "?") if batch else "?"
-            self.last_error = f"cannot store a {kind} event: {exc!r}"
+                self._invalid_error = f"cannot encode a {getattr(ev, 'kind', type(ev).__name__)} event: {exc!r}"
         with self._cv:
-            self._stats["written"] += len(batch) - invalid + (1 if lost else 0)
             self._stats["invalid"] += invalid
+            self._inflight -= invalid
+            self._lost_batched += lost
+        return rows
+
+    def _commit(self) -> bool:
+        """Commit the oldest held batch in one transaction. A database error that may pass (disk full,
+        I/O error, locked) keeps the batch for a retry and returns False; an error caused by the
+        data splits the batch to find the culprit, which is counted as invalid and dropped."""
+        batch = self._retry[0]
+        try:
+            self._transaction(batch)
+        except (sqlite3.IntegrityError, sqlite3.InterfaceError, sqlite3.DataError, sqlite3.ProgrammingError,
+                ValueError, TypeError, OverflowError) as exc:  # the data's fault, not the database's
+            with self._cv:
+                self._retry.popleft()
+                if len(batch) > 1:  # find the culprit: one event per transaction
+                    self._retry.extendleft(reversed([[r] for r in batch]))
+                else:
+                    self._stats["invalid"] += 1 if batch[0].src is not None else 0
+                    self._inflight -= 1 if batch[0].src is not None else 0
+                    self._lost_batched -= batch[0].lost  # the gap is recorded with a later batch
+                    kind = getattr(batch[0].src, "kind", "events_lost")
+                    self._invalid_error = f"cannot store a {kind} event: {exc!r}"
+                self._cv.notify_all()
+            return True
+        except sqlite3.Error as exc:  # the database's: full, I/O error, locked, ...
+            msg = f"{type(exc).__name__}: {exc}"
+            with self._cv:
+                self._stats["retries"] += 1
+                self.last_error = msg
+                first = self._failing_since is None
+                if first:
+                    self._failing_since = time.monotonic()
+                    self._dropped_at_failure = self._stats["dropped"]
+                self._cv.notify_all()
+            if first:
+                why = "another program holds the database" if "locked" in str(exc) or "busy" in str(exc) else \
+                    "is the disk full or failing?"
+                self._tell(f"{self.path}: cannot write the store ({exc}; {why}). Up to "
+                           f"{self.queue_size} events wait in memory and writing is retried; beyond that "
+                           "new events are dropped and counted.")
+            return False
+        n = sum(1 for r in batch if r.src is not None)
+        with self._cv:
+            self._retry.popleft()
+            self._stats["written"] += n
             self._stats["batches"] += 1
+            self._stats["loss_records"] += len(batch) - n
+            lost = sum(r.lost for r in batch)
             self._lost_recorded += lost
-            self._inflight = 0
-            if self._isolate:
-                self._isolate -= len(batch)
-            if not invalid:
-                self.last_error = None
+            self._lost_batched -= lost
+            self._inflight -= n
+            since, self._failing_since = self._failing_since, None
+            dropped_meanwhile = self._stats["dropped"] - self._dropped_at_failure
+            if since is not None:
+                self._told_dropping = False
+            self.last_error = None
             self._cv.notify_all()
+        if since is not None:
+            lost = (f"{dropped_meanwhile} events were dropped meanwhile (recorded as events_lost)"
+                    if dropped_meanwhile else "nothing was lost")
+            self._tell(f"{self.path}: the store writes again, after {time.monotonic() - since:.1f} s; {lost}")
         return True
 
-    def _transaction(self, events: list[tuple[Any, ...]], typed: list[tuple[str, tuple[Any, ...]]]) -> None:
+    def _transaction(self, batch: list[_Row]) -> None:
         with self._dblock:
             db = self._db
             assert db is not None
             db.execute("BEGIN IMMEDIATE")
             try:
-                db.executemany(_SQL_EVENT, events)
+                db.executemany(_SQL_EVENT, [r.event for r in batch])
+                typed = [r.typed for r in batch if r.typed is not None]
                 i = 0
                 while i < len(typed):  # consecutive rows of one statement go together, order kept
                     j = i
@@ -545,8 +693,10 @@ class Store:
                 if self.max_bytes:
                     for _ in range(10):  # bounded; usually one pass
                         used = _used_bytes(db)
+                        if used <= self.max_bytes:  # the usual case: no count(*) scan every trim
+                            break
                         n = _one(db, "SELECT count(*) FROM events")
-                        if used <= self.max_bytes or n == 0:
+                        if n == 0:
                             break
                         # drop the oldest share of events that is over ~90% of the limit (by time)
                         drop = max(1, int(n * (1 - 0.9 * self.max_bytes / used)))
@@ -582,34 +732,39 @@ class Store:
 
     def flush(self, timeout: float = 10.0) -> None:
         """Wait until everything written so far is committed. Raises StoreError if that does not
-        happen within ``timeout`` (the events stay queued; see ``pending()``), or if events were
-        rejected as unencodable since the last flush."""
+        happen within ``timeout``, or sooner when the database keeps refusing (two failed tries
+        while waiting: disk full, I/O error, locked); the events stay queued (``pending()``) and
+        are retried. Also raises if events were rejected as unencodable since the last flush."""
         if self.readonly:
             return
         end = time.monotonic() + timeout
         with self._cv:
+            retries0 = self._stats["retries"]
             self._cv.notify_all()
-            while self._q or self._inflight or self._stats["dropped"] > self._lost_recorded:
+            while self._q or self._inflight or self._unrecorded() or self._lost_batched:
+                n = len(self._q) + self._inflight
                 if self._thread_done:
                     raise StoreError(f"{self.path}: the store's writer has stopped; "
-                                     f"{len(self._q)} events not written ({self.last_error})")
+                                     f"{n} events not written ({self.last_error})")
                 left = end - time.monotonic()
-                if left <= 0:
-                    raise StoreError(f"{self.path}: {len(self._q) + self._inflight} events not yet written "
-                                     f"after {timeout:g} s ({self.last_error or 'writer busy'}); they are "
-                                     "kept in memory and retried. If another process holds the database, "
-                                     "stop it.")
+                refused = self._failing_since is not None and self._stats["retries"] - retries0 >= 2
+                if left <= 0 or refused:
+                    raise StoreError(f"{self.path}: {n} events not yet written "
+                                     f"({self.last_error or 'writer busy'}); they are kept in memory (up to "
+                                     f"{self.queue_size}, see pending()) and retried until close(). If the disk "
+                                     "is full, free space; if another process holds the database, stop it.")
                 self._cv.wait(min(left, 0.05))
                 self._cv.notify_all()
             invalid = self._stats["invalid"] - self._invalid_reported
             self._invalid_reported = self._stats["invalid"]
         if invalid:
             raise StoreError(f"{self.path}: {invalid} events could not be encoded and were not stored "
-                             f"({self.last_error}); this is a bug in the event's producer")
+                             f"({self._invalid_error}); this is a bug in the event's producer")
 
     def close(self, timeout: float = 10.0) -> None:
-        """Flush and close. Idempotent. Raises StoreError if queued events could not be written;
-        they remain available from ``pending()``."""
+        """Flush and close. Idempotent. Whatever happens, ``report()`` then tells the truth (written,
+        lost). Raises StoreError if queued events could not be written: they are lost unless taken
+        from ``pending()``."""
         if self._closed:
             return
         self._closed = True
@@ -631,10 +786,29 @@ class Store:
             else:  # still inside a database call: it closes the connection when it returns
                 close_now = False
                 self._close_db_on_exit = True
-        if close_now and self._db is not None:
-            self._db.close()
+            unwritten = len(self._q) + self._inflight
+        if close_now:
+            self._close_db()
+        rep = self.report()
+        if unwritten:
+            raise StoreError(f"{self.path}: closed with {unwritten} events not written ({self.last_error}); they "
+                             "are lost unless taken from Store.pending(). " + rep["text"]) from err
         if err is not None:
             raise err
+
+    def report(self) -> dict[str, Any]:
+        """The truth so far: ``written`` events, ``lost`` ones (dropped + invalid + not written when
+        closed) and a one-line ``text`` saying so."""
+        with self._cv:
+            written, dropped, invalid = self._stats["written"], self._stats["dropped"], self._stats["invalid"]
+            unwritten = len(self._q) + self._inflight if self._closed else 0
+        lost = dropped + invalid + unwritten
+        parts = [f"{k} {v}" for k, v in (("dropped", dropped), ("unencodable", invalid),
+                                          ("not written at close", unwritten)) if v]
+        text = f"store {self.path}: {written} events written, {lost} lost" + (f" ({', '.join(parts)})"
+                                                                                 if parts else "")
+        return {"written": written, "lost": lost, "dropped": dropped, "invalid": invalid,
+                "unwritten": unwritten, "text": text}
 
     def __enter__(self) -> Store:
         return self
@@ -643,10 +817,13 @@ class Store:
         self.close()
 
     def stats(self) -> dict[str, Any]:
-        """written, dropped (queue full), invalid (unencodable), batches, retries, trimmed,
-        queued (not yet committed), last_error (None once a batch succeeds again)."""
+        """written, loss_records (EventsLost rows it added), dropped (backlog full), invalid
+        (unencodable), batches, retries, trimmed, queued (not yet committed), failing (seconds the
+        database has refused writes, or None), last_error (None once a batch succeeds again)."""
         with self._cv:
-            return {**self._stats, "queued": len(self._q) + self._inflight, "last_error": self.last_error}
+            failing = None if self._failing_since is None else time.monotonic() - self._failing_since
+            return {**self._stats, "queued": len(self._q) + self._inflight, "failing": failing,
+                    "last_error": self.last_error}
 
     # -- reading -----------------------------------------------------------------------------
 

@@ -78,8 +78,10 @@ def _metric(text, name, **labels):
 def test_cli_store_metrics_and_query(lab, tmp_path):
     db = tmp_path / "cli.db"
     port = _free_port()
+    jsonl = tmp_path / "cli.jsonl"
     proc = subprocess.Popen([sys.executable, "-m", "busted.cli", "monitor", "--json", "--comm", "curl",
-                             "--store", str(db), "--metrics", f"127.0.0.1:{port}", "--duration", "25"],
+                             "--store", str(db), "--metrics", f"127.0.0.1:{port}", "--duration", "25",
+                             "--jsonl", str(jsonl)],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         _wait_ready(proc)
@@ -101,6 +103,11 @@ def test_cli_store_metrics_and_query(lab, tmp_path):
     rows = [json.loads(ln) for ln in out.splitlines() if ln.startswith("{")]
     closed = [r for r in rows if r["kind"] == "flow_closed" and r["provider"] == "openai"]
     assert len(closed) == 3, (out, err)
+    # the exit summary tells what each output kept; every event the CLI saw went to both
+    assert f"busted: store {db}: {len(rows)} events written, 0 lost" in err.splitlines(), err
+    assert f"busted: jsonl {jsonl}: {len(rows)} events written, 0 lost" in err.splitlines(), err
+    assert [json.loads(ln) for ln in jsonl.read_text().splitlines()] == rows
+    assert (tmp_path / "cli.db.lock").exists()  # the single-writer lock (released with the process)
     assert _metric(text, "busted_flows_total", provider="openai", comm="curl") == 3
     assert _metric(text, "busted_bytes_sent_total", provider="openai", comm="curl") == sum(
         r["bytes_sent"] for r in closed)

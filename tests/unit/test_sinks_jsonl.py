@@ -2,6 +2,7 @@
 
 import json
 import threading
+import time
 
 import pytest
 from events_factory import sample_events
@@ -63,7 +64,9 @@ def test_rotation_with_no_backups_starts_over(tmp_path):
         for ev in sample_events() * 5:
             s.write(ev)
     assert [f.name for f in tmp_path.iterdir()] == ["z.jsonl"] and p.stat().st_size <= 1500
-    assert _read(p)
+    got = _read(p)
+    assert got and got == (sample_events() * 5)[-len(got):]  # the newest lines, whole and in order
+    assert s.rotations >= 1
 
 
 def test_stdout(capsys):
@@ -82,6 +85,25 @@ def test_lines_reach_the_file_within_the_flush_interval(tmp_path):
     s.write(sample_events()[0])
     assert len(p.read_text().splitlines()) == 1  # visible to `tail -f` without close
     s.close()
+
+
+def test_a_timer_flushes_when_traffic_stops(tmp_path):
+    """Issue 8.8: lines written and then nothing more must reach the file without close()."""
+    p = tmp_path / "timer.jsonl"
+    s = JsonlSink(p, flush_interval=0.1)
+    try:
+        evs = sample_events()
+        for ev in evs:
+            s.write(ev)
+        deadline = time.monotonic() + 5
+        while p.stat().st_size == 0:  # no later event comes; only the timer can write them
+            assert time.monotonic() < deadline, "the buffered lines never reached the file"
+            time.sleep(0.02)
+        assert _read(p) == evs and s.written == len(evs)
+    finally:
+        s.close()
+    assert s.report() == {"written": 6, "lost": 0, "dropped": 0, "unwritten": 0,
+                          "text": f"jsonl {p}: 6 events written, 0 lost"}
 
 
 def test_threads_do_not_interleave_lines(tmp_path):

@@ -2,27 +2,17 @@
 
 import socket
 import urllib.request
-from dataclasses import dataclass, replace
-from typing import ClassVar
+from dataclasses import dataclass, fields, replace
 
 import pytest
 from events_factory import sample_events
 
+from busted.classify.providers import Catalog, Provider
 from busted.errors import BustedError, EnvironmentProblem
-from busted.events import Direction, DnsAnswer, DnsRecord, Event, EventsLost, LossPlace
+from busted.events import Direction, DnsAnswer, DnsRecord, EventsLost, LossPlace
 from busted.sinks import PrometheusExporter, Sink
 
 prometheus_client = pytest.importorskip("prometheus_client")
-
-
-@dataclass(frozen=True, kw_only=True)
-class FakeLlmCall(Event):
-    kind: ClassVar[str] = "test_prom_llm_call"
-    provider: str | None
-    model: str | None
-    comm: str
-    input_tokens: int | None = None
-    output_tokens: int | None = None
 
 
 def _scrape(port):
@@ -96,21 +86,6 @@ def test_a_flow_is_counted_once_with_its_provider():
     assert _value(text, "busted_flows_open") == 0  # never negative, even for closes of unseen opens
 
 
-def test_llm_calls_and_tokens_duck_typed():
-    exp = PrometheusExporter()
-    exp.observe(FakeLlmCall(ts_ns=1, wall_time=1.0, provider="anthropic", model="claude-3-5-sonnet",
-                            comm="python3", input_tokens=100, output_tokens=250))
-    exp.observe(FakeLlmCall(ts_ns=2, wall_time=2.0, provider="anthropic", model="claude-3-5-sonnet",
-                            comm="python3", input_tokens=7, output_tokens=None))
-    exp.observe(FakeLlmCall(ts_ns=3, wall_time=3.0, provider=None, model=None, comm="node"))
-    text = _text(exp)
-    lab = dict(provider="anthropic", model="claude-3-5-sonnet", comm="python3")
-    assert _value(text, "busted_llm_calls_total", **lab) == 2
-    assert _value(text, "busted_llm_tokens_total", **lab, kind="input") == 107
-    assert _value(text, "busted_llm_tokens_total", **lab, kind="output") == 250
-    assert _value(text, "busted_llm_calls_total", provider="none", model="unknown", comm="node") == 1
-
-
 def test_dns_provider_from_qname_or_cname_chain():
     exp = PrometheusExporter()
     base = sample_events()[0]
@@ -120,7 +95,41 @@ def test_dns_provider_from_qname_or_cname_chain():
     text = _text(exp)
     assert _value(text, "busted_dns_answers_total", provider="none") == 1
     assert _value(text, "busted_dns_answers_total", provider="anthropic") == 1
-    assert isinstance(base, DnsAnswer)
+
+
+def test_dns_provider_from_a_custom_catalog():
+    """The catalog given to Monitor(catalog=...) is the one that labels DNS answers, not the built-in."""
+    cat = Catalog()
+    cat.add(Provider(id="inhouse", name="In-house LLM", category="gateway", hostnames=("llm.corp.test",)))
+    exp = PrometheusExporter(catalog=cat)
+    base = sample_events()[0]
+    exp.observe(replace(base, qname="llm.corp.test", cname_chain=("llm.corp.test",), answers=()))
+    exp.observe(base)  # api.openai.com: not in this catalog
+    text = _text(exp)
+    assert _value(text, "busted_dns_answers_total", provider="inhouse") == 1
+    assert _value(text, "busted_dns_answers_total", provider="none") == 1
+    assert _value(text, "busted_dns_answers_total", provider="openai") is None
+
+
+def test_dns_provider_learned_from_the_monitors_flows():
+    """Without a catalog, a hostname the Monitor tied to a provider (with its own catalog) labels
+    later answers for that name; the answer's own provider, when it has one, wins."""
+    exp = PrometheusExporter()
+    dns, opened = sample_events()[:2]
+    answer = replace(dns, qname="llm.corp.test", cname_chain=("llm.corp.test",), answers=())
+    exp.observe(answer)  # not known yet: neither learned nor built in
+    exp.observe(replace(opened, hostname="llm.corp.test", provider="inhouse"))
+    exp.observe(answer)
+    text = _text(exp)
+    assert _value(text, "busted_dns_answers_total", provider="none") == 1
+    assert _value(text, "busted_dns_answers_total", provider="inhouse") == 1
+
+    @dataclass(frozen=True, kw_only=True)
+    class AnswerWithProvider(DnsAnswer):
+        provider: str | None = None
+
+    exp.observe(AnswerWithProvider(**{f.name: getattr(dns, f.name) for f in fields(dns)}, provider="mine"))
+    assert _value(_text(exp), "busted_dns_answers_total", provider="mine") == 1
 
 
 def test_label_cardinality_is_bounded():
@@ -129,14 +138,11 @@ def test_label_cardinality_is_bounded():
     for i in range(20):
         exp.observe(replace(opened, flow_id=i, comm=f"c{i}"))
         exp.observe(replace(closed, flow_id=i, comm=f"c{i}"))
-    for i in range(20):
-        exp.observe(FakeLlmCall(ts_ns=1, wall_time=1.0, provider="openai", model=f"m{i}", comm="x",
-                                input_tokens=1))
     text = _text(exp)
     assert _value(text, "busted_flows_total", provider="openai", comm="other", direction="connect") == 15
     assert _value(text, "busted_flows_total", provider="openai", comm="c0", direction="connect") == 1
     assert _value(text, "busted_bytes_sent_total", provider="openai", comm="other") == 15 * 811
-    assert _value(text, "busted_llm_calls_total", provider="openai", model="other", comm="other") == 15
+    assert "busted_llm" not in text  # no metrics for events that do not exist yet
     series = [ln for ln in text.splitlines() if ln.startswith("busted_flows_total{")]
     assert len(series) == 6
     exp.observe(replace(opened, flow_id=100, comm="c3"))  # a known comm keeps its own series

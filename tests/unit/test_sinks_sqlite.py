@@ -33,7 +33,7 @@ from busted.sinks import SCHEMA_VERSION, Store, event_from_dict
 
 @dataclass(frozen=True, kw_only=True)
 class FakeLlmCall(Event):
-    """Stands in for the LLM-call events later work adds: stored generically and in llm_calls."""
+    """Stands in for the LLM-call events later work adds: stored generically (``events``)."""
 
     kind: ClassVar[str] = "test_llm_call"
     flow_id: int
@@ -46,17 +46,6 @@ class FakeLlmCall(Event):
     output_tokens: int = 0
     status: int = 200
     headers: tuple[tuple[str, str], ...] = ()
-
-
-@dataclass(frozen=True, kw_only=True)
-class FakeDecision(Event):
-    kind: ClassVar[str] = "test_policy_decision"
-    flow_id: int
-    pid: int
-    comm: str
-    provider: str
-    decision: str
-    rule: str
 
 
 def _rows(path, sql, *args):
@@ -76,9 +65,10 @@ def test_round_trip_equal_across_restarts(tmp_path):
     with Store(db) as s:
         s.write_many(first)
     second = sample_events(t0=1_800_000_000.0, flow_id=2, pid=200)
-    with Store(db) as s:  # restart: appends
-        s.write_many(second)
-        assert s.stats()["written"] == 0 or s.stats()["written"] <= len(second)
+    s = Store(db)  # restart: appends
+    s.write_many(second)
+    s.close()
+    assert s.stats()["written"] == len(second) and s.stats()["queued"] == 0
     with Store.open_readonly(db) as r:
         assert list(r.events()) == first + second
         flows = r.flows()
@@ -148,15 +138,11 @@ def test_future_kinds_are_stored_generically(tmp_path):
     call = FakeLlmCall(ts_ns=9, wall_time=1_700_000_002.0, flow_id=4242, pid=100, comm="python3",
                        provider="openai", model="gpt-4o", input_tokens=12, output_tokens=34,
                        headers=(("Authorization", "Bearer sk-secret"), ("accept", "json")))
-    dec = FakeDecision(ts_ns=10, wall_time=1_700_000_003.0, flow_id=4242, pid=100, comm="python3",
-                       provider="openai", decision="deny", rule="no-openai")
     with Store(p) as s:
-        s.write_many([call, dec])
-    sql = "SELECT provider, model, endpoint, input_tokens, output_tokens, status FROM llm_calls"
-    assert _rows(p, sql) == [
-        ("openai", "gpt-4o", "/v1/chat/completions", 12, 34, 200)]
-    sql = "SELECT decision, rule, provider FROM policy_decisions"
-    assert _rows(p, sql) == [("deny", "no-openai", "openai")]
+        s.write(call)
+    assert _rows(p, "SELECT kind, flow_id, provider FROM events") == [("test_llm_call", 4242, "openai")]
+    tables = {r[0] for r in _rows(p, "SELECT name FROM sqlite_master WHERE type='table'")}
+    assert tables == {"meta", "events", "flows", "dns_answers", "tls_hellos", "losses"}  # no placeholders
     assert "sk-secret" not in Path(p).read_bytes().decode("latin-1")
     # a kind no class claims (written by a newer busted): skipped as objects, visible raw
     db = sqlite3.connect(p)
@@ -166,9 +152,9 @@ def test_future_kinds_are_stored_generically(tmp_path):
     db.close()
     with Store.open_readonly(p) as r:
         got = list(r.events())
-        assert [e.kind for e in got] == ["test_llm_call", "test_policy_decision"]
+        assert [e.kind for e in got] == ["test_llm_call"]
         assert got[0].headers == (("Authorization", "[REDACTED]"), ("accept", "json"))
-        assert got[1] == dec
+        assert got[0] == replace(call, headers=(("Authorization", "[REDACTED]"), ("accept", "json")))
         assert [d["kind"] for d in r.events(raw=True)][-1] == "from_the_future"
 
 
@@ -271,7 +257,7 @@ def test_newer_schema_is_refused(tmp_path):
     db.commit()
     db.close()
     for opener in (Store, Store.open_readonly):
-        with pytest.raises(StoreError, match=r"newer busted \(schema 99 > 2\); upgrade busted"):
+        with pytest.raises(StoreError, match=r"newer busted \(schema 99 > 3\); upgrade busted"):
             opener(p)
 
 
@@ -310,10 +296,83 @@ def test_older_schema_is_migrated_keeping_its_data(tmp_path):
     new = sample_events(flow_id=2)
     with Store(p) as s:
         s.write_many(new)
-    assert _rows(p, "SELECT value FROM meta WHERE key='schema_version'") == [("2",)]
+    assert _rows(p, "SELECT value FROM meta WHERE key='schema_version'") == [(str(SCHEMA_VERSION),)]
     assert _rows(p, "SELECT saddr, sport FROM tls_hellos") == [("10.0.0.1", 40000)]
+    assert _rows(p, "SELECT name FROM sqlite_master WHERE name IN ('llm_calls', 'policy_decisions')") == []
     with Store.open_readonly(p) as r:
         assert list(r.events()) == [old, *new]
+
+
+# The v2 schema as the previous code created it (placeholder llm_calls/policy_decisions included).
+_V2 = """
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS events (
+    id INTEGER PRIMARY KEY, ts REAL NOT NULL, kind TEXT NOT NULL, flow_id INTEGER, pid INTEGER,
+    comm TEXT, provider TEXT, json TEXT NOT NULL);
+CREATE INDEX IF NOT EXISTS events_ts ON events(ts);
+CREATE INDEX IF NOT EXISTS events_kind ON events(kind, ts);
+CREATE INDEX IF NOT EXISTS events_flow ON events(flow_id);
+CREATE TABLE IF NOT EXISTS flows (
+    flow_id INTEGER PRIMARY KEY, opened REAL, closed REAL, direction TEXT, pid INTEGER, tid INTEGER,
+    uid INTEGER, ppid INTEGER, comm TEXT, exe TEXT, cmdline TEXT, cgroup_id INTEGER, netns INTEGER,
+    family INTEGER, saddr TEXT, sport INTEGER, daddr TEXT, dport INTEGER, preexisting INTEGER,
+    hostname TEXT, provider TEXT, evidence TEXT, confidence REAL,
+    bytes_sent INTEGER, bytes_received INTEGER, duration_ns INTEGER);
+CREATE INDEX IF NOT EXISTS flows_opened ON flows(opened);
+CREATE INDEX IF NOT EXISTS flows_provider ON flows(provider, opened);
+CREATE INDEX IF NOT EXISTS flows_last ON flows(coalesce(closed, opened));
+CREATE TABLE IF NOT EXISTS dns_answers (
+    id INTEGER PRIMARY KEY, ts REAL NOT NULL, pid INTEGER, comm TEXT, netns INTEGER, transport TEXT,
+    server TEXT, qname TEXT, qtype TEXT, rcode TEXT, answers TEXT, cname_chain TEXT);
+CREATE INDEX IF NOT EXISTS dns_ts ON dns_answers(ts);
+CREATE TABLE IF NOT EXISTS tls_hellos (
+    id INTEGER PRIMARY KEY, ts REAL NOT NULL, flow_id INTEGER, pid INTEGER, comm TEXT, daddr TEXT,
+    dport INTEGER, sni TEXT, alpn TEXT, versions TEXT, ja4 TEXT, saddr TEXT, sport INTEGER);
+CREATE INDEX IF NOT EXISTS tls_ts ON tls_hellos(ts);
+CREATE TABLE IF NOT EXISTS losses (
+    id INTEGER PRIMARY KEY, ts REAL NOT NULL, place TEXT, count INTEGER, detail TEXT);
+CREATE INDEX IF NOT EXISTS losses_ts ON losses(ts);
+CREATE TABLE IF NOT EXISTS llm_calls (
+    id INTEGER PRIMARY KEY, ts REAL NOT NULL, flow_id INTEGER, pid INTEGER, comm TEXT, provider TEXT,
+    model TEXT, endpoint TEXT, input_tokens INTEGER, output_tokens INTEGER, status INTEGER,
+    duration_ns INTEGER, hostname TEXT, method TEXT);
+CREATE INDEX IF NOT EXISTS llm_ts ON llm_calls(ts);
+CREATE TABLE IF NOT EXISTS policy_decisions (
+    id INTEGER PRIMARY KEY, ts REAL NOT NULL, flow_id INTEGER, pid INTEGER, comm TEXT, provider TEXT,
+    decision TEXT, rule TEXT, reason TEXT, model TEXT);
+CREATE INDEX IF NOT EXISTS policy_ts ON policy_decisions(ts);
+"""
+
+
+def test_v2_store_is_migrated_dropping_the_placeholder_tables(tmp_path):
+    p = tmp_path / "v2.db"
+    old = sample_events(flow_id=1)
+    closed = old[4]
+    db = sqlite3.connect(p)
+    db.executescript(_V2)
+    db.execute("INSERT INTO meta VALUES ('schema_version', '2')")
+    for ev in old:
+        d = ev.to_dict()
+        db.execute("INSERT INTO events(ts, kind, flow_id, pid, comm, provider, json) VALUES (?,?,?,?,?,?,?)",
+                   (ev.wall_time, ev.kind, d.get("flow_id"), d.get("pid"), d.get("comm"), d.get("provider"),
+                    json.dumps(d)))
+    db.execute("INSERT INTO flows(flow_id, opened, closed, comm, provider, bytes_sent, bytes_received) "
+               "VALUES (1, ?, ?, 'curl', 'openai', 811, 2233)", (closed.wall_time - 1.0, closed.wall_time))
+    db.execute("INSERT INTO dns_answers(ts, qname) VALUES (?, 'api.openai.com')", (old[0].wall_time,))
+    db.commit()
+    db.close()
+    new = sample_events(t0=1_800_000_000.0, flow_id=2)
+    with Store(p) as s:
+        s.write_many(new)
+    assert _rows(p, "SELECT value FROM meta WHERE key='schema_version'") == [("3",)]
+    assert _rows(p, "SELECT name FROM sqlite_master WHERE name IN ('llm_calls', 'policy_decisions', "
+                    "'llm_ts', 'policy_ts')") == []
+    assert _rows(p, "SELECT count(*) FROM dns_answers") == [(2,)]
+    with Store.open_readonly(p) as r:
+        assert r.schema_version == 3
+        assert list(r.events()) == old + new
+        assert [(f["flow_id"], f["provider"], f["bytes_received"]) for f in r.flows()] == [
+            (1, "openai", 2233), (2, "openai", 2233)]
 
 
 def test_locked_at_open_is_a_clear_error(tmp_path):
@@ -333,7 +392,8 @@ def test_locked_at_open_is_a_clear_error(tmp_path):
 
 def test_locked_later_loses_nothing(tmp_path):
     p = tmp_path / "l.db"
-    s = Store(p, busy_timeout=0.1, flush_interval=0.05)
+    msgs = []
+    s = Store(p, busy_timeout=0.1, flush_interval=0.05, on_error=msgs.append)
     other = sqlite3.connect(p, isolation_level=None)
     other.execute("BEGIN EXCLUSIVE")
     evs = sample_events()
@@ -347,8 +407,11 @@ def test_locked_later_loses_nothing(tmp_path):
     other.execute("COMMIT")
     other.close()
     s.flush(timeout=10)
-    assert s.stats()["last_error"] is None
+    assert s.stats()["last_error"] is None and s.stats()["failing"] is None
     s.close()
+    assert len(msgs) == 2, msgs  # told once when it started, once when it ended
+    assert msgs[0].startswith(f"{p}: cannot write the store (database is locked; another program holds")
+    assert msgs[1].startswith(f"{p}: the store writes again, after ") and msgs[1].endswith("; nothing was lost")
     with Store.open_readonly(p) as r:
         assert list(r.events()) == evs
 
@@ -361,9 +424,11 @@ def test_lock_never_released_close_raises_and_keeps_events(tmp_path):
     try:
         evs = sample_events()
         s.write_many(evs)
-        with pytest.raises(StoreError, match="not yet written"):
+        with pytest.raises(StoreError, match="closed with 6 events not written") as ei:
             s.close(timeout=0.5)
-        assert s.pending() == evs  # nothing lost: handed back, in order
+        assert "lost unless taken from Store.pending()" in str(ei.value)  # the truth, no promise of retries
+        assert s.report()["text"] == f"store {p}: 0 events written, 6 lost (not written at close 6)"
+        assert s.pending() == evs  # handed back, in order
         s.close()  # idempotent, no second raise
     finally:
         other.execute("ROLLBACK")
@@ -383,13 +448,14 @@ def test_queue_full_drops_are_counted_and_recorded(tmp_path):
             s.write(ev)
     assert s.stats()["dropped"] == 3
     s.close()
-    assert s.stats()["written"] == 4  # 3 events + the loss record
+    assert (s.stats()["written"], s.stats()["loss_records"]) == (3, 1)  # 3 events + the loss record
+    assert s.report()["text"] == f"store {p}: 3 events written, 3 lost (dropped 3)"
     with Store.open_readonly(p) as r:
         got = list(r.events())
     assert got[:3] == evs[:3]
     (lost,) = got[3:]
-    assert isinstance(lost, EventsLost) and lost.where == LossPlace.USER_QUEUE and lost.count == 3
-    assert "Store queue full" in lost.detail
+    assert isinstance(lost, EventsLost) and lost.where == LossPlace.SINK and lost.count == 3
+    assert lost.detail == "busted.sinks.Store: 3 events dropped, its backlog of 3 being full"
 
 
 def test_an_unencodable_event_is_counted_not_fatal(tmp_path):
@@ -582,3 +648,95 @@ def test_a_reader_who_cannot_write_the_directory(tmp_path):
         assert r.stdout.split() == ["6", "openai"], r.stderr
     finally:
         shutil.rmtree(d)
+
+
+# -- one writer ----------------------------------------------------------------------------------
+
+
+def test_a_second_writer_is_refused_readers_are_not(tmp_path):
+    """Two writers would store every event twice: the second, in another process, gets advice."""
+    import subprocess
+    import sys
+
+    p = tmp_path / "one.db"
+    code = ("import sys\nfrom busted.sinks import Store\nfrom events_factory import sample_events\n"
+            f"s = Store({str(p)!r})\ns.write_many(sample_events())\ns.flush()\nprint('ready', flush=True)\n"
+            "sys.stdin.readline()\ns.close()\n")
+    env = {"PYTHONPATH": str(Path(__file__).parent), "PATH": "/usr/bin:/bin"}
+    first = subprocess.Popen([sys.executable, "-c", code], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                             text=True, env=env)
+    try:
+        assert first.stdout.readline().strip() == "ready"
+        with pytest.raises(StoreError, match=rf"another busted \(pid {first.pid}\) is writing this store") as ei:
+            Store(p)
+        assert "choose another --store path" in str(ei.value) and "busted query --store" in str(ei.value)
+        with Store.open_readonly(p) as r:  # reading while it writes is fine
+            assert len(list(r.events())) == 6
+        second = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env,
+                                timeout=60, input="\n")
+        assert second.returncode == 1 and "StoreError" in second.stderr and "is writing this store" in second.stderr
+    finally:
+        first.communicate("\n", timeout=60)
+    assert first.returncode == 0
+    with Store(p) as s:  # the lock goes with its holder
+        s.write_many(sample_events(flow_id=9))
+    with Store.open_readonly(p) as r:
+        assert len(list(r.events())) == 12  # each event once
+
+
+def test_two_writers_in_one_process_are_refused_too(tmp_path):
+    p = tmp_path / "same.db"
+    s = Store(p)
+    try:
+        with pytest.raises(StoreError, match="is writing this store"):
+            Store(p)
+    finally:
+        s.close()
+    Store(p).close()  # released at close
+
+
+# -- retention while writing -----------------------------------------------------------------------
+
+
+def test_a_size_cap_keeps_the_file_bounded_while_writing(tmp_path):
+    """The writer enforces max_bytes by itself, every trim_interval, and the file gives space back."""
+    import os
+
+    p = tmp_path / "cap.db"
+    cap = 1 << 20
+    s = Store(p, max_bytes=cap, trim_interval=0.02, batch_size=200)
+    biggest = 0
+    now = time.time()
+    for chunk in range(150):
+        for i in range(20):
+            s.write_many(sample_events(t0=now + chunk * 20 + i, flow_id=chunk * 20 + i))
+        s.flush()
+        biggest = max(biggest, p.stat().st_size)
+    deadline = time.monotonic() + 10
+    page = _rows(p, "PRAGMA page_size")[0][0]
+    while s.stats()["trimmed"] == 0 or _rows(p, "PRAGMA page_count")[0][0] * page > cap:
+        assert time.monotonic() < deadline, "the writer did not trim"
+        time.sleep(0.02)
+    st_ = s.stats()
+    s.close()
+    assert st_["written"] == 150 * 20 * 6 and st_["trimmed"] > 0
+    # over the cap by at most what arrives between two trims (unbounded, these events take ~11 MB)
+    assert biggest <= 2 * cap
+    assert os.path.getsize(p) <= cap + 64 * 1024
+    kept = [e.flow_id for e in Store.open_readonly(p).events(kinds=["flow_closed"])]
+    assert 0 < len(kept) < 3000 and kept == list(range(3000 - len(kept), 3000))  # the newest are kept
+
+
+def test_retention_flags_parse():
+    from busted.sinks import DEFAULT_MAX_BYTES, DEFAULT_RETENTION_SECONDS, parse_age, parse_size
+
+    assert (DEFAULT_RETENTION_SECONDS, DEFAULT_MAX_BYTES) == (7 * 86400, 1 << 30)
+    assert [parse_age(t) for t in ("7d", "12h", "90m", "3600", "1.5h", "2w", "off", "0")] == [
+        604800, 43200, 5400, 3600, 5400, 1209600, None, None]
+    assert [parse_size(t) for t in ("1GiB", "500M", "64k", "1048576", "2 MB", "none")] == [
+        1 << 30, 500 << 20, 64 << 10, 1 << 20, 2 << 20, None]
+    for bad in ("7 days", "-1d", "x"):
+        with pytest.raises(ValueError, match="retention age"):
+            parse_age(bad)
+    with pytest.raises(ValueError, match="retention size"):
+        parse_size("1 gigabyte")
