@@ -226,7 +226,7 @@ def test_cli_outputs_on_a_full_disk_say_so_and_the_summary_still_comes(capsys):
     import io
     import re
 
-    from busted.cli import _parser, _run_monitor
+    from busted.cli import _parser, _run_monitor, _Sinks
 
     with small_tmpfs("256k") as d:
         args = _parser().parse_args(["monitor", "--json", "--store", str(d / "s.db"), "--jsonl", str(d / "x.jsonl")])
@@ -237,7 +237,7 @@ def test_cli_outputs_on_a_full_disk_say_so_and_the_summary_still_comes(capsys):
             yield from evs
 
         t0 = time.monotonic()
-        summary = _run_monitor(args, io.StringIO(), capture())
+        summary = _run_monitor(args, io.StringIO(), capture(), sinks=_Sinks(args))
         assert time.monotonic() - t0 < 15  # no 10 s wait for a disk that refuses
         err = capsys.readouterr().err.splitlines()
         assert sum(summary.kinds.values()) == len(evs)  # the summary is there to print
