@@ -617,7 +617,7 @@ class CallTracker:
             total_tokens=total, finish_reason=u.finish_reason, tool_calls=u.tool_calls,
             request_body_bytes=ex.req_bytes, response_body_bytes=ex.resp_bytes, ts_ns=ex.ts,
             time_to_first_token_ns=ttft, duration_ns=max(0, ts - ex.ts), user_agent=redact_secrets(ua)[:256] if ua
-            else None, complete=complete, stream_id=ex.stream, http_version=ex.version,
+            else None, complete=complete or u.done, stream_id=ex.stream, http_version=ex.version,
             prompt_text=ex.prompt, completion_text=redact_secrets("".join(u.text)) if self.capture_content else None,
         ))
 

@@ -203,9 +203,9 @@ app.run(transport="streamable-http")
 MCP_CLIENT = """
 import asyncio, sys
 from mcp import ClientSession
-from mcp.client.streamable_http import streamablehttp_client
+from mcp.client.streamable_http import streamable_http_client
 async def main():
-    async with streamablehttp_client(f"http://127.0.0.1:{sys.argv[1]}/mcp") as (r, w, _):
+    async with streamable_http_client(f"http://127.0.0.1:{sys.argv[1]}/mcp") as (r, w, _):
         async with ClientSession(r, w) as s:
             await s.initialize()
             res = await s.call_tool("add", {"a": 2, "b": 3})
@@ -233,11 +233,9 @@ def test_mcp_client_server_over_streamable_http(mon, tmp_path):
                 time.sleep(0.1)
         client = subprocess.run([PY, "-c", MCP_CLIENT, str(port)], capture_output=True, timeout=60)
         assert client.returncode == 0 and client.stdout.strip() == b"5", client.stderr[-2000:]
-        msgs = calls_of(mon, _child_pid(client), n=4, kind=McpMessage) if False else None
         got, end = [], time.monotonic() + 5
         while time.monotonic() < end:
             got += [e for e in mon.events(timeout=0.2) if isinstance(e, McpMessage)]
-        assert msgs is None
     finally:
         server.terminate()
         server.wait(10)
@@ -246,6 +244,3 @@ def test_mcp_client_server_over_streamable_http(mon, tmp_path):
     call = next(m for m in got if m.jsonrpc_method == "tools/call" and m.dport == port)
     assert call.session_id and call.direction_sent and not call.is_notification
 
-
-def _child_pid(_):
-    return 0
