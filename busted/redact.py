@@ -84,12 +84,13 @@ _PROVIDER = (
 _SHAPE = re.compile(rf"(?<![A-Za-z0-9])(?:{_PROVIDER})")
 _BEARER = re.compile(r"(?i)(?<![A-Za-z0-9])(bearer\s+)([A-Za-z0-9._~+/=\-]{8,})")
 # Candidates for the entropy rule: runs of base64/base64url/hex characters, 32 or longer.
-_RUN = re.compile(r"(?<![A-Za-z0-9+/=_\-])[A-Za-z0-9+/=_\-]{32,}")
+# "=" only as base64 padding, so "x=<token>" is judged on the token alone.
+_RUN = re.compile(r"(?<![A-Za-z0-9+/_\-])[A-Za-z0-9+/_\-]{32,}={0,2}")
 _DIGEST = re.compile(r"(?i)(?:sha1|sha224|sha256|sha384|sha512|md5):$")
 
 MIN_TOKEN_LEN = 32  # shorter unprefixed tokens are left alone (ids, short hashes, words)
-MIN_SEGMENT = 16  # longest run without - _ / + = : "models--meta-llama--Llama-2-7b" is a name, not a key
 MIN_ENTROPY = 3.5  # bits/char; random 32-char base62/base64: median 4.55, lowest of 300,000 3.74
+MIN_CASE_SHARE = 0.3  # no digit: each case >= 30% of the letters (random ~50%; "ThisIsCamelCase" ~25%)
 MIN_ENTROPY_HEX = 2.5  # hex (max 4 bits/char); random 32-char hex: median 3.62, lowest of 300,000 2.77
 
 
@@ -98,17 +99,30 @@ def _entropy(s: str) -> float:
     return -sum(c / n * math.log2(c / n) for c in Counter(s).values())
 
 
+# A name built from words: "models--meta-llama--Llama-2-7b-chat-hf", "x86_64-linux-gnu/libssl",
+# "Meta-Llama-3-70B-Instruct-GGUF-Q4_K_M". Every piece is a word, a number or 3 characters at most;
+# a random token's long pieces almost never are ((26/62)**n for an n-character all-lowercase piece).
+_PIECE = re.compile(r"[a-z]+[0-9]*|[A-Z][a-z]+[0-9]*|[A-Z]+[0-9]*|[0-9]+[A-Za-z]?|.{0,3}", re.DOTALL)
+_UUID = re.compile(r"[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}")
+
+
+def _name_like(t: str) -> bool:
+    pieces = re.split(r"[-_/+]", t)
+    return len(pieces) >= 3 and all(_PIECE.fullmatch(p) for p in pieces)
+
+
 def looks_secret(tok: str) -> bool:
     """The entropy rule for a bare token without a known prefix (thresholds: docs/security.md)."""
     t = tok.strip("=")
-    if len(t) < MIN_TOKEN_LEN or t.startswith("/") or t.count("/") > 2:  # absolute or deep paths
+    if len(t) < MIN_TOKEN_LEN or _UUID.fullmatch(t) or _name_like(t):  # paths are names too
         return False
-    if max(len(s) for s in re.split(r"[-_/+=]", t)) < MIN_SEGMENT:
+    digits = sum(c.isdigit() for c in t)
+    upper = sum(c.isupper() for c in t)
+    lower = sum(c.islower() for c in t)
+    if not upper + lower:
         return False
-    has_digit = any(c.isdigit() for c in t)
-    has_alpha = any(c.isalpha() for c in t)
-    if not (has_digit and has_alpha):
-        return False
+    if not digits and min(upper, lower) < MIN_CASE_SHARE * (upper + lower):
+        return False  # letters only: random if the cases are mixed throughout, not camelCase words
     if all(c in "0123456789abcdefABCDEF" for c in t):
         return _entropy(t) >= MIN_ENTROPY_HEX
     return _entropy(t) >= MIN_ENTROPY
