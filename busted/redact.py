@@ -134,8 +134,8 @@ def looks_secret(tok: str) -> bool:
 # bounded, so no position is rescanned from every earlier start.
 # "user:pass@" in a URL authority.
 _URL_CRED = re.compile(r"(?i)(?<![a-z0-9+.\-])([a-z][a-z0-9+.\-]{0,31}://[^\s/?#@:]*:)([^\s/?#]+)(@)")
-# name (optionally quoted, as in JSON; leading dashes of a flag allowed) then ":" or "=".
-_KV = re.compile(r"""(?<![A-Za-z0-9_.\-])(?P<q0>["']?)-{0,2}(?P<name>[A-Za-z][A-Za-z0-9_.\-]{0,127})(?P=q0)"""
+# name (optionally quoted, as in JSON; a flag's dashes or npm's "_authToken" underscore) then ":" or "=".
+_KV = re.compile(r"""(?<![A-Za-z0-9_.\-])(?P<q0>["']?)[-_]{0,2}(?P<name>[A-Za-z][A-Za-z0-9_.\-]{0,127})(?P=q0)"""
                  r"""(?P<sep>[ \t]*[:=][ \t]*)""")
 # the value after a credential name and its separator: quoted, or one token (with its auth scheme)
 _VAL = re.compile(r""""[^"\r\n]*"?|'[^'\r\n]*'?|(?:(?:bearer|basic|token|digest)[ \t]+)?[^\s&,;"'<>]+""",
@@ -227,6 +227,10 @@ def redact_text(s: str) -> str:
 
 # -- argv -------------------------------------------------------------------------------------------
 _FLAG = re.compile(r"^--?(?P<name>[A-Za-z][A-Za-z0-9_.\-]*)(?:=(?P<val>.*))?$", re.DOTALL)
+# A bare multi-word credential name as its own argument takes the next one as its value:
+# "aws configure set aws_secret_access_key V", "git config user.password V". Single words ("gh auth
+# login", "kubectl create secret generic") are commands, not names.
+_BARE = re.compile(r"_?[A-Za-z][A-Za-z0-9_.]*")
 _USER_FLAGS = ("--user", "--proxy-user", "-U")  # curl/wget "user:password"
 
 
@@ -257,6 +261,8 @@ def redact_argv(argv: Sequence[str]) -> tuple[str, ...]:
                 continue
             if a in _USER_FLAGS or (a == "-u" and prog.startswith(("curl", "wget"))):
                 user_next = True
+            elif out and _BARE.fullmatch(a) and len(_words(a)) > 1 and is_secret_name(a):
+                secret_next = True
             out.append(redact_text(a))
         except Exception:  # noqa: BLE001 - never raise; never let the argument through unmasked
             out.append(MASK)

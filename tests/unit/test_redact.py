@@ -58,6 +58,11 @@ NAMED = [
     (["python", "app.py", "access_token={v}"], ["python", "app.py", f"access_token={R}"]),
     (["python", "app.py", "--db.password", "{v}"], ["python", "app.py", "--db.password", R]),
     (["tool", "--session-id", "{v}"], ["tool", "--session-id", R]),
+    (["npm", "config", "set", "//registry.npmjs.org/:_authToken={v}"],
+     ["npm", "config", "set", f"//registry.npmjs.org/:_authToken={R}"]),
+    (["aws", "configure", "set", "aws_secret_access_key", "{v}"],
+     ["aws", "configure", "set", "aws_secret_access_key", R]),
+    (["git", "config", "--global", "user.password", "{v}"], ["git", "config", "--global", "user.password", R]),
 ]
 
 # Left exactly as they are: no credential name, no secret shape.
@@ -88,6 +93,8 @@ UNCHANGED = [
     ["llama-server", "-m", "Meta-Llama-3.1-70B-Instruct-GGUF-Q4_K_M_v2", "--alias", "my_service_account_key_file_v2"],
     ["java", "AbstractSingletonProxyFactoryBeanTest", "SOME_VERY_LONG_CONSTANT_NAME_HERE"],
     ["ld", "x86_64-linux-gnu/libssl_helper1_something"],
+    ["gh", "auth", "login"],  # a single word is a command, not a name taking the next argument
+    ["kubectl", "create", "secret", "generic", "db-creds"],
 ]
 
 
