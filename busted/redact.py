@@ -279,12 +279,9 @@ def redact_headers(headers: Iterable[tuple[H, H]]) -> tuple[tuple[H, H], ...]:
     ``redact_text``. Names and order are kept."""
     out: list[tuple[H, H]] = []
     for name, value in headers:
-        is_bytes = isinstance(name, bytes)
         n = name.decode("latin-1") if isinstance(name, bytes) else name
         v = value.decode("latin-1") if isinstance(value, bytes) else value
-        if n.strip().lower() in SECRET_HEADERS or is_secret_name(n):
-            v = MASK
-        else:
-            v = redact_text(v)
-        out.append((name, v.encode("latin-1") if is_bytes else v))  # type: ignore[arg-type]
+        v = MASK if n.strip().lower() in SECRET_HEADERS or is_secret_name(n) else redact_text(v)
+        # latin-1 round-trips every byte, and MASK is ASCII
+        out.append((name, v.encode("latin-1") if isinstance(value, bytes) else v))  # type: ignore[arg-type]
     return tuple(out)
