@@ -275,6 +275,23 @@ def test_redact_headers_names_and_values():
         (b"authorization", R.encode()), (b"accept", b"*/*"))
 
 
+HEADER_NAMES = st.sampled_from(["authorization", "Cookie", "x-api-key", "X-Goog-Api-Key", "accept", "user-agent",
+                                 "x-request-id", "openai-organization", "x-auth-token"]) | st.text(max_size=20)
+
+
+@given(st.lists(st.tuples(HEADER_NAMES, st.text(max_size=80)), max_size=8))
+@settings(max_examples=300)
+def test_redact_headers_properties(hs):
+    out = redact_headers(hs)
+    assert [n for n, _ in out] == [n for n, _ in hs]  # names and order kept
+    assert redact_headers(out) == out  # idempotent
+    for (n, v), (_, rv) in zip(hs, out, strict=True):
+        if n.lower() in ("authorization", "cookie", "x-api-key", "x-goog-api-key", "x-auth-token") or is_secret_name(n):
+            assert rv == R
+        else:
+            assert rv == redact_text(v)
+
+
 # -- /proc ------------------------------------------------------------------------------------------
 def test_read_proc_masks_a_real_process():
     # The child says when it runs its own code (so /proc/<pid>/cmdline is its own, not pytest's).
