@@ -153,14 +153,17 @@ def _mask_value(val: str) -> str:
     return MASK
 
 
+_STOP = {"": re.compile(r"[\r\n]"), '"': re.compile(r'[\r\n"]'), "'": re.compile(r"[\r\n']")}
+
+
 def _line_end(s: str, m: re.Match[str]) -> int:
     """Where a header value that starts after ``m``'s separator ends: the closing quote if the
     header sat in a quoted string (``sh -c 'curl -H "Authorization: Bearer x" ...'``), else the
     end of the line."""
     start = m.start()
-    q = s[start - 1] if start and not m.group("q0") and s[start - 1] in "\"'" else None
-    ends = [i for i in (s.find(c, m.end("sep")) for c in (q, "\r", "\n") if c) if i >= 0]
-    return min(ends, default=len(s))
+    q = s[start - 1] if start and not m.group("q0") and s[start - 1] in "\"'" else ""
+    stop = _STOP[q].search(s, m.end("sep"))  # one scan to the first stop, not one per stop character
+    return stop.start() if stop else len(s)
 
 
 def _sub_kv(s: str) -> str:
