@@ -8,13 +8,22 @@ import dns.exception
 import dns.message
 import dns.opcode
 import dns.rcode
+import dns.rdataclass
 import dns.rdatatype
+from dns.rdtypes.ANY.CNAME import CNAME
+from dns.rdtypes.IN.A import A
+from dns.rdtypes.IN.AAAA import AAAA
 
 from busted.events import DnsRecord
 
 __all__ = ["DnsInfo", "TcpDnsFramer", "parse_dns"]
 
-_KEEP = {dns.rdatatype.A: "A", dns.rdatatype.AAAA: "AAAA", dns.rdatatype.CNAME: "CNAME"}
+# rdata type -> (label, the dnspython class its rdata must be). Records of another class than IN
+# (ANY, NONE, CH...) decode as GenericRdata without .address/.target: they are skipped, not fatal.
+_KEEP = {dns.rdatatype.A: ("A", A), dns.rdatatype.AAAA: ("AAAA", AAAA), dns.rdatatype.CNAME: ("CNAME", CNAME)}
+# What a dnspython bug or an unforeseen record shape could raise while reading a decoded message.
+_EXTRACT_ERRORS = (AttributeError, ValueError, TypeError, KeyError, IndexError, UnicodeError,
+                   dns.exception.DNSException)
 
 
 def _name(n: object) -> str:
@@ -34,13 +43,23 @@ class DnsInfo:
 
 
 def parse_dns(wire: bytes) -> DnsInfo | None:
-    """Parse one DNS message; None if it is not one (malformed, truncated, no question)."""
+    """Parse one DNS message; None if it is not one (malformed, truncated, no question).
+
+    Answer records that are not class IN, or not A/AAAA/CNAME, are skipped; the others are kept.
+    Never raises."""
     try:
         msg = dns.message.from_wire(wire, ignore_trailing=True, one_rr_per_rrset=True)
     except (dns.exception.DNSException, ValueError, IndexError, UnicodeError, KeyError, TypeError):
         return None
     except Exception:  # dnspython raises assorted types on hostile input; none may escape
         return None
+    try:
+        return _extract(msg)
+    except _EXTRACT_ERRORS:  # never out of the monitor: a message we cannot read is "not DNS"
+        return None
+
+
+def _extract(msg: dns.message.Message) -> DnsInfo | None:
     if not msg.question:
         return None
     q = msg.question[0]
@@ -49,11 +68,14 @@ def parse_dns(wire: bytes) -> DnsInfo | None:
     cnames: dict[str, str] = {}
     addrs: dict[str, list[str]] = {}
     for rrset in msg.answer:
-        rtype = _KEEP.get(rrset.rdtype)
-        if rtype is None:
+        keep = _KEEP.get(rrset.rdtype)
+        if keep is None or rrset.rdclass != dns.rdataclass.IN:
             continue
+        rtype, cls = keep
         owner = _name(rrset.name)
         for rd in rrset:
+            if not isinstance(rd, cls):
+                continue
             value = _name(rd.target) if rtype == "CNAME" else rd.address
             records.append(DnsRecord(owner, rtype, value, int(rrset.ttl)))
             if rtype == "CNAME":
