@@ -106,7 +106,7 @@ def test_curl_http11_and_http2_multiplexed(lab, mon):
     assert (c.http_version, c.request_model, c.output_tokens, c.input_tokens) == ("1.1", "gpt-4o", 3, len(BODY) // 4)
     # two requests in parallel on one HTTP/2 connection
     pid, _ = run(lab, ["curl", "-sf", "--http2", "--parallel", "--parallel-immediate", "-m", "10", *hdr,
-                       "-d", BODY, url, *hdr, "-d", BODY, url])
+                       "-d", BODY, url, url])
     a, b = calls_of(mon, pid, n=2)
     assert a.http_version == b.http_version == "2" and a.flow_id == b.flow_id
     assert {a.stream_id, b.stream_id} == {1, 3} and a.output_tokens == b.output_tokens == 3
@@ -205,7 +205,7 @@ import asyncio, sys
 from mcp import ClientSession
 from mcp.client.streamable_http import streamable_http_client
 async def main():
-    async with streamable_http_client(f"http://127.0.0.1:{sys.argv[1]}/mcp") as (r, w, _):
+    async with streamable_http_client(f"http://127.0.0.1:{sys.argv[1]}/mcp") as (r, w, *_):
         async with ClientSession(r, w) as s:
             await s.initialize()
             res = await s.call_tool("add", {"a": 2, "b": 3})
