@@ -96,8 +96,7 @@ class Http2Parser:
         self._dirs = (_Direction(hpack.Decoder(MAX_HEADER_LIST)), _Direction(hpack.Decoder(MAX_HEADER_LIST)))
         self._dirs[Side.SERVER].preface_checked = True  # only the client sends the preface
         self._streams: dict[int, _Stream] = {}
-        self.goaway = False
-        self.stopped = False
+        self.goaway = False  # seen from either side; streams in flight still finish
 
     def feed(self, side: Side, data: bytes, ts: int) -> list[HttpEvent]:
         d = self._dirs[side]
@@ -117,7 +116,7 @@ class Http2Parser:
         buf = d.buf
         pos = 0
         try:
-            while len(buf) - pos >= 9 and not self.stopped:
+            while len(buf) - pos >= 9:
                 # Copies, not views of buf: a frame (or an exception's traceback) may keep its view,
                 # and a bytearray with live views cannot be trimmed.
                 head = bytes(buf[pos : pos + 9])
