@@ -101,7 +101,7 @@ class Http2Parser:
     def feed(self, side: Side, data: bytes, ts: int) -> list[HttpEvent]:
         d = self._dirs[side]
         d.buf += data
-        if len(d.buf) > self._max_buffer:
+        if sum(len(x.buf) + len(x.block) for x in self._dirs) > self._max_buffer:  # both directions
             raise ValueError(f"buffer limit ({self._max_buffer} bytes)")
         if not d.preface_checked:
             n = min(len(d.buf), len(PREFACE))
@@ -143,7 +143,7 @@ class Http2Parser:
             if not isinstance(f, ContinuationFrame) or f.stream_id != d.block_sid:
                 raise ValueError("header block interrupted before END_HEADERS")
             d.block += f.data
-            if len(d.block) > self._max_buffer:
+            if sum(len(x.buf) + len(x.block) for x in self._dirs) > self._max_buffer:
                 raise ValueError(f"buffer limit ({self._max_buffer} bytes) in a header block")
             if "END_HEADERS" in f.flags:
                 sid, d.block_sid = d.block_sid, 0
