@@ -4,13 +4,13 @@
 
 Inputs are the recorded exchanges in tests/unit/fixtures/http/ damaged by
 tests/unit/http_helpers.mutate (flipped, inserted, dropped, reordered, spliced bytes, late joins),
-plus random bytes behind HTTP-looking prefixes, each fed at random split points, with and without
-an ALPN hint, under small limits so the limit paths run too. An *escape* is an exception out of
-``feed``/``close`` (the contract is: never), an event that is not an HttpEvent, or an
-``HttpProtocolError`` marked "internal error" (an unexpected exception type: a bug in busted that
-the safety net contained). Input k is
-rebuilt from ``random.Random(seed * 2**32 + k)``, so any escape printed can be replayed alone
-with ``--replay k``. Exit status 1 on any escape. No root, no network.
+plus random bytes behind HTTP-looking prefixes (and answers: 101, 407, 100, ...), each fed at
+random split points, with and without an ALPN hint, some under small limits so the limit paths
+run too. An *escape* is an exception out of ``feed``/``close`` (the contract is: never), an event
+that is not an HttpEvent, or an ``HttpProtocolError`` marked "internal error" (an unexpected
+exception type: a bug in busted that the safety net contained). Input k is rebuilt from
+``random.Random(seed * 2**32 + k)``, so an escape printed can be replayed alone with
+``--replay k``. Exit status 1 on any escape. No root, no network.
 """
 
 from __future__ import annotations
@@ -34,7 +34,12 @@ from busted.classify.httpevents import HttpEvent, HttpProtocolError, Side  # noq
 ALL = [fx["chunks"] for fx in load_fixtures().values()]
 PREFIXES = [b"", PREFACE, b"GET / HTTP/1.1\r\n", b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\n",
             b"HTTP/1.1 200 OK\r\n", b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n",
-            b"\x00\x00\x06\x04\x00\x00\x00\x00\x00", PREFACE + b"\x00\x00\x00\x04\x00\x00\x00\x00\x00"]
+            b"\x00\x00\x06\x04\x00\x00\x00\x00\x00", PREFACE + b"\x00\x00\x00\x04\x00\x00\x00\x00\x00",
+            b"GET / HTTP/1.1\r\nHost: h\r\nUpgrade: h2c\r\nConnection: Upgrade\r\n\r\n",
+            b"CONNECT a:443 HTTP/1.1\r\nHost: a:443\r\n\r\n"]
+# server answers for the prefixes above, so the switch/refusal paths run too
+ANSWERS = [b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: h2c\r\n\r\n", b"HTTP/1.1 200 OK\r\n\r\n",
+           b"HTTP/1.1 407 No\r\nContent-Length: 2\r\n\r\nno", b"HTTP/1.1 100 Continue\r\n\r\n"]
 
 
 def make_input(seed: int, k: int):
@@ -43,6 +48,8 @@ def make_input(seed: int, k: int):
         chunks = mutate(rng, rng.choice(ALL), ALL)
     else:
         chunks = [(Side.CLIENT, rng.choice(PREFIXES))]
+        if rng.random() < 0.5:
+            chunks.append((Side.SERVER, rng.choice(ANSWERS)))
         chunks += [(Side(rng.randint(0, 1)), rng.randbytes(rng.randint(0, 200))) for _ in range(rng.randint(1, 6))]
     split = []
     for side, data in chunks:  # random split points within each chunk

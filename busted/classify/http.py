@@ -45,8 +45,9 @@ _PARSE_ERRORS = (h11.RemoteProtocolError, hpack.HPACKError, hyperframe.exception
 class HttpConnection:
     """Observer of one TCP connection's HTTP (plaintext: cleartext, or TLS payload via uprobes).
 
-    ``alpn`` ("h2", "http/1.1", ...) skips detection. ``protocol`` is then "h2", "http/1" or,
-    once given up, None with ``stopped`` True.
+    ``alpn`` ("h2", "http/1.1", "http/1.0") skips detection. ``protocol`` is "h2" or "http/1"
+    once known, None while undecided or if the bytes were not HTTP. ``stopped``: no longer parsed
+    (after an error, a tunnel, or ``close``). ``errors``: ``HttpProtocolError`` events emitted.
     """
 
     def __init__(self, alpn: str | None = None, *, max_buffer: int = MAX_BUFFER,

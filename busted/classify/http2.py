@@ -96,13 +96,12 @@ class Http2Parser:
         self._dirs = (_Direction(hpack.Decoder(MAX_HEADER_LIST)), _Direction(hpack.Decoder(MAX_HEADER_LIST)))
         self._dirs[Side.SERVER].preface_checked = True  # only the client sends the preface
         self._streams: dict[int, _Stream] = {}
-        self.goaway = False
-        self.stopped = False
+        self.goaway = False  # seen from either side; streams in flight still finish
 
     def feed(self, side: Side, data: bytes, ts: int) -> list[HttpEvent]:
         d = self._dirs[side]
         d.buf += data
-        if len(d.buf) > self._max_buffer:
+        if sum(len(x.buf) + len(x.block) for x in self._dirs) > self._max_buffer:  # both directions
             raise ValueError(f"buffer limit ({self._max_buffer} bytes)")
         if not d.preface_checked:
             n = min(len(d.buf), len(PREFACE))
@@ -117,7 +116,7 @@ class Http2Parser:
         buf = d.buf
         pos = 0
         try:
-            while len(buf) - pos >= 9 and not self.stopped:
+            while len(buf) - pos >= 9:
                 # Copies, not views of buf: a frame (or an exception's traceback) may keep its view,
                 # and a bytearray with live views cannot be trimmed.
                 head = bytes(buf[pos : pos + 9])
@@ -144,7 +143,7 @@ class Http2Parser:
             if not isinstance(f, ContinuationFrame) or f.stream_id != d.block_sid:
                 raise ValueError("header block interrupted before END_HEADERS")
             d.block += f.data
-            if len(d.block) > self._max_buffer:
+            if sum(len(x.buf) + len(x.block) for x in self._dirs) > self._max_buffer:
                 raise ValueError(f"buffer limit ({self._max_buffer} bytes) in a header block")
             if "END_HEADERS" in f.flags:
                 sid, d.block_sid = d.block_sid, 0

@@ -86,25 +86,21 @@ class _Stage:
 class BodyDecoder:
     """Removes the content-codings of one message, streaming; raises BodyLimitError on trouble.
 
-    Unknown codings (zstd, compress, br without the brotli package) leave the body as received;
-    ``raw_reason`` then says why.
+    Unknown codings (zstd, compress, br without the brotli package) leave the body as received
+    (``passthrough`` is True); the message's content-encoding header tells the reader.
     """
 
-    __slots__ = ("_stages", "_max", "decoded", "raw_reason")
+    __slots__ = ("_stages", "_max", "decoded", "passthrough")
 
     def __init__(self, codings: Sequence[str], max_decoded: int) -> None:
         self._max = max_decoded
         self.decoded = 0
-        self.raw_reason: str | None = None
         codings = [c for c in codings if c != "identity"]
         supported = {"gzip", "x-gzip", "deflate"} | ({"br"} if HAVE_BROTLI else set())
         bad = [c for c in codings if c not in supported]
-        if bad:
-            self._stages: list[_Stage] = []
-            self.raw_reason = "content-encoding not decoded: " + ",".join(bad) + (
-                " (brotli package not installed)" if "br" in bad else "")
-        else:
-            self._stages = [_Stage(c) for c in reversed(codings)]  # undo the last applied first
+        self.passthrough = bool(bad)
+        # all or nothing: a chain with one unknown coding cannot be partly undone
+        self._stages = [] if bad else [_Stage(c) for c in reversed(codings)]  # last applied first
 
     def feed(self, data: bytes) -> list[bytes]:
         pieces = [data]
