@@ -7,6 +7,8 @@ Configurations, interleaved (rotating order each round, so the VM's noise hits a
   busted             bench/busted_consumer.py: busted.Monitor() consuming every event
   busted-noclassify  the same with Monitor(classify=False) (no DNS/TLS payload capture probes)
   tcplife            Debian's tcplife-bpfcc, output to /dev/null
+  busted-base        with --baseline DIR: the same consumer importing busted from DIR (a checkout
+                     of an earlier commit), for before/after comparisons in one run
 Throughput ratio = connections/s with the tracer / connections/s with none, in the same round.
 Traffic is loopback only; every loop is bounded by --seconds.
 """
@@ -115,13 +117,19 @@ def hwm_mb(pid: int) -> float:
     return 0.0
 
 
+BASELINE: str | None = None
+
+
 def run_config(name: str, seconds: float, procs: int) -> dict:
     res: dict = {"config": name}
     proc = None
     if name.startswith("busted"):
         argv = [PY, str(HERE / "busted_consumer.py")] + (["--no-classify"] if name == "busted-noclassify" else [])
+        env = dict(os.environ)
+        if name == "busted-base":
+            env["PYTHONPATH"] = BASELINE or ""
         t = time.monotonic()
-        proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
         line = proc.stdout.readline()
         if not line.startswith("READY"):
             raise RuntimeError(f"busted consumer failed: {line} {proc.stderr.read()}")
@@ -159,9 +167,15 @@ def main() -> None:
     ap.add_argument("--seconds", type=float, default=6.0)
     ap.add_argument("--procs", type=int, default=4)
     ap.add_argument("--configs", default="none,busted,busted-noclassify,tcplife")
+    ap.add_argument("--baseline", help="a checkout of an earlier busted: adds the config busted-base")
     ap.add_argument("--out", default=str(HERE / "results" / "churn.json"))
     a = ap.parse_args()
     configs = a.configs.split(",")
+    if a.baseline:
+        global BASELINE
+        BASELINE = str(Path(a.baseline).resolve())
+        if "busted-base" not in configs:
+            configs.append("busted-base")
     rounds = []
     for r in range(a.rounds):
         order = configs[r % len(configs):] + configs[: r % len(configs)]
