@@ -35,6 +35,7 @@ from busted.events import (
     FlowClosed,
     FlowEvent,
     FlowOpened,
+    LlmCall,
     TlsClientHello,
 )
 
@@ -483,12 +484,14 @@ class TopTable:
     """
 
     def __init__(self, max_flows: int = 65536) -> None:
+        from busted.flowview import FlowView
+
         self.rows: dict[tuple[str, str], Counter[str]] = {}
         self.pids: dict[tuple[str, str], set[int]] = {}
-        self._flow_key: dict[int, tuple[str, str]] = {}
-        self._max_flows = max_flows
+        self._view = FlowView(max_flows=max_flows)  # the flows' latest state, shared with the sinks
 
-    def _key(self, ev: Any) -> tuple[str, str]:
+    @staticmethod
+    def _key(ev: Any) -> tuple[str, str]:
         return ((getattr(ev, "comm", "") or "?"), (getattr(ev, "provider", None) or "-"))
 
     def _row(self, key: tuple[str, str], pid: int) -> Counter[str]:
@@ -496,28 +499,28 @@ class TopTable:
         return self.rows.setdefault(key, Counter())
 
     def add(self, ev: Event) -> None:
-        if isinstance(ev, FlowOpened):
-            key = self._key(ev)
-            self._row(key, ev.pid)["conns"] += 1
-            if len(self._flow_key) < self._max_flows:
-                self._flow_key[ev.flow_id] = key
-        elif isinstance(ev, FlowClassified):
-            old, key = self._flow_key.get(ev.flow_id), self._key(ev)
-            if old is not None and old != key:
+        if isinstance(ev, LlmCall):
+            row = self._row(self._key(ev), ev.pid)
+            row["calls"] += 1
+            row["tokens"] += (ev.input_tokens or 0) + (ev.output_tokens or 0)
+            if ev.error_type is not None or (ev.status or 0) >= 400:
+                row["errors"] += 1
+            return
+        change = self._view.update(ev)
+        if change is None:
+            return
+        key = self._key(change.after)
+        if change.before is None:  # first seen: count the connection where it belongs now
+            self._row(key, change.after.flow.pid)["conns"] += 1
+        else:
+            old = self._key(change.before)
+            if old != key:  # reclassified: the connection moves to its new row
                 self.rows[old]["conns"] -= 1
-                self._row(key, ev.pid)["conns"] += 1
-                self._flow_key[ev.flow_id] = key
-        elif isinstance(ev, FlowClosed):
-            key = self._flow_key.pop(ev.flow_id, None) or self._key(ev)
+                self._row(key, change.after.flow.pid)["conns"] += 1
+        if isinstance(ev, FlowClosed):
             row = self._row(key, ev.pid)
             row["tx"] += ev.bytes_sent
             row["rx"] += ev.bytes_received
-        elif hasattr(ev, "model"):  # LLM call events (duck-typed until they exist)
-            row = self._row(self._key(ev), getattr(ev, "pid", 0) or 0)
-            row["calls"] += 1
-            row["tokens"] += (getattr(ev, "input_tokens", 0) or 0) + (getattr(ev, "output_tokens", 0) or 0)
-            if (getattr(ev, "status", 200) or 200) >= 400:
-                row["errors"] += 1
 
     def top(self, limit: int = 30) -> list[dict[str, Any]]:
         """The rows, busiest first (bytes + connections), as dicts (exact names, for --json)."""

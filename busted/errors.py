@@ -114,8 +114,10 @@ class StoreError(BustedError):
     the file."""
 
 
-class UsageError(BustedError):
-    """An option or argument is malformed; the message names it and shows the expected form."""
+class UsageError(BustedError, ValueError):
+    """An option or argument is malformed; the message names it and shows the expected form.
+
+    Also a ``ValueError``, which is what such checks raised before this class existed."""
 
 
 class CatalogError(BustedError, ValueError):

@@ -20,6 +20,7 @@ import collections
 import dataclasses
 from dataclasses import dataclass
 
+from busted.errors import UsageError
 from busted.events import Event, FlowClassified, FlowClosed, FlowEvent, FlowOpened
 
 __all__ = ["FlowChange", "FlowState", "FlowView"]
@@ -90,7 +91,7 @@ class FlowView:
 
     def __init__(self, max_flows: int = 65536) -> None:
         if max_flows <= 0:
-            raise ValueError("FlowView needs max_flows > 0")
+            raise UsageError("FlowView needs max_flows > 0")
         self.max_flows = max_flows
         self.evicted = 0
         self._flows: collections.OrderedDict[int, FlowState] = collections.OrderedDict()

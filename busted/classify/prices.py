@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from busted.classify.llm import LlmCallInfo
+from busted.errors import UsageError
 
 __all__ = ["Cost", "PriceBook", "genai_prices_version"]
 
@@ -90,18 +91,18 @@ class PriceBook:
         self._over: dict[str, dict[str, dict[str, float]]] = {}
         for prov, models in (overrides or {}).items():
             if not isinstance(models, Mapping):
-                raise ValueError(f"price override for {prov!r} must map model -> rates")
+                raise UsageError(f"price override for {prov!r} must map model -> rates")
             table: dict[str, dict[str, float]] = {}
             for model, rates in models.items():
                 if not isinstance(rates, Mapping):
-                    raise ValueError(f"price override {prov!r}/{model!r} must be a table of rates")
+                    raise UsageError(f"price override {prov!r}/{model!r} must be a table of rates")
                 unknown = set(rates) - set(_RATES)
                 if unknown:
-                    raise ValueError(f"price override {prov!r}/{model!r}: unknown key(s) {sorted(unknown)}; "
+                    raise UsageError(f"price override {prov!r}/{model!r}: unknown key(s) {sorted(unknown)}; "
                                      f"use {', '.join(_RATES)}")
                 clean = {k: r for k in _RATES if (r := _rate(rates.get(k))) is not None}
                 if "input_per_mtok" not in clean:
-                    raise ValueError(f"price override {prov!r}/{model!r} needs a non-negative input_per_mtok")
+                    raise UsageError(f"price override {prov!r}/{model!r} needs a non-negative input_per_mtok")
                 table[str(model).lower()] = clean
             self._over[str(prov)] = table
         self._source = source
@@ -115,9 +116,9 @@ class PriceBook:
             text = p.read_text(encoding="utf-8")
             data = tomllib.loads(text) if p.suffix.lower() == ".toml" else json.loads(text)
         except (OSError, ValueError) as e:
-            raise ValueError(f"cannot read price overrides from {p}: {e}") from e
+            raise UsageError(f"cannot read price overrides from {p}: {e}") from e
         if not isinstance(data, dict):
-            raise ValueError(f"price overrides in {p} must be a table of providers")
+            raise UsageError(f"price overrides in {p} must be a table of providers")
         return cls(data, source=f"override {p}", **kw)
 
     @property

@@ -19,6 +19,7 @@
 #define CAP_TOTAL  16384  /* bytes per connection after which we stop looking */
 
 /* struct cap_hdr, REC_DNS/REC_TLS and CAP_DNS_* come from busted/ebpf/layout.py. */
+#define CAP_HTTP 3   /* cap_rfd kind: a plain-HTTP connection (plaintext.c copies its bytes) */
 
 struct cap_rec {
     struct cap_hdr h;
@@ -36,6 +37,8 @@ struct cap_tls {
     u64 sk;
     u32 writes;
     u32 bytes;
+    u32 http;        /* a plain-HTTP connection: every write is copied (plaintext.c) */
+    u32 pad;
 };
 
 struct cap_io {
@@ -63,14 +66,13 @@ struct bst_msghdr {
 BPF_HASH(cap_conn, u32, struct cap_conn_ctx, 4096);   /* tid -> connect() in flight */
 struct cap_dns {
     u64 sk;          /* TCP: the connection's socket (DNS reassembly state is per connection) */
-    u32 kind;        /* CAP_DNS_UDP / CAP_DNS_TCP */
+    u32 kind;        /* CAP_DNS_UDP / CAP_DNS_TCP / CAP_HTTP */
     u32 pad;
 };
 
-BPF_HASH(cap_dns_fd, u64, struct cap_dns, 16384);    /* (tgid<<32|fd) -> DNS socket */
+BPF_HASH(cap_rfd, u64, struct cap_dns, 16384);       /* (tgid<<32|fd) -> socket whose reads are copied: DNS, plain HTTP */
 BPF_HASH(cap_tls_fd, u64, struct cap_tls, 16384);    /* (tgid<<32|fd) -> new TCP connection */
 BPF_HASH(cap_io_ctx, u32, struct cap_io, 4096);      /* tid -> I/O syscall in flight */
-BPF_HASH(cap_http_fd, u64, u64, 16384);              /* (tgid<<32|fd) -> socket of a plain-HTTP connection */
 BPF_PERCPU_ARRAY(cap_scratch, struct cap_rec, 1);
 
 static __always_inline u64 cap_key(u64 fd)
@@ -163,9 +165,9 @@ int bst_cap_conn_out(struct sys_exit_args *args)
         struct cap_dns d = {};
         d.kind = cc.is_tcp ? CAP_DNS_TCP : CAP_DNS_UDP;
         d.sk = cc.is_tcp ? cc.sk : 0;
-        cap_dns_fd.update(&key, &d);
+        cap_rfd.update(&key, &d);
     } else {
-        cap_dns_fd.delete(&key);
+        cap_rfd.delete(&key);
     }
     if (cc.is_tcp) {
         struct cap_tls t = {};
@@ -179,9 +181,8 @@ int bst_cap_conn_out(struct sys_exit_args *args)
 int bst_cap_close(struct sys_enter_args *args)
 {
     u64 key = cap_key(args->arg[0]);
-    cap_dns_fd.delete(&key);
+    cap_rfd.delete(&key);
     cap_tls_fd.delete(&key);
-    cap_http_fd.delete(&key);
     return 0;
 }
 
@@ -201,14 +202,8 @@ static __always_inline void cap_write_in(u64 fd, u64 buf, u64 iov, u64 len)
 {
     u64 key = cap_key(fd);
     struct cap_tls *t = cap_tls_fd.lookup(&key);
-#ifdef HAVE_PLAINTEXT
-    u64 *http_sk = t ? 0 : cap_http_fd.lookup(&key);
-    if (!t && !http_sk)
-        return;
-#else
     if (!t)
         return;
-#endif
     if (!buf && iov) {
         struct bst_iovec v = {};
         if (bpf_probe_read_user(&v, sizeof(v), (void *)iov) != 0)
@@ -219,9 +214,8 @@ static __always_inline void cap_write_in(u64 fd, u64 buf, u64 iov, u64 len)
     if (!buf || len == 0)
         return;
 #ifdef HAVE_PLAINTEXT
-    if (!t) {  /* a later write of a plain-HTTP connection */
-        if (http_sk)
-            plaintext_socket(*http_sk, buf, len, 0);
+    if (t->http) {  /* a later write of a plain-HTTP connection */
+        plaintext_socket(t->sk, buf, len, 0);
         return;
     }
 #endif
@@ -232,9 +226,13 @@ static __always_inline void cap_write_in(u64 fd, u64 buf, u64 iov, u64 len)
         if (h[0] != 0x16) {  /* not a TLS handshake record: nothing to classify here */
 #ifdef HAVE_PLAINTEXT
             if (looks_like_http(h)) {  /* plain HTTP: follow the connection's plaintext */
-                u64 sk = t->sk;
-                cap_http_fd.update(&key, &sk);
-                plaintext_socket(sk, buf, len, 0);
+                struct cap_dns r = {};
+                r.sk = t->sk;
+                r.kind = CAP_HTTP;
+                cap_rfd.update(&key, &r);  /* its reads too */
+                t->http = 1;
+                plaintext_socket(t->sk, buf, len, 0);
+                return;
             }
 #endif
             cap_tls_fd.delete(&key);
@@ -253,19 +251,11 @@ static __always_inline void cap_write_in(u64 fd, u64 buf, u64 iov, u64 len)
 static __always_inline void cap_read_in(u64 fd, u64 buf, u64 iov, u64 name)
 {
     u64 key = cap_key(fd);
-    u32 kind = 2;
-    u64 sk = 0;
-    if (!cap_dns_fd.lookup(&key)) {
-#ifdef HAVE_PLAINTEXT
-        u64 *http_sk = cap_http_fd.lookup(&key);
-        if (http_sk) {
-            kind = 3;
-            sk = *http_sk;
-        } else
-#endif
-        if (name == 0)
-            return;  /* not a DNS or HTTP socket, and no source address to check */
-    }
+    struct cap_dns *r = cap_rfd.lookup(&key);
+    if (!r && name == 0)
+        return;  /* not a DNS or HTTP socket, and no source address to check */
+    u32 kind = r && r->kind == CAP_HTTP ? 3 : 2;
+    u64 sk = r ? r->sk : 0;
     u32 tid = (u32)bpf_get_current_pid_tgid();
     struct cap_io io = {};
     io.buf = buf;
@@ -306,7 +296,7 @@ static __always_inline void cap_io_out(long ret)
 #endif
     u64 key = cap_key(io.fd);
 
-    struct cap_dns *d = cap_dns_fd.lookup(&key);
+    struct cap_dns *d = cap_rfd.lookup(&key);
     if (d) {
         cap_emit(REC_DNS, d->sk, io.fd, buf, ret, (u8)d->kind, 0, ret);
         return;

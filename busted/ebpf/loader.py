@@ -23,6 +23,7 @@ from busted.errors import (
     PermissionDenied,
     ProbeLoadError,
     ProbeUnavailable,
+    UsageError,
 )
 
 __all__ = ["MAX_FLOWS", "RINGBUF_BYTES", "FlowProgram", "build_source"]
@@ -143,7 +144,7 @@ def build_source(plan: ProbePlan, *, ringbuf_bytes: int = RINGBUF_BYTES, max_flo
     if pages & (pages - 1):  # BPF ring buffers are a power-of-two number of pages
         pages = 1 << pages.bit_length()
     if chunk_bytes & (chunk_bytes - 1) or not 256 <= chunk_bytes <= 65536:
-        raise ValueError("chunk_bytes must be a power of two between 256 and 65536")
+        raise UsageError("chunk_bytes must be a power of two between 256 and 65536")
     defines = [f"#define RINGBUF_PAGES {pages}", f"#define MAX_FLOWS {max_flows}",
                f"#define PT_CHUNK_BYTES {chunk_bytes}"]
     if plan.flow_end == "close-state" or plan.lifecycle != "tracepoint":

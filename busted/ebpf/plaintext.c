@@ -66,6 +66,9 @@ BPF_HASH(pt_bind, struct pt_key, u64, 65536);           /* (tgid, SSL ptr) -> so
 BPF_HASH(pt_wpending, u32, u64, 8192);                  /* tid -> SSL* whose write made no socket I/O */
 BPF_HASH(pt_lastrecv, u32, u64, 8192);                  /* tid -> socket it received from last */
 BPF_HASH(pt_skip, u64, u8, 65536);                      /* socket -> 1: judged, stop copying */
+/* Processes that called a probed TLS function: only their socket I/O is looked at for the join,
+ * so the per-send/receive cost for every other process is one lookup. */
+BPF_TABLE("lru_hash", u32, u8, pt_tgids, 16384);
 BPF_PERCPU_ARRAY(pt_scratch, struct pt_rec, 1);
 
 static __always_inline void pt_emit_bind(u64 ssl, u64 sk)
@@ -102,7 +105,11 @@ static __always_inline void pt_bind_to(u64 ssl, u64 sk)
 /* Called by the bytes tier for every socket send/receive in process context (see the header). */
 static __always_inline void plaintext_on_sock_io(u64 sk, int is_send)
 {
-    u32 tid = (u32)bpf_get_current_pid_tgid();
+    u64 pt = bpf_get_current_pid_tgid();
+    u32 tgid = pt >> 32;
+    if (!pt_tgids.lookup(&tgid))
+        return;
+    u32 tid = (u32)pt;
     u64 *ssl = pt_cur.lookup(&tid);
     if (ssl) {
         pt_bind_to(*ssl, sk);
@@ -178,6 +185,11 @@ static __always_inline void pt_call_enter(int is_read, u64 ssl, u64 buf, u64 out
     else
         pt_wcall.update(&pt, &c);
     pt_cur.update(&tid, &ssl);
+    u32 tgid = pt >> 32;
+    if (!pt_tgids.lookup(&tgid)) {
+        u8 one = 1;
+        pt_tgids.update(&tgid, &one);
+    }
 }
 
 /* ret: the library's return value; for *_ex calls the count comes from *outlen when ret == 1. */

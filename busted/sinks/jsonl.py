@@ -21,7 +21,7 @@ import threading
 from collections.abc import Callable
 from typing import Any
 
-from busted.errors import StoreError
+from busted.errors import StoreError, UsageError
 from busted.events import Event
 from busted.sinks._codec import redact
 
@@ -40,7 +40,7 @@ class JsonlSink:
                  flush_interval: float = 1.0, max_backlog: int = 8 << 20,
                  on_error: Callable[[str], None] | None = None) -> None:
         if backups < 0 or max_bytes <= 0:
-            raise ValueError("JsonlSink needs max_bytes > 0 and backups >= 0")
+            raise UsageError("JsonlSink needs max_bytes > 0 and backups >= 0")
         self.path = os.fspath(path)
         self.max_bytes = max_bytes
         self.backups = backups

@@ -35,7 +35,7 @@ from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any, NamedTuple
 
-from busted.errors import StoreError
+from busted.errors import StoreError, UsageError
 from busted.events import (
     DnsAnswer,
     Event,
@@ -70,7 +70,7 @@ def parse_age(text: str) -> float | None:
         return None
     m = re.fullmatch(r"(\d+(?:\.\d+)?)\s*([smhdw]?)", t)
     if not m or float(m[1]) <= 0:
-        raise ValueError(f"retention age {text!r}: expected e.g. 7d, 12h, 90m, 3600 (seconds) or off")
+        raise UsageError(f"retention age {text!r}: expected e.g. 7d, 12h, 90m, 3600 (seconds) or off")
     return float(m[1]) * _AGE_UNITS[m[2] or "s"]
 
 
@@ -81,7 +81,7 @@ def parse_size(text: str) -> int | None:
         return None
     m = re.fullmatch(r"(\d+(?:\.\d+)?)\s*([kmgt]?)(?:i?b)?", t)
     if not m or float(m[1]) <= 0:
-        raise ValueError(f"retention size {text!r}: expected e.g. 1GiB, 500MiB, 64k, a byte count, or off")
+        raise UsageError(f"retention size {text!r}: expected e.g. 1GiB, 500MiB, 64k, a byte count, or off")
     return int(float(m[1]) * _SIZE_UNITS[m[2]])
 
 # The newest schema. A new store gets it whole; an older one is first brought here by _MIGRATIONS.

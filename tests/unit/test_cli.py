@@ -121,21 +121,20 @@ def test_top_moves_a_flow_to_its_latest_classification():
     assert rows[("curl", "-")]["conns"] == 0
 
 
-def test_top_counts_llm_calls_duck_typed():
-    @dataclasses.dataclass
-    class Call:  # the shape LLM-call events will have
-        comm: str = "node"
-        provider: str = "openai"
-        pid: int = 7
-        model: str = "gpt"
-        input_tokens: int = 10
-        output_tokens: int = 5
-        status: int = 200
+def test_top_counts_llm_calls():
+    from busted import Direction, LlmCall
+
+    def call(**kw):
+        base = dict(ts_ns=1, wall_time=1.0, flow_id=9, direction=Direction.CONNECT, pid=7, tid=7, uid=0,
+                    comm="node", family=4, saddr="10.0.0.1", sport=1, daddr="10.0.0.2", dport=443,
+                    provider="openai", api="openai.chat", input_tokens=10, output_tokens=5, status=200)
+        return LlmCall(**{**base, **kw})
 
     t = TopTable()
-    t.add(Call())
-    t.add(Call(status=429))
-    assert _top_rows(t.text()) == [["node", "openai", "1", "0", "0B", "0B", "2", "30", "1"]]
+    t.add(call())
+    t.add(call(status=429, error_type="rate_limit_exceeded"))
+    t.add(call(input_tokens=None, output_tokens=None))  # unknown counts add nothing
+    assert _top_rows(t.text()) == [["node", "openai", "1", "0", "0B", "0B", "3", "30", "1"]]
 
 
 def test_top_escapes_names_and_limits_rows():
