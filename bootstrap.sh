@@ -3,7 +3,7 @@
 #
 #   ./bootstrap.sh            bootstrap only
 #   ./bootstrap.sh lab        bootstrap, then the main job: a lab with demo LLM traffic, monitored
-#   ./bootstrap.sh test       bootstrap, then the whole test suite (what .ci/run calls)
+#   ./bootstrap.sh test       bootstrap, then ruff and the whole test suite (what .ci/run calls)
 #   ./bootstrap.sh -- CMD...  bootstrap, then run CMD inside the venv
 #
 # Idempotent: a second run checks each step and changes nothing that is already right.
@@ -100,7 +100,10 @@ export PATH="$venv/bin:$PATH"
 case "${1:-}" in
     "") ;;
     lab) shift; exec busted lab "$@" ;;
-    test) shift; exec python -m pytest -q -p no:cacheprovider "$@" ;;
+    test) shift
+          say "ruff check (lint)"
+          python -m ruff check . || { say "ruff found problems (above); fix them or run 'ruff check --fix .'" >&2; exit 1; }
+          exec python -m pytest -q -p no:cacheprovider "$@" ;;
     --) shift; exec "$@" ;;
     *) say "unknown job '$1' (use: lab | test | -- CMD)" >&2; exit 2 ;;
 esac

@@ -235,15 +235,17 @@ static __always_inline void pt_call_return(int is_read, long ret, int is_ex)
 }
 
 /* Hooks: OpenSSL. SSL_write(ssl, buf, num) / SSL_read(ssl, buf, num) return the count;
- * SSL_write_ex(ssl, buf, num, &written) / SSL_read_ex(ssl, buf, num, &readbytes) return 1. */
+ * SSL_write_ex(ssl, buf, num, &written) / SSL_read_ex(ssl, buf, num, &readbytes) return 1. They
+ * return an int: only the low 32 bits of the return register are the value (-1 arrives as
+ * 0x00000000ffffffff), hence the casts. GnuTLS returns ssize_t: the whole register. */
 int bst_ssl_write_in(struct pt_regs *ctx) { pt_call_enter(0, PT_REGS_PARM1(ctx), PT_REGS_PARM2(ctx), 0, PT_OPENSSL); return 0; }
-int bst_ssl_write_out(struct pt_regs *ctx) { pt_call_return(0, PT_REGS_RC(ctx), 0); return 0; }
+int bst_ssl_write_out(struct pt_regs *ctx) { pt_call_return(0, (int)PT_REGS_RC(ctx), 0); return 0; }
 int bst_ssl_write_ex_in(struct pt_regs *ctx) { pt_call_enter(0, PT_REGS_PARM1(ctx), PT_REGS_PARM2(ctx), PT_REGS_PARM4(ctx), PT_OPENSSL); return 0; }
-int bst_ssl_write_ex_out(struct pt_regs *ctx) { pt_call_return(0, PT_REGS_RC(ctx), 1); return 0; }
+int bst_ssl_write_ex_out(struct pt_regs *ctx) { pt_call_return(0, (int)PT_REGS_RC(ctx), 1); return 0; }
 int bst_ssl_read_in(struct pt_regs *ctx) { pt_call_enter(1, PT_REGS_PARM1(ctx), PT_REGS_PARM2(ctx), 0, PT_OPENSSL); return 0; }
-int bst_ssl_read_out(struct pt_regs *ctx) { pt_call_return(1, PT_REGS_RC(ctx), 0); return 0; }
+int bst_ssl_read_out(struct pt_regs *ctx) { pt_call_return(1, (int)PT_REGS_RC(ctx), 0); return 0; }
 int bst_ssl_read_ex_in(struct pt_regs *ctx) { pt_call_enter(1, PT_REGS_PARM1(ctx), PT_REGS_PARM2(ctx), PT_REGS_PARM4(ctx), PT_OPENSSL); return 0; }
-int bst_ssl_read_ex_out(struct pt_regs *ctx) { pt_call_return(1, PT_REGS_RC(ctx), 1); return 0; }
+int bst_ssl_read_ex_out(struct pt_regs *ctx) { pt_call_return(1, (int)PT_REGS_RC(ctx), 1); return 0; }
 
 /* Hooks: GnuTLS. gnutls_record_send/recv(session, data, size) return the count. */
 int bst_gnutls_send_in(struct pt_regs *ctx) { pt_call_enter(0, PT_REGS_PARM1(ctx), PT_REGS_PARM2(ctx), 0, PT_GNUTLS); return 0; }
