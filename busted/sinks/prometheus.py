@@ -14,7 +14,9 @@ import collections
 import threading
 from typing import TYPE_CHECKING, Any
 
-from busted.errors import EnvironmentProblem
+from cachetools import LRUCache
+
+from busted.errors import EnvironmentProblem, MissingDependency, UsageError
 from busted.events import DnsAnswer, Event, EventsLost, FlowClosed, FlowEvent
 from busted.flowview import FlowView
 
@@ -38,8 +40,7 @@ def _parse_addr(addr: str) -> tuple[str, int]:
         if not 0 <= p <= 65535:
             raise ValueError
     except ValueError:
-        raise EnvironmentProblem(f"metrics address {addr!r}: expected HOST:PORT, "
-                                 "e.g. 127.0.0.1:9464") from None
+        raise UsageError(f"metrics address {addr!r}: expected HOST:PORT, e.g. 127.0.0.1:9464") from None
     return host, p
 
 
@@ -65,8 +66,7 @@ class PrometheusExporter:
         try:
             from prometheus_client import CollectorRegistry, Counter, Gauge
         except ImportError as exc:  # pragma: no cover - depends on the install
-            raise EnvironmentProblem("the Prometheus exporter needs prometheus_client: "
-                                     "pip install 'busted[metrics]'") from exc
+            raise MissingDependency("prometheus_client", "metrics", "the Prometheus exporter") from exc
         self.addr = addr
         self.host, self.port = _parse_addr(addr)
         self.registry = registry if registry is not None else CollectorRegistry()
@@ -89,7 +89,7 @@ class PrometheusExporter:
         self._builtin: Catalog | None | bool = None  # loaded on first need; False: unavailable
         self._seen: dict[int, set[tuple[str, ...]]] = collections.defaultdict(set)
         self._learned: collections.OrderedDict[str, str] = collections.OrderedDict()  # hostname -> provider
-        self._dns_cache: dict[str, str] = {}
+        self._dns_cache: LRUCache[str, str] = LRUCache(maxsize=10_000)
         self._lock = threading.Lock()
         self._server: Any = None
         self._thread: Any = None
@@ -152,8 +152,6 @@ class PrometheusExporter:
                 if found:
                     hit = found
                     break
-            if len(self._dns_cache) >= 10_000:
-                self._dns_cache.clear()
             self._dns_cache[ev.qname] = hit
         return hit
 

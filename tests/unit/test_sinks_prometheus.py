@@ -8,7 +8,7 @@ import pytest
 from events_factory import sample_events
 
 from busted.classify.providers import Catalog, Provider
-from busted.errors import BustedError, EnvironmentProblem
+from busted.errors import BustedError, UsageError
 from busted.events import Direction, DnsRecord, EventsLost, LossPlace
 from busted.sinks import PrometheusExporter, Sink
 
@@ -164,7 +164,7 @@ def test_addresses_and_bind_errors():
     assert (PrometheusExporter().host, PrometheusExporter().port) == ("127.0.0.1", 9464)
     assert (PrometheusExporter(":9100").host, PrometheusExporter("9100").port) == ("127.0.0.1", 9100)
     assert PrometheusExporter("[::1]:9100").host == "::1"
-    with pytest.raises(EnvironmentProblem, match="expected HOST:PORT"):
+    with pytest.raises(UsageError, match="expected HOST:PORT"):
         PrometheusExporter("localhost:http")
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
