@@ -1,6 +1,6 @@
 """A busted Monitor consuming events until SIGTERM/SIGINT, then a JSON summary on stdout.
 
-    python bench/busted_consumer.py [--no-classify]
+    python bench/busted_consumer.py [--no-classify] [--no-llm-calls]
 Prints "READY <startup_s>" once the probes are attached. BUSTED_PROFILE=FILE dumps cProfile stats.
 """
 
@@ -27,7 +27,8 @@ if os.environ.get("BUSTED_PROFILE"):
     prof = cProfile.Profile()
 
 classify = "--no-classify" not in sys.argv
-mon = busted.Monitor(classify=classify).start()
+kw = {"llm_calls": False} if "--no-llm-calls" in sys.argv else {}
+mon = busted.Monitor(classify=classify, **kw).start()
 print("READY", round(time.monotonic() - t_spawn, 3), flush=True)
 events = lost = 0
 t0 = time.monotonic()

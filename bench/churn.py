@@ -6,6 +6,7 @@ Configurations, interleaved (rotating order each round, so the VM's noise hits a
   none               no tracer
   busted             bench/busted_consumer.py: busted.Monitor() consuming every event
   busted-noclassify  the same with Monitor(classify=False) (no DNS/TLS payload capture probes)
+  busted-noplaintext the same with Monitor(llm_calls=False) (no TLS-library uprobes, no HTTP capture)
   tcplife            Debian's tcplife-bpfcc, output to /dev/null
   busted-base        with --baseline DIR: the same consumer importing busted from DIR (a checkout
                      of an earlier commit), for before/after comparisons in one run
@@ -124,7 +125,8 @@ def run_config(name: str, seconds: float, procs: int) -> dict:
     res: dict = {"config": name}
     proc = None
     if name.startswith("busted"):
-        argv = [PY, str(HERE / "busted_consumer.py")] + (["--no-classify"] if name == "busted-noclassify" else [])
+        argv = [PY, str(HERE / "busted_consumer.py")] + {"busted-noclassify": ["--no-classify"],
+                                                         "busted-noplaintext": ["--no-llm-calls"]}.get(name, [])
         env = dict(os.environ)
         if name == "busted-base":
             env["PYTHONPATH"] = BASELINE or ""
