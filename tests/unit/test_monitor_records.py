@@ -210,3 +210,56 @@ def test_filters_drop_but_count():
     m = monitor(comm="python")
     mfeed(m, rec(REC_OPEN, A, 0xF))
     assert drain(m) == [] and m.stats().filtered == 1
+
+
+def test_aevents_runs_callbacks_in_the_consuming_task():
+    import asyncio
+    import threading
+
+    m = monitor()
+    seen = []
+    m.on(FlowOpened, lambda ev: seen.append(threading.get_ident()))
+    for i in range(3):
+        mfeed(m, rec(REC_OPEN, A, 0x400 + i))
+    m._flush_pending()
+
+    async def consume():
+        got = []
+        async for ev in m.aevents(timeout=0.3):
+            got.append(ev)
+        return got, threading.get_ident()
+
+    got, loop_thread = asyncio.run(consume())
+    assert len(got) == 3 and seen == [loop_thread] * 3
+
+
+def test_async_start_does_not_block_the_event_loop(monkeypatch):
+    """The BPF compile (1-2 s) runs in a worker thread: the loop keeps ticking meanwhile."""
+    import asyncio
+    import time as _time
+
+    m = Monitor(classify=False)
+
+    def slow_start():
+        _time.sleep(0.5)
+        m._program, m._table, m._started = FakeProgram(), FlowTable(), True
+        return m
+
+    monkeypatch.setattr(m, "start", slow_start)
+
+    async def main():
+        ticks = 0
+
+        async def ticker():
+            nonlocal ticks
+            while True:
+                await asyncio.sleep(0.02)
+                ticks += 1
+
+        t = asyncio.create_task(ticker())
+        async with m:
+            pass
+        t.cancel()
+        return ticks
+
+    assert asyncio.run(main()) >= 10
