@@ -23,7 +23,7 @@ from cachetools import LRUCache
 from busted.classify.dns import TcpDnsFramer, parse_dns
 from busted.classify.tls import ClientHelloInfo, ClientHelloParser, NeedMore
 from busted.ebpf.layout import FL, REC_CLOSE, REC_DNS, REC_OPEN
-from busted.ebpf.records import CapRecord, FlowRecord, decode_any
+from busted.ebpf.records import CapRecord, FlowRecord, LinRecord, decode_any
 from busted.events import (
     FLOW_IDENTITY,
     Direction,
@@ -37,6 +37,7 @@ from busted.events import (
     LossPlace,
     TlsClientHello,
 )
+from busted.lineage import NO_LINEAGE
 from busted.procinfo import ProcInfo
 
 __all__ = ["FlowTable"]
@@ -90,8 +91,9 @@ class FlowTable:
 
     def __init__(self, *, enricher: Any = None, proc: Callable[[int], ProcInfo] | None = None,
                  salt: int = 0, wall_offset: float = 0.0, max_flows: int = 4 * 65536,
-                 max_streams: int = 4096) -> None:
+                 max_streams: int = 4096, lineage: Any = None) -> None:
         self.enricher = enricher
+        self.lineage = lineage  # a busted.lineage.LineageTable fed the fork/exec/exit records
         self._proc = proc or (lambda _pid: _NO_PROC)
         self._salt = salt
         self._wall_offset = wall_offset
@@ -116,6 +118,10 @@ class FlowTable:
             return [self.loss(LossPlace.PARSE, 1, f"kernel record: {exc}")]
         if isinstance(rec, CapRecord):
             return self._capture(rec)
+        if isinstance(rec, LinRecord):
+            n = self.lineage.feed(rec) if self.lineage is not None else 0
+            return [self.loss(LossPlace.USER_TABLE, n, "process lineage table full: running processes "
+                              "forgotten", rec.ts_ns)] if n else []
         if rec.type == REC_OPEN:
             return self._on_open(rec)
         return self._on_close(rec)
@@ -178,6 +184,7 @@ class FlowTable:
             "netns": netns, "family": rec.family, "saddr": rec.saddr, "sport": rec.sport,
             "daddr": rec.daddr, "dport": rec.dport, "preexisting": preexisting, "hostname": hostname,
             "provider": provider, "evidence": evidence, "confidence": confidence,
+            **(info.lineage or NO_LINEAGE),
         })
 
     def _closed(self, opened: FlowEvent, rec: FlowRecord) -> FlowClosed:
@@ -252,7 +259,7 @@ class FlowTable:
                 pid=pid, tid=pid, uid=e.uid, comm=getattr(info, "comm", None) or "",
                 ppid=info.ppid, exe=info.exe, cmdline=info.cmdline, netns=info.netns,
                 family=e.family, saddr=e.saddr, sport=e.sport, daddr=e.daddr, dport=e.dport,
-                preexisting=True,
+                preexisting=True, **(info.lineage or NO_LINEAGE),
             )
             if self.enricher is not None:
                 ev = self.enricher.classify_flow(ev)

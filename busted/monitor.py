@@ -110,6 +110,8 @@ class Monitor:
         classify: bool = True,
         catalog: Any = None,
         sweep_interval: float = 30.0,
+        agents: Any = None,
+        max_procs: int = 32768,
     ) -> None:
         self._force = probes
         self._filters = _Filters.build(pid=pid, uid=uid, comm=comm, cgroup=cgroup, port=port,
@@ -141,6 +143,9 @@ class Monitor:
         self._user_lost_pending = 0
         self._user_lost: dict[str, int] = {}
         self._sweep_interval = sweep_interval
+        self._agents = agents  # busted.classify.agents.AgentCatalog (None: the built-in one)
+        self._max_procs = max_procs
+        self.lineage: Any = None  # busted.lineage.LineageTable when the lineage probe runs
         self._sweep_failed = False
         self._pending: list[Event] = []
         self._error: BaseException | None = None
@@ -180,8 +185,18 @@ class Monitor:
             from busted.enrich import Enricher
 
             enricher = Enricher(self._catalog)
-        self._table = FlowTable(enricher=enricher, proc=self._proc.get, salt=self._salt,
-                                wall_offset=self._wall_offset, max_flows=4 * self._max_flows)
+        proc = self._proc.get
+        if self.plan.lineage != "off":
+            # Process identity from the kernel's fork/exec records first, /proc second.
+            from busted.cgroups import CgroupPaths, proc_cgroup_path
+            from busted.lineage import LineageProc, LineageTable
+
+            self.lineage = LineageTable(max_procs=self._max_procs)
+            proc = LineageProc(self.lineage, self._proc.get, agents=self._agents,
+                               cgroup_path=CgroupPaths().path, proc_cgroup=proc_cgroup_path).get
+        self._table = FlowTable(enricher=enricher, proc=proc, salt=self._salt,
+                                wall_offset=self._wall_offset, max_flows=4 * self._max_flows,
+                                lineage=self.lineage)
         self._stats.plan = self.plan.describe()
         self._program.open_ring(self._on_record)
         self._started = True

@@ -12,10 +12,15 @@ from dataclasses import dataclass
 from busted.ebpf.probe import TRACEPOINTS, Capabilities
 from busted.errors import ProbeUnavailable
 
-__all__ = ["LIFECYCLE_TIERS", "BYTES_TIERS", "ProbePlan", "choose_plan"]
+__all__ = ["LIFECYCLE_TIERS", "BYTES_TIERS", "LINEAGE_TIERS", "ProbePlan", "choose_plan"]
 
 LIFECYCLE_TIERS = ("tracepoint", "kprobe")
 BYTES_TIERS = ("tracepoint", "syscall", "kprobe")
+# Process lineage (lineage.c): "tracepoint" (task:task_newtask, threads skipped in the kernel),
+# "sched-fork" (sched:sched_process_fork; thread creations reach user space too), "off".
+LINEAGE_TIERS = ("tracepoint", "sched-fork", "off")
+_LINEAGE_COMMON = ("sched/sched_process_exec", "sched/sched_process_exit", "syscalls/sys_enter_execve",
+                   "syscalls/sys_exit_execve")
 
 
 @dataclass(frozen=True)
@@ -26,10 +31,12 @@ class ProbePlan:
     flow_end: str = "destroy"
     # "syscall": DNS answers and TLS ClientHellos copied at the syscall boundary; "off".
     capture: str = "syscall"
+    # Process lineage from fork/exec/exit tracepoints: one of LINEAGE_TIERS.
+    lineage: str = "off"
 
     def describe(self) -> dict[str, str]:
         return {"lifecycle": self.lifecycle, "bytes": self.bytes, "flow_end": self.flow_end,
-                "capture": self.capture}
+                "capture": self.capture, "lineage": self.lineage}
 
 
 def _missing(caps: Capabilities, tps: tuple[str, ...]) -> list[str]:
@@ -61,13 +68,25 @@ def _bytes_ok(caps: Capabilities, tier: str) -> str | None:
     return f"missing tracepoints {', '.join(miss)}" if miss else None
 
 
+def _lineage_ok(caps: Capabilities, tier: str) -> str | None:
+    if tier == "off":
+        return None
+    if tier == "tracepoint":
+        miss = _missing(caps, (*_LINEAGE_COMMON, "task/task_newtask"))
+    elif tier == "sched-fork":
+        miss = _missing(caps, (*_LINEAGE_COMMON, "sched/sched_process_fork"))
+    else:
+        return f"unknown lineage tier {tier!r}; choose one of {LINEAGE_TIERS}"
+    return f"missing tracepoints {', '.join(miss)}" if miss else None
+
+
 def choose_plan(caps: Capabilities, force: Mapping[str, str] | ProbePlan | None = None) -> ProbePlan:
     """Pick the best tier per capability, honouring ``force`` (a ProbePlan or a partial mapping)."""
     forced: dict[str, str] = {}
     if isinstance(force, ProbePlan):
         forced = force.describe()
     elif force:
-        unknown = set(force) - {"lifecycle", "bytes", "flow_end", "capture"}
+        unknown = set(force) - {"lifecycle", "bytes", "flow_end", "capture", "lineage"}
         if unknown:
             raise ProbeUnavailable(
                 f"unknown probe capability {sorted(unknown)}; use keys 'lifecycle' and 'bytes'"
@@ -92,6 +111,7 @@ def choose_plan(caps: Capabilities, force: Mapping[str, str] | ProbePlan | None 
         raise ProbeUnavailable(f"no {name} tier can run on this kernel ({'; '.join(reasons)})")
 
     lifecycle = pick("lifecycle", LIFECYCLE_TIERS, _lifecycle_ok)
+    lineage = pick("lineage", LINEAGE_TIERS, _lineage_ok)
     nbytes = pick("bytes", BYTES_TIERS, _bytes_ok)
     if lifecycle == "kprobe" and nbytes == "syscall":
         if "bytes" in forced:
@@ -117,4 +137,4 @@ def choose_plan(caps: Capabilities, force: Mapping[str, str] | ProbePlan | None 
         raise ProbeUnavailable(f"unknown capture tier {capture!r}; use 'syscall' or 'off'")
     elif capture == "syscall" and cap_missing:
         raise ProbeUnavailable(f"capture tier 'syscall' needs tracepoints {', '.join(cap_missing)}")
-    return ProbePlan(lifecycle=lifecycle, bytes=nbytes, flow_end=end, capture=capture)
+    return ProbePlan(lifecycle=lifecycle, bytes=nbytes, flow_end=end, capture=capture, lineage=lineage)
