@@ -44,7 +44,7 @@ class Proc:
     from the parent until it execs; ``argv`` redacted); times are CLOCK_MONOTONIC ns."""
 
     __slots__ = ("pid", "ppid", "comm", "exe", "argv", "start_ns", "exec_ns", "exit_ns", "cgroup",
-                 "uid", "argv_truncated", "cached")
+                 "uid", "argv_truncated")
 
     def __init__(self, pid: int, ppid: int | None, comm: str, start_ns: int | None, cgroup: int,
                  uid: int) -> None:
@@ -59,7 +59,6 @@ class Proc:
         self.cgroup = cgroup
         self.uid = uid
         self.argv_truncated = False
-        self.cached: dict[str, Any] | None = None  # LineageProc's result for this process
 
     def __repr__(self) -> str:
         return (f"Proc(pid={self.pid}, ppid={self.ppid}, comm={self.comm!r}, exe={self.exe!r}, "
@@ -118,7 +117,6 @@ class LineageTable:
             p.exec_ns = rec.ts_ns
             p.cgroup = rec.cgroup
             p.uid = rec.uid
-            p.cached = None
         elif rec.type == REC_EXIT:
             self.exits += 1
             p = self._procs.get(rec.pid)
@@ -189,8 +187,9 @@ class LineageProc:
         self._cgroup_path = cgroup_path
         self._proc_cgroup = proc_cgroup
         self.max_depth = max(1, max_depth)
-        # Processes known only from /proc, by (pid, start time): their lineage does not change.
-        self._memo: LRUCache[tuple[int, int | None], dict[str, Any]] = LRUCache(maxsize=4096)
+        # Results by process: (pid, fork time, exec time) for those in the table (an exec makes a
+        # new entry), (pid, start ticks) for those known from /proc only. Ancestors do not change.
+        self._memo: LRUCache[tuple, dict[str, Any]] = LRUCache(maxsize=4096)
 
     def _node(self, pid: int) -> _Node | None:
         p = self.table.get(pid)
@@ -212,17 +211,13 @@ class LineageProc:
     def lineage(self, pid: int) -> dict[str, Any]:
         """The FlowEvent lineage fields for ``pid`` (NO_LINEAGE when nothing is known)."""
         p = self.table.get(pid)
-        if p is not None and p.cached is not None:
-            return p.cached
+        key = (pid, p.start_ns, p.exec_ns) if p is not None else (pid, self._proc(pid).start_ticks)
+        hit = self._memo.get(key)
+        if hit is not None:
+            return hit
         first = self._node(pid)
         if first is None:
             return NO_LINEAGE
-        key = None
-        if p is None:
-            key = (pid, self._proc(pid).start_ticks)
-            hit = self._memo.get(key)
-            if hit is not None:
-                return hit
         chain = [first]
         cont = container_of(first.cgroup_path)
         seen = {pid}
@@ -248,10 +243,7 @@ class LineageProc:
             out["container_id"] = cont.container_id
             out["container_runtime"] = cont.runtime
             out["pod_uid"] = cont.pod_uid
-        if p is not None:
-            p.cached = out
-        elif key is not None:
-            self._memo[key] = out
+        self._memo[key] = out
         return out
 
     def get(self, pid: int) -> ProcInfo:
