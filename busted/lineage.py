@@ -23,7 +23,7 @@ from cachetools import LRUCache
 
 from busted.classify.agents import AgentCatalog
 from busted.classify.containers import container_of
-from busted.ebpf.layout import REC_EXEC, REC_EXIT, REC_FORK
+from busted.ebpf.layout import LINF, REC_EXEC, REC_EXIT, REC_FORK
 from busted.ebpf.records import LinRecord
 from busted.events import Ancestor
 from busted.procinfo import ProcInfo
@@ -44,7 +44,7 @@ class Proc:
     from the parent until it execs; ``argv`` redacted); times are CLOCK_MONOTONIC ns."""
 
     __slots__ = ("pid", "ppid", "comm", "exe", "argv", "start_ns", "exec_ns", "exit_ns", "cgroup",
-                 "uid", "argv_truncated")
+                 "uid", "argv_truncated", "argv_unread")
 
     def __init__(self, pid: int, ppid: int | None, comm: str, start_ns: int | None, cgroup: int,
                  uid: int) -> None:
@@ -59,6 +59,7 @@ class Proc:
         self.cgroup = cgroup
         self.uid = uid
         self.argv_truncated = False
+        self.argv_unread = False  # an argument BPF could not read (an empty string in argv)
 
     def __repr__(self) -> str:
         return (f"Proc(pid={self.pid}, ppid={self.ppid}, comm={self.comm!r}, exe={self.exe!r}, "
@@ -103,6 +104,7 @@ class LineageTable:
             p = Proc(rec.pid, rec.ppid, rec.comm, rec.ts_ns, rec.cgroup, rec.uid)
             if parent is not None:  # until it execs, a child runs its parent's program
                 p.exe, p.argv, p.argv_truncated = parent.exe, parent.argv, parent.argv_truncated
+                p.argv_unread = parent.argv_unread
             self._put(p)
         elif rec.type == REC_EXEC:
             self.execs += 1
@@ -113,7 +115,8 @@ class LineageTable:
             p.comm = rec.comm
             p.exe = rec.filename
             p.argv = redact_argv(rec.argv) if rec.argv is not None else None
-            p.argv_truncated = bool(rec.flags & 1)
+            p.argv_truncated = bool(rec.flags & LINF.ARGV_TRUNCATED)
+            p.argv_unread = bool(rec.flags & LINF.ARGV_UNREAD)
             p.exec_ns = rec.ts_ns
             p.cgroup = rec.cgroup
             p.uid = rec.uid
@@ -193,7 +196,7 @@ class LineageProc:
 
     def _node(self, pid: int) -> _Node | None:
         p = self.table.get(pid)
-        if p is not None and p.exe is not None and p.ppid is not None:
+        if p is not None and p.exe is not None and p.ppid is not None and not p.argv_unread:
             return _Node(pid, p.ppid, p.comm, p.exe, p.argv, self._cgroup_of(p))
         info = self._proc(pid)
         if p is None and info.ppid is None and info.exe is None:
@@ -201,8 +204,15 @@ class LineageProc:
         if p is not None:  # partly known: fill the gaps from /proc (a process older than us)
             cg = self._cgroup_of(p)
             return _Node(pid, p.ppid if p.ppid is not None else info.ppid, p.comm,
-                         p.exe or info.exe, p.argv if p.argv is not None else info.cmdline, cg)
+                         p.exe or info.exe, self._argv(p, info), cg)
         return _Node(pid, info.ppid, info.comm or "", info.exe, info.cmdline, self._proc_cgroup(pid))
+
+    @staticmethod
+    def _argv(p: Proc, info: ProcInfo) -> tuple[str, ...] | None:
+        # The kernel's copy, unless BPF could not read part of it and /proc still has it whole.
+        if p.argv is None or (p.argv_unread and info.cmdline):
+            return info.cmdline
+        return p.argv
 
     def _cgroup_of(self, p: Proc) -> str | None:
         # The cgroup at its last exec/fork, by id; a cgroup too new for the index: ask /proc.
@@ -259,7 +269,7 @@ class LineageProc:
         return ProcInfo(
             p.ppid if p.ppid is not None else info.ppid,
             p.exe or info.exe,
-            p.argv if p.argv is not None else info.cmdline,
+            self._argv(p, info),
             info.netns,
             info.start_ticks,
             p.comm or info.comm,

@@ -184,11 +184,12 @@ class LINF:
     ARGV_TRUNCATED = 1  # more arguments, or longer ones, than the record holds
     NO_ARGV = 2  # the exec's arguments were not seen (execve entered before the monitor started)
     THREADS_TOO = 4  # fork records may name threads (no task:task_newtask on this kernel)
+    ARGV_UNREAD = 8  # an argument's memory was not resident: it is an empty string in argv
 
 
 # Lineage records (fork/exec/exit): this header; an exec adds ``fname[LIN_FNAME]`` (the path the
-# kernel executed, from sched_process_exec) and ``args[LIN_ARGS]`` (argv as NUL-terminated
-# strings, ``len`` bytes used, read from user memory at sys_enter_execve).
+# kernel executed, from sched_process_exec) and ``args`` (argv as NUL-terminated strings, read from
+# user memory at sys_enter_execve): only the ``len`` bytes used are sent (at most LIN_ARGS).
 LIN_FNAME = 256
 LIN_ARGS = 1024  # a power of two (the BPF code masks offsets with it)
 LIN_ARGLEN = 256  # one argument is cut at this many bytes

@@ -105,8 +105,13 @@ static __always_inline void lin_stash_argv(u64 uargv)
             goto done;
         }
         long n = bpf_probe_read_user_str(&a->buf[off & (LIN_ARGS - 1)], LIN_ARGLEN, p);
-        if (n <= 0)
-            goto done;
+        if (n <= 0) {
+            /* Not resident (BPF cannot fault pages in: e.g. a string literal in a page the
+             * freshly forked child never touched): keep its place as an empty argument. */
+            a->buf[off & (LIN_ARGS - 1)] = 0;
+            n = 1;
+            a->flags |= LINF_ARGV_UNREAD;
+        }
         if (n == LIN_ARGLEN)
             a->flags |= LINF_ARGV_TRUNCATED;
         off += n;
@@ -172,7 +177,13 @@ int bst_lin_exec(struct tracepoint__sched__sched_process_exec *args)
     } else {
         r->h.flags = LINF_NO_ARGV;
     }
-    if (events.ringbuf_output(r, sizeof(struct lin_exec), BPF_RB_NO_WAKEUP) != 0)
+    /* Only the argument bytes used travel: a typical exec is ~350 bytes, not sizeof(lin_exec). */
+    u64 size = sizeof(struct lin_hdr) + LIN_FNAME + (r->h.len & (LIN_ARGS - 1));
+    if (r->h.len >= LIN_ARGS)
+        size = sizeof(struct lin_exec);
+    if (size > sizeof(struct lin_exec))
+        return 0;
+    if (events.ringbuf_output(r, size, BPF_RB_NO_WAKEUP) != 0)
         count_loss(LOSS_RING);
     return 0;
 }

@@ -230,3 +230,12 @@ def test_flow_table_reports_lineage_losses():
 def test_flow_table_without_lineage_ignores_its_records():
     ft = FlowTable()
     assert ft.feed(LIN_HDR.pack(type=REC_FORK, pid=3, ppid=1)) == []
+
+
+def test_unread_argument_falls_back_to_proc_while_it_lives():
+    t = LineageTable()
+    t.feed(fork(60, 1))
+    t.feed(exe(60, "/usr/bin/curl", ["curl", "", "http://x/"], flags=LINF.ARGV_UNREAD))
+    alive = {60: ProcInfo(1, "/usr/bin/curl", ("curl", "-s", "http://x/"), None, 9, "curl")}
+    assert _source(t, alive).get(60).cmdline == ("curl", "-s", "http://x/")
+    assert _source(t).get(60).cmdline == ("curl", "", "http://x/")  # gone: the kernel's copy, gap kept
