@@ -81,12 +81,13 @@ def _check(ev, pids, tmp_path):
                                                                 "exe": str(tmp_path / "claude")}
 
 
-def test_chain_and_agent_when_everything_exited(tmp_path, server):
+@pytest.mark.parametrize("tier", ["tracepoint", "sched-fork"])
+def test_chain_and_agent_when_everything_exited(tmp_path, server, tier):
     """User space sees no /proc at all: what the flow says came from the kernel's lineage records."""
     empty = tmp_path / "noproc"
     empty.mkdir()
-    with busted.Monitor(port=server, classify=False, preexisting=False) as mon:
-        assert mon.plan.lineage in ("tracepoint", "sched-fork")
+    with busted.Monitor(port=server, classify=False, preexisting=False, probes={"lineage": tier}) as mon:
+        assert mon.plan.lineage == tier
         # Swap the /proc source for an empty one: every process counts as already gone.
         mon._proc.__init__(root=str(empty))
         pids = _chain(tmp_path, server)
