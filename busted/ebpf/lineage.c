@@ -191,9 +191,17 @@ int bst_lin_exec(struct tracepoint__sched__sched_process_exec *args)
 int bst_lin_exit(struct tracepoint__sched__sched_process_exit *args)
 {
     u64 pt = bpf_get_current_pid_tgid();
-    if ((u32)pt != (u32)(pt >> 32))
-        return 0; /* a thread, not the process (its leader's exit stands for it) */
     struct lin_hdr h = {};
+    if ((u32)pt != (u32)(pt >> 32)) {
+#ifdef LIN_FORK_SCHED
+        /* This tier reported the thread's creation as a fork: report its end too, so the
+         * table forgets it first instead of holding it as a running process. */
+        lin_hdr_fill(&h, REC_EXIT);
+        h.pid = (u32)pt;
+        lin_emit_small(&h);
+#endif
+        return 0; /* a thread, not the process (its leader's exit stands for it) */
+    }
     lin_hdr_fill(&h, REC_EXIT);
     lin_emit_small(&h);
     return 0;
