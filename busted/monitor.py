@@ -88,6 +88,8 @@ class Monitor:
     Filters (all optional; a flow must match every one given): ``pid``, ``uid``, ``comm`` (exact),
     ``cgroup`` (cgroup v2 id), ``port`` (either end), ``netns`` (inode), ``family`` (4 or 6).
     ``probes`` forces tiers, e.g. ``{"bytes": "syscall"}`` (see ``busted doctor``).
+    ``agents`` (an ``AgentCatalog``) names the agents on flows and ``max_procs`` bounds the process
+    lineage table (``Monitor.lineage``, when the lineage probe runs; docs/agents.md).
     """
 
     def __init__(

@@ -116,3 +116,24 @@ def test_lineage_off_keeps_the_old_behaviour(tmp_path, server):
         _chain(tmp_path, server)
         opened, _closed = _curl_flow(mon, server)
     assert opened.ancestry is None and opened.agent is None
+
+
+def test_python_dash_m_agent_from_kernel_argv(tmp_path, server):
+    """`python3 -m aider` (a stand-in package) -> curl: the agent is found from the argv the kernel
+    recorded at execve (evidence module:aider), with /proc hidden."""
+    pkg = tmp_path / "aider"
+    pkg.mkdir()
+    (pkg / "__init__.py").write_text("")
+    (pkg / "__main__.py").write_text(
+        "import subprocess\n"
+        f"subprocess.run(['curl', '-s', '-o', '/dev/null', 'http://127.0.0.1:{server}/'], check=True)\n")
+    empty = tmp_path / "noproc"
+    empty.mkdir()
+    with busted.Monitor(port=server, classify=False, preexisting=False) as mon:
+        mon._proc.__init__(root=str(empty))
+        p = subprocess.run(["python3", "-m", "aider", "--model", "x"], cwd=tmp_path, timeout=30, check=True)
+        assert p.returncode == 0
+        opened, _closed = _curl_flow(mon, server)
+    assert [a.comm for a in opened.ancestry] == ["curl", "python3"]
+    assert (opened.agent, opened.agent_evidence) == ("aider", "module:aider")
+    assert opened.agent_pid == opened.ppid
