@@ -239,3 +239,23 @@ def test_unread_argument_falls_back_to_proc_while_it_lives():
     alive = {60: ProcInfo(1, "/usr/bin/curl", ("curl", "-s", "http://x/"), None, 9, "curl")}
     assert _source(t, alive).get(60).cmdline == ("curl", "-s", "http://x/")
     assert _source(t).get(60).cmdline == ("curl", "", "http://x/")  # gone: the kernel's copy, gap kept
+
+
+def test_hostile_lineage_records_never_raise():
+    import random
+
+    rng = random.Random(12)
+    t = LineageTable(max_procs=32)
+    src = _source(t)
+    ft = FlowTable(lineage=t, proc=src.get)
+    for i in range(3000):
+        typ = rng.choice([REC_FORK, REC_EXEC, REC_EXIT])
+        body = bytes(rng.getrandbits(8) for _ in range(rng.choice([0, 10, 60, 64, 200, 400, 1400])))
+        raw = typ.to_bytes(4, "little") + body
+        for ev in ft.feed(raw):
+            assert ev.kind == "events_lost"
+        # small pids so that records hit each other's entries
+        ft.feed(LIN_HDR.pack(type=typ, pid=i % 7, ppid=rng.randrange(8), ts_ns=i))
+        for pid in range(1, 8):
+            src.get(pid)
+    assert len(t) <= 32
