@@ -187,9 +187,10 @@ class LINF:
     ARGV_UNREAD = 8  # an argument's memory was not resident: it is an empty string in argv
 
 
-# Lineage records (fork/exec/exit): this header; an exec adds ``fname[LIN_FNAME]`` (the path the
-# kernel executed, from sched_process_exec) and ``args`` (argv as NUL-terminated strings, read from
-# user memory at sys_enter_execve): only the ``len`` bytes used are sent (at most LIN_ARGS).
+# Lineage records (fork/exec/exit): this header; an exec adds ``flen`` bytes of filename (the path
+# the kernel executed, from sched_process_exec, NUL-terminated, at most LIN_FNAME) and then ``len``
+# bytes of argv (NUL-terminated strings read from user memory at sys_enter_execve, at most
+# LIN_ARGS). Only the bytes used travel: a typical exec record is ~120 bytes.
 LIN_FNAME = 256
 LIN_ARGS = 1024  # a power of two (the BPF code masks offsets with it)
 LIN_ARGLEN = 256  # one argument is cut at this many bytes
@@ -204,7 +205,7 @@ LIN_HDR = Layout.of(
     ("tid", "u32"),  # exec: the thread that called execve (old_pid); fork: the parent thread
     ("uid", "u32"),
     ("len", "u32"),  # exec: bytes of args used
-    ("argc", "u32"),  # exec: arguments captured
+    ("flen", "u32"),  # exec: bytes of filename that follow the header (with its NUL)
     ("flags", "u32"),  # LINF
     ("comm", "char", 16),
 )
@@ -226,6 +227,5 @@ def c_definitions() -> str:
     for lay in (FLOW, REC_HDR, CAP_HDR, LIN_HDR):
         out.append(lay.c_struct())
     out.append("struct rec {\n    struct rec_hdr h;\n    struct flow f;\n};")
-    out.append("struct lin_exec {\n    struct lin_hdr h;\n    char fname[LIN_FNAME];\n"
-               "    char args[LIN_ARGS];\n};")
+    out.append("struct lin_exec {\n    struct lin_hdr h;\n    char data[LIN_FNAME + LIN_ARGS];\n};")
     return "\n".join(out) + "\n"

@@ -46,7 +46,7 @@ static __always_inline void lin_hdr_fill(struct lin_hdr *h, u32 type)
     h->uid = (u32)bpf_get_current_uid_gid();
     h->ppid = 0;
     h->len = 0;
-    h->argc = 0;
+    h->flen = 0;
     h->flags = 0;
     bpf_get_current_comm(&h->comm, sizeof(h->comm));
 }
@@ -162,27 +162,32 @@ int bst_lin_exec(struct tracepoint__sched__sched_process_exec *args)
     u32 old = (u32)args->old_pid; /* the thread that called execve (a non-leader becomes the leader) */
     r->h.tid = old;
     u32 loc = (u32)args->data_loc_filename;
-    if (bpf_probe_read_kernel_str(r->fname, LIN_FNAME, (void *)args + (loc & 0xFFFF)) < 0)
-        r->fname[0] = 0;
+    /* At most LIN_FNAME - 1 bytes with the NUL, so the mask below is exact (and tells the
+     * verifier the bound of the offset argv is copied to). */
+    long fl = bpf_probe_read_kernel_str(r->data, LIN_FNAME - 1, (void *)args + (loc & 0xFFFF));
+    if (fl <= 0) {
+        r->data[0] = 0;
+        fl = 1;
+    }
+    u32 fo = (u32)fl & (LIN_FNAME - 1);
+    r->h.flen = fo;
+    u32 n = 0;
     struct lin_args *a = lin_argv.lookup(&old);
     if (a) {
-        u32 n = a->len;
+        n = a->len;
         if (n > LIN_ARGS)
             n = LIN_ARGS;
-        r->h.len = n;
-        r->h.argc = a->argc;
         r->h.flags = a->flags;
-        bpf_probe_read_kernel(r->args, LIN_ARGS, a->buf);
+        /* argv right after the filename: only the bytes used travel (a typical exec: ~120 B) */
+        bpf_probe_read_kernel(&r->data[fo], LIN_ARGS, a->buf);
         lin_argv.delete(&old);
     } else {
         r->h.flags = LINF_NO_ARGV;
     }
-    /* Only the argument bytes used travel: a typical exec is ~350 bytes, not sizeof(lin_exec). */
-    u64 size = sizeof(struct lin_hdr) + LIN_FNAME + (r->h.len & (LIN_ARGS - 1));
-    if (r->h.len >= LIN_ARGS)
-        size = sizeof(struct lin_exec);
+    r->h.len = n;
+    u64 size = sizeof(struct lin_hdr) + fo + n;
     if (size > sizeof(struct lin_exec))
-        return 0;
+        return 0; /* cannot happen (fo <= LIN_FNAME, n <= LIN_ARGS): the verifier wants the bound */
     if (events.ringbuf_output(r, size, BPF_RB_NO_WAKEUP) != 0)
         count_loss(LOSS_RING);
     return 0;

@@ -152,14 +152,15 @@ def decode_capture(buf: bytes) -> CapRecord:
 
 def decode_lineage(buf: bytes) -> LinRecord:
     """Decode a fork/exec/exit record. Raises ``struct.error`` when short."""
-    (typ, pid, ts, cg, ppid, tid, uid, n, _argc, flags, comm) = _LIN.unpack_from(buf)
+    (typ, pid, ts, cg, ppid, tid, uid, n, flen, flags, comm) = _LIN.unpack_from(buf)
     if typ != REC_EXEC:
         return LinRecord(typ, pid, ts, cg, ppid, tid, uid, flags, _comm(comm))
     base = _LIN.size
-    if len(buf) < base + LIN_FNAME:
+    flen = min(flen, LIN_FNAME)
+    if len(buf) < base + flen:
         raise struct.error("exec record shorter than its filename")
-    fname = _comm(bytes(buf[base : base + LIN_FNAME]))
-    raw = bytes(buf[base + LIN_FNAME : base + LIN_FNAME + min(n, LIN_ARGS)])
+    fname = _comm(bytes(buf[base : base + flen]))
+    raw = bytes(buf[base + flen : base + flen + min(n, LIN_ARGS)])
     parts = raw.split(b"\0")
     if raw.endswith(b"\0"):
         parts.pop()  # the last argument's terminator; without it the last argument was cut

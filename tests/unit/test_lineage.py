@@ -5,7 +5,7 @@ import struct
 import pytest
 
 from busted.classify.agents import AgentCatalog
-from busted.ebpf.layout import LIN_ARGS, LIN_FNAME, LIN_HDR, LINF, REC_EXEC, REC_EXIT, REC_FORK, c_definitions
+from busted.ebpf.layout import LIN_HDR, LINF, REC_EXEC, REC_EXIT, REC_FORK, c_definitions
 from busted.ebpf.records import LinRecord, decode_any, decode_lineage
 from busted.events import Ancestor, FlowOpened, LossPlace
 from busted.flows import FlowTable
@@ -31,15 +31,16 @@ def exit_(pid, ts=3):
 # -- wire ------------------------------------------------------------------------------------------
 
 def _exec_bytes(pid, fname: bytes, args: bytes, flags=0):
+    """An exec record as lineage.c sends it: header, filename + NUL, the argv bytes used."""
     hdr = LIN_HDR.pack(type=REC_EXEC, pid=pid, ts_ns=7, cgroup=9, tid=pid, uid=1000, len=len(args),
-                       argc=args.count(b"\0"), flags=flags, comm=b"curl")
-    return hdr + fname.ljust(LIN_FNAME, b"\0") + args.ljust(LIN_ARGS, b"\0")
+                       flen=len(fname) + 1, flags=flags, comm=b"curl")
+    return hdr + fname + b"\0" + args
 
 
 def test_golden_lineage_header():
     assert LIN_HDR.size == 64
     assert LIN_HDR.offsets() == {"type": 0, "pid": 4, "ts_ns": 8, "cgroup": 16, "ppid": 24, "tid": 28,
-                                 "uid": 32, "len": 36, "argc": 40, "flags": 44, "comm": 48}
+                                 "uid": 32, "len": 36, "flen": 40, "flags": 44, "comm": 48}
     raw = bytes.fromhex("05000000" "0a000000" "0100000000000000" "0200000000000000"
                         "03000000" "03000000" "e8030000" "00000000" "00000000" "00000000") + b"bash".ljust(16, b"\0")
     assert decode_any(raw) == LinRecord(REC_FORK, 10, 1, 2, 3, 3, 1000, 0, "bash")
@@ -55,7 +56,12 @@ def test_exec_record_decodes_filename_and_argv():
     assert decode_lineage(_exec_bytes(5, b"/x", b"a\0bcd", LINF.ARGV_TRUNCATED)).argv == ("a", "bcd")
     assert decode_lineage(_exec_bytes(5, b"/x", b"", LINF.NO_ARGV)).argv == ()
     with pytest.raises(struct.error):
-        decode_lineage(raw[:100])  # header whole, filename cut
+        decode_lineage(raw[:70])  # header whole, filename cut
+    # Hand-written: exec of /bin/x (flen 7) with argv x, a (len 4), flags ARGV_UNREAD.
+    golden = bytes.fromhex("06000000" "2a000000" "0100000000000000" "0200000000000000"
+                           "00000000" "2b000000" "00000000" "04000000" "07000000" "08000000") + \
+        b"x".ljust(16, b"\0") + b"/bin/x\0" + b"x\0a\0"
+    assert decode_any(golden) == LinRecord(REC_EXEC, 42, 1, 2, 0, 43, 0, LINF.ARGV_UNREAD, "x", "/bin/x", ("x", "a"))
 
 
 # -- the table -------------------------------------------------------------------------------------
@@ -202,12 +208,10 @@ def test_flow_table_routes_lineage_records_and_fills_flow_events():
     src = _source(t)
     ft = FlowTable(proc=src.get, lineage=t)
     for rec in (fork(10, 1), exe(10, "/tmp/t/claude", ["claude"])):
-        hdr = LIN_HDR.pack(type=rec.type, pid=rec.pid, ts_ns=rec.ts_ns, cgroup=1, ppid=rec.ppid, comm=b"claude")
         if rec.type == REC_EXEC:
-            raw = hdr[:36] + struct.pack("<I", 7) + hdr[40:] + b"/tmp/t/claude".ljust(LIN_FNAME, b"\0") + \
-                b"claude\0".ljust(LIN_ARGS, b"\0")
+            raw = _exec_bytes(rec.pid, b"/tmp/t/claude", b"claude\0")
         else:
-            raw = hdr
+            raw = LIN_HDR.pack(type=rec.type, pid=rec.pid, ts_ns=rec.ts_ns, cgroup=1, ppid=rec.ppid, comm=b"x")
         assert ft.feed(raw) == []
     assert t.get(10).exe == "/tmp/t/claude"
     raw = REC_HDR.pack(type=REC_OPEN, ts_ns=5, sk=1) + FLOW.pack(
