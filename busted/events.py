@@ -22,6 +22,7 @@ from typing import Any, ClassVar
 
 __all__ = [
     "FLOW_IDENTITY",
+    "Ancestor",
     "Direction",
     "DnsAnswer",
     "DnsRecord",
@@ -96,6 +97,16 @@ class Event:
         return d
 
 
+@dataclass(frozen=True)
+class Ancestor:
+    """One process of a flow's ancestry (``FlowEvent.ancestry``): nearest first, the flow's own
+    process at index 0. ``exe`` is the path the kernel executed (for a script: the script)."""
+
+    pid: int
+    comm: str
+    exe: str | None = None
+
+
 @dataclass(frozen=True, kw_only=True)
 class FlowIdentity(Event):
     """Identity of a TCP flow: who (process) and where (4-tuple), plus what it was classified as.
@@ -130,6 +141,18 @@ class FlowIdentity(Event):
     provider: str | None = None
     evidence: Evidence = Evidence.UNKNOWN
     confidence: float = 0.0
+    # who is behind it (docs/agents.md); None: not known (lineage off, or the process unseen).
+    # ancestry: the process, its parent, ... up to the first process of its container, or the
+    # depth bound. agent: the nearest of those the agent catalog recognises (its id), which pid,
+    # and the evidence ("exe:claude", "module:aider", ...).
+    ancestry: tuple[Ancestor, ...] | None = None
+    agent: str | None = None
+    agent_pid: int | None = None
+    agent_evidence: str | None = None
+    # the container/pod of the process's cgroup v2 path (busted.classify.containers)
+    container_id: str | None = None
+    container_runtime: str | None = None
+    pod_uid: str | None = None
 
 
 @dataclass(frozen=True, kw_only=True)

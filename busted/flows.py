@@ -23,7 +23,7 @@ from cachetools import LRUCache
 from busted.classify.dns import TcpDnsFramer, parse_dns
 from busted.classify.tls import ClientHelloInfo, ClientHelloParser, NeedMore
 from busted.ebpf.layout import FL, REC_BIND, REC_CLOSE, REC_DNS, REC_OPEN
-from busted.ebpf.records import CapRecord, FlowRecord, PlainRecord, decode_any
+from busted.ebpf.records import CapRecord, FlowRecord, LinRecord, PlainRecord, decode_any
 from busted.events import (
     FLOW_IDENTITY,
     Direction,
@@ -37,6 +37,7 @@ from busted.events import (
     LossPlace,
     TlsClientHello,
 )
+from busted.lineage import NO_LINEAGE
 from busted.procinfo import ProcInfo
 
 __all__ = ["FlowTable"]
@@ -93,8 +94,9 @@ class FlowTable:
     def __init__(self, *, enricher: Any = None, proc: Callable[[int], ProcInfo] | None = None,
                  salt: int = 0, wall_offset: float = 0.0, max_flows: int = 4 * 65536,
                  max_streams: int = 4096, reader: Callable[[FlowEvent, Callable[[int], float]], Any] | None = None,
-                 kernel: Any = None, max_pending: int = 64) -> None:
+                 kernel: Any = None, max_pending: int = 64, lineage: Any = None) -> None:
         self.enricher = enricher
+        self.lineage = lineage  # a busted.lineage.LineageTable fed the fork/exec/exit records
         # Plaintext: ``reader(flow, wall)`` makes the per-flow object that turns plaintext into events
         # (``feed(sent, data, ts_ns) -> list[Event]``, ``close(ts_ns)``, ``interesting``: None
         # undecided / False not an LLM API nor MCP). ``kernel`` (the loaded program, or None) is
@@ -135,6 +137,9 @@ class FlowTable:
             return self._capture(rec)
         if isinstance(rec, PlainRecord):
             return self._plain(rec)
+        if isinstance(rec, LinRecord):
+            n = self.lineage.feed(rec) if self.lineage is not None else 0
+            return [self._lineage_loss(n, rec.ts_ns)] if n else []
         if rec.type == REC_OPEN:
             return self._on_open(rec)
         return self._on_close(rec)
@@ -167,7 +172,13 @@ class FlowTable:
                 self._kernel_seen[place] = total
                 where = LossPlace(place)
                 out.append(self.loss(where, total - prev, details.get(where, ""), ts_ns))
+        if self.lineage is not None and (n := self.lineage.take_unreported()):  # a batch not yet due
+            out.append(self._lineage_loss(n, ts_ns))
         return out
+
+    def _lineage_loss(self, n: int, ts_ns: int) -> EventsLost:
+        return self.loss(LossPlace.USER_TABLE, n, "process lineage table full: processes not seen "
+                         "exiting were forgotten", ts_ns)
 
     def wall(self, ns: int) -> float:
         return ns / 1e9 + self._wall_offset
@@ -197,6 +208,7 @@ class FlowTable:
             "netns": netns, "family": rec.family, "saddr": rec.saddr, "sport": rec.sport,
             "daddr": rec.daddr, "dport": rec.dport, "preexisting": preexisting, "hostname": hostname,
             "provider": provider, "evidence": evidence, "confidence": confidence,
+            **(info.lineage or NO_LINEAGE),
         })
 
     def _closed(self, opened: FlowEvent, rec: FlowRecord) -> FlowClosed:
@@ -277,7 +289,7 @@ class FlowTable:
                 pid=pid, tid=pid, uid=e.uid, comm=getattr(info, "comm", None) or "",
                 ppid=info.ppid, exe=info.exe, cmdline=info.cmdline, netns=info.netns,
                 family=e.family, saddr=e.saddr, sport=e.sport, daddr=e.daddr, dport=e.dport,
-                preexisting=True,
+                preexisting=True, **(info.lineage or NO_LINEAGE),
             )
             if self.enricher is not None:
                 ev = self.enricher.classify_flow(ev)

@@ -91,6 +91,8 @@ class Monitor:
     Filters (all optional; a flow must match every one given): ``pid``, ``uid``, ``comm`` (exact),
     ``cgroup`` (cgroup v2 id), ``port`` (either end), ``netns`` (inode), ``family`` (4 or 6).
     ``probes`` forces tiers, e.g. ``{"bytes": "syscall"}`` (see ``busted doctor``).
+    ``agents`` (an ``AgentCatalog``) names the agents on flows and ``max_procs`` bounds the process
+    lineage table (``Monitor.lineage``, when the lineage probe runs; docs/agents.md).
     """
 
     def __init__(
@@ -116,6 +118,8 @@ class Monitor:
         llm_calls: bool = True,
         capture_content: int = 0,
         chunk_bytes: int = CHUNK_BYTES,
+        agents: Any = None,
+        max_procs: int = 32768,
     ) -> None:
         self._force = probes
         self._filters = _Filters.build(pid=pid, uid=uid, comm=comm, cgroup=cgroup, port=port,
@@ -147,6 +151,9 @@ class Monitor:
         self._user_lost_pending = 0
         self._user_lost: dict[str, int] = {}
         self._sweep_interval = sweep_interval
+        self._agents = agents  # busted.classify.agents.AgentCatalog (None: the built-in one)
+        self._max_procs = max_procs
+        self.lineage: Any = None  # busted.lineage.LineageTable when the lineage probe runs
         self._sweep_failed = False
         self._llm_calls = llm_calls
         self._capture_content = capture_content
@@ -200,9 +207,18 @@ class Monitor:
             from busted.enrich import Enricher
 
             enricher = Enricher(self._catalog)
-        self._table = FlowTable(enricher=enricher, proc=self._proc.get, salt=self._salt,
+        proc = self._proc.get
+        if self.plan.lineage != "off":
+            # Process identity from the kernel's fork/exec records first, /proc second.
+            from busted.cgroups import CgroupPaths, proc_cgroup_path
+            from busted.lineage import LineageProc, LineageTable
+
+            self.lineage = LineageTable(max_procs=self._max_procs)
+            proc = LineageProc(self.lineage, self._proc.get, agents=self._agents,
+                               cgroup_path=CgroupPaths().path, proc_cgroup=proc_cgroup_path).get
+        self._table = FlowTable(enricher=enricher, proc=proc, salt=self._salt,
                                 wall_offset=self._wall_offset, max_flows=4 * self._max_flows,
-                                reader=reader, kernel=self._program)
+                                reader=reader, kernel=self._program, lineage=self.lineage)
         self._stats.plan = self.plan.describe()
         self._program.open_ring(self._on_record)
         self._started = True

@@ -25,6 +25,8 @@ class ProcInfo(NamedTuple):
     netns: int | None
     start_ticks: int | None
     comm: str | None = None
+    # Lineage fields for FlowEvent (ancestry, agent, container...: busted.lineage), when known.
+    lineage: dict | None = None
 
 
 _MISSING = ProcInfo(None, None, None, None, None)

@@ -14,8 +14,8 @@ from dataclasses import dataclass
 
 __all__ = [
     "CAP_DNS_TCP", "CAP_DNS_UDP", "CAP_HDR", "FL", "FLOW", "LOSS_MAP", "LOSS_MISS", "LOSS_RING",
-    "Layout", "PT_HDR", "REC_BIND", "REC_CLOSE", "REC_DNS", "REC_HDR", "REC_OPEN", "REC_PLAIN", "REC_TLS",
-    "c_definitions",
+    "LIN_ARGS", "LIN_FNAME", "LIN_HDR", "LINF", "Layout", "PT_HDR", "REC_BIND", "REC_CLOSE", "REC_DNS",
+    "REC_EXEC", "REC_EXIT", "REC_FORK", "REC_HDR", "REC_OPEN", "REC_PLAIN", "REC_TLS", "c_definitions",
 ]
 
 _TYPES = {"u8": ("B", 1), "u16": ("H", 2), "u32": ("I", 4), "u64": ("Q", 8), "char": ("s", 1)}
@@ -107,6 +107,9 @@ REC_DNS = 3  # capture: a DNS answer read by a process
 REC_TLS = 4  # capture: a client's first write(s) on a new TCP connection
 REC_PLAIN = 10  # plaintext: a chunk a process gave its TLS library or a plain-HTTP socket
 REC_BIND = 11  # plaintext: a TLS session (SSL*) was joined to its socket
+REC_FORK = 5  # lineage: a new process (not a thread): pid, parent pid (lineage.c)
+REC_EXEC = 6  # lineage: a process ran a new program: filename and argv follow the header
+REC_EXIT = 7  # lineage: a process (its last thread) exited
 
 CAP_DNS_UDP = 1
 CAP_DNS_TCP = 2
@@ -195,6 +198,39 @@ PT_HDR = Layout.of(
 )
 
 
+class LINF:
+    """lin_hdr.flags"""
+
+    ARGV_TRUNCATED = 1  # more arguments, or longer ones, than the record holds
+    NO_ARGV = 2  # the exec's arguments were not seen (execve entered before the monitor started)
+    THREADS_TOO = 4  # fork records may name threads (no task:task_newtask on this kernel)
+    ARGV_UNREAD = 8  # an argument's memory was not resident: it is an empty string in argv
+
+
+# Lineage records (fork/exec/exit): this header; an exec adds ``flen`` bytes of filename (the path
+# the kernel executed, from sched_process_exec, NUL-terminated, at most LIN_FNAME) and then ``len``
+# bytes of argv (NUL-terminated strings read from user memory at sys_enter_execve, at most
+# LIN_ARGS). Only the bytes used travel: a typical exec record is ~120 bytes.
+LIN_FNAME = 256
+LIN_ARGS = 1024  # a power of two (the BPF code masks offsets with it)
+LIN_ARGLEN = 256  # one argument is cut at this many bytes
+LIN_MAXARGS = 16
+LIN_HDR = Layout.of(
+    "lin_hdr",
+    ("type", "u32"),
+    ("pid", "u32"),  # the process (tgid)
+    ("ts_ns", "u64"),
+    ("cgroup", "u64"),  # cgroup v2 id of the process at that moment
+    ("ppid", "u32"),  # fork: the parent's tgid; else 0
+    ("tid", "u32"),  # exec: the thread that called execve (old_pid); fork: the parent thread
+    ("uid", "u32"),
+    ("len", "u32"),  # exec: bytes of args used
+    ("flen", "u32"),  # exec: bytes of filename that follow the header (with its NUL)
+    ("flags", "u32"),  # LINF
+    ("comm", "char", 16),
+)
+
+
 def c_definitions() -> str:
     """The C text for every layout and constant above (the loader prepends it to the program)."""
     consts = [
@@ -202,10 +238,15 @@ def c_definitions() -> str:
         ("REC_PLAIN", REC_PLAIN), ("REC_BIND", REC_BIND),
         ("CAP_DNS_UDP", CAP_DNS_UDP), ("CAP_DNS_TCP", CAP_DNS_TCP),
         ("LOSS_RING", LOSS_RING), ("LOSS_MAP", LOSS_MAP),
-    ] + [(f"FL_{k}", v) for k, v in vars(FL).items() if k.isupper()]
+        ("REC_FORK", REC_FORK), ("REC_EXEC", REC_EXEC), ("REC_EXIT", REC_EXIT),
+        ("LIN_FNAME", LIN_FNAME), ("LIN_ARGS", LIN_ARGS), ("LIN_ARGLEN", LIN_ARGLEN),
+        ("LIN_MAXARGS", LIN_MAXARGS),
+    ] + [(f"FL_{k}", v) for k, v in vars(FL).items() if k.isupper()] + [
+        (f"LINF_{k}", v) for k, v in vars(LINF).items() if k.isupper()]
     out = ["/* Generated from busted/ebpf/layout.py: edit it there. */"]
     out += [f"#define {k} {v}" for k, v in consts]
-    for lay in (FLOW, REC_HDR, CAP_HDR, PT_HDR):
+    for lay in (FLOW, REC_HDR, CAP_HDR, PT_HDR, LIN_HDR):
         out.append(lay.c_struct())
     out.append("struct rec {\n    struct rec_hdr h;\n    struct flow f;\n};")
+    out.append("struct lin_exec {\n    struct lin_hdr h;\n    char data[LIN_FNAME + LIN_ARGS];\n};")
     return "\n".join(out) + "\n"

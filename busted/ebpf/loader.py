@@ -70,6 +70,17 @@ _CAPTURE_ATTACH = [
     (f"syscalls:sys_enter_{n}", f"bst_cap_{n}_in")
     for n in ("write", "writev", "sendto", "sendmsg", "read", "readv", "recvfrom", "recvmsg")
 ] + [(f"syscalls:sys_exit_{n}", "bst_cap_out") for n in ("read", "readv", "recvfrom", "recvmsg")]
+_LINEAGE_ATTACH = [
+    ("syscalls:sys_enter_execve", "bst_lin_execve_in"),
+    ("syscalls:sys_exit_execve", "bst_lin_execve_out"),
+    ("sched:sched_process_exec", "bst_lin_exec"),
+    ("sched:sched_process_exit", "bst_lin_exit"),
+]
+# execveat is optional (old kernels): attached when present.
+_LINEAGE_OPTIONAL = [
+    ("syscalls:sys_enter_execveat", "bst_lin_execveat_in"),
+    ("syscalls:sys_exit_execveat", "bst_lin_execve_out"),
+]
 _KP_ATTACH = {
     ("lifecycle", "kprobe"): [
         ("kprobe", "tcp_connect", "bst_kp_connect"),
@@ -149,12 +160,15 @@ def build_source(plan: ProbePlan, *, ringbuf_bytes: int = RINGBUF_BYTES, max_flo
                f"#define PT_CHUNK_BYTES {chunk_bytes}"]
     if plan.flow_end == "close-state" or plan.lifecycle != "tracepoint":
         defines.append("#define END_AT_CLOSE 1")
+    if plan.lineage == "sched-fork":
+        defines.append("#define LIN_FORK_SCHED 1")
     parts = [
         "\n".join(defines),
         c_definitions(),
         _read("common.h"),
         _read("plaintext.c") if plan.plaintext == "uprobe" else "",
         _read("capture.c") if plan.capture == "syscall" else "",
+        _read("lineage.c") if plan.lineage != "off" else "",
         _read(_BYTES_FILES[plan.bytes]),
         _read(_LIFECYCLE_FILES[plan.lifecycle]),
     ]
@@ -224,6 +238,15 @@ class FlowProgram:
         if self.plan.capture == "syscall":
             for tp, fn in _CAPTURE_ATTACH:
                 self._attach_tp(tp, fn)
+        if self.plan.lineage != "off":
+            fork_tp = "sched:sched_process_fork" if self.plan.lineage == "sched-fork" else "task:task_newtask"
+            for tp, fn in [(fork_tp, "bst_lin_fork"), *_LINEAGE_ATTACH]:
+                self._attach_tp(tp, fn)
+            for tp, fn in _LINEAGE_OPTIONAL:
+                try:
+                    self._attach_tp(tp, fn)
+                except ProbeLoadError:
+                    pass  # no execveat on this kernel: execve covers almost every program
         if self.plan.lifecycle == "tracepoint" and self.plan.flow_end == "destroy":
             self._attach_tp("tcp:tcp_destroy_sock", "bst_destroy")
         for key in keys:

@@ -12,10 +12,15 @@ from dataclasses import dataclass
 from busted.ebpf.probe import TRACEPOINTS, Capabilities
 from busted.errors import ProbeUnavailable
 
-__all__ = ["LIFECYCLE_TIERS", "BYTES_TIERS", "ProbePlan", "choose_plan"]
+__all__ = ["LIFECYCLE_TIERS", "BYTES_TIERS", "LINEAGE_TIERS", "ProbePlan", "choose_plan"]
 
 LIFECYCLE_TIERS = ("tracepoint", "kprobe")
 BYTES_TIERS = ("tracepoint", "syscall", "kprobe")
+# Process lineage (lineage.c): "tracepoint" (task:task_newtask, threads skipped in the kernel),
+# "sched-fork" (sched:sched_process_fork; thread creations reach user space too), "off".
+LINEAGE_TIERS = ("tracepoint", "sched-fork", "off")
+_LINEAGE_COMMON = ("sched/sched_process_exec", "sched/sched_process_exit", "syscalls/sys_enter_execve",
+                   "syscalls/sys_exit_execve")
 
 
 @dataclass(frozen=True)
@@ -28,10 +33,12 @@ class ProbePlan:
     capture: str = "syscall"
     # "uprobe": TLS library plaintext (and plain HTTP) for LLM calls; "off".
     plaintext: str = "off"
+    # Process lineage from fork/exec/exit tracepoints: one of LINEAGE_TIERS.
+    lineage: str = "off"
 
     def describe(self) -> dict[str, str]:
         return {"lifecycle": self.lifecycle, "bytes": self.bytes, "flow_end": self.flow_end,
-                "capture": self.capture, "plaintext": self.plaintext}
+                "capture": self.capture, "plaintext": self.plaintext, "lineage": self.lineage}
 
 
 def _missing(caps: Capabilities, tps: tuple[str, ...]) -> list[str]:
@@ -63,13 +70,25 @@ def _bytes_ok(caps: Capabilities, tier: str) -> str | None:
     return f"missing tracepoints {', '.join(miss)}" if miss else None
 
 
+def _lineage_ok(caps: Capabilities, tier: str) -> str | None:
+    if tier == "off":
+        return None
+    if tier == "tracepoint":
+        miss = _missing(caps, (*_LINEAGE_COMMON, "task/task_newtask"))
+    elif tier == "sched-fork":
+        miss = _missing(caps, (*_LINEAGE_COMMON, "sched/sched_process_fork"))
+    else:
+        return f"unknown lineage tier {tier!r}; choose one of {LINEAGE_TIERS}"
+    return f"missing tracepoints {', '.join(miss)}" if miss else None
+
+
 def choose_plan(caps: Capabilities, force: Mapping[str, str] | ProbePlan | None = None) -> ProbePlan:
     """Pick the best tier per capability, honouring ``force`` (a ProbePlan or a partial mapping)."""
     forced: dict[str, str] = {}
     if isinstance(force, ProbePlan):
         forced = force.describe()
     elif force:
-        unknown = set(force) - {"lifecycle", "bytes", "flow_end", "capture", "plaintext"}
+        unknown = set(force) - {"lifecycle", "bytes", "flow_end", "capture", "plaintext", "lineage"}
         if unknown:
             raise ProbeUnavailable(
                 f"unknown probe capability {sorted(unknown)}; use keys 'lifecycle' and 'bytes'"
@@ -94,6 +113,7 @@ def choose_plan(caps: Capabilities, force: Mapping[str, str] | ProbePlan | None 
         raise ProbeUnavailable(f"no {name} tier can run on this kernel ({'; '.join(reasons)})")
 
     lifecycle = pick("lifecycle", LIFECYCLE_TIERS, _lifecycle_ok)
+    lineage = pick("lineage", LINEAGE_TIERS, _lineage_ok)
     nbytes = pick("bytes", BYTES_TIERS, _bytes_ok)
     if lifecycle == "kprobe" and nbytes == "syscall":
         if "bytes" in forced:
@@ -127,7 +147,8 @@ def choose_plan(caps: Capabilities, force: Mapping[str, str] | ProbePlan | None 
         raise ProbeUnavailable(f"unknown plaintext tier {plaintext!r}; use 'uprobe' or 'off'")
     elif plaintext == "uprobe" and why_not:
         raise ProbeUnavailable(f"plaintext tier 'uprobe' cannot run here: {why_not}")
-    return ProbePlan(lifecycle=lifecycle, bytes=nbytes, flow_end=end, capture=capture, plaintext=plaintext)
+    return ProbePlan(lifecycle=lifecycle, bytes=nbytes, flow_end=end, capture=capture, plaintext=plaintext,
+                     lineage=lineage)
 
 
 def _plaintext_why_not(caps: Capabilities, capture: str, nbytes: str) -> str | None:

@@ -27,6 +27,10 @@ TRACEPOINTS: dict[str, tuple[str, ...]] = {
         )
         for d in ("enter", "exit")
     ),
+    # process lineage (lineage.c): task_newtask, or sched_process_fork where it is missing
+    "lineage": ("sched/sched_process_exec", "sched/sched_process_exit", "sched/sched_process_fork",
+                "task/task_newtask", "syscalls/sys_enter_execve", "syscalls/sys_exit_execve",
+                "syscalls/sys_enter_execveat", "syscalls/sys_exit_execveat"),
 }
 
 _TRACEFS_CANDIDATES = ("/sys/kernel/tracing", "/sys/kernel/debug/tracing")

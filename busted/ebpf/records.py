@@ -16,10 +16,16 @@ from busted.ebpf.layout import (
     CAP_HDR,
     FL,
     FLOW,
+    LIN_ARGS,
+    LIN_FNAME,
+    LIN_HDR,
     PT_HDR,
     REC_BIND,
     REC_CLOSE,
     REC_DNS,
+    REC_EXEC,
+    REC_EXIT,
+    REC_FORK,
     REC_HDR,
     REC_OPEN,
     REC_PLAIN,
@@ -28,8 +34,8 @@ from busted.ebpf.layout import (
 
 __all__ = [
     "FL", "REC_CLOSE", "REC_DNS", "REC_OPEN", "REC_SIZE", "REC_TLS",
-    "CapRecord", "FlowRecord", "PlainRecord", "addr_text", "decode", "decode_any", "decode_capture",
-    "decode_flow_value", "decode_plain",
+    "CapRecord", "FlowRecord", "LinRecord", "PlainRecord", "addr_text", "decode", "decode_any",
+    "decode_capture", "decode_flow_value", "decode_lineage", "decode_plain",
 ]
 
 # A flow record: the header, then the flow. Both sizes are multiples of 8: no gap between them.
@@ -37,6 +43,7 @@ _REC = struct.Struct("<" + REC_HDR.format + FLOW.format)
 _FLOW = FLOW.struct
 _CAP = CAP_HDR.struct
 _PT = PT_HDR.struct
+_LIN = LIN_HDR.struct
 REC_SIZE = _REC.size
 CAP_HDR_SIZE = _CAP.size
 
@@ -105,6 +112,22 @@ def decode_plain(buf: bytes) -> PlainRecord:
     return PlainRecord(typ, ts, sk, ssl, pid, tid, wire_len, offset, direction == 0, source, bool(cut), data)
 
 
+class LinRecord(NamedTuple):
+    """A lineage record (busted/ebpf/lineage.c): fork, exec or exit of a process."""
+
+    type: int  # REC_FORK / REC_EXEC / REC_EXIT
+    pid: int
+    ts_ns: int
+    cgroup: int
+    ppid: int  # fork: the parent's pid; else 0
+    tid: int
+    uid: int
+    flags: int  # LINF
+    comm: str
+    filename: str | None = None  # exec: the path the kernel executed (a script, not its interpreter)
+    argv: tuple[str, ...] | None = None  # exec: raw (NOT redacted: the lineage table redacts)
+
+
 @lru_cache(maxsize=4096)  # peers repeat; this runs for both ends of every flow
 def addr_text(family: int, raw: bytes) -> tuple[int, str]:
     """(4|6|0, text) for a 16-byte address field in AF_* numbering; v4-mapped IPv6 becomes 4."""
@@ -154,11 +177,30 @@ def decode_capture(buf: bytes) -> CapRecord:
                      _comm(comm), data, max(wire_len, len(data)))
 
 
+def decode_lineage(buf: bytes) -> LinRecord:
+    """Decode a fork/exec/exit record. Raises ``struct.error`` when short."""
+    (typ, pid, ts, cg, ppid, tid, uid, n, flen, flags, comm) = _LIN.unpack_from(buf)
+    if typ != REC_EXEC:
+        return LinRecord(typ, pid, ts, cg, ppid, tid, uid, flags, _comm(comm))
+    base = _LIN.size
+    flen = min(flen, LIN_FNAME)
+    if len(buf) < base + flen:
+        raise struct.error("exec record shorter than its filename")
+    fname = _comm(bytes(buf[base : base + flen]))
+    raw = bytes(buf[base + flen : base + flen + min(n, LIN_ARGS)])
+    parts = raw.split(b"\0")
+    if raw.endswith(b"\0"):
+        parts.pop()  # the last argument's terminator; without it the last argument was cut
+    argv = tuple(a.decode("utf-8", "replace") for a in parts) if raw else ()
+    return LinRecord(typ, pid, ts, cg, ppid, tid, uid, flags, _comm(comm), fname or None, argv)
+
+
 _DECODERS = {REC_OPEN: decode, REC_CLOSE: decode, REC_DNS: decode_capture, REC_TLS: decode_capture,
-             REC_PLAIN: decode_plain, REC_BIND: decode_plain}
+             REC_PLAIN: decode_plain, REC_BIND: decode_plain,
+             REC_FORK: decode_lineage, REC_EXEC: decode_lineage, REC_EXIT: decode_lineage}
 
 
-def decode_any(buf: bytes) -> FlowRecord | CapRecord | PlainRecord:
+def decode_any(buf: bytes) -> FlowRecord | CapRecord | PlainRecord | LinRecord:
     """Decode a record of any type. Raises ``ValueError`` for an unknown type, ``struct.error``
     for a short buffer."""
     if len(buf) < 4:

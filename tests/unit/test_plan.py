@@ -16,7 +16,7 @@ def caps(*, tps=None, kprobes=False) -> Capabilities:
 
 def test_everything_present_picks_tracepoints():
     p = choose_plan(caps())
-    assert p == ProbePlan("tracepoint", "tracepoint", "destroy", "syscall")
+    assert p == ProbePlan("tracepoint", "tracepoint", "destroy", "syscall", "tracepoint")
 
 
 def test_no_sock_length_tracepoints_falls_back_to_syscalls():

@@ -1,0 +1,277 @@
+"""Process lineage: who started whom, from the kernel's fork/exec/exit records. Sans-I/O.
+
+``LineageTable`` is fed the lineage records (``busted/ebpf/lineage.c``) in ring-buffer order, the
+same order as the flow records: when a flow's open is decoded, the fork and exec of its process
+and of every ancestor started while we watched were fed before it, even if all of them exited
+a millisecond later. It is bounded (``max_procs``): exited processes are forgotten first, oldest
+exit first; a process still running that must be forgotten is a counted loss.
+
+``LineageProc`` is the seam to the flow table: a ``proc(pid) -> ProcInfo`` function like
+``ProcCache.get`` that consults the lineage table first and ``/proc`` second, and adds the
+``lineage`` fields of ``FlowEvent`` (ancestry, agent, container) to the ``ProcInfo`` it returns.
+Its I/O (``/proc`` reads, cgroup id -> path) comes in as functions, so tests drive it with plain
+data.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict, deque
+from collections.abc import Callable
+from typing import Any
+
+from cachetools import LRUCache
+
+from busted.classify.agents import AgentCatalog
+from busted.classify.containers import container_of
+from busted.ebpf.layout import LINF, REC_EXEC, REC_EXIT, REC_FORK
+from busted.ebpf.records import LinRecord
+from busted.events import Ancestor
+from busted.procinfo import ProcInfo
+from busted.redact import redact_argv
+
+__all__ = ["NO_LINEAGE", "LineageProc", "LineageTable", "Proc"]
+
+#: The FlowEvent fields this module fills, all unknown.
+NO_LINEAGE: dict[str, Any] = {
+    "ancestry": None, "agent": None, "agent_pid": None, "agent_evidence": None,
+    "container_id": None, "container_runtime": None, "pod_uid": None,
+}
+
+
+class Proc:
+    """One process as the kernel reported it. ``ppid`` is the parent at fork (not the reaper it
+    is handed to when the parent exits); ``exe``/``argv`` are those of its last exec (inherited
+    from the parent until it execs; ``argv`` redacted); times are CLOCK_MONOTONIC ns."""
+
+    __slots__ = ("pid", "ppid", "comm", "exe", "argv", "start_ns", "exec_ns", "exit_ns", "cgroup",
+                 "uid", "argv_truncated", "argv_unread")
+
+    def __init__(self, pid: int, ppid: int | None, comm: str, start_ns: int | None, cgroup: int,
+                 uid: int) -> None:
+        self.pid = pid
+        self.ppid = ppid
+        self.comm = comm
+        self.exe: str | None = None
+        self.argv: tuple[str, ...] | None = None
+        self.start_ns = start_ns
+        self.exec_ns: int | None = None
+        self.exit_ns: int | None = None
+        self.cgroup = cgroup
+        self.uid = uid
+        self.argv_truncated = False
+        self.argv_unread = False  # an argument BPF could not read (an empty string in argv)
+
+    def __repr__(self) -> str:
+        return (f"Proc(pid={self.pid}, ppid={self.ppid}, comm={self.comm!r}, exe={self.exe!r}, "
+                f"argv={self.argv!r}, exit_ns={self.exit_ns})")
+
+
+class LineageTable:
+    """pid -> Proc from lineage records. Not thread-safe: the flow table's reader feeds it.
+
+    ``feed(rec)`` returns how many running processes it had to forget since the last report
+    (reported at most every ``report_ns`` of record time, so a storm makes a few loss events, not
+    one per process); the flow table turns that into an ``EventsLost(USER_TABLE)``.
+    """
+
+    def __init__(self, max_procs: int = 32768, report_ns: int = 500_000_000) -> None:
+        self.max_procs = max(16, max_procs)
+        self._procs: OrderedDict[int, Proc] = OrderedDict()  # oldest insertion first
+        self._exited: deque[Proc] = deque()  # in exit order; entries may be stale (re-forked pid)
+        self.records = 0
+        self.forks = 0
+        self.execs = 0
+        self.exits = 0
+        self.evicted_live = 0  # running processes forgotten for room (a loss)
+        self._unreported = 0
+        self._report_ns = report_ns
+        self._last_report = 0
+
+    def __len__(self) -> int:
+        return len(self._procs)
+
+    def get(self, pid: int) -> Proc | None:
+        return self._procs.get(pid)
+
+    # -- in ------------------------------------------------------------------------------------
+
+    def feed(self, rec: LinRecord) -> int:
+        """Apply one record; returns the count of forgotten running processes to report now."""
+        self.records += 1
+        if rec.type == REC_FORK:
+            self.forks += 1
+            parent = self._procs.get(rec.ppid)
+            p = Proc(rec.pid, rec.ppid, rec.comm, rec.ts_ns, rec.cgroup, rec.uid)
+            if parent is not None:  # until it execs, a child runs its parent's program
+                p.exe, p.argv, p.argv_truncated = parent.exe, parent.argv, parent.argv_truncated
+                p.argv_unread = parent.argv_unread
+            self._put(p)
+        elif rec.type == REC_EXEC:
+            self.execs += 1
+            p = self._procs.get(rec.pid)
+            if p is None or p.exit_ns is not None:  # forked before we started watching
+                p = Proc(rec.pid, None, rec.comm, None, rec.cgroup, rec.uid)
+                self._put(p)
+            p.comm = rec.comm
+            p.exe = rec.filename
+            p.argv = redact_argv(rec.argv) if rec.argv is not None else None
+            p.argv_truncated = bool(rec.flags & LINF.ARGV_TRUNCATED)
+            p.argv_unread = bool(rec.flags & LINF.ARGV_UNREAD)
+            p.exec_ns = rec.ts_ns
+            p.cgroup = rec.cgroup
+            p.uid = rec.uid
+        elif rec.type == REC_EXIT:
+            self.exits += 1
+            p = self._procs.get(rec.pid)
+            if p is not None and p.exit_ns is None:
+                p.exit_ns = rec.ts_ns
+                self._exited.append(p)
+        return self._due(rec.ts_ns)
+
+    def _put(self, p: Proc) -> None:
+        procs = self._procs
+        old = procs.pop(p.pid, None)
+        if old is not None and old.exit_ns is None:
+            old.exit_ns = p.start_ns or 0  # pid reused: its exit was lost; the old entry is stale
+        while len(procs) >= self.max_procs:
+            self._evict()
+        procs[p.pid] = p
+
+    def _evict(self) -> None:
+        procs = self._procs
+        while self._exited:
+            old = self._exited.popleft()
+            if procs.get(old.pid) is old:
+                del procs[old.pid]
+                return
+        # Nothing exited to forget: the oldest running process goes, and that is a loss.
+        procs.popitem(last=False)
+        self.evicted_live += 1
+        self._unreported += 1
+
+    def _due(self, ts_ns: int) -> int:
+        if not self._unreported or ts_ns - self._last_report < self._report_ns:
+            return 0
+        n, self._unreported = self._unreported, 0
+        self._last_report = ts_ns
+        return n
+
+    def take_unreported(self) -> int:
+        """Forgotten running processes not reported yet (for a final report)."""
+        n, self._unreported = self._unreported, 0
+        return n
+
+
+class _Node:
+    __slots__ = ("pid", "ppid", "comm", "exe", "argv", "cgroup_path")
+
+    def __init__(self, pid: int, ppid: int | None, comm: str, exe: str | None,
+                 argv: tuple[str, ...] | None, cgroup_path: str | None) -> None:
+        self.pid, self.ppid, self.comm, self.exe, self.argv = pid, ppid, comm, exe, argv
+        self.cgroup_path = cgroup_path
+
+
+class LineageProc:
+    """``proc(pid) -> ProcInfo`` with lineage: the lineage table first, ``/proc`` second.
+
+    ``proc`` is the /proc source (``ProcCache.get``); ``cgroup_path(cgroup_id)`` resolves a cgroup
+    v2 id to its path, ``proc_cgroup(pid)`` reads a live process's cgroup v2 path (both may return
+    None). ``max_depth`` bounds the ancestry (the process itself counts).
+    """
+
+    def __init__(self, table: LineageTable, proc: Callable[[int], ProcInfo], *,
+                 agents: AgentCatalog | None = None,
+                 cgroup_path: Callable[[int], str | None] = lambda _id: None,
+                 proc_cgroup: Callable[[int], str | None] = lambda _pid: None,
+                 max_depth: int = 8) -> None:
+        self.table = table
+        self._proc = proc
+        self.agents = agents if agents is not None else AgentCatalog.builtin()
+        self._cgroup_path = cgroup_path
+        self._proc_cgroup = proc_cgroup
+        self.max_depth = max(1, max_depth)
+        # Results by process: (pid, fork time, exec time) for those in the table (an exec makes a
+        # new entry), (pid, start ticks) for those known from /proc only. Ancestors do not change.
+        self._memo: LRUCache[tuple, dict[str, Any]] = LRUCache(maxsize=4096)
+
+    def _node(self, pid: int) -> _Node | None:
+        p = self.table.get(pid)
+        if p is not None and p.exe is not None and p.ppid is not None and not p.argv_unread:
+            return _Node(pid, p.ppid, p.comm, p.exe, p.argv, self._cgroup_of(p))
+        info = self._proc(pid)
+        if p is None and info.ppid is None and info.exe is None:
+            return None
+        if p is not None:  # partly known: fill the gaps from /proc (a process older than us)
+            cg = self._cgroup_of(p)
+            return _Node(pid, p.ppid if p.ppid is not None else info.ppid, p.comm,
+                         p.exe or info.exe, self._argv(p, info), cg)
+        return _Node(pid, info.ppid, info.comm or "", info.exe, info.cmdline, self._proc_cgroup(pid))
+
+    @staticmethod
+    def _argv(p: Proc, info: ProcInfo) -> tuple[str, ...] | None:
+        # The kernel's copy, unless BPF could not read part of it and /proc still has it whole.
+        if p.argv is None or (p.argv_unread and info.cmdline):
+            return info.cmdline
+        return p.argv
+
+    def _cgroup_of(self, p: Proc) -> str | None:
+        # The cgroup at its last exec/fork, by id; a cgroup too new for the index: ask /proc.
+        return (self._cgroup_path(p.cgroup) if p.cgroup else None) or self._proc_cgroup(p.pid)
+
+    def lineage(self, pid: int) -> dict[str, Any]:
+        """The FlowEvent lineage fields for ``pid`` (NO_LINEAGE when nothing is known)."""
+        p = self.table.get(pid)
+        key = (pid, p.start_ns, p.exec_ns) if p is not None else (pid, self._proc(pid).start_ticks)
+        hit = self._memo.get(key)
+        if hit is not None:
+            return hit
+        first = self._node(pid)
+        if first is None:
+            return NO_LINEAGE
+        chain = [first]
+        cont = container_of(first.cgroup_path)
+        seen = {pid}
+        node = first
+        while len(chain) < self.max_depth and node.ppid and node.pid != 1 and node.ppid not in seen:
+            parent = self._node(node.ppid)
+            if parent is None:
+                break
+            # The first process of a container is the last one shown: its parent is outside.
+            if cont.container_id is not None and container_of(parent.cgroup_path).container_id != cont.container_id:
+                break
+            chain.append(parent)
+            seen.add(parent.pid)
+            node = parent
+        out = dict(NO_LINEAGE)
+        out["ancestry"] = tuple(Ancestor(n.pid, n.comm, n.exe) for n in chain)
+        for n in chain:
+            m = self.agents.match(n.exe, n.argv)
+            if m is not None:
+                out["agent"], out["agent_pid"], out["agent_evidence"] = m.id, n.pid, f"{m.via}:{m.matched}"
+                break
+        if cont.container_id is not None or cont.pod_uid is not None:
+            out["container_id"] = cont.container_id
+            out["container_runtime"] = cont.runtime
+            out["pod_uid"] = cont.pod_uid
+        self._memo[key] = out
+        return out
+
+    def get(self, pid: int) -> ProcInfo:
+        """Like ``ProcCache.get``, plus the lineage fields; the kernel's record wins over /proc
+        for ppid (the parent at fork), exe (the path executed) and cmdline."""
+        info = self._proc(pid) if pid > 0 else ProcInfo(None, None, None, None, None)
+        if pid <= 0:
+            return info
+        p = self.table.get(pid)
+        lin = self.lineage(pid)
+        if p is None:
+            return info._replace(lineage=lin)
+        return ProcInfo(
+            p.ppid if p.ppid is not None else info.ppid,
+            p.exe or info.exe,
+            self._argv(p, info),
+            info.netns,
+            info.start_ticks,
+            p.comm or info.comm,
+            lin,
+        )

@@ -1,0 +1,139 @@
+"""Real BPF: process lineage on flows. An agent-named script -> bash -c -> curl to a loopback server
+reports its chain and the agent, also when every process of the chain has exited before user space
+decodes the flow (simulated by giving the Monitor a /proc with nothing in it)."""
+
+import http.server
+import os
+import subprocess
+import threading
+
+import pytest
+from conftest import collect
+
+import busted
+from busted import FlowClosed, FlowOpened
+
+
+@pytest.fixture
+def server():
+    class H(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):  # noqa: N802
+            body = b"ok"
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *a):
+            pass
+
+    srv = http.server.ThreadingHTTPServer(("127.0.0.1", 0), H)
+    t = threading.Thread(target=srv.serve_forever, daemon=True)
+    t.start()
+    yield srv.server_address[1]
+    srv.shutdown()
+    srv.server_close()
+
+
+def _chain(tmp_path, port):
+    """tmp/claude (a bash script) -> bash -c '...; true' (forks) -> curl. Returns the script's pid
+    and the pids each process wrote, after all of them exited."""
+    script = tmp_path / "claude"
+    out = tmp_path / "pids"
+    script.write_text(
+        "#!/bin/bash\n"
+        f"echo claude $$ >> {out}\n"
+        f"bash -c 'echo bash $$ >> {out}; curl -s -o /dev/null -H \"Authorization: Bearer sk-secret123456\" "
+        f"http://127.0.0.1:{port}/v1/messages; true'\n"
+    )
+    script.chmod(0o755)
+    p = subprocess.run([str(script), "--api-key", "sk-ant-verysecret"], check=True, timeout=30)
+    assert p.returncode == 0
+    pids = dict(line.split() for line in out.read_text().splitlines())
+    return {k: int(v) for k, v in pids.items()}
+
+
+def _curl_flow(mon, port):
+    def done(evs):
+        return any(isinstance(e, FlowClosed) and e.dport == port and e.comm == "curl" for e in evs)
+
+    evs = collect(mon, done, timeout=15)
+    opened = [e for e in evs if isinstance(e, FlowOpened) and e.dport == port and e.comm == "curl"]
+    closed = [e for e in evs if isinstance(e, FlowClosed) and e.dport == port and e.comm == "curl"]
+    assert len(opened) == 1 and len(closed) == 1, evs
+    return opened[0], closed[0]
+
+
+def _check(ev, pids, tmp_path):
+    anc = ev.ancestry
+    assert anc is not None, ev
+    assert [a.comm for a in anc[:3]] == ["curl", "bash", "claude"], anc
+    assert anc[1].pid == pids["bash"] and anc[2].pid == pids["claude"]
+    assert anc[0].exe == "/usr/bin/curl"
+    assert anc[2].exe == str(tmp_path / "claude")  # the script, not /usr/bin/bash
+    assert ev.ppid == pids["bash"]
+    assert ev.exe == "/usr/bin/curl"
+    assert ev.cmdline is not None and ev.cmdline[0] == "curl"
+    assert "sk-secret123456" not in " ".join(ev.cmdline)  # redacted
+    assert (ev.agent, ev.agent_pid, ev.agent_evidence) == ("claude-code", pids["claude"], "exe:claude")
+    d = ev.to_dict()
+    assert d["agent"] == "claude-code" and d["ancestry"][2] == {"pid": pids["claude"], "comm": "claude",
+                                                                "exe": str(tmp_path / "claude")}
+
+
+@pytest.mark.parametrize("tier", ["tracepoint", "sched-fork"])
+def test_chain_and_agent_when_everything_exited(tmp_path, server, tier):
+    """User space sees no /proc at all: what the flow says came from the kernel's lineage records."""
+    empty = tmp_path / "noproc"
+    empty.mkdir()
+    with busted.Monitor(port=server, classify=False, preexisting=False, probes={"lineage": tier}) as mon:
+        assert mon.plan.lineage == tier
+        # Swap the /proc source for an empty one: every process counts as already gone.
+        mon._proc.__init__(root=str(empty))
+        pids = _chain(tmp_path, server)
+        opened, closed = _curl_flow(mon, server)
+        assert mon._proc.reads > 0  # the /proc source was asked and knew nothing
+    for ev in (opened, closed):
+        _check(ev, pids, tmp_path)
+    # Only the chain the kernel saw: the test's own process predates the monitor and has no /proc.
+    assert len(opened.ancestry) == 3
+
+
+def test_chain_and_agent_real_timing(tmp_path, server):
+    with busted.Monitor(port=server, classify=False, preexisting=False) as mon:
+        pids = _chain(tmp_path, server)
+        opened, _closed = _curl_flow(mon, server)
+        st = mon.stats()
+    _check(opened, pids, tmp_path)
+    # The chain goes on through /proc into processes older than the monitor (this test's python).
+    assert len(opened.ancestry) > 3 and opened.ancestry[3].pid == os.getpid()
+    assert st.plan["lineage"] in ("tracepoint", "sched-fork")
+
+
+def test_lineage_off_keeps_the_old_behaviour(tmp_path, server):
+    with busted.Monitor(port=server, classify=False, preexisting=False, probes={"lineage": "off"}) as mon:
+        assert mon.lineage is None
+        _chain(tmp_path, server)
+        opened, _closed = _curl_flow(mon, server)
+    assert opened.ancestry is None and opened.agent is None
+
+
+def test_python_dash_m_agent_from_kernel_argv(tmp_path, server):
+    """`python3 -m aider` (a stand-in package) -> curl: the agent is found from the argv the kernel
+    recorded at execve (evidence module:aider), with /proc hidden."""
+    pkg = tmp_path / "aider"
+    pkg.mkdir()
+    (pkg / "__init__.py").write_text("")
+    (pkg / "__main__.py").write_text(
+        "import subprocess\n"
+        f"subprocess.run(['curl', '-s', '-o', '/dev/null', 'http://127.0.0.1:{server}/'], check=True)\n")
+    empty = tmp_path / "noproc"
+    empty.mkdir()
+    with busted.Monitor(port=server, classify=False, preexisting=False) as mon:
+        mon._proc.__init__(root=str(empty))
+        p = subprocess.run(["python3", "-m", "aider", "--model", "x"], cwd=tmp_path, timeout=30, check=True)
+        assert p.returncode == 0
+        opened, _closed = _curl_flow(mon, server)
+    assert [a.comm for a in opened.ancestry] == ["curl", "python3"]
+    assert (opened.agent, opened.agent_evidence) == ("aider", "module:aider")
+    assert opened.agent_pid == opened.ppid

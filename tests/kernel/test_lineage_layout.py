@@ -1,0 +1,26 @@
+"""The lineage record layout as BCC compiled it, for both fork tiers."""
+
+import ctypes
+
+import pytest
+
+from busted.ebpf.layout import LIN_ARGS, LIN_FNAME, LIN_HDR
+from busted.ebpf.loader import FlowProgram
+from busted.ebpf.plan import choose_plan
+from busted.ebpf.probe import probe
+
+
+@pytest.mark.parametrize("tier", ["tracepoint", "sched-fork"])
+def test_bcc_compiled_the_lineage_layout(tier):
+    plan = choose_plan(probe(), {"lineage": tier})
+    prog = FlowProgram(plan, ringbuf_bytes=1 << 16, max_flows=64)
+    try:
+        leaf = prog.bpf[b"lin_out"].Leaf._type_  # per-CPU array: one struct lin_exec per CPU
+        assert ctypes.sizeof(leaf) == LIN_HDR.size + LIN_FNAME + LIN_ARGS
+        hdr = dict(leaf._fields_)["h"]
+        assert {n: getattr(hdr, n).offset for n, _t in hdr._fields_} == LIN_HDR.offsets()
+        fork_tp = "sched:sched_process_fork" if tier == "sched-fork" else "task:task_newtask"
+        assert f"tracepoint:{fork_tp}" in prog.attached
+        assert "tracepoint:sched:sched_process_exec" in prog.attached
+    finally:
+        prog.close()

@@ -1,0 +1,275 @@
+"""The lineage table and the lineage-aware proc source, driven with plain records (no kernel)."""
+
+import struct
+
+import pytest
+
+from busted.classify.agents import AgentCatalog
+from busted.ebpf.layout import LIN_HDR, LINF, REC_EXEC, REC_EXIT, REC_FORK, c_definitions
+from busted.ebpf.records import LinRecord, decode_any, decode_lineage
+from busted.events import Ancestor, FlowOpened, LossPlace
+from busted.flows import FlowTable
+from busted.lineage import NO_LINEAGE, LineageProc, LineageTable
+from busted.procinfo import ProcInfo
+from busted.sinks._codec import event_from_dict
+
+NOPROC = ProcInfo(None, None, None, None, None)
+
+
+def fork(pid, ppid, comm="x", ts=1, cg=1):
+    return LinRecord(REC_FORK, pid, ts, cg, ppid, ppid, 0, 0, comm)
+
+
+def exe(pid, path, argv, ts=2, cg=1, flags=0):
+    return LinRecord(REC_EXEC, pid, ts, cg, 0, pid, 0, flags, path.rsplit("/", 1)[-1][:15], path, tuple(argv))
+
+
+def exit_(pid, ts=3):
+    return LinRecord(REC_EXIT, pid, ts, 1, 0, pid, 0, 0, "x")
+
+
+# -- wire ------------------------------------------------------------------------------------------
+
+def _exec_bytes(pid, fname: bytes, args: bytes, flags=0):
+    """An exec record as lineage.c sends it: header, filename + NUL, the argv bytes used."""
+    hdr = LIN_HDR.pack(type=REC_EXEC, pid=pid, ts_ns=7, cgroup=9, tid=pid, uid=1000, len=len(args),
+                       flen=len(fname) + 1, flags=flags, comm=b"curl")
+    return hdr + fname + b"\0" + args
+
+
+def test_golden_lineage_header():
+    assert LIN_HDR.size == 64
+    assert LIN_HDR.offsets() == {"type": 0, "pid": 4, "ts_ns": 8, "cgroup": 16, "ppid": 24, "tid": 28,
+                                 "uid": 32, "len": 36, "flen": 40, "flags": 44, "comm": 48}
+    raw = bytes.fromhex("05000000" "0a000000" "0100000000000000" "0200000000000000"
+                        "03000000" "03000000" "e8030000" "00000000" "00000000" "00000000") + b"bash".ljust(16, b"\0")
+    assert decode_any(raw) == LinRecord(REC_FORK, 10, 1, 2, 3, 3, 1000, 0, "bash")
+    assert "struct lin_exec" in c_definitions() and "#define REC_EXEC 6" in c_definitions()
+
+
+def test_exec_record_decodes_filename_and_argv():
+    raw = _exec_bytes(5, b"/usr/bin/curl", b"curl\0-s\0http://x/\0")
+    r = decode_any(raw)
+    assert (r.type, r.pid, r.filename, r.argv, r.comm, r.cgroup) == (REC_EXEC, 5, "/usr/bin/curl",
+                                                                      ("curl", "-s", "http://x/"), "curl", 9)
+    # The last argument cut without its terminator is kept as cut.
+    assert decode_lineage(_exec_bytes(5, b"/x", b"a\0bcd", LINF.ARGV_TRUNCATED)).argv == ("a", "bcd")
+    assert decode_lineage(_exec_bytes(5, b"/x", b"", LINF.NO_ARGV)).argv == ()
+    with pytest.raises(struct.error):
+        decode_lineage(raw[:70])  # header whole, filename cut
+    # Hand-written: exec of /bin/x (flen 7) with argv x, a (len 4), flags ARGV_UNREAD.
+    golden = bytes.fromhex("06000000" "2a000000" "0100000000000000" "0200000000000000"
+                           "00000000" "2b000000" "00000000" "04000000" "07000000" "08000000") + \
+        b"x".ljust(16, b"\0") + b"/bin/x\0" + b"x\0a\0"
+    assert decode_any(golden) == LinRecord(REC_EXEC, 42, 1, 2, 0, 43, 0, LINF.ARGV_UNREAD, "x", "/bin/x", ("x", "a"))
+
+
+# -- the table -------------------------------------------------------------------------------------
+
+def test_fork_exec_exit_and_inheritance():
+    t = LineageTable()
+    t.feed(fork(10, 1))
+    t.feed(exe(10, "/tmp/claude", ["/tmp/claude", "--api-key", "sk-ant-abcdef123456"]))
+    t.feed(fork(11, 10, comm="claude"))
+    p11 = t.get(11)
+    assert (p11.ppid, p11.exe) == (10, "/tmp/claude")  # not exec'd yet: the parent's program
+    assert t.get(10).argv == ("/tmp/claude", "--api-key", "[REDACTED]")
+    t.feed(exe(11, "/usr/bin/curl", ["curl"]))
+    assert t.get(11).exe == "/usr/bin/curl" and t.get(10).exe == "/tmp/claude"
+    t.feed(exit_(11, ts=50))
+    assert t.get(11).exit_ns == 50  # kept after exit: flows decoded later still find it
+
+
+def test_exec_of_a_process_older_than_the_monitor():
+    t = LineageTable()
+    t.feed(exe(20, "/usr/bin/python3", ["python3", "-m", "aider"]))
+    p = t.get(20)
+    assert p.ppid is None and p.exe == "/usr/bin/python3"
+
+
+def test_bounded_exited_first_and_live_evictions_are_losses():
+    t = LineageTable(max_procs=16, report_ns=0)
+    for pid in range(100, 110):
+        t.feed(fork(pid, 1))
+        t.feed(exit_(pid))
+    for pid in range(200, 216):  # 16 live ones: all 10 exited go first, no loss
+        assert t.feed(fork(pid, 1, ts=5)) == 0
+    assert len(t) == 16 and t.evicted_live == 0
+    assert t.get(100) is None and t.get(200) is not None
+    lost = sum(t.feed(fork(pid, 1, ts=10 + pid)) for pid in range(300, 305))
+    assert len(t) == 16 and t.evicted_live == 5 and lost == 5
+    assert t.get(200) is None  # oldest running went first
+
+
+def test_losses_are_reported_in_batches():
+    t = LineageTable(max_procs=16, report_ns=1000)
+    reported = [t.feed(fork(pid, 1, ts=pid)) for pid in range(1, 40)]
+    assert sum(reported) + t.take_unreported() == t.evicted_live == 39 - 16
+    assert sum(1 for n in reported if n) < t.evicted_live  # not one event per process
+
+
+def test_pid_reuse_replaces_the_entry():
+    t = LineageTable()
+    t.feed(fork(30, 1))
+    t.feed(exe(30, "/bin/old", ["old"]))
+    t.feed(fork(30, 2, ts=9))  # exit lost, pid reused
+    assert t.get(30).ppid == 2 and t.get(30).exe is None
+
+
+# -- the proc source -------------------------------------------------------------------------------
+
+def _source(t, procs=None, cgroups=None, **kw):
+    procs = procs or {}
+    return LineageProc(t, lambda pid: procs.get(pid, NOPROC), agents=AgentCatalog.builtin(),
+                       cgroup_path=lambda cg: (cgroups or {}).get(cg), **kw)
+
+
+def _claude_chain(t, cg=1):
+    t.feed(fork(10, 1, cg=cg))
+    t.feed(exe(10, "/tmp/t/claude", ["/tmp/t/claude"], cg=cg))
+    t.feed(fork(11, 10, cg=cg))
+    t.feed(exe(11, "/bin/bash", ["bash", "-c", "curl x; true"], cg=cg))
+    t.feed(fork(12, 11, cg=cg))
+    t.feed(exe(12, "/usr/bin/curl", ["curl", "-H", "Authorization: Bearer sk-zzzzzzzz", "x"], cg=cg))
+    for pid in (12, 11, 10):
+        t.feed(exit_(pid))
+
+
+def test_chain_and_agent_from_records_alone():
+    t = LineageTable()
+    _claude_chain(t)
+    info = _source(t).get(12)
+    assert (info.ppid, info.exe, info.comm) == (11, "/usr/bin/curl", "curl")
+    assert info.cmdline == ("curl", "-H", "Authorization: [REDACTED]", "x")
+    lin = info.lineage
+    assert lin["ancestry"] == (Ancestor(12, "curl", "/usr/bin/curl"), Ancestor(11, "bash", "/bin/bash"),
+                               Ancestor(10, "claude", "/tmp/t/claude"))
+    assert (lin["agent"], lin["agent_pid"], lin["agent_evidence"]) == ("claude-code", 10, "exe:claude")
+    assert lin["container_id"] is None
+
+
+def test_chain_continues_through_proc_and_is_bounded():
+    t = LineageTable()
+    _claude_chain(t)
+    t.feed(fork(1000, 1))  # unrelated
+    procs = {1: ProcInfo(0, "/sbin/init", ("init",), None, 1, "systemd")}
+    procs.update({pid: ProcInfo(pid - 1, "/bin/sh", ("sh",), None, pid, "sh") for pid in range(2, 10)})
+    # 10's parent is 1 in the records; make it 9 to go through /proc: 12 11 10 9 8 7 6 5 (bound 8)
+    t.get(10).ppid = 9
+    lin = _source(t, procs).lineage(12)
+    assert [a.pid for a in lin["ancestry"]] == [12, 11, 10, 9, 8, 7, 6, 5]
+    short = _source(t, procs, max_depth=2).lineage(12)
+    assert [a.pid for a in short["ancestry"]] == [12, 11]
+    assert short["agent"] is None  # the agent is further up than we looked
+
+
+def test_cycle_in_hostile_records_terminates():
+    t = LineageTable()
+    t.feed(fork(5, 6))
+    t.feed(fork(6, 5))
+    t.feed(exe(5, "/a", ["a"]))
+    t.feed(exe(6, "/b", ["b"]))
+    assert [a.pid for a in _source(t).lineage(5)["ancestry"]] == [5, 6]
+
+
+def test_container_boundary_ends_the_chain():
+    cid = "ab" * 32
+    t = LineageTable()
+    t.feed(fork(40, 1, cg=7))  # containerd-shim, outside
+    t.feed(exe(40, "/usr/bin/containerd-shim-runc-v2", ["containerd-shim-runc-v2"], cg=7))
+    t.feed(fork(41, 40, cg=8))
+    t.feed(exe(41, "/usr/bin/python3", ["python3", "-m", "aider"], cg=8))
+    t.feed(fork(42, 41, cg=8))
+    t.feed(exe(42, "/usr/bin/curl", ["curl"], cg=8))
+    src = _source(t, cgroups={7: "/system.slice/containerd.service",
+                             8: f"/kubepods/besteffort/pod1b2c3d4e-0000-4000-8000-000000000001/{cid}"})
+    lin = src.lineage(42)
+    assert [a.pid for a in lin["ancestry"]] == [42, 41]
+    assert (lin["container_id"], lin["container_runtime"], lin["pod_uid"]) == (
+        cid, "kubernetes", "1b2c3d4e-0000-4000-8000-000000000001")
+    assert (lin["agent"], lin["agent_evidence"]) == ("aider", "module:aider")
+
+
+def test_unknown_process_has_no_lineage_and_proc_fallback_works():
+    t = LineageTable()
+    src = _source(t, {77: ProcInfo(1, "/usr/bin/codex", ("codex",), 5, 3, "codex")})
+    assert src.get(999).lineage == NO_LINEAGE
+    info = src.get(77)
+    assert info.exe == "/usr/bin/codex" and info.lineage["agent"] == "codex-cli"
+    assert src.get(0).lineage is None
+
+
+# -- through the flow table ------------------------------------------------------------------------
+
+def test_flow_table_routes_lineage_records_and_fills_flow_events():
+    from busted.ebpf.layout import FL, FLOW, REC_HDR, REC_OPEN
+
+    t = LineageTable()
+    src = _source(t)
+    ft = FlowTable(proc=src.get, lineage=t)
+    for rec in (fork(10, 1), exe(10, "/tmp/t/claude", ["claude"])):
+        if rec.type == REC_EXEC:
+            raw = _exec_bytes(rec.pid, b"/tmp/t/claude", b"claude\0")
+        else:
+            raw = LIN_HDR.pack(type=rec.type, pid=rec.pid, ts_ns=rec.ts_ns, cgroup=1, ppid=rec.ppid, comm=b"x")
+        assert ft.feed(raw) == []
+    assert t.get(10).exe == "/tmp/t/claude"
+    raw = REC_HDR.pack(type=REC_OPEN, ts_ns=5, sk=1) + FLOW.pack(
+        pid=10, tid=10, flags=FL.ATTRIBUTED | FL.HAVE_TUPLE, family=2, sport=1, dport=2, direction=1, comm=b"claude")
+    ev = ft.feed(raw)[0]
+    assert isinstance(ev, FlowOpened) and ev.agent == "claude-code" and ev.ancestry[0].pid == 10
+    assert event_from_dict(ev.to_dict()) == ev  # the store/JSONL round trip keeps the new fields
+
+
+def test_flow_table_reports_lineage_losses():
+    t = LineageTable(max_procs=16, report_ns=0)
+    ft = FlowTable(lineage=t)
+    evs = []
+    for pid in range(1, 30):
+        evs += ft.feed(LIN_HDR.pack(type=REC_FORK, pid=pid, ts_ns=pid, ppid=1))
+    assert sum(e.count for e in evs) == 29 - 16 and all(e.where == LossPlace.USER_TABLE for e in evs)
+    assert ft.lost["USER_TABLE"] == 13
+
+
+def test_flow_table_without_lineage_ignores_its_records():
+    ft = FlowTable()
+    assert ft.feed(LIN_HDR.pack(type=REC_FORK, pid=3, ppid=1)) == []
+
+
+def test_unread_argument_falls_back_to_proc_while_it_lives():
+    t = LineageTable()
+    t.feed(fork(60, 1))
+    t.feed(exe(60, "/usr/bin/curl", ["curl", "", "http://x/"], flags=LINF.ARGV_UNREAD))
+    alive = {60: ProcInfo(1, "/usr/bin/curl", ("curl", "-s", "http://x/"), None, 9, "curl")}
+    assert _source(t, alive).get(60).cmdline == ("curl", "-s", "http://x/")
+    assert _source(t).get(60).cmdline == ("curl", "", "http://x/")  # gone: the kernel's copy, gap kept
+
+
+def test_hostile_lineage_records_never_raise():
+    import random
+
+    rng = random.Random(12)
+    t = LineageTable(max_procs=32)
+    src = _source(t)
+    ft = FlowTable(lineage=t, proc=src.get)
+    for i in range(3000):
+        typ = rng.choice([REC_FORK, REC_EXEC, REC_EXIT])
+        body = bytes(rng.getrandbits(8) for _ in range(rng.choice([0, 10, 60, 64, 200, 400, 1400])))
+        raw = typ.to_bytes(4, "little") + body
+        for ev in ft.feed(raw):
+            assert ev.kind == "events_lost"
+        # small pids so that records hit each other's entries
+        ft.feed(LIN_HDR.pack(type=typ, pid=i % 7, ppid=rng.randrange(8), ts_ns=i))
+        for pid in range(1, 8):
+            src.get(pid)
+    assert len(t) <= 32
+
+
+def test_unreported_lineage_losses_flush_with_the_kernel_loss_check():
+    t = LineageTable(max_procs=16, report_ns=10**18)  # never due by itself
+    ft = FlowTable(lineage=t)
+    for pid in range(1, 21):
+        assert ft.feed(LIN_HDR.pack(type=REC_FORK, pid=pid, ts_ns=pid, ppid=1)) == []
+    evs = ft.kernel_losses({}, 99)
+    assert [(e.where, e.count) for e in evs] == [(LossPlace.USER_TABLE, 4)]
+    assert ft.kernel_losses({}, 100) == []
