@@ -1,5 +1,7 @@
 """Probe plan choice from capabilities (pure: no kernel needed)."""
 
+import dataclasses
+
 import pytest
 
 from busted.ebpf.plan import ProbePlan, choose_plan
@@ -16,7 +18,20 @@ def caps(*, tps=None, kprobes=False) -> Capabilities:
 
 def test_everything_present_picks_tracepoints():
     p = choose_plan(caps())
-    assert p == ProbePlan("tracepoint", "tracepoint", "destroy", "syscall", "tracepoint")
+    assert p == ProbePlan("tracepoint", "tracepoint", "destroy", "syscall", plaintext="off", lineage="tracepoint")
+
+
+def test_plaintext_needs_uprobes_and_says_why():
+    c = caps()
+    assert choose_plan(c).plaintext == "off"  # no uprobe PMU in these capabilities
+    with pytest.raises(ProbeUnavailable, match="no uprobes"):
+        choose_plan(c, {"plaintext": "uprobe"})
+    c = dataclasses.replace(c, uprobes=True)
+    assert choose_plan(c).plaintext == "uprobe"
+    assert choose_plan(c, {"plaintext": "off"}).plaintext == "off"
+    with pytest.raises(ProbeUnavailable, match="capture tier 'syscall'"):
+        choose_plan(c, {"capture": "off", "plaintext": "uprobe"})
+    assert choose_plan(c, {"capture": "off"}).plaintext == "off"
 
 
 def test_no_sock_length_tracepoints_falls_back_to_syscalls():
