@@ -13,6 +13,7 @@ from busted.errors import (
     KernelHeadersMissing,
     MonitorClosed,
     PermissionDenied,
+    PolicyError,
     ProbeLoadError,
     ProbeUnavailable,
     StoreError,
@@ -30,9 +31,11 @@ from busted.events import (
     FlowEvent,
     FlowOpened,
     LossPlace,
+    PolicyDecision,
     TlsClientHello,
 )
 from busted.monitor import Monitor, MonitorStats
+from busted.policy import Policy
 
 __version__ = "0.1.0"
 
@@ -64,6 +67,9 @@ __all__ = [
     "MonitorStats",
     "MonitorClosed",
     "PermissionDenied",
+    "Policy",
+    "PolicyDecision",
+    "PolicyError",
     "ProbeLoadError",
     "ProbeUnavailable",
     "StoreError",

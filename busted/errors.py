@@ -9,7 +9,8 @@
     ├── ProbeUnavailable        a forced probe tier cannot run on this kernel
     ├── ProbeLoadError          BPF failed to compile, verify or attach
     ├── MonitorClosed           the Monitor was used after close()
-    └── StoreError              the event store cannot be opened or written
+    ├── StoreError              the event store cannot be opened or written
+    └── PolicyError             a policy file is invalid (names file, line, key), or cannot be enforced
 
 Third-party errors are translated at the boundary with ``raise Ours(...) from exc``.
 """
@@ -23,6 +24,7 @@ __all__ = [
     "KernelHeadersMissing",
     "MonitorClosed",
     "PermissionDenied",
+    "PolicyError",
     "ProbeLoadError",
     "ProbeUnavailable",
     "StoreError",
@@ -92,3 +94,16 @@ class MonitorClosed(BustedError):
 
 class StoreError(BustedError):
     """The event store cannot be opened or written; the message names the file."""
+
+
+class PolicyError(BustedError):
+    """A policy is invalid or cannot be enforced. ``path``, ``line`` and ``key`` say where (None
+    when not known); the message starts with ``path:line:`` when they are."""
+
+    def __init__(self, msg: str, *, path: str | None = None, line: int | None = None,
+                 key: str | None = None) -> None:
+        self.path, self.line, self.key, self.reason = path, line, key, msg
+        where = ":".join(str(x) for x in (path, line) if x is not None)
+        if key and f"{key!r}" not in msg:
+            msg = f"{msg} (key {key!r})"
+        super().__init__(f"{where}: {msg}" if where else msg)

@@ -7,6 +7,7 @@ EXPECTED = [
     "EventsLost", "Evidence", "FlowClassified", "FlowClosed", "FlowEvent", "FlowOpened", "KernelHeadersMissing",
     "LossPlace", "Monitor", "MonitorClosed", "MonitorStats", "PermissionDenied", "ProbeLoadError",
     "ProbeUnavailable", "StoreError", "TlsClientHello", "TracefsNotMounted", "__version__", "to_dataframe",
+    "Policy", "PolicyDecision", "PolicyError",
 ]
 
 
