@@ -526,6 +526,10 @@ def _parser() -> argparse.ArgumentParser:
     filters(lab)
     lab.add_argument("--rounds", type=int, default=1)
 
+    from busted.policy_cli import add_policy_parser  # policy: busted/policy_cli.py
+
+    add_policy_parser(sub)
+
     q = sub.add_parser("query", help="read a store")
     q.add_argument("--store", required=True)
     q.add_argument("--table", choices=("flows", "events"), default="flows")
@@ -544,7 +548,10 @@ def main(argv: Sequence[str] | None = None, out: TextIO | None = None) -> int:
         print("busted: --policy is not implemented yet (policies come with the allow/audit/deny work); "
               "run without it", file=sys.stderr)
         return 2
-    handlers = {"doctor": _doctor, "monitor": _monitor, "top": _top, "lab": _lab, "query": _query}
+    from busted.policy_cli import policy_command
+
+    handlers = {"doctor": _doctor, "monitor": _monitor, "top": _top, "lab": _lab, "query": _query,
+                "policy": policy_command}
     try:
         return handlers[args.cmd](args, out)
     except BustedError as exc:

@@ -129,3 +129,19 @@ def test_describe_lists_rules_in_order():
     assert out[0] == "policy p.toml: 2 rule(s), first match wins"
     assert out[1].split() == ["1.", "deny", "nobody-calls-deepseek", "[provider=deepseek]", "(line", "2)"]
     assert "comm=curl" in out[2] and out[3].split()[:3] == ["-", "audit", "default"]
+
+
+def test_cli_policy_check(tmp_path, capsys):
+    import io
+
+    from busted.cli import main
+
+    good = tmp_path / "good.toml"
+    good.write_text(ISSUE_EXAMPLE)
+    out = io.StringIO()
+    assert main(["policy", "check", str(good)], out=out) == 0
+    assert "2 rule(s)" in out.getvalue() and "curl-may-not-call-anthropic" in out.getvalue()
+    bad = tmp_path / "bad.toml"
+    bad.write_text('[[rules]]\nname = "a"\naction = "deny"\ncomm = ["curl", 3]\n')
+    assert main(["policy", "check", str(bad)], out=io.StringIO()) == 2
+    assert f"{bad}:4: " in capsys.readouterr().err
