@@ -204,6 +204,9 @@ def _monitor_kwargs(args: argparse.Namespace) -> dict[str, Any]:
         kw["family"] = 4
     if getattr(args, "ipv6", False):
         kw["family"] = 6
+    from busted.policy_cli import policy_kwargs
+
+    kw.update(policy_kwargs(args))
     return kw
 
 
@@ -285,6 +288,9 @@ def _monitor(args: argparse.Namespace, out: TextIO) -> int:
     _install_sigterm(stop)
     with busted.Monitor(**_monitor_kwargs(args)) as mon:
         deadline = None if args.duration is None else time.monotonic() + args.duration
+        from busted.policy_cli import Reloader
+
+        Reloader(mon, getattr(args, "policy", None))  # SIGHUP
 
         def stream() -> Iterable[Event]:
             while not stop.is_set():
@@ -511,7 +517,9 @@ def _parser() -> argparse.ArgumentParser:
         sp.add_argument("--store", help="also write every event to this SQLite file")
         sp.add_argument("--jsonl", help="also append every event to this JSONL file (rotated)")
         sp.add_argument("--metrics", help="serve Prometheus metrics on ADDR (e.g. 127.0.0.1:9464)")
-        sp.add_argument("--policy", help="policy file (allow/audit/deny): not implemented yet, refused")
+        from busted.policy_cli import add_policy_options  # --policy/--enforce: busted/policy_cli.py
+
+        add_policy_options(sp)
 
     m = sub.add_parser("monitor", help="live view of flows")
     filters(m)
@@ -544,10 +552,6 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None, out: TextIO | None = None) -> int:
     args = _parser().parse_args(argv)
     out = out or sys.stdout
-    if getattr(args, "policy", None):
-        print("busted: --policy is not implemented yet (policies come with the allow/audit/deny work); "
-              "run without it", file=sys.stderr)
-        return 2
     from busted.policy_cli import policy_command
 
     handlers = {"doctor": _doctor, "monitor": _monitor, "top": _top, "lab": _lab, "query": _query,

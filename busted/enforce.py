@@ -45,7 +45,8 @@ from busted.errors import PermissionDenied, PolicyError, ProbeLoadError
 from busted.events import DnsAnswer, Event, PolicyDecision
 from busted.policy import Policy, Rule
 
-__all__ = ["CGROUP2_MOUNTS", "Compiled", "Enforcer", "cgroup2_mount", "compile_policy", "name_entry", "name_mask"]
+__all__ = ["CGROUP2_MOUNTS", "Compiled", "Enforcer", "PolicyRuntime", "cgroup2_mount", "compile_policy",
+           "name_entry", "name_mask"]
 
 ANY_BIT = 63
 AMBIG_BIT = 62
@@ -584,3 +585,50 @@ class Enforcer:
                 except Exception:
                     pass
 
+
+
+class PolicyRuntime:
+    """What a Monitor runs for a policy: the user-space judge always, the kernel programs only when
+    enforcing. Driven by the Monitor's reader thread: ``feed`` right after the flow table (DNS
+    answers are mapped into the kernel there, synchronously), ``consume`` at every drain."""
+
+    def __init__(self, policy: Policy, catalog: Any, *, enforce: bool = False, scope: str | None = None) -> None:
+        from busted.policy import PolicyJudge
+
+        self.enforcer: Enforcer | None = None
+        if enforce:
+            self.enforcer = Enforcer(policy, catalog, scope=scope)
+        kernel = self.enforcer.compiled.kernel_deny if self.enforcer else set()
+        self.judge = PolicyJudge(policy, cgroup_path=CgroupPaths(), kernel_rules=frozenset(kernel))
+        self.dns_learn_s: list[float] = []  # time spent mapping DnsAnswer addresses (bounded sample)
+
+    @property
+    def policy(self) -> Policy:
+        return self.judge.policy
+
+    def set_policy(self, policy: Policy) -> None:
+        """Install ``policy``; a PolicyError (e.g. too many rules for the kernel) keeps the old one."""
+        if self.enforcer is not None:
+            self.enforcer.set_policy(policy)
+            self.judge.kernel_rules = frozenset(self.enforcer.compiled.kernel_deny)
+        self.judge.policy = policy
+
+    def feed(self, events: list[Event]) -> list[Event]:
+        enf = self.enforcer
+        if enf is not None:
+            import time
+
+            for ev in events:
+                if isinstance(ev, DnsAnswer):
+                    t0 = time.perf_counter()
+                    enf.learn_dns(ev)
+                    if len(self.dns_learn_s) < 4096:
+                        self.dns_learn_s.append(time.perf_counter() - t0)
+        return self.judge.feed(events)
+
+    def consume(self) -> list[Event]:
+        return self.enforcer.consume() if self.enforcer is not None else []
+
+    def close(self) -> None:
+        if self.enforcer is not None:
+            self.enforcer.close()

@@ -41,7 +41,8 @@ from typing import Any
 
 from busted.errors import PolicyError
 
-__all__ = ["ACTIONS", "MATCH_KEYS", "Decision", "Policy", "Rule", "Subject", "container_of"]
+__all__ = ["ACTIONS", "MATCH_KEYS", "Decision", "Policy", "PolicyJudge", "Rule", "Subject", "container_of",
+           "decision_event"]
 
 ACTIONS = ("allow", "audit", "deny")
 MATCH_KEYS = ("provider", "hostname", "model", "comm", "exe", "uid", "cgroup", "container")
@@ -398,3 +399,58 @@ class _KeyLines:
             r = self.rules[rule]
             return r.get(key, r.get(None))
         return self.top.get("rules")
+
+
+class PolicyJudge:
+    """Flow events in, the same events plus ``PolicyDecision`` out: the user-space evaluation.
+
+    Sans-I/O. It judges connected flows (``Direction.CONNECT``) when they open and again when they
+    are reclassified (point ``tls_client_hello`` when the SNI decided, else ``connect``), and reports
+    a decision when it differs from the last one reported for that flow. ``enforced`` is always
+    False here: only the kernel enforces. ``kernel_rules``: deny rules the kernel enforces at the
+    ClientHello; their TLS-point decisions come from the kernel, so they are not repeated here. A
+    ``default`` allow is not reported (nothing to say); explicit allow rules are.
+    """
+
+    def __init__(self, policy: Policy, *, cgroup_path: Callable[[int], str | None] | None = None,
+                 kernel_rules: frozenset[str] = frozenset(), max_flows: int = 65536) -> None:
+        from cachetools import LRUCache
+
+        self.policy = policy
+        self.kernel_rules = kernel_rules
+        self._cgroup_path = cgroup_path
+        self._last: LRUCache[int, tuple[str, str]] = LRUCache(maxsize=max_flows)
+
+    def feed(self, events: list[Any]) -> list[Any]:
+        from busted.events import Direction, Evidence, FlowClassified, FlowClosed, FlowOpened
+
+        out: list[Any] = []
+        for ev in events:
+            out.append(ev)
+            if isinstance(ev, FlowClosed):
+                self._last.pop(ev.flow_id, None)
+                continue
+            if not isinstance(ev, FlowOpened | FlowClassified) or ev.direction != Direction.CONNECT:
+                continue
+            point = "tls_client_hello" if ev.evidence == Evidence.SNI and isinstance(ev, FlowClassified) else "connect"
+            d = self.policy.evaluate(Subject.of_flow(ev, self._cgroup_path))
+            if d is None or (d.rule == "default" and d.action == "allow"):
+                continue
+            if self._last.get(ev.flow_id) == (d.rule, d.action):
+                continue
+            self._last[ev.flow_id] = (d.rule, d.action)
+            if point == "tls_client_hello" and d.action == "deny" and d.rule in self.kernel_rules:
+                continue  # the kernel decided and reports it
+            out.append(decision_event(ev, d, point))
+        return out
+
+
+def decision_event(ev: Any, d: Decision, point: str, enforced: bool = False) -> Any:
+    """A ``PolicyDecision`` for flow event ``ev``."""
+    from busted.events import PolicyDecision
+
+    return PolicyDecision(
+        ts_ns=ev.ts_ns, wall_time=ev.wall_time, rule=d.rule, action=d.action, enforced=enforced,
+        point=point, matched=d.matched, flow_id=ev.flow_id, pid=ev.pid, tid=ev.tid, uid=ev.uid,
+        comm=ev.comm, exe=ev.exe, cgroup_id=ev.cgroup_id, daddr=ev.daddr, dport=ev.dport,
+        hostname=ev.hostname, provider=ev.provider)
