@@ -8,8 +8,8 @@
  *   pol_egress     (cgroup skb egress)        - a TLS ClientHello whose SNI is denied is dropped
  *                  (and every later packet of that socket): no request byte leaves the host.
  *   pol_sockops    (cgroup sock_ops)          - a socket marked by pol_egress gets a 1 ms
- *                  TCP_USER_TIMEOUT at its first retransmission timeout, so the client fails in
- *                  well under a second (ETIMEDOUT) instead of retrying for minutes.
+ *                  TCP_USER_TIMEOUT at its next send attempt, so the client fails in well under
+ *                  a second (ETIMEDOUT) instead of retrying for minutes.
  *
  * Rules: pol_rules[0..nrules) in policy order; each carries the bit of its policy rule. A
  * destination's mask (pol_addr*, pol_names) holds the bits of the rules whose provider/hostname
@@ -567,20 +567,26 @@ int pol_egress_judge(struct __sk_buff *skb)
     return 0;
 }
 
-/* sock_ops: ask for the RTO callback on every active connection; at a marked socket's first
- * retransmission timeout, make the next one fatal (TCP_USER_TIMEOUT = 1 ms). */
+/* sock_ops: make a socket whose hello pol_egress dropped fail fast. A dropped segment is never
+ * "in flight", so TCP retries it from its probe timer, not the retransmission timer; the header
+ * option callback runs at each try, and there the socket gets TCP_USER_TIMEOUT = 1 ms, so the next
+ * timer aborts it (ETIMEDOUT). The callback is asked for at connect and given up after the first
+ * few data segments (the hello is past by then), so established flows pay nothing. */
 int pol_sockops(struct bpf_sock_ops *ops)
 {
     u32 op = ops->op;
     if (op == BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB) {
-        bpf_sock_ops_cb_flags_set(ops, BPF_SOCK_OPS_RTO_CB_FLAG);
+        bpf_sock_ops_cb_flags_set(ops, BPF_SOCK_OPS_WRITE_HDR_OPT_CB_FLAG);
         return 1;
     }
-    if (op == BPF_SOCK_OPS_RTO_CB) {
+    if (op == BPF_SOCK_OPS_HDR_OPT_LEN_CB) {
         u64 ck = bpf_get_socket_cookie(ops);
         if (pol_denied_sk.lookup(&ck)) {
             int ms = 1;
             bpf_setsockopt(ops, 6 /* SOL_TCP */, 18 /* TCP_USER_TIMEOUT */, &ms, sizeof(ms));
+            bpf_sock_ops_cb_flags_set(ops, 0);
+        } else if (ops->data_segs_out > 8) {
+            bpf_sock_ops_cb_flags_set(ops, 0);
         }
     }
     return 1;
