@@ -319,11 +319,11 @@ def _expand(r: Rule, i: int, unsure: list[str], mount: str | None, notes: list[s
 
 _BPF_SYSCALL = {"x86_64": 321, "aarch64": 280}.get(os.uname().machine)
 _BPF_LINK_CREATE = 28
-_ATTACH = {  # program -> (bcc prog type, attach type)
-    "pol_connect4": (18, 10),  # CGROUP_SOCK_ADDR, CGROUP_INET4_CONNECT
-    "pol_connect6": (18, 11),  # CGROUP_INET6_CONNECT
-    "pol_egress": (8, 1),  # CGROUP_SKB, CGROUP_INET_EGRESS
+_ATTACH = {  # program -> (bcc prog type, attach type); connect4 last: once it shows, all are there
     "pol_sockops": (13, 3),  # SOCK_OPS, CGROUP_SOCK_OPS
+    "pol_egress": (8, 1),  # CGROUP_SKB, CGROUP_INET_EGRESS
+    "pol_connect6": (18, 11),  # CGROUP_SOCK_ADDR, CGROUP_INET6_CONNECT
+    "pol_connect4": (18, 10),  # CGROUP_INET4_CONNECT
 }
 _TAILS = [  # (prog array, slot, program, prog type, expected attach type)
     ("pol_dns_tail", 0, "pol_dns_mask", 5, -1),  # TRACEPOINT
