@@ -600,7 +600,10 @@ class PolicyRuntime:
             self.enforcer = Enforcer(policy, catalog, scope=scope)
         kernel = self.enforcer.compiled.kernel_deny if self.enforcer else set()
         self.judge = PolicyJudge(policy, cgroup_path=CgroupPaths(), kernel_rules=frozenset(kernel))
-        self.dns_learn_s: list[float] = []  # time spent mapping DnsAnswer addresses (bounded sample)
+        # Measurements (bounded samples): seconds spent mapping a DnsAnswer's addresses, and ns from
+        # the client's read of the answer (the event's ts_ns) to user space having mapped it.
+        self.dns_learn_s: list[float] = []
+        self.dns_lag_ns: list[int] = []
 
     @property
     def policy(self) -> Policy:
@@ -624,6 +627,7 @@ class PolicyRuntime:
                     enf.learn_dns(ev)
                     if len(self.dns_learn_s) < 4096:
                         self.dns_learn_s.append(time.perf_counter() - t0)
+                        self.dns_lag_ns.append(time.monotonic_ns() - ev.ts_ns)
         return self.judge.feed(events)
 
     def consume(self) -> list[Event]:

@@ -213,3 +213,49 @@ def test_nothing_left_after_exit_or_sigkill(lab, cgroup, tmp_path, how):
     assert r.returncode == 0, r.stderr
     assert len(requests_with(lab, m)) == 1
 
+
+
+def test_process_keys_are_checked_in_the_kernel(lab, cgroup):
+    """First match wins in the kernel too: a cgroup allow before a comm deny."""
+    svc = cgroup / "svc"
+    svc.mkdir(exist_ok=True)
+    try:
+        pol = Policy.from_dict({"default": "audit", "rules": [
+            {"name": "svc-may", "action": "allow", "provider": "anthropic", "cgroup": f"/{cgroup.name}/svc"},
+            {"name": "curl-may-not", "action": "deny", "provider": "anthropic", "comm": "curl"}]})
+        m = uuid.uuid4().hex
+        url = "https://api.anthropic.com/v1/models"
+        with busted.Monitor(policy=pol, enforce=True, policy_scope="/" + cgroup.name):
+            denied = run(lab, curl(url, m), cgroup)
+            in_svc = run(lab, curl(url, m), svc)
+            py = run(lab, [sys.executable, "-c", PY_HTTPX, f"{url}?m={m}"], cgroup)
+        assert denied.returncode == 7
+        assert in_svc.returncode == 0, in_svc.stderr
+        assert py.returncode == 0 and py.stdout.strip() == b"200", py.stderr
+        assert len(requests_with(lab, m)) == 2
+    finally:
+        svc.rmdir()
+
+
+def test_measure_dns_answer_to_connect_race(lab, cgroup):
+    """How long a client takes from reading a DNS answer to connect(), against how long user space
+    takes to map that answer: why the BPF DNS parser exists. Printed for docs/policy.md."""
+    m = uuid.uuid4().hex
+    with busted.Monitor(policy=Policy.from_dict(DENY_ANTHROPIC), enforce=True,
+                        policy_scope="/" + cgroup.name) as mon:
+        rcs = [run(lab, curl("https://api.anthropic.com/v1/models", m), cgroup).returncode for _ in range(20)]
+        evs = collect(mon, lambda e: sum(isinstance(x, PolicyDecision) and x.enforced for x in e) >= 20, timeout=10)
+        lag = sorted(mon._policy_rt.dns_lag_ns)
+        learn = sorted(mon._policy_rt.dns_learn_s)
+    assert rcs == [7] * 20 and requests_with(lab, m) == []
+    answers = {}
+    for e in evs:
+        if isinstance(e, busted.DnsAnswer) and e.qname == "api.anthropic.com" and e.addresses:
+            answers.setdefault(e.pid, e.ts_ns)
+    gaps = sorted(d.ts_ns - answers[d.pid] for d in evs
+                  if isinstance(d, PolicyDecision) and d.enforced and d.pid in answers)
+    assert len(gaps) >= 10 and lag
+    med = lambda xs: xs[len(xs) // 2]  # noqa: E731
+    print(f"\nanswer read -> connect(): median {med(gaps) / 1e3:.0f} us, max {gaps[-1] / 1e3:.0f} us (n={len(gaps)})"
+          f"\nanswer read -> mapped by user space: median {med(lag) / 1e3:.0f} us, max {lag[-1] / 1e3:.0f} us"
+          f" (n={len(lag)}); map update itself: median {med(learn) * 1e6:.0f} us")
