@@ -7,6 +7,9 @@ Configurations, interleaved (rotating order each round, so the VM's noise hits a
   busted             bench/busted_consumer.py: busted.Monitor() consuming every event
   busted-noclassify  the same with Monitor(classify=False) (no DNS/TLS payload capture probes)
   tcplife            Debian's tcplife-bpfcc, output to /dev/null
+  busted-policy      busted with a policy, dry run (user-space decisions only)
+  busted-enforce     busted with the same policy enforced (cgroup connect/egress/sock_ops programs
+                     at the cgroup v2 root, DNS parser): its cost on flows the policy does not deny
 Throughput ratio = connections/s with the tracer / connections/s with none, in the same round.
 Traffic is loopback only; every loop is bounded by --seconds.
 """
@@ -119,7 +122,9 @@ def run_config(name: str, seconds: float, procs: int) -> dict:
     res: dict = {"config": name}
     proc = None
     if name.startswith("busted"):
-        argv = [PY, str(HERE / "busted_consumer.py")] + (["--no-classify"] if name == "busted-noclassify" else [])
+        extra = {"busted-noclassify": ["--no-classify"], "busted-policy": ["--policy"],
+                 "busted-enforce": ["--policy", "--enforce"]}.get(name, [])
+        argv = [PY, str(HERE / "busted_consumer.py"), *extra]
         t = time.monotonic()
         proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         line = proc.stdout.readline()

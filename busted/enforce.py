@@ -474,13 +474,18 @@ class Enforcer:
 
     def learn_dns(self, ev: DnsAnswer) -> None:
         """Map a DNS answer's addresses for policy names (what the BPF parser may have missed)."""
-        names = (ev.qname, *ev.cname_chain)
+        with self._lock:  # the reader calls this; set_policy may run in another thread
+            self._learn(ev)
+
+    def _learn(self, ev: DnsAnswer) -> None:
+        b = self.bpf
+        if b is None:
+            return
         mask = 0
-        for n in names:
+        for n in (ev.qname, *ev.cname_chain):
             mask |= name_mask(self.compiled.names, n)
         if not mask:
             return
-        b = self.bpf
         for ip in ev.addresses:
             a = ipaddress.ip_address(ip)
             self._learned[ip] = (mask, ev.qname)
