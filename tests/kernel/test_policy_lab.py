@@ -259,3 +259,48 @@ def test_measure_dns_answer_to_connect_race(lab, cgroup):
     print(f"\nanswer read -> connect(): median {med(gaps) / 1e3:.0f} us, max {gaps[-1] / 1e3:.0f} us (n={len(gaps)})"
           f"\nanswer read -> mapped by user space: median {med(lag) / 1e3:.0f} us, max {lag[-1] / 1e3:.0f} us"
           f" (n={len(lag)}); map update itself: median {med(learn) * 1e6:.0f} us")
+
+
+def test_cli_sighup_reload(lab, cgroup, tmp_path):
+    """SIGHUP: a valid file takes effect for the next connect; an invalid one keeps the old policy
+    and says why (stderr lines announce both)."""
+    import select
+    import signal
+
+    f = tmp_path / "p.toml"
+    f.write_text('[[rules]]\nname = "no-anthropic"\naction = "deny"\nprovider = "anthropic"\n')
+    argv = [sys.executable, "-m", "busted.cli", "monitor", "--json", "--policy", str(f), "--enforce",
+            "--policy-scope", "/" + cgroup.name]
+    proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+
+    def stderr_line(timeout=15.0):
+        """The next stderr line about the policy (other lines, e.g. a ready line, are skipped)."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if select.select([proc.stderr], [], [], 0.5)[0]:
+                line = proc.stderr.readline()
+                if "policy" in line:
+                    return line
+        raise AssertionError("no policy line on stderr")
+
+    try:
+        deadline = time.monotonic() + 30
+        while ours_attached().count("pol_") < 4:
+            assert proc.poll() is None and time.monotonic() < deadline
+            time.sleep(0.1)
+        m = uuid.uuid4().hex
+        url = "https://api.anthropic.com/v1/models"
+        assert run(lab, curl(url, m), cgroup).returncode == 7
+        f.write_text('[[rules]]\nname = "yes"\naction = "allow"\nprovider = "anthropic"\n')
+        proc.send_signal(signal.SIGHUP)
+        assert "policy reloaded" in stderr_line()
+        assert run(lab, curl(url, m), cgroup).returncode == 0
+        f.write_text('[[rules]]\nname = "yes"\naction = "allow"\nprovder = "anthropic"\n')
+        proc.send_signal(signal.SIGHUP)
+        line = stderr_line()
+        assert "not reloaded" in line and f"{f}:4:" in line and "provder" in line
+        assert run(lab, curl(url, m), cgroup).returncode == 0
+        assert len(requests_with(lab, m)) == 2
+    finally:
+        proc.terminate()
+        proc.wait(timeout=15)
