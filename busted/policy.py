@@ -182,6 +182,8 @@ class Policy:
         self.rules = tuple(rules)
         self.default = default
         self.source = source
+        # whether evaluating needs the flow's cgroup path (a /proc-free but not free lookup)
+        self.needs_cgroup = any(r.cgroup is not None or r.container is not None for r in self.rules)
 
     def __repr__(self) -> str:
         return f"Policy(default={self.default!r}, rules={len(self.rules)}, source={self.source!r})"
@@ -432,8 +434,11 @@ class PolicyJudge:
                 continue
             if not isinstance(ev, FlowOpened | FlowClassified) or ev.direction != Direction.CONNECT:
                 continue
+            if ev.provider is None and ev.hostname is None:
+                continue  # fast path (every non-LLM flow): evaluate() would say None
             point = "tls_client_hello" if ev.evidence == Evidence.SNI and isinstance(ev, FlowClassified) else "connect"
-            d = self.policy.evaluate(Subject.of_flow(ev, self._cgroup_path))
+            pol = self.policy
+            d = pol.evaluate(Subject.of_flow(ev, self._cgroup_path if pol.needs_cgroup else None))
             if d is None or (d.rule == "default" and d.action == "allow"):
                 continue
             if self._last.get(ev.flow_id) == (d.rule, d.action):

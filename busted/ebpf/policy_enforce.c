@@ -6,7 +6,7 @@
  *                  when its question's name matches pol_names, its A/AAAA addresses enter pol_addr4/6 before
  *                  the read() returns, so the client's very next connect() is already judged.
  *   pol_egress     (cgroup skb egress)        - a TLS ClientHello whose SNI is denied is dropped
- *                  (and every later packet of that socket): no request byte leaves the host.
+ *                  (and every later data segment of that socket): no request byte leaves the host.
  *   pol_sockops    (cgroup sock_ops)          - a socket marked by pol_egress gets a 1 ms
  *                  TCP_USER_TIMEOUT at its next send attempt, so the client fails in well under
  *                  a second (ETIMEDOUT) instead of retrying for minutes.
@@ -465,9 +465,6 @@ int pol_dns_out(struct sys_exit_args *a)
 /* Egress: find the SNI of a ClientHello starting this segment's payload. */
 int pol_egress(struct __sk_buff *skb)
 {
-    u64 ck = bpf_get_socket_cookie(skb);
-    if (pol_denied_sk.lookup(&ck))
-        return 0;
     u8 ip[40];
     u32 ihl, proto, family;
     if (bpf_skb_load_bytes(skb, 0, ip, 20) != 0)
@@ -491,12 +488,19 @@ int pol_egress(struct __sk_buff *skb)
     if (bpf_skb_load_bytes(skb, ihl, th, 16) != 0)
         return 1;
     u32 p = ihl + (th[12] >> 4) * 4;
+    if (skb->len <= p)
+        return 1;  /* no payload (ACK, SYN, FIN): nothing of a request */
+    /* Every data segment of a socket whose hello was denied (its retransmissions, TLS 1.3 early
+     * data) is dropped too. */
+    u64 ck = bpf_get_socket_cookie(skb);
+    if (pol_denied_sk.lookup(&ck))
+        return 0;
     u8 h[11];
     /* TLS record header (5), handshake header (4), client_version (2) */
     if (bpf_skb_load_bytes(skb, p, h, 11) != 0)
         return 1;
     if (h[0] != 0x16 || h[1] != 3 || h[5] != 1)
-        return 1;
+        return 1;  /* not a ClientHello: the common case, decided without a map lookup */
     u32 q = p + 11 + 32;  /* random */
     u8 l[2];
     if (bpf_skb_load_bytes(skb, q, l, 1) != 0)
