@@ -34,6 +34,7 @@ import os
 import socket
 import struct
 import threading
+import time
 from dataclasses import dataclass, field
 from importlib import resources
 from typing import Any
@@ -176,8 +177,6 @@ class CgroupPaths:
         self._last = -1e9
 
     def _scan(self) -> None:
-        import time
-
         self._last = time.monotonic()
         if not self.mount:
             return
@@ -191,11 +190,9 @@ class CgroupPaths:
                 ids[os.stat(root).st_ino] = "/" + os.path.relpath(root, self.mount).removeprefix(".")
             except OSError:
                 continue
-        self._ids = {k: (v if v != "/" else "/") for k, v in ids.items()}
+        self._ids = ids
 
     def __call__(self, cgid: int) -> str | None:
-        import time
-
         p = self._ids.get(cgid)
         if p is None and time.monotonic() - self._last >= self._rescan_s:
             self._scan()
@@ -531,8 +528,6 @@ class Enforcer:
         return 0
 
     def _decision(self, r: dict[str, Any]) -> PolicyDecision:
-        import time
-
         pol = self._policy
         idx = r["rule"]
         if idx == POL_DEFAULT or idx >= len(pol.rules):
@@ -624,8 +619,6 @@ class PolicyRuntime:
     def feed(self, events: list[Event]) -> list[Event]:
         enf = self.enforcer
         if enf is not None:
-            import time
-
             for ev in events:
                 if isinstance(ev, DnsAnswer):
                     t0 = time.perf_counter()
