@@ -51,11 +51,11 @@ class Reloader:
     """SIGHUP reloads the policy file. The handler only sets a flag; a small thread does the reload
     (a signal handler must not take the Monitor's locks). An invalid file keeps the old policy."""
 
-    def __init__(self, mon: Any, path: str | None, err: TextIO | None = None) -> None:
+    def __init__(self, mon: Any, path: str | None, err: TextIO | None = None, install: bool = True) -> None:
         self.mon, self.path, self.err = mon, path, err or sys.stderr
         self._hup = threading.Event()
         self.reloads = 0
-        if path and threading.current_thread() is threading.main_thread():
+        if install and path and threading.current_thread() is threading.main_thread():
             signal.signal(signal.SIGHUP, lambda _s, _f: self._hup.set())
             threading.Thread(target=self._run, name="busted-policy-reload", daemon=True).start()
 

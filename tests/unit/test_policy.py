@@ -145,3 +145,30 @@ def test_cli_policy_check(tmp_path, capsys):
     bad.write_text('[[rules]]\nname = "a"\naction = "deny"\ncomm = ["curl", 3]\n')
     assert main(["policy", "check", str(bad)], out=io.StringIO()) == 2
     assert f"{bad}:4: " in capsys.readouterr().err
+
+
+def test_reloader_keeps_the_old_policy_on_errors(tmp_path):
+    import io
+
+    from busted.policy_cli import Reloader
+
+    class FakeMonitor:
+        closed = False
+
+        def __init__(self):
+            self.policy = Policy.loads(ISSUE_EXAMPLE)
+
+        def set_policy(self, path):
+            self.policy = Policy.load(path)  # raises PolicyError before replacing
+
+    f = tmp_path / "p.toml"
+    mon, err = FakeMonitor(), io.StringIO()
+    r = Reloader(mon, str(f), err=err, install=False)
+    f.write_text('[[rules]]\nname = "a"\naction = "allow"\n')
+    assert r.reload() and mon.policy.rules[0].name == "a"
+    f.write_text('[[rules]]\nname = "b"\naction = "nope"\n')
+    assert not r.reload() and mon.policy.rules[0].name == "a"
+    lines = err.getvalue().splitlines()
+    assert "policy reloaded" in lines[0] and "(1 rules)" in lines[0]
+    assert lines[1].startswith("busted: policy not reloaded, the previous one stays in force: ")
+    assert f"{f}:3:" in lines[1]
