@@ -286,11 +286,12 @@ def _monitor(args: argparse.Namespace, out: TextIO) -> int:
 
     stop = threading.Event()
     _install_sigterm(stop)
-    with busted.Monitor(**_monitor_kwargs(args)) as mon:
-        deadline = None if args.duration is None else time.monotonic() + args.duration
-        from busted.policy_cli import Reloader
+    mon = busted.Monitor(**_monitor_kwargs(args))
+    from busted.policy_cli import Reloader
 
-        Reloader(mon, getattr(args, "policy", None))  # SIGHUP
+    Reloader(mon, getattr(args, "policy", None))  # SIGHUP, handled from before the start
+    with mon:
+        deadline = None if args.duration is None else time.monotonic() + args.duration
 
         def stream() -> Iterable[Event]:
             while not stop.is_set():
