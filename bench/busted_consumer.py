@@ -1,6 +1,6 @@
 """A busted Monitor consuming events until SIGTERM/SIGINT, then a JSON summary on stdout.
 
-    python bench/busted_consumer.py [--no-classify] [--no-llm-calls]
+    python bench/busted_consumer.py [--no-classify] [--no-llm-calls] [--policy [--enforce]]
 Prints "READY <startup_s>" once the probes are attached. BUSTED_PROFILE=FILE dumps cProfile stats.
 """
 
@@ -27,7 +27,13 @@ if os.environ.get("BUSTED_PROFILE"):
     prof = cProfile.Profile()
 
 classify = "--no-classify" not in sys.argv
-kw = {"llm_calls": False} if "--no-llm-calls" in sys.argv else {}
+kw = {}
+if "--policy" in sys.argv:  # a policy that denies a provider the workload never calls
+    kw["policy"] = busted.Policy.from_dict({"default": "audit", "rules": [
+        {"name": "no-deepseek", "action": "deny", "provider": "deepseek"}]})
+    kw["enforce"] = "--enforce" in sys.argv
+if "--no-llm-calls" in sys.argv:
+    kw["llm_calls"] = False
 mon = busted.Monitor(classify=classify, **kw).start()
 print("READY", round(time.monotonic() - t_spawn, 3), flush=True)
 events = lost = 0

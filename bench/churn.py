@@ -10,6 +10,9 @@ Configurations, interleaved (rotating order each round, so the VM's noise hits a
   tcplife            Debian's tcplife-bpfcc, output to /dev/null
   busted-base        with --baseline DIR: the same consumer importing busted from DIR (a checkout
                      of an earlier commit), for before/after comparisons in one run
+  busted-policy      busted with a policy, dry run (user-space decisions only)
+  busted-enforce     busted with the same policy enforced (cgroup connect/egress/sock_ops programs
+                     at the cgroup v2 root, DNS parser): its cost on flows the policy does not deny
 Throughput ratio = connections/s with the tracer / connections/s with none, in the same round.
 Traffic is loopback only; every loop is bounded by --seconds.
 """
@@ -125,8 +128,9 @@ def run_config(name: str, seconds: float, procs: int) -> dict:
     res: dict = {"config": name}
     proc = None
     if name.startswith("busted"):
-        argv = [PY, str(HERE / "busted_consumer.py")] + {"busted-noclassify": ["--no-classify"],
-                                                         "busted-noplaintext": ["--no-llm-calls"]}.get(name, [])
+        extra = {"busted-noclassify": ["--no-classify"], "busted-noplaintext": ["--no-llm-calls"],
+                 "busted-policy": ["--policy"], "busted-enforce": ["--policy", "--enforce"]}.get(name, [])
+        argv = [PY, str(HERE / "busted_consumer.py"), *extra]
         env = dict(os.environ)
         if name == "busted-base":
             env["PYTHONPATH"] = BASELINE or ""

@@ -16,6 +16,7 @@ from busted.errors import (
     MissingDependency,
     MonitorClosed,
     PermissionDenied,
+    PolicyError,
     ProbeLoadError,
     ProbeUnavailable,
     StoreError,
@@ -37,9 +38,11 @@ from busted.events import (
     LlmCall,
     LossPlace,
     McpMessage,
+    PolicyDecision,
     TlsClientHello,
 )
 from busted.monitor import Monitor, MonitorStats
+from busted.policy import Policy
 
 __version__ = "0.1.0"
 
@@ -77,6 +80,9 @@ __all__ = [
     "MonitorStats",
     "MonitorClosed",
     "PermissionDenied",
+    "Policy",
+    "PolicyDecision",
+    "PolicyError",
     "ProbeLoadError",
     "ProbeUnavailable",
     "StoreError",

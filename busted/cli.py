@@ -252,6 +252,9 @@ def _monitor_kwargs(args: argparse.Namespace) -> dict[str, Any]:
         kw["port"] = args.port
     if getattr(args, "family", None):
         kw["family"] = args.family
+    from busted.policy_cli import policy_kwargs
+
+    kw.update(policy_kwargs(args))
     return kw
 
 
@@ -382,14 +385,18 @@ def _warn(msg: str) -> None:
     print(f"busted: {_p(msg)}", file=sys.stderr, flush=True)
 
 
-def _start(args: argparse.Namespace) -> tuple[Any, _Sinks]:
-    """Outputs first (a bad one fails in milliseconds and creates nothing), then the probes."""
+def _start(args: argparse.Namespace, before_start: Any = None) -> tuple[Any, _Sinks]:
+    """Outputs first (a bad one fails in milliseconds and creates nothing), then the probes.
+    ``before_start(mon)`` runs between the two (the policy reloader installs its SIGHUP handler
+    there, so a HUP during start-up is a reload, not a kill)."""
     import busted
 
     sinks = _Sinks(args)
     mon = None
     try:
         mon = busted.Monitor(**_monitor_kwargs(args))
+        if before_start is not None:
+            before_start(mon)
         mon.start()
     except BaseException:
         if mon is not None:
@@ -454,7 +461,9 @@ def _run_monitor(args: argparse.Namespace, out: TextIO, events: Iterable[Event],
 def _monitor(args: argparse.Namespace, out: TextIO) -> int:
     stop = threading.Event()
     _install_sigterm(stop)
-    mon, sinks = _start(args)
+    from busted.policy_cli import Reloader
+
+    mon, sinks = _start(args, before_start=lambda m: Reloader(m, getattr(args, "policy", None)))
     with mon:
         _announce(mon)
         deadline = None if args.duration is None else time.monotonic() + args.duration
@@ -772,7 +781,9 @@ def _live_flags() -> argparse.ArgumentParser:
                    help="--store keeps at most this much data (e.g. 1GiB, 500MiB; 'off'; default 1GiB)")
     g.add_argument("--jsonl", help="also append every event to this JSONL file (rotated)")
     g.add_argument("--metrics", help="serve Prometheus metrics on ADDR (e.g. 127.0.0.1:9464)")
-    lp.add_argument("--policy", help="policy file (allow/audit/deny): not implemented yet, refused")
+    from busted.policy_cli import add_policy_options  # --policy/--enforce: busted/policy_cli.py
+
+    add_policy_options(lp)
     return lp
 
 
@@ -796,6 +807,10 @@ def _parser() -> argparse.ArgumentParser:
     lab = sub.add_parser("lab", help="network lab with demo LLM traffic, monitored", parents=[filters, live])
     lab.add_argument("--rounds", type=int, default=1)
 
+    from busted.policy_cli import add_policy_parser  # policy: busted/policy_cli.py
+
+    add_policy_parser(sub)
+
     q = sub.add_parser("query", help="read a store written with --store", parents=[filters])
     q.add_argument("--store", required=True)
     q.add_argument("--table", choices=("flows", "events"), default="flows")
@@ -808,11 +823,10 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None, out: TextIO | None = None) -> int:
     args = _parser().parse_args(argv)
     out = out or sys.stdout
-    if getattr(args, "policy", None):
-        print("busted: --policy is not implemented yet (policies come with the allow/audit/deny work); "
-              "run without it", file=sys.stderr)
-        return 2
-    handlers = {"doctor": _doctor, "monitor": _monitor, "top": _top, "lab": _lab, "query": _query}
+    from busted.policy_cli import policy_command
+
+    handlers = {"doctor": _doctor, "monitor": _monitor, "top": _top, "lab": _lab, "query": _query,
+                "policy": policy_command}
     try:
         return handlers[args.cmd](args, out)
     except BustedError as exc:

@@ -13,7 +13,8 @@
     ├── StoreError              an output (store, JSONL file) cannot be opened or written
     ├── UsageError              an option or argument is malformed (the message shows the form)
     ├── CatalogError            a provider catalog is invalid (also a ValueError)
-    └── LabError                the network lab could not be built, did not become ready, or was misused
+    ├── LabError                the network lab could not be built, did not become ready, or was misused
+    └── PolicyError             a policy file is invalid (names file, line, key), or cannot be enforced
 
 Third-party errors are translated at the boundary with ``raise Ours(...) from exc``.
 """
@@ -30,6 +31,7 @@ __all__ = [
     "MissingDependency",
     "MonitorClosed",
     "PermissionDenied",
+    "PolicyError",
     "ProbeLoadError",
     "ProbeUnavailable",
     "StoreError",
@@ -128,3 +130,16 @@ class CatalogError(BustedError, ValueError):
 
 class LabError(BustedError):
     """The network lab could not be built, did not become ready, or was misused."""
+
+
+class PolicyError(BustedError):
+    """A policy is invalid or cannot be enforced. ``path``, ``line`` and ``key`` say where (None
+    when not known); the message starts with ``path:line:`` when they are."""
+
+    def __init__(self, msg: str, *, path: str | None = None, line: int | None = None,
+                 key: str | None = None) -> None:
+        self.path, self.line, self.key, self.reason = path, line, key, msg
+        where = ":".join(str(x) for x in (path, line) if x is not None)
+        if key and f"{key!r}" not in msg:
+            msg = f"{msg} (key {key!r})"
+        super().__init__(f"{where}: {msg}" if where else msg)

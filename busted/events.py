@@ -37,6 +37,7 @@ __all__ = [
     "McpMessage",
     "FlowOpened",
     "LossPlace",
+    "PolicyDecision",
     "TlsClientHello",
 ]
 
@@ -315,3 +316,33 @@ class McpMessage(FlowIdentity):
     tool: str | None = None  # tools/call: the tool's name
     error_code: int | None = None
     is_notification: bool = False
+
+
+@dataclass(frozen=True, kw_only=True)
+class PolicyDecision(Event):
+    """A policy rule decided about a flow (busted.policy; docs/policy.md).
+
+    ``point``: where it was decided: ``"connect"`` (the kernel refused connect(), or a flow opened),
+    ``"tls_client_hello"`` (the SNI), ``"llm_request"``. ``enforced`` is True iff the kernel stopped
+    the flow; a ``deny`` with ``enforced=False`` is a dry run or a rule the kernel cannot check.
+    ``matched`` holds (key, value) pairs of what matched. ``flow_id`` is None when the flow never
+    opened (refused at connect); the identity fields are what was known at that point.
+    """
+
+    kind: ClassVar[str] = "policy_decision"
+    rule: str  # the rule's name, or "default"
+    action: str  # "allow" | "audit" | "deny"
+    enforced: bool
+    point: str
+    matched: tuple[tuple[str, Any], ...] = ()
+    flow_id: int | None = None
+    pid: int | None = None
+    tid: int | None = None
+    uid: int | None = None
+    comm: str | None = None
+    exe: str | None = None
+    cgroup_id: int | None = None
+    daddr: str | None = None
+    dport: int | None = None
+    hostname: str | None = None
+    provider: str | None = None

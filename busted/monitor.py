@@ -120,6 +120,9 @@ class Monitor:
         chunk_bytes: int = CHUNK_BYTES,
         agents: Any = None,
         max_procs: int = 32768,
+        policy: Any = None,
+        enforce: bool = False,
+        policy_scope: str | None = None,
     ) -> None:
         self._force = probes
         self._filters = _Filters.build(pid=pid, uid=uid, comm=comm, cgroup=cgroup, port=port,
@@ -163,6 +166,14 @@ class Monitor:
         self._error: BaseException | None = None
         self.capabilities: Capabilities | None = None
         self.plan: ProbePlan | None = None
+        # policy (busted.policy, busted.enforce): judged in user space; enforced in the kernel
+        # only with enforce=True, under the cgroup v2 path policy_scope (default: the root)
+        self._policy = policy
+        self._enforce = enforce
+        self._policy_scope = policy_scope
+        self._policy_rt: Any = None
+        if enforce and policy is None:
+            raise ValueError("enforce=True needs a policy")
 
     # -- lifecycle ---------------------------------------------------------------------------
 
@@ -220,6 +231,8 @@ class Monitor:
                                 wall_offset=self._wall_offset, max_flows=4 * self._max_flows,
                                 reader=reader, kernel=self._program, lineage=self.lineage)
         self._stats.plan = self.plan.describe()
+        if self._policy is not None:
+            self._start_policy(enricher)
         self._program.open_ring(self._on_record)
         self._started = True
         if self._want_pre:
@@ -246,6 +259,9 @@ class Monitor:
             if self._program is not None:
                 self._program.close()
                 self._program = None
+            if self._policy_rt is not None:
+                self._policy_rt.close()
+                self._policy_rt = None
         self._ready.set()
 
     def __enter__(self) -> Monitor:
@@ -412,6 +428,8 @@ class Monitor:
             if prog is None:
                 return
             prog.consume()
+            if self._policy_rt is not None:
+                self._pending.extend(self._policy_rt.consume())
             now = time.monotonic()
             if now >= self._next_loss_check:
                 self._next_loss_check = now + 0.5
@@ -421,7 +439,10 @@ class Monitor:
     def _on_record(self, _ctx: int, data: int, size: int) -> int:
         # Called by BCC through ctypes: an exception here would only be printed, so keep it.
         try:
-            self._pending.extend(self._table.feed(ctypes.string_at(data, size)))
+            evs = self._table.feed(ctypes.string_at(data, size))
+            if self._policy_rt is not None:
+                evs = self._policy_rt.feed(evs)
+            self._pending.extend(evs)
         except Exception as exc:
             self._error = exc
             self._stop.set()
@@ -504,6 +525,39 @@ class Monitor:
                 continue
             if prog.forget_flow(sk):
                 self._pending.extend(table.expire(sk, now_ns, sent, recv))
+
+    # -- policy (busted/policy.py, busted/enforce.py) -------------------------------------------
+
+    def _start_policy(self, enricher: Any) -> None:
+        from busted.enforce import PolicyRuntime
+        from busted.policy import Policy
+
+        pol = self._policy
+        if not isinstance(pol, Policy):
+            pol = Policy.load(pol)
+        if enricher is None:
+            raise ValueError("a policy needs classification (classify=True)")
+        self._policy_rt = PolicyRuntime(pol, enricher.catalog, enforce=self._enforce,
+                                        scope=self._policy_scope)
+
+    @property
+    def policy(self) -> Any:
+        """The policy in force (None without one)."""
+        rt = self._policy_rt
+        return rt.policy if rt is not None else self._policy
+
+    def set_policy(self, policy: Any) -> None:
+        """Replace the policy (a ``Policy`` or a path): the next connect sees it. An invalid
+        policy raises ``PolicyError`` and leaves the previous one in force."""
+        from busted.policy import Policy
+
+        pol = policy if isinstance(policy, Policy) else Policy.load(policy)
+        with self._drain_lock:
+            self._policy = pol
+            if self._policy_rt is not None:
+                self._policy_rt.set_policy(pol)
+            elif self._started and not self._closed:
+                self._start_policy(self._table.enricher if self._table is not None else None)
 
     # -- flows that predate us ---------------------------------------------------------------
 

@@ -10,7 +10,7 @@ EXPECTED = [
     "FlowOpened", "KernelHeadersMissing", "LabError", "LlmCall", "LossPlace", "McpMessage",
     "MissingDependency", "Monitor", "MonitorClosed", "MonitorStats",
     "PermissionDenied", "ProbeLoadError", "ProbeUnavailable", "StoreError", "TlsClientHello", "TracefsNotMounted",
-    "UsageError", "__version__", "to_dataframe",
+    "UsageError", "__version__", "to_dataframe", "Policy", "PolicyDecision", "PolicyError",
 ]
 
 

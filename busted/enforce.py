@@ -1,0 +1,636 @@
+"""Enforcement: a policy compiled for the kernel, and the cgroup programs that hold it.
+
+Only loaded with ``Monitor(policy=..., enforce=True)``; audit and dry run load nothing here.
+
+Compilation (docs/policy.md has the long form). Rule *i* of the policy gets bit *i*. Every
+destination the kernel can recognise carries a mask of the rules whose ``provider``/``hostname``
+keys it satisfies, plus ``ANY_BIT`` when it belongs to some provider (rules without a destination
+key, and the default, use that bit):
+
+* names (``pol_names``): the catalog's hostnames and suffixes of each provider, and the rules'
+  hostnames (``api.x.com`` exactly, ``*.x.com`` as "under x.com"); other globs and the catalog's
+  mid-name patterns are not compiled (user space still reports them);
+* addresses (``pol_addr4/6``, LPM tries): the catalog's CIDRs, and the addresses of DNS answers for
+  those names, learned by the BPF DNS parser at the client's read and again from ``DnsAnswer``
+  events (for answers the BPF parser misses: DNS over TCP, messages over 512 bytes).
+
+Process keys become per-rule checks in the kernel: ``uid`` (exact), ``comm`` (16 bytes),
+``cgroup`` (the path's cgroup id compared with the caller's ancestor at that level). A rule with
+several values is expanded into one kernel entry per combination. ``exe``, ``container`` and
+``model`` cannot be checked in the kernel (R0: no task struct): a deny rule with them is reported
+from user space but not enforced, and an allow/audit rule with them ends the kernel's search when
+its other keys hold (over-allowing is the safe side).
+
+Programs are attached with BPF links (``BPF_LINK_CREATE``), held by file descriptor and never
+pinned: when the process exits, however it exits, the kernel detaches them.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import ipaddress
+import os
+import socket
+import struct
+import threading
+import time
+from dataclasses import dataclass, field
+from importlib import resources
+from typing import Any
+
+from cachetools import LRUCache
+
+from busted.ebpf.layout import Layout
+from busted.errors import PermissionDenied, PolicyError, ProbeLoadError
+from busted.events import DnsAnswer, Event, PolicyDecision
+from busted.policy import Policy, Rule
+
+__all__ = ["CGROUP2_MOUNTS", "Compiled", "Enforcer", "PolicyRuntime", "cgroup2_mount", "compile_policy",
+           "name_entry", "name_mask"]
+
+ANY_BIT = 63
+AMBIG_BIT = 62
+MAX_RULES = 62  # bits 0..61; 62 and 63 are reserved
+MAX_KERNEL_RULES = 64
+POL_ALLOW, POL_AUDIT, POL_DENY = 0, 1, 2
+POL_DEFAULT = 0xFFFF
+PR_UID, PR_COMM, PR_CGROUP, PR_USER_ONLY = 1, 2, 4, 8
+POINT_CONNECT, POINT_TLS = 1, 2
+_ACTION_CODE = {"allow": POL_ALLOW, "audit": POL_AUDIT, "deny": POL_DENY}
+_POINTS = {POINT_CONNECT: "connect", POINT_TLS: "tls_client_hello"}
+CGROUP2_MOUNTS = ("/sys/fs/cgroup/unified", "/sys/fs/cgroup")
+
+POL_CONF = Layout.of("pol_conf", ("own_tgid", "u32"), ("nrules", "u32"), ("dflt", "u32"), ("pad", "u32"))
+POL_RULE = Layout.of(
+    "pol_rule",
+    ("cg_id", "u64"),
+    ("comm_lo", "u64"),
+    ("comm_hi", "u64"),
+    ("action", "u32"),
+    ("flags", "u32"),
+    ("uid", "u32"),
+    ("cg_level", "u32"),
+    ("bit", "u32"),
+    ("index", "u32"),
+)
+POL_REC = Layout.of(
+    "pol_rec",
+    ("ts_ns", "u64"),
+    ("cgroup", "u64"),
+    ("cookie", "u64"),
+    ("pid", "u32"),
+    ("tid", "u32"),
+    ("uid", "u32"),
+    ("rule", "u32"),
+    ("point", "u32"),
+    ("family", "u32"),
+    ("dport", "u32"),
+    ("daddr", "u8", 16),
+    ("comm", "char", 16),
+)
+
+
+def c_definitions(max_addrs: int = 65536, max_names: int = 16384) -> str:
+    consts = {
+        "POL_MAX_RULES": MAX_KERNEL_RULES, "POL_MAX_ADDRS": max_addrs, "POL_MAX_NAMES": max_names,
+        "POL_ALLOW": POL_ALLOW, "POL_AUDIT": POL_AUDIT, "POL_DENY": POL_DENY, "POL_DEFAULT": POL_DEFAULT,
+        "PR_UID": PR_UID, "PR_COMM": PR_COMM, "PR_CGROUP": PR_CGROUP, "PR_USER_ONLY": PR_USER_ONLY,
+        "POINT_CONNECT": POINT_CONNECT, "POINT_TLS": POINT_TLS,
+    }
+    out = ["/* Generated from busted/enforce.py: edit it there. */"]
+    out += [f"#define {k} {v}" for k, v in consts.items()]
+    out += [lay.c_struct() for lay in (POL_CONF, POL_RULE, POL_REC)]
+    out.append("struct sys_enter_args { u64 common; s32 nr; s32 pad; u64 arg[6]; };")
+    out.append("struct sys_exit_args { u64 common; s32 nr; s32 pad; s64 ret; };")
+    return "\n".join(out) + "\n"
+
+
+def build_source() -> str:
+    return c_definitions() + resources.files("busted.ebpf").joinpath("policy_enforce.c").read_text()
+
+
+# -- names ---------------------------------------------------------------------------------------
+
+NAME_MAX = 128  # the kernel's key size; longer names are matched in user space only
+
+
+def name_entry(name: str, subtree: bool) -> bytes:
+    """The kernel's LPM key bytes for a name: lower-cased, backwards, then NUL (exactly this name)
+    or '.' (anything under it)."""
+    return name.rstrip(".").lower().encode()[::-1] + (b"." if subtree else b"\0")
+
+
+def fold_names(entries: dict[bytes, int]) -> dict[bytes, int]:
+    """Each entry's mask ORed with those of every shorter entry that is a prefix of it: the kernel's
+    longest-prefix lookup returns one entry, which must carry all that match."""
+    out = {}
+    for key, mask in entries.items():
+        m = mask
+        for other, om in entries.items():
+            if len(other) < len(key) and key.startswith(other):
+                m |= om
+        out[key] = m
+    return out
+
+
+def name_mask(names: dict[bytes, int], name: str) -> int:
+    """The Python twin of the BPF lookup: the longest entry that is a prefix of the name's key."""
+    key = name_entry(name, subtree=False)
+    if len(key) > NAME_MAX:
+        key = key[:NAME_MAX]
+    best, mask = -1, 0
+    for e, m in names.items():
+        if len(e) > best and key.startswith(e):
+            best, mask = len(e), m
+    return mask
+
+
+# -- cgroups -------------------------------------------------------------------------------------
+
+def cgroup2_mount() -> str | None:
+    """The cgroup v2 mount: /sys/fs/cgroup/unified on hybrid hosts, else /sys/fs/cgroup."""
+    try:
+        with open("/proc/self/mounts") as f:
+            mounts = [line.split()[1] for line in f if line.split()[2:3] == ["cgroup2"]]
+    except OSError:
+        mounts = []
+    for m in CGROUP2_MOUNTS:
+        if m in mounts:
+            return m
+    return mounts[0] if mounts else None
+
+
+def cgroup_id(path: str) -> int:
+    """A cgroup v2 directory's id (its inode number, what bpf_get_current_cgroup_id returns)."""
+    return os.stat(path).st_ino
+
+
+class CgroupPaths:
+    """cgroup id -> path under the v2 mount, by walking the tree (cached; rescanned on a miss at
+    most every ``rescan_s``)."""
+
+    def __init__(self, mount: str | None = None, rescan_s: float = 2.0) -> None:
+        self.mount = mount or cgroup2_mount()
+        self._ids: dict[int, str] = {}
+        self._rescan_s = rescan_s
+        self._last = -1e9
+
+    def _scan(self) -> None:
+        self._last = time.monotonic()
+        if not self.mount:
+            return
+        ids: dict[int, str] = {}
+        budget = 100_000  # bounded walk
+        for root, dirs, _files in os.walk(self.mount):
+            budget -= 1 + len(dirs)
+            if budget < 0:
+                break
+            try:
+                ids[os.stat(root).st_ino] = "/" + os.path.relpath(root, self.mount).removeprefix(".")
+            except OSError:
+                continue
+        self._ids = ids
+
+    def __call__(self, cgid: int) -> str | None:
+        p = self._ids.get(cgid)
+        if p is None and time.monotonic() - self._last >= self._rescan_s:
+            self._scan()
+            p = self._ids.get(cgid)
+        return p
+
+
+# -- compilation ---------------------------------------------------------------------------------
+
+@dataclass
+class Compiled:
+    """A policy as the kernel holds it."""
+
+    rules: list[bytes] = field(default_factory=list)  # packed pol_rule entries, in order
+    names: dict[bytes, int] = field(default_factory=dict)  # name_entry() -> mask (folded)
+    cidrs: dict[tuple[int, int, int], int] = field(default_factory=dict)  # (family, addr, plen) -> mask
+    default: int = POL_AUDIT
+    notes: list[str] = field(default_factory=list)  # what the kernel cannot check, per rule
+    kernel_deny: set[str] = field(default_factory=set)  # deny rules the kernel enforces
+
+
+def _glob_chars(s: str) -> bool:
+    return any(c in s for c in "*?[")
+
+
+def compile_policy(policy: Policy, catalog: Any, *, cgroup_mount: str | None = None) -> Compiled:
+    """Compile ``policy`` against the provider ``catalog`` (busted.classify.Catalog)."""
+    if len(policy.rules) > MAX_RULES:
+        raise PolicyError(f"at most {MAX_RULES} rules can be enforced in the kernel, this policy has "
+                          f"{len(policy.rules)}", path=policy.source)
+    c = Compiled(default=_ACTION_CODE[policy.default])
+    mount = cgroup_mount or cgroup2_mount()
+
+    def add_name(name: str, bits: int, subtree: bool, exact: bool = True) -> None:
+        keys = ([name_entry(name, False)] if exact else []) + ([name_entry(name, True)] if subtree else [])
+        for k in keys:
+            if len(k) > NAME_MAX:
+                c.notes.append(f"name {name} is longer than the kernel's {NAME_MAX - 1} bytes: user space only")
+                continue
+            c.names[k] = c.names.get(k, 0) | bits
+
+    def add_cidr(cidr: str, bits: int) -> None:
+        net = ipaddress.ip_network(cidr, strict=False)
+        key = (net.version, int(net.network_address), net.prefixlen)
+        c.cidrs[key] = c.cidrs.get(key, 0) | bits
+
+    def provider_bits(pid: str) -> int:
+        bits = 1 << ANY_BIT
+        for i, r in enumerate(policy.rules):
+            if r.provider is not None and pid in r.provider and r.hostname is None:
+                bits |= 1 << i
+        return bits
+
+    for p in catalog.providers.values():
+        bits = provider_bits(p.id)
+        for h in p.hostnames:
+            add_name(h, bits, subtree=False)
+        for s in p.suffixes:
+            add_name(s, bits, subtree=True)
+        for cidr in p.cidrs:
+            add_cidr(cidr, bits)
+    for i, r in enumerate(policy.rules):
+        unsure: list[str] = [k for k in ("exe", "container", "model") if getattr(r, k) is not None]
+        if r.provider is not None:
+            missing = [x for x in r.provider if x not in catalog.providers]
+            if missing:
+                c.notes.append(f"{r.name}: provider {', '.join(missing)} is not in the catalog")
+        if r.hostname is not None:
+            for h in r.hostname:
+                if h.startswith("*.") and not _glob_chars(h[2:]):
+                    add_name(h[2:], 1 << i, subtree=True, exact=False)
+                elif not _glob_chars(h):
+                    add_name(h, 1 << i, subtree=False)
+                else:
+                    unsure.append(f"hostname {h}")
+            if r.provider is not None:
+                c.notes.append(f"{r.name}: provider and hostname both given: the kernel checks the hostname")
+        entries = _expand(r, i, unsure, mount, c.notes)
+        if unsure:
+            c.notes.append(f"{r.name}: checked in user space only ({', '.join(unsure)})"
+                           + ("; not enforced" if r.action == "deny" else "; ends the kernel's search"))
+        elif r.action == "deny" and entries:
+            c.kernel_deny.add(r.name)
+        c.rules.extend(entries)
+    c.names = fold_names(c.names)
+    if len(c.rules) > MAX_KERNEL_RULES:
+        raise PolicyError(f"the policy expands to {len(c.rules)} kernel rule entries (one per uid x comm x "
+                          f"cgroup value); at most {MAX_KERNEL_RULES}", path=policy.source)
+    return c
+
+
+def _expand(r: Rule, i: int, unsure: list[str], mount: str | None, notes: list[str]) -> list[bytes]:
+    bit = ANY_BIT if r.provider is None and r.hostname is None else i
+    flags = PR_USER_ONLY if unsure else 0
+    cgs: list[tuple[int, int] | None] = [None]
+    if r.cgroup is not None:
+        cgs = []
+        for path in r.cgroup:
+            full = os.path.join(mount or "/nonexistent", path.lstrip("/"))
+            try:
+                cgs.append((cgroup_id(full), 0 if path == "/" else path.strip("/").count("/") + 1))
+            except OSError:
+                notes.append(f"{r.name}: cgroup {path} does not exist (yet): not matched in the kernel")
+        if not cgs:
+            return []
+    out = []
+    for uid in r.uid or (None,):
+        for comm in r.comm or (None,):
+            for cg in cgs:
+                cb = (comm or "").encode()[:15].ljust(16, b"\0")
+                lo, hi = struct.unpack("<QQ", cb)
+                out.append(POL_RULE.pack(
+                    cg_id=cg[0] if cg else 0, comm_lo=lo if comm else 0, comm_hi=hi if comm else 0,
+                    action=_ACTION_CODE[r.action], uid=uid or 0, cg_level=cg[1] if cg else 0, bit=bit,
+                    index=i, flags=flags | (PR_UID if uid is not None else 0)
+                    | (PR_COMM if comm is not None else 0) | (PR_CGROUP if cg else 0)))
+    return out
+
+
+# -- the kernel side -------------------------------------------------------------------------------
+
+_BPF_SYSCALL = {"x86_64": 321, "aarch64": 280}.get(os.uname().machine)
+_BPF_LINK_CREATE = 28
+_ATTACH = {  # program -> (bcc prog type, attach type); connect4 last: once it shows, all are there
+    "pol_sockops": (13, 3),  # SOCK_OPS, CGROUP_SOCK_OPS
+    "pol_egress": (8, 1),  # CGROUP_SKB, CGROUP_INET_EGRESS
+    "pol_connect6": (18, 11),  # CGROUP_SOCK_ADDR, CGROUP_INET6_CONNECT
+    "pol_connect4": (18, 10),  # CGROUP_INET4_CONNECT
+}
+_TAILS = [  # (prog array, slot, program, prog type, expected attach type)
+    ("pol_dns_tail", 0, "pol_dns_mask", 5, -1),  # TRACEPOINT
+    ("pol_dns_tail", 1, "pol_dns_answers", 5, -1),
+    ("pol_skb_tail", 0, "pol_egress_judge", 8, 1),  # CGROUP_SKB, egress
+]
+_DNS_TPS = [
+    ("syscalls:sys_enter_connect", "pol_dns_conn"),
+    ("syscalls:sys_enter_close", "pol_dns_close"),
+    ("syscalls:sys_enter_read", "pol_dns_read_in"),
+    ("syscalls:sys_enter_recvfrom", "pol_dns_recvfrom_in"),
+    ("syscalls:sys_enter_recvmsg", "pol_dns_recvmsg_in"),
+    ("syscalls:sys_exit_read", "pol_dns_out"),
+    ("syscalls:sys_exit_recvfrom", "pol_dns_out"),
+    ("syscalls:sys_exit_recvmsg", "pol_dns_out"),
+]
+
+
+def link_create(prog_fd: int, target_fd: int, attach_type: int) -> int:
+    """bpf(BPF_LINK_CREATE): an attachment that lives as long as the returned fd."""
+    if _BPF_SYSCALL is None:
+        raise ProbeLoadError(f"BPF links: unsupported machine {os.uname().machine}")
+    attr = ctypes.create_string_buffer(struct.pack("<IIII", prog_fd, target_fd, attach_type, 0), 64)
+    libc = ctypes.CDLL(None, use_errno=True)
+    fd = libc.syscall(_BPF_SYSCALL, _BPF_LINK_CREATE, attr, 64)
+    if fd < 0:
+        e = ctypes.get_errno()
+        if e == errno.EPERM:
+            raise PermissionDenied(f"BPF_LINK_CREATE: {os.strerror(e)}")
+        raise ProbeLoadError(f"cannot attach cgroup program (attach type {attach_type}): {os.strerror(e)}")
+    return fd
+
+
+def _ip_key(family: int, addr: bytes) -> str:
+    return socket.inet_ntop(socket.AF_INET if family == 4 else socket.AF_INET6, addr[: 4 if family == 4 else 16])
+
+
+class Enforcer:
+    """The loaded enforcement programs for one scope cgroup. ``close()`` (or process exit) detaches.
+
+    ``scope``: a cgroup v2 path (relative to the mount, default the root) under which processes
+    are policed. Not thread-safe except ``close``: the Monitor's reader thread drives it.
+    """
+
+    def __init__(self, policy: Policy, catalog: Any, *, scope: str | None = None,
+                 own_tgid: int | None = None) -> None:
+        import bcc  # enforcement needs BCC; the caller checked privileges
+
+        self.mount = cgroup2_mount()
+        if self.mount is None:
+            raise ProbeLoadError("enforcement needs a cgroup v2 mount (none found in /proc/self/mounts)")
+        self.scope = os.path.join(self.mount, (scope or "/").lstrip("/")).rstrip("/") or self.mount
+        self.catalog = catalog
+        self.own_tgid = own_tgid if own_tgid is not None else os.getpid()
+        self._lock = threading.Lock()
+        self._links: list[int] = []
+        self._cg_fd = -1
+        self._learned: LRUCache[str, tuple[int, str]] = LRUCache(maxsize=16384)  # addr -> (mask, name)
+        self._policy = policy
+        self.compiled = compile_policy(policy, catalog, cgroup_mount=self.mount)
+        try:
+            self.bpf = bcc.BPF(text=build_source().encode())
+        except Exception as exc:
+            raise ProbeLoadError(f"policy program failed to compile or load: {exc}") from exc
+        try:
+            self._write_maps(self.compiled)
+            for table, slot, fn, ptype, atype in _TAILS:
+                f = self.bpf.load_func(fn.encode(), ptype, attach_type=atype)
+                self.bpf[table.encode()][ctypes.c_int(slot)] = ctypes.c_int(f.fd)
+            for tp, fn in _DNS_TPS:
+                self.bpf.attach_tracepoint(tp=tp.encode(), fn_name=fn.encode())
+            self._cg_fd = os.open(self.scope, os.O_RDONLY | os.O_DIRECTORY)
+            for fn, (ptype, atype) in _ATTACH.items():
+                f = self.bpf.load_func(fn.encode(), ptype, attach_type=atype)
+                self._links.append(link_create(f.fd, self._cg_fd, atype))
+            self._events: list[Event] = []
+            self.bpf[b"pol_events"].open_ring_buffer(self._on_rec)
+        except BaseException:
+            self.close()
+            raise
+
+    @property
+    def policy(self) -> Policy:
+        return self._policy
+
+    # -- maps ----------------------------------------------------------------------------------
+
+    def _write_maps(self, c: Compiled) -> None:
+        b = self.bpf
+        conf = b[b"pol_conf"]
+        rules = b[b"pol_rules"]
+        # rules first with nrules 0 would allow everything for a moment; write the rules, then
+        # the count, so a reader sees either the old count over partly new rules or the new set.
+        for i, raw in enumerate(c.rules):
+            rules[ctypes.c_int(i)] = rules.Leaf.from_buffer_copy(raw)
+        conf[ctypes.c_int(0)] = conf.Leaf.from_buffer_copy(
+            POL_CONF.pack(own_tgid=self.own_tgid, nrules=len(c.rules), dflt=c.default))
+        names = b[b"pol_names"]
+        for k in list(names.keys()):
+            raw = bytes(k.name)[: k.prefixlen // 8]
+            if raw not in c.names:
+                del names[k]
+        for raw, mask in c.names.items():
+            k = names.Key()
+            k.prefixlen = len(raw) * 8
+            ctypes.memmove(k.name, raw, len(raw))
+            names[k] = ctypes.c_ulonglong(mask)
+        want4: dict[tuple[int, int], int] = {}
+        want6: dict[tuple[bytes, int], int] = {}
+        for (fam, addr, plen), mask in c.cidrs.items():
+            if fam == 4:
+                want4[(addr, plen)] = mask
+            else:
+                want6[(addr.to_bytes(16, "big"), plen)] = mask
+        for ip, (_m, name) in list(self._learned.items()):  # re-judge learned names
+            mask = name_mask(c.names, name)
+            a = ipaddress.ip_address(ip)
+            self._learned[ip] = (mask, name)
+            if mask:
+                if a.version == 4:
+                    want4[(int(a), 32)] = want4.get((int(a), 32), 0) | mask
+                else:
+                    want6[(a.packed, 128)] = want6.get((a.packed, 128), 0) | mask
+        t4, t6 = b[b"pol_addr4"], b[b"pol_addr6"]
+        for k in list(t4.keys()):
+            if (socket.ntohl(k.addr), k.prefixlen) not in want4:
+                del t4[k]
+        for (addr, plen), mask in want4.items():
+            k = t4.Key()
+            k.prefixlen, k.addr = plen, socket.htonl(addr)
+            t4[k] = ctypes.c_ulonglong(mask)
+        for k in list(t6.keys()):
+            if (bytes(k.addr), k.prefixlen) not in want6:
+                del t6[k]
+        for (addr, plen), mask in want6.items():
+            k = t6.Key()
+            k.prefixlen = plen
+            ctypes.memmove(k.addr, addr, 16)
+            t6[k] = ctypes.c_ulonglong(mask)
+
+    def set_policy(self, policy: Policy) -> None:
+        """Compile and load ``policy``; on error (PolicyError) the previous one stays."""
+        c = compile_policy(policy, self.catalog, cgroup_mount=self.mount)
+        with self._lock:
+            self._write_maps(c)
+            self.compiled = c
+            self._policy = policy
+
+    def learn_dns(self, ev: DnsAnswer) -> None:
+        """Map a DNS answer's addresses for policy names (what the BPF parser may have missed)."""
+        with self._lock:  # the reader calls this; set_policy may run in another thread
+            self._learn(ev)
+
+    def _learn(self, ev: DnsAnswer) -> None:
+        b = self.bpf
+        if b is None:
+            return
+        mask = 0
+        for n in (ev.qname, *ev.cname_chain):
+            mask |= name_mask(self.compiled.names, n)
+        if not mask:
+            return
+        for ip in ev.addresses:
+            a = ipaddress.ip_address(ip)
+            self._learned[ip] = (mask, ev.qname)
+            if a.version == 4:
+                t = b[b"pol_addr4"]
+                k = t.Key()
+                k.prefixlen, k.addr = 32, socket.htonl(int(a))
+            else:
+                t = b[b"pol_addr6"]
+                k = t.Key()
+                k.prefixlen = 128
+                ctypes.memmove(k.addr, a.packed, 16)
+            old = t.get(k)
+            v = mask
+            if old is not None and old.value and (old.value & ~(1 << AMBIG_BIT)) != mask:
+                v = old.value | mask | (1 << AMBIG_BIT)
+            t[k] = ctypes.c_ulonglong(v)
+
+    def addr_mask(self, ip: str) -> int:
+        """The kernel's mask for an address (tests, docs)."""
+        a = ipaddress.ip_address(ip)
+        if a.version == 4:
+            t = self.bpf[b"pol_addr4"]
+            k = t.Key()
+            k.prefixlen, k.addr = 32, socket.htonl(int(a))
+        else:
+            t = self.bpf[b"pol_addr6"]
+            k = t.Key()
+            k.prefixlen = 128
+            ctypes.memmove(k.addr, a.packed, 16)
+        v = t.get(k)
+        return int(v.value) if v is not None else 0
+
+    # -- decisions -----------------------------------------------------------------------------
+
+    def _on_rec(self, _ctx: int, data: int, size: int) -> int:
+        try:
+            raw = ctypes.string_at(data, size)
+            r = dict(zip(POL_REC.names(), POL_REC.struct.unpack_from(raw), strict=True))
+            self._events.append(self._decision(r))
+        except Exception:  # a record we cannot read must not stop the reader
+            return 0
+        return 0
+
+    def _decision(self, r: dict[str, Any]) -> PolicyDecision:
+        pol = self._policy
+        idx = r["rule"]
+        if idx == POL_DEFAULT or idx >= len(pol.rules):
+            name, action = "default", pol.default
+        else:
+            name, action = pol.rules[idx].name, pol.rules[idx].action
+        ip = _ip_key(r["family"], r["daddr"])
+        m = self.catalog.match_ip(ip)
+        provider = m.id if m is not None else None
+        hostname = None
+        learned = self._learned.get(ip)
+        if learned is not None:
+            hostname = learned[1]
+            hm = self.catalog.match_host(hostname)
+            provider = provider or (hm.id if hm is not None else None)
+        comm = r["comm"].split(b"\0", 1)[0].decode(errors="replace") or None
+        wall = r["ts_ns"] / 1e9 + (time.time() - time.monotonic())
+        matched: list[tuple[str, Any]] = [("daddr", ip)]
+        if provider:
+            matched.append(("provider", provider))
+        if r["point"] == POINT_TLS:
+            matched.append(("sni", True))
+        return PolicyDecision(
+            ts_ns=r["ts_ns"], wall_time=wall, rule=name, action=action, enforced=True,
+            point=_POINTS.get(r["point"], "connect"), matched=tuple(matched), flow_id=None,
+            pid=r["pid"] or None, tid=r["tid"] or None, uid=r["uid"], comm=comm, cgroup_id=r["cgroup"],
+            daddr=ip, dport=r["dport"], hostname=hostname, provider=provider,
+        )
+
+    def consume(self) -> list[Event]:
+        """Decisions the kernel made since the last call."""
+        with self._lock:
+            if self.bpf is None:
+                return []
+            self.bpf.ring_buffer_consume()
+            out, self._events = self._events, []
+            return out
+
+    def close(self) -> None:
+        with self._lock:
+            for fd in self._links:
+                try:
+                    os.close(fd)
+                except OSError:
+                    pass
+            self._links = []
+            if self._cg_fd >= 0:
+                os.close(self._cg_fd)
+                self._cg_fd = -1
+            bpf = getattr(self, "bpf", None)
+            self.bpf = None
+            if bpf is not None:
+                try:
+                    bpf.cleanup()
+                except Exception:
+                    pass
+
+
+
+class PolicyRuntime:
+    """What a Monitor runs for a policy: the user-space judge always, the kernel programs only when
+    enforcing. Driven by the Monitor's reader thread: ``feed`` right after the flow table (DNS
+    answers are mapped into the kernel there, synchronously), ``consume`` at every drain."""
+
+    def __init__(self, policy: Policy, catalog: Any, *, enforce: bool = False, scope: str | None = None) -> None:
+        from busted.policy import PolicyJudge
+
+        self.enforcer: Enforcer | None = None
+        if enforce:
+            self.enforcer = Enforcer(policy, catalog, scope=scope)
+        kernel = self.enforcer.compiled.kernel_deny if self.enforcer else set()
+        self.judge = PolicyJudge(policy, cgroup_path=CgroupPaths(), kernel_rules=frozenset(kernel))
+        # Measurements (bounded samples): seconds spent mapping a DnsAnswer's addresses, and ns from
+        # the client's read of the answer (the event's ts_ns) to user space having mapped it.
+        self.dns_learn_s: list[float] = []
+        self.dns_lag_ns: list[int] = []
+
+    @property
+    def policy(self) -> Policy:
+        return self.judge.policy
+
+    def set_policy(self, policy: Policy) -> None:
+        """Install ``policy``; a PolicyError (e.g. too many rules for the kernel) keeps the old one."""
+        if self.enforcer is not None:
+            self.enforcer.set_policy(policy)
+            self.judge.kernel_rules = frozenset(self.enforcer.compiled.kernel_deny)
+        self.judge.policy = policy
+
+    def feed(self, events: list[Event]) -> list[Event]:
+        enf = self.enforcer
+        if enf is not None:
+            for ev in events:
+                if isinstance(ev, DnsAnswer):
+                    t0 = time.perf_counter()
+                    enf.learn_dns(ev)
+                    if len(self.dns_learn_s) < 4096:
+                        self.dns_learn_s.append(time.perf_counter() - t0)
+                        self.dns_lag_ns.append(time.monotonic_ns() - ev.ts_ns)
+        return self.judge.feed(events)
+
+    def consume(self) -> list[Event]:
+        return self.enforcer.consume() if self.enforcer is not None else []
+
+    def close(self) -> None:
+        if self.enforcer is not None:
+            self.enforcer.close()

@@ -1,0 +1,306 @@
+"""Policies on real lab traffic: dry run, enforcement at connect (right after a fresh DNS answer),
+at the TLS ClientHello (an address shared by an allowed and a denied name), hot reload, and
+nothing left attached after exit or SIGKILL. Clients run in a test cgroup (the scope)."""
+
+import os
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+from conftest import collect
+
+import busted
+from busted import FlowOpened, Policy, PolicyDecision, PolicyError
+from busted.enforce import cgroup2_mount
+
+DENY_ANTHROPIC = {"default": "audit", "rules": [
+    {"name": "no-anthropic", "action": "deny", "provider": "anthropic"},
+]}
+PY_HTTPX = ("import httpx, sys\n"
+            "r = httpx.post(sys.argv[1], json={'model': 'claude-3-5-sonnet-latest', 'max_tokens': 8,"
+            " 'messages': [{'role': 'user', 'content': 'hi'}]}, headers={'x-api-key': 'k',"
+            " 'anthropic-version': '2023-06-01'}, timeout=5)\n"
+            "print(r.status_code)\n")
+
+
+@pytest.fixture(scope="module")
+def cgroup():
+    """A cgroup v2 directory for the clients: the enforcement scope."""
+    mount = cgroup2_mount()
+    assert mount is not None
+    path = Path(mount) / f"busted-policy-test-{os.getpid()}"
+    path.mkdir()
+    yield path
+    for _ in range(50):  # its processes are gone once the clients are reaped
+        try:
+            path.rmdir()
+            return
+        except OSError:
+            time.sleep(0.1)
+    raise AssertionError(f"{path} still has processes: {(path / 'cgroup.procs').read_text()}")
+
+
+def _into(cg: Path | None):
+    def pre() -> None:
+        if cg is not None:
+            (cg / "cgroup.procs").write_text("0")
+
+    return pre
+
+
+def run(lab, argv, cg, timeout=20.0, stdin=None):
+    """Run a lab client in cgroup ``cg`` (None: the root); put there before ``ip netns exec``."""
+    t0 = time.monotonic()
+    try:
+        return _run(lab, argv, cg, timeout, stdin)
+    finally:
+        print(f"{argv[0]} took {time.monotonic() - t0:.3f}s")
+
+
+def _run(lab, argv, cg, timeout, stdin):
+    return subprocess.run(lab.client_cmd(argv), capture_output=True, timeout=timeout, input=stdin,
+                          stdin=None if stdin is not None else subprocess.DEVNULL, preexec_fn=_into(cg))
+
+
+def curl(url, marker, extra=()):
+    return ["curl", "-sS", "--fail", "-m", "5", *extra, f"{url}?m={marker}"]
+
+
+def requests_with(lab, marker):
+    return [r for r in lab.http_requests() if marker in str(r)]
+
+
+def ours_attached() -> str:
+    out = subprocess.run(["bpftool", "cgroup", "tree"], capture_output=True, text=True).stdout
+    return "\n".join(line for line in out.splitlines() if "pol_" in line)
+
+
+def test_dry_run_reports_and_blocks_nothing(lab, cgroup):
+    m = uuid.uuid4().hex
+    with busted.Monitor(policy=Policy.from_dict(DENY_ANTHROPIC)) as mon:
+        assert ours_attached() == ""  # a dry run loads nothing extra
+        a = run(lab, curl("https://api.anthropic.com/v1/models", m), cgroup)
+        o = run(lab, curl("https://api.openai.com/v1/models", m), cgroup)
+        evs = collect(mon, lambda e: sum(isinstance(x, PolicyDecision) for x in e) >= 2, timeout=10)
+    assert a.returncode == 0 and o.returncode == 0, (a.stderr, o.stderr)
+    assert len(requests_with(lab, m)) == 2
+    dec = {(d.provider, d.rule, d.action, d.enforced, d.comm) for d in evs if isinstance(d, PolicyDecision)}
+    assert ("anthropic", "no-anthropic", "deny", False, "curl") in dec
+    assert ("openai", "default", "audit", False, "curl") in dec
+    d = next(d for d in evs if isinstance(d, PolicyDecision) and d.provider == "anthropic")
+    opened = {e.flow_id for e in evs if isinstance(e, FlowOpened)}
+    assert d.flow_id in opened and d.point in ("connect", "tls_client_hello")
+
+
+@pytest.mark.parametrize("kernel_dns_only", [False, True], ids=["dns-both", "dns-bpf-only"])
+def test_enforce_at_connect_curl_httpx_openssl(lab, cgroup, monkeypatch, kernel_dns_only):
+    """The first connection after a fresh DNS answer is refused: with user space's map updates
+    turned off, only the BPF DNS parser can have mapped the address in time."""
+    if kernel_dns_only:
+        from busted.enforce import Enforcer
+
+        monkeypatch.setattr(Enforcer, "learn_dns", lambda self, ev: None)
+    m, out_m = uuid.uuid4().hex, uuid.uuid4().hex
+    ca = str(lab.ca_path)
+    with busted.Monitor(policy=Policy.from_dict(DENY_ANTHROPIC), enforce=True,
+                        policy_scope="/" + cgroup.name) as mon:
+        assert "pol_connect4" in ours_attached()
+        results = {
+            "curl": run(lab, curl("https://api.anthropic.com/v1/messages", m), cgroup),
+            "python": run(lab, [sys.executable, "-c", PY_HTTPX, f"https://api.anthropic.com/v1/messages?m={m}"],
+                          cgroup),
+            "openssl": run(lab, ["openssl", "s_client", "-connect", "api.anthropic.com:443", "-servername",
+                                 "api.anthropic.com", "-CAfile", ca, "-quiet"], cgroup,
+                           stdin=f"GET /?m={m} HTTP/1.1\r\nHost: api.anthropic.com\r\n\r\n".encode()),
+            "audited": run(lab, curl("https://api.openai.com/v1/models", m), cgroup),
+            "outside": run(lab, curl("https://api.anthropic.com/v1/models", out_m), None),
+        }
+        evs = collect(mon, lambda e: sum(isinstance(x, PolicyDecision) and x.enforced for x in e) >= 3
+                      and any(isinstance(x, PolicyDecision) and x.action == "audit" for x in e), timeout=10)
+    for name in ("curl", "python", "openssl"):
+        r = results[name]
+        assert r.returncode != 0, (name, r.stdout, r.stderr)
+    assert results["curl"].returncode == 7  # "Failed to connect ... Couldn't connect to server" (EPERM)
+    assert b"PermissionError" in results["python"].stderr or b"Operation not permitted" in results["python"].stderr
+    assert results["audited"].returncode == 0 and results["outside"].returncode == 0
+    reqs = requests_with(lab, m)
+    assert len(reqs) == 1 and "anthropic" not in str(reqs)  # only the audited openai call arrived
+    assert len(requests_with(lab, out_m)) == 1
+    denied = [d for d in evs if isinstance(d, PolicyDecision) and d.enforced]
+    comms = {d.comm for d in denied}
+    assert {"curl", "openssl"} <= comms and any(c.startswith("python") for c in comms), comms
+    assert all((d.rule, d.action, d.point, d.dport) == ("no-anthropic", "deny", "connect", 443) for d in denied)
+    assert {d.daddr for d in denied} <= {lab.hosts["api.anthropic.com"].ipv4, lab.hosts["api.anthropic.com"].ipv6}
+    assert len({d.pid for d in denied}) >= 3
+    assert any(isinstance(d, PolicyDecision) and (d.provider, d.action, d.enforced) == ("openai", "audit", False)
+               for d in evs)
+    assert ours_attached() == ""
+
+
+def test_enforce_by_sni_on_a_shared_address(lab, cgroup):
+    """api.deepseek.com served on api.openai.com's address: openai works, deepseek's hello is
+    stopped in the kernel and the server sees no request."""
+    shared = lab.hosts["api.openai.com"]
+    if "api.deepseek.com" not in lab.hosts:
+        lab.add_server_ip("api.deepseek.com", ip=shared.ipv4, ip6=shared.ipv6)
+    m, ds_m = uuid.uuid4().hex, uuid.uuid4().hex
+    pol = Policy.from_dict({"default": "audit", "rules": [
+        {"name": "no-deepseek", "action": "deny", "provider": "deepseek"}]})
+    with busted.Monitor(policy=pol, enforce=True, policy_scope="/" + cgroup.name) as mon:
+        ok = run(lab, curl("https://api.openai.com/v1/models", m), cgroup)
+        # --resolve: no DNS answer, so only the SNI can name the denied provider
+        t0 = time.monotonic()
+        bad = run(lab, curl("https://api.deepseek.com/v1/models", ds_m,
+                            ("--resolve", f"api.deepseek.com:443:{shared.ipv4}")), cgroup)
+        took = time.monotonic() - t0
+        evs = collect(mon, lambda e: any(isinstance(x, PolicyDecision) and x.enforced for x in e), timeout=10)
+    assert ok.returncode == 0, ok.stderr
+    assert bad.returncode != 0
+    assert requests_with(lab, ds_m) == [] and len(requests_with(lab, m)) == 1
+    d = next(d for d in evs if isinstance(d, PolicyDecision) and d.enforced)
+    assert (d.rule, d.point, d.daddr, d.dport) == ("no-deepseek", "tls_client_hello", shared.ipv4, 443)
+    assert took < 2.0, f"the client should fail fast (TCP_USER_TIMEOUT), took {took:.2f}s: {bad.stderr!r}"
+    print(f"SNI-denied curl failed after {took:.3f}s: {bad.stderr.decode(errors='replace').strip()}")
+
+
+def test_hot_reload_next_connect(lab, cgroup, tmp_path):
+    f = tmp_path / "p.toml"
+    f.write_text('[[rules]]\nname = "no-anthropic"\naction = "deny"\nprovider = "anthropic"\n')
+    m = uuid.uuid4().hex
+    with busted.Monitor(policy=Policy.load(f), enforce=True, policy_scope="/" + cgroup.name) as mon:
+        assert run(lab, curl("https://api.anthropic.com/v1/models", m), cgroup).returncode != 0
+        f.write_text('[[rules]]\nname = "yes-anthropic"\naction = "allow"\nprovider = "anthropic"\n')
+        mon.set_policy(f)
+        r = run(lab, curl("https://api.anthropic.com/v1/models", m), cgroup)
+        assert r.returncode == 0, r.stderr
+        f.write_text('[[rules]]\nname = "x"\naction = "block"\n')
+        with pytest.raises(PolicyError, match=f"{f}:3:"):
+            mon.set_policy(f)
+        assert mon.policy.rules[0].name == "yes-anthropic"
+        assert run(lab, curl("https://api.anthropic.com/v1/models", m), cgroup).returncode == 0
+    assert len(requests_with(lab, m)) == 2
+
+
+@pytest.mark.parametrize("how", ["exit", "sigkill"])
+def test_nothing_left_after_exit_or_sigkill(lab, cgroup, tmp_path, how):
+    f = tmp_path / "p.toml"
+    f.write_text('[[rules]]\nname = "no-anthropic"\naction = "deny"\nprovider = "anthropic"\n')
+    busted_cli = [sys.executable, "-m", "busted.cli", "monitor", "--json", "--policy", str(f), "--enforce",
+                  "--policy-scope", "/" + cgroup.name]
+    proc = subprocess.Popen(busted_cli, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + 30
+        while ours_attached().count("pol_") < 4:
+            assert proc.poll() is None, proc.stderr.read()
+            assert time.monotonic() < deadline
+            time.sleep(0.1)
+        m = uuid.uuid4().hex
+        assert run(lab, curl("https://api.anthropic.com/v1/models", m), cgroup).returncode != 0
+        if how == "sigkill":
+            proc.kill()
+        else:
+            proc.terminate()
+        proc.wait(timeout=15)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert ours_attached() == ""
+    r = run(lab, curl("https://api.anthropic.com/v1/models", m), cgroup)
+    assert r.returncode == 0, r.stderr
+    assert len(requests_with(lab, m)) == 1
+
+
+
+def test_process_keys_are_checked_in_the_kernel(lab, cgroup):
+    """First match wins in the kernel too: a cgroup allow before a comm deny."""
+    svc = cgroup / "svc"
+    svc.mkdir(exist_ok=True)
+    try:
+        pol = Policy.from_dict({"default": "audit", "rules": [
+            {"name": "svc-may", "action": "allow", "provider": "anthropic", "cgroup": f"/{cgroup.name}/svc"},
+            {"name": "curl-may-not", "action": "deny", "provider": "anthropic", "comm": "curl"}]})
+        m = uuid.uuid4().hex
+        url = "https://api.anthropic.com/v1/models"
+        with busted.Monitor(policy=pol, enforce=True, policy_scope="/" + cgroup.name):
+            denied = run(lab, curl(url, m), cgroup)
+            in_svc = run(lab, curl(url, m), svc)
+            py = run(lab, [sys.executable, "-c", PY_HTTPX, f"{url}?m={m}"], cgroup)
+        assert denied.returncode == 7
+        assert in_svc.returncode == 0, in_svc.stderr
+        assert py.returncode == 0 and py.stdout.strip() == b"200", py.stderr
+        assert len(requests_with(lab, m)) == 2
+    finally:
+        svc.rmdir()
+
+
+def test_measure_dns_answer_to_connect_race(lab, cgroup):
+    """How long a client takes from reading a DNS answer to connect(), against how long user space
+    takes to map that answer: why the BPF DNS parser exists. Printed for docs/policy.md."""
+    m = uuid.uuid4().hex
+    with busted.Monitor(policy=Policy.from_dict(DENY_ANTHROPIC), enforce=True,
+                        policy_scope="/" + cgroup.name) as mon:
+        rcs = [run(lab, curl("https://api.anthropic.com/v1/models", m), cgroup).returncode for _ in range(20)]
+        evs = collect(mon, lambda e: sum(isinstance(x, PolicyDecision) and x.enforced for x in e) >= 20, timeout=10)
+        lag = sorted(mon._policy_rt.dns_lag_ns)
+        learn = sorted(mon._policy_rt.dns_learn_s)
+    assert rcs == [7] * 20 and requests_with(lab, m) == []
+    answers = {}
+    for e in evs:
+        if isinstance(e, busted.DnsAnswer) and e.qname == "api.anthropic.com" and e.addresses:
+            answers.setdefault(e.pid, e.ts_ns)
+    gaps = sorted(d.ts_ns - answers[d.pid] for d in evs
+                  if isinstance(d, PolicyDecision) and d.enforced and d.pid in answers)
+    assert len(gaps) >= 10 and lag
+    med = lambda xs: xs[len(xs) // 2]  # noqa: E731
+    print(f"\nanswer read -> connect(): median {med(gaps) / 1e3:.0f} us, max {gaps[-1] / 1e3:.0f} us (n={len(gaps)})"
+          f"\nanswer read -> mapped by user space: median {med(lag) / 1e3:.0f} us, max {lag[-1] / 1e3:.0f} us"
+          f" (n={len(lag)}); map update itself: median {med(learn) * 1e6:.0f} us")
+
+
+def test_cli_sighup_reload(lab, cgroup, tmp_path):
+    """SIGHUP: a valid file takes effect for the next connect; an invalid one keeps the old policy
+    and says why (stderr lines announce both)."""
+    import select
+    import signal
+
+    f = tmp_path / "p.toml"
+    f.write_text('[[rules]]\nname = "no-anthropic"\naction = "deny"\nprovider = "anthropic"\n')
+    argv = [sys.executable, "-m", "busted.cli", "monitor", "--json", "--policy", str(f), "--enforce",
+            "--policy-scope", "/" + cgroup.name]
+    proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+
+    def stderr_line(timeout=15.0):
+        """The next stderr line about the policy (other lines, e.g. a ready line, are skipped)."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if select.select([proc.stderr], [], [], 0.5)[0]:
+                line = proc.stderr.readline()
+                if "policy" in line:
+                    return line
+        raise AssertionError("no policy line on stderr")
+
+    try:
+        deadline = time.monotonic() + 30
+        while ours_attached().count("pol_") < 4:
+            assert proc.poll() is None and time.monotonic() < deadline
+            time.sleep(0.1)
+        m = uuid.uuid4().hex
+        url = "https://api.anthropic.com/v1/models"
+        assert run(lab, curl(url, m), cgroup).returncode == 7
+        f.write_text('[[rules]]\nname = "yes"\naction = "allow"\nprovider = "anthropic"\n')
+        proc.send_signal(signal.SIGHUP)
+        assert "policy reloaded" in stderr_line()
+        assert run(lab, curl(url, m), cgroup).returncode == 0
+        f.write_text('[[rules]]\nname = "yes"\naction = "allow"\nprovder = "anthropic"\n')
+        proc.send_signal(signal.SIGHUP)
+        line = stderr_line()
+        assert "not reloaded" in line and f"{f}:4:" in line and "provder" in line
+        assert run(lab, curl(url, m), cgroup).returncode == 0
+        assert len(requests_with(lab, m)) == 2
+    finally:
+        proc.terminate()
+        proc.wait(timeout=15)

@@ -1,0 +1,174 @@
+"""Policy files: parsing, errors with file/line/key, first-match-wins evaluation."""
+
+import textwrap
+
+import pytest
+
+from busted import Policy, PolicyError
+from busted.policy import Subject, container_of
+
+ISSUE_EXAMPLE = textwrap.dedent("""\
+    default = "audit"                 # allow | audit | deny
+    [[rules]]
+    name = "nobody-calls-deepseek"
+    action = "deny"
+    provider = "deepseek"             # a string or a list
+    [[rules]]
+    name = "curl-may-not-call-anthropic"
+    action = "deny"
+    provider = ["anthropic"]
+    comm = "curl"
+""")
+
+
+def test_issue_example_parses_as_written():
+    p = Policy.loads(ISSUE_EXAMPLE, source="p.toml")
+    assert p.default == "audit"
+    assert [(r.name, r.action, r.provider, r.comm, r.line) for r in p.rules] == [
+        ("nobody-calls-deepseek", "deny", ("deepseek",), None, 2),
+        ("curl-may-not-call-anthropic", "deny", ("anthropic",), ("curl",), 6),
+    ]
+    assert p == Policy.from_dict(p.to_dict())
+
+
+def test_first_match_wins_and_default_only_for_providers():
+    p = Policy.loads(ISSUE_EXAMPLE)
+    d = p.evaluate(Subject(provider="anthropic", comm="curl"))
+    assert (d.rule, d.action, d.matched) == ("curl-may-not-call-anthropic", "deny",
+                                              (("provider", "anthropic"), ("comm", "curl")))
+    d = p.evaluate(Subject(provider="anthropic", comm="python3"))
+    assert (d.rule, d.action) == ("default", "audit")
+    assert p.evaluate(Subject(provider="deepseek", comm="curl")).rule == "nobody-calls-deepseek"
+    # not an LLM provider and no rule names its host: not the policy's business
+    assert p.evaluate(Subject(hostname="example.org", comm="curl")) is None
+
+
+def test_allow_one_service_then_deny_the_rest():
+    p = Policy.from_dict({"default": "audit", "rules": [
+        {"name": "assistant", "action": "allow", "provider": "anthropic", "cgroup": "/system.slice/assistant.service"},
+        {"name": "others", "action": "deny", "provider": "anthropic"},
+    ]})
+    ok = Subject(provider="anthropic", cgroup="/system.slice/assistant.service/worker")
+    assert p.evaluate(ok).action == "allow"
+    # a string prefix that is not a path prefix does not match
+    assert p.evaluate(Subject(provider="anthropic", cgroup="/system.slice/assistant.servicex")).action == "deny"
+    assert p.evaluate(Subject(provider="anthropic", cgroup=None)).action == "deny"
+    assert p.evaluate(Subject(provider="openai")).action == "audit"
+
+
+def test_hostname_globs_uid_exe_container_model():
+    p = Policy.from_dict({"rules": [
+        {"name": "m", "action": "deny", "model": "gpt-4*"},
+        {"name": "h", "action": "deny", "hostname": "*.DeepSeek.com", "uid": [0, 1000]},
+        {"name": "e", "action": "allow", "exe": "*/python3*", "provider": "openai"},
+        {"name": "c", "action": "deny", "container": "abc1"},
+    ]})
+    assert p.evaluate(Subject(hostname="api.deepseek.com.", uid=1000)).rule == "h"
+    assert p.evaluate(Subject(hostname="deepseek.com", uid=1000)) is None  # '*.' needs a label
+    assert p.evaluate(Subject(hostname="api.deepseek.com", uid=7)) is None
+    assert p.evaluate(Subject(provider="openai", exe="/usr/bin/python3.11")).rule == "e"
+    cid = "abc1" + "0" * 60
+    path = f"/system.slice/docker-{cid}.scope"
+    assert container_of(path) == cid and container_of("/user.slice") is None
+    assert p.evaluate(Subject(provider="openai", exe="/usr/bin/curl", container=container_of(path))).rule == "c"
+    # model rules only at the LLM request point
+    s = Subject(provider="openai", exe="/usr/bin/curl", model="gpt-4o")
+    assert p.evaluate(s).rule == "default"
+    assert p.evaluate(s, known_model=True).rule == "m"
+    # unknown exe (process gone) does not match an exe rule
+    assert p.evaluate(Subject(provider="openai", exe=None)).rule == "default"
+
+
+def test_uid_by_name():
+    p = Policy.from_dict({"rules": [{"name": "r", "action": "deny", "uid": "root"}]})
+    assert p.rules[0].uid == (0,)
+
+
+@pytest.mark.parametrize(("text", "line", "key", "words"), [
+    ('default = "audit"\n[[rules]]\nname = "a"\naction = "deny"\nproviderr = "x"\n', 5, "providerr", "unknown key"),
+    ('[[rules]]\nname = "a"\naction = "block"\n', 3, "action", "one of allow, audit, deny"),
+    ('[[rules]]\nname = "a"\n\nprovider = "x"\n', 1, "action", "has no action"),
+    ('[[rules]]\nname = "a"\naction = "deny"\nhostname = "api.[openai.com"\n', 4, "hostname", "without ']'"),
+    ('[[rules]]\nname = "a"\naction = "deny"\nhostname = "api openai"\n', 4, "hostname", "characters"),
+    ('[[rules]]\nname = "a"\naction = "deny"\nexe = "curl"\n', 4, "exe", "paths"),
+    ('[[rules]]\nname = "a"\naction = "deny"\ncomm = "a-very-long-process-name"\n', 4, "comm", "15"),
+    ('[[rules]]\nname = "a"\naction = "deny"\nuid = "no-such-user-here"\n', 4, "uid", "no user"),
+    ('[[rules]]\nname = "a"\naction = "deny"\ncgroup = "system.slice"\n', 4, "cgroup", "starting with '/'"),
+    ('[[rules]]\nname = "a"\naction = "deny"\nprovider = []\n', 4, "provider", "empty list"),
+    ('default = "maybe"\n', 1, "default", "default must be"),
+    ('defualt = "deny"\n', 1, "defualt", "unknown key"),
+    ('[[rules]]\nname = "a"\naction = "deny"\n[[rules]]\nname = "a"\naction = "allow"\n', 5, "name", "twice"),
+    ('[[rules]]\nname = "a"\naction = "deny"\nprovider = "OpenAI"\n', 4, "provider", "not a provider id"),
+])
+def test_errors_name_file_line_and_key(tmp_path, text, line, key, words):
+    f = tmp_path / "p.toml"
+    f.write_text(text)
+    with pytest.raises(PolicyError) as ei:
+        Policy.load(f)
+    e = ei.value
+    assert (e.path, e.line, e.key) == (str(f), line, key)
+    assert str(e).startswith(f"{f}:{line}: ")
+    assert words in str(e)
+
+
+def test_toml_syntax_error_has_a_line(tmp_path):
+    f = tmp_path / "p.toml"
+    f.write_text('default = "audit"\n[[rules]]\nname = "a\n')
+    with pytest.raises(PolicyError) as ei:
+        Policy.load(f)
+    assert ei.value.line == 3 and "not valid TOML" in str(ei.value)
+
+
+def test_unreadable_file(tmp_path):
+    with pytest.raises(PolicyError, match="cannot read policy file"):
+        Policy.load(tmp_path / "missing.toml")
+
+
+def test_describe_lists_rules_in_order():
+    out = Policy.loads(ISSUE_EXAMPLE, source="p.toml").describe().splitlines()
+    assert out[0] == "policy p.toml: 2 rule(s), first match wins"
+    assert out[1].split() == ["1.", "deny", "nobody-calls-deepseek", "[provider=deepseek]", "(line", "2)"]
+    assert "comm=curl" in out[2] and out[3].split()[:3] == ["-", "audit", "default"]
+
+
+def test_cli_policy_check(tmp_path, capsys):
+    import io
+
+    from busted.cli import main
+
+    good = tmp_path / "good.toml"
+    good.write_text(ISSUE_EXAMPLE)
+    out = io.StringIO()
+    assert main(["policy", "check", str(good)], out=out) == 0
+    assert "2 rule(s)" in out.getvalue() and "curl-may-not-call-anthropic" in out.getvalue()
+    bad = tmp_path / "bad.toml"
+    bad.write_text('[[rules]]\nname = "a"\naction = "deny"\ncomm = ["curl", 3]\n')
+    assert main(["policy", "check", str(bad)], out=io.StringIO()) == 2
+    assert f"{bad}:4: " in capsys.readouterr().err
+
+
+def test_reloader_keeps_the_old_policy_on_errors(tmp_path):
+    import io
+
+    from busted.policy_cli import Reloader
+
+    class FakeMonitor:
+        closed = False
+
+        def __init__(self):
+            self.policy = Policy.loads(ISSUE_EXAMPLE)
+
+        def set_policy(self, path):
+            self.policy = Policy.load(path)  # raises PolicyError before replacing
+
+    f = tmp_path / "p.toml"
+    mon, err = FakeMonitor(), io.StringIO()
+    r = Reloader(mon, str(f), err=err, install=False)
+    f.write_text('[[rules]]\nname = "a"\naction = "allow"\n')
+    assert r.reload() and mon.policy.rules[0].name == "a"
+    f.write_text('[[rules]]\nname = "b"\naction = "nope"\n')
+    assert not r.reload() and mon.policy.rules[0].name == "a"
+    lines = err.getvalue().splitlines()
+    assert "policy reloaded" in lines[0] and "(1 rules)" in lines[0]
+    assert lines[1].startswith("busted: policy not reloaded, the previous one stays in force: ")
+    assert f"{f}:3:" in lines[1]

@@ -1,0 +1,118 @@
+"""The user-space judge (flow events -> PolicyDecision) and the kernel compilation of a policy."""
+
+import struct
+
+import pytest
+
+from busted import Direction, Evidence, FlowClassified, FlowClosed, FlowOpened, Policy, PolicyDecision, PolicyError
+from busted.classify import Catalog
+from busted.enforce import (
+    ANY_BIT,
+    POL_RULE,
+    PR_COMM,
+    PR_UID,
+    PR_USER_ONLY,
+    compile_policy,
+    fold_names,
+    name_entry,
+    name_mask,
+)
+from busted.policy import PolicyJudge
+
+BASE = dict(ts_ns=1, wall_time=1.0, flow_id=7, direction=Direction.CONNECT, pid=10, tid=10, uid=1000, comm="curl",
+            family=4, saddr="10.0.0.1", sport=40000, daddr="10.0.0.2", dport=443)
+
+
+def test_judge_reports_on_open_and_on_sni_change_once_per_verdict():
+    pol = Policy.from_dict({"default": "audit", "rules": [
+        {"name": "no-deepseek", "action": "deny", "provider": "deepseek"}]})
+    j = PolicyJudge(pol)
+    opened = FlowOpened(**BASE, provider="openai", hostname="api.openai.com", evidence=Evidence.DNS)
+    out = j.feed([opened])
+    assert out[0] is opened and isinstance(out[1], PolicyDecision)
+    d = out[1]
+    assert (d.rule, d.action, d.enforced, d.point, d.flow_id, d.comm) == (
+        "default", "audit", False, "connect", 7, "curl")
+    assert j.feed([opened]) == [opened]  # same verdict: not repeated
+    cls = FlowClassified(**{**BASE, "ts_ns": 2}, provider="deepseek", hostname="api.deepseek.com",
+                         evidence=Evidence.SNI)
+    d2 = j.feed([cls])[1]
+    assert (d2.rule, d2.action, d2.point, d2.matched) == ("no-deepseek", "deny", "tls_client_hello",
+                                                         (("provider", "deepseek"),))
+    # the kernel enforces this rule at the hello: it reports, the judge does not repeat it
+    j2 = PolicyJudge(pol, kernel_rules=frozenset({"no-deepseek"}))
+    assert j2.feed([cls]) == [cls]
+    j.feed([FlowClosed(**BASE, bytes_sent=1, bytes_received=1, duration_ns=1)])
+    assert len(j.feed([opened])) == 2  # a new flow with a reused id is judged afresh
+
+
+def test_judge_ignores_accepted_and_non_provider_flows_and_default_allow():
+    j = PolicyJudge(Policy.from_dict({"default": "allow"}))
+    acc = FlowOpened(**{**BASE, "direction": Direction.ACCEPT}, provider="openai")
+    plain = FlowOpened(**BASE)
+    allowed = FlowOpened(**BASE, provider="openai")
+    assert j.feed([acc, plain, allowed]) == [acc, plain, allowed]
+
+
+def test_names_are_matched_backwards_by_longest_prefix():
+    entries = {name_entry("openai.azure.com", True): 1 << 3, name_entry("api.openai.com", False): 1 << 1,
+               name_entry("azure.com", True): 1 << 5}
+    names = fold_names(entries)
+    assert name_entry("api.openai.com", False) == b"moc.ianepo.ipa\0"
+    assert name_mask(names, "API.OpenAI.com.") == 1 << 1
+    assert name_mask(names, "x.openai.azure.com") == (1 << 3) | (1 << 5)  # folded: both suffixes
+    assert name_mask(names, "openai.azure.com") == 1 << 5  # '*.x' is strictly under x
+    assert name_mask(names, "xopenai.azure.com") == 1 << 5
+    assert name_mask(names, "api.openai.com.evil") == 0
+
+
+def _rules(c):
+    return [dict(zip(POL_RULE.names(), POL_RULE.struct.unpack(r), strict=True)) for r in c.rules]
+
+
+def test_compile_rules_bits_and_kernel_checks(tmp_path):
+    pol = Policy.from_dict({"default": "deny", "rules": [
+        {"name": "curl-no-anthropic", "action": "deny", "provider": "anthropic", "comm": ["curl", "wget"]},
+        {"name": "py-ok", "action": "allow", "exe": "*/python3*"},
+        {"name": "no-ds", "action": "deny", "hostname": ["*.deepseek.com", "api.deepseek.com"], "uid": 0},
+        {"name": "glob", "action": "deny", "hostname": "api-*.x.com"},
+    ]})
+    c = compile_policy(pol, Catalog.builtin(), cgroup_mount=str(tmp_path))
+    rules = _rules(c)
+    assert [(r["index"], r["action"], r["bit"]) for r in rules] == [(0, 2, 0), (0, 2, 0), (1, 0, ANY_BIT),
+                                                                     (2, 2, 2), (3, 2, 3)]
+    assert rules[0]["flags"] == PR_COMM and struct.pack("<QQ", rules[0]["comm_lo"], rules[0]["comm_hi"]) == \
+        b"curl".ljust(16, b"\0")
+    assert rules[2]["flags"] == PR_USER_ONLY  # exe: user space only; an allow ends the kernel's search
+    assert rules[3]["flags"] == PR_UID and rules[3]["uid"] == 0
+    assert rules[4]["flags"] == PR_USER_ONLY  # a mid-name glob is not compiled
+    assert c.default == 2 and c.kernel_deny == {"curl-no-anthropic", "no-ds"}
+    # anthropic's catalog name and CIDRs carry its rule's bit and "some provider"
+    assert name_mask(c.names, "api.anthropic.com") == (1 << 0) | (1 << ANY_BIT)
+    assert c.cidrs[(4, int.from_bytes(bytes([160, 79, 104, 0]), "big"), 23)] == (1 << 0) | (1 << ANY_BIT)
+    assert name_mask(c.names, "x.api.deepseek.com") == 1 << 2  # '*.deepseek.com', not a provider bit
+    assert name_mask(c.names, "api.deepseek.com") == (1 << 2) | (1 << ANY_BIT)
+    assert name_mask(c.names, "example.org") == 0
+    assert any("py-ok: checked in user space only (exe)" in n for n in c.notes)
+
+
+def test_compile_cgroup_rules_resolve_ids(tmp_path):
+    (tmp_path / "svc" / "a").mkdir(parents=True)
+    pol = Policy.from_dict({"rules": [
+        {"name": "a", "action": "allow", "provider": "openai", "cgroup": "/svc/a"},
+        {"name": "gone", "action": "deny", "provider": "openai", "cgroup": "/nope"}]})
+    c = compile_policy(pol, Catalog.builtin(), cgroup_mount=str(tmp_path))
+    rules = _rules(c)
+    assert len(rules) == 1 and rules[0]["cg_id"] == (tmp_path / "svc" / "a").stat().st_ino
+    assert rules[0]["cg_level"] == 2
+    assert any("cgroup /nope does not exist" in n for n in c.notes)
+
+
+def test_compile_refuses_what_the_kernel_cannot_hold(tmp_path):
+    many = Policy.from_dict({"rules": [{"name": f"r{i}", "action": "deny", "uid": i} for i in range(63)]})
+    with pytest.raises(PolicyError, match="at most 62 rules"):
+        compile_policy(many, Catalog.builtin(), cgroup_mount=str(tmp_path))
+    wide = Policy.from_dict({"rules": [{"name": "w", "action": "deny", "uid": list(range(9)),
+                                        "comm": [f"c{i}" for i in range(8)]}]})
+    with pytest.raises(PolicyError, match="72 kernel rule entries"):
+        compile_policy(wide, Catalog.builtin(), cgroup_mount=str(tmp_path))
