@@ -407,8 +407,9 @@ class PolicyJudge:
     """Flow events in, the same events plus ``PolicyDecision`` out: the user-space evaluation.
 
     Sans-I/O. It judges connected flows (``Direction.CONNECT``) when they open and again when they
-    are reclassified (point ``tls_client_hello`` when the SNI decided, else ``connect``), and reports
-    a decision when it differs from the last one reported for that flow. ``enforced`` is always
+    are reclassified (point ``tls_client_hello`` when the SNI decided, else ``connect``), and each
+    LLM call with its model (point ``llm_request``, where ``model`` rules can match), and reports
+    a decision when it differs from the last one reported for that flow (or names the model). ``enforced`` is always
     False here: only the kernel enforces. ``kernel_rules``: deny rules the kernel enforces at the
     ClientHello; their TLS-point decisions come from the kernel, so they are not repeated here. A
     ``default`` allow is not reported (nothing to say); explicit allow rules are.
@@ -424,11 +425,23 @@ class PolicyJudge:
         self._last: LRUCache[int, tuple[str, str]] = LRUCache(maxsize=max_flows)
 
     def feed(self, events: list[Any]) -> list[Any]:
-        from busted.events import Direction, Evidence, FlowClassified, FlowClosed, FlowOpened
+        from busted.events import Direction, Evidence, FlowClassified, FlowClosed, FlowOpened, LlmCall
 
         out: list[Any] = []
         for ev in events:
             out.append(ev)
+            if isinstance(ev, LlmCall):
+                # The model is known now (read from the request): rules with ``model`` can match.
+                # Reported after the fact: the request has been sent (docs/policy.md).
+                model = ev.request_model or ev.response_model
+                pol = self.policy
+                d = pol.evaluate(Subject.of_flow(ev, self._cgroup_path if pol.needs_cgroup else None,
+                                                 model=model), known_model=True)
+                if d is not None and not (d.rule == "default" and d.action == "allow") and (
+                        any(k == "model" for k, _v in d.matched) or self._last.get(ev.flow_id) != (d.rule, d.action)):
+                    self._last[ev.flow_id] = (d.rule, d.action)
+                    out.append(decision_event(ev, d, "llm_request"))
+                continue
             if isinstance(ev, FlowClosed):
                 self._last.pop(ev.flow_id, None)
                 continue

@@ -172,3 +172,21 @@ def test_reloader_keeps_the_old_policy_on_errors(tmp_path):
     assert "policy reloaded" in lines[0] and "(1 rules)" in lines[0]
     assert lines[1].startswith("busted: policy not reloaded, the previous one stays in force: ")
     assert f"{f}:3:" in lines[1]
+
+
+def test_llm_calls_are_judged_with_their_model():
+    from busted import Direction, LlmCall
+    from busted.policy import Policy, PolicyJudge
+
+    pol = Policy.from_dict({"default": "audit", "rules": [
+        {"name": "no-o1", "action": "deny", "model": "o1*"}]})
+    call = LlmCall(ts_ns=1, wall_time=1.0, flow_id=5, direction=Direction.CONNECT, pid=7, tid=7, uid=0,
+                   comm="python3", family=4, saddr="10.0.0.1", sport=1, daddr="10.0.0.2", dport=443,
+                   provider="openai", hostname="api.openai.com", api="openai.chat", request_model="o1-mini")
+    out = PolicyJudge(pol).feed([call])
+    assert out[0] is call
+    (d,) = out[1:]
+    assert (d.rule, d.action, d.point, d.enforced, d.flow_id) == ("no-o1", "deny", "llm_request", False, 5)
+    assert ("model", "o1-mini") in d.matched
+    other = PolicyJudge(pol).feed([LlmCall(**{**call.__dict__, "request_model": "gpt-4o"})])
+    assert [e.kind for e in other] == ["llm_call", "policy_decision"] and other[1].rule == "default"
