@@ -67,6 +67,24 @@ def _metric(text: str, name: str, **labels: str) -> float | None:
     return None
 
 
+def _calls_in(path) -> list[dict]:
+    """The llm_call lines of the monitor's stdout so far (a line still being written is skipped)."""
+    out = []
+    for ln in path.read_text().splitlines():
+        if '"kind": "llm_call"' in ln:
+            try:
+                out.append(json.loads(ln))
+            except json.JSONDecodeError:
+                continue
+    return out
+
+
+def _status_class(c: dict) -> str:
+    if not c["complete"]:
+        return "incomplete"
+    return "unknown" if c["status"] is None else f"{c['status'] // 100}xx"
+
+
 def _run(lab, argv) -> tuple[int, bytes]:
     """Run a client in the lab; its pid and its stdout."""
     p = lab.spawn_client(argv)
@@ -95,13 +113,16 @@ def test_calls_reach_every_output_and_secrets_none(lab, tmp_path):
         want[pid] = tuple(map(int, out.split()))
         pid, out = _run(lab, ["/usr/bin/python3", "-c", GEMINI])
         want[pid] = tuple(map(int, out.split()))
-        # the calls are in the metrics once the exporter saw them (bounded wait)
-        text, deadline = "", time.monotonic() + 20
+        # The lab's fake providers are processes too: their side of each exchange (comm "python",
+        # direction accept) is a call as well. Wait until the metrics count exactly the calls
+        # stdout shows (the CLI feeds its outputs before it prints), all clients' among them.
+        text, deadline = "", time.monotonic() + 30
         while time.monotonic() < deadline:
+            seen = _calls_in(stdout)
             text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=2).read().decode()
             n = sum(float(ln.rsplit(" ", 1)[1]) for ln in text.splitlines()
                     if ln.startswith("busted_llm_calls_total{"))
-            if n >= len(want):
+            if {c["pid"] for c in seen} >= set(want) and n == len(seen):
                 break
             time.sleep(0.3)
         # the store while the monitor still writes it: its rows committed, the -wal file in use
@@ -153,19 +174,27 @@ def test_calls_reach_every_output_and_secrets_none(lab, tmp_path):
     # JSONL: the same lines as stdout
     assert [json.loads(ln) for ln in jsonl.read_text().splitlines()] == rows
 
-    # metrics: exact token counts per provider/model/comm
+    # metrics: exact token counts per provider/model/comm, over every call stdout showed
     expect: Counter = Counter()
-    for pid, c in calls.items():
-        labels = (c["provider"], c["response_model"] or c["request_model"], c["comm"])
-        expect[(*labels, "input")] += want[pid][0]
-        expect[(*labels, "output")] += want[pid][1]
-        expect[(*labels, "calls")] += 1
+    for c in seen:
+        labels = (c["provider"] or "none", c["response_model"] or c["request_model"] or "?", c["comm"])
+        for kind in ("input", "output"):
+            if c[f"{kind}_tokens"] is not None:
+                expect[(*labels, kind)] += c[f"{kind}_tokens"]
+        expect[(*labels, "calls:" + _status_class(c))] += 1
+    assert sum(n for k, n in expect.items() if k[3].startswith("calls:")) == len(seen) >= len(want)
     for (prov, model, comm, kind), n in expect.items():
-        if kind == "calls":
-            got = _metric(text, "busted_llm_calls_total", provider=prov, model=model, comm=comm, status_class="2xx")
+        if kind.startswith("calls:"):
+            got = _metric(text, "busted_llm_calls_total", provider=prov, model=model, comm=comm,
+                          status_class=kind[6:])
         else:
             got = _metric(text, "busted_llm_tokens_total", provider=prov, model=model, comm=comm, type=kind)
-        assert got == n, (prov, model, comm, kind, got, n, [ln for ln in text.splitlines() if "llm" in ln])
+        assert got == n, (prov, model, comm, kind, got, n)
+    # the clients' own calls: their tokens are in those sums (curl and python3 are theirs alone)
+    for c in calls.values():
+        if c["comm"] in ("curl", "python3"):
+            assert _metric(text, "busted_llm_tokens_total", provider=c["provider"], model=c["response_model"],
+                           comm=c["comm"], type="output") == want[c["pid"]][1]
 
     # the keys: in no output at all
     files = [stdout, jsonl, *(p for p in tmp_path.iterdir() if p.name.startswith(db.name))]
