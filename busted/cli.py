@@ -34,8 +34,10 @@ from busted.events import (
     FlowClassified,
     FlowClosed,
     FlowEvent,
+    FlowIdentity,
     FlowOpened,
     LlmCall,
+    McpMessage,
     TlsClientHello,
 )
 
@@ -180,8 +182,43 @@ HEADER = f"{'TIME':<8} {'EVENT':<10} {'PID':>7} {'COMM':<15} {'DIR':<3} {'LOCAL'
          f"{'PROVIDER/HOST':<34} {'TX':>7} {'RX':>7}"
 
 
+def _n(v: int | None) -> str:
+    return "?" if v is None else str(v)
+
+
+def _cost(usd: float | None) -> str:
+    if usd is None:
+        return "?"
+    return f"${usd:.6f}" if usd < 0.01 else f"${usd:.4f}" if usd < 1 else f"${usd:.2f}"
+
+
+def _render_call(t: str, ev: LlmCall) -> str:
+    """provider/host, endpoint, model, tokens in/out, TTFT, status, cost: the fields people ask for."""
+    who = " ".join(x for x in (ev.provider or "-", ev.hostname) if x)
+    model = ev.response_model or ev.request_model or "?"
+    ttft = "?" if ev.time_to_first_token_ns is None else f"{ev.time_to_first_token_ns / 1e6:.0f}ms"
+    status = _n(ev.status) + ("" if ev.complete else " incomplete")
+    if ev.error_type:
+        status += f" {_p(ev.error_type)}"
+    return (f"{t:<8} {'call':<10} {ev.pid:>7} {_col(ev.comm, 15)} {'out':<3} {_p(who)} "
+            f"{_p(ev.method)} {_p(ev.path[:80])}{' stream' if ev.stream else ''} model={_p(model)} "
+            f"tokens={_n(ev.input_tokens)}/{_n(ev.output_tokens)} ttft={ttft} status={status} "
+            f"cost={_cost(ev.cost_usd)}")
+
+
+def _render_mcp(t: str, ev: McpMessage) -> str:
+    what = f"method={_p(ev.jsonrpc_method)}" if ev.jsonrpc_method else "response"
+    extra = "".join(f" {k}={_p(str(v))}" for k, v in (("tool", ev.tool), ("id", ev.jsonrpc_id),
+                                                       ("error", ev.error_code)) if v is not None)
+    who = " ".join(x for x in (ev.hostname, _ep(ev.daddr, ev.dport)) if x)
+    return (f"{t:<8} {'mcp':<10} {ev.pid:>7} {_col(ev.comm, 15)} {'out' if ev.direction_sent else 'in':<3} "
+            f"{_p(who)} {what}{extra}")
+
+
 def render(ev: Event) -> str:
-    """One human line per event (the table view of ``busted monitor``); never a control character."""
+    """One human line per event (the table view of ``busted monitor``); never a control character.
+    Flow rows fill the HEADER's columns; other kinds (dns, tls-hello, call, mcp) say what they
+    carry after the DIR column, as ``name=value``."""
     t = time.strftime("%H:%M:%S", time.localtime(ev.wall_time))
     if isinstance(ev, FlowEvent):
         kind = {FlowOpened: "open", FlowClosed: "close", FlowClassified: "classified"}.get(type(ev), ev.kind)
@@ -202,6 +239,10 @@ def render(ev: Event) -> str:
     elif isinstance(ev, TlsClientHello):
         line = (f"{t:<8} {'tls-hello':<10} {ev.pid:>7} {_col(ev.comm, 15)} {'out':<3} "
                 f"sni={_p(ev.sni or '-')} alpn={_p(','.join(ev.alpn)) or '-'} ja4={_p(ev.ja4)}")
+    elif isinstance(ev, LlmCall):
+        line = _render_call(t, ev)
+    elif isinstance(ev, McpMessage):
+        line = _render_mcp(t, ev)
     elif isinstance(ev, EventsLost):
         line = f"{t:<8} {'LOST':<10} {ev.count} at {ev.where.name.lower()} {ev.detail}"
     else:
@@ -252,6 +293,10 @@ def _monitor_kwargs(args: argparse.Namespace) -> dict[str, Any]:
         kw["port"] = args.port
     if getattr(args, "family", None):
         kw["family"] = args.family
+    if getattr(args, "llm_calls", True) is False:
+        kw["llm_calls"] = False
+    if getattr(args, "capture_content", 0):
+        kw["capture_content"] = args.capture_content
     from busted.policy_cli import policy_kwargs
 
     kw.update(policy_kwargs(args))
@@ -421,7 +466,7 @@ def _announce(mon: Any, what: str = "monitoring") -> None:
 def _wants(ev: Event, provider: Sequence[str] | None) -> bool:
     if not provider:
         return True
-    if isinstance(ev, FlowEvent):
+    if isinstance(ev, FlowIdentity):  # flow events, LLM calls, MCP messages
         return (ev.provider or "none") in provider
     return not isinstance(ev, DnsAnswer | TlsClientHello)
 
@@ -704,13 +749,21 @@ def _query(args: argparse.Namespace, out: TextIO) -> int:
 
     if args.json and args.format == "csv":
         raise UsageError("--json and --format csv contradict each other; give one")
+    if args.kind and args.table != "events":
+        raise UsageError(f"--kind selects events: give --table events (or drop --kind for --table {args.table})")
     since = time.time() - args.since if args.since else None
     with Store.open_readonly(args.store) as store:
         flows = list(store.flows(since=since))
         if args.table == "events":
             by_flow = {f["flow_id"]: f.get("provider") for f in flows} if args.provider else {}
             keep = _row_filter(args, by_flow)
-            rows = [d for d in (ev.to_dict() for ev in store.events(since=since)) if keep(d)]
+            rows = [d for d in (ev.to_dict() for ev in store.events(kinds=args.kind, since=since)) if keep(d)]
+        elif args.table == "llm_calls":
+            keep = _row_filter(args, {})
+            rows = [c for c in store.calls(since=since) if keep(c)]
+        elif args.table == "mcp_messages":
+            keep = _row_filter(args, {})
+            rows = [m for m in store.mcp_messages(since=since) if keep(m)]
         else:
             keep = _row_filter(args, {})
             rows = [f for f in flows if keep(f)]
@@ -751,6 +804,16 @@ def _size(text: str) -> int | None:
         raise argparse.ArgumentTypeError(str(exc)) from None
 
 
+def _nonneg(text: str) -> int:
+    try:
+        n = int(text)
+    except ValueError:
+        n = -1
+    if n < 0:
+        raise argparse.ArgumentTypeError(f"expected a byte count >= 0, got {text!r}")
+    return n
+
+
 def _filter_flags() -> argparse.ArgumentParser:
     """The filter flags, defined once: monitor, top, lab and query take the same ones."""
     fp = argparse.ArgumentParser(add_help=False)
@@ -784,6 +847,11 @@ def _live_flags() -> argparse.ArgumentParser:
     from busted.policy_cli import add_policy_options  # --policy/--enforce: busted/policy_cli.py
 
     add_policy_options(lp)
+    c = lp.add_argument_group("LLM calls (read from TLS plaintext and plain HTTP; docs/llm.md)")
+    c.add_argument("--no-llm-calls", dest="llm_calls", action="store_false",
+                   help="flows, DNS and TLS hellos only: no plaintext probes, no call/MCP events")
+    c.add_argument("--capture-content", type=_nonneg, default=0, metavar="N",
+                   help="keep the first N bytes of each prompt and completion, secrets masked (default 0: none)")
     return lp
 
 
@@ -813,7 +881,10 @@ def _parser() -> argparse.ArgumentParser:
 
     q = sub.add_parser("query", help="read a store written with --store", parents=[filters])
     q.add_argument("--store", required=True)
-    q.add_argument("--table", choices=("flows", "events"), default="flows")
+    q.add_argument("--table", choices=("flows", "events", "llm_calls", "mcp_messages"), default="flows",
+                   help="flows (one row per flow), events (every event; see --kind), llm_calls, mcp_messages")
+    q.add_argument("--kind", action="append", help="with --table events: only this kind, e.g. llm_call "
+                   "(repeatable)")
     q.add_argument("--since", type=float, help="only the last N seconds")
     q.add_argument("--json", action="store_true", help="NDJSON, as monitor --json (the default)")
     q.add_argument("--format", choices=("json", "csv"), default="json", help="json (= --json) or csv")

@@ -2,6 +2,7 @@
 
     df = busted.to_dataframe(events)          # or Store.open_readonly(p).dataframe("events")
     df[df.kind == "flow_closed"].groupby("provider").bytes_received.sum()
+    df[df.kind == "llm_call"].groupby(["comm", "request_model"])[["output_tokens", "cost_usd"]].sum()
 """
 
 from __future__ import annotations
@@ -16,6 +17,11 @@ from busted.sinks._codec import redact
 __all__ = ["frame_from_dicts", "to_dataframe"]
 
 _FIRST = ["time", "kind", "ts_ns", "wall_time"]
+# LlmCall counts: nullable integers, so an unreported count stays <NA> (not 0, not a float NaN) and
+# sums stay exact.
+_COUNTS = ("input_tokens", "output_tokens", "cache_read_tokens", "cache_write_tokens", "reasoning_tokens",
+           "total_tokens", "tool_calls", "request_bytes", "response_bytes", "time_to_first_token_ns", "status",
+           "error_code")
 
 
 def _pandas() -> Any:
@@ -45,6 +51,12 @@ def frame_from_dicts(rows: Iterable[dict[str, Any]]) -> Any:
     for r in flat:
         cols.update(dict.fromkeys(r))
     df = pd.DataFrame(flat, columns=list(cols))
+    for c in _COUNTS:
+        if c in df.columns:
+            try:
+                df[c] = df[c].astype("Int64")
+            except (TypeError, ValueError):
+                pass  # a kind this version does not know put something else there: leave it as is
     df.insert(0, "time", pd.to_datetime(df["wall_time"].astype("float64"), unit="s", utc=True))
     return df
 
@@ -52,5 +64,7 @@ def frame_from_dicts(rows: Iterable[dict[str, Any]]) -> Any:
 def to_dataframe(events: Iterable[Event]) -> Any:
     """One row per event: ``time`` (pandas datetime, UTC, from ``wall_time``), ``kind``, then every
     field of every kind present (a field a kind lacks is NaN/None). Enums are their lower-case
-    names, as in ``to_dict()``; tuples are lists; credential-named keys are masked."""
+    names, as in ``to_dict()``; tuples are lists; credential-named keys are masked, and so are
+    credentials in an LlmCall's path, user agent and captured content. LlmCall token counts (and
+    status, TTFT, body sizes) are nullable integers (``Int64``): unreported is ``<NA>``, not 0."""
     return frame_from_dicts(e.to_dict() for e in events)

@@ -16,11 +16,14 @@ import typing
 from typing import Any
 
 from busted.events import Event
-from busted.redact import MASK, SECRET_HEADERS
+from busted.redact import MASK, SECRET_HEADERS, redact_text
 
 __all__ = ["MASK", "event_from_dict", "event_kinds", "redact"]
 
 _SECRET_KEYS = frozenset(SECRET_HEADERS) | {"set-cookie", "x-auth-token", "api-token"}
+# Free-text fields read from the wire (an LlmCall's path, user agent, captured content): the events
+# are made with credentials masked; the sinks mask them again by name and shape (defence in depth).
+_TEXT_KEYS = frozenset({"path", "user_agent", "prompt", "completion"})
 
 
 def _subclasses(cls: type) -> list[type]:
@@ -90,9 +93,12 @@ def redact(d: Any) -> Any:
     """Mask (with ``"[REDACTED]"``) the values of credential keys -- authorization,
     proxy-authorization, x-api-key, api-key, x-goog-api-key, cookie, set-cookie; case-insensitive,
     ``_`` = ``-`` -- at any depth, in dicts and in header lists of ``(name, value)`` pairs.
+    The values of free-text keys (``path``, ``user_agent``, ``prompt``, ``completion``) go through
+    ``busted.redact.redact_text`` (credential-named query parameters, key shapes, bearer tokens).
     Returns a new object; the input is not changed."""
     if isinstance(d, dict):
-        return {k: (MASK if _secret(k) else redact(v)) for k, v in d.items()}
+        return {k: (MASK if _secret(k) else redact_text(v) if k in _TEXT_KEYS and isinstance(v, str)
+                    else redact(v)) for k, v in d.items()}
     if isinstance(d, list | tuple):
         if d and all(_is_pair(x) for x in d):  # a header list: [(name, value), ...]
             return type(d)(type(x)((x[0], MASK)) if _secret(x[0]) else redact(x) for x in d)

@@ -17,8 +17,9 @@ from typing import TYPE_CHECKING, Any
 from cachetools import LRUCache
 
 from busted.errors import EnvironmentProblem, MissingDependency, UsageError
-from busted.events import DnsAnswer, Event, EventsLost, FlowClosed, FlowEvent
+from busted.events import DnsAnswer, Event, EventsLost, FlowClosed, FlowEvent, LlmCall, McpMessage
 from busted.flowview import FlowView
+from busted.redact import redact_text
 
 if TYPE_CHECKING:
     from busted.classify.providers import Catalog
@@ -27,6 +28,11 @@ __all__ = ["PrometheusExporter"]
 
 NONE = "none"  # provider label of flows not tied to an LLM provider
 OTHER = "other"  # comm label values beyond the cardinality cap
+
+
+def _label(value: str) -> str:
+    """A label value taken from the wire (a model or method name): credentials masked, length bounded."""
+    return redact_text(value)[:128]
 
 
 def _parse_addr(addr: str) -> tuple[str, int]:
@@ -54,7 +60,7 @@ class PrometheusExporter:
     A flow is counted once, as soon as its provider is known (at open, or at its FlowClassified),
     else at close as provider="none"; flow state comes from one ``FlowView`` (at most
     ``max_open_flows`` open flows). Each metric keeps at most ``max_label_sets`` label sets; beyond
-    that new ``comm`` values are folded into "other".
+    that new ``comm`` (and ``model``, MCP ``method``) values are folded into "other".
 
     DNS answers are labelled with the provider the answer itself carries (if its event has one),
     else by ``catalog`` (pass the one given to ``Monitor(catalog=...)``), else by the hostnames the
@@ -80,6 +86,16 @@ class PrometheusExporter:
         self.dns = Counter("busted_dns_answers", "DNS answers seen, by the provider the name belongs to",
                            ["provider"], registry=r)
         self.lost = Counter("busted_events_lost", "Events lost, by place", ["where"], registry=r)
+        llm = ["provider", "model", "comm"]
+        self.llm_calls = Counter("busted_llm_calls", "LLM API calls, by HTTP status class (2xx, 4xx, 5xx; "
+                                 "'unknown' when no status was seen, 'incomplete' when the flow ended first)",
+                                 [*llm, "status_class"], registry=r)
+        self.llm_tokens = Counter("busted_llm_tokens", "Tokens the LLM APIs reported, by type (input includes "
+                                  "cache reads and writes)", [*llm, "type"], registry=r)
+        self.llm_cost = Counter("busted_llm_cost_usd", "Estimated spend in USD (tokens x list price; calls "
+                                "to models without a known price add nothing)", llm, registry=r)
+        self.mcp = Counter("busted_mcp_messages", "MCP JSON-RPC messages, by method ('response' for "
+                           "responses)", ["method", "comm"], registry=r)
         self.queue_depth = Gauge("busted_queue_depth", "Events waiting in the Monitor's queue", registry=r)
         self.open_flows = Gauge("busted_flows_open", "Flows currently open (seen opening, not yet closed)",
                                 registry=r)
@@ -178,9 +194,32 @@ class PrometheusExporter:
                         max(0, after.bytes_received or 0))
         elif isinstance(ev, DnsAnswer):
             self._labels(self.dns, self._dns_provider(ev)).inc()
+        elif isinstance(ev, LlmCall):
+            self._count_call(ev)
+        elif isinstance(ev, McpMessage):
+            method = _label(ev.jsonrpc_method) if ev.jsonrpc_method else "response"
+            self._labels(self.mcp, method, ev.comm or "?", fold=(0, 1)).inc()
         elif isinstance(ev, EventsLost):
             self._labels(self.lost, ev.where.name.lower()).inc(max(0, ev.count))
         self.open_flows.set(len(self.view))
+
+    def _count_call(self, ev: LlmCall) -> None:
+        base = (ev.provider or NONE, _label(ev.response_model or ev.request_model or "?"), ev.comm or "?")
+        fold = (1, 2)  # model and comm: provider ids come from the catalog, a closed set
+        if not ev.complete:
+            status = "incomplete"
+        elif ev.status is None:
+            status = "unknown"
+        else:
+            status = f"{ev.status // 100}xx" if 100 <= ev.status < 600 else "other"
+        self._labels(self.llm_calls, *base, status, fold=fold).inc()
+        for kind, n in (("input", ev.input_tokens), ("output", ev.output_tokens),
+                        ("cache_read", ev.cache_read_tokens), ("cache_write", ev.cache_write_tokens),
+                        ("reasoning", ev.reasoning_tokens)):
+            if n is not None and n >= 0:  # None (not reported) adds no series; a reported 0 does
+                self._labels(self.llm_tokens, *base, kind, fold=fold).inc(n)
+        if ev.cost_usd is not None and ev.cost_usd >= 0:
+            self._labels(self.llm_cost, *base, fold=fold).inc(ev.cost_usd)
 
     def set_queue_depth(self, n: int) -> None:
         self.queue_depth.set(n)

@@ -10,8 +10,8 @@ notebooks, another process) never block the writer nor are blocked by it.
 
 Every event lands in ``events`` as its exact JSON (so any kind, including future ones, round-trips);
 known kinds are also spread into typed tables (``flows`` -- one row per flow, its latest state from a
-``FlowView`` --, ``dns_answers``, ``tls_hellos``, ``losses``). One writer per store (a lock file);
-any number of readers.
+``FlowView`` --, ``dns_answers``, ``tls_hellos``, ``losses``, ``llm_calls``, ``mcp_messages``).
+One writer per store (a lock file); any number of readers.
 
 Nothing is lost silently. When the database refuses a write (disk full, I/O error, locked) the
 batch is kept and retried (backing off to every 2 s: space may come back) and ``on_error`` is told
@@ -43,7 +43,9 @@ from busted.events import (
     FlowClassified,
     FlowClosed,
     FlowOpened,
+    LlmCall,
     LossPlace,
+    McpMessage,
     TlsClientHello,
 )
 from busted.flowview import FlowState, FlowView
@@ -51,7 +53,7 @@ from busted.sinks._codec import event_from_dict, redact
 
 __all__ = ["DEFAULT_MAX_BYTES", "DEFAULT_RETENTION_SECONDS", "SCHEMA_VERSION", "Store", "parse_age", "parse_size"]
 
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 
 # Retention `busted monitor --store` applies unless told otherwise (--retention-age/--retention-size):
 # a week of history, and at most 1 GiB of data (about 11 minutes at the 1.6 MB/s measured with 500
@@ -113,6 +115,34 @@ CREATE INDEX IF NOT EXISTS tls_ts ON tls_hellos(ts);
 CREATE TABLE IF NOT EXISTS losses (
     id INTEGER PRIMARY KEY, ts REAL NOT NULL, place TEXT, count INTEGER, detail TEXT);
 CREATE INDEX IF NOT EXISTS losses_ts ON losses(ts);
+CREATE TABLE IF NOT EXISTS llm_calls (
+    id INTEGER PRIMARY KEY, ts REAL NOT NULL, ts_ns INTEGER,
+    flow_id INTEGER, direction TEXT, pid INTEGER, tid INTEGER, uid INTEGER, comm TEXT, ppid INTEGER, exe TEXT,
+    cmdline TEXT, cgroup_id INTEGER, netns INTEGER, family INTEGER, saddr TEXT, sport INTEGER, daddr TEXT,
+    dport INTEGER, preexisting INTEGER, hostname TEXT, provider TEXT, evidence TEXT, confidence REAL,
+    api TEXT, operation TEXT, method TEXT, path TEXT, http_version TEXT, stream_id INTEGER,
+    request_model TEXT, response_model TEXT, stream INTEGER, status INTEGER, error_type TEXT,
+    input_tokens INTEGER, output_tokens INTEGER, cache_read_tokens INTEGER, cache_write_tokens INTEGER,
+    reasoning_tokens INTEGER, total_tokens INTEGER, finish_reason TEXT, tool_calls INTEGER,
+    request_bytes INTEGER, response_bytes INTEGER, time_to_first_token_ns INTEGER, duration_ns INTEGER,
+    user_agent TEXT, complete INTEGER, cost_usd REAL, price_source TEXT, prompt TEXT, completion TEXT);
+CREATE INDEX IF NOT EXISTS llm_ts ON llm_calls(ts);
+CREATE INDEX IF NOT EXISTS llm_provider ON llm_calls(provider, ts);
+CREATE INDEX IF NOT EXISTS llm_model ON llm_calls(request_model, ts);
+CREATE INDEX IF NOT EXISTS llm_pid ON llm_calls(pid, ts);
+CREATE INDEX IF NOT EXISTS llm_flow ON llm_calls(flow_id);
+CREATE TABLE IF NOT EXISTS mcp_messages (
+    id INTEGER PRIMARY KEY, ts REAL NOT NULL, ts_ns INTEGER,
+    flow_id INTEGER, direction TEXT, pid INTEGER, tid INTEGER, uid INTEGER, comm TEXT, ppid INTEGER, exe TEXT,
+    cmdline TEXT, cgroup_id INTEGER, netns INTEGER, family INTEGER, saddr TEXT, sport INTEGER, daddr TEXT,
+    dport INTEGER, preexisting INTEGER, hostname TEXT, provider TEXT, evidence TEXT, confidence REAL,
+    direction_sent INTEGER, jsonrpc_method TEXT, jsonrpc_id TEXT, session_id TEXT, tool TEXT,
+    error_code INTEGER, is_notification INTEGER);
+CREATE INDEX IF NOT EXISTS mcp_ts ON mcp_messages(ts);
+CREATE INDEX IF NOT EXISTS mcp_method ON mcp_messages(jsonrpc_method, ts);
+CREATE INDEX IF NOT EXISTS mcp_provider ON mcp_messages(provider, ts);
+CREATE INDEX IF NOT EXISTS mcp_pid ON mcp_messages(pid, ts);
+CREATE INDEX IF NOT EXISTS mcp_flow ON mcp_messages(flow_id);
 """
 
 # from_version -> statements that bring a store of that version to from_version + 1.
@@ -128,12 +158,27 @@ _MIGRATIONS: dict[int, list[str]] = {
         "DROP TABLE IF EXISTS llm_calls",
         "DROP TABLE IF EXISTS policy_decisions",
     ],
+    # v4 adds llm_calls and mcp_messages (from _SCHEMA); rows for the calls and messages already
+    # in `events` are spread into them after the migrations (_backfill), so nothing is lost.
+    3: [],
 }
 
 _FLOW_COLS = ("flow_id", "opened", "closed", "direction", "pid", "tid", "uid", "ppid", "comm", "exe",
               "cmdline", "cgroup_id", "netns", "family", "saddr", "sport", "daddr", "dport", "preexisting",
               "hostname", "provider", "evidence", "confidence", "bytes_sent", "bytes_received", "duration_ns")
 _CLASS_COLS = ("hostname", "provider", "evidence", "confidence")
+_IDENT_COLS = ("flow_id", "direction", "pid", "tid", "uid", "comm", "ppid", "exe", "cmdline", "cgroup_id", "netns",
+               "family", "saddr", "sport", "daddr", "dport", "preexisting", "hostname", "provider", "evidence",
+               "confidence")
+# Every field of the event (a unit test pins them to the dataclasses), after ts (= wall_time) and ts_ns.
+_CALL_COLS = ("ts", "ts_ns", *_IDENT_COLS, "api", "operation", "method", "path", "http_version", "stream_id",
+              "request_model", "response_model", "stream", "status", "error_type", "input_tokens",
+              "output_tokens", "cache_read_tokens", "cache_write_tokens", "reasoning_tokens", "total_tokens",
+              "finish_reason", "tool_calls", "request_bytes", "response_bytes", "time_to_first_token_ns",
+              "duration_ns", "user_agent", "complete", "cost_usd", "price_source", "prompt", "completion")
+_MCP_COLS = ("ts", "ts_ns", *_IDENT_COLS, "direction_sent", "jsonrpc_method", "jsonrpc_id", "session_id", "tool",
+             "error_code", "is_notification")
+_BOOL_COLS = frozenset({"preexisting", "stream", "complete", "direction_sent", "is_notification"})
 _CLOSE_COLS = ("closed", "bytes_sent", "bytes_received", "duration_ns")
 
 
@@ -159,9 +204,11 @@ _SQL_DNS = ("INSERT INTO dns_answers(ts, pid, comm, netns, transport, server, qn
 _SQL_TLS = ("INSERT INTO tls_hellos(ts, flow_id, pid, comm, saddr, sport, daddr, dport, sni, alpn, versions,"
             " ja4) VALUES (?,?,?,?,?,?,?,?,?,?,?,?)")
 _SQL_LOSS = "INSERT INTO losses(ts, place, count, detail) VALUES (?,?,?,?)"
+_SQL_CALL = f"INSERT INTO llm_calls({', '.join(_CALL_COLS)}) VALUES ({', '.join('?' * len(_CALL_COLS))})"
+_SQL_MCP = f"INSERT INTO mcp_messages({', '.join(_MCP_COLS)}) VALUES ({', '.join('?' * len(_MCP_COLS))})"
 # table -> the expression retention compares with a cutoff
 _TABLES_WITH_TS = {"events": "ts", "dns_answers": "ts", "tls_hellos": "ts", "losses": "ts",
-                   "flows": "coalesce(closed, opened)"}
+                   "llm_calls": "ts", "mcp_messages": "ts", "flows": "coalesce(closed, opened)"}
 _INT64 = (-(2**63), 2**63 - 1)
 
 
@@ -198,6 +245,28 @@ def _flow_row(st: FlowState) -> tuple[Any, ...]:
     return _row(*(d.get(c) for c in _FLOW_COLS))
 
 
+def _spread(d: dict[str, Any]) -> tuple[str, tuple[Any, ...]] | None:
+    """The llm_calls / mcp_messages row of a (redacted) ``to_dict()`` of an LlmCall or McpMessage."""
+    d = {**d, "ts": d.get("wall_time")}
+    if d.get("kind") == LlmCall.kind:
+        return _SQL_CALL, _row(*(d.get(c) for c in _CALL_COLS))
+    if d.get("kind") == McpMessage.kind:
+        return _SQL_MCP, _row(*(d.get(c) for c in _MCP_COLS))
+    return None
+
+
+def _backfill(db: sqlite3.Connection) -> None:
+    """Spread the calls and messages an older store kept only in ``events`` into their tables."""
+    cur = db.execute("SELECT json FROM events WHERE kind IN (?, ?) ORDER BY id", (LlmCall.kind, McpMessage.kind))
+    for (js,) in cur.fetchall():
+        try:
+            typed = _spread(redact(json.loads(js)))
+        except (ValueError, TypeError):
+            continue  # unreadable JSON stays where it is, in `events`
+        if typed is not None:
+            db.execute(*typed)
+
+
 def _typed(ev: Event, d: dict[str, Any], flows: FlowView) -> tuple[str, tuple[Any, ...]] | None:
     """The typed-table statement for one event (None: it lives only in ``events``)."""
     ts = ev.wall_time
@@ -212,6 +281,8 @@ def _typed(ev: Event, d: dict[str, Any], flows: FlowView) -> tuple[str, tuple[An
                               d["alpn"], d["versions"], ev.ja4)
     if isinstance(ev, EventsLost):
         return _SQL_LOSS, _row(ts, d["where"], ev.count, ev.detail)
+    if isinstance(ev, LlmCall | McpMessage):
+        return _spread(d)
     return None  # any other kind (including future ones): kept in `events`
 
 
@@ -353,6 +424,8 @@ class Store:
                 for stmt in _SCHEMA.split(";"):
                     if stmt.strip():
                         db.execute(stmt)
+                if 0 < version < 4:
+                    _backfill(db)
                 db.execute("INSERT OR REPLACE INTO meta VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),))
                 if version == 0:
                     db.execute("INSERT OR REPLACE INTO meta VALUES ('created', ?)", (repr(time.time()),))
@@ -891,6 +964,49 @@ class Store:
             d = dict(zip(names, row, strict=True))
             d["cmdline"] = json.loads(d["cmdline"]) if d["cmdline"] else None
             d["preexisting"] = bool(d["preexisting"])
+            out.append(d)
+        return out
+
+    def calls(self, since: float | None = None, until: float | None = None, pid: int | None = None,
+              comm: str | None = None, provider: str | None = None,
+              model: str | None = None) -> list[dict[str, Any]]:
+        """One dict per LLM call (the ``llm_calls`` columns: ``ts`` = ``wall_time``, then every
+        ``LlmCall`` field), oldest first. ``model`` matches the request or the response model."""
+        extra = ("(request_model = ? OR response_model = ?)", [model, model]) if model is not None else None
+        return self._typed_rows("llm_calls", extra, since=since, until=until, pid=pid, comm=comm,
+                                provider=provider)
+
+    def mcp_messages(self, since: float | None = None, until: float | None = None, pid: int | None = None,
+                     comm: str | None = None, method: str | None = None) -> list[dict[str, Any]]:
+        """One dict per MCP message (the ``mcp_messages`` columns), oldest first; ``method``
+        matches ``jsonrpc_method``."""
+        extra = ("jsonrpc_method = ?", [method]) if method is not None else None
+        return self._typed_rows("mcp_messages", extra, since=since, until=until, pid=pid, comm=comm)
+
+    def _typed_rows(self, table: str, extra: tuple[str, list[Any]] | None, **filters: Any) -> list[dict[str, Any]]:
+        where, args = self._where(**filters)
+        if extra is not None:
+            where += (" AND " if where else " WHERE ") + extra[0]
+            args += extra[1]
+        with self._reader() as db:
+            try:
+                cur = db.execute(f"SELECT * FROM {table}{where} ORDER BY ts, id", args)
+                names = [c[0] for c in cur.description]
+                rows = cur.fetchall()
+            except sqlite3.OperationalError as exc:
+                if "no such table" in str(exc):  # an older store read before any writer migrated it
+                    return []
+                raise self._error(exc, f"reading {table}") from exc
+            except sqlite3.Error as exc:
+                raise self._error(exc, f"reading {table}") from exc
+        out = []
+        for row in rows:
+            d = dict(zip(names, row, strict=True))
+            d.pop("id", None)
+            d["cmdline"] = json.loads(d["cmdline"]) if d.get("cmdline") else None
+            for c in _BOOL_COLS & d.keys():
+                if d[c] is not None:
+                    d[c] = bool(d[c])
             out.append(d)
         return out
 

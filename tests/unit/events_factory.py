@@ -9,7 +9,9 @@ from busted.events import (
     FlowClassified,
     FlowClosed,
     FlowOpened,
+    LlmCall,
     LossPlace,
+    McpMessage,
     TlsClientHello,
 )
 
@@ -35,4 +37,32 @@ def sample_events(t0: float = 1_700_000_000.0, flow_id: int = 4242, pid: int = 1
                    evidence=Evidence.SNI, confidence=0.95, bytes_sent=811, bytes_received=2233,
                    duration_ns=1_000_000_000),
         EventsLost(ts_ns=5, wall_time=t0 + 1.2, where=LossPlace.KERNEL_RING, count=3, detail="ring buffer full"),
+    ]
+
+
+# A key-shaped secret the sinks must never write (the events' own redaction is bypassed on purpose).
+SECRET = "sk-proj-Zq3xW9vT1bN7mK2pL5hR8cY4dF6gJ0sA"
+
+
+def sample_calls(t0: float = 1_700_000_000.5, flow_id: int = 4242, pid: int = 100, secret: str = "") -> list:
+    """An LlmCall (every field set; ``secret`` planted in its free-text fields) and an MCP pair."""
+    ident = {**IDENT, "flow_id": flow_id, "pid": pid, "comm": "python3", "hostname": "api.openai.com",
+             "provider": "openai", "evidence": Evidence.SNI, "confidence": 0.95}
+    q = f"?key={secret}" if secret else ""
+    return [
+        LlmCall(ts_ns=10, wall_time=t0, **ident, api="openai.chat", operation="chat", method="POST",
+                path="/v1/chat/completions" + q, http_version="2", stream_id=3, request_model="gpt-4o-mini",
+                response_model="gpt-4o-mini-2024-07-18", stream=True, status=200, error_type=None,
+                input_tokens=120, output_tokens=45, cache_read_tokens=100, cache_write_tokens=None,
+                reasoning_tokens=7, total_tokens=165, finish_reason="stop", tool_calls=1, request_bytes=512,
+                response_bytes=2048, time_to_first_token_ns=150_000_000, duration_ns=900_000_000,
+                user_agent="OpenAI/Python 1.54.0" + (f" {secret}" if secret else ""), complete=True,
+                cost_usd=0.0000435, price_source="builtin:2025-06", prompt=f"hello {secret}".strip(),
+                completion="hi"),
+        McpMessage(ts_ns=11, wall_time=t0 + 0.1, **{**ident, "provider": None, "hostname": "mcp.lab"},
+                   direction_sent=True, jsonrpc_method="tools/call", jsonrpc_id="7", session_id="s-1",
+                   tool="search", error_code=None, is_notification=False),
+        McpMessage(ts_ns=12, wall_time=t0 + 0.2, **{**ident, "provider": None, "hostname": "mcp.lab"},
+                   direction_sent=False, jsonrpc_method=None, jsonrpc_id="7", session_id="s-1",
+                   error_code=-32601),
     ]

@@ -453,3 +453,100 @@ def test_doctor_escapes_what_it_prints(monkeypatch):
     out = io.StringIO()
     main(["doctor"], out=out)
     assert "\x1b" not in out.getvalue() and "6.1\\x1b]0;x\\x07" in out.getvalue()
+
+
+# -- LLM calls and MCP messages ----------------------------------------------------------------
+
+
+def test_render_call_and_mcp_rows():
+    from events_factory import sample_calls
+
+    call, req, resp = sample_calls()
+    line = render(call)
+    assert line.split()[1:5] == ["call", "100", "python3", "out"]
+    assert ("openai api.openai.com POST /v1/chat/completions stream model=gpt-4o-mini-2024-07-18 "
+            "tokens=120/45 ttft=150ms status=200 cost=$0.000044") in line
+    unknown = dataclasses.replace(call, input_tokens=None, output_tokens=None, time_to_first_token_ns=None,
+                                  cost_usd=None, status=None, complete=False, response_model=None, provider=None)
+    assert "- api.openai.com" in render(unknown)
+    assert "model=gpt-4o-mini tokens=?/? ttft=? status=? incomplete cost=?" in render(unknown)
+    assert render(req).split()[1:5] == ["mcp", "100", "python3", "out"]
+    assert render(req).endswith("mcp.lab 10.231.1.65:443 method=tools/call tool=search id=7")
+    assert render(resp).endswith("response id=7 error=-32601") and " in " in render(resp)
+
+
+def test_render_call_escapes_every_wire_string():
+    from events_factory import sample_calls
+
+    call, req, _ = sample_calls()
+    evil = dataclasses.replace(call, comm=EVIL[:15], hostname=EVIL, method="P\x1b[2J", path="/x\n12:00 close",
+                               response_model="m\u202e", error_type="e\x07")
+    line = render(evil)
+    assert not _has_control(line) and "\u202e" not in line and "\n" not in line
+    assert "/x\\x0a12:00 close" in line and "P\\x1b[2J" in line and "e\\x07" in line
+    mcp = dataclasses.replace(req, jsonrpc_method="tools/\x1b]0;x\x07", tool="t\u2066", jsonrpc_id="\x9b1")
+    line = render(mcp)
+    assert not _has_control(line) and "\u2066" not in line and "tools/\\x1b]0;x\\x07" in line
+
+
+def test_llm_flags_reach_the_monitor(fake, capsys):
+    from events_factory import sample_calls
+
+    fake.script = list(sample_calls())
+    out = io.StringIO()
+    assert main(["monitor", "--json", "--duration", "0.2", "--no-llm-calls", "--capture-content", "512"],
+                out=out) == 0
+    assert fake.made[0].kw == {"probes": None, "llm_calls": False, "capture_content": 512}
+    rows = [json.loads(ln) for ln in out.getvalue().splitlines()]
+    assert [r["kind"] for r in rows] == ["llm_call", "mcp_message", "mcp_message"]
+    assert rows[0]["input_tokens"] == 120 and rows[0]["cache_write_tokens"] is None
+    assert main(["top", "--json", "--interval", "0.05", "--duration", "0.1"], out=io.StringIO()) == 0
+    assert "llm_calls" not in fake.made[1].kw and "capture_content" not in fake.made[1].kw  # the defaults
+    p = cli._parser()
+    for cmd in ("monitor", "top", "lab"):
+        a = p.parse_args([cmd, "--no-llm-calls", "--capture-content", "64"])
+        assert (a.llm_calls, a.capture_content) == (False, 64)
+    with pytest.raises(SystemExit):
+        p.parse_args(["monitor", "--capture-content", "-1"])
+
+
+def test_provider_filter_applies_to_calls(fake, capsys):
+    from events_factory import sample_calls
+
+    call, req, _ = sample_calls()
+    fake.script = [call, dataclasses.replace(call, provider="anthropic"), req]
+    out = io.StringIO()
+    assert main(["monitor", "--json", "--duration", "0.2", "--provider", "anthropic"], out=out) == 0
+    assert [(r["kind"], r["provider"]) for r in map(json.loads, out.getvalue().splitlines())] == [
+        ("llm_call", "anthropic")]
+
+
+def test_query_llm_calls_and_mcp_messages(tmp_path, capsys):
+    from events_factory import sample_calls
+
+    from busted.sinks import Store
+
+    p = tmp_path / "c.db"
+    call, req, resp = sample_calls()
+    with Store(p) as s:
+        s.write_many([*sample_events(), call, req, resp, dataclasses.replace(call, pid=300, comm="node")])
+
+    def q(*args):
+        out = io.StringIO()
+        assert main(["query", "--store", str(p), *args], out=out) == 0
+        return [json.loads(ln) for ln in out.getvalue().splitlines()]
+
+    rows = q("--table", "llm_calls")
+    assert [(r["pid"], r["input_tokens"], r["request_model"]) for r in rows] == [
+        (100, 120, "gpt-4o-mini"), (300, 120, "gpt-4o-mini")]
+    assert [r["comm"] for r in q("--table", "llm_calls", "-c", "node")] == ["node"]
+    assert [r["jsonrpc_method"] for r in q("--table", "mcp_messages")] == ["tools/call", None]
+    assert [r["kind"] for r in q("--table", "events", "--kind", "llm_call")] == ["llm_call", "llm_call"]
+    assert {r["kind"] for r in q("--table", "events", "--kind", "llm_call", "--kind", "mcp_message")} == {
+        "llm_call", "mcp_message"}
+    assert main(["query", "--store", str(p), "--kind", "llm_call"], out=io.StringIO()) == 2
+    assert "--kind selects events" in capsys.readouterr().err
+    out = io.StringIO()
+    assert main(["query", "--store", str(p), "--table", "llm_calls", "--format", "csv"], out=out) == 0
+    head = out.getvalue().splitlines()[0].split(",")
+    assert head[:3] == ["ts", "ts_ns", "flow_id"] and "output_tokens" in head and "cost_usd" in head

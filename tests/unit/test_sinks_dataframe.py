@@ -76,3 +76,26 @@ def test_missing_pandas_is_a_clear_error(monkeypatch):
     monkeypatch.setattr(builtins, "__import__", fake)
     with pytest.raises(EnvironmentProblem, match=r"pip install 'busted\[pandas\]'"):
         to_dataframe(sample_events())
+
+
+def test_llm_calls_and_mcp_messages():
+    from dataclasses import replace
+
+    from events_factory import SECRET, sample_calls
+
+    call, req, resp = sample_calls(secret=SECRET)
+    local = replace(call, comm="ollama-cli", input_tokens=None, output_tokens=9, cost_usd=None, provider=None)
+    df = to_dataframe([*sample_events(), call, local, req, resp])
+    calls = df[df["kind"] == "llm_call"]
+    assert str(calls["input_tokens"].dtype) == "Int64"
+    assert calls["input_tokens"].isna().tolist() == [False, True]  # unknown stays unknown
+    assert int(calls["output_tokens"].sum()) == 54 and int(calls["input_tokens"].sum()) == 120
+    by = calls.groupby("comm")["output_tokens"].sum()
+    assert by.to_dict() == {"ollama-cli": 9, "python3": 45}
+    assert calls.iloc[0]["cost_usd"] == pytest.approx(0.0000435)
+    assert calls.iloc[0]["path"] == "/v1/chat/completions?key=[REDACTED]"
+    assert SECRET not in df.to_csv()
+    mcp = df[df["kind"] == "mcp_message"]
+    assert mcp["jsonrpc_method"].iloc[0] == "tools/call" and mcp["jsonrpc_method"].isna().tolist() == [False, True]
+    assert mcp["tool"].iloc[0] == "search" and pd.isna(mcp["tool"].iloc[1])
+    assert mcp["error_code"].isna().tolist() == [True, False]

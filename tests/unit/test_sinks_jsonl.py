@@ -184,3 +184,23 @@ def test_redact_never_lets_a_secret_through(tree, secret):
     r = redact(wrapped)
     assert r["Authorization"] == r["h"][0][1] == r["d"]["x-api-key"] == "[REDACTED]"
     assert redact(r) == r  # idempotent
+
+
+def test_llm_calls_round_trip_and_their_secrets_are_masked(tmp_path):
+    from dataclasses import replace
+
+    from events_factory import SECRET, sample_calls
+
+    clean = sample_calls()
+    dirty = sample_calls(flow_id=7, secret=SECRET)
+    p = tmp_path / "c.jsonl"
+    with JsonlSink(p) as s:
+        for ev in clean + dirty:
+            s.write(ev)
+    assert SECRET not in p.read_text()
+    got = _read(p)
+    assert got[:3] == clean  # exact: every field, None kept as None
+    masked = replace(dirty[0], path="/v1/chat/completions?key=[REDACTED]",
+                     user_agent="OpenAI/Python 1.54.0 [REDACTED]", prompt="hello [REDACTED]")
+    assert got[3:] == [masked, *dirty[1:]]
+    assert [e.kind for e in got] == ["llm_call", "mcp_message", "mcp_message"] * 2

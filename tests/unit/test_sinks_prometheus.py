@@ -138,7 +138,7 @@ def test_label_cardinality_is_bounded():
     assert _value(text, "busted_flows_total", provider="openai", comm="other", direction="connect") == 15
     assert _value(text, "busted_flows_total", provider="openai", comm="c0", direction="connect") == 1
     assert _value(text, "busted_bytes_sent_total", provider="openai", comm="other") == 15 * 811
-    assert "busted_llm" not in text  # no metrics for events that do not exist yet
+    assert "busted_llm_calls_total{" not in text  # no calls seen: no call series
     series = [ln for ln in text.splitlines() if ln.startswith("busted_flows_total{")]
     assert len(series) == 6
     exp.observe(replace(opened, flow_id=100, comm="c3"))  # a known comm keeps its own series
@@ -179,3 +179,54 @@ def test_close_is_idempotent():
     assert exp.start() is exp  # already serving
     exp.close()
     exp.close()
+
+
+def test_llm_call_and_mcp_counters():
+    from events_factory import sample_calls
+
+    call, req, resp = sample_calls()
+    unknown = replace(call, input_tokens=None, output_tokens=0, cache_read_tokens=None, reasoning_tokens=None,
+                      cost_usd=None, status=None, request_model="llama3", response_model=None, provider=None)
+    cut = replace(call, complete=False, status=200)
+    err = replace(call, status=429, input_tokens=None, output_tokens=None, cache_read_tokens=None,
+                  reasoning_tokens=None, cost_usd=None)
+    exp = PrometheusExporter("127.0.0.1:0").start()
+    try:
+        for ev in (call, call, req, resp, unknown, cut, err):
+            exp.observe(ev)
+        text = _scrape(exp.port)
+    finally:
+        exp.close()
+    lab = dict(provider="openai", model="gpt-4o-mini-2024-07-18", comm="python3")
+    assert _value(text, "busted_llm_calls_total", **lab, status_class="2xx") == 2
+    assert _value(text, "busted_llm_calls_total", **lab, status_class="incomplete") == 1
+    assert _value(text, "busted_llm_calls_total", **lab, status_class="4xx") == 1
+    assert _value(text, "busted_llm_tokens_total", **lab, type="input") == 3 * 120  # call x2 + cut; err: None
+    assert _value(text, "busted_llm_tokens_total", **lab, type="output") == 3 * 45
+    assert _value(text, "busted_llm_tokens_total", **lab, type="cache_read") == 3 * 100
+    assert _value(text, "busted_llm_tokens_total", **lab, type="reasoning") == 3 * 7
+    assert _value(text, "busted_llm_tokens_total", **lab, type="cache_write") is None  # never reported
+    assert _value(text, "busted_llm_cost_usd_total", **lab) == pytest.approx(3 * 0.0000435)
+    local = dict(provider="none", model="llama3", comm="python3")
+    assert _value(text, "busted_llm_calls_total", **local, status_class="unknown") == 1
+    assert _value(text, "busted_llm_tokens_total", **local, type="output") == 0  # reported zero: a series
+    assert _value(text, "busted_llm_tokens_total", **local, type="input") is None  # unknown: none
+    assert _value(text, "busted_llm_cost_usd_total", **local) is None
+    assert _value(text, "busted_mcp_messages_total", method="tools/call", comm="python3") == 1
+    assert _value(text, "busted_mcp_messages_total", method="response", comm="python3") == 1
+
+
+def test_llm_labels_are_bounded_and_masked():
+    from events_factory import SECRET, sample_calls
+
+    call = sample_calls()[0]
+    exp = PrometheusExporter("127.0.0.1:0", max_label_sets=3)
+    for i in range(50):
+        exp.observe(replace(call, response_model=f"model-{i}", comm=f"c{i}"))
+    exp.observe(replace(call, response_model=SECRET, comm="x"))
+    text = _text(exp)
+    assert SECRET not in text
+    calls = [line for line in text.splitlines() if line.startswith("busted_llm_calls_total")]
+    assert len(calls) <= 4  # 3 label sets, then the folded one
+    assert _value(text, "busted_llm_calls_total", provider="openai", model="other", comm="other",
+                  status_class="2xx") == 48

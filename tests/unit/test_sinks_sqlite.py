@@ -5,7 +5,7 @@ import sqlite3
 import tempfile
 import threading
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import ClassVar
 
@@ -142,7 +142,9 @@ def test_future_kinds_are_stored_generically(tmp_path):
         s.write(call)
     assert _rows(p, "SELECT kind, flow_id, provider FROM events") == [("test_llm_call", 4242, "openai")]
     tables = {r[0] for r in _rows(p, "SELECT name FROM sqlite_master WHERE type='table'")}
-    assert tables == {"meta", "events", "flows", "dns_answers", "tls_hellos", "losses"}  # no placeholders
+    assert tables == {"meta", "events", "flows", "dns_answers", "tls_hellos", "losses", "llm_calls",
+                      "mcp_messages"}
+    assert _rows(p, "SELECT count(*) FROM llm_calls") == [(0,)]  # a kind of its own, not an llm_call
     assert "sk-secret" not in Path(p).read_bytes().decode("latin-1")
     # a kind no class claims (written by a newer busted): skipped as objects, visible raw
     db = sqlite3.connect(p)
@@ -257,7 +259,7 @@ def test_newer_schema_is_refused(tmp_path):
     db.commit()
     db.close()
     for opener in (Store, Store.open_readonly):
-        with pytest.raises(StoreError, match=r"newer busted \(schema 99 > 3\); upgrade busted"):
+        with pytest.raises(StoreError, match=r"newer busted \(schema 99 > 4\); upgrade busted"):
             opener(p)
 
 
@@ -298,7 +300,8 @@ def test_older_schema_is_migrated_keeping_its_data(tmp_path):
         s.write_many(new)
     assert _rows(p, "SELECT value FROM meta WHERE key='schema_version'") == [(str(SCHEMA_VERSION),)]
     assert _rows(p, "SELECT saddr, sport FROM tls_hellos") == [("10.0.0.1", 40000)]
-    assert _rows(p, "SELECT name FROM sqlite_master WHERE name IN ('llm_calls', 'policy_decisions')") == []
+    assert _rows(p, "SELECT name FROM sqlite_master WHERE name = 'policy_decisions'") == []
+    assert _rows(p, "SELECT count(*) FROM llm_calls") == [(0,)]  # the v1 placeholder was replaced
     with Store.open_readonly(p) as r:
         assert list(r.events()) == [old, *new]
 
@@ -364,12 +367,12 @@ def test_v2_store_is_migrated_dropping_the_placeholder_tables(tmp_path):
     new = sample_events(t0=1_800_000_000.0, flow_id=2)
     with Store(p) as s:
         s.write_many(new)
-    assert _rows(p, "SELECT value FROM meta WHERE key='schema_version'") == [("3",)]
-    assert _rows(p, "SELECT name FROM sqlite_master WHERE name IN ('llm_calls', 'policy_decisions', "
-                    "'llm_ts', 'policy_ts')") == []
+    assert _rows(p, "SELECT value FROM meta WHERE key='schema_version'") == [("4",)]
+    assert _rows(p, "SELECT name FROM sqlite_master WHERE name IN ('policy_decisions', 'policy_ts')") == []
+    assert "model" not in [c[1] for c in _rows(p, "PRAGMA table_info(llm_calls)")]  # the placeholder's
     assert _rows(p, "SELECT count(*) FROM dns_answers") == [(2,)]
     with Store.open_readonly(p) as r:
-        assert r.schema_version == 3
+        assert r.schema_version == 4
         assert list(r.events()) == old + new
         assert [(f["flow_id"], f["provider"], f["bytes_received"]) for f in r.flows()] == [
             (1, "openai", 2233), (2, "openai", 2233)]
@@ -740,3 +743,117 @@ def test_retention_flags_parse():
             parse_age(bad)
     with pytest.raises(ValueError, match="retention size"):
         parse_size("1 gigabyte")
+
+
+# -- LLM calls and MCP messages (schema v4) ----------------------------------------------------------
+
+
+def test_calls_and_mcp_messages_have_typed_tables(tmp_path):
+    from events_factory import sample_calls
+
+    from busted.events import LlmCall, McpMessage
+    from busted.sinks.sqlite import _CALL_COLS, _MCP_COLS
+
+    # every field of the events has its column (ts holds wall_time)
+    assert set(_CALL_COLS) - {"ts"} | {"wall_time"} == {f.name for f in fields(LlmCall)}
+    assert set(_MCP_COLS) - {"ts"} | {"wall_time"} == {f.name for f in fields(McpMessage)}
+    p = tmp_path / "c.db"
+    call, req, resp = sample_calls()
+    other = replace(call, ts_ns=20, wall_time=call.wall_time + 5, pid=200, provider="anthropic",
+                    request_model="claude-3-5-haiku", response_model=None, input_tokens=None, stream=None)
+    with Store(p) as s:
+        s.write_many([*sample_events(), call, req, resp, other])
+    db_cols = [c[1] for c in _rows(p, "PRAGMA table_info(llm_calls)")]
+    assert db_cols == ["id", *_CALL_COLS]
+    assert [c[1] for c in _rows(p, "PRAGMA table_info(mcp_messages)")] == ["id", *_MCP_COLS]
+    idx = {r[0] for r in _rows(p, "SELECT name FROM sqlite_master WHERE type='index'")}
+    assert {"llm_ts", "llm_provider", "llm_model", "llm_pid", "llm_flow", "mcp_ts", "mcp_flow"} <= idx
+    with Store.open_readonly(p) as r:
+        rows = r.calls()
+        assert len(rows) == 2
+        d = call.to_dict()
+        want = {c: d[c] for c in _CALL_COLS if c != "ts"}
+        assert {c: rows[0][c] for c in want} == want  # exact, bools and lists included
+        assert rows[0]["ts"] == call.wall_time
+        assert rows[1]["input_tokens"] is None and rows[1]["stream"] is None  # unknown stays unknown
+        assert [c["pid"] for c in r.calls(provider="anthropic")] == [200]
+        assert [c["pid"] for c in r.calls(model="gpt-4o-mini-2024-07-18")] == [100]
+        assert r.calls(since=call.wall_time + 1)[0]["pid"] == 200
+        msgs = r.mcp_messages()
+        assert [(m["jsonrpc_method"], m["direction_sent"], m["error_code"]) for m in msgs] == [
+            ("tools/call", True, None), (None, False, -32601)]
+        assert [m["tool"] for m in r.mcp_messages(method="tools/call")] == ["search"]
+        assert list(r.events(kinds=["llm_call", "mcp_message"])) == [call, req, resp, other]
+        df = r.dataframe("llm_calls")
+        assert list(df.input_tokens.isna()) == [False, True] and int(df.output_tokens.sum()) == 90
+
+
+def test_call_text_fields_are_redacted_in_the_store(tmp_path):
+    from events_factory import SECRET, sample_calls
+
+    p = tmp_path / "s.db"
+    call = sample_calls(secret=SECRET)[0]
+    assert SECRET in call.path and SECRET in call.user_agent and SECRET in call.prompt
+    with Store(p) as s:
+        s.write(call)
+    blob = b"".join(f.read_bytes() for f in tmp_path.iterdir() if f.name.startswith("s.db"))
+    assert SECRET.encode() not in blob
+    with Store.open_readonly(p) as r:
+        (row,) = r.calls()
+        assert row["path"] == "/v1/chat/completions?key=[REDACTED]"
+        assert row["user_agent"] == "OpenAI/Python 1.54.0 [REDACTED]" and row["prompt"] == "hello [REDACTED]"
+        (ev,) = r.events()
+        assert ev.path == row["path"]
+
+
+def test_retention_trims_calls_too(tmp_path):
+    from events_factory import sample_calls
+
+    p = tmp_path / "r.db"
+    old = sample_calls(t0=1_000.0)
+    new = sample_calls(t0=1_000_000.0, flow_id=9)
+    with Store(p, retention_seconds=100) as s:
+        s.write_many(old + new)
+        s.flush()
+        s.trim(now=1_000_050.0)
+    assert _rows(p, "SELECT count(*) FROM llm_calls") == [(1,)]
+    assert _rows(p, "SELECT count(*), min(flow_id) FROM mcp_messages") == [(2, 9)]
+
+
+def test_v3_store_is_migrated_spreading_its_calls(tmp_path):
+    """A v3 store kept LlmCall/McpMessage events only in `events`; v4 spreads them, losing nothing."""
+    from events_factory import SECRET, sample_calls
+
+    p = tmp_path / "v3.db"
+    old = [*sample_events(flow_id=1), *sample_calls(flow_id=1, secret=SECRET)]
+    db = sqlite3.connect(p)
+    db.executescript(_V2.split("CREATE TABLE IF NOT EXISTS llm_calls")[0])  # v3 = v2 minus the placeholders
+    db.execute("INSERT INTO meta VALUES ('schema_version', '3')")
+    for ev in old:
+        d = ev.to_dict()
+        db.execute("INSERT INTO events(ts, kind, flow_id, pid, comm, provider, json) VALUES (?,?,?,?,?,?,?)",
+                   (ev.wall_time, ev.kind, d.get("flow_id"), d.get("pid"), d.get("comm"), d.get("provider"),
+                    json.dumps(d)))
+    db.commit()
+    db.close()
+    new = sample_calls(t0=1_800_000_000.0, flow_id=2)
+    with Store(p) as s:
+        s.write_many(new)
+    assert _rows(p, "SELECT value FROM meta WHERE key='schema_version'") == [("4",)]
+    with Store.open_readonly(p) as r:
+        assert r.schema_version == 4
+        assert [(c["flow_id"], c["input_tokens"]) for c in r.calls()] == [(1, 120), (2, 120)]
+        assert SECRET not in json.dumps(r.calls())  # the backfill redacts as writing does
+        assert [m["flow_id"] for m in r.mcp_messages()] == [1, 1, 2, 2]
+        assert len(list(r.events())) == len(old) + len(new)
+
+
+def test_calls_of_an_unmigrated_store_are_empty(tmp_path):
+    p = tmp_path / "v3r.db"
+    db = sqlite3.connect(p)
+    db.executescript(_V2.split("CREATE TABLE IF NOT EXISTS llm_calls")[0])
+    db.execute("INSERT INTO meta VALUES ('schema_version', '3')")
+    db.commit()
+    db.close()
+    with Store.open_readonly(p) as r:
+        assert r.calls() == [] and r.mcp_messages() == []
