@@ -100,7 +100,9 @@ CREATE TABLE IF NOT EXISTS flows (
     uid INTEGER, ppid INTEGER, comm TEXT, exe TEXT, cmdline TEXT, cgroup_id INTEGER, netns INTEGER,
     family INTEGER, saddr TEXT, sport INTEGER, daddr TEXT, dport INTEGER, preexisting INTEGER,
     hostname TEXT, provider TEXT, evidence TEXT, confidence REAL,
-    bytes_sent INTEGER, bytes_received INTEGER, duration_ns INTEGER);
+    bytes_sent INTEGER, bytes_received INTEGER, duration_ns INTEGER,
+    ancestry TEXT, agent TEXT, agent_pid INTEGER, agent_evidence TEXT, container_id TEXT,
+    container_runtime TEXT, pod_uid TEXT);
 CREATE INDEX IF NOT EXISTS flows_opened ON flows(opened);
 CREATE INDEX IF NOT EXISTS flows_provider ON flows(provider, opened);
 CREATE INDEX IF NOT EXISTS flows_last ON flows(coalesce(closed, opened));
@@ -120,6 +122,8 @@ CREATE TABLE IF NOT EXISTS llm_calls (
     flow_id INTEGER, direction TEXT, pid INTEGER, tid INTEGER, uid INTEGER, comm TEXT, ppid INTEGER, exe TEXT,
     cmdline TEXT, cgroup_id INTEGER, netns INTEGER, family INTEGER, saddr TEXT, sport INTEGER, daddr TEXT,
     dport INTEGER, preexisting INTEGER, hostname TEXT, provider TEXT, evidence TEXT, confidence REAL,
+    ancestry TEXT, agent TEXT, agent_pid INTEGER, agent_evidence TEXT, container_id TEXT,
+    container_runtime TEXT, pod_uid TEXT,
     api TEXT, operation TEXT, method TEXT, path TEXT, http_version TEXT, stream_id INTEGER,
     request_model TEXT, response_model TEXT, stream INTEGER, status INTEGER, error_type TEXT,
     input_tokens INTEGER, output_tokens INTEGER, cache_read_tokens INTEGER, cache_write_tokens INTEGER,
@@ -136,6 +140,8 @@ CREATE TABLE IF NOT EXISTS mcp_messages (
     flow_id INTEGER, direction TEXT, pid INTEGER, tid INTEGER, uid INTEGER, comm TEXT, ppid INTEGER, exe TEXT,
     cmdline TEXT, cgroup_id INTEGER, netns INTEGER, family INTEGER, saddr TEXT, sport INTEGER, daddr TEXT,
     dport INTEGER, preexisting INTEGER, hostname TEXT, provider TEXT, evidence TEXT, confidence REAL,
+    ancestry TEXT, agent TEXT, agent_pid INTEGER, agent_evidence TEXT, container_id TEXT,
+    container_runtime TEXT, pod_uid TEXT,
     direction_sent INTEGER, jsonrpc_method TEXT, jsonrpc_id TEXT, session_id TEXT, tool TEXT,
     error_code INTEGER, is_notification INTEGER);
 CREATE INDEX IF NOT EXISTS mcp_ts ON mcp_messages(ts);
@@ -160,16 +166,21 @@ _MIGRATIONS: dict[int, list[str]] = {
     ],
     # v4 adds llm_calls and mcp_messages (from _SCHEMA); rows for the calls and messages already
     # in `events` are spread into them after the migrations (_backfill), so nothing is lost.
-    3: [],
+    # ... and the flows table gains who is behind each flow (process lineage, agent, container).
+    3: [f"ALTER TABLE flows ADD COLUMN {c}" for c in (
+        "ancestry TEXT", "agent TEXT", "agent_pid INTEGER", "agent_evidence TEXT", "container_id TEXT",
+        "container_runtime TEXT", "pod_uid TEXT")],
 }
 
 _FLOW_COLS = ("flow_id", "opened", "closed", "direction", "pid", "tid", "uid", "ppid", "comm", "exe",
               "cmdline", "cgroup_id", "netns", "family", "saddr", "sport", "daddr", "dport", "preexisting",
-              "hostname", "provider", "evidence", "confidence", "bytes_sent", "bytes_received", "duration_ns")
+              "hostname", "provider", "evidence", "confidence", "bytes_sent", "bytes_received", "duration_ns",
+              "ancestry", "agent", "agent_pid", "agent_evidence", "container_id", "container_runtime", "pod_uid")
 _CLASS_COLS = ("hostname", "provider", "evidence", "confidence")
 _IDENT_COLS = ("flow_id", "direction", "pid", "tid", "uid", "comm", "ppid", "exe", "cmdline", "cgroup_id", "netns",
                "family", "saddr", "sport", "daddr", "dport", "preexisting", "hostname", "provider", "evidence",
-               "confidence")
+               "confidence", "ancestry", "agent", "agent_pid", "agent_evidence", "container_id", "container_runtime",
+               "pod_uid")
 # Every field of the event (a unit test pins them to the dataclasses), after ts (= wall_time) and ts_ns.
 _CALL_COLS = ("ts", "ts_ns", *_IDENT_COLS, "api", "operation", "method", "path", "http_version", "stream_id",
               "request_model", "response_model", "stream", "status", "error_type", "input_tokens",
