@@ -56,13 +56,16 @@ CLIENT_NAMES = (
 )
 # The clients that make an LLM API call (each exactly one per round).
 LLM_CLIENTS = tuple(n for n in CLIENT_NAMES if n != "curl-nonllm")
+# Keys reach the Python and node clients as real programs get theirs: in the environment (argv
+# would put them in every event's cmdline; curl's -H values are masked there by busted.redact).
+_KEY_ENV = {"OPENAI_API_KEY": LAB_OPENAI_KEY, "ANTHROPIC_API_KEY": LAB_ANTHROPIC_KEY, "GOOGLE_API_KEY": LAB_GOOGLE_KEY}
 # Python packages a client needs (in this interpreter, which runs it): skipped without them.
 _NEEDS = {"openai-sdk": "openai", "openai-sdk-stream": "openai", "anthropic-sdk-stream": "anthropic"}
 
 # The SDK clients print "<input tokens> <output tokens>" as the SDK parsed them from the answer.
 _PY_OPENAI = r"""
 import sys, openai
-c = openai.OpenAI(api_key=sys.argv[2], base_url="https://api.openai.com/v1", max_retries=0, timeout=10)
+c = openai.OpenAI(base_url="https://api.openai.com/v1", max_retries=0, timeout=10)
 msgs = [{"role": "user", "content": "hello from the openai SDK"}]
 if sys.argv[1] == "stream":
     s = c.chat.completions.create(model="gpt-4o-mini", messages=msgs, max_tokens=12, stream=True,
@@ -75,7 +78,7 @@ print(usage.prompt_tokens, usage.completion_tokens)
 
 _PY_ANTHROPIC = r"""
 import sys, anthropic
-c = anthropic.Anthropic(api_key=sys.argv[1], base_url="https://api.anthropic.com", max_retries=0, timeout=10)
+c = anthropic.Anthropic(base_url="https://api.anthropic.com", max_retries=0, timeout=10)
 with c.messages.stream(model="claude-3-5-haiku-latest", max_tokens=16,
                        messages=[{"role": "user", "content": "hello from the anthropic SDK"}]) as s:
     m = s.get_final_message()
@@ -83,12 +86,12 @@ print(m.usage.input_tokens, m.usage.output_tokens)
 """
 
 _PY_GEMINI = r"""
-import http.client, json, ssl, sys
+import http.client, json, os, ssl, sys
 ctx = ssl.create_default_context()  # honours SSL_CERT_FILE
 c = http.client.HTTPSConnection("generativelanguage.googleapis.com", 443, context=ctx, timeout=10)
 body = json.dumps({"contents": [{"parts": [{"text": "hello from the lab"}]}]})
 c.request("POST", "/v1beta/models/gemini-1.5-flash:generateContent", body=body,
-          headers={"Content-Type": "application/json", "x-goog-api-key": sys.argv[1]})
+          headers={"Content-Type": "application/json", "x-goog-api-key": os.environ["GOOGLE_API_KEY"]})
 r = c.getresponse()
 data = r.read()
 print(r.status, data.decode())
@@ -100,7 +103,7 @@ const https = require('https');
 const body = JSON.stringify({model: 'gpt-4o-mini', messages: [{role: 'user', content: 'hello from node'}]});
 const req = https.request({host: 'api.openai.com', port: 443, path: '/v1/chat/completions', method: 'POST',
   headers: {'Content-Type': 'application/json', 'Content-Length': Buffer.byteLength(body),
-            'Authorization': 'Bearer ' + process.argv[1]}, timeout: 10000}, (res) => {
+            'Authorization': 'Bearer ' + process.env.OPENAI_API_KEY}, timeout: 10000}, (res) => {
   let data = '';
   res.on('data', (d) => { data += d; });
   res.on('end', () => { console.log(res.statusCode, data); process.exit(res.statusCode === 200 ? 0 : 1); });
@@ -155,13 +158,13 @@ def demo_clients(lab, timeout: float = 10.0) -> list[tuple[str, list[str], bytes
         ("curl-openai", [*curl, "-X", "POST", "https://api.openai.com/v1/chat/completions",
                          "-H", "Content-Type: application/json",
                          "-H", f"Authorization: Bearer {LAB_OPENAI_KEY}", "-d", chat], None),
-        ("openai-sdk", [py, "-c", _PY_OPENAI, "plain", LAB_OPENAI_KEY], None),
-        ("openai-sdk-stream", [py, "-c", _PY_OPENAI, "stream", LAB_OPENAI_KEY], None),
+        ("openai-sdk", [py, "-c", _PY_OPENAI, "plain"], None),
+        ("openai-sdk-stream", [py, "-c", _PY_OPENAI, "stream"], None),
         ("curl-anthropic", [*curl, "-X", "POST", "https://api.anthropic.com/v1/messages",
                             "-H", "Content-Type: application/json", "-H", f"x-api-key: {LAB_ANTHROPIC_KEY}",
                             "-H", "anthropic-version: 2023-06-01", "-d", msg], None),
-        ("anthropic-sdk-stream", [py, "-c", _PY_ANTHROPIC, LAB_ANTHROPIC_KEY], None),
-        ("python-gemini", ["/usr/bin/python3", "-c", _PY_GEMINI, LAB_GOOGLE_KEY], None),
+        ("anthropic-sdk-stream", [py, "-c", _PY_ANTHROPIC], None),
+        ("python-gemini", ["/usr/bin/python3", "-c", _PY_GEMINI], None),
         ("openssl-openai", ["openssl", "s_client", "-connect", "api.openai.com:443",
                             "-servername", "api.openai.com", "-CAfile", ca, "-verify_return_error",
                             "-quiet"],
@@ -169,7 +172,7 @@ def demo_clients(lab, timeout: float = 10.0) -> list[tuple[str, list[str], bytes
                     f"Authorization: Bearer {LAB_OPENAI_KEY}", "openssl-s_client")),
         ("gnutls-azure", ["gnutls-cli", "--x509cafile", ca, "-p", "443", "x.openai.azure.com"],
          _http_post("x.openai.azure.com", azure_path, azure_chat, f"api-key: {LAB_OPENAI_KEY}", "gnutls-cli")),
-        ("node-openai", ["node", "-e", _NODE_OPENAI, LAB_OPENAI_KEY], None),
+        ("node-openai", ["node", "-e", _NODE_OPENAI], None),
         ("curl-ollama", [*curl, "-X", "POST", "http://ollama.lab.test:11434/api/generate",
                          "-H", "Content-Type: application/json", "-d", gen], None),
         ("curl-nonllm", [*curl, "https://www.example-nonllm.test/"], None),
@@ -184,7 +187,7 @@ def run_one(lab, name: str, argv: list[str], stdin: bytes | None, timeout: float
         return ClientResult(name, argv, None, None,
                             skipped=f"Python package {module!r} not installed (pip install 'busted[lab]')")
     start = time.monotonic()
-    proc = lab.spawn_client(argv, stdin=subprocess.PIPE if stdin is not None else subprocess.DEVNULL)
+    proc = lab.spawn_client(argv, env=_KEY_ENV, stdin=subprocess.PIPE if stdin is not None else subprocess.DEVNULL)
     try:
         out, err = proc.communicate(stdin, timeout=timeout)
     except subprocess.TimeoutExpired:
