@@ -58,7 +58,9 @@ def _llm_calls_report(caps: Any, plan: Any) -> dict[str, Any]:
     from busted.ebpf import tlslibs
     from busted.ebpf.plan import _plaintext_why_not
 
-    why = _plaintext_why_not(caps, plan.capture, plan.bytes) if plan else None
+    # Without a plan (no privileges, a forced tier refused) only the kernel's side can be judged.
+    why = _plaintext_why_not(caps, plan.capture, plan.bytes) if plan else \
+        _plaintext_why_not(caps, "syscall", "tracepoint")
     tier = plan.plaintext if plan else None
     if plan and tier == "off" and why is None:
         why = "turned off (--probes plaintext=off)"
@@ -160,7 +162,9 @@ def _doctor(args: argparse.Namespace, out: TextIO) -> int:
                 why = check(caps, t)
                 w(f"  {name:<10}{t:<12}{'available' if why is None else 'unavailable: ' + why}")
     llm = _llm_calls_report(caps, plan)
-    if not caps.uprobes:
+    if hidden and not caps.uprobes:
+        w("LLM calls       unknown: uprobes are not visible without privileges")
+    elif not caps.uprobes:
         w(f"LLM calls       unavailable: this kernel has no uprobes; you see {_WITHOUT_PLAINTEXT}")
     elif plan is None:
         w("LLM calls       unknown until a plan is chosen (uprobes available)")
