@@ -683,6 +683,24 @@ class LabCalls:
                   f"{_n(c.output_tokens):>5} {cache:>9} {_ms(c.time_to_first_token_ns):>8} "
                   f"{_ms(c.duration_ns):>8} {status:>6} {cost:>10}")
 
+    @classmethod
+    def live(cls, ev: Event) -> str | None:
+        """One short line for the lab's live table view, or None for other events (the full JSON
+        of a call is what --json gives)."""
+        from busted.events import Direction, McpMessage
+
+        t = time.strftime("%H:%M:%S", time.localtime(ev.wall_time))
+        if isinstance(ev, LlmCall):
+            d = "in" if ev.direction == Direction.ACCEPT else "out"
+            return _p(f"{t:<8} {'llm-call':<10} {ev.pid:>7} {_col(ev.comm, 15)} {d:<3} {ev.provider or '-'} "
+                      f"{ev.api} {cls._model(ev)} tokens {_n(ev.input_tokens)}/{_n(ev.output_tokens)} "
+                      f"ttft {_ms(ev.time_to_first_token_ns)} ms status {_n(ev.status)}")
+        if isinstance(ev, McpMessage):
+            d = "out" if ev.direction_sent else "in"
+            return _p(f"{t:<8} {'mcp':<10} {ev.pid:>7} {_col(ev.comm, 15)} {d:<3} {ev.jsonrpc_method or '-'} "
+                      f"{ev.tool or ''}")
+        return None
+
     def totals(self) -> list[dict[str, Any]]:
         """Per provider (None: a call recognised by shape on a flow no catalog entry names):
         calls, tokens in/out (unknown counts as absent, not 0), cost of the priced calls."""
@@ -791,7 +809,7 @@ def _run_lab(args: argparse.Namespace, out: TextIO, lab: Any, mon: Any, sinks: _
         sinks.write(ev, mon.stats().queue_depth)
         if _wants(ev, args.provider):
             calls.add(ev)
-            out.write((_json(ev.to_dict()) if as_json else render(ev)) + "\n")
+            out.write((_json(ev.to_dict()) if as_json else LabCalls.live(ev) or render(ev)) + "\n")
             out.flush()
 
     try:

@@ -111,3 +111,11 @@ def test_lab_calls_table_rows_totals_and_escaping():
     assert "MCP messages: 1" in text and re.search(r"openai-sdk-stream\s+100 out\s+tools/call\s+add\s+2\s+s1", text)
     assert "(and 1 calls seen from the lab's fake providers' side" in text and " 999 " not in text
     assert LabCalls().text({}) == "LLM calls: none seen"
+
+
+def test_lab_live_line_for_a_call_is_short_and_escaped():
+    line = LabCalls.live(_call(comm="x" + EVIL))
+    assert " llm-call " in line and "openai openai.chat gpt-4o-mini -> gpt-4o-mini-2024-07-18" in line
+    assert "tokens 12/5 ttft 3.2 ms status 200" in line and "\x1b" not in line and len(line) < 200
+    assert LabCalls.live(McpMessage(ts_ns=1, wall_time=1.0, **IDENT, direction_sent=False,
+                                    jsonrpc_method="tools/list")).split()[-1] == "tools/list"
