@@ -114,6 +114,7 @@ def test_each_llm_demo_client_yields_its_call(lab):
             if all(by[n].pid in have for n in LLM_CLIENTS):
                 break
             events.extend(mon.events(timeout=0.3))
+        stats = mon.stats()
     for r in results:
         assert r.ok, (r.name, r.skipped, r.stdout[-300:], r.stderr[-500:])
     calls = [e for e in events if isinstance(e, LlmCall) and e.pid in pids]
@@ -121,7 +122,7 @@ def test_each_llm_demo_client_yields_its_call(lab):
     for name, (provider, api, model, stream) in DEMO_CALLS.items():
         r = by[name]
         mine = [c for c in calls if c.pid == r.pid]
-        assert len(mine) == 1, (name, mine)
+        assert len(mine) == 1, (name, mine, [e for e in events if getattr(e, "pid", None) == r.pid], stats)
         c = mine[0]
         assert (c.provider, c.api, c.request_model, c.stream, c.status, c.direction) == (
             provider, api, model, stream, 200, Direction.CONNECT), (name, c)
