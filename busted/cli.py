@@ -50,6 +50,35 @@ _UNPRIVILEGED = ("not running as root, and without CAP_BPF+CAP_PERFMON: this use
                  "tracefs. Run `sudo busted doctor`.")
 
 
+_WITHOUT_PLAINTEXT = "flows + SNI classification only (no LlmCall or McpMessage events)"
+_TLS_FILES_SHOWN = 8
+
+
+def _llm_calls_report(caps: Any, plan: Any) -> dict[str, Any]:
+    """Whether LLM calls can be read here (the plan's ``plaintext`` tier, uprobes) and, if so,
+    which TLS library files would be probed (``tlslibs.scan()``; the list is cut at a few)."""
+    from busted.ebpf import tlslibs
+    from busted.ebpf.plan import _plaintext_why_not
+
+    # Without a plan (no privileges, a forced tier refused) only the kernel's side can be judged.
+    why = _plaintext_why_not(caps, plan.capture, plan.bytes) if plan else \
+        _plaintext_why_not(caps, "syscall", "tracepoint")
+    tier = plan.plaintext if plan else None
+    if plan and tier == "off" and why is None:
+        why = "turned off (--probes plaintext=off)"
+    d: dict[str, Any] = {"uprobes": caps.uprobes, "plaintext": tier, "why_not": why, "tls_files": None,
+                         "tls_files_total": None, "without": _WITHOUT_PLAINTEXT}
+    if caps.uprobes and caps.privileged:  # unprivileged, other processes' maps are unreadable
+        try:
+            found = tlslibs.scan()
+        except OSError as exc:  # /proc vanished under us: say so, do not fail the doctor
+            d["why_not_scanned"] = str(exc)
+        else:
+            d["tls_files"] = [{"path": p, "kind": k} for p, k in sorted(found.items())][:_TLS_FILES_SHOWN]
+            d["tls_files_total"] = len(found)
+    return d
+
+
 def _doctor(args: argparse.Namespace, out: TextIO) -> int:
     from busted.ebpf.loader import MAX_FLOWS, RINGBUF_BYTES, build_source
     from busted.ebpf.plan import BYTES_TIERS, LIFECYCLE_TIERS, _bytes_ok, _lifecycle_ok, choose_plan
@@ -81,6 +110,7 @@ def _doctor(args: argparse.Namespace, out: TextIO) -> int:
             d["tracefs"] = d["tracepoints"] = None  # unknown, not absent
         d["plan"] = plan.describe() if plan else None
         d["plan_error"] = plan_err
+        d["llm_calls"] = _llm_calls_report(caps, plan)
         json.dump(d, out, indent=2)
         out.write("\n")
         return 0 if plan else 1
@@ -133,6 +163,24 @@ def _doctor(args: argparse.Namespace, out: TextIO) -> int:
             for t in tiers:
                 why = check(caps, t)
                 w(f"  {name:<10}{t:<12}{'available' if why is None else 'unavailable: ' + why}")
+    llm = _llm_calls_report(caps, plan)
+    if hidden and not caps.uprobes:
+        w("LLM calls       unknown: uprobes are not visible without privileges")
+    elif not caps.uprobes:
+        w(f"LLM calls       unavailable: this kernel has no uprobes; you see {_WITHOUT_PLAINTEXT}")
+    elif plan is None:
+        w("LLM calls       unknown until a plan is chosen (uprobes available)")
+    elif llm["why_not"]:
+        w(f"LLM calls       off: {llm['why_not']}; you see {_WITHOUT_PLAINTEXT}")
+    else:
+        w("LLM calls       plaintext uprobe: TLS library plaintext and plain HTTP are read")
+    if llm["tls_files"] is not None:
+        total = llm["tls_files_total"]
+        w(f"  TLS files to probe: {total}" + ("" if total else " (none found: TLS flows get SNI only)"))
+        for f in llm["tls_files"]:
+            w(f"  {f['kind']:<10}{f['path']}")
+        if total > len(llm["tls_files"]):
+            w(f"  ... and {total - len(llm['tls_files'])} more")
     if plan:
         w("chosen plan")
         for k, v in plan.describe().items():
@@ -636,11 +684,128 @@ def _top(args: argparse.Namespace, out: TextIO) -> int:
 # -- lab ---------------------------------------------------------------------------------------
 
 
+def _ms(ns: int | None) -> str:
+    return "-" if ns is None else f"{ns / 1e6:.1f}"
+
+
+def _n(v: int | None) -> str:
+    return "-" if v is None else str(v)
+
+
+class LabCalls:
+    """The LLM calls (and MCP messages) of a lab run, as a table: one row per call a client made,
+    then a total per provider. ``names`` maps a pid to its demo client's name (else the row shows
+    the comm). Calls seen on accepted connections are the lab's fake providers' own view (their
+    TLS library is probed too): counted apart, not listed. Every field is from the wire or the
+    kernel: escaped (printable) and cut to its column."""
+
+    HEAD = (f"{'CLIENT':<20} {'PID':>7} {'PROVIDER':<13} {'API':<23} {'MODEL (request -> response)':<40} "
+            f"{'STREAM':<6} {'IN':>5} {'OUT':>5} {'CACHE R/W':>9} {'TTFT ms':>8} {'DUR ms':>8} {'STATUS':>6} "
+            f"{'COST USD':>10}")
+
+    def __init__(self) -> None:
+        self.calls: list[LlmCall] = []
+        self.server_side = 0
+        self.mcp: list[Any] = []
+
+    def add(self, ev: Event) -> None:
+        from busted.events import Direction, McpMessage
+
+        if isinstance(ev, LlmCall):
+            if ev.direction == Direction.ACCEPT:
+                self.server_side += 1
+            else:
+                self.calls.append(ev)
+        elif isinstance(ev, McpMessage):
+            self.mcp.append(ev)
+
+    @staticmethod
+    def _model(c: LlmCall) -> str:
+        req, resp = c.request_model or "-", c.response_model
+        return req if resp is None or resp == req else f"{req} -> {resp}"
+
+    def row(self, c: LlmCall, names: dict[int, str]) -> str:
+        cache = "-" if c.cache_read_tokens is None and c.cache_write_tokens is None else \
+            f"{_n(c.cache_read_tokens)}/{_n(c.cache_write_tokens)}"
+        stream = "-" if c.stream is None else "yes" if c.stream else "no"
+        status = _n(c.status) + ("" if c.complete else "*")
+        if c.error_type:
+            status += f" {c.error_type}"
+        cost = "-" if c.cost_usd is None else f"{c.cost_usd:.6f}"
+        return _p(f"{_col(names.get(c.pid, c.comm), 20)} {c.pid:>7} {_col(c.provider or '-', 13)} "
+                  f"{_col(c.api, 23)} {_col(self._model(c), 40)} {stream:<6} {_n(c.input_tokens):>5} "
+                  f"{_n(c.output_tokens):>5} {cache:>9} {_ms(c.time_to_first_token_ns):>8} "
+                  f"{_ms(c.duration_ns):>8} {status:>6} {cost:>10}")
+
+    @classmethod
+    def live(cls, ev: Event) -> str | None:
+        """One short line for the lab's live table view, or None for other events (the full JSON
+        of a call is what --json gives)."""
+        from busted.events import Direction, McpMessage
+
+        t = time.strftime("%H:%M:%S", time.localtime(ev.wall_time))
+        if isinstance(ev, LlmCall):
+            d = "in" if ev.direction == Direction.ACCEPT else "out"
+            return _p(f"{t:<8} {'llm-call':<10} {ev.pid:>7} {_col(ev.comm, 15)} {d:<3} {ev.provider or '-'} "
+                      f"{ev.api} {cls._model(ev)} tokens {_n(ev.input_tokens)}/{_n(ev.output_tokens)} "
+                      f"ttft {_ms(ev.time_to_first_token_ns)} ms status {_n(ev.status)}")
+        if isinstance(ev, McpMessage):
+            d = "out" if ev.direction_sent else "in"
+            return _p(f"{t:<8} {'mcp':<10} {ev.pid:>7} {_col(ev.comm, 15)} {d:<3} {ev.jsonrpc_method or '-'} "
+                      f"{ev.tool or ''}")
+        return None
+
+    def totals(self) -> list[dict[str, Any]]:
+        """Per provider (None: a call recognised by shape on a flow no catalog entry names):
+        calls, tokens in/out (unknown counts as absent, not 0), cost of the priced calls."""
+        by: dict[str | None, dict[str, Any]] = {}
+        for c in self.calls:
+            t = by.setdefault(c.provider, {"provider": c.provider, "calls": 0, "input_tokens": 0,
+                                           "output_tokens": 0, "cost_usd": 0.0, "unpriced": 0})
+            t["calls"] += 1
+            t["input_tokens"] += c.input_tokens or 0
+            t["output_tokens"] += c.output_tokens or 0
+            if c.cost_usd is None:
+                t["unpriced"] += 1
+            else:
+                t["cost_usd"] += c.cost_usd
+        return sorted(by.values(), key=lambda t: (-t["calls"], t["provider"] or ""))
+
+    def text(self, names: dict[int, str]) -> str:
+        if not self.calls and not self.mcp:
+            return "LLM calls: none seen" + (f" ({self.server_side} on the lab servers' side)"
+                                             if self.server_side else "")
+        lines = [f"LLM calls: {len(self.calls)}", self.HEAD]
+        lines += [self.row(c, names) for c in sorted(self.calls, key=lambda c: c.ts_ns)]
+        if any(not c.complete for c in self.calls):
+            lines.append("  (* the response's end was not seen: the connection ended first)")
+        for t in self.totals():
+            if t["unpriced"] == t["calls"]:
+                cost = "cost unknown (no price for the model)"
+            else:
+                cost = f"${t['cost_usd']:.6f}" + (f" (+{t['unpriced']} unpriced)" if t["unpriced"] else "")
+            lines.append(_p(f"total {t['provider'] or '(unnamed host)'}: {t['calls']} calls, "
+                            f"{t['input_tokens']} tokens in, {t['output_tokens']} out, {cost}"))
+        if self.server_side:
+            lines.append(f"(and {self.server_side} calls seen from the lab's fake providers' side of the same "
+                         "connections, not listed)")
+        if self.mcp:
+            lines.append(f"MCP messages: {len(self.mcp)}")
+            lines.append(f"{'CLIENT':<20} {'PID':>7} {'DIR':<4} {'METHOD':<24} {'TOOL':<20} {'ID':<8} SESSION")
+            for m in self.mcp:
+                lines.append(_p(f"{_col(names.get(m.pid, m.comm), 20)} {m.pid:>7} "
+                                f"{'out' if m.direction_sent else 'in':<4} {_col(m.jsonrpc_method or '-', 24)} "
+                                f"{_col(m.tool or '-', 20)} {_col(m.jsonrpc_id or '-', 8)} "
+                                f"{_p(m.session_id or '-')[:36]}"))
+        return "\n".join(lines)
+
+
 def _lab(args: argparse.Namespace, out: TextIO) -> int:
     import busted
     from busted.lab import Lab
 
     summary = _Summary()
+    calls = LabCalls()
     stop = threading.Event()
     _install_sigterm(stop)
     results: list[Any] = []
@@ -652,20 +817,33 @@ def _lab(args: argparse.Namespace, out: TextIO) -> int:
             lab = stack.enter_context(Lab())
             mon = stack.enter_context(busted.Monitor(**_monitor_kwargs(args)))
             started = True
-            _run_lab(args, out, lab, mon, sinks, summary, results, stop)
+            _run_lab(args, out, lab, mon, sinks, summary, calls, results, stop)
     finally:
         if started:
             sinks.close()
         else:
             sinks.abort()  # the lab or the probes failed: leave no output files behind
+    # The calls table: on stdout with the table view; with NDJSON on stdout (--json, or stdout not
+    # a terminal) on stderr, so stdout stays one JSON object per line and the main job still shows it.
+    as_json = args.json or not out.isatty()
+    names = {r.pid: r.name for r in results if r.pid}
+    table = calls.text(names)
+    if as_json:
+        print(table, file=sys.stderr)
+    else:
+        out.write("\n" + table + "\n")
+        out.flush()
     print(summary.text(), file=sys.stderr)
     ok = sum(1 for r in results if r.returncode == 0)
+    skipped = [f"{r.name} ({r.skipped})" for r in results if r.skipped]
+    if skipped:
+        print(_p(f"busted lab: skipped {', '.join(skipped)}"), file=sys.stderr)
     print(f"busted lab: {ok}/{len(results)} demo clients succeeded; lab torn down", file=sys.stderr)
     return 0
 
 
 def _run_lab(args: argparse.Namespace, out: TextIO, lab: Any, mon: Any, sinks: _Sinks, summary: _Summary,
-             results: list[Any], stop: threading.Event) -> None:
+             calls: LabCalls, results: list[Any], stop: threading.Event) -> None:
     from busted.lab import demo_traffic
 
     as_json = args.json or not out.isatty()
@@ -679,12 +857,13 @@ def _run_lab(args: argparse.Namespace, out: TextIO, lab: Any, mon: Any, sinks: _
         out.write(HEADER + "\n")
 
     def show(ev: Event) -> None:
-        if isinstance(ev, FlowEvent | DnsAnswer | TlsClientHello) and not _in_lab(ev, lab):
+        if not _in_lab(ev, lab):
             return
         summary.add(ev)
         sinks.write(ev, mon.stats().queue_depth)
         if _wants(ev, args.provider):
-            out.write((_json(ev.to_dict()) if as_json else render(ev)) + "\n")
+            calls.add(ev)
+            out.write((_json(ev.to_dict()) if as_json else LabCalls.live(ev) or render(ev)) + "\n")
             out.flush()
 
     try:
@@ -705,10 +884,12 @@ def _run_lab(args: argparse.Namespace, out: TextIO, lab: Any, mon: Any, sinks: _
 
 def _in_lab(ev: Event, lab: Any) -> bool:
     """Only show what the lab's clients did (the host may have other traffic)."""
+    from busted.events import FlowIdentity
+
     addrs = set()
     for h in lab.hosts.values():
         addrs.update(a for a in h.addresses if a)
-    if isinstance(ev, FlowEvent):
+    if isinstance(ev, FlowIdentity):  # flow events, LLM calls, MCP messages
         return ev.daddr in addrs or ev.saddr in addrs
     if isinstance(ev, TlsClientHello):
         return ev.daddr in addrs

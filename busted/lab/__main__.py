@@ -58,6 +58,10 @@ def text(lab: Lab) -> str:
         f"    dig @{lab.dns_addr} x.openai.azure.com",
         f"    {cli} env SSL_CERT_FILE={ca} python3 -c 'import urllib.request as u; "
         "print(u.urlopen(\"https://api.anthropic.com/\").read())'",
+        # the official SDK (the lab extra), with a lab key: the fake provider answers with usage
+        f"    {cli} env SSL_CERT_FILE={ca} OPENAI_API_KEY=sk-lab {sys.executable} -c 'import openai; "
+        "print(openai.OpenAI(base_url=\"https://api.openai.com/v1\").chat.completions.create("
+        "model=\"gpt-4o-mini\", messages=[{\"role\": \"user\", \"content\": \"hi\"}]).usage)'",
     ]
     return "\n".join(lines)
 
@@ -78,7 +82,7 @@ def main(argv: list[str] | None = None) -> int:
             if args.traffic:
                 for r in demo_traffic(lab, rounds=args.traffic):
                     status = "skipped: " + r.skipped if r.skipped else f"rc={r.returncode}"
-                    print(f"  [{r.round}] {r.name:16} pid={r.pid} {status} {r.seconds:.2f}s", flush=True)
+                    print(f"  [{r.round}] {r.name:20} pid={r.pid} {status} {r.seconds:.2f}s", flush=True)
             if not stop.is_set():
                 print(f"running for up to {args.seconds:.0f}s; Ctrl-C to stop", flush=True)
                 stop.wait(max(0.0, args.seconds))

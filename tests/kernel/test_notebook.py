@@ -1,6 +1,8 @@
-"""The example notebook runs (real capture in the lab) and produces its table and figure."""
+"""The example notebook runs (real capture in the lab) and produces its tables (flows; LLM calls:
+tokens and spend per process) and figures."""
 
 import base64
+import re
 from pathlib import Path
 
 import nbformat
@@ -23,3 +25,10 @@ def test_tour_notebook_runs_and_draws(tmp_path):
     tables = "".join(o.get("data", {}).get("text/plain", "") for o in outputs)
     assert "providers:" in text and "openai" in text and "anthropic" in text
     assert "flow_closed" in tables
+    # LLM calls: tokens and spend per process, and their figure
+    m = re.search(r"LLM calls: (\d+), tokens: (\d+), spend: \$([0-9.]+)", text)
+    assert m, text
+    assert int(m[1]) >= 10 and int(m[2]) > 0 and float(m[3]) > 0  # one round: 10 LLM demo clients
+    assert "input_tokens" in tables and "cost_usd" in tables and "gpt-4o-mini" in tables
+    assert len(pngs) >= 2, "the tokens/spend-per-process figure is missing"
+    assert (tmp_path / "busted_tour_calls.png").stat().st_size > 1000
