@@ -688,7 +688,7 @@ def _ms(ns: int | None) -> str:
     return "-" if ns is None else f"{ns / 1e6:.1f}"
 
 
-def _n(v: int | None) -> str:
+def _dash(v: int | None) -> str:
     return "-" if v is None else str(v)
 
 
@@ -726,15 +726,15 @@ class LabCalls:
 
     def row(self, c: LlmCall, names: dict[int, str]) -> str:
         cache = "-" if c.cache_read_tokens is None and c.cache_write_tokens is None else \
-            f"{_n(c.cache_read_tokens)}/{_n(c.cache_write_tokens)}"
+            f"{_dash(c.cache_read_tokens)}/{_dash(c.cache_write_tokens)}"
         stream = "-" if c.stream is None else "yes" if c.stream else "no"
-        status = _n(c.status) + ("" if c.complete else "*")
+        status = _dash(c.status) + ("" if c.complete else "*")
         if c.error_type:
             status += f" {c.error_type}"
         cost = "-" if c.cost_usd is None else f"{c.cost_usd:.6f}"
         return _p(f"{_col(names.get(c.pid, c.comm), 20)} {c.pid:>7} {_col(c.provider or '-', 13)} "
-                  f"{_col(c.api, 23)} {_col(self._model(c), 40)} {stream:<6} {_n(c.input_tokens):>5} "
-                  f"{_n(c.output_tokens):>5} {cache:>9} {_ms(c.time_to_first_token_ns):>8} "
+                  f"{_col(c.api, 23)} {_col(self._model(c), 40)} {stream:<6} {_dash(c.input_tokens):>5} "
+                  f"{_dash(c.output_tokens):>5} {cache:>9} {_ms(c.time_to_first_token_ns):>8} "
                   f"{_ms(c.duration_ns):>8} {status:>6} {cost:>10}")
 
     @classmethod
@@ -747,8 +747,8 @@ class LabCalls:
         if isinstance(ev, LlmCall):
             d = "in" if ev.direction == Direction.ACCEPT else "out"
             return _p(f"{t:<8} {'llm-call':<10} {ev.pid:>7} {_col(ev.comm, 15)} {d:<3} {ev.provider or '-'} "
-                      f"{ev.api} {cls._model(ev)} tokens {_n(ev.input_tokens)}/{_n(ev.output_tokens)} "
-                      f"ttft {_ms(ev.time_to_first_token_ns)} ms status {_n(ev.status)}")
+                      f"{ev.api} {cls._model(ev)} tokens {_dash(ev.input_tokens)}/{_dash(ev.output_tokens)} "
+                      f"ttft {_ms(ev.time_to_first_token_ns)} ms status {_dash(ev.status)}")
         if isinstance(ev, McpMessage):
             d = "out" if ev.direction_sent else "in"
             return _p(f"{t:<8} {'mcp':<10} {ev.pid:>7} {_col(ev.comm, 15)} {d:<3} {ev.jsonrpc_method or '-'} "
