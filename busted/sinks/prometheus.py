@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 from cachetools import LRUCache
 
 from busted.errors import EnvironmentProblem, MissingDependency, UsageError
-from busted.events import DnsAnswer, Event, EventsLost, FlowClosed, FlowEvent, LlmCall, McpMessage
+from busted.events import DnsAnswer, Event, EventsLost, FlowClosed, FlowEvent, LlmCall, McpMessage, PolicyDecision
 from busted.flowview import FlowView
 from busted.redact import redact_text
 
@@ -96,6 +96,9 @@ class PrometheusExporter:
                                 "to models without a known price add nothing)", llm, registry=r)
         self.mcp = Counter("busted_mcp_messages", "MCP JSON-RPC messages, by method ('response' for "
                            "responses)", ["method", "comm"], registry=r)
+        self.policy = Counter("busted_policy_decisions", "Policy decisions, by rule, action, whether the "
+                              "kernel enforced it, and where it was decided", ["rule", "action", "enforced", "point"],
+                              registry=r)
         self.queue_depth = Gauge("busted_queue_depth", "Events waiting in the Monitor's queue", registry=r)
         self.open_flows = Gauge("busted_flows_open", "Flows currently open (seen opening, not yet closed)",
                                 registry=r)
@@ -201,6 +204,9 @@ class PrometheusExporter:
             self._labels(self.mcp, method, ev.comm or "?", fold=(0, 1)).inc()
         elif isinstance(ev, EventsLost):
             self._labels(self.lost, ev.where.name.lower()).inc(max(0, ev.count))
+        elif isinstance(ev, PolicyDecision):
+            self._labels(self.policy, _label(ev.rule), ev.action, "true" if ev.enforced else "false", ev.point,
+                         fold=(0,)).inc()
         self.open_flows.set(len(self.view))
 
     def _count_call(self, ev: LlmCall) -> None:

@@ -230,3 +230,20 @@ def test_llm_labels_are_bounded_and_masked():
     assert len(calls) <= 4  # 3 label sets, then the folded one
     assert _value(text, "busted_llm_calls_total", provider="openai", model="other", comm="other",
                   status_class="2xx") == 48
+
+
+def test_policy_decisions_are_counted():
+    from busted.events import PolicyDecision
+
+    exp = PrometheusExporter()
+    d = PolicyDecision(ts_ns=1, wall_time=1.0, rule="no-deepseek", action="deny", enforced=True, point="connect",
+                       flow_id=None, pid=7, comm="curl", provider="deepseek")
+    exp.observe(d)
+    exp.observe(d)
+    exp.observe(PolicyDecision(ts_ns=2, wall_time=2.0, rule="default", action="audit", enforced=False,
+                               point="tls_client_hello", flow_id=3, provider="openai"))
+    text = _text(exp)
+    assert _value(text, "busted_policy_decisions_total", rule="no-deepseek", action="deny", enforced="true",
+                  point="connect") == 2
+    assert _value(text, "busted_policy_decisions_total", rule="default", action="audit", enforced="false",
+                  point="tls_client_hello") == 1
