@@ -71,10 +71,11 @@ def _derive(cls: type[E], base: FlowEvent, **changes: Any) -> E:
 class _Flow:
     """One open flow: its identity (the latest FlowOpened/FlowClassified) and parser state."""
 
-    __slots__ = ("ev", "hello", "hello_done", "dns", "reader", "plain_off")
+    __slots__ = ("ev", "open_ns", "hello", "hello_done", "dns", "reader", "plain_off")
 
     def __init__(self, ev: FlowEvent | None) -> None:
         self.ev = ev
+        self.open_ns = 0  # the kernel's open time: with the socket, it names this flow
         self.hello: ClientHelloParser | None = None
         self.hello_done = False
         self.dns: TcpDnsFramer | None = None
@@ -100,7 +101,7 @@ class FlowTable:
         # Plaintext: ``reader(flow, wall)`` makes the per-flow object that turns plaintext into events
         # (``feed(sent, data, ts_ns) -> list[Event]``, ``close(ts_ns)``, ``interesting``: None
         # undecided / False not an LLM API nor MCP). ``kernel`` (the loaded program, or None) is
-        # told verdicts: ``skip_plaintext(sk)`` stops copying a judged flow's plaintext,
+        # told verdicts: ``skip_plaintext(sk, open_ns)`` stops copying a judged flow's plaintext,
         # ``unbind_ssl(pid, ssl)`` forgets a session joined to a socket that ended (the SSL*
         # address may be reused by the next connection).
         self._reader = reader
@@ -224,6 +225,7 @@ class FlowTable:
             out.append(self.loss(LossPlace.USER_TABLE, 1, "flow end never seen; identity evicted", rec.ts_ns))
         flow = self._orphans.pop(rec.sk, None) or _Flow(None)
         flow.ev = ev
+        flow.open_ns = rec.open_ns
         self._open[rec.sk] = flow
         return out
 
@@ -437,7 +439,7 @@ class FlowTable:
         elif flow.reader.interesting is False:
             flow.plain_off = True
             if self._kernel is not None:
-                self._kernel.skip_plaintext(sk)
+                self._kernel.skip_plaintext(sk, flow.open_ns)
         return out
 
     def _read_close(self, flow: _Flow, ts_ns: int) -> list[Event]:

@@ -65,6 +65,9 @@ static __always_inline void flow_end(u64 sk, struct tuple *t)
     emit(REC_CLOSE, sk, f);
     hook_flow_end(sk, f);
     flows.delete(&sk);
+#ifdef HAVE_PLAINTEXT
+    pt_skip.delete(&sk);  /* the verdict ends with the socket */
+#endif
 }
 
 /* Hook: every TCP state change. Connects are attributed at CLOSE->SYN_SENT, which runs inside

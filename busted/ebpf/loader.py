@@ -292,11 +292,12 @@ class FlowProgram:
         self.attached.append(f"uprobe:{path}:{'+'.join(done)}")
         return True
 
-    def skip_plaintext(self, sk: int) -> None:
-        """Stop copying this socket's plaintext in the kernel (judged: not an LLM API or MCP)."""
+    def skip_plaintext(self, sk: int, open_ns: int) -> None:
+        """Stop copying the plaintext of the flow on socket ``sk`` opened at ``open_ns`` (judged:
+        not an LLM API or MCP). A later flow on a reused socket address is not affected."""
         if self.plan.plaintext == "uprobe":
             try:
-                self.bpf[b"pt_skip"][ctypes.c_ulonglong(sk)] = ctypes.c_ubyte(1)
+                self.bpf[b"pt_skip"][ctypes.c_ulonglong(sk)] = ctypes.c_ulonglong(open_ns)
             except Exception:  # map full: the verdict is an optimisation, user space still drops
                 pass
 

@@ -22,7 +22,9 @@
  * has its writes (at entry) and reads (at exit) copied the same way, with ssl = 0.
  *
  * Cheap by verdict: user space writes a socket into pt_skip once it has judged the flow neither an
- * LLM API nor MCP; its plaintext then stops here.
+ * LLM API nor MCP; its plaintext then stops here. The entry names the flow by its open time too:
+ * a verdict that arrives after its socket died must not silence the next socket that reuses the
+ * address (user space decides ~20 ms after the fact; loopback sockets are reused within that).
  */
 
 /* Uprobe programs read the probed function's arguments from the user registers: struct pt_regs is
@@ -65,7 +67,7 @@ BPF_HASH(pt_cur, u32, u64, 8192);                       /* tid -> SSL* of the ca
 BPF_HASH(pt_bind, struct pt_key, u64, 65536);           /* (tgid, SSL ptr) -> socket */
 BPF_HASH(pt_wpending, u32, u64, 8192);                  /* tid -> SSL* whose write made no socket I/O */
 BPF_HASH(pt_lastrecv, u32, u64, 8192);                  /* tid -> socket it received from last */
-BPF_HASH(pt_skip, u64, u8, 65536);                      /* socket -> 1: judged, stop copying */
+BPF_HASH(pt_skip, u64, u64, 65536);                     /* socket -> open_ns of the judged flow */
 /* Processes that called a probed TLS function: only their socket I/O is looked at for the join,
  * so the per-send/receive cost for every other process is one lookup. */
 BPF_TABLE("lru_hash", u32, u8, pt_tgids, 16384);
@@ -122,6 +124,16 @@ static __always_inline void plaintext_on_sock_io(u64 sk, int is_send)
     }
     if (!is_send)
         pt_lastrecv.update(&tid, &sk);
+}
+
+/* The socket's current flow was judged uninteresting (not a stale verdict for a reused address). */
+static __always_inline int pt_skipped(u64 sk)
+{
+    u64 *open_ns = pt_skip.lookup(&sk);
+    if (!open_ns)
+        return 0;
+    struct flow *f = flows.lookup(&sk);
+    return f && f->open_ns == *open_ns;
 }
 
 static __always_inline u64 pt_sock_of(u64 ssl)
@@ -229,7 +241,7 @@ static __always_inline void pt_call_return(int is_read, long ret, int is_ex)
             pt_wpending.update(&tid, &c.ssl);  /* memory BIO: the send comes after */
         }
     }
-    if (sk && pt_skip.lookup(&sk))
+    if (sk && pt_skipped(sk))
         return;
     pt_copy(sk, c.ssl, c.buf, n, is_read ? PT_READ : PT_WRITE, (u8)c.lib);
 }
@@ -256,7 +268,7 @@ int bst_gnutls_recv_out(struct pt_regs *ctx) { pt_call_return(1, PT_REGS_RC(ctx)
 /* Plain HTTP (capture.c): a socket write/read of a connection judged to carry HTTP. */
 static __always_inline void plaintext_socket(u64 sk, u64 ubuf, u64 n, int is_read)
 {
-    if (!sk || pt_skip.lookup(&sk))
+    if (!sk || pt_skipped(sk))
         return;
     pt_copy(sk, 0, ubuf, n, is_read ? PT_READ : PT_WRITE, PT_SOCKET);
 }
