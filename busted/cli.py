@@ -345,6 +345,8 @@ def _monitor_kwargs(args: argparse.Namespace) -> dict[str, Any]:
         kw["llm_calls"] = False
     if getattr(args, "capture_content", 0):
         kw["capture_content"] = args.capture_content
+    if getattr(args, "prices", None):
+        kw["prices"] = args.prices
     from busted.policy_cli import policy_kwargs
 
     kw.update(policy_kwargs(args))
@@ -1033,6 +1035,8 @@ def _live_flags() -> argparse.ArgumentParser:
                    help="flows, DNS and TLS hellos only: no plaintext probes, no call/MCP events")
     c.add_argument("--capture-content", type=_nonneg, default=0, metavar="N",
                    help="keep the first N bytes of each prompt and completion, secrets masked (default 0: none)")
+    c.add_argument("--prices", metavar="FILE", help="price overrides (JSON or TOML: provider -> model -> "
+                   "input_per_mtok/output_per_mtok/...), consulted before genai-prices (docs/llm.md)")
     return lp
 
 

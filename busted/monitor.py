@@ -117,6 +117,7 @@ class Monitor:
         sweep_interval: float = 30.0,
         llm_calls: bool = True,
         capture_content: int = 0,
+        prices: Any = None,
         chunk_bytes: int = CHUNK_BYTES,
         agents: Any = None,
         max_procs: int = 32768,
@@ -160,6 +161,13 @@ class Monitor:
         self._sweep_failed = False
         self._llm_calls = llm_calls
         self._capture_content = capture_content
+        # LLM call prices: a PriceBook, or a path to a JSON/TOML override file (checked now, so a bad
+        # file fails before anything is loaded); None: genai-prices alone.
+        if isinstance(prices, str | os.PathLike):
+            from busted.classify.prices import PriceBook
+
+            prices = PriceBook.from_file(prices)
+        self._prices = prices
         self._chunk_bytes = chunk_bytes
         self._tls_scanner: Any = None
         self._pending: list[Event] = []
@@ -210,7 +218,7 @@ class Monitor:
         if self.plan.plaintext == "uprobe":
             from busted.calls import TlsScanner, reader_factory
 
-            reader = reader_factory(capture_content=self._capture_content)
+            reader = reader_factory(capture_content=self._capture_content, prices=self._prices)
             self._tls_scanner = TlsScanner(self._program)
             self._tls_scanner.scan_all()
         enricher = None

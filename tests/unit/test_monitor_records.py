@@ -263,3 +263,17 @@ def test_async_start_does_not_block_the_event_loop(monkeypatch):
         return ticks
 
     assert asyncio.run(main()) >= 10
+
+
+def test_price_overrides_from_a_file(tmp_path):
+    from busted.errors import UsageError
+
+    good = tmp_path / "prices.toml"
+    good.write_text('[openai."gpt-4o"]\ninput_per_mtok = 2.0\noutput_per_mtok = 10.0\n')
+    m = Monitor(prices=good)
+    c = m._prices.cost(model="gpt-4o-2024-08-06", input_tokens=1_000_000, output_tokens=100_000, provider="openai")
+    assert c is not None and abs(c.usd - 3.0) < 1e-9 and "override" in c.source
+    bad = tmp_path / "bad.toml"
+    bad.write_text('[openai."gpt-4o"]\ncolour = 1\n')
+    with pytest.raises(UsageError, match="unknown key"):
+        Monitor(prices=bad)
