@@ -34,6 +34,8 @@ from typing import Any
 
 from cachetools import LRUCache
 
+from busted.classify import catalogfile
+
 __all__ = ["AGENT_KINDS", "Agent", "AgentCatalog", "AgentMatch", "EVIDENCE"]
 
 AGENT_KINDS = ("coding-agent", "ide-extension", "notebook", "framework", "cli")
@@ -144,39 +146,16 @@ class AgentCatalog:
     @classmethod
     def from_file(cls, path: str | Path, *, base: AgentCatalog | None = None) -> AgentCatalog:
         """Load agents from JSON or TOML (``{"agents": [...]}``) on top of ``base`` (default: the
-        built-in catalog; pass ``AgentCatalog()`` for none). Raises ValueError naming the problem."""
-        p = Path(path)
-        try:
-            raw = p.read_bytes()
-        except OSError as exc:
-            raise ValueError(f"{p}: cannot read agent catalog: {exc.strerror}") from exc
-        try:
-            if p.suffix == ".toml":
-                import tomllib
-
-                data = tomllib.loads(raw.decode())
-            else:
-                data = json.loads(raw)
-        except (ValueError, UnicodeDecodeError) as exc:
-            raise ValueError(f"{p}: not valid {'TOML' if p.suffix == '.toml' else 'JSON'}: {exc}") from exc
+        built-in catalog; pass ``AgentCatalog()`` for none). Raises CatalogError (a ValueError) naming
+        the problem."""
+        data = catalogfile.read(path, "agent catalog")
         cat = cls(dict((base if base is not None else cls.builtin()).agents))
-        cat.extend(cls._from_json(data, str(p)).agents.values())
+        cat.extend(cls._from_json(data, str(path)).agents.values())
         return cat
 
     @classmethod
     def _from_json(cls, data: Any, where: str) -> AgentCatalog:
-        if not isinstance(data, dict) or not isinstance(data.get("agents"), list):
-            raise ValueError(f"{where}: expected an object with an 'agents' list")
-        out: dict[str, Agent] = {}
-        for i, d in enumerate(data["agents"]):
-            if not isinstance(d, dict):
-                raise ValueError(f"{where}: agents[{i}] is not an object")
-            try:
-                a = Agent.from_dict(d)
-            except (TypeError, ValueError) as exc:
-                raise ValueError(f"{where}: agents[{i}] ({d.get('id', '?')}): {exc}") from exc
-            out[a.id] = a
-        return cls(out)
+        return cls({a.id: a for a in catalogfile.entries(data, "agents", where, Agent.from_dict, article="an")})
 
     def add(self, agent: Agent) -> None:
         """Add or replace (same id) one agent."""

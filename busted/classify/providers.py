@@ -23,6 +23,7 @@ from typing import Any
 
 from cachetools import LRUCache
 
+from busted.classify import catalogfile
 from busted.errors import CatalogError
 
 __all__ = ["CATEGORIES", "Catalog", "Provider", "ProviderMatch", "parse_ip"]
@@ -129,38 +130,14 @@ class Catalog:
     def from_file(cls, path: str | Path, *, base: Catalog | None = None) -> Catalog:
         """Load providers from JSON or TOML (``{"providers": [...]}``) on top of ``base`` (default:
         the built-in catalog; pass ``Catalog()`` for none). Raises CatalogError (a ValueError) naming the problem."""
-        p = Path(path)
-        try:
-            raw = p.read_bytes()
-        except OSError as exc:
-            raise CatalogError(f"{p}: cannot read provider catalog: {exc.strerror}") from exc
-        try:
-            if p.suffix == ".toml":
-                import tomllib
-
-                data = tomllib.loads(raw.decode())
-            else:
-                data = json.loads(raw)
-        except (ValueError, UnicodeDecodeError) as exc:
-            raise CatalogError(f"{p}: not valid {'TOML' if p.suffix == '.toml' else 'JSON'}: {exc}") from exc
+        data = catalogfile.read(path, "provider catalog")
         cat = cls(dict((base if base is not None else cls.builtin()).providers))
-        cat.extend(cls._from_json(data, str(p)).providers.values())
+        cat.extend(cls._from_json(data, str(path)).providers.values())
         return cat
 
     @classmethod
     def _from_json(cls, data: Any, where: str) -> Catalog:
-        if not isinstance(data, dict) or not isinstance(data.get("providers"), list):
-            raise CatalogError(f"{where}: expected an object with a 'providers' list")
-        out: dict[str, Provider] = {}
-        for i, d in enumerate(data["providers"]):
-            if not isinstance(d, dict):
-                raise CatalogError(f"{where}: providers[{i}] is not an object")
-            try:
-                prov = Provider.from_dict(d)
-            except (TypeError, ValueError) as exc:
-                raise CatalogError(f"{where}: providers[{i}] ({d.get('id', '?')}): {exc}") from exc
-            out[prov.id] = prov
-        return cls(out)
+        return cls({p.id: p for p in catalogfile.entries(data, "providers", where, Provider.from_dict)})
 
     def add(self, provider: Provider) -> None:
         """Add or replace (same id) one provider."""
