@@ -73,19 +73,24 @@ def server(port_q: mp.Queue, stop_at: float) -> None:
                 c.close()
 
 
+def ping(port: int) -> bool:
+    """One connection: connect, 8 bytes each way, close (bench/soak.py uses it too)."""
+    try:
+        s = socket.create_connection(("127.0.0.1", port), timeout=5)
+        s.sendall(b"ping1234")
+        s.recv(8)
+        s.close()
+        return True
+    except OSError:
+        return False
+
+
 def client(port: int, start_at: float, stop_at: float, out: mp.Queue) -> None:
     while time.monotonic() < start_at:
         time.sleep(0.001)
     n = 0
     while time.monotonic() < stop_at:
-        try:
-            s = socket.create_connection(("127.0.0.1", port), timeout=5)
-            s.sendall(b"ping1234")
-            s.recv(8)
-            s.close()
-            n += 1
-        except OSError:
-            pass
+        n += ping(port)
     out.put(n)
 
 

@@ -24,27 +24,8 @@ import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-
-
-def server(port_q: mp.Queue, stop_at: float) -> None:
-    srv = socket.socket()
-    srv.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    srv.bind(("127.0.0.1", 0))
-    srv.listen(1024)
-    srv.settimeout(0.5)
-    port_q.put(srv.getsockname()[1])
-    while time.monotonic() < stop_at:
-        try:
-            c, _ = srv.accept()
-        except OSError:
-            continue
-        with c:
-            c.settimeout(2)
-            try:
-                if c.recv(8):
-                    c.sendall(b"pong1234")
-            except OSError:
-                pass
+sys.path.insert(0, str(HERE))
+from churn import ping, server  # noqa: E402 - the same loopback server and connection as the churn bench
 
 
 def dns_responder(port_q: mp.Queue, stop_at: float) -> None:
@@ -71,14 +52,7 @@ def client(port: int, rate: float, stop_at: float, out: mp.Queue) -> None:
     n = 0
     t = time.monotonic()
     while t < stop_at:
-        try:
-            s = socket.create_connection(("127.0.0.1", port), timeout=5)
-            s.sendall(b"ping1234")
-            s.recv(8)
-            s.close()
-            n += 1
-        except OSError:
-            pass
+        n += ping(port)
         t += 1.0 / rate
         delay = t - time.monotonic()
         if delay > 0:

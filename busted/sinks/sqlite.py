@@ -65,26 +65,27 @@ _AGE_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
 _SIZE_UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
 
 
-def parse_age(text: str) -> float | None:
-    """"7d", "12h", "90m", "3600" (seconds) -> seconds; "0"/"off"/"none" -> None (keep all)."""
+def _parse_amount(text: str, units: dict[str, int], suffix: str, what: str, examples: str) -> float | None:
+    """A positive number with an optional unit letter (from ``units``) -> number x unit;
+    "0"/"off"/"none" -> None."""
     t = text.strip().lower()
     if t in ("0", "off", "none"):
         return None
-    m = re.fullmatch(r"(\d+(?:\.\d+)?)\s*([smhdw]?)", t)
+    m = re.fullmatch(rf"(\d+(?:\.\d+)?)\s*([{''.join(u for u in units if u)}]?){suffix}", t)
     if not m or float(m[1]) <= 0:
-        raise UsageError(f"retention age {text!r}: expected e.g. 7d, 12h, 90m, 3600 (seconds) or off")
-    return float(m[1]) * _AGE_UNITS[m[2] or "s"]
+        raise UsageError(f"retention {what} {text!r}: expected e.g. {examples}")
+    return float(m[1]) * units[m[2] or next(iter(units))]
+
+
+def parse_age(text: str) -> float | None:
+    """"7d", "12h", "90m", "3600" (seconds) -> seconds; "0"/"off"/"none" -> None (keep all)."""
+    return _parse_amount(text, _AGE_UNITS, "", "age", "7d, 12h, 90m, 3600 (seconds) or off")
 
 
 def parse_size(text: str) -> int | None:
     """"1GiB", "500M", "64k", "1048576" (bytes) -> bytes (binary units); "0"/"off"/"none" -> None."""
-    t = text.strip().lower()
-    if t in ("0", "off", "none"):
-        return None
-    m = re.fullmatch(r"(\d+(?:\.\d+)?)\s*([kmgt]?)(?:i?b)?", t)
-    if not m or float(m[1]) <= 0:
-        raise UsageError(f"retention size {text!r}: expected e.g. 1GiB, 500MiB, 64k, a byte count, or off")
-    return int(float(m[1]) * _SIZE_UNITS[m[2]])
+    n = _parse_amount(text, _SIZE_UNITS, "(?:i?b)?", "size", "1GiB, 500MiB, 64k, a byte count, or off")
+    return None if n is None else int(n)
 
 # The newest schema. A new store gets it whole; an older one is first brought here by _MIGRATIONS.
 _SCHEMA = """

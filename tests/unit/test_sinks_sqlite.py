@@ -306,7 +306,8 @@ def test_older_schema_is_migrated_keeping_its_data(tmp_path):
         assert list(r.events()) == [old, *new]
 
 
-# The v2 schema as the previous code created it (placeholder llm_calls/policy_decisions included).
+# The v2 schema as the previous code created it (placeholder llm_calls/policy_decisions included):
+# a frozen copy on purpose, so the migration test cannot follow later edits of the current schema.
 _V2 = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS events (
