@@ -138,6 +138,14 @@ def _doctor(args: argparse.Namespace, out: TextIO) -> int:
         w(f"headers         NOT found for {caps.kernel_release}: install linux-headers-{caps.kernel_release}"
           " or run ./bootstrap.sh")
     w(f"BTF             {yn(caps.btf)}")
+    from busted.ebpf.bytecode import cache_dir
+
+    cdir = cache_dir()
+    if cdir is None:
+        w("bytecode cache  off (BUSTED_BPF_CACHE=off): every start compiles (~2 s)")
+    else:
+        n = len([f for f in os.listdir(cdir) if f.endswith(".json")]) if os.path.isdir(cdir) else 0
+        w(f"bytecode cache  {cdir} ({n} compiled; BUSTED_BPF_CACHE moves or disables it)")
     if hidden:
         w("tracefs         unknown (not visible without privileges)")
     else:

@@ -23,7 +23,7 @@ from cachetools import LRUCache
 from busted.classify.dns import TcpDnsFramer, parse_dns
 from busted.classify.tls import ClientHelloInfo, ClientHelloParser, NeedMore
 from busted.ebpf.layout import FL, REC_BIND, REC_CLOSE, REC_DNS, REC_OPEN
-from busted.ebpf.records import CapRecord, FlowRecord, LinRecord, PlainRecord, decode_any
+from busted.ebpf.records import CapRecord, FlowRecord, LinRecord, PlainRecord, decode, decode_any
 from busted.events import (
     FLOW_IDENTITY,
     Direction,
@@ -131,8 +131,13 @@ class FlowTable:
         """Events made by one kernel record. Never raises for bad input: it is a counted loss."""
         self.records += 1
         try:
+            typ = int.from_bytes(raw[:4], "little")
+            if typ == REC_OPEN:  # the common records first, without the general dispatch
+                return self._on_open(decode(raw))
+            if typ == REC_CLOSE:
+                return self._on_close(decode(raw))
             rec = decode_any(raw)
-        except (struct.error, ValueError) as exc:
+        except (struct.error, ValueError, IndexError) as exc:
             return [self.loss(LossPlace.PARSE, 1, f"kernel record: {exc}")]
         if isinstance(rec, CapRecord):
             return self._capture(rec)
@@ -223,7 +228,7 @@ class FlowTable:
         if len(self._open) >= self._max_flows:  # a lost end must not grow us forever
             self._open.pop(next(iter(self._open)))
             out.append(self.loss(LossPlace.USER_TABLE, 1, "flow end never seen; identity evicted", rec.ts_ns))
-        flow = self._orphans.pop(rec.sk, None) or _Flow(None)
+        flow = (self._orphans.pop(rec.sk, None) if self._orphans else None) or _Flow(None)
         flow.ev = ev
         flow.open_ns = rec.open_ns
         self._open[rec.sk] = flow
@@ -232,7 +237,8 @@ class FlowTable:
     def _on_close(self, rec: FlowRecord) -> list[Event]:
         if rec.type != REC_CLOSE:
             return [self.loss(LossPlace.PARSE, 1, f"unknown record type {rec.type}", rec.ts_ns)]
-        self._orphans.pop(rec.sk, None)
+        if self._orphans:
+            self._orphans.pop(rec.sk, None)
         flow = self._open.pop(rec.sk, None)
         if self._sk_ssl:
             self._unbind(rec.sk)

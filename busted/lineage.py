@@ -193,6 +193,7 @@ class LineageProc:
         # Results by process: (pid, fork time, exec time) for those in the table (an exec makes a
         # new entry), (pid, start ticks) for those known from /proc only. Ancestors do not change.
         self._memo: LRUCache[tuple, dict[str, Any]] = LRUCache(maxsize=4096)
+        self._hot: dict[int, tuple[Proc | None, int | None, ProcInfo, ProcInfo]] = {}
 
     def _node(self, pid: int) -> _Node | None:
         p = self.table.get(pid)
@@ -263,15 +264,26 @@ class LineageProc:
         if pid <= 0:
             return info
         p = self.table.get(pid)
+        # Busy processes open many flows: the same inputs (the kernel's entry, unchanged since its
+        # last exec, and the same /proc reading) give the same answer.
+        exec_ns = p.exec_ns if p is not None else None
+        hot = self._hot.get(pid)
+        if hot is not None and hot[0] is p and hot[1] == exec_ns and hot[2] is info:
+            return hot[3]
         lin = self.lineage(pid)
         if p is None:
-            return info._replace(lineage=lin)
-        return ProcInfo(
-            p.ppid if p.ppid is not None else info.ppid,
-            p.exe or info.exe,
-            self._argv(p, info),
-            info.netns,
-            info.start_ticks,
-            p.comm or info.comm,
-            lin,
-        )
+            out = info._replace(lineage=lin)
+        else:
+            out = ProcInfo(
+                p.ppid if p.ppid is not None else info.ppid,
+                p.exe or info.exe,
+                self._argv(p, info),
+                info.netns,
+                info.start_ticks,
+                p.comm or info.comm,
+                lin,
+            )
+        if len(self._hot) >= 4096:
+            self._hot.clear()
+        self._hot[pid] = (p, exec_ns, info, out)
+        return out

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import ctypes
 import hashlib
 import os
 import threading
@@ -61,17 +60,12 @@ class MonitorStats:
     plaintext_records: int = 0  # TLS/HTTP plaintext chunks received from the kernel
     tls_libraries: dict[str, str] = field(default_factory=dict)  # probed file -> "openssl" | "gnutls"
     startup_s: float = 0.0
+    compile_s: float = 0.0  # getting the bytecode: from the cache (ms) or a compiler child (s)
+    bytecode: str = ""  # "cache" or "compile"
     plan: dict[str, str] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         return dict(self.__dict__)
-
-
-def _trim_heap() -> None:
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):  # not glibc: nothing to do
-        pass
 
 
 def _boot_id() -> bytes:
@@ -209,11 +203,11 @@ class Monitor:
         self.plan = choose_plan(caps, force)
         from busted.ebpf.loader import FlowProgram
 
-        # Compile first: LLVM's peak is the process's peak, so nothing else should be loaded yet;
-        # then hand the compiler's freed heap back to the OS.
+        # The bytecode comes from the cache or a compiler child process: LLVM never maps here.
         self._program = FlowProgram(self.plan, ringbuf_bytes=self._ringbuf_bytes,
                                     max_flows=self._max_flows, chunk_bytes=self._chunk_bytes)
-        _trim_heap()
+        self._stats.bytecode = self._program.bytecode_from
+        self._stats.compile_s = self._program.compile_s
         reader = None
         if self.plan.plaintext == "uprobe":
             from busted.calls import TlsScanner, reader_factory
@@ -241,7 +235,6 @@ class Monitor:
         self._stats.plan = self.plan.describe()
         if self._policy is not None:
             self._start_policy(enricher)
-        self._program.open_ring(self._on_record)
         self._started = True
         if self._want_pre:
             self._load_preexisting()
@@ -410,13 +403,21 @@ class Monitor:
         try:
             ms = max(1, int(self._drain_interval * 1000))
             half = self._queue_size // 2
+            # At most one drain per ``gap``: under load a wake-up per flow open would cost more
+            # (thread switches, GIL hand-offs, a consumer wake-up each) than decoding the record;
+            # batches of a few ms cost a few ms of latency.
+            gap = self._drain_interval / 4
             while not self._stop.is_set():
                 if len(self._queue) > half:
                     # Back-pressure: let the consumer catch up (the GIL is shared) while the
                     # kernel ring keeps buffering; dropping decoded events would be a waste.
                     self._stop.wait(self._drain_interval)
                     continue
+                t0 = time.monotonic()
                 self._drain(ms)
+                rest = gap - (time.monotonic() - t0)
+                if rest > 0:
+                    self._stop.wait(rest)
             self._drain(0)
         except BaseException as exc:  # surfaced to the consumer, never swallowed
             self._error = exc
@@ -430,12 +431,12 @@ class Monitor:
         if prog is None:
             return
         if wait_ms:
-            prog.poll(wait_ms)  # consumes too when woken
+            prog.wait(wait_ms)
         with self._drain_lock:
             prog = self._program
             if prog is None:
                 return
-            prog.consume()
+            self._read_ring(prog)
             if self._policy_rt is not None:
                 self._pending.extend(self._policy_rt.consume())
             now = time.monotonic()
@@ -444,24 +445,32 @@ class Monitor:
                 self._check_kernel_losses()
             self._flush_pending()
 
-    def _on_record(self, _ctx: int, data: int, size: int) -> int:
-        # Called by BCC through ctypes: an exception here would only be printed, so keep it.
-        try:
-            evs = self._table.feed(ctypes.string_at(data, size))
-            if self._policy_rt is not None:
-                evs = self._policy_rt.feed(evs)
-            self._pending.extend(evs)
-        except Exception as exc:
-            self._error = exc
-            self._stop.set()
-            return -1  # stops ring_buffer_consume; the consumer raises the error
-        return self._room_left()
+    def _read_ring(self, prog: Any) -> None:
+        """Decode ring records in batches while the queue has room: what does not fit stays in
+        the kernel ring (the ring is the buffer; decoded events are never dropped)."""
+        feed = self._table.feed
+        policy = self._policy_rt
+        pending = self._pending
+        for _ in range(64):  # bounded: the reader also has losses and the policy to look at
+            # Headroom: one record can become a few events (a synthesized open + its close, a
+            # hello + its classification, several DNS messages in one TCP read).
+            room = self._queue_size - 16 - len(pending) - len(self._queue)
+            if room <= 0:
+                return
+            batch = prog.read(min(room // 4 + 1, 4096))
+            if not batch:
+                return
+            for raw in batch:
+                evs = feed(raw)
+                if evs:
+                    pending.extend(policy.feed(evs) if policy is not None else evs)
 
-    def _room_left(self) -> int:
-        """0 to go on; -1 stops this drain (libbpf leaves the rest in the kernel ring) when the
-        queue could not take more: the ring is the buffer, decoded events are never dropped."""
-        # Headroom: one record can become a few events (a synthesized open + its close, a hello
-        # + its classification, several DNS messages in one TCP read).
+    def _on_record(self, raw: bytes) -> int:
+        """One record (for tests that feed records by hand): 0 to go on, -1 when the queue is full."""
+        evs = self._table.feed(raw)
+        if self._policy_rt is not None:
+            evs = self._policy_rt.feed(evs)
+        self._pending.extend(evs)
         return -1 if len(self._pending) + len(self._queue) >= self._queue_size - 16 else 0
 
     def _flush_pending(self) -> None:

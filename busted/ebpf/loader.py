@@ -1,19 +1,21 @@
 """Build, compile and attach the BPF program for a probe plan; read its ring buffer and loss map.
 
 The program is the concatenation of ``common.h``, one bytes-tier file and one lifecycle-tier file
-(see ``common.h`` for why in that order). BCC is imported lazily so the rest of busted (parsers,
-sinks, replays) works without it.
+(see ``common.h`` for why in that order). BCC compiles it in a child process and the bytecode is
+cached (``bytecode.py``); this process loads and attaches it with plain bpf(2) and perf-event
+calls (``bpfsys.py``), so it never maps BCC or LLVM.
 """
 
 from __future__ import annotations
 
-import ctypes
+import errno
 import os
 import struct
 import time
-from collections.abc import Callable
 from importlib import resources
 
+from busted.ebpf import bpfsys, bytecode
+from busted.ebpf.bpfsys import prog_recursion_misses
 from busted.ebpf.layout import FL, FLOW, LOSS_MAP, LOSS_MISS, LOSS_RING, c_definitions
 from busted.ebpf.plan import ProbePlan
 from busted.ebpf.records import decode_flow_value
@@ -99,28 +101,7 @@ _KP_ATTACH = {
 _FLOW_HEAD = struct.Struct("<QQQQ")  # struct flow starts with open_ns, cgroup, sent, recv
 assert FLOW.offsets()["recv"] == 24
 
-# bpf(BPF_OBJ_GET_INFO_BY_FD) reads struct bpf_prog_info (uapi): recursion_misses sits at byte 208.
-_BPF_SYSCALL = {"x86_64": 321, "aarch64": 280}.get(os.uname().machine)
-_BPF_OBJ_GET_INFO_BY_FD = 15
-_PROG_INFO_SIZE = 232
-_RECURSION_MISSES_AT = 208
-
-
-def prog_recursion_misses(fd: int) -> int:
-    """recursion_misses of the BPF program behind ``fd`` (kernel >= 5.12), 0 if unreadable."""
-    if _BPF_SYSCALL is None:
-        return 0
-    info = ctypes.create_string_buffer(_PROG_INFO_SIZE)
-    attr = struct.pack("<IIQ", fd, _PROG_INFO_SIZE, ctypes.addressof(info))
-    abuf = ctypes.create_string_buffer(attr, len(attr))
-    libc = ctypes.CDLL(None, use_errno=True)
-    if libc.syscall(_BPF_SYSCALL, _BPF_OBJ_GET_INFO_BY_FD, abuf, len(attr)) != 0:
-        return 0
-    # The kernel writes back how much it filled: older kernels stop before the field.
-    filled = struct.unpack_from("<I", abuf.raw, 4)[0]
-    if filled < _RECURSION_MISSES_AT + 8:
-        return 0
-    return struct.unpack_from("<Q", info.raw, _RECURSION_MISSES_AT)[0]
+_PROG_KPROBE, _PROG_TRACEPOINT = 2, 5  # enum bpf_prog_type (uapi)
 
 
 # TLS libraries' plaintext functions: (symbol, entry program, return program).
@@ -136,12 +117,6 @@ _TLS_HOOKS = {
         ("gnutls_record_recv", "bst_gnutls_recv_in", "bst_gnutls_recv_out"),
     ],
 }
-
-
-def _has_symbol(path: str, sym: str) -> bool:
-    from busted.ebpf.tlslibs import exported_symbols
-
-    return sym in exported_symbols(path)
 
 
 def _read(name: str) -> str:
@@ -187,16 +162,12 @@ def headers_available(release: str | None = None, modules: str = "/lib/modules",
     return os.path.exists(kheaders)
 
 
-def _import_bcc():
-    try:
-        import bcc
-    except ImportError as exc:
-        raise BccNotInstalled(str(exc)) from exc
-    return bcc
-
-
 class FlowProgram:
-    """The loaded flow program. ``close()`` detaches everything (also done by process exit)."""
+    """The loaded flow program. ``close()`` detaches everything (also done by process exit).
+
+    The bytecode comes from ``bytecode.get_compiled`` (the cache, or BCC in a child process);
+    this process creates the maps, loads the programs and attaches them with perf-event fds, and
+    reads the ring buffer through shared memory. No BCC here."""
 
     def __init__(self, plan: ProbePlan, *, ringbuf_bytes: int = RINGBUF_BYTES, max_flows: int = MAX_FLOWS,
                  chunk_bytes: int = CHUNK_BYTES) -> None:
@@ -205,30 +176,59 @@ class FlowProgram:
                                    chunk_bytes=chunk_bytes)
         self.tls_files: dict[str, str] = {}  # path -> "openssl" | "gnutls": attached
         self.tls_failed: dict[str, str] = {}  # path -> why not
+        self.attached: list[str] = []
+        self._links: list[int] = []  # perf-event fds: closing them detaches
+        self._loaded: bytecode.Loaded | None = None
+        self._ring: bpfsys.RingReader | None = None
         from busted.ebpf.probe import _has_cap_bpf
 
         if not _has_cap_bpf():
             raise PermissionDenied(f"euid {os.geteuid()}, no CAP_BPF+CAP_PERFMON")
-        bcc = _import_bcc()
-        if not headers_available():
-            raise KernelHeadersMissing(os.uname().release)
         t0 = time.monotonic()
-        try:
-            self.bpf = bcc.BPF(text=self.source.encode())
-        except Exception as exc:  # BCC raises bare Exception for compile errors
-            msg = str(exc)
-            if "kernel headers" in msg.lower() or "kheaders" in msg.lower():
-                raise KernelHeadersMissing(os.uname().release, msg) from exc
-            if "Operation not permitted" in msg or "EPERM" in msg:
-                raise PermissionDenied(msg) from exc
-            raise ProbeLoadError(f"BPF program failed to compile or load: {msg}") from exc
+        self.compiled = self._compiled()
         self.compile_s = time.monotonic() - t0
-        self.attached: list[str] = []
+        self.bytecode_from = self.compiled.source  # "cache" or "compile"
         try:
+            self._loaded = bytecode.create_maps(self.compiled)
             self._attach()
+            ring = self._loaded.maps["events"]
+            self._ring = bpfsys.RingReader(ring.fd, ring.max_entries)
         except BaseException:
             self.close()
             raise
+
+    def _compiled(self) -> bytecode.Compiled:
+        try:
+            return bytecode.get_compiled(self.source)
+        except bytecode.CompileFailed as exc:
+            msg = str(exc)
+            if exc.kind == "bcc":
+                raise BccNotInstalled(msg) from exc
+            if exc.kind == "headers" or not headers_available():
+                raise KernelHeadersMissing(os.uname().release, msg) from exc
+            if exc.kind == "permission":
+                raise PermissionDenied(msg) from exc
+            raise ProbeLoadError(f"BPF program failed to compile: {msg}") from exc
+
+    @property
+    def maps(self) -> dict[str, bpfsys.Map]:
+        return self._loaded.maps if self._loaded is not None else {}
+
+    @property
+    def prog_fds(self) -> list[int]:
+        return list(self._loaded.progs.values()) if self._loaded is not None else []
+
+    def _prog(self, fn: str, prog_type: int) -> int:
+        assert self._loaded is not None
+        try:
+            return bytecode.load_function(self.compiled, self._loaded, fn, prog_type)
+        except bpfsys.BpfError as exc:
+            if exc.errno == errno.EPERM:
+                raise PermissionDenied(f"loading {fn}: {exc}") from exc
+            tail = "\n".join(exc.log.strip().splitlines()[-12:])
+            raise ProbeLoadError(f"the kernel refused BPF program {fn}: {exc}\n{tail}") from exc
+        except KeyError as exc:
+            raise ProbeLoadError(f"BPF function {fn} is not in the compiled program") from exc
 
     def _attach(self) -> None:
         keys = [("lifecycle", self.plan.lifecycle), ("bytes", self.plan.bytes)]
@@ -251,19 +251,19 @@ class FlowProgram:
             self._attach_tp("tcp:tcp_destroy_sock", "bst_destroy")
         for key in keys:
             for kind, kfn, fn in _KP_ATTACH.get(key, []):
+                prog = self._prog(fn, _PROG_KPROBE)
                 try:
-                    if kind == "kprobe":
-                        self.bpf.attach_kprobe(event=kfn.encode(), fn_name=fn.encode())
-                    else:
-                        self.bpf.attach_kretprobe(event=kfn.encode(), fn_name=fn.encode())
-                except Exception as exc:
+                    self._links.append(bpfsys.perf_attach_probe("kprobe", kfn, 0, prog, ret=kind == "kretprobe"))
+                except bpfsys.BpfError as exc:
                     raise ProbeUnavailable(f"cannot attach {kind} {kfn}: {exc}") from exc
                 self.attached.append(f"{kind}:{kfn}")
 
     def _attach_tp(self, tp: str, fn: str) -> None:
+        prog = self._prog(fn, _PROG_TRACEPOINT)
+        cat, _, name = tp.partition(":")
         try:
-            self.bpf.attach_tracepoint(tp=tp.encode(), fn_name=fn.encode())
-        except Exception as exc:
+            self._links.append(bpfsys.perf_attach_tracepoint(cat, name, prog))
+        except bpfsys.BpfError as exc:
             raise ProbeLoadError(f"cannot attach tracepoint {tp}: {exc}") from exc
         self.attached.append(f"tracepoint:{tp}")
 
@@ -273,21 +273,28 @@ class FlowProgram:
         in ``tls_failed``) if it cannot be done; idempotent per path."""
         if self.plan.plaintext != "uprobe" or path in self.tls_files or path in self.tls_failed:
             return path in self.tls_files
-        hooks = _TLS_HOOKS[kind]
-        done = []
+        from busted.ebpf.tlslibs import symbol_offsets
+
+        offsets = symbol_offsets(path)
+        done: list[str] = []
+        links: list[int] = []
         try:
-            for sym, fn_in, fn_out in hooks:
-                if not _has_symbol(path, sym):
+            for sym, fn_in, fn_out in _TLS_HOOKS[kind]:
+                if sym not in offsets:
                     continue
-                self.bpf.attach_uprobe(name=path.encode(), sym=sym.encode(), fn_name=fn_in.encode())
-                self.bpf.attach_uretprobe(name=path.encode(), sym=sym.encode(), fn_name=fn_out.encode())
+                for fn, ret in ((fn_in, False), (fn_out, True)):
+                    links.append(bpfsys.perf_attach_probe("uprobe", path, offsets[sym],
+                                                          self._prog(fn, _PROG_KPROBE), ret=ret))
                 done.append(sym)
-        except Exception as exc:
+        except (bpfsys.BpfError, ProbeLoadError, PermissionDenied) as exc:
+            for fd in links:
+                _close(fd)
             self.tls_failed[path] = f"{type(exc).__name__}: {exc}"
             return False
         if not done:
             self.tls_failed[path] = "no TLS symbols exported"
             return False
+        self._links.extend(links)
         self.tls_files[path] = kind
         self.attached.append(f"uprobe:{path}:{'+'.join(done)}")
         return True
@@ -297,86 +304,81 @@ class FlowProgram:
         not an LLM API or MCP). A later flow on a reused socket address is not affected."""
         if self.plan.plaintext == "uprobe":
             try:
-                self.bpf[b"pt_skip"][ctypes.c_ulonglong(sk)] = ctypes.c_ulonglong(open_ns)
-            except Exception:  # map full: the verdict is an optimisation, user space still drops
+                self.maps["pt_skip"].update(_U64.pack(sk), _U64.pack(open_ns))
+            except bpfsys.BpfError:  # map full: the verdict is an optimisation, user space still drops
                 pass
 
     def unbind_ssl(self, pid: int, ssl: int) -> None:
         """Forget a TLS session's socket (the connection ended; the SSL* may be reused)."""
         if self.plan.plaintext == "uprobe":
-            key = self.bpf[b"pt_bind"].Key(ssl=ssl, tgid=pid)
-            try:
-                del self.bpf[b"pt_bind"][key]
-            except KeyError:
-                pass
+            m = self.maps["pt_bind"]
+            # struct pt_key { u64 ssl; u32 tgid; } padded to the map's key size
+            m.delete(struct.pack("<QI", ssl, pid).ljust(m.key_size, b"\0"))
 
     def unskip_plaintext(self, sk: int) -> None:
         if self.plan.plaintext == "uprobe":
-            try:
-                del self.bpf[b"pt_skip"][ctypes.c_ulonglong(sk)]
-            except KeyError:
-                pass
+            self.maps["pt_skip"].delete(_U64.pack(sk))
 
-    def open_ring(self, callback: Callable[[int, int, int], object]) -> None:
-        """Register ``callback(ctx, data_ptr, size)`` for every ring buffer record."""
-        self._cb = callback  # keep a reference: BCC holds only a ctypes pointer
-        self.bpf[b"events"].open_ring_buffer(callback)
+    def wait(self, timeout_ms: int) -> bool:
+        """Block until the ring has records or ``timeout_ms`` passed."""
+        return self._ring.wait(timeout_ms) if self._ring is not None else False
 
-    def poll(self, timeout_ms: int) -> None:
-        self.bpf.ring_buffer_poll(timeout_ms)
-
-    def consume(self) -> None:
-        self.bpf.ring_buffer_consume()
+    def read(self, limit: int) -> list[bytes]:
+        """Up to ``limit`` ring records (raw bytes), oldest first."""
+        return self._ring.read(limit) if self._ring is not None else []
 
     def losses(self) -> dict[int, int]:
         """Cumulative kernel-side losses by place (LossPlace values), summed over CPUs."""
         out: dict[int, int] = {}
-        table = self.bpf[b"losses"]
+        table = self.maps["losses"]
         for place in (LOSS_RING, LOSS_MAP):
-            vals = table[ctypes.c_int(place)]
-            out[place] = int(sum(vals))
+            out[place] = sum(_U64.unpack_from(v)[0] for v in table.lookup_percpu(_U32.pack(place)))
         out[LOSS_MISS] = self.recursion_misses()
         return out
 
     def recursion_misses(self) -> int:
         """How often the kernel skipped one of our programs (bpf_prog_info.recursion_misses, summed):
         an event that happened with nothing recorded, e.g. a flow end. 0 where unreadable."""
-        total = 0
-        for fn in getattr(self.bpf, "funcs", {}).values():
-            fd = getattr(fn, "fd", None)
-            if fd is not None and fd >= 0:
-                total += prog_recursion_misses(fd)
-        return total
+        progs = self._loaded.progs.values() if self._loaded is not None else ()
+        return sum(prog_recursion_misses(fd) for fd in progs)
 
     def flow_entries(self, older_than_ns: int | None = None) -> dict[int, tuple[tuple[str, int, str, int], int, int]]:
         """Flows the kernel tracks with a known 4-tuple (opened while we watched):
         sk -> ((saddr, sport, daddr, dport), sent, recv); only those opened before
         ``older_than_ns`` (CLOCK_MONOTONIC) when given. Decoded with the declared layout."""
         out = {}
-        for k, v in self.bpf[b"flows"].items():
-            raw = bytes(v)
+        for k, raw in self.maps["flows"].items():
             flags, _fam, saddr, sport, daddr, dport = decode_flow_value(raw)
             if not flags & FL.HAVE_TUPLE or flags & FL.MIDSTREAM:
                 continue
             open_ns, _cg, sent, recv = _FLOW_HEAD.unpack_from(raw)
             if older_than_ns is not None and open_ns > older_than_ns:
                 continue
-            out[int(k.value)] = ((saddr, sport, daddr, dport), sent, recv)
+            out[_U64.unpack(k)[0]] = ((saddr, sport, daddr, dport), sent, recv)
         return out
 
     def forget_flow(self, sk: int) -> bool:
         """Delete a flow from the kernel map; False if it was already gone (its end is on the way)."""
-        try:
-            del self.bpf[b"flows"][ctypes.c_ulonglong(sk)]
-        except KeyError:
-            return False
-        return True
+        return self.maps["flows"].delete(_U64.pack(sk))
 
     def close(self) -> None:
-        bpf = getattr(self, "bpf", None)
-        if bpf is not None:
-            self.bpf = None
-            try:
-                bpf.cleanup()
-            except Exception:
-                pass
+        if self._ring is not None:
+            self._ring.close()
+            self._ring = None
+        links, self._links = self._links, []
+        for fd in links:  # detach first, then programs and maps
+            _close(fd)
+        if self._loaded is not None:
+            self._loaded.close()
+            self._loaded = None
+
+
+_U32 = struct.Struct("<I")
+_U64 = struct.Struct("<Q")
+
+
+def _close(fd: int) -> None:
+    try:
+        os.close(fd)
+    except OSError:
+        pass

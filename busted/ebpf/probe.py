@@ -94,16 +94,26 @@ def _cgroup2() -> str | None:
 
 
 def _bcc_version() -> str | None:
-    try:
-        import bcc  # noqa: F401
-    except Exception:
-        return None
-    try:
-        from importlib.metadata import version
+    """BCC's version, found without importing it: importing BCC maps LLVM (~75 MB resident),
+    and only the compiler child process needs it."""
+    import importlib.util
+    import re
 
-        return version("bcc")
-    except Exception:
-        return getattr(__import__("bcc"), "__version__", "unknown")
+    try:
+        spec = importlib.util.find_spec("bcc")
+    except (ImportError, ValueError):
+        return None
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    for d in spec.submodule_search_locations:
+        try:
+            with open(os.path.join(d, "version.py")) as f:
+                m = re.search(r"""__version__\s*=\s*['"]([^'"]+)""", f.read())
+        except OSError:
+            continue
+        if m:
+            return m.group(1)
+    return "unknown"
 
 
 def _has_cap_bpf() -> bool:

@@ -140,6 +140,7 @@ def addr_text(family: int, raw: bytes) -> tuple[int, str]:
     return 0, ""
 
 
+@lru_cache(maxsize=1024)  # the same few names, over and over
 def _comm(raw: bytes) -> str:
     return raw.split(b"\0", 1)[0].decode("utf-8", "replace")
 

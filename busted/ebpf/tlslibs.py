@@ -23,7 +23,8 @@ import os
 import shutil
 from functools import lru_cache
 
-__all__ = ["TLS_SYMBOLS", "exported_symbols", "kind_of", "scan", "scan_pid", "system_libraries"]
+__all__ = ["TLS_SYMBOLS", "exported_symbols", "kind_of", "scan", "scan_pid", "symbol_offsets",
+           "system_libraries"]
 
 TLS_SYMBOLS = frozenset({"SSL_write", "SSL_write_ex", "SSL_read", "SSL_read_ex",
                          "gnutls_record_send", "gnutls_record_recv"})
@@ -43,13 +44,14 @@ def _file_id(path: str) -> tuple[int, int, int] | None:
 
 
 @lru_cache(maxsize=4096)
-def _symbols_of(file_id: tuple[int, int, int], path: str) -> frozenset[str]:
+def _symbols_of(file_id: tuple[int, int, int], path: str) -> dict[str, int]:
+    """TLS function -> file offset (where a uprobe goes) for the functions ``path`` defines."""
     try:
         from elftools.elf.elffile import ELFFile
         from elftools.elf.hash import ELFHashSection, GNUHashSection
         from elftools.elf.sections import SymbolTableSection
     except ImportError:  # pragma: no cover - a declared dependency
-        return frozenset()
+        return {}
     try:
         with open(path, "rb") as f:
             elf = ELFFile(f)
@@ -61,18 +63,34 @@ def _symbols_of(file_id: tuple[int, int, int], path: str) -> frozenset[str]:
             else:
                 sec = elf.get_section_by_name(".dynsym")
                 if not isinstance(sec, SymbolTableSection):
-                    return frozenset()
+                    return {}
                 syms = [s for s in sec.iter_symbols() if s.name in TLS_SYMBOLS]
-            return frozenset(s.name for s in syms if s is not None and s["st_shndx"] != "SHN_UNDEF"
-                             and s["st_info"]["type"] == "STT_FUNC")
+            found = {s.name: s["st_value"] for s in syms if s is not None and s["st_shndx"] != "SHN_UNDEF"
+                     and s["st_info"]["type"] == "STT_FUNC"}
+            # A symbol's value is a virtual address; a uprobe wants the offset in the file: the
+            # loadable segment that holds the address says how the two differ.
+            loads = [(p["p_vaddr"], p["p_memsz"], p["p_offset"]) for p in elf.iter_segments()
+                     if p["p_type"] == "PT_LOAD"]
+            out = {}
+            for name, vaddr in found.items():
+                for seg_va, size, seg_off in loads:
+                    if seg_va <= vaddr < seg_va + size:
+                        out[name] = vaddr - seg_va + seg_off
+                        break
+            return out
     except Exception:  # not ELF, truncated, unreadable: not a candidate
-        return frozenset()
+        return {}
 
 
 def exported_symbols(path: str) -> frozenset[str]:
     """The TLS functions ``path`` defines and exports (empty if none, or not an ELF file)."""
+    return frozenset(symbol_offsets(path))
+
+
+def symbol_offsets(path: str) -> dict[str, int]:
+    """TLS function -> file offset, for the functions ``path`` defines and exports."""
     fid = _file_id(path)
-    return frozenset() if fid is None else _symbols_of(fid, path)
+    return {} if fid is None else dict(_symbols_of(fid, path))
 
 
 def kind_of(path: str) -> str | None:

@@ -145,17 +145,19 @@ def test_forcing_kprobe_tier_says_why_it_cannot_run():
 
 
 def test_kprobe_tier_compiles_and_verifies():
-    """No kprobes here to attach to, but the tier's C must compile and pass the verifier."""
-    from bcc import BPF
+    """No kprobes here to attach to, but the tier's C must compile and pass the verifier, loaded
+    the way the Monitor loads it (bytecode from the compiler child or the cache, no BCC)."""
+    from busted.ebpf import bytecode
 
     src = build_source(ProbePlan(lifecycle="kprobe", bytes="kprobe", flow_end="close-state"))
-    b = BPF(text=src.encode())
+    comp = bytecode.get_compiled(src)
+    loaded = bytecode.create_maps(comp)
     try:
         fns = ("bst_kp_connect", "bst_kp_accept_ret", "bst_kp_close", "bst_kp_send_out", "bst_kp_recv_out")
         for fn in fns:
-            assert b.load_func(fn.encode(), BPF.KPROBE).fd >= 0
+            assert bytecode.load_function(comp, loaded, fn, 2) >= 0  # BPF_PROG_TYPE_KPROBE
     finally:
-        b.cleanup()
+        loaded.close()
 
 
 def test_close_state_flow_end_tier():

@@ -1,6 +1,7 @@
 """The declared wire layouts against what BCC compiled, and the kernel-side loss bookkeeping."""
 
 import ctypes
+import json
 import os
 import socket
 import time
@@ -16,14 +17,21 @@ def _offsets(ctype) -> dict[str, int]:
     return {name: getattr(ctype, name).offset for name, _t in ctype._fields_}
 
 
+def compiled_type(desc: str):
+    """The ctypes type BCC describes for a map's key or value (the compiler's own view)."""
+    from bcc import BPF
+
+    return BPF._decode_table_type(json.loads(desc))
+
+
 def test_bcc_compiled_the_declared_layouts():
     prog = FlowProgram(choose_plan(probe(), None), ringbuf_bytes=1 << 16, max_flows=64)
     try:
-        leaf = prog.bpf[b"flows"].Leaf
+        leaf = compiled_type(prog.maps["flows"].leaf_desc)
         assert ctypes.sizeof(leaf) == FLOW.size
         assert _offsets(leaf) == FLOW.offsets()
         # every program's recursion_misses is readable (kernel >= 5.12) and starts at zero
-        fds = [f.fd for f in prog.bpf.funcs.values()]
+        fds = prog.prog_fds
         assert fds and all(prog_recursion_misses(fd) == 0 for fd in fds)
         assert prog.losses() == {1: 0, 2: 0, 6: 0}
     finally:
@@ -51,12 +59,13 @@ def test_sweep_ends_a_flow_whose_socket_is_gone():
                     opened = ev
                     break
         assert opened is not None
-        table = mon._program.bpf[b"flows"]
-        sk = next(int(k.value) for k, v in table.items()
-                  if v.flags & FL.HAVE_TUPLE and v.sport == cli.getsockname()[1] and v.direction == 1)
-        v = table[ctypes.c_ulonglong(sk)]
+        table = mon._program.maps["flows"]
+        leaf = compiled_type(table.leaf_desc)
+        key, v = next((k, leaf.from_buffer_copy(raw)) for k, raw in table.items()
+                      if (lv := leaf.from_buffer_copy(raw)).flags & FL.HAVE_TUPLE
+                      and lv.sport == cli.getsockname()[1] and lv.direction == 1)
         v.sport, v.open_ns, v.sent = 1, 1, 77  # nobody has local port 1
-        table[ctypes.c_ulonglong(sk)] = v
+        table.update(key, bytes(v))
         got = []
         deadline = time.monotonic() + 10
         while time.monotonic() < deadline and not any(isinstance(e, FlowClosed) for e in got):

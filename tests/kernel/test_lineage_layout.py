@@ -1,6 +1,7 @@
 """The lineage record layout as BCC compiled it, for both fork tiers."""
 
 import ctypes
+import json
 
 import pytest
 
@@ -15,7 +16,9 @@ def test_bcc_compiled_the_lineage_layout(tier):
     plan = choose_plan(probe(), {"lineage": tier})
     prog = FlowProgram(plan, ringbuf_bytes=1 << 16, max_flows=64)
     try:
-        leaf = prog.bpf[b"lin_out"].Leaf._type_  # per-CPU array: one struct lin_exec per CPU
+        from bcc import BPF
+
+        leaf = BPF._decode_table_type(json.loads(prog.maps["lin_out"].leaf_desc))  # struct lin_exec
         assert ctypes.sizeof(leaf) == LIN_HDR.size + LIN_FNAME + LIN_ARGS
         hdr = dict(leaf._fields_)["h"]
         assert {n: getattr(hdr, n).offset for n, _t in hdr._fields_} == LIN_HDR.offsets()

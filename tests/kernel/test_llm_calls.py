@@ -180,7 +180,7 @@ for i in range(20):
     skipped = 0
     while time.monotonic() < deadline and not skipped:
         list(mon.events(timeout=0.1))
-        skipped = len(mon._program.bpf[b"pt_skip"])
+        skipped = len(mon._program.maps["pt_skip"])
     p.communicate(timeout=20)
     got = [e for e in (list(mon.events(timeout=1.0))) if isinstance(e, LlmCall | FlowClosed) and e.pid == p.pid]
     assert skipped >= 1  # the verdict reached the kernel while the connection was open
