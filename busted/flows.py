@@ -46,6 +46,7 @@ E = TypeVar("E", bound=Event)
 
 _DIRECTIONS = {1: Direction.CONNECT, 2: Direction.ACCEPT}
 _NO_PROC = ProcInfo(None, None, None, None, None)
+_N_IDENTITY = len(FLOW_IDENTITY)
 
 
 def _make(cls: type[E], fields: dict[str, Any]) -> E:
@@ -62,8 +63,11 @@ def _derive(cls: type[E], base: FlowEvent, **changes: Any) -> E:
     ev = object.__new__(cls)
     d = ev.__dict__
     bd = base.__dict__
-    for k in FLOW_IDENTITY:
-        d[k] = bd[k]
+    if len(bd) == _N_IDENTITY:  # an opened/classified event: its fields are exactly the identity
+        d.update(bd)
+    else:
+        for k in FLOW_IDENTITY:
+            d[k] = bd[k]
     d.update(changes)
     return ev
 

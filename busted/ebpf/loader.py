@@ -339,8 +339,8 @@ class FlowProgram:
     def recursion_misses(self) -> int:
         """How often the kernel skipped one of our programs (bpf_prog_info.recursion_misses, summed):
         an event that happened with nothing recorded, e.g. a flow end. 0 where unreadable."""
-        progs = self._loaded.progs.values() if self._loaded is not None else ()
-        return sum(prog_recursion_misses(fd) for fd in progs)
+        # A copy: the TLS scanner thread may load uprobe programs meanwhile.
+        return sum(prog_recursion_misses(fd) for fd in self.prog_fds)
 
     def flow_entries(self, older_than_ns: int | None = None) -> dict[int, tuple[tuple[str, int, str, int], int, int]]:
         """Flows the kernel tracks with a known 4-tuple (opened while we watched):
