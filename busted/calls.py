@@ -40,10 +40,12 @@ class TlsScanner:
         return dict(self._program.tls_failed)
 
     def scan_all(self) -> None:
-        from busted.ebpf.tlslibs import scan
+        from busted.ebpf.tlslibs import load_symbol_cache, save_symbol_cache, scan
 
+        load_symbol_cache()
         for path, kind in scan().items():
             self._program.attach_tls_library(path, kind)
+        save_symbol_cache()
 
     def saw(self, pid: int) -> None:
         """A flow was opened by ``pid``: scan it once (in the scanner thread)."""

@@ -115,7 +115,7 @@ def _trusted(st: os.stat_result) -> bool:
     return st.st_uid == os.geteuid() and not st.st_mode & (stat.S_IWGRP | stat.S_IWOTH)
 
 
-def _cache_read(path: str) -> Compiled | None:
+def _read_text(path: str) -> str | None:
     try:
         fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
     except OSError:
@@ -124,23 +124,51 @@ def _cache_read(path: str) -> Compiled | None:
         with os.fdopen(fd) as f:
             if not (_trusted(os.fstat(f.fileno())) and _trusted(os.stat(os.path.dirname(path)))):
                 return None
-            return Compiled.from_json(f.read())
-    except (OSError, ValueError, KeyError, TypeError):
+            return f.read()
+    except (OSError, ValueError):
+        return None
+
+
+def read_trusted(path: str) -> object:
+    """The JSON in ``path`` if the file and its directory pass the trust rules, else None."""
+    text = _read_text(path)
+    try:
+        return json.loads(text) if text is not None else None
+    except ValueError:
+        return None
+
+
+def _cache_read(path: str) -> Compiled | None:
+    text = _read_text(path)
+    if text is None:
+        return None
+    try:
+        return Compiled.from_json(text)
+    except (ValueError, KeyError, TypeError):
         return None  # unreadable or from another version: compile again
 
 
-def _cache_write(d: str, path: str, comp: Compiled) -> None:
+def _write_text(d: str, name: str, text: str) -> bool:
     try:
         os.makedirs(d, mode=0o700, exist_ok=True)
         if not _trusted(os.stat(d)):
-            return
+            return False
         fd, tmp = tempfile.mkstemp(dir=d, prefix=".tmp-")
         with os.fdopen(fd, "w") as f:
-            f.write(comp.to_json())
-        os.replace(tmp, path)  # atomic: a concurrent reader sees the old file or the new one
-        _prune(d)
+            f.write(text)
+        os.replace(tmp, os.path.join(d, name))  # atomic: readers see the old file or the new one
+        return True
     except OSError:
-        pass  # a read-only or full disk only costs the next start a compile
+        return False  # a read-only or full disk only costs the next start some work
+
+
+def write_trusted(d: str, name: str, data: object) -> None:
+    _write_text(d, name, json.dumps(data))
+
+
+def _cache_write(d: str, path: str, comp: Compiled) -> None:
+    if _write_text(d, os.path.basename(path), comp.to_json()):
+        _prune(d)
 
 
 MAX_CACHED = 32  # compiled variants kept (plans x options); the least recently written go first
@@ -149,7 +177,7 @@ MAX_CACHED = 32  # compiled variants kept (plans x options); the least recently 
 def _prune(d: str) -> None:
     entries = []
     for name in os.listdir(d):
-        if name.endswith(".json"):
+        if name.endswith(".json") and name != "tls-symbols.json":
             try:
                 entries.append((os.stat(os.path.join(d, name)).st_mtime, name))
             except OSError:

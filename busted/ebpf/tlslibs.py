@@ -90,7 +90,50 @@ def exported_symbols(path: str) -> frozenset[str]:
 def symbol_offsets(path: str) -> dict[str, int]:
     """TLS function -> file offset, for the functions ``path`` defines and exports."""
     fid = _file_id(path)
-    return {} if fid is None else dict(_symbols_of(fid, path))
+    if fid is None:
+        return {}
+    key = f"{fid[0]}:{fid[1]}:{fid[2]}:{path}"
+    known = _disk.get(key)
+    if known is None:
+        known = _disk[key] = dict(_symbols_of(fid, path))
+        _disk_dirty[0] = True
+        if len(_disk) > 2 * _DISK_MAX:  # bounded: files seen in containers come and go
+            _disk.pop(next(iter(_disk)))
+    return dict(known)
+
+
+# Reading ELF symbol tables with pyelftools is most of a warm start (~0.3 s for the system's
+# libraries), and the files rarely change: the answers are kept beside the bytecode cache, by
+# (device, inode, mtime, path), under the same trust rules (offsets say where uprobes go).
+_disk: dict[str, dict[str, int]] = {}
+_disk_dirty = [False]
+_DISK_MAX = 512
+
+
+def load_symbol_cache() -> None:
+    from busted.ebpf import bytecode
+
+    d = bytecode.cache_dir()
+    if d is None:
+        return
+    data = bytecode.read_trusted(os.path.join(d, "tls-symbols.json"))
+    if isinstance(data, dict):
+        for k, v in data.items():
+            if isinstance(k, str) and isinstance(v, dict) and all(
+                    isinstance(n, str) and isinstance(o, int) for n, o in v.items()):
+                _disk.setdefault(k, v)
+
+
+def save_symbol_cache() -> None:
+    from busted.ebpf import bytecode
+
+    d = bytecode.cache_dir()
+    if d is None or not _disk_dirty[0]:
+        return
+    while len(_disk) > _DISK_MAX:
+        _disk.pop(next(iter(_disk)))
+    bytecode.write_trusted(d, "tls-symbols.json", _disk)
+    _disk_dirty[0] = False
 
 
 def kind_of(path: str) -> str | None:

@@ -49,3 +49,31 @@ def test_scan_pid_reads_maps_and_exe(tmp_path):
     os.symlink(ssl, proc / "exe")  # an executable that exports OpenSSL (node-like)
     assert scan_pid(42, proc=str(tmp_path / "proc")) == {ssl: "openssl"}
     assert scan_pid(43, proc=str(tmp_path / "proc")) == {}  # gone: nothing, no error
+
+
+def test_symbol_offsets_are_kept_between_runs_under_the_trust_rules(tmp_path, monkeypatch):
+    import os
+    import shutil
+
+    from busted.ebpf import tlslibs
+
+    lib = "/lib/x86_64-linux-gnu/libssl.so.3"
+    if not os.path.exists(lib):
+        lib = shutil.which("openssl") or lib
+    monkeypatch.setenv("BUSTED_BPF_CACHE", str(tmp_path / "c"))
+    monkeypatch.setattr(tlslibs, "_disk", {})
+    monkeypatch.setattr(tlslibs, "_disk_dirty", [False])
+    first = tlslibs.symbol_offsets(lib)
+    tlslibs.save_symbol_cache()
+    saved = tmp_path / "c" / "tls-symbols.json"
+    assert saved.exists()
+    tlslibs._disk.clear()
+    calls = []
+    monkeypatch.setattr(tlslibs, "_symbols_of", lambda fid, path: calls.append(path) or {})
+    tlslibs.load_symbol_cache()
+    assert tlslibs.symbol_offsets(lib) == first and calls == []  # from the file, no ELF parsing
+    os.chmod(saved, 0o666)  # writable by others: not trusted, parsed again
+    tlslibs._disk.clear()
+    tlslibs.load_symbol_cache()
+    tlslibs.symbol_offsets(lib)
+    assert calls == [lib]
