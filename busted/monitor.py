@@ -5,9 +5,10 @@
             ...
 
 A reader thread drains the kernel's ring buffer, decodes and enriches each batch (reading /proc
-while short-lived processes still exist) and appends the events to a bounded queue. Only flow
-opens wake it; ends and payload captures wait for its next drain (every ``drain_interval``, 20 ms),
-so bursts cost few wake-ups. Your loop (``events()``, ``aevents()``, ``run()``) takes from the
+while short-lived processes still exist) and appends the events to a bounded queue. Flow opens,
+ClientHellos and DNS answers wake it; ends and plaintext wait for its next drain (at most every
+``drain_interval``, 20 ms), and under load it drains at most every ``drain_interval / 4``, so a
+busy host costs a few hundred wake-ups per second, not one per record. Your loop (``events()``, ``aevents()``, ``run()``) takes from the
 queue. When the queue is full the reader stops draining and the kernel ring buffers; what the
 ring cannot hold is counted and reported as ``EventsLost`` (never silent). Callbacks
 registered with ``on()`` run in the consuming thread, never concurrently.
