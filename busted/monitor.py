@@ -8,10 +8,11 @@ A reader thread drains the kernel's ring buffer, decodes and enriches each batch
 while short-lived processes still exist) and appends the events to a bounded queue. Flow opens,
 ClientHellos and DNS answers wake it; ends and plaintext wait for its next drain (at most every
 ``drain_interval``, 20 ms), and under load it drains at most every ``drain_interval / 4``, so a
-busy host costs a few hundred wake-ups per second, not one per record. Your loop (``events()``, ``aevents()``, ``run()``) takes from the
-queue. When the queue is full the reader stops draining and the kernel ring buffers; what the
-ring cannot hold is counted and reported as ``EventsLost`` (never silent). Callbacks
-registered with ``on()`` run in the consuming thread, never concurrently.
+busy host costs a few hundred wake-ups per second, not one per record. Your loop (``events()``,
+``aevents()``, ``run()``) takes from the queue. When the queue is full the reader stops draining
+and the kernel ring buffers; what the ring cannot hold is counted and reported as ``EventsLost``
+(never silent). Callbacks registered with ``on()`` run in the consuming thread, never
+concurrently.
 """
 
 from __future__ import annotations
@@ -67,6 +68,9 @@ class MonitorStats:
 
     def to_dict(self) -> dict[str, Any]:
         return dict(self.__dict__)
+
+
+_EARLY_MAX = 1 << 17  # records held during start-up (~20 MB at most); beyond, the kernel ring holds them
 
 
 def _boot_id() -> bytes:
@@ -166,6 +170,7 @@ class Monitor:
         self._chunk_bytes = chunk_bytes
         self._tls_scanner: Any = None
         self._pending: list[Event] = []
+        self._early: list[bytes] | None = None  # raw records read during start-up
         self._error: BaseException | None = None
         self.capabilities: Capabilities | None = None
         self.plan: ProbePlan | None = None
@@ -209,6 +214,20 @@ class Monitor:
                                     max_flows=self._max_flows, chunk_bytes=self._chunk_bytes)
         self._stats.bytecode = self._program.bytecode_from
         self._stats.compile_s = self._program.compile_s
+        # The probes run from here on. Until the flow table exists and the pre-existing flows are
+        # in it, the reader thread only moves records out of the kernel ring (a busy host fills
+        # 4 MB in well under a second) into a bounded list, decoded once start-up is done.
+        self._early = []
+        self._thread = threading.Thread(target=self._reader, name="busted-reader", daemon=True)
+        self._thread.start()
+        try:
+            self._start_rest(t0)
+        except BaseException:
+            self.close()
+            raise
+        return self
+
+    def _start_rest(self, t0: float) -> None:
         reader = None
         if self.plan.plaintext == "uprobe":
             from busted.calls import TlsScanner, reader_factory
@@ -239,12 +258,15 @@ class Monitor:
         self._started = True
         if self._want_pre:
             self._load_preexisting()
+        with self._drain_lock:
+            early, self._early = self._early, None
+            for raw in early or ():
+                evs = self._table.feed(raw)
+                self._pending.extend(self._policy_rt.feed(evs) if self._policy_rt is not None else evs)
+            self._flush_pending()
         self._stats.startup_s = time.monotonic() - t0
-        self._thread = threading.Thread(target=self._reader, name="busted-reader", daemon=True)
-        self._thread.start()
         if self._tls_scanner is not None:
             self._tls_scanner.start()
-        return self
 
     def close(self) -> None:
         """Detach every probe. Idempotent; also runs on ``with`` exit. Safe from another thread:
@@ -436,6 +458,11 @@ class Monitor:
         with self._drain_lock:
             prog = self._program
             if prog is None:
+                return
+            early = self._early
+            if early is not None:  # start-up: only empty the kernel ring, decode later
+                if len(early) < _EARLY_MAX:
+                    early.extend(prog.read(_EARLY_MAX - len(early)))
                 return
             self._read_ring(prog)
             if self._policy_rt is not None:
