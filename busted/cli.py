@@ -580,23 +580,39 @@ def _monitor(args: argparse.Namespace, out: TextIO) -> int:
 # -- top ---------------------------------------------------------------------------------------
 
 
-class TopTable:
-    """Per (command, provider) aggregates: processes, connections, bytes, calls, tokens, errors.
+TOP_BY = ("comm", "agent", "container")
+_TOP_WIDTH = {"comm": 15, "agent": 20, "container": 12}  # comm: the kernel's 15; agent: catalog ids
 
-    Grouped by command name rather than pid so short-lived clients (curl, scripts) add up; the
-    PIDS column says how many processes. A flow counts under its latest classification.
+
+class TopTable:
+    """Per (group, provider) aggregates: processes, connections, bytes, calls, tokens, errors.
+
+    ``by`` picks the group: ``comm`` (the command name, not the pid, so short-lived clients such as
+    curl and scripts add up; PIDS says how many processes), ``agent`` (the agent behind the flow,
+    docs/agents.md) or ``container`` (its container id, 12 characters). Unknown is "-". A flow
+    counts under its latest classification.
     """
 
-    def __init__(self, max_flows: int = 65536) -> None:
+    def __init__(self, max_flows: int = 65536, by: str = "comm") -> None:
         from busted.flowview import FlowView
 
+        if by not in TOP_BY:
+            raise UsageError(f"top --by {by!r}: expected one of {', '.join(TOP_BY)}")
+        self.by = by
         self.rows: dict[tuple[str, str], Counter[str]] = {}
         self.pids: dict[tuple[str, str], set[int]] = {}
         self._view = FlowView(max_flows=max_flows)  # the flows' latest state, shared with the sinks
 
-    @staticmethod
-    def _key(ev: Any) -> tuple[str, str]:
-        return ((getattr(ev, "comm", "") or "?"), (getattr(ev, "provider", None) or "-"))
+    def _group(self, ev: Any) -> str:
+        if self.by == "agent":
+            return getattr(ev, "agent", None) or "-"
+        if self.by == "container":
+            cid = getattr(ev, "container_id", None)
+            return cid[:12] if cid else "-"
+        return getattr(ev, "comm", "") or "?"
+
+    def _key(self, ev: Any) -> tuple[str, str]:
+        return self._group(ev), (getattr(ev, "provider", None) or "-")
 
     def _row(self, key: tuple[str, str], pid: int) -> Counter[str]:
         self.pids.setdefault(key, set()).add(pid)
@@ -613,11 +629,11 @@ class TopTable:
         change = self._view.update(ev)
         if change is None:
             return
-        key = self._key(change.after)
+        key = self._key(change.after.flow)
         if change.before is None:  # first seen: count the connection where it belongs now
             self._row(key, change.after.flow.pid)["conns"] += 1
         else:
-            old = self._key(change.before)
+            old = self._key(change.before.flow)
             if old != key:  # reclassified: the connection moves to its new row
                 self.rows[old]["conns"] -= 1
                 self._row(key, change.after.flow.pid)["conns"] += 1
@@ -627,18 +643,20 @@ class TopTable:
             row["rx"] += ev.bytes_received
 
     def top(self, limit: int = 30) -> list[dict[str, Any]]:
-        """The rows, busiest first (bytes + connections), as dicts (exact names, for --json)."""
+        """The rows, busiest first (bytes + connections), as dicts (exact names, for --json); the
+        group's key is ``by``'s name (``comm``, ``agent`` or ``container``)."""
         rows = sorted(self.rows.items(), key=lambda kv: -(kv[1]["tx"] + kv[1]["rx"] + kv[1]["conns"]))
-        return [{"comm": comm, "provider": prov, "pids": len(self.pids[(comm, prov)]), "conns": r["conns"],
+        return [{self.by: group, "provider": prov, "pids": len(self.pids[(group, prov)]), "conns": r["conns"],
                  "tx": r["tx"], "rx": r["rx"], "calls": r["calls"], "tokens": r["tokens"],
-                 "errors": r["errors"]} for (comm, prov), r in rows[:limit]]
+                 "errors": r["errors"]} for (group, prov), r in rows[:limit]]
 
     def text(self, limit: int = 30) -> str:
-        head = (f"{'COMM':<15} {'PROVIDER':<22} {'PIDS':>5} {'CONNS':>6} {'TX':>8} {'RX':>8} {'CALLS':>6} "
-                f"{'TOKENS':>7} {'ERR':>4}")
+        width = _TOP_WIDTH[self.by]
+        head = (f"{self.by.upper():<{width}} {'PROVIDER':<22} {'PIDS':>5} {'CONNS':>6} {'TX':>8} {'RX':>8} "
+                f"{'CALLS':>6} {'TOKENS':>7} {'ERR':>4}")
         lines = [head]
         for r in self.top(limit):
-            lines.append(_p(f"{_col(r['comm'], 15)} {_col(r['provider'], 22)} {r['pids']:>5} {r['conns']:>6} "
+            lines.append(_p(f"{_col(r[self.by], width)} {_col(r['provider'], 22)} {r['pids']:>5} {r['conns']:>6} "
                             f"{_fmt_bytes(r['tx']):>8} {_fmt_bytes(r['rx']):>8} {r['calls']:>6} "
                             f"{r['tokens']:>7} {r['errors']:>4}"))
         return "\n".join(lines)
@@ -647,7 +665,7 @@ class TopTable:
 def _top(args: argparse.Namespace, out: TextIO) -> int:
     stop = threading.Event()
     _install_sigterm(stop)
-    table = TopTable()
+    table = TopTable(by=args.by)
     as_json = args.json
     tty = out.isatty() and not as_json
     mon, sinks = _start(args)
@@ -1056,6 +1074,8 @@ def _parser() -> argparse.ArgumentParser:
     t = sub.add_parser("top", help="refreshing per-process x provider table", parents=[filters, live])
     t.add_argument("--interval", type=float, default=2.0, help="seconds between refreshes")
     t.add_argument("--duration", type=float, help="stop after this many seconds")
+    t.add_argument("--by", choices=TOP_BY, default="comm", help="group rows by command name (default), "
+                   "agent (docs/agents.md) or container id")
 
     lab = sub.add_parser("lab", help="network lab with demo LLM traffic, monitored", parents=[filters, live])
     lab.add_argument("--rounds", type=int, default=1)
