@@ -15,6 +15,7 @@ data.
 
 from __future__ import annotations
 
+import time
 from collections import OrderedDict, deque
 from collections.abc import Callable
 from typing import Any
@@ -34,7 +35,8 @@ __all__ = ["NO_LINEAGE", "LineageProc", "LineageTable", "Proc"]
 #: The FlowEvent fields this module fills, all unknown.
 NO_LINEAGE: dict[str, Any] = {
     "ancestry": None, "agent": None, "agent_pid": None, "agent_evidence": None,
-    "container_id": None, "container_runtime": None, "pod_uid": None,
+    "container_id": None, "container_runtime": None, "pod_uid": None, "pod_qos": None,
+    "proc_start_time": None,
 }
 
 
@@ -176,15 +178,17 @@ class LineageProc:
 
     ``proc`` is the /proc source (``ProcCache.get``); ``cgroup_path(cgroup_id)`` resolves a cgroup
     v2 id to its path, ``proc_cgroup(pid)`` reads a live process's cgroup v2 path (both may return
-    None). ``max_depth`` bounds the ancestry (the process itself counts).
+    None). ``max_depth`` bounds the ancestry (the process itself counts). ``wall_offset`` turns the
+    records' CLOCK_MONOTONIC ns into UNIX seconds (the Monitor's; default: measured now).
     """
 
     def __init__(self, table: LineageTable, proc: Callable[[int], ProcInfo], *,
                  agents: AgentCatalog | None = None,
                  cgroup_path: Callable[[int], str | None] = lambda _id: None,
                  proc_cgroup: Callable[[int], str | None] = lambda _pid: None,
-                 max_depth: int = 8) -> None:
+                 max_depth: int = 8, wall_offset: float | None = None) -> None:
         self.table = table
+        self.wall_offset = time.time() - time.monotonic() if wall_offset is None else wall_offset
         self._proc = proc
         self.agents = agents if agents is not None else AgentCatalog.builtin()
         self._cgroup_path = cgroup_path
@@ -253,6 +257,12 @@ class LineageProc:
             out["container_id"] = cont.container_id
             out["container_runtime"] = cont.runtime
             out["pod_uid"] = cont.pod_uid
+            out["pod_qos"] = cont.qos
+        # Its fork as the kernel reported it; a process forked before we watched: /proc's start.
+        if p is not None and p.start_ns is not None:
+            out["proc_start_time"] = p.start_ns / 1e9 + self.wall_offset
+        else:
+            out["proc_start_time"] = self._proc(pid).start_time
         self._memo[key] = out
         return out
 
@@ -274,4 +284,5 @@ class LineageProc:
             info.start_ticks,
             p.comm or info.comm,
             lin,
+            lin["proc_start_time"],
         )
