@@ -714,10 +714,12 @@ def _dash(v: int | None) -> str:
 
 class LabCalls:
     """The LLM calls (and MCP messages) of a lab run, as a table: one row per call a client made,
-    then a total per provider. ``names`` maps a pid to its demo client's name (else the row shows
-    the comm). Calls seen on accepted connections are the lab's fake providers' own view (their
-    TLS library is probed too): counted apart, not listed. Every field is from the wire or the
-    kernel: escaped (printable) and cut to its column."""
+    then a total per provider; then the flows an agent was behind, with their process chain.
+    ``names`` maps a pid to its demo client's name: a call's row shows the name of its process or
+    of the nearest ancestor that is a demo client (else the comm). Calls seen on accepted
+    connections are the lab's fake providers' own view (their TLS library is probed too): counted
+    apart, not listed. Every field is from the wire or the kernel: escaped (printable) and cut to
+    its column."""
 
     HEAD = (f"{'CLIENT':<20} {'PID':>7} {'PROVIDER':<13} {'API':<23} {'MODEL (request -> response)':<40} "
             f"{'STREAM':<6} {'IN':>5} {'OUT':>5} {'CACHE R/W':>9} {'TTFT ms':>8} {'DUR ms':>8} {'STATUS':>6} "
@@ -727,11 +729,15 @@ class LabCalls:
         self.calls: list[LlmCall] = []
         self.server_side = 0
         self.mcp: list[Any] = []
+        self.agent_flows: dict[int, Any] = {}  # flow_id -> its latest flow event, for flows with an agent
 
     def add(self, ev: Event) -> None:
-        from busted.events import Direction, McpMessage
+        from busted.events import Direction, FlowEvent, McpMessage
 
-        if isinstance(ev, LlmCall):
+        if isinstance(ev, FlowEvent):
+            if ev.agent and ev.direction == Direction.CONNECT and len(self.agent_flows) < 1000:
+                self.agent_flows[ev.flow_id] = ev
+        elif isinstance(ev, LlmCall):
             if ev.direction == Direction.ACCEPT:
                 self.server_side += 1
             else:
@@ -744,6 +750,31 @@ class LabCalls:
         req, resp = c.request_model or "-", c.response_model
         return req if resp is None or resp == req else f"{req} -> {resp}"
 
+    @staticmethod
+    def client(ev: Any, names: dict[int, str]) -> str:
+        """The demo client behind an event: its process's name in ``names``, else its nearest
+        ancestor's (an agent's tool runs curl: the row is the agent client's), else the comm."""
+        for pid in (ev.pid, *(a.pid for a in ev.ancestry or ())):
+            if pid in names:
+                return names[pid]
+        return ev.comm
+
+    @staticmethod
+    def chain(ev: Any) -> str:
+        """``curl[12] <- bash[11] <- claude[10] <- ...``: the ancestry, nearest first (escaped)."""
+        return _p(" <- ".join(f"{a.comm}[{a.pid}]" for a in ev.ancestry or ()) or "?")
+
+    def agents_text(self, names: dict[int, str]) -> str:
+        """One line per flow an agent was behind: the agent, its evidence and the process chain."""
+        if not self.agent_flows:
+            return "Agents: none seen behind the lab's flows"
+        lines = [f"Agents behind flows: {len(self.agent_flows)}"]
+        for ev in sorted(self.agent_flows.values(), key=lambda e: e.ts_ns):
+            lines.append(_p(f"{_col(self.client(ev, names), 20)} {ev.comm} -> {ev.hostname or ev.daddr}:{ev.dport}"
+                            f"  agent {ev.agent} (pid {ev.agent_pid}, {ev.agent_evidence})  chain ")
+                         + self.chain(ev))
+        return "\n".join(lines)
+
     def row(self, c: LlmCall, names: dict[int, str]) -> str:
         cache = "-" if c.cache_read_tokens is None and c.cache_write_tokens is None else \
             f"{_dash(c.cache_read_tokens)}/{_dash(c.cache_write_tokens)}"
@@ -752,7 +783,7 @@ class LabCalls:
         if c.error_type:
             status += f" {c.error_type}"
         cost = "-" if c.cost_usd is None else f"{c.cost_usd:.6f}"
-        return _p(f"{_col(names.get(c.pid, c.comm), 20)} {c.pid:>7} {_col(c.provider or '-', 13)} "
+        return _p(f"{_col(self.client(c, names), 20)} {c.pid:>7} {_col(c.provider or '-', 13)} "
                   f"{_col(c.api, 23)} {_col(self._model(c), 40)} {stream:<6} {_dash(c.input_tokens):>5} "
                   f"{_dash(c.output_tokens):>5} {cache:>9} {_ms(c.time_to_first_token_ns):>8} "
                   f"{_ms(c.duration_ns):>8} {status:>6} {cost:>10}")
@@ -792,6 +823,9 @@ class LabCalls:
         return sorted(by.values(), key=lambda t: (-t["calls"], t["provider"] or ""))
 
     def text(self, names: dict[int, str]) -> str:
+        return self.calls_text(names) + "\n" + self.agents_text(names)
+
+    def calls_text(self, names: dict[int, str]) -> str:
         if not self.calls and not self.mcp:
             return "LLM calls: none seen" + (f" ({self.server_side} on the lab servers' side)"
                                              if self.server_side else "")
@@ -813,7 +847,7 @@ class LabCalls:
             lines.append(f"MCP messages: {len(self.mcp)}")
             lines.append(f"{'CLIENT':<20} {'PID':>7} {'DIR':<4} {'METHOD':<24} {'TOOL':<20} {'ID':<8} SESSION")
             for m in self.mcp:
-                lines.append(_p(f"{_col(names.get(m.pid, m.comm), 20)} {m.pid:>7} "
+                lines.append(_p(f"{_col(self.client(m, names), 20)} {m.pid:>7} "
                                 f"{'out' if m.direction_sent else 'in':<4} {_col(m.jsonrpc_method or '-', 24)} "
                                 f"{_col(m.tool or '-', 20)} {_col(m.jsonrpc_id or '-', 8)} "
                                 f"{_p(m.session_id or '-')[:36]}"))

@@ -1,5 +1,5 @@
 """The example notebook runs (real capture in the lab) and produces its tables (flows; LLM calls:
-tokens and spend per process) and figures."""
+tokens and spend per process and per agent) and figures."""
 
 import base64
 import re
@@ -32,3 +32,6 @@ def test_tour_notebook_runs_and_draws(tmp_path):
     assert "input_tokens" in tables and "cost_usd" in tables and "gpt-4o-mini" in tables
     assert len(pngs) >= 2, "the tokens/spend-per-process figure is missing"
     assert (tmp_path / "busted_tour_calls.png").stat().st_size > 1000
+    # calls and spend per agent: the lab's agent stand-in (claude -> bash -c -> curl) is claude-code
+    assert "claude-code" in tables and "unpriced" in tables
+    assert re.search(r"claude-code: curl\[\d+\] <- bash\[\d+\] <- claude\[\d+\]", text), text
