@@ -198,8 +198,32 @@ class LineageProc:
         # new entry), (pid, start ticks) for those known from /proc only. Ancestors do not change.
         self._memo: LRUCache[tuple, dict[str, Any]] = LRUCache(maxsize=4096)
 
+    def _inherit(self, p: Proc) -> None:
+        """A process forked from one we never saw exec, that has not exec'd itself, runs its
+        parent's program: take the nearest ancestor's exe and argv (the table's, else /proc's
+        while that ancestor lives), unless that ancestor exec'd after this fork. Fills ``p``."""
+        child, pid = p, p.ppid
+        for _ in range(self.max_depth):
+            if not pid:
+                return
+            q = self.table.get(pid)
+            if q is not None and q.exe is not None:
+                if q.exec_ns is not None and child.start_ns is not None and q.exec_ns > child.start_ns:
+                    return  # it exec'd something else after the fork: not our program
+                p.exe, p.argv, p.argv_unread = q.exe, q.argv, q.argv_unread
+                return
+            info = self._proc(pid)
+            if info.exe is not None:
+                p.exe, p.argv = info.exe, info.cmdline
+                return
+            if q is None or q.exec_ns is not None:
+                return
+            child, pid = q, q.ppid
+
     def _node(self, pid: int) -> _Node | None:
         p = self.table.get(pid)
+        if p is not None and p.exe is None and p.exec_ns is None:
+            self._inherit(p)
         if p is not None and p.exe is not None and p.ppid is not None and not p.argv_unread:
             return _Node(pid, p.ppid, p.comm, p.exe, p.argv, self._cgroup_of(p))
         info = self._proc(pid)
@@ -273,7 +297,7 @@ class LineageProc:
         if pid <= 0:
             return info
         p = self.table.get(pid)
-        lin = self.lineage(pid)
+        lin = self.lineage(pid)  # (fills a fork-only child's program from its parent: _inherit)
         if p is None:
             return info._replace(lineage=lin)
         return ProcInfo(

@@ -250,6 +250,33 @@ def test_proc_start_time_is_the_wall_time_the_process_started():
     assert before - 0.02 <= info.start_time <= after + 0.02, (before, info.start_time, after)
 
 
+def test_a_fork_only_child_runs_its_parents_program():
+    """Children that fork without exec (a shell's subshell, a forking server, a Python worker) keep
+    their parent's exe and argv, from the table or, for a parent older than the Monitor, /proc."""
+    t = LineageTable()
+    t.feed(fork(70, 5, ts=10))  # 5: older than the Monitor, alive (only in /proc)
+    t.feed(fork(71, 70, ts=11))  # a grandchild, fork-only too
+    t.feed(exit_(71, ts=12))
+    t.feed(exit_(70, ts=13))
+    procs = {5: ProcInfo(1, "/usr/bin/python3.11", ("python3", "storm.py"), None, 9, "python3")}
+    src = _source(t, procs)
+    info = src.get(71)
+    assert (info.exe, info.cmdline, info.ppid) == ("/usr/bin/python3.11", ("python3", "storm.py"), 70)
+    assert [(a.pid, a.exe) for a in info.lineage["ancestry"]] == [
+        (71, "/usr/bin/python3.11"), (70, "/usr/bin/python3.11"), (5, "/usr/bin/python3.11")]
+    # a parent in the table that exec'd before the fork lends its program; one that exec'd after does not
+    t.feed(fork(80, 1, ts=20))
+    t.feed(exe(80, "/bin/bash", ["bash"], ts=21))
+    t.feed(fork(81, 80, ts=22))
+    t.feed(fork(82, 80, ts=23))
+    t.feed(exe(80, "/usr/bin/vim", ["vim"], ts=30))  # bash exec'd vim after forking 82 (fed late on purpose)
+    assert src.get(81).exe == "/bin/bash"  # inherited at its fork record
+    t.feed(fork(83, 80, ts=31))
+    assert src.get(83).exe == "/usr/bin/vim"
+    t.get(82).exe = None  # as if 80 was unknown at 82's fork, then exec'd vim later
+    assert src.get(82).exe is None
+
+
 # -- through the flow table ------------------------------------------------------------------------
 
 def test_flow_table_routes_lineage_records_and_fills_flow_events():
