@@ -10,7 +10,8 @@ Spawners (no compiler needed; ``--calibrate-only`` measures each without busted)
 
 * ``fork``: Python workers ``os.fork()``; each child connects once and ``os._exit``s (a fork-only
   child: its program is its parent's).
-* ``subshell``: a bash loop starting ``( exec 3<>/dev/tcp/127.0.0.1/PORT )`` subshells (fork-only).
+* ``subshell``: a bash loop starting ``( exec 3<>/dev/tcp/127.0.0.1/PORT )`` subshells (fork-only;
+  as fast as bash forks: ``--rate`` only sets the count, ``rate x seconds``).
 * ``exec``: Python workers ``os.posix_spawn`` ``bash -c 'exec 3<>/dev/tcp/...'`` (fork + exec).
 
 Each child is one process and one connection. ``--rate`` is a ceiling (per second, all workers
@@ -226,12 +227,14 @@ def run(kind: str, seconds: float, rate: float, workers: int, max_procs: int) ->
 
             storm = Storm(kind, port, workers=workers, seconds=seconds, rate=rate)
             deadline = time.monotonic() + seconds + 60
+            n = 0
             while not storm.done() and time.monotonic() < deadline:
                 for ev in mon.events(timeout=0.2):
                     take(ev)
+                    n += 1
                     if len(mon.lineage or ()) > biggest:
                         biggest = len(mon.lineage)
-                    if storm.done():
+                    if n % 512 == 0 and (storm.done() or time.monotonic() >= deadline):
                         break
             spawned, elapsed = storm.result()
             # the last children's flows and losses: until 2 s pass without one (bounded)
@@ -275,6 +278,7 @@ def main(argv: list[str] | None = None) -> int:
     a.seconds = min(max(a.seconds, 1.0), 60.0)
     a.workers = min(max(a.workers, 1), 16)
     kind = a.spawner
+    rates: dict[str, float] = {}
     if a.calibrate_only or kind == "fastest":
         rates = calibrate(a.calibrate_seconds, a.rate, a.workers)
         if a.calibrate_only:
@@ -284,7 +288,10 @@ def main(argv: list[str] | None = None) -> int:
     if os.geteuid() != 0:
         print("proc_storm: the Monitor needs root (or --calibrate-only)", file=sys.stderr)
         return 2
-    print(json.dumps(run(kind, a.seconds, a.rate, a.workers, a.max_procs)))
+    result = run(kind, a.seconds, a.rate, a.workers, a.max_procs)
+    result["calibrate_no_busted"] = {k: round(v) for k, v in rates.items()}
+    result["loadavg_after"] = os.getloadavg()[0]
+    print(json.dumps(result))
     return 0
 
 
