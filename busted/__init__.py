@@ -24,6 +24,7 @@ from busted.errors import (
     UsageError,
 )
 from busted.events import (
+    Ancestor,
     Direction,
     DnsAnswer,
     DnsRecord,
@@ -55,6 +56,7 @@ def to_dataframe(events):  # noqa: ANN001, ANN201 - pandas is an optional extra
 
 
 __all__ = [
+    "Ancestor",
     "BccNotInstalled",
     "BustedError",
     "CatalogError",

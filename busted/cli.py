@@ -588,23 +588,39 @@ def _monitor(args: argparse.Namespace, out: TextIO) -> int:
 # -- top ---------------------------------------------------------------------------------------
 
 
-class TopTable:
-    """Per (command, provider) aggregates: processes, connections, bytes, calls, tokens, errors.
+TOP_BY = ("comm", "agent", "container")
+_TOP_WIDTH = {"comm": 15, "agent": 20, "container": 12}  # comm: the kernel's 15; agent: catalog ids
 
-    Grouped by command name rather than pid so short-lived clients (curl, scripts) add up; the
-    PIDS column says how many processes. A flow counts under its latest classification.
+
+class TopTable:
+    """Per (group, provider) aggregates: processes, connections, bytes, calls, tokens, errors.
+
+    ``by`` picks the group: ``comm`` (the command name, not the pid, so short-lived clients such as
+    curl and scripts add up; PIDS says how many processes), ``agent`` (the agent behind the flow,
+    docs/agents.md) or ``container`` (its container id, 12 characters). Unknown is "-". A flow
+    counts under its latest classification.
     """
 
-    def __init__(self, max_flows: int = 65536) -> None:
+    def __init__(self, max_flows: int = 65536, by: str = "comm") -> None:
         from busted.flowview import FlowView
 
+        if by not in TOP_BY:
+            raise UsageError(f"top --by {by!r}: expected one of {', '.join(TOP_BY)}")
+        self.by = by
         self.rows: dict[tuple[str, str], Counter[str]] = {}
         self.pids: dict[tuple[str, str], set[int]] = {}
         self._view = FlowView(max_flows=max_flows)  # the flows' latest state, shared with the sinks
 
-    @staticmethod
-    def _key(ev: Any) -> tuple[str, str]:
-        return ((getattr(ev, "comm", "") or "?"), (getattr(ev, "provider", None) or "-"))
+    def _group(self, ev: Any) -> str:
+        if self.by == "agent":
+            return getattr(ev, "agent", None) or "-"
+        if self.by == "container":
+            cid = getattr(ev, "container_id", None)
+            return cid[:12] if cid else "-"
+        return getattr(ev, "comm", "") or "?"
+
+    def _key(self, ev: Any) -> tuple[str, str]:
+        return self._group(ev), (getattr(ev, "provider", None) or "-")
 
     def _row(self, key: tuple[str, str], pid: int) -> Counter[str]:
         self.pids.setdefault(key, set()).add(pid)
@@ -621,11 +637,11 @@ class TopTable:
         change = self._view.update(ev)
         if change is None:
             return
-        key = self._key(change.after)
+        key = self._key(change.after.flow)
         if change.before is None:  # first seen: count the connection where it belongs now
             self._row(key, change.after.flow.pid)["conns"] += 1
         else:
-            old = self._key(change.before)
+            old = self._key(change.before.flow)
             if old != key:  # reclassified: the connection moves to its new row
                 self.rows[old]["conns"] -= 1
                 self._row(key, change.after.flow.pid)["conns"] += 1
@@ -635,18 +651,20 @@ class TopTable:
             row["rx"] += ev.bytes_received
 
     def top(self, limit: int = 30) -> list[dict[str, Any]]:
-        """The rows, busiest first (bytes + connections), as dicts (exact names, for --json)."""
+        """The rows, busiest first (bytes + connections), as dicts (exact names, for --json); the
+        group's key is ``by``'s name (``comm``, ``agent`` or ``container``)."""
         rows = sorted(self.rows.items(), key=lambda kv: -(kv[1]["tx"] + kv[1]["rx"] + kv[1]["conns"]))
-        return [{"comm": comm, "provider": prov, "pids": len(self.pids[(comm, prov)]), "conns": r["conns"],
+        return [{self.by: group, "provider": prov, "pids": len(self.pids[(group, prov)]), "conns": r["conns"],
                  "tx": r["tx"], "rx": r["rx"], "calls": r["calls"], "tokens": r["tokens"],
-                 "errors": r["errors"]} for (comm, prov), r in rows[:limit]]
+                 "errors": r["errors"]} for (group, prov), r in rows[:limit]]
 
     def text(self, limit: int = 30) -> str:
-        head = (f"{'COMM':<15} {'PROVIDER':<22} {'PIDS':>5} {'CONNS':>6} {'TX':>8} {'RX':>8} {'CALLS':>6} "
-                f"{'TOKENS':>7} {'ERR':>4}")
+        width = _TOP_WIDTH[self.by]
+        head = (f"{self.by.upper():<{width}} {'PROVIDER':<22} {'PIDS':>5} {'CONNS':>6} {'TX':>8} {'RX':>8} "
+                f"{'CALLS':>6} {'TOKENS':>7} {'ERR':>4}")
         lines = [head]
         for r in self.top(limit):
-            lines.append(_p(f"{_col(r['comm'], 15)} {_col(r['provider'], 22)} {r['pids']:>5} {r['conns']:>6} "
+            lines.append(_p(f"{_col(r[self.by], width)} {_col(r['provider'], 22)} {r['pids']:>5} {r['conns']:>6} "
                             f"{_fmt_bytes(r['tx']):>8} {_fmt_bytes(r['rx']):>8} {r['calls']:>6} "
                             f"{r['tokens']:>7} {r['errors']:>4}"))
         return "\n".join(lines)
@@ -655,7 +673,7 @@ class TopTable:
 def _top(args: argparse.Namespace, out: TextIO) -> int:
     stop = threading.Event()
     _install_sigterm(stop)
-    table = TopTable()
+    table = TopTable(by=args.by)
     as_json = args.json
     tty = out.isatty() and not as_json
     mon, sinks = _start(args)
@@ -704,10 +722,12 @@ def _dash(v: int | None) -> str:
 
 class LabCalls:
     """The LLM calls (and MCP messages) of a lab run, as a table: one row per call a client made,
-    then a total per provider. ``names`` maps a pid to its demo client's name (else the row shows
-    the comm). Calls seen on accepted connections are the lab's fake providers' own view (their
-    TLS library is probed too): counted apart, not listed. Every field is from the wire or the
-    kernel: escaped (printable) and cut to its column."""
+    then a total per provider; then the flows an agent was behind, with their process chain.
+    ``names`` maps a pid to its demo client's name: a call's row shows the name of its process or
+    of the nearest ancestor that is a demo client (else the comm). Calls seen on accepted
+    connections are the lab's fake providers' own view (their TLS library is probed too): counted
+    apart, not listed. Every field is from the wire or the kernel: escaped (printable) and cut to
+    its column."""
 
     HEAD = (f"{'CLIENT':<20} {'PID':>7} {'PROVIDER':<13} {'API':<23} {'MODEL (request -> response)':<40} "
             f"{'STREAM':<6} {'IN':>5} {'OUT':>5} {'CACHE R/W':>9} {'TTFT ms':>8} {'DUR ms':>8} {'STATUS':>6} "
@@ -717,11 +737,15 @@ class LabCalls:
         self.calls: list[LlmCall] = []
         self.server_side = 0
         self.mcp: list[Any] = []
+        self.agent_flows: dict[int, Any] = {}  # flow_id -> its latest flow event, for flows with an agent
 
     def add(self, ev: Event) -> None:
-        from busted.events import Direction, McpMessage
+        from busted.events import Direction, FlowEvent, McpMessage
 
-        if isinstance(ev, LlmCall):
+        if isinstance(ev, FlowEvent):
+            if ev.agent and ev.direction == Direction.CONNECT and len(self.agent_flows) < 1000:
+                self.agent_flows[ev.flow_id] = ev
+        elif isinstance(ev, LlmCall):
             if ev.direction == Direction.ACCEPT:
                 self.server_side += 1
             else:
@@ -734,6 +758,31 @@ class LabCalls:
         req, resp = c.request_model or "-", c.response_model
         return req if resp is None or resp == req else f"{req} -> {resp}"
 
+    @staticmethod
+    def client(ev: Any, names: dict[int, str]) -> str:
+        """The demo client behind an event: its process's name in ``names``, else its nearest
+        ancestor's (an agent's tool runs curl: the row is the agent client's), else the comm."""
+        for pid in (ev.pid, *(a.pid for a in ev.ancestry or ())):
+            if pid in names:
+                return names[pid]
+        return ev.comm
+
+    @staticmethod
+    def chain(ev: Any) -> str:
+        """``curl[12] <- bash[11] <- claude[10] <- ...``: the ancestry, nearest first (escaped)."""
+        return _p(" <- ".join(f"{a.comm}[{a.pid}]" for a in ev.ancestry or ()) or "?")
+
+    def agents_text(self, names: dict[int, str]) -> str:
+        """One line per flow an agent was behind: the agent, its evidence and the process chain."""
+        if not self.agent_flows:
+            return "Agents: none seen behind the lab's flows"
+        lines = [f"Agents behind flows: {len(self.agent_flows)}"]
+        for ev in sorted(self.agent_flows.values(), key=lambda e: e.ts_ns):
+            lines.append(_p(f"{_col(self.client(ev, names), 20)} {ev.comm} -> {ev.hostname or ev.daddr}:{ev.dport}"
+                            f"  agent {ev.agent} (pid {ev.agent_pid}, {ev.agent_evidence})  chain ")
+                         + self.chain(ev))
+        return "\n".join(lines)
+
     def row(self, c: LlmCall, names: dict[int, str]) -> str:
         cache = "-" if c.cache_read_tokens is None and c.cache_write_tokens is None else \
             f"{_dash(c.cache_read_tokens)}/{_dash(c.cache_write_tokens)}"
@@ -742,7 +791,7 @@ class LabCalls:
         if c.error_type:
             status += f" {c.error_type}"
         cost = "-" if c.cost_usd is None else f"{c.cost_usd:.6f}"
-        return _p(f"{_col(names.get(c.pid, c.comm), 20)} {c.pid:>7} {_col(c.provider or '-', 13)} "
+        return _p(f"{_col(self.client(c, names), 20)} {c.pid:>7} {_col(c.provider or '-', 13)} "
                   f"{_col(c.api, 23)} {_col(self._model(c), 40)} {stream:<6} {_dash(c.input_tokens):>5} "
                   f"{_dash(c.output_tokens):>5} {cache:>9} {_ms(c.time_to_first_token_ns):>8} "
                   f"{_ms(c.duration_ns):>8} {status:>6} {cost:>10}")
@@ -782,6 +831,9 @@ class LabCalls:
         return sorted(by.values(), key=lambda t: (-t["calls"], t["provider"] or ""))
 
     def text(self, names: dict[int, str]) -> str:
+        return self.calls_text(names) + "\n" + self.agents_text(names)
+
+    def calls_text(self, names: dict[int, str]) -> str:
         if not self.calls and not self.mcp:
             return "LLM calls: none seen" + (f" ({self.server_side} on the lab servers' side)"
                                              if self.server_side else "")
@@ -803,7 +855,7 @@ class LabCalls:
             lines.append(f"MCP messages: {len(self.mcp)}")
             lines.append(f"{'CLIENT':<20} {'PID':>7} {'DIR':<4} {'METHOD':<24} {'TOOL':<20} {'ID':<8} SESSION")
             for m in self.mcp:
-                lines.append(_p(f"{_col(names.get(m.pid, m.comm), 20)} {m.pid:>7} "
+                lines.append(_p(f"{_col(self.client(m, names), 20)} {m.pid:>7} "
                                 f"{'out' if m.direction_sent else 'in':<4} {_col(m.jsonrpc_method or '-', 24)} "
                                 f"{_col(m.tool or '-', 20)} {_col(m.jsonrpc_id or '-', 8)} "
                                 f"{_p(m.session_id or '-')[:36]}"))
@@ -1064,6 +1116,8 @@ def _parser() -> argparse.ArgumentParser:
     t = sub.add_parser("top", help="refreshing per-process x provider table", parents=[filters, live])
     t.add_argument("--interval", type=float, default=2.0, help="seconds between refreshes")
     t.add_argument("--duration", type=float, help="stop after this many seconds")
+    t.add_argument("--by", choices=TOP_BY, default="comm", help="group rows by command name (default), "
+                   "agent (docs/agents.md) or container id")
 
     lab = sub.add_parser("lab", help="network lab with demo LLM traffic, monitored", parents=[filters, live])
     lab.add_argument("--rounds", type=int, default=1)

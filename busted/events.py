@@ -150,10 +150,15 @@ class FlowIdentity(Event):
     agent: str | None = None
     agent_pid: int | None = None
     agent_evidence: str | None = None
-    # the container/pod of the process's cgroup v2 path (busted.classify.containers)
+    # the container/pod of the process's cgroup v2 path (busted.classify.containers); pod_qos is the
+    # pod's Kubernetes QoS class (guaranteed, burstable, besteffort), set iff pod_uid is
     container_id: str | None = None
     container_runtime: str | None = None
     pod_uid: str | None = None
+    pod_qos: str | None = None
+    # when the process started (fork), UNIX seconds: from the kernel's fork record, else from
+    # /proc/<pid>/stat (10 ms resolution); None: not known (it exited before we looked)
+    proc_start_time: float | None = None
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -49,6 +49,11 @@ _NO_PROC = ProcInfo(None, None, None, None, None)
 _N_IDENTITY = len(FLOW_IDENTITY)
 
 
+def _no_lineage(info: ProcInfo) -> dict[str, Any]:
+    """The lineage fields when lineage is off: only the start time, from /proc."""
+    return NO_LINEAGE if info.start_time is None else {**NO_LINEAGE, "proc_start_time": info.start_time}
+
+
 def _make(cls: type[E], fields: dict[str, Any]) -> E:
     """A frozen event from a dict naming every field, without the dataclass ``__init__`` (one
     ``object.__setattr__`` per field): this runs for every flow. Tests compare the result with a
@@ -218,7 +223,7 @@ class FlowTable:
             "netns": netns, "family": rec.family, "saddr": rec.saddr, "sport": rec.sport,
             "daddr": rec.daddr, "dport": rec.dport, "preexisting": preexisting, "hostname": hostname,
             "provider": provider, "evidence": evidence, "confidence": confidence,
-            **(info.lineage or NO_LINEAGE),
+            **(info.lineage or _no_lineage(info)),
         })
 
     def _closed(self, opened: FlowEvent, rec: FlowRecord) -> FlowClosed:
@@ -301,7 +306,7 @@ class FlowTable:
                 pid=pid, tid=pid, uid=e.uid, comm=getattr(info, "comm", None) or "",
                 ppid=info.ppid, exe=info.exe, cmdline=info.cmdline, netns=info.netns,
                 family=e.family, saddr=e.saddr, sport=e.sport, daddr=e.daddr, dport=e.dport,
-                preexisting=True, **(info.lineage or NO_LINEAGE),
+                preexisting=True, **(info.lineage or _no_lineage(info)),
             )
             if self.enricher is not None:
                 ev = self.enricher.classify_flow(ev)

@@ -15,6 +15,7 @@ data.
 
 from __future__ import annotations
 
+import time
 from collections import OrderedDict, deque
 from collections.abc import Callable
 from typing import Any
@@ -34,7 +35,8 @@ __all__ = ["NO_LINEAGE", "LineageProc", "LineageTable", "Proc"]
 #: The FlowEvent fields this module fills, all unknown.
 NO_LINEAGE: dict[str, Any] = {
     "ancestry": None, "agent": None, "agent_pid": None, "agent_evidence": None,
-    "container_id": None, "container_runtime": None, "pod_uid": None,
+    "container_id": None, "container_runtime": None, "pod_uid": None, "pod_qos": None,
+    "proc_start_time": None,
 }
 
 
@@ -176,15 +178,17 @@ class LineageProc:
 
     ``proc`` is the /proc source (``ProcCache.get``); ``cgroup_path(cgroup_id)`` resolves a cgroup
     v2 id to its path, ``proc_cgroup(pid)`` reads a live process's cgroup v2 path (both may return
-    None). ``max_depth`` bounds the ancestry (the process itself counts).
+    None). ``max_depth`` bounds the ancestry (the process itself counts). ``wall_offset`` turns the
+    records' CLOCK_MONOTONIC ns into UNIX seconds (the Monitor's; default: measured now).
     """
 
     def __init__(self, table: LineageTable, proc: Callable[[int], ProcInfo], *,
                  agents: AgentCatalog | None = None,
                  cgroup_path: Callable[[int], str | None] = lambda _id: None,
                  proc_cgroup: Callable[[int], str | None] = lambda _pid: None,
-                 max_depth: int = 8) -> None:
+                 max_depth: int = 8, wall_offset: float | None = None) -> None:
         self.table = table
+        self.wall_offset = time.time() - time.monotonic() if wall_offset is None else wall_offset
         self._proc = proc
         self.agents = agents if agents is not None else AgentCatalog.builtin()
         self._cgroup_path = cgroup_path
@@ -195,8 +199,32 @@ class LineageProc:
         self._memo: LRUCache[tuple, dict[str, Any]] = LRUCache(maxsize=4096)
         self._hot: dict[int, tuple[Proc | None, int | None, ProcInfo, ProcInfo]] = {}
 
+    def _inherit(self, p: Proc) -> None:
+        """A process forked from one we never saw exec, that has not exec'd itself, runs its
+        parent's program: take the nearest ancestor's exe and argv (the table's, else /proc's
+        while that ancestor lives), unless that ancestor exec'd after this fork. Fills ``p``."""
+        child, pid = p, p.ppid
+        for _ in range(self.max_depth):
+            if not pid:
+                return
+            q = self.table.get(pid)
+            if q is not None and q.exe is not None:
+                if q.exec_ns is not None and child.start_ns is not None and q.exec_ns > child.start_ns:
+                    return  # it exec'd something else after the fork: not our program
+                p.exe, p.argv, p.argv_unread = q.exe, q.argv, q.argv_unread
+                return
+            info = self._proc(pid)
+            if info.exe is not None:
+                p.exe, p.argv = info.exe, info.cmdline
+                return
+            if q is None or q.exec_ns is not None:
+                return
+            child, pid = q, q.ppid
+
     def _node(self, pid: int) -> _Node | None:
         p = self.table.get(pid)
+        if p is not None and p.exe is None and p.exec_ns is None:
+            self._inherit(p)
         if p is not None and p.exe is not None and p.ppid is not None and not p.argv_unread:
             return _Node(pid, p.ppid, p.comm, p.exe, p.argv, self._cgroup_of(p))
         info = self._proc(pid)
@@ -254,6 +282,12 @@ class LineageProc:
             out["container_id"] = cont.container_id
             out["container_runtime"] = cont.runtime
             out["pod_uid"] = cont.pod_uid
+            out["pod_qos"] = cont.qos
+        # Its fork as the kernel reported it; a process forked before we watched: /proc's start.
+        if p is not None and p.start_ns is not None:
+            out["proc_start_time"] = p.start_ns / 1e9 + self.wall_offset
+        else:
+            out["proc_start_time"] = self._proc(pid).start_time
         self._memo[key] = out
         return out
 
@@ -270,7 +304,7 @@ class LineageProc:
         hot = self._hot.get(pid)
         if hot is not None and hot[0] is p and hot[1] == exec_ns and hot[2] is info:
             return hot[3]
-        lin = self.lineage(pid)
+        lin = self.lineage(pid)  # (fills a fork-only child's program from its parent: _inherit)
         if p is None:
             out = info._replace(lineage=lin)
         else:
@@ -282,6 +316,7 @@ class LineageProc:
                 info.start_ticks,
                 p.comm or info.comm,
                 lin,
+                lin["proc_start_time"],
             )
         if len(self._hot) >= 4096:
             self._hot.clear()

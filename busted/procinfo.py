@@ -1,7 +1,7 @@
 """Process details from /proc, cached (cachetools) so a busy process is read once.
 
 BPF already captured pid, tid, uid, comm and cgroup id in the process's own context; /proc adds
-exe, cmdline, ppid and the network namespace. A process that exited before we looked keeps what
+exe, cmdline, ppid, the network namespace and the start time. A process that exited before we looked keeps what
 BPF captured and gets ``None`` for the rest.
 """
 
@@ -15,7 +15,7 @@ from cachetools import LRUCache, TTLCache
 
 from busted.redact import redact_argv
 
-__all__ = ["ProcInfo", "ProcCache"]
+__all__ = ["ProcInfo", "ProcCache", "ticks_to_wall"]
 
 
 class ProcInfo(NamedTuple):
@@ -27,9 +27,22 @@ class ProcInfo(NamedTuple):
     comm: str | None = None
     # Lineage fields for FlowEvent (ancestry, agent, container...: busted.lineage), when known.
     lineage: dict | None = None
+    # start_ticks as UNIX seconds (``FlowEvent.proc_start_time``)
+    start_time: float | None = None
 
 
 _MISSING = ProcInfo(None, None, None, None, None)
+_CLK_TCK = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+_boot_wall: float | None = None
+
+
+def ticks_to_wall(ticks: int) -> float:
+    """``/proc/<pid>/stat`` starttime (clock ticks since boot) -> UNIX seconds. The boot's wall
+    time is read once (``CLOCK_BOOTTIME``, the clock starttime counts in)."""
+    global _boot_wall
+    if _boot_wall is None:
+        _boot_wall = time.time() - time.clock_gettime(time.CLOCK_BOOTTIME)
+    return _boot_wall + ticks / _CLK_TCK
 
 
 def read_proc(pid: int, root: str = "/proc") -> ProcInfo:
@@ -67,7 +80,7 @@ def read_proc(pid: int, root: str = "/proc") -> ProcInfo:
         netns: int | None = int(link[link.index("[") + 1 : -1])
     except (OSError, ValueError):
         netns = None
-    return ProcInfo(ppid, exe, cmd, netns, start, comm)
+    return ProcInfo(ppid, exe, cmd, netns, start, comm, None, None if start is None else ticks_to_wall(start))
 
 
 class ProcCache:

@@ -15,6 +15,8 @@ gnutls-azure         ``gnutls-cli`` to x.openai.azure.com (a CNAME chain): POST 
 node-openai          node ``https.request`` POST https://api.openai.com/v1/chat/completions
 curl-ollama          plain HTTP POST http://ollama.lab.test:11434/api/generate
 curl-nonllm          curl GET https://www.example-nonllm.test/ (not an LLM provider)
+agent-claude         an agent's tool call: a script named ``claude`` -> ``bash -c`` -> curl POST
+                     https://api.anthropic.com/v1/messages (busted names the agent and the chain)
 ==================== =======================================================================
 
 Every client but ``curl-nonllm`` makes one LLM API call. The SDK clients run with this Python
@@ -35,7 +37,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 
-__all__ = ["CLIENT_NAMES", "LLM_CLIENTS", "ClientResult", "demo_clients", "demo_traffic"]
+__all__ = ["CLIENT_NAMES", "LLM_CLIENTS", "ClientResult", "agent_script", "demo_clients", "demo_traffic"]
 
 LAB_OPENAI_KEY = "sk-lab-openai-0000000000000000"
 LAB_ANTHROPIC_KEY = "sk-lab-ant-0000000000000000"
@@ -53,6 +55,7 @@ CLIENT_NAMES = (
     "node-openai",
     "curl-ollama",
     "curl-nonllm",
+    "agent-claude",
 )
 # The clients that make an LLM API call (each exactly one per round).
 LLM_CLIENTS = tuple(n for n in CLIENT_NAMES if n != "curl-nonllm")
@@ -112,6 +115,29 @@ req.on('timeout', () => { req.destroy(new Error('timeout')); });
 req.on('error', (e) => { console.error(e.message); process.exit(2); });
 req.end(body);
 """
+
+
+# A stand-in for a coding agent: an executable named like Claude Code's CLI whose shell tool runs
+# curl. bash -c runs two commands, so it forks curl (one command would be exec'd in its place);
+# the script waits for it, so each of the three is a process of its own.
+_AGENT_SCRIPT = r"""#!/bin/bash
+# busted lab: stands in for a coding agent (named like Claude Code's CLI); its "tool" runs curl.
+bash -c 'curl -sS --fail -m "$1" -X POST https://api.anthropic.com/v1/messages \
+  -H "Content-Type: application/json" -H "x-api-key: $ANTHROPIC_API_KEY" \
+  -H "anthropic-version: 2023-06-01" -d "$2"; rc=$?; exit $rc' tool "$1" "$2"
+rc=$?
+exit $rc
+"""
+
+
+def agent_script(lab) -> str:
+    """The lab's agent stand-in (``<lab tmpdir>/agent/claude``), written on first use."""
+    path = lab.tmpdir / "agent" / "claude"
+    if not path.exists():
+        path.parent.mkdir(mode=0o755, exist_ok=True)
+        path.write_text(_AGENT_SCRIPT)
+        path.chmod(0o755)
+    return str(path)
 
 
 def _http_post(host: str, path: str, body: str, auth: str, agent: str) -> bytes:
@@ -176,6 +202,9 @@ def demo_clients(lab, timeout: float = 10.0) -> list[tuple[str, list[str], bytes
         ("curl-ollama", [*curl, "-X", "POST", "http://ollama.lab.test:11434/api/generate",
                          "-H", "Content-Type: application/json", "-d", gen], None),
         ("curl-nonllm", [*curl, "https://www.example-nonllm.test/"], None),
+        ("agent-claude", [agent_script(lab), t, json.dumps({
+            "model": "claude-3-5-sonnet-latest", "max_tokens": 64,
+            "messages": [{"role": "user", "content": "hello from an agent's tool"}]})], None),
     ]
 
 

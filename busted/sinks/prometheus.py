@@ -26,8 +26,9 @@ if TYPE_CHECKING:
 
 __all__ = ["PrometheusExporter"]
 
-NONE = "none"  # provider label of flows not tied to an LLM provider
-OTHER = "other"  # comm label values beyond the cardinality cap
+NONE = "none"  # provider label of flows not tied to an LLM provider; agent/container label when unknown
+OTHER = "other"  # label values beyond the cardinality caps
+CONTAINER_ID_CHARS = 12  # the container label: the id's first 12 characters, as docker/crictl print it
 
 
 def _label(value: str) -> str:
@@ -53,14 +54,18 @@ def _parse_addr(addr: str) -> tuple[str, int]:
 class PrometheusExporter:
     """``observe(event)`` (alias ``write``) updates the metrics; ``start()`` serves them on ``addr``.
 
-    Metrics (see docs/outputs.md): busted_flows_total{provider,comm,direction},
-    busted_bytes_{sent,received}_total{provider,comm}, busted_dns_answers_total{provider},
-    busted_events_lost_total{where}, gauges busted_queue_depth and busted_flows_open.
+    Metrics (see docs/outputs.md): busted_flows_total{provider,comm,direction,agent,container},
+    busted_bytes_{sent,received}_total{provider,comm,agent,container}, busted_dns_answers_total{provider},
+    busted_events_lost_total{where}, the LLM/MCP/policy counters, busted_label_values_folded_total{label},
+    gauges busted_queue_depth and busted_flows_open.
 
     A flow is counted once, as soon as its provider is known (at open, or at its FlowClassified),
     else at close as provider="none"; flow state comes from one ``FlowView`` (at most
     ``max_open_flows`` open flows). Each metric keeps at most ``max_label_sets`` label sets; beyond
-    that new ``comm`` (and ``model``, MCP ``method``) values are folded into "other".
+    that new ``comm`` (and ``model``, MCP ``method``) values are folded into "other". The ``agent``
+    and ``container`` labels (who is behind a flow, docs/agents.md; never a pid) each take at most
+    ``max_label_values`` distinct values; later new values are "other", and every event so folded
+    counts in ``busted_label_values_folded_total{label}``.
 
     DNS answers are labelled with the provider the answer itself carries (if its event has one),
     else by ``catalog`` (pass the one given to ``Monitor(catalog=...)``), else by the hostnames the
@@ -68,7 +73,8 @@ class PrometheusExporter:
     """
 
     def __init__(self, addr: str = "127.0.0.1:9464", registry: Any = None, *, max_label_sets: int = 1000,
-                 catalog: Catalog | None = None, max_open_flows: int = 1_000_000) -> None:
+                 catalog: Catalog | None = None, max_open_flows: int = 1_000_000,
+                 max_label_values: int = 64) -> None:
         try:
             from prometheus_client import CollectorRegistry, Counter, Gauge
         except ImportError as exc:  # pragma: no cover - depends on the install
@@ -77,16 +83,17 @@ class PrometheusExporter:
         self.host, self.port = _parse_addr(addr)
         self.registry = registry if registry is not None else CollectorRegistry()
         r = self.registry
+        who = ["agent", "container"]  # who is behind the flow: bounded (max_label_values), never a pid
         self.flows = Counter("busted_flows", "TCP flows, counted once when their provider is known "
-                             "(or at close)", ["provider", "comm", "direction"], registry=r)
-        self.bytes_sent = Counter("busted_bytes_sent", "Bytes sent on closed flows", ["provider", "comm"],
+                             "(or at close)", ["provider", "comm", "direction", *who], registry=r)
+        self.bytes_sent = Counter("busted_bytes_sent", "Bytes sent on closed flows", ["provider", "comm", *who],
                                   registry=r)
         self.bytes_received = Counter("busted_bytes_received", "Bytes received on closed flows",
-                                      ["provider", "comm"], registry=r)
+                                      ["provider", "comm", *who], registry=r)
         self.dns = Counter("busted_dns_answers", "DNS answers seen, by the provider the name belongs to",
                            ["provider"], registry=r)
         self.lost = Counter("busted_events_lost", "Events lost, by place", ["where"], registry=r)
-        llm = ["provider", "model", "comm"]
+        llm = ["provider", "model", "comm", *who]
         self.llm_calls = Counter("busted_llm_calls", "LLM API calls, by HTTP status class (2xx, 4xx, 5xx; "
                                  "'unknown' when no status was seen, 'incomplete' when the flow ended first)",
                                  [*llm, "status_class"], registry=r)
@@ -99,10 +106,14 @@ class PrometheusExporter:
         self.policy = Counter("busted_policy_decisions", "Policy decisions, by rule, action, whether the "
                               "kernel enforced it, and where it was decided", ["rule", "action", "enforced", "point"],
                               registry=r)
+        self.folded = Counter("busted_label_values_folded", "Events whose agent or container label was "
+                              "counted as 'other' (more distinct values than the cap)", ["label"], registry=r)
         self.queue_depth = Gauge("busted_queue_depth", "Events waiting in the Monitor's queue", registry=r)
         self.open_flows = Gauge("busted_flows_open", "Flows currently open (seen opening, not yet closed)",
                                 registry=r)
         self.max_label_sets = max_label_sets
+        self.max_label_values = max(1, max_label_values)
+        self._values: dict[str, set[str]] = {"agent": set(), "container": set()}
         self.view = FlowView(max_flows=max_open_flows)
         self._catalog = catalog
         self._builtin: Catalog | None | bool = None  # loaded on first need; False: unavailable
@@ -117,17 +128,40 @@ class PrometheusExporter:
 
     def _labels(self, metric: Any, *values: str, fold: tuple[int, ...] = ()) -> Any:
         """``metric.labels(*values)``, with new label sets beyond the cap folded (positions in
-        ``fold`` become "other"). Caller holds the lock."""
+        ``fold`` become "other"; "none" stays: one value adds no cardinality). Caller holds the lock."""
         seen = self._seen[id(metric)]
         if values not in seen:
             if len(seen) >= self.max_label_sets:
-                values = tuple(OTHER if i in fold else v for i, v in enumerate(values))
+                values = tuple(OTHER if i in fold and v != NONE else v for i, v in enumerate(values))
             seen.add(values)  # folded sets are few: bounded by the unfolded labels' values
         return metric.labels(*values)
 
+    def _capped(self, label: str, value: str | None) -> str:
+        """``value`` if this label has room for it (or already has it), else "other" (counted).
+        Caller holds the lock."""
+        if not value:
+            return NONE
+        seen = self._values[label]
+        if value in seen:
+            return value
+        if len(seen) < self.max_label_values:
+            seen.add(value)
+            return value
+        self.folded.labels(label).inc()
+        return OTHER
+
+    def _who(self, ev: FlowEvent | LlmCall) -> tuple[str, str]:
+        """The (agent, container) label values of a flow or call, capped."""
+        agent = ev.agent[:64] if ev.agent else None  # a catalog id (ours or the user's)
+        # A hex id (or an lxc/nspawn name) from the cgroup path: cut before anything could read it
+        # as a secret-shaped token.
+        container = ev.container_id[:CONTAINER_ID_CHARS] if ev.container_id else None
+        return self._capped("agent", agent), self._capped("container", container)
+
     def _count_flow(self, ev: FlowEvent, provider: str | None) -> None:
         direction = ev.direction.name.lower()
-        self._labels(self.flows, provider or NONE, ev.comm or "?", direction, fold=(1,)).inc()
+        self._labels(self.flows, provider or NONE, ev.comm or "?", direction, *self._who(ev),
+                     fold=(1, 3, 4)).inc()
 
     def _learn(self, ev: FlowEvent) -> None:
         """Remember which provider the Monitor tied a hostname to (its catalog, whatever it is)."""
@@ -191,9 +225,9 @@ class PrometheusExporter:
                 if change.provider_learned or (isinstance(ev, FlowClosed) and not after.provider):
                     self._count_flow(after.flow, after.provider)
                 if isinstance(ev, FlowClosed):
-                    prov, comm = after.provider or NONE, after.comm or "?"
-                    self._labels(self.bytes_sent, prov, comm, fold=(1,)).inc(max(0, after.bytes_sent or 0))
-                    self._labels(self.bytes_received, prov, comm, fold=(1,)).inc(
+                    labels = (after.provider or NONE, after.comm or "?", *self._who(after.flow))
+                    self._labels(self.bytes_sent, *labels, fold=(1, 2, 3)).inc(max(0, after.bytes_sent or 0))
+                    self._labels(self.bytes_received, *labels, fold=(1, 2, 3)).inc(
                         max(0, after.bytes_received or 0))
         elif isinstance(ev, DnsAnswer):
             self._labels(self.dns, self._dns_provider(ev)).inc()
@@ -210,8 +244,9 @@ class PrometheusExporter:
         self.open_flows.set(len(self.view))
 
     def _count_call(self, ev: LlmCall) -> None:
-        base = (ev.provider or NONE, _label(ev.response_model or ev.request_model or "?"), ev.comm or "?")
-        fold = (1, 2)  # model and comm: provider ids come from the catalog, a closed set
+        base = (ev.provider or NONE, _label(ev.response_model or ev.request_model or "?"), ev.comm or "?",
+                *self._who(ev))
+        fold = (1, 2, 3, 4)  # all but provider: provider ids come from the catalog, a closed set
         if not ev.complete:
             status = "incomplete"
         elif ev.status is None:

@@ -53,7 +53,7 @@ from busted.sinks._codec import event_from_dict, redact
 
 __all__ = ["DEFAULT_MAX_BYTES", "DEFAULT_RETENTION_SECONDS", "SCHEMA_VERSION", "Store", "parse_age", "parse_size"]
 
-SCHEMA_VERSION = 4
+SCHEMA_VERSION = 5
 
 # Retention `busted monitor --store` applies unless told otherwise (--retention-age/--retention-size):
 # a week of history, and at most 1 GiB of data (about 11 minutes at the 1.6 MB/s measured with 500
@@ -103,7 +103,7 @@ CREATE TABLE IF NOT EXISTS flows (
     hostname TEXT, provider TEXT, evidence TEXT, confidence REAL,
     bytes_sent INTEGER, bytes_received INTEGER, duration_ns INTEGER,
     ancestry TEXT, agent TEXT, agent_pid INTEGER, agent_evidence TEXT, container_id TEXT,
-    container_runtime TEXT, pod_uid TEXT);
+    container_runtime TEXT, pod_uid TEXT, pod_qos TEXT, proc_start_time REAL);
 CREATE INDEX IF NOT EXISTS flows_opened ON flows(opened);
 CREATE INDEX IF NOT EXISTS flows_provider ON flows(provider, opened);
 CREATE INDEX IF NOT EXISTS flows_last ON flows(coalesce(closed, opened));
@@ -124,7 +124,7 @@ CREATE TABLE IF NOT EXISTS llm_calls (
     cmdline TEXT, cgroup_id INTEGER, netns INTEGER, family INTEGER, saddr TEXT, sport INTEGER, daddr TEXT,
     dport INTEGER, preexisting INTEGER, hostname TEXT, provider TEXT, evidence TEXT, confidence REAL,
     ancestry TEXT, agent TEXT, agent_pid INTEGER, agent_evidence TEXT, container_id TEXT,
-    container_runtime TEXT, pod_uid TEXT,
+    container_runtime TEXT, pod_uid TEXT, pod_qos TEXT, proc_start_time REAL,
     api TEXT, operation TEXT, method TEXT, path TEXT, http_version TEXT, stream_id INTEGER,
     request_model TEXT, response_model TEXT, stream INTEGER, status INTEGER, error_type TEXT,
     input_tokens INTEGER, output_tokens INTEGER, cache_read_tokens INTEGER, cache_write_tokens INTEGER,
@@ -142,7 +142,7 @@ CREATE TABLE IF NOT EXISTS mcp_messages (
     cmdline TEXT, cgroup_id INTEGER, netns INTEGER, family INTEGER, saddr TEXT, sport INTEGER, daddr TEXT,
     dport INTEGER, preexisting INTEGER, hostname TEXT, provider TEXT, evidence TEXT, confidence REAL,
     ancestry TEXT, agent TEXT, agent_pid INTEGER, agent_evidence TEXT, container_id TEXT,
-    container_runtime TEXT, pod_uid TEXT,
+    container_runtime TEXT, pod_uid TEXT, pod_qos TEXT, proc_start_time REAL,
     direction_sent INTEGER, jsonrpc_method TEXT, jsonrpc_id TEXT, session_id TEXT, tool TEXT,
     error_code INTEGER, is_notification INTEGER);
 CREATE INDEX IF NOT EXISTS mcp_ts ON mcp_messages(ts);
@@ -171,17 +171,32 @@ _MIGRATIONS: dict[int, list[str]] = {
     3: [f"ALTER TABLE flows ADD COLUMN {c}" for c in (
         "ancestry TEXT", "agent TEXT", "agent_pid INTEGER", "agent_evidence TEXT", "container_id TEXT",
         "container_runtime TEXT", "pod_uid TEXT")],
+    # v5: the pod's QoS class and the process's start time, on every table with the flow identity.
+    # A v3 store has no llm_calls/mcp_messages yet: _SCHEMA creates them whole (_run_migration).
+    4: [f"ALTER TABLE {t} ADD COLUMN {c}" for t in ("flows", "llm_calls", "mcp_messages")
+        for c in ("pod_qos TEXT", "proc_start_time REAL")],
 }
+_ALTER = re.compile(r"ALTER TABLE (\w+) ADD COLUMN")
+
+
+def _run_migration(db: sqlite3.Connection, stmt: str) -> None:
+    """One migration statement; a column added to a table this store does not have yet is skipped
+    (_SCHEMA, which runs after the migrations, creates that table with every column)."""
+    m = _ALTER.match(stmt)
+    if m and not _one(db, "SELECT count(*) FROM sqlite_master WHERE type='table' AND name=?", m[1]):
+        return
+    db.execute(stmt)
 
 _FLOW_COLS = ("flow_id", "opened", "closed", "direction", "pid", "tid", "uid", "ppid", "comm", "exe",
               "cmdline", "cgroup_id", "netns", "family", "saddr", "sport", "daddr", "dport", "preexisting",
               "hostname", "provider", "evidence", "confidence", "bytes_sent", "bytes_received", "duration_ns",
-              "ancestry", "agent", "agent_pid", "agent_evidence", "container_id", "container_runtime", "pod_uid")
+              "ancestry", "agent", "agent_pid", "agent_evidence", "container_id", "container_runtime", "pod_uid",
+              "pod_qos", "proc_start_time")
 _CLASS_COLS = ("hostname", "provider", "evidence", "confidence")
 _IDENT_COLS = ("flow_id", "direction", "pid", "tid", "uid", "comm", "ppid", "exe", "cmdline", "cgroup_id", "netns",
                "family", "saddr", "sport", "daddr", "dport", "preexisting", "hostname", "provider", "evidence",
                "confidence", "ancestry", "agent", "agent_pid", "agent_evidence", "container_id", "container_runtime",
-               "pod_uid")
+               "pod_uid", "pod_qos", "proc_start_time")
 # Every field of the event (a unit test pins them to the dataclasses), after ts (= wall_time) and ts_ns.
 _CALL_COLS = ("ts", "ts_ns", *_IDENT_COLS, "api", "operation", "method", "path", "http_version", "stream_id",
               "request_model", "response_model", "stream", "status", "error_type", "input_tokens",
@@ -432,7 +447,7 @@ class Store:
                 if version:
                     for v in range(version, SCHEMA_VERSION):
                         for stmt in _MIGRATIONS[v]:
-                            db.execute(stmt)
+                            _run_migration(db, stmt)
                 for stmt in _SCHEMA.split(";"):
                     if stmt.strip():
                         db.execute(stmt)

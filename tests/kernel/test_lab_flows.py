@@ -5,6 +5,7 @@ over plain HTTP) yields its LlmCall with the tokens the client was told, the non
 
 import json
 import os
+import re
 import subprocess
 import sys
 import threading
@@ -68,7 +69,14 @@ DEMO_CALLS = {
     "gnutls-azure": ("azure-openai", "openai.chat", "gpt-4o-mini", False),  # the deployment in the path
     "node-openai": ("openai", "openai.chat", "gpt-4o-mini", False),
     "curl-ollama": ("ollama", "ollama.generate", "llama3", False),
+    "agent-claude": ("anthropic", "anthropic.messages", "claude-3-5-sonnet-latest", False),  # its curl's call
 }
+
+
+def _by_client(c, pid):
+    """The call was made by the client started as ``pid``: itself, or a process below it (the
+    agent stand-in's curl is its grandchild)."""
+    return c.pid == pid or pid in {a.pid for a in c.ancestry or ()}
 
 
 def reported_usage(stdout: bytes) -> tuple[int, int]:
@@ -110,18 +118,18 @@ def test_each_llm_demo_client_yields_its_call(lab):
         # until every LLM client's call is in (each announces itself as an event), bounded
         end = time.monotonic() + 10
         while time.monotonic() < end:
-            have = {e.pid for e in events if isinstance(e, LlmCall)}
-            if all(by[n].pid in have for n in LLM_CLIENTS):
+            have = [e for e in events if isinstance(e, LlmCall)]
+            if all(any(_by_client(c, by[n].pid) for c in have) for n in LLM_CLIENTS):
                 break
             events.extend(mon.events(timeout=0.3))
         stats = mon.stats()
     for r in results:
         assert r.ok, (r.name, r.skipped, r.stdout[-300:], r.stderr[-500:])
-    calls = [e for e in events if isinstance(e, LlmCall) and e.pid in pids]
+    calls = [e for e in events if isinstance(e, LlmCall) and any(_by_client(e, p) for p in pids)]
     assert not [e for e in calls if e.pid == by["curl-nonllm"].pid]
     for name, (provider, api, model, stream) in DEMO_CALLS.items():
         r = by[name]
-        mine = [c for c in calls if c.pid == r.pid]
+        mine = [c for c in calls if _by_client(c, r.pid)]
         assert len(mine) == 1, (name, mine, [e for e in events if getattr(e, "pid", None) == r.pid], stats)
         c = mine[0]
         assert (c.provider, c.api, c.request_model, c.stream, c.status, c.direction) == (
@@ -151,12 +159,15 @@ def test_busted_lab_command_prints_a_row_per_call(tmp_path):
     assert len(calls) == len(LLM_CLIENTS), p.stderr[-3000:]
     err = p.stderr
     assert f"LLM calls: {len(LLM_CLIENTS)}\n" in err and "COST USD" in err
-    table = {ln.split()[0]: ln for ln in err.splitlines() if ln.split() and ln.split()[0] in LLM_CLIENTS}
+    table = {ln.split()[0]: ln for ln in err.splitlines()
+             if len(ln.split()) > 1 and ln.split()[0] in LLM_CLIENTS and ln.split()[1].isdigit()}  # not the agents
     assert set(table) == set(LLM_CLIENTS), err[-3000:]
     by_pid = {c["pid"]: c for c in calls}
     for name, line in table.items():
         c = by_pid[int(line.split()[1])]
         assert f" {c['input_tokens']} " in line and f" {c['output_tokens']} " in line, (name, line)
         assert (f"{c['cost_usd']:.6f}" if c["cost_usd"] is not None else " -") in line
-    assert "total openai: 5 calls" in err and "total anthropic: 2 calls" in err
+    assert "total openai: 5 calls" in err and "total anthropic: 3 calls" in err
+    assert "Agents behind flows: 1\nagent-claude " in err and "agent claude-code (pid " in err
+    assert re.search(r"chain curl\[\d+\] <- bash\[\d+\] <- claude\[\d+\]", err), err[-3000:]
     assert "curl-nonllm" not in table and f"{len(LLM_CLIENTS) + 1}/{len(LLM_CLIENTS) + 1} demo clients" in err

@@ -1,5 +1,5 @@
 """The example notebook runs (real capture in the lab) and produces its tables (flows; LLM calls:
-tokens and spend per process) and figures."""
+tokens and spend per process and per agent) and figures."""
 
 import base64
 import re
@@ -28,7 +28,12 @@ def test_tour_notebook_runs_and_draws(tmp_path):
     # LLM calls: tokens and spend per process, and their figure
     m = re.search(r"LLM calls: (\d+), tokens: (\d+), spend: \$([0-9.]+)", text)
     assert m, text
-    assert int(m[1]) >= 10 and int(m[2]) > 0 and float(m[3]) > 0  # one round: 10 LLM demo clients
+    assert int(m[1]) >= 10 and int(m[2]) > 0 and float(m[3]) > 0  # one round: 11 LLM demo clients
     assert "input_tokens" in tables and "cost_usd" in tables and "gpt-4o-mini" in tables
     assert len(pngs) >= 2, "the tokens/spend-per-process figure is missing"
     assert (tmp_path / "busted_tour_calls.png").stat().st_size > 1000
+    # calls and spend per agent: the lab's agent stand-in (claude -> bash -c -> curl) is claude-code
+    assert "claude-code" in tables and "unpriced" in tables
+    # ... and the notebook's own demo clients were started by its kernel: a catalogued agent too
+    assert re.search(r"jupyter-kernel: \w+\[\d+\] <- ", text), text
+    assert re.search(r"claude-code: curl\[\d+\] <- bash\[\d+\] <- claude\[\d+\]", text), text

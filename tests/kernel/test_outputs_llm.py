@@ -58,13 +58,15 @@ def _free_port() -> int:
 
 
 def _metric(text: str, name: str, **labels: str) -> float | None:
+    """The sum of the samples of ``name`` with these labels (over labels not named: agent, container)."""
     want = {f'{k}="{v}"' for k, v in labels.items()}
+    total = None
     for line in text.splitlines():
         metric, _, value = line.rpartition(" ")
         base, _, lab = metric.partition("{")
-        if base == name and set(lab.rstrip("}").split(",")) == want:
-            return float(value)
-    return None
+        if base == name and want <= set(lab.rstrip("}").split(",")):
+            total = (total or 0.0) + float(value)
+    return total
 
 
 def _calls_in(path) -> list[dict]:

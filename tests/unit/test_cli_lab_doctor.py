@@ -110,7 +110,7 @@ def test_lab_calls_table_rows_totals_and_escaping():
     assert "(* the response's end was not seen" in text
     assert "MCP messages: 1" in text and re.search(r"openai-sdk-stream\s+100 out\s+tools/call\s+add\s+2\s+s1", text)
     assert "(and 1 calls seen from the lab's fake providers' side" in text and " 999 " not in text
-    assert LabCalls().text({}) == "LLM calls: none seen"
+    assert LabCalls().text({}) == "LLM calls: none seen\nAgents: none seen behind the lab's flows"
 
 
 def test_lab_live_line_for_a_call_is_short_and_escaped():
@@ -119,3 +119,24 @@ def test_lab_live_line_for_a_call_is_short_and_escaped():
     assert "tokens 12/5 ttft 3.2 ms status 200" in line and "\x1b" not in line and len(line) < 200
     assert LabCalls.live(McpMessage(ts_ns=1, wall_time=1.0, **IDENT, direction_sent=False,
                                     jsonrpc_method="tools/list")).split()[-1] == "tools/list"
+
+
+def test_lab_shows_the_agent_and_chain_behind_a_flow():
+    from busted.events import Ancestor, FlowClosed, FlowOpened
+
+    chain = (Ancestor(302, "curl", "/usr/bin/curl"), Ancestor(301, "bash", "/usr/bin/bash"),
+             Ancestor(300, "claude", "/tmp/busted-lab-x/agent/claude"), Ancestor(7, "busted" + EVIL, None))
+    who = dict(pid=302, comm="curl", ancestry=chain, agent="claude-code", agent_pid=300,
+               agent_evidence="exe:claude", hostname="api.anthropic.com", dport=443)
+    t = LabCalls()
+    t.add(FlowOpened(ts_ns=1, wall_time=1.0, **{**IDENT, **who}))
+    t.add(FlowClosed(ts_ns=2, wall_time=2.0, **{**IDENT, **who}, bytes_sent=1, bytes_received=2, duration_ns=1))
+    t.add(FlowOpened(ts_ns=1, wall_time=1.0, **{**IDENT, "flow_id": 77}))  # no agent: not listed
+    t.add(_call(pid=302, comm="curl", ancestry=chain, agent="claude-code", provider="anthropic"))
+    names = {300: "agent-claude", 100: "openai-sdk"}
+    text = t.text(names)
+    agents = text.split("Agents behind flows: 1\n")[1]
+    assert agents == ("agent-claude         curl -> api.anthropic.com:443  agent claude-code (pid 300, exe:claude)  "
+                      "chain curl[302] <- bash[301] <- claude[300] <- busted\\x1b]0;OWNED\\x07[7]")
+    # the call's row is the agent client's (its curl is a grandchild of the process the lab started)
+    assert re.search(r"^agent-claude\s+302\s+anthropic ", text, re.M), text

@@ -46,10 +46,10 @@ def opened(flow_id=1, comm="curl", provider="openai", pid=100, **kw):
                       hostname="api.openai.com" if provider else None, **kw)
 
 
-def closed(flow_id=1, comm="curl", provider="openai", pid=100, sent=1000, received=3000):
+def closed(flow_id=1, comm="curl", provider="openai", pid=100, sent=1000, received=3000, **kw):
     ident = {**IDENT, "flow_id": flow_id, "comm": comm, "pid": pid, "tid": pid}
     return FlowClosed(ts_ns=2, wall_time=1_700_000_001.0, **ident, provider=provider,
-                      bytes_sent=sent, bytes_received=received, duration_ns=1)
+                      bytes_sent=sent, bytes_received=received, duration_ns=1, **kw)
 
 
 # -- render: one line, no control character, escaped fields -----------------------------------
@@ -147,6 +147,41 @@ def test_top_escapes_names_and_limits_rows():
     assert "\\x1b]0;OWNED" in t.text()
 
 
+def test_top_by_agent_and_container():
+    from events_factory import sample_calls
+
+    cid = "ab12" * 16
+    claude = dict(agent="claude-code", container_id=cid, container_runtime="docker")
+    evs = [opened(flow_id=1, pid=10, **claude), closed(flow_id=1, pid=10, sent=100, received=200, **claude),
+           opened(flow_id=2, pid=11, comm="python3", **claude),
+           opened(flow_id=3, pid=12, provider=None)]  # no agent, no container
+    call = dataclasses.replace(sample_calls()[0], flow_id=2, pid=11, **claude)
+    by_agent, by_container, by_comm = TopTable(by="agent"), TopTable(by="container"), TopTable()
+    for t in (by_agent, by_container, by_comm):
+        for ev in [*evs, call]:
+            t.add(ev)
+    assert by_agent.text().splitlines()[0].split()[0] == "AGENT"
+    assert _top_rows(by_agent.text()) == [
+        ["claude-code", "openai", "2", "2", "100B", "200B", "1", "165", "0"],  # curl + python3 add up
+        ["-", "-", "1", "1", "0B", "0B", "0", "0", "0"],
+    ]
+    assert by_container.top()[0] == {"container": cid[:12], "provider": "openai", "pids": 2, "conns": 2,
+                                     "tx": 100, "rx": 200, "calls": 1, "tokens": 165, "errors": 0}
+    assert by_container.text().splitlines()[0].split()[0] == "CONTAINER"
+    assert {r["comm"] for r in by_comm.top()} == {"curl", "python3"}  # the default is unchanged
+    with pytest.raises(busted.UsageError, match="top --by 'pid'"):
+        TopTable(by="pid")
+
+
+def test_top_by_agent_moves_a_flow_with_its_classification():
+    t = TopTable(by="agent")
+    t.add(opened(flow_id=1, provider=None, agent="aider"))
+    t.add(FlowClassified(ts_ns=2, wall_time=2.0, **{**IDENT, "flow_id": 1}, provider="anthropic",
+                         hostname="api.anthropic.com", evidence=Evidence.SNI, confidence=0.95, agent="aider"))
+    rows = {(r["agent"], r["provider"]): r["conns"] for r in t.top()}
+    assert rows == {("aider", "-"): 0, ("aider", "anthropic"): 1}
+
+
 # -- the CLI with a fake Monitor ---------------------------------------------------------------
 
 
@@ -231,6 +266,18 @@ def test_top_json_and_filters(fake, capsys):
     assert [(r["comm"], r["provider"], r["conns"]) for r in snap["rows"]] == [("curl", "openai", 1)]
     assert fake.made[0].kw["uid"] == [1000]
     assert "busted: monitoring (probes attached in 1.25 s" in capsys.readouterr().err
+
+
+def test_top_by_agent_on_the_command_line(fake):
+    fake.script = [opened(flow_id=1, agent="codex-cli"), closed(flow_id=1, agent="codex-cli"),
+                   opened(flow_id=2, comm="wget")]
+    out = io.StringIO()
+    assert main(["top", "--json", "--by", "agent", "--interval", "0.05", "--duration", "0.2"], out=out) == 0
+    snap = json.loads(out.getvalue().splitlines()[0])
+    assert [(r["agent"], r["provider"], r["conns"]) for r in snap["rows"]] == [("codex-cli", "openai", 1),
+                                                                               ("-", "openai", 1)]
+    with pytest.raises(SystemExit):
+        cli._parser().parse_args(["top", "--by", "pid"])
 
 
 def test_one_filter_vocabulary():

@@ -188,6 +188,7 @@ def test_container_boundary_ends_the_chain():
     assert (lin["container_id"], lin["container_runtime"], lin["pod_uid"]) == (
         cid, "kubernetes", "1b2c3d4e-0000-4000-8000-000000000001")
     assert (lin["agent"], lin["agent_evidence"]) == ("aider", "module:aider")
+    assert lin["pod_qos"] == "besteffort"
 
 
 def test_unknown_process_has_no_lineage_and_proc_fallback_works():
@@ -197,6 +198,83 @@ def test_unknown_process_has_no_lineage_and_proc_fallback_works():
     info = src.get(77)
     assert info.exe == "/usr/bin/codex" and info.lineage["agent"] == "codex-cli"
     assert src.get(0).lineage is None
+
+
+@pytest.mark.parametrize(("path", "qos"), [
+    ("/kubepods/pod1b2c3d4e-0000-4000-8000-000000000001/" + "cd" * 32, "guaranteed"),  # cgroupfs
+    ("/kubepods/burstable/pod1b2c3d4e-0000-4000-8000-000000000001/" + "cd" * 32, "burstable"),
+    ("/kubepods.slice/kubepods-pod1b2c3d4e_0000_4000_8000_000000000001.slice/cri-containerd-" + "cd" * 32
+     + ".scope", "guaranteed"),  # systemd
+    ("/kubepods.slice/kubepods-besteffort.slice/kubepods-besteffort-pod1b2c3d4e_0000_4000_8000_000000000001"
+     ".slice/crio-" + "cd" * 32 + ".scope", "besteffort"),
+    ("/docker/" + "cd" * 32, None),  # not a pod: no QoS class
+])
+def test_pod_qos_from_both_cgroup_layouts(path, qos):
+    t = LineageTable()
+    t.feed(fork(50, 1, cg=3))
+    t.feed(exe(50, "/usr/bin/curl", ["curl"], cg=3))
+    lin = _source(t, cgroups={3: path}).lineage(50)
+    assert lin["pod_qos"] == qos and lin["container_id"] == "cd" * 32
+
+
+def test_start_time_from_the_fork_record_else_from_proc():
+    t = LineageTable()
+    t.feed(fork(60, 1, ts=5_000_000_000))  # forked 5 s after the monotonic clock's zero
+    t.feed(exe(60, "/usr/bin/curl", ["curl"], ts=5_100_000_000))
+    t.feed(exe(61, "/usr/bin/wget", ["wget"]))  # forked before we watched: no fork record
+    procs = {61: ProcInfo(1, "/usr/bin/wget", ("wget",), None, 250, "wget", None, 1_700_000_002.5),
+             62: ProcInfo(1, "/usr/bin/nc", ("nc",), None, 300, "nc", None, 1_700_000_003.0)}
+    src = _source(t, procs, wall_offset=1_700_000_000.0)
+    assert src.get(60).lineage["proc_start_time"] == 1_700_000_005.0  # the fork, not the exec
+    assert src.get(60).start_time == 1_700_000_005.0
+    assert src.get(61).lineage["proc_start_time"] == 1_700_000_002.5
+    assert src.get(62).lineage["proc_start_time"] == 1_700_000_003.0  # /proc only
+    assert src.get(999).lineage["proc_start_time"] is None
+
+
+def test_proc_start_time_is_the_wall_time_the_process_started():
+    import subprocess
+    import time
+
+    from busted.procinfo import read_proc
+
+    before = time.time()
+    child = subprocess.Popen(["sleep", "5"])
+    try:
+        info = read_proc(child.pid)
+        after = time.time()
+    finally:
+        child.kill()
+        child.wait()
+    # /proc counts in clock ticks (10 ms): allow one tick either side
+    assert before - 0.02 <= info.start_time <= after + 0.02, (before, info.start_time, after)
+
+
+def test_a_fork_only_child_runs_its_parents_program():
+    """Children that fork without exec (a shell's subshell, a forking server, a Python worker) keep
+    their parent's exe and argv, from the table or, for a parent older than the Monitor, /proc."""
+    t = LineageTable()
+    t.feed(fork(70, 5, ts=10))  # 5: older than the Monitor, alive (only in /proc)
+    t.feed(fork(71, 70, ts=11))  # a grandchild, fork-only too
+    t.feed(exit_(71, ts=12))
+    t.feed(exit_(70, ts=13))
+    procs = {5: ProcInfo(1, "/usr/bin/python3.11", ("python3", "storm.py"), None, 9, "python3")}
+    src = _source(t, procs)
+    info = src.get(71)
+    assert (info.exe, info.cmdline, info.ppid) == ("/usr/bin/python3.11", ("python3", "storm.py"), 70)
+    assert [(a.pid, a.exe) for a in info.lineage["ancestry"]] == [
+        (71, "/usr/bin/python3.11"), (70, "/usr/bin/python3.11"), (5, "/usr/bin/python3.11")]
+    # a parent in the table that exec'd before the fork lends its program; one that exec'd after does not
+    t.feed(fork(80, 1, ts=20))
+    t.feed(exe(80, "/bin/bash", ["bash"], ts=21))
+    t.feed(fork(81, 80, ts=22))
+    t.feed(fork(82, 80, ts=23))
+    t.feed(exe(80, "/usr/bin/vim", ["vim"], ts=30))  # bash exec'd vim after forking 82 (fed late on purpose)
+    assert src.get(81).exe == "/bin/bash"  # inherited at its fork record
+    t.feed(fork(83, 80, ts=31))
+    assert src.get(83).exe == "/usr/bin/vim"
+    t.get(82).exe = None  # as if 80 was unknown at 82's fork, then exec'd vim later
+    assert src.get(82).exe is None
 
 
 # -- through the flow table ------------------------------------------------------------------------
@@ -218,6 +296,7 @@ def test_flow_table_routes_lineage_records_and_fills_flow_events():
         pid=10, tid=10, flags=FL.ATTRIBUTED | FL.HAVE_TUPLE, family=2, sport=1, dport=2, direction=1, comm=b"claude")
     ev = ft.feed(raw)[0]
     assert isinstance(ev, FlowOpened) and ev.agent == "claude-code" and ev.ancestry[0].pid == 10
+    assert ev.proc_start_time == 1e-9 + src.wall_offset  # its fork record's time (ts_ns=1)
     assert event_from_dict(ev.to_dict()) == ev  # the store/JSONL round trip keeps the new fields
 
 
@@ -234,6 +313,17 @@ def test_flow_table_reports_lineage_losses():
 def test_flow_table_without_lineage_ignores_its_records():
     ft = FlowTable()
     assert ft.feed(LIN_HDR.pack(type=REC_FORK, pid=3, ppid=1)) == []
+
+
+def test_flow_table_without_lineage_still_has_the_start_time_from_proc():
+    from busted.ebpf.layout import FL, FLOW, REC_HDR, REC_OPEN
+
+    info = ProcInfo(1, "/usr/bin/curl", ("curl",), None, 250, "curl", None, 1_700_000_002.5)
+    ft = FlowTable(proc=lambda pid: info)
+    raw = REC_HDR.pack(type=REC_OPEN, ts_ns=5, sk=1) + FLOW.pack(
+        pid=10, tid=10, flags=FL.ATTRIBUTED | FL.HAVE_TUPLE, family=2, sport=1, dport=2, direction=1, comm=b"curl")
+    ev = ft.feed(raw)[0]
+    assert (ev.proc_start_time, ev.agent, ev.ancestry) == (1_700_000_002.5, None, None)
 
 
 def test_unread_argument_falls_back_to_proc_while_it_lives():

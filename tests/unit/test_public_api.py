@@ -5,7 +5,8 @@ import re
 import busted
 
 EXPECTED = [
-    "BccNotInstalled", "BustedError", "CatalogError", "Direction", "DnsAnswer", "DnsRecord", "EnvironmentProblem",
+    "Ancestor", "BccNotInstalled", "BustedError", "CatalogError", "Direction", "DnsAnswer", "DnsRecord",
+    "EnvironmentProblem",
     "Event", "EventsLost", "Evidence", "FlowClassified", "FlowClosed", "FlowEvent", "FlowIdentity",
     "FlowOpened", "KernelHeadersMissing", "LabError", "LlmCall", "LossPlace", "McpMessage",
     "MissingDependency", "Monitor", "MonitorClosed", "MonitorStats",
@@ -18,6 +19,23 @@ def test_all_is_pinned_and_importable():
     assert sorted(busted.__all__) == sorted(EXPECTED)
     for name in busted.__all__:
         assert getattr(busted, name) is not None
+
+
+# The flow identity every flow event, LLM call and MCP message carries, in order: a field added or
+# renamed changes the store's columns, the JSONL keys and people's queries.
+IDENTITY = [
+    "ts_ns", "wall_time", "flow_id", "direction", "pid", "tid", "uid", "comm", "ppid", "exe", "cmdline", "cgroup_id",
+    "netns", "family", "saddr", "sport", "daddr", "dport", "preexisting", "hostname", "provider", "evidence",
+    "confidence", "ancestry", "agent", "agent_pid", "agent_evidence", "container_id", "container_runtime",
+    "pod_uid", "pod_qos", "proc_start_time",
+]
+
+
+def test_the_flow_identity_is_pinned():
+    from busted.events import FLOW_IDENTITY
+
+    assert list(FLOW_IDENTITY) == IDENTITY
+    assert [f for f in busted.Ancestor.__dataclass_fields__] == ["pid", "comm", "exe"]
 
 
 def test_every_error_is_a_busted_error_with_advice():

@@ -99,3 +99,41 @@ def test_llm_calls_and_mcp_messages():
     assert mcp["jsonrpc_method"].iloc[0] == "tools/call" and mcp["jsonrpc_method"].isna().tolist() == [False, True]
     assert mcp["tool"].iloc[0] == "search" and pd.isna(mcp["tool"].iloc[1])
     assert mcp["error_code"].isna().tolist() == [True, False]
+
+
+def test_spend_per_agent_from_events_and_from_the_store(tmp_path):
+    from dataclasses import replace
+
+    from events_factory import sample_calls
+
+    from busted.dataframe import spend_by
+    from busted.sinks import Store
+
+    call = sample_calls()[0]  # 120 in, 45 out, $0.0000435
+    evs = [*sample_events(),
+           replace(call, agent="claude-code"), replace(call, agent="claude-code", cost_usd=None, input_tokens=None),
+           replace(call, agent="aider", output_tokens=None, cost_usd=0.00001),
+           call]  # no agent
+    df = busted.to_dataframe(evs)
+    got = spend_by(df)
+    assert list(got.index) == ["claude-code", "(none)", "aider"]  # most spend first, then most calls
+    assert got.loc["claude-code"].tolist()[:3] == [2, 120, 90] and got.loc["claude-code", "unpriced"] == 1
+    assert got.loc["claude-code", "cost_usd"] == pytest.approx(0.0000435)
+    assert got.loc["aider", "output_tokens"] is pd_na()  # only unreported counts: unknown, not 0
+    assert got["calls"].sum() == 4
+    # the same from the store's llm_calls table, and grouped by two columns
+    with Store(tmp_path / "s.db") as s:
+        s.write_many(evs)
+    with Store.open_readonly(tmp_path / "s.db") as r:
+        stored = spend_by(r.dataframe("llm_calls"))
+    assert stored.loc["claude-code", "calls"] == 2 and stored.loc["(none)", "input_tokens"] == 120
+    two = spend_by(df, ["agent", "provider"])
+    assert two.loc[("claude-code", "openai"), "calls"] == 2
+    empty = spend_by(busted.to_dataframe(sample_events()))
+    assert empty.empty and list(empty.columns) == ["calls", "input_tokens", "output_tokens", "cost_usd", "unpriced"]
+
+
+def pd_na():
+    import pandas as pd
+
+    return pd.NA

@@ -29,6 +29,23 @@ def test_lines_round_trip(tmp_path):
     assert list(first)[0] == "kind" and first["kind"] == "dns_answer"
 
 
+def test_lineage_fields_are_keys_of_the_line(tmp_path):
+    from dataclasses import replace
+
+    from busted import Ancestor
+
+    p = tmp_path / "who.jsonl"
+    ev = replace(sample_events()[1], ancestry=(Ancestor(100, "curl", "/usr/bin/curl"), Ancestor(9, "bash", None)),
+                 agent="codex-cli", container_id="ab" * 32, container_runtime="cri-o",
+                 pod_uid="6f5bd2a4-9c3e-4d1a-8b7f-2e6c9d0a1b3c", pod_qos="guaranteed", proc_start_time=1_699_999_999.5)
+    with JsonlSink(p) as s:
+        s.write(ev)
+    line = json.loads(p.read_text())
+    assert (line["pod_qos"], line["proc_start_time"], line["agent"]) == ("guaranteed", 1_699_999_999.5, "codex-cli")
+    assert line["ancestry"][1] == {"pid": 9, "comm": "bash", "exe": None}
+    assert _read(p) == [ev]
+
+
 def test_appends_across_sessions(tmp_path):
     p = tmp_path / "a.jsonl"
     with JsonlSink(p) as s:

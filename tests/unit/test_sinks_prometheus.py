@@ -14,6 +14,8 @@ from busted.sinks import PrometheusExporter, Sink
 
 prometheus_client = pytest.importorskip("prometheus_client")
 
+NOWHO = {"agent": "none", "container": "none"}  # no agent recognised, not in a container
+
 
 def _scrape(port):
     with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as r:
@@ -51,9 +53,9 @@ def test_counters_over_http():
         text = _scrape(exp.port)
     finally:
         exp.close()
-    assert _value(text, "busted_flows_total", provider="openai", comm="curl", direction="connect") == 4
-    assert _value(text, "busted_bytes_sent_total", provider="openai", comm="curl") == 3 * 811
-    assert _value(text, "busted_bytes_received_total", provider="openai", comm="curl") == 3 * 2233
+    assert _value(text, "busted_flows_total", provider="openai", comm="curl", direction="connect", **NOWHO) == 4
+    assert _value(text, "busted_bytes_sent_total", provider="openai", comm="curl", **NOWHO) == 3 * 811
+    assert _value(text, "busted_bytes_received_total", provider="openai", comm="curl", **NOWHO) == 3 * 2233
     assert _value(text, "busted_dns_answers_total", provider="openai") == 3  # api.openai.com, via the catalog
     assert _value(text, "busted_events_lost_total", where="kernel_ring") == 9
     assert _value(text, "busted_queue_depth") == 17
@@ -67,13 +69,13 @@ def test_a_flow_is_counted_once_with_its_provider():
     exp = PrometheusExporter("127.0.0.1:0")
     dns, opened, hello, classified, closed, _ = sample_events()
     exp.observe(replace(opened, provider=None, hostname=None))  # provider not known yet at open
-    assert _value(_text(exp), "busted_flows_total", provider="none", comm="curl", direction="connect") is None
+    assert _value(_text(exp), "busted_flows_total", provider="none", comm="curl", direction="connect", **NOWHO) is None
     exp.observe(hello)
     exp.observe(classified)  # now it is: counted as openai
     exp.observe(closed)
     text = _text(exp)
-    assert _value(text, "busted_flows_total", provider="openai", comm="curl", direction="connect") == 1
-    assert _value(text, "busted_flows_total", provider="none", comm="curl", direction="connect") is None
+    assert _value(text, "busted_flows_total", provider="openai", comm="curl", direction="connect", **NOWHO) == 1
+    assert _value(text, "busted_flows_total", provider="none", comm="curl", direction="connect", **NOWHO) is None
     # never classified: counted at close, as provider="none"; a close without an open is counted too
     other = replace(opened, flow_id=5, provider=None, hostname=None, direction=Direction.ACCEPT, comm="sshd")
     exp.observe(other)
@@ -81,8 +83,8 @@ def test_a_flow_is_counted_once_with_its_provider():
                         comm="sshd"))
     exp.observe(replace(closed, flow_id=6, comm="sshd", provider=None, direction=Direction.ACCEPT))
     text = _text(exp)
-    assert _value(text, "busted_flows_total", provider="none", comm="sshd", direction="accept") == 2
-    assert _value(text, "busted_bytes_sent_total", provider="none", comm="sshd") == 2 * 811
+    assert _value(text, "busted_flows_total", provider="none", comm="sshd", direction="accept", **NOWHO) == 2
+    assert _value(text, "busted_bytes_sent_total", provider="none", comm="sshd", **NOWHO) == 2 * 811
     assert _value(text, "busted_flows_open") == 0  # never negative, even for closes of unseen opens
 
 
@@ -135,14 +137,14 @@ def test_label_cardinality_is_bounded():
         exp.observe(replace(opened, flow_id=i, comm=f"c{i}"))
         exp.observe(replace(closed, flow_id=i, comm=f"c{i}"))
     text = _text(exp)
-    assert _value(text, "busted_flows_total", provider="openai", comm="other", direction="connect") == 15
-    assert _value(text, "busted_flows_total", provider="openai", comm="c0", direction="connect") == 1
-    assert _value(text, "busted_bytes_sent_total", provider="openai", comm="other") == 15 * 811
+    assert _value(text, "busted_flows_total", provider="openai", comm="other", direction="connect", **NOWHO) == 15
+    assert _value(text, "busted_flows_total", provider="openai", comm="c0", direction="connect", **NOWHO) == 1
+    assert _value(text, "busted_bytes_sent_total", provider="openai", comm="other", **NOWHO) == 15 * 811
     assert "busted_llm_calls_total{" not in text  # no calls seen: no call series
     series = [ln for ln in text.splitlines() if ln.startswith("busted_flows_total{")]
     assert len(series) == 6
     exp.observe(replace(opened, flow_id=100, comm="c3"))  # a known comm keeps its own series
-    assert _value(_text(exp), "busted_flows_total", provider="openai", comm="c3", direction="connect") == 2
+    assert _value(_text(exp), "busted_flows_total", provider="openai", comm="c3", direction="connect", **NOWHO) == 2
 
 
 def test_losses_by_place():
@@ -157,7 +159,7 @@ def test_losses_by_place():
 def test_two_exporters_do_not_share_metrics():
     a, b = PrometheusExporter(), PrometheusExporter()
     a.observe(sample_events()[1])
-    assert _value(_text(b), "busted_flows_total", provider="openai", comm="curl", direction="connect") is None
+    assert _value(_text(b), "busted_flows_total", provider="openai", comm="curl", direction="connect", **NOWHO) is None
 
 
 def test_addresses_and_bind_errors():
@@ -198,20 +200,20 @@ def test_llm_call_and_mcp_counters():
     finally:
         exp.close()
     lab = dict(provider="openai", model="gpt-4o-mini-2024-07-18", comm="python3")
-    assert _value(text, "busted_llm_calls_total", **lab, status_class="2xx") == 2
-    assert _value(text, "busted_llm_calls_total", **lab, status_class="incomplete") == 1
-    assert _value(text, "busted_llm_calls_total", **lab, status_class="4xx") == 1
-    assert _value(text, "busted_llm_tokens_total", **lab, type="input") == 3 * 120  # call x2 + cut; err: None
-    assert _value(text, "busted_llm_tokens_total", **lab, type="output") == 3 * 45
-    assert _value(text, "busted_llm_tokens_total", **lab, type="cache_read") == 3 * 100
-    assert _value(text, "busted_llm_tokens_total", **lab, type="reasoning") == 3 * 7
-    assert _value(text, "busted_llm_tokens_total", **lab, type="cache_write") is None  # never reported
-    assert _value(text, "busted_llm_cost_usd_total", **lab) == pytest.approx(3 * 0.0000435)
+    assert _value(text, "busted_llm_calls_total", **lab, status_class="2xx", **NOWHO) == 2
+    assert _value(text, "busted_llm_calls_total", **lab, status_class="incomplete", **NOWHO) == 1
+    assert _value(text, "busted_llm_calls_total", **lab, status_class="4xx", **NOWHO) == 1
+    assert _value(text, "busted_llm_tokens_total", **lab, type="input", **NOWHO) == 3 * 120  # call x2 + cut; err: None
+    assert _value(text, "busted_llm_tokens_total", **lab, type="output", **NOWHO) == 3 * 45
+    assert _value(text, "busted_llm_tokens_total", **lab, type="cache_read", **NOWHO) == 3 * 100
+    assert _value(text, "busted_llm_tokens_total", **lab, type="reasoning", **NOWHO) == 3 * 7
+    assert _value(text, "busted_llm_tokens_total", **lab, type="cache_write", **NOWHO) is None  # never reported
+    assert _value(text, "busted_llm_cost_usd_total", **lab, **NOWHO) == pytest.approx(3 * 0.0000435)
     local = dict(provider="none", model="llama3", comm="python3")
-    assert _value(text, "busted_llm_calls_total", **local, status_class="unknown") == 1
-    assert _value(text, "busted_llm_tokens_total", **local, type="output") == 0  # reported zero: a series
-    assert _value(text, "busted_llm_tokens_total", **local, type="input") is None  # unknown: none
-    assert _value(text, "busted_llm_cost_usd_total", **local) is None
+    assert _value(text, "busted_llm_calls_total", **local, status_class="unknown", **NOWHO) == 1
+    assert _value(text, "busted_llm_tokens_total", **local, type="output", **NOWHO) == 0  # reported zero: a series
+    assert _value(text, "busted_llm_tokens_total", **local, type="input", **NOWHO) is None  # unknown: none
+    assert _value(text, "busted_llm_cost_usd_total", **local, **NOWHO) is None
     assert _value(text, "busted_mcp_messages_total", method="tools/call", comm="python3") == 1
     assert _value(text, "busted_mcp_messages_total", method="response", comm="python3") == 1
 
@@ -229,7 +231,7 @@ def test_llm_labels_are_bounded_and_masked():
     calls = [line for line in text.splitlines() if line.startswith("busted_llm_calls_total")]
     assert len(calls) <= 4  # 3 label sets, then the folded one
     assert _value(text, "busted_llm_calls_total", provider="openai", model="other", comm="other",
-                  status_class="2xx") == 48
+                  status_class="2xx", **NOWHO) == 48
 
 
 def test_policy_decisions_are_counted():
@@ -247,3 +249,48 @@ def test_policy_decisions_are_counted():
                   point="connect") == 2
     assert _value(text, "busted_policy_decisions_total", rule="default", action="audit", enforced="false",
                   point="tls_client_hello") == 1
+
+
+def test_agent_and_container_labels_never_a_pid():
+    from events_factory import sample_calls
+
+    from busted.events import Ancestor
+
+    cid = "3f1c0a9e2b7d4c5e8f6a1b2c3d4e5f60718293a4b5c6d7e8f90a1b2c3d4e5f6a"
+    who = dict(agent="claude-code", agent_pid=4321, agent_evidence="exe:claude", container_id=cid,
+               container_runtime="docker", ancestry=(Ancestor(100, "curl", "/usr/bin/curl"),))
+    exp = PrometheusExporter()
+    for ev in sample_events():
+        exp.observe(replace(ev, **who) if hasattr(ev, "agent") else ev)
+    exp.observe(replace(sample_calls()[0], **who))
+    text = _text(exp)
+    mine = dict(agent="claude-code", container=cid[:12])
+    assert _value(text, "busted_flows_total", provider="openai", comm="curl", direction="connect", **mine) == 1
+    assert _value(text, "busted_bytes_received_total", provider="openai", comm="curl", **mine) == 2233
+    assert _value(text, "busted_llm_calls_total", provider="openai", model="gpt-4o-mini-2024-07-18",
+                  comm="python3", status_class="2xx", **mine) == 1
+    assert "4321" not in text and cid not in text  # no pid, and the id is cut to 12 characters
+    assert "pid=" not in text
+
+
+def test_agent_and_container_values_are_capped_and_folds_counted():
+    exp = PrometheusExporter(max_label_values=4)
+    opened, closed = sample_events()[1], sample_events()[4]
+    for i in range(10):
+        who = dict(agent=f"agent-{i}", container_id=f"{i:012x}" * 2)
+        exp.observe(replace(opened, flow_id=i, **who))
+        exp.observe(replace(closed, flow_id=i, **who))
+    exp.observe(replace(opened, flow_id=99))  # no agent, no container: "none" never counts against the cap
+    text = _text(exp)
+    assert _value(text, "busted_flows_total", provider="openai", comm="curl", direction="connect",
+                  agent="agent-3", container=f"{3:012x}") == 1
+    assert _value(text, "busted_flows_total", provider="openai", comm="curl", direction="connect",
+                  agent="other", container="other") == 6
+    assert _value(text, "busted_flows_total", provider="openai", comm="curl", direction="connect", **NOWHO) == 1
+    agents = {ln.split('agent="')[1].split('"')[0] for ln in text.splitlines() if ln.startswith("busted_flows_total{")}
+    assert agents == {"agent-0", "agent-1", "agent-2", "agent-3", "other", "none"}
+    # each folded event counts once per label: 6 flows counted (their open) + 6 closes (their bytes)
+    assert _value(text, "busted_label_values_folded_total", label="agent") == 12
+    assert _value(text, "busted_label_values_folded_total", label="container") == 12
+    assert _value(text, "busted_bytes_sent_total", provider="openai", comm="curl", agent="other",
+                  container="other") == 6 * 811

@@ -259,7 +259,7 @@ def test_newer_schema_is_refused(tmp_path):
     db.commit()
     db.close()
     for opener in (Store, Store.open_readonly):
-        with pytest.raises(StoreError, match=r"newer busted \(schema 99 > 4\); upgrade busted"):
+        with pytest.raises(StoreError, match=rf"newer busted \(schema 99 > {SCHEMA_VERSION}\); upgrade busted"):
             opener(p)
 
 
@@ -368,12 +368,12 @@ def test_v2_store_is_migrated_dropping_the_placeholder_tables(tmp_path):
     new = sample_events(t0=1_800_000_000.0, flow_id=2)
     with Store(p) as s:
         s.write_many(new)
-    assert _rows(p, "SELECT value FROM meta WHERE key='schema_version'") == [("4",)]
+    assert _rows(p, "SELECT value FROM meta WHERE key='schema_version'") == [(str(SCHEMA_VERSION),)]
     assert _rows(p, "SELECT name FROM sqlite_master WHERE name IN ('policy_decisions', 'policy_ts')") == []
     assert "model" not in [c[1] for c in _rows(p, "PRAGMA table_info(llm_calls)")]  # the placeholder's
     assert _rows(p, "SELECT count(*) FROM dns_answers") == [(2,)]
     with Store.open_readonly(p) as r:
-        assert r.schema_version == 4
+        assert r.schema_version == SCHEMA_VERSION
         assert list(r.events()) == old + new
         assert [(f["flow_id"], f["provider"], f["bytes_received"]) for f in r.flows()] == [
             (1, "openai", 2233), (2, "openai", 2233)]
@@ -840,9 +840,9 @@ def test_v3_store_is_migrated_spreading_its_calls(tmp_path):
     new = sample_calls(t0=1_800_000_000.0, flow_id=2)
     with Store(p) as s:
         s.write_many(new)
-    assert _rows(p, "SELECT value FROM meta WHERE key='schema_version'") == [("4",)]
+    assert _rows(p, "SELECT value FROM meta WHERE key='schema_version'") == [(str(SCHEMA_VERSION),)]
     with Store.open_readonly(p) as r:
-        assert r.schema_version == 4
+        assert r.schema_version == SCHEMA_VERSION
         assert [(c["flow_id"], c["input_tokens"]) for c in r.calls()] == [(1, 120), (2, 120)]
         assert SECRET not in json.dumps(r.calls())  # the backfill redacts as writing does
         assert [m["flow_id"] for m in r.mcp_messages()] == [1, 1, 2, 2]
@@ -858,3 +858,61 @@ def test_calls_of_an_unmigrated_store_are_empty(tmp_path):
     db.close()
     with Store.open_readonly(p) as r:
         assert r.calls() == [] and r.mcp_messages() == []
+
+
+def test_v4_store_is_migrated_to_v5_losing_nothing(tmp_path):
+    """v5 adds pod_qos and proc_start_time to flows, llm_calls and mcp_messages: the rows a v4
+    store holds (with their lineage columns) stay as they were, the new columns NULL for them."""
+    from events_factory import sample_calls
+
+    from busted.events import Ancestor
+
+    p = tmp_path / "v4.db"
+    who = dict(agent="claude-code", agent_pid=10, agent_evidence="exe:claude", container_id="ab" * 32,
+               container_runtime="containerd", pod_uid="6f5bd2a4-9c3e-4d1a-8b7f-2e6c9d0a1b3c",
+               ancestry=(Ancestor(100, "curl", "/usr/bin/curl"), Ancestor(10, "claude", "/tmp/claude")))
+    old = [replace(ev, **who) if hasattr(ev, "agent") else ev
+           for ev in [*sample_events(flow_id=1), *sample_calls(flow_id=1)]]
+    db = sqlite3.connect(p)
+    db.executescript((Path(__file__).parent / "fixtures" / "store_schema_v4.sql").read_text())
+    db.execute("INSERT INTO meta VALUES ('schema_version', '4')")
+    for ev in old:
+        d = ev.to_dict()
+        db.execute("INSERT INTO events(ts, kind, flow_id, pid, comm, provider, json) VALUES (?,?,?,?,?,?,?)",
+                   (ev.wall_time, ev.kind, d.get("flow_id"), d.get("pid"), d.get("comm"), d.get("provider"),
+                    json.dumps(d)))
+    db.execute("INSERT INTO flows(flow_id, opened, closed, comm, provider, bytes_received, agent, container_id, "
+               "pod_uid, ancestry) VALUES (1, 1.0, 2.0, 'curl', 'openai', 2233, 'claude-code', ?, ?, ?)",
+               (who["container_id"], who["pod_uid"], json.dumps(old[1].to_dict()["ancestry"])))
+    db.execute("INSERT INTO llm_calls(ts, flow_id, agent, input_tokens) VALUES (1.5, 1, 'claude-code', 120)")
+    db.execute("INSERT INTO mcp_messages(ts, flow_id, agent, jsonrpc_method) VALUES (1.6, 1, 'claude-code', 'x')")
+    db.commit()
+    db.close()
+    new = [replace(ev, pod_qos="burstable", proc_start_time=1_799_999_999.25, **who)
+           for ev in (*sample_events(t0=1_800_000_000.0, flow_id=2)[1:5], sample_calls(t0=1_800_000_000.0,
+                                                                                      flow_id=2)[0])
+           if hasattr(ev, "agent")]  # the TLS hello carries no identity
+    with Store(p) as s:
+        s.write_many(new)
+    assert _rows(p, "SELECT value FROM meta WHERE key='schema_version'") == [(str(SCHEMA_VERSION),)]
+    assert _rows(p, "SELECT flow_id, agent, container_id, pod_uid, pod_qos, proc_start_time, bytes_received "
+                 "FROM flows ORDER BY flow_id") == [
+        (1, "claude-code", who["container_id"], who["pod_uid"], None, None, 2233),
+        (2, "claude-code", who["container_id"], who["pod_uid"], "burstable", 1_799_999_999.25, 2233)]
+    assert _rows(p, "SELECT flow_id, agent, input_tokens, pod_qos, proc_start_time FROM llm_calls ORDER BY id") == [
+        (1, "claude-code", 120, None, None), (2, "claude-code", 120, "burstable", 1_799_999_999.25)]
+    assert _rows(p, "SELECT flow_id, agent, jsonrpc_method, pod_qos FROM mcp_messages") == [
+        (1, "claude-code", "x", None)]
+    with Store.open_readonly(p) as r:
+        assert r.schema_version == SCHEMA_VERSION
+        assert list(r.events()) == old + new  # every event, exactly, the new fields included
+        assert [f["pod_qos"] for f in r.flows()] == [None, "burstable"]
+
+
+def test_a_new_store_has_the_v5_columns_on_every_identity_table(tmp_path):
+    p = tmp_path / "n5.db"
+    with Store(p):
+        pass
+    for table in ("flows", "llm_calls", "mcp_messages"):
+        cols = {c[1]: c[2] for c in _rows(p, f"PRAGMA table_info({table})")}
+        assert (cols["pod_qos"], cols["proc_start_time"]) == ("TEXT", "REAL"), table
