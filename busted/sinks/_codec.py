@@ -11,14 +11,77 @@ from __future__ import annotations
 import dataclasses
 import enum
 import functools
+import json
+import math
 import types
 import typing
-from typing import Any
+from typing import Any, NamedTuple
 
 from busted.events import Event
 from busted.redact import MASK, SECRET_HEADERS, redact_text
 
-__all__ = ["MASK", "event_from_dict", "event_kinds", "redact"]
+__all__ = ["MASK", "Encoded", "dumps", "encode", "event_from_dict", "event_kinds", "redact"]
+
+try:  # optional (busted[fast]): ~10x faster than json.dumps on an event; the same JSON values
+    import orjson as _orjson
+except ImportError:  # pragma: no cover - depends on the environment
+    _orjson = None
+
+_STDLIB = json.JSONEncoder(separators=(",", ":"), default=str)  # ensure_ascii: only printable ASCII out
+_ORJSON_OPTS = (_orjson.OPT_PASSTHROUGH_DATETIME | _orjson.OPT_PASSTHROUGH_DATACLASS) if _orjson else 0
+
+
+def _nonfinite(v: Any) -> bool:
+    """A NaN or infinite float in ``v``, at any depth (orjson writes null for them, json NaN)."""
+    if type(v) is float:
+        return not math.isfinite(v)
+    if isinstance(v, dict):
+        return any(_nonfinite(x) for x in v.values())
+    if isinstance(v, list | tuple):
+        return any(_nonfinite(x) for x in v)
+    return False
+
+
+_NONE = type(None)
+
+
+def dumps(d: dict[str, Any]) -> str:
+    """Compact JSON of a ``to_dict()``-shaped dict, only printable ASCII (like ``json.dumps`` with
+    ``ensure_ascii=True``, ``separators=(",", ":")``, ``default=str``): the one encoding of every
+    output line (``--json`` stdout, JSONL, the store's ``events.json``).
+
+    With orjson installed it encodes; whatever it would write differently from the standard library
+    goes to the standard library instead: non-ASCII text (orjson writes UTF-8, not ``\\uXXXX``),
+    lone surrogates, integers beyond 64 bits, non-string keys (orjson refuses them), NaN/infinity
+    (orjson writes null). Values are equal either way; only float spelling may differ (``1e16`` vs
+    ``1e+16``)."""
+    if _orjson is not None:
+        try:
+            b = _orjson.dumps(d, default=str, option=_ORJSON_OPTS)
+        except (TypeError, ValueError):  # orjson.JSONEncodeError is a TypeError
+            pass
+        else:
+            # orjson writes null for None and for NaN/infinity. As many nulls as top-level Nones
+            # (a C-level count): every null is one of those, so no NaN hides in it; else look.
+            if b.isascii() and (b.count(b"null") == tuple(map(type, d.values())).count(_NONE)
+                                or not _nonfinite(d)):
+                return b.decode("ascii")
+    return _STDLIB.encode(d)
+
+
+class Encoded(NamedTuple):
+    """One event, encoded once for every output that writes it: ``data`` is ``redact(to_dict())``,
+    ``line`` its compact JSON (``dumps``), without a newline."""
+
+    event: Any
+    data: dict[str, Any]
+    line: str
+
+
+def encode(ev: Event, d: dict[str, Any] | None = None) -> Encoded:
+    """``ev`` encoded for the file outputs; ``d`` is its ``to_dict()`` if the caller has it."""
+    data = redact(ev.to_dict() if d is None else d)
+    return Encoded(ev, data, dumps(data))
 
 _SECRET_KEYS = frozenset(SECRET_HEADERS) | {"set-cookie", "x-auth-token", "api-token"}
 # Free-text fields read from the wire (an LlmCall's path, user agent, captured content): the events
@@ -81,8 +144,19 @@ def event_from_dict(d: dict[str, Any]) -> Event:
         raise ValueError(f"cannot rebuild a {kind} event from {sorted(d)}: {exc}") from exc
 
 
+_PLAIN = frozenset({int, str, float, bool, type(None)})  # exact types redact() returns unchanged
+_SECRET_CACHE: dict[str, bool] = {}  # key -> _secret(key); keys are mostly the events' field names
+
+
 def _secret(k: Any) -> bool:
-    return isinstance(k, str) and k.strip().lower().replace("_", "-") in _SECRET_KEYS
+    if not isinstance(k, str):
+        return False
+    hit = _SECRET_CACHE.get(k)
+    if hit is None:
+        hit = k.strip().lower().replace("_", "-") in _SECRET_KEYS
+        if len(_SECRET_CACHE) < 4096:  # bounded: keys from the wire (header names) could be many
+            _SECRET_CACHE[k] = hit
+    return hit
 
 
 def _is_pair(x: Any) -> bool:
@@ -97,10 +171,21 @@ def redact(d: Any) -> Any:
     ``busted.redact.redact_text`` (credential-named query parameters, key shapes, bearer tokens).
     Returns a new object; the input is not changed."""
     if isinstance(d, dict):
-        return {k: (MASK if _secret(k) else redact_text(v) if k in _TEXT_KEYS and isinstance(v, str)
-                    else redact(v)) for k, v in d.items()}
+        out = {}
+        cache = _SECRET_CACHE
+        for k, v in d.items():
+            secret = cache.get(k)  # inline: this loop runs for every field of every event written
+            if secret is None:
+                secret = _secret(k)
+            if secret:
+                out[k] = MASK
+            elif type(v) in _PLAIN and not (type(v) is str and k in _TEXT_KEYS):
+                out[k] = v
+            else:
+                out[k] = redact_text(v) if k in _TEXT_KEYS and isinstance(v, str) else redact(v)
+        return out
     if isinstance(d, list | tuple):
         if d and all(_is_pair(x) for x in d):  # a header list: [(name, value), ...]
             return type(d)(type(x)((x[0], MASK)) if _secret(x[0]) else redact(x) for x in d)
-        return type(d)(redact(x) for x in d)
+        return type(d)(x if type(x) in _PLAIN else redact(x) for x in d)
     return d
