@@ -96,8 +96,8 @@ def run_once(flags: list[str], evs: list[Event], batch: int) -> float:
     with tempfile.TemporaryDirectory() as d, open(os.devnull, "w") as out:
         args = _parser().parse_args(["monitor", *(f.format(d=d) for f in flags)])
         mon = busted.Monitor()  # not started: only its stats() is read by the loop, as in the CLI
-        import io
         import contextlib
+        import io
 
         c0 = time.process_time()
         with contextlib.redirect_stderr(io.StringIO()):  # the outputs' closing report lines

@@ -49,7 +49,7 @@ from busted.events import (
     TlsClientHello,
 )
 from busted.flowview import FlowState, FlowView
-from busted.sinks._codec import event_from_dict, redact
+from busted.sinks._codec import Encoded, dumps, event_from_dict, redact
 
 __all__ = ["DEFAULT_MAX_BYTES", "DEFAULT_RETENTION_SECONDS", "SCHEMA_VERSION", "Store", "parse_age", "parse_size"]
 
@@ -250,10 +250,11 @@ def _row(*values: Any) -> tuple[Any, ...]:
     return tuple(_sql(v) for v in values)
 
 
-def _flow_row(st: FlowState) -> tuple[Any, ...]:
-    d = redact(st.flow.to_dict())
-    d.update(opened=st.opened, closed=st.closed, bytes_sent=st.bytes_sent, bytes_received=st.bytes_received,
-             duration_ns=st.duration_ns)
+def _flow_row(st: FlowState, ev: Event, d: dict[str, Any]) -> tuple[Any, ...]:
+    # d is redact(ev.to_dict()): the state's flow is usually the event itself (else a copy of it
+    # with the known classification merged in, encoded here).
+    d = {**(d if st.flow is ev else redact(st.flow.to_dict())), "opened": st.opened, "closed": st.closed,
+         "bytes_sent": st.bytes_sent, "bytes_received": st.bytes_received, "duration_ns": st.duration_ns}
     return _row(*(d.get(c) for c in _FLOW_COLS))
 
 
@@ -284,7 +285,7 @@ def _typed(ev: Event, d: dict[str, Any], flows: FlowView) -> tuple[str, tuple[An
     ts = ev.wall_time
     if isinstance(ev, FlowOpened | FlowClassified | FlowClosed):
         change = flows.update(ev)
-        return None if change is None else (_SQL_FLOW, _flow_row(change.after))
+        return None if change is None else (_SQL_FLOW, _flow_row(change.after, ev, d))
     if isinstance(ev, DnsAnswer):
         return _SQL_DNS, _row(ts, ev.pid, ev.comm, ev.netns, ev.transport, ev.server, ev.qname, ev.qtype,
                               ev.rcode, d["answers"], d["cname_chain"])
@@ -347,7 +348,7 @@ class Store:
         self.queue_size = queue_size
         self.busy_timeout = busy_timeout
         self.trim_interval = trim_interval
-        self._q: collections.deque[Event] = collections.deque()
+        self._q: collections.deque[Event | Encoded] = collections.deque()
         self._cv = threading.Condition()
         self._dblock = threading.Lock()  # the write connection: writer thread vs trim() callers
         self._inflight = 0  # accepted events taken from _q and not yet committed (or found invalid)
@@ -561,20 +562,11 @@ class Store:
         """Queue one event. Never waits for the database. At most ``queue_size`` events wait in
         memory (also while the disk refuses writes); beyond that new events are dropped, counted
         (``stats()["dropped"]``) and recorded as an ``EventsLost`` row once writing works again."""
-        if self.readonly:
-            raise StoreError(f"{self.path}: opened read-only; open it with Store(path) to write")
-        if self._closed:
-            raise StoreError(f"{self.path}: store is closed; open a new Store to write more")
+        self._check_writable()
         tell = None
         with self._cv:
             if len(self._q) + self._inflight >= self.queue_size:
-                self._stats["dropped"] += 1
-                if self._failing_since is not None:
-                    self._drop_cause = self.last_error
-                    if not self._told_dropping:
-                        self._told_dropping = True
-                        tell = (f"{self.path}: {self.queue_size} events wait in memory for the store; dropping "
-                                "new ones from now on (counted, and recorded in the store once it can write)")
+                tell = self._drop()
             else:
                 self._q.append(event)
                 if len(self._q) >= self.batch_size:
@@ -582,15 +574,50 @@ class Store:
         if tell:
             self._tell(tell)
 
+    def _check_writable(self) -> None:
+        if self.readonly:
+            raise StoreError(f"{self.path}: opened read-only; open it with Store(path) to write")
+        if self._closed:
+            raise StoreError(f"{self.path}: store is closed; open a new Store to write more")
+
     def write_many(self, events: Iterable[Event]) -> None:
         for ev in events:
             self.write(ev)
+
+    def write_encoded(self, items: Iterable[Encoded | Event]) -> None:
+        """Queue events already encoded (``busted.sinks.encode``: the JSONL line is the ``events``
+        row's JSON; a plain event among them is encoded by the writer), under one lock; otherwise
+        as ``write``. The CLI hands each batch it takes
+        from the Monitor to every output this way, encoded once."""
+        self._check_writable()
+        tell = None
+        with self._cv:
+            for item in items:
+                if len(self._q) + self._inflight >= self.queue_size:
+                    tell = self._drop() or tell
+                else:
+                    self._q.append(item)
+            if len(self._q) >= self.batch_size:
+                self._cv.notify_all()
+        if tell:
+            self._tell(tell)
+
+    def _drop(self) -> str | None:
+        """Count one event the full backlog refuses. Caller holds _cv. Returns a message to tell."""
+        self._stats["dropped"] += 1
+        if self._failing_since is not None:
+            self._drop_cause = self.last_error
+            if not self._told_dropping:
+                self._told_dropping = True
+                return (f"{self.path}: {self.queue_size} events wait in memory for the store; dropping "
+                        "new ones from now on (counted, and recorded in the store once it can write)")
+        return None
 
     def pending(self) -> list[Event]:
         """Events accepted but not yet committed (e.g. after ``close()`` raised), oldest first."""
         with self._cv:
             held = [r.src for b in self._retry for r in b if r.src is not None]
-            return held + list(self._q)
+            return held + [q.event if isinstance(q, Encoded) else q for q in self._q]
 
     def _tell(self, msg: str) -> None:
         """Say it now (``on_error``): the store's trouble must not wait for close()."""
@@ -611,7 +638,7 @@ class Store:
                                       if self._wants_trim() else self.flush_interval)
                     if self._stop:
                         return
-                    evs: list[Event] = []
+                    evs: list[Event | Encoded] = []
                     lost = 0
                     if not self._retry:
                         evs = [self._q.popleft() for _ in range(min(self.batch_size, len(self._q)))]
@@ -652,7 +679,7 @@ class Store:
     def _wants_trim(self) -> bool:
         return bool(self.retention_seconds or self.max_bytes)
 
-    def _encode(self, evs: list[Event], lost: int) -> list[_Row]:
+    def _encode(self, evs: list[Event | Encoded], lost: int) -> list[_Row]:
         """Encode events into rows, outside any transaction. An event that cannot be encoded is
         counted (``invalid``), not retried."""
         rows: list[_Row] = []
@@ -664,14 +691,19 @@ class Store:
                       + (f" while the store could not write ({cause})" if cause else ""))
             evs = [*evs, EventsLost(ts_ns=time.monotonic_ns(), wall_time=time.time(), where=LossPlace.SINK,
                                     count=lost, detail=detail)]
-        for i, ev in enumerate(evs):
+        for i, item in enumerate(evs):
             is_loss_record = lost and i == len(evs) - 1
+            ev = item.event if isinstance(item, Encoded) else item
             try:
-                d = redact(ev.to_dict())
+                if isinstance(item, Encoded):
+                    d, js = item.data, item.line
+                else:
+                    d = redact(ev.to_dict())
+                    js = dumps(d)
                 if not isinstance(ev.wall_time, int | float):
                     raise TypeError(f"wall_time is {type(ev.wall_time).__name__}")
                 row = _row(ev.wall_time, ev.kind, d.get("flow_id"), d.get("pid"), d.get("comm"), d.get("provider"),
-                           json.dumps(d, separators=(",", ":"), default=str))
+                           js)
                 rows.append(_Row(None if is_loss_record else ev, row, _typed(ev, d, self._flows),
                                  lost if is_loss_record else 0))
             except Exception as exc:  # noqa: BLE001 - a bad event must not stop the writer
