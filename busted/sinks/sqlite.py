@@ -210,6 +210,28 @@ _SQL_FLOW = (f"INSERT INTO flows({', '.join(_FLOW_COLS)}) VALUES ({', '.join('?'
                     f"ELSE excluded.{c} END" for c in _CLASS_COLS]
                  + ["opened=coalesce(flows.opened, excluded.opened)"]
                  + [_keep_if_null(c) for c in _CLOSE_COLS]))
+_I_OPENED = _FLOW_COLS.index("opened")
+_I_CLASS = tuple(_FLOW_COLS.index(c) for c in _CLASS_COLS)
+_I_HOST, _I_PROVIDER = _FLOW_COLS.index("hostname"), _FLOW_COLS.index("provider")
+_I_CLOSE = tuple(_FLOW_COLS.index(c) for c in _CLOSE_COLS)
+
+
+def _merge_flow_rows(a: tuple[Any, ...], b: tuple[Any, ...]) -> tuple[Any, ...]:
+    """One flows row that upserts as ``a`` then ``b`` would (the rules of _SQL_FLOW, applied to
+    ``a`` as the stored row): identity from ``b``; the classification of ``b`` if it has one, else
+    ``a``'s; the first known opened time; close facts of ``b``, else ``a``'s."""
+    m = list(b)
+    if b[_I_PROVIDER] is None and b[_I_HOST] is None:
+        for i in _I_CLASS:
+            m[i] = a[i]
+    if a[_I_OPENED] is not None:
+        m[_I_OPENED] = a[_I_OPENED]
+    for i in _I_CLOSE:
+        if m[i] is None:
+            m[i] = a[i]
+    return tuple(m)
+
+
 _SQL_EVENT = "INSERT INTO events(ts, kind, flow_id, pid, comm, provider, json) VALUES (?,?,?,?,?,?,?)"
 _SQL_DNS = ("INSERT INTO dns_answers(ts, pid, comm, netns, transport, server, qname, qtype, rcode, answers,"
             " cname_chain) VALUES (?,?,?,?,?,?,?,?,?,?,?)")
@@ -242,12 +264,25 @@ def _sql(v: Any) -> Any:
     if isinstance(v, int):
         return v if _INT64[0] <= v <= _INT64[1] else float(v)
     if isinstance(v, list | tuple | dict):
-        return json.dumps(v, default=str)
+        return _LIST_JSON.encode(v)
     return str(v)
 
 
+_LIST_JSON = json.JSONEncoder(default=str)  # = json.dumps(v, default=str), built once
+_INT64_LO, _INT64_HI = _INT64
+
+
 def _row(*values: Any) -> tuple[Any, ...]:
-    return tuple(_sql(v) for v in values)
+    out = []
+    for v in values:  # _sql(v), with the common cases inline: this runs for every column written
+        t = type(v)
+        if v is None or t is float or t is str and v.isascii():
+            out.append(v)
+        elif t is int and _INT64_LO <= v <= _INT64_HI:
+            out.append(v)
+        else:
+            out.append(_sql(v))
+    return tuple(out)
 
 
 def _flow_row(st: FlowState, ev: Event, d: dict[str, Any]) -> tuple[Any, ...]:
@@ -285,7 +320,7 @@ def _typed(ev: Event, d: dict[str, Any], flows: FlowView) -> tuple[str, tuple[An
     ts = ev.wall_time
     if isinstance(ev, FlowOpened | FlowClassified | FlowClosed):
         change = flows.update(ev)
-        return None if change is None else (_SQL_FLOW, _flow_row(change.after, ev, d))
+        return None if change is None else (_SQL_FLOW, _FlowRow(change.after, ev, d, change.before is not None))
     if isinstance(ev, DnsAnswer):
         return _SQL_DNS, _row(ts, ev.pid, ev.comm, ev.netns, ev.transport, ev.server, ev.qname, ev.qtype,
                               ev.rcode, d["answers"], d["cname_chain"])
@@ -297,6 +332,33 @@ def _typed(ev: Event, d: dict[str, Any], flows: FlowView) -> tuple[str, tuple[An
     if isinstance(ev, LlmCall | McpMessage):
         return _spread(d)
     return None  # any other kind (including future ones): kept in `events`
+
+
+class _FlowRow(NamedTuple):
+    """A flows row not built yet: a batch writes one row per flow, built from its last state
+    (``_flow_rows``). ``chained``: FlowView knew the flow before this event."""
+
+    state: FlowState
+    event: Event
+    data: dict[str, Any]
+    chained: bool
+
+    def build(self) -> tuple[Any, ...]:
+        return _flow_row(self.state, self.event, self.data)
+
+
+def _flow_rows(changes: list[_FlowRow]) -> tuple[Any, ...]:
+    """The one flows row that upserts as ``changes`` (one flow's, in order) would, one by one.
+    When FlowView carried the flow from each change to the next, the last state holds everything
+    the earlier rows would have written (classification merged, opened time kept, close facts
+    only at the end): build that one. Otherwise (the flow was forgotten in between: a replayed
+    open after its close, an eviction) build them all and merge them as the upsert does."""
+    if all(c.chained for c in changes[1:]):
+        return changes[-1].build()
+    row = changes[0].build()
+    for c in changes[1:]:
+        row = _merge_flow_rows(row, c.build())
+    return row
 
 
 class _Row(NamedTuple):
@@ -782,14 +844,23 @@ class Store:
             db.execute("BEGIN IMMEDIATE")
             try:
                 db.executemany(_SQL_EVENT, [r.event for r in batch])
-                typed = [r.typed for r in batch if r.typed is not None]
-                i = 0
-                while i < len(typed):  # consecutive rows of one statement go together, order kept
-                    j = i
-                    while j < len(typed) and typed[j][0] == typed[i][0]:
-                        j += 1
-                    db.executemany(typed[i][0], [p for _, p in typed[i:j]])
-                    i = j
+                # One executemany per statement, each table's rows in order (the tables do not
+                # depend on each other), and one upsert per flow: its rows merged as the upsert
+                # would merge them (open, classification, close of one flow are usually together).
+                by_sql: dict[str, list[tuple[Any, ...]]] = {}
+                flows: dict[Any, list[_FlowRow]] = {}
+                for r in batch:
+                    if r.typed is None:
+                        continue
+                    sql, params = r.typed
+                    if isinstance(params, _FlowRow):
+                        flows.setdefault(params.state.flow_id, []).append(params)
+                    else:
+                        by_sql.setdefault(sql, []).append(params)
+                if flows:
+                    db.executemany(_SQL_FLOW, [_flow_rows(changes) for changes in flows.values()])
+                for sql, rows in by_sql.items():
+                    db.executemany(sql, rows)
                 db.execute("COMMIT")
             except BaseException:
                 if db.in_transaction:
