@@ -1,6 +1,6 @@
 """CPU per event of `busted monitor`'s output paths, offline (no kernel, no root).
 
-    .venv/bin/python bench/sinks.py [--connections 20000] [--rounds 5] [--batch 40]
+    .venv/bin/python bench/sinks.py [--connections 20000] [--rounds 5] [--batch 40] [--rate 0] [--no-orjson]
 
 Feeds synthetic connections (FlowOpened, TlsClientHello, FlowClassified, FlowClosed; a DnsAnswer
 every 5th connection, as a resolver cache would) through the very loop `busted monitor` runs
@@ -8,7 +8,9 @@ every 5th connection, as a resolver cache would) through the very loop `busted m
 /dev/null, and reports process CPU (time.process_time: every thread, so the store's writer and the
 JSONL timer count) per event, closing the outputs included. --batch is how many events the loop
 takes from the Monitor at once: the Monitor's reader queues a drain's worth (every 20 ms; 40
-events at 500 connections/s); --batch 1 is one event at a time. Median and spread over --rounds.
+events at 500 connections/s); --batch 1 is one event at a time. --rate N paces the feed at N
+events/s (batches spaced in time, as the Monitor hands them out; 0: as fast as the loop takes
+them). --no-orjson measures the standard library's encoder. Median and spread over --rounds.
 What the Monitor itself costs (decoding, classification) is not in these figures: add the counting
 consumer's figure (docs/benchmarks.md) for the whole process.
 """
@@ -16,6 +18,8 @@ consumer's figure (docs/benchmarks.md) for the whole process.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import io
 import os
 import statistics
 import sys
@@ -80,15 +84,17 @@ def connections(n: int, t0: float = 1_700_000_000.0) -> list[Event]:
     return evs
 
 
-def _batches(evs: list[Event], size: int) -> Iterator[object]:
-    if size <= 1:
-        yield from evs  # one event at a time, as Monitor.events() gives them
-        return
-    for i in range(0, len(evs), size):
-        yield evs[i:i + size]
+def _batches(evs: list[Event], size: int, rate: float) -> Iterator[object]:
+    start = time.monotonic()
+    for i in range(0, len(evs), max(1, size)):
+        if rate:  # the arrival time of this batch's first event
+            wait = start + i / rate - time.monotonic()
+            if wait > 0:
+                time.sleep(wait)
+        yield evs[i] if size <= 1 else evs[i:i + size]  # size 1: one event at a time, as events() gives
 
 
-def run_once(flags: list[str], evs: list[Event], batch: int) -> float:
+def run_once(flags: list[str], evs: list[Event], batch: int, rate: float = 0.0) -> float:
     """Process CPU seconds for the CLI's output loop over ``evs``, outputs opened and closed."""
     import busted
     from busted.cli import _parser, _run_monitor, _Sinks
@@ -96,13 +102,10 @@ def run_once(flags: list[str], evs: list[Event], batch: int) -> float:
     with tempfile.TemporaryDirectory() as d, open(os.devnull, "w") as out:
         args = _parser().parse_args(["monitor", *(f.format(d=d) for f in flags)])
         mon = busted.Monitor()  # not started: only its stats() is read by the loop, as in the CLI
-        import contextlib
-        import io
-
         c0 = time.process_time()
         with contextlib.redirect_stderr(io.StringIO()):  # the outputs' closing report lines
             sinks = _Sinks(args)
-            _run_monitor(args, out, _batches(evs, batch), mon, sinks)
+            _run_monitor(args, out, _batches(evs, batch, rate), mon, sinks)
         return time.process_time() - c0
 
 
@@ -111,13 +114,20 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--connections", type=int, default=20000)
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--batch", type=int, default=40, help="events taken from the Monitor at once (1: one by one)")
+    ap.add_argument("--rate", type=float, default=0.0, help="events/s to feed (0: unpaced)")
+    ap.add_argument("--no-orjson", action="store_true", help="encode with the standard library")
     ap.add_argument("--paths", default=",".join(PATHS), help="comma-separated: " + ", ".join(PATHS))
     a = ap.parse_args(argv)
+    from busted.sinks import _codec
+
+    if a.no_orjson and hasattr(_codec, "_orjson"):
+        _codec._orjson = None
+    enc = "orjson" if getattr(_codec, "_orjson", None) is not None else "json"
     evs = connections(a.connections)
-    print(f"{len(evs)} events ({a.connections} connections), batch {a.batch}, {a.rounds} rounds, "
-          f"python {sys.version.split()[0]}")
+    print(f"{len(evs)} events ({a.connections} connections), batch {a.batch}, rate {a.rate or 'unpaced'}, "
+          f"{a.rounds} rounds, encoder {enc}, python {sys.version.split()[0]}")
     for name in a.paths.split(","):
-        per = sorted(run_once(PATHS[name], evs, a.batch) / len(evs) * 1e6 for _ in range(a.rounds))
+        per = sorted(run_once(PATHS[name], evs, a.batch, a.rate) / len(evs) * 1e6 for _ in range(a.rounds))
         print(f"{name:<18} {statistics.median(per):6.1f} µs/event  (min {per[0]:.1f}, max {per[-1]:.1f})")
     return 0
 
