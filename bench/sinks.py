@@ -12,7 +12,8 @@ events at 500 connections/s); --batch 1 is one event at a time. --rate N paces t
 events/s (batches spaced in time, as the Monitor hands them out; 0: as fast as the loop takes
 them). --no-orjson measures the standard library's encoder. Median and spread over --rounds.
 What the Monitor itself costs (decoding, classification) is not in these figures: add the counting
-consumer's figure (docs/benchmarks.md) for the whole process.
+consumer's figure (docs/benchmarks.md) for the whole process. The "feed" line is the harness alone
+(building nothing, sleeping between batches when paced): subtract it from the others.
 """
 
 from __future__ import annotations
@@ -43,7 +44,8 @@ from busted.events import (  # noqa: E402
     TlsClientHello,
 )
 
-PATHS = {
+PATHS: dict[str, list[str] | None] = {
+    "feed": None,  # the harness alone: the same batches, paced the same, into a loop doing nothing
     "json": ["--json"],
     "json+jsonl": ["--json", "--jsonl", "{d}/events.jsonl"],
     "json+store": ["--json", "--store", "{d}/busted.db"],
@@ -94,9 +96,16 @@ def _batches(evs: list[Event], size: int, rate: float) -> Iterator[object]:
         yield evs[i] if size <= 1 else evs[i:i + size]  # size 1: one event at a time, as events() gives
 
 
-def run_once(flags: list[str], evs: list[Event], batch: int, rate: float = 0.0) -> float:
-    """Process CPU seconds for the CLI's output loop over ``evs``, outputs opened and closed."""
+def run_once(flags: list[str] | None, evs: list[Event], batch: int, rate: float = 0.0) -> float:
+    """Process CPU seconds for the CLI's output loop over ``evs``, outputs opened and closed
+    (``flags`` None: only the feed)."""
     import busted
+
+    if flags is None:
+        c0 = time.process_time()
+        for _ in _batches(evs, batch, rate):
+            pass
+        return time.process_time() - c0
     from busted.cli import _parser, _run_monitor, _Sinks
 
     with tempfile.TemporaryDirectory() as d, open(os.devnull, "w") as out:

@@ -209,7 +209,8 @@ def _parse_probes(spec: str | None) -> dict[str, str] | None:
 # -- rendering ---------------------------------------------------------------------------------
 # Every string from the kernel or the wire (comm, SNI, DNS names, hostnames) is attacker-chosen:
 # table output passes it through printable() so it cannot drive the terminal. --json output is
-# json.dumps with ensure_ascii=True: exact, and only printable ASCII.
+# busted.sinks.dumps (json.dumps with ensure_ascii=True, or orjson where it writes the same): exact,
+# and only printable ASCII.
 
 
 def _ep(addr: str, port: int) -> str:
