@@ -558,8 +558,8 @@ def _stdout_line(ev: Event, d: dict[str, Any] | None, enc: Any) -> str:
     The file outputs' encoding ``enc`` is reused when redaction changed nothing (it almost never
     does: the events are made with secrets masked)."""
     if d is None:
-        return _dumps(ev.to_dict())
-    return enc.line if enc is not None and enc.data == d else _dumps(d)
+        return _dumps(ev.to_dict(), cls=type(ev))
+    return enc.line if enc is not None and enc.data == d else _dumps(d, cls=type(ev))
 
 
 _BATCH = 4096  # at most this many events per batch the monitor loop takes from the Monitor

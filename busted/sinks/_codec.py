@@ -45,17 +45,47 @@ def _nonfinite(v: Any) -> bool:
 _NONE = type(None)
 
 
-def dumps(d: dict[str, Any]) -> str:
+_PLAIN_TYPES = (int, str, float, bool, bytes, type(None))
+
+
+def _plain_type(tp: Any, seen: frozenset[type] = frozenset()) -> bool:
+    """Whether a declared field type only holds what ``to_dict()`` turns into plain JSON values
+    (scalars, enum names, lists, dataclass dicts): nothing orjson would write differently."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType, tuple):
+        return all(a is Ellipsis or _plain_type(a, seen) for a in typing.get_args(tp))
+    if not isinstance(tp, type):
+        return False  # Any, TypeVars, dict[...], list[...]: anything may be in them
+    if issubclass(tp, enum.Enum) or tp in _PLAIN_TYPES:
+        return True
+    if dataclasses.is_dataclass(tp):
+        return tp in seen or _plain_class(tp, seen | {tp})
+    return False
+
+
+@functools.cache
+def _plain_class(cls: type, seen: frozenset[type] = frozenset()) -> bool:
+    try:
+        hints = _hints(cls)
+        return all(_plain_type(hints[f.name], seen | {cls}) for f in dataclasses.fields(cls))
+    except Exception:  # noqa: BLE001 - unresolvable annotations: not known to be plain
+        return False
+
+
+def dumps(d: dict[str, Any], *, cls: type | None = None) -> str:
     """Compact JSON of a ``to_dict()``-shaped dict, only printable ASCII (like ``json.dumps`` with
     ``ensure_ascii=True``, ``separators=(",", ":")``, ``default=str``): the one encoding of every
     output line (``--json`` stdout, JSONL, the store's ``events.json``).
 
-    With orjson installed it encodes; whatever it would write differently from the standard library
-    goes to the standard library instead: non-ASCII text (orjson writes UTF-8, not ``\\uXXXX``),
-    lone surrogates, integers beyond 64 bits, non-string keys (orjson refuses them), NaN/infinity
-    (orjson writes null). Values are equal either way; only float spelling may differ (``1e16`` vs
+    With orjson installed and ``cls`` the event class ``d`` is the ``to_dict()`` of, orjson
+    encodes, if every field of ``cls`` is declared with types ``to_dict()`` makes plain JSON values
+    of (every class in ``busted.events`` but ``PolicyDecision``, whose ``matched`` holds anything:
+    orjson writes a plain ``Enum`` nested in a dict as its value, json as ``str()``). Whatever orjson
+    would still write differently goes to the standard library instead: non-ASCII text (orjson
+    writes UTF-8, not ``\\uXXXX``), lone surrogates, integers beyond 64 bits, NaN/infinity (orjson
+    writes null). Values are equal either way; only float spelling may differ (``1e16`` vs
     ``1e+16``)."""
-    if _orjson is not None:
+    if _orjson is not None and cls is not None and _plain_class(cls):
         try:
             b = _orjson.dumps(d, default=str, option=_ORJSON_OPTS)
         except (TypeError, ValueError):  # orjson.JSONEncodeError is a TypeError
@@ -81,7 +111,7 @@ class Encoded(NamedTuple):
 def encode(ev: Event, d: dict[str, Any] | None = None) -> Encoded:
     """``ev`` encoded for the file outputs; ``d`` is its ``to_dict()`` if the caller has it."""
     data = redact(ev.to_dict() if d is None else d)
-    return Encoded(ev, data, dumps(data))
+    return Encoded(ev, data, dumps(data, cls=type(ev)))
 
 _SECRET_KEYS = frozenset(SECRET_HEADERS) | {"set-cookie", "x-auth-token", "api-token"}
 # Free-text fields read from the wire (an LlmCall's path, user agent, captured content): the events

@@ -22,7 +22,7 @@ from typing import Any
 
 from busted.errors import StoreError, UsageError
 from busted.events import Event
-from busted.sinks._codec import Encoded, dumps, redact
+from busted.sinks._codec import Encoded, encode
 
 __all__ = ["JsonlSink"]
 
@@ -97,7 +97,7 @@ class JsonlSink:
     # -- writing -----------------------------------------------------------------------------
 
     def write(self, event: Event) -> None:
-        line = (dumps(redact(event.to_dict())) + "\n").encode()
+        line = (encode(event).line + "\n").encode()
         with self._lock:
             tell = self._add(line)
         if tell:
@@ -110,7 +110,7 @@ class JsonlSink:
         tell = None
         with self._lock:
             for item in items:
-                line = item.line if isinstance(item, Encoded) else dumps(redact(item.to_dict()))
+                line = (item if isinstance(item, Encoded) else encode(item)).line
                 tell = self._add((line + "\n").encode()) or tell
             if flush and self._is_open:
                 tell = self._write_out() or tell

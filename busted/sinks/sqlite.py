@@ -761,7 +761,7 @@ class Store:
                     d, js = item.data, item.line
                 else:
                     d = redact(ev.to_dict())
-                    js = dumps(d)
+                    js = dumps(d, cls=type(ev))
                 if not isinstance(ev.wall_time, int | float):
                     raise TypeError(f"wall_time is {type(ev.wall_time).__name__}")
                 row = _row(ev.wall_time, ev.kind, d.get("flow_id"), d.get("pid"), d.get("comm"), d.get("provider"),

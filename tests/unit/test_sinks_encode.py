@@ -128,11 +128,42 @@ def _stdlib(d: Any) -> str:
 @pytest.mark.parametrize("ev", KNOWN, ids=lambda e: e.kind)
 def test_dumps_gives_the_same_json_values(ev, encoder):
     d = redact(ev.to_dict())
-    line = dumps(d)
+    line = dumps(d, cls=type(ev))
     assert line.isascii() and "\n" not in line
     assert json.loads(line) == json.loads(_stdlib(d))
-    if encoder == "stdlib":
+    if encoder == "stdlib" or not _codec._plain_class(type(ev)):
         assert line == _stdlib(d)
+    assert encode(ev).line == line
+
+
+def test_orjson_only_for_classes_whose_fields_it_writes_alike():
+    import busted.events as E
+
+    plain = (E.FlowOpened, E.FlowClassified, E.FlowClosed, E.DnsAnswer, E.TlsClientHello, E.EventsLost, E.LlmCall,
+             E.McpMessage)
+    assert all(_codec._plain_class(c) for c in plain)
+    assert not _codec._plain_class(E.PolicyDecision)  # matched: tuple[tuple[str, Any], ...]
+    assert not _codec._plain_class(OddEvent)  # nested: Any
+    # orjson would write the enum's value (1); the standard library writes str() of it
+    ev = OddEvent(ts_ns=1, wall_time=1.0, nested={"color": Color.RED})
+    assert json.loads(encode(ev).line)["nested"] == {"color": "Color.RED"}
+
+
+def test_orjson_is_what_encodes_busted_events(monkeypatch):
+    orjson = pytest.importorskip("orjson")
+    calls = []
+
+    class Counting:
+        OPT_PASSTHROUGH_DATETIME = orjson.OPT_PASSTHROUGH_DATETIME
+
+        @staticmethod
+        def dumps(*a, **kw):
+            calls.append(1)
+            return orjson.dumps(*a, **kw)
+
+    monkeypatch.setattr(_codec, "_orjson", Counting)
+    lines = [encode(ev).line for ev in sample_events()]
+    assert len(calls) == len(lines)
 
 
 @pytest.mark.parametrize("d", [
@@ -145,15 +176,15 @@ def test_dumps_gives_the_same_json_values(ev, encoder):
     {"obj": Path("/x")},  # default=str
 ])
 def test_dumps_edge_values_are_the_standard_librarys(d, encoder):
-    assert dumps(d) == _stdlib(d)
+    assert dumps(d, cls=FlowOpened) == _stdlib(d)  # a plain class: orjson tries, its guards decide
 
 
 @settings(max_examples=200)
 @given(ev=EVENTS)
 def test_dumps_any_event(ev):
     d = redact(ev.to_dict())
-    assert json.loads(dumps(d)) == json.loads(_stdlib(d))
-    assert dumps(d).isascii()
+    line = dumps(d, cls=type(ev))
+    assert json.loads(line) == json.loads(_stdlib(d)) and line.isascii()
 
 
 # -- the store: one upsert per flow per transaction ------------------------------------------------
