@@ -11,8 +11,10 @@ from __future__ import annotations
 import dataclasses
 import enum
 import functools
+import itertools
 import json
 import math
+import operator
 import types
 import typing
 from typing import Any, NamedTuple
@@ -201,21 +203,41 @@ def redact(d: Any) -> Any:
     ``busted.redact.redact_text`` (credential-named query parameters, key shapes, bearer tokens).
     Returns a new object; the input is not changed."""
     if isinstance(d, dict):
-        out = {}
-        cache = _SECRET_CACHE
-        for k, v in d.items():
-            secret = cache.get(k)  # inline: this loop runs for every field of every event written
-            if secret is None:
-                secret = _secret(k)
-            if secret:
-                out[k] = MASK
-            elif type(v) in _PLAIN and not (type(v) is str and k in _TEXT_KEYS):
-                out[k] = v
-            else:
-                out[k] = redact_text(v) if k in _TEXT_KEYS and isinstance(v, str) else redact(v)
-        return out
+        return _redact_dict(d)
     if isinstance(d, list | tuple):
+        if type(d) is list and all(map(_PLAIN.__contains__, map(type, d))):
+            return d.copy()  # plain scalars only (a command line, ALPN ids): no pairs, nothing inside
         if d and all(_is_pair(x) for x in d):  # a header list: [(name, value), ...]
             return type(d)(type(x)((x[0], MASK)) if _secret(x[0]) else redact(x) for x in d)
         return type(d)(x if type(x) in _PLAIN else redact(x) for x in d)
     return d
+
+
+# key tuple of a dict -> (its credential keys, its other free-text keys): dicts of one event kind
+# share their keys, so redact() decides per key once, not per event. Bounded (dicts from the wire).
+_PLANS: dict[tuple[Any, ...], tuple[tuple[Any, ...], tuple[Any, ...]]] = {}
+
+
+def _redact_dict(d: dict[Any, Any]) -> dict[Any, Any]:
+    keys = tuple(d)
+    plan = _PLANS.get(keys)
+    if plan is None:
+        secret = tuple(k for k in keys if _secret(k))
+        plan = (secret, tuple(k for k in keys if k in _TEXT_KEYS and k not in secret))
+        if len(_PLANS) < 1024:
+            _PLANS[keys] = plan
+    out = dict(d)
+    for k in plan[0]:
+        out[k] = MASK
+    for k in plan[1]:
+        v = out[k]
+        if isinstance(v, str):
+            out[k] = redact_text(v)
+    # The values that are not plain scalars (lists, nested dicts, ...), found without a Python
+    # step per key; masked and text values are plain str by now.
+    vals = tuple(out.values())
+    if all(map(_PLAIN.__contains__, map(type, vals))):
+        return out
+    for i in itertools.compress(range(len(vals)), map(operator.not_, map(_PLAIN.__contains__, map(type, vals)))):
+        out[keys[i]] = redact(vals[i])
+    return out

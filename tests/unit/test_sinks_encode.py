@@ -269,3 +269,25 @@ def test_batched_loop_writes_what_the_one_by_one_loop_writes(tmp_path):
     assert SECRET not in "".join(jsonl)
     assert [ev.to_dict() for ev in stored] == [redact(ev.to_dict()) for ev in evs]
     assert all(ln.isascii() for ln in stdout)
+
+
+class _Str(str):
+    pass
+
+
+_KEYS = st.sampled_from(["path", "user_agent", "prompt", "Authorization", "x_api_key", "Cookie", "comm", "pid",
+                         "headers", " API-Key ", "completion", "exe"])
+_LEAF = st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | \
+    st.sampled_from(["sk-proj-Zq3xW9vT1bN7mK2pL5hR8cY4dF6gJ0sA", "/v1/x?key=abcdef0123456789", "plain", ""]) | \
+    st.text(max_size=8) | st.text(max_size=8).map(_Str)
+_TREE = st.recursive(_LEAF, lambda kids: st.lists(kids, max_size=4) | st.lists(kids, max_size=3).map(tuple)
+                     | st.dictionaries(_KEYS, kids, max_size=5) | st.tuples(_KEYS, kids), max_leaves=20)
+
+
+@settings(max_examples=400)
+@given(tree=st.dictionaries(_KEYS, _TREE, max_size=8))
+def test_redact_any_tree_as_before(tree):
+    """Key plans are per key tuple: the same keys with other value types, nested header pairs,
+    str subclasses and text keys holding lists all come out as the plain walk made them."""
+    assert redact(tree) == _ref_redact(tree)
+    assert redact([tree, tree]) == _ref_redact([tree, tree])
