@@ -1,7 +1,9 @@
 """NDJSON output: one event per line (``to_dict()``, secrets masked), rotated by size.
 
-Each line is one JSON object, ``kind`` first; ``busted.sinks.event_from_dict(json.loads(line))``
-gives the event back. Lines collect in a buffer written out when it holds 64 KiB, on ``flush()`` /
+Each line is one JSON object (``busted.sinks.dumps``: compact, printable ASCII), ``kind`` first;
+``busted.sinks.event_from_dict(json.loads(line))`` gives the event back. ``write_encoded`` takes
+events the caller already encoded (``busted.sinks.encode``), so a line is not encoded twice.
+Lines collect in a buffer written out when it holds 64 KiB, on ``flush()`` /
 ``close()``, and by a timer every ``flush_interval`` seconds (so ``tail -f`` sees events within that
 time even when traffic stops, and a SIGKILL loses at most that much).
 

@@ -2,6 +2,7 @@
 
     with Store("busted.db") as store:        # writer
         store.write(event)                   # enqueues only; a thread commits batches
+        store.write_encoded(items)           # the same for busted.sinks.encode(event)s, one lock
     with Store.open_readonly("busted.db") as store:
         for ev in store.events(kinds=["flow_closed"], provider="openai"): ...
 
