@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import importlib.util
+import itertools
 import json
 import os
 import signal
@@ -40,6 +41,8 @@ from busted.events import (
     McpMessage,
     TlsClientHello,
 )
+from busted.sinks import dumps as _dumps
+from busted.sinks import encode as _encode_event
 
 __all__ = ["HEADER", "TopTable", "main", "ready_line", "render"]
 
@@ -214,7 +217,8 @@ def _parse_probes(spec: str | None) -> dict[str, str] | None:
 # -- rendering ---------------------------------------------------------------------------------
 # Every string from the kernel or the wire (comm, SNI, DNS names, hostnames) is attacker-chosen:
 # table output passes it through printable() so it cannot drive the terminal. --json output is
-# json.dumps with ensure_ascii=True: exact, and only printable ASCII.
+# busted.sinks.dumps (json.dumps with ensure_ascii=True, or orjson where it writes the same): exact,
+# and only printable ASCII.
 
 
 def _ep(addr: str, port: int) -> str:
@@ -461,6 +465,26 @@ class _Sinks:
         if self.exporter is not None:
             self.exporter.set_queue_depth(queue_depth)
 
+    @property
+    def encodes(self) -> bool:
+        """True if an output writes JSON lines (store, JSONL): give write_batch() encoded events."""
+        return any(s is not self.exporter for s in self.sinks)
+
+    def write_batch(self, events: Sequence[Event], encoded: Sequence[Any], queue_depth: Callable[[], int]) -> None:
+        """One batch to every output: the file outputs get the events encoded once
+        (``sinks.encode``; an event that would not encode is passed as is, for the output to count
+        it), under one lock each; the JSONL file is written out per batch. ``queue_depth()`` is
+        read once per batch, and only for --metrics."""
+        for s in self.sinks:
+            if s is self.exporter:
+                for ev in events:
+                    s.write(ev)
+                s.set_queue_depth(queue_depth())
+            elif isinstance(s, sinks.JsonlSink):
+                s.write_encoded(encoded, flush=True)
+            else:
+                s.write_encoded(encoded)
+
     def close(self) -> None:
         """Close every sink; a sink's failure is printed, not raised, so the summary still comes."""
         for s in self.sinks:
@@ -537,22 +561,56 @@ def _install_sigterm(stop: threading.Event) -> None:
         signal.signal(signal.SIGTERM, handler)
 
 
-def _run_monitor(args: argparse.Namespace, out: TextIO, events: Iterable[Event], mon: Any = None,
+def _stdout_line(ev: Event, d: dict[str, Any] | None, enc: Any) -> str:
+    """The --json line: the exact ``to_dict()`` ``d`` (not redacted), compact, printable ASCII only.
+    The file outputs' encoding ``enc`` is reused when redaction changed nothing (it almost never
+    does: the events are made with secrets masked)."""
+    if d is None:
+        return _dumps(ev.to_dict(), cls=type(ev))
+    return enc.line if enc is not None and enc.data == d else _dumps(d, cls=type(ev))
+
+
+_BATCH = 4096  # at most this many events per batch the monitor loop takes from the Monitor
+
+
+def _run_monitor(args: argparse.Namespace, out: TextIO, events: Iterable[Event | Sequence[Event]], mon: Any = None,
                  sinks: _Sinks | None = None) -> _Summary:
+    """The monitor's output loop. ``events`` yields events, or lists of events (a batch, as taken
+    from the Monitor at once): each batch is encoded once per event for every output, handed to
+    the outputs together and printed with one write and one flush."""
     summary = _Summary()
     as_json = args.json or not out.isatty()
+    encodes = sinks is not None and sinks.encodes
+    depth = (lambda: mon.stats().queue_depth) if mon is not None else (lambda: 0)
     if not as_json:
         out.write(HEADER + "\n")
         out.flush()
     try:
-        for ev in events:
-            summary.add(ev)
+        for item in events:
+            batch: Sequence[Event] = (item,) if isinstance(item, Event) else item
+            encoded = []
+            lines = []
+            for ev in batch:
+                summary.add(ev)
+                d = enc = None
+                if encodes:
+                    try:
+                        d = ev.to_dict()
+                        enc = _encode_event(ev, d)
+                    except Exception:  # noqa: BLE001 - the store counts an event it cannot encode
+                        d = None
+                        encoded.append(ev)
+                    else:
+                        encoded.append(enc)
+                if not _wants(ev, args.provider):
+                    continue
+                lines.append(_stdout_line(ev, d, enc) if as_json else render(ev))
             if sinks is not None:
-                sinks.write(ev, mon.stats().queue_depth if mon is not None else 0)
-            if not _wants(ev, args.provider):
-                continue
-            out.write((_json(ev.to_dict()) if as_json else render(ev)) + "\n")
-            out.flush()
+                sinks.write_batch(batch, encoded, depth)
+            if lines:
+                lines.append("")
+                out.write("\n".join(lines))
+                out.flush()
     except KeyboardInterrupt:
         pass
     finally:
@@ -571,12 +629,19 @@ def _monitor(args: argparse.Namespace, out: TextIO) -> int:
         _announce(mon)
         deadline = None if args.duration is None else time.monotonic() + args.duration
 
-        def stream() -> Iterable[Event]:
+        def stream() -> Iterable[list[Event]]:
+            # Batches: wait for one event, then take the others the Monitor has queued by then (a
+            # drain's worth, every 20 ms; they are there, so this does not wait), so the outputs
+            # write and flush once per batch.
             while not stop.is_set():
                 left = None if deadline is None else deadline - time.monotonic()
                 if left is not None and left <= 0:
                     return
-                yield from mon.events(timeout=min(0.5, left) if left is not None else 0.5, stop_event=stop)
+                gen = mon.events(timeout=min(0.5, left) if left is not None else 0.5, stop_event=stop)
+                for first in gen:
+                    yield [first, *itertools.islice(gen, min(mon.stats().queue_depth, _BATCH - 1))]
+                    if deadline is not None and time.monotonic() >= deadline:
+                        return
 
         summary = _run_monitor(args, out, stream(), mon, sinks)
         st = mon.stats()

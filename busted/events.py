@@ -70,13 +70,45 @@ class LossPlace(enum.IntEnum):
     SINK = 8  # an output (store, JSONL file) could not keep them: disk full, I/O error, its backlog full
 
 
+# Values to_dict() passes through as they are (exact types: an IntEnum is an int subclass and is
+# not one of them). Checked first because they are almost every field of almost every event.
+_PLAIN = frozenset({int, str, float, bool, type(None)})
+_FIELD_NAMES: dict[type, tuple[str, ...]] = {}  # dataclass -> its field names (fields() is slow)
+_ENUM_NAMES: dict[type, dict[Any, str]] = {}  # enum class -> member -> lower-case name
+
+
+def _names(cls: type) -> tuple[str, ...]:
+    names = _FIELD_NAMES.get(cls)
+    if names is None:
+        names = _FIELD_NAMES[cls] = tuple(f.name for f in dataclasses.fields(cls))
+    return names
+
+
+def _dataclass_dict(v: Any, names: tuple[str, ...]) -> dict[str, Any]:
+    vals = getattr(v, "__dict__", None)  # faster than getattr per field; absent with slots
+    if vals is None or len(vals) < len(names):
+        vals = {n: getattr(v, n) for n in names}
+    out = {}
+    for n in names:
+        x = vals[n]
+        out[n] = x if type(x) in _PLAIN else _jsonable(x)
+    return out
+
+
 def _jsonable(v: Any) -> Any:
+    t = type(v)
+    if t in _PLAIN:
+        return v
     if isinstance(v, enum.Enum):
-        return v.name.lower()
+        names = _ENUM_NAMES.get(t)
+        if names is None:  # members of one enum class are distinct keys (IntEnums of two classes may be ==)
+            names = _ENUM_NAMES[t] = {m: m.name.lower() for m in t}
+        return names.get(v) or v.name.lower()
     if isinstance(v, tuple | list):
-        return [_jsonable(x) for x in v]
-    if dataclasses.is_dataclass(v) and not isinstance(v, type):
-        return {f.name: _jsonable(getattr(v, f.name)) for f in dataclasses.fields(v)}
+        return [x if type(x) in _PLAIN else _jsonable(x) for x in v]
+    names = _FIELD_NAMES.get(t)  # a dataclass seen before (Ancestor, DnsRecord)
+    if names is not None or dataclasses.is_dataclass(v) and not isinstance(v, type):
+        return _dataclass_dict(v, names or _names(t))
     if isinstance(v, bytes):
         return v.hex()
     return v
@@ -92,10 +124,7 @@ class Event:
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-safe dict: enums become lower-case names, tuples lists, bytes hex."""
-        d: dict[str, Any] = {"kind": self.kind}
-        for f in dataclasses.fields(self):
-            d[f.name] = _jsonable(getattr(self, f.name))
-        return d
+        return {"kind": self.kind, **_dataclass_dict(self, _names(type(self)))}
 
 
 @dataclass(frozen=True)

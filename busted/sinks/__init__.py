@@ -4,12 +4,15 @@ Every sink has ``write(event)`` and ``close()`` (and ``flush()`` where it buffer
 ``--store``/``--jsonl``/``--metrics`` feed them every event. Unknown event kinds are kept
 generically (the store's ``events`` table, JSONL lines), so new kinds need no schema change.
 Credential-named keys are masked (``redact``) before anything is written or exported.
+``encode(event)`` does that and the JSON once (``Encoded``: the redacted dict and its line), for
+every output that writes it (``JsonlSink.write_encoded``, ``Store.write_encoded``; ``dumps`` is
+the one JSON encoding, with orjson when installed).
 """
 
 from typing import Protocol, runtime_checkable
 
 from busted.events import Event
-from busted.sinks._codec import event_from_dict, event_kinds, redact
+from busted.sinks._codec import Encoded, dumps, encode, event_from_dict, event_kinds, redact
 from busted.sinks.jsonl import JsonlSink
 from busted.sinks.prometheus import PrometheusExporter
 from busted.sinks.sqlite import (
@@ -38,5 +41,6 @@ def flush(sink: Sink) -> None:
         f()
 
 
-__all__ = ["DEFAULT_MAX_BYTES", "DEFAULT_RETENTION_SECONDS", "SCHEMA_VERSION", "JsonlSink", "PrometheusExporter",
-           "Sink", "Store", "event_from_dict", "event_kinds", "flush", "parse_age", "parse_size", "redact"]
+__all__ = ["DEFAULT_MAX_BYTES", "DEFAULT_RETENTION_SECONDS", "SCHEMA_VERSION", "Encoded", "JsonlSink",
+           "PrometheusExporter", "Sink", "Store", "dumps", "encode", "event_from_dict", "event_kinds", "flush",
+           "parse_age", "parse_size", "redact"]

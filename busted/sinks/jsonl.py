@@ -1,7 +1,9 @@
 """NDJSON output: one event per line (``to_dict()``, secrets masked), rotated by size.
 
-Each line is one JSON object, ``kind`` first; ``busted.sinks.event_from_dict(json.loads(line))``
-gives the event back. Lines collect in a buffer written out when it holds 64 KiB, on ``flush()`` /
+Each line is one JSON object (``busted.sinks.dumps``: compact, printable ASCII), ``kind`` first;
+``busted.sinks.event_from_dict(json.loads(line))`` gives the event back. ``write_encoded`` takes
+events the caller already encoded (``busted.sinks.encode``), so a line is not encoded twice.
+Lines collect in a buffer written out when it holds 64 KiB, on ``flush()`` /
 ``close()``, and by a timer every ``flush_interval`` seconds (so ``tail -f`` sees events within that
 time even when traffic stops, and a SIGKILL loses at most that much).
 
@@ -14,16 +16,15 @@ raises for it: ``report()`` says how many lines were written and how many lost.
 
 from __future__ import annotations
 
-import json
 import os
 import sys
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 from busted.errors import StoreError, UsageError
 from busted.events import Event
-from busted.sinks._codec import redact
+from busted.sinks._codec import Encoded, encode
 
 __all__ = ["JsonlSink"]
 
@@ -98,30 +99,50 @@ class JsonlSink:
     # -- writing -----------------------------------------------------------------------------
 
     def write(self, event: Event) -> None:
-        line = (json.dumps(redact(event.to_dict()), separators=(",", ":"), default=str) + "\n").encode()
-        tell = None
+        line = (encode(event).line + "\n").encode()
         with self._lock:
-            if not self._is_open:
-                raise StoreError(f"{self.path}: JSONL sink is closed")
-            if self.path != "-" and self._size + len(self._buf) + len(line) > self.max_bytes and \
-                    (self._size or self._buf):
-                tell = self._write_out()
-                if not self._buf and self.last_error is None:
-                    try:
-                        self._rotate()
-                    except OSError as exc:
-                        tell = tell or self._failed(exc, "rotating")
-            if len(self._buf) + len(line) > self.max_backlog and self.last_error is None:
-                tell = self._write_out() or tell  # a backlog smaller than a chunk: write out first
-            if len(self._buf) + len(line) > self.max_backlog:
-                self.dropped += 1  # the disk refuses and the backlog is full: newest dropped, counted
-            else:
-                self._buf += line
-                self._buf_lines += 1
-                if len(self._buf) >= _CHUNK or self.flush_interval <= 0:
-                    tell = self._write_out() or tell
+            tell = self._add(line)
         if tell:
             self._tell(tell)
+
+    def write_encoded(self, items: Iterable[Encoded | Event], *, flush: bool = False) -> None:
+        """Append events already encoded (``busted.sinks.encode``): their ``line`` is what
+        ``write`` would have written (a plain event among them is encoded here). One lock for them
+        all; ``flush=True`` writes them out now (the CLI does, once per batch from the Monitor)."""
+        tell = None
+        with self._lock:
+            for item in items:
+                line = (item if isinstance(item, Encoded) else encode(item)).line
+                tell = self._add((line + "\n").encode()) or tell
+            if flush and self._is_open:
+                tell = self._write_out() or tell
+        if tell:
+            self._tell(tell)
+
+    def _add(self, line: bytes) -> str | None:
+        """Buffer one line (rotating, writing out, or dropping as needed). Caller holds the lock.
+        Returns a message to tell, or None."""
+        tell = None
+        if not self._is_open:
+            raise StoreError(f"{self.path}: JSONL sink is closed")
+        if self.path != "-" and self._size + len(self._buf) + len(line) > self.max_bytes and \
+                (self._size or self._buf):
+            tell = self._write_out()
+            if not self._buf and self.last_error is None:
+                try:
+                    self._rotate()
+                except OSError as exc:
+                    tell = tell or self._failed(exc, "rotating")
+        if len(self._buf) + len(line) > self.max_backlog and self.last_error is None:
+            tell = self._write_out() or tell  # a backlog smaller than a chunk: write out first
+        if len(self._buf) + len(line) > self.max_backlog:
+            self.dropped += 1  # the disk refuses and the backlog is full: newest dropped, counted
+        else:
+            self._buf += line
+            self._buf_lines += 1
+            if len(self._buf) >= _CHUNK or self.flush_interval <= 0:
+                tell = self._write_out() or tell
+        return tell
 
     def _failed(self, exc: OSError, doing: str) -> str | None:
         """Record a refused write; the message to tell if this starts a failure. Caller holds the lock."""

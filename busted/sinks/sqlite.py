@@ -2,6 +2,7 @@
 
     with Store("busted.db") as store:        # writer
         store.write(event)                   # enqueues only; a thread commits batches
+        store.write_encoded(items)           # the same for busted.sinks.encode(event)s, one lock
     with Store.open_readonly("busted.db") as store:
         for ev in store.events(kinds=["flow_closed"], provider="openai"): ...
 
@@ -49,7 +50,7 @@ from busted.events import (
     TlsClientHello,
 )
 from busted.flowview import FlowState, FlowView
-from busted.sinks._codec import event_from_dict, redact
+from busted.sinks._codec import Encoded, dumps, event_from_dict, redact
 
 __all__ = ["DEFAULT_MAX_BYTES", "DEFAULT_RETENTION_SECONDS", "SCHEMA_VERSION", "Store", "parse_age", "parse_size"]
 
@@ -225,6 +226,28 @@ _SQL_FLOW = (f"INSERT INTO flows({', '.join(_FLOW_COLS)}) VALUES ({', '.join('?'
                     f"ELSE excluded.{c} END" for c in _CLASS_COLS]
                  + ["opened=coalesce(flows.opened, excluded.opened)"]
                  + [_keep_if_null(c) for c in _CLOSE_COLS]))
+_I_OPENED = _FLOW_COLS.index("opened")
+_I_CLASS = tuple(_FLOW_COLS.index(c) for c in _CLASS_COLS)
+_I_HOST, _I_PROVIDER = _FLOW_COLS.index("hostname"), _FLOW_COLS.index("provider")
+_I_CLOSE = tuple(_FLOW_COLS.index(c) for c in _CLOSE_COLS)
+
+
+def _merge_flow_rows(a: tuple[Any, ...], b: tuple[Any, ...]) -> tuple[Any, ...]:
+    """One flows row that upserts as ``a`` then ``b`` would (the rules of _SQL_FLOW, applied to
+    ``a`` as the stored row): identity from ``b``; the classification of ``b`` if it has one, else
+    ``a``'s; the first known opened time; close facts of ``b``, else ``a``'s."""
+    m = list(b)
+    if b[_I_PROVIDER] is None and b[_I_HOST] is None:
+        for i in _I_CLASS:
+            m[i] = a[i]
+    if a[_I_OPENED] is not None:
+        m[_I_OPENED] = a[_I_OPENED]
+    for i in _I_CLOSE:
+        if m[i] is None:
+            m[i] = a[i]
+    return tuple(m)
+
+
 _SQL_EVENT = "INSERT INTO events(ts, kind, flow_id, pid, comm, provider, json) VALUES (?,?,?,?,?,?,?)"
 _SQL_DNS = ("INSERT INTO dns_answers(ts, pid, comm, netns, transport, server, qname, qtype, rcode, answers,"
             " cname_chain) VALUES (?,?,?,?,?,?,?,?,?,?,?)")
@@ -257,18 +280,32 @@ def _sql(v: Any) -> Any:
     if isinstance(v, int):
         return v if _INT64[0] <= v <= _INT64[1] else float(v)
     if isinstance(v, list | tuple | dict):
-        return json.dumps(v, default=str)
+        return _LIST_JSON.encode(v)
     return str(v)
 
 
+_LIST_JSON = json.JSONEncoder(default=str)  # = json.dumps(v, default=str), built once
+_INT64_LO, _INT64_HI = _INT64
+
+
 def _row(*values: Any) -> tuple[Any, ...]:
-    return tuple(_sql(v) for v in values)
+    out = []
+    for v in values:  # _sql(v), with the common cases inline: this runs for every column written
+        t = type(v)
+        if v is None or t is float or t is str and v.isascii():
+            out.append(v)
+        elif t is int and _INT64_LO <= v <= _INT64_HI:
+            out.append(v)
+        else:
+            out.append(_sql(v))
+    return tuple(out)
 
 
-def _flow_row(st: FlowState) -> tuple[Any, ...]:
-    d = redact(st.flow.to_dict())
-    d.update(opened=st.opened, closed=st.closed, bytes_sent=st.bytes_sent, bytes_received=st.bytes_received,
-             duration_ns=st.duration_ns)
+def _flow_row(st: FlowState, ev: Event, d: dict[str, Any]) -> tuple[Any, ...]:
+    # d is redact(ev.to_dict()): the state's flow is usually the event itself (else a copy of it
+    # with the known classification merged in, encoded here).
+    d = {**(d if st.flow is ev else redact(st.flow.to_dict())), "opened": st.opened, "closed": st.closed,
+         "bytes_sent": st.bytes_sent, "bytes_received": st.bytes_received, "duration_ns": st.duration_ns}
     return _row(*(d.get(c) for c in _FLOW_COLS))
 
 
@@ -299,7 +336,7 @@ def _typed(ev: Event, d: dict[str, Any], flows: FlowView) -> tuple[str, tuple[An
     ts = ev.wall_time
     if isinstance(ev, FlowOpened | FlowClassified | FlowClosed):
         change = flows.update(ev)
-        return None if change is None else (_SQL_FLOW, _flow_row(change.after))
+        return None if change is None else (_SQL_FLOW, _FlowRow(change.after, ev, d, change.before is not None))
     if isinstance(ev, DnsAnswer):
         return _SQL_DNS, _row(ts, ev.pid, ev.comm, ev.netns, ev.transport, ev.server, ev.qname, ev.qtype,
                               ev.rcode, d["answers"], d["cname_chain"])
@@ -311,6 +348,33 @@ def _typed(ev: Event, d: dict[str, Any], flows: FlowView) -> tuple[str, tuple[An
     if isinstance(ev, LlmCall | McpMessage):
         return _spread(d)
     return None  # any other kind (including future ones): kept in `events`
+
+
+class _FlowRow(NamedTuple):
+    """A flows row not built yet: a batch writes one row per flow, built from its last state
+    (``_flow_rows``). ``chained``: FlowView knew the flow before this event."""
+
+    state: FlowState
+    event: Event
+    data: dict[str, Any]
+    chained: bool
+
+    def build(self) -> tuple[Any, ...]:
+        return _flow_row(self.state, self.event, self.data)
+
+
+def _flow_rows(changes: list[_FlowRow]) -> tuple[Any, ...]:
+    """The one flows row that upserts as ``changes`` (one flow's, in order) would, one by one.
+    When FlowView carried the flow from each change to the next, the last state holds everything
+    the earlier rows would have written (classification merged, opened time kept, close facts
+    only at the end): build that one. Otherwise (the flow was forgotten in between: a replayed
+    open after its close, an eviction) build them all and merge them as the upsert does."""
+    if all(c.chained for c in changes[1:]):
+        return changes[-1].build()
+    row = changes[0].build()
+    for c in changes[1:]:
+        row = _merge_flow_rows(row, c.build())
+    return row
 
 
 class _Row(NamedTuple):
@@ -362,7 +426,7 @@ class Store:
         self.queue_size = queue_size
         self.busy_timeout = busy_timeout
         self.trim_interval = trim_interval
-        self._q: collections.deque[Event] = collections.deque()
+        self._q: collections.deque[Event | Encoded] = collections.deque()
         self._cv = threading.Condition()
         self._dblock = threading.Lock()  # the write connection: writer thread vs trim() callers
         self._inflight = 0  # accepted events taken from _q and not yet committed (or found invalid)
@@ -576,20 +640,11 @@ class Store:
         """Queue one event. Never waits for the database. At most ``queue_size`` events wait in
         memory (also while the disk refuses writes); beyond that new events are dropped, counted
         (``stats()["dropped"]``) and recorded as an ``EventsLost`` row once writing works again."""
-        if self.readonly:
-            raise StoreError(f"{self.path}: opened read-only; open it with Store(path) to write")
-        if self._closed:
-            raise StoreError(f"{self.path}: store is closed; open a new Store to write more")
+        self._check_writable()
         tell = None
         with self._cv:
             if len(self._q) + self._inflight >= self.queue_size:
-                self._stats["dropped"] += 1
-                if self._failing_since is not None:
-                    self._drop_cause = self.last_error
-                    if not self._told_dropping:
-                        self._told_dropping = True
-                        tell = (f"{self.path}: {self.queue_size} events wait in memory for the store; dropping "
-                                "new ones from now on (counted, and recorded in the store once it can write)")
+                tell = self._drop()
             else:
                 self._q.append(event)
                 if len(self._q) >= self.batch_size:
@@ -597,15 +652,50 @@ class Store:
         if tell:
             self._tell(tell)
 
+    def _check_writable(self) -> None:
+        if self.readonly:
+            raise StoreError(f"{self.path}: opened read-only; open it with Store(path) to write")
+        if self._closed:
+            raise StoreError(f"{self.path}: store is closed; open a new Store to write more")
+
     def write_many(self, events: Iterable[Event]) -> None:
         for ev in events:
             self.write(ev)
+
+    def write_encoded(self, items: Iterable[Encoded | Event]) -> None:
+        """Queue events already encoded (``busted.sinks.encode``: the JSONL line is the ``events``
+        row's JSON; a plain event among them is encoded by the writer), under one lock; otherwise
+        as ``write``. The CLI hands each batch it takes
+        from the Monitor to every output this way, encoded once."""
+        self._check_writable()
+        tell = None
+        with self._cv:
+            for item in items:
+                if len(self._q) + self._inflight >= self.queue_size:
+                    tell = self._drop() or tell
+                else:
+                    self._q.append(item)
+            if len(self._q) >= self.batch_size:
+                self._cv.notify_all()
+        if tell:
+            self._tell(tell)
+
+    def _drop(self) -> str | None:
+        """Count one event the full backlog refuses. Caller holds _cv. Returns a message to tell."""
+        self._stats["dropped"] += 1
+        if self._failing_since is not None:
+            self._drop_cause = self.last_error
+            if not self._told_dropping:
+                self._told_dropping = True
+                return (f"{self.path}: {self.queue_size} events wait in memory for the store; dropping "
+                        "new ones from now on (counted, and recorded in the store once it can write)")
+        return None
 
     def pending(self) -> list[Event]:
         """Events accepted but not yet committed (e.g. after ``close()`` raised), oldest first."""
         with self._cv:
             held = [r.src for b in self._retry for r in b if r.src is not None]
-            return held + list(self._q)
+            return held + [q.event if isinstance(q, Encoded) else q for q in self._q]
 
     def _tell(self, msg: str) -> None:
         """Say it now (``on_error``): the store's trouble must not wait for close()."""
@@ -626,7 +716,7 @@ class Store:
                                       if self._wants_trim() else self.flush_interval)
                     if self._stop:
                         return
-                    evs: list[Event] = []
+                    evs: list[Event | Encoded] = []
                     lost = 0
                     if not self._retry:
                         evs = [self._q.popleft() for _ in range(min(self.batch_size, len(self._q)))]
@@ -667,7 +757,7 @@ class Store:
     def _wants_trim(self) -> bool:
         return bool(self.retention_seconds or self.max_bytes)
 
-    def _encode(self, evs: list[Event], lost: int) -> list[_Row]:
+    def _encode(self, evs: list[Event | Encoded], lost: int) -> list[_Row]:
         """Encode events into rows, outside any transaction. An event that cannot be encoded is
         counted (``invalid``), not retried."""
         rows: list[_Row] = []
@@ -679,14 +769,19 @@ class Store:
                       + (f" while the store could not write ({cause})" if cause else ""))
             evs = [*evs, EventsLost(ts_ns=time.monotonic_ns(), wall_time=time.time(), where=LossPlace.SINK,
                                     count=lost, detail=detail)]
-        for i, ev in enumerate(evs):
+        for i, item in enumerate(evs):
             is_loss_record = lost and i == len(evs) - 1
+            ev = item.event if isinstance(item, Encoded) else item
             try:
-                d = redact(ev.to_dict())
+                if isinstance(item, Encoded):
+                    d, js = item.data, item.line
+                else:
+                    d = redact(ev.to_dict())
+                    js = dumps(d, cls=type(ev))
                 if not isinstance(ev.wall_time, int | float):
                     raise TypeError(f"wall_time is {type(ev.wall_time).__name__}")
                 row = _row(ev.wall_time, ev.kind, d.get("flow_id"), d.get("pid"), d.get("comm"), d.get("provider"),
-                           json.dumps(d, separators=(",", ":"), default=str))
+                           js)
                 rows.append(_Row(None if is_loss_record else ev, row, _typed(ev, d, self._flows),
                                  lost if is_loss_record else 0))
             except Exception as exc:  # noqa: BLE001 - a bad event must not stop the writer
@@ -765,14 +860,23 @@ class Store:
             db.execute("BEGIN IMMEDIATE")
             try:
                 db.executemany(_SQL_EVENT, [r.event for r in batch])
-                typed = [r.typed for r in batch if r.typed is not None]
-                i = 0
-                while i < len(typed):  # consecutive rows of one statement go together, order kept
-                    j = i
-                    while j < len(typed) and typed[j][0] == typed[i][0]:
-                        j += 1
-                    db.executemany(typed[i][0], [p for _, p in typed[i:j]])
-                    i = j
+                # One executemany per statement, each table's rows in order (the tables do not
+                # depend on each other), and one upsert per flow: its rows merged as the upsert
+                # would merge them (open, classification, close of one flow are usually together).
+                by_sql: dict[str, list[tuple[Any, ...]]] = {}
+                flows: dict[Any, list[_FlowRow]] = {}
+                for r in batch:
+                    if r.typed is None:
+                        continue
+                    sql, params = r.typed
+                    if isinstance(params, _FlowRow):
+                        flows.setdefault(params.state.flow_id, []).append(params)
+                    else:
+                        by_sql.setdefault(sql, []).append(params)
+                if flows:
+                    db.executemany(_SQL_FLOW, [_flow_rows(changes) for changes in flows.values()])
+                for sql, rows in by_sql.items():
+                    db.executemany(sql, rows)
                 db.execute("COMMIT")
             except BaseException:
                 if db.in_transaction:

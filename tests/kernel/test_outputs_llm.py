@@ -73,11 +73,13 @@ def _calls_in(path) -> list[dict]:
     """The llm_call lines of the monitor's stdout so far (a line still being written is skipped)."""
     out = []
     for ln in path.read_text().splitlines():
-        if '"kind": "llm_call"' in ln:
+        if "llm_call" in ln:  # the JSON's layout is not the contract (--json lines are compact)
             try:
-                out.append(json.loads(ln))
+                d = json.loads(ln)
             except json.JSONDecodeError:
                 continue
+            if d.get("kind") == "llm_call":
+                out.append(d)
     return out
 
 

@@ -1,0 +1,145 @@
+"""CPU per event of `busted monitor`'s output paths, offline (no kernel, no root).
+
+    .venv/bin/python bench/sinks.py [--connections 20000] [--rounds 5] [--batch 40] [--rate 0] [--no-orjson]
+
+Feeds synthetic connections (FlowOpened, TlsClientHello, FlowClassified, FlowClosed; a DnsAnswer
+every 5th connection, as a resolver cache would) through the very loop `busted monitor` runs
+(busted.cli._run_monitor with the CLI's own _Sinks, built from the same argv) with stdout going to
+/dev/null, and reports process CPU (time.process_time: every thread, so the store's writer and the
+JSONL timer count) per event, closing the outputs included. --batch is how many events the loop
+takes from the Monitor at once: the Monitor's reader queues a drain's worth (every 20 ms; 40
+events at 500 connections/s); --batch 1 is one event at a time. --rate N paces the feed at N
+events/s (batches spaced in time, as the Monitor hands them out; 0: as fast as the loop takes
+them). --no-orjson measures the standard library's encoder. Median and spread over --rounds.
+What the Monitor itself costs (decoding, classification) is not in these figures: add the counting
+consumer's figure (docs/benchmarks.md) for the whole process. The "feed" line is the harness alone
+(building nothing, sleeping between batches when paced): subtract it from the others.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import io
+import os
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from busted.events import (  # noqa: E402
+    Ancestor,
+    Direction,
+    DnsAnswer,
+    DnsRecord,
+    Event,
+    Evidence,
+    FlowClassified,
+    FlowClosed,
+    FlowOpened,
+    TlsClientHello,
+)
+
+PATHS: dict[str, list[str] | None] = {
+    "feed": None,  # the harness alone: the same batches, paced the same, into a loop doing nothing
+    "json": ["--json"],
+    "json+jsonl": ["--json", "--jsonl", "{d}/events.jsonl"],
+    "json+store": ["--json", "--store", "{d}/busted.db"],
+    "json+jsonl+store": ["--json", "--jsonl", "{d}/events.jsonl", "--store", "{d}/busted.db"],
+}
+
+
+def connections(n: int, t0: float = 1_700_000_000.0) -> list[Event]:
+    """``n`` connections' events, in the order a Monitor yields them."""
+    evs: list[Event] = []
+    anc = (Ancestor(pid=0, comm="python3", exe="/usr/bin/python3.11"), Ancestor(pid=900, comm="bash", exe="/bin/bash"),
+           Ancestor(pid=1, comm="systemd", exe="/usr/lib/systemd/systemd"))
+    for i in range(n):
+        pid = 20000 + i % 64
+        t = t0 + i * 0.002
+        ident = dict(flow_id=(i * 2654435761) & 0xFFFFFFFFFFFF, direction=Direction.CONNECT, pid=pid, tid=pid,
+                     uid=1000, comm="python3", ppid=900, exe="/usr/bin/python3.11",
+                     cmdline=("python3", "client.py", "--rounds", "100"), cgroup_id=4242, netns=4026531840,
+                     family=4, saddr="127.0.0.1", sport=30000 + i % 30000, daddr="127.0.0.1", dport=8443,
+                     ancestry=(Ancestor(pid=pid, comm="python3", exe="/usr/bin/python3.11"), *anc[1:]))
+        if i % 5 == 0:
+            evs.append(DnsAnswer(ts_ns=i * 4, wall_time=t, pid=pid, tid=pid, comm="python3", netns=4026531840,
+                                 server="127.0.0.53", qname="api.openai.com", qtype="A", rcode="NOERROR",
+                                 answers=(DnsRecord("api.openai.com", "A", "127.0.0.1", 60),),
+                                 cname_chain=("api.openai.com",), provider="openai"))
+        evs.append(FlowOpened(ts_ns=i * 4 + 1, wall_time=t, **ident, hostname="api.openai.com",
+                              provider="openai", evidence=Evidence.DNS, confidence=0.8))
+        evs.append(TlsClientHello(ts_ns=i * 4 + 2, wall_time=t + 0.0001, flow_id=ident["flow_id"], pid=pid,
+                                  comm="python3", saddr="127.0.0.1", sport=ident["sport"], daddr="127.0.0.1",
+                                  dport=8443, sni="api.openai.com", alpn=("h2", "http/1.1"),
+                                  versions=("TLS1.3", "TLS1.2"), ja4="t13d1516h2_8daaf6152771_e5627efa2ab1",
+                                  hostname="api.openai.com", provider="openai"))
+        evs.append(FlowClassified(ts_ns=i * 4 + 3, wall_time=t + 0.0001, **ident, hostname="api.openai.com",
+                                  provider="openai", evidence=Evidence.SNI, confidence=0.95))
+        evs.append(FlowClosed(ts_ns=i * 4 + 4, wall_time=t + 0.001, **ident, hostname="api.openai.com",
+                              provider="openai", evidence=Evidence.SNI, confidence=0.95, bytes_sent=517,
+                              bytes_received=4096, duration_ns=1_000_000))
+    return evs
+
+
+def _batches(evs: list[Event], size: int, rate: float) -> Iterator[object]:
+    start = time.monotonic()
+    for i in range(0, len(evs), max(1, size)):
+        if rate:  # the arrival time of this batch's first event
+            wait = start + i / rate - time.monotonic()
+            if wait > 0:
+                time.sleep(wait)
+        yield evs[i] if size <= 1 else evs[i:i + size]  # size 1: one event at a time, as events() gives
+
+
+def run_once(flags: list[str] | None, evs: list[Event], batch: int, rate: float = 0.0) -> float:
+    """Process CPU seconds for the CLI's output loop over ``evs``, outputs opened and closed
+    (``flags`` None: only the feed)."""
+    import busted
+
+    if flags is None:
+        c0 = time.process_time()
+        for _ in _batches(evs, batch, rate):
+            pass
+        return time.process_time() - c0
+    from busted.cli import _parser, _run_monitor, _Sinks
+
+    with tempfile.TemporaryDirectory() as d, open(os.devnull, "w") as out:
+        args = _parser().parse_args(["monitor", *(f.format(d=d) for f in flags)])
+        mon = busted.Monitor()  # not started: only its stats() is read by the loop, as in the CLI
+        c0 = time.process_time()
+        with contextlib.redirect_stderr(io.StringIO()):  # the outputs' closing report lines
+            sinks = _Sinks(args)
+            _run_monitor(args, out, _batches(evs, batch, rate), mon, sinks)
+        return time.process_time() - c0
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--connections", type=int, default=20000)
+    ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--batch", type=int, default=40, help="events taken from the Monitor at once (1: one by one)")
+    ap.add_argument("--rate", type=float, default=0.0, help="events/s to feed (0: unpaced)")
+    ap.add_argument("--no-orjson", action="store_true", help="encode with the standard library")
+    ap.add_argument("--paths", default=",".join(PATHS), help="comma-separated: " + ", ".join(PATHS))
+    a = ap.parse_args(argv)
+    from busted.sinks import _codec
+
+    if a.no_orjson and hasattr(_codec, "_orjson"):
+        _codec._orjson = None
+    enc = "orjson" if getattr(_codec, "_orjson", None) is not None else "json"
+    evs = connections(a.connections)
+    print(f"{len(evs)} events ({a.connections} connections), batch {a.batch}, rate {a.rate or 'unpaced'}, "
+          f"{a.rounds} rounds, encoder {enc}, python {sys.version.split()[0]}")
+    for name in a.paths.split(","):
+        per = sorted(run_once(PATHS[name], evs, a.batch, a.rate) / len(evs) * 1e6 for _ in range(a.rounds))
+        print(f"{name:<18} {statistics.median(per):6.1f} µs/event  (min {per[0]:.1f}, max {per[-1]:.1f})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
