@@ -9,7 +9,9 @@ on input and never buffers more than ``MAX_BUFFER`` bytes.
 from __future__ import annotations
 
 import hashlib
+import struct
 from dataclasses import dataclass
+from functools import lru_cache
 
 __all__ = ["MAX_BUFFER", "NEED_MORE", "ClientHelloInfo", "ClientHelloParser", "NeedMore", "NotTls",
            "ja4", "parse_client_hello"]
@@ -17,6 +19,7 @@ __all__ = ["MAX_BUFFER", "NEED_MORE", "ClientHelloInfo", "ClientHelloParser", "N
 MAX_BUFFER = 16384
 
 _VERSIONS = {0x0304: "TLS1.3", 0x0303: "TLS1.2", 0x0302: "TLS1.1", 0x0301: "TLS1.0", 0x0300: "SSL3.0"}
+_PARSED_EXTS = frozenset({0x0000, 0x0010, 0x000D, 0x002B})  # SNI, ALPN, signature algorithms, versions
 _JA4_VER = {0x0304: "13", 0x0303: "12", 0x0302: "11", 0x0301: "10", 0x0300: "s3", 0x0002: "s2"}
 
 
@@ -86,9 +89,13 @@ class _Reader:
 
 
 def _u16s(r: _Reader) -> tuple[int, ...]:
-    if r.left() % 2:
+    n = r.left()
+    if n % 2:
         raise ValueError("odd list length")
-    return tuple(r.u16() for _ in range(r.left() // 2))
+    # One unpack for the whole list: hellos carry ~70 of these numbers, and this runs per connection.
+    v = struct.unpack_from(f">{n // 2}H", r.b, r.i)
+    r.i = r.end
+    return v
 
 
 def parse_client_hello(body: bytes) -> ClientHelloInfo:
@@ -106,10 +113,21 @@ def parse_client_hello(body: bytes) -> ClientHelloInfo:
     exts: list[int] = []
     if r.left():
         er = r.vec(2)
-        while er.left():
-            etype = er.u16()
-            data = er.vec(2)
+        b, i, end = er.b, er.i, er.end
+        while i < end:  # indexes, not reader calls: ~20 extensions per hello, one hello per connection
+            if i + 4 > end:
+                raise ValueError("truncated")
+            etype = (b[i] << 8) | b[i + 1]
+            n = (b[i + 2] << 8) | b[i + 3]
+            i += 4
+            if i + n > end:
+                raise ValueError("truncated")
             exts.append(etype)
+            if etype not in _PARSED_EXTS:
+                i += n
+                continue
+            data = _Reader(b, i, i + n)
+            i += n
             if etype == 0x0000:  # server_name
                 lst = data.vec(2)
                 while lst.left():
@@ -142,12 +160,20 @@ def _hash12(s: str) -> str:
 
 def ja4(h: ClientHelloInfo, transport: str = "t") -> str:
     """The JA4 TLS client fingerprint (FoxIO spec), e.g. ``t13d1516h2_8daaf6152771_e5627efa2ab1``."""
-    vers = [v for v in h.supported_versions if not is_grease(v)]
-    ver = _JA4_VER.get(max(vers) if vers else h.legacy_version, "00")
-    ciphers = [c for c in h.cipher_suites if not is_grease(c)]
-    exts = [e for e in h.extensions if not is_grease(e)]
-    if h.alpn and h.alpn[0]:
-        a = h.alpn[0]
+    return _ja4(h.supported_versions, h.legacy_version, h.cipher_suites, h.extensions,
+                h.alpn[0] if h.alpn else "", bool(h.sni), h.signature_algorithms, transport)
+
+
+@lru_cache(maxsize=1024)  # a client stack sends the same hello shape over and over
+def _ja4(supported_versions: tuple[int, ...], legacy_version: int, cipher_suites: tuple[int, ...],
+         extensions: tuple[int, ...], alpn0: str, has_sni: bool, signature_algorithms: tuple[int, ...],
+         transport: str) -> str:
+    vers = [v for v in supported_versions if not is_grease(v)]
+    ver = _JA4_VER.get(max(vers) if vers else legacy_version, "00")
+    ciphers = [c for c in cipher_suites if not is_grease(c)]
+    exts = [e for e in extensions if not is_grease(e)]
+    if alpn0:
+        a = alpn0
         if a[0].isascii() and a[0].isalnum() and a[-1].isascii() and a[-1].isalnum():
             alpn = a[0] + a[-1]
         else:
@@ -155,10 +181,10 @@ def ja4(h: ClientHelloInfo, transport: str = "t") -> str:
             alpn = hx[0] + hx[-1]
     else:
         alpn = "00"
-    part_a = f"{transport}{ver}{'d' if h.sni else 'i'}{min(len(ciphers), 99):02d}{min(len(exts), 99):02d}{alpn}"
+    part_a = f"{transport}{ver}{'d' if has_sni else 'i'}{min(len(ciphers), 99):02d}{min(len(exts), 99):02d}{alpn}"
     part_b = _hash12(",".join(f"{c:04x}" for c in sorted(ciphers)))
     ext_str = ",".join(f"{e:04x}" for e in sorted(e for e in exts if e not in (0x0000, 0x0010)))
-    sig = [s for s in h.signature_algorithms if not is_grease(s)]
+    sig = [s for s in signature_algorithms if not is_grease(s)]
     if ext_str and sig:
         ext_str += "_" + ",".join(f"{s:04x}" for s in sig)
     return f"{part_a}_{part_b}_{_hash12(ext_str)}"
