@@ -386,13 +386,13 @@ class FlowTable:
         if opened is not None and res.sni:
             new = self.enricher.reclassify(opened, res.sni, wall)
         cur = new or opened
-        out: list[Event] = [TlsClientHello(
-            ts_ns=rec.ts_ns, wall_time=wall, flow_id=cur.flow_id if cur else None, pid=rec.pid,
-            comm=rec.comm, saddr=cur.saddr if cur else None, sport=cur.sport if cur else None,
-            daddr=cur.daddr if cur else None, dport=cur.dport if cur else None, sni=res.sni,
-            alpn=tuple(res.alpn), versions=tuple(res.versions), ja4=res.ja4,
-            hostname=cur.hostname if cur else None, provider=cur.provider if cur else None,
-        )]
+        out: list[Event] = [_make(TlsClientHello, {  # every field named (a test checks)
+            "ts_ns": rec.ts_ns, "wall_time": wall, "flow_id": cur.flow_id if cur else None, "pid": rec.pid,
+            "comm": rec.comm, "saddr": cur.saddr if cur else None, "sport": cur.sport if cur else None,
+            "daddr": cur.daddr if cur else None, "dport": cur.dport if cur else None, "sni": res.sni,
+            "alpn": tuple(res.alpn), "versions": tuple(res.versions), "ja4": res.ja4,
+            "hostname": cur.hostname if cur else None, "provider": cur.provider if cur else None,
+        })]
         if new is not None and opened is not None:
             flow.ev = _derive(FlowClassified, new, ts_ns=rec.ts_ns, wall_time=wall)
             out.append(flow.ev)

@@ -2,6 +2,7 @@
 capture records (no root). Joins (flow_id, provider), reassembly across writes, DNS over TCP per
 connection with a truncated read, and parse losses."""
 
+import dataclasses
 import socket
 import struct
 from pathlib import Path
@@ -71,6 +72,11 @@ def test_hello_split_over_writes_classifies_its_flow_and_carries_the_join():
                                                                           "api.openai.com")
     assert (hello.saddr, hello.sport, hello.daddr, hello.dport) == ("10.0.0.1", 40000, "10.9.9.9", 443)
     assert (cls.flow_id, cls.provider, cls.evidence) == (o.flow_id, "openai", Evidence.SNI)
+    # built without __init__ on the hot path: every field set, the same as a normally constructed event
+    assert set(vars(hello)) == {f.name for f in dataclasses.fields(hello)}
+    assert hello == TlsClientHello(**{f.name: getattr(hello, f.name) for f in dataclasses.fields(hello)})
+    assert hello.to_dict() == TlsClientHello(**{f.name: getattr(hello, f.name)
+                                                for f in dataclasses.fields(hello)}).to_dict()
     assert feed(t, cap(REC_TLS, HELLO, sk=0xA)) == []  # later writes: the hello is done
     (c,) = feed(t, flow_rec(REC_CLOSE, 0xA, ts=9_000, sent=5))
     assert (c.flow_id, c.provider, c.evidence, c.bytes_sent) == (o.flow_id, "openai", Evidence.SNI, 5)
