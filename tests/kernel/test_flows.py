@@ -191,7 +191,10 @@ def test_no_program_left_attached(how):
     before = _bst_progs()
     code = CHILD if how != "exception" else CHILD.replace('print("READY", flush=True)',
                                                            'print("READY", flush=True); raise SystemExit(3)')
-    p = subprocess.Popen([sys.executable, "-c", code, how], stdout=subprocess.PIPE, text=True)
+    # SIGINT's default action in the child whatever ours is (a shell's background job ignores it,
+    # and an ignored SIGINT is inherited: Python would not turn it into KeyboardInterrupt).
+    p = subprocess.Popen([sys.executable, "-c", code, how], stdout=subprocess.PIPE, text=True,
+                         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     assert p.stdout.readline().strip() == "READY"
     assert len(_bst_progs()) > len(before), "the child's programs should be loaded"
     if how.startswith("SIG"):
