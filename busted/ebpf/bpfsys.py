@@ -28,6 +28,7 @@ _NR_PERF_EVENT_OPEN = {"x86_64": 298, "aarch64": 241}.get(_MACHINE)
 # bpf(2) commands
 _MAP_CREATE, _MAP_LOOKUP, _MAP_UPDATE, _MAP_DELETE, _MAP_NEXT_KEY, _PROG_LOAD = 0, 1, 2, 3, 4, 5
 _OBJ_GET_INFO_BY_FD = 15
+_MAP_LOOKUP_AND_DELETE = 21
 # map types whose values are one slot per possible CPU
 _PERCPU_TYPES = {5, 6, 10}  # PERCPU_HASH, PERCPU_ARRAY, LRU_PERCPU_HASH
 MAP_TYPE_RINGBUF = 27
@@ -189,6 +190,21 @@ class Map:
         if raw is None:
             return []
         return [raw[i * self.slot: i * self.slot + self.value_size] for i in range(self.ncpus)]
+
+    def take(self, key: bytes) -> bytes | None:
+        """Read and delete one entry atomically (kernel >= 5.14 for hash maps); where the kernel
+        cannot, read then delete. None if it is gone."""
+        err = self._op(_MAP_LOOKUP_AND_DELETE, key, ctypes.addressof(self._vbuf), 0, "lookup and delete")
+        if err == 0:
+            return self._vbuf.raw[: self.slot * self.ncpus]
+        if err == errno.ENOENT:
+            return None
+        if err not in (errno.EINVAL, errno.EOPNOTSUPP, 524):  # 524: the kernel's ENOTSUPP
+            raise BpfError(err, f"map {self.name} lookup and delete")
+        value = self.lookup(key)
+        if value is not None:
+            self.delete(key)
+        return value
 
     def update(self, key: bytes, value: bytes, flags: int = 0) -> None:
         val = ctypes.create_string_buffer(value, max(len(value), 1))
