@@ -553,12 +553,18 @@ def _wants(ev: Event, provider: Sequence[str] | None) -> bool:
     return not isinstance(ev, DnsAnswer | TlsClientHello)
 
 
-def _install_sigterm(stop: threading.Event) -> None:
+def _install_sigterm(stop: threading.Event, *, sigint: bool = False) -> None:
+    """SIGTERM (and, with ``sigint``, the first Ctrl-C) end the loop at a batch boundary, so the
+    batch in hand reaches every output; a second Ctrl-C interrupts as usual."""
     def handler(signum: int, frame: object) -> None:
         stop.set()
+        if signum == signal.SIGINT:
+            signal.signal(signal.SIGINT, signal.default_int_handler)
 
     if threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGTERM, handler)
+        if sigint and signal.getsignal(signal.SIGINT) is signal.default_int_handler:
+            signal.signal(signal.SIGINT, handler)
 
 
 def _stdout_line(ev: Event, d: dict[str, Any] | None, enc: Any) -> str:
@@ -621,7 +627,16 @@ def _run_monitor(args: argparse.Namespace, out: TextIO, events: Iterable[Event |
 
 def _monitor(args: argparse.Namespace, out: TextIO) -> int:
     stop = threading.Event()
-    _install_sigterm(stop)
+    prev_int = signal.getsignal(signal.SIGINT) if threading.current_thread() is threading.main_thread() else None
+    _install_sigterm(stop, sigint=True)
+    try:
+        return _monitor_loop(args, out, stop)
+    finally:
+        if prev_int is not None:
+            signal.signal(signal.SIGINT, prev_int)
+
+
+def _monitor_loop(args: argparse.Namespace, out: TextIO, stop: threading.Event) -> int:
     from busted.policy_cli import Reloader
 
     mon, sinks = _start(args, before_start=lambda m: Reloader(m, getattr(args, "policy", None)))

@@ -64,3 +64,26 @@ def test_json_lines_are_exact_and_printable_ascii(s):
     line = json.dumps({"sni": s}, ensure_ascii=True)
     assert json.loads(line)["sni"] == s
     assert all(0x20 <= ord(c) <= 0x7E for c in line), repr(line)
+
+
+def test_first_ctrl_c_ends_the_monitor_loop_at_a_batch_boundary_the_second_interrupts():
+    import os
+    import signal
+    import threading
+
+    import pytest
+
+    from busted.cli import _install_sigterm
+
+    prev_int, prev_term = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)
+    stop = threading.Event()
+    try:
+        _install_sigterm(stop, sigint=True)
+        os.kill(os.getpid(), signal.SIGINT)  # handled in the main thread before the next line
+        assert stop.is_set()
+        with pytest.raises(KeyboardInterrupt):
+            os.kill(os.getpid(), signal.SIGINT)
+            signal.pthread_kill(threading.main_thread().ident, 0)  # let the handler run
+    finally:
+        signal.signal(signal.SIGINT, prev_int)
+        signal.signal(signal.SIGTERM, prev_term)
