@@ -175,12 +175,12 @@ class Tracer:
         raise RuntimeError(f"{why}\n{(err or '')[-2000:]}")
 
     def stop(self) -> dict[str, Any]:
-        """SIGTERM (tcplife: SIGINT), read its last words, reap it with os.wait4 for its rusage."""
+        """SIGTERM, read its last words, reap it with os.wait4 for its rusage."""
         p = self.proc
         assert p is not None
         self.res["cpu_at_stop_s"] = cpu_s(p.pid)
         self.res.update({f"{k}_at_stop_mb": v for k, v in mem_mb(p.pid).items()})
-        p.send_signal(signal.SIGINT if self.config == "tcplife" else signal.SIGTERM)
+        p.send_signal(signal.SIGTERM)  # not SIGINT: a background job may have it ignored
         texts: dict[str, str] = {}
 
         def slurp(name: str, stream: Any) -> None:
