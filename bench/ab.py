@@ -8,8 +8,10 @@ fast as the cores allow), started once and kept running. For each pair and confi
 of ``--slice`` seconds sit next to each other: one with no tracer ("detached") and one with the
 configuration's monitor process attached; their order alternates from pair to pair (so a drifting
 machine favours neither), and the configurations rotate. A monitor is started before its slice and
-the slice begins only after its ready line (start-up and the compile are not in the slice); it is
-stopped after the slice and the next slice starts once it has exited (+0.5 s).
+the slice begins 1 s after its ready line (start-up, the compile and the pre-existing dump are not
+in the slice); it is stopped after the slice and the next slice starts once it has exited (+0.5 s).
+EventsLost are counted inside the attached slices ("lost") and over each monitor's whole life
+("lost_total": started and stopped under full load).
 Ratio = attached conn/s / detached conn/s of the same pair. Reported per configuration: the median
 of the paired ratios and their spread (p10-p90), the events/s the monitor delivered in its slices,
 EventsLost in all, and the monitor's CPU (cores) during its slices.
@@ -31,22 +33,27 @@ from typing import Any
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 from benchmath import paired_ratios, summary  # noqa: E402
-from harness import Tracer, Unsupported, Workload  # noqa: E402
+from harness import Tracer, Unsupported, Workload, cpu_s  # noqa: E402
 
 DEFAULT = "busted,busted-noplaintext,busted-busyhost,tcplife"
+SETTLE = 1.0  # after the ready line: the pre-existing dump and the first drain belong to start-up
 
 
 def _attached(w: Workload, config: str, seconds: float) -> dict[str, Any]:
-    t = Tracer(config).start()
+    busted = config.startswith("busted")
+    t = Tracer(config, extra=["--control"] if busted else []).start()
     try:
-        cpu0, n0, t0 = t.res["cpu_at_ready_s"], w.count(), time.monotonic()
+        time.sleep(SETTLE)
+        s0 = t.stats() if busted else {"events": 0, "lost": 0}
+        cpu0, n0, t0 = cpu_s(t.pid), w.count(), time.monotonic()
         time.sleep(seconds)
-        n1, t1 = w.count(), time.monotonic()
+        n1, t1, cpu1 = w.count(), time.monotonic(), cpu_s(t.pid)
+        s1 = t.stats() if busted else {"events": 0, "lost": 0}
     finally:
         r = t.stop()
     time.sleep(0.5)  # its shutdown is not the next slice's business
-    return {"rate": (n1 - n0) / (t1 - t0), "events_per_s": r.get("events", 0) / (t1 - t0),
-            "lost": r.get("lost", 0), "cpu_cores": (r["cpu_at_stop_s"] - cpu0) / (t1 - t0)}
+    return {"rate": (n1 - n0) / (t1 - t0), "events_per_s": (s1["events"] - s0["events"]) / (t1 - t0),
+            "lost": s1["lost"] - s0["lost"], "lost_total": r.get("lost", 0), "cpu_cores": (cpu1 - cpu0) / (t1 - t0)}
 
 
 def run(configs: list[str], pairs: int = 12, seconds: float = 3.0, procs: int = 4) -> dict[str, Any]:
@@ -91,7 +98,7 @@ def run(configs: list[str], pairs: int = 12, seconds: float = 3.0, procs: int = 
                       "ratio_p90": s["p90"], "ratios": [round(r, 3) for r in ratios],
                       "detached_conn_per_s": summary([x["detached"] for x in rows])["median"],
                       "events_per_s": summary([x["events_per_s"] for x in rows])["median"],
-                      "lost": sum(x["lost"] for x in rows),
+                      "lost": sum(x["lost"] for x in rows), "lost_total": sum(x["lost_total"] for x in rows),
                       "tracer_cpu_cores": summary([x["cpu_cores"] for x in rows])["median"]})
     return {"pairs": pairs, "slice_s": seconds, "procs": procs, "table": table, "slices": slices}
 

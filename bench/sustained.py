@@ -6,8 +6,10 @@ One consumer (bench/busted_consumer.py --control) and one workload (bench/churn.
 clients) run throughout; the clients' connection rate (conn/s in all, paced) steps up through
 ``--rates``. Per step: events/s the consumer received and EventsLost counted (read after a 1 s
 low-rate pause, since losses are reported within 0.5 s). The ramp stops at the first step that loses
-events or that the workload cannot reach (< 80 % of the asked rate: then the machine, not busted,
-is the limit, and the table says so). Every connection is ~4 events (open + close, both ends).
+events; steps the workload cannot reach (< 80 % of the asked rate: the machine, not busted, is the
+limit there) are run and named in the result. Every connection is ~4 events (open + close, both
+ends): a step with clearly fewer events per connection means the consumer fell behind (the kernel
+ring holds the backlog), which is not a sustained rate even with 0 lost.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from harness import Tracer, Workload  # noqa: E402
 def run(rates: list[float], step: float = 6.0, procs: int = 4, config: str = "busted") -> dict[str, Any]:
     steps = []
     stop_reason = "end of the ramp"
+    short: list[str] = []  # steps the workload could not reach
     with Workload(procs=procs, rate=100, max_seconds=len(rates) * (step + 5) + 120) as w:
         w.start_clients()
         t = Tracer(config, extra=["--control"]).start()
@@ -42,23 +45,28 @@ def run(rates: list[float], step: float = 6.0, procs: int = 4, config: str = "bu
                 time.sleep(1.0)
                 s2 = t.stats()
                 wall = (s1["ns"] - s0["ns"]) / 1e9
-                row = {"rate": r, "conn_per_s": (c1 - c0) / wall, "events_per_s": (s1["events"] - s0["events"]) / wall,
+                conn, evs = (c1 - c0) / wall, (s1["events"] - s0["events"]) / wall
+                # events_per_conn well under ~4 (open + close at both ends): the consumer fell behind
+                # and the kernel ring is holding the rest (not lost yet, not sustained either)
+                row = {"rate": r, "conn_per_s": conn, "events_per_s": evs, "events_per_conn": evs / conn if conn else 0,
                        "lost": s2["lost"] - prev_lost, "cpu_cores": (s1["cpu_s"] - s0["cpu_s"]) / wall}
                 prev_lost = s2["lost"]
                 steps.append(row)
-                print(f"P2 step {r:.0f} conn/s: {row['conn_per_s']:.0f} conn/s, {row['events_per_s']:.0f} events/s, "
-                      f"lost {row['lost']}, consumer {row['cpu_cores']:.2f} cores", file=sys.stderr, flush=True)
+                print(f"P2 step {r:.0f} conn/s: {row['conn_per_s']:.0f} conn/s, {row['events_per_s']:.0f} events/s "
+                      f"({row['events_per_conn']:.2f}/conn), lost {row['lost']}, consumer "
+                      f"{row['cpu_cores']:.2f} cores", file=sys.stderr, flush=True)
                 if row["lost"]:
                     stop_reason = f"events lost at {r:.0f} conn/s"
                     break
-                if row["conn_per_s"] < 0.8 * r:
-                    stop_reason = f"workload-bound: asked {r:.0f} conn/s, got {row['conn_per_s']:.0f}"
-                    break
+                if row["conn_per_s"] < 0.8 * r:  # noted, not a stop: a neighbour's burst can cause it
+                    short.append(f"asked {r:.0f}, got {row['conn_per_s']:.0f}")
         finally:
             w.stop()
             res = t.stop()
     ok = [s for s in steps if s["lost"] == 0]
     best = max(ok, key=lambda s: s["events_per_s"]) if ok else None
+    if short:
+        stop_reason += "; workload short of the asked rate at " + ", ".join(short) + " conn/s"
     return {"config": config, "steps": steps, "best": best, "stop_reason": stop_reason, "lost_total": res["lost"]}
 
 

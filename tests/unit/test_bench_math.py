@@ -43,3 +43,26 @@ def test_histogram_puts_every_value_in_one_bucket():
     assert histogram([1.5], [1, 2]) == [("1–2", 1)]  # empty open-ended buckets are left out
     with pytest.raises(ValueError):
         histogram([1], [2, 1])
+
+
+def test_the_markdown_table_names_skips_and_failures():
+    import all as bench_all
+
+    ab_row = {"config": "busted", "pairs": 3, "ratio_median": 0.8, "ratio_p10": 0.7, "ratio_p90": 0.9,
+              "ratios": [0.7, 0.8, 0.9], "detached_conn_per_s": 1000, "events_per_s": 4000, "lost": 0,
+              "lost_total": 5, "tracer_cpu_cores": 0.3}
+    r = {"machine": {"nproc": 2, "kernel": "6.x", "python": "3.11", "commit": "abc", "date": "today"},
+         "params": bench_all.QUICK,
+         "offline": [{"us_per_event": 4.4, "events": 10}, {"us_per_event": 16.0, "events": 12}],
+         "live": {"failed": "RuntimeError: no READY line"},
+         "p2": {"failed": "boom"}, "cpu500": {"failed": "boom"}, "p5": {"failed": "boom"},
+         "memory": {"failed": "boom"},
+         "ab": {"procs": 4, "table": [ab_row, {"config": "busted-busyhost", "skipped": "not in this busted"}]}}
+    md = bench_all.markdown(r, "bench/all.py --quick")
+    rows = {line.split(" | ")[0].lstrip("| "): line for line in md.splitlines() if line.startswith("| ")}
+    assert "| 0.800 | p10–p90 0.700–0.900 over 3 pairs" in rows["churn ratio, default Monitor (flows, DNS/TLS "
+                                                                 "capture, plaintext on)"]
+    assert "| skipped | not in this busted |" in rows["churn ratio, busy-host mode"]
+    assert "| 4.4 / 16.0 µs |" in md
+    assert "RuntimeError: no READY line" in md and md.count("| failed |") == 5
+    assert "- busted (1000 conn/s): 0.700, 0.800, 0.900" in md
