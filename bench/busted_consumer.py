@@ -1,9 +1,21 @@
 """A busted Monitor consuming events until SIGTERM/SIGINT, then a JSON summary on stdout.
 
-    python bench/busted_consumer.py [--no-classify] [--no-llm-calls] [--policy [--enforce]]
-Prints "READY <startup_s>" once the probes are attached. BUSTED_PROFILE=FILE dumps cProfile stats.
+    python bench/busted_consumer.py [--no-classify] [--no-llm-calls] [--busy-host] [--policy [--enforce]]
+                                    [--control] [--arrivals-port PORT --arrivals FILE]
+
+Prints "READY <since_spawn_s> <monitor_start_s>" once the probes are attached (the first: process
+spawn -> ready, imports included; the second: ``Monitor()`` -> ``start()`` returned).
+``--busy-host`` asks for ``Monitor(busy_host=True)``; a busted without that option makes the script
+print "UNSUPPORTED <why>" instead of READY and exit 3 (the benchmarks skip that configuration).
+``--control``: each line read on stdin is answered with "STATS <json>" (events, lost, own CPU
+seconds, monotonic ns), for windowed figures without restarting the monitor.
+``--arrivals-port PORT``: remembers when each FlowOpened / FlowClassified of an outgoing flow to
+that port was seen here (time.monotonic_ns(), comparable across processes) and writes
+[[sport, ns, kind], ...] to ``--arrivals FILE`` at the end (bench/latency.py).
+BUSTED_PROFILE=FILE dumps cProfile stats.
 """
 
+import inspect
 import json
 import os
 import resource
@@ -20,6 +32,16 @@ stop = threading.Event()
 signal.signal(signal.SIGTERM, lambda *a: stop.set())
 signal.signal(signal.SIGINT, lambda *a: stop.set())
 
+
+def arg(name: str) -> str | None:
+    return sys.argv[sys.argv.index(name) + 1] if name in sys.argv else None
+
+
+def cpu_s() -> float:
+    ru = resource.getrusage(resource.RUSAGE_SELF)
+    return ru.ru_utime + ru.ru_stime
+
+
 prof = None
 if os.environ.get("BUSTED_PROFILE"):
     import cProfile
@@ -34,24 +56,62 @@ if "--policy" in sys.argv:  # a policy that denies a provider the workload never
     kw["enforce"] = "--enforce" in sys.argv
 if "--no-llm-calls" in sys.argv:
     kw["llm_calls"] = False
+if "--busy-host" in sys.argv:
+    if "busy_host" not in inspect.signature(busted.Monitor).parameters:
+        print("UNSUPPORTED Monitor(busy_host=...) is not an option of this busted", flush=True)
+        sys.exit(3)
+    kw["busy_host"] = True
+arr_port = int(arg("--arrivals-port") or 0)
+arrivals: list = []
+
+t_mon = time.monotonic()
 mon = busted.Monitor(classify=classify, **kw).start()
-print("READY", round(time.monotonic() - t_spawn, 3), flush=True)
+now = time.monotonic()
+print("READY", round(now - t_spawn, 3), round(now - t_mon, 3), flush=True)
+cpu_ready = cpu_s()
 events = lost = 0
+
+
+def control() -> None:
+    # Reads of two ints the main thread updates: a racy snapshot is fine for windowed rates.
+    for _line in sys.stdin:
+        print("STATS", json.dumps({"events": events, "lost": lost, "cpu_s": cpu_s(),
+                                   "ns": time.monotonic_ns()}), flush=True)
+
+
+if "--control" in sys.argv:
+    threading.Thread(target=control, daemon=True).start()
 t0 = time.monotonic()
 if prof:
     prof.enable()
-for ev in mon.events(stop_event=stop):
-    events += 1
-    if isinstance(ev, EventsLost):
-        lost += ev.count
+if arr_port:
+    from busted import Direction, FlowClassified, FlowOpened
+
+    for ev in mon.events(stop_event=stop):
+        events += 1
+        if isinstance(ev, FlowOpened | FlowClassified):
+            if ev.dport == arr_port and ev.direction == Direction.CONNECT:
+                arrivals.append((ev.sport, time.monotonic_ns(), type(ev).__name__))
+        elif isinstance(ev, EventsLost):
+            lost += ev.count
+else:
+    for ev in mon.events(stop_event=stop):
+        events += 1
+        if isinstance(ev, EventsLost):
+            lost += ev.count
 if prof:
     prof.disable()
     prof.dump_stats(os.environ["BUSTED_PROFILE"])
 elapsed = time.monotonic() - t0
+cpu_end = cpu_s()
 st = mon.stats()
 mon.close()
+if arr_port and arg("--arrivals"):
+    with open(arg("--arrivals"), "w") as f:
+        json.dump(arrivals, f)
 print(json.dumps({
     "events": events, "lost_events": lost, "lost_stats": sum(st.lost.values()), "lost_by_place": st.lost,
     "startup_s": st.startup_s, "events_per_s": events / elapsed if elapsed else 0,
     "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "records": st.records,
+    "cpu_ready_s": cpu_ready, "cpu_consuming_s": cpu_end - cpu_ready,
 }), flush=True)
