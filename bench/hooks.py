@@ -12,6 +12,11 @@ done here, between slices (no process start-up, no compile inside a slice). A pa
 the attached slice's connections/s over the detached slice's. The family ``noop`` attaches nothing:
 its ratios are the noise floor. Families rotate order between rounds.
 
+Two figures per pair: the connection-rate ratio (attached/detached, < 1 = slower) and the workload's
+CPU time per connection ratio (attached/detached from /proc/PID/schedstat of the server and clients,
+> 1 = dearer). The second is what the hooks cost the workload's own CPU; it is far less disturbed by
+other load on the machine, which only takes CPU away (rate) without changing the work per connection.
+
 Every program is empty (returns 0, or 1 where 0 would drop or deny): the figure is the kernel's cost
 of the hook itself (dispatch, argument marshalling, the syscall tracing slow path), the floor under
 whatever a real program then does. With counts on (the default), a last slice per family is run with
@@ -29,6 +34,7 @@ import json
 import math
 import multiprocessing as mp
 import os
+import signal
 import statistics
 import struct
 import sys
@@ -73,17 +79,28 @@ FAMILIES: dict[str, tuple[str, list[Hook]]] = {
     "cgroup-skb": ("cgroup skb ingress + egress on the cgroup v2 root",
                    [("cgroup", "CGROUP_INET_INGRESS"), ("cgroup", "CGROUP_INET_EGRESS")]),
     "sock-ops": ("sock_ops on the cgroup v2 root", [("cgroup", "CGROUP_SOCK_OPS")]),
+    "busted-sock-mixed": ("the flow hooks, inet_sock_set_state as a tracepoint (its 4-tuple is in the "
+                          "event record), send/recv length and destroy as raw tracepoints",
+                          [("tp", "sock:inet_sock_set_state")] + [("raw", t.split(":")[1]) for t in _SOCK_TPS[1:]]),
+    "capture-cgroup": ("a capture without syscall hooks: cgroup skb ingress + egress, sock_addr connect4/6 and "
+                       "udp sendmsg4/6 on the cgroup v2 root",
+                       [("cgroup", t) for t in ("CGROUP_INET_INGRESS", "CGROUP_INET_EGRESS", "CGROUP_INET4_CONNECT",
+                                                "CGROUP_INET6_CONNECT", "CGROUP_UDP4_SENDMSG", "CGROUP_UDP6_SENDMSG")]),
     "busted-all": ("all of busted's current hooks: flow + capture + lineage",
                    [("tp", t) for t in _SOCK_TPS + _CAPTURE_TPS + _LINEAGE_TPS]),
 }
 
-# One function per program type: BCC caches a loaded function by name, whatever its type.
-_EMPTY_C = """
-int bh_tp(void *ctx) { return 0; }
-int bh_raw(void *ctx) { return 0; }
-int bh_skb(struct __sk_buff *skb) { return 1; }       /* 1 = let the packet pass */
-int bh_sockops(struct bpf_sock_ops *ops) { return 1; }
-"""
+# One function per program type and, for cgroup hooks, per attach type (sock_addr programs are loaded
+# for their attach type): BCC caches a loaded function by name, whatever its type. Cgroup programs
+# return 1 (let the packet pass, allow the connect/sendmsg); 0 would drop or deny.
+_CGROUP_PROG = {
+    "CGROUP_INET_INGRESS": "CGROUP_SKB", "CGROUP_INET_EGRESS": "CGROUP_SKB",
+    "CGROUP_SOCK_OPS": "SOCK_OPS",
+    "CGROUP_INET4_CONNECT": "CGROUP_SOCK_ADDR", "CGROUP_INET6_CONNECT": "CGROUP_SOCK_ADDR",
+    "CGROUP_UDP4_SENDMSG": "CGROUP_SOCK_ADDR", "CGROUP_UDP6_SENDMSG": "CGROUP_SOCK_ADDR",
+}
+_EMPTY_C = "int bh_tp(void *ctx) { return 0; }\nint bh_raw(void *ctx) { return 0; }\n" + "".join(
+    f"int bh_{t.lower()}(void *ctx) {{ return 1; }}\n" for t in _CGROUP_PROG)
 
 # ---------------------------------------------------------------------------------------------
 # Statistics (pure).
@@ -146,7 +163,18 @@ def rotate(items: Sequence[str], k: int) -> list[str]:
 # Workload: the churn server and connection, clients counting in shared memory.
 
 
+def _die_with_parent() -> None:
+    """PR_SET_PDEATHSIG(SIGKILL): a killed bench leaves no workload behind."""
+    ctypes.CDLL(None).prctl(1, signal.SIGKILL)
+
+
+def _server(port_q: mp.Queue, stop_at: float) -> None:
+    _die_with_parent()
+    server(port_q, stop_at)
+
+
 def counting_client(port: int, slot: int, counts: ctypes.Array, stop_at: float) -> None:
+    _die_with_parent()
     while time.monotonic() < stop_at:
         if ping(port):
             counts[slot] += 1  # only this process writes this slot
@@ -157,7 +185,7 @@ class Workload:
         self.counts = mp.RawArray(ctypes.c_uint64, procs)
         stop_at = time.monotonic() + seconds
         port_q: mp.Queue = mp.Queue()
-        self.srv = mp.Process(target=server, args=(port_q, stop_at + 2), daemon=True)
+        self.srv = mp.Process(target=_server, args=(port_q, stop_at + 2), daemon=True)
         self.srv.start()
         port = port_q.get(timeout=10)
         self.clients = [mp.Process(target=counting_client, args=(port, i, self.counts, stop_at), daemon=True)
@@ -168,12 +196,23 @@ class Workload:
     def total(self) -> int:
         return sum(self.counts[:])
 
-    def rate(self, seconds: float) -> tuple[float, int]:
-        """Connections/s over the next ``seconds`` (this process sleeps meanwhile), and the count."""
-        c0, t0 = self.total(), time.monotonic()
+    def cpu_ns(self) -> int:
+        """CPU time of the server and clients so far (schedstat, ns). Without IRQ time accounting
+        (this kernel) loopback softirq work done in a workload process is charged to it too."""
+        total = 0
+        for p in [self.srv, *self.clients]:
+            with open(f"/proc/{p.pid}/schedstat") as f:
+                total += int(f.read().split()[0])
+        return total
+
+    def rate(self, seconds: float) -> tuple[float, int, float]:
+        """Over the next ``seconds`` (this process sleeps meanwhile): connections/s, connections,
+        and the workload's CPU ns per connection."""
+        c0, n0, t0 = self.total(), self.cpu_ns(), time.monotonic()
         time.sleep(seconds)
-        c1, t1 = self.total(), time.monotonic()
-        return (c1 - c0) / (t1 - t0), c1 - c0
+        c1, n1, t1 = self.total(), self.cpu_ns(), time.monotonic()
+        conns = c1 - c0
+        return conns / (t1 - t0), conns, (n1 - n0) / conns if conns else 0.0
 
     def stop(self) -> None:
         for p in [*self.clients, self.srv]:
@@ -185,7 +224,22 @@ class Workload:
 # ---------------------------------------------------------------------------------------------
 # Attaching and detaching in place.
 
-_BPF_F_ALLOW_MULTI = 2  # share the root cgroup with other programs instead of claiming it
+_BPF_SYSCALL = {"x86_64": 321, "aarch64": 280}[os.uname().machine]
+
+# bpf(BPF_LINK_CREATE): a cgroup attachment owned by a file descriptor, so the kernel detaches it
+# when this process exits however it exits (a BPF_PROG_ATTACH attachment would outlive a SIGKILL).
+# Links share the cgroup with other programs (multi mode). union bpf_attr.link_create (uapi): prog_fd,
+# target_fd, attach_type, flags.
+_BPF_LINK_CREATE = 28
+
+
+def cgroup_link(prog_fd: int, cgroup_fd: int, attach_type: int) -> int:
+    attr = ctypes.create_string_buffer(struct.pack("<IIII", prog_fd, cgroup_fd, attach_type, 0), 64)
+    libc = ctypes.CDLL(None, use_errno=True)
+    fd = libc.syscall(_BPF_SYSCALL, _BPF_LINK_CREATE, attr, 64)
+    if fd < 0:
+        raise OSError(ctypes.get_errno(), f"BPF_LINK_CREATE attach type {attach_type}")
+    return fd
 
 
 def cgroup2_root() -> str:
@@ -201,29 +255,26 @@ class Family:
     """One BCC object with the empty programs for a family; attach() / detach() in place."""
 
     def __init__(self, name: str, hooks: list[Hook], cgroup_fd: int) -> None:
-        from bcc import BPF
+        from bcc import BPF, BPFAttachType
 
         self.name, self.hooks, self.cgroup_fd = name, hooks, cgroup_fd
         self.bpf = BPF(text=_EMPTY_C) if hooks else None
         self.attached: list[Hook] = []
+        self.links: dict[str, int] = {}  # cgroup attach type -> link fd
         self.fns: dict[str, object] = {}
         if self.bpf is not None:  # load now: no verifier run inside a slice
-            kinds = {k for k, _ in hooks}
-            if "tp" in kinds:
-                self.fns["tp"] = self.bpf.load_func(b"bh_tp", BPF.TRACEPOINT)
-            if "raw" in kinds:
-                self.fns["raw"] = self.bpf.load_func(b"bh_raw", BPF.RAW_TRACEPOINT)
-            for _, target in hooks:
-                if target.startswith("CGROUP_INET"):
-                    self.fns["skb"] = self.bpf.load_func(b"bh_skb", BPF.CGROUP_SKB)
-                elif target == "CGROUP_SOCK_OPS":
-                    self.fns["sockops"] = self.bpf.load_func(b"bh_sockops", BPF.SOCK_OPS)
-
-    def _fn(self, target: str) -> object:
-        return self.fns["sockops" if target == "CGROUP_SOCK_OPS" else "skb"]
+            for kind, target in hooks:
+                if kind == "tp":
+                    self.fns["tp"] = self.bpf.load_func(b"bh_tp", BPF.TRACEPOINT)
+                elif kind == "raw":
+                    self.fns["raw"] = self.bpf.load_func(b"bh_raw", BPF.RAW_TRACEPOINT)
+                else:
+                    self.fns[target] = self.bpf.load_func(f"bh_{target.lower()}".encode(),
+                                                          getattr(BPF, _CGROUP_PROG[target]),
+                                                          attach_type=getattr(BPFAttachType, target))
 
     def attach(self) -> None:
-        from bcc import BPF, BPFAttachType
+        from bcc import BPFAttachType
 
         for kind, target in self.hooks:
             if kind == "tp":
@@ -231,14 +282,12 @@ class Family:
             elif kind == "raw":
                 self.bpf.attach_raw_tracepoint(tp=target.encode(), fn_name=b"bh_raw")
             else:
-                BPF.attach_func(self._fn(target), self.cgroup_fd, getattr(BPFAttachType, target),
-                                _BPF_F_ALLOW_MULTI)
+                self.links[target] = cgroup_link(self.fns[target].fd, self.cgroup_fd,
+                                                 getattr(BPFAttachType, target))
             self.attached.append((kind, target))
 
     def detach(self) -> None:
         """Detach everything attached; never raises on a hook that is already gone."""
-        from bcc import BPF, BPFAttachType
-
         while self.attached:
             kind, target = self.attached.pop()
             try:
@@ -247,7 +296,7 @@ class Family:
                 elif kind == "raw":
                     self.bpf.detach_raw_tracepoint(tp=target.encode())
                 else:
-                    BPF.detach_func(self._fn(target), self.cgroup_fd, getattr(BPFAttachType, target))
+                    os.close(self.links.pop(target))
             except Exception as exc:  # noqa: BLE001 - keep detaching the rest
                 print(f"detach {kind} {target}: {exc}", file=sys.stderr)
 
@@ -261,7 +310,6 @@ class Family:
 
 
 # bpf(BPF_OBJ_GET_INFO_BY_FD) into struct bpf_prog_info (uapi): run_time_ns at 192, run_cnt at 200.
-_BPF_SYSCALL = {"x86_64": 321, "aarch64": 280}[os.uname().machine]
 _INFO_SIZE = 232
 
 
@@ -287,7 +335,7 @@ def count_slice(fam: Family, wl: Workload, seconds: float) -> dict:
     try:
         fam.attach()
         try:
-            rate, conns = wl.rate(seconds)
+            rate, conns, _ = wl.rate(seconds)
         finally:
             fam.detach()
     finally:
@@ -332,13 +380,17 @@ def run(a: argparse.Namespace) -> dict:
                             if on:
                                 fam.attach()
                             time.sleep(a.settle)
-                            got[on] = wl.rate(a.seconds)[0]
+                            rate, _, cpu = wl.rate(a.seconds)
+                            got[on] = (rate, cpu)
                         finally:
                             fam.detach()
-                    pairs[n].append({"round": r, "pair": i, "on": got[True], "off": got[False]})
+                    pairs[n].append({"round": r, "pair": i, "on": got[True][0], "off": got[False][0],
+                                     "on_cpu_ns": got[True][1], "off_cpu_ns": got[False][1]})
                 rs = paired_ratios([(p["on"], p["off"]) for p in pairs[n] if p["round"] == r])
+                cs = paired_ratios([(p["on_cpu_ns"], p["off_cpu_ns"]) for p in pairs[n] if p["round"] == r])
                 print(f"round {r} {n}: median ratio {statistics.median(rs):.3f} "
-                      f"({min(rs):.3f}..{max(rs):.3f}), ~{pairs[n][-1]['off']:.0f} conn/s off",
+                      f"({min(rs):.3f}..{max(rs):.3f}), CPU/conn {statistics.median(cs):.3f} "
+                      f"({min(cs):.3f}..{max(cs):.3f}), ~{pairs[n][-1]['off']:.0f} conn/s off",
                       file=sys.stderr, flush=True)
         if a.counts:
             for n in names:
@@ -355,7 +407,9 @@ def run(a: argparse.Namespace) -> dict:
     for n in names:
         row = {"family": n, "what": FAMILIES[n][0], "hooks": [f"{k}:{t}" for k, t in FAMILIES[n][1]],
                **summarize(paired_ratios([(p["on"], p["off"]) for p in pairs[n]])),
-               "conn_per_s_off": statistics.median(p["off"] for p in pairs[n])}
+               "cpu": summarize(paired_ratios([(p["on_cpu_ns"], p["off_cpu_ns"]) for p in pairs[n]])),
+               "conn_per_s_off": statistics.median(p["off"] for p in pairs[n]),
+               "cpu_us_per_conn_off": statistics.median(p["off_cpu_ns"] for p in pairs[n]) / 1e3}
         if n in counts:
             row.update(runs_per_conn=counts[n]["runs_per_conn"], ns_per_run=counts[n]["ns_per_run"])
         table.append(row)
@@ -367,18 +421,28 @@ def markdown(res: dict) -> str:
     a = res["args"]
     out = [f"{a['rounds']} rounds x {a['pairs']} pairs x {a['seconds']:g} s slices, {a['procs']} client processes, "
            f"kernel {res['kernel']}, {res['cpus']} CPUs", "",
-           "| family | hooks | median ratio | p10–p90 | 95% CI of median | pairs | runs/conn | ns/run |",
-           "|---|---|---|---|---|---|---|---|"]
+           "| family | hooks | conn/s ratio: median | p10–p90 | 95% CI of median "
+           "| CPU/conn ratio: median | p10–p90 | 95% CI of median | pairs | runs/conn | ns/run |",
+           "|---|---|---|---|---|---|---|---|---|---|---|"]
     for row in res["table"]:
         hooks = len(row["hooks"])
         rpc = f"{row['runs_per_conn']:.1f}" if "runs_per_conn" in row else "–"
         npr = f"{row['ns_per_run']:.0f}" if "ns_per_run" in row else "–"
+        c = row["cpu"]
         out.append(f"| {row['family']} | {hooks} | {row['median']:.3f} | {row['p10']:.3f}–{row['p90']:.3f} | "
-                   f"{row['ci_lo']:.3f}–{row['ci_hi']:.3f} | {row['n']} | {rpc} | {npr} |")
+                   f"{row['ci_lo']:.3f}–{row['ci_hi']:.3f} | {c['median']:.3f} | {c['p10']:.3f}–{c['p90']:.3f} | "
+                   f"{c['ci_lo']:.3f}–{c['ci_hi']:.3f} | {row['n']} | {rpc} | {npr} |")
     return "\n".join(out)
 
 
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt(f"signal {signum}")  # unwinds through the finally blocks that detach
+
+
 def main() -> None:
+    # A shell starts background jobs with SIGINT ignored; a bench must stop cleanly on INT and TERM.
+    signal.signal(signal.SIGINT, _interrupt)
+    signal.signal(signal.SIGTERM, _interrupt)
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--pairs", type=int, default=5, help="attached/detached slice pairs per family per round")
