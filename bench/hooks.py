@@ -35,6 +35,7 @@ import math
 import multiprocessing as mp
 import os
 import signal
+import socket
 import statistics
 import struct
 import sys
@@ -348,6 +349,79 @@ def count_slice(fam: Family, wl: Workload, seconds: float) -> dict:
 
 
 # ---------------------------------------------------------------------------------------------
+# Micro loops, workload stopped, in this thread: its own CPU time per operation (thread_time_ns),
+# which other load on the machine barely moves. getppid() is hooked by no family: its cost is the
+# syscall tracing slow path alone. A UDP datagram to itself on 127.0.0.1 (send + recv on connected
+# sockets) passes sock_send/recv_length, sendto/recvfrom, and cgroup skb egress + ingress.
+
+_MICRO_SYSCALLS = 200_000
+_MICRO_UDP = 20_000
+
+
+def paired_deltas(pairs: Sequence[tuple[float, float]]) -> list[float]:
+    """attached - detached per pair (ns per operation)."""
+    return [on - off for on, off in pairs]
+
+
+class Micro:
+    def __init__(self) -> None:
+        self.a = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        self.b = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        self.a.bind(("127.0.0.1", 0))
+        self.b.bind(("127.0.0.1", 0))
+        self.a.connect(self.b.getsockname())
+        self.b.connect(self.a.getsockname())
+
+    def measure(self) -> dict[str, float]:
+        getppid = os.getppid
+        t = time.thread_time_ns()
+        for _ in range(_MICRO_SYSCALLS):
+            getppid()
+        syscall_ns = (time.thread_time_ns() - t) / _MICRO_SYSCALLS
+        send, recv = self.a.send, self.b.recv
+        t = time.thread_time_ns()
+        for _ in range(_MICRO_UDP):
+            send(b"x")
+            recv(8)
+        udp_ns = (time.thread_time_ns() - t) / _MICRO_UDP
+        return {"getppid_ns": syscall_ns, "udp_ns": udp_ns}
+
+    def close(self) -> None:
+        self.a.close()
+        self.b.close()
+
+
+def run_micro(fams: dict[str, Family], names: list[str], pairs: int) -> dict[str, list[dict]]:
+    micro = Micro()
+    out: dict[str, list[dict]] = {n: [] for n in names}
+    try:
+        micro.measure()  # warm caches and the allocator
+        for i in range(pairs):
+            for n in rotate(names, i):
+                got = {}
+                for on in ((True, False) if attached_first(i) else (False, True)):
+                    try:
+                        if on:
+                            fams[n].attach()
+                        got[on] = micro.measure()
+                    finally:
+                        fams[n].detach()
+                out[n].append({"on": got[True], "off": got[False]})
+    finally:
+        micro.close()
+    return out
+
+
+def micro_summary(rows: list[dict]) -> dict[str, dict[str, float]]:
+    res = {}
+    for k in ("getppid_ns", "udp_ns"):
+        d = paired_deltas([(r["on"][k], r["off"][k]) for r in rows])
+        res[k] = {"delta_median": statistics.median(d), "delta_p10": quantile(d, 0.1),
+                  "delta_p90": quantile(d, 0.9), "off_median": statistics.median(r["off"][k] for r in rows)}
+    return res
+
+
+# ---------------------------------------------------------------------------------------------
 
 
 def run(a: argparse.Namespace) -> dict:
@@ -360,6 +434,7 @@ def run(a: argparse.Namespace) -> dict:
     wl = None
     pairs: dict[str, list[dict]] = {n: [] for n in names}
     counts: dict[str, dict] = {}
+    micro: dict[str, list[dict]] = {}
     try:
         t = time.monotonic()
         for n in names:
@@ -368,8 +443,9 @@ def run(a: argparse.Namespace) -> dict:
         # The workload's whole life, bounded: slices, gaps, counts, with room to spare.
         budget = (a.rounds * len(names) * a.pairs * 2 * (a.seconds + a.settle) + len(names) * (a.seconds + 1)
                   + 60 + a.warmup)
-        wl = Workload(a.procs, budget)
-        time.sleep(a.warmup)
+        if a.rounds:
+            wl = Workload(a.procs, budget)
+            time.sleep(a.warmup)
         for r in range(a.rounds):
             for n in rotate(names, r):
                 fam = fams[n]
@@ -392,11 +468,16 @@ def run(a: argparse.Namespace) -> dict:
                       f"({min(rs):.3f}..{max(rs):.3f}), CPU/conn {statistics.median(cs):.3f} "
                       f"({min(cs):.3f}..{max(cs):.3f}), ~{pairs[n][-1]['off']:.0f} conn/s off",
                       file=sys.stderr, flush=True)
-        if a.counts:
+        if a.counts and wl is not None:
             for n in names:
                 if fams[n].hooks:
                     time.sleep(a.settle)
                     counts[n] = count_slice(fams[n], wl, a.seconds)
+        if wl is not None:
+            wl.stop()
+            wl = None
+        if a.micro_pairs:
+            micro = run_micro(fams, names, a.micro_pairs)
     finally:
         for fam in fams.values():
             fam.close()
@@ -405,33 +486,53 @@ def run(a: argparse.Namespace) -> dict:
         os.close(cg_fd)
     table = []
     for n in names:
-        row = {"family": n, "what": FAMILIES[n][0], "hooks": [f"{k}:{t}" for k, t in FAMILIES[n][1]],
-               **summarize(paired_ratios([(p["on"], p["off"]) for p in pairs[n]])),
-               "cpu": summarize(paired_ratios([(p["on_cpu_ns"], p["off_cpu_ns"]) for p in pairs[n]])),
-               "conn_per_s_off": statistics.median(p["off"] for p in pairs[n]),
-               "cpu_us_per_conn_off": statistics.median(p["off_cpu_ns"] for p in pairs[n]) / 1e3}
+        row = {"family": n, "what": FAMILIES[n][0], "hooks": [f"{k}:{t}" for k, t in FAMILIES[n][1]]}
+        if pairs[n]:
+            row.update(**summarize(paired_ratios([(p["on"], p["off"]) for p in pairs[n]])),
+                       cpu=summarize(paired_ratios([(p["on_cpu_ns"], p["off_cpu_ns"]) for p in pairs[n]])),
+                       conn_per_s_off=statistics.median(p["off"] for p in pairs[n]),
+                       cpu_us_per_conn_off=statistics.median(p["off_cpu_ns"] for p in pairs[n]) / 1e3)
+        if micro.get(n):
+            row["micro"] = micro_summary(micro[n])
         if n in counts:
             row.update(runs_per_conn=counts[n]["runs_per_conn"], ns_per_run=counts[n]["ns_per_run"])
         table.append(row)
     return {"args": vars(a), "kernel": os.uname().release, "cpus": os.cpu_count(), "pairs": pairs,
-            "counts": counts, "table": table}
+            "counts": counts, "micro": micro, "table": table}
 
 
 def markdown(res: dict) -> str:
     a = res["args"]
-    out = [f"{a['rounds']} rounds x {a['pairs']} pairs x {a['seconds']:g} s slices, {a['procs']} client processes, "
-           f"kernel {res['kernel']}, {res['cpus']} CPUs", "",
-           "| family | hooks | conn/s ratio: median | p10–p90 | 95% CI of median "
-           "| CPU/conn ratio: median | p10–p90 | 95% CI of median | pairs | runs/conn | ns/run |",
-           "|---|---|---|---|---|---|---|---|---|---|---|"]
-    for row in res["table"]:
-        hooks = len(row["hooks"])
-        rpc = f"{row['runs_per_conn']:.1f}" if "runs_per_conn" in row else "–"
-        npr = f"{row['ns_per_run']:.0f}" if "ns_per_run" in row else "–"
-        c = row["cpu"]
-        out.append(f"| {row['family']} | {hooks} | {row['median']:.3f} | {row['p10']:.3f}–{row['p90']:.3f} | "
-                   f"{row['ci_lo']:.3f}–{row['ci_hi']:.3f} | {c['median']:.3f} | {c['p10']:.3f}–{c['p90']:.3f} | "
-                   f"{c['ci_lo']:.3f}–{c['ci_hi']:.3f} | {row['n']} | {rpc} | {npr} |")
+    out = [f"kernel {res['kernel']}, {res['cpus']} CPUs"]
+    if a["rounds"]:
+        out += ["", f"Churn: {a['rounds']} rounds x {a['pairs']} pairs x {a['seconds']:g} s slices, "
+                f"{a['procs']} client processes", "",
+                "| family | hooks | conn/s ratio: median | p10–p90 | 95% CI of median "
+                "| CPU/conn ratio: median | p10–p90 | 95% CI of median | pairs | runs/conn | ns/run |",
+                "|---|---|---|---|---|---|---|---|---|---|---|"]
+        for row in res["table"]:
+            rpc = f"{row['runs_per_conn']:.1f}" if "runs_per_conn" in row else "–"
+            npr = f"{row['ns_per_run']:.0f}" if "ns_per_run" in row else "–"
+            c = row["cpu"]
+            out.append(f"| {row['family']} | {len(row['hooks'])} | {row['median']:.3f} | "
+                       f"{row['p10']:.3f}–{row['p90']:.3f} | {row['ci_lo']:.3f}–{row['ci_hi']:.3f} | "
+                       f"{c['median']:.3f} | {c['p10']:.3f}–{c['p90']:.3f} | {c['ci_lo']:.3f}–{c['ci_hi']:.3f} | "
+                       f"{row['n']} | {rpc} | {npr} |")
+    if a["micro_pairs"]:
+        out += ["", f"Micro loops: {a['micro_pairs']} pairs, ns per operation attached - detached "
+                "(median, p10..p90), this thread's CPU time", "",
+                "| family | getppid(): Δ ns | (p10..p90) | UDP send+recv: Δ ns | (p10..p90) |", "|---|---|---|---|---|"]
+        for row in res["table"]:
+            m = row.get("micro")
+            if m:
+                g, u = m["getppid_ns"], m["udp_ns"]
+                out.append(f"| {row['family']} | {g['delta_median']:+.0f} | "
+                           f"{g['delta_p10']:+.0f}..{g['delta_p90']:+.0f} | {u['delta_median']:+.0f} | "
+                           f"{u['delta_p10']:+.0f}..{u['delta_p90']:+.0f} |")
+        base = next((r["micro"] for r in res["table"] if r.get("micro")), None)
+        if base:
+            out.append(f"\ndetached: getppid() {base['getppid_ns']['off_median']:.0f} ns, "
+                       f"UDP send+recv {base['udp_ns']['off_median']:.0f} ns")
     return "\n".join(out)
 
 
@@ -453,10 +554,12 @@ def main() -> None:
     ap.add_argument("--families", default=",".join(FAMILIES))
     ap.add_argument("--no-counts", dest="counts", action="store_false",
                     help="skip the bpf_stats slice that counts program runs per connection")
+    ap.add_argument("--micro-pairs", type=int, default=10,
+                    help="attached/detached pairs of the micro loops per family, workload stopped (0: none)")
     ap.add_argument("--out", default=str(HERE / "results" / "hooks.json"))
     a = ap.parse_args()
-    if a.rounds < 1 or a.pairs < 1 or a.seconds <= 0:
-        raise SystemExit("--rounds, --pairs and --seconds must be positive")
+    if a.rounds < 0 or a.pairs < 1 or a.seconds <= 0 or a.micro_pairs < 0:
+        raise SystemExit("--pairs and --seconds must be positive, --rounds and --micro-pairs not negative")
     res = run(a)
     Path(a.out).parent.mkdir(parents=True, exist_ok=True)
     Path(a.out).write_text(json.dumps(res, indent=1))

@@ -104,3 +104,18 @@ def test_families_are_well_formed(hooks):
     union = [h for p in parts for h in hooks.FAMILIES[p][1]]
     assert hooks.FAMILIES["busted-all"][1] == union
     assert len(set(union)) == len(union)
+
+
+def test_paired_deltas(hooks):
+    assert hooks.paired_deltas([(120.0, 100.0), (95.0, 100.0)]) == [20.0, -5.0]
+    assert hooks.paired_deltas([]) == []
+
+
+def test_micro_summary_pairs_each_loop(hooks):
+    rows = [{"on": {"getppid_ns": 300.0 + i, "udp_ns": 5000.0 + 10 * i},
+             "off": {"getppid_ns": 200.0, "udp_ns": 4900.0}} for i in range(5)]
+    m = hooks.micro_summary(rows)
+    assert m["getppid_ns"]["delta_median"] == 102.0
+    assert m["getppid_ns"]["off_median"] == 200.0
+    assert m["udp_ns"]["delta_median"] == 120.0
+    assert m["udp_ns"]["delta_p10"] == pytest.approx(104.0)
