@@ -349,7 +349,7 @@ def count_slice(fam: Family, wl: Workload, seconds: float) -> dict:
 
 
 # ---------------------------------------------------------------------------------------------
-# Micro loops, workload stopped, in this thread: its own CPU time per operation (thread_time_ns),
+# Micro loops, before the churn workload starts, in this thread: its own CPU time per operation (thread_time_ns),
 # which other load on the machine barely moves. getppid() is hooked by no family: its cost is the
 # syscall tracing slow path alone. A UDP datagram to itself on 127.0.0.1 (send + recv on connected
 # sockets) passes sock_send/recv_length, sendto/recvfrom, and cgroup skb egress + ingress.
@@ -391,9 +391,10 @@ class Micro:
         self.b.close()
 
 
-def run_micro(fams: dict[str, Family], names: list[str], pairs: int) -> dict[str, list[dict]]:
+def run_micro(fams: dict[str, Family], names: list[str], pairs: int, out: dict[str, list[dict]]) -> None:
+    """Fills ``out`` (family -> pairs) in place, so an interrupted run keeps what it measured."""
     micro = Micro()
-    out: dict[str, list[dict]] = {n: [] for n in names}
+    out.update({n: [] for n in names})
     try:
         micro.measure()  # warm caches and the allocator
         for i in range(pairs):
@@ -409,7 +410,6 @@ def run_micro(fams: dict[str, Family], names: list[str], pairs: int) -> dict[str
                 out[n].append({"on": got[True], "off": got[False]})
     finally:
         micro.close()
-    return out
 
 
 def micro_summary(rows: list[dict]) -> dict[str, dict[str, float]]:
@@ -443,6 +443,13 @@ def run(a: argparse.Namespace) -> dict:
         # The workload's whole life, bounded: slices, gaps, counts, with room to spare.
         budget = (a.rounds * len(names) * a.pairs * 2 * (a.seconds + a.settle) + len(names) * (a.seconds + 1)
                   + 60 + a.warmup)
+        if a.micro_pairs:  # first: quick, and the churn workload is not running yet
+            run_micro(fams, names, a.micro_pairs, micro)
+            save(a.out, build(a, names, pairs, counts, micro))
+            for n in names:
+                m = micro_summary(micro[n])
+                print(f"micro {n}: getppid {m['getppid_ns']['delta_median']:+.0f} ns, "
+                      f"UDP send+recv {m['udp_ns']['delta_median']:+.0f} ns", file=sys.stderr, flush=True)
         if a.rounds:
             wl = Workload(a.procs, budget)
             time.sleep(a.warmup)
@@ -468,22 +475,25 @@ def run(a: argparse.Namespace) -> dict:
                       f"({min(rs):.3f}..{max(rs):.3f}), CPU/conn {statistics.median(cs):.3f} "
                       f"({min(cs):.3f}..{max(cs):.3f}), ~{pairs[n][-1]['off']:.0f} conn/s off",
                       file=sys.stderr, flush=True)
+                save(a.out, build(a, names, pairs, counts, micro))  # an interrupted run keeps what it measured
         if a.counts and wl is not None:
             for n in names:
                 if fams[n].hooks:
                     time.sleep(a.settle)
                     counts[n] = count_slice(fams[n], wl, a.seconds)
-        if wl is not None:
-            wl.stop()
-            wl = None
-        if a.micro_pairs:
-            micro = run_micro(fams, names, a.micro_pairs)
     finally:
         for fam in fams.values():
             fam.close()
         if wl is not None:
             wl.stop()
         os.close(cg_fd)
+        save(a.out, build(a, names, pairs, counts, micro))
+    return build(a, names, pairs, counts, micro)
+
+
+def build(a: argparse.Namespace, names: list[str], pairs: dict[str, list[dict]], counts: dict[str, dict],
+          micro: dict[str, list[dict]]) -> dict:
+    """The result document from whatever has been measured so far."""
     table = []
     for n in names:
         row = {"family": n, "what": FAMILIES[n][0], "hooks": [f"{k}:{t}" for k, t in FAMILIES[n][1]]}
@@ -499,6 +509,13 @@ def run(a: argparse.Namespace) -> dict:
         table.append(row)
     return {"args": vars(a), "kernel": os.uname().release, "cpus": os.cpu_count(), "pairs": pairs,
             "counts": counts, "micro": micro, "table": table}
+
+
+def save(path: str, res: dict) -> None:
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(path + ".tmp")
+    tmp.write_text(json.dumps(res, indent=1))
+    tmp.replace(path)
 
 
 def markdown(res: dict) -> str:
@@ -555,15 +572,12 @@ def main() -> None:
     ap.add_argument("--no-counts", dest="counts", action="store_false",
                     help="skip the bpf_stats slice that counts program runs per connection")
     ap.add_argument("--micro-pairs", type=int, default=10,
-                    help="attached/detached pairs of the micro loops per family, workload stopped (0: none)")
+                    help="attached/detached pairs of the micro loops per family, run first (0: none)")
     ap.add_argument("--out", default=str(HERE / "results" / "hooks.json"))
     a = ap.parse_args()
     if a.rounds < 0 or a.pairs < 1 or a.seconds <= 0 or a.micro_pairs < 0:
         raise SystemExit("--pairs and --seconds must be positive, --rounds and --micro-pairs not negative")
-    res = run(a)
-    Path(a.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(a.out).write_text(json.dumps(res, indent=1))
-    print(markdown(res))
+    print(markdown(run(a)))  # run() saved it to --out
 
 
 if __name__ == "__main__":
