@@ -1,7 +1,7 @@
 """Kernel cost per hook family: empty BPF programs attached and detached in place under churn.
 
     sudo flock /tmp/busted-kernel.lock .venv/bin/python bench/hooks.py [--rounds 3] [--pairs 5]
-        [--seconds 3] [--procs 4] [--families noop,busted-sock-tp,...] [--no-counts]
+        [--seconds 3] [--procs 4] [--micro-pairs 10] [--families noop,busted-sock-tp,...] [--no-counts]
 
 The churn workload of bench/churn.py (its server and its connection: connect, 8 bytes each way,
 close, on 127.0.0.1) runs without a break for the whole run; client processes count connections in
@@ -14,8 +14,13 @@ its ratios are the noise floor. Families rotate order between rounds.
 
 Two figures per pair: the connection-rate ratio (attached/detached, < 1 = slower) and the workload's
 CPU time per connection ratio (attached/detached from /proc/PID/schedstat of the server and clients,
-> 1 = dearer). The second is what the hooks cost the workload's own CPU; it is far less disturbed by
-other load on the machine, which only takes CPU away (rate) without changing the work per connection.
+> 1 = dearer). The second is what the hooks cost the workload's own CPU; other load on the machine
+takes CPU away (rate) without changing the work per connection, though its cache and scheduler
+contention still move it (docs/benchmarks.md: on a shared VM both stay noisy).
+
+Micro loops, first and in this process's own thread CPU time (robust to other load): getppid(),
+which no family hooks (its extra cost is the syscall tracing slow path alone), and a UDP datagram to
+itself on 127.0.0.1 (per-call and per-packet hooks). Attached minus detached, ns per operation.
 
 Every program is empty (returns 0, or 1 where 0 would drop or deny): the figure is the kernel's cost
 of the hook itself (dispatch, argument marshalling, the syscall tracing slow path), the floor under
@@ -23,7 +28,9 @@ whatever a real program then does. With counts on (the default), a last slice pe
 ``kernel.bpf_stats_enabled=1`` to read how often each family's programs ran per connection (stats
 collection costs time itself, so that slice is not used for ratios).
 
-Traffic is loopback only; every loop is bounded; programs are detached in ``finally``.
+Traffic is loopback only; every loop is bounded; programs are detached in ``finally`` (SIGINT and
+SIGTERM unwind there); cgroup programs are BPF links and tracepoints perf/raw fds, so the kernel
+detaches them even if the bench is SIGKILLed; the workload processes die with the bench.
 """
 
 from __future__ import annotations
