@@ -7,7 +7,7 @@
 A reader thread drains the kernel's ring buffer, decodes and enriches each batch (reading /proc
 while short-lived processes still exist) and appends the events to a bounded queue. Flow opens,
 ClientHellos and DNS answers wake it; ends and plaintext wait for its next drain (at most every
-``drain_interval``, 20 ms), and under load it drains at most every ``drain_interval / 4``, so a
+``drain_interval``, 20 ms), and under load it drains at most every ``drain_interval / 2``, so a
 busy host costs a few hundred wake-ups per second, not one per record. Your loop (``events()``,
 ``aevents()``, ``run()``) takes from the queue. When the queue is full the reader stops draining
 and the kernel ring buffers; what the ring cannot hold is counted and reported as ``EventsLost``
@@ -429,7 +429,7 @@ class Monitor:
             # At most one drain per ``gap``: under load a wake-up per flow open would cost more
             # (thread switches, GIL hand-offs, a consumer wake-up each) than decoding the record;
             # batches of a few ms cost a few ms of latency.
-            gap = self._drain_interval / 4
+            gap = self._drain_interval / 2
             while not self._stop.is_set():
                 if len(self._queue) > half:
                     # Back-pressure: let the consumer catch up (the GIL is shared) while the
