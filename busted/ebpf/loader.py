@@ -14,7 +14,7 @@ import time
 from collections.abc import Callable
 from importlib import resources
 
-from busted.ebpf.layout import FL, FLOW, LOSS_MAP, LOSS_MISS, LOSS_RING, c_definitions
+from busted.ebpf.layout import FL, FLOW, LOSS_MAP, LOSS_MISS, LOSS_RING, QUIET_KEY, c_definitions
 from busted.ebpf.plan import ProbePlan
 from busted.ebpf.records import decode_flow_value
 from busted.errors import (
@@ -149,8 +149,9 @@ def _read(name: str) -> str:
 
 
 def build_source(plan: ProbePlan, *, ringbuf_bytes: int = RINGBUF_BYTES, max_flows: int = MAX_FLOWS,
-                 chunk_bytes: int = CHUNK_BYTES) -> str:
-    """The complete BPF C text for ``plan`` (what ``busted doctor --ebpf`` prints)."""
+                 chunk_bytes: int = CHUNK_BYTES, busy_host: bool = False) -> str:
+    """The complete BPF C text for ``plan`` (what ``busted doctor --ebpf`` prints). ``busy_host``
+    compiles in the quiet-peer aggregation (docs/kernel.md, "Busy-host mode")."""
     pages = max(1, ringbuf_bytes // 4096)
     if pages & (pages - 1):  # BPF ring buffers are a power-of-two number of pages
         pages = 1 << pages.bit_length()
@@ -162,6 +163,8 @@ def build_source(plan: ProbePlan, *, ringbuf_bytes: int = RINGBUF_BYTES, max_flo
         defines.append("#define END_AT_CLOSE 1")
     if plan.lineage == "sched-fork":
         defines.append("#define LIN_FORK_SCHED 1")
+    if busy_host:
+        defines.append("#define BUSY_HOST 1")
     parts = [
         "\n".join(defines),
         c_definitions(),
@@ -199,10 +202,11 @@ class FlowProgram:
     """The loaded flow program. ``close()`` detaches everything (also done by process exit)."""
 
     def __init__(self, plan: ProbePlan, *, ringbuf_bytes: int = RINGBUF_BYTES, max_flows: int = MAX_FLOWS,
-                 chunk_bytes: int = CHUNK_BYTES) -> None:
+                 chunk_bytes: int = CHUNK_BYTES, busy_host: bool = False) -> None:
         self.plan = plan
+        self.busy_host = busy_host
         self.source = build_source(plan, ringbuf_bytes=ringbuf_bytes, max_flows=max_flows,
-                                   chunk_bytes=chunk_bytes)
+                                   chunk_bytes=chunk_bytes, busy_host=busy_host)
         self.tls_files: dict[str, str] = {}  # path -> "openssl" | "gnutls": attached
         self.tls_failed: dict[str, str] = {}  # path -> why not
         from busted.ebpf.probe import _has_cap_bpf
@@ -316,6 +320,51 @@ class FlowProgram:
                 del self.bpf[b"pt_skip"][ctypes.c_ulonglong(sk)]
             except KeyError:
                 pass
+
+    # -- busy-host mode: the only map access it needs, in plain types (busted/busy.py decodes) ----
+
+    def set_quiet_peer(self, family: int, addr: bytes, port: int, expiry_ns: int, direction: int = 1) -> None:
+        """Aggregate new flows to this peer until ``expiry_ns`` (CLOCK_MONOTONIC). ``addr`` is 4
+        (AF_INET) or 16 bytes; ``direction`` 1 connect (``port`` the peer's), 2 accept (ours)."""
+        if not self.busy_host:
+            return
+        t = self.bpf[b"quiet_peers"]
+        key = t.Key.from_buffer_copy(QUIET_KEY.pack(family=family, port=port, direction=direction, addr=addr))
+        try:
+            t[key] = ctypes.c_ulonglong(expiry_ns)
+        except Exception:  # map full: the peer's flows stay full events (nothing is hidden)
+            pass
+
+    def clear_quiet_peer(self, family: int, addr: bytes, port: int, direction: int = 1) -> None:
+        if not self.busy_host:
+            return
+        t = self.bpf[b"quiet_peers"]
+        key = t.Key.from_buffer_copy(QUIET_KEY.pack(family=family, port=port, direction=direction, addr=addr))
+        try:
+            del t[key]
+        except KeyError:
+            pass
+
+    def drain_summaries(self) -> list[tuple[bytes, bytes]]:
+        """Take (read and delete) every summary: (key, value) as raw bytes of the SUM_KEY and
+        SUM_VAL layouts. Each entry is taken atomically (BPF_MAP_LOOKUP_AND_DELETE_ELEM, kernel >=
+        5.14) where the kernel offers it, else read then deleted."""
+        if not self.busy_host:
+            return []
+        from bcc.libbcc import lib
+
+        t = self.bpf[b"summaries"]
+        out = []
+        for k in list(t.keys()):
+            leaf = t.Leaf()
+            if lib.bpf_lookup_and_delete(t.map_fd, ctypes.byref(k), ctypes.byref(leaf)) != 0:
+                try:  # older kernels: no lookup-and-delete for hash maps
+                    leaf = t[k]
+                    del t[k]
+                except KeyError:
+                    continue
+            out.append((bytes(k), bytes(leaf)))
+        return out
 
     def open_ring(self, callback: Callable[[int, int, int], object]) -> None:
         """Register ``callback(ctx, data_ptr, size)`` for every ring buffer record."""
