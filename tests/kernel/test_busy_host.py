@@ -13,7 +13,7 @@ import dns.rrset
 from conftest import Peer, collect
 
 import busted
-from busted import DnsAnswer, Direction, FlowClosed, FlowOpened, FlowSummary
+from busted import Direction, DnsAnswer, FlowClosed, FlowOpened, FlowSummary
 
 DNS_ADDR = "127.0.0.2"  # a loopback address of its own, so a local resolver on :53 is no obstacle
 
