@@ -143,7 +143,7 @@ def test_future_kinds_are_stored_generically(tmp_path):
     assert _rows(p, "SELECT kind, flow_id, provider FROM events") == [("test_llm_call", 4242, "openai")]
     tables = {r[0] for r in _rows(p, "SELECT name FROM sqlite_master WHERE type='table'")}
     assert tables == {"meta", "events", "flows", "dns_answers", "tls_hellos", "losses", "llm_calls",
-                      "mcp_messages"}
+                      "mcp_messages", "flow_summaries"}
     assert _rows(p, "SELECT count(*) FROM llm_calls") == [(0,)]  # a kind of its own, not an llm_call
     assert "sk-secret" not in Path(p).read_bytes().decode("latin-1")
     # a kind no class claims (written by a newer busted): skipped as objects, visible raw
@@ -259,7 +259,7 @@ def test_newer_schema_is_refused(tmp_path):
     db.commit()
     db.close()
     for opener in (Store, Store.open_readonly):
-        with pytest.raises(StoreError, match=r"newer busted \(schema 99 > 4\); upgrade busted"):
+        with pytest.raises(StoreError, match=rf"newer busted \(schema 99 > {SCHEMA_VERSION}\); upgrade busted"):
             opener(p)
 
 
@@ -368,12 +368,12 @@ def test_v2_store_is_migrated_dropping_the_placeholder_tables(tmp_path):
     new = sample_events(t0=1_800_000_000.0, flow_id=2)
     with Store(p) as s:
         s.write_many(new)
-    assert _rows(p, "SELECT value FROM meta WHERE key='schema_version'") == [("4",)]
+    assert _rows(p, "SELECT value FROM meta WHERE key='schema_version'") == [(str(SCHEMA_VERSION),)]
     assert _rows(p, "SELECT name FROM sqlite_master WHERE name IN ('policy_decisions', 'policy_ts')") == []
     assert "model" not in [c[1] for c in _rows(p, "PRAGMA table_info(llm_calls)")]  # the placeholder's
     assert _rows(p, "SELECT count(*) FROM dns_answers") == [(2,)]
     with Store.open_readonly(p) as r:
-        assert r.schema_version == 4
+        assert r.schema_version == SCHEMA_VERSION
         assert list(r.events()) == old + new
         assert [(f["flow_id"], f["provider"], f["bytes_received"]) for f in r.flows()] == [
             (1, "openai", 2233), (2, "openai", 2233)]
@@ -840,9 +840,9 @@ def test_v3_store_is_migrated_spreading_its_calls(tmp_path):
     new = sample_calls(t0=1_800_000_000.0, flow_id=2)
     with Store(p) as s:
         s.write_many(new)
-    assert _rows(p, "SELECT value FROM meta WHERE key='schema_version'") == [("4",)]
+    assert _rows(p, "SELECT value FROM meta WHERE key='schema_version'") == [(str(SCHEMA_VERSION),)]
     with Store.open_readonly(p) as r:
-        assert r.schema_version == 4
+        assert r.schema_version == SCHEMA_VERSION
         assert [(c["flow_id"], c["input_tokens"]) for c in r.calls()] == [(1, 120), (2, 120)]
         assert SECRET not in json.dumps(r.calls())  # the backfill redacts as writing does
         assert [m["flow_id"] for m in r.mcp_messages()] == [1, 1, 2, 2]
