@@ -1,6 +1,6 @@
 """A busted Monitor consuming events until SIGTERM/SIGINT, then a JSON summary on stdout.
 
-    python bench/busted_consumer.py [--no-classify] [--no-llm-calls] [--policy [--enforce]]
+    python bench/busted_consumer.py [--no-classify] [--no-llm-calls] [--policy [--enforce]] [--busy-host]
 Prints "READY <startup_s>" once the probes are attached. BUSTED_PROFILE=FILE dumps cProfile stats.
 """
 
@@ -14,7 +14,7 @@ import time
 
 t_spawn = time.monotonic()
 import busted  # noqa: E402
-from busted import EventsLost  # noqa: E402
+from busted import EventsLost, FlowClosed, FlowSummary  # noqa: E402
 
 stop = threading.Event()
 signal.signal(signal.SIGTERM, lambda *a: stop.set())
@@ -34,9 +34,11 @@ if "--policy" in sys.argv:  # a policy that denies a provider the workload never
     kw["enforce"] = "--enforce" in sys.argv
 if "--no-llm-calls" in sys.argv:
     kw["llm_calls"] = False
+if "--busy-host" in sys.argv:
+    kw["busy_host"] = True
 mon = busted.Monitor(classify=classify, **kw).start()
 print("READY", round(time.monotonic() - t_spawn, 3), flush=True)
-events = lost = 0
+events = lost = summarised = full = 0
 t0 = time.monotonic()
 if prof:
     prof.enable()
@@ -44,6 +46,10 @@ for ev in mon.events(stop_event=stop):
     events += 1
     if isinstance(ev, EventsLost):
         lost += ev.count
+    elif isinstance(ev, FlowClosed):
+        full += 1
+    elif isinstance(ev, FlowSummary):
+        summarised += ev.count
 if prof:
     prof.disable()
     prof.dump_stats(os.environ["BUSTED_PROFILE"])
@@ -54,4 +60,5 @@ print(json.dumps({
     "events": events, "lost_events": lost, "lost_stats": sum(st.lost.values()), "lost_by_place": st.lost,
     "startup_s": st.startup_s, "events_per_s": events / elapsed if elapsed else 0,
     "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "records": st.records,
+    "full_flows": full, "summarised_flows": summarised,
 }), flush=True)
