@@ -2,6 +2,7 @@
 later ones only in exact FlowSummary events, and a DNS answer naming a provider for the peer's
 address brings full events back."""
 
+import ctypes
 import os
 import socket
 import subprocess
@@ -14,6 +15,9 @@ from conftest import Peer, collect
 
 import busted
 from busted import Direction, DnsAnswer, FlowClosed, FlowOpened, FlowSummary
+from busted.ebpf.layout import QUIET_KEY, SUM_KEY, SUM_VAL
+from busted.ebpf.loader import FlowProgram
+from busted.ebpf.plan import ProbePlan
 
 DNS_ADDR = "127.0.0.2"  # a loopback address of its own, so a local resolver on :53 is no obstacle
 
@@ -34,6 +38,26 @@ def _dns_server(stop: threading.Event, ready: threading.Event) -> None:
             r = dns.message.make_response(q)
             r.answer.append(dns.rrset.from_text(q.question[0].name, 300, "IN", "A", "127.0.0.1"))
             s.sendto(r.to_wire(), addr)
+
+
+def _offsets(ctype) -> dict[str, int]:
+    return {name: getattr(ctype, name).offset for name, _t in ctype._fields_}
+
+
+def test_bcc_compiled_the_busy_host_layouts_with_every_capability():
+    plan = ProbePlan(plaintext="uprobe", lineage="task-newtask")  # capture, plaintext, lineage: all in
+    prog = FlowProgram(plan, ringbuf_bytes=1 << 16, max_flows=64, busy_host=True)
+    try:
+        q, s = prog.bpf[b"quiet_peers"], prog.bpf[b"summaries"]
+        for ctype, lay in ((q.Key, QUIET_KEY), (s.Key, SUM_KEY), (s.Leaf, SUM_VAL)):
+            assert ctypes.sizeof(ctype) == lay.size and _offsets(ctype) == lay.offsets()
+        prog.set_quiet_peer(socket.AF_INET, socket.inet_aton("10.1.2.3"), 443, 123, 1)
+        assert [bytes(k) for k in q.keys()] == [QUIET_KEY.pack(family=socket.AF_INET, port=443, direction=1,
+                                                               addr=socket.inet_aton("10.1.2.3"))]
+        prog.clear_quiet_peer(socket.AF_INET, socket.inet_aton("10.1.2.3"), 443, 1)
+        assert len(q) == 0 and prog.drain_summaries() == []
+    finally:
+        prog.close()
 
 
 def _ours(evs, port):

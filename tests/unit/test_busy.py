@@ -278,3 +278,10 @@ def test_flow_opened_to_a_provider_is_not_judged_even_without_close_provider():
     q = QuietPeers()
     op = FlowOpened(ts_ns=1, wall_time=1.0, **{**IDENT, "flow_id": 5, "daddr": "10.0.0.9"}, provider="openai")
     assert q.observe([op, closed(flow_id=5)], now_ns=0) == []
+
+
+def test_busy_host_needs_classification():
+    from busted import Monitor
+
+    with pytest.raises(ValueError, match="classif"):
+        Monitor(busy_host=True, classify=False)
