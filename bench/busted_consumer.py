@@ -42,20 +42,28 @@ events = lost = summarised = full = 0
 t0 = time.monotonic()
 if prof:
     prof.enable()
-for ev in mon.events(stop_event=stop):
-    events += 1
-    if isinstance(ev, EventsLost):
-        lost += ev.count
-    elif isinstance(ev, FlowClosed):
-        full += 1
-    elif isinstance(ev, FlowSummary):
-        summarised += ev.count
+
+
+def count(evs) -> None:
+    global events, lost, full, summarised
+    for ev in evs:
+        events += 1
+        if isinstance(ev, EventsLost):
+            lost += ev.count
+        elif isinstance(ev, FlowClosed):
+            full += 1
+        elif isinstance(ev, FlowSummary):
+            summarised += ev.count
+
+
+count(mon.events(stop_event=stop))
 if prof:
     prof.disable()
     prof.dump_stats(os.environ["BUSTED_PROFILE"])
 elapsed = time.monotonic() - t0
-st = mon.stats()
 mon.close()
+count(mon.events())  # what close() drained last (flows that ended since the last drain, summaries)
+st = mon.stats()
 print(json.dumps({
     "events": events, "lost_events": lost, "lost_stats": sum(st.lost.values()), "lost_by_place": st.lost,
     "startup_s": st.startup_s, "events_per_s": events / elapsed if elapsed else 0,
