@@ -69,7 +69,7 @@ mon = busted.Monitor(classify=classify, **kw).start()
 now = time.monotonic()
 print("READY", round(now - t_spawn, 3), round(now - t_mon, 3), flush=True)
 cpu_ready = cpu_s()
-events = lost = 0
+events = lost = full = summarised = 0
 
 
 def control() -> None:
@@ -99,13 +99,25 @@ else:
         events += 1
         if isinstance(ev, EventsLost):
             lost += ev.count
+        elif type(ev).__name__ == "FlowSummary":
+            summarised += ev.count
+        elif type(ev).__name__ == "FlowClosed":
+            full += 1
 if prof:
     prof.disable()
     prof.dump_stats(os.environ["BUSTED_PROFILE"])
 elapsed = time.monotonic() - t0
 cpu_end = cpu_s()
-st = mon.stats()
 mon.close()
+for ev in mon.events():  # what close() drained last (flows that ended since the last drain, summaries)
+    events += 1
+    if isinstance(ev, EventsLost):
+        lost += ev.count
+    elif type(ev).__name__ == "FlowSummary":
+        summarised += ev.count
+    elif type(ev).__name__ == "FlowClosed":
+        full += 1
+st = mon.stats()
 if arr_port and arg("--arrivals"):
     with open(arg("--arrivals"), "w") as f:
         json.dump(arrivals, f)
@@ -114,4 +126,5 @@ print(json.dumps({
     "startup_s": st.startup_s, "events_per_s": events / elapsed if elapsed else 0,
     "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "records": st.records,
     "cpu_ready_s": cpu_ready, "cpu_consuming_s": cpu_end - cpu_ready,
+    "full_flows": full, "summarised_flows": summarised,
 }), flush=True)

@@ -7,6 +7,8 @@ Configurations, interleaved (rotating order each round, so the VM's noise hits a
   busted             bench/busted_consumer.py: busted.Monitor() consuming every event
   busted-noclassify  the same with Monitor(classify=False) (no DNS/TLS payload capture probes)
   busted-noplaintext the same with Monitor(llm_calls=False) (no TLS-library uprobes, no HTTP capture)
+  busted-busy        busted with Monitor(busy_host=True): after the first flow to the bench server is
+                     judged non-LLM, its flows are summed in the kernel (FlowSummary events)
   tcplife            Debian's tcplife-bpfcc, output to /dev/null
   busted-base        with --baseline DIR: the same consumer importing busted from DIR (a checkout
                      of an earlier commit), for before/after comparisons in one run
@@ -134,7 +136,8 @@ def run_config(name: str, seconds: float, procs: int) -> dict:
     proc = None
     if name.startswith("busted"):
         extra = {"busted-noclassify": ["--no-classify"], "busted-noplaintext": ["--no-llm-calls"],
-                 "busted-policy": ["--policy"], "busted-enforce": ["--policy", "--enforce"]}.get(name, [])
+                 "busted-policy": ["--policy"], "busted-enforce": ["--policy", "--enforce"],
+                 "busted-busy": ["--busy-host"]}.get(name, [])
         argv = [PY, str(HERE / "busted_consumer.py"), *extra]
         env = dict(os.environ)
         if name == "busted-base":
@@ -164,6 +167,7 @@ def run_config(name: str, seconds: float, procs: int) -> dict:
             summary = json.loads(out.strip().splitlines()[-1])
             res.update(events=summary["events"], lost=max(summary["lost_events"], summary["lost_stats"]),
                        lost_by_place=summary["lost_by_place"], startup_s=summary["startup_s"],
+                       summarised_flows=summary.get("summarised_flows", 0), full_flows=summary.get("full_flows", 0),
                        events_per_s=summary["events"] / seconds,  # nearly all of them arrive in the window
                        peak_rss_mb=max(res["peak_rss_mb"], summary["peak_rss_mb"]))
         else:

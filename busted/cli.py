@@ -37,6 +37,7 @@ from busted.events import (
     FlowEvent,
     FlowIdentity,
     FlowOpened,
+    FlowSummary,
     LlmCall,
     McpMessage,
     TlsClientHello,
@@ -291,6 +292,12 @@ def render(ev: Event) -> str:
         d = "out" if ev.direction == 1 else "in" if ev.direction == 2 else "?"
         line = (f"{t:<8} {kind:<10} {ev.pid:>7} {_col(ev.comm, 15)} {d:<3} {_ep(ev.saddr, ev.sport):<22} "
                 f"{_ep(ev.daddr, ev.dport):<22} {_col(who, 34)} {tx:>7} {rx:>7}")
+    elif isinstance(ev, FlowSummary):  # busy-host mode: flows to a quiet peer, summed
+        out = ev.direction == 1
+        local, peer = ("", _ep(ev.peer, ev.port)) if out else (_ep("*", ev.port), ev.peer)
+        line = (f"{t:<8} {'summary':<10} {ev.pid:>7} {_col(ev.comm, 15)} {'out' if out else 'in':<3} "
+                f"{local:<22} {_p(peer):<22} {_col(f'- {ev.count} flows', 34)} "
+                f"{_fmt_bytes(ev.bytes_sent):>7} {_fmt_bytes(ev.bytes_received):>7}")
     elif isinstance(ev, DnsAnswer):
         ans = ",".join(ev.addresses) or ev.rcode
         chain = " -> ".join(ev.cname_chain[1:])
@@ -359,6 +366,8 @@ def _monitor_kwargs(args: argparse.Namespace) -> dict[str, Any]:
         kw["capture_content"] = args.capture_content
     if getattr(args, "prices", None):
         kw["prices"] = args.prices
+    if getattr(args, "busy_host", False):
+        kw["busy_host"] = True
     from busted.policy_cli import policy_kwargs
 
     kw.update(policy_kwargs(args))
@@ -550,6 +559,8 @@ def _wants(ev: Event, provider: Sequence[str] | None) -> bool:
         return True
     if isinstance(ev, FlowIdentity):  # flow events, LLM calls, MCP messages
         return (ev.provider or "none") in provider
+    if isinstance(ev, FlowSummary):  # flows judged non-LLM
+        return "none" in provider
     return not isinstance(ev, DnsAnswer | TlsClientHello)
 
 
@@ -1055,7 +1066,8 @@ def _row_filter(args: argparse.Namespace, flow_provider: dict[int, str | None]) 
     if args.comm:
         checks.append(lambda r: r.get("comm") in args.comm)
     if args.port:
-        checks.append(lambda r: r.get("sport") in args.port or r.get("dport") in args.port)
+        checks.append(lambda r: r.get("sport") in args.port or r.get("dport") in args.port
+                      or r.get("port") in args.port)  # a flow summary's service port
     if args.family:
         checks.append(lambda r: r.get("family") == args.family)
     if args.provider:
@@ -1087,6 +1099,9 @@ def _query(args: argparse.Namespace, out: TextIO) -> int:
         elif args.table == "mcp_messages":
             keep = _row_filter(args, {})
             rows = [m for m in store.mcp_messages(since=since) if keep(m)]
+        elif args.table == "flow_summaries":
+            keep = _row_filter(args, {})
+            rows = [m for m in store.summaries(since=since) if keep(m)]
         else:
             keep = _row_filter(args, {})
             rows = [f for f in flows if keep(f)]
@@ -1192,6 +1207,9 @@ def _parser() -> argparse.ArgumentParser:
 
     m = sub.add_parser("monitor", help="live view of flows", parents=[filters, live])
     m.add_argument("--duration", type=float, help="stop after this many seconds")
+    m.add_argument("--busy-host", action="store_true", help="flows to peers judged non-LLM (not a provider, "
+                   "not MCP) are summed in the kernel per process x peer for 60 s and reported every 5 s as "
+                   "flow_summary events (docs/outputs.md)")
 
     t = sub.add_parser("top", help="refreshing per-process x provider table", parents=[filters, live])
     t.add_argument("--interval", type=float, default=2.0, help="seconds between refreshes")
@@ -1208,8 +1226,9 @@ def _parser() -> argparse.ArgumentParser:
 
     q = sub.add_parser("query", help="read a store written with --store", parents=[filters])
     q.add_argument("--store", required=True)
-    q.add_argument("--table", choices=("flows", "events", "llm_calls", "mcp_messages"), default="flows",
-                   help="flows (one row per flow), events (every event; see --kind), llm_calls, mcp_messages")
+    q.add_argument("--table", choices=("flows", "events", "llm_calls", "mcp_messages", "flow_summaries"),
+                   default="flows", help="flows (one row per flow), events (every event; see --kind), llm_calls, "
+                   "mcp_messages, flow_summaries (busy-host mode)")
     q.add_argument("--kind", action="append", help="with --table events: only this kind, e.g. llm_call "
                    "(repeatable)")
     q.add_argument("--since", type=float, help="only the last N seconds")

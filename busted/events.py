@@ -36,6 +36,7 @@ __all__ = [
     "LlmCall",
     "McpMessage",
     "FlowOpened",
+    "FlowSummary",
     "LossPlace",
     "PolicyDecision",
     "TlsClientHello",
@@ -223,6 +224,37 @@ class FlowClosed(FlowEvent):
     bytes_sent: int
     bytes_received: int
     duration_ns: int  # 0 for preexisting flows: their start is not known
+
+
+@dataclass(frozen=True, kw_only=True)
+class FlowSummary(Event):
+    """Busy-host mode (``Monitor(busy_host=True)``, docs/outputs.md): ``count`` flows of one
+    process with one quiet peer, summed in the kernel instead of reported one by one. A peer is
+    quiet once a flow to it ended judged "no LLM provider, not MCP"; the judgement lasts a TTL.
+
+    ``peer`` is the other end's address; ``port`` the service port: the peer's for
+    ``direction`` CONNECT, this host's (the listening port) for ACCEPT. ``start_*`` is the earliest
+    open, ``end_*`` the latest end among the flows; ``ts_ns`` when the summary was drained. ``exe``
+    is None when the process was gone before the drain (``pid``, ``comm`` come from the kernel).
+    """
+
+    kind: ClassVar[str] = "flow_summary"
+    pid: int
+    uid: int
+    comm: str
+    exe: str | None = None
+    cgroup_id: int = 0
+    direction: Direction
+    family: int  # 4 or 6
+    peer: str
+    port: int
+    count: int
+    bytes_sent: int
+    bytes_received: int
+    start_ns: int
+    end_ns: int
+    start_time: float  # UNIX seconds of start_ns / end_ns
+    end_time: float
 
 
 @dataclass(frozen=True, kw_only=True)

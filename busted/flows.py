@@ -179,7 +179,8 @@ class FlowTable:
     def kernel_losses(self, totals: Mapping[int, int], ts_ns: int) -> list[Event]:
         """Events for the growth of the kernel's cumulative loss counters (by LossPlace value)."""
         out: list[Event] = []
-        details = {LossPlace.KERNEL_RING: "ring buffer full", LossPlace.KERNEL_MAP: "flow map full",
+        details = {LossPlace.KERNEL_RING: "ring buffer full",
+                   LossPlace.KERNEL_MAP: "a BPF map full (flows; busy-host summaries)",
                    LossPlace.KERNEL_MISS: "BPF program skipped by the kernel (recursion)"}
         for place, total in totals.items():
             prev = self._kernel_seen.get(place, 0)

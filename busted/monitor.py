@@ -27,11 +27,12 @@ from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any, Protocol, TypeVar
 
+from busted.busy import Quiet
 from busted.ebpf.loader import CHUNK_BYTES, MAX_FLOWS, RINGBUF_BYTES
 from busted.ebpf.plan import ProbePlan, choose_plan
 from busted.ebpf.probe import Capabilities, mount_tracefs, probe
 from busted.errors import MonitorClosed, PermissionDenied, TracefsNotMounted
-from busted.events import Event, EventsLost, FlowEvent, LossPlace
+from busted.events import Event, EventsLost, FlowEvent, FlowSummary, LossPlace
 from busted.flows import FlowTable
 from busted.procinfo import ProcCache
 
@@ -92,6 +93,9 @@ class Monitor:
     ``probes`` forces tiers, e.g. ``{"bytes": "syscall"}`` (see ``busted doctor``).
     ``agents`` (an ``AgentCatalog``) names the agents on flows and ``max_procs`` bounds the process
     lineage table (``Monitor.lineage``, when the lineage probe runs; docs/agents.md).
+    ``busy_host=True``: flows to peers judged "no LLM provider, not MCP" are summed in the kernel
+    per process x peer for ``quiet_ttl`` seconds after the judgement and delivered as
+    ``FlowSummary`` events every ``summary_interval`` seconds (docs/outputs.md, "Busy-host mode").
     """
 
     def __init__(
@@ -123,6 +127,9 @@ class Monitor:
         policy: Any = None,
         enforce: bool = False,
         policy_scope: str | None = None,
+        busy_host: bool = False,
+        summary_interval: float = 5.0,
+        quiet_ttl: float = 60.0,
     ) -> None:
         self._force = probes
         self._filters = _Filters.build(pid=pid, uid=uid, comm=comm, cgroup=cgroup, port=port,
@@ -182,6 +189,18 @@ class Monitor:
         self._policy_rt: Any = None
         if enforce and policy is None:
             raise ValueError("enforce=True needs a policy")
+        # busy-host mode (busted.busy): flows to quiet peers summed in the kernel, drained as
+        # FlowSummary events every summary_interval
+        self._busy_host = busy_host
+        self._summary_interval = summary_interval
+        self._quiet: Any = None
+        if busy_host:
+            if not classify:
+                raise ValueError("busy_host=True needs classification (classify=True): it judges peers")
+            from busted.busy import QuietPeers
+
+            self._quiet = QuietPeers(ttl_s=quiet_ttl)
+        self._next_summary = 0.0
 
     # -- lifecycle ---------------------------------------------------------------------------
 
@@ -211,7 +230,8 @@ class Monitor:
 
         # The bytecode comes from the cache or a compiler child process: LLVM never maps here.
         self._program = FlowProgram(self.plan, ringbuf_bytes=self._ringbuf_bytes,
-                                    max_flows=self._max_flows, chunk_bytes=self._chunk_bytes)
+                                    max_flows=self._max_flows, chunk_bytes=self._chunk_bytes,
+                                    busy_host=self._busy_host)
         self._stats.bytecode = self._program.bytecode_from
         self._stats.compile_s = self._program.compile_s
         # The probes run from here on. Until the flow table exists and the pre-existing flows are
@@ -468,6 +488,8 @@ class Monitor:
             if self._policy_rt is not None:
                 self._pending.extend(self._policy_rt.consume())
             now = time.monotonic()
+            if self._quiet is not None:
+                self._busy(now, final=wait_ms == 0 and self._stop.is_set())
             if now >= self._next_loss_check:
                 self._next_loss_check = now + 0.5
                 self._check_kernel_losses()
@@ -492,6 +514,26 @@ class Monitor:
                 evs = feed(raw)
                 if evs:
                     pending.extend(policy.feed(evs) if policy is not None else evs)
+
+    def _busy(self, now: float, final: bool) -> None:
+        """Busy-host mode: judge peers from this drain's events, tell the kernel, and every
+        ``summary_interval`` (and on the way out) turn its summaries into events."""
+        prog = self._program
+        now_ns = time.monotonic_ns()
+        changes = self._quiet.observe(self._pending, now_ns)
+        if now >= self._next_summary or final:
+            self._next_summary = now + self._summary_interval
+            changes += self._quiet.expire(now_ns)
+            from busted.busy import summary_events
+
+            proc = self._proc
+            self._pending.extend(summary_events(prog.drain_summaries(), now_ns, self._wall_offset,
+                                                lambda pid: proc.get(pid).exe))
+        for c in changes:
+            if isinstance(c, Quiet):
+                prog.set_quiet_peer(c.family, c.addr, c.port, c.expiry_ns, c.direction)
+            else:
+                prog.clear_quiet_peer(c.family, c.addr, c.port, c.direction)
 
     def _on_record(self, raw: bytes) -> int:
         """One record (for tests that feed records by hand): 0 to go on, -1 when the queue is full."""
@@ -647,7 +689,11 @@ class _Filters:
         return f
 
     def match(self, ev: Event) -> bool:
-        if not self.active or not isinstance(ev, FlowEvent):
+        if not self.active:
+            return True
+        if isinstance(ev, FlowSummary):
+            return self._match_summary(ev)
+        if not isinstance(ev, FlowEvent):
             return True
         if self.pid is not None and ev.pid not in self.pid:
             return False
@@ -665,4 +711,9 @@ class _Filters:
             return False
         return True
 
-
+    def _match_summary(self, ev: FlowSummary) -> bool:
+        # A summary has no local port for a connect nor a netns: those filters drop it.
+        return ((self.pid is None or ev.pid in self.pid) and (self.uid is None or ev.uid in self.uid)
+                and (self.comm is None or ev.comm in self.comm) and (self.port is None or ev.port in self.port)
+                and (self.cgroup is None or ev.cgroup_id == self.cgroup) and self.netns is None
+                and (self.family is None or ev.family == self.family))

@@ -30,6 +30,8 @@ struct cap_conn_ctx {
     u64 uaddr;       /* connect()'s sockaddr */
     u32 fd;
     u32 is_tcp;      /* set by the SYN_SENT transition inside this connect() */
+    u32 no_hello;    /* busy-host mode: an aggregated flow (quiet peer): no ClientHello capture */
+    u32 pad;
     u64 sk;
 };
 
@@ -137,13 +139,14 @@ int bst_cap_conn_in(struct sys_enter_args *args)
 /* Called by the lifecycle tier at CLOSE->SYN_SENT, which runs inside connect() on the calling
  * thread: it tells us the fd is TCP and gives the socket pointer the flow events carry. */
 #define HAVE_CAPTURE 1
-static __always_inline void cap_on_syn_sent(u64 sk)
+static __always_inline void cap_on_syn_sent(u64 sk, u32 aggregated)
 {
     u32 tid = (u32)bpf_get_current_pid_tgid();
     struct cap_conn_ctx *c = cap_conn.lookup(&tid);
     if (!c)
         return;
     c->is_tcp = 1;
+    c->no_hello = aggregated;
     c->sk = sk;
 }
 
@@ -172,7 +175,7 @@ int bst_cap_conn_out(struct sys_exit_args *args)
     } else {
         cap_rfd.delete(&key);
     }
-    if (cc.is_tcp) {
+    if (cc.is_tcp && !cc.no_hello) {  /* DNS stays on for every flow: it re-judges peers */
         struct cap_tls t = {};
         t.sk = cc.sk;
         cap_tls_fd.update(&key, &t);

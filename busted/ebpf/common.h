@@ -146,14 +146,76 @@ static __always_inline void flow_count(struct flow *f, long n, int is_send)
         __sync_fetch_and_add(&f->recv, n);
 }
 
-/* Attribute an accepted flow in process context and announce it (once). */
+/* Attribute an accepted flow in process context and announce it (once; an aggregated flow is
+ * attributed for its summary, never announced). */
 static __always_inline void flow_attribute_and_open(u64 sk, struct flow *f)
 {
     if (f->flags & FL_ATTRIBUTED)
         return;
     attribute(f);
-    if ((f->flags & FL_HAVE_TUPLE) && !(f->flags & FL_OPEN_SENT)) {
+    if ((f->flags & FL_HAVE_TUPLE) && !(f->flags & (FL_OPEN_SENT | FL_AGGREGATED))) {
         f->flags |= FL_OPEN_SENT;
         emit(REC_OPEN, sk, f);
     }
 }
+
+/* Busy-host mode (BUSY_HOST, docs/kernel.md): user space writes quiet_peers, the peers it judged
+ * "not an LLM provider, not MCP", each with an expiry. A new flow to a quiet peer is flagged
+ * FL_AGGREGATED: it stays in `flows` (bytes are counted as usual) but emits no open/close record;
+ * at its end it is added into `summaries` (per process x peer), which user space drains. */
+#ifdef BUSY_HOST
+BPF_HASH(quiet_peers, struct quiet_key, u64, QUIET_MAX);
+BPF_HASH(summaries, struct sum_key, struct sum_val, SUM_MAX);
+
+/* Whether a new flow's peer is quiet now. `port` is the service port in host order (the peer's
+ * for a connect, ours for an accept); `addr` the 16-byte field of a tuple (IPv4 in 4 bytes). */
+static __always_inline int peer_quiet(u16 family, u8 *addr, u16 port, u8 direction)
+{
+    struct quiet_key k = {};
+    k.family = family;
+    k.port = port;
+    k.direction = direction;
+    if (family == BST_AF_INET)
+        __builtin_memcpy(k.addr, addr, 4);
+    else
+        __builtin_memcpy(k.addr, addr, 16);
+    u64 *exp = quiet_peers.lookup(&k);
+    return exp && *exp > bpf_ktime_get_ns();
+}
+
+/* An aggregated flow ended: add it to its process x peer summary. A full map is a counted loss. */
+static __always_inline void flow_summarize(struct flow *f)
+{
+    struct sum_key k = {};
+    k.tgid = f->pid;
+    k.family = f->family;
+    k.direction = f->direction;
+    k.port = f->direction == DIR_ACCEPT ? f->sport : f->dport;
+    __builtin_memcpy(k.addr, f->daddr, 16);
+    u64 now = bpf_ktime_get_ns();
+    struct sum_val *v = summaries.lookup(&k);
+    if (!v) {
+        struct sum_val init = {};
+        init.first_ns = f->open_ns ? f->open_ns : now;
+        init.uid = f->uid;
+        init.cgroup = f->cgroup;
+        __builtin_memcpy(init.comm, f->comm, sizeof(init.comm));
+        summaries.insert(&k, &init);  /* EEXIST: another CPU inserted it first, fine */
+        v = summaries.lookup(&k);
+        if (!v) {
+            count_loss(LOSS_MAP);
+            return;
+        }
+    }
+    __sync_fetch_and_add(&v->count, 1);
+    __sync_fetch_and_add(&v->sent, f->sent);
+    __sync_fetch_and_add(&v->recv, f->recv);
+    if (f->open_ns && f->open_ns < v->first_ns)
+        v->first_ns = f->open_ns;
+    if (now > v->last_ns)
+        v->last_ns = now;
+}
+#else
+static __always_inline int peer_quiet(u16 family, u8 *addr, u16 port, u8 direction) { return 0; }
+static __always_inline void flow_summarize(struct flow *f) {}
+#endif

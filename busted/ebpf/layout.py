@@ -14,8 +14,9 @@ from dataclasses import dataclass
 
 __all__ = [
     "CAP_DNS_TCP", "CAP_DNS_UDP", "CAP_HDR", "FL", "FLOW", "LOSS_MAP", "LOSS_MISS", "LOSS_RING",
-    "LIN_ARGS", "LIN_FNAME", "LIN_HDR", "LINF", "Layout", "PT_HDR", "REC_BIND", "REC_CLOSE", "REC_DNS",
-    "REC_EXEC", "REC_EXIT", "REC_FORK", "REC_HDR", "REC_OPEN", "REC_PLAIN", "REC_TLS", "c_definitions",
+    "LIN_ARGS", "LIN_FNAME", "LIN_HDR", "LINF", "Layout", "PT_HDR", "QUIET_KEY", "QUIET_MAX", "REC_BIND",
+    "REC_CLOSE", "REC_DNS", "REC_EXEC", "REC_EXIT", "REC_FORK", "REC_HDR", "REC_OPEN", "REC_PLAIN",
+    "REC_TLS", "SUM_KEY", "SUM_MAX", "SUM_VAL", "c_definitions",
 ]
 
 _TYPES = {"u8": ("B", 1), "u16": ("H", 2), "u32": ("I", 4), "u64": ("Q", 8), "char": ("s", 1)}
@@ -128,6 +129,7 @@ class FL:
     HAVE_TUPLE = 4  # addresses/ports are filled
     MIDSTREAM = 8  # first seen after it began (the flow predates the monitor)
     UNTRACKED = 16  # REC_CLOSE for a socket with no flow entry at all
+    AGGREGATED = 32  # busy-host mode: its peer was quiet; no open/close records, summed at its end
 
 
 # The kernel's per-socket state (the `flows` map value) and what every flow record carries.
@@ -150,6 +152,43 @@ FLOW = Layout.of(
     ("daddr", "u8", 16),
     ("comm", "char", 16),
 )
+
+# Busy-host mode (docs/kernel.md): peers user space judged "not an LLM provider, not MCP".
+# The address is as the lifecycle tier sees it: IPv4 in the first 4 bytes (family AF_INET), or 16
+# bytes (AF_INET6, v4-mapped included). ``port`` is the service port in host order: the peer's for
+# a connect, this host's (the listening port) for an accept. Value: expiry, CLOCK_MONOTONIC ns.
+QUIET_KEY = Layout.of(
+    "quiet_key",
+    ("family", "u16"),
+    ("port", "u16"),
+    ("direction", "u8"),  # DIR_CONNECT / DIR_ACCEPT
+    ("_pad", "u8", 3),
+    ("addr", "u8", 16),
+)
+# Flows to quiet peers, summed per process x peer until user space drains (reads and deletes) them.
+SUM_KEY = Layout.of(
+    "sum_key",
+    ("tgid", "u32"),
+    ("family", "u16"),
+    ("port", "u16"),
+    ("direction", "u8"),
+    ("_pad", "u8", 7),
+    ("addr", "u8", 16),
+)
+SUM_VAL = Layout.of(
+    "sum_val",
+    ("count", "u64"),  # flows ended
+    ("sent", "u64"),
+    ("recv", "u64"),
+    ("first_ns", "u64"),  # the earliest open among them
+    ("last_ns", "u64"),  # the latest end
+    ("uid", "u32"),
+    ("_pad", "u8", 4),
+    ("cgroup", "u64"),
+    ("comm", "char", 16),
+)
+QUIET_MAX = 4096  # quiet_peers entries (user space keeps its set within this)
+SUM_MAX = 16384  # summaries entries between two drains; a full map is a counted KERNEL_MAP loss
 
 # A flow record is this header followed by the flow itself (one copy in emit()).
 REC_HDR = Layout.of(
@@ -240,12 +279,12 @@ def c_definitions() -> str:
         ("LOSS_RING", LOSS_RING), ("LOSS_MAP", LOSS_MAP),
         ("REC_FORK", REC_FORK), ("REC_EXEC", REC_EXEC), ("REC_EXIT", REC_EXIT),
         ("LIN_FNAME", LIN_FNAME), ("LIN_ARGS", LIN_ARGS), ("LIN_ARGLEN", LIN_ARGLEN),
-        ("LIN_MAXARGS", LIN_MAXARGS),
+        ("LIN_MAXARGS", LIN_MAXARGS), ("QUIET_MAX", QUIET_MAX), ("SUM_MAX", SUM_MAX),
     ] + [(f"FL_{k}", v) for k, v in vars(FL).items() if k.isupper()] + [
         (f"LINF_{k}", v) for k, v in vars(LINF).items() if k.isupper()]
     out = ["/* Generated from busted/ebpf/layout.py: edit it there. */"]
     out += [f"#define {k} {v}" for k, v in consts]
-    for lay in (FLOW, REC_HDR, CAP_HDR, PT_HDR, LIN_HDR):
+    for lay in (FLOW, REC_HDR, CAP_HDR, PT_HDR, LIN_HDR, QUIET_KEY, SUM_KEY, SUM_VAL):
         out.append(lay.c_struct())
     out.append("struct rec {\n    struct rec_hdr h;\n    struct flow f;\n};")
     out.append("struct lin_exec {\n    struct lin_hdr h;\n    char data[LIN_FNAME + LIN_ARGS];\n};")

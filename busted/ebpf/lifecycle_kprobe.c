@@ -54,12 +54,16 @@ int bst_kp_connect(struct pt_regs *ctx)
     init.direction = DIR_CONNECT;
     attribute(&init);
     peer_from_user(&init);
+    if ((init.flags & FL_HAVE_TUPLE) && peer_quiet(init.family, init.daddr, init.dport, DIR_CONNECT))
+        init.flags |= FL_AGGREGATED;
     struct flow *f = flow_insert(sk, &init);
     if (f) {
         hook_connect_start(sk, f);
 #ifdef HAVE_CAPTURE
-        cap_on_syn_sent(sk);
+        cap_on_syn_sent(sk, f->flags & FL_AGGREGATED);
 #endif
+        if (f->flags & FL_AGGREGATED)
+            return 0;
         f->flags |= FL_OPEN_SENT;
         emit(REC_OPEN, sk, f);
     }
@@ -93,7 +97,10 @@ int bst_kp_close(struct pt_regs *ctx)
         lost_socks.delete(&sk);
         return 0;
     }
-    emit(REC_CLOSE, sk, f);
+    if (f->flags & FL_AGGREGATED)
+        flow_summarize(f);  /* busy-host mode: summed, not announced */
+    else
+        emit(REC_CLOSE, sk, f);
     hook_flow_end(sk, f);
     flows.delete(&sk);
     return 0;

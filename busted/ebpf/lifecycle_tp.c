@@ -55,6 +55,17 @@ static __always_inline void flow_end(u64 sk, struct tuple *t)
         emit(REC_CLOSE, sk, &tmp);
         return;
     }
+    if (f->flags & FL_AGGREGATED) {
+        /* Busy-host mode: summed, not announced (one that never got its tuple never connected). */
+        if (f->flags & FL_HAVE_TUPLE)
+            flow_summarize(f);
+        hook_flow_end(sk, f);
+        flows.delete(&sk);
+#ifdef HAVE_PLAINTEXT
+        pt_skip.delete(&sk);
+#endif
+        return;
+    }
     /* A connect that never reached ESTABLISHED was never announced: drop it quietly. */
     if (!(f->flags & (FL_OPEN_SENT | FL_MIDSTREAM)) && f->direction == DIR_CONNECT) {
         hook_flow_end(sk, f);
@@ -85,11 +96,18 @@ int bst_set_state(struct tracepoint__sock__inet_sock_set_state *args)
         init.open_ns = bpf_ktime_get_ns();
         init.direction = DIR_CONNECT;
         attribute(&init);
+#ifdef BUSY_HOST
+        /* The peer is set before SYN_SENT (the source port only after). */
+        struct tuple pt = {};
+        READ_TUPLE(&pt, args);
+        if (peer_quiet(pt.family, pt.daddr, pt.dport, DIR_CONNECT))
+            init.flags |= FL_AGGREGATED;
+#endif
         struct flow *f = flow_insert(sk, &init);
         if (f)
             hook_connect_start(sk, f);
 #ifdef HAVE_CAPTURE
-        cap_on_syn_sent(sk);
+        cap_on_syn_sent(sk, init.flags & FL_AGGREGATED);
 #endif
         return 0;
     }
@@ -102,6 +120,8 @@ int bst_set_state(struct tracepoint__sock__inet_sock_set_state *args)
         struct tuple t = {};
         READ_TUPLE(&t, args);
         copy_tuple(f, &t);
+        if (f->flags & FL_AGGREGATED)
+            return 0;
         f->flags |= FL_OPEN_SENT;
         emit(REC_OPEN, sk, f);
         return 0;
@@ -116,6 +136,8 @@ int bst_set_state(struct tracepoint__sock__inet_sock_set_state *args)
         struct tuple t = {};
         READ_TUPLE(&t, args);
         copy_tuple(&init, &t);
+        if (peer_quiet(t.family, t.daddr, t.sport, DIR_ACCEPT))
+            init.flags |= FL_AGGREGATED;
         struct flow *f = flow_insert(sk, &init);
         if (f)
             hook_passive_established(sk, f);

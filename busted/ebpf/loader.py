@@ -18,7 +18,7 @@ from importlib import resources
 
 from busted.ebpf import bpfsys, bytecode
 from busted.ebpf.bpfsys import prog_recursion_misses
-from busted.ebpf.layout import FL, FLOW, LOSS_MAP, LOSS_MISS, LOSS_RING, c_definitions
+from busted.ebpf.layout import FL, FLOW, LOSS_MAP, LOSS_MISS, LOSS_RING, QUIET_KEY, c_definitions
 from busted.ebpf.plan import ProbePlan
 from busted.ebpf.records import decode_flow_value
 from busted.errors import (
@@ -126,8 +126,9 @@ def _read(name: str) -> str:
 
 
 def build_source(plan: ProbePlan, *, ringbuf_bytes: int = RINGBUF_BYTES, max_flows: int = MAX_FLOWS,
-                 chunk_bytes: int = CHUNK_BYTES) -> str:
-    """The complete BPF C text for ``plan`` (what ``busted doctor --ebpf`` prints)."""
+                 chunk_bytes: int = CHUNK_BYTES, busy_host: bool = False) -> str:
+    """The complete BPF C text for ``plan`` (what ``busted doctor --ebpf`` prints). ``busy_host``
+    compiles in the quiet-peer aggregation (docs/kernel.md, "Busy-host mode")."""
     pages = max(1, ringbuf_bytes // 4096)
     if pages & (pages - 1):  # BPF ring buffers are a power-of-two number of pages
         pages = 1 << pages.bit_length()
@@ -139,6 +140,8 @@ def build_source(plan: ProbePlan, *, ringbuf_bytes: int = RINGBUF_BYTES, max_flo
         defines.append("#define END_AT_CLOSE 1")
     if plan.lineage == "sched-fork":
         defines.append("#define LIN_FORK_SCHED 1")
+    if busy_host:
+        defines.append("#define BUSY_HOST 1")
     parts = [
         "\n".join(defines),
         c_definitions(),
@@ -172,10 +175,11 @@ class FlowProgram:
     reads the ring buffer through shared memory. No BCC here."""
 
     def __init__(self, plan: ProbePlan, *, ringbuf_bytes: int = RINGBUF_BYTES, max_flows: int = MAX_FLOWS,
-                 chunk_bytes: int = CHUNK_BYTES) -> None:
+                 chunk_bytes: int = CHUNK_BYTES, busy_host: bool = False) -> None:
         self.plan = plan
+        self.busy_host = busy_host
         self.source = build_source(plan, ringbuf_bytes=ringbuf_bytes, max_flows=max_flows,
-                                   chunk_bytes=chunk_bytes)
+                                   chunk_bytes=chunk_bytes, busy_host=busy_host)
         self.tls_files: dict[str, str] = {}  # path -> "openssl" | "gnutls": attached
         self.tls_failed: dict[str, str] = {}  # path -> why not
         self.attached: list[str] = []
@@ -321,6 +325,38 @@ class FlowProgram:
     def unskip_plaintext(self, sk: int) -> None:
         if self.plan.plaintext == "uprobe":
             self.maps["pt_skip"].delete(_U64.pack(sk))
+
+    # -- busy-host mode: the only map access it needs, in plain types (busted/busy.py decodes) ----
+
+    def set_quiet_peer(self, family: int, addr: bytes, port: int, expiry_ns: int, direction: int = 1) -> None:
+        """Aggregate new flows to this peer until ``expiry_ns`` (CLOCK_MONOTONIC). ``addr`` is 4
+        (AF_INET) or 16 bytes; ``direction`` 1 connect (``port`` the peer's), 2 accept (ours)."""
+        if not self.busy_host:
+            return
+        key = QUIET_KEY.pack(family=family, port=port, direction=direction, addr=addr)
+        try:
+            self.maps["quiet_peers"].update(key, _U64.pack(expiry_ns))
+        except bpfsys.BpfError:  # map full: the peer's flows stay full events (nothing is hidden)
+            pass
+
+    def clear_quiet_peer(self, family: int, addr: bytes, port: int, direction: int = 1) -> None:
+        if not self.busy_host:
+            return
+        self.maps["quiet_peers"].delete(QUIET_KEY.pack(family=family, port=port, direction=direction, addr=addr))
+
+    def drain_summaries(self) -> list[tuple[bytes, bytes]]:
+        """Take (read and delete) every summary: (key, value) as raw bytes of the SUM_KEY and
+        SUM_VAL layouts. Each entry is taken atomically (BPF_MAP_LOOKUP_AND_DELETE_ELEM, kernel >=
+        5.14) where the kernel offers it, else read then deleted."""
+        if not self.busy_host:
+            return []
+        m = self.maps["summaries"]
+        out = []
+        for k in list(m.keys()):
+            v = m.take(k)
+            if v is not None:
+                out.append((k, v))
+        return out
 
     def wait(self, timeout_ms: int) -> bool:
         """Block until the ring has records or ``timeout_ms`` passed."""

@@ -129,6 +129,11 @@ static __always_inline void plaintext_on_sock_io(u64 sk, int is_send)
 /* The socket's current flow was judged uninteresting (not a stale verdict for a reused address). */
 static __always_inline int pt_skipped(u64 sk)
 {
+#ifdef BUSY_HOST
+    struct flow *af = flows.lookup(&sk);
+    if (af && (af->flags & FL_AGGREGATED))
+        return 1;  /* busy-host mode: its peer was judged already (docs/kernel.md) */
+#endif
     u64 *open_ns = pt_skip.lookup(&sk);
     if (!open_ns)
         return 0;

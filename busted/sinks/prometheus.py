@@ -17,7 +17,17 @@ from typing import TYPE_CHECKING, Any
 from cachetools import LRUCache
 
 from busted.errors import EnvironmentProblem, MissingDependency, UsageError
-from busted.events import DnsAnswer, Event, EventsLost, FlowClosed, FlowEvent, LlmCall, McpMessage, PolicyDecision
+from busted.events import (
+    DnsAnswer,
+    Event,
+    EventsLost,
+    FlowClosed,
+    FlowEvent,
+    FlowSummary,
+    LlmCall,
+    McpMessage,
+    PolicyDecision,
+)
 from busted.flowview import FlowView
 from busted.redact import redact_text
 
@@ -60,7 +70,8 @@ class PrometheusExporter:
     gauges busted_queue_depth and busted_flows_open.
 
     A flow is counted once, as soon as its provider is known (at open, or at its FlowClassified),
-    else at close as provider="none"; flow state comes from one ``FlowView`` (at most
+    else at close as provider="none" (a busy-host ``FlowSummary`` adds its flows and bytes there
+    too); flow state comes from one ``FlowView`` (at most
     ``max_open_flows`` open flows). Each metric keeps at most ``max_label_sets`` label sets; beyond
     that new ``comm`` (and ``model``, MCP ``method``) values are folded into "other". The ``agent``
     and ``container`` labels (who is behind a flow, docs/agents.md; never a pid) each take at most
@@ -229,6 +240,13 @@ class PrometheusExporter:
                     self._labels(self.bytes_sent, *labels, fold=(1, 2, 3)).inc(max(0, after.bytes_sent or 0))
                     self._labels(self.bytes_received, *labels, fold=(1, 2, 3)).inc(
                         max(0, after.bytes_received or 0))
+        elif isinstance(ev, FlowSummary):  # busy-host mode: flows judged non-LLM, summed
+            comm = ev.comm or "?"
+            # a summary has no lineage: agent and container are unknown ("none")
+            self._labels(self.flows, NONE, comm, ev.direction.name.lower(), NONE, NONE,
+                         fold=(1,)).inc(max(0, ev.count))
+            self._labels(self.bytes_sent, NONE, comm, NONE, NONE, fold=(1,)).inc(max(0, ev.bytes_sent))
+            self._labels(self.bytes_received, NONE, comm, NONE, NONE, fold=(1,)).inc(max(0, ev.bytes_received))
         elif isinstance(ev, DnsAnswer):
             self._labels(self.dns, self._dns_provider(ev)).inc()
         elif isinstance(ev, LlmCall):

@@ -11,7 +11,8 @@ notebooks, another process) never block the writer nor are blocked by it.
 
 Every event lands in ``events`` as its exact JSON (so any kind, including future ones, round-trips);
 known kinds are also spread into typed tables (``flows`` -- one row per flow, its latest state from a
-``FlowView`` --, ``dns_answers``, ``tls_hellos``, ``losses``, ``llm_calls``, ``mcp_messages``).
+``FlowView`` --, ``dns_answers``, ``tls_hellos``, ``losses``, ``llm_calls``, ``mcp_messages``,
+``flow_summaries`` -- busy-host mode's per process x quiet peer sums --).
 One writer per store (a lock file); any number of readers.
 
 Nothing is lost silently. When the database refuses a write (disk full, I/O error, locked) the
@@ -44,6 +45,7 @@ from busted.events import (
     FlowClassified,
     FlowClosed,
     FlowOpened,
+    FlowSummary,
     LlmCall,
     LossPlace,
     McpMessage,
@@ -54,7 +56,7 @@ from busted.sinks._codec import Encoded, dumps, event_from_dict, redact
 
 __all__ = ["DEFAULT_MAX_BYTES", "DEFAULT_RETENTION_SECONDS", "SCHEMA_VERSION", "Store", "parse_age", "parse_size"]
 
-SCHEMA_VERSION = 5
+SCHEMA_VERSION = 6
 
 # Retention `busted monitor --store` applies unless told otherwise (--retention-age/--retention-size):
 # a week of history, and at most 1 GiB of data (about 11 minutes at the 1.6 MB/s measured with 500
@@ -151,6 +153,14 @@ CREATE INDEX IF NOT EXISTS mcp_method ON mcp_messages(jsonrpc_method, ts);
 CREATE INDEX IF NOT EXISTS mcp_provider ON mcp_messages(provider, ts);
 CREATE INDEX IF NOT EXISTS mcp_pid ON mcp_messages(pid, ts);
 CREATE INDEX IF NOT EXISTS mcp_flow ON mcp_messages(flow_id);
+CREATE TABLE IF NOT EXISTS flow_summaries (
+    id INTEGER PRIMARY KEY, ts REAL NOT NULL, ts_ns INTEGER, pid INTEGER, uid INTEGER, comm TEXT, exe TEXT,
+    cgroup_id INTEGER, direction TEXT, family INTEGER, peer TEXT, port INTEGER, count INTEGER,
+    bytes_sent INTEGER, bytes_received INTEGER, start_ns INTEGER, end_ns INTEGER, start_time REAL,
+    end_time REAL);
+CREATE INDEX IF NOT EXISTS summaries_ts ON flow_summaries(ts);
+CREATE INDEX IF NOT EXISTS summaries_peer ON flow_summaries(peer, port, ts);
+CREATE INDEX IF NOT EXISTS summaries_pid ON flow_summaries(pid, ts);
 """
 
 # from_version -> statements that bring a store of that version to from_version + 1.
@@ -176,6 +186,8 @@ _MIGRATIONS: dict[int, list[str]] = {
     # A v3 store has no llm_calls/mcp_messages yet: _SCHEMA creates them whole (_run_migration).
     4: [f"ALTER TABLE {t} ADD COLUMN {c}" for t in ("flows", "llm_calls", "mcp_messages")
         for c in ("pod_qos TEXT", "proc_start_time REAL")],
+    # v6 adds flow_summaries (from _SCHEMA): busy-host mode's FlowSummary events.
+    5: [],
 }
 _ALTER = re.compile(r"ALTER TABLE (\w+) ADD COLUMN")
 
@@ -206,6 +218,9 @@ _CALL_COLS = ("ts", "ts_ns", *_IDENT_COLS, "api", "operation", "method", "path",
               "duration_ns", "user_agent", "complete", "cost_usd", "price_source", "prompt", "completion")
 _MCP_COLS = ("ts", "ts_ns", *_IDENT_COLS, "direction_sent", "jsonrpc_method", "jsonrpc_id", "session_id", "tool",
              "error_code", "is_notification")
+# Every FlowSummary field after ts (= wall_time) and ts_ns.
+_SUMMARY_COLS = ("ts", "ts_ns", "pid", "uid", "comm", "exe", "cgroup_id", "direction", "family", "peer", "port",
+                 "count", "bytes_sent", "bytes_received", "start_ns", "end_ns", "start_time", "end_time")
 _BOOL_COLS = frozenset({"preexisting", "stream", "complete", "direction_sent", "is_notification"})
 _CLOSE_COLS = ("closed", "bytes_sent", "bytes_received", "duration_ns")
 
@@ -256,9 +271,12 @@ _SQL_TLS = ("INSERT INTO tls_hellos(ts, flow_id, pid, comm, saddr, sport, daddr,
 _SQL_LOSS = "INSERT INTO losses(ts, place, count, detail) VALUES (?,?,?,?)"
 _SQL_CALL = f"INSERT INTO llm_calls({', '.join(_CALL_COLS)}) VALUES ({', '.join('?' * len(_CALL_COLS))})"
 _SQL_MCP = f"INSERT INTO mcp_messages({', '.join(_MCP_COLS)}) VALUES ({', '.join('?' * len(_MCP_COLS))})"
+_SQL_SUMMARY = (f"INSERT INTO flow_summaries({', '.join(_SUMMARY_COLS)}) "
+                f"VALUES ({', '.join('?' * len(_SUMMARY_COLS))})")
 # table -> the expression retention compares with a cutoff
 _TABLES_WITH_TS = {"events": "ts", "dns_answers": "ts", "tls_hellos": "ts", "losses": "ts",
-                   "llm_calls": "ts", "mcp_messages": "ts", "flows": "coalesce(closed, opened)"}
+                   "llm_calls": "ts", "mcp_messages": "ts", "flow_summaries": "ts",
+                   "flows": "coalesce(closed, opened)"}
 _INT64 = (-(2**63), 2**63 - 1)
 
 
@@ -347,6 +365,9 @@ def _typed(ev: Event, d: dict[str, Any], flows: FlowView) -> tuple[str, tuple[An
         return _SQL_LOSS, _row(ts, d["where"], ev.count, ev.detail)
     if isinstance(ev, LlmCall | McpMessage):
         return _spread(d)
+    if isinstance(ev, FlowSummary):
+        d = {**d, "ts": ts}
+        return _SQL_SUMMARY, _row(*(d.get(c) for c in _SUMMARY_COLS))
     return None  # any other kind (including future ones): kept in `events`
 
 
@@ -1114,6 +1135,11 @@ class Store:
         extra = ("jsonrpc_method = ?", [method]) if method is not None else None
         return self._typed_rows("mcp_messages", extra, since=since, until=until, pid=pid, comm=comm)
 
+    def summaries(self, since: float | None = None, until: float | None = None, pid: int | None = None,
+                  comm: str | None = None) -> list[dict[str, Any]]:
+        """One dict per FlowSummary (busy-host mode; the ``flow_summaries`` columns), oldest first."""
+        return self._typed_rows("flow_summaries", None, since=since, until=until, pid=pid, comm=comm)
+
     def _typed_rows(self, table: str, extra: tuple[str, list[Any]] | None, **filters: Any) -> list[dict[str, Any]]:
         where, args = self._where(**filters)
         if extra is not None:
@@ -1134,7 +1160,8 @@ class Store:
         for row in rows:
             d = dict(zip(names, row, strict=True))
             d.pop("id", None)
-            d["cmdline"] = json.loads(d["cmdline"]) if d.get("cmdline") else None
+            if "cmdline" in d:
+                d["cmdline"] = json.loads(d["cmdline"]) if d["cmdline"] else None
             for c in _BOOL_COLS & d.keys():
                 if d[c] is not None:
                     d[c] = bool(d[c])

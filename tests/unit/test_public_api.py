@@ -8,7 +8,7 @@ EXPECTED = [
     "Ancestor", "BccNotInstalled", "BustedError", "CatalogError", "Direction", "DnsAnswer", "DnsRecord",
     "EnvironmentProblem",
     "Event", "EventsLost", "Evidence", "FlowClassified", "FlowClosed", "FlowEvent", "FlowIdentity",
-    "FlowOpened", "KernelHeadersMissing", "LabError", "LlmCall", "LossPlace", "McpMessage",
+    "FlowOpened", "FlowSummary", "KernelHeadersMissing", "LabError", "LlmCall", "LossPlace", "McpMessage",
     "MissingDependency", "Monitor", "MonitorClosed", "MonitorStats",
     "PermissionDenied", "ProbeLoadError", "ProbeUnavailable", "StoreError", "TlsClientHello", "TracefsNotMounted",
     "UsageError", "__version__", "to_dataframe", "Policy", "PolicyDecision", "PolicyError",

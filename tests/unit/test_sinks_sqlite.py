@@ -143,7 +143,7 @@ def test_future_kinds_are_stored_generically(tmp_path):
     assert _rows(p, "SELECT kind, flow_id, provider FROM events") == [("test_llm_call", 4242, "openai")]
     tables = {r[0] for r in _rows(p, "SELECT name FROM sqlite_master WHERE type='table'")}
     assert tables == {"meta", "events", "flows", "dns_answers", "tls_hellos", "losses", "llm_calls",
-                      "mcp_messages"}
+                      "mcp_messages", "flow_summaries"}
     assert _rows(p, "SELECT count(*) FROM llm_calls") == [(0,)]  # a kind of its own, not an llm_call
     assert "sk-secret" not in Path(p).read_bytes().decode("latin-1")
     # a kind no class claims (written by a newer busted): skipped as objects, visible raw
