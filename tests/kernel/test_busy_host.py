@@ -3,6 +3,7 @@ later ones only in exact FlowSummary events, and a DNS answer naming a provider 
 address brings full events back."""
 
 import ctypes
+import json
 import os
 import socket
 import subprocess
@@ -48,12 +49,15 @@ def test_bcc_compiled_the_busy_host_layouts_with_every_capability():
     plan = ProbePlan(plaintext="uprobe", lineage="task-newtask")  # capture, plaintext, lineage: all in
     prog = FlowProgram(plan, ringbuf_bytes=1 << 16, max_flows=64, busy_host=True)
     try:
-        q, s = prog.bpf[b"quiet_peers"], prog.bpf[b"summaries"]
-        for ctype, lay in ((q.Key, QUIET_KEY), (s.Key, SUM_KEY), (s.Leaf, SUM_VAL)):
+        from bcc import BPF  # the compiler's own description of the types (bytecode.py keeps it)
+
+        q, s = prog.maps["quiet_peers"], prog.maps["summaries"]
+        for desc, lay in ((q.key_desc, QUIET_KEY), (s.key_desc, SUM_KEY), (s.leaf_desc, SUM_VAL)):
+            ctype = BPF._decode_table_type(json.loads(desc))
             assert ctypes.sizeof(ctype) == lay.size and _offsets(ctype) == lay.offsets()
         prog.set_quiet_peer(socket.AF_INET, socket.inet_aton("10.1.2.3"), 443, 123, 1)
-        assert [bytes(k) for k in q.keys()] == [QUIET_KEY.pack(family=socket.AF_INET, port=443, direction=1,
-                                                               addr=socket.inet_aton("10.1.2.3"))]
+        assert list(q.keys()) == [QUIET_KEY.pack(family=socket.AF_INET, port=443, direction=1,
+                                                 addr=socket.inet_aton("10.1.2.3"))]
         prog.clear_quiet_peer(socket.AF_INET, socket.inet_aton("10.1.2.3"), 443, 1)
         assert len(q) == 0 and prog.drain_summaries() == []
     finally:
