@@ -657,7 +657,7 @@ def _monitor_loop(args: argparse.Namespace, out: TextIO, stop: threading.Event) 
 
         def stream() -> Iterable[list[Event]]:
             # Batches: wait for one event, then take the others the Monitor has queued by then (a
-            # drain's worth, every 20 ms; they are there, so this does not wait), so the outputs
+            # drain's worth, every 5-10 ms; they are there, so this does not wait), so the outputs
             # write and flush once per batch.
             while not stop.is_set():
                 left = None if deadline is None else deadline - time.monotonic()

@@ -5,10 +5,11 @@
             ...
 
 A reader thread drains the kernel's ring buffer, decodes and enriches each batch (reading /proc
-while short-lived processes still exist) and appends the events to a bounded queue. Flow opens,
-ClientHellos and DNS answers wake it; ends and plaintext wait for its next drain (at most every
-``drain_interval``, 20 ms), and under load it drains at most every ``drain_interval / 2``, so a
-busy host costs a few hundred wake-ups per second, not one per record. Your loop (``events()``,
+while short-lived processes still exist) and appends the events to a bounded queue. Flow opens
+wake it (from softirq context, where a wake-up cannot make our other programs miss); everything
+else waits for its next drain (at most every ``drain_interval``, 10 ms), and under load it drains
+at most every ``drain_interval / 2``, so a busy host costs a few hundred wake-ups per second, not
+one per record. Your loop (``events()``,
 ``aevents()``, ``run()``) takes from the queue. When the queue is full the reader stops draining
 and the kernel ring buffers; what the ring cannot hold is counted and reported as ``EventsLost``
 (never silent). Callbacks registered with ``on()`` run in the consuming thread, never
@@ -111,7 +112,7 @@ class Monitor:
         family: int | None = None,
         preexisting: bool = True,
         queue_size: int = 16384,
-        drain_interval: float = 0.02,
+        drain_interval: float = 0.01,
         ringbuf_bytes: int = RINGBUF_BYTES,
         max_flows: int = MAX_FLOWS,
         mount_tracefs: bool = False,

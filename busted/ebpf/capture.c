@@ -118,10 +118,11 @@ static __always_inline void cap_emit(u32 type, u64 sk, u32 fd, u64 ubuf, long le
             __builtin_memcpy(r->h.addr, peer->addr6, 16);
     }
     bpf_get_current_comm(&r->h.comm, sizeof(r->h.comm));
-    /* ClientHellos and DNS answers wake the reader like flow opens (one or two per connection):
-     * they are what classifies a flow, and the user-space drain gap bounds the wake-ups. */
-    if (events.ringbuf_output(r, sizeof(struct cap_hdr) + n,
-                              type == REC_TLS || type == REC_DNS ? 0 : BPF_RB_NO_WAKEUP) != 0)
+    /* No wake-up from here: a wake-up is an irq_work (a self-IPI) raised inside this program, in
+     * process context, and the softirq that may run on its way out (loopback receive: socket
+     * state changes) would find this CPU busy with BPF and skip our programs (counted as
+     * KERNEL_MISS). The reader drains every drain_interval anyway. */
+    if (events.ringbuf_output(r, sizeof(struct cap_hdr) + n, BPF_RB_NO_WAKEUP) != 0)
         count_loss(LOSS_RING);
 }
 
