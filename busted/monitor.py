@@ -179,6 +179,7 @@ class Monitor:
         self._tls_scanner: Any = None
         self._pending: list[Event] = []
         self._early: list[bytes] | None = None  # raw records read during start-up
+        self._backlog: collections.deque[bytes] = collections.deque()  # ... decoded first afterwards
         self._error: BaseException | None = None
         self.capabilities: Capabilities | None = None
         self.plan: ProbePlan | None = None
@@ -280,10 +281,10 @@ class Monitor:
         if self._want_pre:
             self._load_preexisting()
         with self._drain_lock:
-            early, self._early = self._early, None
-            for raw in early or ():
-                evs = self._table.feed(raw)
-                self._pending.extend(self._policy_rt.feed(evs) if self._policy_rt is not None else evs)
+            # What the reader held during start-up is decoded by the reader, first and under the
+            # same back-pressure as the ring (a burst larger than the queue waits, it is not dropped).
+            self._backlog = collections.deque(self._early or ())
+            self._early = None
             self._flush_pending()
         self._stats.startup_s = time.monotonic() - t0
         if self._tls_scanner is not None:
@@ -502,13 +503,18 @@ class Monitor:
         feed = self._table.feed
         policy = self._policy_rt
         pending = self._pending
+        backlog = self._backlog
         for _ in range(64):  # bounded: the reader also has losses and the policy to look at
             # Headroom: one record can become a few events (a synthesized open + its close, a
             # hello + its classification, several DNS messages in one TCP read).
             room = self._queue_size - 16 - len(pending) - len(self._queue)
             if room <= 0:
                 return
-            batch = prog.read(min(room // 4 + 1, 4096))
+            n = min(room // 4 + 1, 4096)
+            if backlog:  # records read during start-up come before the ring's
+                batch = [backlog.popleft() for _ in range(min(n, len(backlog)))]
+            else:
+                batch = prog.read(n)
             if not batch:
                 return
             for raw in batch:

@@ -275,3 +275,20 @@ def test_price_overrides_from_a_file(tmp_path):
     bad.write_text('[openai."gpt-4o"]\ncolour = 1\n')
     with pytest.raises(UsageError, match="unknown key"):
         Monitor(prices=bad)
+
+
+def test_records_held_during_start_up_wait_for_room_instead_of_being_dropped():
+    import collections
+
+    m = monitor(queue_size=40)
+    m._backlog = collections.deque(rec(REC_OPEN, A, 0x500 + i) for i in range(100))
+    m._read_ring(m._program)
+    m._flush_pending()
+    first = drain(m)
+    assert 0 < len(first) <= 40 and len(m._backlog) == 100 - len(first)
+    while m._backlog:  # the consumer takes, the reader goes on
+        m._read_ring(m._program)
+        m._flush_pending()
+        first.extend(drain(m))
+    assert len(first) == 100 and not [e for e in first if isinstance(e, EventsLost)]
+    assert m.stats().lost.get("USER_QUEUE", 0) == 0
