@@ -90,6 +90,13 @@ def parse_size(text: str) -> int | None:
     n = _parse_amount(text, _SIZE_UNITS, "(?:i?b)?", "size", "1GiB, 500MiB, 64k, a byte count, or off")
     return None if n is None else int(n)
 
+# The flow identity as the call and MCP tables store it (one list, so the two cannot drift apart).
+_IDENTITY_DDL = """flow_id INTEGER, direction TEXT, pid INTEGER, tid INTEGER, uid INTEGER, comm TEXT, ppid INTEGER,
+    exe TEXT, cmdline TEXT, cgroup_id INTEGER, netns INTEGER, family INTEGER, saddr TEXT, sport INTEGER,
+    daddr TEXT, dport INTEGER, preexisting INTEGER, hostname TEXT, provider TEXT, evidence TEXT,
+    confidence REAL, ancestry TEXT, agent TEXT, agent_pid INTEGER, agent_evidence TEXT, container_id TEXT,
+    container_runtime TEXT, pod_uid TEXT, pod_qos TEXT, proc_start_time REAL"""
+
 # The newest schema. A new store gets it whole; an older one is first brought here by _MIGRATIONS.
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -123,11 +130,7 @@ CREATE TABLE IF NOT EXISTS losses (
 CREATE INDEX IF NOT EXISTS losses_ts ON losses(ts);
 CREATE TABLE IF NOT EXISTS llm_calls (
     id INTEGER PRIMARY KEY, ts REAL NOT NULL, ts_ns INTEGER,
-    flow_id INTEGER, direction TEXT, pid INTEGER, tid INTEGER, uid INTEGER, comm TEXT, ppid INTEGER, exe TEXT,
-    cmdline TEXT, cgroup_id INTEGER, netns INTEGER, family INTEGER, saddr TEXT, sport INTEGER, daddr TEXT,
-    dport INTEGER, preexisting INTEGER, hostname TEXT, provider TEXT, evidence TEXT, confidence REAL,
-    ancestry TEXT, agent TEXT, agent_pid INTEGER, agent_evidence TEXT, container_id TEXT,
-    container_runtime TEXT, pod_uid TEXT, pod_qos TEXT, proc_start_time REAL,
+    {identity},
     api TEXT, operation TEXT, method TEXT, path TEXT, http_version TEXT, stream_id INTEGER,
     request_model TEXT, response_model TEXT, stream INTEGER, status INTEGER, error_type TEXT,
     input_tokens INTEGER, output_tokens INTEGER, cache_read_tokens INTEGER, cache_write_tokens INTEGER,
@@ -141,11 +144,7 @@ CREATE INDEX IF NOT EXISTS llm_pid ON llm_calls(pid, ts);
 CREATE INDEX IF NOT EXISTS llm_flow ON llm_calls(flow_id);
 CREATE TABLE IF NOT EXISTS mcp_messages (
     id INTEGER PRIMARY KEY, ts REAL NOT NULL, ts_ns INTEGER,
-    flow_id INTEGER, direction TEXT, pid INTEGER, tid INTEGER, uid INTEGER, comm TEXT, ppid INTEGER, exe TEXT,
-    cmdline TEXT, cgroup_id INTEGER, netns INTEGER, family INTEGER, saddr TEXT, sport INTEGER, daddr TEXT,
-    dport INTEGER, preexisting INTEGER, hostname TEXT, provider TEXT, evidence TEXT, confidence REAL,
-    ancestry TEXT, agent TEXT, agent_pid INTEGER, agent_evidence TEXT, container_id TEXT,
-    container_runtime TEXT, pod_uid TEXT, pod_qos TEXT, proc_start_time REAL,
+    {identity},
     direction_sent INTEGER, jsonrpc_method TEXT, jsonrpc_id TEXT, session_id TEXT, tool TEXT,
     error_code INTEGER, is_notification INTEGER);
 CREATE INDEX IF NOT EXISTS mcp_ts ON mcp_messages(ts);
@@ -161,7 +160,7 @@ CREATE TABLE IF NOT EXISTS flow_summaries (
 CREATE INDEX IF NOT EXISTS summaries_ts ON flow_summaries(ts);
 CREATE INDEX IF NOT EXISTS summaries_peer ON flow_summaries(peer, port, ts);
 CREATE INDEX IF NOT EXISTS summaries_pid ON flow_summaries(pid, ts);
-"""
+""".replace("{identity}", _IDENTITY_DDL)
 
 # from_version -> statements that bring a store of that version to from_version + 1.
 # (Indexes and new tables come from _SCHEMA, which runs after the migrations.)

@@ -350,18 +350,25 @@ CREATE INDEX IF NOT EXISTS policy_ts ON policy_decisions(ts);
 """
 
 
-def test_v2_store_is_migrated_dropping_the_placeholder_tables(tmp_path):
-    p = tmp_path / "v2.db"
-    old = sample_events(flow_id=1)
-    closed = old[4]
+
+def old_store(p, ddl: str, version: int, events) -> sqlite3.Connection:
+    """A store as an older busted wrote it: its DDL, its schema version, ``events`` in ``events``."""
     db = sqlite3.connect(p)
-    db.executescript(_V2)
-    db.execute("INSERT INTO meta VALUES ('schema_version', '2')")
-    for ev in old:
+    db.executescript(ddl)
+    db.execute("INSERT INTO meta VALUES ('schema_version', ?)", (str(version),))
+    for ev in events:
         d = ev.to_dict()
         db.execute("INSERT INTO events(ts, kind, flow_id, pid, comm, provider, json) VALUES (?,?,?,?,?,?,?)",
                    (ev.wall_time, ev.kind, d.get("flow_id"), d.get("pid"), d.get("comm"), d.get("provider"),
                     json.dumps(d)))
+    return db
+
+
+def test_v2_store_is_migrated_dropping_the_placeholder_tables(tmp_path):
+    p = tmp_path / "v2.db"
+    old = sample_events(flow_id=1)
+    closed = old[4]
+    db = old_store(p, _V2, 2, old)
     db.execute("INSERT INTO flows(flow_id, opened, closed, comm, provider, bytes_sent, bytes_received) "
                "VALUES (1, ?, ?, 'curl', 'openai', 811, 2233)", (closed.wall_time - 1.0, closed.wall_time))
     db.execute("INSERT INTO dns_answers(ts, qname) VALUES (?, 'api.openai.com')", (old[0].wall_time,))
@@ -829,14 +836,7 @@ def test_v3_store_is_migrated_spreading_its_calls(tmp_path):
 
     p = tmp_path / "v3.db"
     old = [*sample_events(flow_id=1), *sample_calls(flow_id=1, secret=SECRET)]
-    db = sqlite3.connect(p)
-    db.executescript(_V2.split("CREATE TABLE IF NOT EXISTS llm_calls")[0])  # v3 = v2 minus the placeholders
-    db.execute("INSERT INTO meta VALUES ('schema_version', '3')")
-    for ev in old:
-        d = ev.to_dict()
-        db.execute("INSERT INTO events(ts, kind, flow_id, pid, comm, provider, json) VALUES (?,?,?,?,?,?,?)",
-                   (ev.wall_time, ev.kind, d.get("flow_id"), d.get("pid"), d.get("comm"), d.get("provider"),
-                    json.dumps(d)))
+    db = old_store(p, _V2.split("CREATE TABLE IF NOT EXISTS llm_calls")[0], 3, old)  # v3 = v2 minus the placeholders
     db.commit()
     db.close()
     new = sample_calls(t0=1_800_000_000.0, flow_id=2)
@@ -875,14 +875,7 @@ def test_v4_store_is_migrated_to_v5_losing_nothing(tmp_path):
                ancestry=(Ancestor(100, "curl", "/usr/bin/curl"), Ancestor(10, "claude", "/tmp/claude")))
     old = [replace(ev, **who) if hasattr(ev, "agent") else ev
            for ev in [*sample_events(flow_id=1), *sample_calls(flow_id=1)]]
-    db = sqlite3.connect(p)
-    db.executescript((Path(__file__).parent / "fixtures" / "store_schema_v4.sql").read_text())
-    db.execute("INSERT INTO meta VALUES ('schema_version', '4')")
-    for ev in old:
-        d = ev.to_dict()
-        db.execute("INSERT INTO events(ts, kind, flow_id, pid, comm, provider, json) VALUES (?,?,?,?,?,?,?)",
-                   (ev.wall_time, ev.kind, d.get("flow_id"), d.get("pid"), d.get("comm"), d.get("provider"),
-                    json.dumps(d)))
+    db = old_store(p, (Path(__file__).parent / "fixtures" / "store_schema_v4.sql").read_text(), 4, old)
     db.execute("INSERT INTO flows(flow_id, opened, closed, comm, provider, bytes_received, agent, container_id, "
                "pod_uid, ancestry) VALUES (1, 1.0, 2.0, 'curl', 'openai', 2233, 'claude-code', ?, ?, ?)",
                (who["container_id"], who["pod_uid"], json.dumps(old[1].to_dict()["ancestry"])))
