@@ -258,7 +258,14 @@ class RingReader:
         page = mmap.PAGESIZE
         self._cons = mmap.mmap(fd, page, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE, offset=0)
         self._prod = mmap.mmap(fd, page + 2 * size, mmap.MAP_SHARED, mmap.PROT_READ, offset=page)
+        # The positions are 8-byte words the kernel reads and writes concurrently: access them as
+        # one native aligned load/store each ('Q' memoryview items). struct's "<Q" goes byte by
+        # byte, and a consumer position torn that way can look a whole ring behind to the kernel,
+        # which then fails reservations (KERNEL_RING) while the ring is nearly empty.
+        self._cons_pos = memoryview(self._cons).cast("Q")
+        self._prod_pos = memoryview(self._prod)[:8].cast("Q")
         self._data = memoryview(self._prod)[page:]
+        self._hdrs = self._data.cast("I")  # record headers: 8-byte aligned u32 words
         self._ep = select.epoll()
         self._ep.register(fd, select.EPOLLIN)
 
@@ -274,29 +281,30 @@ class RingReader:
         out: list[bytes] = []
         if limit <= 0:
             return out
-        cons = struct.unpack_from("<Q", self._cons, 0)[0]
-        prod = struct.unpack_from("<Q", self._prod, 0)[0]
-        data, mask, unpack = self._data, self.mask, struct.unpack_from
+        cons = self._cons_pos[0]
+        prod = self._prod_pos[0]
+        data, hdrs, mask = self._data, self._hdrs, self.mask
         while cons < prod and len(out) < limit:
             off = cons & mask
-            hdr = unpack("<I", data, off)[0]
+            hdr = hdrs[off >> 2]
             if hdr & _RB_BUSY:  # reserved, not yet committed: later records wait for it
                 break
             ln = hdr & ~(_RB_BUSY | _RB_DISCARD)
             if not hdr & _RB_DISCARD:
                 out.append(data[off + _RB_HDR: off + _RB_HDR + ln].tobytes())
             cons += (ln + _RB_HDR + 7) & ~7
-        struct.pack_into("<Q", self._cons, 0, cons)
+        self._cons_pos[0] = cons
         return out
 
     def pending(self) -> int:
         """Bytes the kernel has committed or reserved that we have not read."""
-        return struct.unpack_from("<Q", self._prod, 0)[0] - struct.unpack_from("<Q", self._cons, 0)[0]
+        return self._prod_pos[0] - self._cons_pos[0]
 
     def close(self) -> None:
         try:
             self._ep.close()
-            self._data.release()
+            for view in (self._hdrs, self._data, self._cons_pos, self._prod_pos):
+                view.release()
             self._prod.close()
             self._cons.close()
         except (BufferError, ValueError):
