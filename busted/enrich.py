@@ -9,14 +9,14 @@ from __future__ import annotations
 
 from dataclasses import replace
 
-from cachetools import LRUCache
-
 from busted.classify import Catalog, Classifier, NameCache
 from busted.classify.dns import DnsInfo
 from busted.ebpf.records import CapRecord
 from busted.events import DnsAnswer, Evidence, FlowEvent
 
 __all__ = ["Enricher"]
+
+_MEMO_MAX = 8192
 
 
 class Enricher:
@@ -26,20 +26,26 @@ class Enricher:
         self.catalog = catalog or Catalog.builtin()
         self.cache = NameCache()
         self.classifier = Classifier(self.catalog, self.cache)
-        self._memo: LRUCache[tuple[int | None, str, int], tuple[tuple[int, int], tuple]] = LRUCache(8192)
+        # Plain dict, emptied when full: a hit costs one lookup (an LRU's bookkeeping cost more
+        # than the classification it saved), and a memo loses nothing by being emptied.
+        self._memo: dict[tuple[int | None, str, int], tuple[tuple[int, int], tuple]] = {}
 
     def classify_peer(self, netns: int | None, daddr: str, dport: int,
                       now: float) -> tuple[str | None, str | None, Evidence, float]:
         """(hostname, provider, evidence, confidence) for a new flow's peer, memoized: the answer
         only changes when the name cache gains entries (its insert count) or entries expire (the
         5-second time bucket; TTLs are clamped to >= 30 s)."""
-        key = (netns, daddr, dport)
+        # A port no provider is known by changes nothing (Classifier.classify): keyed as one, an
+        # accepted flow's peer (a new ephemeral port per connection) hits instead of missing.
+        key = (netns, daddr, dport if dport in self.catalog.ports else -1)
         stamp = (self.cache.stats.inserts, int(now) // 5)
         hit = self._memo.get(key)
         if hit is not None and hit[0] == stamp:
             return hit[1]
         c = self.classifier.classify(netns, daddr, dport, now=now)
         res = (c.hostname, c.provider, c.evidence, c.confidence)
+        if len(self._memo) >= _MEMO_MAX:
+            self._memo.clear()
         self._memo[key] = (stamp, res)
         return res
 

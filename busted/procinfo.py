@@ -11,7 +11,7 @@ import os
 import time
 from typing import NamedTuple
 
-from cachetools import LRUCache, TTLCache
+from cachetools import TTLCache
 
 from busted.redact import redact_argv
 
@@ -90,9 +90,9 @@ class ProcCache:
         self._cache: TTLCache[int, ProcInfo] = TTLCache(maxsize=maxsize, ttl=ttl)
         self._root = root
         self.reads = 0
-        # A few busy pids account for most flows: a small LRU in front of the TTLCache (whose
-        # timer bookkeeping costs more than the lookup), emptied every second.
-        self._hot: LRUCache[int, ProcInfo] = LRUCache(maxsize=256)
+        # A few busy pids account for most flows: a small dict in front of the TTLCache (whose
+        # timer bookkeeping costs more than the lookup), emptied every second and when full.
+        self._hot: dict[int, ProcInfo] = {}
         self._hot_until = 0.0
 
     def get(self, pid: int) -> ProcInfo:
@@ -111,5 +111,7 @@ class ProcCache:
             if info.exe is not None or info.ppid is not None:
                 self._cache[pid] = info
         if info.exe is not None or info.ppid is not None:
+            if len(self._hot) >= 256:
+                self._hot.clear()
             self._hot[pid] = info
         return info

@@ -171,6 +171,7 @@ class Catalog:
                     (net.version, int(net.network_address))] = (p, c)
             for port in p.ports:
                 self._ports[port] = p
+        self._port_set = frozenset(self._ports)
         self._prefixes = sorted(self._nets, reverse=True)
         # Addresses repeat and parsing them is the cost: a bounded memo.
         self._ip_memo: LRUCache[str, ProviderMatch | None] = LRUCache(maxsize=8192)
@@ -217,6 +218,12 @@ class Catalog:
             if hit is not None:
                 return ProviderMatch(hit[0], "cidr", hit[1])
         return None
+
+    @property
+    def ports(self) -> frozenset[int]:
+        """The ports some provider is known by (local servers such as Ollama): the only ports a
+        classification depends on."""
+        return self._port_set
 
     def match_port(self, ip: str | None, port: int) -> ProviderMatch | None:
         p = self._ports.get(port)

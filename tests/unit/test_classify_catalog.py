@@ -120,3 +120,19 @@ def test_shared_address_lowers_confidence():
     cl.observe_dns(None, parse_dns(response("api.anthropic.com", chain=(), addrs=("10.5.5.5",))), now=1)
     c = cl.classify(None, "10.5.5.5", 443, now=2)
     assert c.provider == "anthropic" and c.confidence < 0.8  # newest name, less sure
+
+
+def test_peer_memo_ignores_ports_no_provider_is_known_by():
+    """Accepted flows' peers arrive on a new ephemeral port each: one memo entry serves them all,
+    and a memoised answer is the classifier's answer for every port, catalog ports included."""
+    from busted.enrich import Enricher
+
+    enr = Enricher()
+    cl = Classifier(enr.catalog, NameCache())
+    assert 11434 in enr.catalog.ports and 443 not in enr.catalog.ports
+    for port in [*range(40000, 40200), 11434, 443, 11434]:
+        got = enr.classify_peer(None, "127.0.0.1", port, now=1.0)
+        c = cl.classify(None, "127.0.0.1", port, now=1.0)
+        assert got == (c.hostname, c.provider, c.evidence, c.confidence)
+    assert enr.classify_peer(None, "127.0.0.1", 11434, now=1.0)[1] == "ollama"
+    assert len(enr._memo) == 2  # (127.0.0.1, any other port) and (127.0.0.1, 11434)
