@@ -54,7 +54,7 @@ def collect(p: dict[str, Any], configs: list[str]) -> dict[str, Any]:
     r: dict[str, Any] = {"machine": machine(), "params": p}
     r["offline"] = [_try(f"offline {m}", events.offline, p["offline_s"], m) for m in ("churn", "tls")]
     r["live"] = _try("live per-event CPU", events.live, p["live_s"])
-    r["p2"] = _try("P2 ramp", sustained.run, p["p2_rates"], p["p2_step"])
+    r["p2"] = _try("P2 ramp", sustained.run, p["p2_rates"], p["p2_step"], c_load=p.get("c_load", False))
     r["cpu500"] = _try("CPU at 500 conn/s", cpu500.run, cpu500.DEFAULT.split(","), p["cpu_s"])
     r["p5"] = _try("P5 latency", latency.run, p["lat_s"])
     r["memory"] = _try("memory and start-up", memory.run, p["mem_min"])
@@ -178,7 +178,7 @@ def markdown(r: dict[str, Any], command: str) -> str:
         steps = [f"{s['rate']:.0f} → {s['conn_per_s']:.0f} conn/s, {s['events_per_s']:,.0f} events/s "
                  f"({s['events_per_conn']:.2f}/conn), lost {s['lost']} ({s.get('lost_drain', s['lost'])} ring/queue)"
                  for s in p2["steps"]]
-        out += ["", "P2 ramp (asked → got): " + "; ".join(steps)]
+        out += ["", f"P2 ramp ({p2.get('load', 'python')} clients; asked → got): " + "; ".join(steps)]
     return "\n".join(out)
 
 
@@ -187,9 +187,11 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="short windows, few slices (~3-4 min)")
     ap.add_argument("--configs", default=ab.DEFAULT, help="A/B configurations")
     ap.add_argument("--out", default=str(HERE / "results" / "all.json"))
+    ap.add_argument("--c-load", action="store_true",
+                    help="P2 with bench/churn.c's C clients (needs cc): they go past the Python clients' ~12 k conn/s")
     a = ap.parse_args()
     t = time.monotonic()
-    r = collect(QUICK if a.quick else FULL, a.configs.split(","))
+    r = collect({**(QUICK if a.quick else FULL), "c_load": a.c_load}, a.configs.split(","))
     r["wall_s"] = time.monotonic() - t
     Path(a.out).parent.mkdir(parents=True, exist_ok=True)
     Path(a.out).write_text(json.dumps(r, indent=1, default=str))

@@ -26,14 +26,16 @@ from typing import Any
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from harness import Tracer, Workload  # noqa: E402
+from harness import CWorkload, Tracer, Workload  # noqa: E402
 
 
-def run(rates: list[float], step: float = 6.0, procs: int = 4, config: str = "busted") -> dict[str, Any]:
+def run(rates: list[float], step: float = 6.0, procs: int = 4, config: str = "busted",
+        c_load: bool = False) -> dict[str, Any]:
     steps = []
     stop_reason = "end of the ramp"
     short: list[str] = []  # steps the workload could not reach
-    with Workload(procs=procs, rate=100, max_seconds=len(rates) * (step + 5) + 120) as w:
+    load = CWorkload if c_load else Workload
+    with load(procs=procs, rate=100, max_seconds=len(rates) * (step + 5) + 120) as w:
         w.start_clients()
         t = Tracer(config, extra=["--control"]).start()
         try:
@@ -74,7 +76,8 @@ def run(rates: list[float], step: float = 6.0, procs: int = 4, config: str = "bu
     best = max(ok, key=lambda s: s["events_per_s"]) if ok else None
     if short:
         stop_reason += "; workload short of the asked rate at " + ", ".join(short) + " conn/s"
-    return {"config": config, "steps": steps, "best": best, "stop_reason": stop_reason, "lost_total": res["lost"]}
+    return {"config": config, "load": "c" if c_load else "python", "steps": steps, "best": best,
+            "stop_reason": stop_reason, "lost_total": res["lost"]}
 
 
 def main() -> None:
@@ -82,8 +85,10 @@ def main() -> None:
     ap.add_argument("--rates", default="2000,5000,10000,20000,30000,40000")
     ap.add_argument("--step", type=float, default=6.0)
     ap.add_argument("--procs", type=int, default=4)
+    ap.add_argument("--c-load", action="store_true",
+                    help="bench/churn.c's C client threads (needs cc) instead of Python client processes")
     a = ap.parse_args()
-    print(json.dumps(run([float(x) for x in a.rates.split(",")], a.step, a.procs), indent=1))
+    print(json.dumps(run([float(x) for x in a.rates.split(",")], a.step, a.procs, c_load=a.c_load), indent=1))
 
 
 if __name__ == "__main__":
