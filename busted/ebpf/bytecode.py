@@ -23,12 +23,12 @@ import base64
 import hashlib
 import json
 import os
-import stat
 import subprocess
 import sys
 import tempfile
 from dataclasses import dataclass, field
 
+from busted._safe import trusted as _trusted  # one trust rule for every file busted trusts
 from busted.ebpf import bpfsys
 from busted.ebpf.probe import _bcc_version
 
@@ -109,10 +109,6 @@ def cache_dir() -> str | None:
         return "/var/cache/busted/bpf"
     base = os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache")
     return os.path.join(base, "busted", "bpf")
-
-
-def _trusted(st: os.stat_result) -> bool:
-    return st.st_uid == os.geteuid() and not st.st_mode & (stat.S_IWGRP | stat.S_IWOTH)
 
 
 def _read_text(path: str) -> str | None:

@@ -22,6 +22,7 @@ import threading
 from collections.abc import Callable, Iterable
 from typing import Any
 
+from busted._safe import open_private
 from busted.errors import StoreError, UsageError
 from busted.events import Event
 from busted.sinks._codec import Encoded, encode
@@ -68,8 +69,8 @@ class JsonlSink:
     def _open(self) -> None:
         if self.path == "-":
             return
-        try:
-            self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        try:  # busted/_safe.py: never through a link, created 0600, an existing file must be ours
+            self._fd, _ = open_private(self.path, os.O_WRONLY | os.O_APPEND, "--jsonl")
         except OSError as exc:
             raise StoreError(f"{self.path}: cannot open the JSONL output ({exc.strerror}); check the "
                              "directory exists and is writable, or choose another --jsonl path") from exc

@@ -25,6 +25,7 @@ written, lost) and raises ``StoreError`` if events remain unwritten (``pending()
 from __future__ import annotations
 
 import collections
+import contextlib
 import fcntl
 import json
 import os
@@ -37,6 +38,7 @@ from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any, NamedTuple
 
+from busted._safe import file_problem, open_private
 from busted.errors import StoreError, UsageError
 from busted.events import (
     DnsAnswer,
@@ -510,11 +512,15 @@ class Store:
             raise StoreError(f"{p} is a directory; give a file path for the store")
         self._take_lock()
         try:
+            self._own_files()
             db = sqlite3.connect(str(p), timeout=self.busy_timeout, check_same_thread=False,
                                  isolation_level=None)
         except sqlite3.Error as exc:
             self._release_lock()
             raise self._error(exc, "opening") from exc
+        except BaseException:
+            self._release_lock()
+            raise
         try:
             version = self._check_version(db)
             if version == 0:
@@ -560,7 +566,7 @@ class Store:
         do not take it (they open the database read-only), so they still open while a writer runs."""
         lock = self.path.parent / (self.path.name + ".lock")
         try:
-            fd = os.open(lock, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+            fd, _ = open_private(lock, os.O_RDWR, "--store")  # busted/_safe.py: no links, 0600, ours
         except OSError as exc:
             raise StoreError(f"{self.path}: cannot open the writer lock {lock} ({exc.strerror}); this user must "
                              "be able to write it and its directory (or read with `busted query`)") from exc
@@ -579,6 +585,23 @@ class Store:
         except OSError:
             pass
         self._lockfd = fd
+
+    def _own_files(self) -> None:
+        """The database and its -wal/-shm, created 0600 by us (SQLite gives the -wal and -shm it
+        makes the database's mode) or checked like the lock: no links, ours (busted/_safe.py).
+        A -journal is only checked: an empty one would be taken for a rollback journal."""
+        for suffix in ("", "-wal", "-shm"):
+            try:
+                fd, _ = open_private(f"{self.path}{suffix}", os.O_RDWR, "--store")
+            except OSError as exc:
+                raise StoreError(f"{self.path}{suffix}: cannot open ({exc.strerror}); check that the file and "
+                                 "its directory are writable by this user") from exc
+            os.close(fd)
+        with contextlib.suppress(FileNotFoundError):
+            why = file_problem(os.lstat(f"{self.path}-journal"))
+            if why:
+                raise StoreError(f"--store {self.path}-journal: {why}; refusing to open the store. Remove it "
+                                 "or choose another path")
 
     def _release_lock(self) -> None:
         fd, self._lockfd = self._lockfd, None
