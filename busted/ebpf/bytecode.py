@@ -24,10 +24,10 @@ import hashlib
 import json
 import os
 import subprocess
-import sys
 import tempfile
 from dataclasses import dataclass, field
 
+from busted._safe import CHILD_CWD, child_env, python_argv
 from busted._safe import trusted as _trusted  # one trust rule for every file busted trusts
 from busted.ebpf import bpfsys
 from busted.ebpf.probe import _bcc_version
@@ -191,8 +191,10 @@ def compile_source(source: str, timeout: float = 300.0) -> Compiled:
 
     t0 = time.monotonic()
     try:
-        proc = subprocess.run([sys.executable, "-m", "busted.ebpf.compile"], input=source.encode(),
-                              capture_output=True, timeout=timeout, check=False)
+        # Isolated (-I, cwd /, scrubbed env): as root, `python -m` from the caller's directory would
+        # import whatever json.py or bcc/ another user left there, and cache its output as trusted.
+        proc = subprocess.run(python_argv("busted.ebpf.compile"), input=source.encode(), cwd=CHILD_CWD,
+                              env=child_env(), capture_output=True, timeout=timeout, check=False)
     except (OSError, subprocess.TimeoutExpired) as exc:
         raise CompileFailed("compile", f"BPF compiler process: {exc}") from exc
     out = proc.stdout.decode(errors="replace")

@@ -18,13 +18,13 @@ import signal
 import socket
 import ssl
 import subprocess
-import sys
 import tempfile
 import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from busted._safe import CHILD_CWD, child_env, python_argv
 from busted.errors import LabError, MissingDependency
 from busted.lab import topology
 from busted.lab.topology import Plan
@@ -304,19 +304,17 @@ class Lab:
 
     # ------------------------------------------------------------------ servers
     def _python_cmd(self, ns: str, module: str, *args: str) -> list[str]:
-        return ["ip", "netns", "exec", ns, sys.executable, "-m", module, *args]
+        # Isolated (-I, -u for the READY line; cwd / and a scrubbed env in _spawn): these run as root,
+        # and `python -m` from the caller's directory would import another user's json.py.
+        return ["ip", "netns", "exec", ns, *python_argv(module, *args, unbuffered=True)]
 
     def _spawn(self, name: str, argv: list[str]) -> _Child:
         assert self.tmpdir is not None and self.plan is not None
         out = self.tmpdir / f"{name}.out"
         err = self.tmpdir / f"{name}.err"
-        env = dict(os.environ)
-        root = str(Path(__file__).resolve().parents[2])
-        env["PYTHONPATH"] = root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
-        env["PYTHONUNBUFFERED"] = "1"
         with open(out, "wb") as fo, open(err, "wb") as fe:
-            proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=fo, stderr=fe, env=env,
-                                    preexec_fn=_pdeathsig, start_new_session=True)
+            proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=fo, stderr=fe, env=child_env(),
+                                    cwd=CHILD_CWD, preexec_fn=_pdeathsig, start_new_session=True)
         self.plan.children.append(proc.pid)
         self.plan.save()
         return _Child(name, proc, out, err, argv)
@@ -449,16 +447,18 @@ class Lab:
 
     def run_client(self, argv: list[str], timeout: float = 30.0, *, input: bytes | None = None,  # noqa: A002
                    env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
-        """Run *argv* in the client netns to completion; stdout/stderr captured as bytes."""
-        return subprocess.run(self.client_cmd(argv, env), input=input, capture_output=True,
+        """Run *argv* in the client netns to completion (from ``/``); stdout/stderr captured as bytes."""
+        return subprocess.run(self.client_cmd(argv, env), input=input, capture_output=True, cwd=CHILD_CWD,
                               timeout=timeout, stdin=None if input is not None else subprocess.DEVNULL)
 
     def spawn_client(self, argv: list[str], env: dict[str, str] | None = None,
                      **popen_kwargs: object) -> subprocess.Popen:
         """Start *argv* in the client netns; ``.pid`` is the client process itself.
 
-        Defaults: stdin from /dev/null, stdout and stderr piped. Killed at ``close()`` if still alive.
+        Defaults: stdin from /dev/null, stdout and stderr piped, working directory ``/`` (a ``python -c``
+        client, as root, must not import from the caller's directory). Killed at ``close()`` if still alive.
         """
+        popen_kwargs.setdefault("cwd", CHILD_CWD)
         popen_kwargs.setdefault("stdin", subprocess.DEVNULL)
         popen_kwargs.setdefault("stdout", subprocess.PIPE)
         popen_kwargs.setdefault("stderr", subprocess.PIPE)
