@@ -104,7 +104,7 @@ def run(configs: list[str], pairs: int = 12, seconds: float = 3.0, procs: int = 
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap = argparse.ArgumentParser(allow_abbrev=False, description=__doc__.split("\n")[0])
     ap.add_argument("--pairs", type=int, default=12)
     ap.add_argument("--slice", type=float, default=3.0)
     ap.add_argument("--procs", type=int, default=4)

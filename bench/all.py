@@ -183,7 +183,7 @@ def markdown(r: dict[str, Any], command: str) -> str:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap = argparse.ArgumentParser(allow_abbrev=False, description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true", help="short windows, few slices (~3-4 min)")
     ap.add_argument("--configs", default=ab.DEFAULT, help="A/B configurations")
     ap.add_argument("--out", default=str(HERE / "results" / "all.json"))

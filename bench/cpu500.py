@@ -68,7 +68,7 @@ def run(configs: list[str], seconds: float = 20.0, rate: float = 500.0) -> list[
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap = argparse.ArgumentParser(allow_abbrev=False, description=__doc__.split("\n")[0])
     ap.add_argument("--seconds", type=float, default=20.0)
     ap.add_argument("--rate", type=float, default=500.0)
     ap.add_argument("--configs", default=DEFAULT)

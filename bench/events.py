@@ -119,12 +119,12 @@ def live(seconds: float = 20.0, procs: int = 4, config: str = "busted") -> dict[
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap = argparse.ArgumentParser(allow_abbrev=False, description=__doc__.split("\n")[0])
     sub = ap.add_subparsers(dest="mode", required=True)
-    o = sub.add_parser("offline")
+    o = sub.add_parser("offline", allow_abbrev=False)
     o.add_argument("--seconds", type=float, default=2.0)
     o.add_argument("--mix", choices=("churn", "tls"), default="churn")
-    li = sub.add_parser("live")
+    li = sub.add_parser("live", allow_abbrev=False)
     li.add_argument("--seconds", type=float, default=20.0)
     li.add_argument("--procs", type=int, default=4)
     li.add_argument("--configs", default="busted")

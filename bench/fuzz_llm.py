@@ -241,7 +241,8 @@ def throughput() -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(allow_abbrev=False, description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--inputs", type=int, default=1_000_000)
     ap.add_argument("--procs", type=int, default=os.cpu_count() or 1)
     ap.add_argument("--seed", type=int, default=1)

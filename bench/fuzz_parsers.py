@@ -180,7 +180,7 @@ def run(parser: str, n: int, seed: int) -> tuple[str, int, Counter[str], list[st
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(allow_abbrev=False, description=__doc__.splitlines()[0])
     ap.add_argument("--n", type=int, default=1_000_000, help="inputs per parser (default 1,000,000)")
     ap.add_argument("--jobs", type=int, default=1, help="worker processes (the inputs are split between them)")
     ap.add_argument("--seed", type=int, default=1, help="base random seed (runs are reproducible)")

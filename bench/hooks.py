@@ -568,7 +568,7 @@ def main() -> None:
     # A shell starts background jobs with SIGINT ignored; a bench must stop cleanly on INT and TERM.
     signal.signal(signal.SIGINT, _interrupt)
     signal.signal(signal.SIGTERM, _interrupt)
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap = argparse.ArgumentParser(allow_abbrev=False, description=__doc__.split("\n\n")[0])
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--pairs", type=int, default=5, help="attached/detached slice pairs per family per round")
     ap.add_argument("--seconds", type=float, default=3.0, help="one slice")

@@ -82,7 +82,7 @@ def run(seconds: float = 20.0, rate: float = 200.0, config: str = "busted") -> d
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap = argparse.ArgumentParser(allow_abbrev=False, description=__doc__.split("\n")[0])
     ap.add_argument("--seconds", type=float, default=20.0)
     ap.add_argument("--rate", type=float, default=200.0)
     a = ap.parse_args()

@@ -55,7 +55,7 @@ def run(minutes: float = 0.5, rate: float = 500.0, config: str = "busted") -> di
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap = argparse.ArgumentParser(allow_abbrev=False, description=__doc__.split("\n")[0])
     ap.add_argument("--minutes", type=float, default=0.5)
     ap.add_argument("--rate", type=float, default=500.0)
     a = ap.parse_args()

@@ -266,7 +266,7 @@ def run(kind: str, seconds: float, rate: float, workers: int, max_procs: int) ->
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap = argparse.ArgumentParser(allow_abbrev=False, description=__doc__.split("\n\n")[0])
     ap.add_argument("--spawner", choices=(*SPAWNERS, "fastest"), default="fastest")
     ap.add_argument("--seconds", type=float, default=10.0)
     ap.add_argument("--rate", type=float, default=5000.0, help="ceiling, processes/s (all workers)")

@@ -83,7 +83,7 @@ def rss_mb(pid: int) -> float:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser()
+    ap = argparse.ArgumentParser(allow_abbrev=False)
     ap.add_argument("--minutes", type=float, default=10.0)
     ap.add_argument("--rate", type=float, default=500.0, help="connections per second, in all")
     ap.add_argument("--sample", type=float, default=10.0)

@@ -81,7 +81,7 @@ def run(rates: list[float], step: float = 6.0, procs: int = 4, config: str = "bu
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap = argparse.ArgumentParser(allow_abbrev=False, description=__doc__.split("\n")[0])
     ap.add_argument("--rates", default="2000,5000,10000,20000,30000,40000")
     ap.add_argument("--step", type=float, default=6.0)
     ap.add_argument("--procs", type=int, default=4)

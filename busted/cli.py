@@ -1152,9 +1152,19 @@ def _nonneg(text: str) -> int:
     return n
 
 
+class _Parser(argparse.ArgumentParser):
+    """Every busted parser: no abbreviations, so a prefix (``--ui``) is refused instead of silently
+    meaning another option (``--uid``), today or when an option is added. Subcommand parsers are
+    made of this class too (``add_subparsers`` uses the parent's class)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("allow_abbrev", False)
+        super().__init__(*args, **kwargs)
+
+
 def _filter_flags() -> argparse.ArgumentParser:
     """The filter flags, defined once: monitor, top, lab and query take the same ones."""
-    fp = argparse.ArgumentParser(add_help=False)
+    fp = _Parser(add_help=False)
     g = fp.add_argument_group("filters (a flow must match every one given; repeatable ones match any value)")
     g.add_argument("-p", "--pid", type=int, action="append", help="only this process id (repeatable)")
     g.add_argument("-u", "--uid", type=int, action="append", help="only this user id (repeatable)")
@@ -1171,7 +1181,7 @@ def _filter_flags() -> argparse.ArgumentParser:
 
 def _live_flags() -> argparse.ArgumentParser:
     """Flags of the commands that load probes and write outputs (monitor, top, lab)."""
-    lp = argparse.ArgumentParser(add_help=False)
+    lp = _Parser(add_help=False)
     lp.add_argument("--probes", help="force tiers, e.g. bytes=syscall,lifecycle=tracepoint")
     lp.add_argument("--json", action="store_true", help="NDJSON (default when stdout is not a terminal)")
     g = lp.add_argument_group("outputs (checked before the probes load; a bad one exits 2 and creates nothing)")
@@ -1196,7 +1206,7 @@ def _live_flags() -> argparse.ArgumentParser:
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="busted", description="Audit this host's traffic to LLM providers (eBPF).")
+    p = _Parser(prog="busted", description="Audit this host's traffic to LLM providers (eBPF).")
     sub = p.add_subparsers(dest="cmd", required=True)
     filters, live = _filter_flags(), _live_flags()
 

@@ -67,7 +67,8 @@ def text(lab: Lab) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m busted.lab", description="Run the busted network lab.")
+    ap = argparse.ArgumentParser(allow_abbrev=False, prog="python -m busted.lab",
+                                 description="Run the busted network lab.")
     ap.add_argument("--seconds", type=float, default=600.0, help="stop after this long (default 600)")
     ap.add_argument("--traffic", type=int, default=0, metavar="ROUNDS", help="run the demo clients")
     ap.add_argument("--json", action="store_true", help="print the lab description as JSON")

@@ -241,7 +241,7 @@ def _recv_exact(conn: socket.socket, n: int) -> bytes | None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(allow_abbrev=False, description=__doc__.splitlines()[0])
     ap.add_argument("--config", required=True)
     args = ap.parse_args(argv)
     server = Server(args.config)

@@ -516,7 +516,7 @@ def _quiet_handler(loop: asyncio.AbstractEventLoop, context: dict) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(allow_abbrev=False, description=__doc__.splitlines()[0])
     ap.add_argument("--config", required=True)
     args = ap.parse_args(argv)
     with open(args.config, encoding="utf-8") as fh:

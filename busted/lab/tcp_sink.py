@@ -27,7 +27,7 @@ def reply_payload(n: int) -> bytes:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(allow_abbrev=False, description=__doc__.splitlines()[0])
     ap.add_argument("--port", type=int, required=True)
     ap.add_argument("--reply-bytes", type=int, default=0)
     ap.add_argument("--idle", type=float, default=10.0)
