@@ -1118,11 +1118,20 @@ def _query(args: argparse.Namespace, out: TextIO) -> int:
     w = csv.DictWriter(out, fieldnames=cols)
     w.writeheader()
     for r in rows:
-        cells = {k: json.dumps(v) if isinstance(v, list | dict) else v for k, v in r.items()}
+        cells = {k: _csv_cell(json.dumps(v) if isinstance(v, list | dict) else v) for k, v in r.items()}
         if tty:  # CSV is exact in a file or pipe; on a terminal its text cells are escaped
             cells = {k: _p(v) if isinstance(v, str) else v for k, v in cells.items()}
         w.writerow(cells)
     return 0
+
+
+_FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
+
+
+def _csv_cell(v: Any) -> Any:
+    """A text cell a spreadsheet would run as a formula (a comm ``=HYPERLINK(..)``, a host ``@SUM(..)``)
+    gets a leading ``'``, as OWASP's CSV-injection advice says; numbers (-3 included) stay numbers."""
+    return "'" + v if isinstance(v, str) and v.startswith(_FORMULA_START) else v
 
 
 # -- entry -------------------------------------------------------------------------------------
