@@ -83,7 +83,25 @@ def _llm_calls_report(caps: Any, plan: Any) -> dict[str, Any]:
     return d
 
 
+def _doctor_security(args: argparse.Namespace, out: TextIO) -> int:
+    from busted._security import FAIL, render, security_checks
+
+    checks = security_checks(**{k: getattr(args, k) for k in ("policy", "prices", "store", "jsonl", "metrics", "ui")})
+    if args.json:
+        json.dump({"security": [c.to_dict() for c in checks]}, out, indent=2)
+        out.write("\n")
+    else:
+        for line in render(checks):  # paths are printed, never interpreted
+            out.write(_p(line) + "\n")
+    return 1 if any(c.status == FAIL for c in checks) else 0
+
+
 def _doctor(args: argparse.Namespace, out: TextIO) -> int:
+    if args.security:
+        return _doctor_security(args, out)
+    given = [f for f in ("policy", "prices", "store", "jsonl", "metrics", "ui") if getattr(args, f)]
+    if given:
+        raise UsageError(f"doctor --{given[0]} is checked only with --security; add --security")
     from busted.ebpf.loader import MAX_FLOWS, RINGBUF_BYTES, build_source
     from busted.ebpf.plan import BYTES_TIERS, LIFECYCLE_TIERS, _bytes_ok, _lifecycle_ok, choose_plan
     from busted.ebpf.probe import probe
@@ -1223,6 +1241,14 @@ def _parser() -> argparse.ArgumentParser:
     d.add_argument("--json", action="store_true")
     d.add_argument("--ebpf", action="store_true", help="print the BPF program Monitor() would load and exit")
     d.add_argument("--probes", help="force tiers, e.g. bytes=syscall,lifecycle=tracepoint")
+    s = d.add_argument_group("--security: the installation as a root monitor trusts it (docs/security.md); "
+                             "give the options the monitor will run with to check them too")
+    s.add_argument("--security", action="store_true", help="only these checks: OK/WARN/FAIL, each with what "
+                   "to do; exit 1 if one FAILs")
+    for flag, what in (("--policy", "policy file"), ("--prices", "price file"), ("--store", "store path"),
+                       ("--jsonl", "JSONL path"), ("--metrics", "metrics address"), ("--ui", "UI address")):
+        s.add_argument(flag, metavar="FILE" if "file" in what else "ADDR" if "addr" in what else "PATH",
+                       help=f"with --security: check this {what}")
 
     m = sub.add_parser("monitor", help="live view of flows", parents=[filters, live])
     m.add_argument("--duration", type=float, help="stop after this many seconds")
