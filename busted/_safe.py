@@ -16,7 +16,7 @@ Child interpreters: ``python -m mod`` puts the current directory first on ``sys.
 running busted from a directory another user owns would import that user's ``json.py``.
 ``python_argv`` starts children with ``-I`` (no current directory, no ``PYTHON*`` variables, no
 user site-packages), from ``/`` (``CHILD_CWD``), with ``child_env()``: a fixed ``PATH`` and only the
-caller's locale and ``BCC_*`` settings.
+caller's locale and BCC's settings (``BCC_*``, ``ARCH``).
 """
 
 from __future__ import annotations
@@ -33,7 +33,7 @@ __all__ = ["CHILD_CWD", "SAFE_PATH", "check_dir", "child_env", "dir_problem", "f
 
 SAFE_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 CHILD_CWD = "/"
-_KEEP_ENV = ("LANG", "LC_ALL", "LC_CTYPE", "TZ")  # plus every BCC_* (kernel source, symbol paths)
+_KEEP_ENV = ("LANG", "LC_ALL", "LC_CTYPE", "TZ", "ARCH")  # + every BCC_*; ARCH, BCC_*: BCC's compile settings
 
 
 # -- files ---------------------------------------------------------------------------------------
@@ -144,7 +144,7 @@ def python_argv(module: str, *args: str, unbuffered: bool = False) -> list[str]:
 
 
 def child_env(extra: dict[str, str] | None = None) -> dict[str, str]:
-    """The environment a child needs and no more: a fixed PATH, the locale, ``BCC_*``; plus ``extra``."""
+    """The environment a child needs and no more: a fixed PATH, the locale, BCC's settings; plus ``extra``."""
     env = {"PATH": SAFE_PATH}
     env.update({k: v for k, v in os.environ.items() if k in _KEEP_ENV or k.startswith("BCC_")})
     env.update(extra or {})
