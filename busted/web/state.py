@@ -5,7 +5,7 @@ and answers the page's questions: the recent calls, flows by who talks to where,
 MCP messages, losses, and spend over time. Every window is bounded (``deque(maxlen=...)`` or an
 evicting dict) and what falls out is counted.
 
-The cost when no tab is open is an ``append`` per interesting event: events are kept as they came
+The cost when no tab is open is an ``append`` per event the page shows: events are kept as they came
 and turned into redacted dicts (``busted.sinks.redact``, the same redaction as every other output)
 only when a page asks. Live tabs subscribe with ``subscribe()``; ``publish()`` hands the encoded
 batch to a callback per batch, never per event.
@@ -122,12 +122,16 @@ class WebState:
     """Bounded windows of what the page shows. Thread-safe: the Monitor's thread writes, the web
     server's thread reads."""
 
-    def __init__(self, *, max_items: int = 5000, max_flows: int = 2000,
+    def __init__(self, *, max_items: int = 5000, max_flows: int = 2000, max_flow_events: int = 20000,
                  stats: Callable[[], Any] | None = None) -> None:
         self._lock = threading.Lock()
         self._items: dict[str, collections.deque[Any]] = {
             name: collections.deque(maxlen=max_items) for name in ("calls", "mcp", "decisions", "losses")}
-        self._flows = _Flows(max_flows)
+        # Flow events are only appended here (the hot path); the flows view groups the newest
+        # ``max_flow_events`` of them when a page asks.
+        self._flow_events: collections.deque[Any] = collections.deque(maxlen=max_flow_events)
+        self.max_flows = max_flows
+        self.flows_evicted = 0
         self.dropped_window = 0  # items that fell out of a full window (shown on the health view)
         self.seen = 0
         self.started = time.time()
@@ -153,13 +157,11 @@ class WebState:
                     continue
                 self.seen += 1
                 name = _LISTS.get(kind)
-                if name is None:
-                    self._flows.add(ev)
-                else:
-                    q = self._items[name]
-                    if len(q) == q.maxlen:
-                        self.dropped_window += 1
-                    q.append(ev)
+                q = self._flow_events if name is None else self._items[name]
+                if len(q) == q.maxlen:
+                    self.dropped_window += 1  # out of the page's window (every other output has it)
+                q.append(ev)
+                if name is not None:
                     if kind == "events_lost":
                         d = _as_dict(ev)
                         w = str(d.get("where"))
@@ -204,8 +206,14 @@ class WebState:
         return out
 
     def flows(self, filters: Filters | None = None, limit: int = 500) -> list[dict[str, Any]]:
+        """Who talks to where, grouped from the newest flow events, most recently seen first."""
         with self._lock:
-            rows = [dict(r) for r in reversed(self._flows.rows.values())]
+            evs = list(self._flow_events)
+        grouped = _Flows(self.max_flows)
+        for ev in evs:
+            grouped.add(ev)
+        self.flows_evicted = grouped.evicted
+        rows = list(reversed(grouped.rows.values()))
         return [r for r in rows if filters is None or filters.match(r)][:limit]
 
     def spend(self, by: str = "provider", window_s: float = 3600.0, buckets: int = 60,
@@ -264,7 +272,7 @@ class WebState:
     def health(self) -> dict[str, Any]:
         """Losses and load, what ``doctor``/``stats()`` would say, as JSON-safe values."""
         h: dict[str, Any] = {"seen": self.seen, "uptime_s": round(time.time() - self.started, 1),
-                             "window_dropped": self.dropped_window, "flows_evicted": self._flows.evicted,
+                             "window_dropped": self.dropped_window, "flows_evicted": self.flows_evicted,
                              "lost_events": dict(self.lost_by_place), "tabs": self.subscribers}
         if self._stats is not None:
             try:

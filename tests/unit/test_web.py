@@ -104,7 +104,7 @@ def test_windows_are_bounded_and_count_what_falls_out():
                         for ev in sample_events(flow_id=i, pid=i)])
     assert len(st.items("calls", limit=100)) == 5
     assert st.dropped_window > 0
-    assert len(st.flows()) <= 3 and st._flows.evicted > 0
+    assert len(st.flows()) <= 3 and st.flows_evicted > 0
 
 
 def test_filters_match_the_cli_semantics():
