@@ -20,6 +20,8 @@ fi
 
 # 1. Debian packages. bcc is not on PyPI; python3-bpfcc is built for /usr/bin/python3.
 pkgs=(python3-bpfcc bpfcc-tools bpftool python3-venv iproute2 curl openssl gnutls-bin dnsutils)
+# The web page's tests drive Debian's chromium headless (Playwright never downloads a browser here).
+[ "${1:-}" = test ] && pkgs+=(chromium)
 missing=()
 for p in "${pkgs[@]}"; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
@@ -84,7 +86,7 @@ want=$(sha256sum pyproject.toml | cut -d' ' -f1)
 if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
     log="$venv/pip-install.log"
     if ! { "$venv/bin/python" -m pip install -q --upgrade pip && \
-           "$venv/bin/python" -m pip install -q -e ".[dev,lab,metrics]"; } >"$log" 2>&1; then
+           "$venv/bin/python" -m pip install -q -e ".[dev,lab,metrics,ui]"; } >"$log" 2>&1; then
         tail -n 40 "$log" >&2
         say "pip install failed; full log in $log" >&2
         exit 1

@@ -80,7 +80,8 @@ def _readline(stream: Any, timeout: float) -> str | None:
 CONSUMER_FLAGS = {"busted": [], "busted-noplaintext": ["--no-llm-calls"], "busted-noclassify": ["--no-classify"],
                   "busted-busyhost": ["--busy-host"]}
 CLI_FLAGS = {"cli-json": [], "cli-jsonl": ["--jsonl", "{dir}/events.jsonl"],
-             "cli-store": ["--store", "{dir}/busted.db"], "cli-busyhost": ["--busy-host"]}
+             "cli-store": ["--store", "{dir}/busted.db"], "cli-busyhost": ["--busy-host"],
+             "cli-ui": ["--ui", "127.0.0.1:0"]}
 
 
 _EXE = Path(PY).parent / "busted"
@@ -132,8 +133,15 @@ class Tracer:
             argv = [*BUSTED, "monitor", "--json", *flags, *self.extra]
             self.proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                                          stderr=subprocess.PIPE, text=True, cwd=ROOT)
-            line = _readline(self.proc.stderr, self.ready_timeout) or ""
-            m = re.search(r"probes attached in ([0-9.]+) s", line)
+            end = time.monotonic() + self.ready_timeout
+            m = None
+            while m is None and time.monotonic() < end:  # other lines may come first (--ui's URL)
+                line = _readline(self.proc.stderr, max(0.1, end - time.monotonic())) or ""
+                if u := re.search(r"web UI at (\S+)", line):
+                    self.res["ui_url"] = u.group(1)
+                m = re.search(r"probes attached in ([0-9.]+) s", line)
+                if not line:
+                    break
             if not m:
                 self._abort(f"{c}: no ready line: {line!r}")
             self.res["startup_monitor_s"] = float(m.group(1))

@@ -457,6 +457,7 @@ class _Sinks:
     def __init__(self, args: argparse.Namespace) -> None:
         self.sinks: list[Any] = []
         self.exporter = None
+        self.ui: Any = None
         self._created: list[Path] = []
         _check_outputs(args)
         try:
@@ -477,9 +478,21 @@ class _Sinks:
                 self.exporter = PrometheusExporter(args.metrics)
                 self.sinks.append(self.exporter)
                 self.exporter.start()
+            if getattr(args, "ui", None):
+                from busted.web import WebUI  # binds now: a taken port fails before the probes load
+
+                self.ui = WebUI(args.ui, warn=_warn)
+                self.sinks.append(self.ui)
         except BaseException:
             self.abort()
             raise
+
+    def started(self, mon: Any) -> None:
+        """The Monitor runs: serve the page (--ui) with its stats, and say where."""
+        if self.ui is not None:
+            self.ui.start(stats=mon.stats)
+            print(f"busted: web UI at {self.ui.url}  (the token in it is the key: keep it private)",
+                  file=sys.stderr, flush=True)
 
     def _note(self, path: str, *suffixes: str) -> None:
         for p in (path, *(path + s for s in suffixes)):
@@ -495,7 +508,7 @@ class _Sinks:
     @property
     def encodes(self) -> bool:
         """True if an output writes JSON lines (store, JSONL): give write_batch() encoded events."""
-        return any(s is not self.exporter for s in self.sinks)
+        return any(s is not self.exporter and s is not self.ui for s in self.sinks)
 
     def write_batch(self, events: Sequence[Event], encoded: Sequence[Any], queue_depth: Callable[[], int]) -> None:
         """One batch to every output: the file outputs get the events encoded once
@@ -507,6 +520,8 @@ class _Sinks:
                 for ev in events:
                     s.write(ev)
                 s.set_queue_depth(queue_depth())
+            elif s is self.ui:
+                s.write_batch(events)
             elif isinstance(s, sinks.JsonlSink):
                 s.write_encoded(encoded, flush=True)
             else:
@@ -552,6 +567,7 @@ def _start(args: argparse.Namespace, before_start: Any = None) -> tuple[Any, _Si
         if before_start is not None:
             before_start(mon)
         mon.start()
+        sinks.started(mon)
     except BaseException:
         if mon is not None:
             mon.close()
@@ -988,6 +1004,7 @@ def _lab(args: argparse.Namespace, out: TextIO) -> int:
             lab = stack.enter_context(Lab())
             mon = stack.enter_context(busted.Monitor(**_monitor_kwargs(args)))
             started = True
+            sinks.started(mon)
             _run_lab(args, out, lab, mon, sinks, summary, calls, results, stop)
     finally:
         if started:
@@ -1219,6 +1236,9 @@ def _live_flags() -> argparse.ArgumentParser:
                    help="--store keeps at most this much data (e.g. 1GiB, 500MiB; 'off'; default 1GiB)")
     g.add_argument("--jsonl", help="also append every event to this JSONL file (rotated)")
     g.add_argument("--metrics", help="serve Prometheus metrics on ADDR (e.g. 127.0.0.1:9464)")
+    g.add_argument("--ui", nargs="?", const="127.0.0.1:8765", metavar="ADDR",
+                   help="serve the web page on ADDR (default 127.0.0.1:8765); the URL to open, with its access "
+                   "token, is printed on stderr (docs/outputs.md)")
     from busted.policy_cli import add_policy_options  # --policy/--enforce: busted/policy_cli.py
 
     add_policy_options(lp)
@@ -1279,7 +1299,48 @@ def _parser() -> argparse.ArgumentParser:
     q.add_argument("--since", type=float, help="only the last N seconds")
     q.add_argument("--json", action="store_true", help="NDJSON, as monitor --json (the default)")
     q.add_argument("--format", choices=("json", "csv"), default="json", help="json (= --json) or csv")
+
+    u = sub.add_parser("ui", help="serve the web page from a store written with --store (read-only, no root)")
+    u.add_argument("--store", required=True)
+    u.add_argument("--addr", default="127.0.0.1:8765", help="HOST:PORT to listen on (default 127.0.0.1:8765)")
+    u.add_argument("--since", type=float, help="only the last N seconds of the store")
+    u.add_argument("--duration", type=float, help="stop after this many seconds")
     return p
+
+
+def _ui(args: argparse.Namespace, out: TextIO) -> int:
+    """``busted ui --store F``: the web page over a store, read-only; needs no root."""
+    from busted.sinks import Store
+    from busted.web import WebState, WebUI
+    from busted.web.state import SHOWN_KINDS
+
+    store = Store.open_readonly(args.store)
+    state = WebState()
+    try:
+        since = None if args.since is None else time.time() - args.since
+        n = 0
+        batch: list[Any] = []
+        for d in store.events(kinds=sorted(SHOWN_KINDS), since=since, raw=True):
+            batch.append(d)
+            n += 1
+            if len(batch) >= 1000:
+                state.write_batch(batch)
+                batch = []
+        state.write_batch(batch)
+    finally:
+        store.close()
+    stop = threading.Event()
+    _install_sigterm(stop)
+    with WebUI(args.addr, state=state, warn=_warn) as ui:
+        ui.start()
+        print(f"busted: {n} stored events; web UI at {ui.url}  (Ctrl-C stops)", file=sys.stderr, flush=True)
+        end = None if args.duration is None else time.monotonic() + args.duration
+        try:
+            while not stop.is_set() and (end is None or time.monotonic() < end):
+                stop.wait(0.5 if end is None else max(0.0, min(0.5, end - time.monotonic())))
+        except KeyboardInterrupt:
+            pass
+    return 0
 
 
 def main(argv: Sequence[str] | None = None, out: TextIO | None = None) -> int:
@@ -1288,7 +1349,7 @@ def main(argv: Sequence[str] | None = None, out: TextIO | None = None) -> int:
     from busted.policy_cli import policy_command
 
     handlers = {"doctor": _doctor, "monitor": _monitor, "top": _top, "lab": _lab, "query": _query,
-                "policy": policy_command}
+                "policy": policy_command, "ui": _ui}
     try:
         return handlers[args.cmd](args, out)
     except BustedError as exc:

@@ -1,0 +1,138 @@
+"""``WebUI``: the page served from a thread of the running monitor (or from a store), as a sink.
+
+    ui = WebUI("127.0.0.1:8765")      # binds now: a taken port fails before any probe loads
+    ui.start(stats=mon.stats)         # uvicorn in a daemon thread
+    print(ui.url)                     # http://127.0.0.1:8765/?token=...
+    for ev in mon.events(): ui.write(ev)
+    ui.close()
+
+uvicorn serves it (a small, maintained ASGI server; Starlette is the app): both are already
+dependencies of the ``mcp`` package busted's lab uses, so ``busted[ui]`` adds nothing new to most
+installs.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import secrets
+import socket
+import sys
+import threading
+from collections.abc import Callable, Iterable
+from typing import Any
+
+from busted.errors import EnvironmentProblem, MissingDependency, UsageError
+from busted.events import Event
+from busted.web.state import WebState
+
+__all__ = ["DEFAULT_ADDR", "WebUI", "parse_addr"]
+
+DEFAULT_ADDR = "127.0.0.1:8765"
+
+
+def parse_addr(addr: str, flag: str = "--ui") -> tuple[str, int]:
+    """``HOST:PORT`` (``[::1]:PORT`` for IPv6) -> (host, port); a bare port means loopback."""
+    text = addr.strip()
+    if text.isdigit():
+        return "127.0.0.1", int(text)
+    host, sep, port = text.rpartition(":")
+    if not sep or not port.isdigit() or not host:
+        raise UsageError(f"{flag} {addr!r}: expected HOST:PORT, e.g. {DEFAULT_ADDR}")
+    host = host.strip("[]")
+    p = int(port)
+    if not 0 <= p <= 65535:
+        raise UsageError(f"{flag} {addr!r}: port out of range")
+    return host, p
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+class WebUI:
+    """The live page as a sink: ``write``/``write_batch`` keep events in bounded windows (one
+    ``append`` each when no tab is open), ``close()`` stops the server."""
+
+    def __init__(self, addr: str = DEFAULT_ADDR, *, state: WebState | None = None, token: str | None = None,
+                 warn: Callable[[str], None] | None = None) -> None:
+        try:
+            import starlette  # noqa: F401
+            import uvicorn  # noqa: F401
+        except ImportError as exc:
+            raise MissingDependency("starlette/uvicorn", "ui", "--ui") from exc
+        self.host, port = parse_addr(addr)
+        self.loopback = _is_loopback(self.host)
+        self.token = token or secrets.token_urlsafe(24)
+        self.state = state or WebState()
+        self._warn = warn or (lambda m: print(f"busted: {m}", file=sys.stderr, flush=True))
+        family = socket.AF_INET6 if ":" in self.host else socket.AF_INET
+        self._sock = socket.socket(family, socket.SOCK_STREAM)
+        try:
+            self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            self._sock.bind((self.host, port))
+            self._sock.listen(64)
+        except OSError as exc:
+            self._sock.close()
+            raise EnvironmentProblem(f"--ui {addr}: cannot listen there ({exc.strerror or exc}); "
+                                     "pick another HOST:PORT (port 0 picks a free one)") from exc
+        self._sock.set_inheritable(False)
+        self.port = self._sock.getsockname()[1]
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._server: Any = None
+        if not self.loopback:
+            self._warn(f"--ui {addr}: listening on a non-loopback address; anyone who can reach it and has the "
+                       "token sees every call (prefer 127.0.0.1 and an SSH tunnel)")
+
+    @property
+    def url(self) -> str:
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        if self.host in ("0.0.0.0", "::"):
+            host = socket.gethostname()
+        return f"http://{host}:{self.port}/?token={self.token}"
+
+    def start(self, stats: Callable[[], Any] | None = None) -> WebUI:
+        import uvicorn
+
+        from busted.web.app import make_app
+
+        self.state.set_stats(stats)
+        app = make_app(self.state, self.token, loopback=self.loopback, stopping=self._stop)
+        config = uvicorn.Config(app, log_level="warning", access_log=False, lifespan="off",
+                                timeout_graceful_shutdown=2, ws="none", proxy_headers=False,
+                                server_header=False, date_header=False)
+        self._server = uvicorn.Server(config)
+        self._thread = threading.Thread(target=self._serve, name="busted-ui", daemon=True)
+        self._thread.start()
+        return self
+
+    def _serve(self) -> None:
+        try:
+            self._server.run(sockets=[self._sock])
+        except Exception as exc:  # noqa: BLE001 - the page dies, the monitor goes on: say so
+            self._warn(f"the web UI stopped: {exc}")
+
+    def write(self, ev: Event) -> None:
+        self.state.write(ev)
+
+    def write_batch(self, events: Iterable[Event]) -> None:
+        self.state.write_batch(events)
+
+    def close(self, timeout: float = 5.0) -> None:
+        self._stop.set()
+        if self._server is not None:
+            self._server.should_exit = True
+        if self._thread is not None:
+            self._thread.join(timeout)
+        self._sock.close()
+
+    def __enter__(self) -> WebUI:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

@@ -1,0 +1,289 @@
+"""What the web page shows, kept in bounded windows; no I/O, no web framework.
+
+``WebState`` is fed events (live, from the Monitor's stream) or stored dicts (``busted ui --store``)
+and answers the page's questions: the recent calls, flows by who talks to where, policy decisions,
+MCP messages, losses, and spend over time. Every window is bounded (``deque(maxlen=...)`` or an
+evicting dict) and what falls out is counted.
+
+The cost when no tab is open is an ``append`` per event the page shows: events are kept as they came
+and turned into redacted dicts (``busted.sinks.redact``, the same redaction as every other output)
+only when a page asks. Live tabs subscribe with ``subscribe()``; ``publish()`` hands the encoded
+batch to a callback per batch, never per event.
+"""
+
+from __future__ import annotations
+
+import collections
+import threading
+import time
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any
+
+from busted.events import Event
+
+__all__ = ["SHOWN_KINDS", "Filters", "WebState"]
+
+# Event kinds the page shows; everything else is ignored at the cost of one set lookup.
+SHOWN_KINDS = frozenset({"llm_call", "mcp_message", "policy_decision", "events_lost", "flow_classified",
+                         "flow_closed"})
+_LISTS = {"llm_call": "calls", "mcp_message": "mcp", "policy_decision": "decisions", "events_lost": "losses"}
+SPEND_KEYS = ("provider", "model", "agent", "container", "comm")
+
+
+def _as_dict(item: Any) -> dict[str, Any]:
+    """An event (live) or a stored dict, as the redacted dict every output writes."""
+    if isinstance(item, dict):
+        return item
+    from busted.sinks import redact
+
+    try:
+        return redact(item.to_dict())
+    except Exception:  # noqa: BLE001 - an event that will not encode is shown by kind alone
+        return {"kind": getattr(item, "kind", "unknown"), "wall_time": getattr(item, "wall_time", 0.0)}
+
+
+class Filters:
+    """The CLI's filters, from a page's query string: pid, comm, provider, agent, container.
+
+    ``provider=none`` matches events with no provider, as ``--provider none`` does."""
+
+    KEYS = ("pid", "comm", "provider", "agent", "container")
+
+    def __init__(self, query: Mapping[str, str]) -> None:
+        self.want: dict[str, str] = {}
+        for k in self.KEYS:
+            v = (query.get(k) or "").strip()
+            if v:
+                self.want[k] = v[:256]
+
+    def __bool__(self) -> bool:
+        return bool(self.want)
+
+    def match(self, d: Mapping[str, Any]) -> bool:
+        for k, v in self.want.items():
+            field = "container_id" if k == "container" else k
+            have = d.get(field)
+            if k == "provider" and v == "none":
+                if have is not None:
+                    return False
+            elif have is None or str(have) != v:
+                return False
+        return True
+
+
+class _Flows:
+    """Flows grouped by who talks to where: (comm, exe, hostname or peer, provider), bounded."""
+
+    def __init__(self, maxlen: int) -> None:
+        self.rows: collections.OrderedDict[tuple[Any, ...], dict[str, Any]] = collections.OrderedDict()
+        self.maxlen = maxlen
+        self.evicted = 0
+
+    def add(self, ev: Any) -> None:
+        """A flow event (object, read by attribute: no encoding on the hot path) or a stored dict."""
+        get = ev.get if isinstance(ev, dict) else (lambda k, _e=ev: _plain(getattr(_e, k, None)))
+        closed = get("kind") == "flow_closed"
+        key = (get("comm"), get("exe"), get("hostname") or get("daddr"), get("provider"), get("dport"),
+               get("direction"))
+        row = self.rows.get(key)
+        if row is None:
+            if len(self.rows) >= self.maxlen:
+                self.rows.popitem(last=False)
+                self.evicted += 1
+            row = self.rows[key] = {
+                "comm": key[0], "exe": key[1], "pid": get("pid"), "uid": get("uid"), "hostname": get("hostname"),
+                "daddr": get("daddr"), "dport": key[4], "direction": key[5], "provider": key[3],
+                "evidence": get("evidence"), "agent": get("agent"), "container_id": get("container_id"),
+                "flows": 0, "bytes_sent": 0, "bytes_received": 0, "last_seen": 0.0}
+        else:
+            self.rows.move_to_end(key)
+        row["last_seen"] = get("wall_time") or row["last_seen"]
+        row["pid"] = get("pid")
+        ev_name = get("evidence")
+        if ev_name not in (None, "unknown"):
+            row["evidence"] = ev_name
+        for k in ("agent", "container_id"):
+            v = get(k)
+            if v is not None:
+                row[k] = v
+        if closed:
+            row["flows"] += 1
+            row["bytes_sent"] += int(get("bytes_sent") or 0)
+            row["bytes_received"] += int(get("bytes_received") or 0)
+
+
+def _plain(v: Any) -> Any:
+    """An event attribute as ``to_dict()`` writes it: enums by lower-case name."""
+    name = getattr(v, "name", None)
+    return name.lower() if isinstance(name, str) and not isinstance(v, str) else v
+
+
+class WebState:
+    """Bounded windows of what the page shows. Thread-safe: the Monitor's thread writes, the web
+    server's thread reads."""
+
+    def __init__(self, *, max_items: int = 5000, max_flows: int = 2000, max_flow_events: int = 20000,
+                 stats: Callable[[], Any] | None = None) -> None:
+        self._lock = threading.Lock()
+        self._items: dict[str, collections.deque[Any]] = {
+            name: collections.deque(maxlen=max_items) for name in ("calls", "mcp", "decisions", "losses")}
+        # Flow events are only appended here (the hot path); the flows view groups the newest
+        # ``max_flow_events`` of them when a page asks.
+        self._flow_events: collections.deque[Any] = collections.deque(maxlen=max_flow_events)
+        self.max_flows = max_flows
+        self.flows_evicted = 0
+        self.dropped_window = 0  # items that fell out of a full window (shown on the health view)
+        self.seen = 0
+        self.started = time.time()
+        self._stats = stats
+        self._subscribers: list[Callable[[list[dict[str, Any]]], None]] = []
+        self.lost_by_place: dict[str, int] = {}
+
+    # -- writing (the Monitor's thread) -------------------------------------------------------
+
+    def set_stats(self, stats: Callable[[], Any] | None) -> None:
+        self._stats = stats
+
+    def write(self, ev: Event | dict[str, Any]) -> None:
+        self.write_batch((ev,))
+
+    def write_batch(self, events: Iterable[Event | dict[str, Any]]) -> None:
+        """Keep the events the page shows; with a tab open, encode them once and publish."""
+        shown: list[Any] = []
+        with self._lock:
+            for ev in events:
+                kind = ev.get("kind") if isinstance(ev, dict) else ev.kind
+                if kind not in SHOWN_KINDS:
+                    continue
+                self.seen += 1
+                name = _LISTS.get(kind)
+                q = self._flow_events if name is None else self._items[name]
+                if len(q) == q.maxlen:
+                    self.dropped_window += 1  # out of the page's window (every other output has it)
+                q.append(ev)
+                if name is not None:
+                    if kind == "events_lost":
+                        d = _as_dict(ev)
+                        w = str(d.get("where"))
+                        self.lost_by_place[w] = self.lost_by_place.get(w, 0) + int(d.get("count") or 0)
+                    if self._subscribers:
+                        shown.append(ev)  # flows are not streamed: the page reloads their table
+            subs = list(self._subscribers)
+        if shown and subs:
+            batch = [_as_dict(ev) for ev in shown]
+            for cb in subs:
+                cb(batch)
+
+    def subscribe(self, cb: Callable[[list[dict[str, Any]]], None]) -> Callable[[], None]:
+        """``cb(batch)`` for every published batch (called in the writer's thread: it must not block).
+        Returns the function that unsubscribes."""
+        with self._lock:
+            self._subscribers.append(cb)
+
+        def unsubscribe() -> None:
+            with self._lock:
+                if cb in self._subscribers:
+                    self._subscribers.remove(cb)
+        return unsubscribe
+
+    @property
+    def subscribers(self) -> int:
+        return len(self._subscribers)
+
+    # -- reading (the web server's thread) ------------------------------------------------------
+
+    def items(self, name: str, filters: Filters | None = None, limit: int = 500) -> list[dict[str, Any]]:
+        """The newest ``limit`` items of a view (calls, mcp, decisions, losses), newest first."""
+        with self._lock:
+            src = list(self._items[name])
+        out: list[dict[str, Any]] = []
+        for ev in reversed(src):
+            d = _as_dict(ev)
+            if filters is None or filters.match(d):
+                out.append(d)
+                if len(out) >= limit:
+                    break
+        return out
+
+    def flows(self, filters: Filters | None = None, limit: int = 500) -> list[dict[str, Any]]:
+        """Who talks to where, grouped from the newest flow events, most recently seen first."""
+        with self._lock:
+            evs = list(self._flow_events)
+        grouped = _Flows(self.max_flows)
+        for ev in evs:
+            grouped.add(ev)
+        self.flows_evicted = grouped.evicted
+        rows = list(reversed(grouped.rows.values()))
+        return [r for r in rows if filters is None or filters.match(r)][:limit]
+
+    def spend(self, by: str = "provider", window_s: float = 3600.0, buckets: int = 60,
+              filters: Filters | None = None, now: float | None = None) -> dict[str, Any]:
+        """Cost and tokens per group over the last ``window_s`` seconds, in ``buckets`` steps.
+
+        Groups are the ``by`` field of each call (``model`` = the response's model, else the
+        request's); the 8 groups that spent most are kept apart, the rest summed as "other"."""
+        if by not in SPEND_KEYS:
+            by = "provider"
+        buckets = max(1, min(int(buckets), 500))
+        window_s = max(1.0, min(float(window_s), 366 * 86400.0))
+        now = time.time() if now is None else now
+        start = now - window_s
+        step = window_s / buckets
+        totals: dict[str, dict[str, float]] = {}
+        series: dict[str, list[float]] = {}
+        tokens: dict[str, list[float]] = {}
+        for d in self.items("calls", filters, limit=10**9):
+            t = d.get("wall_time") or 0.0
+            if t < start:
+                break  # newest first: the rest is older
+            if by == "model":
+                g = d.get("response_model") or d.get("request_model")
+            elif by == "container":
+                g = d.get("container_id")
+            else:
+                g = d.get(by)
+            g = "(none)" if g is None else str(g)
+            tot = totals.setdefault(g, {"calls": 0, "cost_usd": 0.0, "input_tokens": 0, "output_tokens": 0})
+            cost = d.get("cost_usd") or 0.0
+            tot["calls"] += 1
+            tot["cost_usd"] += cost
+            tot["input_tokens"] += d.get("input_tokens") or 0
+            tot["output_tokens"] += d.get("output_tokens") or 0
+            i = min(buckets - 1, int((t - start) / step))
+            series.setdefault(g, [0.0] * buckets)[i] += cost
+            tokens.setdefault(g, [0.0] * buckets)[i] += (d.get("input_tokens") or 0) + (d.get("output_tokens") or 0)
+        top = sorted(totals, key=lambda g: (-totals[g]["cost_usd"], -totals[g]["calls"], g))
+        keep, rest = top[:8], top[8:]
+
+        def top_and_other(per: dict[str, list[float]]) -> dict[str, list[float]]:
+            out = {g: per[g] for g in keep}
+            if rest:
+                other = [0.0] * buckets
+                for g in rest:
+                    other = [a + b for a, b in zip(other, per[g], strict=True)]
+                out["other"] = other
+            return out
+
+        return {"by": by, "window_s": window_s, "step_s": step,
+                "t": [start + step * (i + 0.5) for i in range(buckets)],
+                "series": top_and_other(series), "tokens": top_and_other(tokens),
+                "totals": [{"group": g, **totals[g]} for g in top]}
+
+    def health(self) -> dict[str, Any]:
+        """Losses and load, what ``doctor``/``stats()`` would say, as JSON-safe values."""
+        h: dict[str, Any] = {"seen": self.seen, "uptime_s": round(time.time() - self.started, 1),
+                             "window_dropped": self.dropped_window, "flows_evicted": self.flows_evicted,
+                             "lost_events": dict(self.lost_by_place), "tabs": self.subscribers}
+        if self._stats is not None:
+            try:
+                s = self._stats()
+            except Exception:  # noqa: BLE001 - a closing Monitor: show what is known
+                s = None
+            if s is not None:
+                h["monitor"] = {
+                    "events": getattr(s, "events", None), "queue_depth": getattr(s, "queue_depth", None),
+                    "open_flows": getattr(s, "open_flows", None),
+                    "lost": {str(getattr(k, "name", k)).lower(): v for k, v in dict(getattr(s, "lost", {})).items()},
+                    "plan": {str(k): str(v) for k, v in dict(getattr(s, "plan", {})).items()},
+                }
+        return h
