@@ -10,8 +10,10 @@ applied everywhere (rules and thresholds: docs/security.md):
 * by **shape**: provider key prefixes (``sk-``, ``AIza``, ``ghp_``, ``AKIA``...), JWTs, bearer
   tokens and long high-entropy tokens are masked wherever they appear.
 
-``redact_argv`` (command lines), ``redact_text`` (free text: a header value, a body, a log line)
-and ``redact_headers`` (``(name, value)`` lists) never raise and are idempotent.
+``redact_argv`` (command lines), ``redact_text`` (free text: a header value, a body, a log line),
+``redact_url`` (a request path or URL) and ``redact_headers`` (``(name, value)`` lists) never raise and
+are idempotent. They are the one redaction of every output: the events are built with them (an
+``LlmCall``'s path, user agent and captured content) and the sinks apply them again by field name.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ from collections.abc import Iterable, Sequence
 from typing import TypeVar
 
 __all__ = ["MASK", "SECRET_HEADERS", "is_secret_name", "looks_secret", "redact_argv", "redact_headers",
-           "redact_text"]
+           "redact_text", "redact_url"]
 
 MASK = "[REDACTED]"
 SECRET_HEADERS = ("authorization", "proxy-authorization", "x-api-key", "api-key", "x-goog-api-key", "cookie",
@@ -311,6 +313,38 @@ def redact_argv(argv: Sequence[str]) -> tuple[str, ...]:
         except Exception:  # noqa: BLE001 - never raise; never let the argument through unmasked
             out.append(MASK)
     return tuple(out)
+
+
+# -- URLs -------------------------------------------------------------------------------------------
+# Query parameters that carry a credential without a credential-like name (signed URLs, OAuth codes).
+_URL_PARAMS = frozenset({"sig", "code", "x-amz-signature", "x-amz-credential", "x-amz-security-token"})
+
+
+def redact_url(s: str) -> str:
+    """Mask credentials in a request path or URL (``/v1/x?subscription-key=V&alt=sse``): the value of
+    every query parameter with a credential name (``is_secret_name``: ``key``, ``x-api-key``,
+    ``access-token``, ``auth_token``, ``subscription-key``...) or a signing one (``sig``,
+    ``X-Amz-Signature``); ``user:pass@`` in the authority; and ``redact_text`` over each path segment
+    and each parameter (key shapes, long random tokens). By segment, not over the whole: the entropy
+    rule would take ``/openai/deployments/my-gpt4o/chat/completions`` for one random token."""
+    try:
+        s = _URL_CRED.sub(lambda m: m.group(1) + MASK + m.group(3), s)
+        base, sep, query = s.partition("?")
+        out = "/".join(map(redact_text, base.split("/")))
+        if not sep:
+            return out
+        query, fsep, frag = query.partition("#")
+        parts = []
+        for item in query.split("&"):
+            name, eq, _value = item.partition("=")
+            n = name.replace("%2D", "-").replace("%2d", "-").replace("%5F", "_").replace("%5f", "_")
+            if eq and (n.lower() in _URL_PARAMS or is_secret_name(n)):
+                parts.append(name + "=" + MASK)
+            else:
+                parts.append(redact_text(item))
+        return out + "?" + "&".join(parts) + fsep + (redact_text(frag) if frag else "")
+    except Exception:  # noqa: BLE001 - never raise; never let the URL through unmasked
+        return MASK
 
 
 # -- headers ----------------------------------------------------------------------------------------

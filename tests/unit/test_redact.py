@@ -11,7 +11,7 @@ from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
 from busted.procinfo import read_proc
-from busted.redact import MASK, is_secret_name, looks_secret, redact_argv, redact_headers, redact_text
+from busted.redact import MASK, is_secret_name, looks_secret, redact_argv, redact_headers, redact_text, redact_url
 
 R = MASK
 HEX64 = "9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822cd15d6c15b0f00a08"
@@ -410,3 +410,28 @@ def test_read_proc_masks_split_names_of_a_real_process():
     finally:
         p.kill()
         p.wait()
+
+
+# -- URLs (issue 17 item 11) --------------------------------------------------------------------------
+@pytest.mark.parametrize(("url", "expected"), [
+    ("/v1/x?subscription-key=a1&x-api-key=b2&access-token=c3&auth_token=d4&alt=sse",
+     f"/v1/x?subscription-key={R}&x-api-key={R}&access-token={R}&auth_token={R}&alt=sse"),
+    ("/v1/x?subscription%2Dkey=a1", f"/v1/x?subscription%2Dkey={R}"),
+    ("https://u:pw@h.test/v1/models?key=AIzaX#top", f"https://u:{R}@h.test/v1/models?key={R}#top"),
+    ("/m?X-Amz-Signature=abc&sig=def&code=ghi", f"/m?X-Amz-Signature={R}&sig={R}&code={R}"),
+    ("/openai/deployments/my-gpt4o/chat/completions?api-version=2024-10-21",
+     "/openai/deployments/my-gpt4o/chat/completions?api-version=2024-10-21"),
+    ("/v1/models/gemini-1.5-pro:streamGenerateContent?alt=sse",
+     "/v1/models/gemini-1.5-pro:streamGenerateContent?alt=sse"),
+    ("/v1/Zx8Kq2Lm9Np4Rt6Vw1Yb3Cd5Ef7Gh0Jk/chat", f"/v1/{R}/chat"),
+])
+def test_redact_url_forms(url, expected):
+    assert redact_url(url) == expected
+    assert redact_url(expected) == expected
+
+
+@given(st.text(max_size=200))
+@settings(max_examples=500)
+def test_redact_url_never_raises_and_is_idempotent(s):
+    once = redact_url(s)
+    assert isinstance(once, str) and redact_url(once) == once
