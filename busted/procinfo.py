@@ -136,7 +136,10 @@ class ProcCache:
         try:
             st = os.stat(base)
         except OSError:  # exited (and reaped): the last generation seen at this pid, if any
-            return e.info if e is not None else _MISSING
+            if e is not None:
+                return e.info
+            self.reads += 1  # asked /proc, which knew nothing (counted as before: a read that failed)
+            return _MISSING
         try:
             exe: str | None = os.readlink(f"{base}/exe")
         except OSError:
