@@ -95,13 +95,15 @@ class ProcCache:
     """pid -> ProcInfo, bounded, checked on every lookup against the process now at the pid.
 
     A pid names different processes over time (reuse), and one process names different programs
-    (exec). An entry is one process generation: (pid, start time) and the exe it ran when read. Each
-    lookup checks it with two cheap calls instead of re-reading ``stat``: ``stat(/proc/<pid>)`` (a
-    reused pid is a new directory: a new inode and mtime; then ``stat`` field 22, the start time,
-    decides) and ``readlink(/proc/<pid>/exe)`` (an exec of another program). A change re-reads
-    /proc. An exec of the same executable file keeps the entry until ``ttl``: the kernel's exec
-    records (``busted.lineage``) name that case when lineage runs. A process that has exited (or is a
-    zombie) keeps the entry of its generation: its flows are often decoded after it is gone.
+    (exec). An entry is one process generation: (pid, start time: ``stat`` field 22) and the exe it
+    ran when read. Each lookup checks it with two cheap calls instead of re-reading ``stat`` (~6 µs
+    for both against ~8 µs for ``stat`` alone, which would still miss an exec):
+    ``stat(/proc/<pid>)`` (a reused pid is a new directory: a new inode and mtime) and
+    ``readlink(/proc/<pid>/exe)`` (an exec of another program). A change re-reads /proc (the new
+    generation's start time with it). An exec of the same executable file keeps the entry until
+    ``ttl``: the kernel's exec records (``busted.lineage``) name that case when lineage runs. A
+    process that has exited (or is a zombie) keeps the entry of its generation: its flows are often
+    decoded after it is gone.
 
     ``get(pid, gen)``: ``gen`` is the kernel's name for the process's generation (the lineage
     table's fork and exec times): an entry already checked for that ``gen`` is returned without the
@@ -152,15 +154,16 @@ class ProcCache:
             return e.info
         self.reads += 1
         info = read_proc(pid, self._root)
-        if e is not None and exe is None and (info.start_ticks is None or info.start_ticks == e.info.start_ticks):
+        same_dir = e is not None and e.ino == st.st_ino and e.mtime_ns == st.st_mtime_ns
+        if same_dir and exe is None and (info.start_ticks is None or info.start_ticks == e.info.start_ticks):
             # the same process exiting (a zombie has no exe and an empty cmdline): keep what it ran
-            e = e._replace(ino=st.st_ino, mtime_ns=st.st_mtime_ns, exe=None, gen=gen)
+            e = e._replace(exe=None, gen=gen)  # type: ignore[union-attr]
+        elif info.exe is None and info.ppid is None:
+            return info  # gone since the stat: no guess (another process may have been there)
         elif info.exe is not None and not info.cmdline:
             return info  # caught inside execve (the new exe, its arguments not yet there): not kept
-        elif info.exe is not None or info.ppid is not None:
-            e = _Entry(st.st_ino, st.st_mtime_ns, info.exe if info.exe is not None else exe, info, gen)
         else:
-            return info
+            e = _Entry(st.st_ino, st.st_mtime_ns, info.exe if info.exe is not None else exe, info, gen)
         self._cache[pid] = e
         self._remember(pid, e)
         return e.info

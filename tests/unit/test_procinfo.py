@@ -95,8 +95,10 @@ def test_exec_exit_and_zombie_in_a_fake_proc_root(tmp_path):
     (d / "cmdline").write_bytes(b"curl\0https://api.openai.com\0")
     assert cache.get(77).cmdline == ("curl", "https://api.openai.com")
     # a zombie (no exe, an empty cmdline) and then gone: what it ran last is kept for its late flows
+    st = os.stat(d)
     os.unlink(d / "exe")
     (d / "cmdline").write_bytes(b"")
+    os.utime(d, ns=(st.st_atime_ns, st.st_mtime_ns))  # procfs: one process, one directory, one mtime
     assert cache.get(77).exe == "/usr/bin/curl"
     shutil.rmtree(d)
     assert cache.get(77).cmdline == ("curl", "https://api.openai.com")
