@@ -27,7 +27,7 @@ from busted.classify.containers import container_of
 from busted.ebpf.layout import LINF, REC_EXEC, REC_EXIT, REC_FORK
 from busted.ebpf.records import LinRecord
 from busted.events import Ancestor
-from busted.procinfo import ProcInfo
+from busted.procinfo import ProcCache, ProcInfo
 from busted.redact import redact_argv
 
 __all__ = ["NO_LINEAGE", "LineageProc", "LineageTable", "Proc"]
@@ -190,6 +190,9 @@ class LineageProc:
         self.table = table
         self.wall_offset = time.time() - time.monotonic() if wall_offset is None else wall_offset
         self._proc = proc
+        # ProcCache.get takes the kernel's generation of a process it knows: a process whose fork
+        # and exec the table recorded is checked against /proc once per generation, not per lookup.
+        self._proc_gen = proc if isinstance(getattr(proc, "__self__", None), ProcCache) else None
         self.agents = agents if agents is not None else AgentCatalog.builtin()
         self._cgroup_path = cgroup_path
         self._proc_cgroup = proc_cgroup
@@ -236,6 +239,12 @@ class LineageProc:
                          p.exe or info.exe, self._argv(p, info), cg)
         return _Node(pid, info.ppid, info.comm or "", info.exe, info.cmdline, self._proc_cgroup(pid))
 
+    def _node_proc(self, pid: int) -> _Node | None:
+        info = self._proc(pid)
+        if info.ppid is None and info.exe is None:
+            return None
+        return _Node(pid, info.ppid, info.comm or "", info.exe, info.cmdline, self._proc_cgroup(pid))
+
     @staticmethod
     def _argv(p: Proc, info: ProcInfo) -> tuple[str, ...] | None:
         # The kernel's copy, unless BPF could not read part of it and /proc still has it whole.
@@ -247,14 +256,27 @@ class LineageProc:
         # The cgroup at its last exec/fork, by id; a cgroup too new for the index: ask /proc.
         return (self._cgroup_path(p.cgroup) if p.cgroup else None) or self._proc_cgroup(p.pid)
 
+    def _current(self, pid: int, info: ProcInfo | None = None) -> Proc | None:
+        """The table's entry for the process now at ``pid``: not one whose exit the kernel reported
+        while /proc shows a live program there (the pid was reused and its fork record lost)."""
+        p = self.table.get(pid)
+        if p is not None and p.exit_ns is not None:
+            if (info if info is not None else self._proc(pid)).exe is not None:  # a zombie has no exe
+                return None
+        return p
+
     def lineage(self, pid: int) -> dict[str, Any]:
         """The FlowEvent lineage fields for ``pid`` (NO_LINEAGE when nothing is known)."""
-        p = self.table.get(pid)
-        key = (pid, p.start_ns, p.exec_ns) if p is not None else (pid, self._proc(pid).start_ticks)
+        p = self._current(pid)
+        if p is not None:
+            key: tuple = (pid, p.start_ns, p.exec_ns)
+        else:  # /proc's generation: its start time and, across an exec, its program
+            info = self._proc(pid)
+            key = (pid, info.start_ticks, info.exe, info.cmdline)
         hit = self._memo.get(key)
         if hit is not None:
             return hit
-        first = self._node(pid)
+        first = self._node(pid) if p is not None or self.table.get(pid) is None else self._node_proc(pid)
         if first is None:
             return NO_LINEAGE
         chain = [first]
@@ -294,10 +316,14 @@ class LineageProc:
     def get(self, pid: int) -> ProcInfo:
         """Like ``ProcCache.get``, plus the lineage fields; the kernel's record wins over /proc
         for ppid (the parent at fork), exe (the path executed) and cmdline."""
-        info = self._proc(pid) if pid > 0 else ProcInfo(None, None, None, None, None)
         if pid <= 0:
-            return info
+            return ProcInfo(None, None, None, None, None)
         p = self.table.get(pid)
+        if p is not None and p.exit_ns is None and self._proc_gen is not None:
+            info = self._proc_gen(pid, (p.start_ns, p.exec_ns))  # type: ignore[call-arg]
+        else:
+            info = self._proc(pid)
+        p = self._current(pid, info)
         # Busy processes open many flows: the same inputs (the kernel's entry, unchanged since its
         # last exec, and the same /proc reading) give the same answer.
         exec_ns = p.exec_ns if p is not None else None

@@ -10,8 +10,10 @@ applied everywhere (rules and thresholds: docs/security.md):
 * by **shape**: provider key prefixes (``sk-``, ``AIza``, ``ghp_``, ``AKIA``...), JWTs, bearer
   tokens and long high-entropy tokens are masked wherever they appear.
 
-``redact_argv`` (command lines), ``redact_text`` (free text: a header value, a body, a log line)
-and ``redact_headers`` (``(name, value)`` lists) never raise and are idempotent.
+``redact_argv`` (command lines), ``redact_text`` (free text: a header value, a body, a log line),
+``redact_url`` (a request path or URL) and ``redact_headers`` (``(name, value)`` lists) never raise and
+are idempotent. They are the one redaction of every output: the events are built with them (an
+``LlmCall``'s path, user agent and captured content) and the sinks apply them again by field name.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ from collections.abc import Iterable, Sequence
 from typing import TypeVar
 
 __all__ = ["MASK", "SECRET_HEADERS", "is_secret_name", "looks_secret", "redact_argv", "redact_headers",
-           "redact_text"]
+           "redact_text", "redact_url"]
 
 MASK = "[REDACTED]"
 SECRET_HEADERS = ("authorization", "proxy-authorization", "x-api-key", "api-key", "x-goog-api-key", "cookie",
@@ -230,24 +232,61 @@ def redact_text(s: str) -> str:
 
 # -- argv -------------------------------------------------------------------------------------------
 _FLAG = re.compile(r"^--?(?P<name>[A-Za-z][A-Za-z0-9_.\-]*)(?:=(?P<val>.*))?$", re.DOTALL)
-# A bare multi-word credential name as its own argument takes the next one as its value:
-# "aws configure set aws_secret_access_key V", "git config user.password V". Single words ("gh auth
-# login", "kubectl create secret generic") are commands, not names.
+# A credential name as its own argument takes the following argument as its value:
+# "aws configure set aws_secret_access_key V", "git config user.password V", "client_secret: V",
+# "-H x-api-key: V", "-H 'Authorization: Bearer' V", "Authorization:" "Bearer" "V". The name may end with
+# ":" or "=" and an auth scheme; a header flag may sit in front of it (-H, --header, "--header=").
+# A bare single word with no separator is a command, not a name ("gh auth login", "kubectl create
+# secret generic"), unless it follows a header flag.
+_NAME_ARG = re.compile(r"(?P<hflag>-H|--header=)?(?P<name>_?[A-Za-z][A-Za-z0-9_.\-]{0,127})[ \t]*"
+                       r"(?:(?P<sep>[:=])[ \t]*(?P<scheme>(?:bearer|basic|token|digest)[ \t]*)?)?", re.IGNORECASE)
 _BARE = re.compile(r"_?[A-Za-z][A-Za-z0-9_.]*")
+_SCHEME = frozenset({"bearer", "basic", "token", "digest"})
+_HEADER_FLAGS = frozenset({"-H", "--header", "--headers"})
 _USER_FLAGS = ("--user", "--proxy-user", "-U")  # curl/wget "user:password"
+_SHORT_FLAG = re.compile(r"-[A-Za-z]")
+
+
+def _is_flag(a: str) -> bool:
+    """After a credential name, a flag is a flag, not the value: "--token --verbose", "x-api-key: -H"."""
+    return a.startswith("--") or _SHORT_FLAG.fullmatch(a) is not None
+
+
+def _names_next(a: str, after_header: bool) -> int:
+    """If argument ``a`` is a credential name whose value is the next argument: 2 when the next may be
+    an auth scheme word followed by the value ("Authorization:" "Bearer" "V"), 1 when the value is
+    next, 0 when ``a`` is not such a name."""
+    if len(a) > 160:
+        return 0
+    m = _NAME_ARG.fullmatch(a)
+    if m is None:
+        return 0
+    name, sep = m.group("name"), m.group("sep")
+    header = after_header or m.group("hflag") is not None
+    if not (is_secret_name(name) or (header and name.lower() in SECRET_HEADERS)):
+        return 0
+    if sep is None and not header and not (_BARE.fullmatch(name) and len(_words(name)) > 1):
+        return 0  # a single bare word is a command
+    return 1 if m.group("scheme") else 2
 
 
 def redact_argv(argv: Sequence[str]) -> tuple[str, ...]:
     """Mask credentials in a command line, argument by argument; the same length comes back."""
     out: list[str] = []
     prog = argv[0].rsplit("/", 1)[-1] if argv else ""
-    secret_next = user_next = False
+    secret_next = 0  # 1: the next argument is a value; 2: the same, or an auth scheme then the value
+    user_next = header_next = False
     for a in argv:
         try:
+            after_header, header_next = header_next, False
             if secret_next:
-                secret_next = False
-                if not a.startswith("--"):  # "--token --verbose": the next thing is a flag
-                    out.append(MASK)
+                pending, secret_next = secret_next, 0
+                if not _is_flag(a):
+                    if pending == 2 and a.strip().lower() in _SCHEME:
+                        out.append(a)  # "Authorization:" "Bearer" "V": the scheme is no secret, V is
+                        secret_next = 1
+                    else:
+                        out.append(MASK)
                     continue
             if user_next:
                 user_next = False
@@ -256,20 +295,56 @@ def redact_argv(argv: Sequence[str]) -> tuple[str, ...]:
                     continue
             m = _FLAG.match(a)
             if m and is_secret_name(m.group("name")):
-                if m.group("val") is None:
+                if not m.group("val"):  # "--api-key V"; "--api-key=" "V" and "-Hclient_secret=" "V" too
                     out.append(a)
-                    secret_next = True
+                    secret_next = 2
                 else:
-                    out.append(a[: m.start("val")] + (MASK if m.group("val") else ""))
+                    out.append(a[: m.start("val")] + MASK)
+                    if m.group("val").strip().lower() in _SCHEME:  # "--auth=Bearer" "V"
+                        secret_next = 1
                 continue
             if a in _USER_FLAGS or (a == "-u" and prog.startswith(("curl", "wget"))):
                 user_next = True
-            elif out and _BARE.fullmatch(a) and len(_words(a)) > 1 and is_secret_name(a):
-                secret_next = True
+            elif a in _HEADER_FLAGS:
+                header_next = True
+            elif out:
+                secret_next = _names_next(a, after_header)
             out.append(redact_text(a))
         except Exception:  # noqa: BLE001 - never raise; never let the argument through unmasked
             out.append(MASK)
     return tuple(out)
+
+
+# -- URLs -------------------------------------------------------------------------------------------
+# Query parameters that carry a credential without a credential-like name (signed URLs, OAuth codes).
+_URL_PARAMS = frozenset({"sig", "code", "x-amz-signature", "x-amz-credential", "x-amz-security-token"})
+
+
+def redact_url(s: str) -> str:
+    """Mask credentials in a request path or URL (``/v1/x?subscription-key=V&alt=sse``): the value of
+    every query parameter with a credential name (``is_secret_name``: ``key``, ``x-api-key``,
+    ``access-token``, ``auth_token``, ``subscription-key``...) or a signing one (``sig``,
+    ``X-Amz-Signature``); ``user:pass@`` in the authority; and ``redact_text`` over each path segment
+    and each parameter (key shapes, long random tokens). By segment, not over the whole: the entropy
+    rule would take ``/openai/deployments/my-gpt4o/chat/completions`` for one random token."""
+    try:
+        s = _URL_CRED.sub(lambda m: m.group(1) + MASK + m.group(3), s)
+        base, sep, query = s.partition("?")
+        out = "/".join(map(redact_text, base.split("/")))
+        if not sep:
+            return out
+        query, fsep, frag = query.partition("#")
+        parts = []
+        for item in query.split("&"):
+            name, eq, _value = item.partition("=")
+            n = name.replace("%2D", "-").replace("%2d", "-").replace("%5F", "_").replace("%5f", "_")
+            if eq and (n.lower() in _URL_PARAMS or is_secret_name(n)):
+                parts.append(name + "=" + MASK)
+            else:
+                parts.append(redact_text(item))
+        return out + "?" + "&".join(parts) + fsep + (redact_text(frag) if frag else "")
+    except Exception:  # noqa: BLE001 - never raise; never let the URL through unmasked
+        return MASK
 
 
 # -- headers ----------------------------------------------------------------------------------------

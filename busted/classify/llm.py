@@ -36,6 +36,7 @@ from busted.classify.httpevents import (
 )
 from busted.classify.mcp import CLIENT_TO_SERVER, SERVER_TO_CLIENT, McpMessageInfo, is_jsonrpc, mcp_messages
 from busted.classify.sse import LineSplitter, SseParser
+from busted.redact import redact_text, redact_url
 
 __all__ = ["CallTracker", "LlmCallInfo", "McpMessageInfo", "redact_secrets", "sanitize_path"]
 
@@ -45,7 +46,6 @@ RESPONSE_TAIL = 8192  # usage blocks sit at the end of big answers (embeddings):
 STREAM_EVENT_CAP = 1 << 20  # one SSE event / NDJSON line / array element / event-stream frame
 MAX_EXCHANGES = 256  # open exchanges per connection (HTTP/2 streams, pipelined requests)
 MAX_PENDING_IDS = 1024  # JSON-RPC ids remembered to name responses
-MASK = "[REDACTED]"
 _JSON_SPECIAL = re.compile(rb'["\\\[\]{},]')
 
 
@@ -84,36 +84,16 @@ class LlmCallInfo:
     completion_text: str | None = None
 
 
-# Local helper until busted.redact grows the same shapes (to unify): provider key prefixes.
-_SECRET = re.compile(
-    r"(?i)\bbearer\s+[A-Za-z0-9._~+/=-]{8,}|"
-    r"\b(?:sk-(?:ant-|proj-)?[A-Za-z0-9_-]{8,}|AIza[0-9A-Za-z_-]{20,}|gsk_[A-Za-z0-9]{10,}|hf_[A-Za-z0-9]{10,}|"
-    r"xai-[A-Za-z0-9]{10,}|r8_[A-Za-z0-9]{10,}|(?:AKIA|ASIA)[0-9A-Z]{16})"
-)
-_SECRET_PARAMS = frozenset(("key", "api_key", "api-key", "apikey", "access_token", "token", "auth", "sig",
-                            "signature", "code", "password", "secret", "x-amz-signature", "x-amz-credential",
-                            "x-amz-security-token", "client_secret", "refresh_token", "id_token"))
-
-
+# The one redaction of every output (busted.redact): the sinks apply the same functions again.
 def redact_secrets(s: str) -> str:
-    """Mask strings that look like provider API keys or bearer tokens."""
-    return _SECRET.sub(MASK, s)
+    """Mask credentials in free text (a user agent, captured content): ``busted.redact.redact_text``."""
+    return redact_text(s)
 
 
 def sanitize_path(path: str) -> str:
-    """The path with credential query values (``key=``, signatures, tokens) masked."""
-    base, sep, query = path.partition("?")
-    base = redact_secrets(base)
-    if not sep:
-        return base
-    parts = []
-    for item in query.split("&"):
-        name, eq, _value = item.partition("=")
-        if eq and name.lower() in _SECRET_PARAMS:
-            parts.append(f"{name}={MASK}")
-        else:
-            parts.append(redact_secrets(item))
-    return base + "?" + "&".join(parts)
+    """The path with credential query values (``key=``, ``subscription-key=``, signatures, tokens) and
+    key-shaped segments masked: ``busted.redact.redact_url``."""
+    return redact_url(path)
 
 
 def _header(headers: tuple[tuple[str, str], ...], name: str) -> str | None:

@@ -17,10 +17,11 @@ import math
 import operator
 import types
 import typing
+from collections.abc import Callable
 from typing import Any, NamedTuple
 
 from busted.events import Event
-from busted.redact import MASK, SECRET_HEADERS, redact_text
+from busted.redact import MASK, SECRET_HEADERS, redact_text, redact_url
 
 __all__ = ["MASK", "Encoded", "dumps", "encode", "event_from_dict", "event_kinds", "redact"]
 
@@ -118,7 +119,9 @@ def encode(ev: Event, d: dict[str, Any] | None = None) -> Encoded:
 _SECRET_KEYS = frozenset(SECRET_HEADERS) | {"set-cookie", "x-auth-token", "api-token"}
 # Free-text fields read from the wire (an LlmCall's path, user agent, captured content): the events
 # are made with credentials masked; the sinks mask them again by name and shape (defence in depth).
-_TEXT_KEYS = frozenset({"path", "user_agent", "prompt", "completion"})
+# The same functions the events are built with (busted.classify.llm), by field name.
+_TEXT_KEYS: dict[str, Callable[[str], str]] = {"path": redact_url, "user_agent": redact_text, "prompt": redact_text,
+                                               "completion": redact_text}
 
 
 def _subclasses(cls: type) -> list[type]:
@@ -199,8 +202,9 @@ def redact(d: Any) -> Any:
     """Mask (with ``"[REDACTED]"``) the values of credential keys -- authorization,
     proxy-authorization, x-api-key, api-key, x-goog-api-key, cookie, set-cookie; case-insensitive,
     ``_`` = ``-`` -- at any depth, in dicts and in header lists of ``(name, value)`` pairs.
-    The values of free-text keys (``path``, ``user_agent``, ``prompt``, ``completion``) go through
-    ``busted.redact.redact_text`` (credential-named query parameters, key shapes, bearer tokens).
+    The values of free-text keys go through the functions the events were built with:
+    ``path`` through ``busted.redact.redact_url``, ``user_agent``, ``prompt`` and ``completion``
+    through ``busted.redact.redact_text`` (credential-named query parameters, key shapes, bearer tokens).
     Returns a new object; the input is not changed."""
     if isinstance(d, dict):
         return _redact_dict(d)
@@ -232,7 +236,7 @@ def _redact_dict(d: dict[Any, Any]) -> dict[Any, Any]:
     for k in plan[1]:
         v = out[k]
         if isinstance(v, str):
-            out[k] = redact_text(v)
+            out[k] = _TEXT_KEYS[k](v)
     # The values that are not plain scalars (lists, nested dicts, ...), found without a Python
     # step per key; masked and text values are plain str by now.
     vals = tuple(out.values())

@@ -490,8 +490,18 @@ def test_sanitize_path_forms():
     assert sanitize_path("/a?key=AIzaX&alt=sse") == "/a?key=[REDACTED]&alt=sse"
     assert sanitize_path("/m?X-Amz-Signature=abc&X-Amz-Credential=AKIA/x") == (
         "/m?X-Amz-Signature=[REDACTED]&X-Amz-Credential=[REDACTED]")
-    assert sanitize_path("/v1/sk-abcdefghijklmnop/chat") == "/v1/[REDACTED]/chat"
+    # busted.redact's key shapes (a short "sk-" key has a digit: "sk-learn-intelex" is a name)
+    assert sanitize_path("/v1/sk-abc1defghijklmnop/chat") == "/v1/[REDACTED]/chat"
     assert sanitize_path("/plain") == "/plain"
+    # issue 17 item 11: the parameter names the old local list missed, and a random token alone
+    assert sanitize_path("/v1/chat/completions?subscription-key=s1&x-api-key=k2&access-token=t3&auth_token=a4"
+                         "&api-version=2024-02-01") == (
+        "/v1/chat/completions?subscription-key=[REDACTED]&x-api-key=[REDACTED]&access-token=[REDACTED]"
+        "&auth_token=[REDACTED]&api-version=2024-02-01")
+    assert sanitize_path("/p?Zx8Kq2Lm9Np4Rt6Vw1Yb3Cd5Ef7Gh0Jk") == "/p?[REDACTED]"
+    # by segment: a deployment path is not one long random token
+    assert sanitize_path("/openai/deployments/my-gpt4o/chat/completions?api-version=2024-10-21") == (
+        "/openai/deployments/my-gpt4o/chat/completions?api-version=2024-10-21")
 
 
 def test_content_capture_is_off_by_default_and_redacted_when_on():

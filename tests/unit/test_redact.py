@@ -11,7 +11,7 @@ from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
 from busted.procinfo import read_proc
-from busted.redact import MASK, is_secret_name, looks_secret, redact_argv, redact_headers, redact_text
+from busted.redact import MASK, is_secret_name, looks_secret, redact_argv, redact_headers, redact_text, redact_url
 
 R = MASK
 HEX64 = "9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822cd15d6c15b0f00a08"
@@ -63,6 +63,20 @@ NAMED = [
     (["aws", "configure", "set", "aws_secret_access_key", "{v}"],
      ["aws", "configure", "set", "aws_secret_access_key", R]),
     (["git", "config", "--global", "user.password", "{v}"], ["git", "config", "--global", "user.password", R]),
+    # a credential name as its own argument, its value in the next one(s) (issue 17 item 5)
+    (["tool", "--config", "client_secret:", "{v}", "--verbose"],
+     ["tool", "--config", "client_secret:", R, "--verbose"]),
+    (["tool", "password=", "{v}"], ["tool", "password=", R]),
+    (["tool", "token:", "{v}"], ["tool", "token:", R]),
+    (["curl", "-H", "x-api-key:", "{v}", "https://api.anthropic.com/v1/messages"],
+     ["curl", "-H", "x-api-key:", R, "https://api.anthropic.com/v1/messages"]),
+    (["curl", "-H", "x-api-key", "{v}"], ["curl", "-H", "x-api-key", R]),
+    (["curl", "--header", "Authorization:", "Bearer", "{v}"], ["curl", "--header", "Authorization:", "Bearer", R]),
+    (["curl", "-H", "Authorization:", "{v}"], ["curl", "-H", "Authorization:", R]),
+    (["curl", "-H", "Authorization: Bearer", "{v}"], ["curl", "-H", f"Authorization: {R}", R]),
+    (["curl", "-HX-Api-Key:", "{v}"], ["curl", "-HX-Api-Key:", R]),
+    (["wget", "--header=x-api-key:", "{v}", "https://x.test"], ["wget", "--header=x-api-key:", R, "https://x.test"]),
+    (["wget", "--header", "api-key =", "{v}"], ["wget", "--header", "api-key =", R]),
 ]
 
 # Left exactly as they are: no credential name, no secret shape.
@@ -95,6 +109,10 @@ UNCHANGED = [
     ["ld", "x86_64-linux-gnu/libssl_helper1_something"],
     ["gh", "auth", "login"],  # a single word is a command, not a name taking the next argument
     ["kubectl", "create", "secret", "generic", "db-creds"],
+    ["gh", "auth", "token", "--hostname", "github.com"],  # "token" without ":" or "=": a command word
+    ["tool", "client_secret:", "--verbose", "x"],  # a flag after a name is a flag
+    ["curl", "-H", "x-api-key:", "-H", "accept: */*"],  # curl: an empty header value removes the header
+    ["curl", "-H", "accept:", "text/plain"],  # not a credential header
 ]
 
 
@@ -218,7 +236,8 @@ def test_entropy_rule_catches_random_keys_of_every_alphabet():
             assert len(missed) <= 1, (alphabet, k, missed)
 
 
-VALUE = st.text(alphabet=B62 + "._~+=-", min_size=1, max_size=60).filter(lambda s: s[0].isalnum())
+VALUE = st.text(alphabet=B62 + "._~+=-", min_size=1, max_size=60).filter(
+    lambda s: s[0].isalnum() and s.lower() not in ("bearer", "basic", "token", "digest"))
 
 
 @given(value=VALUE, form=st.sampled_from(NAMED))
@@ -321,3 +340,98 @@ def test_adversarial_input_of_200kb(unit):
     assert redact_text(once) == once
     if unit in ("Authorization: x\n", "key:", "token="):
         assert "x" not in once.replace("Authorization", "").replace("[REDACTED]", "") and R in once
+
+
+# -- a credential name and its value in separate arguments (issue 17 item 5) -------------------------
+# Every way a command line can carry "name, value" across arguments: the name alone with or without
+# ":"/"=", after a header flag, with the auth scheme in the name's argument or its own.
+SPLIT_NAMES = ["client_secret", "x-api-key", "api_key", "OPENAI_API_KEY", "password", "token", "X-Goog-Api-Key",
+               "Authorization", "Proxy-Authorization", "refreshToken", "aws_secret_access_key", "Cookie"]
+SPLIT_SEPS = [":", "=", ": ", " = ", " :"]
+
+
+@st.composite
+def _split_secret(draw):
+    name = draw(st.sampled_from(SPLIT_NAMES))
+    value = "Zq" + draw(st.text(alphabet=B62 + "._~+/=-", min_size=1, max_size=40))
+    sep = draw(st.sampled_from(SPLIT_SEPS))
+    hflag = draw(st.sampled_from(["", "-H", "--header", "-H+", "--header="]))  # "+": glued to the name
+    scheme = draw(st.sampled_from(["", "Bearer", "Basic", "token"]))
+    form = draw(st.sampled_from(["one", "name+sep|value", "name+sep+scheme|value", "name+sep|scheme|value",
+                                 "name|value"]))
+    if form == "name|value" and not hflag and "_" not in name and name != "refreshToken":
+        hflag = "-H"  # a bare single word with no separator is a command ("gh auth token"): needs a header flag
+    head = name + sep
+    if form == "one":
+        args = [head + (scheme + " " if scheme else "") + value]
+    elif form == "name+sep|value":
+        args = [head, value]
+    elif form == "name+sep+scheme|value":
+        args = [head + (scheme or "Bearer"), value]
+    elif form == "name+sep|scheme|value":
+        args = [head, scheme or "Bearer", value]
+    else:
+        args = [name, value]
+    if hflag in ("-H+", "--header="):
+        args[0] = hflag.rstrip("+") + args[0]
+    elif hflag:
+        args.insert(0, hflag)
+    before = draw(st.lists(st.sampled_from(["-v", "--model", "gpt-4o", "https://api.openai.com/v1", "-X", "POST",
+                                            "--", "run", "-d", '{"a": 1}']), max_size=4))
+    after = draw(st.lists(st.sampled_from(["--verbose", "https://x.test", "-o", "out.json", "--model", "m"]),
+                          max_size=3))
+    return ["curl", *before, *args, *after], value
+
+
+@given(_split_secret())
+@settings(max_examples=3000)
+def test_no_secret_survives_any_split(case):
+    argv, value = case
+    out = redact_argv(argv)
+    assert len(out) == len(argv)
+    assert all(value not in a for a in out), (argv, out)
+    assert redact_argv(out) == out  # idempotent
+
+
+def test_read_proc_masks_split_names_of_a_real_process():
+    """The issue's two forms in a real process's /proc/<pid>/cmdline, read back through read_proc."""
+    secret, key = "cs-Hunter2-plain", "ak-Opaque-Value-77"
+    p = subprocess.Popen([sys.executable, "-c", "import sys; print('up', flush=True); sys.stdin.read()",
+                          "client_secret:", secret, "-H", "x-api-key:", key, "--header", "Authorization:",
+                          "Bearer", secret],
+                         stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert p.stdout.readline() == "up\n"
+        info = read_proc(p.pid)
+        assert info.cmdline is not None
+        assert info.cmdline[-9:] == ("client_secret:", R, "-H", "x-api-key:", R, "--header", "Authorization:",
+                                     "Bearer", R)
+        assert not any(secret in a or key in a for a in info.cmdline)
+    finally:
+        p.kill()
+        p.wait()
+
+
+# -- URLs (issue 17 item 11) --------------------------------------------------------------------------
+@pytest.mark.parametrize(("url", "expected"), [
+    ("/v1/x?subscription-key=a1&x-api-key=b2&access-token=c3&auth_token=d4&alt=sse",
+     f"/v1/x?subscription-key={R}&x-api-key={R}&access-token={R}&auth_token={R}&alt=sse"),
+    ("/v1/x?subscription%2Dkey=a1", f"/v1/x?subscription%2Dkey={R}"),
+    ("https://u:pw@h.test/v1/models?key=AIzaX#top", f"https://u:{R}@h.test/v1/models?key={R}#top"),
+    ("/m?X-Amz-Signature=abc&sig=def&code=ghi", f"/m?X-Amz-Signature={R}&sig={R}&code={R}"),
+    ("/openai/deployments/my-gpt4o/chat/completions?api-version=2024-10-21",
+     "/openai/deployments/my-gpt4o/chat/completions?api-version=2024-10-21"),
+    ("/v1/models/gemini-1.5-pro:streamGenerateContent?alt=sse",
+     "/v1/models/gemini-1.5-pro:streamGenerateContent?alt=sse"),
+    ("/v1/Zx8Kq2Lm9Np4Rt6Vw1Yb3Cd5Ef7Gh0Jk/chat", f"/v1/{R}/chat"),
+])
+def test_redact_url_forms(url, expected):
+    assert redact_url(url) == expected
+    assert redact_url(expected) == expected
+
+
+@given(st.text(max_size=200))
+@settings(max_examples=500)
+def test_redact_url_never_raises_and_is_idempotent(s):
+    once = redact_url(s)
+    assert isinstance(once, str) and redact_url(once) == once
