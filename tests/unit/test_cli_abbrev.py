@@ -14,9 +14,11 @@ ROOT = Path(__file__).resolve().parents[2]
 
 def test_a_prefix_of_an_option_is_an_unknown_option(capsys):
     with pytest.raises(SystemExit) as exc:
-        cli.main(["monitor", "--ui", "127.0.0.1:8765"])
+        cli.main(["monitor", "--provid", "openai"])
     err = capsys.readouterr().err
-    assert exc.value.code == 2 and "unrecognized arguments: --ui" in err and "--uid" not in err
+    assert exc.value.code == 2 and "unrecognized arguments: --provid" in err
+    a = cli._parser().parse_args(["monitor", "--ui", "127.0.0.1:8765"])  # --ui is its own option now
+    assert a.ui == "127.0.0.1:8765" and a.uid is None
     for argv in (["monitor", "--dur", "1"], ["top", "--inter", "1"], ["query", "--sto", "x.db"],
                  ["doctor", "--eb"], ["policy", "check", "--enf", "x"]):
         with pytest.raises(SystemExit):
