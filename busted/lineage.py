@@ -319,8 +319,12 @@ class LineageProc:
         if pid <= 0:
             return ProcInfo(None, None, None, None, None)
         p = self.table.get(pid)
-        if p is not None and p.exit_ns is None and self._proc_gen is not None:
-            info = self._proc_gen(pid, (p.start_ns, p.exec_ns))  # type: ignore[call-arg]
+        if self._proc_gen is not None and (p is None or p.exit_ns is None):
+            # The kernel reports every fork and exec: a pid it has no entry for runs the program
+            # it ran when first read (generation 0), until a fork or exec record names it. So /proc
+            # is checked once per generation, not per flow of a busy process older than us.
+            gen = (p.start_ns, p.exec_ns) if p is not None else (0, 0)
+            info = self._proc_gen(pid, gen)  # type: ignore[call-arg]
         else:
             info = self._proc(pid)
         p = self._current(pid, info)
