@@ -60,9 +60,12 @@ class CallReader:
         return out
 
     def close(self, ts_ns: int) -> list[Event]:
-        out = self._records(self._calls.close(ts_ns))
+        # The HTTP layer first: a close-delimited body (HTTP/1.0, no Content-Length) ends here,
+        # complete; only then does the tracker cut short what is still open.
+        out: list[Event] = []
         for hev in self._http.close(ts_ns):
             out.extend(self._records(self._calls.feed(hev)))
+        out.extend(self._records(self._calls.close(ts_ns)))
         return out
 
     def _judge(self) -> None:
