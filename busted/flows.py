@@ -447,6 +447,9 @@ class FlowTable:
         except Exception as exc:  # a parser bug must not stop the monitor
             flow.plain_off = True
             return [self.loss(LossPlace.PARSE, 1, f"plaintext: {type(exc).__name__}: {exc}", rec.ts_ns)]
+        take_host = getattr(flow.reader, "take_host", None)
+        if take_host is not None and self.enricher is not None and (host := take_host()) is not None:
+            out[:0] = self._http_host(flow, host, rec.ts_ns)
         if rec.cut:  # a gap: the stream cannot be followed past it
             out.append(self.loss(LossPlace.PLAINTEXT, 1, f"a {rec.wire_len}-byte plaintext call was cut at "
                                  f"{rec.offset + len(rec.data)} bytes; flow no longer parsed", rec.ts_ns))
@@ -457,6 +460,16 @@ class FlowTable:
             if self._kernel is not None:
                 self._kernel.skip_plaintext(sk, flow.open_ns)
         return out
+
+    def _http_host(self, flow: _Flow, authority: str, ts_ns: int) -> list[Event]:
+        """A request's Host header named a flow nothing else named (docs/classification.md)."""
+        assert flow.ev is not None
+        new = self.enricher.reclassify_host(flow.ev, authority)
+        if new is None:
+            return []
+        flow.ev = _derive(FlowClassified, new, ts_ns=ts_ns, wall_time=self.wall(ts_ns))
+        flow.reader.flow = flow.ev  # the calls read from now on carry the name
+        return [flow.ev]
 
     def _read_close(self, flow: _Flow, ts_ns: int) -> list[Event]:
         reader, flow.reader = flow.reader, None

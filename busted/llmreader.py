@@ -13,7 +13,7 @@ from collections.abc import Callable
 from typing import Any
 
 from busted.classify.http import HttpConnection
-from busted.classify.httpevents import Side
+from busted.classify.httpevents import RequestHead, Side
 from busted.classify.llm import CallTracker, LlmCallInfo
 from busted.classify.mcp import CLIENT_TO_SERVER, McpMessageInfo
 from busted.events import FLOW_IDENTITY, Direction, Event, FlowIdentity, LlmCall, McpMessage
@@ -50,14 +50,27 @@ class CallReader:
         self._we_are_client = flow.direction != Direction.ACCEPT
         self._known = 0  # LLM or MCP records produced
         self.interesting: bool | None = None
+        # The first request's Host header (or :authority), once, for the flow table to name the
+        # flow by (``take_host``); only asked for on flows we opened.
+        self._host: str | None = None
+        self._host_wanted = self._we_are_client
 
     def feed(self, sent: bool, data: bytes, ts_ns: int) -> list[Event]:
         side = Side.CLIENT if sent == self._we_are_client else Side.SERVER
         out: list[Event] = []
         for hev in self._http.feed(side, data, ts_ns):
+            if self._host_wanted and isinstance(hev, RequestHead):
+                self._host_wanted = False
+                self._host = hev.authority
             out.extend(self._records(self._calls.feed(hev)))
         self._judge()
         return out
+
+    def take_host(self) -> str | None:
+        """The first request's Host header, the first time it is asked for after that request's
+        head was read; None otherwise."""
+        host, self._host = self._host, None
+        return host
 
     def close(self, ts_ns: int) -> list[Event]:
         # The HTTP layer first: a close-delimited body (HTTP/1.0, no Content-Length) ends here,
@@ -115,7 +128,8 @@ class CallReader:
             cache_write_tokens=r.cache_write_tokens, reasoning_tokens=r.reasoning_tokens,
             total_tokens=r.total_tokens, finish_reason=r.finish_reason, tool_calls=r.tool_calls,
             request_bytes=r.request_body_bytes, response_bytes=r.response_body_bytes,
-            time_to_first_token_ns=r.time_to_first_token_ns, duration_ns=r.duration_ns,
+            time_to_first_token_ns=r.time_to_first_token_ns,
+            ttft_source=None if r.time_to_first_token_ns is None else "read", duration_ns=r.duration_ns,
             user_agent=r.user_agent, complete=r.complete,
             cost_usd=cost.usd if cost is not None else None,
             price_source=cost.source if cost is not None else None,
