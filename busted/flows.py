@@ -23,7 +23,7 @@ from cachetools import LRUCache
 from busted.classify.dns import TcpDnsFramer, parse_dns
 from busted.classify.tls import ClientHelloInfo, ClientHelloParser, NeedMore
 from busted.ebpf.layout import FL, REC_BIND, REC_CLOSE, REC_DNS, REC_OPEN
-from busted.ebpf.records import CapRecord, FlowRecord, LinRecord, PlainRecord, decode, decode_any
+from busted.ebpf.records import ArrivalRecord, CapRecord, FlowRecord, LinRecord, PlainRecord, decode, decode_any
 from busted.events import (
     FLOW_IDENTITY,
     Direction,
@@ -152,6 +152,9 @@ class FlowTable:
             return self._capture(rec)
         if isinstance(rec, PlainRecord):
             return self._plain(rec)
+        if isinstance(rec, ArrivalRecord):
+            self._arrival(rec)
+            return []
         if isinstance(rec, LinRecord):
             n = self.lineage.feed(rec) if self.lineage is not None else 0
             return [self._lineage_loss(n, rec.ts_ns)] if n else []
@@ -460,6 +463,13 @@ class FlowTable:
             if self._kernel is not None:
                 self._kernel.skip_plaintext(sk, flow.open_ns)
         return out
+
+    def _arrival(self, rec: ArrivalRecord) -> None:
+        """When the first byte of a read on a followed flow reached its socket: for its reader's TTFT."""
+        flow = self._open.get(rec.sk)
+        arrival = getattr(flow.reader, "arrival", None) if flow is not None else None
+        if arrival is not None:
+            arrival(rec.ts_ns, rec.arrival_ns)
 
     def _http_host(self, flow: _Flow, authority: str, ts_ns: int) -> list[Event]:
         """A request's Host header named a flow nothing else named (docs/classification.md)."""

@@ -161,3 +161,35 @@ def test_mcp_server_on_port_8000_is_no_provider(lab, mon):
     flows = [e for e in evs if isinstance(e, FlowOpened | FlowClassified) and e.dport == 8000]
     assert flows and all(e.provider is None for e in [*flows, *msgs])
     assert not calls(evs)
+
+
+LATE_READER = f"""
+import http.client, json, ssl, sys, time
+url = sys.argv[1]
+host, port = url.split("//")[1].split(":") if url.count(":") == 2 else (url.split("//")[1], None)
+if url.startswith("https"):
+    c = http.client.HTTPSConnection(host, int(port or 443), context=ssl.create_default_context())
+else:
+    c = http.client.HTTPConnection(host, int(port or 80))
+body = json.dumps({{"model": "gpt-4o-mini", "max_tokens": 4, "messages": [{{"role": "user", "content": "hi"}}]}})
+for delay in ("300", "0"):  # two calls on one connection: the first answer is "thought about" for 300 ms
+    c.request("POST", "/v1/chat/completions", body=body, headers={{"content-type": "application/json",
+              "authorization": "Bearer {KEY}", "x-busted-lab-delay-ms": delay}})
+    time.sleep(1.0)  # an application busy elsewhere: it reads the answer a second after it came
+    r = c.getresponse()
+    print(r.status, json.loads(r.read())["usage"]["completion_tokens"], flush=True)
+"""
+
+
+@pytest.mark.parametrize("url", ["https://api.openai.com", f"http://{GATEWAY_NAME}:{GATEWAY_PORT}"])
+def test_ttft_is_the_arrival_not_the_late_read(lab, mon, url):
+    pid, out = run(lab, [PY, "-c", LATE_READER, url])
+    assert out.split() == ["200", "4", "200", "4"]
+    got = calls(events_of(mon, pid, lambda ev: len(calls(ev)) >= 2))
+    assert len(got) == 2 and got[0].flow_id == got[1].flow_id
+    slow, fast = got
+    # The server waited 300 ms (then ~0) before answering; the client read each answer ~1 s after
+    # its request. The read's time would say ~1000 ms for both.
+    assert (slow.ttft_source, fast.ttft_source) == ("socket", "socket")
+    assert 300 * 1_000_000 <= slow.time_to_first_token_ns < 700 * 1_000_000, slow.time_to_first_token_ns
+    assert fast.time_to_first_token_ns < 400 * 1_000_000, fast.time_to_first_token_ns
