@@ -296,7 +296,8 @@ class Lab:
         addrs += [(self.dns_addr, self.dns_addr6), (self.bare_ip, self.bare_ip6), self.gateway.addresses]
         for v4, v6 in addrs:
             topology.add_server_address(plan, v4, v6)
-        # Files that `ip netns exec <client>` bind-mounts over /etc: lab DNS only, no host entries.
+        # Files that `ip netns exec <client>` bind-mounts over /etc: lab DNS, and one host entry: the
+        # gateway, a name DNS capture never sees.
         etc = topology.NETNS_ETC / plan.client_ns
         etc.mkdir(parents=True, exist_ok=True)
         (etc / "resolv.conf").write_text(
