@@ -24,6 +24,7 @@ struct rx_state {
     u64 arrived;         /* payload bytes that arrived since the state (re)started */
     u64 consumed;        /* bytes the application read since then */
     u64 wts;             /* the socket's last write seen (plaintext.c) */
+    u64 open_ns;         /* the flow it was made for: a socket address reused by a new flow starts over */
     u64 end[RX_SEGS];    /* FIFO of arrived segments: cumulative end offset ... */
     u64 ts[RX_SEGS];     /* ... and arrival time */
     u32 head;
@@ -38,14 +39,17 @@ BPF_TABLE("lru_hash", u64, struct rx_state, rx_st, 8192);
 static __always_inline void rx_on_write(u64 sk)
 {
     u64 now = bpf_ktime_get_ns();
+    struct flow *f = flows.lookup(&sk);
+    u64 open_ns = f ? f->open_ns : 0;
     struct rx_state *s = rx_st.lookup(&sk);
-    if (s) {
+    if (s && s->open_ns == open_ns) {
         s->wts = now;
         s->emits = 0;
         return;
     }
     struct rx_state z = {};
     z.wts = now;
+    z.open_ns = open_ns;
     rx_st.update(&sk, &z);
 }
 
