@@ -94,6 +94,7 @@ FAMILIES: dict[str, tuple[str, list[Hook]]] = {
                        "udp sendmsg4/6 on the cgroup v2 root",
                        [("cgroup", t) for t in ("CGROUP_INET_INGRESS", "CGROUP_INET_EGRESS", "CGROUP_INET4_CONNECT",
                                                 "CGROUP_INET6_CONNECT", "CGROUP_UDP4_SENDMSG", "CGROUP_UDP6_SENDMSG")]),
+    "tcp-probe": ("tcp:tcp_probe (busted's arrival.c: once per received TCP segment)", [("tp", "tcp:tcp_probe")]),
     "busted-all": ("all of busted's current hooks: flow + capture + lineage",
                    [("tp", t) for t in _SOCK_TPS + _CAPTURE_TPS + _LINEAGE_TPS]),
 }
@@ -378,6 +379,12 @@ class Micro:
         self.b.bind(("127.0.0.1", 0))
         self.a.connect(self.b.getsockname())
         self.b.connect(self.a.getsockname())
+        # A TCP pair on 127.0.0.1: per-segment TCP hooks (tcp_probe) see its traffic, UDP's do not.
+        with socket.create_server(("127.0.0.1", 0)) as lst:
+            self.c = socket.create_connection(lst.getsockname())
+            self.d, _ = lst.accept()
+        for s in (self.c, self.d):
+            s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
     def measure(self) -> dict[str, float]:
         getppid = os.getppid
@@ -391,11 +398,17 @@ class Micro:
             send(b"x")
             recv(8)
         udp_ns = (time.thread_time_ns() - t) / _MICRO_UDP
-        return {"getppid_ns": syscall_ns, "udp_ns": udp_ns}
+        send, recv = self.c.send, self.d.recv
+        t = time.thread_time_ns()
+        for _ in range(_MICRO_UDP):
+            send(b"x")
+            recv(8)
+        tcp_ns = (time.thread_time_ns() - t) / _MICRO_UDP
+        return {"getppid_ns": syscall_ns, "udp_ns": udp_ns, "tcp_ns": tcp_ns}
 
     def close(self) -> None:
-        self.a.close()
-        self.b.close()
+        for s in (self.a, self.b, self.c, self.d):
+            s.close()
 
 
 def run_micro(fams: dict[str, Family], names: list[str], pairs: int, out: dict[str, list[dict]]) -> None:
@@ -421,7 +434,7 @@ def run_micro(fams: dict[str, Family], names: list[str], pairs: int, out: dict[s
 
 def micro_summary(rows: list[dict]) -> dict[str, dict[str, float]]:
     res = {}
-    for k in ("getppid_ns", "udp_ns"):
+    for k in rows[0]["on"] if rows else ():
         d = paired_deltas([(r["on"][k], r["off"][k]) for r in rows])
         res[k] = {"delta_median": statistics.median(d), "delta_p10": quantile(d, 0.1),
                   "delta_p90": quantile(d, 0.9), "off_median": statistics.median(r["off"][k] for r in rows)}
@@ -456,7 +469,8 @@ def run(a: argparse.Namespace) -> dict:
             for n in names:
                 m = micro_summary(micro[n])
                 print(f"micro {n}: getppid {m['getppid_ns']['delta_median']:+.0f} ns, "
-                      f"UDP send+recv {m['udp_ns']['delta_median']:+.0f} ns", file=sys.stderr, flush=True)
+                      f"UDP send+recv {m['udp_ns']['delta_median']:+.0f} ns, "
+                      f"TCP send+recv {m['tcp_ns']['delta_median']:+.0f} ns", file=sys.stderr, flush=True)
         if a.rounds:
             wl = Workload(a.procs, budget)
             time.sleep(a.warmup)
@@ -545,18 +559,19 @@ def markdown(res: dict) -> str:
     if a["micro_pairs"]:
         out += ["", f"Micro loops: {a['micro_pairs']} pairs, ns per operation attached - detached "
                 "(median, p10..p90), this thread's CPU time", "",
-                "| family | getppid(): Δ ns | (p10..p90) | UDP send+recv: Δ ns | (p10..p90) |", "|---|---|---|---|---|"]
+                "| family | getppid(): Δ ns | (p10..p90) | UDP send+recv: Δ ns | (p10..p90) "
+                "| TCP send+recv: Δ ns | (p10..p90) |", "|---|---|---|---|---|---|---|"]
         for row in res["table"]:
             m = row.get("micro")
             if m:
-                g, u = m["getppid_ns"], m["udp_ns"]
-                out.append(f"| {row['family']} | {g['delta_median']:+.0f} | "
-                           f"{g['delta_p10']:+.0f}..{g['delta_p90']:+.0f} | {u['delta_median']:+.0f} | "
-                           f"{u['delta_p10']:+.0f}..{u['delta_p90']:+.0f} |")
+                cells = [f"{m[k]['delta_median']:+.0f} | {m[k]['delta_p10']:+.0f}..{m[k]['delta_p90']:+.0f}"
+                         if k in m else "– | –" for k in ("getppid_ns", "udp_ns", "tcp_ns")]
+                out.append(f"| {row['family']} | " + " | ".join(cells) + " |")
         base = next((r["micro"] for r in res["table"] if r.get("micro")), None)
         if base:
             out.append(f"\ndetached: getppid() {base['getppid_ns']['off_median']:.0f} ns, "
-                       f"UDP send+recv {base['udp_ns']['off_median']:.0f} ns")
+                       f"UDP send+recv {base['udp_ns']['off_median']:.0f} ns"
+                       + (f", TCP send+recv {base['tcp_ns']['off_median']:.0f} ns" if "tcp_ns" in base else ""))
     return "\n".join(out)
 
 

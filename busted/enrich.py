@@ -7,16 +7,43 @@ and the provider catalog. It turns parser results into events and never reads an
 
 from __future__ import annotations
 
+import ipaddress
+import re
 from dataclasses import replace
 
 from busted.classify import Catalog, Classifier, NameCache
 from busted.classify.dns import DnsInfo
 from busted.ebpf.records import CapRecord
-from busted.events import DnsAnswer, Evidence, FlowEvent
+from busted.events import Direction, DnsAnswer, Evidence, FlowEvent
 
-__all__ = ["Enricher"]
+__all__ = ["Enricher", "host_name"]
 
 _MEMO_MAX = 8192
+HTTP_HOST_CONFIDENCE = 0.7  # the client's own word for this flow, but in cleartext anyone may write
+_HOSTNAME = re.compile(r"[a-z0-9_](?:[a-z0-9_-]{0,62})(?:\.[a-z0-9_](?:[a-z0-9_-]{0,62}))*\.?")
+# Below a name: what a Host header may add to (an address range or a port named no hostname).
+_NAMELESS = frozenset((Evidence.UNKNOWN, Evidence.PORT, Evidence.CIDR))
+
+
+def host_name(authority: str | None) -> str | None:
+    """The hostname of a Host header / :authority value (port and trailing dot removed, lower
+    case); None when it is empty, an IP literal, or not a well-formed DNS name (it is the
+    peer's bytes: nothing else is let through)."""
+    if not authority or len(authority) > 260:
+        return None
+    host = authority.strip().lower()
+    if host.startswith("["):
+        return None  # [v6]:port
+    host = host.rsplit(":", 1)[0] if host.count(":") == 1 else host
+    if not host or len(host) > 254 or not _HOSTNAME.fullmatch(host):
+        return None
+    host = host.rstrip(".")
+    try:
+        ipaddress.ip_address(host)
+        return None
+    except ValueError:
+        pass
+    return host if not host.replace(".", "").isdigit() else None
 
 
 class Enricher:
@@ -65,6 +92,25 @@ class Enricher:
         if (new.hostname, new.provider, new.evidence) == (flow.hostname, flow.provider, flow.evidence):
             return None
         return new
+
+    def reclassify_host(self, flow: FlowEvent, authority: str | None) -> FlowEvent | None:
+        """What the Host header (``authority``) of a request on ``flow`` adds: the flow's hostname
+        when nothing named one (no SNI, no DNS answer: a plain-HTTP flow to a name from /etc/hosts,
+        or joined by address or port only), and the provider when the catalog knows that name.
+        The flow anew, or None when it adds nothing. Only for flows this host opened: on an
+        accepted flow the Host header names this host, not the peer."""
+        if flow.direction == Direction.ACCEPT or flow.hostname is not None or flow.evidence not in _NAMELESS:
+            return None
+        name = host_name(authority)
+        if name is None:
+            return None
+        m = self.catalog.match_host(name)
+        if m is not None:
+            return replace(flow, hostname=name, provider=m.id, evidence=Evidence.HTTP_HOST,
+                           confidence=HTTP_HOST_CONFIDENCE)
+        if flow.provider is not None:  # the address or port named the provider: the name is added
+            return replace(flow, hostname=name)
+        return replace(flow, hostname=name, evidence=Evidence.HTTP_HOST, confidence=HTTP_HOST_CONFIDENCE)
 
     def provider_of(self, names: tuple[str, ...]) -> str | None:
         for name in names:

@@ -50,13 +50,15 @@ class Direction(enum.IntEnum):
 
 
 class Evidence(enum.IntEnum):
-    """Why a flow was tied to a hostname/provider. Stronger evidence wins: SNI > DNS > CIDR > PORT."""
+    """Why a flow was tied to a hostname/provider. Stronger evidence wins: SNI > DNS > HTTP_HOST >
+    CIDR > PORT (the values are not that order: HTTP_HOST came last)."""
 
     UNKNOWN = 0  # nothing tied it yet
-    PORT = 1  # a well-known local-server port (e.g. Ollama :11434) on a local address
+    PORT = 1  # a distinctive local-server port (Ollama :11434) on a local address
     CIDR = 2  # the peer address lies in a provider's published range
     DNS = 3  # a DNS answer seen on this host mapped the peer address to a name
     SNI = 4  # the client's TLS ClientHello named the server
+    HTTP_HOST = 5  # the Host header (:authority) of a request on this flow named the server
 
 
 class LossPlace(enum.IntEnum):
@@ -361,6 +363,10 @@ class LlmCall(FlowIdentity):
     request_bytes: int | None = None  # decoded body bytes
     response_bytes: int | None = None
     time_to_first_token_ns: int | None = None  # first content for streams, first body byte otherwise
+    # what time_to_first_token_ns ends at: "socket" (the kernel saw the response's first bytes
+    # arrive on the socket, earlier than the application read them) or "read" (the application's
+    # read); None when there is no TTFT (docs/llm.md)
+    ttft_source: str | None = None
     duration_ns: int | None = None  # request start to response end
     user_agent: str | None = None
     complete: bool = True

@@ -23,7 +23,7 @@ from cachetools import LRUCache
 from busted.classify.dns import TcpDnsFramer, parse_dns
 from busted.classify.tls import ClientHelloInfo, ClientHelloParser, NeedMore
 from busted.ebpf.layout import FL, REC_BIND, REC_CLOSE, REC_DNS, REC_OPEN
-from busted.ebpf.records import CapRecord, FlowRecord, LinRecord, PlainRecord, decode, decode_any
+from busted.ebpf.records import ArrivalRecord, CapRecord, FlowRecord, LinRecord, PlainRecord, decode, decode_any
 from busted.events import (
     FLOW_IDENTITY,
     Direction,
@@ -152,6 +152,9 @@ class FlowTable:
             return self._capture(rec)
         if isinstance(rec, PlainRecord):
             return self._plain(rec)
+        if isinstance(rec, ArrivalRecord):
+            self._arrival(rec)
+            return []
         if isinstance(rec, LinRecord):
             n = self.lineage.feed(rec) if self.lineage is not None else 0
             return [self._lineage_loss(n, rec.ts_ns)] if n else []
@@ -447,6 +450,9 @@ class FlowTable:
         except Exception as exc:  # a parser bug must not stop the monitor
             flow.plain_off = True
             return [self.loss(LossPlace.PARSE, 1, f"plaintext: {type(exc).__name__}: {exc}", rec.ts_ns)]
+        take_host = getattr(flow.reader, "take_host", None)
+        if take_host is not None and self.enricher is not None and (host := take_host()) is not None:
+            out[:0] = self._http_host(flow, host, rec.ts_ns)
         if rec.cut:  # a gap: the stream cannot be followed past it
             out.append(self.loss(LossPlace.PLAINTEXT, 1, f"a {rec.wire_len}-byte plaintext call was cut at "
                                  f"{rec.offset + len(rec.data)} bytes; flow no longer parsed", rec.ts_ns))
@@ -457,6 +463,23 @@ class FlowTable:
             if self._kernel is not None:
                 self._kernel.skip_plaintext(sk, flow.open_ns)
         return out
+
+    def _arrival(self, rec: ArrivalRecord) -> None:
+        """When the first byte of a read on a followed flow reached its socket: for its reader's TTFT."""
+        flow = self._open.get(rec.sk)
+        arrival = getattr(flow.reader, "arrival", None) if flow is not None else None
+        if arrival is not None:
+            arrival(rec.ts_ns, rec.arrival_ns)
+
+    def _http_host(self, flow: _Flow, authority: str, ts_ns: int) -> list[Event]:
+        """A request's Host header named a flow nothing else named (docs/classification.md)."""
+        assert flow.ev is not None
+        new = self.enricher.reclassify_host(flow.ev, authority)
+        if new is None:
+            return []
+        flow.ev = _derive(FlowClassified, new, ts_ns=ts_ns, wall_time=self.wall(ts_ns))
+        flow.reader.flow = flow.ev  # the calls read from now on carry the name
+        return [flow.ev]
 
     def _read_close(self, flow: _Flow, ts_ns: int) -> list[Event]:
         reader, flow.reader = flow.reader, None

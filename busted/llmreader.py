@@ -13,7 +13,7 @@ from collections.abc import Callable
 from typing import Any
 
 from busted.classify.http import HttpConnection
-from busted.classify.httpevents import Side
+from busted.classify.httpevents import RequestHead, Side
 from busted.classify.llm import CallTracker, LlmCallInfo
 from busted.classify.mcp import CLIENT_TO_SERVER, McpMessageInfo
 from busted.events import FLOW_IDENTITY, Direction, Event, FlowIdentity, LlmCall, McpMessage
@@ -21,6 +21,8 @@ from busted.events import FLOW_IDENTITY, Direction, Event, FlowIdentity, LlmCall
 __all__ = ["CallReader", "default_prices"]
 
 _IDENTITY = tuple(k for k in FLOW_IDENTITY if k not in ("ts_ns", "wall_time"))
+ARRIVAL_JOIN_NS = 10_000_000  # a socket read's arrival is joined to plaintext read this soon after it
+ARRIVAL_MEMO = 256  # chunk times known to be arrivals, per flow
 _PRICES: Any = None
 
 
@@ -50,19 +52,64 @@ class CallReader:
         self._we_are_client = flow.direction != Direction.ACCEPT
         self._known = 0  # LLM or MCP records produced
         self.interesting: bool | None = None
+        # The first request's Host header (or :authority), once, for the flow table to name the
+        # flow by (``take_host``); only asked for on flows we opened.
+        self._host: str | None = None
+        self._host_wanted = self._we_are_client
+        # Arrival times from the kernel (busted/ebpf/arrival.c, through the flow table): a read at
+        # ``ts`` whose first byte reached the socket earlier. The chunk that read delivered is
+        # timed by that arrival, so TTFT is what the host saw, not when the client read.
+        self._arrival: tuple[int, int] | None = None  # (read ts, arrival ts) not joined to a chunk yet
+        self._arrival_read = -1  # the read (its ts) the last arrival was joined to
+        self._arrival_ts = 0
+        self._socket_ts: dict[int, None] = {}  # chunk times that are arrivals (newest ARRIVAL_MEMO)
+
+    def arrival(self, read_ns: int, arrival_ns: int) -> None:
+        """The kernel saw the first byte of the read made at ``read_ns`` arrive at ``arrival_ns``."""
+        self._arrival = (read_ns, arrival_ns)
+
+    def _arrived(self, ts: int) -> int:
+        a = self._arrival
+        if a is not None and a[0] <= ts:
+            self._arrival = None
+            # The read's plaintext follows its socket read within the library call (or, for
+            # memory-BIO stacks, soon after); an older report belongs to a read that delivered none.
+            if ts - a[0] <= ARRIVAL_JOIN_NS and a[1] < ts:
+                self._arrival_read, self._arrival_ts = ts, a[1]
+        if ts != self._arrival_read:
+            return ts
+        t = self._arrival_ts
+        if len(self._socket_ts) >= ARRIVAL_MEMO:
+            del self._socket_ts[next(iter(self._socket_ts))]
+        self._socket_ts[t] = None
+        return t
 
     def feed(self, sent: bool, data: bytes, ts_ns: int) -> list[Event]:
         side = Side.CLIENT if sent == self._we_are_client else Side.SERVER
+        if not sent:
+            ts_ns = self._arrived(ts_ns)
         out: list[Event] = []
         for hev in self._http.feed(side, data, ts_ns):
+            if self._host_wanted and isinstance(hev, RequestHead):
+                self._host_wanted = False
+                self._host = hev.authority
             out.extend(self._records(self._calls.feed(hev)))
         self._judge()
         return out
 
+    def take_host(self) -> str | None:
+        """The first request's Host header, the first time it is asked for after that request's
+        head was read; None otherwise."""
+        host, self._host = self._host, None
+        return host
+
     def close(self, ts_ns: int) -> list[Event]:
-        out = self._records(self._calls.close(ts_ns))
+        # The HTTP layer first: a close-delimited body (HTTP/1.0, no Content-Length) ends here,
+        # complete; only then does the tracker cut short what is still open.
+        out: list[Event] = []
         for hev in self._http.close(ts_ns):
             out.extend(self._records(self._calls.feed(hev)))
+        out.extend(self._records(self._calls.close(ts_ns)))
         return out
 
     def _judge(self) -> None:
@@ -112,12 +159,18 @@ class CallReader:
             cache_write_tokens=r.cache_write_tokens, reasoning_tokens=r.reasoning_tokens,
             total_tokens=r.total_tokens, finish_reason=r.finish_reason, tool_calls=r.tool_calls,
             request_bytes=r.request_body_bytes, response_bytes=r.response_body_bytes,
-            time_to_first_token_ns=r.time_to_first_token_ns, duration_ns=r.duration_ns,
+            time_to_first_token_ns=r.time_to_first_token_ns, ttft_source=self._ttft_source(r),
+            duration_ns=r.duration_ns,
             user_agent=r.user_agent, complete=r.complete,
             cost_usd=cost.usd if cost is not None else None,
             price_source=cost.source if cost is not None else None,
             prompt=r.prompt_text, completion=r.completion_text,
         )
+
+    def _ttft_source(self, r: LlmCallInfo) -> str | None:
+        if r.time_to_first_token_ns is None:
+            return None
+        return "socket" if r.ts_ns + r.time_to_first_token_ns in self._socket_ts else "read"
 
     def _mcp(self, r: McpMessageInfo) -> McpMessage:
         sent_by_client = r.direction == CLIENT_TO_SERVER

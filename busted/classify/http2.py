@@ -63,6 +63,16 @@ def looks_like_frame(head: bytes) -> bool:
     return True  # WINDOW_UPDATE: either
 
 
+def _content_length(headers: tuple[tuple[str, str], ...]) -> int | None:
+    """The content-length header's value; None when absent, repeated with different values, or
+    not a plain decimal number (then only END_STREAM ends the response)."""
+    values = {v.strip() for n, v in headers if n == "content-length"}
+    if len(values) != 1:
+        return None
+    v = values.pop()
+    return int(v) if v.isdigit() and len(v) <= 18 else None
+
+
 @dataclass(slots=True)
 class _Stream:
     req_head: bool = False
@@ -72,6 +82,9 @@ class _Stream:
     resp_head: bool = False
     resp_body: BodyDecoder | None = None
     resp_ok: bool = True
+    resp_length: int | None = None  # the response's content-length, when it gave a valid one
+    resp_raw: int = 0  # DATA payload bytes of the response received (before content decoding)
+    resp_done: bool = False  # ended by its content-length; END_STREAM (or RST) still to come
 
 
 @dataclass(slots=True)
@@ -164,7 +177,7 @@ class Http2Parser:
             raise ValueError("CONTINUATION without HEADERS")
         elif isinstance(f, RstStreamFrame):
             st = self._streams.pop(f.stream_id, None)
-            if st is not None and (st.req_head or st.resp_head):
+            if st is not None and (st.req_head or st.resp_head) and not st.resp_done:
                 out.append(ResponseEnd(f.stream_id, ts, st.resp_body.decoded if st.resp_body else 0, False))
         elif isinstance(f, SettingsFrame):
             if "ACK" in f.flags:
@@ -217,20 +230,36 @@ class Http2Parser:
                 st = self._open(sid)
             st.resp_head = True
             st.resp_body = BodyDecoder(content_codings(plain), self._max_decoded)
+            st.resp_length = _content_length(plain)
             code = int(status) if status.isdigit() and len(status) == 3 else 0
             out.append(ResponseHead(sid, ts, code, plain, "2"))
+            if st.resp_length == 0 and not end_stream:
+                self._end_by_length(sid, st, ts, out)
         if end_stream:
             self._end_response(sid, st, ts, out)
 
     def _open(self, sid: int) -> _Stream:
         if len(self._streams) >= MAX_STREAMS:
-            raise ValueError(f"over {MAX_STREAMS} open streams")
+            # Streams already answered in full (by content-length) whose END_STREAM never came go first.
+            for done in [k for k, v in self._streams.items() if v.resp_done]:
+                del self._streams[done]
+            if len(self._streams) >= MAX_STREAMS:
+                raise ValueError(f"over {MAX_STREAMS} open streams")
         st = self._streams[sid] = _Stream()
         return st
 
     def _end_response(self, sid: int, st: _Stream, ts: int, out: list[HttpEvent]) -> None:
-        out.append(ResponseEnd(sid, ts, st.resp_body.decoded if st.resp_body else 0, st.resp_ok))
+        if not st.resp_done:
+            out.append(ResponseEnd(sid, ts, st.resp_body.decoded if st.resp_body else 0, st.resp_ok))
         del self._streams[sid]
+
+    def _end_by_length(self, sid: int, st: _Stream, ts: int, out: list[HttpEvent]) -> None:
+        """The response's DATA reached its content-length: it is whole. A client that has its
+        Content-Length bytes may stop reading (curl does) before the server's END_STREAM, which
+        many servers send in an empty DATA frame of its own; the stream stays known until then so
+        that its last frames (or trailers) are not taken for a new stream."""
+        out.append(ResponseEnd(sid, ts, st.resp_body.decoded if st.resp_body else 0, st.resp_ok))
+        st.resp_done = True
 
     def _data(self, side: Side, sid: int, data: bytes, end_stream: bool, ts: int, out: list[HttpEvent]) -> None:
         st = self._streams.get(sid)
@@ -249,23 +278,27 @@ class Http2Parser:
                 st.req_done = True
                 out.append(RequestEnd(sid, ts, st.req_body.decoded if st.req_body else 0))
             return
-        if not st.resp_head:
+        if not st.resp_head or (st.resp_done and not end_stream):
             return
-        if data and st.resp_ok and st.resp_body is not None:
-            try:
-                out.extend(ResponseData(sid, ts, p) for p in st.resp_body.feed(data))
-            except BodyLimitError as exc:
-                st.resp_ok = False
-                out.append(HttpProtocolError(sid, ts, f"response body: {exc}"))
+        if data and not st.resp_done:
+            st.resp_raw += len(data)
+            if st.resp_ok and st.resp_body is not None:
+                try:
+                    out.extend(ResponseData(sid, ts, p) for p in st.resp_body.feed(data))
+                except BodyLimitError as exc:
+                    st.resp_ok = False
+                    out.append(HttpProtocolError(sid, ts, f"response body: {exc}"))
         if end_stream:
             self._end_response(sid, st, ts, out)
+        elif st.resp_length is not None and st.resp_raw >= st.resp_length and not st.resp_done:
+            self._end_by_length(sid, st, ts, out)
 
     def close(self, ts: int) -> list[HttpEvent]:
         """Responses still in flight are cut short."""
         out: list[HttpEvent] = [
             ResponseEnd(sid, ts, st.resp_body.decoded if st.resp_body else 0, False)
             for sid, st in sorted(self._streams.items())
-            if st.req_head or st.resp_head
+            if (st.req_head or st.resp_head) and not st.resp_done
         ]
         self._streams.clear()
         return out

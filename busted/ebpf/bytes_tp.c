@@ -18,6 +18,10 @@ static __always_inline void count_bytes(u64 sk, int ret, int flags, int is_send)
 #ifdef HAVE_PLAINTEXT
     plaintext_on_sock_io(sk, is_send);  /* joins TLS library calls to this socket */
 #endif
+#ifdef HAVE_ARRIVAL
+    if (!is_send)
+        rx_on_recv(sk, ret);  /* when the first byte of this read arrived (arrival.c) */
+#endif
     struct flow *f = flows.lookup(&sk);
     if (!f) {
         f = flow_midstream(sk);

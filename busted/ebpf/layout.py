@@ -14,7 +14,8 @@ from dataclasses import dataclass
 
 __all__ = [
     "CAP_DNS_TCP", "CAP_DNS_UDP", "CAP_HDR", "FL", "FLOW", "LOSS_MAP", "LOSS_MISS", "LOSS_RING",
-    "LIN_ARGS", "LIN_FNAME", "LIN_HDR", "LINF", "Layout", "PT_HDR", "QUIET_KEY", "QUIET_MAX", "REC_BIND",
+    "LIN_ARGS", "LIN_FNAME", "LIN_HDR", "LINF", "Layout", "PT_HDR", "QUIET_KEY", "QUIET_MAX", "REC_ARRIVAL",
+    "REC_BIND", "RX_REC",
     "REC_CLOSE", "REC_DNS", "REC_EXEC", "REC_EXIT", "REC_FORK", "REC_HDR", "REC_OPEN", "REC_PLAIN",
     "REC_TLS", "SUM_KEY", "SUM_MAX", "SUM_VAL", "c_definitions",
 ]
@@ -108,6 +109,7 @@ REC_DNS = 3  # capture: a DNS answer read by a process
 REC_TLS = 4  # capture: a client's first write(s) on a new TCP connection
 REC_PLAIN = 10  # plaintext: a chunk a process gave its TLS library or a plain-HTTP socket
 REC_BIND = 11  # plaintext: a TLS session (SSL*) was joined to its socket
+REC_ARRIVAL = 12  # arrival: when the first byte of a read on a followed socket arrived (arrival.c)
 REC_FORK = 5  # lineage: a new process (not a thread): pid, parent pid (lineage.c)
 REC_EXEC = 6  # lineage: a process ran a new program: filename and argv follow the header
 REC_EXIT = 7  # lineage: a process (its last thread) exited
@@ -237,6 +239,17 @@ PT_HDR = Layout.of(
 )
 
 
+# REC_ARRIVAL (arrival.c): a read of ``sk`` at ``ts_ns`` whose first byte reached the socket at
+# ``arrival_ns`` (both bpf_ktime_get_ns).
+RX_REC = Layout.of(
+    "rx_rec",
+    ("type", "u32"),
+    ("ts_ns", "u64"),
+    ("sk", "u64"),
+    ("arrival_ns", "u64"),
+)
+
+
 class LINF:
     """lin_hdr.flags"""
 
@@ -274,7 +287,7 @@ def c_definitions() -> str:
     """The C text for every layout and constant above (the loader prepends it to the program)."""
     consts = [
         ("REC_OPEN", REC_OPEN), ("REC_CLOSE", REC_CLOSE), ("REC_DNS", REC_DNS), ("REC_TLS", REC_TLS),
-        ("REC_PLAIN", REC_PLAIN), ("REC_BIND", REC_BIND),
+        ("REC_PLAIN", REC_PLAIN), ("REC_BIND", REC_BIND), ("REC_ARRIVAL", REC_ARRIVAL),
         ("CAP_DNS_UDP", CAP_DNS_UDP), ("CAP_DNS_TCP", CAP_DNS_TCP),
         ("LOSS_RING", LOSS_RING), ("LOSS_MAP", LOSS_MAP),
         ("REC_FORK", REC_FORK), ("REC_EXEC", REC_EXEC), ("REC_EXIT", REC_EXIT),
@@ -284,7 +297,7 @@ def c_definitions() -> str:
         (f"LINF_{k}", v) for k, v in vars(LINF).items() if k.isupper()]
     out = ["/* Generated from busted/ebpf/layout.py: edit it there. */"]
     out += [f"#define {k} {v}" for k, v in consts]
-    for lay in (FLOW, REC_HDR, CAP_HDR, PT_HDR, LIN_HDR, QUIET_KEY, SUM_KEY, SUM_VAL):
+    for lay in (FLOW, REC_HDR, CAP_HDR, PT_HDR, RX_REC, LIN_HDR, QUIET_KEY, SUM_KEY, SUM_VAL):
         out.append(lay.c_struct())
     out.append("struct rec {\n    struct rec_hdr h;\n    struct flow f;\n};")
     out.append("struct lin_exec {\n    struct lin_hdr h;\n    char data[LIN_FNAME + LIN_ARGS];\n};")

@@ -146,6 +146,7 @@ def build_source(plan: ProbePlan, *, ringbuf_bytes: int = RINGBUF_BYTES, max_flo
         "\n".join(defines),
         c_definitions(),
         _read("common.h"),
+        _read("arrival.c") if plan.plaintext == "uprobe" else "",
         _read("plaintext.c") if plan.plaintext == "uprobe" else "",
         _read("capture.c") if plan.capture == "syscall" else "",
         _read("lineage.c") if plan.lineage != "off" else "",
@@ -256,6 +257,12 @@ class FlowProgram:
                     pass  # no execveat on this kernel: execve covers almost every program
         if self.plan.lifecycle == "tracepoint" and self.plan.flow_end == "destroy":
             self._attach_tp("tcp:tcp_destroy_sock", "bst_destroy")
+        if self.plan.plaintext == "uprobe" and self.plan.bytes == "tracepoint":
+            # When answers' bytes arrived (arrival.c): optional, TTFT falls back to the read time.
+            try:
+                self._attach_tp("tcp:tcp_probe", "bst_rx_probe")
+            except ProbeLoadError:
+                pass
         for key in keys:
             for kind, kfn, fn in _KP_ATTACH.get(key, []):
                 prog = self._prog(fn, _PROG_KPROBE)

@@ -120,6 +120,9 @@ static __always_inline void plaintext_on_sock_io(u64 sk, int is_send)
         if (pending) {
             pt_bind_to(*pending, sk);
             pt_wpending.delete(&tid);
+#ifdef HAVE_ARRIVAL
+            rx_on_write(sk);  /* the request copied before its socket was known goes out now */
+#endif
         }
     }
     if (!is_send)
@@ -159,6 +162,10 @@ static __always_inline void pt_copy(u64 sk, u64 ssl, u64 ubuf, u64 total, u8 dir
         return;
     u64 pt = bpf_get_current_pid_tgid();
     u64 ts = bpf_ktime_get_ns();
+#ifdef HAVE_ARRIVAL
+    if (sk && dir == PT_WRITE)
+        rx_on_write(sk);  /* arrival.c: an answer's bytes may come now */
+#endif
 #pragma unroll
     for (int i = 0; i < PT_PIECES; i++) {
         u64 off = (u64)i * PT_CHUNK;

@@ -20,6 +20,7 @@ from busted.ebpf.layout import (
     LIN_FNAME,
     LIN_HDR,
     PT_HDR,
+    REC_ARRIVAL,
     REC_BIND,
     REC_CLOSE,
     REC_DNS,
@@ -30,11 +31,12 @@ from busted.ebpf.layout import (
     REC_OPEN,
     REC_PLAIN,
     REC_TLS,
+    RX_REC,
 )
 
 __all__ = [
     "FL", "REC_CLOSE", "REC_DNS", "REC_OPEN", "REC_SIZE", "REC_TLS",
-    "CapRecord", "FlowRecord", "LinRecord", "PlainRecord", "addr_text", "decode", "decode_any",
+    "ArrivalRecord", "CapRecord", "FlowRecord", "LinRecord", "PlainRecord", "addr_text", "decode", "decode_any",
     "decode_capture", "decode_flow_value", "decode_lineage", "decode_plain",
 ]
 
@@ -44,6 +46,7 @@ _FLOW = FLOW.struct
 _CAP = CAP_HDR.struct
 _PT = PT_HDR.struct
 _LIN = LIN_HDR.struct
+_RX = RX_REC.struct
 REC_SIZE = _REC.size
 CAP_HDR_SIZE = _CAP.size
 
@@ -178,6 +181,20 @@ def decode_capture(buf: bytes) -> CapRecord:
                      _comm(comm), data, max(wire_len, len(data)))
 
 
+class ArrivalRecord(NamedTuple):
+    """REC_ARRIVAL: a read of socket ``sk`` at ``ts_ns`` whose first byte arrived at ``arrival_ns``."""
+
+    type: int
+    ts_ns: int
+    sk: int
+    arrival_ns: int
+
+
+def decode_arrival(buf: bytes) -> ArrivalRecord:
+    typ, _pad, ts, sk, arrival = _RX.unpack_from(buf)
+    return ArrivalRecord(typ, ts, sk, arrival)
+
+
 def decode_lineage(buf: bytes) -> LinRecord:
     """Decode a fork/exec/exit record. Raises ``struct.error`` when short."""
     (typ, pid, ts, cg, ppid, tid, uid, n, flen, flags, comm) = _LIN.unpack_from(buf)
@@ -197,11 +214,11 @@ def decode_lineage(buf: bytes) -> LinRecord:
 
 
 _DECODERS = {REC_OPEN: decode, REC_CLOSE: decode, REC_DNS: decode_capture, REC_TLS: decode_capture,
-             REC_PLAIN: decode_plain, REC_BIND: decode_plain,
+             REC_PLAIN: decode_plain, REC_BIND: decode_plain, REC_ARRIVAL: decode_arrival,
              REC_FORK: decode_lineage, REC_EXEC: decode_lineage, REC_EXIT: decode_lineage}
 
 
-def decode_any(buf: bytes) -> FlowRecord | CapRecord | PlainRecord | LinRecord:
+def decode_any(buf: bytes) -> FlowRecord | CapRecord | PlainRecord | LinRecord | ArrivalRecord:
     """Decode a record of any type. Raises ``ValueError`` for an unknown type, ``struct.error``
     for a short buffer."""
     if len(buf) < 4:

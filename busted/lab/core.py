@@ -46,6 +46,11 @@ DNS_OCTET = 80
 EXTRA_OCTETS = range(81, 110)  # for add_server_ip without an explicit address
 BARE_OCTET = 113  # "bare IP in a provider CIDR": no DNS name; 10.231.N.112/28, fd6c:6162:R:100::110/124
 OLLAMA_PORT = 11434
+# An in-house OpenAI-compatible gateway: plain HTTP on a generic port, its name only in the client
+# netns's /etc/hosts (no DNS record: DNS capture never sees it), and in no provider catalog.
+GATEWAY_NAME = "llm-gw.lab.internal"
+GATEWAY_OCTET = 71
+GATEWAY_PORT = 8000
 DNS_TTL = 60
 
 
@@ -140,6 +145,7 @@ class Lab:
         self.dns_addr6 = ""
         self.bare_ip = ""
         self.bare_ip6 = ""
+        self.gateway: LabHost | None = None  # GATEWAY_NAME: plain HTTP on GATEWAY_PORT, /etc/hosts only
         self.bare_cidr = ""
         self.bare_cidr6 = ""
         self.tmpdir: Path | None = None
@@ -285,11 +291,13 @@ class Lab:
         self.bare_ip, self.bare_ip6 = plan.host_v4(BARE_OCTET), plan.host_v6(BARE_OCTET)
         self.bare_cidr = str(ipaddress.ip_network(f"{self.bare_ip}/28", strict=False))
         self.bare_cidr6 = str(ipaddress.ip_network(f"{self.bare_ip6}/124", strict=False))
+        self.gateway = LabHost(GATEWAY_NAME, plan.host_v4(GATEWAY_OCTET), plan.host_v6(GATEWAY_OCTET), "gateway")
         addrs = [(h.ipv4, h.ipv6) for n, h in self.hosts.items() if n != AZURE_NAME]
-        addrs += [(self.dns_addr, self.dns_addr6), (self.bare_ip, self.bare_ip6)]
+        addrs += [(self.dns_addr, self.dns_addr6), (self.bare_ip, self.bare_ip6), self.gateway.addresses]
         for v4, v6 in addrs:
             topology.add_server_address(plan, v4, v6)
-        # Files that `ip netns exec <client>` bind-mounts over /etc: lab DNS only, no host entries.
+        # Files that `ip netns exec <client>` bind-mounts over /etc: lab DNS, and one host entry: the
+        # gateway, a name DNS capture never sees.
         etc = topology.NETNS_ETC / plan.client_ns
         etc.mkdir(parents=True, exist_ok=True)
         (etc / "resolv.conf").write_text(
@@ -297,7 +305,8 @@ class Lab:
             "options timeout:1 attempts:2\n"
         )
         (etc / "nsswitch.conf").write_text("hosts: files dns\nnetworks: files\n")
-        (etc / "hosts").write_text("127.0.0.1 localhost\n::1 localhost ip6-localhost ip6-loopback\n")
+        (etc / "hosts").write_text("127.0.0.1 localhost\n::1 localhost ip6-localhost ip6-loopback\n"
+                                   f"{self.gateway.ipv4} {GATEWAY_NAME}\n")
         from busted.lab.pki import LabCA
 
         self._ca = LabCA(self.tmpdir / "pki")
@@ -373,6 +382,8 @@ class Lab:
             "plain": [[ip, 80] for ip in self._tls_listeners()],
             "ollama": [[ollama.ipv4, OLLAMA_PORT], [ollama.ipv6, OLLAMA_PORT]],
         }
+        if self.gateway is not None:
+            cfg["plain"] += [[a, GATEWAY_PORT] for a in self.gateway.addresses]
         path = self.tmpdir / "http.json"
         path.write_text(json.dumps(cfg, indent=1))
         self._http = self._spawn("http", self._python_cmd(self.server_ns, "busted.lab.http_server",
@@ -477,7 +488,7 @@ class Lab:
         ``reply_bytes`` bytes (``b"0123456789"`` repeated) and closes. ``sink_records(pid)`` lists
         what each connection received and was sent.
         """
-        if not 0 < port < 65536 or port in (53, 80, 443, OLLAMA_PORT):
+        if not 0 < port < 65536 or port in (53, 80, 443, OLLAMA_PORT, GATEWAY_PORT):
             raise LabError(f"port {port} is not free for a sink")
         with self._lock:
             child = self._spawn(f"sink-{port}", self._python_cmd(

@@ -59,6 +59,12 @@ READ_SIZE = 65536
 SERVER_NAME = "busted-lab/2"
 H2_PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
 FLAVOURS = ("tls", "plain", "ollama")
+# Per-request options a test client sets (docs/lab.md): a delay before the answer's head, and a
+# non-streamed answer without Content-Length (close-delimited to HTTP/1.0, chunked to HTTP/1.1).
+DELAY_HEADER = "x-busted-lab-delay-ms"
+CHUNK_DELAY_HEADER = "x-busted-lab-chunk-delay-ms"
+MAX_DELAY_MS = 10_000
+NO_LENGTH_HEADER = "x-busted-lab-no-length"
 _QUIET = (OSError, TimeoutError, ssl.SSLError, h11.ProtocolError, h2.exceptions.ProtocolError,
           asyncio.IncompleteReadError)
 
@@ -342,9 +348,17 @@ class LabHTTPServer:
         ans = answer(req, now=int(time.time()))
         headers = [*ans.headers, ("server", SERVER_NAME), ("date", email.utils.formatdate(usegmt=True)),
                    ("x-busted-lab", c.flavour)]
-        if not ans.streaming:
+        if not ans.streaming and req.header(NO_LENGTH_HEADER) != "1":
             headers.append(("content-length", str(len(ans.body))))
         return ans, headers
+
+    @staticmethod
+    async def _delay(req: LabRequest, header: str = DELAY_HEADER) -> None:
+        """The request's ``x-busted-lab-delay-ms``: how long the "model" thinks before its answer's
+        head (``x-busted-lab-chunk-delay-ms``: before each later chunk of a stream)."""
+        v = req.header(header) or ""
+        if v.isdigit() and len(v) < 6:
+            await asyncio.sleep(min(int(v), MAX_DELAY_MS) / 1000)
 
     # ------------------------------------------------------------------ HTTP/1.1 (h11)
     async def _serve_h1(self, c: _Conn, io: _Stream,
@@ -385,11 +399,14 @@ class LabHTTPServer:
                              bytes(body))
             ans, headers = self._answer(c, req)
             head_only = req.method == "HEAD"
+            await self._delay(req)
             self._record(c, head.http_version.decode(), None, req, ans, ans.status, 0 if head_only else len(ans.body))
             io.write(conn.send(h11.Response(status_code=ans.status, headers=headers,
                                                 reason=_reason(ans.status))) or b"")
-            for chunk in () if head_only else ans.chunks:
+            for i, chunk in enumerate(() if head_only else ans.chunks):
                 if chunk:
+                    if i:
+                        await self._delay(req, CHUNK_DELAY_HEADER)
                     io.write(conn.send(h11.Data(data=chunk)) or b"")
                     await io.drain()  # one write per chunk: a stream arrives as a stream
             io.write(conn.send(h11.EndOfMessage()) or b"")
@@ -480,12 +497,15 @@ class LabHTTPServer:
         req = LabRequest(pseudo.get(":method", "GET"), pseudo.get(":path", "/"), tuple(plain), body)
         ans, headers = self._answer(c, req)
         head_only = req.method == "HEAD"
+        await self._delay(req)
         self._record(c, "2", sid, req, ans, ans.status, 0 if head_only else len(ans.body))
         try:
             chunks = [ch for ch in ans.chunks if ch] if not head_only else []
             conn.send_headers(sid, [(":status", str(ans.status)), *headers], end_stream=not chunks)
             io.write(conn.data_to_send())
-            for chunk in chunks:
+            for i, chunk in enumerate(chunks):
+                if i:
+                    await self._delay(req, CHUNK_DELAY_HEADER)
                 await self._h2_send(conn, io, window, sid, chunk)
             if chunks:
                 conn.end_stream(sid)

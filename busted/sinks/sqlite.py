@@ -58,7 +58,7 @@ from busted.sinks._codec import Encoded, dumps, event_from_dict, redact
 
 __all__ = ["DEFAULT_MAX_BYTES", "DEFAULT_RETENTION_SECONDS", "SCHEMA_VERSION", "Store", "parse_age", "parse_size"]
 
-SCHEMA_VERSION = 6
+SCHEMA_VERSION = 7
 
 # Retention `busted monitor --store` applies unless told otherwise (--retention-age/--retention-size):
 # a week of history, and at most 1 GiB of data (about 11 minutes at the 1.6 MB/s measured with 500
@@ -138,7 +138,8 @@ CREATE TABLE IF NOT EXISTS llm_calls (
     input_tokens INTEGER, output_tokens INTEGER, cache_read_tokens INTEGER, cache_write_tokens INTEGER,
     reasoning_tokens INTEGER, total_tokens INTEGER, finish_reason TEXT, tool_calls INTEGER,
     request_bytes INTEGER, response_bytes INTEGER, time_to_first_token_ns INTEGER, duration_ns INTEGER,
-    user_agent TEXT, complete INTEGER, cost_usd REAL, price_source TEXT, prompt TEXT, completion TEXT);
+    user_agent TEXT, complete INTEGER, cost_usd REAL, price_source TEXT, prompt TEXT, completion TEXT,
+    ttft_source TEXT);
 CREATE INDEX IF NOT EXISTS llm_ts ON llm_calls(ts);
 CREATE INDEX IF NOT EXISTS llm_provider ON llm_calls(provider, ts);
 CREATE INDEX IF NOT EXISTS llm_model ON llm_calls(request_model, ts);
@@ -189,6 +190,8 @@ _MIGRATIONS: dict[int, list[str]] = {
         for c in ("pod_qos TEXT", "proc_start_time REAL")],
     # v6 adds flow_summaries (from _SCHEMA): busy-host mode's FlowSummary events.
     5: [],
+    # v7: what each call's time to first token ends at ("socket" or "read"; NULL in older rows).
+    6: ["ALTER TABLE llm_calls ADD COLUMN ttft_source TEXT"],
 }
 _ALTER = re.compile(r"ALTER TABLE (\w+) ADD COLUMN")
 
@@ -216,7 +219,8 @@ _CALL_COLS = ("ts", "ts_ns", *_IDENT_COLS, "api", "operation", "method", "path",
               "request_model", "response_model", "stream", "status", "error_type", "input_tokens",
               "output_tokens", "cache_read_tokens", "cache_write_tokens", "reasoning_tokens", "total_tokens",
               "finish_reason", "tool_calls", "request_bytes", "response_bytes", "time_to_first_token_ns",
-              "duration_ns", "user_agent", "complete", "cost_usd", "price_source", "prompt", "completion")
+              "duration_ns", "user_agent", "complete", "cost_usd", "price_source", "prompt", "completion",
+              "ttft_source")
 _MCP_COLS = ("ts", "ts_ns", *_IDENT_COLS, "direction_sent", "jsonrpc_method", "jsonrpc_id", "session_id", "tool",
              "error_code", "is_notification")
 # Every FlowSummary field after ts (= wall_time) and ts_ns.

@@ -137,6 +137,7 @@ def test_each_llm_demo_client_yields_its_call(lab):
         assert (c.input_tokens, c.output_tokens) == reported_usage(r.stdout), (name, c, r.stdout[-500:])
         assert c.daddr in {a for h in lab.hosts.values() for a in h.addresses} and c.flow_id
         assert c.duration_ns and c.duration_ns > 0 and c.time_to_first_token_ns is not None
+        assert c.complete, (name, c)  # nothing was cut: curl's HTTP/2 calls end at their content-length
         # a local model has no price; every cloud model of the demo has one (genai-prices)
         assert (c.cost_usd is None) == (provider == "ollama"), (name, c.cost_usd)
     sdk = {n: next(c for c in calls if c.pid == by[n].pid) for n in ("openai-sdk", "anthropic-sdk-stream")}
@@ -167,6 +168,7 @@ def test_busted_lab_command_prints_a_row_per_call(tmp_path):
         c = by_pid[int(line.split()[1])]
         assert f" {c['input_tokens']} " in line and f" {c['output_tokens']} " in line, (name, line)
         assert (f"{c['cost_usd']:.6f}" if c["cost_usd"] is not None else " -") in line
+        assert c["complete"] and " 200 " in line and "200*" not in line, (name, line)  # no `*`: nothing was cut
     assert "total openai: 5 calls" in err and "total anthropic: 3 calls" in err
     assert "Agents behind flows: 1\nagent-claude " in err and "agent claude-code (pid " in err
     assert re.search(r"chain curl\[\d+\] <- bash\[\d+\] <- claude\[\d+\]", err), err[-3000:]

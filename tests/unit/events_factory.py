@@ -55,7 +55,7 @@ def sample_calls(t0: float = 1_700_000_000.5, flow_id: int = 4242, pid: int = 10
                 response_model="gpt-4o-mini-2024-07-18", stream=True, status=200, error_type=None,
                 input_tokens=120, output_tokens=45, cache_read_tokens=100, cache_write_tokens=None,
                 reasoning_tokens=7, total_tokens=165, finish_reason="stop", tool_calls=1, request_bytes=512,
-                response_bytes=2048, time_to_first_token_ns=150_000_000, duration_ns=900_000_000,
+                response_bytes=2048, time_to_first_token_ns=150_000_000, ttft_source="socket", duration_ns=900_000_000,
                 user_agent="OpenAI/Python 1.54.0" + (f" {secret}" if secret else ""), complete=True,
                 cost_usd=0.0000435, price_source="builtin:2025-06", prompt=f"hello {secret}".strip(),
                 completion="hi"),

@@ -256,3 +256,24 @@ def test_h2_reset_stream_leaves_the_connection_usable(srv):
                     break
     assert ended and json.loads(body)["usage"]["prompt_tokens"] == len(b'{"input":"x"}') // 4
     assert logged(srv, "?m=rst") == [] and logged(srv, "?m=after")[0]["stream_id"] == 3
+
+
+def test_no_length_option_makes_http10_answers_close_delimited(srv):
+    """``x-busted-lab-no-length: 1``: a non-streamed answer without Content-Length; to HTTP/1.0 the
+    body ends when the server closes, to HTTP/1.1 it is chunked. The delay options are accepted."""
+    body = b'{"model":"gpt-4o","max_tokens":2,"messages":[{"role":"user","content":"hi"}]}'
+    req = (b"POST /v1/chat/completions HTTP/1.0\r\nHost: x\r\nContent-Type: application/json\r\n"
+           b"x-busted-lab-no-length: 1\r\nx-busted-lab-delay-ms: 5\r\nx-busted-lab-chunk-delay-ms: 1\r\n"
+           b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
+    with socket.create_connection(("127.0.0.1", srv.plain_port), timeout=10) as s:
+        s.sendall(req)
+        got = b""
+        while chunk := s.recv(65536):  # until the server closes
+            got += chunk
+    head, _, rest = got.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 200") and b"connection: close" in head.lower()  # h11 speaks 1.1
+    assert b"content-length" not in head.lower() and b"transfer-encoding" not in head.lower()
+    assert json.loads(rest)["usage"]["completion_tokens"] == 2
+    r = httpx.post(f"http://127.0.0.1:{srv.plain_port}/v1/chat/completions", content=body,
+                   headers={"x-busted-lab-no-length": "1"})
+    assert r.headers.get("transfer-encoding") == "chunked" and r.json()["usage"]["completion_tokens"] == 2

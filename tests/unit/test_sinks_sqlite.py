@@ -911,3 +911,25 @@ def test_a_new_store_has_the_v5_columns_on_every_identity_table(tmp_path):
     for table in ("flows", "llm_calls", "mcp_messages"):
         cols = {c[1]: c[2] for c in _rows(p, f"PRAGMA table_info({table})")}
         assert (cols["pod_qos"], cols["proc_start_time"]) == ("TEXT", "REAL"), table
+
+
+def test_v6_store_gains_ttft_source(tmp_path):
+    """v7 adds llm_calls.ttft_source; the rows of a v6 store keep NULL there, new rows get theirs."""
+    from events_factory import sample_calls
+
+    p = tmp_path / "v6.db"
+    call = sample_calls(flow_id=1)[0]
+    with Store(p) as s:
+        s.write_many([call])
+    db = sqlite3.connect(p)
+    db.execute("ALTER TABLE llm_calls DROP COLUMN ttft_source")  # as v6 wrote it
+    db.execute("UPDATE llm_calls SET flow_id = 1")
+    db.execute("UPDATE meta SET value='6' WHERE key='schema_version'")
+    db.commit()
+    db.close()
+    with Store(p) as s:
+        s.write_many([replace(call, flow_id=2, ts_ns=99, ttft_source="read")])
+    assert _rows(p, "SELECT value FROM meta WHERE key='schema_version'") == [(str(SCHEMA_VERSION),)]
+    assert _rows(p, "SELECT flow_id, ttft_source FROM llm_calls ORDER BY flow_id") == [(1, None), (2, "read")]
+    with Store.open_readonly(p) as r:
+        assert [c["ttft_source"] for c in r.calls()] == [None, "read"]

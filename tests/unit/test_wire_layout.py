@@ -77,3 +77,15 @@ def test_c_text_declares_each_layout_in_order_with_explicit_padding():
     assert "struct rec {\n    struct rec_hdr h;\n    struct flow f;\n};" in c
     assert "#define REC_OPEN 1" in c and "#define FL_MIDSTREAM 8" in c and "#define LOSS_MAP 2" in c
     assert FLOW.offsets()["saddr"] == 60 and CAP_HDR.offsets()["addr"] == 49
+
+
+def test_golden_arrival_record():
+    """REC_ARRIVAL (arrival.c's struct rx_rec): type, 4 bytes of padding, read time, socket, arrival."""
+    from busted.ebpf.layout import REC_ARRIVAL, RX_REC
+    from busted.ebpf.records import ArrivalRecord
+
+    golden = bytes.fromhex("0c000000" "00000000" "e803000000000000" "bb0a000000000000" "6400000000000000")
+    assert RX_REC.size == len(golden) == 32 and RX_REC.offsets()["ts_ns"] == 8
+    assert decode_any(golden) == ArrivalRecord(REC_ARRIVAL, 1000, 0xABB, 100)
+    c = c_definitions()
+    assert "#define REC_ARRIVAL 12" in c and "struct rx_rec {" in c
