@@ -44,5 +44,5 @@ def flush(sink: Sink) -> None:
 
 
 __all__ = ["DEFAULT_MAX_BYTES", "DEFAULT_RETENTION_SECONDS", "SCHEMA_VERSION", "Encoded", "JsonlSink",
-           "OtlpSink", "PrometheusExporter", "Sink", "Store", "dumps", "encode", "event_from_dict", "event_kinds", "flush",
-           "parse_age", "parse_size", "redact"]
+           "OtlpSink", "PrometheusExporter", "Sink", "Store", "dumps", "encode", "event_from_dict", "event_kinds",
+           "flush", "parse_age", "parse_size", "redact"]

@@ -355,6 +355,7 @@ class OtlpSink:
         self._dropped = {"traces": 0, "logs": 0}
         self._lost_told = 0  # losses already sent as an EventsLost record
         self._failing: str | None = None  # the signal whose last export failed, None when healthy
+        self._tell_pending = False  # an export succeeded after losses: send them as an EventsLost record
         self._last_warn = 0.0
         self._closed = False
         self._report: dict[str, Any] | None = None
@@ -437,7 +438,8 @@ class OtlpSink:
             self._policy(event)  # type: ignore[arg-type]
         elif t is EventsLost:
             self._lost(event)  # type: ignore[arg-type]
-        if self._failing is None and self._lost_told < self._lost_total():
+        if self._tell_pending:
+            self._tell_pending = False
             self._tell_losses()
 
     def write_encoded(self, items: Iterable[Any], *, flush: bool = False) -> None:
@@ -680,6 +682,8 @@ class OtlpSink:
                                          f"{_shown(self.endpoint)} (collector slow, down or refusing)"))
 
     def _succeeded(self) -> None:
+        if self._lost_told < self._lost_total():
+            self._tell_pending = True
         if self._failing is not None:
             self._failing = None
             self._tell(f"otlp {_shown(self.endpoint)}: exports succeed again; {self._lost_total()} spans/log "
@@ -735,20 +739,22 @@ class OtlpSink:
         self._report = self._make_report()
 
     def _make_report(self) -> dict[str, Any]:
-        accepted = self._accepted["traces"] + self._accepted["logs"]
-        exported = self._spans.ok + self._logs.ok
-        failed = self._spans.failed + self._logs.failed
-        dropped = self._dropped["traces"] + self._dropped["logs"]
-        unsent = max(0, accepted - exported - failed) if self._closed else 0
-        lost = dropped + failed + unsent
+        out: dict[str, Any] = {}
+        for signal, c in (("traces", self._spans), ("logs", self._logs)):
+            unsent = max(0, self._accepted[signal] - c.ok - c.failed) if self._closed else 0
+            out[signal] = {"exported": c.ok, "dropped": self._dropped[signal], "failed": c.failed, "unsent": unsent,
+                           "lost": self._dropped[signal] + c.failed + unsent}
+        t, lg = out["traces"], out["logs"]
+        lost = t["lost"] + lg["lost"]
+        dropped, failed, unsent = (t[k] + lg[k] for k in ("dropped", "failed", "unsent"))
         parts = [f"{k} {v}" for k, v in (("dropped, queue full", dropped), ("export failed", failed),
                                           ("not sent at close", unsent)) if v]
-        text = (f"otlp {_shown(self.endpoint)} ({self.protocol}): {self._spans.ok} spans and {self._logs.ok} log "
+        text = (f"otlp {_shown(self.endpoint)} ({self.protocol}): {t['exported']} spans and {lg['exported']} log "
                 f"records exported, {lost} lost" + (f" ({', '.join(parts)})" if parts else "")
                 + (f"; {self._metrics.failed} metric exports failed" if self._metrics.failed else ""))
-        return {"spans": self._spans.ok, "logs": self._logs.ok, "exported": exported, "lost": lost,
-                "dropped": dropped, "failed": failed, "unsent": unsent, "metric_exports": self._metrics.ok,
-                "metric_failures": self._metrics.failed, "text": text}
+        return {"spans": t["exported"], "logs": lg["exported"], "exported": t["exported"] + lg["exported"],
+                "lost": lost, "dropped": dropped, "failed": failed, "unsent": unsent, "traces": t, "log_records": lg,
+                "metric_exports": self._metrics.ok, "metric_failures": self._metrics.failed, "text": text}
 
     def report(self) -> dict[str, Any]:
         """The truth so far: spans/log records ``exported``, ``lost`` (dropped + failed + not sent

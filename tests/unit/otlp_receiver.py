@@ -1,7 +1,8 @@
 """Real OTLP endpoints for tests, on loopback: OTLP/HTTP (http.server) and OTLP/gRPC (grpcio with
 opentelemetry-proto's service stubs). They keep every request's raw bytes and decode them with
 opentelemetry-proto's messages. ``mode``: "ok", "503" (HTTP) / "exhausted" (gRPC
-RESOURCE_EXHAUSTED), or "sleep" (answer after ``delay`` seconds)."""
+RESOURCE_EXHAUSTED), "sleep" (answer after ``delay`` seconds), or "block" (answer once ``gate``
+is set, at most after 30 s)."""
 
 from __future__ import annotations
 
@@ -41,6 +42,13 @@ class _Base:
         self.raw: list[tuple[str, dict[str, str], bytes]] = []  # (signal, headers, body)
         self.requests: dict[str, list[Any]] = {"traces": [], "metrics": [], "logs": []}
         self.refused = 0
+        self.gate = threading.Event()
+
+    def _hold(self) -> None:
+        if self.mode == "sleep":
+            time.sleep(self.delay)
+        elif self.mode == "block":
+            self.gate.wait(30)
 
     def _take(self, signal: str, headers: dict[str, str], body: bytes) -> None:
         req = _MESSAGES[signal][0]()
@@ -128,8 +136,7 @@ class HttpReceiver(_Base):
                     self.send_response(404)
                     self.end_headers()
                     return
-                if recv.mode == "sleep":
-                    time.sleep(recv.delay)
+                recv._hold()
                 if recv.mode == "503":
                     with recv.lock:
                         recv.refused += 1
@@ -153,6 +160,7 @@ class HttpReceiver(_Base):
         self._thread.start()
 
     def close(self) -> None:
+        self.gate.set()
         self.server.shutdown()
         self.server.server_close()
 
@@ -174,8 +182,7 @@ class GrpcReceiver(_Base):
         recv = self
 
         def handle(signal: str, request: Any, context: Any) -> Any:
-            if recv.mode == "sleep":
-                time.sleep(recv.delay)
+            recv._hold()
             if recv.mode == "exhausted":
                 with recv.lock:
                     recv.refused += 1
@@ -204,6 +211,7 @@ class GrpcReceiver(_Base):
         self.server.start()
 
     def close(self) -> None:
+        self.gate.set()
         self.server.stop(grace=None)
 
     def __enter__(self) -> GrpcReceiver:
