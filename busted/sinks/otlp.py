@@ -25,6 +25,7 @@ values (``headers=``, ``OTEL_EXPORTER_OTLP_HEADERS``) travel only as request hea
 
 from __future__ import annotations
 
+import bisect
 import json
 import logging
 import os
@@ -137,6 +138,17 @@ _DEFAULT_ENDPOINT = {"http/protobuf": "http://localhost:4318", "grpc": "http://l
 _SIGNAL_PATHS = {"traces": "/v1/traces", "metrics": "/v1/metrics", "logs": "/v1/logs"}
 
 N = NAMES  # short local alias for the hot path below
+# A metric series is these attributes of a call, in this order (None: absent), then the token type.
+_METRIC_KEYS = (N["operation"], N["provider"], N["request_model"], N["response_model"], N["server_address"],
+                N["server_port"], N["error_type"], N["token_type"])
+_MAX_SERIES = 2000  # per metric, as the SDK's default cardinality limit; beyond: one overflow series
+_OVERFLOW: tuple[Any, ...] = ("otel.metric.overflow",)
+
+
+def _metric_attrs(m: tuple[Any, ...]) -> dict[str, Any]:
+    if m == _OVERFLOW:
+        return {"otel.metric.overflow": True}
+    return {k: v for k, v in zip(_METRIC_KEYS, m, strict=False) if v is not None}
 _CLEAN_CACHE: dict[Any, Any] = {}  # wire string / argv -> redacted; bounded (values repeat: models, exes)
 
 
@@ -167,17 +179,19 @@ def _import_sdk() -> dict[str, Any]:
     try:
         from opentelemetry.sdk._logs import LoggerProvider
         from opentelemetry.sdk._logs.export import BatchLogRecordProcessor
-        from opentelemetry.sdk.metrics import MeterProvider
-        from opentelemetry.sdk.metrics.export import PeriodicExportingMetricReader
+        from opentelemetry.sdk.metrics import export as metrics_data
         from opentelemetry.sdk.resources import OTELResourceDetector, Resource
-        from opentelemetry.sdk.trace import TracerProvider
+        from opentelemetry.sdk.trace import ReadableSpan
         from opentelemetry.sdk.trace.export import BatchSpanProcessor
-        from opentelemetry.trace import SpanKind, Status, StatusCode
+        from opentelemetry.sdk.trace.id_generator import RandomIdGenerator
+        from opentelemetry.sdk.util.instrumentation import InstrumentationScope
+        from opentelemetry.trace import SpanContext, SpanKind, Status, StatusCode, TraceFlags
     except ImportError as exc:
         raise MissingDependency("opentelemetry-sdk", "otlp", "OTLP export (--otlp)") from exc
     return dict(LoggerProvider=LoggerProvider, BatchLogRecordProcessor=BatchLogRecordProcessor,
-                MeterProvider=MeterProvider, PeriodicExportingMetricReader=PeriodicExportingMetricReader,
-                OTELResourceDetector=OTELResourceDetector, Resource=Resource, TracerProvider=TracerProvider,
+                metrics_data=metrics_data, OTELResourceDetector=OTELResourceDetector, Resource=Resource,
+                ReadableSpan=ReadableSpan, RandomIdGenerator=RandomIdGenerator,
+                InstrumentationScope=InstrumentationScope, SpanContext=SpanContext, TraceFlags=TraceFlags,
                 BatchSpanProcessor=BatchSpanProcessor, SpanKind=SpanKind, Status=Status, StatusCode=StatusCode)
 
 
@@ -230,15 +244,10 @@ class _Counted:
 
 
 class _MetricCounted(_Counted):
-    """The metric exporter: the reader reads its temporality and aggregation preferences."""
+    """The metric exporter: one export is a reading of every series (cumulative), not items."""
 
     def __init__(self, inner: Any, owner: OtlpSink) -> None:
         super().__init__(inner, owner, "metrics")
-        # MetricExporter's constructor state the reader reads (preferred_temporality, ...)
-        self.__dict__.update({k: v for k, v in vars(inner).items() if k.startswith("_preferred")})
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self.inner, name)
 
     def export(self, metrics_data: Any, timeout_millis: float = 10_000, **kw: Any) -> Any:
         result = self.inner.export(metrics_data, timeout_millis=timeout_millis, **kw)
@@ -249,9 +258,6 @@ class _MetricCounted(_Counted):
             self.failed += 1
             self.owner._failed("metrics", 0, None)
         return result
-
-    def shutdown(self, *args: Any, **kw: Any) -> None:
-        self.inner.shutdown(*args, **kw)
 
 
 class _LastError(logging.Handler):
@@ -350,6 +356,7 @@ class OtlpSink:
         self._sdk = sdk
         self._kind = {True: sdk["SpanKind"].SERVER, False: sdk["SpanKind"].CLIENT}
         self._error_status = sdk["Status"](sdk["StatusCode"].ERROR)
+        self._unset_status = sdk["Status"](sdk["StatusCode"].UNSET)
         self._lock = threading.Lock()
         self._accepted = {"traces": 0, "logs": 0}
         self._dropped = {"traces": 0, "logs": 0}
@@ -383,29 +390,30 @@ class OtlpSink:
                   schedule_delay_millis=schedule_delay * 1000)
         self._span_proc = sdk["BatchSpanProcessor"](self._spans, **bq)
         self._log_proc = sdk["BatchLogRecordProcessor"](self._logs, **bq)
-        self._tracer_provider = sdk["TracerProvider"](resource=resource)
-        self._tracer_provider.add_span_processor(self._span_proc)
         self._logger_provider = sdk["LoggerProvider"](resource=resource)
         self._logger_provider.add_log_record_processor(self._log_proc)
-        self._reader = sdk["PeriodicExportingMetricReader"](self._metrics,
-                                                             export_interval_millis=metric_interval * 1000)
-        self._meter_provider = sdk["MeterProvider"](resource=resource, metric_readers=[self._reader])
         from busted import __version__ as version
 
-        self._tracer = self._tracer_provider.get_tracer("busted", version, schema_url=SCHEMA_URL)
         self._logger = self._logger_provider.get_logger("busted", version, schema_url=SCHEMA_URL)
-        meter = self._meter_provider.get_meter("busted", version, schema_url=SCHEMA_URL)
-        inst = {}
-        for name, (what, unit, buckets, desc) in METRICS.items():
-            if what == "histogram":
-                inst[name] = meter.create_histogram(name, unit=unit, description=desc,
-                                                    explicit_bucket_boundaries_advisory=list(buckets or ()))
-            else:
-                inst[name] = meter.create_counter(name, unit=unit, description=desc)
-        self._m_tokens = inst["gen_ai.client.token.usage"]
-        self._m_duration = inst["gen_ai.client.operation.duration"]
-        self._m_ttfc = inst["gen_ai.client.operation.time_to_first_chunk"]
-        self._m_cost = inst["busted.gen_ai.client.cost"]
+        # Spans are records of exchanges already over (seen by the kernel), not operations in
+        # progress: each is built finished, as a ReadableSpan, and handed to the batch processor
+        # (the Tracer's live-span path validates and locks per attribute: ~60 us a span here).
+        # Every call is exported: sampling an audit trail would lose calls silently.
+        self._resource_obj = resource
+        self._scope = sdk["InstrumentationScope"]("busted", version, SCHEMA_URL)
+        self._ids = sdk["RandomIdGenerator"]()
+        self._flags = sdk["TraceFlags"](sdk["TraceFlags"].SAMPLED)
+        # Metrics: aggregated here (a dict and a bisect per measurement, not the SDK instruments'
+        # ~8 us each) into the SDK's own data model, exported by the official exporter from a
+        # thread of ours every metric_interval seconds, cumulative, and once more at close.
+        self._metric_interval = metric_interval
+        self._hist: dict[tuple[str, tuple[Any, ...]], list[Any]] = {}  # [count, sum, min, max, buckets]
+        self._sums: dict[tuple[str, tuple[Any, ...]], float] = {}
+        self._series: dict[str, int] = dict.fromkeys(METRICS, 0)
+        self._metrics_start = time.time_ns()
+        self._metric_stop = threading.Event()
+        self._metric_thread = threading.Thread(target=self._metric_loop, name="busted-otlp-metrics", daemon=True)
+        self._metric_thread.start()
 
     @staticmethod
     def _resource(sdk: dict[str, Any]) -> Any:
@@ -564,33 +572,22 @@ class OtlpSink:
         end = int(ev.wall_time * 1e9)
         start = end - (ev.duration_ns or 0)
         # Metrics: every call counts, queue or no queue (an aggregate costs no queue slot).
-        m = {N["operation"]: op, N["server_address"]: a[N["server_address"]], N["server_port"]: a[N["server_port"]]}
-        if prov:
-            m[N["provider"]] = a[N["provider"]]
-        if ev.request_model:
-            m[N["request_model"]] = a[N["request_model"]]
-        if ev.response_model:
-            m[N["response_model"]] = a[N["response_model"]]
-        if error:
-            m[N["error_type"]] = a[N["error_type"]]
-        if ev.duration_ns is not None:
-            self._m_duration.record(ev.duration_ns / 1e9, m)
-        if ttfc is not None:
-            self._m_ttfc.record(ttfc, m)
-        if ev.input_tokens is not None:
-            self._m_tokens.record(ev.input_tokens, {**m, N["token_type"]: "input"})
-        if ev.output_tokens is not None:
-            self._m_tokens.record(ev.output_tokens, {**m, N["token_type"]: "output"})
-        if ev.cost_usd is not None:
-            self._m_cost.add(ev.cost_usd, m)
+        m = (a[N["operation"]], a.get(N["provider"]), a.get(N["request_model"]), a.get(N["response_model"]),
+             a[N["server_address"]], a[N["server_port"]], a.get(N["error_type"]))
+        with self._lock:
+            if ev.duration_ns is not None:
+                self._observe("gen_ai.client.operation.duration", m, ev.duration_ns / 1e9)
+            if ttfc is not None:
+                self._observe("gen_ai.client.operation.time_to_first_chunk", m, ttfc)
+            if ev.input_tokens is not None:
+                self._observe("gen_ai.client.token.usage", (*m, "input"), ev.input_tokens)
+            if ev.output_tokens is not None:
+                self._observe("gen_ai.client.token.usage", (*m, "output"), ev.output_tokens)
+            if ev.cost_usd is not None:
+                self._add("busted.gen_ai.client.cost", m, ev.cost_usd)
         if not self._admit("traces"):
             return
-        name = f"{op} {_clean(model)}" if model else op
-        span = self._tracer.start_span(name, kind=self._kind[server], attributes=a, start_time=start,
-                                       record_exception=False, set_status_on_exception=False)
-        if error:
-            span.set_status(self._error_status)
-        span.end(end_time=end)
+        self._emit_span(f"{op} {_clean(model)}" if model else op, server, a, start, end, bool(error))
 
     def _mcp_message(self, ev: McpMessage) -> None:
         is_request = ev.jsonrpc_method is not None and not ev.is_notification and ev.jsonrpc_id is not None
@@ -626,11 +623,91 @@ class OtlpSink:
                                                                                      "mcp response")
         start = int(req.wall_time * 1e9)
         end = int(resp.wall_time * 1e9) if resp is not None else start
-        span = self._tracer.start_span(name, kind=self._kind[server], attributes=a, start_time=start,
-                                       record_exception=False, set_status_on_exception=False)
-        if code is not None:
-            span.set_status(self._error_status)
-        span.end(end_time=max(start, end))
+        self._emit_span(name, server, a, start, max(start, end), code is not None)
+
+    def _emit_span(self, name: str, server: bool, attrs: dict[str, Any], start: int, end: int, error: bool) -> None:
+        sdk = self._sdk
+        ctx = sdk["SpanContext"](self._ids.generate_trace_id(), self._ids.generate_span_id(), is_remote=False,
+                                 trace_flags=self._flags)
+        span = sdk["ReadableSpan"](name, context=ctx, resource=self._resource_obj, attributes=attrs,
+                                   kind=self._kind[server], status=self._error_status if error else self._unset_status,
+                                   start_time=start, end_time=end, instrumentation_scope=self._scope)
+        self._span_proc.on_end(span)
+
+    # -- metrics ------------------------------------------------------------------------------
+
+    def _observe(self, name: str, m: tuple[Any, ...], v: float) -> None:
+        """One measurement into a histogram series. Caller holds the lock."""
+        h = self._hist.get((name, m))
+        if h is None:
+            if self._series[name] >= _MAX_SERIES:
+                m = _OVERFLOW
+                h = self._hist.get((name, m))
+            if h is None:
+                self._series[name] += 1
+                h = self._hist[(name, m)] = [0, 0.0, v, v, [0] * (len(METRICS[name][2] or ()) + 1)]
+        h[0] += 1
+        h[1] += v
+        if v < h[2]:
+            h[2] = v
+        if v > h[3]:
+            h[3] = v
+        h[4][bisect.bisect_left(METRICS[name][2] or (), v)] += 1
+
+    def _add(self, name: str, m: tuple[Any, ...], v: float) -> None:
+        """Add to a counter series. Caller holds the lock."""
+        key = (name, m)
+        if key not in self._sums and self._series[name] >= _MAX_SERIES:
+            key = (name, _OVERFLOW)
+        if key not in self._sums:
+            self._series[name] += 1
+        self._sums[key] = self._sums.get(key, 0.0) + v
+
+    def _metrics_data(self) -> Any:
+        """The cumulative readings so far, in the SDK's data model (what its exporters encode)."""
+        md = self._sdk["metrics_data"]
+        now = time.time_ns()
+        with self._lock:
+            hist = [(k, (h[0], h[1], h[2], h[3], list(h[4]))) for k, h in self._hist.items()]
+            sums = list(self._sums.items())
+        points: dict[str, list[Any]] = {name: [] for name in METRICS}
+        for (name, m), (count, total, lo, hi, buckets) in hist:
+            points[name].append(md.HistogramDataPoint(
+                attributes=_metric_attrs(m), start_time_unix_nano=self._metrics_start, time_unix_nano=now,
+                count=count, sum=total, bucket_counts=buckets, explicit_bounds=list(METRICS[name][2] or ()),
+                min=lo, max=hi))
+        for (name, m), total in sums:
+            points[name].append(md.NumberDataPoint(attributes=_metric_attrs(m),
+                                                   start_time_unix_nano=self._metrics_start, time_unix_nano=now,
+                                                   value=total))
+        cumulative = md.AggregationTemporality.CUMULATIVE
+        metrics = []
+        for name, (what, unit, _, desc) in METRICS.items():
+            if not points[name]:
+                continue
+            data = md.Histogram(data_points=points[name], aggregation_temporality=cumulative) if what == "histogram" \
+                else md.Sum(data_points=points[name], aggregation_temporality=cumulative, is_monotonic=True)
+            metrics.append(md.Metric(name=name, description=desc, unit=unit, data=data))
+        if not metrics:
+            return None
+        return md.MetricsData(resource_metrics=[md.ResourceMetrics(
+            resource=self._resource_obj, scope_metrics=[md.ScopeMetrics(scope=self._scope, metrics=metrics,
+                                                                         schema_url=SCHEMA_URL)],
+            schema_url=SCHEMA_URL)])
+
+    def _export_metrics(self) -> None:
+        data = self._metrics_data()
+        if data is not None:
+            try:
+                self._metrics.export(data, timeout_millis=self.shutdown_timeout * 1000)
+            except Exception as exc:  # noqa: BLE001 - counted in _MetricCounted; the loop goes on
+                self._failed("metrics", 0, repr(exc))
+
+    def _metric_loop(self) -> None:
+        while not self._metric_stop.wait(self._metric_interval):
+            self._export_metrics()
+        self._export_metrics()  # the last reading, at close
+        _quietly(self._metrics.shutdown)
 
     def _emit_log(self, ev: Event, body: str, severity: str, attrs: dict[str, Any], name: str) -> None:
         if not self._admit("logs"):
@@ -723,12 +800,11 @@ class OtlpSink:
             self._mcp_span(req, None)
         self._mcp.clear()
         self._closed = True
-        ms = self.shutdown_timeout * 1000
         # Each shuts down in a thread of its own, in parallel, waited for until one deadline: an
         # exporter stuck in a retry does not hold us past it (its thread is a daemon; what it held
         # is counted as not sent). The span and log processors' shutdown() take no timeout.
-        jobs = (lambda: self._meter_provider.shutdown(timeout_millis=ms), self._span_proc.shutdown,
-                self._log_proc.shutdown)
+        self._metric_stop.set()
+        jobs = (lambda: self._metric_thread.join(), self._span_proc.shutdown, self._log_proc.shutdown)
         threads = [threading.Thread(target=_quietly, args=(job,), name="busted-otlp-close", daemon=True)
                    for job in jobs]
         for th in threads:

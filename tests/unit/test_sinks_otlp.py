@@ -8,16 +8,13 @@ import socket
 import sys
 
 import pytest
+from events_factory import IDENT, SECRET, sample_calls, sample_events
+from otlp_receiver import GrpcReceiver, HttpReceiver  # needs busted[otlp] + dev (bootstrap.sh installs both)
 
-pytest.importorskip("opentelemetry.sdk", reason="busted[otlp] is not installed (bootstrap.sh installs it)")
-
-from events_factory import IDENT, SECRET, sample_calls, sample_events  # noqa: E402
-from otlp_receiver import GrpcReceiver, HttpReceiver  # noqa: E402
-
-from busted.errors import MissingDependency, UsageError  # noqa: E402
-from busted.events import Direction, EventsLost, LlmCall, LossPlace, PolicyDecision  # noqa: E402
-from busted.sinks import otlp  # noqa: E402
-from busted.sinks.otlp import OtlpSink  # noqa: E402
+from busted.errors import MissingDependency, UsageError
+from busted.events import Direction, EventsLost, LlmCall, LossPlace, PolicyDecision
+from busted.sinks import otlp
+from busted.sinks.otlp import OtlpSink
 
 RECEIVERS = {"http/protobuf": HttpReceiver, "grpc": GrpcReceiver}
 CLIENT, SERVER = 3, 2  # opentelemetry.proto.trace.v1.Span.SpanKind
