@@ -270,3 +270,27 @@ def test_dead_collector_close_within_timeout() -> None:
     assert rep["exported"] == 0 and rep["lost"] == 10, rep
     sink.write(_calls(1)[0])  # after close: ignored, no error
     assert sink.report()["lost"] == 10
+
+
+def test_wire_encoder_writes_the_official_message() -> None:
+    """busted.sinks._otlpwire's bytes parse (opentelemetry-proto) to exactly the message the official
+    encoder builds, for calls, SERVER and error spans, MCP spans, every attribute type."""
+    from opentelemetry.exporter.otlp.proto.common.trace_encoder import encode_spans as official
+    from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
+
+    from busted.sinks._otlpwire import encode_spans
+
+    call, req, resp = sample_calls(secret=SECRET)
+    server = dataclasses.replace(call, direction=Direction.ACCEPT, status=500, input_tokens=-1, cost_usd=1e-300,
+                                 request_model="modèle-ü\u2028", tool_calls=2**62)
+    sink = OtlpSink("http://127.0.0.1:9", schedule_delay=3600, shutdown_timeout=0.5)
+    got: list = []
+    sink._span_proc.on_end = got.append  # the spans as the batch processor would get them
+    for ev in (call, req, resp, server, *_calls(3)):
+        sink.write(ev)
+    sink.close()
+    assert len(got) == 6
+    for batch in (got, got[:1], got[3:4]):
+        mine = ExportTraceServiceRequest.FromString(encode_spans(batch))
+        assert mine == official(batch)
+        assert encode_spans(batch) == encode_spans(batch)  # the cache changes nothing
