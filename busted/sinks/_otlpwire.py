@@ -21,8 +21,8 @@ _D = struct.Struct("<d").pack
 _Q = struct.Struct("<Q").pack
 _I = struct.Struct("<I").pack
 _FLAGS = b"\x85\x01" + _I(0x100)  # Span.flags (16, fixed32): SPAN_FLAGS_CONTEXT_HAS_IS_REMOTE_MASK, no parent
-_KV: dict[tuple[str, type, Any], bytes] = {}  # (key, type, value) -> the Span.attributes field, encoded
-_KV_MAX = 1 << 16
+_KV: dict[str, dict[Any, bytes]] = {}  # key -> value (str) or (type, value) -> the Span.attributes field
+_KV_MAX = 1024  # keys
 
 
 def _varint(n: int) -> bytes:
@@ -33,6 +33,9 @@ def _varint(n: int) -> bytes:
         n >>= 7
     out.append(n)
     return bytes(out)
+
+
+_SMALL = [_varint(i) for i in range(1 << 14)]  # the varints of 2 bytes or less, written once
 
 
 def _field(num: int, payload: bytes) -> bytes:
@@ -56,25 +59,65 @@ def _any_value(v: Any) -> bytes:
 
 def _kv(num: int, k: str, v: Any) -> bytes:
     """Field ``num`` holding the KeyValue ``k``: ``v``."""
-    key = (k, type(v), tuple(v) if isinstance(v, list) else v)
-    b = _KV.get(key) if num == 9 else None
-    if b is None:
-        b = _field(num, _field(1, k.encode("utf-8", "replace")) + _field(2, _any_value(v)))
-        if num == 9 and len(_KV) < _KV_MAX:
-            _KV[key] = b
-    return b
+    return _field(num, _field(1, k.encode("utf-8", "replace")) + _field(2, _any_value(v)))
+
+
+_KEYS: dict[str, bytes] = {}  # attribute key -> its KeyValue.key field, encoded
+
+
+def _key(k: str) -> bytes:
+    kb = _field(1, k.encode("utf-8", "replace"))
+    if len(_KEYS) >= _KV_MAX:
+        _KEYS.clear()
+    _KEYS[k] = kb
+    return kb
+
+
+def _attr(k: str, v: Any, t: type) -> bytes:
+    """The Span.attributes field for ``k``: ``v``. Strings and lists repeat across spans (models,
+    hosts, processes) and are kept, per key; numbers (tokens, ids, times) mostly do not and are
+    written directly."""
+    if t is int and -1 < v < 16384:
+        av = b"\x18" + _SMALL[v]
+    elif t is float:
+        av = b"\x21" + _D(v)
+    elif t is bool:
+        av = b"\x10\x01" if v else b"\x10\x00"
+    elif t is int:
+        av = b"\x18" + _varint(v)
+    else:
+        vk = v if t is str else (t, tuple(v) if t is list else v)
+        by_value = _KV.get(k)
+        if by_value is None:
+            if len(_KV) >= _KV_MAX:
+                _KV.clear()
+            by_value = _KV[k] = {}
+        b = by_value.get(vk)
+        if b is None:
+            b = _kv(9, k, v)
+            if len(by_value) >= 4096:  # a key whose values do not repeat: start its cache over
+                by_value.clear()
+            by_value[vk] = b
+        return b
+    body = (_KEYS.get(k) or _key(k)) + b"\x12" + _SMALL[len(av)] + av
+    n = len(body)
+    return b"\x4a" + (_SMALL[n] if n < 16384 else _varint(n)) + body
 
 
 def _span(s: Any) -> bytes:
     ctx = s.context
-    attrs = s.attributes or {}
-    kv = _KV
     parts = [b"\x0a\x10", ctx.trace_id.to_bytes(16, "big"), b"\x12\x08", ctx.span_id.to_bytes(8, "big"),
              _field(5, s.name.encode("utf-8", "replace")), b"\x30", _varint(s.kind.value + 1),
              b"\x39", _Q(s.start_time), b"\x41", _Q(s.end_time)]
-    for k, v in attrs.items():
-        b = kv.get((k, type(v), tuple(v) if type(v) is list else v))
-        parts.append(b if b is not None else _kv(9, k, v))
+    kv = _KV
+    for k, v in (s.attributes or {}).items():
+        t = type(v)
+        if t is str:
+            d = kv.get(k)
+            b = d.get(v) if d is not None else None
+            parts.append(b if b is not None else _attr(k, v, t))
+        else:
+            parts.append(_attr(k, v, t))
     code = s.status.status_code.value
     parts.append(b"\x7a\x02\x18" + bytes((code,)) if code else b"\x7a\x00")
     parts.append(_FLAGS)
