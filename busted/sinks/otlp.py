@@ -395,6 +395,7 @@ class OtlpSink:
         self._report: dict[str, Any] | None = None
         self._mcp: OrderedDict[tuple[int, str], McpMessage] = OrderedDict()
         self._mcp_pending = mcp_pending
+        self._procs: dict[tuple[Any, ...], dict[str, Any]] = {}  # a process's identity -> its attributes
         for name in _SDK_LOGGERS:
             lg = logging.getLogger(name)
             if _last_error not in lg.handlers:
@@ -507,9 +508,21 @@ class OtlpSink:
             a[N["server_address"]] = _clean(ev.hostname) if ev.hostname else ev.daddr
             a[N["server_port"]] = ev.dport
         a[N["flow_id"]] = ev.flow_id
-        a[N["pid"]] = ev.pid
-        a[N["comm"]] = _clean(ev.comm)
-        a[N["uid"]] = str(ev.uid)
+        # The process, agent and container attributes repeat for every call a process makes:
+        # built (and redacted) once per distinct identity, bounded.
+        key = (ev.pid, ev.comm, ev.uid, ev.ppid, ev.exe, ev.cmdline, ev.hostname, ev.evidence, ev.confidence,
+               ev.agent, ev.agent_pid, ev.agent_evidence, ev.container_id, ev.container_runtime, ev.pod_uid)
+        proc = self._procs.get(key)
+        if proc is None:
+            proc = self._procs[key] = self._process_attrs(ev)
+            if len(self._procs) > 4096:
+                self._procs.clear()
+        a.update(proc)
+        return server
+
+    @staticmethod
+    def _process_attrs(ev: LlmCall | McpMessage) -> dict[str, Any]:
+        a: dict[str, Any] = {N["pid"]: ev.pid, N["comm"]: _clean(ev.comm), N["uid"]: str(ev.uid)}
         if ev.ppid is not None:
             a[N["ppid"]] = ev.ppid
         if ev.exe:
@@ -528,12 +541,12 @@ class OtlpSink:
             if ev.agent_evidence:
                 a[N["agent_evidence"]] = _clean(ev.agent_evidence)
         if ev.container_id:
-            a[N["container_id"]] = ev.container_id
+            a[N["container_id"]] = _clean(ev.container_id)
             if ev.container_runtime:
-                a[N["container_runtime"]] = ev.container_runtime
+                a[N["container_runtime"]] = _clean(ev.container_runtime)
         if ev.pod_uid:
-            a[N["pod_uid"]] = ev.pod_uid
-        return server
+            a[N["pod_uid"]] = _clean(ev.pod_uid)
+        return a
 
     def _call(self, ev: LlmCall) -> None:
         op = ev.operation or "chat"
