@@ -140,10 +140,14 @@ def run_once(flags: list[str] | None, evs: list[Event], batch: int, rate: float 
         args = _parser().parse_args(["monitor", *(f.format(d=d, otlp=otlp) for f in flags)])
         mon = busted.Monitor()  # not started: only its stats() is read by the loop, as in the CLI
         c0 = time.process_time()
-        with contextlib.redirect_stderr(io.StringIO()):  # the outputs' closing report lines
+        with contextlib.redirect_stderr(io.StringIO()) as err:  # the outputs' closing report lines
             sinks = _Sinks(args)
             _run_monitor(args, out, _batches(evs, batch, rate), mon, sinks)
-        return time.process_time() - c0
+        cpu = time.process_time() - c0
+        for line in err.getvalue().splitlines():  # what the exporter says it sent and lost
+            if line.startswith("busted: otlp "):
+                print("  " + line)
+        return cpu
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)

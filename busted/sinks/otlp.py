@@ -314,6 +314,12 @@ def _quietly(job: Callable[[], Any]) -> None:
         pass
 
 
+def _signal_on(given: bool | None, env: str) -> bool:
+    if given is not None:
+        return given
+    return os.environ.get(env, "").strip().lower() != "none"
+
+
 def _host_id() -> str | None:
     for p in ("/etc/machine-id", "/var/lib/dbus/machine-id"):
         try:
@@ -356,7 +362,9 @@ class OtlpSink:
     ``"grpc"``; ``headers``: sent with every request (default ``OTEL_EXPORTER_OTLP_HEADERS``);
     ``timeout``: seconds per export (default ``OTEL_EXPORTER_OTLP_TIMEOUT``, 10).
     ``service_name`` is the default ``service.name`` (``OTEL_SERVICE_NAME`` and
-    ``OTEL_RESOURCE_ATTRIBUTES`` win). ``on_error(msg)`` hears of export trouble, at most once per
+    ``OTEL_RESOURCE_ATTRIBUTES`` win). ``metrics``/``logs``: send those signals too (default: yes,
+    unless ``OTEL_METRICS_EXPORTER``/``OTEL_LOGS_EXPORTER`` is ``none``: a traces-only backend such
+    as Phoenix answers 404 to them). ``on_error(msg)`` hears of export trouble, at most once per
     ``warn_interval`` seconds. Raises ``MissingDependency`` without ``busted[otlp]``."""
 
     wants_encoded = False  # the CLI need not JSON-encode events for this output
@@ -365,7 +373,8 @@ class OtlpSink:
                  headers: Mapping[str, str] | None = None, *, timeout: float | None = None,
                  service_name: str = "busted", max_queue_size: int = 2048, max_export_batch_size: int = 512,
                  schedule_delay: float = 1.0, metric_interval: float = 10.0, shutdown_timeout: float = 5.0,
-                 warn_interval: float = 30.0, mcp_pending: int = 1024,
+                 warn_interval: float = 30.0, mcp_pending: int = 1024, metrics: bool | None = None,
+                 logs: bool | None = None,
                  on_error: Callable[[str], None] | None = None) -> None:
         protocol = (protocol or os.environ.get("OTEL_EXPORTER_OTLP_PROTOCOL") or "http/protobuf").strip()
         if protocol not in PROTOCOLS:
@@ -441,7 +450,10 @@ class OtlpSink:
         self._metrics_start = time.time_ns()
         self._metric_stop = threading.Event()
         self._metric_thread = threading.Thread(target=self._metric_loop, name="busted-otlp-metrics", daemon=True)
-        self._metric_thread.start()
+        self.metrics = _signal_on(metrics, "OTEL_METRICS_EXPORTER")
+        self.logs = _signal_on(logs, "OTEL_LOGS_EXPORTER")
+        if self.metrics:
+            self._metric_thread.start()
 
     @staticmethod
     def _resource(sdk: dict[str, Any]) -> Any:
@@ -750,6 +762,8 @@ class OtlpSink:
         _quietly(self._metrics.shutdown)
 
     def _emit_log(self, ev: Event, body: str, severity: str, attrs: dict[str, Any], name: str) -> None:
+        if not self.logs:
+            return
         if not self._admit("logs"):
             return
         from opentelemetry._logs import SeverityNumber
@@ -844,7 +858,8 @@ class OtlpSink:
         # exporter stuck in a retry does not hold us past it (its thread is a daemon; what it held
         # is counted as not sent). The span and log processors' shutdown() take no timeout.
         self._metric_stop.set()
-        jobs = (lambda: self._metric_thread.join(), self._span_proc.shutdown, self._log_proc.shutdown)
+        jobs = (lambda: self.metrics and self._metric_thread.join(), self._span_proc.shutdown,
+                self._log_proc.shutdown)
         threads = [threading.Thread(target=_quietly, args=(job,), name="busted-otlp-close", daemon=True)
                    for job in jobs]
         for th in threads:

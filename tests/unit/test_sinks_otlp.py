@@ -294,3 +294,24 @@ def test_wire_encoder_writes_the_official_message() -> None:
         mine = ExportTraceServiceRequest.FromString(encode_spans(batch))
         assert mine == official(batch)
         assert encode_spans(batch) == encode_spans(batch)  # the cache changes nothing
+
+
+def test_standard_environment_variables(monkeypatch: pytest.MonkeyPatch) -> None:
+    """OTEL_EXPORTER_OTLP_ENDPOINT / _PROTOCOL / _HEADERS, OTEL_SERVICE_NAME, and the
+    OTEL_{METRICS,LOGS}_EXPORTER=none switches (a traces-only backend) are honoured."""
+    with GrpcReceiver() as r:
+        monkeypatch.setenv("OTEL_EXPORTER_OTLP_ENDPOINT", r.endpoint)
+        monkeypatch.setenv("OTEL_EXPORTER_OTLP_PROTOCOL", "grpc")
+        monkeypatch.setenv("OTEL_EXPORTER_OTLP_HEADERS", "x-tenant=blue")
+        monkeypatch.setenv("OTEL_SERVICE_NAME", "fleet-audit")
+        monkeypatch.setenv("OTEL_METRICS_EXPORTER", "none")
+        monkeypatch.setenv("OTEL_LOGS_EXPORTER", "none")
+        sink = OtlpSink()
+        assert (sink.protocol, sink.endpoint, sink.metrics, sink.logs) == ("grpc", r.endpoint, False, False)
+        for ev in [*sample_events(), *sample_calls()]:
+            sink.write(ev)
+        sink.close()
+        spans = r.spans()
+        assert len(spans) == 2 and not r.requests["metrics"] and not r.requests["logs"]
+        assert spans[0]["resource"]["service.name"] == "fleet-audit"
+        assert all(h.get("x-tenant") == "blue" for _, h, _ in r.raw)
