@@ -96,6 +96,7 @@ def test_monitor_otlp_exports_calls_as_genai_spans(lab, tmp_path, protocol):
             proc = subprocess.Popen([PY, "-m", "busted.cli", "monitor", "--json", "--otlp", recv.endpoint,
                                      "--otlp-protocol", protocol, "--duration", "90", "-c", "curl", "-c", "python",
                                      "-c", "python3", "-c", "python3.11"], stdout=so, stderr=subprocess.PIPE)
+        err = b""
         try:
             err = _wait_ready(proc)
             want = _clients(lab)
@@ -148,6 +149,7 @@ def test_monitor_with_a_dead_collector_keeps_every_call(lab, tmp_path):
         proc = subprocess.Popen([PY, "-m", "busted.cli", "monitor", "--json", "--otlp", f"http://127.0.0.1:{port}",
                                  "--duration", "90", "-c", "curl", "-c", "python", "-c", "python3", "-c",
                                  "python3.11"], stdout=so, stderr=subprocess.PIPE)
+    err = b""
     try:
         err = _wait_ready(proc)
         want = _clients(lab)
