@@ -419,7 +419,7 @@ class OtlpSink:
         def ep(signal: str) -> str:
             return self.endpoint + _SIGNAL_PATHS[signal] if protocol == "http/protobuf" else self.endpoint
 
-        resource = self._resource(sdk)
+        resource = self._resource(sdk, service_name)
         self._spans = _Counted(span_exp(endpoint=ep("traces"), **kw), self, "traces")
         self._logs = _Counted(log_exp(endpoint=ep("logs"), **kw), self, "logs")
         self._metrics = _MetricCounted(metric_exp(endpoint=ep("metrics"), **kw), self)
@@ -456,11 +456,11 @@ class OtlpSink:
             self._metric_thread.start()
 
     @staticmethod
-    def _resource(sdk: dict[str, Any]) -> Any:
+    def _resource(sdk: dict[str, Any], service_name: str) -> Any:
         from busted import __version__ as version
 
         uname = platform.uname()
-        attrs: dict[str, Any] = {"service.name": "busted", "service.version": version,
+        attrs: dict[str, Any] = {"service.name": service_name, "service.version": version,
                                  "host.name": socket.gethostname(), "os.type": uname.system.lower(),
                                  "os.version": uname.release, "host.arch": uname.machine,
                                  "telemetry.distro.name": "busted"}

@@ -313,5 +313,11 @@ def test_standard_environment_variables(monkeypatch: pytest.MonkeyPatch) -> None
         sink.close()
         spans = r.spans()
         assert len(spans) == 2 and not r.requests["metrics"] and not r.requests["logs"]
-        assert spans[0]["resource"]["service.name"] == "fleet-audit"
+        assert spans[0]["resource"]["service.name"] == "fleet-audit"  # the variable wins over service_name
+    monkeypatch.delenv("OTEL_SERVICE_NAME")
+    with HttpReceiver() as r:
+        sink = OtlpSink(r.endpoint, "http/protobuf", service_name="audit-7", metrics=False, logs=False)
+        sink.write(sample_calls()[0])
+        sink.close()
+        assert r.spans()[0]["resource"]["service.name"] == "audit-7"
         assert all(h.get("x-tenant") == "blue" for _, h, _ in r.raw)
