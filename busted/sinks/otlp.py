@@ -141,6 +141,10 @@ N = NAMES  # short local alias for the hot path below
 # A metric series is these attributes of a call, in this order (None: absent), then the token type.
 _METRIC_KEYS = (N["operation"], N["provider"], N["request_model"], N["response_model"], N["server_address"],
                 N["server_port"], N["error_type"], N["token_type"])
+_K_IN, _K_OUT, _K_CACHE_R, _K_CACHE_W, _K_REASONING = (N[k] for k in (
+    "input_tokens", "output_tokens", "cache_read_tokens", "cache_write_tokens", "reasoning_tokens"))
+_K_TTFC, _K_TOOL_CALLS, _K_COST, _K_PRICE, _K_ADDR, _K_PORT = (N[k] for k in (
+    "time_to_first_chunk", "tool_calls", "cost", "price_source", "server_address", "server_port"))
 _MAX_SERIES = 2000  # per metric, as the SDK's default cardinality limit; beyond: one overflow series
 _OVERFLOW: tuple[Any, ...] = ("otel.metric.overflow",)
 
@@ -405,6 +409,7 @@ class OtlpSink:
         self._mcp: OrderedDict[tuple[int, str], McpMessage] = OrderedDict()
         self._mcp_pending = mcp_pending
         self._procs: dict[tuple[Any, ...], dict[str, Any]] = {}  # a process's identity -> its attributes
+        self._shapes: dict[tuple[Any, ...], Any] = {}  # a call's shared fields -> _call_shape()
         for name in _SDK_LOGGERS:
             lg = logging.getLogger(name)
             if _last_error not in lg.handlers:
@@ -560,7 +565,10 @@ class OtlpSink:
             a[N["pod_uid"]] = _clean(ev.pod_uid)
         return a
 
-    def _call(self, ev: LlmCall) -> None:
+    @staticmethod
+    def _call_shape(ev: LlmCall) -> tuple[dict[str, Any], str, str | None, tuple[Any, ...]]:
+        """What a call shares with the other calls of its client (API, models, path, status ...):
+        the attributes (redacted), the span name, the error type, the metric attributes."""
         op = ev.operation or "chat"
         model = ev.request_model or ev.response_model
         a: dict[str, Any] = {N["operation"]: op}
@@ -573,26 +581,12 @@ class OtlpSink:
             a[N["response_model"]] = _clean(ev.response_model)
         if ev.finish_reason:
             a[N["finish_reasons"]] = [_clean(ev.finish_reason)]
-        if ev.input_tokens is not None:
-            a[N["input_tokens"]] = ev.input_tokens
-        if ev.output_tokens is not None:
-            a[N["output_tokens"]] = ev.output_tokens
-        if ev.cache_read_tokens is not None:
-            a[N["cache_read_tokens"]] = ev.cache_read_tokens
-        if ev.cache_write_tokens is not None:
-            a[N["cache_write_tokens"]] = ev.cache_write_tokens
-        if ev.reasoning_tokens is not None:
-            a[N["reasoning_tokens"]] = ev.reasoning_tokens
         if ev.stream is not None:
             a[N["stream"]] = ev.stream
-        ttfc = None
-        if ev.stream and ev.time_to_first_token_ns is not None:
-            ttfc = ev.time_to_first_token_ns / 1e9
-            a[N["time_to_first_chunk"]] = ttfc
         error = ev.error_type or (str(ev.status) if ev.status and ev.status >= 400 else None) or \
             (None if ev.complete else "incomplete")
         if error:
-            a[N["error_type"]] = _clean(error)
+            error = a[N["error_type"]] = _clean(error)
         if ev.status is not None:
             a[N["http_status"]] = ev.status
         if ev.method:
@@ -603,14 +597,43 @@ class OtlpSink:
             a[N["network_protocol_version"]] = ev.http_version
         if ev.user_agent:
             a[N["user_agent"]] = _clean(ev.user_agent)
-        a[N["api"]] = ev.api
+        a[N["api"]] = _clean(ev.api)
         a[N["complete"]] = ev.complete
+        if ev.price_source:
+            a[N["price_source"]] = _clean(ev.price_source)
+        name = f"{op} {_clean(model)}" if model else op
+        return a, name, error, (op, a.get(N["provider"]), a.get(N["request_model"]), a.get(N["response_model"]))
+
+    def _call(self, ev: LlmCall) -> None:
+        key = (ev.operation, ev.provider, ev.request_model, ev.response_model, ev.finish_reason, ev.stream,
+               ev.error_type, ev.status, ev.complete, ev.method, ev.path, ev.http_version, ev.user_agent, ev.api,
+               ev.price_source)
+        shape = self._shapes.get(key)
+        if shape is None:
+            shape = self._shapes[key] = self._call_shape(ev)
+            if len(self._shapes) > 4096:
+                self._shapes.clear()
+        base, name, error, mpart = shape
+        a = base.copy()
+        if ev.input_tokens is not None:
+            a[_K_IN] = ev.input_tokens
+        if ev.output_tokens is not None:
+            a[_K_OUT] = ev.output_tokens
+        if ev.cache_read_tokens is not None:
+            a[_K_CACHE_R] = ev.cache_read_tokens
+        if ev.cache_write_tokens is not None:
+            a[_K_CACHE_W] = ev.cache_write_tokens
+        if ev.reasoning_tokens is not None:
+            a[_K_REASONING] = ev.reasoning_tokens
+        ttfc = None
+        if ev.stream and ev.time_to_first_token_ns is not None:
+            ttfc = a[_K_TTFC] = ev.time_to_first_token_ns / 1e9
         if ev.tool_calls is not None:
-            a[N["tool_calls"]] = ev.tool_calls
+            a[_K_TOOL_CALLS] = ev.tool_calls
         if ev.cost_usd is not None:
-            a[N["cost"]] = ev.cost_usd
-            if ev.price_source:
-                a[N["price_source"]] = _clean(ev.price_source)
+            a[_K_COST] = ev.cost_usd
+        elif _K_PRICE in a:
+            del a[_K_PRICE]  # a price source without a cost says nothing
         if ev.prompt is not None:  # only when content capture is on (the event carries it)
             a[N["input_messages"]] = json.dumps([{"role": "user", "parts": [
                 {"type": "text", "content": redact_text(ev.prompt)}]}])
@@ -624,8 +647,7 @@ class OtlpSink:
         end = int(ev.wall_time * 1e9)
         start = end - (ev.duration_ns or 0)
         # Metrics: every call counts, queue or no queue (an aggregate costs no queue slot).
-        m = (a[N["operation"]], a.get(N["provider"]), a.get(N["request_model"]), a.get(N["response_model"]),
-             a[N["server_address"]], a[N["server_port"]], a.get(N["error_type"]))
+        m = (*mpart, a[_K_ADDR], a[_K_PORT], error)
         with self._lock:
             if ev.duration_ns is not None:
                 self._observe("gen_ai.client.operation.duration", m, ev.duration_ns / 1e9)
@@ -639,7 +661,7 @@ class OtlpSink:
                 self._add("busted.gen_ai.client.cost", m, ev.cost_usd)
         if not self._admit("traces"):
             return
-        self._emit_span(f"{op} {_clean(model)}" if model else op, server, a, start, end, bool(error))
+        self._emit_span(name, server, a, start, end, error is not None)
 
     def _mcp_message(self, ev: McpMessage) -> None:
         is_request = ev.jsonrpc_method is not None and not ev.is_notification and ev.jsonrpc_id is not None
