@@ -15,7 +15,28 @@ import struct
 from collections.abc import Sequence
 from typing import Any
 
-__all__ = ["encode_spans"]
+__all__ = ["Group", "SpanAttrs", "encode_spans"]
+
+
+class Group(dict):  # type: ignore[type-arg]
+    """Attributes many spans share (a client's call shape, a process): encoded once, kept in ``wire``."""
+
+    __slots__ = ("wire",)
+
+    def __init__(self, *args: Any, **kw: Any) -> None:
+        super().__init__(*args, **kw)
+        self.wire: bytes | None = None
+
+
+class SpanAttrs(dict):  # type: ignore[type-arg]
+    """A span's attributes (all of them, as a dict), and ``parts``: the ``Group``s and the span's own
+    dict they were made of, no key in two (None: encode it as any dict)."""
+
+    __slots__ = ("parts",)
+
+    def __init__(self, *args: Any, **kw: Any) -> None:
+        super().__init__(*args, **kw)
+        self.parts: tuple[dict[str, Any], ...] | None = None
 
 _D = struct.Struct("<d").pack
 _Q = struct.Struct("<Q").pack
@@ -104,20 +125,38 @@ def _attr(k: str, v: Any, t: type) -> bytes:
     return b"\x4a" + (_SMALL[n] if n < 16384 else _varint(n)) + body
 
 
+def _attrs(attrs: Any) -> list[bytes]:
+    """The Span.attributes fields of ``attrs``."""
+    out = []
+    kv = _KV
+    for k, v in attrs.items():
+        t = type(v)
+        if t is str:
+            d = kv.get(k)
+            b = d.get(v) if d is not None else None
+            out.append(b if b is not None else _attr(k, v, t))
+        else:
+            out.append(_attr(k, v, t))
+    return out
+
+
 def _span(s: Any) -> bytes:
     ctx = s.context
     parts = [b"\x0a\x10", ctx.trace_id.to_bytes(16, "big"), b"\x12\x08", ctx.span_id.to_bytes(8, "big"),
              _field(5, s.name.encode("utf-8", "replace")), b"\x30", _varint(s.kind.value + 1),
              b"\x39", _Q(s.start_time), b"\x41", _Q(s.end_time)]
-    kv = _KV
-    for k, v in (s.attributes or {}).items():
-        t = type(v)
-        if t is str:
-            d = kv.get(k)
-            b = d.get(v) if d is not None else None
-            parts.append(b if b is not None else _attr(k, v, t))
-        else:
-            parts.append(_attr(k, v, t))
+    raw = getattr(s, "_attributes", None)  # ReadableSpan.attributes is a read-only view of it
+    if type(raw) is SpanAttrs and raw.parts is not None:
+        for part in raw.parts:
+            if type(part) is Group:
+                w = part.wire
+                if w is None:
+                    w = part.wire = b"".join(_attrs(part))  # once per group (a race writes the same)
+                parts.append(w)
+            else:
+                parts.extend(_attrs(part))
+    else:
+        parts.extend(_attrs(s.attributes or {}))
     code = s.status.status_code.value
     parts.append(b"\x7a\x02\x18" + bytes((code,)) if code else b"\x7a\x00")
     parts.append(_FLAGS)

@@ -41,6 +41,7 @@ from urllib.parse import urlsplit
 from busted.errors import MissingDependency, UsageError
 from busted.events import Direction, Event, EventsLost, LlmCall, LossPlace, McpMessage, PolicyDecision
 from busted.redact import redact_argv, redact_text
+from busted.sinks._otlpwire import Group, SpanAttrs
 
 __all__ = ["METRICS", "NAMES", "PROTOCOLS", "PROVIDER_NAMES", "SEMCONV_VERSION", "OtlpSink"]
 
@@ -408,7 +409,7 @@ class OtlpSink:
         self._report: dict[str, Any] | None = None
         self._mcp: OrderedDict[tuple[int, str], McpMessage] = OrderedDict()
         self._mcp_pending = mcp_pending
-        self._procs: dict[tuple[Any, ...], dict[str, Any]] = {}  # a process's identity -> its attributes
+        self._procs: dict[tuple[Any, ...], Group] = {}  # a process's identity -> its attributes
         self._shapes: dict[tuple[Any, ...], Any] = {}  # a call's shared fields -> _call_shape()
         for name in _SDK_LOGGERS:
             lg = logging.getLogger(name)
@@ -515,8 +516,9 @@ class OtlpSink:
             self._warn(f"its {signal} queue ({self.max_queue_size}) is full: the collector is slow or down")
         return not drop
 
-    def _identity(self, ev: LlmCall | McpMessage, a: dict[str, Any]) -> bool:
-        """The process, peer and flow attributes; True if this host accepted the flow (SERVER)."""
+    def _identity(self, ev: LlmCall | McpMessage, a: dict[str, Any]) -> tuple[bool, Group]:
+        """The peer and flow attributes into ``a``; whether this host accepted the flow (SERVER) and
+        the process's attributes (shared: the caller adds them)."""
         server = ev.direction == Direction.ACCEPT
         if server:
             a[N["server_address"]], a[N["server_port"]] = ev.saddr, ev.sport
@@ -531,11 +533,10 @@ class OtlpSink:
                ev.agent, ev.agent_pid, ev.agent_evidence, ev.container_id, ev.container_runtime, ev.pod_uid)
         proc = self._procs.get(key)
         if proc is None:
-            proc = self._procs[key] = self._process_attrs(ev)
+            proc = self._procs[key] = Group(self._process_attrs(ev))
             if len(self._procs) > 4096:
                 self._procs.clear()
-        a.update(proc)
-        return server
+        return server, proc
 
     @staticmethod
     def _process_attrs(ev: LlmCall | McpMessage) -> dict[str, Any]:
@@ -566,7 +567,7 @@ class OtlpSink:
         return a
 
     @staticmethod
-    def _call_shape(ev: LlmCall) -> tuple[dict[str, Any], str, str | None, tuple[Any, ...]]:
+    def _call_shape(ev: LlmCall) -> tuple[Group, str, str | None, tuple[Any, ...]]:
         """What a call shares with the other calls of its client (API, models, path, status ...):
         the attributes (redacted), the span name, the error type, the metric attributes."""
         op = ev.operation or "chat"
@@ -599,22 +600,22 @@ class OtlpSink:
             a[N["user_agent"]] = _clean(ev.user_agent)
         a[N["api"]] = _clean(ev.api)
         a[N["complete"]] = ev.complete
-        if ev.price_source:
+        if ev.price_source and ev.cost_usd is not None:  # a price source without a cost says nothing
             a[N["price_source"]] = _clean(ev.price_source)
         name = f"{op} {_clean(model)}" if model else op
-        return a, name, error, (op, a.get(N["provider"]), a.get(N["request_model"]), a.get(N["response_model"]))
+        return Group(a), name, error, (op, a.get(N["provider"]), a.get(N["request_model"]), a.get(N["response_model"]))
 
     def _call(self, ev: LlmCall) -> None:
         key = (ev.operation, ev.provider, ev.request_model, ev.response_model, ev.finish_reason, ev.stream,
                ev.error_type, ev.status, ev.complete, ev.method, ev.path, ev.http_version, ev.user_agent, ev.api,
-               ev.price_source)
+               ev.price_source if ev.cost_usd is not None else None)
         shape = self._shapes.get(key)
         if shape is None:
             shape = self._shapes[key] = self._call_shape(ev)
             if len(self._shapes) > 4096:
                 self._shapes.clear()
         base, name, error, mpart = shape
-        a = base.copy()
+        a: dict[str, Any] = {}  # this call's own attributes; the shape's and the process's are shared
         if ev.input_tokens is not None:
             a[_K_IN] = ev.input_tokens
         if ev.output_tokens is not None:
@@ -632,8 +633,6 @@ class OtlpSink:
             a[_K_TOOL_CALLS] = ev.tool_calls
         if ev.cost_usd is not None:
             a[_K_COST] = ev.cost_usd
-        elif _K_PRICE in a:
-            del a[_K_PRICE]  # a price source without a cost says nothing
         if ev.prompt is not None:  # only when content capture is on (the event carries it)
             a[N["input_messages"]] = json.dumps([{"role": "user", "parts": [
                 {"type": "text", "content": redact_text(ev.prompt)}]}])
@@ -643,7 +642,12 @@ class OtlpSink:
             if ev.finish_reason:
                 out["finish_reason"] = redact_text(ev.finish_reason)
             a[N["output_messages"]] = json.dumps([out])
-        server = self._identity(ev, a)
+        server, proc = self._identity(ev, a)
+        own, a = a, SpanAttrs(base)
+        a.update(own)
+        a.update(proc)
+        # the encoder writes the shared parts from their cached bytes (no key may be in two parts)
+        a.parts = (base, own, proc) if len(a) == len(base) + len(own) + len(proc) else None
         end = int(ev.wall_time * 1e9)
         start = end - (ev.duration_ns or 0)
         # Metrics: every call counts, queue or no queue (an aggregate costs no queue slot).
@@ -692,7 +696,8 @@ class OtlpSink:
         if code is not None:
             a[N["rpc_status"]] = str(code)
             a[N["error_type"]] = str(code)
-        server = self._identity(req, a)
+        server, proc = self._identity(req, a)
+        a.update(proc)
         name = f"{_clean(method)} {_clean(req.tool)}" if method and req.tool else (_clean(method) if method else
                                                                                      "mcp response")
         start = int(req.wall_time * 1e9)

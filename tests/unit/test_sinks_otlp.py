@@ -278,7 +278,7 @@ def test_wire_encoder_writes_the_official_message() -> None:
     from opentelemetry.exporter.otlp.proto.common.trace_encoder import encode_spans as official
     from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
 
-    from busted.sinks._otlpwire import encode_spans
+    from busted.sinks._otlpwire import SpanAttrs, encode_spans
 
     call, req, resp = sample_calls(secret=SECRET)
     server = dataclasses.replace(call, direction=Direction.ACCEPT, status=500, input_tokens=-1, cost_usd=1e-300,
@@ -290,7 +290,9 @@ def test_wire_encoder_writes_the_official_message() -> None:
         sink.write(ev)
     sink.close()
     assert len(got) == 6
-    for batch in (got, got[:1], got[3:4]):
+    # the calls' spans take the cached path (shared parts written from their bytes), MCP's the plain one
+    assert [s._attributes.parts is not None for s in got if isinstance(s._attributes, SpanAttrs)] == [True] * 5
+    for batch in (got, got[:1], got[3:4], got[4:]):
         mine = ExportTraceServiceRequest.FromString(encode_spans(batch))
         assert mine == official(batch)
         assert encode_spans(batch) == encode_spans(batch)  # the cache changes nothing
