@@ -3,6 +3,10 @@
 Built on the official ``opentelemetry-sdk`` and ``opentelemetry-exporter-otlp-proto-http`` /
 ``-grpc`` packages (``pip install 'busted[otlp]'``): what every OTLP backend is tested against,
 with the retries, backoff, compression and ``OTEL_*`` environment handling the spec asks for.
+Two of their general mechanisms cost what a per-call audit cannot pay, and are replaced while
+their sending stays: spans are built finished (``ReadableSpan``) and serialized by
+``busted.sinks._otlpwire`` (the same message, pinned by a test), and metrics are aggregated here
+into the SDK's metric data model (docs/outputs.md, "Why these libraries"; docs/benchmarks.md).
 
 * ``LlmCall`` -> one span, kind CLIENT (SERVER for a call this host accepted), named
   ``"{gen_ai.operation.name} {gen_ai.request.model}"``, from the request's first byte to the
