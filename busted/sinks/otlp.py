@@ -864,6 +864,8 @@ class OtlpSink:
                    "(the monitor and the other outputs are not held up)")
 
     def _tell(self, msg: str) -> None:
+        if self._report is not None:  # closed: the report told the end; a retry still running stays quiet
+            return
         if self.on_error is not None:
             try:
                 self.on_error(msg)

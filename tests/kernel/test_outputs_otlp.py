@@ -172,5 +172,5 @@ def test_monitor_with_a_dead_collector_keeps_every_call(lab, tmp_path):
     # the failed export is reported: what was lost, at the end (and a rate-limited line once an
     # export has failed, which may come after the stop: the SDK retries for its timeout first)
     n = len([r for r in rows if r["kind"] == "llm_call"])
-    summary = [ln for ln in text.splitlines() if ln.startswith(f"busted: otlp http://127.0.0.1:{port}")]
+    summary = [ln for ln in text.splitlines() if ln.startswith(f"busted: otlp http://127.0.0.1:{port} (http/protobuf)")]
     assert summary and f"0 spans and 0 log records exported, {n} lost" in summary[-1], text
