@@ -174,3 +174,36 @@ def test_monitor_with_a_dead_collector_keeps_every_call(lab, tmp_path):
     n = len([r for r in rows if r["kind"] == "llm_call"])
     summary = [ln for ln in text.splitlines() if ln.startswith(f"busted: otlp http://127.0.0.1:{port} (http/protobuf)")]
     assert summary and f"0 spans and 0 log records exported, {n} lost" in summary[-1], text
+
+
+def test_lab_otlp_every_call_is_a_span(tmp_path):
+    """`busted lab --otlp`: every call of the demo (SDK clients, curl, streaming and not, HTTP/2,
+    plain-HTTP Ollama, and the fake providers' side) is one span with the call's exact tokens."""
+    with HttpReceiver() as recv:
+        p = subprocess.run([PY, "-m", "busted.cli", "lab", "--otlp", recv.endpoint, "--json"], capture_output=True,
+                           timeout=300)
+        spans = recv.spans()
+        metrics = recv.metrics()
+    err = p.stderr.decode(errors="replace")
+    assert p.returncode == 0, err
+    rows = [json.loads(ln) for ln in p.stdout.decode().splitlines() if ln.startswith("{")]
+    calls = [r for r in rows if r["kind"] == "llm_call"]
+    assert len(calls) >= 10, err
+    by_key = {(s["attrs"]["busted.flow.id"], s["attrs"]["process.pid"], s["start"]): s for s in spans}
+    assert len(by_key) == len(spans) == len(calls), (len(spans), len(calls))
+    for c in calls:
+        end = int(c["wall_time"] * 1e9)
+        s = by_key[(c["flow_id"], c["pid"], end - (c["duration_ns"] or 0))]
+        a = s["attrs"]
+        assert s["kind"] == (CLIENT if c["direction"] == "connect" else 2)
+        assert s["name"] == f"{c['operation'] or 'chat'} {c['request_model'] or c['response_model']}"
+        for field, attr in (("input_tokens", "gen_ai.usage.input_tokens"),
+                            ("output_tokens", "gen_ai.usage.output_tokens"),
+                            ("request_model", "gen_ai.request.model"), ("stream", "gen_ai.request.stream")):
+            assert a.get(attr) == c[field], (field, c, a)
+    assert {s["attrs"].get("gen_ai.provider.name") for s in spans if s["kind"] == CLIENT} >= {
+        "openai", "anthropic", "gcp.gemini", "azure.ai.openai", "ollama"}
+    n_in = sum(1 for c in calls if c["input_tokens"] is not None)
+    assert sum(p["count"] for p in metrics["gen_ai.client.token.usage"]
+               if p["attrs"]["gen_ai.token.type"] == "input") == n_in
+    assert f"busted: otlp {recv.endpoint} (http/protobuf): {len(calls)} spans" in err
