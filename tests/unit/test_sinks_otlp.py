@@ -323,3 +323,14 @@ def test_standard_environment_variables(monkeypatch: pytest.MonkeyPatch) -> None
         sink.close()
         assert r.spans()[0]["resource"]["service.name"] == "audit-7"
         assert all(h.get("x-tenant") == "blue" for _, h, _ in r.raw)
+
+
+def test_cli_refuses_bad_otlp_options_before_the_probes(capsys: pytest.CaptureFixture[str]) -> None:
+    """A malformed endpoint, or --otlp-protocol without --otlp: exit 2 with the reason, before any
+    probe loads (the outputs are opened first)."""
+    from busted.cli import main
+
+    assert main(["monitor", "--otlp", "ftp://127.0.0.1:4318", "--duration", "1"]) == 2
+    assert "expected http(s)://HOST:PORT" in capsys.readouterr().err
+    assert main(["monitor", "--otlp-protocol", "grpc", "--duration", "1"]) == 2
+    assert "--otlp-protocol needs --otlp" in capsys.readouterr().err
