@@ -86,7 +86,7 @@ want=$(sha256sum pyproject.toml | cut -d' ' -f1)
 if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
     log="$venv/pip-install.log"
     if ! { "$venv/bin/python" -m pip install -q --upgrade pip && \
-           "$venv/bin/python" -m pip install -q -e ".[dev,lab,metrics,ui]"; } >"$log" 2>&1; then
+           "$venv/bin/python" -m pip install -q -e ".[dev,lab,metrics,otlp,ui]"; } >"$log" 2>&1; then
         tail -n 40 "$log" >&2
         say "pip install failed; full log in $log" >&2
         exit 1

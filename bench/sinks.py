@@ -1,6 +1,7 @@
 """CPU per event of `busted monitor`'s output paths, offline (no kernel, no root).
 
     .venv/bin/python bench/sinks.py [--connections 20000] [--rounds 5] [--batch 40] [--rate 0] [--no-orjson]
+    .venv/bin/python bench/sinks.py --calls --paths json,json+otlp   # CPU per call exported over OTLP
 
 Feeds synthetic connections (FlowOpened, TlsClientHello, FlowClassified, FlowClosed; a DnsAnswer
 every 5th connection, as a resolver cache would) through the very loop `busted monitor` runs
@@ -14,6 +15,10 @@ them). --no-orjson measures the standard library's encoder. Median and spread ov
 What the Monitor itself costs (decoding, classification) is not in these figures: add the counting
 consumer's figure (docs/benchmarks.md) for the whole process. The "feed" line is the harness alone
 (building nothing, sleeping between batches when paced): subtract it from the others.
+--calls adds an LlmCall (every field an OpenAI chat call has) to each connection; json+otlp exports
+them (--otlp, http/protobuf, busted[otlp]) to an OTLP receiver in a child process that reads and
+discards each request, so its CPU is not ours; (json+otlp - json) x events / calls is the CPU per
+exported call, the SDK's batch threads (encoding, sending) included.
 """
 
 from __future__ import annotations
@@ -41,6 +46,7 @@ from busted.events import (  # noqa: E402
     FlowClassified,
     FlowClosed,
     FlowOpened,
+    LlmCall,
     TlsClientHello,
 )
 
@@ -50,11 +56,25 @@ PATHS: dict[str, list[str] | None] = {
     "json+jsonl": ["--json", "--jsonl", "{d}/events.jsonl"],
     "json+store": ["--json", "--store", "{d}/busted.db"],
     "json+jsonl+store": ["--json", "--jsonl", "{d}/events.jsonl", "--store", "{d}/busted.db"],
+    "json+otlp": ["--json", "--otlp", "{otlp}"],
 }
+# An OTLP/HTTP endpoint that answers 200 to every POST and keeps nothing (child process: its CPU
+# is not the exporter's). Prints its port.
+_RECEIVER = """
+import http.server, sys
+class H(http.server.BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    def log_message(self, *a): pass
+    def do_POST(self):
+        self.rfile.read(int(self.headers.get("Content-Length") or 0))
+        self.send_response(200); self.send_header("Content-Length", "0"); self.end_headers()
+s = http.server.ThreadingHTTPServer(("127.0.0.1", 0), H)
+print(s.server_address[1], flush=True)
+s.serve_forever()
+"""
 
-
-def connections(n: int, t0: float = 1_700_000_000.0) -> list[Event]:
-    """``n`` connections' events, in the order a Monitor yields them."""
+def connections(n: int, t0: float = 1_700_000_000.0, calls: bool = False) -> list[Event]:
+    """``n`` connections' events, in the order a Monitor yields them (``calls``: one LlmCall each)."""
     evs: list[Event] = []
     anc = (Ancestor(pid=0, comm="python3", exe="/usr/bin/python3.11"), Ancestor(pid=900, comm="bash", exe="/bin/bash"),
            Ancestor(pid=1, comm="systemd", exe="/usr/lib/systemd/systemd"))
@@ -80,11 +100,20 @@ def connections(n: int, t0: float = 1_700_000_000.0) -> list[Event]:
                                   hostname="api.openai.com", provider="openai"))
         evs.append(FlowClassified(ts_ns=i * 4 + 3, wall_time=t + 0.0001, **ident, hostname="api.openai.com",
                                   provider="openai", evidence=Evidence.SNI, confidence=0.95))
+        if calls:
+            evs.append(LlmCall(ts_ns=i * 4 + 3, wall_time=t + 0.0009, **ident, hostname="api.openai.com",
+                               provider="openai", evidence=Evidence.SNI, confidence=0.95, api="openai.chat",
+                               operation="chat", method="POST", path="/v1/chat/completions", http_version="1.1",
+                               request_model="gpt-4o-mini", response_model="gpt-4o-mini-2024-07-18",
+                               stream=i % 2 == 0, status=200, input_tokens=120 + i % 50, output_tokens=40 + i % 30,
+                               cache_read_tokens=0, total_tokens=160 + i % 80, finish_reason="stop",
+                               request_bytes=300, response_bytes=900, time_to_first_token_ns=150_000_000,
+                               duration_ns=800_000, user_agent="OpenAI/Python 1.54.0", cost_usd=0.00004,
+                               price_source="genai-prices"))
         evs.append(FlowClosed(ts_ns=i * 4 + 4, wall_time=t + 0.001, **ident, hostname="api.openai.com",
                               provider="openai", evidence=Evidence.SNI, confidence=0.95, bytes_sent=517,
                               bytes_received=4096, duration_ns=1_000_000))
     return evs
-
 
 def _batches(evs: list[Event], size: int, rate: float) -> Iterator[object]:
     start = time.monotonic()
@@ -95,8 +124,7 @@ def _batches(evs: list[Event], size: int, rate: float) -> Iterator[object]:
                 time.sleep(wait)
         yield evs[i] if size <= 1 else evs[i:i + size]  # size 1: one event at a time, as events() gives
 
-
-def run_once(flags: list[str] | None, evs: list[Event], batch: int, rate: float = 0.0) -> float:
+def run_once(flags: list[str] | None, evs: list[Event], batch: int, rate: float = 0.0, otlp: str = "") -> float:
     """Process CPU seconds for the CLI's output loop over ``evs``, outputs opened and closed
     (``flags`` None: only the feed)."""
     import busted
@@ -109,14 +137,17 @@ def run_once(flags: list[str] | None, evs: list[Event], batch: int, rate: float 
     from busted.cli import _parser, _run_monitor, _Sinks
 
     with tempfile.TemporaryDirectory() as d, open(os.devnull, "w") as out:
-        args = _parser().parse_args(["monitor", *(f.format(d=d) for f in flags)])
+        args = _parser().parse_args(["monitor", *(f.format(d=d, otlp=otlp) for f in flags)])
         mon = busted.Monitor()  # not started: only its stats() is read by the loop, as in the CLI
         c0 = time.process_time()
-        with contextlib.redirect_stderr(io.StringIO()):  # the outputs' closing report lines
+        with contextlib.redirect_stderr(io.StringIO()) as err:  # the outputs' closing report lines
             sinks = _Sinks(args)
             _run_monitor(args, out, _batches(evs, batch, rate), mon, sinks)
-        return time.process_time() - c0
-
+        cpu = time.process_time() - c0
+        for line in err.getvalue().splitlines():  # what the exporter says it sent and lost
+            if line.startswith("busted: otlp "):
+                print("  " + line)
+        return cpu
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(allow_abbrev=False, description=__doc__,
@@ -126,6 +157,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--batch", type=int, default=40, help="events taken from the Monitor at once (1: one by one)")
     ap.add_argument("--rate", type=float, default=0.0, help="events/s to feed (0: unpaced)")
     ap.add_argument("--no-orjson", action="store_true", help="encode with the standard library")
+    ap.add_argument("--calls", action="store_true", help="one LlmCall per connection (for json+otlp)")
     ap.add_argument("--paths", default=",".join(PATHS), help="comma-separated: " + ", ".join(PATHS))
     a = ap.parse_args(argv)
     from busted.sinks import _codec
@@ -133,14 +165,32 @@ def main(argv: list[str] | None = None) -> int:
     if a.no_orjson and hasattr(_codec, "_orjson"):
         _codec._orjson = None
     enc = "orjson" if getattr(_codec, "_orjson", None) is not None else "json"
-    evs = connections(a.connections)
-    print(f"{len(evs)} events ({a.connections} connections), batch {a.batch}, rate {a.rate or 'unpaced'}, "
-          f"{a.rounds} rounds, encoder {enc}, python {sys.version.split()[0]}")
-    for name in a.paths.split(","):
-        per = sorted(run_once(PATHS[name], evs, a.batch, a.rate) / len(evs) * 1e6 for _ in range(a.rounds))
-        print(f"{name:<18} {statistics.median(per):6.1f} µs/event  (min {per[0]:.1f}, max {per[-1]:.1f})")
-    return 0
+    evs = connections(a.connections, calls=a.calls)
+    ncalls = sum(1 for e in evs if isinstance(e, LlmCall))
+    otlp = ""
+    recv = None
+    if "json+otlp" in a.paths.split(","):
+        import subprocess
 
+        recv = subprocess.Popen([sys.executable, "-I", "-c", _RECEIVER], stdout=subprocess.PIPE, text=True)
+        otlp = f"http://127.0.0.1:{int(recv.stdout.readline())}"  # type: ignore[union-attr]
+    print(f"{len(evs)} events ({a.connections} connections, {ncalls} calls), batch {a.batch}, "
+          f"rate {a.rate or 'unpaced'}, {a.rounds} rounds, encoder {enc}, python {sys.version.split()[0]}")
+
+    med = {}
+    try:
+        for name in a.paths.split(","):
+            per = sorted(run_once(PATHS[name], evs, a.batch, a.rate, otlp) / len(evs) * 1e6 for _ in range(a.rounds))
+            med[name] = statistics.median(per)
+            print(f"{name:<18} {med[name]:6.1f} µs/event  (min {per[0]:.1f}, max {per[-1]:.1f})")
+    finally:
+        if recv is not None:
+            recv.kill()
+            recv.wait()
+    if ncalls and "json+otlp" in med and "json" in med:
+        print(f"otlp per exported call: {(med['json+otlp'] - med['json']) * len(evs) / ncalls:.1f} µs "
+              "((json+otlp - json) x events / calls)")
+    return 0
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -478,6 +478,12 @@ class _Sinks:
                 self.exporter = PrometheusExporter(args.metrics)
                 self.sinks.append(self.exporter)
                 self.exporter.start()
+            if getattr(args, "otlp", None) is not None:  # --otlp given, with or without an endpoint
+                from busted.sinks.otlp import OtlpSink
+
+                self.sinks.append(OtlpSink(args.otlp or None, args.otlp_protocol, on_error=_warn))
+            elif getattr(args, "otlp_protocol", None):
+                raise UsageError("--otlp-protocol needs --otlp [ENDPOINT]")
             if getattr(args, "ui", None):
                 from busted.web import WebUI  # binds now: a taken port fails before the probes load
 
@@ -508,7 +514,8 @@ class _Sinks:
     @property
     def encodes(self) -> bool:
         """True if an output writes JSON lines (store, JSONL): give write_batch() encoded events."""
-        return any(s is not self.exporter and s is not self.ui for s in self.sinks)
+        return any(s is not self.exporter and s is not self.ui and getattr(s, "wants_encoded", True)
+                   for s in self.sinks)
 
     def write_batch(self, events: Sequence[Event], encoded: Sequence[Any], queue_depth: Callable[[], int]) -> None:
         """One batch to every output: the file outputs get the events encoded once
@@ -522,6 +529,8 @@ class _Sinks:
                 s.set_queue_depth(queue_depth())
             elif s is self.ui:
                 s.write_batch(events)
+            elif not getattr(s, "wants_encoded", True):  # --otlp: the events themselves
+                s.write_encoded(events)
             elif isinstance(s, sinks.JsonlSink):
                 s.write_encoded(encoded, flush=True)
             else:
@@ -1239,6 +1248,11 @@ def _live_flags() -> argparse.ArgumentParser:
     g.add_argument("--ui", nargs="?", const="127.0.0.1:8765", metavar="ADDR",
                    help="serve the web page on ADDR (default 127.0.0.1:8765); the URL to open, with its access "
                    "token, is printed on stderr (docs/outputs.md)")
+    g.add_argument("--otlp", nargs="?", const="", metavar="ENDPOINT", help="also export calls as OpenTelemetry "
+                   "GenAI spans + metrics to this OTLP collector (e.g. http://127.0.0.1:4318; without ENDPOINT: "
+                   "OTEL_EXPORTER_OTLP_ENDPOINT, else localhost; needs busted[otlp]; docs/outputs.md)")
+    g.add_argument("--otlp-protocol", choices=("http/protobuf", "grpc"), help="with --otlp: http/protobuf "
+                   "(default, or OTEL_EXPORTER_OTLP_PROTOCOL) or grpc")
     from busted.policy_cli import add_policy_options  # --policy/--enforce: busted/policy_cli.py
 
     add_policy_options(lp)
