@@ -185,14 +185,21 @@ def test_top_by_agent_moves_a_flow_with_its_classification():
 # -- the CLI with a fake Monitor ---------------------------------------------------------------
 
 
+_MONITOR_SIGNATURE = inspect.signature(busted.Monitor)  # the real one, taken before any test patches it
+
+
 class FakeMonitor:
-    """Stands in for busted.Monitor: records how it was made and started, yields scripted events."""
+    """Stands in for busted.Monitor: records how it was made and started, yields scripted events.
+    Its keywords are bound to the real ``Monitor.__init__`` signature, so a keyword the CLI passes
+    that the Monitor does not take fails here as it would for real (issue 20: a ``**kw`` fake hid
+    CLI/Monitor drift)."""
 
     made: list = []
     script: list = []
     fail_start: BaseException | None = None
 
     def __init__(self, **kw):
+        _MONITOR_SIGNATURE.bind(**kw)  # TypeError: an unexpected keyword argument, as Monitor(**kw)
         self.kw = kw
         self.started = False
         self.closed = False
@@ -220,6 +227,14 @@ class FakeMonitor:
     def events(self, timeout=None, stop_event=None):
         yield from FakeMonitor.script
         FakeMonitor.script = []
+
+
+def test_the_fake_monitor_refuses_what_the_real_one_refuses():
+    with pytest.raises(TypeError, match="no_such_option"):
+        FakeMonitor(no_such_option=1)
+    with pytest.raises(TypeError):
+        busted.Monitor(no_such_option=1)
+    assert FakeMonitor(pid=[1]).kw == {"pid": [1]}
 
 
 @pytest.fixture
