@@ -5,13 +5,20 @@ from __future__ import annotations
 import dataclasses
 import json
 
+import needs
 import pytest
 from test_classify_llm_bodies import ANTH_REQ, ANTH_RESP, JSON, OPENAI_CHAT_REQ, OPENAI_CHAT_RESP, events, run
 
 from busted.classify.prices import Cost, PriceBook, genai_prices_version
 
 VERSION = genai_prices_version()
-needs_genai = pytest.mark.skipif(VERSION is None, reason="genai-prices not installed (extra busted[prices])")
+needs_genai = pytest.mark.usefixtures("genai")
+
+
+@pytest.fixture
+def genai():
+    if VERSION is None:
+        needs.skip("genai-prices not installed (extra busted[prices])")
 
 
 def call(evs):

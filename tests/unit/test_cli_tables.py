@@ -8,13 +8,13 @@ import dataclasses
 import inspect
 import io
 import json
-import os
 import re
 import shutil
 import subprocess
 import sys
 from pathlib import Path
 
+import needs
 import pytest
 from events_factory import IDENT, sample_events
 
@@ -368,12 +368,12 @@ def test_existing_outputs_survive_a_failed_start(fake, tmp_path, capsys):
 
 
 def _as_nobody(code: str) -> subprocess.CompletedProcess:
-    if os.geteuid() != 0 or not shutil.which("setpriv"):
-        pytest.skip("needs root and setpriv to run as uid 65534")
+    needs.root("to run as uid 65534")
+    needs.tool("setpriv")
     argv = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", sys.executable, "-c", code]
     r = subprocess.run(argv, capture_output=True, text=True, cwd=ROOT, timeout=60)
     if "Permission denied" in r.stderr and "busted" not in r.stdout + r.stderr:
-        pytest.skip("the interpreter or checkout is not readable by uid 65534")
+        needs.skip("the interpreter or checkout is not readable by uid 65534")
     return r
 
 

@@ -11,6 +11,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+import needs
 import pytest
 from events_factory import SECRET, sample_calls, sample_events
 from hypothesis import HealthCheck, given, settings
@@ -115,7 +116,7 @@ def test_to_dict_and_redact_as_before_any_event(ev):
 @pytest.fixture(params=["orjson", "stdlib"])
 def encoder(request, monkeypatch):
     if request.param == "orjson":
-        pytest.importorskip("orjson")
+        needs.module("orjson")
     else:
         monkeypatch.setattr(_codec, "_orjson", None)
     return request.param
@@ -150,7 +151,7 @@ def test_orjson_only_for_classes_whose_fields_it_writes_alike():
 
 
 def test_orjson_is_what_encodes_busted_events(monkeypatch):
-    orjson = pytest.importorskip("orjson")
+    orjson = needs.module("orjson")
     calls = []
 
     class Counting:
