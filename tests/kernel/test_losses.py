@@ -127,3 +127,42 @@ def test_dns_over_tcp_read_over_the_capture_limit_is_counted_and_resynced():
     assert answers[0].provider == "openai" and answers[0].transport == "tcp" and answers[0].flow_id is not None
     lost = [e for e in got if isinstance(e, EventsLost) and e.where == LossPlace.PARSE]
     assert len(lost) == 1 and "truncated" in lost[0].detail
+
+
+def test_a_stalled_consumer_with_a_tiny_queue_on_the_real_reader_path():
+    """The reader thread and the BPF ring, not a hand-fed record: with a 32-event queue nobody
+    reads, the reader stops taking records (the kernel ring is the buffer) and the queue stays
+    bounded; once the ring is full the kernel counts what it drops. When the consumer comes
+    back, every connection is either delivered or counted lost: nothing is silent."""
+    from busted import FlowOpened
+
+    n = 400
+    srv = socket.create_server(("127.0.0.1", 0))
+    port = srv.getsockname()[1]
+    with busted.Monitor(queue_size=32, ringbuf_bytes=1 << 14, preexisting=False, classify=False,
+                        pid=os.getpid()) as mon:
+        depths = []
+        for _ in range(n):  # nobody consumes meanwhile
+            c = socket.create_connection(("127.0.0.1", port))
+            s, _ = srv.accept()
+            c.close()
+            s.close()
+            depths.append(mon.stats().queue_depth)
+        assert max(depths) <= 32 and depths[-1] > 0  # filled, and never past its bound
+        kernel_lost = mon._program.losses()[int(LossPlace.KERNEL_RING)]
+        assert kernel_lost > 0, "the ring never filled: the test did not stall the reader"
+
+        def accounted(got):
+            opened = sum(1 for e in got if isinstance(e, FlowOpened) and e.dport == port)
+            lost = sum(e.count for e in got if isinstance(e, EventsLost))
+            return lost >= kernel_lost and opened + lost >= n
+
+        got = _drain_until(mon, accounted, timeout=20)
+        stats = mon.stats()
+    srv.close()
+    opened = sum(1 for e in got if isinstance(e, FlowOpened) and e.dport == port)
+    lost = {p: sum(e.count for e in got if isinstance(e, EventsLost) and e.where == p) for p in LossPlace}
+    assert lost[LossPlace.KERNEL_RING] >= kernel_lost > 0  # reported in the stream, as counted
+    assert stats.lost.get("KERNEL_RING", 0) == lost[LossPlace.KERNEL_RING]
+    assert stats.lost.get("USER_QUEUE", 0) == lost[LossPlace.USER_QUEUE]  # any user-queue drop is in the stream too
+    assert 0 < opened < n and opened + sum(lost.values()) >= n, (opened, lost)
