@@ -20,8 +20,9 @@ fi
 
 # 1. Debian packages. bcc is not on PyPI; python3-bpfcc is built for /usr/bin/python3.
 pkgs=(python3-bpfcc bpfcc-tools bpftool python3-venv iproute2 curl openssl gnutls-bin dnsutils)
-# The web page's tests drive Debian's chromium headless (Playwright never downloads a browser here).
-[ "${1:-}" = test ] && pkgs+=(chromium)
+# Test-only packages: the web page's tests drive Debian's chromium headless (Playwright never
+# downloads a browser here); gcc builds test libraries (tests/unit/test_tlslibs.py) and a spawner.
+[ "${1:-}" = test ] && pkgs+=(chromium gcc)
 missing=()
 for p in "${pkgs[@]}"; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

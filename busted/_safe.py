@@ -12,6 +12,10 @@ Files (the SQLite store, its lock, -wal and -shm, JSONL output and its rotations
   regular file with one link (no hard link to another file), owned by this user and not writable by
   group or others (the rule the bytecode cache applies to its files); else refused.
 
+Input files busted acts on (``--prices``): ``read_input`` reads one only if the file is owned by root
+or this user and writable by nobody else, and its directory (and the real file's, when it is a link)
+passes the directory rule above; otherwise ``UsageError`` says what to fix.
+
 Child interpreters: ``python -m mod`` puts the current directory first on ``sys.path``, so root
 running busted from a directory another user owns would import that user's ``json.py``.
 ``python_argv`` starts children with ``-I`` (no current directory, no ``PYTHON*`` variables, no
@@ -26,10 +30,10 @@ import stat
 import sys
 from pathlib import Path
 
-from busted.errors import StoreError
+from busted.errors import StoreError, UsageError
 
-__all__ = ["CHILD_CWD", "SAFE_PATH", "check_dir", "child_env", "dir_problem", "file_problem", "open_private",
-           "python_argv", "trusted"]
+__all__ = ["CHILD_CWD", "SAFE_PATH", "check_dir", "child_env", "dir_problem", "file_problem", "input_problem",
+           "open_private", "python_argv", "read_input", "trusted"]
 
 SAFE_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 CHILD_CWD = "/"
@@ -92,6 +96,43 @@ def file_problem(st: os.stat_result) -> str | None:
     if not trusted(st):
         return f"is writable by group or others (mode {stat.S_IMODE(st.st_mode):o})"
     return None
+
+
+def input_problem(path: str | os.PathLike[str], st: os.stat_result) -> str | None:
+    """Why an input file (``st``: its ``fstat``) could be changed by another user, or None."""
+    if not stat.S_ISREG(st.st_mode):
+        return "is not a regular file"
+    if st.st_uid not in (0, os.geteuid()):
+        return f"is owned by uid {st.st_uid}"
+    if st.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
+        return f"is writable by group or others (mode {stat.S_IMODE(st.st_mode):o})"
+    dirs = {os.path.dirname(os.path.abspath(path)), os.path.dirname(os.path.realpath(path))}
+    return next((why for why in map(dir_problem, sorted(dirs)) if why), None)
+
+
+def read_input(path: str | os.PathLike[str], flag: str, effect: str, *, limit: int = 16 << 20) -> bytes:
+    """The bytes of an input file busted acts on, read from the descriptor that was checked
+    (``input_problem``); ``UsageError`` naming ``flag``, what another user could do (``effect``)
+    and the fix when the file is not trusted or cannot be read. At most ``limit`` bytes."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK)  # a FIFO must not hang us
+    except OSError as exc:
+        raise UsageError(f"{flag} {path}: cannot read ({exc.strerror})") from exc
+    try:
+        why = input_problem(path, os.fstat(fd))
+        if why:
+            raise UsageError(f"{flag} {path}: {why}: another user could {effect}, and busted runs as root. "
+                             f"Fix: chown root {path}; chmod go-w {path} (and the directories above it), "
+                             "or copy it to a directory only root can write")
+        with os.fdopen(os.dup(fd), "rb") as f:
+            data = f.read(limit + 1)
+    except OSError as exc:
+        raise UsageError(f"{flag} {path}: cannot read ({exc.strerror})") from exc
+    finally:
+        os.close(fd)
+    if len(data) > limit:
+        raise UsageError(f"{flag} {path}: larger than {limit} bytes; is it the right file?")
+    return data
 
 
 def open_private(path: str | os.PathLike[str], flags: int, what: str) -> tuple[int, bool]:

@@ -170,7 +170,7 @@ def security_checks(*, policy: str | None = None, prices: str | None = None, sto
     if policy:
         checks.append(_input_file("--policy", policy, FAIL, "change what is allowed, audited and denied"))
     if prices:
-        checks.append(_input_file("--prices", prices, WARN, "change the costs reported"))
+        checks.append(_input_file("--prices", prices, FAIL, "change the costs reported"))  # the monitor refuses it
     if store:
         checks += _output("--store", store, (".lock", "-wal", "-shm", "-journal"))
     if jsonl and jsonl != "-":

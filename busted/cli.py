@@ -42,8 +42,8 @@ from busted.events import (
     McpMessage,
     TlsClientHello,
 )
-from busted.sinks import dumps as _dumps
 from busted.sinks import encode as _encode_event
+from busted.sinks import redact
 
 __all__ = ["HEADER", "TopTable", "main", "ready_line", "render"]
 
@@ -622,12 +622,11 @@ def _install_sigterm(stop: threading.Event, *, sigint: bool = False) -> None:
 
 
 def _stdout_line(ev: Event, d: dict[str, Any] | None, enc: Any) -> str:
-    """The --json line: the exact ``to_dict()`` ``d`` (not redacted), compact, printable ASCII only.
-    The file outputs' encoding ``enc`` is reused when redaction changed nothing (it almost never
-    does: the events are made with secrets masked)."""
-    if d is None:
-        return _dumps(ev.to_dict(), cls=type(ev))
-    return enc.line if enc is not None and enc.data == d else _dumps(d, cls=type(ev))
+    """The --json line: the event as the file outputs write it (``sinks.encode``: ``to_dict()``
+    with credential-named keys and free-text fields masked), compact, printable ASCII only.
+    ``enc`` is the file outputs' encoding of the event when they made one (reused: one encoding
+    per event for every output); else it is encoded here from ``d`` (its ``to_dict()``, if known)."""
+    return (enc if enc is not None else _encode_event(ev, d)).line
 
 
 _BATCH = 4096  # at most this many events per batch the monitor loop takes from the Monitor
@@ -1060,7 +1059,7 @@ def _run_lab(args: argparse.Namespace, out: TextIO, lab: Any, mon: Any, sinks: _
         sinks.write(ev, mon.stats().queue_depth)
         if _wants(ev, args.provider):
             calls.add(ev)
-            out.write((_json(ev.to_dict()) if as_json else LabCalls.live(ev) or render(ev)) + "\n")
+            out.write((_json(redact(ev.to_dict())) if as_json else LabCalls.live(ev) or render(ev)) + "\n")
             out.flush()
 
     try:

@@ -32,7 +32,7 @@ from busted.busy import Quiet
 from busted.ebpf.loader import CHUNK_BYTES, MAX_FLOWS, RINGBUF_BYTES
 from busted.ebpf.plan import ProbePlan, choose_plan
 from busted.ebpf.probe import Capabilities, mount_tracefs, probe
-from busted.errors import MonitorClosed, PermissionDenied, TracefsNotMounted
+from busted.errors import MonitorClosed, PermissionDenied, TracefsNotMounted, UsageError
 from busted.events import Event, EventsLost, FlowEvent, FlowSummary, LossPlace
 from busted.flows import FlowTable
 from busted.procinfo import ProcCache
@@ -137,7 +137,13 @@ class Monitor:
                                        netns=netns, family=family)
         self._want_pre = preexisting
         self._queue: collections.deque[Event] = collections.deque()
+        if queue_size < 1:
+            raise UsageError(f"queue_size={queue_size}: the Monitor needs a queue of at least 1 event")
         self._queue_size = queue_size
+        # Room kept for the events one record can still produce (a synthesized open + its close, a
+        # hello + its classification, ...); at most a quarter of a small queue, or the reader of a
+        # queue of 16 or fewer would never take a record (it did: events never came).
+        self._headroom = min(16, queue_size // 4)
         self._drain_interval = drain_interval
         self._ringbuf_bytes = ringbuf_bytes
         self._max_flows = max_flows
@@ -507,7 +513,7 @@ class Monitor:
         for _ in range(64):  # bounded: the reader also has losses and the policy to look at
             # Headroom: one record can become a few events (a synthesized open + its close, a
             # hello + its classification, several DNS messages in one TCP read).
-            room = self._queue_size - 16 - len(pending) - len(self._queue)
+            room = self._queue_size - self._headroom - len(pending) - len(self._queue)
             if room <= 0:
                 return
             n = min(room // 4 + 1, 4096)
@@ -541,14 +547,6 @@ class Monitor:
                 prog.set_quiet_peer(c.family, c.addr, c.port, c.expiry_ns, c.direction)
             else:
                 prog.clear_quiet_peer(c.family, c.addr, c.port, c.direction)
-
-    def _on_record(self, raw: bytes) -> int:
-        """One record (for tests that feed records by hand): 0 to go on, -1 when the queue is full."""
-        evs = self._table.feed(raw)
-        if self._policy_rt is not None:
-            evs = self._policy_rt.feed(evs)
-        self._pending.extend(evs)
-        return -1 if len(self._pending) + len(self._queue) >= self._queue_size - 16 else 0
 
     def _flush_pending(self) -> None:
         if not self._pending:

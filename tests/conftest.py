@@ -1,7 +1,6 @@
 """Shared test setup. Kernel-facing tests need root; under CI=true they must never skip."""
 
-import os
-
+import needs
 import pytest
 
 
@@ -13,7 +12,4 @@ def pytest_collection_modifyitems(config, items):
 
 @pytest.fixture(scope="session")
 def root_required():
-    if os.geteuid() != 0:
-        if os.environ.get("CI") == "true":
-            pytest.fail("kernel tests must run as root in CI (they load real BPF)")
-        pytest.skip("needs root: loads real BPF programs")
+    needs.root("kernel tests load real BPF programs")

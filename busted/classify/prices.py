@@ -110,10 +110,15 @@ class PriceBook:
 
     @classmethod
     def from_file(cls, path: str | Path, **kw: Any) -> PriceBook:
-        """Overrides from a JSON or TOML file (by extension; ``.toml`` is TOML, anything else JSON)."""
+        """Overrides from a JSON or TOML file (by extension; ``.toml`` is TOML, anything else JSON).
+        The file must be one only root or this user can change (``busted._safe.read_input``:
+        the costs reported are what it says)."""
+        from busted._safe import read_input
+
         p = Path(path)
+        raw = read_input(p, "--prices", "change the costs reported")
         try:
-            text = p.read_text(encoding="utf-8")
+            text = raw.decode("utf-8")
             data = tomllib.loads(text) if p.suffix.lower() == ".toml" else json.loads(text)
         except (OSError, ValueError) as e:
             raise UsageError(f"cannot read price overrides from {p}: {e}") from e

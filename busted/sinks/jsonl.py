@@ -12,6 +12,12 @@ complete line. When the disk refuses (ENOSPC, EIO, ...) the sink says so at once
 keeps running, keeps at most ``max_backlog`` bytes of lines in memory (newer lines beyond that
 are dropped and counted), retries on each timer tick (space may come back), and ``close()`` never
 raises for it: ``report()`` says how many lines were written and how many lost.
+
+Rotation closes the file and opens a new one at ``path`` with ``busted._safe.open_private``. If that
+open is refused (someone planted a link or a directory there, the directory became unsafe, ...), the
+sink says so (``on_error``), keeps lines in the same bounded backlog, and tries to open the path
+again on the next write and timer tick; lines never go anywhere else (stdout is only for ``path="-"``).
+When it opens again after lines were dropped, an ``EventsLost(where=SINK)`` line records how many.
 """
 
 from __future__ import annotations
@@ -19,12 +25,13 @@ from __future__ import annotations
 import os
 import sys
 import threading
+import time
 from collections.abc import Callable, Iterable
 from typing import Any
 
 from busted._safe import open_private
 from busted.errors import StoreError, UsageError
-from busted.events import Event
+from busted.events import Event, EventsLost, LossPlace
 from busted.sinks._codec import Encoded, encode
 
 __all__ = ["JsonlSink"]
@@ -60,6 +67,9 @@ class JsonlSink:
         self.rotations = 0
         self.last_error: str | None = None
         self._unwritten_at_close = 0
+        self._rotate_failing = False
+        self._rotate_base = 0  # after a failed rotation: the size it failed at (rotation waits max_bytes more)
+        self._reopen_dropped = -1  # while the reopen after a rotation fails: self.dropped when it began
         self._stop = threading.Event()
         self._open()
         self._is_open = True
@@ -75,20 +85,35 @@ class JsonlSink:
             raise StoreError(f"{self.path}: cannot open the JSONL output ({exc.strerror}); check the "
                              "directory exists and is writable, or choose another --jsonl path") from exc
         self._size = os.fstat(self._fd).st_size
+        self._rotate_base = 0
 
-    def _rotate(self) -> None:
+    def _rotate(self) -> str | None:
+        """Rotate; a message to tell if the renames failed (then the same file is appended to, past
+        the limit, and rotation is tried again after another ``max_bytes``). Raises if the path
+        cannot be opened afterwards (``_fd`` is None then)."""
         assert self._fd is not None
         os.close(self._fd)
         self._fd = None
-        if self.backups == 0:
-            os.unlink(self.path)
+        failed: OSError | None = None
+        try:
+            if self.backups == 0:
+                os.unlink(self.path)
+            else:
+                for i in range(self.backups - 1, -1, -1):  # path.(N-1) -> path.N, ..., path -> path.1
+                    src = self.path if i == 0 else f"{self.path}.{i}"
+                    if os.path.exists(src):
+                        os.replace(src, f"{self.path}.{i + 1}")
+        except OSError as exc:
+            failed = exc
         else:
-            for i in range(self.backups - 1, -1, -1):  # path.(N-1) -> path.N, ..., path -> path.1
-                src = self.path if i == 0 else f"{self.path}.{i}"
-                if os.path.exists(src):
-                    os.replace(src, f"{self.path}.{i + 1}")
-        self.rotations += 1
+            self.rotations += 1
         self._open()
+        self._rotate_base = self._size if failed else 0
+        told, self._rotate_failing = self._rotate_failing, failed is not None
+        if failed is None or told:  # told once per failing spell
+            return None
+        return (f"{self.path}: cannot rotate the JSONL output ({failed.strerror or failed}); it grows past its "
+                f"size limit and rotation is tried again after another {self.max_bytes} bytes")
 
     def _tell(self, msg: str) -> None:
         if self.on_error is not None:
@@ -102,59 +127,68 @@ class JsonlSink:
     def write(self, event: Event) -> None:
         line = (encode(event).line + "\n").encode()
         with self._lock:
-            tell = self._add(line)
-        if tell:
-            self._tell(tell)
+            tells = self._add(line)
+        for msg in tells:
+            self._tell(msg)
 
     def write_encoded(self, items: Iterable[Encoded | Event], *, flush: bool = False) -> None:
         """Append events already encoded (``busted.sinks.encode``): their ``line`` is what
         ``write`` would have written (a plain event among them is encoded here). One lock for them
         all; ``flush=True`` writes them out now (the CLI does, once per batch from the Monitor)."""
-        tell = None
+        tells: list[str] = []
         with self._lock:
             for item in items:
                 line = (item if isinstance(item, Encoded) else encode(item)).line
-                tell = self._add((line + "\n").encode()) or tell
+                tells += self._add((line + "\n").encode())
             if flush and self._is_open:
-                tell = self._write_out() or tell
-        if tell:
-            self._tell(tell)
+                tells.append(self._write_out() or "")
+        for msg in tells:
+            if msg:
+                self._tell(msg)
 
-    def _add(self, line: bytes) -> str | None:
+    def _add(self, line: bytes) -> list[str]:
         """Buffer one line (rotating, writing out, or dropping as needed). Caller holds the lock.
-        Returns a message to tell, or None."""
-        tell = None
+        Returns the messages to tell."""
+        tells: list[str | None] = []
         if not self._is_open:
             raise StoreError(f"{self.path}: JSONL sink is closed")
-        if self.path != "-" and self._size + len(self._buf) + len(line) > self.max_bytes and \
-                (self._size or self._buf):
-            tell = self._write_out()
-            if not self._buf and self.last_error is None:
+        if self._fd is None and self.path != "-":
+            tells.append(self._reopen())  # the reopen after a rotation failed: retried on every write
+        size = self._size - self._rotate_base
+        if self.path != "-" and size + len(self._buf) + len(line) > self.max_bytes and (size or self._buf):
+            tells.append(self._write_out())
+            size = self._size - self._rotate_base
+            if not self._buf and self.last_error is None and self._fd is not None and size and \
+                    size + len(line) > self.max_bytes:
                 try:
-                    self._rotate()
-                except OSError as exc:
-                    tell = tell or self._failed(exc, "rotating")
+                    tells.append(self._rotate())
+                except (OSError, StoreError) as exc:  # _fd is None now: the next write opens again
+                    tells.append(self._reopen_failed(exc))
         if len(self._buf) + len(line) > self.max_backlog and self.last_error is None:
-            tell = self._write_out() or tell  # a backlog smaller than a chunk: write out first
+            tells.append(self._write_out())  # a backlog smaller than a chunk: write out first
         if len(self._buf) + len(line) > self.max_backlog:
             self.dropped += 1  # the disk refuses and the backlog is full: newest dropped, counted
         else:
             self._buf += line
             self._buf_lines += 1
             if len(self._buf) >= _CHUNK or self.flush_interval <= 0:
-                tell = self._write_out() or tell
-        return tell
+                tells.append(self._write_out())
+        return [t for t in tells if t]
 
-    def _failed(self, exc: OSError, doing: str) -> str | None:
+    def _failed(self, exc: OSError | StoreError, doing: str) -> str | None:
         """Record a refused write; the message to tell if this starts a failure. Caller holds the lock."""
         first = self.last_error is None
-        self.last_error = f"{exc.strerror or exc} while {doing}"
+        self.last_error = f"{getattr(exc, 'strerror', None) or exc} while {doing}"
         if not first:
             return None
         mib = self.max_backlog / (1 << 20)
         backlog = f"{mib:g} MiB" if mib >= 1 else f"{self.max_backlog} bytes"
-        return (f"{self.path}: cannot write the JSONL output ({self.last_error}; is the disk full?). Up to "
-                f"{backlog} of lines wait in memory and writing is retried every "
+        if isinstance(exc, StoreError) or "reopening" in doing:
+            why = (f"cannot reopen the JSONL output after rotating it ({self.last_error}); remove what is at "
+                   "that path or fix its directory.")
+        else:
+            why = f"cannot write the JSONL output ({self.last_error}; is the disk full?)."
+        return (f"{self.path}: {why} Up to {backlog} of lines wait in memory and writing is retried every "
                 f"{self.flush_interval:g} s; beyond that new lines are dropped and counted.")
 
     def _write_out(self) -> str | None:
@@ -162,6 +196,10 @@ class JsonlSink:
         (a failure starting, or ending), or None."""
         if not self._buf:
             return None
+        if self._fd is None and self.path != "-":  # the reopen after a rotation failed: try again
+            tell = self._reopen()
+            if self._fd is None:
+                return tell
         if self._fd is None:  # stdout
             try:
                 sys.stdout.write(self._buf.decode())
@@ -184,6 +222,36 @@ class JsonlSink:
         self._buf.clear()
         self._buf_lines = 0
         return self._recovered()
+
+    def _reopen_failed(self, exc: OSError | StoreError) -> str | None:
+        """Rotation closed the file and could not open a new one: nothing is written until a later
+        ``_reopen`` succeeds (lines wait in the bounded backlog). Caller holds the lock."""
+        self._fd = None
+        self._size = self._rotate_base = 0
+        if self._reopen_dropped < 0:
+            self._reopen_dropped = self.dropped
+        return self._failed(exc, "reopening it after rotation")
+
+    def _reopen(self) -> str | None:
+        """Try to open the path again after a failed reopen. Caller holds the lock."""
+        try:
+            self._open()
+        except (OSError, StoreError) as exc:
+            return self._reopen_failed(exc)
+        self._note_reopen_losses()
+        return None
+
+    def _note_reopen_losses(self) -> None:
+        """Reopened after a failed one: lines dropped meanwhile go into the file as an EventsLost
+        record ahead of the kept ones (loss is data). Caller holds the lock."""
+        lost = self.dropped - self._reopen_dropped if self._reopen_dropped >= 0 else 0
+        self._reopen_dropped = -1
+        if lost > 0:
+            rec = EventsLost(ts_ns=time.monotonic_ns(), wall_time=time.time(), where=LossPlace.SINK, count=lost,
+                             detail=f"busted.sinks.JsonlSink: {lost} lines dropped while {self.path} could not "
+                                    "be reopened after rotation")
+            self._buf[0:0] = (encode(rec).line + "\n").encode()
+            self._buf_lines += 1
 
     def _keep_whole_lines(self, done: int) -> None:
         """A write stopped after ``done`` bytes: cut the file back to the last whole line and keep

@@ -31,6 +31,7 @@ import json
 import os
 import re
 import sqlite3
+import stat
 import threading
 import time
 import urllib.parse
@@ -38,7 +39,7 @@ from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any, NamedTuple
 
-from busted._safe import file_problem, open_private
+from busted._safe import dir_problem, file_problem, open_private
 from busted.errors import StoreError, UsageError
 from busted.events import (
     DnsAnswer,
@@ -425,6 +426,16 @@ def _used_bytes(db: sqlite3.Connection) -> int:
     return (_one(db, "PRAGMA page_count") - _one(db, "PRAGMA freelist_count")) * _one(db, "PRAGMA page_size")
 
 
+def _read_problem(st: os.stat_result) -> str | None:
+    """Why a store file (``lstat``) must not be read by this user, or None: the output-file rules
+    of busted/_safe.py (not a link, regular, one link, not group/other-writable), except that a
+    file root owns is trusted too (root made the store; any user may query it)."""
+    if st.st_uid == 0 and os.geteuid() != 0 and stat.S_ISREG(st.st_mode) and st.st_nlink == 1:
+        return f"is writable by group or others (mode {stat.S_IMODE(st.st_mode):o})" \
+            if st.st_mode & (stat.S_IWGRP | stat.S_IWOTH) else None
+    return file_problem(st)
+
+
 class Store:
     """SQLite event store; see the module docstring.
 
@@ -567,7 +578,8 @@ class Store:
 
     def _take_lock(self) -> None:
         """One writer per store: an exclusive flock on ``<store>.lock``, held until close. Readers
-        do not take it (they open the database read-only), so they still open while a writer runs."""
+        only probe it with a shared flock for an instant (``_writer_running``), so a refusal is
+        retried for up to 0.2 s before it is taken for another writer."""
         lock = self.path.parent / (self.path.name + ".lock")
         try:
             fd, _ = open_private(lock, os.O_RDWR, "--store")  # busted/_safe.py: no links, 0600, ours
@@ -575,7 +587,14 @@ class Store:
             raise StoreError(f"{self.path}: cannot open the writer lock {lock} ({exc.strerror}); this user must "
                              "be able to write it and its directory (or read with `busted query`)") from exc
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            for attempt in range(20):  # bounded: a reader's probe lasts microseconds
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    break
+                except BlockingIOError:
+                    if attempt == 19:
+                        raise
+                    time.sleep(0.01)
         except OSError as exc:
             holder = os.pread(fd, 32, 0).decode("ascii", "replace").strip() or "?"
             os.close(fd)
@@ -636,9 +655,27 @@ class Store:
         return version
 
     def _check_readable(self) -> None:
-        if not self.path.exists():
+        """Before the first read: the store, its directory and its -wal/-shm/-journal must not be
+        under another user's control (busted/_safe.py rules; a file may be root's or ours). A reader
+        as root in a directory someone else can write would let SQLite open (and truncate) a
+        planted ``-shm`` link, or read a database that user shaped."""
+        try:
+            st = os.lstat(self.path)
+        except FileNotFoundError:
             raise StoreError(f"{self.path}: no such store; write one with "
-                             f"`busted monitor --store {self.path}`")
+                             f"`busted monitor --store {self.path}`") from None
+        why = _read_problem(st)
+        where = dir_problem(self.path.parent.absolute())
+        if why or where:
+            raise StoreError(f"{self.path}: {why or where}; refusing to read a store another user controls. "
+                             "Copy it to a directory only you (or root) can write and query the copy, or "
+                             "query it as the user who owns it")
+        for suffix in ("-wal", "-shm", "-journal"):
+            with contextlib.suppress(FileNotFoundError):
+                why = _read_problem(os.lstat(f"{self.path}{suffix}"))
+                if why:
+                    raise StoreError(f"{self.path}{suffix}: {why}; refusing to read the store. Remove it "
+                                     "if no busted is writing the store, or query it as its owner")
         with self._reader() as db:
             try:
                 version = self._check_version(db)
@@ -646,20 +683,54 @@ class Store:
                 raise self._error(exc, "opening read-only") from exc
         self.schema_version = version
 
+    def _writer_running(self) -> bool:
+        """Whether a writer holds ``<store>.lock`` (True when that cannot be told). The probe takes a
+        shared flock for an instant; ``_take_lock`` retries briefly, so a writer starting then waits."""
+        try:
+            fd = os.open(f"{self.path}.lock", os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+        except FileNotFoundError:
+            return False  # every writer creates it before opening the database
+        except OSError:
+            return True
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except OSError:
+            return True
+        finally:
+            os.close(fd)  # releases the shared lock, if taken
+        return False
+
+    def _ro_connect_uri(self) -> str:
+        """``mode=ro``, plus ``immutable=1`` when no writer runs and no WAL holds data: then SQLite
+        takes no locks and creates no ``-shm``/``-wal`` next to the store. With a writer, the
+        ``-shm`` is its own (created 0600 by ``_own_files``). With a WAL left by a writer that
+        stopped uncleanly, its ``-shm`` is created here first, 0600 and never through a link."""
+        if self._writer_running():
+            return self._ro_uri
+        try:
+            wal = os.lstat(f"{self.path}-wal").st_size
+        except FileNotFoundError:
+            wal = 0
+        if not wal:
+            return self._ro_uri + "&immutable=1"
+        with contextlib.suppress(OSError):  # cannot write there: SQLite says so, as before
+            os.close(open_private(f"{self.path}-shm", os.O_RDWR, "--store")[0])
+        return self._ro_uri
+
     def _connect_ro(self) -> sqlite3.Connection:
-        db = sqlite3.connect(self._ro_uri, uri=True, timeout=self.busy_timeout, check_same_thread=False)
+        uri = self._ro_connect_uri()
+        db = sqlite3.connect(uri, uri=True, timeout=self.busy_timeout, check_same_thread=False)
         try:
             _one(db, "SELECT count(*) FROM sqlite_master")
         except sqlite3.OperationalError as exc:
             db.close()
-            # A WAL store with no writer and no -shm file, in a directory we may not write (e.g. made
-            # by root): read it as immutable -- safe, since nobody is writing it.
+            # A WAL store with no -shm file, in a directory we may not write (e.g. made by root),
+            # while the writer lock cannot be read: read it as immutable if no WAL holds data.
             msg = str(exc)
-            if ("unable to open" not in msg and "readonly" not in msg) or \
+            if ("unable to open" not in msg and "readonly" not in msg) or "immutable" in uri or \
                     (self.path.parent / (self.path.name + "-wal")).exists():
                 raise
-            self._ro_uri += "&immutable=1"
-            db = sqlite3.connect(self._ro_uri, uri=True, timeout=self.busy_timeout, check_same_thread=False)
+            db = sqlite3.connect(uri + "&immutable=1", uri=True, timeout=self.busy_timeout, check_same_thread=False)
         return db
 
     class _Conn:

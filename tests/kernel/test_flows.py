@@ -5,6 +5,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 from conftest import Peer, collect
@@ -155,7 +156,10 @@ def test_kprobe_tier_compiles_and_verifies():
     try:
         fns = ("bst_kp_connect", "bst_kp_accept_ret", "bst_kp_close", "bst_kp_send_out", "bst_kp_recv_out")
         for fn in fns:
-            assert bytecode.load_function(comp, loaded, fn, 2) >= 0  # BPF_PROG_TYPE_KPROBE
+            fd = bytecode.load_function(comp, loaded, fn, 2)
+            # the kernel holds it as a loaded program of that type (an fd >= 0 alone cannot fail)
+            info = Path(f"/proc/self/fdinfo/{fd}").read_text()
+            assert "prog_type:\t2\n" in info, info  # BPF_PROG_TYPE_KPROBE
     finally:
         loaded.close()
 

@@ -4,6 +4,7 @@ the lab, against fake providers that answer with exact usage numbers (docs/lab.m
 max(1, len(body) // 4), output = the request's max tokens, clamped to 1..64, else 8)."""
 
 import json
+import subprocess
 import sys
 import time
 
@@ -164,25 +165,27 @@ def test_plain_http_ollama(lab, mon):
 
 def test_non_llm_https_yields_no_call_and_stops_in_the_kernel(lab, mon):
     code = """
-import http.client, ssl, time
+import http.client, ssl, sys
 c = http.client.HTTPSConnection("www.example-nonllm.test", 443, context=ssl.create_default_context())
 for i in range(20):
     c.request("GET", "/index.html?i=%d" % i)
     c.getresponse().read()
     if i == 0:
         print("FIRST", flush=True)
-        time.sleep(1.0)
+        sys.stdin.readline()  # the test says when the verdict is in the kernel (no fixed sleep)
 """
     before = mon.stats().plaintext_records
-    p = lab.spawn_client(["/usr/bin/python3", "-c", code])
+    p = lab.spawn_client(["/usr/bin/python3", "-c", code], stdin=subprocess.PIPE)
     assert p.stdout.readline().strip() == b"FIRST"
-    deadline = time.monotonic() + 5
+    deadline = time.monotonic() + 10
     skipped = 0
     while time.monotonic() < deadline and not skipped:
-        list(mon.events(timeout=0.1))
+        list(mon.events(timeout=0.05))
         skipped = len(mon._program.maps["pt_skip"])
-    p.communicate(timeout=20)
-    got = [e for e in (list(mon.events(timeout=1.0))) if isinstance(e, LlmCall | FlowClosed) and e.pid == p.pid]
+    p.communicate(b"go\n", timeout=20)
+    got, end = [], time.monotonic() + 10  # until the client's connection is seen closed
+    while time.monotonic() < end and not any(isinstance(e, FlowClosed) for e in got):
+        got += [e for e in mon.events(timeout=0.05) if isinstance(e, LlmCall | FlowClosed) and e.pid == p.pid]
     assert skipped >= 1  # the verdict reached the kernel while the connection was open
     assert not [e for e in got if isinstance(e, LlmCall)]
     # the 19 later exchanges were not copied to user space
@@ -232,9 +235,10 @@ def test_mcp_client_server_over_streamable_http(mon, tmp_path):
                 time.sleep(0.1)
         client = subprocess.run([PY, "-c", MCP_CLIENT, str(port)], capture_output=True, timeout=60)
         assert client.returncode == 0 and client.stdout.strip() == b"5", client.stderr[-2000:]
-        got, end = [], time.monotonic() + 5
-        while time.monotonic() < end:
-            got += [e for e in mon.events(timeout=0.2) if isinstance(e, McpMessage)]
+        got, end = [], time.monotonic() + 10
+        want = {("initialize", None), ("tools/call", "add")}
+        while time.monotonic() < end and not want <= {(m.jsonrpc_method, m.tool) for m in got if m.dport == port}:
+            got += [e for e in mon.events(timeout=0.05) if isinstance(e, McpMessage)]
     finally:
         server.terminate()
         server.wait(10)

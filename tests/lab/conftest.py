@@ -4,17 +4,12 @@
 except under CI=true where not being root is a failure).
 """
 
-import os
-
+import needs
 import pytest
 
 
 def _require_root() -> None:
-    if os.geteuid() != 0:
-        if os.environ.get("CI") == "true":
-            pytest.fail("the network lab tests must run as root in CI (namespaces, veths, port 53/443)",
-                        pytrace=False)
-        pytest.skip("needs root: the network lab creates network namespaces")
+    needs.root("the network lab creates network namespaces, veths, servers on ports 53/443")
 
 
 @pytest.fixture(scope="session")

@@ -5,13 +5,20 @@ from __future__ import annotations
 import dataclasses
 import json
 
+import needs
 import pytest
 from test_classify_llm_bodies import ANTH_REQ, ANTH_RESP, JSON, OPENAI_CHAT_REQ, OPENAI_CHAT_RESP, events, run
 
 from busted.classify.prices import Cost, PriceBook, genai_prices_version
 
 VERSION = genai_prices_version()
-needs_genai = pytest.mark.skipif(VERSION is None, reason="genai-prices not installed (extra busted[prices])")
+needs_genai = pytest.mark.usefixtures("genai")
+
+
+@pytest.fixture
+def genai():
+    if VERSION is None:
+        needs.skip("genai-prices not installed (extra busted[prices])")
 
 
 def call(evs):
@@ -89,3 +96,40 @@ def test_without_genai_prices_only_overrides_price():
     assert not pb.has_genai_prices
     assert pb.cost(model="gpt-4o", input_tokens=10**6, output_tokens=0, provider="openai").usd == 1.0
     assert pb.cost(model="claude-sonnet-4-5", input_tokens=10, output_tokens=1, provider="anthropic") is None
+
+
+@pytest.mark.parametrize("plant", ["owned-by-nobody", "group-writable", "world-writable-directory",
+                                   "link-into-writable-directory"])
+def test_a_price_file_another_user_can_change_is_refused(tmp_path, plant):
+    """Issue 17: --prices was read as root whatever its owner; a user able to write it chooses the
+    costs reported. Same trust rule as the bytecode cache (busted/_safe.py)."""
+    import os
+
+    from busted import Monitor
+    from busted.errors import UsageError
+
+    d = tmp_path / "etc"
+    d.mkdir(mode=0o755)
+    p = d / "prices.json"
+    p.write_text(json.dumps({"openai": {"gpt-4o": {"input_per_mtok": 2.0}}}))
+    p.chmod(0o644)
+    PriceBook.from_file(p)  # ours, 0644, in a directory only we write: fine
+    given = p
+    if plant == "owned-by-nobody":
+        os.chown(p, 65534, 65534)
+    elif plant == "group-writable":
+        p.chmod(0o664)
+    elif plant == "world-writable-directory":
+        d.chmod(0o777)
+    else:
+        shared = tmp_path / "shared"
+        shared.mkdir(mode=0o777)
+        shared.chmod(0o777)
+        real = shared / "p.json"
+        real.write_text(p.read_text())
+        given = d / "link.json"
+        given.symlink_to(real)
+    for load in (PriceBook.from_file, lambda f: Monitor(prices=f)):
+        with pytest.raises(UsageError, match="another user could change the costs reported") as ei:
+            load(given)
+        assert str(given) in str(ei.value) and "--prices" in str(ei.value) and "chmod go-w" in str(ei.value)

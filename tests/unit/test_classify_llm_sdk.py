@@ -8,7 +8,7 @@ request and the fixture are then turned into HTTP events for the tracker. No net
 from __future__ import annotations
 
 import httpx
-import pytest
+import needs
 from test_classify_llm_bodies import (
     ANTH_RESP,
     ANTH_STREAM,
@@ -20,9 +20,9 @@ from test_classify_llm_bodies import (
     run,
 )
 
-openai = pytest.importorskip("openai")
-anthropic = pytest.importorskip("anthropic")
-httpx2 = pytest.importorskip("httpx2")
+openai = needs.module("openai", module_level=True)
+anthropic = needs.module("anthropic", module_level=True)
+httpx2 = needs.module("httpx2", why="the anthropic SDK's httpx fork", module_level=True)
 
 OPENAI_KEY = "sk-proj-TESTKEY000000000000000000"
 ANTH_KEY = "sk-ant-api03-TESTKEY0000000000000000"

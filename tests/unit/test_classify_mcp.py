@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 
+import needs
 from test_classify_llm_bodies import (
     JSON,
     MCP_CALL,
@@ -114,10 +115,9 @@ def test_record_fields():
 
 def test_fixtures_and_sdk_built_messages_are_valid_mcp():
     """The official SDK's types accept our fixtures, and messages it builds are recognised."""
-    import pytest
 
-    types = pytest.importorskip("mcp.types")
-    pydantic = pytest.importorskip("pydantic")
+    types = needs.module("mcp.types")
+    pydantic = needs.module("pydantic")
     ta = pydantic.TypeAdapter(types.JSONRPCMessage)
     got = [type(ta.validate_json(b)).__name__ for b in (MCP_INIT, MCP_INIT_RESULT, MCP_INITIALIZED, MCP_CALL,
                                                          MCP_ERROR)]

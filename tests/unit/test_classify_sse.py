@@ -149,6 +149,13 @@ def test_event_stream_mutations_never_raise(noise, which):
     for b in noise[:20]:
         data[rnd.randrange(len(data))] = b
     d = EventStreamDecoder()
-    d.feed(bytes(data[:which * 30]))
-    d.feed(bytes(data[which * 30:]) + noise)
-    assert d.messages >= 0
+    got = d.feed(bytes(data[:which * 30]))
+    got += d.feed(bytes(data[which * 30:]) + noise)
+    # What comes out is the frames the mutations left intact, up to the first damaged one (random
+    # bytes do not make a valid CRC), in order, each counted once; a damaged frame stops decoding
+    # and says why.
+    ref = EventStreamDecoder().feed(b"".join(FRAMES))
+    offsets = [sum(map(len, FRAMES[:i])) for i in range(len(FRAMES))]
+    intact = next((i for i, f in enumerate(FRAMES) if bytes(data[offsets[i]:offsets[i] + len(f)]) != f), len(FRAMES))
+    assert got == ref[:intact] and d.messages == intact
+    assert d.broken is not None or intact == len(FRAMES)  # (trailing noise may break it after the last)

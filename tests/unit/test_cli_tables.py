@@ -8,13 +8,13 @@ import dataclasses
 import inspect
 import io
 import json
-import os
 import re
 import shutil
 import subprocess
 import sys
 from pathlib import Path
 
+import needs
 import pytest
 from events_factory import IDENT, sample_events
 
@@ -185,14 +185,21 @@ def test_top_by_agent_moves_a_flow_with_its_classification():
 # -- the CLI with a fake Monitor ---------------------------------------------------------------
 
 
+_MONITOR_SIGNATURE = inspect.signature(busted.Monitor)  # the real one, taken before any test patches it
+
+
 class FakeMonitor:
-    """Stands in for busted.Monitor: records how it was made and started, yields scripted events."""
+    """Stands in for busted.Monitor: records how it was made and started, yields scripted events.
+    Its keywords are bound to the real ``Monitor.__init__`` signature, so a keyword the CLI passes
+    that the Monitor does not take fails here as it would for real (issue 20: a ``**kw`` fake hid
+    CLI/Monitor drift)."""
 
     made: list = []
     script: list = []
     fail_start: BaseException | None = None
 
     def __init__(self, **kw):
+        _MONITOR_SIGNATURE.bind(**kw)  # TypeError: an unexpected keyword argument, as Monitor(**kw)
         self.kw = kw
         self.started = False
         self.closed = False
@@ -220,6 +227,14 @@ class FakeMonitor:
     def events(self, timeout=None, stop_event=None):
         yield from FakeMonitor.script
         FakeMonitor.script = []
+
+
+def test_the_fake_monitor_refuses_what_the_real_one_refuses():
+    with pytest.raises(TypeError, match="no_such_option"):
+        FakeMonitor(no_such_option=1)
+    with pytest.raises(TypeError):
+        busted.Monitor(no_such_option=1)
+    assert FakeMonitor(pid=[1]).kw == {"pid": [1]}
 
 
 @pytest.fixture
@@ -353,12 +368,12 @@ def test_existing_outputs_survive_a_failed_start(fake, tmp_path, capsys):
 
 
 def _as_nobody(code: str) -> subprocess.CompletedProcess:
-    if os.geteuid() != 0 or not shutil.which("setpriv"):
-        pytest.skip("needs root and setpriv to run as uid 65534")
+    needs.root("to run as uid 65534")
+    needs.tool("setpriv")
     argv = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", sys.executable, "-c", code]
     r = subprocess.run(argv, capture_output=True, text=True, cwd=ROOT, timeout=60)
     if "Permission denied" in r.stderr and "busted" not in r.stdout + r.stderr:
-        pytest.skip("the interpreter or checkout is not readable by uid 65534")
+        needs.skip("the interpreter or checkout is not readable by uid 65534")
     return r
 
 

@@ -62,7 +62,7 @@ def test_policy_and_prices_files_another_user_can_change(tmp_path, nobody_dir):
     p = _one(checks, "--policy")
     assert p["status"] == "FAIL" and f"owned by uid {NOBODY}" in p["detail"] and "chown root" in p["detail"]
     pr = _one(checks, "--prices")
-    assert pr["status"] == "WARN" and "writable by group or others" in pr["detail"]
+    assert pr["status"] == "FAIL" and "writable by group or others" in pr["detail"]  # the monitor refuses it
     in_theirs = nobody_dir / "policy.toml"
     in_theirs.write_text("")
     assert _one(_run("--policy", str(in_theirs))[1], "--policy")["status"] == "FAIL"  # their directory

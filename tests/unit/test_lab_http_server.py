@@ -2,21 +2,27 @@
 
 import gzip
 import json
-import shutil
 import socket
 import ssl
 import subprocess
 
+import needs
 import pytest
 
-pytest.importorskip("cryptography")
-h2 = pytest.importorskip("h2")
-httpx = pytest.importorskip("httpx")
+needs.module("cryptography", module_level=True)
+h2 = needs.module("h2", module_level=True)
+httpx = needs.module("httpx", module_level=True)
+needs.module("h2", why="httpx's HTTP/2 extra (httpx[http2])", module_level=True)
 
 from busted.lab.http_server import LabHTTPServer, Listener, make_tls_context  # noqa: E402
 from busted.lab.pki import LabCA  # noqa: E402
 
-needs_curl = pytest.mark.skipif(shutil.which("curl") is None, reason="curl not installed")
+needs_curl = pytest.mark.usefixtures("curl_tool")
+
+
+@pytest.fixture
+def curl_tool():
+    return needs.tool("curl")
 
 
 @pytest.fixture(scope="module")
@@ -187,8 +193,8 @@ def test_log_is_bounded_and_empty_without_requests(lab_tls):
         assert [r["path"] for r in small.requests()] == ["/n1", "/n2"]
 
 
-@pytest.mark.skipif(shutil.which("gnutls-cli") is None, reason="gnutls-cli not installed")
 def test_answer_after_client_close_notify(srv):
+    needs.tool("gnutls-cli")
     # gnutls-cli sends close_notify once stdin ends, before the answer: a half-close, still answered
     req = b"GET /?m=halfclose HTTP/1.1\r\nHost: localhost\r\n\r\n"
     r = subprocess.run(["gnutls-cli", "--x509cafile", str(srv.ca_path), "-p", str(srv.tls_port), "localhost"],

@@ -5,10 +5,12 @@ check only what it adds (the bounded queue, back-pressure, filters, kernel loss 
 real kernel side is tested in tests/kernel.
 """
 
+import collections
 import socket
 
 import pytest
 
+import busted
 from busted import Direction, EventsLost, FlowClosed, FlowOpened, LossPlace, Monitor
 from busted.ebpf.layout import FL, FLOW, REC_CLOSE, REC_HDR, REC_OPEN
 from busted.flows import FlowTable
@@ -135,14 +137,18 @@ def test_fast_constructed_events_equal_normal_ones(table):
 
 
 class FakeProgram:
+    """The kernel side, scripted: ``ring`` holds raw records the Monitor's real reader path
+    (``_drain`` -> ``_read_ring`` -> ``_flush_pending``) takes, as it takes them from BPF."""
+
     def __init__(self):
         self.lost = {1: 0, 2: 0}
+        self.ring = collections.deque()
 
     def wait(self, ms):
-        return False
+        return bool(self.ring)
 
     def read(self, limit):
-        return []
+        return [self.ring.popleft() for _ in range(min(limit, len(self.ring)))]
 
     def losses(self):
         return dict(self.lost)
@@ -163,7 +169,9 @@ def monitor(**kw):
 
 
 def mfeed(m, raw):
-    return m._on_record(raw)
+    """One record through the reader thread's own path: into the (fake) kernel ring, one drain."""
+    m._program.ring.append(raw)
+    m._drain(0)
 
 
 def drain(m):
@@ -188,10 +196,32 @@ def test_queue_overflow_is_counted_and_reported():
 
 
 def test_a_full_queue_stops_the_drain_instead_of_dropping():
-    m = monitor(queue_size=40)
-    rets = [mfeed(m, rec(REC_OPEN, A, 0x300 + i)) for i in range(30)]
-    # stops with headroom (16) left for the events one record can still produce
-    assert rets[:23] == [0] * 23 and rets[23] == -1
+    """The reader takes records from the ring only while the queue has room (headroom 16 for the
+    events one record can still produce); the rest wait in the ring, nothing is dropped."""
+    m = monitor(queue_size=64)
+    m._program.ring.extend(rec(REC_OPEN, A, 0x300 + i) for i in range(60))
+    m._drain(0)
+    assert len(m._queue) == 64 - 16 and len(m._program.ring) == 60 - 48
+    m._drain(0)  # still full: nothing more is taken
+    assert len(m._queue) == 48 and len(m._program.ring) == 12
+    got = drain(m)  # the consumer takes; the next drain reads the rest
+    m._drain(0)
+    got += drain(m)
+    assert len(got) == 60 and all(isinstance(e, FlowOpened) for e in got) and len({e.flow_id for e in got}) == 60
+    assert m.stats().lost.get("USER_QUEUE", 0) == 0 and not m._program.ring
+
+
+@pytest.mark.parametrize("size", [1, 4, 8, 16])
+def test_a_small_queue_still_reads(size):
+    """The 16-event headroom made a queue of 16 or fewer never take a record from the ring."""
+    m = monitor(queue_size=size)
+    got = []
+    for i in range(2 * size):
+        mfeed(m, rec(REC_OPEN, A, 0x600 + i))
+        got += drain(m)
+    assert len(got) == 2 * size and m.stats().lost.get("USER_QUEUE", 0) == 0
+    with pytest.raises(busted.UsageError, match="queue_size=0"):
+        Monitor(queue_size=0)
 
 
 def test_kernel_losses_reach_the_stream():

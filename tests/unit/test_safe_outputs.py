@@ -61,8 +61,11 @@ def test_jsonl_through_a_symlink_is_refused(tmp_path):
 
 
 def test_cli_jsonl_through_a_symlink_exits_2_before_the_monitor(tmp_path, monkeypatch, capsys):
+    import inspect
+
     made = []
-    monkeypatch.setattr(busted, "Monitor", lambda **kw: made.append(kw))
+    sig = inspect.signature(busted.Monitor)  # the fake takes what the real Monitor takes, no more
+    monkeypatch.setattr(busted, "Monitor", lambda **kw: made.append(sig.bind(**kw)))
     target = _root_only(tmp_path / "shadow")
     (tmp_path / "out.jsonl").symlink_to(target)
     rc = main(["monitor", "--jsonl", str(tmp_path / "out.jsonl"), "--duration", "0"], out=io.StringIO())
@@ -147,3 +150,69 @@ def test_an_existing_private_output_is_appended_to(tmp_path):
     with JsonlSink(p):
         pass
     assert p.read_bytes() == b'{"kind":"old"}\n' and _mode(p) == 0o640
+
+
+# -- busted query: reading a store as root ---------------------------------------------------------
+
+
+def _store(d):
+    from events_factory import sample_events
+
+    p = d / "q.db"
+    with Store(p) as s:
+        s.write_many(sample_events())
+    return p
+
+
+def test_query_creates_nothing_next_to_an_idle_store(tmp_path):
+    """A read-only open in WAL mode made SQLite create -shm and -wal next to the store (as root)."""
+    p = _store(tmp_path)
+    before = sorted(os.listdir(tmp_path))
+    out = io.StringIO()
+    assert main(["query", "--store", str(p), "--json"], out=out) == 0
+    assert '"flow_id": 4242' in out.getvalue()  # the flows table: one flow
+    with Store.open_readonly(p) as r:
+        assert len(list(r.events())) == 6
+    assert sorted(os.listdir(tmp_path)) == before  # no -shm, no -wal
+
+
+def test_query_while_a_writer_runs_sees_its_rows(tmp_path):
+    from events_factory import sample_events
+
+    p = tmp_path / "w.db"
+    with Store(p) as w:
+        w.write_many(sample_events())
+        w.flush()
+        with Store.open_readonly(p) as r:  # not immutable: the WAL holds the rows
+            assert len(list(r.events())) == 6
+        w.write_many(sample_events(flow_id=2))
+        w.flush()
+        with Store.open_readonly(p) as r:
+            assert len(list(r.events())) == 12
+
+
+@pytest.mark.parametrize("plant", ["store-owned-by-nobody", "store-group-writable", "directory-world-writable",
+                                   "shm-symlink", "store-symlink"])
+def test_query_refuses_a_store_another_user_controls(tmp_path, plant, capsys):
+    d = tmp_path / "shared"
+    d.mkdir(mode=0o755)
+    p = _store(d)
+    victim = _root_only(tmp_path / "victim")
+    target = p
+    if plant == "store-owned-by-nobody":
+        os.chown(p, NOBODY, NOBODY)
+    elif plant == "store-group-writable":
+        p.chmod(0o660)
+    elif plant == "directory-world-writable":
+        d.chmod(0o777)
+    elif plant == "shm-symlink":
+        (d / "q.db-shm").symlink_to(victim)
+    else:
+        target = d / "link.db"
+        target.symlink_to(p)
+    with pytest.raises(StoreError, match="refusing to read") as ei:
+        Store.open_readonly(target)
+    assert str(target) in str(ei.value)
+    assert main(["query", "--store", str(target)], out=io.StringIO()) == 2
+    assert "refusing to read" in capsys.readouterr().err
+    assert victim.read_bytes() == b"ROOT ONLY\n" and _mode(victim) == 0o600

@@ -4,6 +4,7 @@ import builtins
 from dataclasses import dataclass
 from typing import ClassVar
 
+import needs
 import pytest
 from events_factory import sample_events
 
@@ -12,7 +13,7 @@ from busted.dataframe import frame_from_dicts, to_dataframe
 from busted.errors import EnvironmentProblem
 from busted.events import Event
 
-pd = pytest.importorskip("pandas")
+pd = needs.module("pandas", module_level=True)
 
 
 def test_columns_and_rows():

@@ -13,6 +13,7 @@ import tempfile
 import time
 from pathlib import Path
 
+import needs
 import pytest
 from events_factory import sample_events
 
@@ -23,13 +24,12 @@ from busted.sinks import JsonlSink, Store
 
 @contextlib.contextmanager
 def small_tmpfs(size: str):
-    if os.geteuid() != 0:
-        pytest.skip("mounting a tmpfs needs root")
+    needs.root("mounting a tmpfs")
     d = tempfile.mkdtemp(prefix="busted-full-")
     r = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", d], capture_output=True, text=True)
     if r.returncode != 0:
         os.rmdir(d)
-        pytest.skip(f"cannot mount a tmpfs here: {r.stderr.strip()}")
+        needs.skip(f"cannot mount a tmpfs here: {r.stderr.strip()}")
     try:
         yield Path(d)
     finally:

@@ -221,3 +221,51 @@ def test_llm_calls_round_trip_and_their_secrets_are_masked(tmp_path):
                      user_agent="OpenAI/Python 1.54.0 [REDACTED]", prompt="hello [REDACTED]")
     assert got[3:] == [masked, *dirty[1:]]
     assert [e.kind for e in got] == ["llm_call", "mcp_message", "mcp_message"] * 2
+
+
+@pytest.mark.parametrize("plant", ["unsafe-directory", "directory-at-backup"])
+def test_failed_reopen_after_rotation_is_told_counted_retried_never_stdout(tmp_path, capsys, plant):
+    """A rotation whose new file cannot be opened left ``_fd`` None, which ``_write_out`` took for
+    stdout (and a refused open raised StoreError out of write()): lines must wait or be counted
+    as lost, never go to stdout, and the open is retried on later writes."""
+    import os
+
+    from busted import EventsLost, LossPlace
+
+    d = tmp_path / "out"
+    d.mkdir(mode=0o700)
+    p = d / "r.jsonl"
+    msgs: list[str] = []
+    evs = sample_events()
+    s = JsonlSink(p, max_bytes=3000, backups=1, flush_interval=0, max_backlog=2000, on_error=msgs.append)
+    try:
+        if plant == "unsafe-directory":  # open_private refuses a directory others may write (no sticky bit)
+            os.chmod(d, 0o777)
+        else:  # path -> path.1 cannot be renamed over a non-empty directory
+            (d / "r.jsonl.1").mkdir()
+            (d / "r.jsonl.1" / "x").write_text("")
+        for _ in range(30):  # well past max_bytes: a rotation is attempted and fails
+            for ev in evs:
+                s.write(ev)  # never raises
+        assert msgs, "the failed rotation was not told"
+        assert str(p) in msgs[0] and ("cannot reopen" if plant == "unsafe-directory" else "cannot rotate") in msgs[0]
+        assert len(msgs) == 1, msgs  # told once, not per write
+        assert capsys.readouterr().out == ""  # nothing went to stdout
+        if plant == "unsafe-directory":
+            assert s.dropped > 0 and s.last_error is not None  # backlog 2000 bytes: the rest counted
+            dropped = s.dropped
+            os.chmod(d, 0o700)  # fixed: the next write opens the path again
+            s.write(evs[0])
+            s.flush()
+            lines = [json.loads(ln) for ln in p.read_text().splitlines()]
+            lost = [ln for ln in lines if "JsonlSink" in ln.get("detail", "")]
+            assert len(lost) == 1 and lost[0]["count"] == dropped and lost[0]["where"] == "sink"
+            assert isinstance(event_from_dict(lost[0]), EventsLost) and LossPlace.SINK.name.lower() == "sink"
+            assert "writes again" in msgs[-1]
+    finally:
+        os.chmod(d, 0o700)
+        s.close()
+    rep = s.report()
+    assert rep["lost"] == s.dropped and capsys.readouterr().out == ""
+    if plant == "directory-at-backup":  # nothing lost: every line in the (oversized) file
+        assert rep["lost"] == 0 and len(p.read_text().splitlines()) == rep["written"] == 30 * len(evs)

@@ -4,6 +4,7 @@ import socket
 import urllib.request
 from dataclasses import replace
 
+import needs
 import pytest
 from events_factory import sample_events
 
@@ -12,7 +13,7 @@ from busted.errors import BustedError, UsageError
 from busted.events import Direction, DnsRecord, EventsLost, LossPlace
 from busted.sinks import PrometheusExporter, Sink
 
-prometheus_client = pytest.importorskip("prometheus_client")
+prometheus_client = needs.module("prometheus_client", module_level=True)
 
 NOWHO = {"agent": "none", "container": "none"}  # no agent recognised, not in a container
 

@@ -9,6 +9,7 @@ from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import ClassVar
 
+import needs
 import pytest
 from events_factory import sample_events
 from hypothesis import HealthCheck, given, settings
@@ -612,7 +613,7 @@ def test_codec_errors():
 
 
 def test_store_dataframes(tmp_path):
-    pd = pytest.importorskip("pandas")
+    pd = needs.module("pandas")
     p = tmp_path / "d.db"
     with Store(p) as s:
         s.write_many(sample_events(flow_id=1) + sample_events(t0=1_800_000_000.0, flow_id=2, pid=7))
@@ -638,13 +639,12 @@ def test_store_dataframes(tmp_path):
 
 def test_a_reader_who_cannot_write_the_directory(tmp_path):
     """A store made by root (the monitor), read by an unprivileged user after the writer is gone."""
-    import os
     import shutil
     import subprocess
     import sys
 
-    if os.geteuid() != 0 or not shutil.which("setpriv"):
-        pytest.skip("needs root and setpriv to read as another user")
+    needs.root("to read as another user")
+    needs.tool("setpriv")
     d = Path(tempfile.mkdtemp(prefix="busted-ro-"))
     try:
         d.chmod(0o755)
@@ -657,7 +657,7 @@ def test_a_reader_who_cannot_write_the_directory(tmp_path):
         argv = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", sys.executable, "-c", code]
         r = subprocess.run(argv, capture_output=True, text=True, cwd=Path(__file__).parents[2], timeout=60)
         if "Permission denied" in r.stderr and "s.db" not in r.stderr:
-            pytest.skip("the interpreter or checkout is not readable by uid 65534")
+            needs.skip("the interpreter or checkout is not readable by uid 65534")
         assert r.stdout.split() == ["6", "openai"], r.stderr
     finally:
         shutil.rmtree(d)

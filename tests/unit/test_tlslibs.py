@@ -5,11 +5,11 @@ import os
 import shutil
 import subprocess
 
-import pytest
+import needs
 
 from busted.ebpf.tlslibs import exported_symbols, kind_of, scan_pid
 
-pytestmark = pytest.mark.skipif(shutil.which("gcc") is None, reason="needs gcc to build test libraries")
+needs.tool("gcc", module_level=True)  # builds the test libraries
 
 
 def build(tmp_path, name, code):
@@ -53,7 +53,6 @@ def test_scan_pid_reads_maps_and_exe(tmp_path):
 
 def test_symbol_offsets_are_kept_between_runs_under_the_trust_rules(tmp_path, monkeypatch):
     import os
-    import shutil
 
     from busted.ebpf import tlslibs
 
