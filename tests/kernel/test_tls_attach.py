@@ -25,14 +25,24 @@ int SSL_write_ex(void *s, const void *b, unsigned long n, unsigned long *w) { re
 int SSL_read_ex(void *s, void *b, unsigned long n, unsigned long *r) { return 1; }
 """
 
-# Maps the library given, says "ok", and lives until its stdin closes (at most 120 s).
+# Maps the library given (and connects to 127.0.0.1:PORT if given), says "ok", and lives until its
+# stdin closes (at most 120 s).
 MAPPER = r"""
 #include <dlfcn.h>
 #include <stdio.h>
+#include <stdlib.h>
 #include <unistd.h>
+#include <arpa/inet.h>
+#include <sys/socket.h>
 int main(int argc, char **argv) {
     alarm(120);
     if (!dlopen(argv[1], RTLD_NOW)) { fprintf(stderr, "%s\n", dlerror()); return 1; }
+    if (argc > 2) {
+        int s = socket(AF_INET, SOCK_STREAM, 0);
+        struct sockaddr_in a = {0};
+        a.sin_family = AF_INET; a.sin_port = htons(atoi(argv[2])); a.sin_addr.s_addr = htonl(0x7f000001);
+        if (connect(s, (struct sockaddr *)&a, sizeof a) != 0) { perror("connect"); return 1; }
+    }
     printf("ok\n"); fflush(stdout);
     char c; while (read(0, &c, 1) > 0) {}
     return 0;
@@ -320,3 +330,37 @@ def test_no_attachment_outlives_close_started_during_an_attach(built, tmp_path, 
     assert perf_fds() == base, results
     assert program.attach_tls_library(files[0], "openssl") is False
     assert perf_fds() == base
+
+
+def test_monitor_reports_refused_libraries_as_losses(built, mappers, tmp_path, monkeypatch):
+    """Through the Monitor: processes that map their own fake libssl and connect; past the bound
+    (BUSTED_MAX_TLS_LIBRARIES) each file is an EventsLost(TLS_LIBRARY) in the stream and in stats()."""
+    import socket
+
+    import busted
+    from busted.events import EventsLost
+
+    monkeypatch.setenv("BUSTED_MAX_TLS_LIBRARIES", "4")
+    srv = socket.socket()
+    srv.bind(("127.0.0.1", 0))
+    srv.listen(64)
+    port = srv.getsockname()[1]
+    lost = 0
+    with busted.Monitor(preexisting=False) as mon:
+        for i in range(8):
+            path = tmp_path / f"libssl.so.{i}"
+            shutil.copy(built / "libssl.so.3", path)
+            mappers.start([str(built / "mapper"), str(path), str(port)])
+        deadline = time.monotonic() + 20
+        refused = 0
+        while time.monotonic() < deadline:
+            for ev in mon.events(timeout=0.2):
+                if isinstance(ev, EventsLost) and ev.where.name == "TLS_LIBRARY":
+                    lost += ev.count
+            refused = mon.stats().lost.get("TLS_LIBRARY", 0)
+            if refused >= 4 and lost == refused:
+                break
+        files = mon.stats().tls_libraries
+    srv.close()
+    assert len(files) <= 4
+    assert refused >= 4 and lost == refused  # 8 files, at most 4 probed (system ones first)
