@@ -43,7 +43,7 @@ __all__ = ["MAX_FLOWS", "MAX_TLS_LIBRARIES", "RINGBUF_BYTES", "FlowProgram", "bu
 RINGBUF_BYTES = 4 << 20
 MAX_FLOWS = 65536
 CHUNK_BYTES = 16384  # plaintext bytes per ring record (the TLS record size)
-# Distinct TLS library files (inodes) probed at most; each costs up to 8 perf fds, a uprobe on the
+# Distinct TLS library files (inodes) probed at most; each costs up to 8 links (or perf fds), uprobes on the
 # file and, at close, a detach that waits for an RCU grace period. BUSTED_MAX_TLS_LIBRARIES changes it.
 MAX_TLS_LIBRARIES = 32
 _TLS_FAILED_MAX = 256  # reasons kept for files that could not be probed
