@@ -1,8 +1,9 @@
 """LLM calls from plaintext: which TLS libraries to probe, and per flow, bytes -> LlmCall/McpMessage.
 
-``TlsScanner`` attaches the plaintext uprobes to the TLS library files processes use: all of them
+``TlsScanner`` attaches the plaintext uprobes to the TLS library files processes map: all of them
 at start, then, in its own thread, those of each process that opens its first flow (a new venv's
-OpenSSL, a node binary). Files already probed cover new processes from their first call.
+OpenSSL, a node binary). Files already probed cover new processes from their first call. One
+attachment per file (device, inode), a bounded number of them, a bounded scan rate.
 
 ``reader_factory`` makes the per-flow reader the FlowTable feeds with plaintext.
 """
@@ -10,7 +11,9 @@ OpenSSL, a node binary). Files already probed cover new processes from their fir
 from __future__ import annotations
 
 import collections
+import os
 import threading
+import time
 from typing import Any
 
 from cachetools import LRUCache
@@ -19,20 +22,28 @@ __all__ = ["TlsScanner", "reader_factory"]
 
 
 class TlsScanner:
-    """Finds TLS library files (busted.ebpf.tlslibs) and attaches the program's uprobes to them."""
+    """Finds TLS library files (busted.ebpf.tlslibs) and attaches the program's uprobes to them.
 
-    def __init__(self, program: Any, *, max_queue: int = 4096) -> None:
+    Any local user can start processes that map files of their choosing, so the work is bounded:
+    at most ``scans_per_s`` processes are scanned per second (the rest wait in a bounded queue;
+    beyond it they are counted as lost), at most ``tlslibs.MAX_CANDIDATES_PER_PID`` files per
+    process, each file inspected once per identity, and the program probes at most
+    ``max_tls_libraries`` distinct files (refusals counted: ``LossPlace.TLS_LIBRARY``)."""
+
+    def __init__(self, program: Any, *, max_queue: int = 4096, scans_per_s: float = 200.0) -> None:
         self._program = program
         self._seen: LRUCache[int, bool] = LRUCache(maxsize=65536)  # pids already scanned
         self._queue: collections.deque[int] = collections.deque(maxlen=max_queue)
         self._wake = threading.Event()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        self._rate = max(1.0, scans_per_s)
         self.dropped = 0  # pids not scanned because the queue was full
+        self.scanned = 0  # pids scanned
 
     @property
     def files(self) -> dict[str, str]:
-        """Attached files: path -> "openssl" | "gnutls"."""
+        """Attached files: path (as a process names it) -> "openssl" | "gnutls"."""
         return dict(self._program.tls_files)
 
     @property
@@ -40,12 +51,48 @@ class TlsScanner:
         return dict(self._program.tls_failed)
 
     def scan_all(self) -> None:
-        from busted.ebpf.tlslibs import load_symbol_cache, save_symbol_cache, scan
+        """At start: the system's libraries, then what every running process maps."""
+        from busted.ebpf.tlslibs import load_symbol_cache, save_symbol_cache, system_libraries
 
         load_symbol_cache()
-        for path, kind in scan().items():
+        for path, kind in system_libraries().items():
             self._program.attach_tls_library(path, kind)
+        try:
+            pids = [int(n) for n in os.listdir("/proc") if n.isdigit()]
+        except OSError:
+            pids = []
+        for pid in pids:
+            self._seen[pid] = True
+            self.scan_pid(pid)
         save_symbol_cache()
+
+    def scan_pid(self, pid: int) -> None:
+        """Probe the TLS libraries ``pid`` maps (and its executable if it embeds OpenSSL)."""
+        from busted.ebpf.tlslibs import inspect_fd, mapped_candidates, open_candidate
+
+        prog = self._program
+        self.scanned += 1
+        try:
+            cands, over = mapped_candidates(pid)
+        except Exception:  # the process is gone or unreadable: nothing to attach
+            return
+        if over:
+            prog.count_tls_loss(over)
+        for c in cands:
+            if c.dev and prog.tls_known((c.dev, c.ino)):
+                continue  # probed already (or refused, counted once): not even opened again
+            fd = open_candidate(c)  # exactly the file mapped, never a path resolved again
+            if fd is None:
+                continue
+            try:
+                got = inspect_fd(fd)
+                if got is None or got.kind is None or (c.exe and got.kind != "openssl"):
+                    continue  # only OpenSSL embedded in an executable is looked for (node and kin)
+                prog.attach_tls_fd(fd, got.key, got.kind, got.offsets, c.path)
+            except Exception:  # recorded in tls_failed by the program; never fatal
+                pass
+            finally:
+                os.close(fd)
 
     def saw(self, pid: int) -> None:
         """A flow was opened by ``pid``: scan it once (in the scanner thread)."""
@@ -53,7 +100,8 @@ class TlsScanner:
             return
         self._seen[pid] = True
         if len(self._queue) == self._queue.maxlen:
-            self.dropped += 1
+            self.dropped += 1  # the oldest waiting pid goes unscanned
+            self._program.count_tls_loss(1)
         self._queue.append(pid)
         self._wake.set()
 
@@ -68,22 +116,23 @@ class TlsScanner:
             self._thread.join(timeout=5)
 
     def _run(self) -> None:
-        from busted.ebpf.tlslibs import scan_pid
-
+        tokens, last = self._rate, time.monotonic()
         while not self._stop.is_set():
             self._wake.wait(1.0)
             self._wake.clear()
             while self._queue and not self._stop.is_set():
-                pid = self._queue.popleft()
-                try:
-                    found = scan_pid(pid)
-                except Exception:  # the process is gone or unreadable: nothing to attach
+                now = time.monotonic()
+                tokens = min(self._rate, tokens + (now - last) * self._rate)
+                last = now
+                if tokens < 1.0:  # over the rate: wait (the queue is bounded), stop stays responsive
+                    self._stop.wait((1.0 - tokens) / self._rate)
                     continue
-                for path, kind in found.items():
-                    try:
-                        self._program.attach_tls_library(path, kind)
-                    except Exception:  # recorded in tls_failed by the program; never fatal
-                        pass
+                tokens -= 1.0
+                try:
+                    pid = self._queue.popleft()
+                except IndexError:
+                    break
+                self.scan_pid(pid)
 
 
 def reader_factory(*, capture_content: int = 0, prices: Any = None) -> Any:

@@ -71,6 +71,7 @@ class LossPlace(enum.IntEnum):
     KERNEL_MISS = 6  # the kernel skipped a BPF program (recursion), or a flow end it never reported
     PLAINTEXT = 7  # plaintext not followed: a call larger than the copy limit, or never joined to a flow
     SINK = 8  # an output (store, JSONL file) could not keep them: disk full, I/O error, its backlog full
+    TLS_LIBRARY = 9  # a TLS library not probed for plaintext (the bound on probed files), or a process not scanned
 
 
 # Values to_dict() passes through as they are (exact types: an IntEnum is an int subclass and is

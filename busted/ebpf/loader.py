@@ -11,10 +11,14 @@ from __future__ import annotations
 import atexit
 import errno
 import os
+import platform
 import struct
+import threading
 import time
 import weakref
 from importlib import resources
+
+from cachetools import LRUCache
 
 from busted.ebpf import bpfsys, bytecode
 from busted.ebpf.bpfsys import prog_recursion_misses
@@ -23,19 +27,41 @@ from busted.ebpf.plan import ProbePlan
 from busted.ebpf.records import decode_flow_value
 from busted.errors import (
     BccNotInstalled,
+    EnvironmentProblem,
     KernelHeadersMissing,
     PermissionDenied,
     ProbeLoadError,
     ProbeUnavailable,
     UsageError,
 )
+from busted.events import LossPlace
 
-__all__ = ["MAX_FLOWS", "RINGBUF_BYTES", "FlowProgram", "build_source"]
+__all__ = ["MAX_FLOWS", "MAX_TLS_LIBRARIES", "RINGBUF_BYTES", "FlowProgram", "build_source",
+           "check_architecture"]
 
 # Defaults shared by Monitor, FlowProgram and `busted doctor --ebpf` (which must print what loads).
 RINGBUF_BYTES = 4 << 20
 MAX_FLOWS = 65536
 CHUNK_BYTES = 16384  # plaintext bytes per ring record (the TLS record size)
+# Distinct TLS library files (inodes) probed at most; each costs up to 8 links (or perf fds), uprobes on the
+# file and, at close, a detach that waits for an RCU grace period. BUSTED_MAX_TLS_LIBRARIES changes it.
+MAX_TLS_LIBRARIES = 32
+_TLS_FAILED_MAX = 256  # reasons kept for files that could not be probed
+
+# The ring reader (bpfsys.RingReader) reads the kernel's producer position, then the records it
+# covers, and stores the consumer position with plain loads and stores: correct under x86-64's
+# total store order only (Python cannot issue the acquire/release barriers weaker CPUs need).
+_ORDERED_MACHINES = ("x86_64", "amd64")
+
+
+def check_architecture(machine: str | None = None) -> None:
+    """Refuse a machine whose memory ordering the ring reader does not handle (see above)."""
+    machine = machine or platform.machine()
+    if machine.lower() not in _ORDERED_MACHINES:
+        raise EnvironmentProblem(
+            f"busted runs on x86-64 only; this machine is {machine!r}. Its BPF ring buffer reader relies "
+            "on x86-64's store ordering, and reading it here could return half-written records. Run "
+            "busted on an x86-64 host (the events can be sent elsewhere: --jsonl, --store).")
 
 _BYTES_FILES = {"tracepoint": "bytes_tp.c", "syscall": "bytes_syscall.c", "kprobe": "bytes_kprobe.c"}
 _LIFECYCLE_FILES = {"tracepoint": "lifecycle_tp.c", "kprobe": "lifecycle_kprobe.c"}
@@ -176,15 +202,28 @@ class FlowProgram:
     reads the ring buffer through shared memory. No BCC here."""
 
     def __init__(self, plan: ProbePlan, *, ringbuf_bytes: int = RINGBUF_BYTES, max_flows: int = MAX_FLOWS,
-                 chunk_bytes: int = CHUNK_BYTES, busy_host: bool = False) -> None:
+                 chunk_bytes: int = CHUNK_BYTES, busy_host: bool = False,
+                 max_tls_libraries: int | None = None) -> None:
+        check_architecture()
         self.plan = plan
         self.busy_host = busy_host
         self.source = build_source(plan, ringbuf_bytes=ringbuf_bytes, max_flows=max_flows,
                                    chunk_bytes=chunk_bytes, busy_host=busy_host)
-        self.tls_files: dict[str, str] = {}  # path -> "openssl" | "gnutls": attached
-        self.tls_failed: dict[str, str] = {}  # path -> why not
+        self.tls_files: dict[str, str] = {}  # label (path as a process names it) -> "openssl" | "gnutls"
+        self.tls_failed: LRUCache[str, str] = LRUCache(maxsize=_TLS_FAILED_MAX)  # path -> why not
+        self.tls_refused = 0  # TLS libraries (or processes) not probed: the bound, the scan's own bounds
+        self.max_tls_libraries = _max_tls_libraries() if max_tls_libraries is None else max_tls_libraries
         self.attached: list[str] = []
         self._links: list[int] = []  # perf-event fds: closing them detaches
+        # TLS attachments, one set per file (st_dev, st_ino) whatever path or namespace reached it.
+        # The lock orders them with close(): none starts once close() has begun, and close() takes
+        # the sets only after an attachment in progress is complete (so each one is detached).
+        self._tls_lock = threading.Lock()
+        self._tls_sets: dict[tuple[int, int], list[int]] = {}
+        self._tls_refused_keys: LRUCache[tuple[int, int], bool] = LRUCache(maxsize=65536)
+        self._closing = False
+        self._uprobe_multi: bool | None = None  # None: not tried yet
+        self._multi_error = ""
         self._loaded: bytecode.Loaded | None = None
         self._ring: bpfsys.RingReader | None = None
         from busted.ebpf.probe import _has_cap_bpf
@@ -226,10 +265,11 @@ class FlowProgram:
     def prog_fds(self) -> list[int]:
         return list(self._loaded.progs.values()) if self._loaded is not None else []
 
-    def _prog(self, fn: str, prog_type: int) -> int:
+    def _prog(self, fn: str, prog_type: int, expected_attach_type: int = 0) -> int:
         assert self._loaded is not None
         try:
-            return bytecode.load_function(self.compiled, self._loaded, fn, prog_type)
+            return bytecode.load_function(self.compiled, self._loaded, fn, prog_type,
+                                          expected_attach_type=expected_attach_type)
         except bpfsys.BpfError as exc:
             if exc.errno == errno.EPERM:
                 raise PermissionDenied(f"loading {fn}: {exc}") from exc
@@ -281,37 +321,117 @@ class FlowProgram:
             raise ProbeLoadError(f"cannot attach tracepoint {tp}: {exc}") from exc
         self.attached.append(f"tracepoint:{tp}")
 
-    def attach_tls_library(self, path: str, kind: str) -> bool:
-        """Attach the plaintext uprobes to one library file (or executable that exports the
-        symbols); every process that maps it, now or later, is covered. False (with the reason
-        in ``tls_failed``) if it cannot be done; idempotent per path."""
-        if self.plan.plaintext != "uprobe" or path in self.tls_files or path in self.tls_failed:
-            return path in self.tls_files
-        from busted.ebpf.tlslibs import symbol_offsets
+    def attach_tls_library(self, path: str, kind: str | None = None) -> bool:
+        """Attach the plaintext uprobes to the library file (or executable that exports the
+        symbols) at ``path``, a trusted path (the system's libraries); see ``attach_tls_fd``."""
+        if self.plan.plaintext != "uprobe":
+            return False
+        from busted.ebpf.tlslibs import inspect_fd, open_path
 
-        offsets = symbol_offsets(path)
-        done: list[str] = []
-        links: list[int] = []
+        fd = open_path(path)
+        if fd is None:
+            self._failed(path, "cannot open it as a regular file")
+            return False
         try:
-            for sym, fn_in, fn_out in _TLS_HOOKS[kind]:
-                if sym not in offsets:
-                    continue
-                for fn, ret in ((fn_in, False), (fn_out, True)):
-                    links.append(bpfsys.perf_attach_probe("uprobe", path, offsets[sym],
-                                                          self._prog(fn, _PROG_KPROBE), ret=ret))
-                done.append(sym)
-        except (bpfsys.BpfError, ProbeLoadError, PermissionDenied) as exc:
-            for fd in links:
-                _close(fd)
-            self.tls_failed[path] = f"{type(exc).__name__}: {exc}"
+            got = inspect_fd(fd)
+            if got is None or got.kind is None or (kind is not None and got.kind != kind):
+                self._failed(path, "no TLS symbols exported")
+                return False
+            return self.attach_tls_fd(fd, got.key, got.kind, got.offsets, path)
+        finally:
+            os.close(fd)
+
+    def _attach_uprobe(self, fn: str, target: str, offset: int, ret: bool) -> int:
+        """One uprobe: a BPF uprobe_multi link where the kernel has them (they detach in parallel,
+        see bpfsys.uprobe_multi_link), else a perf event. Called with the TLS lock held."""
+        assert self._loaded is not None
+        if self._uprobe_multi is not False:
+            try:
+                fd = bpfsys.uprobe_multi_link(self._prog(fn, _PROG_KPROBE, bpfsys.TRACE_UPROBE_MULTI), target,
+                                              [offset], ret=ret)
+                self._uprobe_multi = True
+                return fd
+            except (bpfsys.BpfError, ProbeLoadError) as exc:
+                if self._uprobe_multi:  # they worked before: this file's problem, not the kernel's
+                    raise
+                self._uprobe_multi = False  # an older kernel: perf-event uprobes from now on
+                self._multi_error = str(exc)
+                self._unload_tls_progs()
+        return bpfsys.perf_attach_probe("uprobe", target, offset, self._prog(fn, _PROG_KPROBE), ret=ret)
+
+    def _unload_tls_progs(self) -> None:
+        """Forget the TLS programs loaded for uprobe_multi links (their attach type differs)."""
+        assert self._loaded is not None
+        names = {f for hooks in _TLS_HOOKS.values() for _, a, b in hooks for f in (a, b)}
+        for name in names & set(self._loaded.progs):
+            _close(self._loaded.progs.pop(name))
+
+    @property
+    def tls_inodes(self) -> list[tuple[int, int]]:
+        """(st_dev, st_ino) of every file the plaintext uprobes are attached to."""
+        return list(self._tls_sets)
+
+    def tls_known(self, key: tuple[int, int]) -> bool:
+        """Whether the file (st_dev, st_ino) is probed already or was refused: nothing to do."""
+        return key in self._tls_sets or key in self._tls_refused_keys
+
+    def count_tls_loss(self, n: int = 1) -> None:
+        """Count TLS libraries (or processes) the scanner left unprobed (LossPlace.TLS_LIBRARY)."""
+        with self._tls_lock:
+            self.tls_refused += n
+
+    def _failed(self, label: str, why: str) -> None:
+        self.tls_failed[label] = why
+
+    def attach_tls_fd(self, fd: int, key: tuple[int, int], kind: str, offsets: dict[str, int],
+                      label: str) -> bool:
+        """Attach the plaintext uprobes to the file open at ``fd`` (``key`` its (st_dev, st_ino),
+        ``offsets`` where its TLS functions are); every process that maps it, now or later, in any
+        mount namespace, is covered. One attachment set per key; at most ``max_tls_libraries``
+        keys: a new one beyond is refused and counted once (``losses()``, TLS_LIBRARY). False if
+        not attached (the reason in ``tls_failed``); nothing is attached once close() began."""
+        if self.plan.plaintext != "uprobe" or kind not in _TLS_HOOKS:
             return False
-        if not done:
-            self.tls_failed[path] = "no TLS symbols exported"
-            return False
-        self._links.extend(links)
-        self.tls_files[path] = kind
-        self.attached.append(f"uprobe:{path}:{'+'.join(done)}")
-        return True
+        with self._tls_lock:
+            if self._closing:
+                return False
+            if key in self._tls_sets:
+                return True
+            if key in self._tls_refused_keys:
+                return False
+            if len(self._tls_sets) >= self.max_tls_libraries:
+                self._tls_refused_keys[key] = True
+                self.tls_refused += 1
+                self._failed(label, f"not probed: {self.max_tls_libraries} TLS libraries are probed already "
+                             "(BUSTED_MAX_TLS_LIBRARIES)")
+                return False
+            done: list[str] = []
+            links: list[int] = []
+            # The kernel resolves this path to the open file itself: the inode we inspected, not
+            # whatever a path names by now.
+            target = f"/proc/self/fd/{fd}"
+            try:
+                for sym, fn_in, fn_out in _TLS_HOOKS[kind]:
+                    if sym not in offsets:
+                        continue
+                    for fn, ret in ((fn_in, False), (fn_out, True)):
+                        links.append(self._attach_uprobe(fn, target, offsets[sym], ret))
+                    done.append(sym)
+            except (bpfsys.BpfError, ProbeLoadError, PermissionDenied) as exc:
+                _close_many(links)
+                self._tls_refused_keys[key] = True  # tried once; a failure is counted, not retried
+                self.tls_refused += 1
+                self._failed(label, f"{type(exc).__name__}: {exc}")
+                return False
+            if not done:
+                self._failed(label, "no TLS symbols exported")
+                return False
+            self._tls_sets[key] = links
+            if label in self.tls_files:  # another file at the same path (another container)
+                label = f"{label} [{os.major(key[0])}:{os.minor(key[0])}:{key[1]}]"
+            self.tls_files[label] = kind
+            self.attached.append(f"uprobe:{label}:{'+'.join(done)}")
+            return True
 
     def skip_plaintext(self, sk: int, open_ns: int) -> None:
         """Stop copying the plaintext of the flow on socket ``sk`` opened at ``open_ns`` (judged:
@@ -380,6 +500,8 @@ class FlowProgram:
         for place in (LOSS_RING, LOSS_MAP):
             out[place] = sum(_U64.unpack_from(v)[0] for v in table.lookup_percpu(_U32.pack(place)))
         out[LOSS_MISS] = self.recursion_misses()
+        if self.tls_refused:
+            out[LossPlace.TLS_LIBRARY.value] = self.tls_refused
         return out
 
     def recursion_misses(self) -> int:
@@ -408,10 +530,15 @@ class FlowProgram:
         return self.maps["flows"].delete(_U64.pack(sk))
 
     def close(self) -> None:
+        with self._tls_lock:  # waits for an attachment in progress; none starts after this
+            self._closing = True
+            links, self._links = self._links, []
+            for fds in self._tls_sets.values():
+                links.extend(fds)
+            self._tls_sets.clear()
         if self._ring is not None:
             self._ring.close()
             self._ring = None
-        links, self._links = self._links, []
         _close_many(links)  # detach first, then programs and maps
         if self._loaded is not None:
             self._loaded.close()
@@ -420,6 +547,14 @@ class FlowProgram:
 
 _U32 = struct.Struct("<I")
 _U64 = struct.Struct("<Q")
+
+
+def _max_tls_libraries() -> int:
+    try:
+        return max(0, int(os.environ.get("BUSTED_MAX_TLS_LIBRARIES", MAX_TLS_LIBRARIES)))
+    except ValueError:
+        raise UsageError("BUSTED_MAX_TLS_LIBRARIES must be a whole number (distinct TLS library "
+                         f"files probed at most; default {MAX_TLS_LIBRARIES})") from None
 
 
 def _close(fd: int) -> None:

@@ -102,3 +102,28 @@ def test_consumer_position_is_never_seen_torn(ring) -> None:
     os.waitpid(child, 0)
     assert n > 1000, "the sampling process did not run"
     assert bad == 0, f"{bad} of {n} samples saw a torn consumer position"
+
+
+@pytest.mark.parametrize("machine", ["aarch64", "arm64", "ppc64le", "riscv64"])
+def test_monitor_start_refuses_a_machine_whose_ordering_the_reader_does_not_handle(monkeypatch, machine) -> None:
+    """The reader's position loads and stores are ordered by x86-64's TSO only: elsewhere the
+    program is refused before anything is loaded, with what to do in the message."""
+    import platform
+
+    from busted.ebpf import loader, probe
+    from busted.ebpf.plan import ProbePlan
+    from busted.errors import EnvironmentProblem
+
+    monkeypatch.setattr(platform, "machine", lambda: machine)
+    monkeypatch.setattr(probe, "_has_cap_bpf", lambda: False)  # never load BPF from a unit test
+    with pytest.raises(EnvironmentProblem) as exc:
+        loader.FlowProgram(ProbePlan())
+    msg = str(exc.value)
+    assert machine in msg and "x86-64" in msg and "Run busted on an x86-64 host" in msg
+
+
+def test_x86_64_is_accepted() -> None:
+    from busted.ebpf.loader import check_architecture
+
+    check_architecture("x86_64")
+    check_architecture("AMD64")
