@@ -184,7 +184,9 @@ class FlowTable:
         out: list[Event] = []
         details = {LossPlace.KERNEL_RING: "ring buffer full",
                    LossPlace.KERNEL_MAP: "a BPF map full (flows; busy-host summaries)",
-                   LossPlace.KERNEL_MISS: "BPF program skipped by the kernel (recursion)"}
+                   LossPlace.KERNEL_MISS: "BPF program skipped by the kernel (recursion)",
+                   LossPlace.TLS_LIBRARY: "TLS library not probed (the bound on probed files, an attach failure, "
+                                          "or the scan queue)"}
         for place, total in totals.items():
             prev = self._kernel_seen.get(place, 0)
             if total > prev:
