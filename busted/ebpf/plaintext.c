@@ -150,7 +150,11 @@ static __always_inline u64 pt_sock_of(u64 ssl)
     return sk ? *sk : 0;
 }
 
-/* Copy up to PT_PIECES * PT_CHUNK bytes of user memory at ubuf as records. */
+/* Copy up to PT_PIECES * PT_CHUNK bytes of user memory at ubuf as records: the call's head, and
+ * for a call longer than that, its last PT_CHUNK bytes instead of the next head piece. Every record
+ * carries the call's full length and its own offset, so user space knows each gap exactly and can
+ * skip it inside a body (a big request's prompt, the middle of a long answer) while the message
+ * heads, the JSON body's start (model, stream) and a response's end (usage) stay readable. */
 static __always_inline void pt_copy(u64 sk, u64 ssl, u64 ubuf, u64 total, u8 dir, u8 lib)
 {
     u32 zero = 0;
@@ -164,6 +168,8 @@ static __always_inline void pt_copy(u64 sk, u64 ssl, u64 ubuf, u64 total, u8 dir
         u64 off = (u64)i * PT_CHUNK;
         if (off >= total)
             break;
+        if (i == PT_PIECES - 1 && total > (u64)PT_PIECES * PT_CHUNK)
+            off = total - PT_CHUNK;  /* the tail: a gap of (off - (PT_PIECES - 1) * PT_CHUNK) bytes before it */
         u64 left = total - off;
         u32 n = left > PT_CHUNK ? PT_CHUNK : (u32)left;
         n &= (PT_CHUNK - 1) | PT_CHUNK;
@@ -182,7 +188,7 @@ static __always_inline void pt_copy(u64 sk, u64 ssl, u64 ubuf, u64 total, u8 dir
         r->h.offset = (u32)off;
         r->h.direction = dir;
         r->h.source = lib;
-        r->h.cut = (i == PT_PIECES - 1 && total > off + n) ? 1 : 0;
+        r->h.cut = (i == PT_PIECES - 1 && off > (u64)i * PT_CHUNK) ? 1 : 0;  /* bytes before this piece skipped */
         if (events.ringbuf_output(r, sizeof(struct pt_hdr) + n, BPF_RB_NO_WAKEUP) != 0)
             count_loss(LOSS_RING);
     }

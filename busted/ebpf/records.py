@@ -102,7 +102,7 @@ class PlainRecord(NamedTuple):
     offset: int  # where this piece starts within the call's bytes
     sent: bool  # the process wrote it (else it read it)
     source: int  # 1 OpenSSL, 2 GnuTLS, 3 a plain socket
-    cut: bool  # bytes after this piece were not copied (the call moved more than the limit)
+    cut: bool  # bytes before this piece (the call's tail) were not copied: offset says how many
     data: bytes
 
 
