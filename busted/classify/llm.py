@@ -228,7 +228,9 @@ class _JsonValues:
         self._buf.clear()
 
 
-_JSON_TOKEN = re.compile(rb'"(?:[^"\\]|\\.)*"|[{}\[\]:,]')
+# A whole string (unrolled, possessive: linear, no backtracking), a structural byte, or a lone quote: a string
+# the prefix cut, past which nothing is structure.
+_JSON_TOKEN = re.compile(rb'"[^"\\]*+(?:\\.[^"\\]*+)*+"|[{}\[\]:,]|"')
 _RX_TAIL_MODEL = re.compile(rb'"model"\s*:\s*("(?:[^"\\]|\\.){1,256}")')
 _RX_TAIL_STREAM = re.compile(rb'"stream"\s*:\s*(true|false)')
 
@@ -245,6 +247,8 @@ def scan_request(head: bytes, tail: bytes = b"") -> dict[str, Any]:
     for m in _JSON_TOKEN.finditer(head):
         tok = m.group()
         c = tok[0]
+        if tok == b'"':
+            break  # an unterminated string: the rest of the head is inside it
         if c == 0x22:  # a string
             if depth == 1 and expect_key:
                 key, expect_key = tok[1:-1], False
