@@ -386,3 +386,24 @@ def test_tracker_sse_stream_with_a_gap_keeps_counting():
         recs.extend(tracker.feed(e))
     (call,) = [r for r in recs if isinstance(r, LlmCallInfo)]
     assert (call.output_tokens, call.input_tokens, call.stream, call.complete) == (5000, 3, True, True)
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.tuples(st.booleans(), st.one_of(st.binary(max_size=64), st.integers(1, 100_000))), max_size=12),
+       st.sampled_from([None, "h2", "http/1.1"]))
+def test_random_bytes_and_gaps_never_raise(steps, alpn):
+    """Gaps anywhere (heads, frames, between messages), mixed with random bytes: events or counted
+    losses, never an exception, never an internal error."""
+    req, _ = h1_request(prompt_body(50))
+    conn = HttpConnection(alpn)
+    tracker = CallTracker()
+    evs = conn.feed(C, PREFACE if alpn == "h2" else req, 0, start=True)
+    for server, step in steps:
+        side = S if server else C
+        evs += conn.feed_gap(side, step, 1) if isinstance(step, int) else conn.feed(side, step, 1, start=True)
+    evs += conn.close(2)
+    for e in evs:
+        tracker.feed(e)
+    tracker.close(3)
+    assert tracker.stats["internal_errors"] == 0
+    assert all("internal error" not in getattr(e, "detail", "") for e in evs)
