@@ -461,10 +461,13 @@ class FlowTable:
                               "bytes does not follow the last one; flow no longer parsed", rec.ts_ns),
                     *self._read_close(flow, rec.ts_ns)]
         end = rec.offset + len(rec.data)
-        flow.calls[d] = (0, 0) if end >= rec.wire_len else (rec.wire_len, end)
+        after = rec.wire_len - end if rec.cut & 2 else 0  # the call's other buffers: not copied, no piece follows
+        flow.calls[d] = (0, 0) if end >= rec.wire_len or after else (rec.wire_len, end)
         try:
             out = reader.feed_gap(rec.sent, gap, rec.ts_ns) if gap > 0 else []
             out.extend(reader.feed(rec.sent, rec.data, rec.ts_ns, start=rec.offset == 0))
+            if after > 0:
+                out.extend(reader.feed_gap(rec.sent, after, rec.ts_ns))
             lost = reader.take_losses()
         except Exception as exc:  # a parser bug must not stop the monitor
             flow.plain_off = True

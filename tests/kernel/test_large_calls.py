@@ -85,6 +85,27 @@ for model, text, mt in (("llama3.2", "x" * int(sys.argv[1]), 7), ("qwen2.5", "hi
     j = json.loads(c.getresponse().read())
     print(j["prompt_eval_count"], j["eval_count"])
 """,
+    # plain HTTP written with sendmsg([head, body]): the kernel copies the first buffer only and
+    # says the call's whole length, so the body is a gap of known length
+    "ollama-sendmsg": """
+import json, socket, sys
+s = socket.create_connection((sys.argv[2], 11434))
+for model, text, mt in (("llama3.2", "x" * int(sys.argv[1]), 7), ("qwen2.5", "hi", 3)):
+    body = json.dumps({"model": model, "stream": False, "options": {"num_predict": mt},
+                       "messages": [{"role": "user", "content": text}]}).encode()
+    head = (b"POST /api/chat HTTP/1.1\\r\\nHost: ollama\\r\\nContent-Type: application/json\\r\\n"
+            b"Content-Length: %d\\r\\n\\r\\n" % len(body))
+    assert s.sendmsg([head, body]) == len(head) + len(body)
+    buf = b""
+    while b"\\r\\n\\r\\n" not in buf:
+        buf += s.recv(65536)
+    h, _, rest = buf.partition(b"\\r\\n\\r\\n")
+    n = int([x for x in h.split(b"\\r\\n") if x.lower().startswith(b"content-length:")][0].split(b":")[1])
+    while len(rest) < n:
+        rest += s.recv(65536)
+    j = json.loads(rest[:n])
+    print(j["prompt_eval_count"], j["eval_count"])
+""",
 }
 
 _NODE = """
@@ -101,13 +122,13 @@ const n = parseInt(process.argv[1]);
 """
 
 MODELS = {"anthropic-sdk": ("claude-sonnet-4-5", "claude-3-5-haiku-latest"),
-          "ollama-plain-http": ("llama3.2", "qwen2.5")}
+          "ollama-plain-http": ("llama3.2", "qwen2.5"), "ollama-sendmsg": ("llama3.2", "qwen2.5")}
 
 
 def _run_client(lab, client, size, tmp_path):
     if client in _PY_CLIENTS:
         argv = [PY, "-c", _PY_CLIENTS[client], str(size)]
-        if client == "ollama-plain-http":
+        if client.startswith("ollama"):
             argv.append(lab.hosts["ollama.lab.test"].ipv4)
     elif client == "node-fetch":
         argv = ["node", "-e", _NODE, str(size)]
@@ -133,7 +154,7 @@ def _run_client(lab, client, size, tmp_path):
 
 
 CLIENTS = ["openai-sdk", "anthropic-sdk", "requests", "aiohttp", "node-fetch", "curl-http1.1", "curl-http2",
-           "ollama-plain-http"]
+           "ollama-plain-http", "ollama-sendmsg"]
 
 
 @pytest.mark.parametrize("size", [300 * KB, 2048 * KB], ids=["300KB", "2MB"])

@@ -30,10 +30,13 @@ def opened() -> bytes:
         daddr=bytes([10, 9, 9, 9]), comm=b"python")
 
 
-def call_records(data: bytes, sent: bool, ts: int, chunk: int = CHUNK, pieces: int = PIECES) -> list[bytes]:
-    """The records plaintext.c's pt_copy() emits for one library call that moved ``data``."""
+def call_records(data: bytes, sent: bool, ts: int, chunk: int = CHUNK, pieces: int = PIECES,
+                 first: int | None = None, ssl: int = 0x99) -> list[bytes]:
+    """The records plaintext.c's pt_copy_part() emits for one call that moved ``data``, of which the
+    first ``first`` bytes were in its first buffer (a plain-HTTP writev/sendmsg: only those are copied)."""
     out = []
-    total = len(data)
+    wire = len(data)
+    total = wire if first is None else first
     for i in range(pieces):
         off = i * chunk
         if off >= total:
@@ -41,9 +44,12 @@ def call_records(data: bytes, sent: bool, ts: int, chunk: int = CHUNK, pieces: i
         cut = 0
         if i == pieces - 1 and total > pieces * chunk:
             off, cut = total - chunk, 1
-        piece = data[off : off + chunk]
-        out.append(PT_HDR.pack(type=REC_PLAIN, len=len(piece), ts_ns=ts, sk=SK, ssl=0x99, pid=10, tid=10,
-                               wire_len=total, offset=off, direction=0 if sent else 1, source=1, cut=cut) + piece)
+        piece = data[off : min(off + chunk, total)]
+        if off + len(piece) >= total and off + len(piece) < wire:
+            cut |= 2
+        out.append(PT_HDR.pack(type=REC_PLAIN, len=len(piece), ts_ns=ts, sk=SK, ssl=ssl, pid=10, tid=10,
+                               wire_len=wire, offset=off, direction=0 if sent else 1, source=1 if ssl else 3,
+                               cut=cut) + piece)
     return out
 
 
@@ -120,3 +126,20 @@ def test_a_piece_lost_from_the_ring_is_a_gap_too():
     out = run(t, [opened(), *recs, *call_records(response("gpt-4o", 3, 4), False, 3_000)])
     (call,) = [e for e in out if isinstance(e, LlmCall)]
     assert (call.request_model, call.output_tokens) == ("gpt-4o", 4)
+
+
+def test_a_gathered_plain_http_write_whose_other_buffers_are_not_copied_is_a_gap_at_once():
+    """sendmsg([head, body]) on plain HTTP: the kernel copies the first buffer and says the call's
+    length; the body is a gap fed right away (no later piece comes), so the answer pairs with it."""
+    t = table()
+    body = json.dumps({"model": "llama3.2", "stream": False, "messages": [{"role": "user", "content": "x" * 200_000}]})
+    head = (b"POST /api/chat HTTP/1.1\r\nHost: ollama\r\nContent-Type: application/json\r\n"
+            b"Content-Length: %d\r\n\r\n" % len(body))
+    ans = json.dumps({"model": "llama3.2", "message": {"role": "assistant", "content": "ok"}, "done": True,
+                      "prompt_eval_count": 50_000, "eval_count": 2}).encode()
+    resp = b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n" % len(ans) + ans
+    out = run(t, [opened(), *call_records(head + body.encode(), True, 2_000, first=len(head), ssl=0),
+                  *call_records(resp, False, 3_000, ssl=0)])
+    (call,) = [e for e in out if isinstance(e, LlmCall)]
+    assert (call.api, call.input_tokens, call.output_tokens, call.status) == ("ollama.chat", 50_000, 2, 200)
+    assert call.request_bytes == len(body) and not [e for e in out if isinstance(e, EventsLost)]
