@@ -331,6 +331,8 @@ class Http1Parser:
 
     def _bridge(self, conn: h11.Connection, size: int, client: bool, ts: int, out: list[HttpEvent]) -> bool:
         """Feed ``size`` zeros through h11 as a gap, if the gap starts inside a body; False if not."""
+        if self._skip_counted(conn, size, client, ts, out):
+            return True
         left = size
         while left:
             piece = min(left, _FILL)
@@ -346,6 +348,33 @@ class Http1Parser:
                 pending = self._resp_skip
             if pending:  # h11 waits for more than zeros can give (a chunk header): not bridgeable
                 return False
+        return True
+
+    def _skip_counted(self, conn: h11.Connection, size: int, client: bool, ts: int, out: list[HttpEvent]) -> bool:
+        """The fast path for a gap that stays inside a body h11 counts through: its reader is told
+        to expect fewer bytes, instead of being fed as many zeros (a 4 GiB write would cost seconds
+        of CPU). h11's readers are not public API: on any other shape this says False and the
+        zeros path (public API only) runs."""
+        reader = getattr(conn, "_reader", None)
+        kind = type(reader).__name__
+        if kind == "ContentLengthReader" and isinstance(getattr(reader, "_remaining", None), int):
+            if reader._remaining < size:  # type: ignore[union-attr]
+                return False
+            reader._remaining -= size  # type: ignore[union-attr]
+        elif kind == "ChunkedReader" and isinstance(getattr(reader, "_bytes_in_chunk", None), int):
+            if reader._bytes_in_chunk <= size or getattr(reader, "_bytes_to_discard", b"x"):  # type: ignore[union-attr]
+                return False
+            reader._bytes_in_chunk -= size  # type: ignore[union-attr]
+        elif kind != "Http10Reader":
+            return False
+        if client:
+            out.append(RequestGap(0, ts, size))
+            self._req_body = self._gapped(self._req_body, "request")
+            out.extend(self._drain_requests(ts))  # a body that ended with the gap ends here
+        else:
+            out.append(ResponseGap(0, ts, size))
+            self._resp_body = self._gapped(self._resp_body, "response")
+            out.extend(self._drain_responses(ts))
         return True
 
     @staticmethod

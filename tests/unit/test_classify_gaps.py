@@ -407,3 +407,13 @@ def test_random_bytes_and_gaps_never_raise(steps, alpn):
     tracker.close(3)
     assert tracker.stats["internal_errors"] == 0
     assert all("internal error" not in getattr(e, "detail", "") for e in evs)
+
+
+def test_a_huge_gap_inside_a_counted_body_is_skipped_without_feeding_it():
+    """A 4 GiB write (the record's largest length) costs one event, not 4 GiB of zeros through h11."""
+    conn = HttpConnection()
+    head = b"POST /v1/chat/completions HTTP/1.1\r\nHost: a\r\nContent-Length: %d\r\n\r\n" % (5 << 30)
+    out = conn.feed(C, head + b'{"model":"m","messages":[', 1) + conn.feed_gap(C, 4 << 30, 1)
+    assert [e.size for e in out if isinstance(e, RequestGap)] == [4 << 30]
+    out = conn.feed_gap(C, (5 << 30) - (4 << 30) - 25, 1)
+    assert [type(e) for e in out] == [RequestGap, RequestEnd]
