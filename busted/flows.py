@@ -80,7 +80,7 @@ def _derive(cls: type[E], base: FlowEvent, **changes: Any) -> E:
 class _Flow:
     """One open flow: its identity (the latest FlowOpened/FlowClassified) and parser state."""
 
-    __slots__ = ("ev", "open_ns", "hello", "hello_done", "dns", "reader", "plain_off")
+    __slots__ = ("ev", "open_ns", "hello", "hello_done", "dns", "reader", "plain_off", "calls")
 
     def __init__(self, ev: FlowEvent | None) -> None:
         self.ev = ev
@@ -90,6 +90,9 @@ class _Flow:
         self.dns: TcpDnsFramer | None = None
         self.reader: Any = None  # plaintext -> LLM calls (see ``readers``)
         self.plain_off = False  # its plaintext is not followed (judged, or a gap in it)
+        # Per direction (0 sent, 1 received): (bytes of the library call / syscall being read, where
+        # its next copied piece should start). The kernel copies a bounded head and tail of each call.
+        self.calls = [(0, 0), (0, 0)]
 
 
 class FlowTable:
@@ -108,7 +111,8 @@ class FlowTable:
         self.enricher = enricher
         self.lineage = lineage  # a busted.lineage.LineageTable fed the fork/exec/exit records
         # Plaintext: ``reader(flow, wall)`` makes the per-flow object that turns plaintext into events
-        # (``feed(sent, data, ts_ns) -> list[Event]``, ``close(ts_ns)``, ``interesting``: None
+        # (``feed(sent, data, ts_ns, start=) -> list[Event]``, ``feed_gap(sent, size, ts_ns)`` for bytes
+        # not copied, ``take_losses() -> list[str]``, ``close(ts_ns)``, ``interesting``: None
         # undecided / False not an LLM API nor MCP). ``kernel`` (the loaded program, or None) is
         # told verdicts: ``skip_plaintext(sk, open_ns)`` stops copying a judged flow's plaintext,
         # ``unbind_ssl(pid, ssl)`` forgets a session joined to a socket that ended (the SSL*
@@ -447,20 +451,38 @@ class FlowTable:
             return []  # a flow we do not know (it predates us) or do not follow
         if flow.reader is None:
             flow.reader = self._reader(flow.ev, self.wall)
+        reader = flow.reader
+        d = 0 if rec.sent else 1
+        call_len, nxt = flow.calls[d]
+        gap = 0
+        if rec.offset == 0:
+            gap = call_len - nxt  # the previous call's last pieces never came (ring full)
+        elif call_len == rec.wire_len and rec.offset >= nxt:
+            gap = rec.offset - nxt  # the bytes the kernel did not copy (the middle of a long call)
+        else:  # a piece that does not follow: the bytes in between are unknown
+            flow.calls[d] = (0, 0)
+            flow.plain_off = True
+            return [self.loss(LossPlace.PLAINTEXT, 1, f"a plaintext piece at {rec.offset} of {rec.wire_len} "
+                              "bytes does not follow the last one; flow no longer parsed", rec.ts_ns),
+                    *self._read_close(flow, rec.ts_ns)]
+        end = rec.offset + len(rec.data)
+        after = rec.wire_len - end if rec.cut & 2 else 0  # the call's other buffers: not copied, no piece follows
+        flow.calls[d] = (0, 0) if end >= rec.wire_len or after else (rec.wire_len, end)
         try:
-            out = flow.reader.feed(rec.sent, rec.data, rec.ts_ns)
+            out = reader.feed_gap(rec.sent, gap, rec.ts_ns) if gap > 0 else []
+            out.extend(reader.feed(rec.sent, rec.data, rec.ts_ns, start=rec.offset == 0))
+            if after > 0:
+                out.extend(reader.feed_gap(rec.sent, after, rec.ts_ns))
+            lost = reader.take_losses()
         except Exception as exc:  # a parser bug must not stop the monitor
             flow.plain_off = True
             return [self.loss(LossPlace.PARSE, 1, f"plaintext: {type(exc).__name__}: {exc}", rec.ts_ns)]
-        take_host = getattr(flow.reader, "take_host", None)
+        take_host = getattr(reader, "take_host", None)
         if take_host is not None and self.enricher is not None and (host := take_host()) is not None:
             out[:0] = self._http_host(flow, host, rec.ts_ns)
-        if rec.cut:  # a gap: the stream cannot be followed past it
-            out.append(self.loss(LossPlace.PLAINTEXT, 1, f"a {rec.wire_len}-byte plaintext call was cut at "
-                                 f"{rec.offset + len(rec.data)} bytes; flow no longer parsed", rec.ts_ns))
-            out.extend(self._read_close(flow, rec.ts_ns))
-            flow.plain_off = True
-        elif flow.reader.interesting is False:
+        for why in lost:  # exchanges (or the connection) the parsers could not follow: counted, with why
+            out.append(self.loss(LossPlace.PLAINTEXT, 1, why, rec.ts_ns))
+        if reader.interesting is False:
             flow.plain_off = True
             if self._kernel is not None:
                 self._kernel.skip_plaintext(sk, flow.open_ns)

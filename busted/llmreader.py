@@ -84,12 +84,13 @@ class CallReader:
         self._socket_ts[t] = None
         return t
 
-    def feed(self, sent: bool, data: bytes, ts_ns: int) -> list[Event]:
+    def feed(self, sent: bool, data: bytes, ts_ns: int, *, start: bool = False) -> list[Event]:
+        """Bytes the process sent (or received); ``start``: they begin one of its writes/reads."""
         side = Side.CLIENT if sent == self._we_are_client else Side.SERVER
         if not sent:
             ts_ns = self._arrived(ts_ns)
         out: list[Event] = []
-        for hev in self._http.feed(side, data, ts_ns):
+        for hev in self._http.feed(side, data, ts_ns, start=start):
             if self._host_wanted and isinstance(hev, RequestHead):
                 self._host_wanted = False
                 self._host = hev.authority
@@ -102,6 +103,21 @@ class CallReader:
         head was read; None otherwise."""
         host, self._host = self._host, None
         return host
+
+    def feed_gap(self, sent: bool, size: int, ts_ns: int) -> list[Event]:
+        """``size`` bytes moved that were not captured (the kernel's copy limit, or lost records)."""
+        side = Side.CLIENT if sent == self._we_are_client else Side.SERVER
+        out: list[Event] = []
+        for hev in self._http.feed_gap(side, size, ts_ns):
+            out.extend(self._records(self._calls.feed(hev)))
+        return out
+
+    def take_losses(self) -> list[str]:
+        """Why exchanges (or the connection) were lost to gaps or memory bounds since the last call."""
+        lost = self._http.losses + self._calls.losses
+        self._http.losses.clear()
+        self._calls.losses.clear()
+        return lost
 
     def close(self, ts_ns: int) -> list[Event]:
         # The HTTP layer first: a close-delimited body (HTTP/1.0, no Content-Length) ends here,

@@ -49,6 +49,11 @@ class EventStreamDecoder:
         self.broken: str | None = None  # why decoding stopped
         self.messages = 0
 
+    @property
+    def buffered(self) -> int:
+        """Bytes held for a message not complete yet."""
+        return len(self._buf)
+
     def feed(self, data: bytes) -> list[EventStreamMessage]:
         if self.broken is not None:
             return []

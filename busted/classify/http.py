@@ -11,6 +11,12 @@ The protocol is the ALPN hint if given, else found from the first bytes seen:
 * a request line from the client, or a status line from the server (joined late) -> HTTP/1.x;
 * anything else -> one ``HttpProtocolError("not HTTP")`` and silence.
 
+``feed_gap(side, size, ts_ns)`` says that ``size`` bytes of ``side`` were on the wire but not
+captured (the kernel copies a bounded head and tail of each write): the parsers skip them inside
+a body and resynchronise; a gap they cannot bridge loses the exchange or the connection, with its
+reason in ``losses`` (never silently). ``feed(..., start=True)`` marks bytes that begin a write
+(where HTTP/2 may resume after a gap across frames).
+
 Memory is bounded per connection: ``max_buffer`` bytes of unparsed input (frames, heads), and
 ``max_decoded`` decoded body bytes per message (decompression is streamed and capped).
 """
@@ -59,6 +65,7 @@ class HttpConnection:
         self.protocol: str | None = None
         self._h1: Http1Parser | None = None
         self._h2: Http2Parser | None = None
+        self.losses: list[str] = []  # exchanges or the connection lost to gaps and bounds, with why
         self._pending: list[tuple[Side, bytes, int]] = []  # chunks held until the protocol is known
         self._pending_len = [0, 0]
         if alpn == "h2":
@@ -73,16 +80,45 @@ class HttpConnection:
         else:
             self._h1 = Http1Parser(self.max_decoded, self.max_buffer)
 
-    def feed(self, side: Side, data: bytes, ts_ns: int) -> list[HttpEvent]:
-        """Bytes written by ``side``, in the order they were seen; returns the events they complete."""
+    def feed(self, side: Side, data: bytes, ts_ns: int, *, start: bool = False) -> list[HttpEvent]:
+        """Bytes written by ``side``, in the order they were seen; returns the events they complete.
+        ``start``: they begin one write of that side (a place HTTP/2 can resume after a gap)."""
         if self.stopped or not data:
             return []
         try:
             if self.protocol is None:
                 return self._detect(side, bytes(data), ts_ns)
+            if start and self._h2 is not None:
+                self._h2.write_start(side)
             return self._feed(side, data, ts_ns)
         except Exception as exc:  # the contract: nothing escapes, the connection is abandoned
             return [self._fail(ts_ns, _describe(exc))]
+
+    def feed_gap(self, side: Side, size: int, ts_ns: int) -> list[HttpEvent]:
+        """``size`` bytes written by ``side`` that were not captured; returns the events they make."""
+        if self.stopped or size <= 0:
+            return []
+        try:
+            if self.protocol is None:
+                raise ValueError(f"a {size}-byte gap before the protocol was known")
+            if self._h2 is not None:
+                out = self._h2.feed_gap(side, size, ts_ns)
+            else:
+                h1 = self._h1
+                assert h1 is not None
+                out = h1.gap_client(size, ts_ns) if side is Side.CLIENT else h1.gap_server(size, ts_ns)
+        except Exception as exc:
+            detail = _describe(exc)
+            self.losses.append(f"connection no longer parsed: {detail}")
+            return [self._fail(ts_ns, detail)]
+        self._take_losses()
+        return out
+
+    def _take_losses(self) -> None:
+        p = self._h2 if self._h2 is not None else self._h1
+        if p is not None and p.losses:
+            self.losses.extend(p.losses)
+            p.losses.clear()
 
     def close(self, ts_ns: int) -> list[HttpEvent]:
         """The connection ended: finish close-delimited bodies, flag responses in flight incomplete."""
@@ -117,6 +153,7 @@ class HttpConnection:
         for ev in out:
             if isinstance(ev, HttpProtocolError):
                 self.errors += 1
+        self._take_losses()
         return out
 
     def _detect(self, side: Side, data: bytes, ts: int) -> list[HttpEvent]:

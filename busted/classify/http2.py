@@ -6,6 +6,16 @@ its own hpack decoder, because client and server keep separate dynamic tables; S
 sent by one side bounds the *other* side's table, and the size updates themselves are in the
 header blocks, which the decoder applies.
 
+Gaps (``feed_gap``: bytes that were on the wire but not captured): a gap inside one DATA frame's
+payload is skipped, that frame's rest streamed, and the frames after it parsed as usual. A gap
+across frame headers cannot be framed through: the streams of that side in flight lose their
+bodies, and the side resumes at the next write that starts with a plausible frame (``write_start``)
+— writers put whole frames in a write. A gap inside a header block loses the connection (the HPACK
+table would drift). Each loss is noted in ``losses``.
+
+Memory: at most ``MAX_STREAMS`` streams per connection are followed (more are ignored, counted);
+each has at most one streaming decompressor.
+
 Raises (hyperframe, hpack, ValueError) to the facade, which turns them into ``HttpProtocolError``.
 """
 
@@ -31,9 +41,11 @@ from .httpevents import (
     HttpProtocolError,
     RequestData,
     RequestEnd,
+    RequestGap,
     RequestHead,
     ResponseData,
     ResponseEnd,
+    ResponseGap,
     ResponseHead,
     Side,
 )
@@ -42,7 +54,7 @@ __all__ = ["PREFACE", "Http2Parser", "looks_like_frame"]
 
 PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
 DEFAULT_MAX_FRAME = 16384
-MAX_STREAMS = 1024  # open streams tracked per connection
+MAX_STREAMS = 256  # open streams followed per connection (servers commonly allow 100-256)
 MAX_HEADER_LIST = 256 * 1024  # decoded header bytes per block (hpack's own bomb guard)
 MAX_TABLE = 64 * 1024  # largest HPACK dynamic table we agree to mirror
 
@@ -98,6 +110,13 @@ class _Direction:
     block_push: bool = False
     max_frame: int = 0  # set from the other side's SETTINGS_MAX_FRAME_SIZE; 0 = not seen
     first: bool = True  # no frame parsed yet in this direction
+    # A DATA frame streamed rather than buffered (a gap fell inside it): its stream, payload and
+    # padding bytes still to come, and whether it ends the stream.
+    data_sid: int = 0
+    data_left: int = 0
+    pad_left: int = 0
+    data_end: bool = False
+    lost: bool = False  # after a gap across frames: bytes dropped until a write starts with a frame
 
 
 class Http2Parser:
@@ -109,10 +128,19 @@ class Http2Parser:
         self._dirs = (_Direction(hpack.Decoder(MAX_HEADER_LIST)), _Direction(hpack.Decoder(MAX_HEADER_LIST)))
         self._dirs[Side.SERVER].preface_checked = True  # only the client sends the preface
         self._streams: dict[int, _Stream] = {}
+        self._refused: set[int] = set()  # streams over MAX_STREAMS, ignored (bounded like _streams)
         self.goaway = False  # seen from either side; streams in flight still finish
+        self.losses: list[str] = []
 
     def feed(self, side: Side, data: bytes, ts: int) -> list[HttpEvent]:
         d = self._dirs[side]
+        if d.lost:
+            return []
+        out: list[HttpEvent] = []
+        if d.data_left or d.pad_left:
+            data = self._stream_rest(side, d, data, ts, out)
+            if not data:
+                return out
         d.buf += data
         if sum(len(x.buf) + len(x.block) for x in self._dirs) > self._max_buffer:  # both directions
             raise ValueError(f"buffer limit ({self._max_buffer} bytes)")
@@ -121,11 +149,10 @@ class Http2Parser:
             if d.buf[:n] != PREFACE[:n]:
                 d.preface_checked = True  # joined late: frames from the first byte
             elif n < len(PREFACE):
-                return []
+                return out
             else:
                 del d.buf[: len(PREFACE)]
                 d.preface_checked = True
-        out: list[HttpEvent] = []
         buf = d.buf
         pos = 0
         try:
@@ -150,6 +177,119 @@ class Http2Parser:
         finally:
             del buf[:pos]
         return out
+
+    # -- gaps ---------------------------------------------------------------------------------
+
+    def write_start(self, side: Side) -> None:
+        """The next bytes of ``side`` begin a write: a side lost to a gap may resume there."""
+        d = self._dirs[side]
+        if d.lost:
+            d.lost = False
+            d.first = True  # the first frame is checked for plausibility again
+            d.buf.clear()
+
+    def feed_gap(self, side: Side, size: int, ts: int) -> list[HttpEvent]:
+        d = self._dirs[side]
+        out: list[HttpEvent] = []
+        if d.lost or size <= 0:
+            return out
+        if not (d.data_left or d.pad_left):
+            self._start_streaming(side, d, size, ts, out)
+        if d.data_left or d.pad_left:
+            k = min(size, d.data_left)
+            if k:
+                d.data_left -= k
+                size -= k
+                self._gap(side, d.data_sid, k, ts, out)
+            p = min(size, d.pad_left)
+            d.pad_left -= p
+            size -= p
+            if not (d.data_left or d.pad_left) and d.data_end:
+                d.data_end = False
+                self._data(side, d.data_sid, b"", True, ts, out)
+        if size:
+            self._lose_side(side, d, size, ts, out)
+        return out
+
+    def _start_streaming(self, side: Side, d: _Direction, size: int, ts: int, out: list[HttpEvent]) -> None:
+        """If the buffer holds the start of a DATA frame that the gap falls inside, stream that frame."""
+        buf = d.buf
+        if len(buf) < 9 or d.first or d.block_sid or buf[3] != 0x0:
+            return
+        length = int.from_bytes(buf[0:3], "big")
+        flags, sid = buf[4], int.from_bytes(buf[5:9], "big") & 0x7FFFFFFF
+        have = len(buf) - 9
+        if length - have < size or sid == 0:
+            return  # the gap runs past this frame
+        payload = bytes(buf[9:])
+        pad = 0
+        if flags & 0x8:  # PADDED: the first payload byte says how much padding ends the frame
+            if not payload:
+                return
+            pad = payload[0]
+            payload = payload[1:]
+            length -= 1
+        body = length - pad
+        if body < 0:
+            raise ValueError("DATA frame padding longer than its payload")
+        seen = payload[:body]
+        buf.clear()
+        d.data_sid, d.data_end = sid, bool(flags & 0x1)
+        d.data_left = body - len(seen)
+        d.pad_left = pad - (len(payload) - len(seen))
+        if seen:
+            self._data(side, sid, seen, False, ts, out)
+
+    def _stream_rest(self, side: Side, d: _Direction, data: bytes, ts: int, out: list[HttpEvent]) -> bytes:
+        """The rest of a streamed DATA frame from ``data``; returns the bytes after the frame."""
+        k = min(len(data), d.data_left)
+        if k:
+            d.data_left -= k
+            self._data(side, d.data_sid, data[:k], False, ts, out)
+        p = min(len(data) - k, d.pad_left)
+        d.pad_left -= p
+        if not (d.data_left or d.pad_left) and d.data_end:
+            d.data_end = False
+            self._data(side, d.data_sid, b"", True, ts, out)
+        return data[k + p :]
+
+    def _gap(self, side: Side, sid: int, size: int, ts: int, out: list[HttpEvent]) -> None:
+        st = self._streams.get(sid)
+        if st is None:
+            return
+        if side is Side.CLIENT:
+            if st.req_head and not st.req_done:
+                out.append(RequestGap(sid, ts, size))
+                if st.req_body is not None and not st.req_body.identity:
+                    st.req_ok = False
+                    self.losses.append(f"a gap in the compressed request body of stream {sid}: not decoded past it")
+        elif st.resp_head:
+            out.append(ResponseGap(sid, ts, size))
+            if st.resp_body is not None and not st.resp_body.identity:
+                st.resp_ok = False
+                self.losses.append(f"a gap in the compressed response body of stream {sid}: not decoded past it")
+
+    def _lose_side(self, side: Side, d: _Direction, size: int, ts: int, out: list[HttpEvent]) -> None:
+        """A gap across frames: that side's streams in flight lose their bodies; resume at a write start."""
+        if d.block_sid or d.first:
+            raise ValueError(f"a {size}-byte gap in an HTTP/2 header block (HPACK state lost)"
+                             if d.block_sid else f"a {size}-byte gap before the first HTTP/2 frame")
+        d.lost = True
+        d.buf.clear()
+        d.data_left = d.pad_left = 0
+        d.data_end = False
+        n = 0
+        for sid, st in sorted(self._streams.items()):
+            if side is Side.CLIENT and st.req_head and not st.req_done:
+                st.req_done = True  # the request's end may be in the gap: it ends here
+                out.append(RequestEnd(sid, ts, st.req_body.decoded if st.req_body else 0))
+                n += 1
+            elif side is Side.SERVER and st.resp_head:
+                self._end_response(sid, st, ts, out, complete=False)
+                n += 1
+        who = "client" if side is Side.CLIENT else "server"
+        self.losses.append(f"a {size}-byte gap across HTTP/2 frames of the {who}: {n} stream bodies cut, "
+                           "parsing resumes at its next write")
 
     def _frame(self, side: Side, d: _Direction, f: Frame, ts: int, out: list[HttpEvent]) -> None:
         if d.block_sid:
@@ -213,6 +353,8 @@ class Http2Parser:
             if st is None or not st.req_head:
                 if st is None:
                     st = self._open(sid)
+                    if st is None:
+                        return
                 st.req_head = True
                 st.req_body = BodyDecoder(content_codings(plain), self._max_decoded)
                 authority = pseudo.get(":authority") or next((v for n, v in plain if n == "host"), None)
@@ -228,6 +370,8 @@ class Http2Parser:
                 return  # interim (100 Continue, 103 Early Hints)
             if st is None:
                 st = self._open(sid)
+                if st is None:
+                    return
             st.resp_head = True
             st.resp_body = BodyDecoder(content_codings(plain), self._max_decoded)
             st.resp_length = _content_length(plain)
@@ -238,19 +382,24 @@ class Http2Parser:
         if end_stream:
             self._end_response(sid, st, ts, out)
 
-    def _open(self, sid: int) -> _Stream:
+    def _open(self, sid: int) -> _Stream | None:
         if len(self._streams) >= MAX_STREAMS:
             # Streams already answered in full (by content-length) whose END_STREAM never came go first.
             for done in [k for k, v in self._streams.items() if v.resp_done]:
                 del self._streams[done]
-            if len(self._streams) >= MAX_STREAMS:
-                raise ValueError(f"over {MAX_STREAMS} open streams")
+        if len(self._streams) >= MAX_STREAMS:
+            if sid not in self._refused:
+                if len(self._refused) >= MAX_STREAMS:
+                    self._refused.clear()
+                self._refused.add(sid)
+                self.losses.append(f"stream {sid} not followed: over {MAX_STREAMS} open streams on the connection")
+            return None
         st = self._streams[sid] = _Stream()
         return st
 
-    def _end_response(self, sid: int, st: _Stream, ts: int, out: list[HttpEvent]) -> None:
+    def _end_response(self, sid: int, st: _Stream, ts: int, out: list[HttpEvent], complete: bool = True) -> None:
         if not st.resp_done:
-            out.append(ResponseEnd(sid, ts, st.resp_body.decoded if st.resp_body else 0, st.resp_ok))
+            out.append(ResponseEnd(sid, ts, st.resp_body.decoded if st.resp_body else 0, st.resp_ok and complete))
         del self._streams[sid]
 
     def _end_by_length(self, sid: int, st: _Stream, ts: int, out: list[HttpEvent]) -> None:

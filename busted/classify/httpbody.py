@@ -102,6 +102,11 @@ class BodyDecoder:
         # all or nothing: a chain with one unknown coding cannot be partly undone
         self._stages = [] if bad else [_Stage(c) for c in reversed(codings)]  # last applied first
 
+    @property
+    def identity(self) -> bool:
+        """No content-coding is removed: the body is read as it came (a gap does not break it)."""
+        return not self._stages
+
     def feed(self, data: bytes) -> list[bytes]:
         pieces = [data]
         try:

@@ -23,9 +23,11 @@ __all__ = [
     "HttpProtocolError",
     "RequestData",
     "RequestEnd",
+    "RequestGap",
     "RequestHead",
     "ResponseData",
     "ResponseEnd",
+    "ResponseGap",
     "ResponseHead",
     "Side",
 ]
@@ -61,6 +63,14 @@ class RequestData(HttpEvent):
 
 
 @dataclass(frozen=True, slots=True)
+class RequestGap(HttpEvent):
+    """Body bytes that were on the wire but not captured (the kernel copies a bounded head and tail
+    of each write): the message goes on after them. ``size`` counts wire bytes of the body."""
+
+    size: int
+
+
+@dataclass(frozen=True, slots=True)
 class RequestEnd(HttpEvent):
     body_bytes: int  # decoded body length in total
 
@@ -75,6 +85,13 @@ class ResponseHead(HttpEvent):
 @dataclass(frozen=True, slots=True)
 class ResponseData(HttpEvent):
     data: bytes  # decoded body bytes
+
+
+@dataclass(frozen=True, slots=True)
+class ResponseGap(HttpEvent):
+    """Like ``RequestGap``, in a response body."""
+
+    size: int
 
 
 @dataclass(frozen=True, slots=True)

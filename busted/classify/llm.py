@@ -9,6 +9,15 @@ event-stream bodies are never accumulated, only small counters are kept. When th
 (or the connection ends first: ``complete=False``) it returns one ``LlmCallInfo``. MCP messages
 are returned as they are read.
 
+Gaps (``RequestGap``/``ResponseGap``: body bytes not captured): a request is judged from its
+body's head, read by a streaming scan of the top-level JSON keys (``scan_request``), and from its
+tail; a JSON answer keeps its head and tail (usage sits at the end); a stream drops the line the
+gap cut and goes on counting.
+
+Memory is bounded per connection, whatever the number of exchanges: bytes held for all of them
+(request heads, answers kept for parsing, partial stream events) stay under ``max_held``; the
+exchange that would go over stops being read and is counted (``losses``, ``stats``).
+
 Sans-I/O, no clock (timestamps come with the events), bounded memory, never raises: anything
 unexpected is counted in ``stats`` and the exchange is dropped.
 """
@@ -29,16 +38,18 @@ from busted.classify.httpevents import (
     HttpProtocolError,
     RequestData,
     RequestEnd,
+    RequestGap,
     RequestHead,
     ResponseData,
     ResponseEnd,
+    ResponseGap,
     ResponseHead,
 )
 from busted.classify.mcp import CLIENT_TO_SERVER, SERVER_TO_CLIENT, McpMessageInfo, is_jsonrpc, mcp_messages
 from busted.classify.sse import LineSplitter, SseParser
 from busted.redact import redact_text, redact_url
 
-__all__ = ["CallTracker", "LlmCallInfo", "McpMessageInfo", "redact_secrets", "sanitize_path"]
+__all__ = ["CallTracker", "LlmCallInfo", "McpMessageInfo", "redact_secrets", "sanitize_path", "scan_request"]
 
 REQUEST_BODY_CAP = 256 * 1024  # request bodies parsed as JSON up to this; beyond, regex over the prefix
 RESPONSE_BODY_CAP = 1 << 20  # non-streamed answers parsed up to this; beyond, regex over head + tail
@@ -46,6 +57,9 @@ RESPONSE_TAIL = 8192  # usage blocks sit at the end of big answers (embeddings):
 STREAM_EVENT_CAP = 1 << 20  # one SSE event / NDJSON line / array element / event-stream frame
 MAX_EXCHANGES = 256  # open exchanges per connection (HTTP/2 streams, pipelined requests)
 MAX_PENDING_IDS = 1024  # JSON-RPC ids remembered to name responses
+REQUEST_SCAN = 64 * 1024  # head of a request body too large (or gapped) to parse: scanned for top-level keys
+REQUEST_TAIL = 4096  # ... and its end, where SDKs put "model" and "stream" after the messages
+MAX_HELD = 8 << 20  # bytes held per connection for all its exchanges (bodies kept to parse, partial events)
 _JSON_SPECIAL = re.compile(rb'["\\\[\]{},]')
 
 
@@ -172,6 +186,10 @@ class _JsonValues:
         self._put(data[pos:])
         return out
 
+    @property
+    def buffered(self) -> int:
+        return len(self._buf)
+
     def _put(self, piece: bytes) -> None:
         if self._skip or not piece:
             return
@@ -190,11 +208,76 @@ class _JsonValues:
         self._buf.clear()
 
 
+# A whole string (unrolled, possessive: linear, no backtracking), a structural byte, or a lone quote: a string
+# the prefix cut, past which nothing is structure.
+_JSON_TOKEN = re.compile(rb'"[^"\\]*+(?:\\.[^"\\]*+)*+"|[{}\[\]:,]|"')
+_RX_TAIL_MODEL = re.compile(rb'"model"\s*:\s*("(?:[^"\\]|\\.){1,256}")')
+_RX_TAIL_STREAM = re.compile(rb'"stream"\s*:\s*(true|false)')
+
+
+def scan_request(head: bytes, tail: bytes = b"") -> dict[str, Any]:
+    """``model`` and ``stream`` of a JSON request body known only in part: a streaming scan of the
+    top-level keys of its ``head`` (strings are skipped whole, so a "model" inside the messages is
+    not taken), then, for a key not found there, the last occurrence in its ``tail`` (the bytes
+    after a gap: SDKs write these keys after the messages). Not a parse: bounded, never raises."""
+    out: dict[str, Any] = {"\0truncated": True}
+    depth = 0
+    key: bytes | None = None
+    expect_key = after_colon = False
+    for m in _JSON_TOKEN.finditer(head):
+        tok = m.group()
+        c = tok[0]
+        if tok == b'"':
+            break  # an unterminated string: the rest of the head is inside it
+        if c == 0x22:  # a string
+            if depth == 1 and expect_key:
+                key, expect_key = tok[1:-1], False
+            elif depth == 1 and after_colon and key == b"model" and len(tok) <= 258:
+                out["model"] = _json_str(tok)
+            after_colon = False
+        elif c == 0x3A:  # ":"
+            after_colon = depth == 1
+            if after_colon and key == b"stream":
+                rest = head[m.end() : m.end() + 16].lstrip()
+                if rest.startswith((b"true", b"false")):
+                    out["stream"] = rest.startswith(b"true")
+        elif c == 0x7B or c == 0x5B:  # "{" "["
+            depth += 1
+            expect_key = depth == 1 and c == 0x7B
+            after_colon = False
+        elif c == 0x7D or c == 0x5D:
+            depth -= 1
+            after_colon = False
+        elif depth == 1:  # "," at the top level: a key follows
+            expect_key, key, after_colon = True, None, False
+    if tail:
+        if "model" not in out:
+            found = list(_RX_TAIL_MODEL.finditer(tail))
+            if found:
+                out["model"] = _json_str(found[-1].group(1))
+        if "stream" not in out:
+            found = list(_RX_TAIL_STREAM.finditer(tail))
+            if found:
+                out["stream"] = found[-1].group(1) == b"true"
+    if out.get("model") is None:
+        out.pop("model", None)
+    return out
+
+
+def _json_str(tok: bytes) -> str | None:
+    try:
+        v = json.loads(tok)
+    except ValueError:
+        return None
+    return v if isinstance(v, str) else None
+
+
 class _Exchange:
     __slots__ = ("stream", "ts", "method", "path", "raw_path", "query", "authority", "req_headers", "version",
                  "req_body", "req_truncated", "req_bytes", "req_ended", "req_done", "kind", "info", "usage",
                  "status", "resp_headers", "mode", "parser", "resp_head", "resp_tail", "resp_truncated",
-                 "resp_bytes", "first_byte_ts", "session", "transport", "prompt")
+                 "resp_bytes", "first_byte_ts", "session", "transport", "prompt", "req_tail", "req_gap",
+                 "resp_gap", "to_newline", "held")
 
     def __init__(self, h: RequestHead) -> None:
         self.stream = h.stream
@@ -226,6 +309,11 @@ class _Exchange:
         self.session: str | None = None
         self.transport = "streamable_http"
         self.prompt: str | None = None
+        self.req_tail = bytearray()  # request body bytes after a gap (its last REQUEST_TAIL)
+        self.req_gap = False  # body bytes of the request were not captured
+        self.resp_gap = False  # ... of the response
+        self.to_newline = False  # a stream after a gap: drop the line the gap cut
+        self.held = 0  # bytes this exchange holds (counted in the tracker's total)
 
 
 Record = LlmCallInfo | McpMessageInfo
@@ -235,8 +323,12 @@ class CallTracker:
     """Feed it one connection's HTTP events; get LLM call and MCP message records back."""
 
     def __init__(self, *, capture_content: int = 0, request_body_cap: int = REQUEST_BODY_CAP,
-                 response_body_cap: int = RESPONSE_BODY_CAP, stream_event_cap: int = STREAM_EVENT_CAP) -> None:
+                 response_body_cap: int = RESPONSE_BODY_CAP, stream_event_cap: int = STREAM_EVENT_CAP,
+                 max_held: int = MAX_HELD) -> None:
         self.capture_content = max(0, capture_content)
+        self._max_held = max_held
+        self.held = 0  # bytes held for all open exchanges
+        self.losses: list[str] = []  # exchanges not read in full because of the memory bound, and why
         self._req_cap = request_body_cap
         self._resp_cap = response_body_cap
         self._event_cap = stream_event_cap
@@ -250,7 +342,8 @@ class CallTracker:
         self.stats: dict[str, int] = {
             "calls": 0, "mcp_messages": 0, "internal_errors": 0, "json_errors": 0, "overlong": 0,
             "request_truncated": 0, "response_truncated": 0, "dropped_exchanges": 0, "protocol_errors": 0,
-            "eventstream_broken": 0, "orphan_events": 0,
+            "eventstream_broken": 0, "orphan_events": 0, "request_gaps": 0, "response_gaps": 0,
+            "over_budget": 0,
         }
 
     # --- public -----------------------------------------------------------------------------------
@@ -276,6 +369,7 @@ class CallTracker:
             self.stats["internal_errors"] += 1
         self._streams.clear()
         self._open = 0
+        self.held = 0
         return out
 
     # --- events -----------------------------------------------------------------------------------
@@ -291,13 +385,19 @@ class CallTracker:
         if not q:
             self.stats["orphan_events"] += 1
             return
-        if isinstance(ev, RequestData | RequestEnd):
+        if isinstance(ev, RequestData | RequestEnd | RequestGap):
             ex = next((x for x in q if not x.req_ended), None)
             if ex is None:
                 self.stats["orphan_events"] += 1
                 return
             if isinstance(ev, RequestData):
                 self._request_data(ex, ev.data)
+                self._account(ex)
+            elif isinstance(ev, RequestGap):
+                ex.req_bytes += ev.size
+                if not ex.req_gap:
+                    self.stats["request_gaps"] += 1
+                ex.req_gap = True
             else:
                 ex.req_ended = True
                 ex.req_bytes = max(ex.req_bytes, ev.body_bytes)
@@ -312,11 +412,18 @@ class CallTracker:
         elif isinstance(ev, ResponseData):
             self._classify(ex, ev.ts_ns, out)
             self._response_data(ex, ev.data, ev.ts_ns, out)
+            self._account(ex)
+        elif isinstance(ev, ResponseGap):
+            self._classify(ex, ev.ts_ns, out)
+            self._response_gap(ex, ev.size)
+            self._account(ex)
         elif isinstance(ev, ResponseEnd):
             self._classify(ex, ev.ts_ns, out)
             ex.resp_bytes = max(ex.resp_bytes, ev.body_bytes)
             q.popleft()
             self._open -= 1
+            self.held -= ex.held
+            ex.held = 0
             if not q:
                 del self._streams[ev.stream]
             self._finish(ex, ev.ts_ns, complete=ev.complete, out=out)
@@ -329,6 +436,33 @@ class CallTracker:
 
     def _recount(self) -> None:
         self._open = sum(len(q) for q in self._streams.values())
+        self.held = sum(x.held for q in self._streams.values() for x in q)
+
+    def _account(self, ex: _Exchange) -> None:
+        """Update the connection's held bytes for ``ex``; past the bound, ``ex`` stops being read."""
+        parser = ex.parser
+        held = len(ex.req_body) + len(ex.req_tail) + len(ex.resp_head) + len(ex.resp_tail)
+        if parser is not None:
+            held += parser.buffered
+        self.held += held - ex.held
+        ex.held = held
+        if self.held <= self._max_held:
+            return
+        # Over the bound: this exchange's buffers go; it is reported with what was read so far.
+        self.stats["over_budget"] += 1
+        self.losses.append(f"stream {ex.stream}: over {self._max_held} bytes held on the connection; "
+                           "the rest of this exchange's bodies not parsed")
+        ex.req_body = bytearray()
+        ex.req_tail = bytearray()
+        if not ex.req_done:
+            ex.req_truncated = True
+        ex.resp_head = bytearray()
+        ex.resp_tail = bytearray()
+        ex.resp_truncated = True
+        ex.parser = None
+        ex.mode = "skip"
+        self.held -= ex.held
+        ex.held = 0
 
     def _drop_oldest(self) -> None:
         for sid, q in self._streams.items():
@@ -346,6 +480,11 @@ class CallTracker:
         ex.req_bytes += len(data)
         if ex.req_done:
             return
+        if ex.req_gap or ex.req_truncated:  # past the head: only the end is kept
+            ex.req_tail += data
+            if len(ex.req_tail) > REQUEST_TAIL:
+                del ex.req_tail[: len(ex.req_tail) - REQUEST_TAIL]
+            return
         room = self._req_cap - len(ex.req_body)
         if len(data) > room:
             if not ex.req_truncated:
@@ -361,9 +500,12 @@ class CallTracker:
         ex.req_done = True
         body = bytes(ex.req_body)
         ex.req_body = bytearray()
+        if ex.req_gap:
+            ex.req_truncated = True
         obj: Any = None
         if ex.req_truncated:
-            obj = shapes.regex_request(body[:65536])
+            obj = scan_request(body[:REQUEST_SCAN], bytes(ex.req_tail))
+            ex.req_tail = bytearray()
         elif body:
             obj = self._loads(body)
         hdr_session = _header(ex.req_headers, "mcp-session-id")
@@ -440,6 +582,27 @@ class CallTracker:
         else:
             ex.mode = "json"
 
+    def _response_gap(self, ex: _Exchange, size: int) -> None:
+        """Body bytes of the answer not captured: keep the head, read on after them."""
+        ex.resp_bytes += size
+        if not ex.resp_gap:
+            self.stats["response_gaps"] += 1
+        ex.resp_gap = True
+        mode = ex.mode
+        if mode == "json":
+            if not ex.resp_truncated:
+                self.stats["response_truncated"] += 1
+            ex.resp_truncated = True
+            ex.resp_tail = bytearray()  # what preceded the gap is no tail
+        elif mode == "sse":
+            ex.parser = SseParser(self._event_cap)
+            ex.to_newline = True
+        elif mode == "ndjson":
+            ex.parser = LineSplitter(self._event_cap)
+            ex.to_newline = True
+        elif mode in ("array", "eventstream"):
+            ex.mode, ex.parser = "skip", None  # no place to resume framing: the rest is not read
+
     def _response_data(self, ex: _Exchange, data: bytes, ts: int, out: list[Record]) -> None:
         if not data:
             return
@@ -449,7 +612,20 @@ class CallTracker:
         mode = ex.mode
         if mode == "skip" or mode == "":
             return
+        if ex.to_newline:  # the line a gap cut is dropped: resume at the next one
+            nl = data.find(b"\n")
+            if nl < 0:
+                return
+            ex.to_newline = False
+            data = data[nl + 1 :]
+            if not data:
+                return
         if mode == "json":
+            if ex.resp_gap:
+                ex.resp_tail += data
+                if len(ex.resp_tail) > RESPONSE_TAIL:
+                    del ex.resp_tail[: len(ex.resp_tail) - RESPONSE_TAIL]
+                return
             room = self._resp_cap - len(ex.resp_head)
             if len(data) <= room:
                 ex.resp_head += data
@@ -553,7 +729,7 @@ class CallTracker:
             return
         u = ex.usage
         info = ex.info
-        if ex.mode == "json" and ex.resp_head:
+        if ex.mode == "json" and (ex.resp_head or ex.resp_tail):
             if ex.resp_truncated:
                 tools = u.tool_calls
                 shapes.handle(info.api, u, shapes.regex_usage(info.api, bytes(ex.resp_head), bytes(ex.resp_tail)),

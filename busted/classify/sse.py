@@ -88,6 +88,11 @@ class LineSplitter:
         self._buf.clear()
         return line
 
+    @property
+    def buffered(self) -> int:
+        """Bytes held for an unterminated line."""
+        return len(self._buf)
+
     def pending(self) -> bytes:
         """The bytes of an unterminated last line (a stream may end without a newline)."""
         return b"" if self._skipping else bytes(self._buf)
@@ -132,6 +137,11 @@ class SseParser:
             if ev is not None:
                 out.append(ev)
         return out
+
+    @property
+    def buffered(self) -> int:
+        """Bytes held for the event being read (its lines so far and an unterminated line)."""
+        return self._lines.buffered + self._size
 
     def _line(self, line: bytes) -> SseEvent | None:
         if not line:

@@ -205,24 +205,41 @@ static __always_inline int looks_like_http(u8 *h)
            w == 0x4954504f /* "OPTI" */ || w == 0x20495250 /* "PRI " */;
 }
 
-static __always_inline void cap_write_in(u64 fd, u64 buf, u64 iov, u64 len)
+#define CAP_IOVS 8  /* iovecs summed for a gathered write's length (only the first is copied) */
+
+static __always_inline void cap_write_in(u64 fd, u64 buf, u64 iov, u64 len, u64 iovcnt)
 {
     u64 key = cap_key(fd);
     struct cap_tls *t = cap_tls_fd.lookup(&key);
     if (!t)
         return;
+    u64 wire = len;
     if (!buf && iov) {
         struct bst_iovec v = {};
         if (bpf_probe_read_user(&v, sizeof(v), (void *)iov) != 0)
             return;
         buf = v.base;
         len = v.len;
+        wire = len;
+#ifdef HAVE_PLAINTEXT
+        /* plain HTTP (or its first write): the whole length, so the other buffers' bytes are a known gap */
+        if (t->http || t->writes == 0) {
+#pragma unroll
+            for (int k = 1; k < CAP_IOVS; k++) {
+                struct bst_iovec w = {};
+                if (k >= iovcnt || bpf_probe_read_user(&w, sizeof(w), (void *)(iov + k * sizeof(w))) != 0)
+                    break;
+                wire += w.len;
+            }
+        }
+#endif
     }
+    (void)wire;
     if (!buf || len == 0)
         return;
 #ifdef HAVE_PLAINTEXT
     if (t->http) {  /* a later write of a plain-HTTP connection */
-        plaintext_socket(t->sk, buf, len, 0);
+        plaintext_socket(t->sk, buf, len, wire, 0);
         return;
     }
 #endif
@@ -238,7 +255,7 @@ static __always_inline void cap_write_in(u64 fd, u64 buf, u64 iov, u64 len)
                 r.kind = CAP_HTTP;
                 cap_rfd.update(&key, &r);  /* its reads too */
                 t->http = 1;
-                plaintext_socket(t->sk, buf, len, 0);
+                plaintext_socket(t->sk, buf, len, wire, 0);
                 return;
             }
 #endif
@@ -285,6 +302,7 @@ static __always_inline void cap_io_out(long ret)
     if (ret <= 0)
         return;
     u64 buf = io.buf;
+    u64 wire = (u64)ret;
     if (!buf) {
         struct bst_iovec v = {};
         if (!io.iov || bpf_probe_read_user(&v, sizeof(v), (void *)io.iov) != 0)
@@ -293,11 +311,12 @@ static __always_inline void cap_io_out(long ret)
         if ((u64)ret > v.len)
             ret = (long)v.len;  /* only the first iovec is copied: never past its end */
     }
+    (void)wire;
     if (!buf)
         return;
 #ifdef HAVE_PLAINTEXT
     if (io.kind == 3) {
-        plaintext_socket(io.sk, buf, ret, 1);
+        plaintext_socket(io.sk, buf, ret, wire, 1);  /* the bytes of other buffers: a known gap */
         return;
     }
 #endif
@@ -324,6 +343,14 @@ static __always_inline u64 msg_iov(u64 umsg)
     return m.iov;
 }
 
+static __always_inline u64 msg_iovlen(u64 umsg)
+{
+    struct bst_msghdr m = {};
+    if (!umsg || bpf_probe_read_user(&m, sizeof(m), (void *)umsg) != 0)
+        return 0;
+    return m.iovlen;
+}
+
 static __always_inline u64 msg_name(u64 umsg)
 {
     struct bst_msghdr m = {};
@@ -333,10 +360,10 @@ static __always_inline u64 msg_name(u64 umsg)
 }
 
 /* Hooks: writes on new TCP connections (ClientHello) and reads on DNS sockets (answers). */
-int bst_cap_write_in(struct sys_enter_args *a) { cap_write_in(a->arg[0], a->arg[1], 0, a->arg[2]); return 0; }
-int bst_cap_writev_in(struct sys_enter_args *a) { cap_write_in(a->arg[0], 0, a->arg[1], 0); return 0; }
-int bst_cap_sendto_in(struct sys_enter_args *a) { cap_write_in(a->arg[0], a->arg[1], 0, a->arg[2]); return 0; }
-int bst_cap_sendmsg_in(struct sys_enter_args *a) { cap_write_in(a->arg[0], 0, msg_iov(a->arg[1]), 0); return 0; }
+int bst_cap_write_in(struct sys_enter_args *a) { cap_write_in(a->arg[0], a->arg[1], 0, a->arg[2], 0); return 0; }
+int bst_cap_writev_in(struct sys_enter_args *a) { cap_write_in(a->arg[0], 0, a->arg[1], 0, a->arg[2]); return 0; }
+int bst_cap_sendto_in(struct sys_enter_args *a) { cap_write_in(a->arg[0], a->arg[1], 0, a->arg[2], 0); return 0; }
+int bst_cap_sendmsg_in(struct sys_enter_args *a) { cap_write_in(a->arg[0], 0, msg_iov(a->arg[1]), 0, msg_iovlen(a->arg[1])); return 0; }
 int bst_cap_read_in(struct sys_enter_args *a) { cap_read_in(a->arg[0], a->arg[1], 0, 0); return 0; }
 int bst_cap_readv_in(struct sys_enter_args *a) { cap_read_in(a->arg[0], 0, a->arg[1], 0); return 0; }
 int bst_cap_recvfrom_in(struct sys_enter_args *a) { cap_read_in(a->arg[0], a->arg[1], 0, a->arg[4]); return 0; }

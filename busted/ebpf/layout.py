@@ -235,7 +235,7 @@ PT_HDR = Layout.of(
     ("offset", "u32"),  # where this piece starts within the call's bytes
     ("direction", "u8"),  # 0 the process wrote (sent), 1 it read (received)
     ("source", "u8"),  # 1 OpenSSL, 2 GnuTLS, 3 a plain socket
-    ("cut", "u8"),  # 1: the call moved more bytes than were copied; they end after this piece
+    ("cut", "u8"),  # 1: bytes of the call before this piece were not copied; 2: its bytes after it never come
 )
 
 

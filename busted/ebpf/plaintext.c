@@ -153,13 +153,21 @@ static __always_inline u64 pt_sock_of(u64 ssl)
     return sk ? *sk : 0;
 }
 
-/* Copy up to PT_PIECES * PT_CHUNK bytes of user memory at ubuf as records. */
-static __always_inline void pt_copy(u64 sk, u64 ssl, u64 ubuf, u64 total, u8 dir, u8 lib)
+/* Copy up to PT_PIECES * PT_CHUNK bytes of user memory at ubuf as records: the call's head, and
+ * for a call longer than that, its last PT_CHUNK bytes instead of the next head piece. Every record
+ * carries the call's full length and its own offset, so user space knows each gap exactly and can
+ * skip it inside a body (a big request's prompt, the middle of a long answer) while the message
+ * heads, the JSON body's start (model, stream) and a response's end (usage) stay readable. */
+static __always_inline void pt_copy_part(u64 sk, u64 ssl, u64 ubuf, u64 total, u64 wire, u8 dir, u8 lib)
 {
+    /* total: bytes readable at ubuf (contiguous); wire: bytes the call moved in all (more when
+     * a plain-HTTP writev/sendmsg/readv/recvmsg used several buffers: only the first is copied). */
     u32 zero = 0;
     struct pt_rec *r = pt_scratch.lookup(&zero);
     if (!r || total == 0)
         return;
+    if (wire < total)
+        wire = total;
     u64 pt = bpf_get_current_pid_tgid();
     u64 ts = bpf_ktime_get_ns();
 #ifdef HAVE_ARRIVAL
@@ -171,6 +179,8 @@ static __always_inline void pt_copy(u64 sk, u64 ssl, u64 ubuf, u64 total, u8 dir
         u64 off = (u64)i * PT_CHUNK;
         if (off >= total)
             break;
+        if (i == PT_PIECES - 1 && total > (u64)PT_PIECES * PT_CHUNK)
+            off = total - PT_CHUNK;  /* the tail: a gap of (off - (PT_PIECES - 1) * PT_CHUNK) bytes before it */
         u64 left = total - off;
         u32 n = left > PT_CHUNK ? PT_CHUNK : (u32)left;
         n &= (PT_CHUNK - 1) | PT_CHUNK;
@@ -185,14 +195,21 @@ static __always_inline void pt_copy(u64 sk, u64 ssl, u64 ubuf, u64 total, u8 dir
         r->h.ssl = ssl;
         r->h.pid = pt >> 32;
         r->h.tid = (u32)pt;
-        r->h.wire_len = total > 0xffffffffULL ? 0xffffffff : (u32)total;
+        r->h.wire_len = wire > 0xffffffffULL ? 0xffffffff : (u32)wire;
         r->h.offset = (u32)off;
         r->h.direction = dir;
         r->h.source = lib;
-        r->h.cut = (i == PT_PIECES - 1 && total > off + n) ? 1 : 0;
+        /* 1: bytes before this piece were skipped; 2: the call's bytes after this piece never come */
+        r->h.cut = ((i == PT_PIECES - 1 && off > (u64)i * PT_CHUNK) ? 1 : 0) |
+                   ((off + n >= total && off + n < wire) ? 2 : 0);
         if (events.ringbuf_output(r, sizeof(struct pt_hdr) + n, BPF_RB_NO_WAKEUP) != 0)
             count_loss(LOSS_RING);
     }
+}
+
+static __always_inline void pt_copy(u64 sk, u64 ssl, u64 ubuf, u64 total, u8 dir, u8 lib)
+{
+    pt_copy_part(sk, ssl, ubuf, total, total, dir, lib);
 }
 
 static __always_inline void pt_call_enter(int is_read, u64 ssl, u64 buf, u64 outlen, u32 lib)
@@ -278,9 +295,10 @@ int bst_gnutls_recv_in(struct pt_regs *ctx) { pt_call_enter(1, PT_REGS_PARM1(ctx
 int bst_gnutls_recv_out(struct pt_regs *ctx) { pt_call_return(1, PT_REGS_RC(ctx), 0); return 0; }
 
 /* Plain HTTP (capture.c): a socket write/read of a connection judged to carry HTTP. */
-static __always_inline void plaintext_socket(u64 sk, u64 ubuf, u64 n, int is_read)
+/* n bytes are at ubuf (the first buffer); the syscall moved wire bytes in all. */
+static __always_inline void plaintext_socket(u64 sk, u64 ubuf, u64 n, u64 wire, int is_read)
 {
     if (!sk || pt_skipped(sk))
         return;
-    pt_copy(sk, 0, ubuf, n, is_read ? PT_READ : PT_WRITE, PT_SOCKET);
+    pt_copy_part(sk, 0, ubuf, n, wire, is_read ? PT_READ : PT_WRITE, PT_SOCKET);
 }

@@ -105,14 +105,14 @@ class PlainRecord(NamedTuple):
     offset: int  # where this piece starts within the call's bytes
     sent: bool  # the process wrote it (else it read it)
     source: int  # 1 OpenSSL, 2 GnuTLS, 3 a plain socket
-    cut: bool  # bytes after this piece were not copied (the call moved more than the limit)
+    cut: int  # 1: bytes before this piece (the call's tail) were skipped; 2: the call's bytes after it never come
     data: bytes
 
 
 def decode_plain(buf: bytes) -> PlainRecord:
     typ, n, ts, sk, ssl, pid, tid, wire_len, offset, direction, source, cut, _tail = _PT.unpack_from(buf)
     data = bytes(buf[_PT.size : _PT.size + n]) if typ == REC_PLAIN else b""
-    return PlainRecord(typ, ts, sk, ssl, pid, tid, wire_len, offset, direction == 0, source, bool(cut), data)
+    return PlainRecord(typ, ts, sk, ssl, pid, tid, wire_len, offset, direction == 0, source, cut, data)
 
 
 class LinRecord(NamedTuple):
