@@ -267,8 +267,9 @@ class Monitor:
             # Process identity from the kernel's fork/exec records first, /proc second.
             from busted.cgroups import CgroupPaths, proc_cgroup_path
             from busted.lineage import LineageProc, LineageTable
+            from busted.procinfo import read_exec_argv
 
-            self.lineage = LineageTable(max_procs=self._max_procs)
+            self.lineage = LineageTable(max_procs=self._max_procs, exec_argv=read_exec_argv)
             proc = LineageProc(self.lineage, self._proc.get, agents=self._agents,
                                cgroup_path=CgroupPaths().path, proc_cgroup=proc_cgroup_path).get
         self._table = FlowTable(enricher=enricher, proc=proc, salt=self._salt,
