@@ -62,6 +62,9 @@ class MonitorStats:
     open_flows: int = 0
     proc_reads: int = 0
     plaintext_records: int = 0  # TLS/HTTP plaintext chunks received from the kernel
+    # Lineage execs whose argv was not in the record and whose process was gone from /proc when
+    # the record was decoded (default lineage tiers; docs/agents.md): exe and parent kept, argv None.
+    argv_lost: int = 0
     tls_libraries: dict[str, str] = field(default_factory=dict)  # probed file -> "openssl" | "gnutls"
     startup_s: float = 0.0
     compile_s: float = 0.0  # getting the bytecode: from the cache (ms) or a compiler child (s)
@@ -438,6 +441,8 @@ class Monitor:
         if self._tls_scanner is not None:
             s.tls_libraries = self._tls_scanner.files
         s.proc_reads = self._proc.reads
+        if self.lineage is not None:
+            s.argv_lost = self.lineage.argv_lost
         lost = dict(t.lost) if t is not None else {}
         for k, v in self._user_lost.items():
             lost[k] = lost.get(k, 0) + v

@@ -158,6 +158,7 @@ def test_every_exec_without_kernel_argv_is_read_or_counted(tmp_path, server):
         assert t.execs >= 32  # bash, 30 x true, curl
         assert t.argv_from_proc + t.argv_lost == t.execs
         assert t.argv_from_proc >= 2  # at least bash and curl were still running
+        assert mon.stats().argv_lost == t.argv_lost
     with busted.Monitor(port=server, classify=False, preexisting=False, probes={"lineage": "syscall"}) as mon:
         subprocess.run(["bash", "-c", f"/bin/true; curl -s -o /dev/null http://127.0.0.1:{server}/"],
                        check=True, timeout=30)
