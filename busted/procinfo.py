@@ -86,9 +86,10 @@ def read_proc(pid: int, root: str = "/proc") -> ProcInfo:
 def read_exec_argv(pid: int, comm: str, root: str = "/proc", limit: int = 8192) -> tuple[str, ...] | None:
     """The argv of the program ``pid`` exec'd, read now, raw (the caller redacts): None if the
     process is gone or a zombie, or its comm is no longer ``comm`` (it exec'd another program, or
-    the pid was reused, since the exec being decoded). Lineage's exec records call this when the
-    kernel did not copy argv (busted/lineage.py). A process may rewrite its argv area
-    (setproctitle): this reads what it shows now, as ``ps`` does."""
+    the pid was reused, since the exec being decoded; or renamed itself with PR_SET_NAME: then the
+    flow's lookup reads /proc again, unchecked, while the process lives). Lineage's exec records
+    call this when the kernel did not copy argv (busted/lineage.py). A process may rewrite its argv
+    area (setproctitle): this reads what it shows now, as ``ps`` does."""
     base = f"{root}/{pid}"
     try:
         with open(f"{base}/stat", "rb") as f:
