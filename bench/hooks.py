@@ -73,6 +73,7 @@ _CAPTURE_TPS = (["syscalls:sys_enter_connect", "syscalls:sys_exit_connect", "sys
 _LINEAGE_TPS = ["task:task_newtask", "syscalls:sys_enter_execve", "syscalls:sys_exit_execve",
                 "sched:sched_process_exec", "sched:sched_process_exit",
                 "syscalls:sys_enter_execveat", "syscalls:sys_exit_execveat"]
+_LINEAGE_SCHED_TPS = ["task:task_newtask", "sched:sched_process_exec", "sched:sched_process_exit"]
 
 FAMILIES: dict[str, tuple[str, list[Hook]]] = {
     "noop": ("nothing attached: the noise floor", []),
@@ -80,7 +81,9 @@ FAMILIES: dict[str, tuple[str, list[Hook]]] = {
                        [("tp", t) for t in _SOCK_TPS]),
     "capture-syscalls": ("busted's capture hooks: syscall tracepoints", [("tp", t) for t in _CAPTURE_TPS]),
     "one-syscall-tp": ("sys_enter_execve only", [("tp", "syscalls:sys_enter_execve")]),
-    "lineage": ("busted's lineage hooks", [("tp", t) for t in _LINEAGE_TPS]),
+    "lineage": ("busted's lineage hooks, tier syscall (opt-in since issue 21)", [("tp", t) for t in _LINEAGE_TPS]),
+    "lineage-sched": ("busted's lineage hooks, default tier: no syscall tracepoint",
+                      [("tp", t) for t in _LINEAGE_SCHED_TPS]),
     "raw-sock": ("the flow hooks as raw tracepoints", [("raw", t.split(":")[1]) for t in _SOCK_TPS]),
     "raw-syscalls": ("raw_syscalls sys_enter + sys_exit as raw tracepoints",
                      [("raw", "sys_enter"), ("raw", "sys_exit")]),

@@ -202,25 +202,26 @@ def calibrate(seconds: float, rate: float, workers: int) -> dict[str, float]:
     return rates
 
 
-def run(kind: str, seconds: float, rate: float, workers: int, max_procs: int) -> dict:
+def run(kind: str, seconds: float, rate: float, workers: int, max_procs: int, lineage: str | None = None) -> dict:
     import busted
     from busted import Direction, EventsLost, FlowOpened
 
     lpid, port = _listener(time.monotonic() + seconds + 120)
-    opened = with_exe = with_ppid = with_both = 0
+    opened = with_exe = with_ppid = with_both = with_argv = 0
     lost: Counter[str] = Counter()
     biggest = 0
     exes: Counter[str] = Counter()
     try:
         with busted.Monitor(classify=False, preexisting=False, llm_calls=False, max_procs=max_procs,
-                            port=port) as mon:
+                            port=port, probes={"lineage": lineage} if lineage else None) as mon:
             def take(ev: object) -> None:
-                nonlocal opened, with_exe, with_ppid, with_both
+                nonlocal opened, with_exe, with_ppid, with_both, with_argv
                 if isinstance(ev, FlowOpened) and ev.direction == Direction.CONNECT and ev.dport == port:
                     opened += 1
                     with_exe += ev.exe is not None
                     with_ppid += ev.ppid is not None
                     with_both += ev.exe is not None and ev.ppid is not None
+                    with_argv += bool(ev.cmdline)
                     exes[ev.exe or "?"] += 1
                 elif isinstance(ev, EventsLost):
                     lost[ev.where.name] += ev.count
@@ -257,10 +258,13 @@ def run(kind: str, seconds: float, rate: float, workers: int, max_procs: int) ->
         "processes": spawned, "elapsed_s": round(elapsed, 2),
         "processes_per_s": round(spawned / elapsed) if elapsed else 0,
         "client_flows_seen": opened, "flows_with_exe": with_exe, "flows_with_ppid": with_ppid,
-        "flows_with_exe_and_ppid": with_both, "top_exes": dict(exes.most_common(3)),
+        "flows_with_exe_and_ppid": with_both, "flows_with_argv": with_argv, "top_exes": dict(exes.most_common(3)),
         "lineage_table_max": biggest, "max_procs": max_procs,
         "lineage_records": table.records if table else 0,
         "live_evictions": table.evicted_live if table else 0,
+        # exec records without argv (every exec on the default tier): read from /proc, or lost
+        "argv_from_proc": table.argv_from_proc if table else 0,
+        "argv_lost": table.argv_lost if table else 0,
         "events_lost": dict(lost), "stats_lost": lost_stats, "plan": plan,
     }
 
@@ -272,6 +276,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--rate", type=float, default=5000.0, help="ceiling, processes/s (all workers)")
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--max-procs", type=int, default=4096, help="Monitor(max_procs=...): the table's bound")
+    ap.add_argument("--lineage", help="force the lineage tier (busted.ebpf.plan.LINEAGE_TIERS), e.g. syscall")
     ap.add_argument("--calibrate-seconds", type=float, default=3.0)
     ap.add_argument("--calibrate-only", action="store_true")
     a = ap.parse_args(argv)
@@ -288,7 +293,7 @@ def main(argv: list[str] | None = None) -> int:
     if os.geteuid() != 0:
         print("proc_storm: the Monitor needs root (or --calibrate-only)", file=sys.stderr)
         return 2
-    result = run(kind, a.seconds, a.rate, a.workers, a.max_procs)
+    result = run(kind, a.seconds, a.rate, a.workers, a.max_procs, a.lineage)
     result["calibrate_no_busted"] = {k: round(v) for k, v in rates.items()}
     result["loadavg_after"] = os.getloadavg()[0]
     print(json.dumps(result))

@@ -50,6 +50,14 @@ __all__ = ["HEADER", "TopTable", "main", "ready_line", "render"]
 
 # -- doctor ------------------------------------------------------------------------------------
 
+# What a tier costs or lacks that its availability does not say (docs/kernel.md, tiers).
+_TIER_NOTES = {
+    ("bytes", "syscall"): " (syscall tracepoints: every syscall of every process pays the slow path)",
+    ("lineage", "tracepoint"): " (argv from /proc when the exec is decoded)",
+    ("lineage", "sched-fork"): " (argv from /proc when the exec is decoded)",
+    ("lineage", "syscall"): " (opt-in: argv copied at execve; syscall tracepoints tax every syscall)",
+}
+
 _UNPRIVILEGED = ("not running as root, and without CAP_BPF+CAP_PERFMON: this user cannot load BPF or see "
                  "tracefs. Run `sudo busted doctor`.")
 
@@ -103,7 +111,15 @@ def _doctor(args: argparse.Namespace, out: TextIO) -> int:
     if given:
         raise UsageError(f"doctor --{given[0]} is checked only with --security; add --security")
     from busted.ebpf.loader import MAX_FLOWS, RINGBUF_BYTES, build_source
-    from busted.ebpf.plan import BYTES_TIERS, LIFECYCLE_TIERS, _bytes_ok, _lifecycle_ok, choose_plan
+    from busted.ebpf.plan import (
+        BYTES_TIERS,
+        LIFECYCLE_TIERS,
+        LINEAGE_TIERS,
+        _bytes_ok,
+        _lifecycle_ok,
+        _lineage_ok,
+        choose_plan,
+    )
     from busted.ebpf.probe import probe
 
     force = _parse_probes(args.probes)
@@ -189,10 +205,11 @@ def _doctor(args: argparse.Namespace, out: TextIO) -> int:
           f"{sum(1 for tp in caps.tracepoints if tp.startswith('syscalls/'))} present")
         w("tiers")
         for name, tiers, check in (("lifecycle", LIFECYCLE_TIERS, _lifecycle_ok),
-                                   ("bytes", BYTES_TIERS, _bytes_ok)):
+                                   ("bytes", BYTES_TIERS, _bytes_ok), ("lineage", LINEAGE_TIERS, _lineage_ok)):
             for t in tiers:
                 why = check(caps, t)
-                w(f"  {name:<10}{t:<12}{'available' if why is None else 'unavailable: ' + why}")
+                note = _TIER_NOTES.get((name, t), "")
+                w(f"  {name:<10}{t:<12}{'available' if why is None else 'unavailable: ' + why}{note}")
     llm = _llm_calls_report(caps, plan)
     if hidden and not caps.uprobes:
         w("LLM calls       unknown: uprobes are not visible without privileges")

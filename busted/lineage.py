@@ -76,8 +76,15 @@ class LineageTable:
     one per process); the flow table turns that into an ``EventsLost(USER_TABLE)``.
     """
 
-    def __init__(self, max_procs: int = 32768, report_ns: int = 500_000_000) -> None:
+    def __init__(self, max_procs: int = 32768, report_ns: int = 500_000_000,
+                 exec_argv: Callable[[int, str], tuple[str, ...] | None] | None = None) -> None:
         self.max_procs = max(16, max_procs)
+        # For exec records without argv (tiers that register no execve syscall hook; an execve in
+        # flight when the monitor started): ``exec_argv(pid, comm)`` reads the process's argv now
+        # (raw; None if it exited, or its comm says it is no longer that program).
+        self._exec_argv = exec_argv
+        self.argv_from_proc = 0  # exec records whose argv was read from /proc
+        self.argv_lost = 0  # ... and those whose process was gone (or exec'd again) by then
         self._procs: OrderedDict[int, Proc] = OrderedDict()  # oldest insertion first
         self._exited: deque[Proc] = deque()  # in exit order; entries may be stale (re-forked pid)
         self.records = 0
@@ -116,7 +123,16 @@ class LineageTable:
                 self._put(p)
             p.comm = rec.comm
             p.exe = rec.filename
-            p.argv = redact_argv(rec.argv) if rec.argv is not None else None
+            argv = rec.argv
+            if rec.flags & LINF.NO_ARGV and self._exec_argv is not None:
+                argv = self._exec_argv(rec.pid, rec.comm)
+                if argv is None:
+                    self.argv_lost += 1
+                else:
+                    self.argv_from_proc += 1
+            elif rec.flags & LINF.NO_ARGV:
+                argv = None  # unknown, not empty: the lookup falls back to /proc
+            p.argv = redact_argv(argv) if argv is not None else None
             p.argv_truncated = bool(rec.flags & LINF.ARGV_TRUNCATED)
             p.argv_unread = bool(rec.flags & LINF.ARGV_UNREAD)
             p.exec_ns = rec.ts_ns

@@ -62,6 +62,9 @@ class MonitorStats:
     open_flows: int = 0
     proc_reads: int = 0
     plaintext_records: int = 0  # TLS/HTTP plaintext chunks received from the kernel
+    # Lineage execs whose argv was not in the record and whose process was gone from /proc when
+    # the record was decoded (default lineage tiers; docs/agents.md): exe and parent kept, argv None.
+    argv_lost: int = 0
     tls_libraries: dict[str, str] = field(default_factory=dict)  # probed file -> "openssl" | "gnutls"
     startup_s: float = 0.0
     compile_s: float = 0.0  # getting the bytecode: from the cache (ms) or a compiler child (s)
@@ -273,8 +276,9 @@ class Monitor:
             # Process identity from the kernel's fork/exec records first, /proc second.
             from busted.cgroups import CgroupPaths, proc_cgroup_path
             from busted.lineage import LineageProc, LineageTable
+            from busted.procinfo import read_exec_argv
 
-            self.lineage = LineageTable(max_procs=self._max_procs)
+            self.lineage = LineageTable(max_procs=self._max_procs, exec_argv=read_exec_argv)
             proc = LineageProc(self.lineage, self._proc.get, agents=self._agents,
                                cgroup_path=CgroupPaths().path, proc_cgroup=proc_cgroup_path).get
         self._table = FlowTable(enricher=enricher, proc=proc, salt=self._salt,
@@ -443,6 +447,8 @@ class Monitor:
         if self._tls_scanner is not None:
             s.tls_libraries = self._tls_scanner.files
         s.proc_reads = self._proc.reads
+        if self.lineage is not None:
+            s.argv_lost = self.lineage.argv_lost
         lost = dict(t.lost) if t is not None else {}
         for k, v in self._user_lost.items():
             lost[k] = lost.get(k, 0) + v

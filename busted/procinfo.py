@@ -15,7 +15,7 @@ from cachetools import TTLCache
 
 from busted.redact import redact_argv
 
-__all__ = ["ProcInfo", "ProcCache", "ticks_to_wall"]
+__all__ = ["ProcInfo", "ProcCache", "read_exec_argv", "ticks_to_wall"]
 
 
 class ProcInfo(NamedTuple):
@@ -81,6 +81,32 @@ def read_proc(pid: int, root: str = "/proc") -> ProcInfo:
     except (OSError, ValueError):
         netns = None
     return ProcInfo(ppid, exe, cmd, netns, start, comm, None, None if start is None else ticks_to_wall(start))
+
+
+def read_exec_argv(pid: int, comm: str, root: str = "/proc", limit: int = 8192) -> tuple[str, ...] | None:
+    """The argv of the program ``pid`` exec'd, read now, raw (the caller redacts): None if the
+    process is gone or a zombie, or its comm is no longer ``comm`` (it exec'd another program, or
+    the pid was reused, since the exec being decoded; or renamed itself with PR_SET_NAME: then the
+    flow's lookup reads /proc again, unchecked, while the process lives). Lineage's exec records
+    call this when the kernel did not copy argv (busted/lineage.py). A process may rewrite its argv
+    area (setproctitle): this reads what it shows now, as ``ps`` does."""
+    base = f"{root}/{pid}"
+    try:
+        with open(f"{base}/stat", "rb") as f:
+            stat = f.read(512)
+        close = stat.rfind(b")")
+        now = stat[stat.find(b"(") + 1 : close].decode("utf-8", "replace")
+        if now != comm or stat[close + 2 : close + 3] in (b"Z", b"X"):
+            return None
+        with open(f"{base}/cmdline", "rb") as f:
+            raw = f.read(limit)
+    except OSError:
+        return None
+    if not raw:
+        return None  # a zombie, or a kernel thread
+    if raw.endswith(b"\0"):
+        raw = raw[:-1]  # the last argument's terminator (only one: an empty argument is an argument)
+    return tuple(a.decode("utf-8", "replace") for a in raw.split(b"\0"))
 
 
 class _Entry(NamedTuple):

@@ -1,4 +1,5 @@
-/* Capability "lineage", tier "tracepoint": who started whom, from the kernel, as it happens.
+/* Capability "lineage", tiers "tracepoint", "sched-fork" and "syscall": who started whom, from the
+ * kernel, as it happens.
  *
  * Records (layout struct lin_hdr, generated from layout.py) go to the same ring buffer as the flow
  * records, so user space reads a process's fork and exec before any flow it opens, and its exit
@@ -11,17 +12,33 @@
  *
  *   task:task_newtask       parent context: new process (threads skipped via CLONE_THREAD)
  *     (or sched:sched_process_fork when task_newtask is missing: LIN_FORK_SCHED, threads too)
- *   syscalls:sys_enter_execve/execveat   argv copied into a per-thread stash
- *   sched:sched_process_exec            success: filename + stashed argv -> REC_EXEC
- *   syscalls:sys_exit_execve/execveat   the stash is dropped (failed execs leave nothing)
+ *   sched:sched_process_exec            success: filename (+ stashed argv) -> REC_EXEC
  *   sched:sched_process_exit            the last thread of a process: REC_EXIT
+ * Tier "syscall" only (LIN_ARGV_SYSCALL):
+ *   syscalls:sys_enter_execve/execveat   argv copied into a per-thread stash
+ *   syscalls:sys_exit_execve/execveat   the stash is dropped (failed execs leave nothing)
  *
- * All records are submitted without a wake-up: the flow open that follows wakes the reader, and
- * the ring keeps their order.
+ * Without LIN_ARGV_SYSCALL no syscall tracepoint is registered: any one of them puts every syscall
+ * of every process on the kernel's tracing slow path (~60-90 ns each here, docs/benchmarks.md).
+ * The exec record then carries no argv (LINF_NO_ARGV) and user space reads /proc/<pid>/cmdline
+ * when it decodes the record (busted/lineage.py); a process that exited before that loses its argv
+ * (counted), not its exe, parent or times.
+ *
+ * Records are submitted without a wake-up: the flow open that follows wakes the reader, and the
+ * ring keeps their order. Except exec records where user space reads argv from /proc: they wake
+ * the reader, so it reads /proc while the process still runs (the reader drains at most every few
+ * ms however often it is woken, so a storm of execs costs no more wake-ups than a storm of flows).
  */
+
+#ifdef LIN_ARGV_SYSCALL
+#define LIN_EXEC_WAKEUP BPF_RB_NO_WAKEUP
+#else
+#define LIN_EXEC_WAKEUP 0
+#endif
 
 #define LIN_CLONE_THREAD 0x00010000ULL
 
+#ifdef LIN_ARGV_SYSCALL
 struct lin_args {
     u32 len;
     u32 argc;
@@ -31,9 +48,10 @@ struct lin_args {
 };
 
 BPF_PERCPU_ARRAY(lin_scratch, struct lin_args, 1);
-BPF_PERCPU_ARRAY(lin_out, struct lin_exec, 1);
 /* execve in flight, by thread id. LRU: a thread killed inside execve leaves no stale entry for long. */
 BPF_TABLE("lru_hash", u32, struct lin_args, lin_argv, 1024);
+#endif
+BPF_PERCPU_ARRAY(lin_out, struct lin_exec, 1);
 
 static __always_inline void lin_hdr_fill(struct lin_hdr *h, u32 type)
 {
@@ -84,6 +102,7 @@ int bst_lin_fork(struct tracepoint__task__task_newtask *args)
 }
 #endif
 
+#ifdef LIN_ARGV_SYSCALL
 static __always_inline void lin_stash_argv(u64 uargv)
 {
     u32 zero = 0;
@@ -151,6 +170,7 @@ int bst_lin_execve_out(struct sys_exit_args *args)
     lin_argv.delete(&tid);
     return 0;
 }
+#endif
 
 int bst_lin_exec(struct tracepoint__sched__sched_process_exec *args)
 {
@@ -172,6 +192,7 @@ int bst_lin_exec(struct tracepoint__sched__sched_process_exec *args)
     u32 fo = (u32)fl & (LIN_FNAME - 1);
     r->h.flen = fo;
     u32 n = 0;
+#ifdef LIN_ARGV_SYSCALL
     struct lin_args *a = lin_argv.lookup(&old);
     if (a) {
         n = a->len;
@@ -184,11 +205,14 @@ int bst_lin_exec(struct tracepoint__sched__sched_process_exec *args)
     } else {
         r->h.flags = LINF_NO_ARGV;
     }
+#else
+    r->h.flags = LINF_NO_ARGV; /* user space reads /proc/<pid>/cmdline */
+#endif
     r->h.len = n;
     u64 size = sizeof(struct lin_hdr) + fo + n;
     if (size > sizeof(struct lin_exec))
         return 0; /* cannot happen (fo <= LIN_FNAME, n <= LIN_ARGS): the verifier wants the bound */
-    if (events.ringbuf_output(r, size, BPF_RB_NO_WAKEUP) != 0)
+    if (events.ringbuf_output(r, size, LIN_EXEC_WAKEUP) != 0)
         count_loss(LOSS_RING);
     return 0;
 }

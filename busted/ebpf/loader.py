@@ -23,7 +23,7 @@ from cachetools import LRUCache
 from busted.ebpf import bpfsys, bytecode
 from busted.ebpf.bpfsys import prog_recursion_misses
 from busted.ebpf.layout import FL, FLOW, LOSS_MAP, LOSS_MISS, LOSS_RING, QUIET_KEY, c_definitions
-from busted.ebpf.plan import ProbePlan
+from busted.ebpf.plan import ProbePlan, lineage_syscall_argv
 from busted.ebpf.records import decode_flow_value
 from busted.errors import (
     BccNotInstalled,
@@ -101,10 +101,13 @@ _CAPTURE_ATTACH = [
     for n in ("write", "writev", "sendto", "sendmsg", "read", "readv", "recvfrom", "recvmsg")
 ] + [(f"syscalls:sys_exit_{n}", "bst_cap_out") for n in ("read", "readv", "recvfrom", "recvmsg")]
 _LINEAGE_ATTACH = [
-    ("syscalls:sys_enter_execve", "bst_lin_execve_in"),
-    ("syscalls:sys_exit_execve", "bst_lin_execve_out"),
     ("sched:sched_process_exec", "bst_lin_exec"),
     ("sched:sched_process_exit", "bst_lin_exit"),
+]
+# The "syscall" lineage tier only (argv copied at execve): syscall tracepoints tax every syscall.
+_LINEAGE_EXECVE = [
+    ("syscalls:sys_enter_execve", "bst_lin_execve_in"),
+    ("syscalls:sys_exit_execve", "bst_lin_execve_out"),
 ]
 # execveat is optional (old kernels): attached when present.
 _LINEAGE_OPTIONAL = [
@@ -166,6 +169,8 @@ def build_source(plan: ProbePlan, *, ringbuf_bytes: int = RINGBUF_BYTES, max_flo
         defines.append("#define END_AT_CLOSE 1")
     if plan.lineage == "sched-fork":
         defines.append("#define LIN_FORK_SCHED 1")
+    if lineage_syscall_argv(plan.lineage):
+        defines.append("#define LIN_ARGV_SYSCALL 1")
     if busy_host:
         defines.append("#define BUSY_HOST 1")
     parts = [
@@ -288,9 +293,10 @@ class FlowProgram:
                 self._attach_tp(tp, fn)
         if self.plan.lineage != "off":
             fork_tp = "sched:sched_process_fork" if self.plan.lineage == "sched-fork" else "task:task_newtask"
-            for tp, fn in [(fork_tp, "bst_lin_fork"), *_LINEAGE_ATTACH]:
+            syscall_argv = lineage_syscall_argv(self.plan.lineage)
+            for tp, fn in [(fork_tp, "bst_lin_fork"), *_LINEAGE_ATTACH, *(_LINEAGE_EXECVE if syscall_argv else [])]:
                 self._attach_tp(tp, fn)
-            for tp, fn in _LINEAGE_OPTIONAL:
+            for tp, fn in _LINEAGE_OPTIONAL if syscall_argv else []:
                 try:
                     self._attach_tp(tp, fn)
                 except ProbeLoadError:

@@ -16,11 +16,17 @@ __all__ = ["LIFECYCLE_TIERS", "BYTES_TIERS", "LINEAGE_TIERS", "ProbePlan", "choo
 
 LIFECYCLE_TIERS = ("tracepoint", "kprobe")
 BYTES_TIERS = ("tracepoint", "syscall", "kprobe")
-# Process lineage (lineage.c): "tracepoint" (task:task_newtask, threads skipped in the kernel),
-# "sched-fork" (sched:sched_process_fork; thread creations reach user space too), "off".
-LINEAGE_TIERS = ("tracepoint", "sched-fork", "off")
-_LINEAGE_COMMON = ("sched/sched_process_exec", "sched/sched_process_exit", "syscalls/sys_enter_execve",
-                   "syscalls/sys_exit_execve")
+# Process lineage (lineage.c), best first. No tier but "syscall" registers a syscall tracepoint
+# (each one puts every syscall of every process on the tracing slow path: docs/benchmarks.md):
+#   "tracepoint"  task:task_newtask (threads skipped in the kernel) + sched:sched_process_{exec,exit};
+#                 argv read from /proc when the exec record is decoded
+#   "sched-fork"  the same with sched:sched_process_fork (thread creations reach user space too)
+#   "syscall"     "tracepoint" + syscalls:sys_{enter,exit}_execve{,at}: argv copied in the kernel at
+#                 execve, so processes that exit within a millisecond keep theirs. Opt-in (forced).
+#   "off"
+LINEAGE_TIERS = ("tracepoint", "sched-fork", "syscall", "off")
+_LINEAGE_COMMON = ("sched/sched_process_exec", "sched/sched_process_exit")
+_LINEAGE_EXECVE = ("syscalls/sys_enter_execve", "syscalls/sys_exit_execve")
 
 
 @dataclass(frozen=True)
@@ -77,9 +83,17 @@ def _lineage_ok(caps: Capabilities, tier: str) -> str | None:
         miss = _missing(caps, (*_LINEAGE_COMMON, "task/task_newtask"))
     elif tier == "sched-fork":
         miss = _missing(caps, (*_LINEAGE_COMMON, "sched/sched_process_fork"))
+    elif tier == "syscall":
+        miss = _missing(caps, (*_LINEAGE_COMMON, "task/task_newtask", *_LINEAGE_EXECVE))
     else:
         return f"unknown lineage tier {tier!r}; choose one of {LINEAGE_TIERS}"
     return f"missing tracepoints {', '.join(miss)}" if miss else None
+
+
+def lineage_syscall_argv(tier: str) -> bool:
+    """Whether the lineage tier copies argv at execve (syscall tracepoints) rather than reading
+    /proc when the exec record is decoded."""
+    return tier == "syscall"
 
 
 def choose_plan(caps: Capabilities, force: Mapping[str, str] | ProbePlan | None = None) -> ProbePlan:

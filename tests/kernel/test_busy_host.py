@@ -46,7 +46,7 @@ def _offsets(ctype) -> dict[str, int]:
 
 
 def test_bcc_compiled_the_busy_host_layouts_with_every_capability():
-    plan = ProbePlan(plaintext="uprobe", lineage="task-newtask")  # capture, plaintext, lineage: all in
+    plan = ProbePlan(plaintext="uprobe", lineage="syscall")  # capture, plaintext, lineage (argv too): all in
     prog = FlowProgram(plan, ringbuf_bytes=1 << 16, max_flows=64, busy_host=True)
     try:
         from bcc import BPF  # the compiler's own description of the types (bytecode.py keeps it)

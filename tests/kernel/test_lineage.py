@@ -6,6 +6,7 @@ import http.server
 import os
 import subprocess
 import threading
+import time
 
 import pytest
 from conftest import collect
@@ -18,6 +19,9 @@ from busted import FlowClosed, FlowOpened
 def server():
     class H(http.server.BaseHTTPRequestHandler):
         def do_GET(self):  # noqa: N802
+            # curl lives 100 ms: the default lineage tier reads argv from /proc when it decodes
+            # the exec record (a few ms later); shorter lives need the "syscall" tier (tested below).
+            time.sleep(0.1)
             body = b"ok"
             self.send_response(200)
             self.send_header("Content-Length", str(len(body)))
@@ -81,7 +85,7 @@ def _check(ev, pids, tmp_path):
                                                                 "exe": str(tmp_path / "claude")}
 
 
-@pytest.mark.parametrize("tier", ["tracepoint", "sched-fork"])
+@pytest.mark.parametrize("tier", ["tracepoint", "sched-fork", "syscall"])
 def test_chain_and_agent_when_everything_exited(tmp_path, server, tier):
     """User space sees no /proc at all: what the flow says came from the kernel's lineage records."""
     empty = tmp_path / "noproc"
@@ -118,9 +122,12 @@ def test_lineage_off_keeps_the_old_behaviour(tmp_path, server):
     assert opened.ancestry is None and opened.agent is None
 
 
-def test_python_dash_m_agent_from_kernel_argv(tmp_path, server):
-    """`python3 -m aider` (a stand-in package) -> curl: the agent is found from the argv the kernel
-    recorded at execve (evidence module:aider), with /proc hidden."""
+@pytest.mark.parametrize("tier", ["tracepoint", "syscall"])
+def test_python_dash_m_agent_from_kernel_argv(tmp_path, server, tier):
+    """`python3 -m aider` (a stand-in package) -> curl: the agent is found from the argv of the exec
+    record (evidence module:aider), with the flow table's /proc source hidden. Tier "syscall": argv
+    the kernel recorded at execve; "tracepoint": argv read from /proc when the exec record was
+    decoded (the process still ran)."""
     pkg = tmp_path / "aider"
     pkg.mkdir()
     (pkg / "__init__.py").write_text("")
@@ -129,7 +136,7 @@ def test_python_dash_m_agent_from_kernel_argv(tmp_path, server):
         f"subprocess.run(['curl', '-s', '-o', '/dev/null', 'http://127.0.0.1:{server}/'], check=True)\n")
     empty = tmp_path / "noproc"
     empty.mkdir()
-    with busted.Monitor(port=server, classify=False, preexisting=False) as mon:
+    with busted.Monitor(port=server, classify=False, preexisting=False, probes={"lineage": tier}) as mon:
         mon._proc.__init__(root=str(empty))
         p = subprocess.run(["python3", "-m", "aider", "--model", "x"], cwd=tmp_path, timeout=30, check=True)
         assert p.returncode == 0
@@ -137,3 +144,23 @@ def test_python_dash_m_agent_from_kernel_argv(tmp_path, server):
     assert [a.comm for a in opened.ancestry] == ["curl", "python3"]
     assert (opened.agent, opened.agent_evidence) == ("aider", "module:aider")
     assert opened.agent_pid == opened.ppid
+
+
+def test_every_exec_without_kernel_argv_is_read_or_counted(tmp_path, server):
+    """Default tier: processes that exit at once after exec (`true`) may lose their argv before the
+    exec record is decoded; each such exec is counted (argv_lost), none is silent."""
+    with busted.Monitor(port=server, classify=False, preexisting=False) as mon:
+        assert mon.plan.lineage in ("tracepoint", "sched-fork")
+        subprocess.run(["bash", "-c", "for i in $(seq 30); do /bin/true; done; "
+                        f"curl -s -o /dev/null http://127.0.0.1:{server}/"], check=True, timeout=30)
+        _curl_flow(mon, server)
+        t = mon.lineage
+        assert t.execs >= 32  # bash, 30 x true, curl
+        assert t.argv_from_proc + t.argv_lost == t.execs
+        assert t.argv_from_proc >= 2  # at least bash and curl were still running
+        assert mon.stats().argv_lost == t.argv_lost
+    with busted.Monitor(port=server, classify=False, preexisting=False, probes={"lineage": "syscall"}) as mon:
+        subprocess.run(["bash", "-c", f"/bin/true; curl -s -o /dev/null http://127.0.0.1:{server}/"],
+                       check=True, timeout=30)
+        _curl_flow(mon, server)
+        assert mon.lineage.execs >= 3 and mon.lineage.argv_lost == 0  # the kernel copied every argv

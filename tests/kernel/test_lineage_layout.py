@@ -1,4 +1,4 @@
-"""The lineage record layout as BCC compiled it, for both fork tiers."""
+"""The lineage record layout as BCC compiled it, for every lineage tier, and the hooks each registers."""
 
 import ctypes
 import json
@@ -11,7 +11,7 @@ from busted.ebpf.plan import choose_plan
 from busted.ebpf.probe import probe
 
 
-@pytest.mark.parametrize("tier", ["tracepoint", "sched-fork"])
+@pytest.mark.parametrize("tier", ["tracepoint", "sched-fork", "syscall"])
 def test_bcc_compiled_the_lineage_layout(tier):
     plan = choose_plan(probe(), {"lineage": tier})
     prog = FlowProgram(plan, ringbuf_bytes=1 << 16, max_flows=64)
@@ -25,5 +25,11 @@ def test_bcc_compiled_the_lineage_layout(tier):
         fork_tp = "sched:sched_process_fork" if tier == "sched-fork" else "task:task_newtask"
         assert f"tracepoint:{fork_tp}" in prog.attached
         assert "tracepoint:sched:sched_process_exec" in prog.attached
+        # Only the opt-in tier registers syscall tracepoints (each taxes every syscall on the host).
+        execve = {"tracepoint:syscalls:sys_enter_execve", "tracepoint:syscalls:sys_exit_execve"}
+        if tier == "syscall":
+            assert execve <= set(prog.attached)
+        else:
+            assert not [a for a in prog.attached if "execve" in a]
     finally:
         prog.close()

@@ -74,6 +74,20 @@ def test_doctor_plaintext_forced_off(monkeypatch):
     assert re.search(r"LLM calls\s+off: turned off \(--probes plaintext=off\); you see flows \+ SNI", out.getvalue())
 
 
+def test_doctor_lists_lineage_tiers_and_the_chosen_one(monkeypatch):
+    """The default lineage tier registers no syscall tracepoint; the execve tier is there, opt-in."""
+    _fake(monkeypatch, uprobes=False)
+    out = io.StringIO()
+    assert main(["doctor"], out=out) == 0
+    text = out.getvalue()
+    assert re.search(r"^  lineage   tracepoint  available \(argv from /proc", text, re.M)
+    assert re.search(r"^  lineage   syscall     available \(opt-in: argv copied at execve", text, re.M)
+    assert re.search(r"^chosen plan\n(  .*\n)*  lineage   tracepoint$", text, re.M)
+    out = io.StringIO()
+    assert main(["doctor", "--probes", "lineage=syscall"], out=out) == 0
+    assert re.search(r"^  lineage   syscall$", out.getvalue(), re.M)
+
+
 def _call(**kw):
     base = dict(ts_ns=10, wall_time=1.0, **IDENT, provider="openai", hostname="api.openai.com",
                 api="openai.chat", operation="chat", method="POST", path="/v1/chat/completions",

@@ -363,3 +363,49 @@ def test_unreported_lineage_losses_flush_with_the_kernel_loss_check():
     evs = ft.kernel_losses({}, 99)
     assert [(e.where, e.count) for e in evs] == [(LossPlace.USER_TABLE, 4)]
     assert ft.kernel_losses({}, 100) == []
+
+
+# -- argv from /proc (tiers without execve syscall hooks) ------------------------------------------
+
+def test_exec_without_argv_reads_it_when_decoded_and_counts_the_gone():
+    asked = []
+
+    def exec_argv(pid, comm):
+        asked.append((pid, comm))
+        return ("curl", "-H", "Authorization: Bearer sk-secret123456", "http://x/") if pid == 5 else None
+
+    t = LineageTable(exec_argv=exec_argv)
+    t.feed(fork(5, 1))
+    t.feed(exe(5, "/usr/bin/curl", (), flags=LINF.NO_ARGV))
+    p = t.get(5)
+    assert asked == [(5, "curl")]
+    assert p.exe == "/usr/bin/curl" and p.argv[:2] == ("curl", "-H")
+    assert "sk-secret123456" not in " ".join(p.argv)  # redacted as the kernel's copy is
+    # A process that exited before its record was read: exe kept, argv unknown (None, not ()), counted.
+    t.feed(fork(6, 1))
+    t.feed(exe(6, "/usr/bin/true", (), flags=LINF.NO_ARGV))
+    assert t.get(6).exe == "/usr/bin/true" and t.get(6).argv is None
+    assert (t.argv_from_proc, t.argv_lost) == (1, 1)
+    # The kernel's copy (syscall tier) is used as it is: /proc is not asked.
+    t.feed(exe(7, "/usr/bin/env", ("env",)))
+    assert t.get(7).argv == ("env",) and len(asked) == 2
+
+
+def test_exec_without_argv_and_no_reader_is_unknown_not_empty():
+    t = LineageTable()
+    t.feed(exe(5, "/usr/bin/curl", (), flags=LINF.NO_ARGV))
+    assert t.get(5).argv is None and t.argv_lost == 0
+
+
+def test_read_exec_argv_checks_the_program(tmp_path):
+    from busted.procinfo import read_exec_argv
+
+    d = tmp_path / "42"
+    d.mkdir()
+    (d / "stat").write_bytes(b"42 (my (odd) comm) S 1 42 42 0 -1 4194560 0 0 0 0")
+    (d / "cmdline").write_bytes(b"prog\0-x\0\0")
+    assert read_exec_argv(42, "my (odd) comm", root=str(tmp_path)) == ("prog", "-x", "")
+    assert read_exec_argv(42, "other", root=str(tmp_path)) is None  # exec'd again / pid reused
+    assert read_exec_argv(43, "x", root=str(tmp_path)) is None  # gone
+    (d / "stat").write_bytes(b"42 (my (odd) comm) Z 1 42 42 0")
+    assert read_exec_argv(42, "my (odd) comm", root=str(tmp_path)) is None  # a zombie
