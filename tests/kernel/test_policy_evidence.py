@@ -199,7 +199,7 @@ def test_denied_socket_entry_is_dropped_at_close(lab, cgroup):
     with monitor(cgroup) as mon:
         enf = mon._policy_rt.enforcer
         t = enf.bpf[b"pol_denied_sk"]
-        assert type(t).__name__ == "LruHash"
+        kind = type(t).__name__
         for _ in range(3):
             r = run(lab, [sys.executable, "-I", "-c", TLS_CLIENT, ip, "api.anthropic.com", "whole", "x"], cgroup)
             assert r.returncode != 0
@@ -208,6 +208,7 @@ def test_denied_socket_entry_is_dropped_at_close(lab, cgroup):
             time.sleep(0.1)
         left = len(list(t.keys()))
     assert left == 0, f"{left} closed sockets still in pol_denied_sk"
+    assert kind == "LruHash"
 
 
 # -- DNS evidence ----------------------------------------------------------------------------
@@ -310,3 +311,53 @@ def test_forged_dns_by_nobody_changes_nothing_for_root(lab, cgroup):
     assert r.returncode == 0, r.stderr
     assert len(requests_with(lab, m)) == 1
     assert not decisions(evs, action="deny")
+
+
+# A ClientHello whose server_name comes after 1,100 bytes of padding: past the kernel's
+# reassembly bound (1,024 bytes), so the kernel cannot read the SNI. Not a usable hello for a real
+# server (one cipher suite, no key share): only what the kernel does with it is looked at.
+OVERSIZE_HELLO = r"""
+import socket, sys
+ip, sni, lookups = sys.argv[1], sys.argv[2].encode(), sys.argv[3:]
+for n in lookups:
+    socket.getaddrinfo(n, 443, type=socket.SOCK_STREAM)
+pad = b"\x00\x15" + (1100).to_bytes(2, "big") + b"\0" * 1100
+sn = b"\x00\x00" + (len(sni) + 5).to_bytes(2, "big") + (len(sni) + 3).to_bytes(2, "big") + b"\x00" \
+    + len(sni).to_bytes(2, "big") + sni
+ext = pad + sn
+body = b"\x03\x03" + b"\x01" * 32 + b"\x00" + b"\x00\x02\x13\x01" + b"\x01\x00" + len(ext).to_bytes(2, "big") + ext
+hs = b"\x01" + len(body).to_bytes(3, "big") + body
+s = socket.create_connection((ip, 443), timeout=3)
+s.sendall(b"\x16\x03\x01" + len(hs).to_bytes(2, "big") + hs)
+try:
+    print("answered", len(s.recv(100)))
+except OSError as e:
+    print("failed", e)
+    raise SystemExit(3)
+"""
+
+
+def test_unreadable_sni_fails_closed_on_an_ambiguous_address_and_is_reported_elsewhere(lab, cgroup):
+    """The stated rule for a hello the kernel cannot read: dropped when the address is ambiguous
+    or denied for the socket's owner, let through otherwise; a decision with a reason either way."""
+    shared = lab.hosts["api.openai.com"]
+    if "api.deepseek.com" not in lab.hosts:
+        lab.add_server_ip("api.deepseek.com", ip=shared.ipv4, ip6=shared.ipv6)
+    pol = {"default": "audit", "rules": [{"name": "no-deepseek", "action": "deny", "provider": "deepseek"}]}
+    with monitor(cgroup, pol) as mon:
+        passed = run(lab, [sys.executable, "-I", "-c", OVERSIZE_HELLO, shared.ipv4, "api.deepseek.com"], cgroup)
+        evs = collect(mon, lambda e: bool(decisions(e, point="tls_client_hello")), timeout=5)
+        dropped = run(lab, [sys.executable, "-I", "-c", OVERSIZE_HELLO, shared.ipv4, "api.deepseek.com",
+                            "api.openai.com", "api.deepseek.com"], cgroup)
+        assert passed.returncode == 0, (passed.stdout, passed.stderr)
+        assert dropped.returncode == 3, (dropped.stdout, dropped.stderr)
+        evs += collect(mon, lambda e: bool(decisions(e, enforced=True)), timeout=5)
+        counts = mon._policy_rt.enforcer.counts()
+    assert passed.returncode == 0, (passed.stdout, passed.stderr)
+    assert dropped.returncode == 3, (dropped.stdout, dropped.stderr)
+    why = ("reason", "sni_beyond_reassembly_bound")
+    p = decisions(evs, point="tls_client_hello", enforced=False)
+    assert p and (p[0].action, p[0].daddr) == ("audit", shared.ipv4) and why in p[0].matched
+    d = decisions(evs, point="tls_client_hello", enforced=True)
+    assert d and (d[0].rule, d[0].action, d[0].daddr) == ("no-deepseek", "deny", shared.ipv4) and why in d[0].matched
+    assert counts["sni_unjudged"] >= 2 and counts["dns_learned"] >= 2
