@@ -30,7 +30,7 @@
 #define POL_NAME_MAX    128  /* a power of two: also used as a mask */
 #define POL_DNS_NAME_MAX 255
 #define POL_ANSWERS_MAX 8
-#define POL_HELLO_BUF   1024 /* ClientHello bytes kept per socket until the SNI is whole (power of two) */
+#define POL_HELLO_BUF   2048 /* ClientHello bytes kept per socket until the SNI is whole (power of two) */
 /* Why an SNI could not be judged (pol_tls_ext.reason); 0: it was. */
 #define POL_R_TOO_BIG   1    /* the SNI is not within the first POL_HELLO_BUF bytes of the hello */
 #define POL_R_MALFORMED 2    /* not a well-formed hello, record or name */
@@ -90,7 +90,7 @@ struct pol_hello {
     u32 have;      /* handshake bytes in buf */
     u32 rec_left;  /* bytes of the current TLS record still to come */
     u32 next_seq;  /* TCP sequence number of the next hello byte */
-    u32 done;      /* judged (allowed): later segments pass without a look */
+    u32 pad;
     u8 buf[2 * POL_HELLO_BUF];  /* the second half: slack for masked offsets plus lengths */
 };
 struct pol_lkey4 {
@@ -120,7 +120,8 @@ BPF_TABLE("lru_hash", struct pol_lkey4, u64, pol_learn4, POL_MAX_ADDRS);
 BPF_TABLE("lru_hash", struct pol_lkey6, u64, pol_learn6, POL_MAX_ADDRS);
 /* socket cookie -> deciding rule (SNI); removed when the socket closes (pol_sockops), LRU besides */
 BPF_TABLE("lru_hash", u64, u32, pol_denied_sk, 16384);
-BPF_TABLE("lru_hash", u64, struct pol_hello, pol_hello, 2048);
+/* socket cookie -> its ClientHello while it is read; removed once judged (or at close) */
+BPF_TABLE("lru_hash", u64, struct pol_hello, pol_hello, 1024);
 BPF_PERCPU_ARRAY(pol_hello_zero, struct pol_hello, 1);  /* never written: a zeroed value to insert */
 /* [0] the DNS parser (ingress), [1] the hello parser (egress): a softirq ingress must not overwrite
  * an egress program's names on the same CPU. */
@@ -587,8 +588,6 @@ int pol_egress(struct __sk_buff *skb)
     V32(b->reason) = 0;
     struct pol_hello *st = pol_hello.lookup(&ck);
     if (st) {
-        if (st->done)
-            return 1;
         s32 ahead = (s32)(st->next_seq - seq);
         if (ahead < 0) {
             V32(b->reason) = POL_R_GAP;  /* bytes of the hello we never saw */
@@ -763,7 +762,7 @@ int pol_egress_parse(struct __sk_buff *skb)
     V32(b->reason) = POL_R_TOO_BIG;  /* more extensions before server_name than we walk */
     goto judge;
 none:
-    st->done = 1;
+    pol_hello.delete(&ck);
     return 1;
 more:
     if (!full)
@@ -853,8 +852,6 @@ int pol_egress_judge(struct __sk_buff *skb)
         return 1;
     u64 ck = bpf_get_socket_cookie(skb);
     struct pol_hello *st = pol_hello.lookup(&ck);
-    if (st)
-        st->done = 1;
     u32 uid = bpf_get_socket_uid(skb);
     u32 rule = POL_DEFAULT;
     u32 drop;
@@ -879,8 +876,10 @@ int pol_egress_judge(struct __sk_buff *skb)
         if (nl == 0 || nl > POL_DNS_NAME_MAX)
             return 1;
         u64 mask = pol_name_mask(b, nl);
-        if (!mask || pol_eval(mask, uid, 0, skb, &rule) != POL_DENY)
+        if (!mask || pol_eval(mask, uid, 0, skb, &rule) != POL_DENY) {
+            pol_hello.delete(&ck);  /* judged: later segments pass without a look */
             return 1;
+        }
         drop = 1;
     }
     BARRIER_VAR(drop);
@@ -889,6 +888,7 @@ int pol_egress_judge(struct __sk_buff *skb)
         pol_count(0);
     }
     pol_emit_tls(skb, b, st, rule, uid, ck, drop ? POL_V_DROP : POL_V_PASS);
+    pol_hello.delete(&ck);
     return drop ? 0 : 1;
 }
 

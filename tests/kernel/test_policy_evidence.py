@@ -313,15 +313,15 @@ def test_forged_dns_by_nobody_changes_nothing_for_root(lab, cgroup):
     assert not decisions(evs, action="deny")
 
 
-# A ClientHello whose server_name comes after 1,100 bytes of padding: past the kernel's
-# reassembly bound (1,024 bytes), so the kernel cannot read the SNI. Not a usable hello for a real
+# A ClientHello whose server_name comes after 2,100 bytes of padding: past the kernel's
+# reassembly bound (2,048 bytes), so the kernel cannot read the SNI. Not a usable hello for a real
 # server (one cipher suite, no key share): only what the kernel does with it is looked at.
 OVERSIZE_HELLO = r"""
 import socket, sys
 ip, sni, lookups = sys.argv[1], sys.argv[2].encode(), sys.argv[3:]
 for n in lookups:
     socket.getaddrinfo(n, 443, type=socket.SOCK_STREAM)
-pad = b"\x00\x15" + (1100).to_bytes(2, "big") + b"\0" * 1100
+pad = b"\x00\x15" + (2100).to_bytes(2, "big") + b"\0" * 2100
 sn = b"\x00\x00" + (len(sni) + 5).to_bytes(2, "big") + (len(sni) + 3).to_bytes(2, "big") + b"\x00" \
     + len(sni).to_bytes(2, "big") + sni
 ext = pad + sn
