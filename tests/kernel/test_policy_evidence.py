@@ -317,7 +317,7 @@ def test_forged_dns_by_nobody_changes_nothing_for_root(lab, cgroup):
 # reassembly bound (2,048 bytes), so the kernel cannot read the SNI. Not a usable hello for a real
 # server (one cipher suite, no key share): only what the kernel does with it is looked at.
 OVERSIZE_HELLO = r"""
-import socket, sys
+import socket, sys, time
 ip, sni, lookups = sys.argv[1], sys.argv[2].encode(), sys.argv[3:]
 for n in lookups:
     socket.getaddrinfo(n, 443, type=socket.SOCK_STREAM)
@@ -328,7 +328,11 @@ ext = pad + sn
 body = b"\x03\x03" + b"\x01" * 32 + b"\x00" + b"\x00\x02\x13\x01" + b"\x01\x00" + len(ext).to_bytes(2, "big") + ext
 hs = b"\x01" + len(body).to_bytes(3, "big") + body
 s = socket.create_connection((ip, 443), timeout=3)
-s.sendall(b"\x16\x03\x01" + len(hs).to_bytes(2, "big") + hs)
+s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+rec = b"\x16\x03\x01" + len(hs).to_bytes(2, "big") + hs
+s.sendall(rec[:1400])  # two segments: the name is in the second
+time.sleep(0.05)
+s.sendall(rec[1400:])
 try:
     print("answered", len(s.recv(100)))
 except OSError as e:
