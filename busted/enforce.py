@@ -11,8 +11,8 @@ key, and the default, use that bit):
   hostnames (``api.x.com`` exactly, ``*.x.com`` as "under x.com"); other globs and the catalog's
   mid-name patterns are not compiled (user space still reports them);
 * addresses (``pol_addr4/6``, LPM tries): the catalog's CIDRs, and the addresses of DNS answers for
-  those names, learned by the BPF DNS parser at the client's read and again from ``DnsAnswer``
-  events (for answers the BPF parser misses: DNS over TCP, messages over 512 bytes).
+  those names, learned per uid (``pol_learn4/6``) by the BPF DNS parser from UDP answers as they
+  arrive for the uid's sockets, and from DNS-over-TCP ``DnsAnswer`` events for the flow's uid.
 
 Process keys become per-rule checks in the kernel: ``uid`` (exact), ``comm`` (16 bytes),
 ``cgroup`` (the path's cgroup id compared with the caller's ancestor at that level). A rule with
@@ -41,9 +41,10 @@ from typing import Any
 
 from cachetools import LRUCache
 
+from busted.classify.names import normalize_name
 from busted.ebpf.layout import Layout
 from busted.errors import PermissionDenied, PolicyError, ProbeLoadError
-from busted.events import DnsAnswer, Event, PolicyDecision
+from busted.events import DnsAnswer, Event, FlowOpened, PolicyDecision
 from busted.policy import Policy, Rule
 
 __all__ = ["CGROUP2_MOUNTS", "Compiled", "Enforcer", "PolicyRuntime", "cgroup2_mount", "compile_policy",
@@ -89,6 +90,12 @@ POL_REC = Layout.of(
     ("daddr", "u8", 16),
     ("comm", "char", 16),
 )
+# What follows a pol_rec for a ClientHello decision: why the SNI could not be judged (0: it was),
+# whether the hello was dropped, and the name seen (its last 128 bytes).
+POL_TLS_EXT = Layout.of("pol_tls_ext", ("reason", "u32"), ("verdict", "u32"), ("nl", "u32"), ("pad", "u32"),
+                        ("name", "char", 256))
+SNI_REASONS = {1: "sni_beyond_reassembly_bound", 2: "malformed_hello", 3: "hello_bytes_missed",
+               4: "no_room_for_partial_hello"}
 
 
 def c_definitions(max_addrs: int = 65536, max_names: int = 16384) -> str:
@@ -100,7 +107,7 @@ def c_definitions(max_addrs: int = 65536, max_names: int = 16384) -> str:
     }
     out = ["/* Generated from busted/enforce.py: edit it there. */"]
     out += [f"#define {k} {v}" for k, v in consts.items()]
-    out += [lay.c_struct() for lay in (POL_CONF, POL_RULE, POL_REC)]
+    out += [lay.c_struct() for lay in (POL_CONF, POL_RULE, POL_REC, POL_TLS_EXT)]
     out.append("struct sys_enter_args { u64 common; s32 nr; s32 pad; u64 arg[6]; };")
     out.append("struct sys_exit_args { u64 common; s32 nr; s32 pad; s64 ret; };")
     return "\n".join(out) + "\n"
@@ -118,7 +125,7 @@ NAME_MAX = 128  # the kernel's key size; longer names are matched in user space 
 def name_entry(name: str, subtree: bool) -> bytes:
     """The kernel's LPM key bytes for a name: lower-cased, backwards, then NUL (exactly this name)
     or '.' (anything under it)."""
-    return name.rstrip(".").lower().encode()[::-1] + (b"." if subtree else b"\0")
+    return normalize_name(name).encode()[::-1] + (b"." if subtree else b"\0")
 
 
 def fold_names(entries: dict[bytes, int]) -> dict[bytes, int]:
@@ -319,23 +326,18 @@ _BPF_LINK_CREATE = 28
 _ATTACH = {  # program -> (bcc prog type, attach type); connect4 last: once it shows, all are there
     "pol_sockops": (13, 3),  # SOCK_OPS, CGROUP_SOCK_OPS
     "pol_egress": (8, 1),  # CGROUP_SKB, CGROUP_INET_EGRESS
+    "pol_dns_ingress": (8, 0),  # CGROUP_SKB, CGROUP_INET_INGRESS
     "pol_connect6": (18, 11),  # CGROUP_SOCK_ADDR, CGROUP_INET6_CONNECT
     "pol_connect4": (18, 10),  # CGROUP_INET4_CONNECT
 }
 _TAILS = [  # (prog array, slot, program, prog type, expected attach type)
-    ("pol_dns_tail", 0, "pol_dns_mask", 5, -1),  # TRACEPOINT
-    ("pol_dns_tail", 1, "pol_dns_answers", 5, -1),
+    ("pol_dns_tail", 0, "pol_dns_mask", 8, 0),  # CGROUP_SKB, ingress
+    ("pol_dns_tail", 1, "pol_dns_answers", 8, 0),
+    ("pol_dns_tail", 2, "pol_dns_name", 8, 0),
     ("pol_skb_tail", 0, "pol_egress_judge", 8, 1),  # CGROUP_SKB, egress
-]
-_DNS_TPS = [
-    ("syscalls:sys_enter_connect", "pol_dns_conn"),
-    ("syscalls:sys_enter_close", "pol_dns_close"),
-    ("syscalls:sys_enter_read", "pol_dns_read_in"),
-    ("syscalls:sys_enter_recvfrom", "pol_dns_recvfrom_in"),
-    ("syscalls:sys_enter_recvmsg", "pol_dns_recvmsg_in"),
-    ("syscalls:sys_exit_read", "pol_dns_out"),
-    ("syscalls:sys_exit_recvfrom", "pol_dns_out"),
-    ("syscalls:sys_exit_recvmsg", "pol_dns_out"),
+    ("pol_skb_tail", 1, "pol_egress_hello", 8, 1),
+    ("pol_skb_tail", 2, "pol_egress_parse", 8, 1),
+    ("pol_skb_tail", 3, "pol_egress_name", 8, 1),
 ]
 
 
@@ -378,7 +380,10 @@ class Enforcer:
         self._lock = threading.Lock()
         self._links: list[int] = []
         self._cg_fd = -1
-        self._learned: LRUCache[str, tuple[int, str]] = LRUCache(maxsize=16384)  # addr -> (mask, name)
+        # (uid, addr) -> names of a DNS-over-TCP answer (learned here; UDP answers: in the kernel)
+        self._learned: LRUCache[tuple[int, str], tuple[str, ...]] = LRUCache(maxsize=16384)
+        # (pid, addr) -> the name a DNS answer that process read gave it: names connect decisions
+        self._names: LRUCache[tuple[int | None, str], str] = LRUCache(maxsize=16384)
         self._policy = policy
         self.compiled = compile_policy(policy, catalog, cgroup_mount=self.mount)
         try:
@@ -390,8 +395,6 @@ class Enforcer:
             for table, slot, fn, ptype, atype in _TAILS:
                 f = self.bpf.load_func(fn.encode(), ptype, attach_type=atype)
                 self.bpf[table.encode()][ctypes.c_int(slot)] = ctypes.c_int(f.fd)
-            for tp, fn in _DNS_TPS:
-                self.bpf.attach_tracepoint(tp=tp.encode(), fn_name=fn.encode())
             self._cg_fd = os.open(self.scope, os.O_RDONLY | os.O_DIRECTORY)
             for fn, (ptype, atype) in _ATTACH.items():
                 f = self.bpf.load_func(fn.encode(), ptype, attach_type=atype)
@@ -435,15 +438,7 @@ class Enforcer:
                 want4[(addr, plen)] = mask
             else:
                 want6[(addr.to_bytes(16, "big"), plen)] = mask
-        for ip, (_m, name) in list(self._learned.items()):  # re-judge learned names
-            mask = name_mask(c.names, name)
-            a = ipaddress.ip_address(ip)
-            self._learned[ip] = (mask, name)
-            if mask:
-                if a.version == 4:
-                    want4[(int(a), 32)] = want4.get((int(a), 32), 0) | mask
-                else:
-                    want6[(a.packed, 128)] = want6.get((a.packed, 128), 0) | mask
+        self._relearn(c)
         t4, t6 = b[b"pol_addr4"], b[b"pol_addr6"]
         for k in list(t4.keys()):
             if (socket.ntohl(k.addr), k.prefixlen) not in want4:
@@ -469,40 +464,64 @@ class Enforcer:
             self.compiled = c
             self._policy = policy
 
-    def learn_dns(self, ev: DnsAnswer) -> None:
-        """Map a DNS answer's addresses for policy names (what the BPF parser may have missed)."""
-        with self._lock:  # the reader calls this; set_policy may run in another thread
-            self._learn(ev)
-
-    def _learn(self, ev: DnsAnswer) -> None:
-        b = self.bpf
-        if b is None:
-            return
-        mask = 0
-        for n in (ev.qname, *ev.cname_chain):
-            mask |= name_mask(self.compiled.names, n)
-        if not mask:
-            return
+    def learn_dns(self, ev: DnsAnswer, uid: int | None = None) -> None:
+        """Map a DNS-over-TCP answer's addresses for policy names, for ``uid`` (the owner of the
+        flow that carried it) only. UDP answers are learned by the kernel from the packet itself
+        (pol_dns_ingress): a UDP DnsAnswer is a read() the capture saw, which a user can forge
+        (docs/policy.md, "Evidence and normalisation"), so it only names decisions here."""
         for ip in ev.addresses:
-            a = ipaddress.ip_address(ip)
-            self._learned[ip] = (mask, ev.qname)
-            if a.version == 4:
-                t = b[b"pol_addr4"]
-                k = t.Key()
-                k.prefixlen, k.addr = 32, socket.htonl(int(a))
-            else:
-                t = b[b"pol_addr6"]
-                k = t.Key()
-                k.prefixlen = 128
-                ctypes.memmove(k.addr, a.packed, 16)
-            old = t.get(k)
-            v = mask
-            if old is not None and old.value and (old.value & ~(1 << AMBIG_BIT)) != mask:
-                v = old.value | mask | (1 << AMBIG_BIT)
-            t[k] = ctypes.c_ulonglong(v)
+            self._names[(ev.pid, ip)] = ev.qname
+        if ev.transport != "tcp" or uid is None:
+            return
+        with self._lock:  # the reader calls this; set_policy may run in another thread
+            self._learn(ev, uid)
 
-    def addr_mask(self, ip: str) -> int:
-        """The kernel's mask for an address (tests, docs)."""
+    def _learned_key(self, uid: int, ip: str) -> tuple[Any, Any]:
+        a = ipaddress.ip_address(ip)
+        t = self.bpf[b"pol_learn4" if a.version == 4 else b"pol_learn6"]
+        k = t.Key()
+        k.uid = uid
+        if a.version == 4:
+            k.addr = socket.htonl(int(a))
+        else:
+            ctypes.memmove(k.addr, a.packed, 16)
+        return t, k
+
+    def _put_learned(self, uid: int, ip: str, mask: int) -> None:
+        t, k = self._learned_key(uid, ip)
+        old = t.get(k)
+        v = mask
+        if old is not None and old.value and (old.value & ~(1 << AMBIG_BIT)) != mask:
+            v = old.value | mask | (1 << AMBIG_BIT)
+        t[k] = ctypes.c_ulonglong(v)  # an LRU map: never full
+
+    def _learn(self, ev: DnsAnswer, uid: int) -> None:
+        if self.bpf is None:
+            return
+        names = (ev.qname, *ev.cname_chain)
+        mask = 0
+        for n in names:
+            mask |= name_mask(self.compiled.names, n)
+        for ip in ev.addresses:
+            self._learned[(uid, ip)] = names
+            if mask:
+                self._put_learned(uid, ip, mask)
+
+    def _relearn(self, c: Compiled) -> None:
+        """After a reload: the kernel's learned masks are bits of the old rules, so they go; what
+        user space learned (DNS over TCP) is judged again. The next UDP answer teaches the rest."""
+        for name in (b"pol_learn4", b"pol_learn6"):
+            self.bpf[name].clear()
+        for (uid, ip), names in list(self._learned.items()):
+            mask = 0
+            for n in names:
+                mask |= name_mask(c.names, n)
+            if mask:
+                self._put_learned(uid, ip, mask)
+
+    def addr_mask(self, ip: str, uid: int | None = None) -> int:
+        """The kernel's mask for an address: the policy's (catalog CIDRs), with what DNS answers
+        taught ``uid``'s sockets (as connect() sees it for that uid). For tests and docs."""
         a = ipaddress.ip_address(ip)
         if a.version == 4:
             t = self.bpf[b"pol_addr4"]
@@ -514,7 +533,19 @@ class Enforcer:
             k.prefixlen = 128
             ctypes.memmove(k.addr, a.packed, 16)
         v = t.get(k)
-        return int(v.value) if v is not None else 0
+        mask = int(v.value) if v is not None else 0
+        if uid is not None:
+            lt, lk = self._learned_key(uid, ip)
+            lv = lt.get(lk)
+            mask |= int(lv.value) if lv is not None else 0
+        return mask
+
+    def counts(self) -> dict[str, int]:
+        """Kernel counters: pol_denied_sk entries taken, ClientHellos whose SNI could not be
+        judged, addresses learned from DNS answers."""
+        t = self.bpf[b"pol_counts"]
+        vals = [sum(int(x) for x in t.getvalue(ctypes.c_int(i))) for i in range(3)]
+        return dict(zip(("denied_sockets", "sni_unjudged", "dns_learned"), vals, strict=True))
 
     # -- decisions -----------------------------------------------------------------------------
 
@@ -522,6 +553,8 @@ class Enforcer:
         try:
             raw = ctypes.string_at(data, size)
             r = dict(zip(POL_REC.names(), POL_REC.struct.unpack_from(raw), strict=True))
+            if size >= POL_REC.size + POL_TLS_EXT.size:
+                r.update(zip(POL_TLS_EXT.names(), POL_TLS_EXT.struct.unpack_from(raw, POL_REC.size), strict=True))
             self._events.append(self._decision(r))
         except Exception:  # a record we cannot read must not stop the reader
             return 0
@@ -530,28 +563,40 @@ class Enforcer:
     def _decision(self, r: dict[str, Any]) -> PolicyDecision:
         pol = self._policy
         idx = r["rule"]
-        if idx == POL_DEFAULT or idx >= len(pol.rules):
-            name, action = "default", pol.default
-        else:
-            name, action = pol.rules[idx].name, pol.rules[idx].action
+        rule = pol.rules[idx] if idx != POL_DEFAULT and idx < len(pol.rules) else None
+        name, action = (rule.name, rule.action) if rule is not None else ("default", pol.default)
         ip = _ip_key(r["family"], r["daddr"])
-        m = self.catalog.match_ip(ip)
-        provider = m.id if m is not None else None
-        hostname = None
-        learned = self._learned.get(ip)
-        if learned is not None:
-            hostname = learned[1]
-            hm = self.catalog.match_host(hostname)
-            provider = provider or (hm.id if hm is not None else None)
-        comm = r["comm"].split(b"\0", 1)[0].decode(errors="replace") or None
-        wall = r["ts_ns"] / 1e9 + (time.time() - time.monotonic())
         matched: list[tuple[str, Any]] = [("daddr", ip)]
+        enforced = True
+        if r["point"] == POINT_TLS:
+            # What the hello said, not what the address is known for: the verdict was about it.
+            nl = min(r.get("nl", 0), 256)
+            sni = r["name"][:nl].decode("ascii", errors="replace") if "name" in r and nl else None
+            hostname = normalize_name(sni) if sni else None
+            hm = self.catalog.match_host(hostname) if hostname else None
+            provider = hm.id if hm is not None else None
+            if hostname:
+                matched.append(("sni", hostname))
+            reason = SNI_REASONS.get(r.get("reason", 0))
+            if reason:
+                matched.append(("reason", reason))
+            if r.get("verdict", 1) == 0:  # not judged, let through: reported, not stopped
+                name, action, enforced = "default", "audit", False
+            else:
+                action = "deny"
+        else:
+            hostname = self._names.get((r["pid"] or None, ip))
+            hm = self.catalog.match_host(hostname) if hostname else None
+            m = self.catalog.match_ip(ip)
+            provider = hm.id if hm is not None else (m.id if m is not None else None)
+            if provider is None and rule is not None and rule.provider is not None and len(rule.provider) == 1:
+                provider = rule.provider[0]
         if provider:
             matched.append(("provider", provider))
-        if r["point"] == POINT_TLS:
-            matched.append(("sni", True))
+        comm = r["comm"].split(b"\0", 1)[0].decode(errors="replace") or None
+        wall = r["ts_ns"] / 1e9 + (time.time() - time.monotonic())
         return PolicyDecision(
-            ts_ns=r["ts_ns"], wall_time=wall, rule=name, action=action, enforced=True,
+            ts_ns=r["ts_ns"], wall_time=wall, rule=name, action=action, enforced=enforced,
             point=_POINTS.get(r["point"], "connect"), matched=tuple(matched), flow_id=None,
             pid=r["pid"] or None, tid=r["tid"] or None, uid=r["uid"], comm=comm, cgroup_id=r["cgroup"],
             daddr=ip, dport=r["dport"], hostname=hostname, provider=provider,
@@ -603,6 +648,7 @@ class PolicyRuntime:
         # Measurements (bounded samples): seconds spent mapping a DnsAnswer's addresses, and ns from
         # the client's read of the answer (the event's ts_ns) to user space having mapped it.
         self.dns_learn_s: list[float] = []
+        self._dns_flow_uid: LRUCache[int, int | None] = LRUCache(maxsize=4096)  # DNS-over-TCP flow -> uid
         self.dns_lag_ns: list[int] = []
 
     @property
@@ -620,9 +666,12 @@ class PolicyRuntime:
         enf = self.enforcer
         if enf is not None:
             for ev in events:
-                if isinstance(ev, DnsAnswer):
+                if isinstance(ev, FlowOpened) and ev.dport == 53:
+                    self._dns_flow_uid[ev.flow_id] = ev.uid
+                elif isinstance(ev, DnsAnswer):
                     t0 = time.perf_counter()
-                    enf.learn_dns(ev)
+                    uid = self._dns_flow_uid.get(ev.flow_id) if ev.flow_id is not None else None
+                    enf.learn_dns(ev, uid)
                     if len(self.dns_learn_s) < 4096:
                         self.dns_learn_s.append(time.perf_counter() - t0)
                         self.dns_lag_ns.append(time.monotonic_ns() - ev.ts_ns)

@@ -39,6 +39,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+from busted.classify.names import normalize_name
 from busted.errors import PolicyError
 
 __all__ = ["ACTIONS", "MATCH_KEYS", "Decision", "Policy", "PolicyJudge", "Rule", "Subject", "container_of",
@@ -127,7 +128,7 @@ class Rule:
             val = getattr(s, key)
             if val is None:
                 return None
-            v = val.rstrip(".").lower() if key == "hostname" else val
+            v = normalize_name(val) if key == "hostname" else val
             if not any(rx.match(v) for rx in self._rx[key]):
                 return None
             got[key] = val
@@ -340,13 +341,13 @@ def _rule(r: Mapping[str, Any], i: int, err: Callable[..., PolicyError]) -> Rule
             if bad:
                 raise err(f"rule {name!r}: {bad[0]!r} is not a provider id (lower case, e.g. 'openai')", key)
         elif key == "hostname":
+            vals = [normalize_name(v) for v in vals]  # IDNA to A-labels first: what the wire carries
             for v in vals:
                 why = _check_glob(v, "hostname")
                 if why is None and not _HOST_GLOB.match(v):
                     why = f"hostname pattern {v!r} has characters no host name has"
                 if why:
                     raise err(f"rule {name!r}: {why}", key)
-            vals = [v.rstrip(".").lower() for v in vals]
         elif key in ("exe", "model"):
             for v in vals:
                 why = _check_glob(v, key)

@@ -14,6 +14,7 @@ from dns.rdtypes.ANY.CNAME import CNAME
 from dns.rdtypes.IN.A import A
 from dns.rdtypes.IN.AAAA import AAAA
 
+from busted.classify.names import normalize_name
 from busted.events import DnsRecord
 
 __all__ = ["DnsInfo", "TcpDnsFramer", "parse_dns"]
@@ -27,7 +28,7 @@ _EXTRACT_ERRORS = (AttributeError, ValueError, TypeError, KeyError, IndexError, 
 
 
 def _name(n: object) -> str:
-    return str(n).rstrip(".").lower()
+    return normalize_name(str(n))
 
 
 @dataclass(frozen=True)

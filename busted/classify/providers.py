@@ -24,6 +24,7 @@ from typing import Any
 from cachetools import LRUCache
 
 from busted.classify import catalogfile
+from busted.classify.names import normalize_name
 from busted.errors import CatalogError
 
 __all__ = ["CATEGORIES", "Catalog", "Provider", "ProviderMatch", "parse_ip"]
@@ -105,7 +106,7 @@ def _is_local(ip: str) -> bool:
 
 
 def _norm(name: str) -> str:
-    return name.strip().rstrip(".").lower()
+    return normalize_name(name)
 
 
 def _glob_re(pat: str) -> re.Pattern[str]:

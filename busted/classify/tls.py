@@ -13,6 +13,8 @@ import struct
 from dataclasses import dataclass
 from functools import lru_cache
 
+from busted.classify.names import normalize_name
+
 __all__ = ["MAX_BUFFER", "NEED_MORE", "ClientHelloInfo", "ClientHelloParser", "NeedMore", "NotTls",
            "ja4", "parse_client_hello"]
 
@@ -134,7 +136,7 @@ def parse_client_hello(body: bytes) -> ClientHelloInfo:
                     kind = lst.u8()
                     name = lst.vec(2)
                     if kind == 0 and sni is None:
-                        sni = name.take(name.left()).decode("ascii", "replace").rstrip(".").lower()
+                        sni = normalize_name(name.take(name.left()).decode("ascii", "replace"))
             elif etype == 0x0010:  # ALPN
                 lst = data.vec(2)
                 protos = []

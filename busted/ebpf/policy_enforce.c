@@ -2,14 +2,20 @@
  * in the kernel, because a trip through user space loses the race against a client on loopback.
  *
  *   pol_connect4/6 (cgroup sock_addr connect) - refuse connect() to a denied address: EPERM.
- *   pol_dns_*      (syscall tracepoints)      - a DNS answer read by any process is parsed here:
- *                  when its question's name matches pol_names, its A/AAAA addresses enter pol_addr4/6 before
- *                  the read() returns, so the client's very next connect() is already judged.
- *   pol_egress     (cgroup skb egress)        - a TLS ClientHello whose SNI is denied is dropped
- *                  (and every later data segment of that socket): no request byte leaves the host.
+ *   pol_dns_*      (cgroup skb ingress)       - a UDP DNS answer (source port 53) arriving for a
+ *                  socket in the scope is parsed here, before it is queued to the socket: when its
+ *                  question or a CNAME on its chain matches pol_names, its A/AAAA addresses enter
+ *                  pol_learn4/6 for the socket owner's uid only, so that user's very next connect()
+ *                  is already judged and no other user's is changed. Only packets that arrived count
+ *                  (a read() on an fd that is no longer the socket is not an answer).
+ *   pol_egress     (cgroup skb egress)        - a TLS ClientHello is reassembled per socket across
+ *                  records and segments (pol_hello, bounded) and its SNI judged; a denied hello is
+ *                  dropped (and every later data segment of that socket): no request byte leaves
+ *                  the host. The verdict is about that socket only (its cookie), never its address.
  *   pol_sockops    (cgroup sock_ops)          - a socket marked by pol_egress gets a 1 ms
  *                  TCP_USER_TIMEOUT at its next send attempt, so the client fails in well under
- *                  a second (ETIMEDOUT) instead of retrying for minutes.
+ *                  a second (ETIMEDOUT) instead of retrying for minutes; a closing socket's
+ *                  entries (pol_denied_sk, pol_hello) are removed.
  *
  * Rules: pol_rules[0..nrules) in policy order; each carries the bit of its policy rule. A
  * destination's mask (pol_addr*, pol_names) holds the bits of the rules whose provider/hostname
@@ -18,10 +24,20 @@
  * R0: only user ABI structs (bpf_sock_addr, __sk_buff, bpf_sock_ops), user memory and helpers.
  */
 
-/* The verifier follows one path through every loop pass (at most 8192 jumps): names longer than
- * POL_NAME_MAX and answers past POL_ANSWERS_MAX are left to user space (DnsAnswer events). */
+/* The verifier follows one path through every loop pass (at most 8192 jumps). Names are judged
+ * by their last POL_NAME_MAX bytes (every suffix entry fits; an exact entry cannot match a longer
+ * name); answers past POL_ANSWERS_MAX are not learned. */
 #define POL_NAME_MAX    128  /* a power of two: also used as a mask */
+#define POL_DNS_NAME_MAX 255
 #define POL_ANSWERS_MAX 8
+#define POL_HELLO_BUF   2048 /* ClientHello bytes kept per socket until the SNI is whole (power of two) */
+/* Why an SNI could not be judged (pol_tls_ext.reason); 0: it was. */
+#define POL_R_TOO_BIG   1    /* the SNI is not within the first POL_HELLO_BUF bytes of the hello */
+#define POL_R_MALFORMED 2    /* not a well-formed hello, record or name */
+#define POL_R_GAP       3    /* a segment past a gap: bytes of the hello not seen */
+#define POL_R_NO_STATE  4    /* no room to keep the partial hello */
+#define POL_V_PASS 0
+#define POL_V_DROP 1
 #define POL_ANY_BIT   63
 #define POL_AMBIG_BIT 62
 #define BST_SOCK_STREAM 1
@@ -42,15 +58,9 @@ struct pol_nkey {
     u32 prefixlen;
     u8 name[POL_NAME_MAX];
 };
-struct pol_io {
-    u64 buf;
-    u64 iov;
-    u32 fd;
-    u32 pad;
-};
 struct pol_buf {
     u8 d[1024];   /* a DNS message (first 512 bytes) */
-    u8 nm[512];   /* a name, dotted, at most POL_NAME_MAX - 1 bytes */
+    u8 nm[512];   /* a dotted name: byte k at nm[k % POL_NAME_MAX] (its last POL_NAME_MAX bytes) */
     struct pol_nkey key;
     /* Loop state lives here, read and written through volatile: the verifier does not track map
      * memory, so the paths through a loop body meet again in one state at the loop's head
@@ -58,38 +68,80 @@ struct pol_buf {
     u64 mask;
     u32 off;
     u32 n;
-    u32 nl;
+    u32 nl;       /* the name's length (up to POL_DNS_NAME_MAX) */
     u32 an;
     u32 a;        /* the answer being read */
     u32 family;   /* egress: the packet's peer */
     u32 dport;
+    u32 uid;      /* ingress: the receiving socket's owner */
+    u32 stage;    /* DNS: 0 question name, 1 a CNAME's target */
+    u32 pos;      /* name decoder: input offset, output length, label bytes left, jumps, end */
+    u32 out;
+    u32 left;
+    u32 jumps;
+    u32 nend;
+    u32 bad;
+    u32 p;        /* egress: payload offset of this segment's unread hello bytes */
+    u32 reason;   /* egress: POL_R_* */
     u8 daddr[16];
+};
+/* A ClientHello being reassembled, per socket cookie. */
+struct pol_hello {
+    u32 have;      /* handshake bytes in buf */
+    u32 rec_left;  /* bytes of the current TLS record still to come */
+    u32 next_seq;  /* TCP sequence number of the next hello byte */
+    u32 pad;
+    u8 buf[2 * POL_HELLO_BUF];  /* the second half: slack for masked offsets plus lengths */
+};
+struct pol_lkey4 {
+    u32 uid;
+    u32 addr;
+};
+struct pol_lkey6 {
+    u32 uid;
+    u8 addr[16];
+};
+struct pol_tls_rec {
+    struct pol_rec r;
+    struct pol_tls_ext x;
 };
 #define V32(x) (*(volatile u32 *)&(x))
 #define V64(x) (*(volatile u64 *)&(x))
 #define BARRIER_VAR(x) asm volatile("" : "+r"(x))
-struct pol_addrsa {
-    u16 family;
-    u16 port;
-};
 
 BPF_ARRAY(pol_conf, struct pol_conf, 1);
 BPF_ARRAY(pol_rules, struct pol_rule, POL_MAX_RULES);
 BPF_LPM_TRIE(pol_addr4, struct pol_lpm4, u64, POL_MAX_ADDRS);
 BPF_LPM_TRIE(pol_addr6, struct pol_lpm6, u64, POL_MAX_ADDRS);
 BPF_LPM_TRIE(pol_names, struct pol_nkey, u64, POL_MAX_NAMES);
-BPF_HASH(pol_denied_sk, u64, u32, 16384);      /* socket cookie -> deciding rule (SNI) */
-BPF_HASH(pol_dns_fd, u64, u32, 16384);         /* (tgid<<32|fd) of sockets connected to :53 */
-BPF_HASH(pol_io_ctx, u32, struct pol_io, 4096); /* tid -> DNS read in flight */
-BPF_PERCPU_ARRAY(pol_scratch, struct pol_buf, 1);
+/* Addresses learned from DNS answers, per (uid of the socket that received them, address). LRU:
+ * a full map forgets the least recently used (the SNI check still sees those flows). */
+BPF_TABLE("lru_hash", struct pol_lkey4, u64, pol_learn4, POL_MAX_ADDRS);
+BPF_TABLE("lru_hash", struct pol_lkey6, u64, pol_learn6, POL_MAX_ADDRS);
+/* socket cookie -> deciding rule (SNI); removed when the socket closes (pol_sockops), LRU besides */
+BPF_TABLE("lru_hash", u64, u32, pol_denied_sk, 16384);
+/* socket cookie -> its ClientHello while it is read; removed once judged (or at close) */
+BPF_TABLE("lru_hash", u64, struct pol_hello, pol_hello, 1024);
+BPF_PERCPU_ARRAY(pol_hello_zero, struct pol_hello, 1);  /* never written: a zeroed value to insert */
+/* [0] the DNS parser (ingress), [1] the hello parser (egress): a softirq ingress must not overwrite
+ * an egress program's names on the same CPU. */
+BPF_PERCPU_ARRAY(pol_scratch, struct pol_buf, 2);
+/* [0] pol_denied_sk entries taken, [1] hellos not judged (POL_R_*), [2] learned addresses */
+BPF_PERCPU_ARRAY(pol_counts, u64, 4);
 BPF_RINGBUF_OUTPUT(pol_events, 16);
 /* Stages run as tail calls, each verified on its own: one program walking a name, hashing it and
  * then the answers exceeds the verifier's 8192-jump path history. The loader fills the slots. */
-BPF_PROG_ARRAY(pol_dns_tail, 2);
-BPF_PROG_ARRAY(pol_skb_tail, 1);
+BPF_PROG_ARRAY(pol_dns_tail, 3);
+BPF_PROG_ARRAY(pol_skb_tail, 4);
 #define TAIL_DNS_MASK    0
 #define TAIL_DNS_ANSWERS 1
+#define TAIL_DNS_NAME    2
 #define TAIL_SKB_JUDGE   0
+#define TAIL_SKB_HELLO   1
+#define TAIL_SKB_PARSE   2
+#define TAIL_SKB_NAME    3
+#define SCRATCH_DNS 0
+#define SCRATCH_TLS 1
 
 static __always_inline struct pol_conf *pol_cfg(void)
 {
@@ -171,6 +223,35 @@ static __always_inline void pol_emit(u32 point, u32 rule, u32 uid, u32 family, u
     pol_events.ringbuf_submit(r, 0);
 }
 
+static __always_inline void pol_count(u32 i)
+{
+    u64 *v = pol_counts.lookup(&i);
+    if (v)
+        *v += 1;
+}
+
+/* An address's mask: the policy's (catalog CIDRs, written by user space) and what DNS answers
+ * received by sockets of this uid taught. */
+static __always_inline u64 pol_addr4_mask(u32 uid, u32 addr)
+{
+    struct pol_lpm4 k = {32, addr};
+    struct pol_lkey4 lk = {uid, addr};
+    u64 *m = pol_addr4.lookup(&k);
+    u64 *l = pol_learn4.lookup(&lk);
+    return (m ? *m : 0) | (l ? *l : 0);
+}
+
+static __always_inline u64 pol_addr6_mask(u32 uid, const u8 *addr)
+{
+    struct pol_lpm6 k = {128};
+    struct pol_lkey6 lk = {uid};
+    __builtin_memcpy(k.addr, addr, 16);
+    __builtin_memcpy(lk.addr, addr, 16);
+    u64 *m = pol_addr6.lookup(&k);
+    u64 *l = pol_learn6.lookup(&lk);
+    return (m ? *m : 0) | (l ? *l : 0);
+}
+
 static __always_inline int pol_connect_common(struct bpf_sock_addr *ctx, u64 mask, u32 family,
                                               const void *addr)
 {
@@ -194,41 +275,39 @@ int pol_connect4(struct bpf_sock_addr *ctx)
 {
     if (ctx->type != BST_SOCK_STREAM)
         return 1;
-    struct pol_lpm4 k = {32, ctx->user_ip4};
-    u64 *m = pol_addr4.lookup(&k);
+    u32 a = ctx->user_ip4;
+    u64 m = pol_addr4_mask((u32)bpf_get_current_uid_gid(), a);
     if (!m)
         return 1;
-    u32 a = k.addr;
-    return pol_connect_common(ctx, *m, 4, &a);
+    return pol_connect_common(ctx, m, 4, &a);
 }
 
 int pol_connect6(struct bpf_sock_addr *ctx)
 {
     if (ctx->type != BST_SOCK_STREAM)
         return 1;
-    struct pol_lpm6 k = {128};
     u32 w[4];
     w[0] = ctx->user_ip6[0];
     w[1] = ctx->user_ip6[1];
     w[2] = ctx->user_ip6[2];
     w[3] = ctx->user_ip6[3];
-    u64 *m;
+    u32 uid = (u32)bpf_get_current_uid_gid();
+    u64 m;
     if (w[0] == 0 && w[1] == 0 && w[2] == __builtin_bswap32(0xffff)) {  /* ::ffff:a.b.c.d */
-        struct pol_lpm4 k4 = {32, w[3]};
-        m = pol_addr4.lookup(&k4);
+        m = pol_addr4_mask(uid, w[3]);
         if (!m)
             return 1;
-        return pol_connect_common(ctx, *m, 4, &w[3]);
+        return pol_connect_common(ctx, m, 4, &w[3]);
     }
-    __builtin_memcpy(k.addr, w, 16);
-    m = pol_addr6.lookup(&k);
+    m = pol_addr6_mask(uid, (u8 *)w);
     if (!m)
         return 1;
-    return pol_connect_common(ctx, *m, 6, w);
+    return pol_connect_common(ctx, m, 6, w);
 }
 
-/* The rule mask of the dotted name in b->nm[0..n), n < POL_NAME_MAX. The loop is branch-free
- * (arithmetic masks instead of ifs), so the verifier walks one path. */
+/* The rule mask of the dotted name of length n (1..POL_DNS_NAME_MAX) whose byte k is at
+ * b->nm[k % POL_NAME_MAX]: looked up by its last POL_NAME_MAX bytes, written backwards. The loop
+ * is branch-free (arithmetic masks instead of ifs), so the verifier walks one path. */
 static __always_inline u64 pol_name_mask(struct pol_buf *b, u32 n)
 {
     struct pol_nkey *k = &b->key;
@@ -244,105 +323,187 @@ static __always_inline u64 pol_name_mask(struct pol_buf *b, u32 n)
     return m ? *m : 0;
 }
 
-static __always_inline void pol_learn4(u32 addr, u64 mask)
+static __always_inline void pol_learn_a4(u32 uid, u32 addr, u64 mask)
 {
-    struct pol_lpm4 k = {32, addr};
+    struct pol_lkey4 k = {uid, addr};
     u64 v = mask;
-    u64 *old = pol_addr4.lookup(&k);
+    u64 *old = pol_learn4.lookup(&k);
     if (old && *old) {
         if ((*old & ~(1ULL << POL_AMBIG_BIT)) == mask)
             return;
         v = *old | mask | (1ULL << POL_AMBIG_BIT);
     }
-    pol_addr4.update(&k, &v);
+    pol_learn4.update(&k, &v);
+    pol_count(2);
 }
 
-static __always_inline void pol_learn6(const u8 *addr, u64 mask)
+static __always_inline void pol_learn_a6(u32 uid, const u8 *addr, u64 mask)
 {
-    struct pol_lpm6 k = {128};
+    struct pol_lkey6 k = {uid};
     __builtin_memcpy(k.addr, addr, 16);
     u64 v = mask;
-    u64 *old = pol_addr6.lookup(&k);
+    u64 *old = pol_learn6.lookup(&k);
     if (old && *old) {
         if ((*old & ~(1ULL << POL_AMBIG_BIT)) == mask)
             return;
         v = *old | mask | (1ULL << POL_AMBIG_BIT);
     }
-    pol_addr6.update(&k, &v);
+    pol_learn6.update(&k, &v);
+    pol_count(2);
 }
 
-/* A DNS response in b->d[0..n): if its question names a policy host, learn its A/AAAA addresses
- * (whatever the CNAME chain between). */
-static __always_inline void pol_dns_parse(void *ctx, struct pol_buf *b, u32 n)
+/* Ingress: a UDP datagram from port 53 for a socket in the scope, i.e. a DNS answer that really
+ * arrived. Stage 1: copy it (first 512 bytes) and decode the question's name. */
+int pol_dns_ingress(struct __sk_buff *skb)
 {
+    u8 ip[40];
+    u32 ihl, proto;
+    if (bpf_skb_load_bytes(skb, 0, ip, 20) != 0)
+        return 1;
+    if ((ip[0] >> 4) == 4) {
+        ihl = (ip[0] & 0x0f) * 4;
+        proto = ip[9];
+    } else if ((ip[0] >> 4) == 6) {
+        ihl = 40;
+        proto = ip[6];
+    } else {
+        return 1;
+    }
+    if (proto != 17 || ihl < 20 || ihl > 60)
+        return 1;
+    u8 uh[4];
+    if (bpf_skb_load_bytes(skb, ihl, uh, 4) != 0 || uh[0] != 0 || uh[1] != 53)
+        return 1;
+    u32 p = ihl + 8;
+    if (skb->len <= p + 12)
+        return 1;
+    u32 n = skb->len - p;
+    if (n > 512)
+        n = 512;
+    n = ((n - 1) & 511) + 1;
+    u32 z = SCRATCH_DNS;
+    struct pol_buf *b = pol_scratch.lookup(&z);
+    if (!b)
+        return 1;
+    if (bpf_skb_load_bytes(skb, p, b->d, n) != 0)
+        return 1;
     u8 *d = b->d;
-    if (n < 17 || !(d[2] & 0x80) || (d[3] & 0x0f) != 0 || d[4] != 0 || d[5] != 1)
-        return;
+    if (!(d[2] & 0x80) || (d[3] & 0x0f) != 0 || d[4] != 0 || d[5] != 1)
+        return 1;  /* not a NOERROR response with one question */
     V32(b->an) = ((u32)d[6] << 8) | d[7];
     V32(b->n) = n;
-    /* The question's name: copy the wire bytes after the first length, then turn every later
-     * length byte into a dot ("\3api\6openai\3com\0" -> "api.openai.com"). */
-    __builtin_memcpy(b->nm, &d[13], POL_NAME_MAX);
-    u64 off = 12;  /* u64: a u32 copy's zero-extension would lose the verifier's bounds */
-    for (u32 l = 0; l < 64; l++) {
-        if (off >= n || off >= 12 + POL_NAME_MAX)
-            return;
-        u64 at = off & 511;
-        BARRIER_VAR(at);  /* keep clang from folding the index into another base */
-        u8 c = b->d[at];
-        if (c == 0)
-            break;
-        if (c & 0xc0)
-            return;
-        if (off > 12) {
-            u64 dot = (off - 13) & (POL_NAME_MAX - 1);
-            BARRIER_VAR(dot);
-            b->nm[dot] = '.';
-        }
-        off += c + 1;
-    }
-    u32 nl = (u32)off - 13;
-    if (off <= 13 || nl >= POL_NAME_MAX)
-        return;
-    V32(b->nl) = nl;
+    V32(b->uid) = bpf_get_socket_uid(skb);
+    V64(b->mask) = 0;
+    V32(b->stage) = 0;
     V32(b->a) = 0;
-    V32(b->off) = off + 1 + 4;  /* the root label, qtype, qclass */
-    pol_dns_tail.call(ctx, TAIL_DNS_MASK);
+    V32(b->pos) = 12;
+    pol_dns_tail.call(skb, TAIL_DNS_NAME);
+    return 1;
 }
 
-/* Stage 2: the question's name -> rule mask. */
-int pol_dns_mask(struct sys_exit_args *a)
+/* Stage: decode the (possibly compressed) name at b->pos into b->nm, its length into b->nl and
+ * the offset past it into b->nend; then its mask (stage TAIL_DNS_MASK). */
+int pol_dns_name(struct __sk_buff *skb)
 {
-    u32 z = 0;
+    u32 z = SCRATCH_DNS;
     struct pol_buf *b = pol_scratch.lookup(&z);
     if (!b)
-        return 0;
+        return 1;
+    u32 n = V32(b->n);
+    if (n > 512)
+        return 1;
+    V32(b->out) = 0;
+    V32(b->left) = 0;
+    V32(b->jumps) = 0;
+    V32(b->nend) = 0;
+    V32(b->bad) = 1;  /* until the root label is read */
+    for (u32 i = 0; i < POL_DNS_NAME_MAX + 16; i++) {
+        u32 pos = V32(b->pos);
+        if (pos >= n)
+            break;
+        u8 c = b->d[pos & 511];
+        u32 left = V32(b->left);
+        u32 out = V32(b->out);
+        if (left) {
+            b->nm[out & (POL_NAME_MAX - 1)] = c;
+            V32(b->out) = out + 1;
+            V32(b->left) = left - 1;
+            V32(b->pos) = pos + 1;
+            continue;
+        }
+        if (c == 0) {
+            if (!V32(b->nend))
+                V32(b->nend) = pos + 1;
+            V32(b->bad) = 0;
+            break;
+        }
+        if ((c & 0xc0) == 0xc0) {
+            u32 j = V32(b->jumps);
+            if (j >= 8 || pos + 1 >= n)
+                break;
+            if (!V32(b->nend))
+                V32(b->nend) = pos + 2;
+            V32(b->jumps) = j + 1;
+            V32(b->pos) = (((u32)c & 0x3f) << 8) | b->d[(pos + 1) & 511];
+            continue;
+        }
+        if (c & 0xc0)
+            break;
+        if (out) {
+            b->nm[out & (POL_NAME_MAX - 1)] = '.';
+            out += 1;
+        }
+        if (out + c > POL_DNS_NAME_MAX)
+            break;
+        V32(b->out) = out;
+        V32(b->left) = c;
+        V32(b->pos) = pos + 1;
+    }
+    if (V32(b->bad))
+        return 1;
+    u32 out = V32(b->out);
+    if (out == 0 || out > POL_DNS_NAME_MAX)
+        return 1;
+    V32(b->nl) = out;
+    pol_dns_tail.call(skb, TAIL_DNS_MASK);
+    return 1;
+}
+
+/* Stage: the decoded name's mask joins the answer's; then the answers. */
+int pol_dns_mask(struct __sk_buff *skb)
+{
+    u32 z = SCRATCH_DNS;
+    struct pol_buf *b = pol_scratch.lookup(&z);
+    if (!b)
+        return 1;
     u32 nl = V32(b->nl);
-    if (nl == 0 || nl >= POL_NAME_MAX)
-        return 0;
-    u64 mask = pol_name_mask(b, nl);
-    V64(b->mask) = mask;
-    if (mask)
-        pol_dns_tail.call(a, TAIL_DNS_ANSWERS);
-    return 0;
+    if (nl == 0 || nl > POL_DNS_NAME_MAX)
+        return 1;
+    V64(b->mask) = V64(b->mask) | pol_name_mask(b, nl);
+    if (V32(b->stage) == 0)
+        V32(b->off) = V32(b->nend) + 4;  /* past the question's qtype, qclass */
+    pol_dns_tail.call(skb, TAIL_DNS_ANSWERS);
+    return 1;
 }
 
-/* Stage 3: learn the A/AAAA address of answer b->a, then go on with the next. */
-int pol_dns_answers(struct sys_exit_args *args)
+/* Stage: answer b->a. A CNAME's target is decoded and judged (stage TAIL_DNS_NAME), so a chain
+ * to a policy name marks the addresses that follow it; an A/AAAA record is learned with the mask
+ * of the question and every CNAME target before it. Then the next answer. */
+int pol_dns_answers(struct __sk_buff *skb)
 {
-    u32 z = 0;
+    u32 z = SCRATCH_DNS;
     struct pol_buf *b = pol_scratch.lookup(&z);
     if (!b)
-        return 0;
+        return 1;
     u8 *d = b->d;
     u32 n = V32(b->n), a = V32(b->a);
     u64 mask = V64(b->mask);
-    if (n > 512 || !mask || a >= V32(b->an) || a >= POL_ANSWERS_MAX)
-        return 0;
+    if (n > 512 || a >= V32(b->an) || a >= POL_ANSWERS_MAX)
+        return 1;
     u32 off = V32(b->off);
     for (u32 j = 0; j < 8; j++) {  /* the owner name: labels, then 0 or a pointer */
         if (off >= n)
-            return 0;
+            return 1;
         u8 c = d[off & 511];
         if (c == 0) {
             off += 1;
@@ -355,114 +516,37 @@ int pol_dns_answers(struct sys_exit_args *args)
         off += c + 1;
     }
     if (off + 10 > n)
-        return 0;
+        return 1;
     u32 o = off & 511;
     u32 type = ((u32)d[o] << 8) | d[o + 1];
     u32 rdl = ((u32)d[o + 8] << 8) | d[o + 9];
     off += 10;
     if (off + rdl > n)
-        return 0;
+        return 1;
     o = off & 511;
-    if (type == 1 && rdl == 4) {
-        u32 a4;
-        __builtin_memcpy(&a4, &d[o], 4);
-        pol_learn4(a4, mask);
-    } else if (type == 28 && rdl == 16) {
-        u8 a6[16];
-        __builtin_memcpy(a6, &d[o], 16);
-        pol_learn6(a6, mask);
-    }
     V32(b->off) = off + rdl;
     V32(b->a) = a + 1;
-    pol_dns_tail.call(args, TAIL_DNS_ANSWERS);  /* the next answer (one program per answer) */
-    return 0;
-}
-
-static __always_inline u64 pol_fdkey(u64 fd)
-{
-    return (bpf_get_current_pid_tgid() & 0xffffffff00000000ULL) | (u32)fd;
-}
-
-int pol_dns_conn(struct sys_enter_args *a)
-{
-    struct pol_addrsa sa = {};
-    u64 key = pol_fdkey(a->arg[0]);
-    if (!a->arg[1] || bpf_probe_read_user(&sa, sizeof(sa), (void *)a->arg[1]) != 0)
-        return 0;
-    if ((sa.family == 2 || sa.family == 10) && __builtin_bswap16(sa.port) == 53) {
-        u32 one = 1;
-        pol_dns_fd.update(&key, &one);
-    } else {
-        pol_dns_fd.delete(&key);
+    if (type == 5) {
+        V32(b->stage) = 1;
+        V32(b->pos) = off;
+        pol_dns_tail.call(skb, TAIL_DNS_NAME);
+        return 1;
     }
-    return 0;
-}
-
-int pol_dns_close(struct sys_enter_args *a)
-{
-    u64 key = pol_fdkey(a->arg[0]);
-    pol_dns_fd.delete(&key);
-    return 0;
-}
-
-static __always_inline void pol_read_in(u64 fd, u64 buf, u64 iov)
-{
-    u64 key = pol_fdkey(fd);
-    if (!pol_dns_fd.lookup(&key))
-        return;
-    u32 tid = (u32)bpf_get_current_pid_tgid();
-    struct pol_io io = {};
-    io.buf = buf;
-    io.iov = iov;
-    io.fd = (u32)fd;
-    pol_io_ctx.update(&tid, &io);
-}
-
-int pol_dns_read_in(struct sys_enter_args *a) { pol_read_in(a->arg[0], a->arg[1], 0); return 0; }
-int pol_dns_recvfrom_in(struct sys_enter_args *a) { pol_read_in(a->arg[0], a->arg[1], 0); return 0; }
-int pol_dns_recvmsg_in(struct sys_enter_args *a)
-{
-    u64 m[3] = {};  /* struct msghdr: name, namelen(+pad), iov */
-    if (!a->arg[1] || bpf_probe_read_user(m, sizeof(m), (void *)a->arg[1]) != 0)
-        return 0;
-    pol_read_in(a->arg[0], 0, m[2]);
-    return 0;
-}
-
-int pol_dns_out(struct sys_exit_args *a)
-{
-    u32 tid = (u32)bpf_get_current_pid_tgid();
-    struct pol_io *p = pol_io_ctx.lookup(&tid);
-    if (!p)
-        return 0;
-    struct pol_io io = *p;
-    pol_io_ctx.delete(&tid);
-    if (a->ret <= 0)
-        return 0;
-    u64 buf = io.buf;
-    if (!buf && io.iov) {
-        u64 v[2] = {};
-        if (bpf_probe_read_user(v, sizeof(v), (void *)io.iov) != 0)
-            return 0;
-        buf = v[0];
+    if (mask && type == 1 && rdl == 4) {
+        u32 a4;
+        __builtin_memcpy(&a4, &d[o], 4);
+        pol_learn_a4(V32(b->uid), a4, mask);
+    } else if (mask && type == 28 && rdl == 16) {
+        u8 a6[16];
+        __builtin_memcpy(a6, &d[o], 16);
+        pol_learn_a6(V32(b->uid), a6, mask);
     }
-    if (!buf)
-        return 0;
-    u32 z = 0;
-    struct pol_buf *b = pol_scratch.lookup(&z);
-    if (!b)
-        return 0;
-    u32 n = a->ret > 512 ? 512 : (u32)a->ret;
-    n &= 1023;
-    if (n == 0 || n > 512)
-        return 0;
-    if (bpf_probe_read_user(b->d, n, (void *)buf) != 0)
-        return 0;
-    pol_dns_parse(a, b, n);
-    return 0;
+    pol_dns_tail.call(skb, TAIL_DNS_ANSWERS);  /* the next answer (one program per answer) */
+    return 1;
 }
 
-/* Egress: find the SNI of a ClientHello starting this segment's payload. */
+/* Egress: TLS ClientHellos. A segment that starts one, or continues one of this socket still
+ * being reassembled, goes to pol_egress_hello; every data segment of a denied socket is dropped. */
 int pol_egress(struct __sk_buff *skb)
 {
     u8 ip[40];
@@ -495,92 +579,330 @@ int pol_egress(struct __sk_buff *skb)
     u64 ck = bpf_get_socket_cookie(skb);
     if (pol_denied_sk.lookup(&ck))
         return 0;
-    u8 h[11];
-    /* TLS record header (5), handshake header (4), client_version (2) */
-    if (bpf_skb_load_bytes(skb, p, h, 11) != 0)
-        return 1;
-    if (h[0] != 0x16 || h[1] != 3 || h[5] != 1)
-        return 1;  /* not a ClientHello: the common case, decided without a map lookup */
-    u32 q = p + 11 + 32;  /* random */
-    u8 l[2];
-    if (bpf_skb_load_bytes(skb, q, l, 1) != 0)
-        return 1;
-    q += 1 + l[0];  /* session id */
-    if (bpf_skb_load_bytes(skb, q, l, 2) != 0)
-        return 1;
-    q += 2 + (((u32)l[0] << 8) | l[1]);  /* cipher suites */
-    if (bpf_skb_load_bytes(skb, q, l, 1) != 0)
-        return 1;
-    q += 1 + l[0] + 2;  /* compression methods, extensions length */
-    u32 z = 0;
+    u32 seq = ((u32)th[4] << 24) | ((u32)th[5] << 16) | ((u32)th[6] << 8) | th[7];
+    u32 plen = skb->len - p;
+    u32 z = SCRATCH_TLS;
     struct pol_buf *b = pol_scratch.lookup(&z);
     if (!b)
         return 1;
-    for (u32 i = 0; i < 32; i++) {
-        u8 e[4];
-        if (bpf_skb_load_bytes(skb, q & 0xffff, e, 4) != 0)
-            return 1;
-        u32 elen = ((u32)e[2] << 8) | e[3];
-        if (e[0] == 0 && e[1] == 0) {  /* server_name: list len (2), type (1), name len (2) */
-            u8 s[5];
-            if (bpf_skb_load_bytes(skb, (q + 4) & 0xffff, s, 5) != 0 || s[2] != 0)
-                return 1;
-            u32 nl = ((u32)s[3] << 8) | s[4];
-            if (nl == 0 || nl >= POL_NAME_MAX)
-                return 1;
-            u64 len = ((nl - 1) & (POL_NAME_MAX - 1)) + 1;  /* 1..POL_NAME_MAX, = nl */
-            if (bpf_skb_load_bytes(skb, (q + 9) & 0xffff, b->nm, len) != 0)
-                return 1;
-            V32(b->nl) = nl;
-            V32(b->family) = family;
-            V32(b->dport) = ((u32)th[2] << 8) | th[3];
-            __builtin_memcpy(b->daddr, family == 4 ? &ip[16] : &ip[24], 16);
-            pol_skb_tail.call(skb, TAIL_SKB_JUDGE);
-            return 1;  /* the judge could not run: allow, never block by accident */
+    V32(b->reason) = 0;
+    struct pol_hello *st = pol_hello.lookup(&ck);
+    if (st) {
+        s32 ahead = (s32)(st->next_seq - seq);
+        if (ahead < 0) {
+            V32(b->reason) = POL_R_GAP;  /* bytes of the hello we never saw */
+        } else {
+            if ((u32)ahead >= plen)
+                return 1;  /* a retransmission of bytes already read (no whole SNI in them) */
+            p += ahead;
+            plen -= ahead;
         }
-        q += 4 + elen;
+    } else {
+        u8 h[6];
+        if (bpf_skb_load_bytes(skb, p, h, 1) != 0 || h[0] != 0x16)
+            return 1;  /* not a handshake record: the common case, decided with one map lookup */
+        if (plen < 6 || bpf_skb_load_bytes(skb, p, h, 6) != 0) {
+            V32(b->reason) = POL_R_MALFORMED;  /* a record header cut short */
+        } else {
+            if (h[1] != 3 || h[5] != 1)
+                return 1;  /* a handshake, not a ClientHello */
+            u32 zz = 0;
+            struct pol_hello *zero = pol_hello_zero.lookup(&zz);
+            if (!zero || pol_hello.update(&ck, zero) != 0) {
+                V32(b->reason) = POL_R_NO_STATE;
+            } else {
+                st = pol_hello.lookup(&ck);
+                if (!st)
+                    V32(b->reason) = POL_R_NO_STATE;
+                else
+                    st->next_seq = seq;
+            }
+        }
     }
+    V32(b->family) = family;
+    V32(b->dport) = ((u32)th[2] << 8) | th[3];
+    __builtin_memcpy(b->daddr, family == 4 ? &ip[16] : &ip[24], 16);
+    V32(b->p) = p;
+    V32(b->nl) = 0;
+    if (V32(b->reason)) {
+        pol_skb_tail.call(skb, TAIL_SKB_JUDGE);
+        return 1;  /* the judge could not run: allow, never block by accident */
+    }
+    pol_skb_tail.call(skb, TAIL_SKB_HELLO);
     return 1;
 }
 
-/* Egress stage 2: judge the SNI found by pol_egress. */
-int pol_egress_judge(struct __sk_buff *skb)
+/* Egress stage 2: append this segment's hello bytes (TLS record headers removed) to the socket's
+ * pol_hello, then look for the SNI in what is there. Found: the judge decides. Not yet: the
+ * segment holds no whole SNI and passes (the server cannot answer a partial hello). Past the
+ * buffer, a gap or malformed: the judge applies the rule for hellos it cannot read. */
+int pol_egress_hello(struct __sk_buff *skb)
 {
-    u32 z = 0;
+    u32 z = SCRATCH_TLS;
     struct pol_buf *b = pol_scratch.lookup(&z);
     if (!b)
         return 1;
-    u32 nl = V32(b->nl);
-    if (nl == 0 || nl >= POL_NAME_MAX)
+    u64 ck = bpf_get_socket_cookie(skb);
+    struct pol_hello *st = pol_hello.lookup(&ck);
+    if (!st)
         return 1;
-    u64 mask = pol_name_mask(b, nl);
-    if (!mask)
+    u32 p = V32(b->p), end = skb->len;
+    u32 start = p;
+    u32 reason = 0;
+    for (u32 i = 0; i < 4; i++) {  /* at most 4 records per segment */
+        if (p >= end)
+            break;
+        u32 left = st->rec_left;
+        if (left == 0) {
+            u8 rh[5];
+            if (bpf_skb_load_bytes(skb, p & 0xffff, rh, 5) != 0 || rh[0] != 0x16 || rh[1] != 3) {
+                reason = POL_R_MALFORMED;  /* the hello's record header cut or another record */
+                break;
+            }
+            left = ((u32)rh[3] << 8) | rh[4];
+            if (left == 0 || left > 16384) {
+                reason = POL_R_MALFORMED;
+                break;
+            }
+            p += 5;
+            if (p >= end) {
+                st->rec_left = left;
+                break;
+            }
+        }
+        u32 have = st->have;
+        if (have >= POL_HELLO_BUF)
+            break;
+        u32 cnt = end - p;
+        if (cnt > left)
+            cnt = left;
+        if (cnt > POL_HELLO_BUF - have)
+            cnt = POL_HELLO_BUF - have;
+        if (cnt == 0)
+            break;
+        cnt = ((cnt - 1) & (POL_HELLO_BUF - 1)) + 1;
+        if (bpf_skb_load_bytes(skb, p & 0xffff, &st->buf[have & (POL_HELLO_BUF - 1)], cnt) != 0) {
+            reason = POL_R_MALFORMED;
+            break;
+        }
+        st->have = have + cnt;
+        st->rec_left = left - cnt;
+        p += cnt;
+        if (cnt < left && p < end)
+            break;  /* the buffer is full */
+    }
+    st->next_seq += end - start;
+    if (reason) {
+        V32(b->reason) = reason;
+        pol_skb_tail.call(skb, TAIL_SKB_JUDGE);
+        return 1;
+    }
+    pol_skb_tail.call(skb, TAIL_SKB_PARSE);
+    return 1;
+}
+
+/* Egress stage 3: look for the SNI in the socket's reassembled hello. */
+int pol_egress_parse(struct __sk_buff *skb)
+{
+    u32 z = SCRATCH_TLS;
+    struct pol_buf *b = pol_scratch.lookup(&z);
+    if (!b)
+        return 1;
+    u64 ck = bpf_get_socket_cookie(skb);
+    struct pol_hello *st = pol_hello.lookup(&ck);
+    if (!st)
+        return 1;
+    /* Walk the hello in st->buf[0..have): header (4), version (2), random (32), session id,
+     * cipher suites, compression methods, extensions. */
+    u8 *d = st->buf;
+    u32 have = st->have;
+    if (have > POL_HELLO_BUF)
+        return 1;
+    u32 full = have >= POL_HELLO_BUF;
+    u32 hlen = 0, q = 38;
+    if (have < 39)
+        goto more;
+    if (d[0] != 1) {
+        V32(b->reason) = POL_R_MALFORMED;
+        goto judge;
+    }
+    hlen = 4 + (((u32)d[1] << 16) | ((u32)d[2] << 8) | d[3]);
+    q += 1 + d[q & (POL_HELLO_BUF - 1)];  /* session id */
+    if (q + 2 > have)
+        goto more;
+    q += 2 + (((u32)d[q & (POL_HELLO_BUF - 1)] << 8) | d[(q + 1) & (POL_HELLO_BUF - 1)]);  /* suites */
+    if (q + 1 > have)
+        goto more;
+    q += 1 + d[q & (POL_HELLO_BUF - 1)] + 2;  /* compression methods, extensions length */
+    for (u32 i = 0; i < 32; i++) {
+        if (q >= hlen)
+            goto none;  /* the whole hello read: no server_name */
+        if (q + 4 > have)
+            goto more;
+        u32 e0 = d[q & (POL_HELLO_BUF - 1)], e1 = d[(q + 1) & (POL_HELLO_BUF - 1)];
+        u32 elen = ((u32)d[(q + 2) & (POL_HELLO_BUF - 1)] << 8) | d[(q + 3) & (POL_HELLO_BUF - 1)];
+        if (e0 == 0 && e1 == 0) {  /* server_name: list len (2), type (1), name len (2), name */
+            if (q + 9 > have)
+                goto more;
+            if (d[(q + 6) & (POL_HELLO_BUF - 1)] != 0) {
+                V32(b->reason) = POL_R_MALFORMED;
+                goto judge;
+            }
+            u32 nl = ((u32)d[(q + 7) & (POL_HELLO_BUF - 1)] << 8) | d[(q + 8) & (POL_HELLO_BUF - 1)];
+            u32 s = q + 9;
+            if (s + nl > have)
+                goto more;
+            V32(b->nl) = nl;
+            V32(b->off) = s;
+            pol_skb_tail.call(skb, TAIL_SKB_NAME);
+            return 1;
+        }
+        q += 4 + elen;
+    }
+    V32(b->reason) = POL_R_TOO_BIG;  /* more extensions before server_name than we walk */
+    goto judge;
+none:
+    pol_hello.delete(&ck);
+    return 1;
+more:
+    if (!full)
+        return 1;  /* the SNI is not whole yet: wait for the next segment */
+    V32(b->reason) = POL_R_TOO_BIG;
+judge:
+    pol_skb_tail.call(skb, TAIL_SKB_JUDGE);
+    return 1;
+}
+
+static __always_inline void pol_emit_tls(struct __sk_buff *skb, struct pol_buf *b, struct pol_hello *st,
+                                         u32 rule, u32 uid, u64 ck, u32 verdict)
+{
+    struct pol_tls_rec *r = pol_events.ringbuf_reserve(sizeof(struct pol_tls_rec));
+    if (!r)
+        return;
+    u64 pt = bpf_get_current_pid_tgid();
+    r->r.ts_ns = bpf_ktime_get_ns();
+    r->r.cgroup = bpf_skb_cgroup_id(skb);
+    r->r.cookie = ck;
+    r->r.pid = pt >> 32;
+    r->r.tid = (u32)pt;
+    r->r.uid = uid;
+    r->r.rule = rule;
+    r->r.point = POINT_TLS;
+    r->r.family = V32(b->family);
+    r->r.dport = V32(b->dport);
+    __builtin_memcpy(r->r.daddr, b->daddr, 16);
+    __builtin_memset(r->r.comm, 0, 16);
+    r->x.reason = V32(b->reason);
+    r->x.verdict = verdict;
+    r->x.pad = 0;
+    r->x.nl = 0;
+    if (st && V32(b->nl)) {  /* the name as sent (user space cuts it at nl) */
+        r->x.nl = V32(b->nl);
+        __builtin_memcpy(r->x.name, &st->buf[V32(b->off) & (POL_HELLO_BUF - 1)], 256);
+    } else {
+        __builtin_memset(r->x.name, 0, 256);
+    }
+    pol_events.ringbuf_submit(r, 0);
+}
+
+/* Egress stage 4: the SNI at st->buf[b->off..+b->nl) as a name: one trailing dot dropped (the
+ * fully qualified spelling names the same host), its last POL_NAME_MAX bytes into b->nm; a name
+ * with NUL or non-ASCII bytes, an empty label at the end or over 255 bytes is unreadable. */
+int pol_egress_name(struct __sk_buff *skb)
+{
+    u32 z = SCRATCH_TLS;
+    struct pol_buf *b = pol_scratch.lookup(&z);
+    if (!b)
+        return 1;
+    u64 ck = bpf_get_socket_cookie(skb);
+    struct pol_hello *st = pol_hello.lookup(&ck);
+    u32 nl = V32(b->nl), s = V32(b->off);
+    if (!st || nl == 0 || nl > POL_HELLO_BUF)
+        return 1;
+    u8 *d = st->buf;
+    if (nl > 1 && d[(s + nl - 1) & (POL_HELLO_BUF - 1)] == '.')
+        nl -= 1;
+    u64 bad = nl > POL_DNS_NAME_MAX || d[(s + nl - 1) & (POL_HELLO_BUF - 1)] == '.';
+    u32 take = nl > POL_NAME_MAX ? POL_NAME_MAX : nl;
+    u32 from = nl - take;
+    for (u32 k = 0; k < POL_NAME_MAX; k++) {
+        u64 valid = ((u64)((s64)k - (s64)take)) >> 63;
+        u64 c = d[(s + from + k) & (POL_HELLO_BUF - 1)];
+        b->nm[(from + k) & (POL_NAME_MAX - 1)] = (u8)c;
+        bad |= valid & ((c >> 7) | ((c - 1) >> 63));  /* >= 0x80 or NUL */
+    }
+    V32(b->nl) = nl;
+    if (bad)
+        V32(b->reason) = POL_R_MALFORMED;
+    pol_skb_tail.call(skb, TAIL_SKB_JUDGE);
+    return 1;
+}
+
+/* Egress stage 5: judge the SNI, or apply the rule for a hello that could not be read
+ * (b->reason): drop it when its address is ambiguous or denied to this socket's owner, else let
+ * it pass; reported either way. A verdict acts on this socket only (its cookie). */
+int pol_egress_judge(struct __sk_buff *skb)
+{
+    u32 z = SCRATCH_TLS;
+    struct pol_buf *b = pol_scratch.lookup(&z);
+    if (!b)
         return 1;
     struct pol_conf *c = pol_cfg();
     if (c && (bpf_get_current_pid_tgid() >> 32) == c->own_tgid)
         return 1;
-    u32 uid = bpf_get_socket_uid(skb);
-    u32 rule = 0;
-    if (pol_eval(mask, uid, 0, skb, &rule) != POL_DENY)
-        return 1;
     u64 ck = bpf_get_socket_cookie(skb);
-    pol_denied_sk.update(&ck, &rule);
-    u8 addr[16];
-    __builtin_memcpy(addr, b->daddr, 16);
-    pol_emit(POINT_TLS, rule, uid, V32(b->family), V32(b->dport), addr, bpf_skb_cgroup_id(skb), ck);
-    return 0;
+    struct pol_hello *st = pol_hello.lookup(&ck);
+    u32 uid = bpf_get_socket_uid(skb);
+    u32 rule = POL_DEFAULT;
+    u32 drop;
+    if (V32(b->reason)) {
+        pol_count(1);
+        u64 mask;
+        if (V32(b->family) == 4) {
+            u32 a4;
+            __builtin_memcpy(&a4, b->daddr, 4);
+            mask = pol_addr4_mask(uid, a4);
+        } else {
+            u8 a6[16];
+            __builtin_memcpy(a6, b->daddr, 16);
+            mask = pol_addr6_mask(uid, a6);
+        }
+        u32 act = mask ? pol_eval(mask, uid, 0, skb, &rule) : POL_ALLOW;
+        drop = (mask & (1ULL << POL_AMBIG_BIT)) || act == POL_DENY;
+        if (!drop)
+            rule = POL_DEFAULT;
+    } else {
+        u32 nl = V32(b->nl);
+        if (nl == 0 || nl > POL_DNS_NAME_MAX)
+            return 1;
+        u64 mask = pol_name_mask(b, nl);
+        if (!mask || pol_eval(mask, uid, 0, skb, &rule) != POL_DENY) {
+            pol_hello.delete(&ck);  /* judged: later segments pass without a look */
+            return 1;
+        }
+        drop = 1;
+    }
+    BARRIER_VAR(drop);
+    if (drop) {
+        pol_denied_sk.update(&ck, &rule);
+        pol_count(0);
+    }
+    pol_emit_tls(skb, b, st, rule, uid, ck, drop ? POL_V_DROP : POL_V_PASS);
+    pol_hello.delete(&ck);
+    return drop ? 0 : 1;
 }
 
 /* sock_ops: make a socket whose hello pol_egress dropped fail fast. A dropped segment is never
  * "in flight", so TCP retries it from its probe timer, not the retransmission timer; the header
  * option callback runs at each try, and there the socket gets TCP_USER_TIMEOUT = 1 ms, so the next
  * timer aborts it (ETIMEDOUT). The callback is asked for at connect and given up after the first
- * few data segments (the hello is past by then), so established flows pay nothing. */
+ * few data segments (the hello is past by then), so established flows pay nothing. The state
+ * callback stays: at close the socket's pol_denied_sk and pol_hello entries go. */
 int pol_sockops(struct bpf_sock_ops *ops)
 {
     u32 op = ops->op;
     if (op == BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB) {
-        bpf_sock_ops_cb_flags_set(ops, BPF_SOCK_OPS_WRITE_HDR_OPT_CB_FLAG);
+        bpf_sock_ops_cb_flags_set(ops, BPF_SOCK_OPS_WRITE_HDR_OPT_CB_FLAG | BPF_SOCK_OPS_STATE_CB_FLAG);
         return 1;
     }
     if (op == BPF_SOCK_OPS_HDR_OPT_LEN_CB) {
@@ -588,10 +910,16 @@ int pol_sockops(struct bpf_sock_ops *ops)
         if (pol_denied_sk.lookup(&ck)) {
             int ms = 1;
             bpf_setsockopt(ops, 6 /* SOL_TCP */, 18 /* TCP_USER_TIMEOUT */, &ms, sizeof(ms));
-            bpf_sock_ops_cb_flags_set(ops, 0);
+            bpf_sock_ops_cb_flags_set(ops, BPF_SOCK_OPS_STATE_CB_FLAG);
         } else if (ops->data_segs_out > 8) {
-            bpf_sock_ops_cb_flags_set(ops, 0);
+            bpf_sock_ops_cb_flags_set(ops, BPF_SOCK_OPS_STATE_CB_FLAG);
         }
+        return 1;
+    }
+    if (op == BPF_SOCK_OPS_STATE_CB && ops->args[1] == BPF_TCP_CLOSE) {
+        u64 ck = bpf_get_socket_cookie(ops);
+        pol_denied_sk.delete(&ck);
+        pol_hello.delete(&ck);
     }
     return 1;
 }

@@ -102,7 +102,7 @@ def test_enforce_at_connect_curl_httpx_openssl(lab, cgroup, monkeypatch, kernel_
     if kernel_dns_only:
         from busted.enforce import Enforcer
 
-        monkeypatch.setattr(Enforcer, "learn_dns", lambda self, ev: None)
+        monkeypatch.setattr(Enforcer, "learn_dns", lambda self, ev, uid=None: None)
     m, out_m = uuid.uuid4().hex, uuid.uuid4().hex
     ca = str(lab.ca_path)
     with busted.Monitor(policy=Policy.from_dict(DENY_ANTHROPIC), enforce=True,
