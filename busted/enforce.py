@@ -128,29 +128,44 @@ def name_entry(name: str, subtree: bool) -> bytes:
     return normalize_name(name).encode()[::-1] + (b"." if subtree else b"\0")
 
 
+def _prefix_keys(key: bytes) -> list[bytes]:
+    """The entries that can be a proper prefix of ``key``: name_entry() makes every entry end in
+    '.' (a subtree) or NUL (exactly, last byte only), so only the prefixes that end at a dot."""
+    out = []
+    j = key.find(b".")
+    while 0 <= j < len(key) - 1:
+        out.append(key[: j + 1])
+        j = key.find(b".", j + 1)
+    return out
+
+
 def fold_names(entries: dict[bytes, int]) -> dict[bytes, int]:
     """Each entry's mask ORed with those of every shorter entry that is a prefix of it: the kernel's
-    longest-prefix lookup returns one entry, which must carry all that match."""
+    longest-prefix lookup returns one entry, which must carry all that match. Linear in the
+    entries (a dict probe per label), not quadratic: a reload compiles thousands of names."""
     out = {}
     for key, mask in entries.items():
         m = mask
-        for other, om in entries.items():
-            if len(other) < len(key) and key.startswith(other):
-                m |= om
+        for p in _prefix_keys(key):
+            m |= entries.get(p, 0)
         out[key] = m
     return out
 
 
 def name_mask(names: dict[bytes, int], name: str) -> int:
-    """The Python twin of the BPF lookup: the longest entry that is a prefix of the name's key."""
+    """The Python twin of the BPF lookup: the longest entry that is a prefix of the name's key
+    (``names`` as compile_policy makes them: entries ending in '.' or NUL)."""
     key = name_entry(name, subtree=False)
     if len(key) > NAME_MAX:
         key = key[:NAME_MAX]
-    best, mask = -1, 0
-    for e, m in names.items():
-        if len(e) > best and key.startswith(e):
-            best, mask = len(e), m
-    return mask
+    m = names.get(key)
+    if m is not None:
+        return m
+    for p in reversed(_prefix_keys(key)):
+        m = names.get(p)
+        if m is not None:
+            return m
+    return 0
 
 
 # -- cgroups -------------------------------------------------------------------------------------

@@ -116,3 +116,45 @@ def test_compile_refuses_what_the_kernel_cannot_hold(tmp_path):
                                         "comm": [f"c{i}" for i in range(8)]}]})
     with pytest.raises(PolicyError, match="72 kernel rule entries"):
         compile_policy(wide, Catalog.builtin(), cgroup_mount=str(tmp_path))
+
+
+class _CountingDict(dict):
+    """A dict that counts the entries a function looks at (probes and entries iterated)."""
+
+    ops = 0
+
+    def get(self, k, d=None):
+        _CountingDict.ops += 1
+        return super().get(k, d)
+
+    def __getitem__(self, k):
+        _CountingDict.ops += 1
+        return super().__getitem__(k)
+
+    def __contains__(self, k):
+        _CountingDict.ops += 1
+        return super().__contains__(k)
+
+    def items(self):
+        for kv in super().items():
+            _CountingDict.ops += 1
+            yield kv
+
+
+def _fold_ops(n: int) -> int:
+    entries = _CountingDict()
+    for i in range(n):
+        entries[name_entry(f"api{i}.svc{i % 50}.example.com", False)] = 1 << (i % 62)
+        entries[name_entry(f"svc{i % 50}.example.com", True)] = 1 << 61
+    _CountingDict.ops = 0
+    folded = fold_names(entries)
+    for i in range(0, n, 7):
+        assert name_mask(folded, f"api{i}.svc{i % 50}.example.com") == (1 << (i % 62)) | (1 << 61)
+    return _CountingDict.ops
+
+
+def test_fold_names_and_name_mask_are_linear_in_the_names():
+    """Issue 18 item 12: folding and the learned-address re-judging ran in O(names^2) (8 k names:
+    2.3 s at every reload). The work counted per name stays flat from 1 k to 8 k names."""
+    small, big = _fold_ops(1000), _fold_ops(8000)
+    assert big / small < 8 * 2, (small, big)  # linear: ~8x; the quadratic fold was ~64x
