@@ -32,8 +32,8 @@ from pathlib import Path
 
 from busted.errors import StoreError, UsageError
 
-__all__ = ["CHILD_CWD", "SAFE_PATH", "check_dir", "child_env", "dir_problem", "file_problem", "input_problem",
-           "open_private", "python_argv", "read_input", "trusted"]
+__all__ = ["CHILD_CWD", "SAFE_PATH", "Untrusted", "check_dir", "child_env", "dir_problem", "distrust", "file_problem",
+           "input_problem", "open_private", "python_argv", "read_input", "read_text_trusted", "trusted"]
 
 SAFE_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 CHILD_CWD = "/"
@@ -43,9 +43,35 @@ _KEEP_ENV = ("LANG", "LC_ALL", "LC_CTYPE", "TZ", "ARCH")  # + every BCC_*; ARCH,
 # -- files ---------------------------------------------------------------------------------------
 
 
+def distrust(st: os.stat_result, what: str) -> str | None:
+    """Why a file or directory with status ``st`` fails the trust rule (owned by this user,
+    writable by nobody else), or None. The bytecode cache and policy files use it."""
+    if st.st_uid != os.geteuid():
+        return f"{what} is owned by uid {st.st_uid}, not by uid {os.geteuid()} (this process)"
+    if st.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
+        return f"{what} is writable by its group or by others (mode {stat.S_IMODE(st.st_mode):o})"
+    return None
+
+
 def trusted(st: os.stat_result) -> bool:
     """Owned by this user and writable by nobody else: the rule for files busted trusts or appends to."""
-    return st.st_uid == os.geteuid() and not st.st_mode & (stat.S_IWGRP | stat.S_IWOTH)
+    return distrust(st, "") is None
+
+
+class Untrusted(OSError):
+    """A file or its directory fails the trust rule (the message says which and why)."""
+
+
+def read_text_trusted(path: str) -> str:
+    """The text of ``path`` if the file (not a symlink) and its directory pass the trust rule;
+    else ``Untrusted`` (an OSError), or the OSError/ValueError of opening or decoding it."""
+    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
+    with os.fdopen(fd) as f:
+        d = os.path.dirname(os.path.abspath(path))
+        why = distrust(os.fstat(f.fileno()), f"file {path}") or distrust(os.stat(d), f"directory {d}")
+        if why:
+            raise Untrusted(why)
+        return f.read()
 
 
 def _dir_ok(st: os.stat_result) -> bool:

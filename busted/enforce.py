@@ -45,15 +45,16 @@ from busted.classify.names import normalize_name
 from busted.ebpf.layout import Layout
 from busted.errors import PermissionDenied, PolicyError, ProbeLoadError
 from busted.events import DnsAnswer, Event, FlowOpened, PolicyDecision
-from busted.policy import Policy, Rule
+from busted.policy import MAX_KERNEL_ENTRIES, Policy, Rule
+from busted.policy import MAX_RULES as _MAX_RULES
 
 __all__ = ["CGROUP2_MOUNTS", "Compiled", "Enforcer", "PolicyRuntime", "cgroup2_mount", "compile_policy",
            "name_entry", "name_mask"]
 
 ANY_BIT = 63
 AMBIG_BIT = 62
-MAX_RULES = 62  # bits 0..61; 62 and 63 are reserved
-MAX_KERNEL_RULES = 64
+MAX_RULES = _MAX_RULES  # bits 0..61; 62 and 63 are reserved
+MAX_KERNEL_RULES = MAX_KERNEL_ENTRIES
 POL_ALLOW, POL_AUDIT, POL_DENY = 0, 1, 2
 POL_DEFAULT = 0xFFFF
 PR_UID, PR_COMM, PR_CGROUP, PR_USER_ONLY = 1, 2, 4, 8
@@ -655,6 +656,8 @@ class PolicyRuntime:
     def __init__(self, policy: Policy, catalog: Any, *, enforce: bool = False, scope: str | None = None) -> None:
         from busted.policy import PolicyJudge
 
+        policy.check_providers(catalog.providers)  # dry run or not: a typo never silently matches nothing
+        self.catalog = catalog
         self.enforcer: Enforcer | None = None
         if enforce:
             self.enforcer = Enforcer(policy, catalog, scope=scope)
@@ -672,6 +675,7 @@ class PolicyRuntime:
 
     def set_policy(self, policy: Policy) -> None:
         """Install ``policy``; a PolicyError (e.g. too many rules for the kernel) keeps the old one."""
+        policy.check_providers(self.catalog.providers)
         if self.enforcer is not None:
             self.enforcer.set_policy(policy)
             self.judge.kernel_rules = frozenset(self.enforcer.compiled.kernel_deny)

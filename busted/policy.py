@@ -30,11 +30,13 @@ A value the monitor does not know (the exe of a process that exited) does not ma
 
 from __future__ import annotations
 
+import difflib
+import errno
 import fnmatch
 import pwd
 import re
 import tomllib
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -42,14 +44,19 @@ from typing import Any
 from busted.classify.names import normalize_name
 from busted.errors import PolicyError
 
-__all__ = ["ACTIONS", "MATCH_KEYS", "Decision", "Policy", "PolicyJudge", "Rule", "Subject", "container_of",
-           "decision_event"]
+__all__ = ["ACTIONS", "MATCH_KEYS", "MAX_KERNEL_ENTRIES", "MAX_RULES", "Decision", "Policy", "PolicyJudge", "Rule",
+           "Subject", "container_of", "decision_event"]
 
 ACTIONS = ("allow", "audit", "deny")
 MATCH_KEYS = ("provider", "hostname", "model", "comm", "exe", "uid", "cgroup", "container")
 _RULE_KEYS = ("name", "action", *MATCH_KEYS)
 _TOP_KEYS = ("default", "rules")
 _COMM_MAX = 15  # TASK_COMM_LEN - 1
+# What the kernel can hold (busted/enforce.py): a rule is a bit of a 64-bit mask (two bits are
+# reserved), and a rule with several uid/comm/cgroup values is one kernel entry per combination.
+# Checked at every load, dry run included, so a policy that works in a dry run also enforces.
+MAX_RULES = 62
+MAX_KERNEL_ENTRIES = 64
 _HOST_GLOB = re.compile(r"^[A-Za-z0-9*?.\-_\[\]!]+$")
 _PROVIDER_ID = re.compile(r"^[a-z0-9][a-z0-9._\-]*$")
 _CONTAINER_ID = re.compile(r"(?:^|[/\-:])([0-9a-f]{64})(?:\.scope)?(?:/|$)")
@@ -198,11 +205,25 @@ class Policy:
 
     @classmethod
     def load(cls, path: str | Path) -> Policy:
-        """Read and validate a TOML policy file. Errors (``PolicyError``) name the file, line, key."""
+        """Read and validate a TOML policy file. Errors (``PolicyError``) name the file, line, key.
+
+        The file decides what root's monitor lets through, so it is read only if it and its
+        directory pass the trust rule of the BPF bytecode cache: owned by this user, writable by
+        no one else, not a symbolic link (busted/_safe.py)."""
+        from busted._safe import Untrusted, read_text_trusted
+
         p = Path(path)
         try:
-            text = p.read_text()
-        except (OSError, UnicodeDecodeError) as exc:
+            text = read_text_trusted(str(p))
+        except Untrusted as exc:
+            raise PolicyError(f"not trusted: {exc}; fix its owner or mode (chown/chmod go-w)",
+                              path=str(p)) from exc
+        except OSError as exc:
+            if exc.errno == errno.ELOOP:
+                raise PolicyError("is a symbolic link: give the file's own path (a link can be "
+                                  "changed by whoever owns it)", path=str(p)) from exc
+            raise PolicyError(f"cannot read policy file: {exc}", path=str(p)) from exc
+        except ValueError as exc:
             raise PolicyError(f"cannot read policy file: {exc}", path=str(p)) from exc
         return cls.loads(text, source=str(p))
 
@@ -245,7 +266,26 @@ class Policy:
                 raise err(f"rule name {rule.name!r} used twice", key="name", rule=i)
             names.add(rule.name)
             rules.append(replace(rule, line=lines.line(i, None)))
+        if len(rules) > MAX_RULES:
+            raise err(f"{len(rules)} rules: at most {MAX_RULES} (what the kernel holds with --enforce; "
+                      "the same limit applies to a dry run)", rule=MAX_RULES)
+        entries = sum(len(r.uid or (0,)) * len(r.comm or ("",)) * len(r.cgroup or ("",)) for r in rules)
+        if entries > MAX_KERNEL_ENTRIES:
+            raise err(f"the rules expand to {entries} kernel rule entries (one per uid x comm x cgroup value "
+                      f"of each rule); at most {MAX_KERNEL_ENTRIES}: split values across fewer rules", key="rules")
         return cls(tuple(rules), default, source)
+
+    def check_providers(self, known: Collection[str]) -> None:
+        """Refuse a ``provider`` that is not one of ``known`` (catalog ids): such a rule would
+        silently never match. The error suggests the nearest id."""
+        for r in self.rules:
+            for pid in r.provider or ():
+                if pid in known:
+                    continue
+                near = difflib.get_close_matches(pid, sorted(known), n=1)
+                hint = f"; did you mean {near[0]!r}?" if near else f" (known: {', '.join(sorted(known))})"
+                raise PolicyError(f"rule {r.name!r}: provider {pid!r} is not in the provider catalog{hint}",
+                                  path=self.source, line=r.line, key="provider")
 
     # -- deciding ----------------------------------------------------------------------------
 

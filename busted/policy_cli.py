@@ -22,8 +22,13 @@ def add_policy_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def policy_command(args: argparse.Namespace, out: TextIO) -> int:
-    """Exit 0 and the rules as understood, or raise PolicyError (file:line: why) -> exit 2."""
+    """Exit 0 and the rules as understood, or raise PolicyError (file:line: why) -> exit 2. The
+    checks are the monitor's at load (dry run and --enforce alike): the file's trust, the rule
+    limits and the provider ids (against the built-in catalog)."""
+    from busted.classify import Catalog
+
     pol = Policy.load(args.file)
+    pol.check_providers(Catalog.builtin().providers)
     print(pol.describe(), file=out)
     return 0
 

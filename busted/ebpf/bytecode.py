@@ -28,6 +28,7 @@ import tempfile
 from dataclasses import dataclass, field
 
 from busted._safe import CHILD_CWD, child_env, python_argv
+from busted._safe import read_text_trusted
 from busted._safe import trusted as _trusted  # one trust rule for every file busted trusts
 from busted.ebpf import bpfsys
 from busted.ebpf.probe import _bcc_version
@@ -113,14 +114,7 @@ def cache_dir() -> str | None:
 
 def _read_text(path: str) -> str | None:
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
-    except OSError:
-        return None
-    try:
-        with os.fdopen(fd) as f:
-            if not (_trusted(os.fstat(f.fileno())) and _trusted(os.stat(os.path.dirname(path)))):
-                return None
-            return f.read()
+        return read_text_trusted(path)
     except (OSError, ValueError):
         return None
 

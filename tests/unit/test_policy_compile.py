@@ -17,7 +17,7 @@ from busted.enforce import (
     name_entry,
     name_mask,
 )
-from busted.policy import PolicyJudge
+from busted.policy import PolicyJudge, Rule
 
 BASE = dict(ts_ns=1, wall_time=1.0, flow_id=7, direction=Direction.CONNECT, pid=10, tid=10, uid=1000, comm="curl",
             family=4, saddr="10.0.0.1", sport=40000, daddr="10.0.0.2", dport=443)
@@ -109,11 +109,10 @@ def test_compile_cgroup_rules_resolve_ids(tmp_path):
 
 
 def test_compile_refuses_what_the_kernel_cannot_hold(tmp_path):
-    many = Policy.from_dict({"rules": [{"name": f"r{i}", "action": "deny", "uid": i} for i in range(63)]})
+    many = Policy(tuple(Rule(f"r{i}", "deny", uid=(i,)) for i in range(63)))  # past from_dict's check
     with pytest.raises(PolicyError, match="at most 62 rules"):
         compile_policy(many, Catalog.builtin(), cgroup_mount=str(tmp_path))
-    wide = Policy.from_dict({"rules": [{"name": "w", "action": "deny", "uid": list(range(9)),
-                                        "comm": [f"c{i}" for i in range(8)]}]})
+    wide = Policy((Rule("w", "deny", uid=tuple(range(9)), comm=tuple(f"c{i}" for i in range(8))),))
     with pytest.raises(PolicyError, match="72 kernel rule entries"):
         compile_policy(wide, Catalog.builtin(), cgroup_mount=str(tmp_path))
 
