@@ -31,7 +31,7 @@ def policy(n: int):
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser()
+    ap = argparse.ArgumentParser(allow_abbrev=False)
     ap.add_argument("--sizes", default="2000,4000,8000")
     ap.add_argument("--repeat", type=int, default=5)
     args = ap.parse_args(argv)

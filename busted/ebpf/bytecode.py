@@ -27,8 +27,7 @@ import subprocess
 import tempfile
 from dataclasses import dataclass, field
 
-from busted._safe import CHILD_CWD, child_env, python_argv
-from busted._safe import read_text_trusted
+from busted._safe import CHILD_CWD, child_env, python_argv, read_text_trusted
 from busted._safe import trusted as _trusted  # one trust rule for every file busted trusts
 from busted.ebpf import bpfsys
 from busted.ebpf.probe import _bcc_version

@@ -2,6 +2,7 @@
 
 import textwrap
 
+import needs
 import pytest
 
 from busted import Policy, PolicyError
@@ -246,8 +247,8 @@ def test_untrusted_policy_file_is_refused(tmp_path, capsys, how):
     f.chmod(0o644)
     assert Policy.load(f).rules[0].name == "nobody-calls-deepseek"  # trusted as it is
     want = "not trusted"
-    if how == "other-owner" and os.geteuid() != 0:
-        pytest.skip("chown to another user needs root")  # unit tests run as root here and in CI
+    if how == "other-owner":
+        needs.root("chown to another user")  # unit tests run as root here and in CI
     if how == "other-owner":
         os.chown(f, os.geteuid() + 1 if os.geteuid() == 0 else 0, -1)  # as root; else it is root's
         want = "owned by uid"
