@@ -107,7 +107,10 @@ def c_definitions(max_addrs: int = 65536, max_names: int = 16384) -> str:
 
 
 def build_source() -> str:
-    return c_definitions() + resources.files("busted.ebpf").joinpath("policy_enforce.c").read_text()
+    from busted.budgets import c_definitions as budget_definitions
+
+    src = resources.files("busted.ebpf").joinpath("policy_enforce.c").read_text()
+    return c_definitions() + budget_definitions() + src
 
 
 # -- names ---------------------------------------------------------------------------------------
@@ -212,6 +215,7 @@ class Compiled:
     default: int = POL_AUDIT
     notes: list[str] = field(default_factory=list)  # what the kernel cannot check, per rule
     kernel_deny: set[str] = field(default_factory=set)  # deny rules the kernel enforces
+    budgets: dict[str, int] = field(default_factory=dict)  # budget name -> kernel index (busted.budgets)
 
 
 def _glob_chars(s: str) -> bool:
@@ -277,6 +281,10 @@ def compile_policy(policy: Policy, catalog: Any, *, cgroup_mount: str | None = N
         elif r.action == "deny" and entries:
             c.kernel_deny.add(r.name)
         c.rules.extend(entries)
+    if policy.budgets:
+        from busted.budgets import compile_budgets
+
+        c.budgets = compile_budgets(policy, catalog, add_name, add_cidr, c.notes)
     c.names = fold_names(c.names)
     if len(c.rules) > MAX_KERNEL_RULES:
         raise PolicyError(f"the policy expands to {len(c.rules)} kernel rule entries (one per uid x comm x "
@@ -352,6 +360,14 @@ def link_create(prog_fd: int, target_fd: int, attach_type: int) -> int:
             raise PermissionDenied(f"BPF_LINK_CREATE: {os.strerror(e)}")
         raise ProbeLoadError(f"cannot attach cgroup program (attach type {attach_type}): {os.strerror(e)}")
     return fd
+
+
+def _budget_name(c: Compiled, idx: int) -> str | None:
+    from busted.budgets import BUDGET_RULE_BASE
+
+    if idx < BUDGET_RULE_BASE:
+        return None
+    return next((n for n, j in c.budgets.items() if j == idx - BUDGET_RULE_BASE), f"#{idx - BUDGET_RULE_BASE}")
 
 
 def _ip_key(family: int, addr: bytes) -> str:
@@ -530,7 +546,10 @@ class Enforcer:
     def _decision(self, r: dict[str, Any]) -> PolicyDecision:
         pol = self._policy
         idx = r["rule"]
-        if idx == POL_DEFAULT or idx >= len(pol.rules):
+        budget = _budget_name(self.compiled, idx)
+        if budget is not None:
+            name, action = f"budget:{budget}", "deny"
+        elif idx == POL_DEFAULT or idx >= len(pol.rules):
             name, action = "default", pol.default
         else:
             name, action = pol.rules[idx].name, pol.rules[idx].action
@@ -550,12 +569,22 @@ class Enforcer:
             matched.append(("provider", provider))
         if r["point"] == POINT_TLS:
             matched.append(("sni", True))
+        if budget is not None:
+            matched.append(("budget", budget))
         return PolicyDecision(
             ts_ns=r["ts_ns"], wall_time=wall, rule=name, action=action, enforced=True,
             point=_POINTS.get(r["point"], "connect"), matched=tuple(matched), flow_id=None,
             pid=r["pid"] or None, tid=r["tid"] or None, uid=r["uid"], comm=comm, cgroup_id=r["cgroup"],
             daddr=ip, dport=r["dport"], hostname=hostname, provider=provider,
         )
+
+    def budget_commands(self, cmds: list[Any]) -> list[str]:
+        """Carry out busted.budgets Block/Unblock commands in the kernel's budget map; returns the
+        names of budgets whose block did not fit (map full)."""
+        from busted.budgets import apply_commands
+
+        with self._lock:
+            return apply_commands(self.bpf, cmds) if self.bpf is not None else []
 
     def consume(self) -> list[Event]:
         """Decisions the kernel made since the last call."""
@@ -592,7 +621,9 @@ class PolicyRuntime:
     enforcing. Driven by the Monitor's reader thread: ``feed`` right after the flow table (DNS
     answers are mapped into the kernel there, synchronously), ``consume`` at every drain."""
 
-    def __init__(self, policy: Policy, catalog: Any, *, enforce: bool = False, scope: str | None = None) -> None:
+    def __init__(self, policy: Policy, catalog: Any, *, enforce: bool = False, scope: str | None = None,
+                 budget_spend: Any = ()) -> None:
+        from busted.budget_enforce import BudgetRunner
         from busted.policy import PolicyJudge
 
         self.enforcer: Enforcer | None = None
@@ -600,6 +631,7 @@ class PolicyRuntime:
             self.enforcer = Enforcer(policy, catalog, scope=scope)
         kernel = self.enforcer.compiled.kernel_deny if self.enforcer else set()
         self.judge = PolicyJudge(policy, cgroup_path=CgroupPaths(), kernel_rules=frozenset(kernel))
+        self.budgets = BudgetRunner(policy, self.enforcer, self.judge._cgroup_path, seed=budget_spend)
         # Measurements (bounded samples): seconds spent mapping a DnsAnswer's addresses, and ns from
         # the client's read of the answer (the event's ts_ns) to user space having mapped it.
         self.dns_learn_s: list[float] = []
@@ -615,6 +647,7 @@ class PolicyRuntime:
             self.enforcer.set_policy(policy)
             self.judge.kernel_rules = frozenset(self.enforcer.compiled.kernel_deny)
         self.judge.policy = policy
+        self.budgets.set_policy(policy)
 
     def feed(self, events: list[Event]) -> list[Event]:
         enf = self.enforcer
@@ -626,9 +659,10 @@ class PolicyRuntime:
                     if len(self.dns_learn_s) < 4096:
                         self.dns_learn_s.append(time.perf_counter() - t0)
                         self.dns_lag_ns.append(time.monotonic_ns() - ev.ts_ns)
-        return self.judge.feed(events)
+        return self.budgets.feed(self.judge.feed(events))
 
     def consume(self) -> list[Event]:
+        self.budgets.tick()
         return self.enforcer.consume() if self.enforcer is not None else []
 
     def close(self) -> None:

@@ -1,0 +1,245 @@
+"""Budgets (busted.budgets): parsing, accounting per scope, epoch-aligned windows, restore, reload."""
+
+import math
+
+import pytest
+from events_factory import IDENT
+from hypothesis import given
+from hypothesis import strategies as st
+
+from busted import BudgetExceeded, BudgetSpend, Policy, PolicyError
+from busted.budgets import (
+    BUDGET_TOP_BIT,
+    Block,
+    BudgetBook,
+    kernel_budgets,
+    parse_window,
+    window_of,
+)
+from busted.events import Direction, LlmCall
+from busted.sinks._codec import event_from_dict
+
+T0 = 1_800_000_000.0  # a multiple of 3600
+
+
+def budget_policy(**kw):
+    b = {"name": "anth-30", "provider": "anthropic", "per": "uid", "limit_tokens": 30, "window": "1h",
+         "action": "deny", **kw}
+    return Policy.from_dict({"default": "audit", "budgets": [b]})
+
+
+def call(wall, tokens=20, uid=1000, provider="anthropic", cost=None, direction=Direction.CONNECT, **kw):
+    ident = {**IDENT, "uid": uid, "provider": provider, "hostname": f"api.{provider}.com",
+             "direction": direction, **kw}
+    return LlmCall(ts_ns=int(wall * 1e9), wall_time=wall, **ident, api="anthropic.messages", method="POST",
+                   path="/v1/messages", request_model="claude-3-5-haiku", input_tokens=tokens - 8, output_tokens=8,
+                   cost_usd=cost)
+
+
+def book(pol, kernel=True):
+    return BudgetBook(pol.budgets, kernel={pol.budgets[0].name: 0} if kernel else {})
+
+
+def test_parse_and_describe():
+    text = """
+default = "audit"
+[[rules]]
+name = "r"
+action = "allow"
+provider = "openai"
+
+[[budgets]]
+name = "anth"
+provider = "anthropic"
+per = "uid"
+limit_tokens = 30
+window = "1h"
+action = "deny"
+
+[[budgets]]
+name = "team"
+per = "agent"
+limit_usd = 20
+window = "1d"
+action = "deny"
+
+[[budgets]]
+name = "model"
+model = "gpt-4o"
+per = "host"
+limit_usd = 5.5
+window = "7d"
+"""
+    pol = Policy.loads(text, source="p.toml")
+    a, t, m = pol.budgets
+    assert (a.name, a.per, a.window_s, a.limit_tokens, a.limit_usd, a.action, a.line) == (
+        "anth", "uid", 3600, 30, None, "deny", 8)
+    assert (t.limit_usd, t.window_s, t.match.provider) == (20.0, 86400, None)
+    assert (m.action, m.window_s, m.match.model) == ("audit", 7 * 86400, ("gpt-4o",))
+    idx, why = kernel_budgets(pol.budgets, len(pol.rules))
+    assert idx == {"anth": 0} and "per=agent" in why["team"] and "model" not in why
+    out = pol.describe()
+    assert "anth: 30 tokens per uid per 1h" in out and "enforced in the kernel" in out
+    assert "team: $20 per agent per 1d" in out and "enforced as audit" in out
+    assert Policy.loads(text) == pol and Policy.loads(text.replace("= 30", "= 31")) != pol
+
+
+@pytest.mark.parametrize(("body", "msg", "line"), [
+    ('window = "1x"', "expected a number and a unit", 6),
+    ('window = "0h"', "between 1s and 366d", 6),
+    ('wat = 1', "unknown key 'wat' in budgets[0]", 7),
+    ('per = "pod"', "per must be one of uid, exe", 3),
+    ('action = "allow"', "action must be one of deny, audit", 7),
+    ('limit_tokens = -1', "positive whole number", 7),
+    ('limit_usd = "5"', "positive number of dollars", 7),
+    ('provider = "Open AI"', "is not a provider id", 7),
+    ('uid = "no-such-user-xyz"', "no user named", 7),
+])
+def test_invalid_budgets_say_why_and_where(body, msg, line):
+    lines = ['[[budgets]]', 'name = "b"', 'per = "uid"', 'limit_tokens = 5', 'window = "1h"', '']
+    key = body.split(" = ")[0]
+    lines = [x for x in lines if not x.startswith(key + " =")]
+    lines.insert(line - 1 if key not in ("window", "per") else len(lines), body)
+    text = "\n".join(lines)
+    with pytest.raises(PolicyError) as ei:
+        Policy.loads(text, source="b.toml")
+    assert msg in str(ei.value), str(ei.value)
+    assert "b.toml:" in str(ei.value)
+
+
+def test_no_limit_and_no_window_and_names():
+    with pytest.raises(PolicyError, match="has no limit"):
+        Policy.from_dict({"budgets": [{"name": "b", "per": "uid", "window": "1h"}]})
+    with pytest.raises(PolicyError, match="has no window"):
+        Policy.from_dict({"budgets": [{"name": "b", "per": "uid", "limit_tokens": 1}]})
+    with pytest.raises(PolicyError, match="used twice"):
+        Policy.from_dict({"budgets": [{"name": "b", "per": "uid", "limit_tokens": 1, "window": "1h"}] * 2})
+    with pytest.raises(PolicyError, match="also a rule's name"):
+        Policy.from_dict({"rules": [{"name": "b", "action": "deny"}],
+                          "budgets": [{"name": "b", "per": "uid", "limit_tokens": 1, "window": "1h"}]})
+
+
+def test_kernel_reasons():
+    def why(**kw):
+        return kernel_budgets(budget_policy(**kw).budgets, 0)[1].get("anth-30")
+
+    assert why() is None
+    assert why(per="cgroup") is None and why(per="host") is None
+    assert "per=exe" in why(per="exe") and "per=container" in why(per="container")
+    assert "model" in why(model="gpt-4o") and "agent" in why(agent="claude-code")
+    assert "uid (not its per)" in why(per="cgroup", uid=0)
+    assert "hostname api*.x.com" in why(hostname="api*.x.com")
+    assert why(hostname="*.x.com") is None
+    assert why(action="audit") is None  # audit budgets are simply not in the kernel
+    many = Policy.from_dict({"budgets": [{"name": f"b{i}", "per": "uid", "limit_tokens": 1, "window": "1h",
+                                          "action": "deny"} for i in range(10)]})
+    idx, w = kernel_budgets(many.budgets, 0)
+    assert len(idx) == 8 and "more than 8" in w["b9"]
+    assert "62 destination bits" in kernel_budgets(many.budgets, BUDGET_TOP_BIT + 1)[1]["b0"]
+
+
+def test_two_calls_exhaust_thirty_tokens_per_uid():
+    pol = budget_policy()
+    b = book(pol)
+    out1, c1 = b.feed([call(T0 + 1)])
+    assert c1 == [] and [type(e) for e in out1] == [BudgetSpend]
+    assert (out1[0].tokens, out1[0].calls, out1[0].scope, out1[0].window_start, out1[0].window_end) == (
+        20, 1, "1000", T0, T0 + 3600)
+    out2, c2 = b.feed([call(T0 + 2), call(T0 + 3, uid=1001), call(T0 + 4, provider="openai"),
+                       call(T0 + 5, direction=Direction.ACCEPT)])
+    ex = [e for e in out2 if isinstance(e, BudgetExceeded)]
+    assert len(ex) == 1
+    e = ex[0]
+    assert (e.budget, e.per, e.scope, e.tokens, e.limit_tokens, e.window_end, e.enforced, e.uid) == (
+        "anth-30", "uid", "1000", 40, 30, T0 + 3600, True, 1000)
+    assert c2 == [Block(0, 1, 1000, T0 + 3600, "anth-30")]
+    spends = {(s.scope, s.tokens) for s in out2 if isinstance(s, BudgetSpend)}
+    assert spends == {("1000", 40), ("1001", 20)}  # openai and the accepted flow do not count
+    out3, c3 = b.feed([call(T0 + 6)])  # reported once per window
+    assert c3 == [] and not any(isinstance(x, BudgetExceeded) for x in out3)
+    assert event_from_dict(e.to_dict()) == e and event_from_dict(out1[0].to_dict()) == out1[0]
+
+
+def test_usd_limit_unpriced_calls_and_dry_run():
+    pol = budget_policy(limit_tokens=None, limit_usd=0.01)
+    b = book(pol, kernel=False)
+    out, _ = b.feed([call(T0, cost=None), call(T0 + 1, cost=0.006)])
+    assert out[-1].unpriced_calls == 1 and out[-1].usd == pytest.approx(0.006)
+    out, cmds = b.feed([call(T0 + 2, cost=0.005)])
+    ex = next(e for e in out if isinstance(e, BudgetExceeded))
+    assert not ex.enforced and ex.note and "dry run" in ex.note and cmds == []
+
+
+def test_window_roll_resets_and_expire_unblocks():
+    b = book(budget_policy())
+    b.feed([call(T0 + 10, tokens=40)])
+    assert b.snapshot()[0]["exceeded"]
+    out, _ = b.feed([call(T0 + 3600, tokens=10)])
+    assert (out[0].tokens, out[0].window_start) == (10, T0 + 3600)
+    assert [u.value for u in b.expire(T0 + 3600)] == [1000]
+    assert b.expire(T0 + 7200) == [] and b.snapshot() == []
+
+
+def test_seed_restores_current_window_only():
+    pol = budget_policy()
+    b = book(pol)
+    out, _ = b.feed([call(T0 + 1), call(T0 + 2)])
+    stored = [e for e in out if isinstance(e, BudgetSpend)]
+    stale = BudgetSpend(ts_ns=0, wall_time=T0 - 10, budget="anth-30", per="uid", scope="1002",
+                        window_start=T0 - 3600, window_end=T0, tokens=99, usd=0.0, calls=3)
+    fresh = BudgetBook(pol.budgets, kernel={"anth-30": 0})
+    cmds = fresh.seed([s.to_dict() for s in stored] + [stale], T0 + 30)
+    assert cmds == [Block(0, 1, 1000, T0 + 3600, "anth-30")]
+    assert [(s["scope"], s["tokens"], s["calls"]) for s in fresh.snapshot()] == [("1000", 40, 2)]
+    out, cmds = fresh.feed([call(T0 + 40)])
+    assert cmds == [] and not any(isinstance(x, BudgetExceeded) for x in out)  # already reported
+
+
+def test_rebuild_keeps_spend_by_name():
+    pol = budget_policy()
+    b = book(pol)
+    b.feed([call(T0 + 1, tokens=40)])
+    new, cmds = b.rebuild(budget_policy().budgets, {"anth-30": 3}, {}, T0 + 5)
+    assert cmds == [Block(3, 1, 1000, T0 + 3600, "anth-30")]
+    other, cmds = b.rebuild(budget_policy(window="2h").budgets, {"anth-30": 0}, {}, T0 + 5)
+    assert cmds == [] and other.snapshot() == []  # a different window starts from nothing
+
+
+def test_scopes_other_than_uid():
+    for per, kw, want in (("exe", {"exe": "/usr/bin/python3"}, "/usr/bin/python3"),
+                          ("agent", {"agent": "claude-code"}, "claude-code"),
+                          ("cgroup", {"cgroup_id": 77}, "77"), ("host", {}, "host"),
+                          ("container", {"container_id": "ab" * 32}, "ab" * 32)):
+        b = BudgetBook(budget_policy(per=per).budgets)
+        out, _ = b.feed([call(T0, **kw)])
+        assert out[0].scope == want, per
+    b = BudgetBook(budget_policy(per="agent").budgets)
+    assert b.feed([call(T0, agent=None)]) == ([], [])  # no agent known: not counted
+
+
+def test_parse_window():
+    assert [parse_window(x) for x in ("30s", "5m", "1h", "1d", "2w")] == [30, 300, 3600, 86400, 1209600]
+    for bad in ("", "1", "h", "1.5h", "-1h", 3600, "400d"):
+        with pytest.raises(ValueError):
+            parse_window(bad)
+
+
+@given(st.floats(min_value=0, max_value=4e9, allow_nan=False), st.integers(min_value=1, max_value=366 * 86400))
+def test_windows_are_epoch_aligned_and_hold_their_time(wall, w):
+    start, end = window_of(wall, w)
+    assert start <= wall < end and end - start == w and start % w == 0
+    assert window_of(start, w) == (start, end) and window_of(end, w)[0] == end
+    assert window_of(math.nextafter(end, 0), w) == (start, end) or math.nextafter(end, 0) < start
+
+
+@given(st.lists(st.tuples(st.floats(min_value=0, max_value=7200), st.integers(0, 50)), max_size=30))
+def test_spend_per_window_is_the_sum_of_its_calls(calls):
+    b = BudgetBook(budget_policy(limit_tokens=10**9).budgets)
+    calls = sorted(calls)
+    last = {}
+    for t, n in calls:
+        out, _ = b.feed([call(T0 + t, tokens=max(n, 8))])
+        last[window_of(T0 + t, 3600)] = out[0]
+    for (start, end), ev in last.items():
+        want = sum(max(n, 8) for t, n in calls if start <= T0 + t < end)
+        assert (ev.window_start, ev.window_end, ev.tokens) == (start, end, want)
