@@ -581,7 +581,7 @@ class Enforcer:
     def budget_commands(self, cmds: list[Any]) -> list[str]:
         """Carry out busted.budgets Block/Unblock commands in the kernel's budget map; returns the
         names of budgets whose block did not fit (map full)."""
-        from busted.budgets import apply_commands
+        from busted.budget_enforce import apply_commands
 
         with self._lock:
             return apply_commands(self.bpf, cmds) if self.bpf is not None else []
