@@ -118,3 +118,19 @@ class BudgetRunner:
 
     def snapshot(self) -> list[dict[str, Any]]:
         return self.book.snapshot()
+
+
+def stored_spend(stores: Iterable[Any], policy: Any, now: float | None = None) -> list[dict[str, Any]]:
+    """The ``BudgetSpend`` records of the policy's current windows kept in ``stores``
+    (busted.sinks.Store), to restore spend at start (``Monitor(budget_spend=...)``)."""
+    budgets = getattr(policy, "budgets", ()) if policy is not None else ()
+    if not budgets:
+        return []
+    from busted.budgets import window_of
+
+    now = time.time() if now is None else now
+    since = min(window_of(now, b.window_s)[0] for b in budgets)
+    out: list[dict[str, Any]] = []
+    for st in stores:
+        out.extend(st.events(kinds="budget_spend", since=since, raw=True))
+    return out

@@ -255,8 +255,8 @@ def describe_budgets(policy: Any) -> str:
         if b.action == "audit":
             note = "reported when exhausted; nothing refused"
         elif b.name in idx:
-            note = (f"enforced in the kernel: new connections of the {b.per} to its providers are refused "
-                    "until the window ends")
+            note = (f"with --enforce, held in the kernel: once exhausted, new connections of that {b.per} "
+                    "to its destinations are refused until the window ends")
         else:
             note = why.get(b.name)
         out.append(f"{i:>3}. {b.describe(None)}{at}\n        {note}")

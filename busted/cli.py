@@ -563,7 +563,13 @@ def _start(args: argparse.Namespace, before_start: Any = None) -> tuple[Any, _Si
     sinks = _Sinks(args)
     mon = None
     try:
-        mon = busted.Monitor(**_monitor_kwargs(args))
+        kw = _monitor_kwargs(args)
+        if getattr(kw.get("policy"), "budgets", ()):  # budgets: spend of the current windows from --store
+            from busted.budget_enforce import stored_spend
+            from busted.sinks import Store
+
+            kw["budget_spend"] = stored_spend([s for s in sinks.sinks if isinstance(s, Store)], kw["policy"])
+        mon = busted.Monitor(**kw)
         if before_start is not None:
             before_start(mon)
         mon.start()

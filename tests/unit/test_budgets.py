@@ -79,7 +79,7 @@ window = "7d"
     idx, why = kernel_budgets(pol.budgets, len(pol.rules))
     assert idx == {"anth": 0} and "per=agent" in why["team"] and "model" not in why
     out = pol.describe()
-    assert "anth: 30 tokens per uid per 1h" in out and "enforced in the kernel" in out
+    assert "anth: 30 tokens per uid per 1h" in out and "held in the kernel" in out
     assert "team: $20 per agent per 1d" in out and "enforced as audit" in out
     assert Policy.loads(text) == pol and Policy.loads(text.replace("= 30", "= 31")) != pol
 
@@ -243,3 +243,46 @@ def test_spend_per_window_is_the_sum_of_its_calls(calls):
     for (start, end), ev in last.items():
         want = sum(max(n, 8) for t, n in calls if start <= T0 + t < end)
         assert (ev.window_start, ev.window_end, ev.tokens) == (start, end, want)
+
+
+def test_spend_survives_a_restart_through_the_store(tmp_path):
+    """The store keeps BudgetSpend events; at start the current windows' spend is read back."""
+    import time
+
+    from busted.budget_enforce import BudgetRunner, stored_spend
+    from busted.sinks import Store
+
+    pol = budget_policy(window="1d")
+    now = time.time()
+    b = book(pol)
+    out, _ = b.feed([call(now), call(now)])
+    old = BudgetSpend(ts_ns=0, wall_time=now - 86400, budget="anth-30", per="uid", scope="1000",
+                      window_start=window_of(now - 86400, 86400)[0], window_end=window_of(now - 86400, 86400)[1],
+                      tokens=5, usd=0.0, calls=9)
+    with Store(tmp_path / "s.db") as st:
+        st.write_many([old, *out])
+        st.flush()
+    with Store(tmp_path / "s.db", readonly=True) as st:
+        rows = stored_spend([st], pol, now)
+    assert {r["tokens"] for r in rows} == {20, 40}  # yesterday's window is not read
+    runner = BudgetRunner(pol, None, None, seed=rows)
+    snap = runner.snapshot()
+    assert [(s["scope"], s["tokens"], s["calls"], s["exceeded"]) for s in snap] == [("1000", 40, 2, True)]
+    assert stored_spend([], Policy.from_dict({}), now) == []
+
+
+def test_policy_check_prints_budgets(tmp_path):
+    import io
+
+    from busted.cli import main
+
+    f = tmp_path / "p.toml"
+    f.write_text('[[budgets]]\nname = "daily"\nper = "exe"\nlimit_usd = 2.5\nwindow = "1d"\naction = "deny"\n'
+                 'provider = ["openai", "anthropic"]\n')
+    out = io.StringIO()
+    assert main(["policy", "check", str(f)], out=out) == 0
+    text = out.getvalue()
+    assert "deny  daily: $2.5 per exe per 1d  [provider=openai|anthropic]  (line 1)" in text
+    assert "per=exe: the kernel cannot key a connection by exe: enforced as audit" in text
+    f.write_text('[[budgets]]\nname = "daily"\nper = "exe"\nwindow = "1d"\n')
+    assert main(["policy", "check", str(f)], out=io.StringIO()) == 2
