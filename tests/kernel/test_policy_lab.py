@@ -365,3 +365,37 @@ def test_token_budget_per_uid_stops_the_third_call(lab, cgroup):
     assert ("budget", "anthropic-30") in d.matched
     assert [(s["budget"], s["scope"], s["tokens"], s["exceeded"]) for s in snap] == [("anthropic-30", "0", 40, True)]
     assert ours_attached() == ""
+
+
+def test_budget_spent_before_a_restart_still_refuses(lab, cgroup, tmp_path):
+    """Spend kept in the store (BudgetSpend events) is restored at start: an exhausted uid is refused
+    on its first connection after the restart (before any LLM call of this run); openai is not."""
+    from busted import BudgetSpend
+    from busted.budget_enforce import stored_spend
+    from busted.budgets import window_of
+    from busted.sinks import Store
+
+    now = time.time()
+    start, end = window_of(now, 86400)
+    if end - now < 120:
+        time.sleep(end - now + 1)
+        now = time.time()
+        start, end = window_of(now, 86400)
+    pol = Policy.from_dict({"default": "audit", "budgets": [
+        {"name": "anthropic-30", "provider": "anthropic", "per": "uid", "limit_tokens": 30, "window": "1d",
+         "action": "deny"}]})
+    with Store(tmp_path / "s.db") as st:
+        st.write(BudgetSpend(ts_ns=1, wall_time=now, budget="anthropic-30", per="uid", scope="0", window_start=start,
+                             window_end=end, tokens=40, usd=0.0, calls=2, limit_tokens=30))
+        st.flush()
+        rows = stored_spend([st], pol)
+    m = uuid.uuid4().hex
+    with busted.Monitor(policy=pol, enforce=True, policy_scope="/" + cgroup.name, budget_spend=rows) as mon:
+        refused = run(lab, curl("https://api.anthropic.com/v1/models", m), cgroup)
+        other = run(lab, curl("https://api.openai.com/v1/models", m), cgroup)
+        evs = collect(mon, lambda e: any(isinstance(x, PolicyDecision) and x.enforced for x in e), timeout=10)
+    assert refused.returncode == 7 and other.returncode == 0, (refused.stderr, other.stderr)
+    reqs = requests_with(lab, m)
+    assert len(reqs) == 1 and "openai" in str(reqs) and "anthropic" not in str(reqs)  # the server's own log
+    d = next(d for d in evs if isinstance(d, PolicyDecision) and d.enforced)
+    assert (d.rule, d.comm, d.uid, d.provider) == ("budget:anthropic-30", "curl", 0, "anthropic")
