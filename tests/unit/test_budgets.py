@@ -286,3 +286,33 @@ def test_policy_check_prints_budgets(tmp_path):
     assert "per=exe: the kernel cannot key a connection by exe: enforced as audit" in text
     f.write_text('[[budgets]]\nname = "daily"\nper = "exe"\nwindow = "1d"\n')
     assert main(["policy", "check", str(f)], out=io.StringIO()) == 2
+
+
+def test_prometheus_budget_gauges_are_bounded():
+    prometheus_client = pytest.importorskip("prometheus_client")
+    from busted.sinks import PrometheusExporter
+
+    exp = PrometheusExporter("127.0.0.1:0", max_label_values=3)
+    b = BudgetBook(budget_policy(limit_tokens=50, limit_usd=1.0).budgets, kernel={"anth-30": 0})
+    for uid in range(10):  # 10 scopes, 3 label values: the others are not exported
+        out, _ = b.feed([call(T0 + 1, uid=uid, cost=0.25), call(T0 + 2, uid=uid, tokens=40)])
+        for ev in out:
+            exp.observe(ev)
+    from prometheus_client.parser import text_string_to_metric_families
+
+    text = prometheus_client.generate_latest(exp.registry).decode()
+    got = {(smp.name, tuple(sorted(smp.labels.items()))): smp.value
+           for fam in text_string_to_metric_families(text) for smp in fam.samples}
+
+    def v(name, **labels):
+        return got.get((name, tuple(sorted(labels.items()))))
+
+    who = {"budget": "anth-30", "per": "uid"}
+    assert v("busted_budget_spent", **who, scope="0", unit="tokens") == 60
+    assert v("busted_budget_spent", **who, scope="0", unit="usd") == 0.25
+    assert v("busted_budget_limit", budget="anth-30", unit="tokens") == 50
+    assert v("busted_budget_limit", budget="anth-30", unit="usd") == 1.0
+    assert v("busted_budget_window_end_seconds", **who, scope="2") == T0 + 3600
+    assert not any(dict(k[1]).get("scope") not in (None, "0", "1", "2") for k in got)
+    assert v("busted_budget_exceeded_total", budget="anth-30", action="deny", enforced="true") == 10
+    assert v("busted_label_values_folded_total", label="scope") == 14  # 7 scopes x 2 reports
