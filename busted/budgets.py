@@ -537,3 +537,26 @@ class BudgetBook:
                         "window_end": s.end, "tokens": s.tokens, "usd": round(s.usd, 9), "calls": s.calls,
                         "limit_tokens": b.limit_tokens, "limit_usd": b.limit_usd, "exceeded": s.exceeded})
         return out
+
+
+def budget_table(rows: Iterable[Mapping[str, Any]], limit: int = 30) -> str:
+    """``BudgetBook.snapshot()`` rows as text for ``busted top``: most used first (spend over limit).
+    Scope values come from the wire and /proc: escaped for a terminal."""
+    from busted._text import printable
+
+    def used(r: Mapping[str, Any]) -> float:
+        parts = [r["tokens"] / r["limit_tokens"] if r.get("limit_tokens") else 0.0,
+                 r["usd"] / r["limit_usd"] if r.get("limit_usd") else 0.0]
+        return max(parts)
+
+    rows = sorted(rows, key=lambda r: -used(r))
+    lines = [f"{'BUDGET':<20} {'PER':<9} {'SCOPE':<24} {'TOKENS':>15} {'USD':>17} {'USED':>5} {'WINDOW':>6}  STATE"]
+    for r in rows[:limit]:
+        tok = f"{r['tokens']}/{r['limit_tokens']}" if r.get("limit_tokens") else str(r["tokens"])
+        usd = f"{r['usd']:.2f}/{r['limit_usd']:.2f}" if r.get("limit_usd") else f"{r['usd']:.2f}"
+        state = ("refused" if r["enforced"] else "exceeded") if r["exceeded"] else "ok"
+        scope = printable(str(r["scope"]))
+        scope = scope if len(scope) <= 24 else "…" + scope[-23:]
+        lines.append(f"{printable(r['budget'])[:20]:<20} {r['per']:<9} {scope:<24} {tok:>15} {usd:>17} "
+                     f"{used(r):>5.0%} {r['window']:>6}  {state}")
+    return "\n".join(lines)

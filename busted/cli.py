@@ -822,14 +822,19 @@ def _top(args: argparse.Namespace, out: TextIO) -> int:
                         break
                 st = mon.stats()
                 lost = sum(st.lost.values())
+                budgets = mon.budgets()  # spend against limits (a policy's [[budgets]])
                 if as_json:
                     out.write(_json({"time": time.time(), "events": st.events, "lost": lost,
-                                     "rows": table.top()}) + "\n")
+                                     "rows": table.top(), **({"budgets": budgets} if budgets else {})}) + "\n")
                 else:
                     if tty:
                         out.write("\x1b[H\x1b[2J")  # ours: home + clear, before the redraw
                     out.write(f"busted top — {time.strftime('%H:%M:%S')}  events {st.events}  "
                               f"lost {lost}\n{table.text()}\n")
+                    if budgets:
+                        from busted.budgets import budget_table
+
+                        out.write(f"\n{budget_table(budgets)}\n")
                     if not tty:
                         out.write("\n")
                 out.flush()

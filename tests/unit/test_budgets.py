@@ -316,3 +316,15 @@ def test_prometheus_budget_gauges_are_bounded():
     assert not any(dict(k[1]).get("scope") not in (None, "0", "1", "2") for k in got)
     assert v("busted_budget_exceeded_total", budget="anth-30", action="deny", enforced="true") == 10
     assert v("busted_label_values_folded_total", label="scope") == 14  # 7 scopes x 2 reports
+
+
+def test_top_budget_table_escapes_and_sorts():
+    from busted.budgets import budget_table
+
+    b = BudgetBook(budget_policy(per="exe", limit_usd=1.0).budgets)
+    b.feed([call(T0, exe="/tmp/\x1b[2Jevil", cost=0.5), call(T0, exe="/usr/bin/python3", tokens=40, cost=0.1)])
+    text = budget_table(b.snapshot())
+    lines = text.splitlines()
+    assert lines[0].split()[:4] == ["BUDGET", "PER", "SCOPE", "TOKENS"]
+    assert "/usr/bin/python3" in lines[1] and "40/30" in lines[1] and "133%" in lines[1] and "exceeded" in lines[1]
+    assert "\x1b" not in text and "evil" in lines[2] and "0.50/1.00" in lines[2] and lines[2].endswith("ok")

@@ -190,6 +190,7 @@ class FakeMonitor:
 
     made: list = []
     script: list = []
+    budget_rows: list = []
     fail_start: BaseException | None = None
 
     def __init__(self, **kw):
@@ -221,10 +222,13 @@ class FakeMonitor:
         yield from FakeMonitor.script
         FakeMonitor.script = []
 
+    def budgets(self):
+        return FakeMonitor.budget_rows
+
 
 @pytest.fixture
 def fake(monkeypatch):
-    FakeMonitor.made, FakeMonitor.script, FakeMonitor.fail_start = [], [], None
+    FakeMonitor.made, FakeMonitor.script, FakeMonitor.fail_start, FakeMonitor.budget_rows = [], [], None, []
     monkeypatch.setattr(busted, "Monitor", FakeMonitor)
     return FakeMonitor
 
@@ -266,6 +270,23 @@ def test_top_json_and_filters(fake, capsys):
     assert [(r["comm"], r["provider"], r["conns"]) for r in snap["rows"]] == [("curl", "openai", 1)]
     assert fake.made[0].kw["uid"] == [1000]
     assert "busted: monitoring (probes attached in 1.25 s" in capsys.readouterr().err
+
+
+def test_top_shows_budgets(fake, tmp_path):
+    row = {"budget": "anth", "per": "uid", "scope": "1000", "action": "deny", "enforced": True, "window": "1h",
+           "window_start": 0.0, "window_end": 3600.0, "tokens": 40, "usd": 0.0, "calls": 2, "limit_tokens": 30,
+           "limit_usd": None, "exceeded": True}
+    fake.budget_rows = [row]
+    f = tmp_path / "p.toml"
+    f.write_text('[[budgets]]\nname = "anth"\nper = "uid"\nlimit_tokens = 30\nwindow = "1h"\naction = "deny"\n')
+    out = io.StringIO()
+    assert main(["top", "--json", "--policy", str(f), "--interval", "0.05", "--duration", "0.2"], out=out) == 0
+    assert json.loads(out.getvalue().splitlines()[0])["budgets"] == [row]
+    assert fake.made[0].kw["policy"].budgets[0].name == "anth" and fake.made[0].kw["budget_spend"] == []
+    out = io.StringIO()
+    assert main(["top", "--interval", "0.05", "--duration", "0.2"], out=out) == 0
+    text = out.getvalue()
+    assert "BUDGET" in text and "anth" in text and "40/30" in text and "refused" in text
 
 
 def test_top_by_agent_on_the_command_line(fake):
