@@ -328,3 +328,23 @@ def test_top_budget_table_escapes_and_sorts():
     assert lines[0].split()[:4] == ["BUDGET", "PER", "SCOPE", "TOKENS"]
     assert "/usr/bin/python3" in lines[1] and "40/30" in lines[1] and "133%" in lines[1] and "exceeded" in lines[1]
     assert "\x1b" not in text and "evil" in lines[2] and "0.50/1.00" in lines[2] and lines[2].endswith("ok")
+
+
+def test_web_budgets_route_latest_spend_and_exceeded():
+    pytest.importorskip("starlette")
+    from starlette.testclient import TestClient
+
+    from busted.web import WebState
+    from busted.web.app import make_app
+
+    st = WebState()
+    b = book(budget_policy())
+    out, _ = b.feed([call(T0 + 1, uid=7), call(T0 + 2), call(T0 + 3)])
+    st.write_batch(out)
+    st.write_batch([d.to_dict() for d in b.feed([call(T0 + 3600 + 1, uid=7)])[0]])  # stored dicts too, a new window
+    c = TestClient(make_app(st, "tok"), base_url="http://127.0.0.1:8765")
+    assert c.get("/api/budgets").status_code == 401
+    rows = c.get("/api/budgets", headers={"Authorization": "Bearer tok"}).json()
+    got = [(r["scope"], r["tokens"], r["limit_tokens"], r["exceeded"], r["enforced"], r["window_end"]) for r in rows]
+    assert got == [("7", 20, 30, False, None, T0 + 7200), ("1000", 40, 30, True, True, T0 + 3600)]
+    assert 'id="budgets"' in c.get("/", headers={"Authorization": "Bearer tok"}).text
