@@ -318,18 +318,22 @@ print(r.status_code, r.json()["usage"]["input_tokens"] + r.json()["usage"]["outp
 """
 
 
-def test_token_budget_per_uid_stops_the_third_call(lab, cgroup):
+@pytest.mark.parametrize("per", ["uid", "cgroup"])
+def test_token_budget_per_uid_stops_the_third_call(lab, cgroup, per):
     """Issue 22 acceptance 3: 30 tokens per uid for anthropic; two 20-token calls work, the third is
-    refused at connect (the lab server never sees it), the events name the budget; openai works."""
+    refused at connect (the lab server never sees it), the events name the budget; openai works.
+    Per cgroup (the caller's own cgroup id in the kernel), with a reload between the second and the
+    third call that moves the budget to another kernel index: the block follows it."""
     from busted import BudgetExceeded, BudgetSpend, LlmCall
     from busted.budgets import window_of
 
     wait = window_of(time.time(), 86400)[1] - time.time()
     if wait < 120:  # all three calls in one window: wait out a day's end (bounded: 2 minutes)
         time.sleep(wait + 1)
-    pol = Policy.from_dict({"default": "audit", "budgets": [
-        {"name": "anthropic-30", "provider": "anthropic", "per": "uid", "limit_tokens": 30, "window": "1d",
-         "action": "deny"}]})
+    b30 = {"name": "anthropic-30", "provider": "anthropic", "per": per, "limit_tokens": 30, "window": "1d",
+           "action": "deny"}
+    pol = Policy.from_dict({"default": "audit", "budgets": [b30]})
+    scope = "0" if per == "uid" else str(cgroup.stat().st_ino)
     m, o = uuid.uuid4().hex, uuid.uuid4().hex
     url = f"https://api.anthropic.com/v1/messages?m={m}"
     with busted.Monitor(policy=pol, enforce=True, policy_scope="/" + cgroup.name) as mon:
@@ -337,6 +341,11 @@ def test_token_budget_per_uid_stops_the_third_call(lab, cgroup):
         evs = collect(mon, lambda e: any(isinstance(x, BudgetSpend) for x in e), timeout=10)
         second = run(lab, [sys.executable, "-I", "-c", PY_20_TOKENS, url], cgroup)
         evs += collect(mon, lambda e: any(isinstance(x, BudgetExceeded) for x in e), timeout=10)
+        if per == "cgroup":
+            first_budget = {"name": "mistral-big", "provider": "mistral", "per": "uid", "limit_tokens": 10**9,
+                            "window": "1d", "action": "deny"}
+            mon.set_policy(Policy.from_dict({"default": "audit", "budgets": [first_budget, b30]}))
+            assert mon._policy_rt.enforcer.compiled.budgets == {"mistral-big": 0, "anthropic-30": 1}
         third = run(lab, [sys.executable, "-I", "-c", PY_20_TOKENS, url], cgroup)
         other = run(lab, curl("https://api.openai.com/v1/models", o), cgroup)
         evs += collect(mon, lambda e: any(isinstance(x, PolicyDecision) and x.enforced for x in e), timeout=10)
@@ -350,12 +359,12 @@ def test_token_budget_per_uid_stops_the_third_call(lab, cgroup):
     calls = [e for e in evs if isinstance(e, LlmCall) and e.provider == "anthropic"]  # (the query is masked)
     assert [c.total_tokens or (c.input_tokens + c.output_tokens) for c in calls] == [20, 20]
     spends = [e for e in evs if isinstance(e, BudgetSpend)]
-    assert [(s.budget, s.scope, s.tokens) for s in spends] == [("anthropic-30", "0", 20), ("anthropic-30", "0", 40)]
+    assert [(s.budget, s.scope, s.tokens) for s in spends] == [("anthropic-30", scope, 20), ("anthropic-30", scope, 40)]
     ex = [e for e in evs if isinstance(e, BudgetExceeded)]
     assert len(ex) == 1
     e = ex[0]
     assert (e.budget, e.per, e.scope, e.tokens, e.limit_tokens, e.action, e.enforced, e.provider) == (
-        "anthropic-30", "uid", "0", 40, 30, "deny", True, "anthropic")
+        "anthropic-30", per, scope, 40, 30, "deny", True, "anthropic")
     assert e.window_end == window_of(e.wall_time, 86400)[1]
     refused = [d for d in evs if isinstance(d, PolicyDecision) and d.enforced]
     assert len(refused) == 1, refused
@@ -363,7 +372,7 @@ def test_token_budget_per_uid_stops_the_third_call(lab, cgroup):
     assert (d.rule, d.action, d.point, d.provider, d.uid, d.dport) == (
         "budget:anthropic-30", "deny", "connect", "anthropic", 0, 443)
     assert ("budget", "anthropic-30") in d.matched
-    assert [(s["budget"], s["scope"], s["tokens"], s["exceeded"]) for s in snap] == [("anthropic-30", "0", 40, True)]
+    assert [(s["budget"], s["scope"], s["tokens"], s["exceeded"]) for s in snap] == [("anthropic-30", scope, 40, True)]
     assert ours_attached() == ""
 
 
