@@ -289,6 +289,29 @@ def test_top_shows_budgets(fake, tmp_path):
     assert "BUDGET" in text and "anth" in text and "40/30" in text and "refused" in text
 
 
+def test_monitor_restores_budget_spend_from_its_store(fake, tmp_path):
+    import time
+
+    from busted.budgets import window_of
+    from busted.events import BudgetSpend
+    from busted.sinks import Store
+
+    now = time.time()
+    start, end = window_of(now, 86400)
+    db = tmp_path / "s.db"
+    with Store(db) as st:
+        st.write_many([BudgetSpend(ts_ns=1, wall_time=now, budget="anth", per="uid", scope="1000",
+                                   window_start=start, window_end=end, tokens=40, usd=0.0, calls=2),
+                       BudgetSpend(ts_ns=1, wall_time=now - 86400, budget="anth", per="uid", scope="1001",
+                                   window_start=start - 86400, window_end=end - 86400, tokens=99, usd=0.0, calls=5)])
+        st.flush()
+    f = tmp_path / "p.toml"
+    f.write_text('[[budgets]]\nname = "anth"\nper = "uid"\nlimit_tokens = 30\nwindow = "1d"\naction = "deny"\n')
+    assert main(["monitor", "--json", "--policy", str(f), "--store", str(db), "--duration", "0.1"],
+                out=io.StringIO()) == 0
+    assert [(r["scope"], r["tokens"]) for r in fake.made[0].kw["budget_spend"]] == [("1000", 40)]
+
+
 def test_top_by_agent_on_the_command_line(fake):
     fake.script = [opened(flow_id=1, agent="codex-cli"), closed(flow_id=1, agent="codex-cli"),
                    opened(flow_id=2, comm="wget")]
