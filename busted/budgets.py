@@ -297,6 +297,9 @@ def compile_budgets(policy: Any, catalog: Any, add_name: Callable[..., None], ad
         bit = 1 << kernel_bit(j)
         m = b.match
         provs = [catalog.providers[p] for p in (m.provider or ()) if p in catalog.providers]
+        missing = [p for p in (m.provider or ()) if p not in catalog.providers]
+        if missing:
+            notes.append(f"budget {b.name}: provider {', '.join(missing)} is not in the catalog: never refused")
         if m.provider is None and m.hostname is None:
             provs = list(catalog.providers.values())
         if m.hostname is None:

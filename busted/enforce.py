@@ -21,6 +21,9 @@ several values is expanded into one kernel entry per combination. ``exe``, ``con
 from user space but not enforced, and an allow/audit rule with them ends the kernel's search when
 its other keys hold (over-allowing is the safe side).
 
+Budgets (busted/budgets.py, busted/budget_enforce.py): kernel budget *j* takes destination bit
+61 - *j*; exhausted scopes go into the ``pol_budget`` map, checked at connect after the rules.
+
 Programs are attached with BPF links (``BPF_LINK_CREATE``), held by file descriptor and never
 pinned: when the process exits, however it exits, the kernel detaches them.
 """

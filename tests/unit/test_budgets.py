@@ -348,3 +348,22 @@ def test_web_budgets_route_latest_spend_and_exceeded():
     got = [(r["scope"], r["tokens"], r["limit_tokens"], r["exceeded"], r["enforced"], r["window_end"]) for r in rows]
     assert got == [("7", 20, 30, False, None, T0 + 7200), ("1000", 40, 30, True, True, T0 + 3600)]
     assert 'id="budgets"' in c.get("/", headers={"Authorization": "Bearer tok"}).text
+
+
+def test_compile_gives_kernel_budgets_their_destination_bits():
+    from busted.classify.providers import Catalog
+    from busted.enforce import ANY_BIT, compile_policy, name_mask
+
+    pol = Policy.from_dict({"rules": [{"name": "r0", "action": "audit", "provider": "openai"}], "budgets": [
+        {"name": "a", "provider": ["anthropic", "nosuch"], "per": "uid", "limit_tokens": 1, "window": "1h",
+         "action": "deny"},
+        {"name": "audit-only", "per": "exe", "limit_tokens": 1, "window": "1h", "action": "deny"},
+        {"name": "h", "hostname": "*.example.org", "per": "host", "limit_usd": 1, "window": "1d", "action": "deny"}]})
+    c = compile_policy(pol, Catalog.builtin(), cgroup_mount="/nonexistent")
+    assert c.budgets == {"a": 0, "h": 1}
+    assert name_mask(c.names, "api.anthropic.com") & (1 << BUDGET_TOP_BIT)
+    assert not name_mask(c.names, "api.openai.com") & (1 << BUDGET_TOP_BIT)
+    assert name_mask(c.names, "api.openai.com") & (1 << 0) and name_mask(c.names, "api.openai.com") & (1 << ANY_BIT)
+    assert name_mask(c.names, "x.example.org") == 1 << (BUDGET_TOP_BIT - 1)
+    assert any("nosuch is not in the catalog" in n for n in c.notes)
+    assert any("budget audit-only: per=exe" in n and "enforced as audit" in n for n in c.notes)
