@@ -25,6 +25,8 @@ from busted.errors import (
 )
 from busted.events import (
     Ancestor,
+    BudgetExceeded,
+    BudgetSpend,
     Direction,
     DnsAnswer,
     DnsRecord,
@@ -58,6 +60,8 @@ def to_dataframe(events):  # noqa: ANN001, ANN201 - pandas is an optional extra
 
 __all__ = [
     "Ancestor",
+    "BudgetExceeded",
+    "BudgetSpend",
     "BccNotInstalled",
     "BustedError",
     "CatalogError",

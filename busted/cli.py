@@ -589,7 +589,13 @@ def _start(args: argparse.Namespace, before_start: Any = None) -> tuple[Any, _Si
     sinks = _Sinks(args)
     mon = None
     try:
-        mon = busted.Monitor(**_monitor_kwargs(args))
+        kw = _monitor_kwargs(args)
+        if getattr(kw.get("policy"), "budgets", ()):  # budgets: spend of the current windows from --store
+            from busted.budget_enforce import stored_spend
+            from busted.sinks import Store
+
+            kw["budget_spend"] = stored_spend([s for s in sinks.sinks if isinstance(s, Store)], kw["policy"])
+        mon = busted.Monitor(**kw)
         if before_start is not None:
             before_start(mon)
         mon.start()
@@ -841,14 +847,19 @@ def _top(args: argparse.Namespace, out: TextIO) -> int:
                         break
                 st = mon.stats()
                 lost = sum(st.lost.values())
+                budgets = mon.budgets()  # spend against limits (a policy's [[budgets]])
                 if as_json:
                     out.write(_json({"time": time.time(), "events": st.events, "lost": lost,
-                                     "rows": table.top()}) + "\n")
+                                     "rows": table.top(), **({"budgets": budgets} if budgets else {})}) + "\n")
                 else:
                     if tty:
                         out.write("\x1b[H\x1b[2J")  # ours: home + clear, before the redraw
                     out.write(f"busted top — {time.strftime('%H:%M:%S')}  events {st.events}  "
                               f"lost {lost}\n{table.text()}\n")
+                    if budgets:
+                        from busted.budgets import budget_table
+
+                        out.write(f"\n{budget_table(budgets)}\n")
                     if not tty:
                         out.write("\n")
                 out.flush()

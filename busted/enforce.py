@@ -21,6 +21,9 @@ several values is expanded into one kernel entry per combination. ``exe``, ``con
 from user space but not enforced, and an allow/audit rule with them ends the kernel's search when
 its other keys hold (over-allowing is the safe side).
 
+Budgets (busted/budgets.py, busted/budget_enforce.py): kernel budget *j* takes destination bit
+61 - *j*; exhausted scopes go into the ``pol_budget`` map, checked at connect after the rules.
+
 Programs are attached with BPF links (``BPF_LINK_CREATE``), held by file descriptor and never
 pinned: when the process exits, however it exits, the kernel detaches them.
 """
@@ -115,7 +118,10 @@ def c_definitions(max_addrs: int = 65536, max_names: int = 16384) -> str:
 
 
 def build_source() -> str:
-    return c_definitions() + resources.files("busted.ebpf").joinpath("policy_enforce.c").read_text()
+    from busted.budgets import c_definitions as budget_definitions
+
+    src = resources.files("busted.ebpf").joinpath("policy_enforce.c").read_text()
+    return c_definitions() + budget_definitions() + src
 
 
 # -- names ---------------------------------------------------------------------------------------
@@ -235,6 +241,7 @@ class Compiled:
     default: int = POL_AUDIT
     notes: list[str] = field(default_factory=list)  # what the kernel cannot check, per rule
     kernel_deny: set[str] = field(default_factory=set)  # deny rules the kernel enforces
+    budgets: dict[str, int] = field(default_factory=dict)  # budget name -> kernel index (busted.budgets)
 
 
 def _glob_chars(s: str) -> bool:
@@ -300,6 +307,10 @@ def compile_policy(policy: Policy, catalog: Any, *, cgroup_mount: str | None = N
         elif r.action == "deny" and entries:
             c.kernel_deny.add(r.name)
         c.rules.extend(entries)
+    if policy.budgets:
+        from busted.budgets import compile_budgets
+
+        c.budgets = compile_budgets(policy, catalog, add_name, add_cidr, c.notes)
     c.names = fold_names(c.names)
     if len(c.rules) > MAX_KERNEL_RULES:
         raise PolicyError(f"the policy expands to {len(c.rules)} kernel rule entries (one per uid x comm x "
@@ -370,6 +381,14 @@ def link_create(prog_fd: int, target_fd: int, attach_type: int) -> int:
             raise PermissionDenied(f"BPF_LINK_CREATE: {os.strerror(e)}")
         raise ProbeLoadError(f"cannot attach cgroup program (attach type {attach_type}): {os.strerror(e)}")
     return fd
+
+
+def _budget_name(c: Compiled, idx: int) -> str | None:
+    from busted.budgets import BUDGET_RULE_BASE
+
+    if idx < BUDGET_RULE_BASE:
+        return None
+    return next((n for n, j in c.budgets.items() if j == idx - BUDGET_RULE_BASE), f"#{idx - BUDGET_RULE_BASE}")
 
 
 def _ip_key(family: int, addr: bytes) -> str:
@@ -579,8 +598,12 @@ class Enforcer:
     def _decision(self, r: dict[str, Any]) -> PolicyDecision:
         pol = self._policy
         idx = r["rule"]
-        rule = pol.rules[idx] if idx != POL_DEFAULT and idx < len(pol.rules) else None
-        name, action = (rule.name, rule.action) if rule is not None else ("default", pol.default)
+        budget = _budget_name(self.compiled, idx)
+        rule = pol.rules[idx] if budget is None and idx != POL_DEFAULT and idx < len(pol.rules) else None
+        if budget is not None:
+            name, action = f"budget:{budget}", "deny"
+        else:
+            name, action = (rule.name, rule.action) if rule is not None else ("default", pol.default)
         ip = _ip_key(r["family"], r["daddr"])
         matched: list[tuple[str, Any]] = [("daddr", ip)]
         enforced = True
@@ -611,12 +634,22 @@ class Enforcer:
             matched.append(("provider", provider))
         comm = r["comm"].split(b"\0", 1)[0].decode(errors="replace") or None
         wall = r["ts_ns"] / 1e9 + (time.time() - time.monotonic())
+        if budget is not None:
+            matched.append(("budget", budget))
         return PolicyDecision(
             ts_ns=r["ts_ns"], wall_time=wall, rule=name, action=action, enforced=enforced,
             point=_POINTS.get(r["point"], "connect"), matched=tuple(matched), flow_id=None,
             pid=r["pid"] or None, tid=r["tid"] or None, uid=r["uid"], comm=comm, cgroup_id=r["cgroup"],
             daddr=ip, dport=r["dport"], hostname=hostname, provider=provider,
         )
+
+    def budget_commands(self, cmds: list[Any]) -> list[str]:
+        """Carry out busted.budgets Block/Unblock commands in the kernel's budget map; returns the
+        names of budgets whose block did not fit (map full)."""
+        from busted.budget_enforce import apply_commands
+
+        with self._lock:
+            return apply_commands(self.bpf, cmds) if self.bpf is not None else []
 
     def consume(self) -> list[Event]:
         """Decisions the kernel made since the last call."""
@@ -653,7 +686,9 @@ class PolicyRuntime:
     enforcing. Driven by the Monitor's reader thread: ``feed`` right after the flow table (DNS
     answers are mapped into the kernel there, synchronously), ``consume`` at every drain."""
 
-    def __init__(self, policy: Policy, catalog: Any, *, enforce: bool = False, scope: str | None = None) -> None:
+    def __init__(self, policy: Policy, catalog: Any, *, enforce: bool = False, scope: str | None = None,
+                 budget_spend: Any = ()) -> None:
+        from busted.budget_enforce import BudgetRunner
         from busted.policy import PolicyJudge
 
         policy.check_providers(catalog.providers)  # dry run or not: a typo never silently matches nothing
@@ -663,6 +698,7 @@ class PolicyRuntime:
             self.enforcer = Enforcer(policy, catalog, scope=scope)
         kernel = self.enforcer.compiled.kernel_deny if self.enforcer else set()
         self.judge = PolicyJudge(policy, cgroup_path=CgroupPaths(), kernel_rules=frozenset(kernel))
+        self.budgets = BudgetRunner(policy, self.enforcer, self.judge._cgroup_path, seed=budget_spend)
         # Measurements (bounded samples): seconds spent mapping a DnsAnswer's addresses, and ns from
         # the client's read of the answer (the event's ts_ns) to user space having mapped it.
         self.dns_learn_s: list[float] = []
@@ -680,6 +716,7 @@ class PolicyRuntime:
             self.enforcer.set_policy(policy)
             self.judge.kernel_rules = frozenset(self.enforcer.compiled.kernel_deny)
         self.judge.policy = policy
+        self.budgets.set_policy(policy)
 
     def feed(self, events: list[Event]) -> list[Event]:
         enf = self.enforcer
@@ -694,9 +731,10 @@ class PolicyRuntime:
                     if len(self.dns_learn_s) < 4096:
                         self.dns_learn_s.append(time.perf_counter() - t0)
                         self.dns_lag_ns.append(time.monotonic_ns() - ev.ts_ns)
-        return self.judge.feed(events)
+        return self.budgets.feed(self.judge.feed(events))
 
     def consume(self) -> list[Event]:
+        self.budgets.tick()
         return self.enforcer.consume() if self.enforcer is not None else []
 
     def close(self) -> None:

@@ -23,6 +23,8 @@ from typing import Any, ClassVar
 __all__ = [
     "FLOW_IDENTITY",
     "Ancestor",
+    "BudgetExceeded",
+    "BudgetSpend",
     "Direction",
     "DnsAnswer",
     "DnsRecord",
@@ -419,3 +421,64 @@ class PolicyDecision(Event):
     dport: int | None = None
     hostname: str | None = None
     provider: str | None = None
+
+
+@dataclass(frozen=True, kw_only=True)
+class BudgetSpend(Event):
+    """A budget's spend for one scope in the current window, after an LLM call counted against it
+    (busted.budgets; docs/policy.md "Budgets"). The store keeps these to restore spend at start.
+
+    ``scope`` is the ``per`` value as text (a uid, an exe path, an agent id, a container id, a
+    cgroup id, or ``"host"``). Windows are fixed and aligned to the UNIX epoch:
+    ``[window_start, window_end)`` in UNIX seconds. ``unpriced_calls``: calls counted whose cost is
+    not known (no price for the model): they add tokens but no dollars.
+    """
+
+    kind: ClassVar[str] = "budget_spend"
+    budget: str
+    per: str
+    scope: str
+    window_start: float
+    window_end: float
+    tokens: int
+    usd: float
+    calls: int
+    unpriced_calls: int = 0
+    limit_tokens: int | None = None
+    limit_usd: float | None = None
+
+
+@dataclass(frozen=True, kw_only=True)
+class BudgetExceeded(Event):
+    """A budget is exhausted for one scope until ``window_end`` (UNIX seconds): who (``per`` and
+    ``scope``, and the process of the call that exhausted it), which budget, spent vs limit.
+
+    ``enforced`` is True iff the kernel now refuses that scope's new connections to the budget's
+    providers (action ``deny`` on a scope the kernel can key); refused connections are then
+    ``PolicyDecision``s with rule ``"budget:<name>"``. ``note`` says why not, when not.
+    """
+
+    kind: ClassVar[str] = "budget_exceeded"
+    budget: str
+    action: str  # "deny" | "audit"
+    enforced: bool
+    per: str
+    scope: str
+    window_start: float
+    window_end: float
+    tokens: int
+    usd: float
+    limit_tokens: int | None = None
+    limit_usd: float | None = None
+    note: str | None = None
+    # the call that exhausted it
+    flow_id: int | None = None
+    pid: int | None = None
+    uid: int | None = None
+    comm: str | None = None
+    exe: str | None = None
+    cgroup_id: int | None = None
+    agent: str | None = None
+    container_id: str | None = None
+    provider: str | None = None
+    model: str | None = None

@@ -131,6 +131,7 @@ class Monitor:
         policy: Any = None,
         enforce: bool = False,
         policy_scope: str | None = None,
+        budget_spend: Any = (),
         busy_host: bool = False,
         summary_interval: float = 5.0,
         quiet_ttl: float = 60.0,
@@ -197,6 +198,7 @@ class Monitor:
         self._policy = policy
         self._enforce = enforce
         self._policy_scope = policy_scope
+        self._budget_spend = budget_spend  # stored BudgetSpend records: spend restored at start
         self._policy_rt: Any = None
         if enforce and policy is None:
             raise ValueError("enforce=True needs a policy")
@@ -636,13 +638,20 @@ class Monitor:
         if enricher is None:
             raise ValueError("a policy needs classification (classify=True)")
         self._policy_rt = PolicyRuntime(pol, enricher.catalog, enforce=self._enforce,
-                                        scope=self._policy_scope)
+                                        scope=self._policy_scope, budget_spend=self._budget_spend)
 
     @property
     def policy(self) -> Any:
         """The policy in force (None without one)."""
         rt = self._policy_rt
         return rt.policy if rt is not None else self._policy
+
+    def budgets(self) -> list[dict[str, Any]]:
+        """Spend against limits, one dict per budget x scope with spend in its current window
+        (busted.budgets; [] without a policy or budgets)."""
+        with self._drain_lock:
+            rt = self._policy_rt
+            return rt.budgets.snapshot() if rt is not None else []
 
     def set_policy(self, policy: Any) -> None:
         """Replace the policy (a ``Policy`` or a path): the next connect sees it. An invalid

@@ -50,7 +50,7 @@ __all__ = ["ACTIONS", "MATCH_KEYS", "MAX_KERNEL_ENTRIES", "MAX_RULES", "Decision
 ACTIONS = ("allow", "audit", "deny")
 MATCH_KEYS = ("provider", "hostname", "model", "comm", "exe", "uid", "cgroup", "container")
 _RULE_KEYS = ("name", "action", *MATCH_KEYS)
-_TOP_KEYS = ("default", "rules")
+_TOP_KEYS = ("default", "rules", "budgets")
 _COMM_MAX = 15  # TASK_COMM_LEN - 1
 # What the kernel can hold (busted/enforce.py): a rule is a bit of a 64-bit mask (two bits are
 # reserved), and a rule with several uid/comm/cgroup values is one kernel entry per combination.
@@ -183,13 +183,15 @@ class Decision:
 class Policy:
     """A validated policy. Build with ``load(path)``, ``loads(text)`` or ``from_dict(d)``."""
 
-    def __init__(self, rules: tuple[Rule, ...] = (), default: str = "audit", source: str | None = None) -> None:
+    def __init__(self, rules: tuple[Rule, ...] = (), default: str = "audit", source: str | None = None,
+                 budgets: tuple[Any, ...] = ()) -> None:
         if default not in ACTIONS:
             raise PolicyError(f"default must be one of {', '.join(ACTIONS)}, not {default!r}",
                               path=source, key="default")
         self.rules = tuple(rules)
         self.default = default
         self.source = source
+        self.budgets = tuple(budgets)  # busted.budgets.Budget: spend limits (docs/policy.md "Budgets")
         # whether evaluating needs the flow's cgroup path (a /proc-free but not free lookup)
         self.needs_cgroup = any(r.cgroup is not None or r.container is not None for r in self.rules)
 
@@ -197,7 +199,8 @@ class Policy:
         return f"Policy(default={self.default!r}, rules={len(self.rules)}, source={self.source!r})"
 
     def __eq__(self, other: object) -> bool:
-        return isinstance(other, Policy) and (self.rules, self.default) == (other.rules, other.default)
+        return isinstance(other, Policy) and (self.rules, self.default, self.budgets) == (
+            other.rules, other.default, other.budgets)
 
     __hash__ = None  # type: ignore[assignment]
 
@@ -273,7 +276,7 @@ class Policy:
         if entries > MAX_KERNEL_ENTRIES:
             raise err(f"the rules expand to {entries} kernel rule entries (one per uid x comm x cgroup value "
                       f"of each rule); at most {MAX_KERNEL_ENTRIES}: split values across fewer rules", key="rules")
-        return cls(tuple(rules), default, source)
+        return cls(tuple(rules), default, source, _budgets(d, names, source, lines.text))
 
     def check_providers(self, known: Collection[str]) -> None:
         """Refuse a ``provider`` that is not one of ``known`` (catalog ids): such a rule would
@@ -310,6 +313,10 @@ class Policy:
             at = f"  (line {r.line})" if r.line else ""
             out.append(f"{i:>3}. {r.describe()}{at}")
         out.append(f"  -  {self.default:<5} default  [any other provider flow]")
+        if self.budgets:
+            from busted.budgets import describe_budgets
+
+            out.append(describe_budgets(self))
         return "\n".join(out)
 
     def to_dict(self) -> dict[str, Any]:
@@ -411,6 +418,15 @@ def _rule(r: Mapping[str, Any], i: int, err: Callable[..., PolicyError]) -> Rule
     return Rule(**out)
 
 
+def _budgets(d: Mapping[str, Any], rule_names: set[str], source: str | None, text: str) -> tuple[Any, ...]:
+    """The ``[[budgets]]`` tables (busted.budgets), if any."""
+    if "budgets" not in d:
+        return ()
+    from busted.budgets import parse_budgets
+
+    return parse_budgets(d["budgets"], source=source, text=text, rule_names=rule_names)
+
+
 class _KeyLines:
     """Line numbers of keys in TOML text, by rule index (tomllib keeps none). Covers the
     ``[[rules]]`` form; other forms fall back to the line of the rules table or no line."""
@@ -420,6 +436,7 @@ class _KeyLines:
     _KEY = re.compile(r"^\s*([A-Za-z0-9_\-]+|\"[^\"]*\")\s*=")
 
     def __init__(self, text: str) -> None:
+        self.text = text
         self.top: dict[str, int] = {}
         self.rules: list[dict[str | None, int]] = []
         where: dict[str | None, int] | None = self.top  # type: ignore[assignment]

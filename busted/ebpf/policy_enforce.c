@@ -252,6 +252,49 @@ static __always_inline u64 pol_addr6_mask(u32 uid, const u8 *addr)
     return (m ? *m : 0) | (l ? *l : 0);
 }
 
+/* Budgets (busted/budgets.py): user space counts spend from LLM calls; when a scope exhausts a
+ * deny budget it writes (budget j, scope kind, scope value) -> window end (ktime ns) here, and the
+ * connect programs refuse that scope's connections to destinations carrying bit
+ * POL_BUDGET_TOP_BIT - j until then. Scope kinds: the caller's uid, its own cgroup, the host. */
+struct pol_bkey {
+    u32 budget;
+    u32 kind;
+    u64 value;
+};
+BPF_HASH(pol_budget, struct pol_bkey, u64, POL_MAX_BUDGET_SCOPES);
+
+/* 1 and *rule = POL_BUDGET_BASE + j when an exhausted budget holds this destination for the
+ * caller; no map entry (the common case) costs one mask test per kernel budget. */
+static __always_inline int pol_budget_hit(u64 mask, u32 uid, u32 *rule)
+{
+    u64 now = 0;
+    for (u32 j = 0; j < POL_MAX_BUDGETS; j++) {
+        if (!(mask & (1ULL << (POL_BUDGET_TOP_BIT - j))))
+            continue;
+        struct pol_bkey k = {j, BK_UID, uid};
+        u64 *until = pol_budget.lookup(&k);
+        if (!until) {
+            k.kind = BK_CGROUP;
+            k.value = bpf_get_current_cgroup_id();
+            until = pol_budget.lookup(&k);
+        }
+        if (!until) {
+            k.kind = BK_HOST;
+            k.value = 0;
+            until = pol_budget.lookup(&k);
+        }
+        if (!until)
+            continue;
+        if (!now)
+            now = bpf_ktime_get_ns();
+        if (now < *until) {
+            *rule = POL_BUDGET_BASE + j;
+            return 1;
+        }
+    }
+    return 0;
+}
+
 static __always_inline int pol_connect_common(struct bpf_sock_addr *ctx, u64 mask, u32 family,
                                               const void *addr)
 {
@@ -264,7 +307,7 @@ static __always_inline int pol_connect_common(struct bpf_sock_addr *ctx, u64 mas
     u64 comm[2] = {};
     bpf_get_current_comm(comm, sizeof(comm));
     u32 rule = 0;
-    if (pol_eval(mask, uid, comm, 0, &rule) != POL_DENY)
+    if (pol_eval(mask, uid, comm, 0, &rule) != POL_DENY && !pol_budget_hit(mask, uid, &rule))
         return 1;
     pol_emit(POINT_CONNECT, rule, uid, family, __builtin_bswap16((u16)ctx->user_port), addr,
              bpf_get_current_cgroup_id(), 0);

@@ -18,6 +18,8 @@ from cachetools import LRUCache
 
 from busted.errors import EnvironmentProblem, MissingDependency, UsageError
 from busted.events import (
+    BudgetExceeded,
+    BudgetSpend,
     DnsAnswer,
     Event,
     EventsLost,
@@ -119,12 +121,23 @@ class PrometheusExporter:
                               registry=r)
         self.folded = Counter("busted_label_values_folded", "Events whose agent or container label was "
                               "counted as 'other' (more distinct values than the cap)", ["label"], registry=r)
+        # budgets (docs/policy.md "Budgets"): the scope label is capped like agent/container
+        self.budget_spent = Gauge("busted_budget_spent", "A budget's spend for one scope in its current window "
+                                  "(as last reported; busted_budget_window_end_seconds says when that window ends)",
+                                  ["budget", "per", "scope", "unit"], registry=r)
+        self.budget_limit = Gauge("busted_budget_limit", "A budget's limit per scope and window", ["budget", "unit"],
+                                  registry=r)
+        self.budget_window_end = Gauge("busted_budget_window_end_seconds", "UNIX time the reported window of a "
+                                       "budget's scope ends", ["budget", "per", "scope"], registry=r)
+        self.budget_exceeded = Counter("busted_budget_exceeded", "Budgets exhausted (once per scope and window), "
+                                       "by action and whether the kernel refuses the scope",
+                                       ["budget", "action", "enforced"], registry=r)
         self.queue_depth = Gauge("busted_queue_depth", "Events waiting in the Monitor's queue", registry=r)
         self.open_flows = Gauge("busted_flows_open", "Flows currently open (seen opening, not yet closed)",
                                 registry=r)
         self.max_label_sets = max_label_sets
         self.max_label_values = max(1, max_label_values)
-        self._values: dict[str, set[str]] = {"agent": set(), "container": set()}
+        self._values: dict[str, set[str]] = {"agent": set(), "container": set(), "scope": set(), "budget": set()}
         self.view = FlowView(max_flows=max_open_flows)
         self._catalog = catalog
         self._builtin: Catalog | None | bool = None  # loaded on first need; False: unavailable
@@ -256,6 +269,8 @@ class PrometheusExporter:
             self._labels(self.mcp, method, ev.comm or "?", fold=(0, 1)).inc()
         elif isinstance(ev, EventsLost):
             self._labels(self.lost, ev.where.name.lower()).inc(max(0, ev.count))
+        elif isinstance(ev, BudgetSpend | BudgetExceeded):
+            self._budget(ev)
         elif isinstance(ev, PolicyDecision):
             self._labels(self.policy, _label(ev.rule), ev.action, "true" if ev.enforced else "false", ev.point,
                          fold=(0,)).inc()
@@ -279,6 +294,23 @@ class PrometheusExporter:
                 self._labels(self.llm_tokens, *base, kind, fold=fold).inc(n)
         if ev.cost_usd is not None and ev.cost_usd >= 0:
             self._labels(self.llm_cost, *base, fold=fold).inc(ev.cost_usd)
+
+    def _budget(self, ev: BudgetSpend | BudgetExceeded) -> None:
+        """Budget gauges: label values are capped (budget names and scopes: ``max_label_values``
+        each; a scope beyond the cap is not exported, counted in busted_label_values_folded)."""
+        budget = self._capped("budget", _label(ev.budget))
+        if isinstance(ev, BudgetExceeded):
+            self.budget_exceeded.labels(budget, ev.action, "true" if ev.enforced else "false").inc()
+            return
+        scope = self._capped("scope", _label(ev.scope))
+        for unit, limit in (("tokens", ev.limit_tokens), ("usd", ev.limit_usd)):
+            if limit is not None:
+                self.budget_limit.labels(budget, unit).set(limit)
+        if OTHER in (budget, scope):
+            return  # a sum of unrelated scopes' spends would mean nothing
+        self.budget_spent.labels(budget, ev.per, scope, "tokens").set(ev.tokens)
+        self.budget_spent.labels(budget, ev.per, scope, "usd").set(ev.usd)
+        self.budget_window_end.labels(budget, ev.per, scope).set(ev.window_end)
 
     def set_queue_depth(self, n: int) -> None:
         self.queue_depth.set(n)

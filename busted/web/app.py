@@ -7,6 +7,7 @@ Routes (all answer 401 without the token):
     /api/calls | mcp | decisions | losses | flows    JSON lists, newest first, with the CLI's filters
     /api/spend         cost and tokens over time per provider/model/agent/container/comm
     /api/health        losses and load
+    /api/budgets       spend against limits per budget x scope (a policy's [[budgets]])
     /api/stream        server-sent events: every shown event as it happens (bounded per tab)
 
 The page builds every cell with ``textContent`` and the server sends a strict Content-Security-Policy
@@ -192,6 +193,11 @@ def make_app(state: WebState, token: str, *, loopback: bool = True, stopping: th
         h["tabs_dropped"] = counters["tabs_dropped"]
         return secure(JSONResponse(h))
 
+    async def budgets(request: Request) -> Response:
+        if (bad := guard(request)) is not None:
+            return bad
+        return secure(JSONResponse(state.budgets()))
+
     async def stream(request: Request) -> Response:
         if (bad := guard(request)) is not None:
             return bad
@@ -226,6 +232,7 @@ def make_app(state: WebState, token: str, *, loopback: bool = True, stopping: th
         Route("/api/stream", stream),
         Route("/api/spend", spend),
         Route("/api/health", health),
+        Route("/api/budgets", budgets),
         Route("/api/{view}", listing),
     ]
 

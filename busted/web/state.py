@@ -138,6 +138,9 @@ class WebState:
         self._stats = stats
         self._subscribers: list[Callable[[list[dict[str, Any]]], None]] = []
         self.lost_by_place: dict[str, int] = {}
+        # budgets (docs/policy.md "Budgets"): the latest spend per budget x scope, bounded
+        self._budgets: collections.OrderedDict[tuple[str, str], dict[str, Any]] = collections.OrderedDict()
+        self.max_budget_rows = 1000
 
     # -- writing (the Monitor's thread) -------------------------------------------------------
 
@@ -153,6 +156,9 @@ class WebState:
         with self._lock:
             for ev in events:
                 kind = ev.get("kind") if isinstance(ev, dict) else ev.kind
+                if kind in ("budget_spend", "budget_exceeded"):
+                    self._budget(_as_dict(ev))
+                    continue
                 if kind not in SHOWN_KINDS:
                     continue
                 self.seen += 1
@@ -268,6 +274,30 @@ class WebState:
                 "t": [start + step * (i + 0.5) for i in range(buckets)],
                 "series": top_and_other(series), "tokens": top_and_other(tokens),
                 "totals": [{"group": g, **totals[g]} for g in top]}
+
+    def _budget(self, d: dict[str, Any]) -> None:
+        """Keep the latest spend of a budget x scope; an exceeded event marks its window. Caller holds the lock."""
+        key = (str(d.get("budget")), str(d.get("scope")))
+        keep = ("budget", "per", "scope", "window_start", "window_end", "tokens", "usd", "limit_tokens",
+                "limit_usd", "calls")
+        old = self._budgets.get(key)
+        same = old is not None and old.get("window_end") == d.get("window_end")
+        if d.get("kind") == "budget_exceeded":
+            row = dict(old) if same else {k: d.get(k) for k in keep}
+            row.update(exceeded=True, action=d.get("action"), enforced=d.get("enforced"))
+        else:
+            row = {k: d.get(k) for k in keep}
+            row.update(exceeded=bool(same and old.get("exceeded")), action=old.get("action") if same else None,
+                       enforced=old.get("enforced") if same else None)
+        self._budgets[key] = row
+        self._budgets.move_to_end(key)
+        while len(self._budgets) > self.max_budget_rows:
+            self._budgets.popitem(last=False)
+
+    def budgets(self) -> list[dict[str, Any]]:
+        """Spend against limits per budget x scope, as last reported (most recently updated first)."""
+        with self._lock:
+            return [dict(r) for r in reversed(self._budgets.values())]
 
     def health(self) -> dict[str, Any]:
         """Losses and load, what ``doctor``/``stats()`` would say, as JSON-safe values."""

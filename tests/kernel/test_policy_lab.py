@@ -304,3 +304,107 @@ def test_cli_sighup_reload(lab, cgroup, tmp_path):
     finally:
         proc.terminate()
         proc.wait(timeout=15)
+
+
+# A messages call of exactly 20 tokens in the lab (docs/lab.md): a 76-byte body is T = 19 input
+# tokens, and max_tokens 1 is N = 1 output token.
+PY_20_TOKENS = """
+import httpx, sys
+head, tail = b'{"model":"lab","max_tokens":1,"messages":[{"role":"user","content":"', b'"}]}'
+body = head + b"x" * (76 - len(head) - len(tail)) + tail
+r = httpx.post(sys.argv[1], content=body, timeout=5, headers={
+    "x-api-key": "k", "anthropic-version": "2023-06-01", "content-type": "application/json"})
+print(r.status_code, r.json()["usage"]["input_tokens"] + r.json()["usage"]["output_tokens"])
+"""
+
+
+@pytest.mark.parametrize("per", ["uid", "cgroup"])
+def test_token_budget_per_uid_stops_the_third_call(lab, cgroup, per):
+    """Issue 22 acceptance 3: 30 tokens per uid for anthropic; two 20-token calls work, the third is
+    refused at connect (the lab server never sees it), the events name the budget; openai works.
+    Per cgroup (the caller's own cgroup id in the kernel), with a reload between the second and the
+    third call that moves the budget to another kernel index: the block follows it."""
+    from busted import BudgetExceeded, BudgetSpend, LlmCall
+    from busted.budgets import window_of
+
+    wait = window_of(time.time(), 86400)[1] - time.time()
+    if wait < 120:  # all three calls in one window: wait out a day's end (bounded: 2 minutes)
+        time.sleep(wait + 1)
+    b30 = {"name": "anthropic-30", "provider": "anthropic", "per": per, "limit_tokens": 30, "window": "1d",
+           "action": "deny"}
+    pol = Policy.from_dict({"default": "audit", "budgets": [b30]})
+    scope = "0" if per == "uid" else str(cgroup.stat().st_ino)
+    m, o = uuid.uuid4().hex, uuid.uuid4().hex
+    url = f"https://api.anthropic.com/v1/messages?m={m}"
+    with busted.Monitor(policy=pol, enforce=True, policy_scope="/" + cgroup.name) as mon:
+        first = run(lab, [sys.executable, "-I", "-c", PY_20_TOKENS, url], cgroup)
+        evs = collect(mon, lambda e: any(isinstance(x, BudgetSpend) for x in e), timeout=10)
+        second = run(lab, [sys.executable, "-I", "-c", PY_20_TOKENS, url], cgroup)
+        evs += collect(mon, lambda e: any(isinstance(x, BudgetExceeded) for x in e), timeout=10)
+        if per == "cgroup":
+            first_budget = {"name": "mistral-big", "provider": "mistral", "per": "uid", "limit_tokens": 10**9,
+                            "window": "1d", "action": "deny"}
+            mon.set_policy(Policy.from_dict({"default": "audit", "budgets": [first_budget, b30]}))
+            assert mon._policy_rt.enforcer.compiled.budgets == {"mistral-big": 0, "anthropic-30": 1}
+        third = run(lab, [sys.executable, "-I", "-c", PY_20_TOKENS, url], cgroup)
+        other = run(lab, curl("https://api.openai.com/v1/models", o), cgroup)
+        evs += collect(mon, lambda e: any(isinstance(x, PolicyDecision) and x.enforced for x in e), timeout=10)
+        snap = mon.budgets()
+    assert first.stdout.split() == [b"200", b"20"] and second.stdout.split() == [b"200", b"20"], (
+        first.stderr, second.stderr)
+    assert third.returncode != 0 and (b"PermissionError" in third.stderr or b"Operation not permitted" in third.stderr)
+    assert other.returncode == 0, other.stderr
+    assert len(requests_with(lab, m)) == 2  # the server's own log: no third request
+    assert len(requests_with(lab, o)) == 1
+    calls = [e for e in evs if isinstance(e, LlmCall) and e.provider == "anthropic"]  # (the query is masked)
+    assert [c.total_tokens or (c.input_tokens + c.output_tokens) for c in calls] == [20, 20]
+    spends = [e for e in evs if isinstance(e, BudgetSpend)]
+    assert [(s.budget, s.scope, s.tokens) for s in spends] == [("anthropic-30", scope, 20), ("anthropic-30", scope, 40)]
+    ex = [e for e in evs if isinstance(e, BudgetExceeded)]
+    assert len(ex) == 1
+    e = ex[0]
+    assert (e.budget, e.per, e.scope, e.tokens, e.limit_tokens, e.action, e.enforced, e.provider) == (
+        "anthropic-30", per, scope, 40, 30, "deny", True, "anthropic")
+    assert e.window_end == window_of(e.wall_time, 86400)[1]
+    refused = [d for d in evs if isinstance(d, PolicyDecision) and d.enforced]
+    assert len(refused) == 1, refused
+    d = refused[0]
+    assert (d.rule, d.action, d.point, d.provider, d.uid, d.dport) == (
+        "budget:anthropic-30", "deny", "connect", "anthropic", 0, 443)
+    assert ("budget", "anthropic-30") in d.matched
+    assert [(s["budget"], s["scope"], s["tokens"], s["exceeded"]) for s in snap] == [("anthropic-30", scope, 40, True)]
+    assert ours_attached() == ""
+
+
+def test_budget_spent_before_a_restart_still_refuses(lab, cgroup, tmp_path):
+    """Spend kept in the store (BudgetSpend events) is restored at start: an exhausted uid is refused
+    on its first connection after the restart (before any LLM call of this run); openai is not."""
+    from busted import BudgetSpend
+    from busted.budget_enforce import stored_spend
+    from busted.budgets import window_of
+    from busted.sinks import Store
+
+    now = time.time()
+    start, end = window_of(now, 86400)
+    if end - now < 120:
+        time.sleep(end - now + 1)
+        now = time.time()
+        start, end = window_of(now, 86400)
+    pol = Policy.from_dict({"default": "audit", "budgets": [
+        {"name": "anthropic-30", "provider": "anthropic", "per": "uid", "limit_tokens": 30, "window": "1d",
+         "action": "deny"}]})
+    with Store(tmp_path / "s.db") as st:
+        st.write(BudgetSpend(ts_ns=1, wall_time=now, budget="anthropic-30", per="uid", scope="0", window_start=start,
+                             window_end=end, tokens=40, usd=0.0, calls=2, limit_tokens=30))
+        st.flush()
+        rows = stored_spend([st], pol)
+    m = uuid.uuid4().hex
+    with busted.Monitor(policy=pol, enforce=True, policy_scope="/" + cgroup.name, budget_spend=rows) as mon:
+        refused = run(lab, curl("https://api.anthropic.com/v1/models", m), cgroup)
+        other = run(lab, curl("https://api.openai.com/v1/models", m), cgroup)
+        evs = collect(mon, lambda e: any(isinstance(x, PolicyDecision) and x.enforced for x in e), timeout=10)
+    assert refused.returncode == 7 and other.returncode == 0, (refused.stderr, other.stderr)
+    reqs = requests_with(lab, m)
+    assert len(reqs) == 1 and "openai" in str(reqs) and "anthropic" not in str(reqs)  # the server's own log
+    d = next(d for d in evs if isinstance(d, PolicyDecision) and d.enforced)
+    assert (d.rule, d.comm, d.uid, d.provider) == ("budget:anthropic-30", "curl", 0, "anthropic")

@@ -196,6 +196,7 @@ class FakeMonitor:
 
     made: list = []
     script: list = []
+    budget_rows: list = []
     fail_start: BaseException | None = None
 
     def __init__(self, **kw):
@@ -228,6 +229,9 @@ class FakeMonitor:
         yield from FakeMonitor.script
         FakeMonitor.script = []
 
+    def budgets(self):
+        return FakeMonitor.budget_rows
+
 
 def test_the_fake_monitor_refuses_what_the_real_one_refuses():
     with pytest.raises(TypeError, match="no_such_option"):
@@ -239,7 +243,7 @@ def test_the_fake_monitor_refuses_what_the_real_one_refuses():
 
 @pytest.fixture
 def fake(monkeypatch):
-    FakeMonitor.made, FakeMonitor.script, FakeMonitor.fail_start = [], [], None
+    FakeMonitor.made, FakeMonitor.script, FakeMonitor.fail_start, FakeMonitor.budget_rows = [], [], None, []
     monkeypatch.setattr(busted, "Monitor", FakeMonitor)
     return FakeMonitor
 
@@ -281,6 +285,46 @@ def test_top_json_and_filters(fake, capsys):
     assert [(r["comm"], r["provider"], r["conns"]) for r in snap["rows"]] == [("curl", "openai", 1)]
     assert fake.made[0].kw["uid"] == [1000]
     assert "busted: monitoring (probes attached in 1.25 s" in capsys.readouterr().err
+
+
+def test_top_shows_budgets(fake, tmp_path):
+    row = {"budget": "anth", "per": "uid", "scope": "1000", "action": "deny", "enforced": True, "window": "1h",
+           "window_start": 0.0, "window_end": 3600.0, "tokens": 40, "usd": 0.0, "calls": 2, "limit_tokens": 30,
+           "limit_usd": None, "exceeded": True}
+    fake.budget_rows = [row]
+    f = tmp_path / "p.toml"
+    f.write_text('[[budgets]]\nname = "anth"\nper = "uid"\nlimit_tokens = 30\nwindow = "1h"\naction = "deny"\n')
+    out = io.StringIO()
+    assert main(["top", "--json", "--policy", str(f), "--interval", "0.05", "--duration", "0.2"], out=out) == 0
+    assert json.loads(out.getvalue().splitlines()[0])["budgets"] == [row]
+    assert fake.made[0].kw["policy"].budgets[0].name == "anth" and fake.made[0].kw["budget_spend"] == []
+    out = io.StringIO()
+    assert main(["top", "--interval", "0.05", "--duration", "0.2"], out=out) == 0
+    text = out.getvalue()
+    assert "BUDGET" in text and "anth" in text and "40/30" in text and "refused" in text
+
+
+def test_monitor_restores_budget_spend_from_its_store(fake, tmp_path):
+    import time
+
+    from busted.budgets import window_of
+    from busted.events import BudgetSpend
+    from busted.sinks import Store
+
+    now = time.time()
+    start, end = window_of(now, 86400)
+    db = tmp_path / "s.db"
+    with Store(db) as st:
+        st.write_many([BudgetSpend(ts_ns=1, wall_time=now, budget="anth", per="uid", scope="1000",
+                                   window_start=start, window_end=end, tokens=40, usd=0.0, calls=2),
+                       BudgetSpend(ts_ns=1, wall_time=now - 86400, budget="anth", per="uid", scope="1001",
+                                   window_start=start - 86400, window_end=end - 86400, tokens=99, usd=0.0, calls=5)])
+        st.flush()
+    f = tmp_path / "p.toml"
+    f.write_text('[[budgets]]\nname = "anth"\nper = "uid"\nlimit_tokens = 30\nwindow = "1d"\naction = "deny"\n')
+    assert main(["monitor", "--json", "--policy", str(f), "--store", str(db), "--duration", "0.1"],
+                out=io.StringIO()) == 0
+    assert [(r["scope"], r["tokens"]) for r in fake.made[0].kw["budget_spend"]] == [("1000", 40)]
 
 
 def test_top_by_agent_on_the_command_line(fake):

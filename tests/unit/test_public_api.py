@@ -5,7 +5,8 @@ import re
 import busted
 
 EXPECTED = [
-    "Ancestor", "BccNotInstalled", "BustedError", "CatalogError", "Direction", "DnsAnswer", "DnsRecord",
+    "Ancestor", "BccNotInstalled", "BudgetExceeded", "BudgetSpend", "BustedError", "CatalogError", "Direction",
+    "DnsAnswer", "DnsRecord",
     "EnvironmentProblem",
     "Event", "EventsLost", "Evidence", "FlowClassified", "FlowClosed", "FlowEvent", "FlowIdentity",
     "FlowOpened", "FlowSummary", "KernelHeadersMissing", "LabError", "LlmCall", "LossPlace", "McpMessage",

@@ -31,7 +31,7 @@ def _client(st: WebState) -> TestClient:
 
 def test_every_route_needs_the_token():
     c = _client(_state())
-    for path in ("/", "/static/app.js", "/api/calls", "/api/flows", "/api/spend", "/api/health",
+    for path in ("/", "/static/app.js", "/api/calls", "/api/flows", "/api/spend", "/api/health", "/api/budgets",
                  "/api/stream", "/api/nope", "/nope"):
         r = c.get(path)
         assert r.status_code == 401, path

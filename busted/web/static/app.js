@@ -70,6 +70,11 @@ const ROWS = {
     cell(d.tool), cell(d.jsonrpc_id), cell(d.session_id), cell(d.error_code),
   ],
   losses: (d) => [cell(fmt.time(d.wall_time)), cell(d.where), cell(fmt.int(d.count), "n"), cell(d.detail)],
+  budgets: (d) => [
+    cell(d.budget), cell(d.per), cell(d.scope), cell(fmt.int(d.tokens), "n"), cell(fmt.int(d.limit_tokens), "n"),
+    cell(fmt.usd(d.usd), "n"), cell(fmt.usd(d.limit_usd), "n"), cell(fmt.time(d.window_end)),
+    cell(d.exceeded ? (d.enforced ? "refused" : "exceeded") : "ok", d.exceeded ? "bad" : ""),
+  ],
 };
 
 function row(kind, d, isNew) {
@@ -145,6 +150,7 @@ async function loadHealth() {
     add("plan", Object.entries(h.monitor.plan || {}).map(([k, v]) => k + "=" + v).join(", "));
   }
   body.replaceChildren(...rows);
+  fill("budgets", await getJSON("/api/budgets"));
   fill("losses", await getJSON("/api/losses"));
 }
 
