@@ -14,6 +14,7 @@ batch to a callback per batch, never per event.
 from __future__ import annotations
 
 import collections
+import operator
 import threading
 import time
 from collections.abc import Callable, Iterable, Mapping
@@ -71,6 +72,23 @@ class Filters:
         return True
 
 
+# A flow event kept for the flows view: a tuple of plain values (not the event object), so the
+# window holds no object the garbage collector has to walk (a window of dataclasses made every
+# full collection of a busy monitor slower).
+_FLOW_FIELDS = ("kind", "comm", "exe", "hostname", "daddr", "provider", "dport", "direction", "evidence", "pid",
+                "uid", "agent", "container_id", "bytes_sent", "bytes_received", "wall_time")
+_flow_attrs = operator.attrgetter(*_FLOW_FIELDS[:13])  # every flow event has these
+_closed_attrs = operator.attrgetter("bytes_sent", "bytes_received", "wall_time")
+
+
+def _flow_tuple(ev: Any) -> tuple[Any, ...]:
+    if isinstance(ev, dict):
+        return tuple(ev.get(k) for k in _FLOW_FIELDS)
+    t = _flow_attrs(ev)
+    tail = _closed_attrs(ev) if t[0] == "flow_closed" else (None, None, ev.wall_time)
+    return (*t[:7], _plain(t[7]), _plain(t[8]), *t[9:], *tail)
+
+
 class _Flows:
     """Flows grouped by who talks to where: (comm, exe, hostname or peer, provider), bounded."""
 
@@ -79,37 +97,34 @@ class _Flows:
         self.maxlen = maxlen
         self.evicted = 0
 
-    def add(self, ev: Any) -> None:
-        """A flow event (object, read by attribute: no encoding on the hot path) or a stored dict."""
-        get = ev.get if isinstance(ev, dict) else (lambda k, _e=ev: _plain(getattr(_e, k, None)))
-        closed = get("kind") == "flow_closed"
-        key = (get("comm"), get("exe"), get("hostname") or get("daddr"), get("provider"), get("dport"),
-               get("direction"))
+    def add(self, t: tuple[Any, ...]) -> None:
+        """One flow event, as ``_flow_tuple`` keeps it."""
+        (kind, comm, exe, hostname, daddr, provider, dport, direction, evidence, pid, uid, agent, container_id,
+         sent, received, wall) = t
+        key = (comm, exe, hostname or daddr, provider, dport, direction)
         row = self.rows.get(key)
         if row is None:
             if len(self.rows) >= self.maxlen:
                 self.rows.popitem(last=False)
                 self.evicted += 1
             row = self.rows[key] = {
-                "comm": key[0], "exe": key[1], "pid": get("pid"), "uid": get("uid"), "hostname": get("hostname"),
-                "daddr": get("daddr"), "dport": key[4], "direction": key[5], "provider": key[3],
-                "evidence": get("evidence"), "agent": get("agent"), "container_id": get("container_id"),
-                "flows": 0, "bytes_sent": 0, "bytes_received": 0, "last_seen": 0.0}
+                "comm": comm, "exe": exe, "pid": pid, "uid": uid, "hostname": hostname, "daddr": daddr,
+                "dport": dport, "direction": direction, "provider": provider, "evidence": evidence, "agent": agent,
+                "container_id": container_id, "flows": 0, "bytes_sent": 0, "bytes_received": 0, "last_seen": 0.0}
         else:
             self.rows.move_to_end(key)
-        row["last_seen"] = get("wall_time") or row["last_seen"]
-        row["pid"] = get("pid")
-        ev_name = get("evidence")
-        if ev_name not in (None, "unknown"):
-            row["evidence"] = ev_name
-        for k in ("agent", "container_id"):
-            v = get(k)
-            if v is not None:
-                row[k] = v
-        if closed:
+        row["last_seen"] = wall or row["last_seen"]
+        row["pid"] = pid
+        if evidence not in (None, "unknown"):
+            row["evidence"] = evidence
+        if agent is not None:
+            row["agent"] = agent
+        if container_id is not None:
+            row["container_id"] = container_id
+        if kind == "flow_closed":
             row["flows"] += 1
-            row["bytes_sent"] += int(get("bytes_sent") or 0)
-            row["bytes_received"] += int(get("bytes_received") or 0)
+            row["bytes_sent"] += int(sent or 0)
+            row["bytes_received"] += int(received or 0)
 
 
 def _plain(v: Any) -> Any:
@@ -122,7 +137,7 @@ class WebState:
     """Bounded windows of what the page shows. Thread-safe: the Monitor's thread writes, the web
     server's thread reads."""
 
-    def __init__(self, *, max_items: int = 5000, max_flows: int = 2000, max_flow_events: int = 20000,
+    def __init__(self, *, max_items: int = 5000, max_flows: int = 2000, max_flow_events: int = 10000,
                  stats: Callable[[], Any] | None = None) -> None:
         self._lock = threading.Lock()
         self._items: dict[str, collections.deque[Any]] = {
@@ -166,7 +181,7 @@ class WebState:
                 q = self._flow_events if name is None else self._items[name]
                 if len(q) == q.maxlen:
                     self.dropped_window += 1  # out of the page's window (every other output has it)
-                q.append(ev)
+                q.append(_flow_tuple(ev) if name is None else ev)
                 if name is not None:
                     if kind == "events_lost":
                         d = _as_dict(ev)
