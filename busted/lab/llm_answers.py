@@ -96,7 +96,20 @@ def input_tokens(body: bytes) -> int:
     return max(1, len(body) // 4)
 
 
-def output_tokens(req: dict) -> int:
+MAX_OUTPUT_HEADER = "x-busted-lab-max-output"  # a test's request may lift the clamp (long streams)
+MAX_OUTPUT_LIMIT = 10_000
+
+
+def output_cap(req: LabRequest) -> int:
+    """The clamp on output tokens: MAX_OUTPUT_TOKENS, or the request's ``x-busted-lab-max-output``
+    (at most MAX_OUTPUT_LIMIT), for tests of long streams."""
+    v = req.header(MAX_OUTPUT_HEADER)
+    if v is not None and v.strip().isdigit():
+        return max(1, min(int(v), MAX_OUTPUT_LIMIT))
+    return MAX_OUTPUT_TOKENS
+
+
+def output_tokens(req: dict, cap: int = MAX_OUTPUT_TOKENS) -> int:
     candidates = [req.get("max_tokens"), req.get("max_completion_tokens"), req.get("max_output_tokens")]
     gen = req.get("generationConfig")
     if isinstance(gen, dict):
@@ -106,7 +119,7 @@ def output_tokens(req: dict) -> int:
         candidates.append(opts.get("num_predict"))
     for c in candidates:
         if isinstance(c, int) and not isinstance(c, bool) and c >= 1:
-            return min(c, MAX_OUTPUT_TOKENS)
+            return min(c, cap)
     return DEFAULT_OUTPUT_TOKENS
 
 
@@ -185,7 +198,7 @@ def _check(req: LabRequest, provider: str, model: str, route: str) -> LabAnswer 
 
 # ------------------------------------------------------------------------------------ providers
 def _openai_chat(req: LabRequest, j: dict, now: int, model: str) -> LabAnswer:
-    t, n = input_tokens(req.body), output_tokens(j)
+    t, n = input_tokens(req.body), output_tokens(j, output_cap(req))
     words = _words(n)
     cid = _id("chatcmpl-", req.body)
     usage = {"prompt_tokens": t, "completion_tokens": n, "total_tokens": t + n,
@@ -216,7 +229,7 @@ def _openai_chat(req: LabRequest, j: dict, now: int, model: str) -> LabAnswer:
 
 
 def _openai_responses(req: LabRequest, j: dict, now: int, model: str) -> LabAnswer:
-    t, n = input_tokens(req.body), output_tokens(j)
+    t, n = input_tokens(req.body), output_tokens(j, output_cap(req))
     words = _words(n)
     rid, mid = _id("resp_", req.body), _id("msg_", req.body)
     usage = {"input_tokens": t, "input_tokens_details": {"cached_tokens": 0}, "output_tokens": n,
@@ -274,7 +287,7 @@ def _openai_embeddings(req: LabRequest, j: dict, now: int, model: str) -> LabAns
 
 
 def _anthropic(req: LabRequest, j: dict, now: int, model: str) -> LabAnswer:
-    total, n = input_tokens(req.body), output_tokens(j)
+    total, n = input_tokens(req.body), output_tokens(j, output_cap(req))
     cached = total // 2 if b'"cache_control"' in req.body else 0
     usage = {"input_tokens": total - cached, "cache_creation_input_tokens": 0,
              "cache_read_input_tokens": cached, "output_tokens": n}
@@ -304,7 +317,7 @@ def _anthropic(req: LabRequest, j: dict, now: int, model: str) -> LabAnswer:
 
 
 def _gemini(req: LabRequest, j: dict, now: int, model: str, method: str) -> LabAnswer:
-    t, n = input_tokens(req.body), output_tokens(j)
+    t, n = input_tokens(req.body), output_tokens(j, output_cap(req))
     words = _words(n)
     version = model.removeprefix("models/")
     log = {"input": t, "output": n}
@@ -333,7 +346,7 @@ def _gemini(req: LabRequest, j: dict, now: int, model: str, method: str) -> LabA
 
 
 def _ollama(req: LabRequest, j: dict, now: int, model: str, kind: str) -> LabAnswer:
-    t, n = input_tokens(req.body), output_tokens(j)
+    t, n = input_tokens(req.body), output_tokens(j, output_cap(req))
     words = _words(n)
     created = datetime.datetime.fromtimestamp(now, datetime.UTC).strftime("%Y-%m-%dT%H:%M:%S.000000000Z")
     route = f"ollama.{kind}"

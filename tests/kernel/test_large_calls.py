@@ -174,3 +174,30 @@ def test_large_prompt_then_small_call_on_one_connection(lab, mon, client, size, 
     assert len({c.flow_id for c in calls}) == 1  # one connection
     assert calls[0].request_bytes >= size
     assert not [e for e in lost if e.where in (busted.LossPlace.PLAINTEXT, busted.LossPlace.PARSE)], lost
+
+
+STREAM_EVENTS = 5000
+
+
+@pytest.mark.parametrize("proto", ["--http1.1", "--http2"])
+def test_a_5000_event_stream_is_one_complete_call_with_every_token(lab, mon, proto):
+    """A streamed answer of 5,000 SSE events (one token each, the lab's clamp lifted for this
+    request): one call, complete, with the usage of the last event, and nothing lost."""
+    body = json.dumps({"model": "gpt-4o-mini", "max_tokens": STREAM_EVENTS, "stream": True,
+                       "stream_options": {"include_usage": True},
+                       "messages": [{"role": "user", "content": "a long answer, please"}]})
+    p = lab.spawn_client(["curl", "-sf", proto, "-m", "30", "-H", "Content-Type: application/json",
+                          "-H", f"Authorization: Bearer {SECRET}", "-H", f"x-busted-lab-max-output: {STREAM_EVENTS}",
+                          "-d", body, "https://api.openai.com/v1/chat/completions"])
+    out, err = p.communicate(timeout=60)
+    assert p.returncode == 0, err.decode()[-2000:]
+    chunks = [json.loads(x[6:]) for x in out.decode().splitlines() if x.startswith("data: {")]
+    usage = [c["usage"] for c in chunks if c.get("usage")][-1]
+    assert usage["completion_tokens"] == STREAM_EVENTS and len(chunks) >= STREAM_EVENTS
+    calls, lost = events_of(mon, p.pid, 1)
+    assert len(calls) == 1, lost
+    c = calls[0]
+    assert (c.request_model, c.stream, c.status, c.complete) == ("gpt-4o-mini", True, 200, True)
+    assert (c.input_tokens, c.output_tokens) == (usage["prompt_tokens"], STREAM_EVENTS)
+    assert c.response_bytes and c.response_bytes > STREAM_EVENTS * 100
+    assert not [e for e in lost if e.where == busted.LossPlace.PLAINTEXT], lost
