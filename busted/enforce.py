@@ -38,7 +38,7 @@ import socket
 import struct
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from importlib import resources
 from typing import Any
 
@@ -47,7 +47,7 @@ from cachetools import LRUCache
 from busted.classify.names import normalize_name
 from busted.ebpf.layout import Layout
 from busted.errors import PermissionDenied, PolicyError, ProbeLoadError
-from busted.events import DnsAnswer, Event, FlowOpened, PolicyDecision
+from busted.events import DnsAnswer, Event, EventsLost, FlowOpened, LossPlace, PolicyDecision
 from busted.policy import MAX_KERNEL_ENTRIES, Policy, Rule
 from busted.policy import MAX_RULES as _MAX_RULES
 
@@ -62,6 +62,13 @@ POL_ALLOW, POL_AUDIT, POL_DENY = 0, 1, 2
 POL_DEFAULT = 0xFFFF
 PR_UID, PR_COMM, PR_CGROUP, PR_USER_ONLY = 1, 2, 4, 8
 POINT_CONNECT, POINT_TLS = 1, 2
+AGG_WINDOW_NS = 1_000_000_000  # identical kernel decisions within this window become one event
+AGG_MAX_KEYS = 4096  # open aggregation windows; past it the oldest is reported early
+# pol_counts slots (policy_enforce.c); the last one is a loss, reported as EventsLost.
+POL_COUNTS = ("denied_sockets", "sni_unjudged", "dns_learned", "ring_full")
+_COUNT_LOSSES = {
+    "ring_full": (LossPlace.KERNEL_RING, "policy: decision records lost, ring full (the verdicts stood)"),
+}
 _ACTION_CODE = {"allow": POL_ALLOW, "audit": POL_AUDIT, "deny": POL_DENY}
 _POINTS = {POINT_CONNECT: "connect", POINT_TLS: "tls_client_hello"}
 CGROUP2_MOUNTS = ("/sys/fs/cgroup/unified", "/sys/fs/cgroup")
@@ -395,6 +402,17 @@ def _ip_key(family: int, addr: bytes) -> str:
     return socket.inet_ntop(socket.AF_INET if family == 4 else socket.AF_INET6, addr[: 4 if family == 4 else 16])
 
 
+@dataclass
+class _Window:
+    """Identical kernel decisions (process x rule x point x destination) in one aggregation window."""
+
+    first: PolicyDecision  # the window's first record, as a decision
+    opened_ns: int
+    count: int = 0  # records after the one already reported
+    first_ns: int = 0
+    last_ns: int = 0
+
+
 class Enforcer:
     """The loaded enforcement programs for one scope cgroup. ``close()`` (or process exit) detaches.
 
@@ -419,6 +437,10 @@ class Enforcer:
         self._learned: LRUCache[tuple[int, str], tuple[str, ...]] = LRUCache(maxsize=16384)
         # (pid, addr) -> the name a DNS answer that process read gave it: names connect decisions
         self._names: LRUCache[tuple[int | None, str], str] = LRUCache(maxsize=16384)
+        self._lost: dict[tuple[LossPlace, str], int] = {}  # counted, not yet reported
+        self._kcounts = dict.fromkeys(_COUNT_LOSSES, 0)  # pol_counts losses already reported
+        self._windows: dict[tuple, _Window] = {}  # aggregation (insertion order = oldest first)
+        self.decisions_in = 0  # kernel records read (tests, stats)
         self._policy = policy
         self.compiled = compile_policy(policy, catalog, cgroup_mount=self.mount)
         try:
@@ -576,11 +598,12 @@ class Enforcer:
         return mask
 
     def counts(self) -> dict[str, int]:
-        """Kernel counters: pol_denied_sk entries taken, ClientHellos whose SNI could not be
-        judged, addresses learned from DNS answers."""
+        """Kernel counters (POL_COUNTS): pol_denied_sk entries taken, ClientHellos whose SNI could
+        not be judged, addresses learned from DNS answers; and decision records the ring had no
+        room for (a loss)."""
         t = self.bpf[b"pol_counts"]
-        vals = [sum(int(x) for x in t.getvalue(ctypes.c_int(i))) for i in range(3)]
-        return dict(zip(("denied_sockets", "sni_unjudged", "dns_learned"), vals, strict=True))
+        vals = [sum(int(x) for x in t.getvalue(ctypes.c_int(i))) for i in range(len(POL_COUNTS))]
+        return dict(zip(POL_COUNTS, vals, strict=True))
 
     # -- decisions -----------------------------------------------------------------------------
 
@@ -590,10 +613,81 @@ class Enforcer:
             r = dict(zip(POL_REC.names(), POL_REC.struct.unpack_from(raw), strict=True))
             if size >= POL_REC.size + POL_TLS_EXT.size:
                 r.update(zip(POL_TLS_EXT.names(), POL_TLS_EXT.struct.unpack_from(raw, POL_REC.size), strict=True))
-            self._events.append(self._decision(r))
-        except Exception:  # a record we cannot read must not stop the reader
-            return 0
+            self.decisions_in += 1
+            self._aggregate(r)
+        except Exception:  # a record we cannot read must not stop the reader: counted
+            self._count(LossPlace.PARSE, "policy: unreadable decision record")
         return 0
+
+    def _count(self, where: LossPlace, what: str, n: int = 1) -> None:
+        k = (where, what)
+        self._lost[k] = self._lost.get(k, 0) + n
+
+    def _aggregate(self, r: dict[str, Any]) -> None:
+        """The first of identical decisions (process x rule x point x destination, and for a
+        ClientHello the name, the reason and the verdict) is reported at once; the rest of its
+        window (AGG_WINDOW_NS) as one decision with ``count``, ``first_ns`` and ``last_ns`` (issue
+        18, item 9): a loop cannot flood the history, and every denial is counted."""
+        name = r["name"][: min(r.get("nl", 0), 256)] if "name" in r else b""
+        key = (r["pid"], r["rule"], r["point"], r["family"], r["daddr"], r["dport"], r["uid"], r["cgroup"],
+               r.get("reason", 0), r.get("verdict", 1), name)
+        ts = r["ts_ns"]
+        w = self._windows.get(key)
+        if w is not None and ts - w.opened_ns < AGG_WINDOW_NS:
+            if not w.count:
+                w.first_ns = ts
+            w.count += 1
+            w.last_ns = ts
+            return
+        if w is not None:  # its window is over: report it, this record opens the next one
+            self._close_window(key)
+        d = self._decision(r)
+        self._events.append(d)
+        if len(self._windows) >= AGG_MAX_KEYS:
+            self._close_window(next(iter(self._windows)))
+        self._windows[key] = _Window(first=d, opened_ns=ts)
+
+    def _close_window(self, key: tuple) -> None:
+        w = self._windows.pop(key)
+        if w.count:
+            self._events.append(replace(
+                w.first, ts_ns=w.last_ns, wall_time=w.first.wall_time + (w.last_ns - w.first.ts_ns) / 1e9,
+                count=w.count, first_ns=w.first_ns, last_ns=w.last_ns))
+
+    def _flush_windows(self, now_ns: int, final: bool = False) -> None:
+        """Report the windows that are over (all of them if ``final``). A window over with a
+        count (a loop still running) is reported and its key keeps a fresh window, so the loop's
+        next denials are counted into it rather than reported one by one. Windows are kept in
+        the order they opened (a reopened key moves to the end): the walk stops at the first one
+        still open, so a drain costs what it reports, not the number of open windows."""
+        due = []
+        for key, w in self._windows.items():
+            if not final and now_ns - w.opened_ns < AGG_WINDOW_NS:
+                break
+            due.append((key, w))
+        for key, w in due:
+            self._close_window(key)
+            if w.count and not final:
+                self._windows[key] = _Window(first=w.first, opened_ns=now_ns)
+
+    def _losses(self) -> list[Event]:
+        """The losses counted since the last call, as EventsLost (the kernel's ring-full count
+        included)."""
+        try:
+            now = self.counts()
+            for what, (where, detail) in _COUNT_LOSSES.items():
+                if now[what] > self._kcounts[what]:
+                    self._count(where, detail, now[what] - self._kcounts[what])
+                    self._kcounts[what] = now[what]
+        except Exception as exc:  # noqa: BLE001 - counted, the reader goes on
+            self._count(LossPlace.KERNEL_MAP, f"policy: counters not read: {type(exc).__name__}")
+        if not self._lost:
+            return []
+        ns, wall = time.monotonic_ns(), time.time()
+        out: list[Event] = [EventsLost(ts_ns=ns, wall_time=wall, where=where, count=n, detail=detail)
+                            for (where, detail), n in self._lost.items()]
+        self._lost = {}
+        return out
 
     def _decision(self, r: dict[str, Any]) -> PolicyDecision:
         pol = self._policy
@@ -641,6 +735,7 @@ class Enforcer:
             point=_POINTS.get(r["point"], "connect"), matched=tuple(matched), flow_id=None,
             pid=r["pid"] or None, tid=r["tid"] or None, uid=r["uid"], comm=comm, cgroup_id=r["cgroup"],
             daddr=ip, dport=r["dport"], hostname=hostname, provider=provider,
+            count=1, first_ns=r["ts_ns"], last_ns=r["ts_ns"],
         )
 
     def budget_commands(self, cmds: list[Any]) -> list[str]:
@@ -651,14 +746,19 @@ class Enforcer:
         with self._lock:
             return apply_commands(self.bpf, cmds) if self.bpf is not None else []
 
-    def consume(self) -> list[Event]:
-        """Decisions the kernel made since the last call."""
+    def consume(self, final: bool = False) -> list[Event]:
+        """Decisions the kernel made since the last call (aggregated), and counted losses.
+        ``final``: report every open aggregation window (at close)."""
         with self._lock:
             if self.bpf is None:
                 return []
-            self.bpf.ring_buffer_consume()
+            try:
+                self.bpf.ring_buffer_consume()
+            except Exception as exc:  # noqa: BLE001 - counted, the reader goes on
+                self._count(LossPlace.KERNEL_RING, f"policy: decision ring not read: {type(exc).__name__}")
+            self._flush_windows(time.monotonic_ns(), final)
             out, self._events = self._events, []
-            return out
+            return out + self._losses()
 
     def close(self) -> None:
         with self._lock:
@@ -733,9 +833,11 @@ class PolicyRuntime:
                         self.dns_lag_ns.append(time.monotonic_ns() - ev.ts_ns)
         return self.budgets.feed(self.judge.feed(events))
 
-    def consume(self) -> list[Event]:
+    def consume(self, final: bool = False) -> list[Event]:
+        """The kernel's decisions (aggregated) and counted losses; ``final`` reports every open
+        aggregation window (the Monitor's last drain)."""
         self.budgets.tick()
-        return self.enforcer.consume() if self.enforcer is not None else []
+        return self.enforcer.consume(final) if self.enforcer is not None else []
 
     def close(self) -> None:
         if self.enforcer is not None:

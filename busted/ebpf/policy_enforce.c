@@ -126,9 +126,19 @@ BPF_PERCPU_ARRAY(pol_hello_zero, struct pol_hello, 1);  /* never written: a zero
 /* [0] the DNS parser (ingress), [1] the hello parser (egress): a softirq ingress must not overwrite
  * an egress program's names on the same CPU. */
 BPF_PERCPU_ARRAY(pol_scratch, struct pol_buf, 2);
-/* [0] pol_denied_sk entries taken, [1] hellos not judged (POL_R_*), [2] learned addresses */
+/* [0] pol_denied_sk entries taken, [1] hellos not judged (POL_R_*), [2] learned addresses,
+ * [3] decision records the ring had no room for (the verdict stood; reported as EventsLost) */
 BPF_PERCPU_ARRAY(pol_counts, u64, 4);
-BPF_RINGBUF_OUTPUT(pol_events, 16);
+/* 256 KiB: user space aggregates repeated decisions, but every record must reach it to be counted */
+BPF_RINGBUF_OUTPUT(pol_events, 64);
+
+static __always_inline void pol_ring_full(void)
+{
+    u32 i = 3;
+    u64 *v = pol_counts.lookup(&i);
+    if (v)
+        *v += 1;
+}
 /* Stages run as tail calls, each verified on its own: one program walking a name, hashing it and
  * then the answers exceeds the verifier's 8192-jump path history. The loader fills the slots. */
 BPF_PROG_ARRAY(pol_dns_tail, 3);
@@ -199,8 +209,10 @@ static __always_inline void pol_emit(u32 point, u32 rule, u32 uid, u32 family, u
                                      const void *addr, u64 cgid, u64 cookie)
 {
     struct pol_rec *r = pol_events.ringbuf_reserve(sizeof(struct pol_rec));
-    if (!r)
+    if (!r) {
+        pol_ring_full();
         return;
+    }
     u64 pt = bpf_get_current_pid_tgid();
     r->ts_ns = bpf_ktime_get_ns();
     r->cgroup = cgid;
@@ -820,8 +832,10 @@ static __always_inline void pol_emit_tls(struct __sk_buff *skb, struct pol_buf *
                                          u32 rule, u32 uid, u64 ck, u32 verdict)
 {
     struct pol_tls_rec *r = pol_events.ringbuf_reserve(sizeof(struct pol_tls_rec));
-    if (!r)
+    if (!r) {
+        pol_ring_full();
         return;
+    }
     u64 pt = bpf_get_current_pid_tgid();
     r->r.ts_ns = bpf_ktime_get_ns();
     r->r.cgroup = bpf_skb_cgroup_id(skb);

@@ -157,3 +157,78 @@ def test_fold_names_and_name_mask_are_linear_in_the_names():
     2.3 s at every reload). The work counted per name stays flat from 1 k to 8 k names."""
     small, big = _fold_ops(1000), _fold_ops(8000)
     assert big / small < 8 * 2, (small, big)  # linear: ~8x; the quadratic fold was ~64x
+
+
+def test_aggregated_decision_fields_round_trip_through_the_outputs(tmp_path):
+    """Issue 18 item 9: ``count``/``first_ns``/``last_ns`` are in to_dict, so in JSONL lines and in
+    the store's ``events`` JSON, and come back from them."""
+    from busted.sinks._codec import encode, event_from_dict
+    from busted.sinks.sqlite import Store
+
+    d = PolicyDecision(ts_ns=9, wall_time=1.0, rule="r", action="deny", enforced=True, point="connect",
+                       matched=(("daddr", "10.0.0.1"),), pid=3, daddr="10.0.0.1", dport=443,
+                       count=17_127, first_ns=5, last_ns=9)
+    out = d.to_dict()
+    assert (out["count"], out["first_ns"], out["last_ns"]) == (17_127, 5, 9)
+    assert event_from_dict(out) == d
+    assert encode(d) is not None
+    with Store(str(tmp_path / "s.db")) as st:
+        st.write(d)
+        st.flush()
+        back = list(st.events(kinds=["policy_decision"]))
+    assert back and back[0].count == 17_127 and back[0].first_ns == 5 and back[0].last_ns == 9
+
+
+def _agg_enforcer():
+    """An Enforcer's aggregation state without BPF (``_aggregate`` and ``_flush_windows`` only)."""
+    from busted.enforce import Enforcer
+
+    e = Enforcer.__new__(Enforcer)
+    e._events, e._windows, e._lost, e._names, e.decisions_in = [], {}, {}, {}, 0
+    e._policy = Policy.from_dict({"default": "audit", "rules": [
+        {"name": "no-deepseek", "action": "deny", "provider": "deepseek"}]})
+    e.catalog = Catalog.builtin()
+    e.compiled = compile_policy(e._policy, e.catalog)
+    return e
+
+
+def _rec(ts, pid=50, daddr=b"\x0a\0\0\x01" + bytes(12)):
+    return dict(ts_ns=ts, cgroup=1, cookie=0, pid=pid, tid=pid, uid=1000, rule=0, point=1, family=4,
+                dport=443, daddr=daddr, comm=b"loop" + bytes(12))
+
+
+def test_identical_denials_aggregate_per_window_and_every_one_is_counted():
+    """Issue 18 item 9: 20 k identical denials over 5 s (a connect() loop; 670 k events in 28 s
+    before) become the first at once and one event per 1 s window; their counts add up to every
+    denial. Another process or destination is its own key; open windows are capped (the oldest
+    reported early) and the final flush reports what is left."""
+    from busted.enforce import AGG_MAX_KEYS, AGG_WINDOW_NS
+
+    e = _agg_enforcer()
+    n, step = 20_000, 250_000  # 20 k records, one every 0.25 ms: 5 s
+    out = []
+    for i in range(n):
+        e._aggregate(_rec(10**9 + i * step))
+        if i % 400 == 0:  # the reader's drain, every 0.1 s of the loop's time
+            e._flush_windows(10**9 + i * step)
+            out += e._events
+            e._events = []
+    e._flush_windows(0, final=True)
+    out += e._events
+    assert all(isinstance(d, PolicyDecision) and d.rule == "no-deepseek" and d.pid == 50 for d in out)
+    assert out[0].count == 1 and sum(d.count for d in out) == n
+    assert len(out) <= 2 + 2 * 5, [d.count for d in out]
+    assert all(d.first_ns <= d.last_ns and d.last_ns - d.first_ns < AGG_WINDOW_NS for d in out)
+    assert not e._windows
+
+    e = _agg_enforcer()
+    e._aggregate(_rec(1))
+    e._aggregate(_rec(2, pid=51))
+    e._aggregate(_rec(3, daddr=b"\x0a\0\0\x02" + bytes(12)))
+    assert [d.count for d in e._events] == [1, 1, 1]  # three keys: each first reported
+    for i in range(AGG_MAX_KEYS + 10):
+        e._aggregate(_rec(10 + i, pid=1000 + i))
+    assert len(e._windows) <= AGG_MAX_KEYS
+    e._flush_windows(0, final=True)
+    assert len(e._events) == AGG_MAX_KEYS + 13 and not e._windows
+
