@@ -64,10 +64,13 @@ PR_UID, PR_COMM, PR_CGROUP, PR_USER_ONLY = 1, 2, 4, 8
 POINT_CONNECT, POINT_TLS = 1, 2
 AGG_WINDOW_NS = 1_000_000_000  # identical kernel decisions within this window become one event
 AGG_MAX_KEYS = 4096  # open aggregation windows; past it the oldest is reported early
-# pol_counts slots (policy_enforce.c); the last one is a loss, reported as EventsLost.
-POL_COUNTS = ("denied_sockets", "sni_unjudged", "dns_learned", "ring_full")
+# pol_counts slots (policy_enforce.c); the last three are losses, reported as EventsLost.
+POL_COUNTS = ("denied_sockets", "sni_unjudged", "dns_learned", "ring_full", "learn_refused", "denied_sk_refused")
 _COUNT_LOSSES = {
     "ring_full": (LossPlace.KERNEL_RING, "policy: decision records lost, ring full (the verdicts stood)"),
+    "learn_refused": (LossPlace.KERNEL_MAP, "policy: learned address refused by the kernel map: not learned"),
+    "denied_sk_refused": (LossPlace.KERNEL_MAP,
+                          "policy: denied socket not remembered (map refused): its next segment is judged again"),
 }
 _ACTION_CODE = {"allow": POL_ALLOW, "audit": POL_AUDIT, "deny": POL_DENY}
 _POINTS = {POINT_CONNECT: "connect", POINT_TLS: "tls_client_hello"}
@@ -109,7 +112,11 @@ SNI_REASONS = {1: "sni_beyond_reassembly_bound", 2: "malformed_hello", 3: "hello
                4: "no_room_for_partial_hello"}
 
 
-def c_definitions(max_addrs: int = 65536, max_names: int = 16384) -> str:
+MAX_ADDRS = 65536  # pol_addr4/6 (policy CIDRs) and pol_learn4/6 (LRU) entries, per family
+MAX_NAMES = 16384  # pol_names entries
+
+
+def c_definitions(max_addrs: int = MAX_ADDRS, max_names: int = MAX_NAMES) -> str:
     consts = {
         "POL_MAX_RULES": MAX_KERNEL_RULES, "POL_MAX_ADDRS": max_addrs, "POL_MAX_NAMES": max_names,
         "POL_ALLOW": POL_ALLOW, "POL_AUDIT": POL_AUDIT, "POL_DENY": POL_DENY, "POL_DEFAULT": POL_DEFAULT,
@@ -322,6 +329,16 @@ def compile_policy(policy: Policy, catalog: Any, *, cgroup_mount: str | None = N
     if len(c.rules) > MAX_KERNEL_RULES:
         raise PolicyError(f"the policy expands to {len(c.rules)} kernel rule entries (one per uid x comm x "
                           f"cgroup value); at most {MAX_KERNEL_RULES}", path=policy.source)
+    # The kernel's name and address maps are sized at load: a policy that does not fit is refused
+    # here, before any map is written (not by a map error half way through a reload).
+    if len(c.names) > MAX_NAMES:
+        raise PolicyError(f"the policy and catalog need {len(c.names)} kernel name entries; at most {MAX_NAMES}",
+                          path=policy.source)
+    for fam in (4, 6):
+        n = sum(1 for k in c.cidrs if k[0] == fam)
+        if n > MAX_ADDRS:
+            raise PolicyError(f"the policy and catalog need {n} IPv{fam} kernel address ranges; at most {MAX_ADDRS}",
+                              path=policy.source)
     return c
 
 
@@ -517,7 +534,11 @@ class Enforcer:
         """Compile and load ``policy``; on error (PolicyError) the previous one stays."""
         c = compile_policy(policy, self.catalog, cgroup_mount=self.mount)
         with self._lock:
-            self._write_maps(c)
+            try:
+                self._write_maps(c)
+            except Exception as exc:  # noqa: BLE001 - a map error refuses the policy, never kills the caller
+                raise PolicyError(f"the policy could not be written to the kernel's maps: {exc}",
+                                  path=getattr(policy, "source", None)) from exc
             self.compiled = c
             self._policy = policy
 
@@ -531,7 +552,10 @@ class Enforcer:
         if ev.transport != "tcp" or uid is None:
             return
         with self._lock:  # the reader calls this; set_policy may run in another thread
-            self._learn(ev, uid)
+            try:
+                self._learn(ev, uid)
+            except Exception as exc:  # noqa: BLE001 - the reader must not die on a map error: counted
+                self._count(LossPlace.KERNEL_MAP, f"policy: DNS answer not learned: {type(exc).__name__}: {exc}")
 
     def _learned_key(self, uid: int, ip: str) -> tuple[Any, Any]:
         a = ipaddress.ip_address(ip)
@@ -599,8 +623,8 @@ class Enforcer:
 
     def counts(self) -> dict[str, int]:
         """Kernel counters (POL_COUNTS): pol_denied_sk entries taken, ClientHellos whose SNI could
-        not be judged, addresses learned from DNS answers; and decision records the ring had no
-        room for (a loss)."""
+        not be judged, addresses learned from DNS answers; and the losses: decision records the
+        ring had no room for, learned addresses and denied sockets a map refused."""
         t = self.bpf[b"pol_counts"]
         vals = [sum(int(x) for x in t.getvalue(ctypes.c_int(i))) for i in range(len(POL_COUNTS))]
         return dict(zip(POL_COUNTS, vals, strict=True))
@@ -744,7 +768,13 @@ class Enforcer:
         from busted.budget_enforce import apply_commands
 
         with self._lock:
-            return apply_commands(self.bpf, cmds) if self.bpf is not None else []
+            if self.bpf is None:
+                return []
+            try:
+                return apply_commands(self.bpf, cmds)
+            except Exception as exc:  # noqa: BLE001 - the reader must not die on a map error: counted
+                self._count(LossPlace.KERNEL_MAP, f"policy: budget map not written: {type(exc).__name__}: {exc}")
+                return []
 
     def consume(self, final: bool = False) -> list[Event]:
         """Decisions the kernel made since the last call (aggregated), and counted losses.

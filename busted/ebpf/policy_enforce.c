@@ -127,8 +127,10 @@ BPF_PERCPU_ARRAY(pol_hello_zero, struct pol_hello, 1);  /* never written: a zero
  * an egress program's names on the same CPU. */
 BPF_PERCPU_ARRAY(pol_scratch, struct pol_buf, 2);
 /* [0] pol_denied_sk entries taken, [1] hellos not judged (POL_R_*), [2] learned addresses,
- * [3] decision records the ring had no room for (the verdict stood; reported as EventsLost) */
-BPF_PERCPU_ARRAY(pol_counts, u64, 4);
+ * [3] decision records the ring had no room for (the verdict stood), [4] learned addresses the
+ * map refused, [5] denied sockets the map refused (their next segment is judged again): [3]-[5]
+ * are reported as EventsLost (busted/enforce.py, POL_COUNTS) */
+BPF_PERCPU_ARRAY(pol_counts, u64, 6);
 /* 256 KiB: user space aggregates repeated decisions, but every record must reach it to be counted */
 BPF_RINGBUF_OUTPUT(pol_events, 64);
 
@@ -388,7 +390,10 @@ static __always_inline void pol_learn_a4(u32 uid, u32 addr, u64 mask)
             return;
         v = *old | mask | (1ULL << POL_AMBIG_BIT);
     }
-    pol_learn4.update(&k, &v);
+    if (pol_learn4.update(&k, &v) != 0) {
+        pol_count(4);
+        return;
+    }
     pol_count(2);
 }
 
@@ -403,7 +408,10 @@ static __always_inline void pol_learn_a6(u32 uid, const u8 *addr, u64 mask)
             return;
         v = *old | mask | (1ULL << POL_AMBIG_BIT);
     }
-    pol_learn6.update(&k, &v);
+    if (pol_learn6.update(&k, &v) != 0) {
+        pol_count(4);
+        return;
+    }
     pol_count(2);
 }
 
@@ -941,8 +949,10 @@ int pol_egress_judge(struct __sk_buff *skb)
     }
     BARRIER_VAR(drop);
     if (drop) {
-        pol_denied_sk.update(&ck, &rule);
-        pol_count(0);
+        if (pol_denied_sk.update(&ck, &rule) != 0)
+            pol_count(5);
+        else
+            pol_count(0);
     }
     pol_emit_tls(skb, b, st, rule, uid, ck, drop ? POL_V_DROP : POL_V_PASS);
     pol_hello.delete(&ck);

@@ -12,13 +12,14 @@ from pathlib import Path
 
 import pytest
 
-from busted import EventsLost, Policy, PolicyDecision
+from busted import Direction, EventsLost, FlowOpened, Policy, PolicyDecision
 from busted.classify import Catalog
 from busted.classify.providers import Provider
-from busted.enforce import PolicyRuntime, cgroup2_mount
-from busted.events import LossPlace
+from busted.enforce import MAX_ADDRS, PolicyRuntime, cgroup2_mount
+from busted.events import DnsAnswer, DnsRecord, LossPlace
 
 DENIED, ALLOWED, PORT = "127.77.0.1", "127.77.0.2", 9
+LEARNED = "127.78.0.1"  # in no catalog range: known only from a DNS answer
 
 # A child that connects in a loop and counts outcomes per address: "ok" = got past the policy.
 LOOP = r"""
@@ -152,3 +153,61 @@ def test_monitor_reports_a_denial_loop_aggregated_and_keeps_running(cgroup):
     assert any(isinstance(e, PolicyDecision) and e.pid == q.pid for e in got)  # still reading
     assert sum(e.count for e in got if isinstance(e, PolicyDecision) and e.pid == r.pid) + lost >= 50
 
+
+def tcp_answer(flow_id: int, name: str, addrs: list[str]) -> DnsAnswer:
+    return DnsAnswer(ts_ns=time.monotonic_ns(), wall_time=time.time(), pid=1, transport="tcp", flow_id=flow_id,
+                     qname=name, qtype="A", rcode="NOERROR", answers=tuple(DnsRecord(name, "A", a, 60) for a in addrs))
+
+
+def dns_flow(flow_id: int, uid: int) -> FlowOpened:
+    return FlowOpened(ts_ns=time.monotonic_ns(), wall_time=time.time(), flow_id=flow_id, direction=Direction.CONNECT,
+                      pid=1, tid=1, uid=uid, comm="resolver", family=4, saddr="127.0.0.1", sport=40000,
+                      daddr="127.0.0.53", dport=53)
+
+
+def test_flooded_learning_leaves_the_reader_running_and_enforcing(cgroup):
+    """Item 7: 300 answers x 250 addresses (75 k) for a denied name killed the reader ("Could not
+    update table: No space left on device"). Now every map the policy writes is bounded with an
+    eviction rule (the learned maps are LRU, user space's caches too), the reader goes on, and a
+    name learned after the flood is still enforced. A map write that fails anyway is a counted
+    loss (EventsLost KERNEL_MAP, with the reason), never an exception in the reader."""
+    pol = Policy.from_dict({"default": "audit", "rules": [
+        {"name": "no-anthropic", "action": "deny", "provider": "anthropic"}]})
+    rt = PolicyRuntime(pol, catalog(), enforce=True, scope="/" + cgroup.name)
+    enf = rt.enforcer
+    try:
+        rt.feed([dns_flow(1, 0)])
+        for i in range(300):  # DNS over TCP (learned by user space) and the same over UDP (names only)
+            addrs = [f"10.{i // 200}.{i % 200}.{j}" for j in range(250)]
+            rt.feed([tcp_answer(1, "api.anthropic.com", addrs)])
+            rt.feed([DnsAnswer(ts_ns=time.monotonic_ns(), wall_time=time.time(), pid=1, qname="api.anthropic.com",
+                               qtype="A", rcode="NOERROR",
+                               answers=tuple(DnsRecord("api.anthropic.com", "A", a, 60) for a in addrs))])
+        out = rt.consume()
+        assert not [e for e in out if isinstance(e, EventsLost)], out  # bounded by eviction, nothing refused
+        assert len(enf._learned) <= 16384 and len(enf._names) <= 16384
+        assert len(enf.bpf[b"pol_learn4"]) <= MAX_ADDRS
+        assert enf.addr_mask("10.1.99.249", uid=0) != 0  # the newest are in force
+        rt.feed([tcp_answer(1, "api.anthropic.com", [LEARNED])])
+        assert enf.addr_mask(LEARNED, uid=0) != 0
+
+        real = enf._put_learned
+        enf._put_learned = lambda *a: (_ for _ in ()).throw(Exception("Could not update table: boom"))
+        rt.feed([tcp_answer(1, "api.anthropic.com", ["10.200.0.1"])])  # the reader does not die
+        enf._put_learned = real
+        out = rt.consume()
+        lost = [e for e in out if isinstance(e, EventsLost)]
+        assert lost and lost[0].where == LossPlace.KERNEL_MAP and "not learned" in lost[0].detail
+        assert "boom" in lost[0].detail and lost[0].count == 1
+        assert all(k in enf.counts() for k in ("ring_full", "learn_refused", "denied_sk_refused"))
+
+        res = finish(start_loop(cgroup, [LEARNED], 10, limit=3))
+        assert res[LEARNED] == {"ok": 0, "eperm": 3}  # still enforcing
+        deadline = time.monotonic() + 5
+        got: list = []
+        while time.monotonic() < deadline and not any(isinstance(e, PolicyDecision) for e in got):
+            got += rt.consume()
+            time.sleep(0.05)
+        assert any(isinstance(e, PolicyDecision) and e.daddr == LEARNED and e.rule == "no-anthropic" for e in got)
+    finally:
+        rt.close()

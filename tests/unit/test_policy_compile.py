@@ -232,3 +232,56 @@ def test_identical_denials_aggregate_per_window_and_every_one_is_counted():
     e._flush_windows(0, final=True)
     assert len(e._events) == AGG_MAX_KEYS + 13 and not e._windows
 
+
+class _FullTable:
+    """A bcc table whose writes fail as a full map's do."""
+
+    class Key:
+        uid = 0
+        addr = 0
+
+    def get(self, _k):
+        return None
+
+    def __setitem__(self, _k, _v):
+        raise Exception("Could not update table: No space left on device")
+
+    def getvalue(self, _i):
+        return [0, 0]
+
+
+class _FullBpf:
+    def __getitem__(self, _name):
+        return _FullTable()
+
+
+def test_a_map_write_error_is_a_counted_loss_not_a_dead_reader():
+    """Issue 18 item 7: a DNS answer the kernel map refuses ("Could not update table: No space left
+    on device") raised out of the reader and killed it; a budget map error too. Now each is an
+    EventsLost (KERNEL_MAP) with the reason, and the next answer is tried again."""
+    import threading
+
+    from cachetools import LRUCache
+
+    from busted import EventsLost
+    from busted.enforce import _COUNT_LOSSES
+    from busted.events import DnsAnswer, DnsRecord, LossPlace
+
+    e = _agg_enforcer()
+    e._lock, e.bpf, e._learned = threading.Lock(), _FullBpf(), LRUCache(maxsize=16)
+    e._kcounts = dict.fromkeys(_COUNT_LOSSES, 0)
+    e._policy = Policy.from_dict({"default": "audit", "rules": [
+        {"name": "no-anthropic", "action": "deny", "provider": "anthropic"}]})
+    e.compiled = compile_policy(e._policy, e.catalog)
+    ans = DnsAnswer(ts_ns=1, wall_time=1.0, pid=1, transport="tcp", flow_id=3, qname="api.anthropic.com",
+                    qtype="A", rcode="NOERROR", answers=(DnsRecord("api.anthropic.com", "A", "10.0.0.1", 60),))
+    for _ in range(3):
+        e.learn_dns(ans, uid=0)  # raised before
+    assert e.budget_commands(["clear"]) == []  # a table without keys(): raised before
+    lost = [x for x in e._losses() if isinstance(x, EventsLost)]
+    assert {x.where for x in lost} == {LossPlace.KERNEL_MAP}
+    by = {x.detail: x.count for x in lost}
+    learn = [d for d in by if "DNS answer not learned" in d]
+    assert learn and by[learn[0]] == 3 and "No space left on device" in learn[0]
+    assert any("budget map not written" in d for d in by)
+    assert e._losses() == []  # reported once
