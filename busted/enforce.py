@@ -21,6 +21,11 @@ several values is expanded into one kernel entry per combination. ``exe``, ``con
 from user space but not enforced, and an allow/audit rule with them ends the kernel's search when
 its other keys hold (over-allowing is the safe side).
 
+Reload is atomic: conf, rules, name and address masks and learned addresses exist in two
+generations and ``pol_gen`` names the one in force; a reload writes the other completely, then
+flips ``pol_gen`` (one 4-byte write). A kernel decision reads ``pol_gen`` once and uses that
+generation throughout (a DNS answer's stages carry it), so it sees one policy, never a mix.
+
 Budgets (busted/budgets.py, busted/budget_enforce.py): kernel budget *j* takes destination bit
 61 - *j*; exhausted scopes go into the ``pol_budget`` map, checked at connect after the rules.
 
@@ -458,6 +463,8 @@ class Enforcer:
         self._kcounts = dict.fromkeys(_COUNT_LOSSES, 0)  # pol_counts losses already reported
         self._windows: dict[tuple, _Window] = {}  # aggregation (insertion order = oldest first)
         self.decisions_in = 0  # kernel records read (tests, stats)
+        self._gen = 0  # the generation in force (pol_gen)
+        self._krules: list[list[bytes]] = [[], []]  # packed pol_rule entries per generation
         self._policy = policy
         self.compiled = compile_policy(policy, catalog, cgroup_mount=self.mount)
         try:
@@ -465,7 +472,7 @@ class Enforcer:
         except Exception as exc:
             raise ProbeLoadError(f"policy program failed to compile or load: {exc}") from exc
         try:
-            self._write_maps(self.compiled)
+            self._write_maps(self.compiled, first=True)
             for table, slot, fn, ptype, atype in _TAILS:
                 f = self.bpf.load_func(fn.encode(), ptype, attach_type=atype)
                 self.bpf[table.encode()][ctypes.c_int(slot)] = ctypes.c_int(f.fd)
@@ -485,24 +492,37 @@ class Enforcer:
 
     # -- maps ----------------------------------------------------------------------------------
 
-    def _write_maps(self, c: Compiled) -> None:
+    @property
+    def generation(self) -> int:
+        """The generation in force (0 or 1): a reload writes the other one, then flips."""
+        return self._gen
+
+    def _write_maps(self, c: Compiled, first: bool = False) -> None:
+        """Write ``c`` into the generation not in force, completely, then flip ``pol_gen``: one
+        4-byte write, so every decision sees the old policy or the new one (issue 18, item 8). An
+        error before the flip leaves the generation in force untouched."""
         b = self.bpf
+        g = 0 if first else 1 - self._gen
         conf = b[b"pol_conf"]
         rules = b[b"pol_rules"]
-        # rules first with nrules 0 would allow everything for a moment; write the rules, then
-        # the count, so a reader sees either the old count over partly new rules or the new set.
-        for i, raw in enumerate(c.rules):
-            rules[ctypes.c_int(i)] = rules.Leaf.from_buffer_copy(raw)
-        conf[ctypes.c_int(0)] = conf.Leaf.from_buffer_copy(
+        # Slot i holds rule i of both generations; the half in force is rewritten with the same
+        # bytes, so a reader of it sees no change.
+        self._krules[g] = list(c.rules)
+        empty = bytes(POL_RULE.struct.size)
+        for i in range(max(len(kr) for kr in self._krules)):
+            pair = b"".join(kr[i] if i < len(kr) else empty for kr in self._krules)
+            rules[ctypes.c_int(i)] = rules.Leaf.from_buffer_copy(pair)
+        conf[ctypes.c_int(g)] = conf.Leaf.from_buffer_copy(
             POL_CONF.pack(own_tgid=self.own_tgid, nrules=len(c.rules), dflt=c.default))
+        # LPM keys start with the generation (32 bits of every prefix).
         names = b[b"pol_names"]
         for k in list(names.keys()):
-            raw = bytes(k.name)[: k.prefixlen // 8]
-            if raw not in c.names:
+            raw = bytes(k.name)[: k.prefixlen // 8 - 4]
+            if k.gen == g and raw not in c.names:
                 del names[k]
         for raw, mask in c.names.items():
             k = names.Key()
-            k.prefixlen = len(raw) * 8
+            k.prefixlen, k.gen = 32 + len(raw) * 8, g
             ctypes.memmove(k.name, raw, len(raw))
             names[k] = ctypes.c_ulonglong(mask)
         want4: dict[tuple[int, int], int] = {}
@@ -512,23 +532,25 @@ class Enforcer:
                 want4[(addr, plen)] = mask
             else:
                 want6[(addr.to_bytes(16, "big"), plen)] = mask
-        self._relearn(c)
         t4, t6 = b[b"pol_addr4"], b[b"pol_addr6"]
         for k in list(t4.keys()):
-            if (socket.ntohl(k.addr), k.prefixlen) not in want4:
+            if k.gen == g and (socket.ntohl(k.addr), k.prefixlen - 32) not in want4:
                 del t4[k]
         for (addr, plen), mask in want4.items():
             k = t4.Key()
-            k.prefixlen, k.addr = plen, socket.htonl(addr)
+            k.prefixlen, k.gen, k.addr = 32 + plen, g, socket.htonl(addr)
             t4[k] = ctypes.c_ulonglong(mask)
         for k in list(t6.keys()):
-            if (bytes(k.addr), k.prefixlen) not in want6:
+            if k.gen == g and (bytes(k.addr), k.prefixlen - 32) not in want6:
                 del t6[k]
         for (addr, plen), mask in want6.items():
             k = t6.Key()
-            k.prefixlen = plen
+            k.prefixlen, k.gen = 32 + plen, g
             ctypes.memmove(k.addr, addr, 16)
             t6[k] = ctypes.c_ulonglong(mask)
+        self._relearn(c, g)
+        b[b"pol_gen"][ctypes.c_int(0)] = ctypes.c_uint(g)  # the switch, written last
+        self._gen = g
 
     def set_policy(self, policy: Policy) -> None:
         """Compile and load ``policy``; on error (PolicyError) the previous one stays."""
@@ -557,19 +579,20 @@ class Enforcer:
             except Exception as exc:  # noqa: BLE001 - the reader must not die on a map error: counted
                 self._count(LossPlace.KERNEL_MAP, f"policy: DNS answer not learned: {type(exc).__name__}: {exc}")
 
-    def _learned_key(self, uid: int, ip: str) -> tuple[Any, Any]:
+    def _learned_key(self, uid: int, ip: str, gen: int | None = None) -> tuple[Any, Any]:
         a = ipaddress.ip_address(ip)
         t = self.bpf[b"pol_learn4" if a.version == 4 else b"pol_learn6"]
         k = t.Key()
         k.uid = uid
+        k.gen = self._gen if gen is None else gen
         if a.version == 4:
             k.addr = socket.htonl(int(a))
         else:
             ctypes.memmove(k.addr, a.packed, 16)
         return t, k
 
-    def _put_learned(self, uid: int, ip: str, mask: int) -> None:
-        t, k = self._learned_key(uid, ip)
+    def _put_learned(self, uid: int, ip: str, mask: int, gen: int | None = None) -> None:
+        t, k = self._learned_key(uid, ip, gen)
         old = t.get(k)
         v = mask
         if old is not None and old.value and (old.value & ~(1 << AMBIG_BIT)) != mask:
@@ -588,17 +611,25 @@ class Enforcer:
             if mask:
                 self._put_learned(uid, ip, mask)
 
-    def _relearn(self, c: Compiled) -> None:
-        """After a reload: the kernel's learned masks are bits of the old rules, so they go; what
-        user space learned (DNS over TCP) is judged again. The next UDP answer teaches the rest."""
+    def _relearn(self, c: Compiled, gen: int) -> None:
+        """Before a reload's switch: the learned masks are bits of the old rules, so generation
+        ``gen`` (the one being written) starts empty, and what user space learned (DNS over TCP)
+        is judged again into it. The next UDP answer teaches the rest (in the generation in force
+        when it arrives); the old generation's entries wait for the next reload's clearing."""
         for name in (b"pol_learn4", b"pol_learn6"):
-            self.bpf[name].clear()
+            t = self.bpf[name]
+            for k in list(t.keys()):
+                if k.gen == gen:
+                    try:
+                        del t[k]
+                    except KeyError:
+                        pass
         for (uid, ip), names in list(self._learned.items()):
             mask = 0
             for n in names:
                 mask |= name_mask(c.names, n)
             if mask:
-                self._put_learned(uid, ip, mask)
+                self._put_learned(uid, ip, mask, gen)
 
     def addr_mask(self, ip: str, uid: int | None = None) -> int:
         """The kernel's mask for an address: the policy's (catalog CIDRs), with what DNS answers
@@ -607,11 +638,11 @@ class Enforcer:
         if a.version == 4:
             t = self.bpf[b"pol_addr4"]
             k = t.Key()
-            k.prefixlen, k.addr = 32, socket.htonl(int(a))
+            k.prefixlen, k.gen, k.addr = 64, self._gen, socket.htonl(int(a))
         else:
             t = self.bpf[b"pol_addr6"]
             k = t.Key()
-            k.prefixlen = 128
+            k.prefixlen, k.gen = 160, self._gen
             ctypes.memmove(k.addr, a.packed, 16)
         v = t.get(k)
         mask = int(v.value) if v is not None else 0

@@ -269,7 +269,7 @@ def test_a_map_write_error_is_a_counted_loss_not_a_dead_reader():
 
     e = _agg_enforcer()
     e._lock, e.bpf, e._learned = threading.Lock(), _FullBpf(), LRUCache(maxsize=16)
-    e._kcounts = dict.fromkeys(_COUNT_LOSSES, 0)
+    e._kcounts, e._gen = dict.fromkeys(_COUNT_LOSSES, 0), 0
     e._policy = Policy.from_dict({"default": "audit", "rules": [
         {"name": "no-anthropic", "action": "deny", "provider": "anthropic"}]})
     e.compiled = compile_policy(e._policy, e.catalog)
