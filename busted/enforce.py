@@ -21,6 +21,11 @@ several values is expanded into one kernel entry per combination. ``exe``, ``con
 from user space but not enforced, and an allow/audit rule with them ends the kernel's search when
 its other keys hold (over-allowing is the safe side).
 
+Reload is atomic: conf, rules, name and address masks and learned addresses exist in two
+generations and ``pol_gen`` names the one in force; a reload writes the other completely, then
+flips ``pol_gen`` (one 4-byte write). A kernel decision reads ``pol_gen`` once and uses that
+generation throughout (a DNS answer's stages carry it), so it sees one policy, never a mix.
+
 Budgets (busted/budgets.py, busted/budget_enforce.py): kernel budget *j* takes destination bit
 61 - *j*; exhausted scopes go into the ``pol_budget`` map, checked at connect after the rules.
 
@@ -38,7 +43,7 @@ import socket
 import struct
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from importlib import resources
 from typing import Any
 
@@ -47,7 +52,7 @@ from cachetools import LRUCache
 from busted.classify.names import normalize_name
 from busted.ebpf.layout import Layout
 from busted.errors import PermissionDenied, PolicyError, ProbeLoadError
-from busted.events import DnsAnswer, Event, FlowOpened, PolicyDecision
+from busted.events import DnsAnswer, Event, EventsLost, FlowOpened, LossPlace, PolicyDecision
 from busted.policy import MAX_KERNEL_ENTRIES, Policy, Rule
 from busted.policy import MAX_RULES as _MAX_RULES
 
@@ -62,6 +67,16 @@ POL_ALLOW, POL_AUDIT, POL_DENY = 0, 1, 2
 POL_DEFAULT = 0xFFFF
 PR_UID, PR_COMM, PR_CGROUP, PR_USER_ONLY = 1, 2, 4, 8
 POINT_CONNECT, POINT_TLS = 1, 2
+AGG_WINDOW_NS = 1_000_000_000  # identical kernel decisions within this window become one event
+AGG_MAX_KEYS = 4096  # open aggregation windows; past it the oldest is reported early
+# pol_counts slots (policy_enforce.c); the last three are losses, reported as EventsLost.
+POL_COUNTS = ("denied_sockets", "sni_unjudged", "dns_learned", "ring_full", "learn_refused", "denied_sk_refused")
+_COUNT_LOSSES = {
+    "ring_full": (LossPlace.KERNEL_RING, "policy: decision records lost, ring full (the verdicts stood)"),
+    "learn_refused": (LossPlace.KERNEL_MAP, "policy: learned address refused by the kernel map: not learned"),
+    "denied_sk_refused": (LossPlace.KERNEL_MAP,
+                          "policy: denied socket not remembered (map refused): its next segment is judged again"),
+}
 _ACTION_CODE = {"allow": POL_ALLOW, "audit": POL_AUDIT, "deny": POL_DENY}
 _POINTS = {POINT_CONNECT: "connect", POINT_TLS: "tls_client_hello"}
 CGROUP2_MOUNTS = ("/sys/fs/cgroup/unified", "/sys/fs/cgroup")
@@ -102,7 +117,11 @@ SNI_REASONS = {1: "sni_beyond_reassembly_bound", 2: "malformed_hello", 3: "hello
                4: "no_room_for_partial_hello"}
 
 
-def c_definitions(max_addrs: int = 65536, max_names: int = 16384) -> str:
+MAX_ADDRS = 65536  # pol_addr4/6 (policy CIDRs) and pol_learn4/6 (LRU) entries, per family
+MAX_NAMES = 16384  # pol_names entries
+
+
+def c_definitions(max_addrs: int = MAX_ADDRS, max_names: int = MAX_NAMES) -> str:
     consts = {
         "POL_MAX_RULES": MAX_KERNEL_RULES, "POL_MAX_ADDRS": max_addrs, "POL_MAX_NAMES": max_names,
         "POL_ALLOW": POL_ALLOW, "POL_AUDIT": POL_AUDIT, "POL_DENY": POL_DENY, "POL_DEFAULT": POL_DEFAULT,
@@ -315,6 +334,16 @@ def compile_policy(policy: Policy, catalog: Any, *, cgroup_mount: str | None = N
     if len(c.rules) > MAX_KERNEL_RULES:
         raise PolicyError(f"the policy expands to {len(c.rules)} kernel rule entries (one per uid x comm x "
                           f"cgroup value); at most {MAX_KERNEL_RULES}", path=policy.source)
+    # The kernel's name and address maps are sized at load: a policy that does not fit is refused
+    # here, before any map is written (not by a map error half way through a reload).
+    if len(c.names) > MAX_NAMES:
+        raise PolicyError(f"the policy and catalog need {len(c.names)} kernel name entries; at most {MAX_NAMES}",
+                          path=policy.source)
+    for fam in (4, 6):
+        n = sum(1 for k in c.cidrs if k[0] == fam)
+        if n > MAX_ADDRS:
+            raise PolicyError(f"the policy and catalog need {n} IPv{fam} kernel address ranges; at most {MAX_ADDRS}",
+                              path=policy.source)
     return c
 
 
@@ -395,6 +424,17 @@ def _ip_key(family: int, addr: bytes) -> str:
     return socket.inet_ntop(socket.AF_INET if family == 4 else socket.AF_INET6, addr[: 4 if family == 4 else 16])
 
 
+@dataclass
+class _Window:
+    """Identical kernel decisions (process x rule x point x destination) in one aggregation window."""
+
+    first: PolicyDecision  # the window's first record, as a decision
+    opened_ns: int
+    count: int = 0  # records after the one already reported
+    first_ns: int = 0
+    last_ns: int = 0
+
+
 class Enforcer:
     """The loaded enforcement programs for one scope cgroup. ``close()`` (or process exit) detaches.
 
@@ -419,6 +459,12 @@ class Enforcer:
         self._learned: LRUCache[tuple[int, str], tuple[str, ...]] = LRUCache(maxsize=16384)
         # (pid, addr) -> the name a DNS answer that process read gave it: names connect decisions
         self._names: LRUCache[tuple[int | None, str], str] = LRUCache(maxsize=16384)
+        self._lost: dict[tuple[LossPlace, str], int] = {}  # counted, not yet reported
+        self._kcounts = dict.fromkeys(_COUNT_LOSSES, 0)  # pol_counts losses already reported
+        self._windows: dict[tuple, _Window] = {}  # aggregation (insertion order = oldest first)
+        self.decisions_in = 0  # kernel records read (tests, stats)
+        self._gen = 0  # the generation in force (pol_gen)
+        self._krules: list[list[bytes]] = [[], []]  # packed pol_rule entries per generation
         self._policy = policy
         self.compiled = compile_policy(policy, catalog, cgroup_mount=self.mount)
         try:
@@ -426,7 +472,7 @@ class Enforcer:
         except Exception as exc:
             raise ProbeLoadError(f"policy program failed to compile or load: {exc}") from exc
         try:
-            self._write_maps(self.compiled)
+            self._write_maps(self.compiled, first=True)
             for table, slot, fn, ptype, atype in _TAILS:
                 f = self.bpf.load_func(fn.encode(), ptype, attach_type=atype)
                 self.bpf[table.encode()][ctypes.c_int(slot)] = ctypes.c_int(f.fd)
@@ -446,24 +492,37 @@ class Enforcer:
 
     # -- maps ----------------------------------------------------------------------------------
 
-    def _write_maps(self, c: Compiled) -> None:
+    @property
+    def generation(self) -> int:
+        """The generation in force (0 or 1): a reload writes the other one, then flips."""
+        return self._gen
+
+    def _write_maps(self, c: Compiled, first: bool = False) -> None:
+        """Write ``c`` into the generation not in force, completely, then flip ``pol_gen``: one
+        4-byte write, so every decision sees the old policy or the new one (issue 18, item 8). An
+        error before the flip leaves the generation in force untouched."""
         b = self.bpf
+        g = 0 if first else 1 - self._gen
         conf = b[b"pol_conf"]
         rules = b[b"pol_rules"]
-        # rules first with nrules 0 would allow everything for a moment; write the rules, then
-        # the count, so a reader sees either the old count over partly new rules or the new set.
-        for i, raw in enumerate(c.rules):
-            rules[ctypes.c_int(i)] = rules.Leaf.from_buffer_copy(raw)
-        conf[ctypes.c_int(0)] = conf.Leaf.from_buffer_copy(
+        # Slot i holds rule i of both generations; the half in force is rewritten with the same
+        # bytes, so a reader of it sees no change.
+        self._krules[g] = list(c.rules)
+        empty = bytes(POL_RULE.struct.size)
+        for i in range(max(len(kr) for kr in self._krules)):
+            pair = b"".join(kr[i] if i < len(kr) else empty for kr in self._krules)
+            rules[ctypes.c_int(i)] = rules.Leaf.from_buffer_copy(pair)
+        conf[ctypes.c_int(g)] = conf.Leaf.from_buffer_copy(
             POL_CONF.pack(own_tgid=self.own_tgid, nrules=len(c.rules), dflt=c.default))
+        # LPM keys start with the generation (32 bits of every prefix).
         names = b[b"pol_names"]
         for k in list(names.keys()):
-            raw = bytes(k.name)[: k.prefixlen // 8]
-            if raw not in c.names:
+            raw = bytes(k.name)[: k.prefixlen // 8 - 4]
+            if k.gen == g and raw not in c.names:
                 del names[k]
         for raw, mask in c.names.items():
             k = names.Key()
-            k.prefixlen = len(raw) * 8
+            k.prefixlen, k.gen = 32 + len(raw) * 8, g
             ctypes.memmove(k.name, raw, len(raw))
             names[k] = ctypes.c_ulonglong(mask)
         want4: dict[tuple[int, int], int] = {}
@@ -473,29 +532,35 @@ class Enforcer:
                 want4[(addr, plen)] = mask
             else:
                 want6[(addr.to_bytes(16, "big"), plen)] = mask
-        self._relearn(c)
         t4, t6 = b[b"pol_addr4"], b[b"pol_addr6"]
         for k in list(t4.keys()):
-            if (socket.ntohl(k.addr), k.prefixlen) not in want4:
+            if k.gen == g and (socket.ntohl(k.addr), k.prefixlen - 32) not in want4:
                 del t4[k]
         for (addr, plen), mask in want4.items():
             k = t4.Key()
-            k.prefixlen, k.addr = plen, socket.htonl(addr)
+            k.prefixlen, k.gen, k.addr = 32 + plen, g, socket.htonl(addr)
             t4[k] = ctypes.c_ulonglong(mask)
         for k in list(t6.keys()):
-            if (bytes(k.addr), k.prefixlen) not in want6:
+            if k.gen == g and (bytes(k.addr), k.prefixlen - 32) not in want6:
                 del t6[k]
         for (addr, plen), mask in want6.items():
             k = t6.Key()
-            k.prefixlen = plen
+            k.prefixlen, k.gen = 32 + plen, g
             ctypes.memmove(k.addr, addr, 16)
             t6[k] = ctypes.c_ulonglong(mask)
+        self._relearn(c, g)
+        b[b"pol_gen"][ctypes.c_int(0)] = ctypes.c_uint(g)  # the switch, written last
+        self._gen = g
 
     def set_policy(self, policy: Policy) -> None:
         """Compile and load ``policy``; on error (PolicyError) the previous one stays."""
         c = compile_policy(policy, self.catalog, cgroup_mount=self.mount)
         with self._lock:
-            self._write_maps(c)
+            try:
+                self._write_maps(c)
+            except Exception as exc:  # noqa: BLE001 - a map error refuses the policy, never kills the caller
+                raise PolicyError(f"the policy could not be written to the kernel's maps: {exc}",
+                                  path=getattr(policy, "source", None)) from exc
             self.compiled = c
             self._policy = policy
 
@@ -509,21 +574,25 @@ class Enforcer:
         if ev.transport != "tcp" or uid is None:
             return
         with self._lock:  # the reader calls this; set_policy may run in another thread
-            self._learn(ev, uid)
+            try:
+                self._learn(ev, uid)
+            except Exception as exc:  # noqa: BLE001 - the reader must not die on a map error: counted
+                self._count(LossPlace.KERNEL_MAP, f"policy: DNS answer not learned: {type(exc).__name__}: {exc}")
 
-    def _learned_key(self, uid: int, ip: str) -> tuple[Any, Any]:
+    def _learned_key(self, uid: int, ip: str, gen: int | None = None) -> tuple[Any, Any]:
         a = ipaddress.ip_address(ip)
         t = self.bpf[b"pol_learn4" if a.version == 4 else b"pol_learn6"]
         k = t.Key()
         k.uid = uid
+        k.gen = self._gen if gen is None else gen
         if a.version == 4:
             k.addr = socket.htonl(int(a))
         else:
             ctypes.memmove(k.addr, a.packed, 16)
         return t, k
 
-    def _put_learned(self, uid: int, ip: str, mask: int) -> None:
-        t, k = self._learned_key(uid, ip)
+    def _put_learned(self, uid: int, ip: str, mask: int, gen: int | None = None) -> None:
+        t, k = self._learned_key(uid, ip, gen)
         old = t.get(k)
         v = mask
         if old is not None and old.value and (old.value & ~(1 << AMBIG_BIT)) != mask:
@@ -542,17 +611,25 @@ class Enforcer:
             if mask:
                 self._put_learned(uid, ip, mask)
 
-    def _relearn(self, c: Compiled) -> None:
-        """After a reload: the kernel's learned masks are bits of the old rules, so they go; what
-        user space learned (DNS over TCP) is judged again. The next UDP answer teaches the rest."""
+    def _relearn(self, c: Compiled, gen: int) -> None:
+        """Before a reload's switch: the learned masks are bits of the old rules, so generation
+        ``gen`` (the one being written) starts empty, and what user space learned (DNS over TCP)
+        is judged again into it. The next UDP answer teaches the rest (in the generation in force
+        when it arrives); the old generation's entries wait for the next reload's clearing."""
         for name in (b"pol_learn4", b"pol_learn6"):
-            self.bpf[name].clear()
+            t = self.bpf[name]
+            for k in list(t.keys()):
+                if k.gen == gen:
+                    try:
+                        del t[k]
+                    except KeyError:
+                        pass
         for (uid, ip), names in list(self._learned.items()):
             mask = 0
             for n in names:
                 mask |= name_mask(c.names, n)
             if mask:
-                self._put_learned(uid, ip, mask)
+                self._put_learned(uid, ip, mask, gen)
 
     def addr_mask(self, ip: str, uid: int | None = None) -> int:
         """The kernel's mask for an address: the policy's (catalog CIDRs), with what DNS answers
@@ -561,11 +638,11 @@ class Enforcer:
         if a.version == 4:
             t = self.bpf[b"pol_addr4"]
             k = t.Key()
-            k.prefixlen, k.addr = 32, socket.htonl(int(a))
+            k.prefixlen, k.gen, k.addr = 64, self._gen, socket.htonl(int(a))
         else:
             t = self.bpf[b"pol_addr6"]
             k = t.Key()
-            k.prefixlen = 128
+            k.prefixlen, k.gen = 160, self._gen
             ctypes.memmove(k.addr, a.packed, 16)
         v = t.get(k)
         mask = int(v.value) if v is not None else 0
@@ -576,11 +653,12 @@ class Enforcer:
         return mask
 
     def counts(self) -> dict[str, int]:
-        """Kernel counters: pol_denied_sk entries taken, ClientHellos whose SNI could not be
-        judged, addresses learned from DNS answers."""
+        """Kernel counters (POL_COUNTS): pol_denied_sk entries taken, ClientHellos whose SNI could
+        not be judged, addresses learned from DNS answers; and the losses: decision records the
+        ring had no room for, learned addresses and denied sockets a map refused."""
         t = self.bpf[b"pol_counts"]
-        vals = [sum(int(x) for x in t.getvalue(ctypes.c_int(i))) for i in range(3)]
-        return dict(zip(("denied_sockets", "sni_unjudged", "dns_learned"), vals, strict=True))
+        vals = [sum(int(x) for x in t.getvalue(ctypes.c_int(i))) for i in range(len(POL_COUNTS))]
+        return dict(zip(POL_COUNTS, vals, strict=True))
 
     # -- decisions -----------------------------------------------------------------------------
 
@@ -590,10 +668,81 @@ class Enforcer:
             r = dict(zip(POL_REC.names(), POL_REC.struct.unpack_from(raw), strict=True))
             if size >= POL_REC.size + POL_TLS_EXT.size:
                 r.update(zip(POL_TLS_EXT.names(), POL_TLS_EXT.struct.unpack_from(raw, POL_REC.size), strict=True))
-            self._events.append(self._decision(r))
-        except Exception:  # a record we cannot read must not stop the reader
-            return 0
+            self.decisions_in += 1
+            self._aggregate(r)
+        except Exception:  # a record we cannot read must not stop the reader: counted
+            self._count(LossPlace.PARSE, "policy: unreadable decision record")
         return 0
+
+    def _count(self, where: LossPlace, what: str, n: int = 1) -> None:
+        k = (where, what)
+        self._lost[k] = self._lost.get(k, 0) + n
+
+    def _aggregate(self, r: dict[str, Any]) -> None:
+        """The first of identical decisions (process x rule x point x destination, and for a
+        ClientHello the name, the reason and the verdict) is reported at once; the rest of its
+        window (AGG_WINDOW_NS) as one decision with ``count``, ``first_ns`` and ``last_ns`` (issue
+        18, item 9): a loop cannot flood the history, and every denial is counted."""
+        name = r["name"][: min(r.get("nl", 0), 256)] if "name" in r else b""
+        key = (r["pid"], r["rule"], r["point"], r["family"], r["daddr"], r["dport"], r["uid"], r["cgroup"],
+               r.get("reason", 0), r.get("verdict", 1), name)
+        ts = r["ts_ns"]
+        w = self._windows.get(key)
+        if w is not None and ts - w.opened_ns < AGG_WINDOW_NS:
+            if not w.count:
+                w.first_ns = ts
+            w.count += 1
+            w.last_ns = ts
+            return
+        if w is not None:  # its window is over: report it, this record opens the next one
+            self._close_window(key)
+        d = self._decision(r)
+        self._events.append(d)
+        if len(self._windows) >= AGG_MAX_KEYS:
+            self._close_window(next(iter(self._windows)))
+        self._windows[key] = _Window(first=d, opened_ns=ts)
+
+    def _close_window(self, key: tuple) -> None:
+        w = self._windows.pop(key)
+        if w.count:
+            self._events.append(replace(
+                w.first, ts_ns=w.last_ns, wall_time=w.first.wall_time + (w.last_ns - w.first.ts_ns) / 1e9,
+                count=w.count, first_ns=w.first_ns, last_ns=w.last_ns))
+
+    def _flush_windows(self, now_ns: int, final: bool = False) -> None:
+        """Report the windows that are over (all of them if ``final``). A window over with a
+        count (a loop still running) is reported and its key keeps a fresh window, so the loop's
+        next denials are counted into it rather than reported one by one. Windows are kept in
+        the order they opened (a reopened key moves to the end): the walk stops at the first one
+        still open, so a drain costs what it reports, not the number of open windows."""
+        due = []
+        for key, w in self._windows.items():
+            if not final and now_ns - w.opened_ns < AGG_WINDOW_NS:
+                break
+            due.append((key, w))
+        for key, w in due:
+            self._close_window(key)
+            if w.count and not final:
+                self._windows[key] = _Window(first=w.first, opened_ns=now_ns)
+
+    def _losses(self) -> list[Event]:
+        """The losses counted since the last call, as EventsLost (the kernel's ring-full count
+        included)."""
+        try:
+            now = self.counts()
+            for what, (where, detail) in _COUNT_LOSSES.items():
+                if now[what] > self._kcounts[what]:
+                    self._count(where, detail, now[what] - self._kcounts[what])
+                    self._kcounts[what] = now[what]
+        except Exception as exc:  # noqa: BLE001 - counted, the reader goes on
+            self._count(LossPlace.KERNEL_MAP, f"policy: counters not read: {type(exc).__name__}")
+        if not self._lost:
+            return []
+        ns, wall = time.monotonic_ns(), time.time()
+        out: list[Event] = [EventsLost(ts_ns=ns, wall_time=wall, where=where, count=n, detail=detail)
+                            for (where, detail), n in self._lost.items()]
+        self._lost = {}
+        return out
 
     def _decision(self, r: dict[str, Any]) -> PolicyDecision:
         pol = self._policy
@@ -641,6 +790,7 @@ class Enforcer:
             point=_POINTS.get(r["point"], "connect"), matched=tuple(matched), flow_id=None,
             pid=r["pid"] or None, tid=r["tid"] or None, uid=r["uid"], comm=comm, cgroup_id=r["cgroup"],
             daddr=ip, dport=r["dport"], hostname=hostname, provider=provider,
+            count=1, first_ns=r["ts_ns"], last_ns=r["ts_ns"],
         )
 
     def budget_commands(self, cmds: list[Any]) -> list[str]:
@@ -649,16 +799,27 @@ class Enforcer:
         from busted.budget_enforce import apply_commands
 
         with self._lock:
-            return apply_commands(self.bpf, cmds) if self.bpf is not None else []
+            if self.bpf is None:
+                return []
+            try:
+                return apply_commands(self.bpf, cmds)
+            except Exception as exc:  # noqa: BLE001 - the reader must not die on a map error: counted
+                self._count(LossPlace.KERNEL_MAP, f"policy: budget map not written: {type(exc).__name__}: {exc}")
+                return []
 
-    def consume(self) -> list[Event]:
-        """Decisions the kernel made since the last call."""
+    def consume(self, final: bool = False) -> list[Event]:
+        """Decisions the kernel made since the last call (aggregated), and counted losses.
+        ``final``: report every open aggregation window (at close)."""
         with self._lock:
             if self.bpf is None:
                 return []
-            self.bpf.ring_buffer_consume()
+            try:
+                self.bpf.ring_buffer_consume()
+            except Exception as exc:  # noqa: BLE001 - counted, the reader goes on
+                self._count(LossPlace.KERNEL_RING, f"policy: decision ring not read: {type(exc).__name__}")
+            self._flush_windows(time.monotonic_ns(), final)
             out, self._events = self._events, []
-            return out
+            return out + self._losses()
 
     def close(self) -> None:
         with self._lock:
@@ -733,9 +894,11 @@ class PolicyRuntime:
                         self.dns_lag_ns.append(time.monotonic_ns() - ev.ts_ns)
         return self.budgets.feed(self.judge.feed(events))
 
-    def consume(self) -> list[Event]:
+    def consume(self, final: bool = False) -> list[Event]:
+        """The kernel's decisions (aggregated) and counted losses; ``final`` reports every open
+        aggregation window (the Monitor's last drain)."""
         self.budgets.tick()
-        return self.enforcer.consume() if self.enforcer is not None else []
+        return self.enforcer.consume(final) if self.enforcer is not None else []
 
     def close(self) -> None:
         if self.enforcer is not None:

@@ -402,6 +402,12 @@ class PolicyDecision(Event):
     the flow; a ``deny`` with ``enforced=False`` is a dry run or a rule the kernel cannot check.
     ``matched`` holds (key, value) pairs of what matched. ``flow_id`` is None when the flow never
     opened (refused at connect); the identity fields are what was known at that point.
+
+    ``count``: how many identical decisions this event stands for. The kernel's decisions about one
+    process x rule x point x destination are aggregated (busted/enforce.py): the first is reported
+    at once (``count`` 1), the rest of each 1 s window as one event carrying their ``count``, with
+    ``first_ns``/``last_ns`` (monotonic, like ``ts_ns``) bounding them. A loop of denials cannot
+    flood the history, and none goes uncounted.
     """
 
     kind: ClassVar[str] = "policy_decision"
@@ -421,6 +427,9 @@ class PolicyDecision(Event):
     dport: int | None = None
     hostname: str | None = None
     provider: str | None = None
+    count: int = 1
+    first_ns: int | None = None
+    last_ns: int | None = None
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -318,6 +318,11 @@ class Monitor:
                 self._program.close()
                 self._program = None
             if self._policy_rt is not None:
+                try:  # the last aggregation windows: their denials are counted, not dropped
+                    self._pending.extend(self._policy_rt.consume(final=True))
+                    self._flush_pending()
+                except Exception:  # noqa: BLE001 - closing goes on
+                    pass
                 self._policy_rt.close()
                 self._policy_rt = None
         self._ready.set()

@@ -42,12 +42,15 @@
 #define POL_AMBIG_BIT 62
 #define BST_SOCK_STREAM 1
 
+/* LPM keys start with the policy generation (pol_gen): its 32 bits are part of every prefix. */
 struct pol_lpm4 {
     u32 prefixlen;
+    u32 gen;
     u32 addr;
 };
 struct pol_lpm6 {
     u32 prefixlen;
+    u32 gen;
     u8 addr[16];
 };
 /* Names are matched by longest prefix over the lower-cased name written backwards: the entry
@@ -56,6 +59,7 @@ struct pol_lpm6 {
  * a prefix of it, because an LPM lookup returns only the longest. */
 struct pol_nkey {
     u32 prefixlen;
+    u32 gen;
     u8 name[POL_NAME_MAX];
 };
 struct pol_buf {
@@ -83,6 +87,7 @@ struct pol_buf {
     u32 bad;
     u32 p;        /* egress: payload offset of this segment's unread hello bytes */
     u32 reason;   /* egress: POL_R_* */
+    u32 gen;      /* DNS: the policy generation read when the answer arrived (all stages use it) */
     u8 daddr[16];
 };
 /* A ClientHello being reassembled, per socket cookie. */
@@ -93,13 +98,16 @@ struct pol_hello {
     u32 pad;
     u8 buf[2 * POL_HELLO_BUF];  /* the second half: slack for masked offsets plus lengths */
 };
+/* Learned addresses carry the policy generation whose name masks they hold (gen, below). */
 struct pol_lkey4 {
     u32 uid;
     u32 addr;
+    u32 gen;
 };
 struct pol_lkey6 {
     u32 uid;
     u8 addr[16];
+    u32 gen;
 };
 struct pol_tls_rec {
     struct pol_rec r;
@@ -109,11 +117,21 @@ struct pol_tls_rec {
 #define V64(x) (*(volatile u64 *)&(x))
 #define BARRIER_VAR(x) asm volatile("" : "+r"(x))
 
-BPF_ARRAY(pol_conf, struct pol_conf, 1);
-BPF_ARRAY(pol_rules, struct pol_rule, POL_MAX_RULES);
-BPF_LPM_TRIE(pol_addr4, struct pol_lpm4, u64, POL_MAX_ADDRS);
-BPF_LPM_TRIE(pol_addr6, struct pol_lpm6, u64, POL_MAX_ADDRS);
-BPF_LPM_TRIE(pol_names, struct pol_nkey, u64, POL_MAX_NAMES);
+/* Two generations of everything the policy writes (conf, rules, address and name masks, learned
+ * addresses), and one switch: pol_gen[0] names the generation in force. A reload writes the other
+ * generation completely, then flips pol_gen (one 4-byte write); a decision reads pol_gen once and
+ * uses that generation throughout, so it sees the old policy or the new one, never a mix. */
+BPF_ARRAY(pol_gen, u32, 1);
+BPF_ARRAY(pol_conf, struct pol_conf, 2);
+/* Slot i holds rule i of both generations (the pair is rewritten whole; the half in force keeps
+ * its bytes): one lookup, then the generation's half at a bounded offset (no fork per generation). */
+struct pol_rule2 {
+    struct pol_rule g[2];
+};
+BPF_ARRAY(pol_rules, struct pol_rule2, POL_MAX_RULES);
+BPF_LPM_TRIE(pol_addr4, struct pol_lpm4, u64, 2 * POL_MAX_ADDRS);
+BPF_LPM_TRIE(pol_addr6, struct pol_lpm6, u64, 2 * POL_MAX_ADDRS);
+BPF_LPM_TRIE(pol_names, struct pol_nkey, u64, 2 * POL_MAX_NAMES);
 /* Addresses learned from DNS answers, per (uid of the socket that received them, address). LRU:
  * a full map forgets the least recently used (the SNI check still sees those flows). */
 BPF_TABLE("lru_hash", struct pol_lkey4, u64, pol_learn4, POL_MAX_ADDRS);
@@ -126,9 +144,21 @@ BPF_PERCPU_ARRAY(pol_hello_zero, struct pol_hello, 1);  /* never written: a zero
 /* [0] the DNS parser (ingress), [1] the hello parser (egress): a softirq ingress must not overwrite
  * an egress program's names on the same CPU. */
 BPF_PERCPU_ARRAY(pol_scratch, struct pol_buf, 2);
-/* [0] pol_denied_sk entries taken, [1] hellos not judged (POL_R_*), [2] learned addresses */
-BPF_PERCPU_ARRAY(pol_counts, u64, 4);
-BPF_RINGBUF_OUTPUT(pol_events, 16);
+/* [0] pol_denied_sk entries taken, [1] hellos not judged (POL_R_*), [2] learned addresses,
+ * [3] decision records the ring had no room for (the verdict stood), [4] learned addresses the
+ * map refused, [5] denied sockets the map refused (their next segment is judged again): [3]-[5]
+ * are reported as EventsLost (busted/enforce.py, POL_COUNTS) */
+BPF_PERCPU_ARRAY(pol_counts, u64, 6);
+/* 256 KiB: user space aggregates repeated decisions, but every record must reach it to be counted */
+BPF_RINGBUF_OUTPUT(pol_events, 64);
+
+static __always_inline void pol_ring_full(void)
+{
+    u32 i = 3;
+    u64 *v = pol_counts.lookup(&i);
+    if (v)
+        *v += 1;
+}
 /* Stages run as tail calls, each verified on its own: one program walking a name, hashing it and
  * then the answers exceeds the verifier's 8192-jump path history. The loader fills the slots. */
 BPF_PROG_ARRAY(pol_dns_tail, 3);
@@ -143,17 +173,26 @@ BPF_PROG_ARRAY(pol_skb_tail, 4);
 #define SCRATCH_DNS 0
 #define SCRATCH_TLS 1
 
-static __always_inline struct pol_conf *pol_cfg(void)
+/* The generation in force, read once per decision. A missing pol_gen entry (never: an array)
+ * ends the program at once rather than forking the verifier's walk into two generations. */
+static __always_inline u32 *pol_gen_ptr(void)
 {
     u32 z = 0;
-    return pol_conf.lookup(&z);
+    return pol_gen.lookup(&z);
+}
+
+static __always_inline struct pol_conf *pol_cfg(u32 gen)
+{
+    u32 k = gen & 1;
+    return pol_conf.lookup(&k);
 }
 
 /* The deciding action for a destination mask; *rule gets the policy rule index (or POL_DEFAULT).
  * skb != 0: judged at egress, where comm is not known (such rules count as unverifiable). */
-static __always_inline u32 pol_eval(u64 mask, u32 uid, const u64 *comm, struct __sk_buff *skb, u32 *rule)
+static __always_inline u32 pol_eval(u32 gen, u64 mask, u32 uid, const u64 *comm, struct __sk_buff *skb,
+                                    u32 *rule)
 {
-    struct pol_conf *c = pol_cfg();
+    struct pol_conf *c = pol_cfg(gen);
     if (!c)
         return POL_ALLOW;
     u32 n = c->nrules;
@@ -161,9 +200,10 @@ static __always_inline u32 pol_eval(u64 mask, u32 uid, const u64 *comm, struct _
         if (i >= n)
             break;
         u32 k = i;
-        struct pol_rule *r = pol_rules.lookup(&k);
-        if (!r)
+        struct pol_rule2 *rr = pol_rules.lookup(&k);
+        if (!rr)
             break;
+        struct pol_rule *r = &rr->g[gen & 1];
         if (!(mask & (1ULL << (r->bit & 63))))
             continue;
         if ((r->flags & PR_UID) && r->uid != uid)
@@ -199,8 +239,10 @@ static __always_inline void pol_emit(u32 point, u32 rule, u32 uid, u32 family, u
                                      const void *addr, u64 cgid, u64 cookie)
 {
     struct pol_rec *r = pol_events.ringbuf_reserve(sizeof(struct pol_rec));
-    if (!r)
+    if (!r) {
+        pol_ring_full();
         return;
+    }
     u64 pt = bpf_get_current_pid_tgid();
     r->ts_ns = bpf_ktime_get_ns();
     r->cgroup = cgid;
@@ -232,19 +274,20 @@ static __always_inline void pol_count(u32 i)
 
 /* An address's mask: the policy's (catalog CIDRs, written by user space) and what DNS answers
  * received by sockets of this uid taught. */
-static __always_inline u64 pol_addr4_mask(u32 uid, u32 addr)
+static __always_inline u64 pol_addr4_mask(u32 gen, u32 uid, u32 addr)
 {
-    struct pol_lpm4 k = {32, addr};
-    struct pol_lkey4 lk = {uid, addr};
+    struct pol_lpm4 k = {64, gen & 1, addr};
+    struct pol_lkey4 lk = {uid, addr, gen & 1};
     u64 *m = pol_addr4.lookup(&k);
     u64 *l = pol_learn4.lookup(&lk);
     return (m ? *m : 0) | (l ? *l : 0);
 }
 
-static __always_inline u64 pol_addr6_mask(u32 uid, const u8 *addr)
+static __always_inline u64 pol_addr6_mask(u32 gen, u32 uid, const u8 *addr)
 {
-    struct pol_lpm6 k = {128};
+    struct pol_lpm6 k = {160, gen & 1};
     struct pol_lkey6 lk = {uid};
+    lk.gen = gen & 1;
     __builtin_memcpy(k.addr, addr, 16);
     __builtin_memcpy(lk.addr, addr, 16);
     u64 *m = pol_addr6.lookup(&k);
@@ -295,10 +338,10 @@ static __always_inline int pol_budget_hit(u64 mask, u32 uid, u32 *rule)
     return 0;
 }
 
-static __always_inline int pol_connect_common(struct bpf_sock_addr *ctx, u64 mask, u32 family,
+static __always_inline int pol_connect_common(struct bpf_sock_addr *ctx, u32 gen, u64 mask, u32 family,
                                               const void *addr)
 {
-    struct pol_conf *c = pol_cfg();
+    struct pol_conf *c = pol_cfg(gen);
     if (!c || !mask || (mask & (1ULL << POL_AMBIG_BIT)))
         return 1;
     if ((bpf_get_current_pid_tgid() >> 32) == c->own_tgid)
@@ -307,7 +350,7 @@ static __always_inline int pol_connect_common(struct bpf_sock_addr *ctx, u64 mas
     u64 comm[2] = {};
     bpf_get_current_comm(comm, sizeof(comm));
     u32 rule = 0;
-    if (pol_eval(mask, uid, comm, 0, &rule) != POL_DENY && !pol_budget_hit(mask, uid, &rule))
+    if (pol_eval(gen, mask, uid, comm, 0, &rule) != POL_DENY && !pol_budget_hit(mask, uid, &rule))
         return 1;
     pol_emit(POINT_CONNECT, rule, uid, family, __builtin_bswap16((u16)ctx->user_port), addr,
              bpf_get_current_cgroup_id(), 0);
@@ -319,10 +362,14 @@ int pol_connect4(struct bpf_sock_addr *ctx)
     if (ctx->type != BST_SOCK_STREAM)
         return 1;
     u32 a = ctx->user_ip4;
-    u64 m = pol_addr4_mask((u32)bpf_get_current_uid_gid(), a);
+    u32 *gp = pol_gen_ptr();
+    if (!gp)
+        return 1;
+    u32 gen = *gp & 1;
+    u64 m = pol_addr4_mask(gen, (u32)bpf_get_current_uid_gid(), a);
     if (!m)
         return 1;
-    return pol_connect_common(ctx, m, 4, &a);
+    return pol_connect_common(ctx, gen, m, 4, &a);
 }
 
 int pol_connect6(struct bpf_sock_addr *ctx)
@@ -335,26 +382,31 @@ int pol_connect6(struct bpf_sock_addr *ctx)
     w[2] = ctx->user_ip6[2];
     w[3] = ctx->user_ip6[3];
     u32 uid = (u32)bpf_get_current_uid_gid();
+    u32 *gp = pol_gen_ptr();
+    if (!gp)
+        return 1;
+    u32 gen = *gp & 1;
     u64 m;
     if (w[0] == 0 && w[1] == 0 && w[2] == __builtin_bswap32(0xffff)) {  /* ::ffff:a.b.c.d */
-        m = pol_addr4_mask(uid, w[3]);
+        m = pol_addr4_mask(gen, uid, w[3]);
         if (!m)
             return 1;
-        return pol_connect_common(ctx, m, 4, &w[3]);
+        return pol_connect_common(ctx, gen, m, 4, &w[3]);
     }
-    m = pol_addr6_mask(uid, (u8 *)w);
+    m = pol_addr6_mask(gen, uid, (u8 *)w);
     if (!m)
         return 1;
-    return pol_connect_common(ctx, m, 6, w);
+    return pol_connect_common(ctx, gen, m, 6, w);
 }
 
 /* The rule mask of the dotted name of length n (1..POL_DNS_NAME_MAX) whose byte k is at
  * b->nm[k % POL_NAME_MAX]: looked up by its last POL_NAME_MAX bytes, written backwards. The loop
  * is branch-free (arithmetic masks instead of ifs), so the verifier walks one path. */
-static __always_inline u64 pol_name_mask(struct pol_buf *b, u32 n)
+static __always_inline u64 pol_name_mask(u32 gen, struct pol_buf *b, u32 n)
 {
     struct pol_nkey *k = &b->key;
-    k->prefixlen = POL_NAME_MAX * 8;
+    k->prefixlen = 32 + POL_NAME_MAX * 8;
+    k->gen = gen & 1;
     for (u32 i = 0; i < POL_NAME_MAX; i++) {
         u64 valid = ((u64)((s64)i - (s64)n)) >> 63;       /* i < n */
         u64 c = b->nm[(n - 1 - i) & (POL_NAME_MAX - 1)] * valid;
@@ -366,9 +418,9 @@ static __always_inline u64 pol_name_mask(struct pol_buf *b, u32 n)
     return m ? *m : 0;
 }
 
-static __always_inline void pol_learn_a4(u32 uid, u32 addr, u64 mask)
+static __always_inline void pol_learn_a4(u32 gen, u32 uid, u32 addr, u64 mask)
 {
-    struct pol_lkey4 k = {uid, addr};
+    struct pol_lkey4 k = {uid, addr, gen & 1};
     u64 v = mask;
     u64 *old = pol_learn4.lookup(&k);
     if (old && *old) {
@@ -376,13 +428,17 @@ static __always_inline void pol_learn_a4(u32 uid, u32 addr, u64 mask)
             return;
         v = *old | mask | (1ULL << POL_AMBIG_BIT);
     }
-    pol_learn4.update(&k, &v);
+    if (pol_learn4.update(&k, &v) != 0) {
+        pol_count(4);
+        return;
+    }
     pol_count(2);
 }
 
-static __always_inline void pol_learn_a6(u32 uid, const u8 *addr, u64 mask)
+static __always_inline void pol_learn_a6(u32 gen, u32 uid, const u8 *addr, u64 mask)
 {
     struct pol_lkey6 k = {uid};
+    k.gen = gen & 1;
     __builtin_memcpy(k.addr, addr, 16);
     u64 v = mask;
     u64 *old = pol_learn6.lookup(&k);
@@ -391,7 +447,10 @@ static __always_inline void pol_learn_a6(u32 uid, const u8 *addr, u64 mask)
             return;
         v = *old | mask | (1ULL << POL_AMBIG_BIT);
     }
-    pol_learn6.update(&k, &v);
+    if (pol_learn6.update(&k, &v) != 0) {
+        pol_count(4);
+        return;
+    }
     pol_count(2);
 }
 
@@ -436,6 +495,11 @@ int pol_dns_ingress(struct __sk_buff *skb)
     V32(b->an) = ((u32)d[6] << 8) | d[7];
     V32(b->n) = n;
     V32(b->uid) = bpf_get_socket_uid(skb);
+    u32 *gp = pol_gen_ptr();
+    if (!gp)
+        return 1;
+    u32 gen = *gp & 1;
+    V32(b->gen) = gen;
     V64(b->mask) = 0;
     V32(b->stage) = 0;
     V32(b->a) = 0;
@@ -522,7 +586,7 @@ int pol_dns_mask(struct __sk_buff *skb)
     u32 nl = V32(b->nl);
     if (nl == 0 || nl > POL_DNS_NAME_MAX)
         return 1;
-    V64(b->mask) = V64(b->mask) | pol_name_mask(b, nl);
+    V64(b->mask) = V64(b->mask) | pol_name_mask(V32(b->gen), b, nl);
     if (V32(b->stage) == 0)
         V32(b->off) = V32(b->nend) + 4;  /* past the question's qtype, qclass */
     pol_dns_tail.call(skb, TAIL_DNS_ANSWERS);
@@ -578,11 +642,11 @@ int pol_dns_answers(struct __sk_buff *skb)
     if (mask && type == 1 && rdl == 4) {
         u32 a4;
         __builtin_memcpy(&a4, &d[o], 4);
-        pol_learn_a4(V32(b->uid), a4, mask);
+        pol_learn_a4(V32(b->gen), V32(b->uid), a4, mask);
     } else if (mask && type == 28 && rdl == 16) {
         u8 a6[16];
         __builtin_memcpy(a6, &d[o], 16);
-        pol_learn_a6(V32(b->uid), a6, mask);
+        pol_learn_a6(V32(b->gen), V32(b->uid), a6, mask);
     }
     pol_dns_tail.call(skb, TAIL_DNS_ANSWERS);  /* the next answer (one program per answer) */
     return 1;
@@ -820,8 +884,10 @@ static __always_inline void pol_emit_tls(struct __sk_buff *skb, struct pol_buf *
                                          u32 rule, u32 uid, u64 ck, u32 verdict)
 {
     struct pol_tls_rec *r = pol_events.ringbuf_reserve(sizeof(struct pol_tls_rec));
-    if (!r)
+    if (!r) {
+        pol_ring_full();
         return;
+    }
     u64 pt = bpf_get_current_pid_tgid();
     r->r.ts_ns = bpf_ktime_get_ns();
     r->r.cgroup = bpf_skb_cgroup_id(skb);
@@ -890,7 +956,11 @@ int pol_egress_judge(struct __sk_buff *skb)
     struct pol_buf *b = pol_scratch.lookup(&z);
     if (!b)
         return 1;
-    struct pol_conf *c = pol_cfg();
+    u32 *gp = pol_gen_ptr();
+    if (!gp)
+        return 1;
+    u32 gen = *gp & 1;
+    struct pol_conf *c = pol_cfg(gen);
     if (c && (bpf_get_current_pid_tgid() >> 32) == c->own_tgid)
         return 1;
     u64 ck = bpf_get_socket_cookie(skb);
@@ -904,13 +974,13 @@ int pol_egress_judge(struct __sk_buff *skb)
         if (V32(b->family) == 4) {
             u32 a4;
             __builtin_memcpy(&a4, b->daddr, 4);
-            mask = pol_addr4_mask(uid, a4);
+            mask = pol_addr4_mask(gen, uid, a4);
         } else {
             u8 a6[16];
             __builtin_memcpy(a6, b->daddr, 16);
-            mask = pol_addr6_mask(uid, a6);
+            mask = pol_addr6_mask(gen, uid, a6);
         }
-        u32 act = mask ? pol_eval(mask, uid, 0, skb, &rule) : POL_ALLOW;
+        u32 act = mask ? pol_eval(gen, mask, uid, 0, skb, &rule) : POL_ALLOW;
         drop = (mask & (1ULL << POL_AMBIG_BIT)) || act == POL_DENY;
         if (!drop)
             rule = POL_DEFAULT;
@@ -918,8 +988,8 @@ int pol_egress_judge(struct __sk_buff *skb)
         u32 nl = V32(b->nl);
         if (nl == 0 || nl > POL_DNS_NAME_MAX)
             return 1;
-        u64 mask = pol_name_mask(b, nl);
-        if (!mask || pol_eval(mask, uid, 0, skb, &rule) != POL_DENY) {
+        u64 mask = pol_name_mask(gen, b, nl);
+        if (!mask || pol_eval(gen, mask, uid, 0, skb, &rule) != POL_DENY) {
             pol_hello.delete(&ck);  /* judged: later segments pass without a look */
             return 1;
         }
@@ -927,8 +997,10 @@ int pol_egress_judge(struct __sk_buff *skb)
     }
     BARRIER_VAR(drop);
     if (drop) {
-        pol_denied_sk.update(&ck, &rule);
-        pol_count(0);
+        if (pol_denied_sk.update(&ck, &rule) != 0)
+            pol_count(5);
+        else
+            pol_count(0);
     }
     pol_emit_tls(skb, b, st, rule, uid, ck, drop ? POL_V_DROP : POL_V_PASS);
     pol_hello.delete(&ck);

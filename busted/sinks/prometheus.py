@@ -273,7 +273,7 @@ class PrometheusExporter:
             self._budget(ev)
         elif isinstance(ev, PolicyDecision):
             self._labels(self.policy, _label(ev.rule), ev.action, "true" if ev.enforced else "false", ev.point,
-                         fold=(0,)).inc()
+                         fold=(0,)).inc(max(1, ev.count))  # an aggregated event stands for ``count``
         self.open_flows.set(len(self.view))
 
     def _count_call(self, ev: LlmCall) -> None:

@@ -157,3 +157,131 @@ def test_fold_names_and_name_mask_are_linear_in_the_names():
     2.3 s at every reload). The work counted per name stays flat from 1 k to 8 k names."""
     small, big = _fold_ops(1000), _fold_ops(8000)
     assert big / small < 8 * 2, (small, big)  # linear: ~8x; the quadratic fold was ~64x
+
+
+def test_aggregated_decision_fields_round_trip_through_the_outputs(tmp_path):
+    """Issue 18 item 9: ``count``/``first_ns``/``last_ns`` are in to_dict, so in JSONL lines and in
+    the store's ``events`` JSON, and come back from them."""
+    from busted.sinks._codec import encode, event_from_dict
+    from busted.sinks.sqlite import Store
+
+    d = PolicyDecision(ts_ns=9, wall_time=1.0, rule="r", action="deny", enforced=True, point="connect",
+                       matched=(("daddr", "10.0.0.1"),), pid=3, daddr="10.0.0.1", dport=443,
+                       count=17_127, first_ns=5, last_ns=9)
+    out = d.to_dict()
+    assert (out["count"], out["first_ns"], out["last_ns"]) == (17_127, 5, 9)
+    assert event_from_dict(out) == d
+    assert encode(d) is not None
+    with Store(str(tmp_path / "s.db")) as st:
+        st.write(d)
+        st.flush()
+        back = list(st.events(kinds=["policy_decision"]))
+    assert back and back[0].count == 17_127 and back[0].first_ns == 5 and back[0].last_ns == 9
+
+
+def _agg_enforcer():
+    """An Enforcer's aggregation state without BPF (``_aggregate`` and ``_flush_windows`` only)."""
+    from busted.enforce import Enforcer
+
+    e = Enforcer.__new__(Enforcer)
+    e._events, e._windows, e._lost, e._names, e.decisions_in = [], {}, {}, {}, 0
+    e._policy = Policy.from_dict({"default": "audit", "rules": [
+        {"name": "no-deepseek", "action": "deny", "provider": "deepseek"}]})
+    e.catalog = Catalog.builtin()
+    e.compiled = compile_policy(e._policy, e.catalog)
+    return e
+
+
+def _rec(ts, pid=50, daddr=b"\x0a\0\0\x01" + bytes(12)):
+    return dict(ts_ns=ts, cgroup=1, cookie=0, pid=pid, tid=pid, uid=1000, rule=0, point=1, family=4,
+                dport=443, daddr=daddr, comm=b"loop" + bytes(12))
+
+
+def test_identical_denials_aggregate_per_window_and_every_one_is_counted():
+    """Issue 18 item 9: 20 k identical denials over 5 s (a connect() loop; 670 k events in 28 s
+    before) become the first at once and one event per 1 s window; their counts add up to every
+    denial. Another process or destination is its own key; open windows are capped (the oldest
+    reported early) and the final flush reports what is left."""
+    from busted.enforce import AGG_MAX_KEYS, AGG_WINDOW_NS
+
+    e = _agg_enforcer()
+    n, step = 20_000, 250_000  # 20 k records, one every 0.25 ms: 5 s
+    out = []
+    for i in range(n):
+        e._aggregate(_rec(10**9 + i * step))
+        if i % 400 == 0:  # the reader's drain, every 0.1 s of the loop's time
+            e._flush_windows(10**9 + i * step)
+            out += e._events
+            e._events = []
+    e._flush_windows(0, final=True)
+    out += e._events
+    assert all(isinstance(d, PolicyDecision) and d.rule == "no-deepseek" and d.pid == 50 for d in out)
+    assert out[0].count == 1 and sum(d.count for d in out) == n
+    assert len(out) <= 2 + 2 * 5, [d.count for d in out]
+    assert all(d.first_ns <= d.last_ns and d.last_ns - d.first_ns < AGG_WINDOW_NS for d in out)
+    assert not e._windows
+
+    e = _agg_enforcer()
+    e._aggregate(_rec(1))
+    e._aggregate(_rec(2, pid=51))
+    e._aggregate(_rec(3, daddr=b"\x0a\0\0\x02" + bytes(12)))
+    assert [d.count for d in e._events] == [1, 1, 1]  # three keys: each first reported
+    for i in range(AGG_MAX_KEYS + 10):
+        e._aggregate(_rec(10 + i, pid=1000 + i))
+    assert len(e._windows) <= AGG_MAX_KEYS
+    e._flush_windows(0, final=True)
+    assert len(e._events) == AGG_MAX_KEYS + 13 and not e._windows
+
+
+class _FullTable:
+    """A bcc table whose writes fail as a full map's do."""
+
+    class Key:
+        uid = 0
+        addr = 0
+
+    def get(self, _k):
+        return None
+
+    def __setitem__(self, _k, _v):
+        raise Exception("Could not update table: No space left on device")
+
+    def getvalue(self, _i):
+        return [0, 0]
+
+
+class _FullBpf:
+    def __getitem__(self, _name):
+        return _FullTable()
+
+
+def test_a_map_write_error_is_a_counted_loss_not_a_dead_reader():
+    """Issue 18 item 7: a DNS answer the kernel map refuses ("Could not update table: No space left
+    on device") raised out of the reader and killed it; a budget map error too. Now each is an
+    EventsLost (KERNEL_MAP) with the reason, and the next answer is tried again."""
+    import threading
+
+    from cachetools import LRUCache
+
+    from busted import EventsLost
+    from busted.enforce import _COUNT_LOSSES
+    from busted.events import DnsAnswer, DnsRecord, LossPlace
+
+    e = _agg_enforcer()
+    e._lock, e.bpf, e._learned = threading.Lock(), _FullBpf(), LRUCache(maxsize=16)
+    e._kcounts, e._gen = dict.fromkeys(_COUNT_LOSSES, 0), 0
+    e._policy = Policy.from_dict({"default": "audit", "rules": [
+        {"name": "no-anthropic", "action": "deny", "provider": "anthropic"}]})
+    e.compiled = compile_policy(e._policy, e.catalog)
+    ans = DnsAnswer(ts_ns=1, wall_time=1.0, pid=1, transport="tcp", flow_id=3, qname="api.anthropic.com",
+                    qtype="A", rcode="NOERROR", answers=(DnsRecord("api.anthropic.com", "A", "10.0.0.1", 60),))
+    for _ in range(3):
+        e.learn_dns(ans, uid=0)  # raised before
+    assert e.budget_commands(["clear"]) == []  # a table without keys(): raised before
+    lost = [x for x in e._losses() if isinstance(x, EventsLost)]
+    assert {x.where for x in lost} == {LossPlace.KERNEL_MAP}
+    by = {x.detail: x.count for x in lost}
+    learn = [d for d in by if "DNS answer not learned" in d]
+    assert learn and by[learn[0]] == 3 and "No space left on device" in learn[0]
+    assert any("budget map not written" in d for d in by)
+    assert e._losses() == []  # reported once
