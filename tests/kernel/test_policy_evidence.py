@@ -4,21 +4,19 @@ denied name resolved and connected at once, a musl-style unconnected lookup, one
 handshake poisoning an address, and a forged DNS answer read from a pipe by an unprivileged user.
 Real clients in the lab; the scope is a test cgroup."""
 
-import os
 import socket
 import struct
 import subprocess
 import sys
 import time
 import uuid
-from pathlib import Path
 
 import pytest
 from conftest import collect
+from scopes import scope_cgroup
 
 import busted
 from busted import Policy, PolicyDecision
-from busted.enforce import cgroup2_mount
 
 # A real TLS client (Python's ssl over memory BIOs) whose ClientHello leaves the host as told:
 # whole, re-framed into two TLS records in one segment, two records in two segments, or one record
@@ -95,18 +93,8 @@ NOBODY = 65534
 
 @pytest.fixture(scope="module")
 def cgroup():
-    mount = cgroup2_mount()
-    assert mount is not None
-    path = Path(mount) / f"busted-evidence-test-{os.getpid()}"
-    path.mkdir()
-    yield path
-    for _ in range(50):
-        try:
-            path.rmdir()
-            return
-        except OSError:
-            time.sleep(0.1)
-    raise AssertionError(f"{path} still has processes: {(path / 'cgroup.procs').read_text()}")
+    with scope_cgroup("busted-evidence-test") as path:
+        yield path
 
 
 def run(lab, argv, cg, timeout=20.0, uid=None):

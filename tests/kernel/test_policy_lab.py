@@ -2,7 +2,6 @@
 at the TLS ClientHello (an address shared by an allowed and a denied name), hot reload, and
 nothing left attached after exit or SIGKILL. Clients run in a test cgroup (the scope)."""
 
-import os
 import subprocess
 import sys
 import time
@@ -11,10 +10,10 @@ from pathlib import Path
 
 import pytest
 from conftest import collect
+from scopes import scope_cgroup
 
 import busted
 from busted import FlowOpened, Policy, PolicyDecision, PolicyError
-from busted.enforce import cgroup2_mount
 
 DENY_ANTHROPIC = {"default": "audit", "rules": [
     {"name": "no-anthropic", "action": "deny", "provider": "anthropic"},
@@ -29,18 +28,8 @@ PY_HTTPX = ("import httpx, sys\n"
 @pytest.fixture(scope="module")
 def cgroup():
     """A cgroup v2 directory for the clients: the enforcement scope."""
-    mount = cgroup2_mount()
-    assert mount is not None
-    path = Path(mount) / f"busted-policy-test-{os.getpid()}"
-    path.mkdir()
-    yield path
-    for _ in range(50):  # its processes are gone once the clients are reaped
-        try:
-            path.rmdir()
-            return
-        except OSError:
-            time.sleep(0.1)
-    raise AssertionError(f"{path} still has processes: {(path / 'cgroup.procs').read_text()}")
+    with scope_cgroup("busted-policy-test") as path:
+        yield path
 
 
 def _into(cg: Path | None):

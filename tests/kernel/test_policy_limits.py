@@ -4,7 +4,6 @@ enforcement scope); nothing listens on the addresses, so a connect that gets pas
 fails with ECONNREFUSED and one the policy stops fails with EPERM."""
 
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -12,11 +11,12 @@ import time
 from pathlib import Path
 
 import pytest
+from scopes import scope_cgroup
 
 from busted import Direction, EventsLost, FlowOpened, Policy, PolicyDecision
 from busted.classify import Catalog
 from busted.classify.providers import Provider
-from busted.enforce import MAX_ADDRS, PolicyRuntime, cgroup2_mount
+from busted.enforce import MAX_ADDRS, PolicyRuntime
 from busted.events import DnsAnswer, DnsRecord, LossPlace
 
 DENIED, ALLOWED, PORT = "127.77.0.1", "127.77.0.2", 9
@@ -50,18 +50,8 @@ print(json.dumps(res), flush=True)
 
 @pytest.fixture(scope="module")
 def cgroup():
-    mount = cgroup2_mount()
-    assert mount is not None
-    path = Path(mount) / f"busted-policy-limits-{os.getpid()}"
-    path.mkdir()
-    yield path
-    for _ in range(50):
-        try:
-            path.rmdir()
-            return
-        except OSError:
-            time.sleep(0.1)
-    raise AssertionError(f"{path} still has processes")
+    with scope_cgroup("busted-policy-limits") as path:
+        yield path
 
 
 def catalog() -> Catalog:
