@@ -14,6 +14,8 @@ import time
 import urllib.request
 from collections import Counter
 
+from clients import gemini_client
+
 from busted.sinks import Store
 
 OPENAI_KEY = "sk-proj-OUTPUTSSECRET0123456789abcdefXYZ"
@@ -29,16 +31,7 @@ r = c.chat.completions.create(model="gpt-4o-mini", messages=[{{"role": "user", "
 print(r.usage.prompt_tokens, r.usage.completion_tokens)
 """
 
-GEMINI = f"""
-import http.client, json, ssl
-c = http.client.HTTPSConnection("generativelanguage.googleapis.com", 443, context=ssl.create_default_context())
-body = json.dumps({{"contents": [{{"parts": [{{"text": "hello from the outputs test"}}]}}],
-                   "generationConfig": {{"maxOutputTokens": 5}}}})
-c.request("POST", "/v1beta/models/gemini-1.5-flash:generateContent?key={GOOGLE_KEY}", body=body,
-          headers={{"Content-Type": "application/json"}})
-u = json.loads(c.getresponse().read())["usageMetadata"]
-print(u["promptTokenCount"], u["candidatesTokenCount"])
-"""
+GEMINI = gemini_client(GOOGLE_KEY, "hello from the outputs test")
 
 
 def _wait_ready(proc, timeout: float = 60.0) -> bytes:

@@ -15,6 +15,7 @@ import time
 from pathlib import Path
 
 import pytest
+from clients import gemini_client
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "unit"))  # the receivers live with the unit tests
 from otlp_receiver import GrpcReceiver, HttpReceiver  # noqa: E402
@@ -30,16 +31,7 @@ r = c.chat.completions.create(model="gpt-4o-mini", messages=[{{"role": "user", "
                               max_tokens=7)
 print(r.model, r.usage.prompt_tokens, r.usage.completion_tokens)
 """
-GEMINI = f"""
-import http.client, json, ssl
-c = http.client.HTTPSConnection("generativelanguage.googleapis.com", 443, context=ssl.create_default_context())
-body = json.dumps({{"contents": [{{"parts": [{{"text": "hello from the otlp test"}}]}}],
-                   "generationConfig": {{"maxOutputTokens": 5}}}})
-c.request("POST", "/v1beta/models/gemini-1.5-flash:generateContent?key={GOOGLE_KEY}", body=body,
-          headers={{"Content-Type": "application/json"}})
-u = json.loads(c.getresponse().read())["usageMetadata"]
-print(u["promptTokenCount"], u["candidatesTokenCount"])
-"""
+GEMINI = gemini_client(GOOGLE_KEY, "hello from the otlp test")
 CLIENT = 3  # opentelemetry.proto.trace.v1.Span.SpanKind.SPAN_KIND_CLIENT
 
 
