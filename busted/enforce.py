@@ -49,6 +49,7 @@ from typing import Any
 
 from cachetools import LRUCache
 
+from busted.classify.containers import container_of
 from busted.classify.names import normalize_name
 from busted.ebpf.layout import Layout
 from busted.errors import PermissionDenied, PolicyError, ProbeLoadError
@@ -65,23 +66,27 @@ MAX_RULES = _MAX_RULES  # bits 0..61; 62 and 63 are reserved
 MAX_KERNEL_RULES = MAX_KERNEL_ENTRIES
 POL_ALLOW, POL_AUDIT, POL_DENY = 0, 1, 2
 POL_DEFAULT = 0xFFFF
-PR_UID, PR_COMM, PR_CGROUP, PR_USER_ONLY = 1, 2, 4, 8
-POINT_CONNECT, POINT_TLS = 1, 2
+PR_UID, PR_COMM, PR_CGROUP, PR_USER_ONLY, PR_EXE, PR_CTR = 1, 2, 4, 8, 16, 32
+POINT_CONNECT, POINT_TLS, POINT_CGROUP = 1, 2, 3  # POINT_CGROUP: a cgroup_mkdir record, not a decision
+CF_EXE, CF_CTR = 1, 2  # pol_conf.flags: the policy has kernel exe / container rules
 AGG_WINDOW_NS = 1_000_000_000  # identical kernel decisions within this window become one event
 AGG_MAX_KEYS = 4096  # open aggregation windows; past it the oldest is reported early
 # pol_counts slots (policy_enforce.c); the last three are losses, reported as EventsLost.
-POL_COUNTS = ("denied_sockets", "sni_unjudged", "dns_learned", "ring_full", "learn_refused", "denied_sk_refused")
+POL_COUNTS = ("denied_sockets", "sni_unjudged", "dns_learned", "ring_full", "learn_refused", "denied_sk_refused",
+              "exe_refused", "exe_unknown")
 _COUNT_LOSSES = {
     "ring_full": (LossPlace.KERNEL_RING, "policy: decision records lost, ring full (the verdicts stood)"),
     "learn_refused": (LossPlace.KERNEL_MAP, "policy: learned address refused by the kernel map: not learned"),
     "denied_sk_refused": (LossPlace.KERNEL_MAP,
                           "policy: denied socket not remembered (map refused): its next segment is judged again"),
+    "exe_refused": (LossPlace.KERNEL_MAP,
+                    "policy: process not tracked (pol_exe_proc full): its exe is unknown to exe rules"),
 }
 _ACTION_CODE = {"allow": POL_ALLOW, "audit": POL_AUDIT, "deny": POL_DENY}
 _POINTS = {POINT_CONNECT: "connect", POINT_TLS: "tls_client_hello"}
 CGROUP2_MOUNTS = ("/sys/fs/cgroup/unified", "/sys/fs/cgroup")
 
-POL_CONF = Layout.of("pol_conf", ("own_tgid", "u32"), ("nrules", "u32"), ("dflt", "u32"), ("pad", "u32"))
+POL_CONF = Layout.of("pol_conf", ("own_tgid", "u32"), ("nrules", "u32"), ("dflt", "u32"), ("flags", "u32"))
 POL_RULE = Layout.of(
     "pol_rule",
     ("cg_id", "u64"),
@@ -108,6 +113,7 @@ POL_REC = Layout.of(
     ("dport", "u32"),
     ("daddr", "u8", 16),
     ("comm", "char", 16),
+    ("exe", "char", 128),  # connect: the caller's program as pol_exe_proc knows it (EXE_MAX)
 )
 # What follows a pol_rec for a ClientHello decision: why the SNI could not be judged (0: it was),
 # whether the hello was dropped, and the name seen (its last 128 bytes).
@@ -119,6 +125,11 @@ SNI_REASONS = {1: "sni_beyond_reassembly_bound", 2: "malformed_hello", 3: "hello
 
 MAX_ADDRS = 65536  # pol_addr4/6 (policy CIDRs) and pol_learn4/6 (LRU) entries, per family
 MAX_NAMES = 16384  # pol_names entries
+EXE_MAX = 128  # bytes of a process's exe path the kernel keeps (the exe trie's key size)
+MAX_EXES = 4096  # pol_exe entries (exe patterns and their aliases), per generation
+MAX_PROCS = 65536  # pol_exe_proc: processes tracked (not preallocated)
+MAX_CTR_CGROUPS = 4096  # pol_ctr: container cgroups, per generation
+CG_LEVELS = 16  # cgroup ancestry levels the kernel looks up for container rules
 
 
 def c_definitions(max_addrs: int = MAX_ADDRS, max_names: int = MAX_NAMES) -> str:
@@ -126,7 +137,10 @@ def c_definitions(max_addrs: int = MAX_ADDRS, max_names: int = MAX_NAMES) -> str
         "POL_MAX_RULES": MAX_KERNEL_RULES, "POL_MAX_ADDRS": max_addrs, "POL_MAX_NAMES": max_names,
         "POL_ALLOW": POL_ALLOW, "POL_AUDIT": POL_AUDIT, "POL_DENY": POL_DENY, "POL_DEFAULT": POL_DEFAULT,
         "PR_UID": PR_UID, "PR_COMM": PR_COMM, "PR_CGROUP": PR_CGROUP, "PR_USER_ONLY": PR_USER_ONLY,
-        "POINT_CONNECT": POINT_CONNECT, "POINT_TLS": POINT_TLS,
+        "POINT_CONNECT": POINT_CONNECT, "POINT_TLS": POINT_TLS, "POINT_CGROUP": POINT_CGROUP,
+        "PR_EXE": PR_EXE, "PR_CTR": PR_CTR, "POL_CF_EXE": CF_EXE, "POL_CF_CTR": CF_CTR,
+        "POL_EXE_MAX": EXE_MAX, "POL_MAX_EXES": MAX_EXES, "POL_MAX_PROCS": MAX_PROCS,
+        "POL_MAX_CTR_CGROUPS": MAX_CTR_CGROUPS, "POL_CG_LEVELS": CG_LEVELS,
     }
     out = ["/* Generated from busted/enforce.py: edit it there. */"]
     out += [f"#define {k} {v}" for k, v in consts.items()]
@@ -248,6 +262,142 @@ class CgroupPaths:
         return p
 
 
+# -- exe paths -----------------------------------------------------------------------------------
+
+def exe_key(pattern: str) -> bytes | None:
+    """The exe trie's key for an exe glob, or None when the kernel cannot express it: an exact
+    path is ``path\\0``, a path with one trailing ``*`` (fnmatch's ``*`` spans ``/``) is the prefix
+    before it. Anything else (``*/curl``, ``/usr/*/curl``, ``[ab]``) is user space only."""
+    if not pattern.startswith("/"):
+        return None
+    if not _glob_chars(pattern):
+        raw = pattern.encode()
+        return raw + b"\0" if len(raw) <= EXE_MAX - 2 else None  # room for the NUL the kernel keeps
+    head = pattern[:-1]
+    if pattern.endswith("*") and not _glob_chars(head):
+        raw = head.encode()
+        return raw if len(raw) <= EXE_MAX - 1 else None
+    return None
+
+
+class _Spellings:
+    """The other paths by which an exec can name a program, as this host is laid out at load time:
+    directory links at the top (merged /usr: ``/bin -> usr/bin``) both ways, what a link resolves
+    to (a rule on ``/usr/bin/python3`` also holds for ``/usr/bin/python3.11``, which /proc shows),
+    and links in the same directory that resolve to it (``python3 -> python3.11``). Bounded: a few
+    directories listed once per compile."""
+
+    def __init__(self, roots: tuple[str, ...] = ("/", "/usr", "/usr/local"), max_entries: int = 20000) -> None:
+        self._max = max_entries
+        self._dirs: dict[str, list[tuple[str, str]]] = {}
+        self.links = [(p, r) for p, r in self._links_in_many(roots) if os.path.isdir(p)]
+
+    def _links_in_many(self, dirs: tuple[str, ...]) -> list[tuple[str, str]]:
+        return [x for d in dirs for x in self._links_in(d)]
+
+    def _links_in(self, d: str) -> list[tuple[str, str]]:
+        """(link, what it resolves to) for the symbolic links in directory ``d``."""
+        got = self._dirs.get(d)
+        if got is None:
+            got = []
+            try:
+                with os.scandir(d) as it:
+                    for n, e in enumerate(it):
+                        if n >= self._max:
+                            break
+                        if e.is_symlink():
+                            got.append((e.path, os.path.realpath(e.path)))
+            except OSError:
+                pass
+            self._dirs[d] = got
+        return got
+
+    def _dir_aliases(self, paths: set[str]) -> set[str]:
+        out = set(paths)
+        for q in paths:
+            for link, real in self.links:
+                if q.startswith(real + "/"):
+                    out.add(link + q[len(real):])
+                elif q.startswith(link + "/"):
+                    out.add(real + q[len(link):])
+        return out
+
+    def of(self, pattern: str) -> set[str]:
+        prefix = pattern.endswith("*")
+        path = pattern[:-1] if prefix else pattern
+        out = self._dir_aliases({path})
+        if not prefix and os.path.exists(path):
+            target = os.path.realpath(path)
+            out.add(target)
+            for d in {os.path.dirname(q) for q in self._dir_aliases({path, target})}:
+                out.update(link for link, real in self._links_in(d) if real == target)
+            out = self._dir_aliases(out)
+        return {q + "*" if prefix else q for q in out}
+
+
+def fold_exes(entries: dict[bytes, int]) -> dict[bytes, int]:
+    """Each exe entry's mask ORed with those of the entries that are proper prefixes of it (an LPM
+    lookup returns the longest only). A probe per byte of the key: linear in the entries."""
+    return {k: m | _or_prefixes(entries, k) for k, m in entries.items()}
+
+
+def _or_prefixes(entries: dict[bytes, int], key: bytes) -> int:
+    m = 0
+    for j in range(1, len(key)):
+        m |= entries.get(key[:j], 0)
+    return m
+
+
+def exe_mask(exes: dict[bytes, int], path: str) -> int:
+    """The Python twin of the kernel's exe lookup: the longest entry that prefixes the path as the
+    kernel keeps it (its first EXE_MAX - 1 bytes, then NUL)."""
+    key = path.encode()[: EXE_MAX - 1] + b"\0"
+    for j in range(len(key), 0, -1):
+        m = exes.get(key[:j])
+        if m is not None:
+            return m
+    return 0
+
+
+# -- containers ----------------------------------------------------------------------------------
+
+def container_cgroups(mount: str | None, max_dirs: int = 100_000) -> dict[int, tuple[str, str]]:
+    """cgroup id -> (path, container id) for the top cgroup of every container under the v2 mount
+    (a path busted.classify.containers names a container in, whose parent names another or none).
+    What is below a container's top cgroup is reached through the ancestry in the kernel."""
+    out: dict[int, tuple[str, str]] = {}
+    if not mount:
+        return out
+    stack = [(mount, "/", None)]
+    n = 0
+    while stack and n < max_dirs:  # bounded: a hostile tree cannot keep us here
+        d, rel, parent_cid = stack.pop()
+        n += 1
+        cid = container_of(rel).container_id if rel != "/" else None
+        if cid is not None and cid != parent_cid:
+            try:
+                out[os.stat(d).st_ino] = (rel, cid)
+            except OSError:
+                continue
+        try:
+            with os.scandir(d) as it:
+                for e in it:
+                    if e.is_dir(follow_symlinks=False):
+                        stack.append((e.path, rel.rstrip("/") + "/" + e.name, cid))
+        except OSError:
+            continue
+    return out
+
+
+def container_rule_bits(policy: Policy, cid: str) -> int:
+    """The bits (rule indices) of the rules whose ``container`` prefixes hold for ``cid``."""
+    bits = 0
+    for i, r in enumerate(policy.rules):
+        if r.container is not None and any(cid.startswith(p) for p in r.container):
+            bits |= 1 << i
+    return bits
+
+
 # -- compilation ---------------------------------------------------------------------------------
 
 @dataclass
@@ -260,6 +410,10 @@ class Compiled:
     default: int = POL_AUDIT
     notes: list[str] = field(default_factory=list)  # what the kernel cannot check, per rule
     kernel_deny: set[str] = field(default_factory=set)  # deny rules the kernel enforces
+    exes: dict[bytes, int] = field(default_factory=dict)  # exe_key() -> rule-index bits (folded)
+    ctr: dict[int, int] = field(default_factory=dict)  # container top cgroup id -> rule-index bits
+    flags: int = 0  # CF_EXE | CF_CTR
+    user_only: list[str] = field(default_factory=list)  # "rule: key value" the kernel cannot check
     budgets: dict[str, int] = field(default_factory=dict)  # budget name -> kernel index (busted.budgets)
 
 
@@ -303,8 +457,34 @@ def compile_policy(policy: Policy, catalog: Any, *, cgroup_mount: str | None = N
             add_name(s, bits, subtree=True)
         for cidr in p.cidrs:
             add_cidr(cidr, bits)
+    spell: _Spellings | None = None
+    ctrs: dict[int, tuple[str, str]] | None = None
     for i, r in enumerate(policy.rules):
-        unsure: list[str] = [k for k in ("exe", "container", "model") if getattr(r, k) is not None]
+        unsure: list[str] = ["model"] if r.model is not None else []
+        kflags = 0
+        if r.exe is not None:
+            keys = {p: exe_key(p) for p in r.exe}
+            bad = [p for p, k in keys.items() if k is None]
+            if bad:  # one alternative the kernel cannot see: the whole key is user space's
+                unsure.extend(f"exe {p}" for p in bad)
+                c.user_only.extend(f"{r.name}: exe {p}" for p in bad)
+            else:
+                spell = spell or _Spellings()
+                for p in r.exe:
+                    for q in spell.of(p):
+                        k = exe_key(q)
+                        if k is not None:
+                            c.exes[k] = c.exes.get(k, 0) | 1 << i
+                kflags |= PR_EXE
+                c.flags |= CF_EXE
+        if r.container is not None:
+            if ctrs is None:
+                ctrs = container_cgroups(mount)
+            for cgid, (_path, cid) in ctrs.items():
+                if any(cid.startswith(p) for p in r.container):
+                    c.ctr[cgid] = c.ctr.get(cgid, 0) | 1 << i
+            kflags |= PR_CTR
+            c.flags |= CF_CTR
         if r.provider is not None:
             missing = [x for x in r.provider if x not in catalog.providers]
             if missing:
@@ -319,7 +499,7 @@ def compile_policy(policy: Policy, catalog: Any, *, cgroup_mount: str | None = N
                     unsure.append(f"hostname {h}")
             if r.provider is not None:
                 c.notes.append(f"{r.name}: provider and hostname both given: the kernel checks the hostname")
-        entries = _expand(r, i, unsure, mount, c.notes)
+        entries = _expand(r, i, unsure, mount, c.notes, kflags)
         if unsure:
             c.notes.append(f"{r.name}: checked in user space only ({', '.join(unsure)})"
                            + ("; not enforced" if r.action == "deny" else "; ends the kernel's search"))
@@ -331,6 +511,13 @@ def compile_policy(policy: Policy, catalog: Any, *, cgroup_mount: str | None = N
 
         c.budgets = compile_budgets(policy, catalog, add_name, add_cidr, c.notes)
     c.names = fold_names(c.names)
+    c.exes = fold_exes(c.exes)
+    if len(c.exes) > MAX_EXES:
+        raise PolicyError(f"the policy's exe patterns need {len(c.exes)} kernel entries; at most {MAX_EXES}",
+                          path=policy.source)
+    if len(c.ctr) > MAX_CTR_CGROUPS:
+        raise PolicyError(f"the policy's containers have {len(c.ctr)} cgroups; the kernel holds at most "
+                          f"{MAX_CTR_CGROUPS}", path=policy.source)
     if len(c.rules) > MAX_KERNEL_RULES:
         raise PolicyError(f"the policy expands to {len(c.rules)} kernel rule entries (one per uid x comm x "
                           f"cgroup value); at most {MAX_KERNEL_RULES}", path=policy.source)
@@ -347,9 +534,9 @@ def compile_policy(policy: Policy, catalog: Any, *, cgroup_mount: str | None = N
     return c
 
 
-def _expand(r: Rule, i: int, unsure: list[str], mount: str | None, notes: list[str]) -> list[bytes]:
+def _expand(r: Rule, i: int, unsure: list[str], mount: str | None, notes: list[str], kflags: int = 0) -> list[bytes]:
     bit = ANY_BIT if r.provider is None and r.hostname is None else i
-    flags = PR_USER_ONLY if unsure else 0
+    flags = (PR_USER_ONLY if unsure else 0) | kflags
     cgs: list[tuple[int, int] | None] = [None]
     if r.cgroup is not None:
         cgs = []
@@ -463,6 +650,9 @@ class Enforcer:
         self._kcounts = dict.fromkeys(_COUNT_LOSSES, 0)  # pol_counts losses already reported
         self._windows: dict[tuple, _Window] = {}  # aggregation (insertion order = oldest first)
         self.decisions_in = 0  # kernel records read (tests, stats)
+        from busted.cgroups import CgroupPaths as _IdPaths
+
+        self._cg_paths = _IdPaths(self.mount)  # names the container of a kernel decision
         self._gen = 0  # the generation in force (pol_gen)
         self._krules: list[list[bytes]] = [[], []]  # packed pol_rule entries per generation
         self._policy = policy
@@ -473,6 +663,9 @@ class Enforcer:
             raise ProbeLoadError(f"policy program failed to compile or load: {exc}") from exc
         try:
             self._write_maps(self.compiled, first=True)
+            # The exec/fork/exit tracepoints are attached (bcc attaches TRACEPOINT_PROBEs at load):
+            # now the processes that were already running, before any cgroup program judges them.
+            self.seed_exes()
             for table, slot, fn, ptype, atype in _TAILS:
                 f = self.bpf.load_func(fn.encode(), ptype, attach_type=atype)
                 self.bpf[table.encode()][ctypes.c_int(slot)] = ctypes.c_int(f.fd)
@@ -513,7 +706,24 @@ class Enforcer:
             pair = b"".join(kr[i] if i < len(kr) else empty for kr in self._krules)
             rules[ctypes.c_int(i)] = rules.Leaf.from_buffer_copy(pair)
         conf[ctypes.c_int(g)] = conf.Leaf.from_buffer_copy(
-            POL_CONF.pack(own_tgid=self.own_tgid, nrules=len(c.rules), dflt=c.default))
+            POL_CONF.pack(own_tgid=self.own_tgid, nrules=len(c.rules), dflt=c.default, flags=c.flags))
+        exes = b[b"pol_exe"]
+        for k in list(exes.keys()):
+            if k.gen == g and bytes(k.path)[: k.prefixlen // 8 - 4] not in c.exes:
+                del exes[k]
+        for raw, mask in c.exes.items():
+            k = exes.Key()
+            k.prefixlen, k.gen = 32 + len(raw) * 8, g
+            ctypes.memmove(k.path, raw, len(raw))
+            exes[k] = ctypes.c_ulonglong(mask)
+        ctr = b[b"pol_ctr"]
+        for k in list(ctr.keys()):
+            if k.gen == g and k.id not in c.ctr:
+                del ctr[k]
+        for cgid, mask in c.ctr.items():
+            k = ctr.Key()
+            k.id, k.gen = cgid, g
+            ctr[k] = ctypes.c_ulonglong(mask)
         # LPM keys start with the generation (32 bits of every prefix).
         names = b[b"pol_names"]
         for k in list(names.keys()):
@@ -554,8 +764,8 @@ class Enforcer:
 
     def set_policy(self, policy: Policy) -> None:
         """Compile and load ``policy``; on error (PolicyError) the previous one stays."""
-        c = compile_policy(policy, self.catalog, cgroup_mount=self.mount)
-        with self._lock:
+        with self._lock:  # compiled under the lock: no cgroup_mkdir record is applied between walk and switch
+            c = compile_policy(policy, self.catalog, cgroup_mount=self.mount)
             try:
                 self._write_maps(c)
             except Exception as exc:  # noqa: BLE001 - a map error refuses the policy, never kills the caller
@@ -652,6 +862,70 @@ class Enforcer:
             mask |= int(lv.value) if lv is not None else 0
         return mask
 
+    def seed_exes(self, proc: str = "/proc", passes: int = 2) -> int:
+        """Processes older than the programs: their exe from /proc/PID/exe (root reading /proc),
+        written only where the kernel has no entry yet (BPF_NOEXIST: an exec or fork the
+        tracepoints saw since is newer than what we read). Two passes catch the children of
+        processes not yet seeded when they forked. Returns the entries written."""
+        import bcc
+
+        t = self.bpf[b"pol_exe_proc"]
+        lib = bcc.libbcc.lib
+        written = 0
+        for _ in range(passes):
+            try:
+                pids = [int(n) for n in os.listdir(proc) if n.isdigit()][:MAX_PROCS]
+            except OSError:
+                return written
+            for pid in pids:
+                try:
+                    path = os.readlink(f"{proc}/{pid}/exe")
+                except OSError:
+                    continue  # a kernel thread, gone, or not ours to read
+                k, v = t.Key(pid), t.Leaf()
+                raw = os.fsencode(path)[: EXE_MAX - 1]
+                ctypes.memmove(v.path, raw, len(raw))
+                rc = lib.bpf_update_elem(t.map_fd, ctypes.byref(k), ctypes.byref(v), 1)  # BPF_NOEXIST
+                if rc == 0:
+                    written += 1
+                elif errno.E2BIG in (-rc, ctypes.get_errno()):
+                    self._count(LossPlace.KERNEL_MAP, _COUNT_LOSSES["exe_refused"][1])
+        return written
+
+    def exe_of(self, pid: int) -> str | None:
+        """The exe the kernel holds for process ``pid`` (tests, docs), or None."""
+        t = self.bpf[b"pol_exe_proc"]
+        v = t.get(t.Key(pid))
+        return None if v is None else os.fsdecode(bytes(v.path).split(b"\0", 1)[0])
+
+    def _on_cgroup(self, r: dict[str, Any]) -> None:
+        """A cgroup_mkdir record: a container's top cgroup that a container rule names enters the
+        generation in force (checked against the v2 mount: the id is that directory's inode)."""
+        if not self.compiled.flags & CF_CTR or self.mount is None:
+            return
+        nl = min(r.get("nl", 0), 255)
+        rel = "/" + os.fsdecode(r["name"][:nl]).lstrip("/")
+        cid = container_of(rel).container_id
+        if cid is None or container_of(os.path.dirname(rel)).container_id == cid:
+            return
+        bits = container_rule_bits(self._policy, cid)
+        if not bits:
+            return
+        try:
+            if os.stat(os.path.join(self.mount, rel.lstrip("/"))).st_ino != r["cookie"]:
+                return  # another hierarchy (v1), or already gone
+        except OSError:
+            return
+        t = self.bpf[b"pol_ctr"]
+        k = t.Key()
+        k.id, k.gen = r["cookie"], self._gen
+        try:
+            t[k] = ctypes.c_ulonglong(bits)
+        except Exception:  # noqa: BLE001 - bcc raises a bare Exception when the map is full
+            self._count(LossPlace.KERNEL_MAP, "policy: container cgroup not added (pol_ctr full): not enforced")
+            return
+        self.compiled.ctr[r["cookie"]] = bits
+
     def counts(self) -> dict[str, int]:
         """Kernel counters (POL_COUNTS): pol_denied_sk entries taken, ClientHellos whose SNI could
         not be judged, addresses learned from DNS answers; and the losses: decision records the
@@ -668,6 +942,9 @@ class Enforcer:
             r = dict(zip(POL_REC.names(), POL_REC.struct.unpack_from(raw), strict=True))
             if size >= POL_REC.size + POL_TLS_EXT.size:
                 r.update(zip(POL_TLS_EXT.names(), POL_TLS_EXT.struct.unpack_from(raw, POL_REC.size), strict=True))
+            if r["point"] == POINT_CGROUP:
+                self._on_cgroup(r)
+                return 0
             self.decisions_in += 1
             self._aggregate(r)
         except Exception:  # a record we cannot read must not stop the reader: counted
@@ -782,13 +1059,21 @@ class Enforcer:
         if provider:
             matched.append(("provider", provider))
         comm = r["comm"].split(b"\0", 1)[0].decode(errors="replace") or None
+        exe = os.fsdecode(r["exe"].split(b"\0", 1)[0]) or None if "exe" in r else None
         wall = r["ts_ns"] / 1e9 + (time.time() - time.monotonic())
         if budget is not None:
             matched.append(("budget", budget))
+        if rule is not None and rule.exe is not None and exe is not None:
+            matched.append(("exe", exe))
+        if rule is not None and rule.container is not None:
+            cpath = self._cg_paths.path(r["cgroup"])
+            cid = container_of(cpath).container_id if cpath else None
+            if cid is not None:
+                matched.append(("container", cid))
         return PolicyDecision(
             ts_ns=r["ts_ns"], wall_time=wall, rule=name, action=action, enforced=enforced,
             point=_POINTS.get(r["point"], "connect"), matched=tuple(matched), flow_id=None,
-            pid=r["pid"] or None, tid=r["tid"] or None, uid=r["uid"], comm=comm, cgroup_id=r["cgroup"],
+            pid=r["pid"] or None, tid=r["tid"] or None, uid=r["uid"], comm=comm, exe=exe, cgroup_id=r["cgroup"],
             daddr=ip, dport=r["dport"], hostname=hostname, provider=provider,
             count=1, first_ns=r["ts_ns"], last_ns=r["ts_ns"],
         )

@@ -59,16 +59,14 @@ MAX_RULES = 62
 MAX_KERNEL_ENTRIES = 64
 _HOST_GLOB = re.compile(r"^[A-Za-z0-9*?.\-_\[\]!]+$")
 _PROVIDER_ID = re.compile(r"^[a-z0-9][a-z0-9._\-]*$")
-_CONTAINER_ID = re.compile(r"(?:^|[/\-:])([0-9a-f]{64})(?:\.scope)?(?:/|$)")
 
 
 def container_of(cgroup_path: str | None) -> str | None:
-    """The container id in a cgroup path (docker, containerd, cri-o, podman put the 64-hex id in
-    it), or None."""
-    if not cgroup_path:
-        return None
-    m = _CONTAINER_ID.search(cgroup_path)
-    return m.group(1) if m else None
+    """The container id a cgroup path names, or None: the one parser events use
+    (busted.classify.containers), so a rule and an event never disagree about a path."""
+    from busted.classify.containers import container_of as _container_of
+
+    return _container_of(cgroup_path).container_id
 
 
 @dataclass(frozen=True)
@@ -309,9 +307,16 @@ class Policy:
     def describe(self) -> str:
         """The rules as understood, one per line (what ``busted policy check`` prints)."""
         out = [f"policy {self.source or '<dict>'}: {len(self.rules)} rule(s), first match wins"]
+        from busted.enforce import exe_key
+
         for i, r in enumerate(self.rules, 1):
             at = f"  (line {r.line})" if r.line else ""
             out.append(f"{i:>3}. {r.describe()}{at}")
+            bad = [p for p in r.exe or () if exe_key(p) is None]
+            if bad:
+                out.append(f"        exe {', '.join(bad)}: user space only (the kernel matches an exact path or a "
+                           "path ending in one '*'): " + ("reported, not enforced" if r.action == "deny"
+                                                          else "ends the kernel's search"))
         out.append(f"  -  {self.default:<5} default  [any other provider flow]")
         if self.budgets:
             from busted.budgets import describe_budgets

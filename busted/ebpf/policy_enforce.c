@@ -12,6 +12,12 @@
  *                  records and segments (pol_hello, bounded) and its SNI judged; a denied hello is
  *                  dropped (and every later data segment of that socket): no request byte leaves
  *                  the host. The verdict is about that socket only (its cookie), never its address.
+ *   pol_exe_*      (sched/task tracepoints)   - the program each process runs, by tgid
+ *                  (pol_exe_proc): set from the exec'd filename, inherited at fork, dropped at the
+ *                  process's exit; connect looks it up in the exe trie (pol_exe) for exe rules.
+ *   pol_cg_*       (cgroup_mkdir/rmdir tp)    - a new cgroup's id and path go to user space, which
+ *                  adds a container's cgroups to pol_ctr (container rules, checked against the
+ *                  caller's or socket's cgroup ancestry); a removed cgroup leaves pol_ctr here.
  *   pol_sockops    (cgroup sock_ops)          - a socket marked by pol_egress gets a 1 ms
  *                  TCP_USER_TIMEOUT at its next send attempt, so the client fails in well under
  *                  a second (ETIMEDOUT) instead of retrying for minutes; a closing socket's
@@ -146,11 +152,13 @@ BPF_PERCPU_ARRAY(pol_hello_zero, struct pol_hello, 1);  /* never written: a zero
 BPF_PERCPU_ARRAY(pol_scratch, struct pol_buf, 2);
 /* [0] pol_denied_sk entries taken, [1] hellos not judged (POL_R_*), [2] learned addresses,
  * [3] decision records the ring had no room for (the verdict stood), [4] learned addresses the
- * map refused, [5] denied sockets the map refused (their next segment is judged again): [3]-[5]
- * are reported as EventsLost (busted/enforce.py, POL_COUNTS) */
-BPF_PERCPU_ARRAY(pol_counts, u64, 6);
-/* 256 KiB: user space aggregates repeated decisions, but every record must reach it to be counted */
-BPF_RINGBUF_OUTPUT(pol_events, 64);
+ * map refused, [5] denied sockets the map refused (their next segment is judged again), [6]
+ * processes pol_exe_proc refused (their exe unknown): [3]-[6] are reported as EventsLost
+ * (busted/enforce.py, POL_COUNTS); [7] connect decisions whose caller's exe was not known */
+BPF_PERCPU_ARRAY(pol_counts, u64, 8);
+/* 512 KiB: user space aggregates repeated decisions, but every record must reach it to be counted
+ * (a connect record carries the caller's exe: 216 bytes) */
+BPF_RINGBUF_OUTPUT(pol_events, 128);
 
 static __always_inline void pol_ring_full(void)
 {
@@ -159,6 +167,13 @@ static __always_inline void pol_ring_full(void)
     if (v)
         *v += 1;
 }
+static __always_inline void pol_count(u32 i)
+{
+    u64 *v = pol_counts.lookup(&i);
+    if (v)
+        *v += 1;
+}
+
 /* Stages run as tail calls, each verified on its own: one program walking a name, hashing it and
  * then the answers exceeds the verifier's 8192-jump path history. The loader fills the slots. */
 BPF_PROG_ARRAY(pol_dns_tail, 3);
@@ -187,15 +202,128 @@ static __always_inline struct pol_conf *pol_cfg(u32 gen)
     return pol_conf.lookup(&k);
 }
 
+/* Exe rules. The program a process runs, by tgid: the filename its last exec was given (the
+ * sched_process_exec tracepoint's argument, as exec'd: absolute or relative, a symbolic link not
+ * resolved), inherited at fork, dropped at the process's exit; processes older than the monitor
+ * are seeded by user space from /proc/PID/exe (only where the kernel has written nothing yet).
+ * At most POL_EXE_MAX - 1 bytes are kept: user space compiles only exact paths shorter than that.
+ * Not preallocated: a host runs far fewer processes than the bound. */
+struct pol_eproc {
+    u8 path[POL_EXE_MAX];
+};
+struct pol_ekey {
+    u32 prefixlen;
+    u32 gen;
+    u8 path[POL_EXE_MAX];
+};
+BPF_F_TABLE("hash", u32, struct pol_eproc, pol_exe_proc, POL_MAX_PROCS, BPF_F_NO_PREALLOC);
+/* Exe patterns as user space compiles them (exact "path\0", or a prefix "dir/" or "/usr/bin/python3"
+ * from a trailing '*'), per generation -> the bits (rule indices) of the rules they satisfy; each
+ * entry carries the bits of every shorter entry that prefixes it (a lookup returns the longest). */
+BPF_LPM_TRIE(pol_exe, struct pol_ekey, u64, 2 * POL_MAX_EXES);
+BPF_PERCPU_ARRAY(pol_exe_tmp, struct pol_ekey, 1);
+
+/* The caller's exe-rule bits in generation gen: 0 when its process is not known (no rule with an
+ * exe key holds for it: a value busted does not know does not match). */
+static __always_inline u64 pol_exe_mask(u32 gen)
+{
+    u32 tgid = bpf_get_current_pid_tgid() >> 32, z = 0;
+    struct pol_eproc *p = pol_exe_proc.lookup(&tgid);
+    if (!p) {
+        pol_count(7);
+        return 0;
+    }
+    struct pol_ekey *k = pol_exe_tmp.lookup(&z);
+    if (!k)
+        return 0;
+    k->prefixlen = 32 + POL_EXE_MAX * 8;
+    k->gen = gen & 1;
+    __builtin_memcpy(k->path, p->path, POL_EXE_MAX);
+    u64 *m = pol_exe.lookup(k);
+    return m ? *m : 0;
+}
+
+/* Why these hooks: the exec tracepoint carries the new program's filename as an argument (R0: no
+ * task struct read), fires once per successful exec after the old threads are gone, in the
+ * process that now runs it; task_newtask (parent context) gives the child's pid and clone flags,
+ * so threads are skipped; sched_process_exit's group_dead marks the last thread of a process. */
+TRACEPOINT_PROBE(sched, sched_process_exec)
+{
+    u32 z = 0;
+    struct pol_ekey *k = pol_exe_tmp.lookup(&z);
+    if (!k)
+        return 0;
+    u32 loc = (u32)args->data_loc_filename;
+    if (bpf_probe_read_kernel_str(k->path, POL_EXE_MAX, (void *)args + (loc & 0xFFFF)) <= 0)
+        k->path[0] = 0;
+    u32 tgid = bpf_get_current_pid_tgid() >> 32;
+    if (pol_exe_proc.update(&tgid, (struct pol_eproc *)k->path) != 0)
+        pol_count(6);
+    return 0;
+}
+
+TRACEPOINT_PROBE(task, task_newtask)
+{
+    if (args->clone_flags & 0x00010000ULL)  /* CLONE_THREAD: same process, same program */
+        return 0;
+    u32 parent = bpf_get_current_pid_tgid() >> 32, child = (u32)args->pid;
+    struct pol_eproc *p = pol_exe_proc.lookup(&parent);
+    if (!p)
+        return 0;
+    if (pol_exe_proc.update(&child, p) != 0)
+        pol_count(6);
+    return 0;
+}
+
+TRACEPOINT_PROBE(sched, sched_process_exit)
+{
+    if (!args->group_dead)
+        return 0;
+    u32 tgid = bpf_get_current_pid_tgid() >> 32;
+    pol_exe_proc.delete(&tgid);
+    return 0;
+}
+
+/* Container rules (busted/enforce.py, docs/policy.md): the cgroups of the containers a rule names
+ * (their top cgroup: what is below is found through the ancestry), per generation, -> the bits
+ * (policy rule indices) of the rules naming them. Written by user space from a cgroupfs walk at
+ * load and from pol_cg_mkdir's records as containers start; pol_cg_rmdir deletes. */
+struct pol_ckey {
+    u64 id;
+    u32 gen;
+    u32 pad;
+};
+BPF_HASH(pol_ctr, struct pol_ckey, u64, 2 * POL_MAX_CTR_CGROUPS);
+
+/* The container-rule bits of the caller's cgroup (skb == 0) or the socket's: every ancestor level
+ * up to POL_CG_LEVELS looked up in pol_ctr (a level past the cgroup's depth has id 0: the end). */
+static __always_inline u64 pol_ctr_mask(u32 gen, struct __sk_buff *skb)
+{
+    u64 m = 0;
+    struct pol_ckey k = {0, gen & 1, 0};
+    for (u32 l = 1; l <= POL_CG_LEVELS; l++) {
+        k.id = skb ? bpf_skb_ancestor_cgroup_id(skb, l) : bpf_get_current_ancestor_cgroup_id(l);
+        if (!k.id)
+            break;
+        u64 *v = pol_ctr.lookup(&k);
+        if (v)
+            m |= *v;
+    }
+    return m;
+}
+
 /* The deciding action for a destination mask; *rule gets the policy rule index (or POL_DEFAULT).
- * skb != 0: judged at egress, where comm is not known (such rules count as unverifiable). */
-static __always_inline u32 pol_eval(u32 gen, u64 mask, u32 uid, const u64 *comm, struct __sk_buff *skb,
-                                    u32 *rule)
+ * skb != 0: judged at egress, where comm is not known (such rules count as unverifiable).
+ * exe: the caller's exe-rule bits (pol_exe_mask); NULL where the process is not known (egress):
+ * exe rules are then unverifiable, like comm. */
+static __always_inline u32 pol_eval(u32 gen, u64 mask, u32 uid, const u64 *comm, const u64 *exe,
+                                    struct __sk_buff *skb, u32 *rule)
 {
     struct pol_conf *c = pol_cfg(gen);
     if (!c)
         return POL_ALLOW;
     u32 n = c->nrules;
+    u64 ctr = (c->flags & POL_CF_CTR) ? pol_ctr_mask(gen, skb) : 0;
     for (u32 i = 0; i < POL_MAX_RULES; i++) {
         if (i >= n)
             break;
@@ -219,6 +347,14 @@ static __always_inline u32 pol_eval(u32 gen, u64 mask, u32 uid, const u64 *comm,
             u64 id = skb ? bpf_skb_ancestor_cgroup_id(skb, r->cg_level)
                          : bpf_get_current_ancestor_cgroup_id(r->cg_level);
             if (id != r->cg_id)
+                continue;
+        }
+        if ((r->flags & PR_CTR) && !(ctr & (1ULL << (r->index & 63))))
+            continue;
+        if (r->flags & PR_EXE) {
+            if (!exe)
+                unsure = 1;
+            else if (!(*exe & (1ULL << (r->index & 63))))
                 continue;
         }
         /* A rule with keys the kernel cannot check: never deny on it; an allow/audit stops here
@@ -260,16 +396,15 @@ static __always_inline void pol_emit(u32 point, u32 rule, u32 uid, u32 family, u
     else
         __builtin_memcpy(r->daddr, addr, 16);
     __builtin_memset(r->comm, 0, 16);
-    if (point == POINT_CONNECT)
+    __builtin_memset(r->exe, 0, POL_EXE_MAX);
+    if (point == POINT_CONNECT) {
         bpf_get_current_comm(r->comm, 16);
+        u32 tgid = pt >> 32;
+        struct pol_eproc *p = pol_exe_proc.lookup(&tgid);
+        if (p)
+            __builtin_memcpy(r->exe, p->path, POL_EXE_MAX);
+    }
     pol_events.ringbuf_submit(r, 0);
-}
-
-static __always_inline void pol_count(u32 i)
-{
-    u64 *v = pol_counts.lookup(&i);
-    if (v)
-        *v += 1;
 }
 
 /* An address's mask: the policy's (catalog CIDRs, written by user space) and what DNS answers
@@ -349,8 +484,11 @@ static __always_inline int pol_connect_common(struct bpf_sock_addr *ctx, u32 gen
     u32 uid = (u32)bpf_get_current_uid_gid();
     u64 comm[2] = {};
     bpf_get_current_comm(comm, sizeof(comm));
+    u64 exe = 0;
+    if (c->flags & POL_CF_EXE)
+        exe = pol_exe_mask(gen);
     u32 rule = 0;
-    if (pol_eval(gen, mask, uid, comm, 0, &rule) != POL_DENY && !pol_budget_hit(mask, uid, &rule))
+    if (pol_eval(gen, mask, uid, comm, &exe, 0, &rule) != POL_DENY && !pol_budget_hit(mask, uid, &rule))
         return 1;
     pol_emit(POINT_CONNECT, rule, uid, family, __builtin_bswap16((u16)ctx->user_port), addr,
              bpf_get_current_cgroup_id(), 0);
@@ -980,7 +1118,7 @@ int pol_egress_judge(struct __sk_buff *skb)
             __builtin_memcpy(a6, b->daddr, 16);
             mask = pol_addr6_mask(gen, uid, a6);
         }
-        u32 act = mask ? pol_eval(gen, mask, uid, 0, skb, &rule) : POL_ALLOW;
+        u32 act = mask ? pol_eval(gen, mask, uid, 0, 0, skb, &rule) : POL_ALLOW;
         drop = (mask & (1ULL << POL_AMBIG_BIT)) || act == POL_DENY;
         if (!drop)
             rule = POL_DEFAULT;
@@ -989,7 +1127,7 @@ int pol_egress_judge(struct __sk_buff *skb)
         if (nl == 0 || nl > POL_DNS_NAME_MAX)
             return 1;
         u64 mask = pol_name_mask(gen, b, nl);
-        if (!mask || pol_eval(gen, mask, uid, 0, skb, &rule) != POL_DENY) {
+        if (!mask || pol_eval(gen, mask, uid, 0, 0, skb, &rule) != POL_DENY) {
             pol_hello.delete(&ck);  /* judged: later segments pass without a look */
             return 1;
         }
@@ -1005,6 +1143,43 @@ int pol_egress_judge(struct __sk_buff *skb)
     pol_emit_tls(skb, b, st, rule, uid, ck, drop ? POL_V_DROP : POL_V_PASS);
     pol_hello.delete(&ck);
     return drop ? 0 : 1;
+}
+
+/* A new cgroup (any hierarchy): its id and path to user space, which adds it to pol_ctr when it is
+ * the top cgroup of a container a rule names (busted/classify/containers.py parses the path), so
+ * a container started after the policy loaded is covered (sent whatever the policy: a reload that
+ * brings container rules must not miss one made during its cgroupfs walk). Why this hook: the tracepoint's arguments carry the id and path (R0), at creation, before
+ * any process can be moved in. */
+TRACEPOINT_PROBE(cgroup, cgroup_mkdir)
+{
+    struct pol_tls_rec *r = pol_events.ringbuf_reserve(sizeof(struct pol_tls_rec));
+    if (!r) {
+        pol_ring_full();
+        return 0;
+    }
+    __builtin_memset(&r->r, 0, sizeof(r->r));
+    r->r.ts_ns = bpf_ktime_get_ns();
+    r->r.point = POINT_CGROUP;
+    r->r.cookie = args->id;
+    r->r.uid = (u32)args->root;
+    r->x.reason = 0;
+    r->x.verdict = 0;
+    r->x.pad = 0;
+    u32 loc = (u32)args->data_loc_path;
+    long n = bpf_probe_read_kernel_str(r->x.name, sizeof(r->x.name), (void *)args + (loc & 0xFFFF));
+    r->x.nl = n > 0 ? (u32)n - 1 : 0;
+    pol_events.ringbuf_submit(r, 0);
+    return 0;
+}
+
+/* A removed cgroup leaves pol_ctr (ids are not reused): the map holds live containers only. */
+TRACEPOINT_PROBE(cgroup, cgroup_rmdir)
+{
+    struct pol_ckey k = {args->id, 0, 0};
+    pol_ctr.delete(&k);
+    k.gen = 1;
+    pol_ctr.delete(&k);
+    return 0;
 }
 
 /* sock_ops: make a socket whose hello pol_egress dropped fail fast. A dropped segment is never

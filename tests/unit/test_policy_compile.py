@@ -10,9 +10,16 @@ from busted.enforce import (
     ANY_BIT,
     POL_RULE,
     PR_COMM,
+    PR_CTR,
+    PR_EXE,
     PR_UID,
     PR_USER_ONLY,
+    _Spellings,
     compile_policy,
+    container_cgroups,
+    exe_key,
+    exe_mask,
+    fold_exes,
     fold_names,
     name_entry,
     name_mask,
@@ -93,7 +100,8 @@ def test_compile_rules_bits_and_kernel_checks(tmp_path):
     assert name_mask(c.names, "x.api.deepseek.com") == 1 << 2  # '*.deepseek.com', not a provider bit
     assert name_mask(c.names, "api.deepseek.com") == (1 << 2) | (1 << ANY_BIT)
     assert name_mask(c.names, "example.org") == 0
-    assert any("py-ok: checked in user space only (exe)" in n for n in c.notes)
+    assert any("py-ok: checked in user space only (exe */python3*)" in n for n in c.notes)
+    assert c.user_only == ["py-ok: exe */python3*"] and c.flags == 0
 
 
 def test_compile_cgroup_rules_resolve_ids(tmp_path):
@@ -106,6 +114,63 @@ def test_compile_cgroup_rules_resolve_ids(tmp_path):
     assert len(rules) == 1 and rules[0]["cg_id"] == (tmp_path / "svc" / "a").stat().st_ino
     assert rules[0]["cg_level"] == 2
     assert any("cgroup /nope does not exist" in n for n in c.notes)
+
+
+def test_exe_patterns_the_kernel_can_match():
+    assert exe_key("/usr/bin/curl") == b"/usr/bin/curl\0"  # exactly this path
+    assert exe_key("/usr/bin/python3*") == b"/usr/bin/python3"  # a prefix: fnmatch's '*' spans '/'
+    assert exe_key("/opt/agent/*") == b"/opt/agent/"
+    for p in ("*/curl", "*curl*", "/usr/*/curl", "/usr/bin/py[0-9]", "/usr/bin/?url", "/x/" + "a" * 124):
+        assert exe_key(p) is None, p  # user space only (the last: no room for the NUL)
+    exes = fold_exes({b"/usr/bin/curl\0": 1, b"/usr/bin/": 2, b"/usr/": 4, b"/usr/bin/python3": 8})
+    assert exe_mask(exes, "/usr/bin/curl") == 7
+    assert exe_mask(exes, "/usr/bin/curl2") == 6  # an exact entry is not a prefix
+    assert exe_mask(exes, "/usr/bin/python3.11") == 14
+    assert exe_mask(exes, "/usr/lib/x") == 4 and exe_mask(exes, "/opt/x") == 0 and exe_mask(exes, "curl") == 0
+    # the kernel keeps 127 bytes: a longer path matches prefixes only
+    assert exe_mask(exes, "/usr/bin/curl" + "x" * 200) == 6
+
+
+def test_exe_spellings_follow_links_on_this_layout(tmp_path):
+    (tmp_path / "usr" / "bin").mkdir(parents=True)
+    (tmp_path / "bin").symlink_to("usr/bin")  # merged /usr
+    real = tmp_path / "usr" / "bin" / "python3.11"
+    real.write_text("")
+    (tmp_path / "usr" / "bin" / "python3").symlink_to("python3.11")
+    (tmp_path / "usr" / "bin" / "other").symlink_to("/nonexistent")
+    sp = _Spellings(roots=(str(tmp_path),))
+    t = str(tmp_path)
+    assert sp.of(f"{t}/usr/bin/python3.11") == {f"{t}/usr/bin/python3.11", f"{t}/usr/bin/python3",
+                                                 f"{t}/bin/python3.11", f"{t}/bin/python3"}
+    # a rule on the link also holds for its target (what /proc/PID/exe shows)
+    assert f"{t}/usr/bin/python3.11" in sp.of(f"{t}/bin/python3")
+    assert sp.of(f"{t}/usr/bin/py*") == {f"{t}/usr/bin/py*", f"{t}/bin/py*"}
+    assert sp.of(f"{t}/nope") == {f"{t}/nope"}
+
+
+def test_compile_exe_and_container_rules_for_the_kernel(tmp_path):
+    cid = "abc1" + "0" * 60
+    other = "ffff" + "0" * 60
+    top = tmp_path / "system.slice" / f"docker-{cid}.scope"
+    (top / "init").mkdir(parents=True)  # below the container's top cgroup: found by ancestry
+    (tmp_path / "system.slice" / f"docker-{other}.scope").mkdir()
+    (tmp_path / "docker" / cid).mkdir(parents=True)  # the cgroupfs driver's form
+    found = container_cgroups(str(tmp_path))
+    assert {v for v in found.values()} == {(f"/system.slice/docker-{cid}.scope", cid),
+                                           (f"/system.slice/docker-{other}.scope", other), (f"/docker/{cid}", cid)}
+    pol = Policy.from_dict({"rules": [
+        {"name": "no-curl", "action": "deny", "provider": "anthropic", "exe": ["/usr/bin/curl", "/opt/x/*"]},
+        {"name": "ctr", "action": "deny", "provider": "openai", "container": "abc"},
+        {"name": "both", "action": "allow", "exe": "/usr/bin/curl", "container": "ffff"},
+    ]})
+    c = compile_policy(pol, Catalog.builtin(), cgroup_mount=str(tmp_path))
+    rules = _rules(c)
+    assert [r["flags"] for r in rules] == [PR_EXE, PR_CTR, PR_EXE | PR_CTR]
+    assert c.kernel_deny == {"no-curl", "ctr"} and c.user_only == []
+    assert exe_mask(c.exes, "/usr/bin/curl") == 0b101 and exe_mask(c.exes, "/opt/x/y/z") == 0b001
+    assert exe_mask(c.exes, "/usr/bin/wget") == 0
+    assert c.ctr == {top.stat().st_ino: 0b010, (tmp_path / "docker" / cid).stat().st_ino: 0b010,
+                     (tmp_path / "system.slice" / f"docker-{other}.scope").stat().st_ino: 0b100}
 
 
 def test_compile_refuses_what_the_kernel_cannot_hold(tmp_path):

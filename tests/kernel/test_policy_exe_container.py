@@ -1,0 +1,175 @@
+"""exe and container rules enforced in the kernel (issue 22, acceptance 1, 3 and 4), on real lab
+traffic: the exec'd program's path and the caller's container cgroup are checked at connect.
+"Reached" is the lab server's own log."""
+
+import os
+import subprocess
+import sys
+import time
+import uuid
+
+import pytest
+from conftest import collect
+from scopes import scope_cgroup
+
+import busted
+from busted import Policy, PolicyDecision
+
+PY_HTTPX = ("import httpx, sys\n"
+            "r = httpx.post(sys.argv[1], json={'model': 'claude-3-5-sonnet-latest', 'max_tokens': 8,"
+            " 'messages': [{'role': 'user', 'content': 'hi'}]}, headers={'x-api-key': 'k',"
+            " 'anthropic-version': '2023-06-01'}, timeout=5)\n"
+            "print(r.status_code)\n")
+URL = "https://api.anthropic.com/v1/messages"
+OPENAI = "https://api.openai.com/v1/models"
+
+
+@pytest.fixture(scope="module")
+def cgroup():
+    with scope_cgroup("busted-exe-test") as path:
+        yield path
+
+
+def _into(cg):
+    def pre() -> None:
+        (cg / "cgroup.procs").write_text("0")
+
+    return pre
+
+
+def run(lab, argv, cg, timeout=20.0):
+    return subprocess.run(lab.client_cmd(argv), capture_output=True, timeout=timeout, stdin=subprocess.DEVNULL,
+                          preexec_fn=_into(cg))
+
+
+def curl(url, marker):
+    return ["curl", "-sS", "--fail", "-m", "5", f"{url}?m={marker}"]
+
+
+def reached(lab, marker):
+    return [r for r in lab.http_requests() if marker in str(r)]
+
+
+def denials(evs):
+    return [d for d in evs if isinstance(d, PolicyDecision) and d.enforced]
+
+
+def test_exe_rule_stops_curl_and_lets_python_through(lab, cgroup):
+    """Acceptance 1 (exe): curl -> anthropic is refused at connect and reaches no server; python
+    (httpx) -> anthropic works; the decision names the rule and the exe seen."""
+    pol = Policy.from_dict({"default": "audit", "rules": [
+        {"name": "curl-may-not-call-anthropic", "action": "deny", "provider": "anthropic", "exe": "/usr/bin/curl"}]})
+    mc, mp = uuid.uuid4().hex, uuid.uuid4().hex
+    with busted.Monitor(policy=pol, enforce=True, policy_scope="/" + cgroup.name) as mon:
+        c = run(lab, curl(URL, mc), cgroup)
+        p = run(lab, [sys.executable, "-c", PY_HTTPX, f"{URL}?m={mp}"], cgroup)
+        evs = collect(mon, lambda e: len(denials(e)) >= 1, timeout=10)
+    assert c.returncode == 7, c.stderr  # connect() refused: EPERM
+    assert p.returncode == 0 and p.stdout.strip() == b"200", p.stderr
+    assert reached(lab, mc) == [] and len(reached(lab, mp)) == 1
+    d = denials(evs)
+    assert d and all(x.rule == "curl-may-not-call-anthropic" and x.point == "connect" for x in d)
+    assert d[0].exe == "/usr/bin/curl" and ("exe", "/usr/bin/curl") in d[0].matched
+    assert ("provider", "anthropic") in d[0].matched and d[0].comm == "curl"
+
+
+def test_fork_inherits_exec_replaces_and_older_processes_are_seeded(lab, cgroup):
+    """Acceptance 3: under a deny on this python, a child it forks is refused (inherited), the curl
+    it execs into works (the exec replaced the program), and a python started before the monitor
+    (seeded from /proc/PID/exe) is refused; `sh -c 'exec curl'` under a curl rule (for openai) is
+    refused: sh's verdict was replaced by curl's."""
+    py = sys.executable
+    pol = Policy.from_dict({"default": "audit", "rules": [
+        {"name": "not-this-python", "action": "deny", "provider": "anthropic", "exe": py},
+        {"name": "not-curl", "action": "deny", "provider": "openai", "exe": "/usr/bin/curl"}]})
+    m_fork, m_exec, m_old, m_sh, m_self = (uuid.uuid4().hex for _ in range(5))
+    fork = (PY_HTTPX.replace("import httpx, sys\n", "import httpx, os, sys\npid = os.fork()\nif pid:\n"
+                             "    sys.exit(os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]))\n"))
+    exec_curl = "import os, sys; os.execv('/usr/bin/curl', ['curl', '-sS', '--fail', '-m', '5', sys.argv[1]])"
+    # started before the monitor: its exec is not seen by the tracepoints, /proc tells
+    old = subprocess.Popen(lab.client_cmd([py, "-c", "import sys; sys.stdin.readline()\n" + PY_HTTPX,
+                                           f"{URL}?m={m_old}"]),
+                           stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                           preexec_fn=_into(cgroup))
+    try:
+        deadline = time.monotonic() + 10
+        while b"python" not in _exe_bytes(old.pid) and time.monotonic() < deadline:
+            time.sleep(0.02)  # ip netns exec -> env -> python: wait until it runs python
+        with busted.Monitor(policy=pol, enforce=True, policy_scope="/" + cgroup.name) as mon:
+            enf = mon._policy_rt.enforcer
+            assert enf.exe_of(old.pid) == os.path.realpath(py)  # seeded
+            out, err = old.communicate(b"go\n", timeout=20)
+            r_fork = run(lab, [py, "-c", fork, f"{URL}?m={m_fork}"], cgroup)
+            r_exec = run(lab, [py, "-c", exec_curl, f"{URL}?m={m_exec}"], cgroup)
+            r_sh = run(lab, ["sh", "-c", f"exec curl -sS --fail -m 5 '{OPENAI}?m={m_sh}'"], cgroup)
+            r_self = run(lab, [py, "-c", PY_HTTPX, f"{URL}?m={m_self}"], cgroup)
+            evs = collect(mon, lambda e: len({d.pid for d in denials(e)}) >= 4, timeout=10)
+    finally:
+        if old.poll() is None:
+            old.kill()
+            old.wait()
+    assert old.returncode != 0 and b"Operation not permitted" in err, (out, err)
+    assert r_fork.returncode != 0 and b"Operation not permitted" in r_fork.stderr, r_fork.stderr
+    assert r_exec.returncode == 0, r_exec.stderr
+    assert r_sh.returncode == 7 and r_self.returncode != 0
+    assert reached(lab, m_old) == [] and reached(lab, m_fork) == [] and reached(lab, m_sh) == []
+    assert reached(lab, m_self) == [] and len(reached(lab, m_exec)) == 1
+    d = denials(evs)
+    by_rule = {(x.rule, x.exe) for x in d}
+    assert ("not-curl", "/usr/bin/curl") in by_rule  # sh exec'd curl: curl's verdict
+    assert {x.pid for x in d if x.rule == "not-this-python"} >= {old.pid}
+    assert len([x for x in d if x.rule == "not-this-python"]) >= 3  # the old one, the fork child, itself
+
+
+def _exe_bytes(pid):
+    try:
+        return os.fsencode(os.readlink(f"/proc/{pid}/exe"))
+    except OSError:
+        return b""
+
+
+def test_container_rule_by_cgroup_ancestry(lab, cgroup):
+    """Acceptance 1 (container): clients in docker-named cgroups under a `container` deny for
+    openai fail and reach no server, whether the container's cgroup existed at load (cgroupfs walk)
+    or was made after it (cgroup_mkdir); the same client outside works; anthropic is not touched."""
+    base = "b0575ed" + uuid.uuid4().hex[:9]
+    early = cgroup / f"docker-{base}{'1' * 48}.scope"
+    late = cgroup / f"docker-{base}{'2' * 48}.scope"
+    nested = early / "init.scope"  # a process below the container's top cgroup
+    nested.mkdir(parents=True)
+    pol = Policy.from_dict({"default": "audit", "rules": [
+        {"name": "no-openai-in-b0575ed", "action": "deny", "provider": "openai", "container": base}]})
+    m_early, m_late, m_out, m_other = (uuid.uuid4().hex for _ in range(4))
+    try:
+        with busted.Monitor(policy=pol, enforce=True, policy_scope="/" + cgroup.name) as mon:
+            enf = mon._policy_rt.enforcer
+            late.mkdir()
+            ino = late.stat().st_ino
+            deadline = time.monotonic() + 10
+            while ino not in enf.compiled.ctr and time.monotonic() < deadline:
+                list(mon.events(timeout=0.1))  # the reader applies the cgroup_mkdir record
+            assert ino in enf.compiled.ctr
+            r_early = run(lab, curl(OPENAI, m_early), nested)
+            r_late = run(lab, curl(OPENAI, m_late), late)
+            r_out = run(lab, curl(OPENAI, m_out), cgroup)
+            r_other = run(lab, curl("https://api.anthropic.com/v1/models", m_other), late)
+            evs = collect(mon, lambda e: len({x.pid for x in denials(e)}) >= 2, timeout=10)
+    finally:
+        for d in (nested, early, late):
+            for _ in range(50):
+                try:
+                    d.rmdir()
+                    break
+                except FileNotFoundError:
+                    break
+                except OSError:
+                    time.sleep(0.1)
+    assert r_early.returncode == 7 and r_late.returncode == 7, (r_early.stderr, r_late.stderr)
+    assert r_out.returncode == 0 and r_other.returncode == 0, (r_out.stderr, r_other.stderr)
+    assert reached(lab, m_early) == [] and reached(lab, m_late) == []
+    assert len(reached(lab, m_out)) == 1 and len(reached(lab, m_other)) == 1
+    d = denials(evs)
+    assert {x.rule for x in d} == {"no-openai-in-b0575ed"}
+    cids = {dict(x.matched).get("container") for x in d}
+    assert cids == {f"{base}{'1' * 48}", f"{base}{'2' * 48}"}
+    assert all(x.exe == "/usr/bin/curl" and x.provider == "openai" for x in d)
