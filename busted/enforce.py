@@ -67,7 +67,8 @@ MAX_KERNEL_RULES = MAX_KERNEL_ENTRIES
 POL_ALLOW, POL_AUDIT, POL_DENY = 0, 1, 2
 POL_DEFAULT = 0xFFFF
 PR_UID, PR_COMM, PR_CGROUP, PR_USER_ONLY, PR_EXE, PR_CTR = 1, 2, 4, 8, 16, 32
-POINT_CONNECT, POINT_TLS, POINT_CGROUP = 1, 2, 3  # POINT_CGROUP: a cgroup_mkdir record, not a decision
+# not decisions: POINT_CGROUP a cgroup_mkdir record, POINT_EXE an exec by a relative filename
+POINT_CONNECT, POINT_TLS, POINT_CGROUP, POINT_EXE = 1, 2, 3, 4
 CF_EXE, CF_CTR = 1, 2  # pol_conf.flags: the policy has kernel exe / container rules
 AGG_WINDOW_NS = 1_000_000_000  # identical kernel decisions within this window become one event
 AGG_MAX_KEYS = 4096  # open aggregation windows; past it the oldest is reported early
@@ -137,7 +138,7 @@ def c_definitions(max_addrs: int = MAX_ADDRS, max_names: int = MAX_NAMES) -> str
         "POL_MAX_RULES": MAX_KERNEL_RULES, "POL_MAX_ADDRS": max_addrs, "POL_MAX_NAMES": max_names,
         "POL_ALLOW": POL_ALLOW, "POL_AUDIT": POL_AUDIT, "POL_DENY": POL_DENY, "POL_DEFAULT": POL_DEFAULT,
         "PR_UID": PR_UID, "PR_COMM": PR_COMM, "PR_CGROUP": PR_CGROUP, "PR_USER_ONLY": PR_USER_ONLY,
-        "POINT_CONNECT": POINT_CONNECT, "POINT_TLS": POINT_TLS, "POINT_CGROUP": POINT_CGROUP,
+        "POINT_CONNECT": POINT_CONNECT, "POINT_TLS": POINT_TLS, "POINT_CGROUP": POINT_CGROUP, "POINT_EXE": POINT_EXE,
         "PR_EXE": PR_EXE, "PR_CTR": PR_CTR, "POL_CF_EXE": CF_EXE, "POL_CF_CTR": CF_CTR,
         "POL_EXE_MAX": EXE_MAX, "POL_MAX_EXES": MAX_EXES, "POL_MAX_PROCS": MAX_PROCS,
         "POL_MAX_CTR_CGROUPS": MAX_CTR_CGROUPS, "POL_CG_LEVELS": CG_LEVELS,
@@ -898,6 +899,25 @@ class Enforcer:
         v = t.get(t.Key(pid))
         return None if v is None else os.fsdecode(bytes(v.path).split(b"\0", 1)[0])
 
+    def _resolve_exe(self, pid: int, rel: bytes, proc: str = "/proc") -> None:
+        """An exec by a relative filename: the kernel's entry becomes /proc/PID/exe, if it still
+        holds that filename (the process has not exec'd again since)."""
+        t = self.bpf[b"pol_exe_proc"]
+        k = t.Key(pid)
+        v = t.get(k)
+        if v is None or bytes(v.path).split(b"\0", 1)[0] != rel:
+            return
+        try:
+            raw = os.fsencode(os.readlink(f"{proc}/{pid}/exe"))[: EXE_MAX - 1]
+        except OSError:
+            return  # gone
+        new = t.Leaf()
+        ctypes.memmove(new.path, raw, len(raw))
+        try:
+            t[k] = new
+        except Exception:  # noqa: BLE001 - bcc raises a bare Exception on a map error: counted
+            self._count(LossPlace.KERNEL_MAP, _COUNT_LOSSES["exe_refused"][1])
+
     def _on_cgroup(self, r: dict[str, Any]) -> None:
         """A cgroup_mkdir record: a container's top cgroup that a container rule names enters the
         generation in force (checked against the v2 mount: the id is that directory's inode)."""
@@ -944,6 +964,9 @@ class Enforcer:
                 r.update(zip(POL_TLS_EXT.names(), POL_TLS_EXT.struct.unpack_from(raw, POL_REC.size), strict=True))
             if r["point"] == POINT_CGROUP:
                 self._on_cgroup(r)
+                return 0
+            if r["point"] == POINT_EXE:
+                self._resolve_exe(r["pid"], r["exe"].split(b"\0", 1)[0])
                 return 0
             self.decisions_in += 1
             self._aggregate(r)

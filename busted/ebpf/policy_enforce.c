@@ -257,8 +257,24 @@ TRACEPOINT_PROBE(sched, sched_process_exec)
     if (bpf_probe_read_kernel_str(k->path, POL_EXE_MAX, (void *)args + (loc & 0xFFFF)) <= 0)
         k->path[0] = 0;
     u32 tgid = bpf_get_current_pid_tgid() >> 32;
-    if (pol_exe_proc.update(&tgid, (struct pol_eproc *)k->path) != 0)
+    if (pol_exe_proc.update(&tgid, (struct pol_eproc *)k->path) != 0) {
         pol_count(6);
+        return 0;
+    }
+    if (k->path[0] == '/')
+        return 0;
+    /* A relative filename ("./curl"): the kernel cannot resolve it without the task's cwd; user
+     * space rewrites the entry from /proc/PID/exe when it reads this record. */
+    struct pol_rec *r = pol_events.ringbuf_reserve(sizeof(struct pol_rec));
+    if (!r) {
+        pol_ring_full();
+        return 0;
+    }
+    __builtin_memset(r, 0, sizeof(*r));
+    r->point = POINT_EXE;
+    r->pid = tgid;
+    __builtin_memcpy(r->exe, k->path, POL_EXE_MAX);
+    pol_events.ringbuf_submit(r, 0);
     return 0;
 }
 

@@ -20,6 +20,9 @@ PY_HTTPX = ("import httpx, sys\n"
             " 'messages': [{'role': 'user', 'content': 'hi'}]}, headers={'x-api-key': 'k',"
             " 'anthropic-version': '2023-06-01'}, timeout=5)\n"
             "print(r.status_code)\n")
+# the system interpreter without the venv (no httpx): the standard library's client
+PY_URLLIB = ("import sys, urllib.request\nsys.stdin.readline()\n"
+             "print(urllib.request.urlopen(sys.argv[1], data=b'{}', timeout=5).status)\n")
 URL = "https://api.anthropic.com/v1/messages"
 OPENAI = "https://api.openai.com/v1/models"
 
@@ -76,13 +79,17 @@ def test_exe_rule_stops_curl_and_lets_python_through(lab, cgroup):
 def test_fork_inherits_exec_replaces_and_older_processes_are_seeded(lab, cgroup):
     """Acceptance 3: under a deny on this python, a child it forks is refused (inherited), the curl
     it execs into works (the exec replaced the program), and a python started before the monitor
-    (seeded from /proc/PID/exe) is refused; `sh -c 'exec curl'` under a curl rule (for openai) is
-    refused: sh's verdict was replaced by curl's."""
+    (seeded from /proc/PID/exe) is refused, and so is one exec'd by a relative filename (resolved
+    from /proc/PID/exe); `sh -c 'exec curl'` under a curl rule (for openai) is refused: sh's
+    verdict was replaced by curl's."""
     py = sys.executable
     pol = Policy.from_dict({"default": "audit", "rules": [
         {"name": "not-this-python", "action": "deny", "provider": "anthropic", "exe": py},
         {"name": "not-curl", "action": "deny", "provider": "openai", "exe": "/usr/bin/curl"}]})
-    m_fork, m_exec, m_old, m_sh, m_self = (uuid.uuid4().hex for _ in range(5))
+    m_fork, m_exec, m_old, m_sh, m_self, m_rel = (uuid.uuid4().hex for _ in range(6))
+    real = os.path.realpath(py)
+    real_dir, real_name = os.path.split(real)
+    rel = None
     fork = (PY_HTTPX.replace("import httpx, sys\n", "import httpx, os, sys\npid = os.fork()\nif pid:\n"
                              "    sys.exit(os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]))\n"))
     exec_curl = "import os, sys; os.execv('/usr/bin/curl', ['curl', '-sS', '--fail', '-m', '5', sys.argv[1]])"
@@ -103,22 +110,37 @@ def test_fork_inherits_exec_replaces_and_older_processes_are_seeded(lab, cgroup)
             r_exec = run(lab, [py, "-c", exec_curl, f"{URL}?m={m_exec}"], cgroup)
             r_sh = run(lab, ["sh", "-c", f"exec curl -sS --fail -m 5 '{OPENAI}?m={m_sh}'"], cgroup)
             r_self = run(lab, [py, "-c", PY_HTTPX, f"{URL}?m={m_self}"], cgroup)
-            evs = collect(mon, lambda e: len({d.pid for d in denials(e)}) >= 4, timeout=10)
+            # exec'd by a relative filename: the kernel holds "./python3.11" until user space
+            # rewrites it from /proc/PID/exe; the client waits for that, then connects
+            rel = subprocess.Popen(lab.client_cmd(["sh", "-c", 'cd "$0" && exec ./"$1" -c "$2" "$3"', real_dir,
+                                                   real_name, PY_URLLIB, f"{URL}?m={m_rel}"]),
+                                   stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                   preexec_fn=_into(cgroup))
+            deadline = time.monotonic() + 10
+            seen: list = []
+            while enf.exe_of(rel.pid) != real and time.monotonic() < deadline:
+                seen += mon.events(timeout=0.05)  # the reader reads the exec record
+            assert enf.exe_of(rel.pid) == real
+            _, rel_err = rel.communicate(b"go\n", timeout=20)
+            evs = seen + collect(mon, lambda e: len({d.pid for d in denials(seen + e)}) >= 5, timeout=10)
     finally:
-        if old.poll() is None:
-            old.kill()
-            old.wait()
+        for p in (old, rel):
+            if p is not None and p.poll() is None:
+                p.kill()
+                p.wait()
     assert old.returncode != 0 and b"Operation not permitted" in err, (out, err)
     assert r_fork.returncode != 0 and b"Operation not permitted" in r_fork.stderr, r_fork.stderr
     assert r_exec.returncode == 0, r_exec.stderr
     assert r_sh.returncode == 7 and r_self.returncode != 0
     assert reached(lab, m_old) == [] and reached(lab, m_fork) == [] and reached(lab, m_sh) == []
     assert reached(lab, m_self) == [] and len(reached(lab, m_exec)) == 1
+    assert rel.returncode != 0 and b"Operation not permitted" in rel_err and reached(lab, m_rel) == [], rel_err
     d = denials(evs)
     by_rule = {(x.rule, x.exe) for x in d}
     assert ("not-curl", "/usr/bin/curl") in by_rule  # sh exec'd curl: curl's verdict
     assert {x.pid for x in d if x.rule == "not-this-python"} >= {old.pid}
-    assert len([x for x in d if x.rule == "not-this-python"]) >= 3  # the old one, the fork child, itself
+    assert len({x.pid for x in d if x.rule == "not-this-python"}) >= 4  # old, fork child, itself, relative
+    assert {x.exe for x in d if x.rule == "not-this-python"} <= {py, real}
 
 
 def _exe_bytes(pid):
