@@ -16,10 +16,13 @@ key, and the default, use that bit):
 
 Process keys become per-rule checks in the kernel: ``uid`` (exact), ``comm`` (16 bytes),
 ``cgroup`` (the path's cgroup id compared with the caller's ancestor at that level). A rule with
-several values is expanded into one kernel entry per combination. ``exe``, ``container`` and
-``model`` cannot be checked in the kernel (R0: no task struct): a deny rule with them is reported
-from user space but not enforced, and an allow/audit rule with them ends the kernel's search when
-its other keys hold (over-allowing is the safe side).
+several values is expanded into one kernel entry per combination. ``exe`` (an exact path or a
+``prefix*``) is checked at connect against the caller's process in ``pol_exe_proc`` (kept by the
+exec/fork/exit tracepoints, seeded from /proc) looked up in the ``pol_exe`` trie; ``container``
+against the caller's or socket's cgroup ancestry in ``pol_ctr`` (the containers' top cgroups, kept
+current from ``cgroup_mkdir`` records). ``model`` and other exe globs cannot be checked in the
+kernel: a deny rule with them is reported from user space but not enforced, and an allow/audit rule
+with them ends the kernel's search when its other keys hold (over-allowing is the safe side).
 
 Reload is atomic: conf, rules, name and address masks and learned addresses exist in two
 generations and ``pol_gen`` names the one in force; a reload writes the other completely, then
