@@ -132,6 +132,17 @@ def test_describe_lists_rules_in_order():
     assert "comm=curl" in out[2] and out[3].split()[:3] == ["-", "audit", "default"]
 
 
+def test_describe_says_which_exe_globs_the_kernel_cannot_match():
+    out = Policy.from_dict({"rules": [
+        {"name": "k", "action": "deny", "provider": "openai", "exe": ["/usr/bin/curl", "/opt/a/*"]},
+        {"name": "u", "action": "deny", "provider": "openai", "exe": "*curl*"},
+        {"name": "a", "action": "allow", "exe": "/usr/*/python3"}]}).describe().splitlines()
+    assert out[1].split()[:3] == ["1.", "deny", "k"] and out[2].split()[:3] == ["2.", "deny", "u"]
+    assert out[3].strip().startswith("exe *curl*: user space only") and out[3].endswith("reported, not enforced")
+    assert out[5].strip().startswith("exe /usr/*/python3: user space only") and out[5].endswith(
+        "ends the kernel's search")
+
+
 def test_cli_policy_check(tmp_path, capsys):
     import io
 
