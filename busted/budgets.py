@@ -27,6 +27,7 @@ cgroup key that is not its own ``per``) is counted and reported, and enforced as
 from __future__ import annotations
 
 import math
+import os
 import re
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
@@ -52,15 +53,26 @@ MAX_KERNEL_BUDGETS = 8
 BUDGET_TOP_BIT = 61
 BUDGET_RULE_BASE = 0x10000
 MAX_BUDGET_SCOPES = 4096  # pol_budget map entries (scopes blocked at once)
-KIND_UID, KIND_CGROUP, KIND_HOST = 1, 2, 3
-_KIND = {"uid": KIND_UID, "cgroup": KIND_CGROUP, "host": KIND_HOST}
+KIND_UID, KIND_CGROUP, KIND_HOST, KIND_EXE = 1, 2, 3, 4
+_KIND = {"uid": KIND_UID, "cgroup": KIND_CGROUP, "host": KIND_HOST, "exe": KIND_EXE}
+EXE_KEPT = 127  # bytes of an exe path the kernel keeps (busted.enforce.EXE_MAX - 1)
+
+
+def exe_hash(path: str) -> int:
+    """The kernel's key for an exe scope (pol_exe_hash in policy_enforce.c): 64-bit FNV-1a over the
+    path's first EXE_KEPT bytes, as the kernel holds the process's exec'd filename."""
+    h = 0xCBF29CE484222325
+    for c in os.fsencode(path)[:EXE_KEPT].split(b"\0", 1)[0]:
+        h = ((h ^ c) * 0x100000001B3) & 0xFFFFFFFFFFFFFFFF
+    return h
 
 
 def c_definitions() -> str:
     """The constants policy_enforce.c shares with this module."""
     consts = {"POL_MAX_BUDGETS": MAX_KERNEL_BUDGETS, "POL_BUDGET_TOP_BIT": BUDGET_TOP_BIT,
               "POL_BUDGET_BASE": BUDGET_RULE_BASE, "POL_MAX_BUDGET_SCOPES": MAX_BUDGET_SCOPES,
-              "BK_UID": KIND_UID, "BK_CGROUP": KIND_CGROUP, "BK_HOST": KIND_HOST}
+              "BK_UID": KIND_UID, "BK_CGROUP": KIND_CGROUP, "BK_HOST": KIND_HOST,
+              "BK_EXE": KIND_EXE}
     return "\n".join(f"#define {k} {v}" for k, v in consts.items()) + "\n"
 
 
@@ -447,7 +459,7 @@ class BudgetBook:
         if j is None:
             return []
         kind = _KIND[b.per]
-        value = 0 if b.per == "host" else int(scope)
+        value = 0 if b.per == "host" else exe_hash(scope) if b.per == "exe" else int(scope)
         self._blocked[(j, kind, value)] = s.end
         return [Block(j, kind, value, s.end, b.name)]
 

@@ -72,7 +72,7 @@ POL_DEFAULT = 0xFFFF
 PR_UID, PR_COMM, PR_CGROUP, PR_USER_ONLY, PR_EXE, PR_CTR = 1, 2, 4, 8, 16, 32
 # not decisions: POINT_CGROUP a cgroup_mkdir record, POINT_EXE an exec by a relative filename
 POINT_CONNECT, POINT_TLS, POINT_CGROUP, POINT_EXE = 1, 2, 3, 4
-CF_EXE, CF_CTR = 1, 2  # pol_conf.flags: the policy has kernel exe / container rules
+CF_EXE, CF_CTR, CF_BEXE = 1, 2, 4  # pol_conf.flags: kernel exe rules, container rules, budgets per exe
 AGG_WINDOW_NS = 1_000_000_000  # identical kernel decisions within this window become one event
 AGG_MAX_KEYS = 4096  # open aggregation windows; past it the oldest is reported early
 # pol_counts slots (policy_enforce.c); the last three are losses, reported as EventsLost.
@@ -142,7 +142,7 @@ def c_definitions(max_addrs: int = MAX_ADDRS, max_names: int = MAX_NAMES) -> str
         "POL_ALLOW": POL_ALLOW, "POL_AUDIT": POL_AUDIT, "POL_DENY": POL_DENY, "POL_DEFAULT": POL_DEFAULT,
         "PR_UID": PR_UID, "PR_COMM": PR_COMM, "PR_CGROUP": PR_CGROUP, "PR_USER_ONLY": PR_USER_ONLY,
         "POINT_CONNECT": POINT_CONNECT, "POINT_TLS": POINT_TLS, "POINT_CGROUP": POINT_CGROUP, "POINT_EXE": POINT_EXE,
-        "PR_EXE": PR_EXE, "PR_CTR": PR_CTR, "POL_CF_EXE": CF_EXE, "POL_CF_CTR": CF_CTR,
+        "PR_EXE": PR_EXE, "PR_CTR": PR_CTR, "POL_CF_EXE": CF_EXE, "POL_CF_CTR": CF_CTR, "POL_CF_BEXE": CF_BEXE,
         "POL_EXE_MAX": EXE_MAX, "POL_MAX_EXES": MAX_EXES, "POL_MAX_PROCS": MAX_PROCS,
         "POL_MAX_CTR_CGROUPS": MAX_CTR_CGROUPS, "POL_CG_LEVELS": CG_LEVELS,
     }
@@ -514,6 +514,8 @@ def compile_policy(policy: Policy, catalog: Any, *, cgroup_mount: str | None = N
         from busted.budgets import compile_budgets
 
         c.budgets = compile_budgets(policy, catalog, add_name, add_cidr, c.notes)
+        if any(b.per == "exe" and b.name in c.budgets for b in policy.budgets):
+            c.flags |= CF_BEXE
     c.names = fold_names(c.names)
     c.exes = fold_exes(c.exes)
     if len(c.exes) > MAX_EXES:

@@ -457,11 +457,31 @@ struct pol_bkey {
 };
 BPF_HASH(pol_budget, struct pol_bkey, u64, POL_MAX_BUDGET_SCOPES);
 
-/* 1 and *rule = POL_BUDGET_BASE + j when an exhausted budget holds this destination for the
- * caller; no map entry (the common case) costs one mask test per kernel budget. */
-static __always_inline int pol_budget_hit(u64 mask, u32 uid, u32 *rule)
+/* The caller's exe scope for budgets per exe: 64-bit FNV-1a over its exec'd filename as
+ * pol_exe_proc holds it (busted.budgets.exe_hash); 0 when the process is not known. */
+static __always_inline u64 pol_exe_hash(void)
 {
-    u64 now = 0;
+    u32 tgid = bpf_get_current_pid_tgid() >> 32;
+    struct pol_eproc *p = pol_exe_proc.lookup(&tgid);
+    if (!p)
+        return 0;
+    u64 h = 0xcbf29ce484222325ULL;
+    for (u32 i = 0; i < POL_EXE_MAX - 1; i++) {
+        u8 c = p->path[i];
+        if (!c)
+            break;
+        h = (h ^ c) * 0x100000001b3ULL;
+    }
+    return h;
+}
+
+/* 1 and *rule = POL_BUDGET_BASE + j when an exhausted budget holds this destination for the
+ * caller; no map entry (the common case) costs one mask test per kernel budget. The exe scope is
+ * hashed once, only when the policy has a kernel budget per exe (POL_CF_BEXE). */
+static __always_inline int pol_budget_hit(u64 mask, u32 uid, u32 flags, u32 *rule)
+{
+    u64 now = 0, exe = 0;
+    u32 exe_done = 0;
     for (u32 j = 0; j < POL_MAX_BUDGETS; j++) {
         if (!(mask & (1ULL << (POL_BUDGET_TOP_BIT - j))))
             continue;
@@ -476,6 +496,16 @@ static __always_inline int pol_budget_hit(u64 mask, u32 uid, u32 *rule)
             k.kind = BK_HOST;
             k.value = 0;
             until = pol_budget.lookup(&k);
+        }
+        if (!until && (flags & POL_CF_BEXE)) {
+            if (!exe_done) {
+                exe = pol_exe_hash();
+                exe_done = 1;
+            }
+            k.kind = BK_EXE;
+            k.value = exe;
+            if (exe)
+                until = pol_budget.lookup(&k);
         }
         if (!until)
             continue;
@@ -504,7 +534,7 @@ static __always_inline int pol_connect_common(struct bpf_sock_addr *ctx, u32 gen
     if (c->flags & POL_CF_EXE)
         exe = pol_exe_mask(gen);
     u32 rule = 0;
-    if (pol_eval(gen, mask, uid, comm, &exe, 0, &rule) != POL_DENY && !pol_budget_hit(mask, uid, &rule))
+    if (pol_eval(gen, mask, uid, comm, &exe, 0, &rule) != POL_DENY && !pol_budget_hit(mask, uid, c->flags, &rule))
         return 1;
     pol_emit(POINT_CONNECT, rule, uid, family, __builtin_bswap16((u16)ctx->user_port), addr,
              bpf_get_current_cgroup_id(), 0);

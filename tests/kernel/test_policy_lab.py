@@ -307,12 +307,13 @@ print(r.status_code, r.json()["usage"]["input_tokens"] + r.json()["usage"]["outp
 """
 
 
-@pytest.mark.parametrize("per", ["uid", "cgroup"])
+@pytest.mark.parametrize("per", ["uid", "cgroup", "exe"])
 def test_token_budget_per_uid_stops_the_third_call(lab, cgroup, per):
     """Issue 22 acceptance 3: 30 tokens per uid for anthropic; two 20-token calls work, the third is
     refused at connect (the lab server never sees it), the events name the budget; openai works.
     Per cgroup (the caller's own cgroup id in the kernel), with a reload between the second and the
-    third call that moves the budget to another kernel index: the block follows it."""
+    third call that moves the budget to another kernel index: the block follows it. Per exe (the
+    exec'd filename the kernel keeps per process, hashed): the python client is refused, curl not."""
     from busted import BudgetExceeded, BudgetSpend, LlmCall
     from busted.budgets import window_of
 
@@ -322,7 +323,7 @@ def test_token_budget_per_uid_stops_the_third_call(lab, cgroup, per):
     b30 = {"name": "anthropic-30", "provider": "anthropic", "per": per, "limit_tokens": 30, "window": "1d",
            "action": "deny"}
     pol = Policy.from_dict({"default": "audit", "budgets": [b30]})
-    scope = "0" if per == "uid" else str(cgroup.stat().st_ino)
+    scope = {"uid": "0", "exe": sys.executable}.get(per) or str(cgroup.stat().st_ino)
     m, o = uuid.uuid4().hex, uuid.uuid4().hex
     url = f"https://api.anthropic.com/v1/messages?m={m}"
     with busted.Monitor(policy=pol, enforce=True, policy_scope="/" + cgroup.name) as mon:
@@ -337,6 +338,8 @@ def test_token_budget_per_uid_stops_the_third_call(lab, cgroup, per):
             assert mon._policy_rt.enforcer.compiled.budgets == {"mistral-big": 0, "anthropic-30": 1}
         third = run(lab, [sys.executable, "-I", "-c", PY_20_TOKENS, url], cgroup)
         other = run(lab, curl("https://api.openai.com/v1/models", o), cgroup)
+        if per == "exe":  # another program of the same uid and cgroup: its own scope, not exhausted
+            other = run(lab, curl("https://api.anthropic.com/v1/models", o), cgroup)
         evs += collect(mon, lambda e: any(isinstance(x, PolicyDecision) and x.enforced for x in e), timeout=10)
         snap = mon.budgets()
     assert first.stdout.split() == [b"200", b"20"] and second.stdout.split() == [b"200", b"20"], (
@@ -344,8 +347,8 @@ def test_token_budget_per_uid_stops_the_third_call(lab, cgroup, per):
     assert third.returncode != 0 and (b"PermissionError" in third.stderr or b"Operation not permitted" in third.stderr)
     assert other.returncode == 0, other.stderr
     assert len(requests_with(lab, m)) == 2  # the server's own log: no third request
-    assert len(requests_with(lab, o)) == 1
-    calls = [e for e in evs if isinstance(e, LlmCall) and e.provider == "anthropic"]  # (the query is masked)
+    assert len(requests_with(lab, o)) == (2 if per == "exe" else 1)
+    calls = [e for e in evs if isinstance(e, LlmCall) and e.provider == "anthropic" and e.comm != "curl"]
     assert [c.total_tokens or (c.input_tokens + c.output_tokens) for c in calls] == [20, 20]
     spends = [e for e in evs if isinstance(e, BudgetSpend)]
     assert [(s.budget, s.scope, s.tokens) for s in spends] == [("anthropic-30", scope, 20), ("anthropic-30", scope, 40)]
@@ -360,7 +363,7 @@ def test_token_budget_per_uid_stops_the_third_call(lab, cgroup, per):
     d = refused[0]
     assert (d.rule, d.action, d.point, d.provider, d.uid, d.dport) == (
         "budget:anthropic-30", "deny", "connect", "anthropic", 0, 443)
-    assert ("budget", "anthropic-30") in d.matched
+    assert ("budget", "anthropic-30") in d.matched and d.exe == sys.executable
     assert [(s["budget"], s["scope"], s["tokens"], s["exceeded"]) for s in snap] == [("anthropic-30", scope, 40, True)]
     assert ours_attached() == ""
 

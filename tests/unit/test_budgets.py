@@ -125,8 +125,8 @@ def test_kernel_reasons():
         return kernel_budgets(budget_policy(**kw).budgets, 0)[1].get("anth-30")
 
     assert why() is None
-    assert why(per="cgroup") is None and why(per="host") is None
-    assert "per=exe" in why(per="exe") and "per=container" in why(per="container")
+    assert why(per="cgroup") is None and why(per="host") is None and why(per="exe") is None
+    assert "per=agent" in why(per="agent") and "per=container" in why(per="container")
     assert "model" in why(model="gpt-4o") and "agent" in why(agent="claude-code")
     assert "uid (not its per)" in why(per="cgroup", uid=0)
     assert "hostname api*.x.com" in why(hostname="api*.x.com")
@@ -278,13 +278,13 @@ def test_policy_check_prints_budgets(tmp_path):
     from busted.cli import main
 
     f = tmp_path / "p.toml"
-    f.write_text('[[budgets]]\nname = "daily"\nper = "exe"\nlimit_usd = 2.5\nwindow = "1d"\naction = "deny"\n'
+    f.write_text('[[budgets]]\nname = "daily"\nper = "container"\nlimit_usd = 2.5\nwindow = "1d"\naction = "deny"\n'
                  'provider = ["openai", "anthropic"]\n')
     out = io.StringIO()
     assert main(["policy", "check", str(f)], out=out) == 0
     text = out.getvalue()
-    assert "deny  daily: $2.5 per exe per 1d  [provider=openai|anthropic]  (line 1)" in text
-    assert "per=exe: the kernel cannot key a connection by exe: enforced as audit" in text
+    assert "deny  daily: $2.5 per container per 1d  [provider=openai|anthropic]  (line 1)" in text
+    assert "per=container: the kernel cannot key a connection by container: enforced as audit" in text
     f.write_text('[[budgets]]\nname = "daily"\nper = "exe"\nwindow = "1d"\n')
     assert main(["policy", "check", str(f)], out=io.StringIO()) == 2
 
@@ -358,7 +358,7 @@ def test_compile_gives_kernel_budgets_their_destination_bits():
     pol = Policy.from_dict({"rules": [{"name": "r0", "action": "audit", "provider": "openai"}], "budgets": [
         {"name": "a", "provider": ["anthropic", "nosuch"], "per": "uid", "limit_tokens": 1, "window": "1h",
          "action": "deny"},
-        {"name": "audit-only", "per": "exe", "limit_tokens": 1, "window": "1h", "action": "deny"},
+        {"name": "audit-only", "per": "agent", "limit_tokens": 1, "window": "1h", "action": "deny"},
         {"name": "h", "hostname": "*.example.org", "per": "host", "limit_usd": 1, "window": "1d", "action": "deny"}]})
     c = compile_policy(pol, Catalog.builtin(), cgroup_mount="/nonexistent")
     assert c.budgets == {"a": 0, "h": 1}
@@ -367,4 +367,20 @@ def test_compile_gives_kernel_budgets_their_destination_bits():
     assert name_mask(c.names, "api.openai.com") & (1 << 0) and name_mask(c.names, "api.openai.com") & (1 << ANY_BIT)
     assert name_mask(c.names, "x.example.org") == 1 << (BUDGET_TOP_BIT - 1)
     assert any("nosuch is not in the catalog" in n for n in c.notes)
-    assert any("budget audit-only: per=exe" in n and "enforced as audit" in n for n in c.notes)
+    assert any("budget audit-only: per=agent" in n and "enforced as audit" in n for n in c.notes)
+    assert not c.flags
+
+
+def test_budget_per_exe_is_keyed_by_the_kernels_hash_of_the_path():
+    from busted.budgets import KIND_EXE, Block, exe_hash
+    from busted.classify.providers import Catalog
+    from busted.enforce import CF_BEXE, compile_policy
+
+    # FNV-1a 64 (the C twin in policy_enforce.c): known vectors, and the kernel's 127-byte cut
+    assert exe_hash("") == 0xCBF29CE484222325 and exe_hash("a") == 0xAF63DC4C8601EC8C
+    assert exe_hash("/x" + "y" * 200) == exe_hash(("/x" + "y" * 200)[:127])
+    b = BudgetBook(budget_policy(per="exe").budgets, kernel={"anth-30": 0})
+    _out, cmds = b.feed([call(T0, exe="/usr/bin/python3", tokens=40)])
+    assert cmds == [Block(0, KIND_EXE, exe_hash("/usr/bin/python3"), cmds[0].until, "anth-30")]
+    c = compile_policy(budget_policy(per="exe"), Catalog.builtin(), cgroup_mount="/nonexistent")
+    assert c.budgets == {"anth-30": 0} and c.flags == CF_BEXE
