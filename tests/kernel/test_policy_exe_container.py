@@ -45,8 +45,8 @@ def run(lab, argv, cg, timeout=20.0):
                           preexec_fn=_into(cg))
 
 
-def curl(url, marker):
-    return ["curl", "-sS", "--fail", "-m", "5", f"{url}?m={marker}"]
+def curl(url, marker, extra=()):
+    return ["curl", "-sS", "--fail", "-m", "5", *extra, f"{url}?m={marker}"]
 
 
 def reached(lab, marker):
@@ -195,3 +195,36 @@ def test_container_rule_by_cgroup_ancestry(lab, cgroup):
     cids = {dict(x.matched).get("container") for x in d}
     assert cids == {f"{base}{'1' * 48}", f"{base}{'2' * 48}"}
     assert all(x.exe == "/usr/bin/curl" and x.provider == "openai" for x in d)
+
+
+def test_container_rule_at_the_client_hello(lab, cgroup):
+    """No DNS answer (curl --resolve): connect cannot name the provider, the SNI does; the socket's
+    cgroup ancestry (bpf_skb_ancestor_cgroup_id) puts it in the container: its hello is dropped and
+    the server sees no request; the same client outside the container gets through."""
+    shared = lab.hosts["api.openai.com"]
+    if "api.deepseek.com" not in lab.hosts:
+        lab.add_server_ip("api.deepseek.com", ip=shared.ipv4, ip6=shared.ipv6)
+    cid = "c0ffee" + uuid.uuid4().hex + uuid.uuid4().hex[:26]
+    ctr = cgroup / f"docker-{cid}.scope"
+    ctr.mkdir()
+    pol = Policy.from_dict({"default": "audit", "rules": [
+        {"name": "no-deepseek-in-c0ffee", "action": "deny", "provider": "deepseek", "container": "c0ffee"}]})
+    m_in, m_out = uuid.uuid4().hex, uuid.uuid4().hex
+    resolve = ["--resolve", f"api.deepseek.com:443:{shared.ipv4}"]
+    try:
+        with busted.Monitor(policy=pol, enforce=True, policy_scope="/" + cgroup.name) as mon:
+            r_in = run(lab, curl("https://api.deepseek.com/v1/models", m_in, resolve), ctr)
+            r_out = run(lab, curl("https://api.deepseek.com/v1/models", m_out, resolve), cgroup)
+            evs = collect(mon, lambda e: len(denials(e)) >= 1, timeout=10)
+    finally:
+        for _ in range(50):
+            try:
+                ctr.rmdir()
+                break
+            except OSError:
+                time.sleep(0.1)
+    assert r_in.returncode != 0 and r_out.returncode == 0, (r_in.stderr, r_out.stderr)
+    assert reached(lab, m_in) == [] and len(reached(lab, m_out)) == 1
+    d = denials(evs)
+    assert {(x.rule, x.point) for x in d} == {("no-deepseek-in-c0ffee", "tls_client_hello")}
+    assert ("container", cid) in d[0].matched and ("sni", "api.deepseek.com") in d[0].matched
