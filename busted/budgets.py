@@ -53,14 +53,15 @@ MAX_KERNEL_BUDGETS = 8
 BUDGET_TOP_BIT = 61
 BUDGET_RULE_BASE = 0x10000
 MAX_BUDGET_SCOPES = 4096  # pol_budget map entries (scopes blocked at once)
-KIND_UID, KIND_CGROUP, KIND_HOST, KIND_EXE = 1, 2, 3, 4
-_KIND = {"uid": KIND_UID, "cgroup": KIND_CGROUP, "host": KIND_HOST, "exe": KIND_EXE}
+KIND_UID, KIND_CGROUP, KIND_HOST, KIND_EXE, KIND_CONTAINER = 1, 2, 3, 4, 5
+_KIND = {"uid": KIND_UID, "cgroup": KIND_CGROUP, "host": KIND_HOST, "exe": KIND_EXE, "container": KIND_CONTAINER}
 EXE_KEPT = 127  # bytes of an exe path the kernel keeps (busted.enforce.EXE_MAX - 1)
 
 
-def exe_hash(path: str) -> int:
-    """The kernel's key for an exe scope (pol_exe_hash in policy_enforce.c): 64-bit FNV-1a over the
-    path's first EXE_KEPT bytes, as the kernel holds the process's exec'd filename."""
+def scope_hash(path: str) -> int:
+    """The kernel's key for an exe or container scope: 64-bit FNV-1a over the string's first
+    EXE_KEPT bytes (pol_exe_hash in policy_enforce.c hashes the exec'd filename the kernel holds;
+    user space writes a container id's hash into pol_ctr)."""
     h = 0xCBF29CE484222325
     for c in os.fsencode(path)[:EXE_KEPT].split(b"\0", 1)[0]:
         h = ((h ^ c) * 0x100000001B3) & 0xFFFFFFFFFFFFFFFF
@@ -72,7 +73,7 @@ def c_definitions() -> str:
     consts = {"POL_MAX_BUDGETS": MAX_KERNEL_BUDGETS, "POL_BUDGET_TOP_BIT": BUDGET_TOP_BIT,
               "POL_BUDGET_BASE": BUDGET_RULE_BASE, "POL_MAX_BUDGET_SCOPES": MAX_BUDGET_SCOPES,
               "BK_UID": KIND_UID, "BK_CGROUP": KIND_CGROUP, "BK_HOST": KIND_HOST,
-              "BK_EXE": KIND_EXE}
+              "BK_EXE": KIND_EXE, "BK_CONTAINER": KIND_CONTAINER}
     return "\n".join(f"#define {k} {v}" for k, v in consts.items()) + "\n"
 
 
@@ -459,7 +460,7 @@ class BudgetBook:
         if j is None:
             return []
         kind = _KIND[b.per]
-        value = 0 if b.per == "host" else exe_hash(scope) if b.per == "exe" else int(scope)
+        value = 0 if b.per == "host" else scope_hash(scope) if b.per in ("exe", "container") else int(scope)
         self._blocked[(j, kind, value)] = s.end
         return [Block(j, kind, value, s.end, b.name)]
 

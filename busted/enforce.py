@@ -72,7 +72,8 @@ POL_DEFAULT = 0xFFFF
 PR_UID, PR_COMM, PR_CGROUP, PR_USER_ONLY, PR_EXE, PR_CTR = 1, 2, 4, 8, 16, 32
 # not decisions: POINT_CGROUP a cgroup_mkdir record, POINT_EXE an exec by a relative filename
 POINT_CONNECT, POINT_TLS, POINT_CGROUP, POINT_EXE = 1, 2, 3, 4
-CF_EXE, CF_CTR, CF_BEXE = 1, 2, 4  # pol_conf.flags: kernel exe rules, container rules, budgets per exe
+# pol_conf.flags: kernel exe rules, container rules, kernel budgets per exe, per container
+CF_EXE, CF_CTR, CF_BEXE, CF_BCTR = 1, 2, 4, 8
 AGG_WINDOW_NS = 1_000_000_000  # identical kernel decisions within this window become one event
 AGG_MAX_KEYS = 4096  # open aggregation windows; past it the oldest is reported early
 # pol_counts slots (policy_enforce.c); the last three are losses, reported as EventsLost.
@@ -142,7 +143,8 @@ def c_definitions(max_addrs: int = MAX_ADDRS, max_names: int = MAX_NAMES) -> str
         "POL_ALLOW": POL_ALLOW, "POL_AUDIT": POL_AUDIT, "POL_DENY": POL_DENY, "POL_DEFAULT": POL_DEFAULT,
         "PR_UID": PR_UID, "PR_COMM": PR_COMM, "PR_CGROUP": PR_CGROUP, "PR_USER_ONLY": PR_USER_ONLY,
         "POINT_CONNECT": POINT_CONNECT, "POINT_TLS": POINT_TLS, "POINT_CGROUP": POINT_CGROUP, "POINT_EXE": POINT_EXE,
-        "PR_EXE": PR_EXE, "PR_CTR": PR_CTR, "POL_CF_EXE": CF_EXE, "POL_CF_CTR": CF_CTR, "POL_CF_BEXE": CF_BEXE,
+        "PR_EXE": PR_EXE, "PR_CTR": PR_CTR,
+        "POL_CF_EXE": CF_EXE, "POL_CF_CTR": CF_CTR, "POL_CF_BEXE": CF_BEXE, "POL_CF_BCTR": CF_BCTR,
         "POL_EXE_MAX": EXE_MAX, "POL_MAX_EXES": MAX_EXES, "POL_MAX_PROCS": MAX_PROCS,
         "POL_MAX_CTR_CGROUPS": MAX_CTR_CGROUPS, "POL_CG_LEVELS": CG_LEVELS,
     }
@@ -416,6 +418,7 @@ class Compiled:
     kernel_deny: set[str] = field(default_factory=set)  # deny rules the kernel enforces
     exes: dict[bytes, int] = field(default_factory=dict)  # exe_key() -> rule-index bits (folded)
     ctr: dict[int, int] = field(default_factory=dict)  # container top cgroup id -> rule-index bits
+    ctr_scope: dict[int, int] = field(default_factory=dict)  # ... -> its container id's scope_hash()
     flags: int = 0  # CF_EXE | CF_CTR
     user_only: list[str] = field(default_factory=list)  # "rule: key value" the kernel cannot check
     budgets: dict[str, int] = field(default_factory=dict)  # budget name -> kernel index (busted.budgets)
@@ -516,6 +519,15 @@ def compile_policy(policy: Policy, catalog: Any, *, cgroup_mount: str | None = N
         c.budgets = compile_budgets(policy, catalog, add_name, add_cidr, c.notes)
         if any(b.per == "exe" and b.name in c.budgets for b in policy.budgets):
             c.flags |= CF_BEXE
+        if any(b.per == "container" and b.name in c.budgets for b in policy.budgets):
+            c.flags |= CF_BCTR  # every container's top cgroup, to key a caller by its container
+    if c.flags & (CF_CTR | CF_BCTR):
+        from busted.budgets import scope_hash
+
+        for cgid, (_path, cid) in (ctrs if ctrs is not None else container_cgroups(mount)).items():
+            if cgid in c.ctr or c.flags & CF_BCTR:
+                c.ctr.setdefault(cgid, 0)
+                c.ctr_scope[cgid] = scope_hash(cid)
     c.names = fold_names(c.names)
     c.exes = fold_exes(c.exes)
     if len(c.exes) > MAX_EXES:
@@ -727,9 +739,10 @@ class Enforcer:
             if k.gen == g and k.id not in c.ctr:
                 del ctr[k]
         for cgid, mask in c.ctr.items():
-            k = ctr.Key()
+            k, v = ctr.Key(), ctr.Leaf()
             k.id, k.gen = cgid, g
-            ctr[k] = ctypes.c_ulonglong(mask)
+            v.mask, v.scope = mask, c.ctr_scope.get(cgid, 0)
+            ctr[k] = v
         # LPM keys start with the generation (32 bits of every prefix).
         names = b[b"pol_names"]
         for k in list(names.keys()):
@@ -926,7 +939,7 @@ class Enforcer:
     def _on_cgroup(self, r: dict[str, Any]) -> None:
         """A cgroup_mkdir record: a container's top cgroup that a container rule names enters the
         generation in force (checked against the v2 mount: the id is that directory's inode)."""
-        if not self.compiled.flags & CF_CTR or self.mount is None:
+        if not self.compiled.flags & (CF_CTR | CF_BCTR) or self.mount is None:
             return
         nl = min(r.get("nl", 0), 255)
         rel = "/" + os.fsdecode(r["name"][:nl]).lstrip("/")
@@ -934,18 +947,21 @@ class Enforcer:
         if cid is None or container_of(os.path.dirname(rel)).container_id == cid:
             return
         bits = container_rule_bits(self._policy, cid)
-        if not bits:
+        if not bits and not self.compiled.flags & CF_BCTR:
             return
         try:
             if os.stat(os.path.join(self.mount, rel.lstrip("/"))).st_ino != r["cookie"]:
                 return  # another hierarchy (v1), or already gone
         except OSError:
             return
+        from busted.budgets import scope_hash
+
         t = self.bpf[b"pol_ctr"]
-        k = t.Key()
+        k, v = t.Key(), t.Leaf()
         k.id, k.gen = r["cookie"], self._gen
+        v.mask, v.scope = bits, scope_hash(cid)
         try:
-            t[k] = ctypes.c_ulonglong(bits)
+            t[k] = v
         except Exception:  # noqa: BLE001 - bcc raises a bare Exception when the map is full
             self._count(LossPlace.KERNEL_MAP, "policy: container cgroup not added (pol_ctr full): not enforced")
             return

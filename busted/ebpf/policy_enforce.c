@@ -309,11 +309,18 @@ struct pol_ckey {
     u32 gen;
     u32 pad;
 };
-BPF_HASH(pol_ctr, struct pol_ckey, u64, 2 * POL_MAX_CTR_CGROUPS);
+/* mask: the rule bits; scope: the container id's hash (busted.budgets.scope_hash), for budgets per
+ * container (user space then adds every container's top cgroup, named by a rule or not). */
+struct pol_cval {
+    u64 mask;
+    u64 scope;
+};
+BPF_HASH(pol_ctr, struct pol_ckey, struct pol_cval, 2 * POL_MAX_CTR_CGROUPS);
 
 /* The container-rule bits of the caller's cgroup (skb == 0) or the socket's: every ancestor level
- * up to POL_CG_LEVELS looked up in pol_ctr (a level past the cgroup's depth has id 0: the end). */
-static __always_inline u64 pol_ctr_mask(u32 gen, struct __sk_buff *skb)
+ * up to POL_CG_LEVELS looked up in pol_ctr (a level past the cgroup's depth has id 0: the end).
+ * *scope: the deepest container's id hash (the container a nested one runs in is its own). */
+static __always_inline u64 pol_ctr_mask(u32 gen, struct __sk_buff *skb, u64 *scope)
 {
     u64 m = 0;
     struct pol_ckey k = {0, gen & 1, 0};
@@ -321,9 +328,11 @@ static __always_inline u64 pol_ctr_mask(u32 gen, struct __sk_buff *skb)
         k.id = skb ? bpf_skb_ancestor_cgroup_id(skb, l) : bpf_get_current_ancestor_cgroup_id(l);
         if (!k.id)
             break;
-        u64 *v = pol_ctr.lookup(&k);
-        if (v)
-            m |= *v;
+        struct pol_cval *v = pol_ctr.lookup(&k);
+        if (v) {
+            m |= v->mask;
+            *scope = v->scope;
+        }
     }
     return m;
 }
@@ -339,7 +348,8 @@ static __always_inline u32 pol_eval(u32 gen, u64 mask, u32 uid, const u64 *comm,
     if (!c)
         return POL_ALLOW;
     u32 n = c->nrules;
-    u64 ctr = (c->flags & POL_CF_CTR) ? pol_ctr_mask(gen, skb) : 0;
+    u64 scope = 0;
+    u64 ctr = (c->flags & POL_CF_CTR) ? pol_ctr_mask(gen, skb, &scope) : 0;
     for (u32 i = 0; i < POL_MAX_RULES; i++) {
         if (i >= n)
             break;
@@ -458,7 +468,7 @@ struct pol_bkey {
 BPF_HASH(pol_budget, struct pol_bkey, u64, POL_MAX_BUDGET_SCOPES);
 
 /* The caller's exe scope for budgets per exe: 64-bit FNV-1a over its exec'd filename as
- * pol_exe_proc holds it (busted.budgets.exe_hash); 0 when the process is not known. */
+ * pol_exe_proc holds it (busted.budgets.scope_hash); 0 when the process is not known. */
 static __always_inline u64 pol_exe_hash(void)
 {
     u32 tgid = bpf_get_current_pid_tgid() >> 32;
@@ -478,10 +488,10 @@ static __always_inline u64 pol_exe_hash(void)
 /* 1 and *rule = POL_BUDGET_BASE + j when an exhausted budget holds this destination for the
  * caller; no map entry (the common case) costs one mask test per kernel budget. The exe scope is
  * hashed once, only when the policy has a kernel budget per exe (POL_CF_BEXE). */
-static __always_inline int pol_budget_hit(u64 mask, u32 uid, u32 flags, u32 *rule)
+static __always_inline int pol_budget_hit(u32 gen, u64 mask, u32 uid, u32 flags, u32 *rule)
 {
-    u64 now = 0, exe = 0;
-    u32 exe_done = 0;
+    u64 now = 0, exe = 0, ctr = 0;
+    u32 exe_done = 0, ctr_done = 0;
     for (u32 j = 0; j < POL_MAX_BUDGETS; j++) {
         if (!(mask & (1ULL << (POL_BUDGET_TOP_BIT - j))))
             continue;
@@ -505,6 +515,16 @@ static __always_inline int pol_budget_hit(u64 mask, u32 uid, u32 flags, u32 *rul
             k.kind = BK_EXE;
             k.value = exe;
             if (exe)
+                until = pol_budget.lookup(&k);
+        }
+        if (!until && (flags & POL_CF_BCTR)) {
+            if (!ctr_done) {
+                pol_ctr_mask(gen, 0, &ctr);
+                ctr_done = 1;
+            }
+            k.kind = BK_CONTAINER;
+            k.value = ctr;
+            if (ctr)
                 until = pol_budget.lookup(&k);
         }
         if (!until)
@@ -534,7 +554,7 @@ static __always_inline int pol_connect_common(struct bpf_sock_addr *ctx, u32 gen
     if (c->flags & POL_CF_EXE)
         exe = pol_exe_mask(gen);
     u32 rule = 0;
-    if (pol_eval(gen, mask, uid, comm, &exe, 0, &rule) != POL_DENY && !pol_budget_hit(mask, uid, c->flags, &rule))
+    if (pol_eval(gen, mask, uid, comm, &exe, 0, &rule) != POL_DENY && !pol_budget_hit(gen, mask, uid, c->flags, &rule))
         return 1;
     pol_emit(POINT_CONNECT, rule, uid, family, __builtin_bswap16((u16)ctx->user_port), addr,
              bpf_get_current_cgroup_id(), 0);

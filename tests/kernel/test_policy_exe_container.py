@@ -228,3 +228,69 @@ def test_container_rule_at_the_client_hello(lab, cgroup):
     d = denials(evs)
     assert {(x.rule, x.point) for x in d} == {("no-deepseek-in-c0ffee", "tls_client_hello")}
     assert ("container", cid) in d[0].matched and ("sni", "api.deepseek.com") in d[0].matched
+
+
+# A messages call of exactly 20 tokens in the lab (as in test_policy_lab.py)
+PY_20_TOKENS = """
+import httpx, sys
+head, tail = b'{"model":"lab","max_tokens":1,"messages":[{"role":"user","content":"', b'"}]}'
+body = head + b"x" * (76 - len(head) - len(tail)) + tail
+r = httpx.post(sys.argv[1], content=body, timeout=5, headers={
+    "x-api-key": "k", "anthropic-version": "2023-06-01", "content-type": "application/json"})
+print(r.status_code, r.json()["usage"]["input_tokens"] + r.json()["usage"]["output_tokens"])
+"""
+
+
+def test_token_budget_per_container_is_refused_in_the_kernel(lab, cgroup):
+    """A deny budget of 30 tokens per container for anthropic: two 20-token calls from inside a
+    docker-named cgroup work, the third from inside (a cgroup below it) is refused at connect and
+    reaches no server; the same client outside any container still works; the event names it."""
+    from busted import BudgetExceeded
+    from busted.budgets import window_of
+
+    wait = window_of(time.time(), 86400)[1] - time.time()
+    if wait < 120:  # all calls in one window: wait out a day's end (bounded: 2 minutes)
+        time.sleep(wait + 1)
+    cid = "d0c4e7" + uuid.uuid4().hex + uuid.uuid4().hex[:26]
+    ctr = cgroup / f"docker-{cid}.scope"
+    sub = ctr / "worker"
+    pol = Policy.from_dict({"default": "audit", "budgets": [
+        {"name": "ctr-30", "provider": "anthropic", "per": "container", "limit_tokens": 30, "window": "1d",
+         "action": "deny"}]})
+    m, o = uuid.uuid4().hex, uuid.uuid4().hex
+    url = f"{URL}?m={m}"
+    try:
+        with busted.Monitor(policy=pol, enforce=True, policy_scope="/" + cgroup.name) as mon:
+            sub.mkdir(parents=True)  # a container started after the monitor (cgroup_mkdir)
+            enf = mon._policy_rt.enforcer
+            deadline = time.monotonic() + 10
+            evs: list = []
+            while ctr.stat().st_ino not in enf.compiled.ctr and time.monotonic() < deadline:
+                evs += mon.events(timeout=0.1)
+            first = run(lab, [sys.executable, "-I", "-c", PY_20_TOKENS, url], ctr)
+            second = run(lab, [sys.executable, "-I", "-c", PY_20_TOKENS, url], ctr)
+            evs += collect(mon, lambda e: any(isinstance(x, BudgetExceeded) for x in evs + e), timeout=10)
+            third = run(lab, [sys.executable, "-I", "-c", PY_20_TOKENS, url], sub)
+            outside = run(lab, [sys.executable, "-I", "-c", PY_20_TOKENS, f"{URL}?m={o}"], cgroup)
+            evs += collect(mon, lambda e: any(isinstance(x, PolicyDecision) and x.enforced for x in evs + e),
+                           timeout=10)
+    finally:
+        for d in (sub, ctr):
+            for _ in range(50):
+                try:
+                    d.rmdir()
+                    break
+                except FileNotFoundError:
+                    break
+                except OSError:
+                    time.sleep(0.1)
+    assert first.stdout.split() == [b"200", b"20"] and second.stdout.split() == [b"200", b"20"], (
+        first.stderr, second.stderr)
+    assert third.returncode != 0 and b"Operation not permitted" in third.stderr, third.stderr
+    assert outside.stdout.split() == [b"200", b"20"], outside.stderr
+    assert len(reached(lab, m)) == 2 and len(reached(lab, o)) == 1  # the server's own log
+    ex = [e for e in evs if isinstance(e, BudgetExceeded)]
+    assert [(e.budget, e.per, e.scope, e.tokens, e.enforced) for e in ex] == [("ctr-30", "container", cid, 40, True)]
+    d = denials(evs)
+    assert [(x.rule, x.point) for x in d] == [("budget:ctr-30", "connect")]
+    assert ("budget", "ctr-30") in d[0].matched

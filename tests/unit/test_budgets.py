@@ -126,7 +126,7 @@ def test_kernel_reasons():
 
     assert why() is None
     assert why(per="cgroup") is None and why(per="host") is None and why(per="exe") is None
-    assert "per=agent" in why(per="agent") and "per=container" in why(per="container")
+    assert "per=agent" in why(per="agent") and why(per="container") is None
     assert "model" in why(model="gpt-4o") and "agent" in why(agent="claude-code")
     assert "uid (not its per)" in why(per="cgroup", uid=0)
     assert "hostname api*.x.com" in why(hostname="api*.x.com")
@@ -278,13 +278,13 @@ def test_policy_check_prints_budgets(tmp_path):
     from busted.cli import main
 
     f = tmp_path / "p.toml"
-    f.write_text('[[budgets]]\nname = "daily"\nper = "container"\nlimit_usd = 2.5\nwindow = "1d"\naction = "deny"\n'
+    f.write_text('[[budgets]]\nname = "daily"\nper = "agent"\nlimit_usd = 2.5\nwindow = "1d"\naction = "deny"\n'
                  'provider = ["openai", "anthropic"]\n')
     out = io.StringIO()
     assert main(["policy", "check", str(f)], out=out) == 0
     text = out.getvalue()
-    assert "deny  daily: $2.5 per container per 1d  [provider=openai|anthropic]  (line 1)" in text
-    assert "per=container: the kernel cannot key a connection by container: enforced as audit" in text
+    assert "deny  daily: $2.5 per agent per 1d  [provider=openai|anthropic]  (line 1)" in text
+    assert "per=agent: the kernel cannot key a connection by agent: enforced as audit" in text
     f.write_text('[[budgets]]\nname = "daily"\nper = "exe"\nwindow = "1d"\n')
     assert main(["policy", "check", str(f)], out=io.StringIO()) == 2
 
@@ -372,7 +372,8 @@ def test_compile_gives_kernel_budgets_their_destination_bits():
 
 
 def test_budget_per_exe_is_keyed_by_the_kernels_hash_of_the_path():
-    from busted.budgets import KIND_EXE, Block, exe_hash
+    from busted.budgets import KIND_EXE, Block
+    from busted.budgets import scope_hash as exe_hash
     from busted.classify.providers import Catalog
     from busted.enforce import CF_BEXE, compile_policy
 
