@@ -385,3 +385,21 @@ def test_budget_per_exe_is_keyed_by_the_kernels_hash_of_the_path():
     assert cmds == [Block(0, KIND_EXE, exe_hash("/usr/bin/python3"), cmds[0].until, "anth-30")]
     c = compile_policy(budget_policy(per="exe"), Catalog.builtin(), cgroup_mount="/nonexistent")
     assert c.budgets == {"anth-30": 0} and c.flags == CF_BEXE
+
+
+def test_budget_per_container_puts_every_container_in_the_kernels_map(tmp_path):
+    from busted.budgets import KIND_CONTAINER, Block, scope_hash
+    from busted.classify.providers import Catalog
+    from busted.enforce import CF_BCTR, compile_policy
+
+    a, b = "a" * 64, "b" * 64
+    (tmp_path / "system.slice" / f"docker-{a}.scope" / "sub").mkdir(parents=True)
+    (tmp_path / "system.slice" / f"docker-{b}.scope").mkdir()
+    c = compile_policy(budget_policy(per="container"), Catalog.builtin(), cgroup_mount=str(tmp_path))
+    top_a = (tmp_path / "system.slice" / f"docker-{a}.scope").stat().st_ino
+    top_b = (tmp_path / "system.slice" / f"docker-{b}.scope").stat().st_ino
+    assert c.flags == CF_BCTR and c.ctr == {top_a: 0, top_b: 0}  # no rule bits: keyed for the budget only
+    assert c.ctr_scope == {top_a: scope_hash(a), top_b: scope_hash(b)}
+    book_ = BudgetBook(budget_policy(per="container").budgets, kernel={"anth-30": 0})
+    _out, cmds = book_.feed([call(T0, container_id=a, tokens=40)])
+    assert cmds == [Block(0, KIND_CONTAINER, scope_hash(a), cmds[0].until, "anth-30")]
