@@ -688,8 +688,11 @@ class Enforcer:
                 f = self.bpf.load_func(fn.encode(), ptype, attach_type=atype)
                 self.bpf[table.encode()][ctypes.c_int(slot)] = ctypes.c_int(f.fd)
             self._cg_fd = os.open(self.scope, os.O_RDONLY | os.O_DIRECTORY)
-            for fn, (ptype, atype) in _ATTACH.items():
-                f = self.bpf.load_func(fn.encode(), ptype, attach_type=atype)
+            # All verified first, then attached back to back: no window in which some are attached
+            # and the rest still in the verifier.
+            loaded = [(self.bpf.load_func(fn.encode(), ptype, attach_type=atype), atype)
+                      for fn, (ptype, atype) in _ATTACH.items()]
+            for f, atype in loaded:
                 self._links.append(link_create(f.fd, self._cg_fd, atype))
             self._events: list[Event] = []
             self.bpf[b"pol_events"].open_ring_buffer(self._on_rec)
