@@ -1110,6 +1110,8 @@ class Enforcer:
         wall = r["ts_ns"] / 1e9 + (time.time() - time.monotonic())
         if budget is not None:
             matched.append(("budget", budget))
+        if rule is not None and rule.exe is not None and exe is None and r["pid"]:
+            exe = self.exe_of(r["pid"])  # a ClientHello record has none: the process, if it lives
         if rule is not None and rule.exe is not None and exe is not None:
             matched.append(("exe", exe))
         if rule is not None and rule.container is not None:

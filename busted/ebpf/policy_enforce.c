@@ -94,6 +94,8 @@ struct pol_buf {
     u32 p;        /* egress: payload offset of this segment's unread hello bytes */
     u32 reason;   /* egress: POL_R_* */
     u32 gen;      /* DNS: the policy generation read when the answer arrived (all stages use it) */
+    u64 exe;      /* egress: the socket's exe bits (pol_sk_exe) and the bits not known, for pol_eval */
+    u64 exe_unknown;
     u8 daddr[16];
 };
 /* A ClientHello being reassembled, per socket cookie. */
@@ -243,6 +245,23 @@ static __always_inline u64 pol_exe_mask(u32 gen)
     return m ? *m : 0;
 }
 
+/* Socket cookie -> the exe bits (generation gen) of the process that connected it: at the
+ * ClientHello no process can be asked. Written at every TCP connect the rules let through while the
+ * policy has kernel exe rules; removed at close (pol_sockops), LRU besides. */
+struct pol_skexe {
+    u64 mask;
+    u32 gen;
+    u32 pad;
+};
+BPF_TABLE("lru_hash", u64, struct pol_skexe, pol_sk_exe, 16384);
+
+static __always_inline void pol_note_sk_exe(struct bpf_sock_addr *ctx, u32 gen, u64 exe)
+{
+    struct pol_skexe v = {exe, gen & 1, 0};
+    u64 ck = bpf_get_socket_cookie(ctx);
+    pol_sk_exe.update(&ck, &v);
+}
+
 /* Why these hooks: the exec tracepoint carries the new program's filename as an argument (R0: no
  * task struct read), fires once per successful exec after the old threads are gone, in the
  * process that now runs it; task_newtask (parent context) gives the child's pid and clone flags,
@@ -339,9 +358,10 @@ static __always_inline u64 pol_ctr_mask(u32 gen, struct __sk_buff *skb, u64 *sco
 
 /* The deciding action for a destination mask; *rule gets the policy rule index (or POL_DEFAULT).
  * skb != 0: judged at egress, where comm is not known (such rules count as unverifiable).
- * exe: the caller's exe-rule bits (pol_exe_mask); NULL where the process is not known (egress):
- * exe rules are then unverifiable, like comm. */
-static __always_inline u32 pol_eval(u32 gen, u64 mask, u32 uid, const u64 *comm, const u64 *exe,
+ * exe: the bits of the rules whose exe holds for the caller (pol_exe_mask); exe_unknown: the bits
+ * whose exe is not known here (egress without a noted socket: all), unverifiable like comm. Two
+ * scalars, not a pointer that may be NULL: the verifier's paths through the rule loop stay few. */
+static __always_inline u32 pol_eval(u32 gen, u64 mask, u32 uid, const u64 *comm, u64 exe, u64 exe_unknown,
                                     struct __sk_buff *skb, u32 *rule)
 {
     struct pol_conf *c = pol_cfg(gen);
@@ -378,9 +398,10 @@ static __always_inline u32 pol_eval(u32 gen, u64 mask, u32 uid, const u64 *comm,
         if ((r->flags & PR_CTR) && !(ctr & (1ULL << (r->index & 63))))
             continue;
         if (r->flags & PR_EXE) {
-            if (!exe)
+            u64 b = 1ULL << (r->index & 63);
+            if (exe_unknown & b)
                 unsure = 1;
-            else if (!(*exe & (1ULL << (r->index & 63))))
+            else if (!(exe & b))
                 continue;
         }
         /* A rule with keys the kernel cannot check: never deny on it; an allow/audit stops here
@@ -543,8 +564,13 @@ static __always_inline int pol_connect_common(struct bpf_sock_addr *ctx, u32 gen
                                               const void *addr)
 {
     struct pol_conf *c = pol_cfg(gen);
-    if (!c || !mask || (mask & (1ULL << POL_AMBIG_BIT)))
+    if (!c)
         return 1;
+    if (!mask || (mask & (1ULL << POL_AMBIG_BIT))) {
+        if (c->flags & POL_CF_EXE)  /* the SNI may decide: it will need the caller's exe */
+            pol_note_sk_exe(ctx, gen, pol_exe_mask(gen));
+        return 1;
+    }
     if ((bpf_get_current_pid_tgid() >> 32) == c->own_tgid)
         return 1;
     u32 uid = (u32)bpf_get_current_uid_gid();
@@ -554,8 +580,11 @@ static __always_inline int pol_connect_common(struct bpf_sock_addr *ctx, u32 gen
     if (c->flags & POL_CF_EXE)
         exe = pol_exe_mask(gen);
     u32 rule = 0;
-    if (pol_eval(gen, mask, uid, comm, &exe, 0, &rule) != POL_DENY && !pol_budget_hit(gen, mask, uid, c->flags, &rule))
+    if (pol_eval(gen, mask, uid, comm, exe, 0, 0, &rule) != POL_DENY && !pol_budget_hit(gen, mask, uid, c->flags, &rule)) {
+        if (c->flags & POL_CF_EXE)
+            pol_note_sk_exe(ctx, gen, exe);
         return 1;
+    }
     pol_emit(POINT_CONNECT, rule, uid, family, __builtin_bswap16((u16)ctx->user_port), addr,
              bpf_get_current_cgroup_id(), 0);
     return 0;  /* connect() fails with EPERM */
@@ -571,8 +600,6 @@ int pol_connect4(struct bpf_sock_addr *ctx)
         return 1;
     u32 gen = *gp & 1;
     u64 m = pol_addr4_mask(gen, (u32)bpf_get_current_uid_gid(), a);
-    if (!m)
-        return 1;
     return pol_connect_common(ctx, gen, m, 4, &a);
 }
 
@@ -593,13 +620,9 @@ int pol_connect6(struct bpf_sock_addr *ctx)
     u64 m;
     if (w[0] == 0 && w[1] == 0 && w[2] == __builtin_bswap32(0xffff)) {  /* ::ffff:a.b.c.d */
         m = pol_addr4_mask(gen, uid, w[3]);
-        if (!m)
-            return 1;
         return pol_connect_common(ctx, gen, m, 4, &w[3]);
     }
     m = pol_addr6_mask(gen, uid, (u8 *)w);
-    if (!m)
-        return 1;
     return pol_connect_common(ctx, gen, m, 6, w);
 }
 
@@ -1172,6 +1195,18 @@ int pol_egress_judge(struct __sk_buff *skb)
     u32 uid = bpf_get_socket_uid(skb);
     u32 rule = POL_DEFAULT;
     u32 drop;
+    /* The exe of the process that connected this socket, if noted in this generation: exe rules
+     * then hold here as at connect; otherwise they are unknown (a deny with exe does not act). */
+    u64 ex = 0, ex_unknown = ~0ULL;
+    struct pol_skexe *se = pol_sk_exe.lookup(&ck);
+    if (se && se->gen == gen) {
+        ex = se->mask;
+        ex_unknown = 0;
+    }
+    /* Through map memory: read back as unknown scalars, so the verifier walks one path through
+     * pol_eval instead of one per constant. */
+    V64(b->exe) = ex;
+    V64(b->exe_unknown) = ex_unknown;
     if (V32(b->reason)) {
         pol_count(1);
         u64 mask;
@@ -1184,7 +1219,7 @@ int pol_egress_judge(struct __sk_buff *skb)
             __builtin_memcpy(a6, b->daddr, 16);
             mask = pol_addr6_mask(gen, uid, a6);
         }
-        u32 act = mask ? pol_eval(gen, mask, uid, 0, 0, skb, &rule) : POL_ALLOW;
+        u32 act = mask ? pol_eval(gen, mask, uid, 0, V64(b->exe), V64(b->exe_unknown), skb, &rule) : POL_ALLOW;
         drop = (mask & (1ULL << POL_AMBIG_BIT)) || act == POL_DENY;
         if (!drop)
             rule = POL_DEFAULT;
@@ -1193,7 +1228,7 @@ int pol_egress_judge(struct __sk_buff *skb)
         if (nl == 0 || nl > POL_DNS_NAME_MAX)
             return 1;
         u64 mask = pol_name_mask(gen, b, nl);
-        if (!mask || pol_eval(gen, mask, uid, 0, 0, skb, &rule) != POL_DENY) {
+        if (!mask || pol_eval(gen, mask, uid, 0, V64(b->exe), V64(b->exe_unknown), skb, &rule) != POL_DENY) {
             pol_hello.delete(&ck);  /* judged: later segments pass without a look */
             return 1;
         }
@@ -1276,6 +1311,7 @@ int pol_sockops(struct bpf_sock_ops *ops)
         u64 ck = bpf_get_socket_cookie(ops);
         pol_denied_sk.delete(&ck);
         pol_hello.delete(&ck);
+        pol_sk_exe.delete(&ck);
     }
     return 1;
 }

@@ -294,3 +294,34 @@ def test_token_budget_per_container_is_refused_in_the_kernel(lab, cgroup):
     d = denials(evs)
     assert [(x.rule, x.point) for x in d] == [("budget:ctr-30", "connect")]
     assert ("budget", "ctr-30") in d[0].matched
+
+
+PY_TLS_SNI = """
+import socket, ssl, sys
+ip, name, marker = sys.argv[1:4]
+s = ssl.create_default_context().wrap_socket(socket.create_connection((ip, 443), timeout=5), server_hostname=name)
+s.sendall(f"GET /v1/models?m={marker} HTTP/1.1\\r\\nHost: {name}\\r\\nConnection: close\\r\\n\\r\\n".encode())
+print(s.recv(64).split(b"\\r\\n", 1)[0].decode())
+"""
+
+
+def test_exe_rule_at_the_client_hello(lab, cgroup):
+    """No DNS answer (curl --resolve): connect cannot name the provider, the SNI does; the exe of the
+    process that connected the socket (noted per socket cookie at connect) decides there: curl's
+    hello is dropped and reaches no server, python's with the same SNI and address goes through."""
+    shared = lab.hosts["api.openai.com"]
+    if "api.deepseek.com" not in lab.hosts:
+        lab.add_server_ip("api.deepseek.com", ip=shared.ipv4, ip6=shared.ipv6)
+    pol = Policy.from_dict({"default": "audit", "rules": [
+        {"name": "curl-no-deepseek", "action": "deny", "provider": "deepseek", "exe": "/usr/bin/curl"}]})
+    mc, mp = uuid.uuid4().hex, uuid.uuid4().hex
+    with busted.Monitor(policy=pol, enforce=True, policy_scope="/" + cgroup.name) as mon:
+        c = run(lab, curl("https://api.deepseek.com/v1/models", mc,
+                          ["--resolve", f"api.deepseek.com:443:{shared.ipv4}"]), cgroup)
+        p = run(lab, [sys.executable, "-I", "-c", PY_TLS_SNI, shared.ipv4, "api.deepseek.com", mp], cgroup)
+        evs = collect(mon, lambda e: len(denials(e)) >= 1, timeout=10)
+    assert c.returncode != 0 and p.returncode == 0 and p.stdout.startswith(b"HTTP/1.1"), (c.stderr, p.stderr)
+    assert reached(lab, mc) == [] and len(reached(lab, mp)) == 1
+    d = denials(evs)
+    assert {(x.rule, x.point) for x in d} == {("curl-no-deepseek", "tls_client_hello")}
+    assert ("sni", "api.deepseek.com") in d[0].matched
