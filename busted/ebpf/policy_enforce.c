@@ -1,7 +1,8 @@
 /* Policy enforcement, loaded only with --enforce (busted/enforce.py). Decisions are made here,
  * in the kernel, because a trip through user space loses the race against a client on loopback.
  *
- *   pol_connect4/6 (cgroup sock_addr connect) - refuse connect() to a denied address: EPERM.
+ *   pol_connect4/6 (cgroup sock_addr connect) - refuse connect() to a denied address: EPERM; with
+ *                  exe rules, note the caller's exe bits per socket for the ClientHello judge.
  *   pol_dns_*      (cgroup skb ingress)       - a UDP DNS answer (source port 53) arriving for a
  *                  socket in the scope is parsed here, before it is queued to the socket: when its
  *                  question or a CNAME on its chain matches pol_names, its A/AAAA addresses enter
@@ -21,7 +22,7 @@
  *   pol_sockops    (cgroup sock_ops)          - a socket marked by pol_egress gets a 1 ms
  *                  TCP_USER_TIMEOUT at its next send attempt, so the client fails in well under
  *                  a second (ETIMEDOUT) instead of retrying for minutes; a closing socket's
- *                  entries (pol_denied_sk, pol_hello) are removed.
+ *                  entries (pol_denied_sk, pol_hello, pol_sk_exe) are removed.
  *
  * Rules: pol_rules[0..nrules) in policy order; each carries the bit of its policy rule. A
  * destination's mask (pol_addr*, pol_names) holds the bits of the rules whose provider/hostname
@@ -1288,7 +1289,7 @@ TRACEPOINT_PROBE(cgroup, cgroup_rmdir)
  * option callback runs at each try, and there the socket gets TCP_USER_TIMEOUT = 1 ms, so the next
  * timer aborts it (ETIMEDOUT). The callback is asked for at connect and given up after the first
  * few data segments (the hello is past by then), so established flows pay nothing. The state
- * callback stays: at close the socket's pol_denied_sk and pol_hello entries go. */
+ * callback stays: at close the socket's pol_denied_sk, pol_hello and pol_sk_exe entries go. */
 int pol_sockops(struct bpf_sock_ops *ops)
 {
     u32 op = ops->op;
