@@ -72,7 +72,11 @@ def start_loop(cg: Path, addrs: list[str], secs: float, limit: int = 10**9) -> s
 
 
 def finish(p: subprocess.Popen, timeout: float = 60) -> dict:
-    out, _ = p.communicate(timeout=timeout)
+    # Read through the text wrapper: start_loop's readline() may already hold the result line (a
+    # short loop prints both at once), and communicate(timeout=...) reads the fd, not that buffer.
+    # Bounded: the child stops after its own time limit.
+    out = p.stdout.read()
+    p.wait(timeout=timeout)
     assert p.returncode == 0
     return json.loads(out)
 
