@@ -1,6 +1,6 @@
 """A busted Monitor consuming events until SIGTERM/SIGINT, then a JSON summary on stdout.
 
-    python bench/busted_consumer.py [--no-classify] [--no-llm-calls] [--busy-host] [--policy [--enforce]]
+    python bench/busted_consumer.py [--no-classify] [--no-llm-calls] [--busy-host] [--policy [--enforce [--exe-rule]]]
                                     [--control] [--arrivals-port PORT --arrivals FILE]
 
 Prints "READY <since_spawn_s> <monitor_start_s>" once the probes are attached (the first: process
@@ -51,8 +51,11 @@ if os.environ.get("BUSTED_PROFILE"):
 classify = "--no-classify" not in sys.argv
 kw = {}
 if "--policy" in sys.argv:  # a policy that denies a provider the workload never calls
-    kw["policy"] = busted.Policy.from_dict({"default": "audit", "rules": [
-        {"name": "no-deepseek", "action": "deny", "provider": "deepseek"}]})
+    rules = [{"name": "no-deepseek", "action": "deny", "provider": "deepseek"}]
+    if "--exe-rule" in sys.argv:  # a kernel exe rule: every TCP connect notes its socket's exe bits
+        rules.insert(0, {"name": "no-curl-deepseek", "action": "deny", "provider": "deepseek",
+                         "exe": "/usr/bin/curl"})
+    kw["policy"] = busted.Policy.from_dict({"default": "audit", "rules": rules})
     kw["enforce"] = "--enforce" in sys.argv
 if "--no-llm-calls" in sys.argv:
     kw["llm_calls"] = False

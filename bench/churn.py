@@ -15,6 +15,8 @@ Configurations, interleaved (rotating order each round, so the VM's noise hits a
   busted-policy      busted with a policy, dry run (user-space decisions only)
   busted-enforce     busted with the same policy enforced (cgroup connect/egress/sock_ops programs
                      at the cgroup v2 root, DNS parser): its cost on flows the policy does not deny
+  busted-enforce-exe the same plus a kernel exe rule (each connect looks its process's exe up and
+                     notes it for the socket)
 Throughput ratio = connections/s with the tracer / connections/s with none, in the same round.
 Traffic is loopback only; every loop is bounded by --seconds.
 """
@@ -137,6 +139,7 @@ def run_config(name: str, seconds: float, procs: int) -> dict:
     if name.startswith("busted"):
         extra = {"busted-noclassify": ["--no-classify"], "busted-noplaintext": ["--no-llm-calls"],
                  "busted-policy": ["--policy"], "busted-enforce": ["--policy", "--enforce"],
+                 "busted-enforce-exe": ["--policy", "--enforce", "--exe-rule"],
                  "busted-busy": ["--busy-host"]}.get(name, [])
         argv = [PY, str(HERE / "busted_consumer.py"), *extra]
         env = dict(os.environ)
