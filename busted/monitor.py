@@ -606,29 +606,28 @@ class Monitor:
     def _sweep(self, now_ns: int) -> None:
         """End flows whose socket no longer exists although the kernel never reported their end
         (a BPF program the kernel skipped under load): without this the kernel map and our
-        table keep them forever. A flow is stale when its 4-tuple is absent from a sock_diag
-        dump taken after it was read from the kernel map."""
+        table keep them forever. A flow is stale when no socket holds its 4-tuple any more
+        (sock_diag, asked after the flow was read from the kernel map)."""
         prog = self._program
         table = self._table
         try:
             candidates = prog.flow_entries(older_than_ns=now_ns - int(self._sweep_interval * 1e9))
             if not candidates:
                 return
-            from busted.preexisting import live_tuples
+            from busted.preexisting import absent_tuples
 
-            live = live_tuples()
+            own = self._proc.get(os.getpid()).netns
+            # The dump sees this network namespace only: flows of others are left alone.
+            mine = {sk: c for sk, c in candidates.items()
+                    if (flow := table.flow(sk)) is not None and flow.netns == own}
+            gone = absent_tuples({tup for tup, _s, _r in mine.values()})
         except Exception as exc:  # no sock_diag: nothing to compare with, say so once
             if not self._sweep_failed:
                 self._sweep_failed = True
                 self._pending.append(self._loss_event(LossPlace.UNKNOWN, 0, f"stale-flow sweep off: {exc}"))
             return
-        own = self._proc.get(os.getpid()).netns
-        for sk, (tup, sent, recv) in candidates.items():
-            flow = table.flow(sk)
-            # The dump sees this network namespace only: flows of others are left alone.
-            if tup in live or flow is None or flow.netns != own:
-                continue
-            if prog.forget_flow(sk):
+        for sk, (tup, sent, recv) in mine.items():
+            if tup in gone and prog.forget_flow(sk):
                 self._pending.extend(table.expire(sk, now_ns, sent, recv))
 
     # -- policy (busted/policy.py, busted/enforce.py) -------------------------------------------

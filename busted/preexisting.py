@@ -6,15 +6,17 @@ netlink socket. Owners come from /proc/<pid>/fd links ("socket:[inode]").
 
 from __future__ import annotations
 
+import errno
 import os
 import socket
 import struct
 import time
+from collections.abc import Iterable
 from typing import NamedTuple
 
 from busted.errors import EnvironmentProblem
 
-__all__ = ["ExistingFlow", "dump_established", "inode_owners", "live_tuples"]
+__all__ = ["ExistingFlow", "dump_established", "absent_tuples", "inode_owners"]
 
 _TCP_ESTABLISHED = 1
 _TCP_LISTEN = 10
@@ -40,14 +42,23 @@ def dump_established() -> list[ExistingFlow]:
     return out
 
 
-def live_tuples() -> set[tuple[str, int, str, int]]:
-    """(saddr, sport, daddr, dport) of every TCP socket of this network namespace whose flow can
-    still be open: what the stale-flow sweep compares the kernel map with.
+def absent_tuples(tuples: Iterable[tuple[str, int, str, int]]) -> set[tuple[str, int, str, int]]:
+    """The (saddr, sport, daddr, dport) of ``tuples`` that no TCP socket of this network namespace
+    holds any more, in any state: what the stale-flow sweep may close.
 
-    TIME_WAIT is left out: a socket only enters it after its flow was closed (the kernel reports
-    TCP_CLOSE for the full socket first), and a host with connection churn holds tens of thousands
-    of them (500 connections/s keep ~30,000); LISTEN, CLOSE and request sockets carry no flow."""
-    return {(s, sport, d, dport) for _f, _st, s, sport, d, dport, _u, _i in _diag(_LIVE_STATES)}
+    One dump of the states a flow can be open in (not TIME_WAIT: a host with connection churn
+    holds tens of thousands of those, ~30,000 at 500 connections/s), then one exact lookup per
+    tuple it did not list (a socket in TIME_WAIT after ``shutdown()`` may still be open in its
+    process, so it is asked for by its 4-tuple, not dumped)."""
+    want = set(tuples)
+    if not want:
+        return set()
+    live = {(s, sport, d, dport) for _f, _st, s, sport, d, dport, _u, _i in _diag(_LIVE_STATES)}
+    rest = want - live
+    if not rest:
+        return set()
+    with _Diag() as nl:
+        return {t for t in rest if not nl.exists(t)}
 
 
 # sock_diag, read with a plain netlink socket and the uapi layouts (linux/inet_diag.h). pyroute2
@@ -61,12 +72,19 @@ _NLMSG_ERROR, _NLMSG_DONE = 2, 3
 _TCP_STATES = {"established": 1, "syn_sent": 2, "syn_recv": 3, "fin_wait1": 4, "fin_wait2": 5,
                "close_wait": 8, "last_ack": 9, "closing": 11}
 _LIVE_STATES = sum(1 << v for v in _TCP_STATES.values())
+_ALL_STATES = 0xFFFFFFFF
 _NLH = struct.Struct("=IHHII")  # nlmsghdr: len, type, flags, seq, pid
-_REQ = struct.Struct("=BBBBI48x")  # inet_diag_req_v2: family, protocol, ext, pad, states, sockid (zero)
-_MSG = struct.Struct("=BBBB2s2s16s16s12xIIIII")  # inet_diag_msg: family, state, timer, retrans,
-# sockid (sport, dport big-endian, src, dst, if, cookie), expires, rqueue, wqueue, uid, inode
+# inet_diag_req_v2: family, protocol, ext, pad, states, then inet_diag_sockid: sport, dport
+# (big-endian), src, dst, if, cookie (INET_DIAG_NOCOOKIE = all ones: any)
+_REQ = struct.Struct("=BBBBI2s2s16s16sIII")
+_NOCOOKIE = 0xFFFFFFFF
+# inet_diag_msg: family, state, timer, retrans, sockid (sport, dport, src, dst, if, cookie),
+# expires, rqueue, wqueue, uid, inode
+_MSG = struct.Struct("=BBBB2s2s16s16s12xIIIII")
 _MAX_SOCKETS = 2_000_000  # a bound on one dump, far above any host's socket count
 _DUMP_SECONDS = 30.0
+
+Row = tuple[int, int, str, int, str, int, int, int]  # family 4/6, state, saddr, sport, daddr, dport, uid, inode
 
 
 def _addr(family: int, raw: bytes) -> tuple[int, str]:
@@ -77,45 +95,87 @@ def _addr(family: int, raw: bytes) -> tuple[int, str]:
     return 6, socket.inet_ntop(socket.AF_INET6, raw)
 
 
-def _diag(states: int) -> list[tuple[int, int, str, int, str, int, int, int]]:
-    """TCP sockets of this namespace in ``states`` (a bit per TCP state), IPv4 then IPv6:
-    (family 4/6, state, saddr, sport, daddr, dport, uid, inode)."""
-    out: list[tuple[int, int, str, int, str, int, int, int]] = []
-    deadline = time.monotonic() + _DUMP_SECONDS
-    with socket.socket(socket.AF_NETLINK, socket.SOCK_RAW | socket.SOCK_CLOEXEC, _NETLINK_SOCK_DIAG) as nl:
-        nl.settimeout(5.0)
-        for seq, fam in enumerate((socket.AF_INET, socket.AF_INET6), start=1):
-            body = _REQ.pack(fam, socket.IPPROTO_TCP, 0, 0, states)
-            nl.send(_NLH.pack(_NLH.size + len(body), _SOCK_DIAG_BY_FAMILY, _NLM_F_REQUEST | _NLM_F_DUMP, seq, 0)
-                    + body)
-            done = False
-            while not done:
-                if time.monotonic() > deadline or len(out) > _MAX_SOCKETS:
-                    raise EnvironmentProblem("the sock_diag dump of TCP sockets did not finish in 30 s")
-                try:
-                    data = nl.recv(1 << 16)
-                except TimeoutError as exc:
-                    raise EnvironmentProblem("sock_diag did not answer in 5 s") from exc
-                off = 0
-                while off + _NLH.size <= len(data):
-                    ln, kind, _flags, rseq, _pid = _NLH.unpack_from(data, off)
-                    if ln < _NLH.size:
-                        break
-                    if rseq == seq:
-                        if kind == _NLMSG_DONE:
-                            done = True
-                            break
-                        if kind == _NLMSG_ERROR:
-                            err = -struct.unpack_from("=i", data, off + _NLH.size)[0]
-                            raise EnvironmentProblem(f"sock_diag refused the dump: {os.strerror(err)}")
-                        if kind == _SOCK_DIAG_BY_FAMILY and ln >= _NLH.size + _MSG.size:
-                            f, st, _t, _r, sp, dp, src, dst, _e, _rq, _wq, uid, ino = _MSG.unpack_from(
-                                data, off + _NLH.size)
-                            v, s = _addr(f, src)
-                            _, d = _addr(f, dst)
-                            out.append((v, st, s, int.from_bytes(sp, "big"), d, int.from_bytes(dp, "big"), uid, ino))
-                    off += (ln + 3) & ~3
-    return out
+def _packed(addr: str) -> tuple[int, bytes]:
+    try:
+        return socket.AF_INET, socket.inet_pton(socket.AF_INET, addr) + bytes(12)
+    except OSError:
+        return socket.AF_INET6, socket.inet_pton(socket.AF_INET6, addr)
+
+
+class _Diag:
+    """One NETLINK_SOCK_DIAG socket: dumps by state, and lookups by 4-tuple."""
+
+    def __init__(self) -> None:
+        self.sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW | socket.SOCK_CLOEXEC, _NETLINK_SOCK_DIAG)
+        self.sock.settimeout(5.0)
+        self.seq = 0
+        self.deadline = time.monotonic() + _DUMP_SECONDS
+
+    def __enter__(self) -> _Diag:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.sock.close()
+
+    def ask(self, family: int, states: int, tup: tuple[bytes, bytes, bytes, bytes] | None = None) -> list[Row]:
+        """A dump of ``family``'s TCP sockets in ``states``, or (``tup`` = sport, dport, src, dst
+        packed) the one socket with that 4-tuple; [] when there is none."""
+        self.seq += 1
+        sp, dp, src, dst = tup or (b"\0\0", b"\0\0", bytes(16), bytes(16))
+        body = _REQ.pack(family, socket.IPPROTO_TCP, 0, 0, states, sp, dp, src, dst, 0, _NOCOOKIE, _NOCOOKIE)
+        flags = _NLM_F_REQUEST | (0 if tup else _NLM_F_DUMP)
+        self.sock.send(_NLH.pack(_NLH.size + len(body), _SOCK_DIAG_BY_FAMILY, flags, self.seq, 0) + body)
+        out: list[Row] = []
+        while True:
+            if time.monotonic() > self.deadline or len(out) > _MAX_SOCKETS:
+                raise EnvironmentProblem(f"the sock_diag dump of TCP sockets did not finish in {_DUMP_SECONDS:.0f} s")
+            try:
+                data = self.sock.recv(1 << 16)
+            except TimeoutError as exc:
+                raise EnvironmentProblem("sock_diag did not answer in 5 s") from exc
+            off = 0
+            while off + _NLH.size <= len(data):
+                ln, kind, _flags, rseq, _pid = _NLH.unpack_from(data, off)
+                if ln < _NLH.size:
+                    break
+                if rseq == self.seq:
+                    if kind == _NLMSG_DONE:
+                        return out
+                    if kind == _NLMSG_ERROR:
+                        err = -struct.unpack_from("=i", data, off + _NLH.size)[0]
+                        if tup is not None and err in (0, errno.ENOENT):
+                            return out
+                        raise EnvironmentProblem(f"sock_diag refused the dump: {os.strerror(err)}")
+                    if kind == _SOCK_DIAG_BY_FAMILY and ln >= _NLH.size + _MSG.size:
+                        f, st, _t, _r, sp_, dp_, src_, dst_, _e, _rq, _wq, uid, ino = _MSG.unpack_from(
+                            data, off + _NLH.size)
+                        v, a = _addr(f, src_)
+                        _, b = _addr(f, dst_)
+                        out.append((v, st, a, int.from_bytes(sp_, "big"), b, int.from_bytes(dp_, "big"), uid, ino))
+                        if tup is not None:
+                            return out
+                off += (ln + 3) & ~3
+
+    def exists(self, t: tuple[str, int, str, int]) -> bool:
+        """A socket of this namespace (any state, TIME_WAIT included) has this 4-tuple."""
+        saddr, sport, daddr, dport = t
+        fam, src = _packed(saddr)
+        fam2, dst = _packed(daddr)
+        if fam != fam2:
+            return False
+        packed = (sport.to_bytes(2, "big"), dport.to_bytes(2, "big"), src, dst)
+        if self.ask(fam, _ALL_STATES, packed):
+            return True
+        if fam == socket.AF_INET:  # held by a dual-stack IPv6 socket as v4-mapped addresses
+            mapped = (packed[0], packed[1], bytes(10) + b"\xff\xff" + src[:4], bytes(10) + b"\xff\xff" + dst[:4])
+            return bool(self.ask(socket.AF_INET6, _ALL_STATES, mapped))
+        return False
+
+
+def _diag(states: int) -> list[Row]:
+    """TCP sockets of this namespace in ``states`` (a bit per TCP state), IPv4 then IPv6."""
+    with _Diag() as nl:
+        return nl.ask(socket.AF_INET, states) + nl.ask(socket.AF_INET6, states)
 
 
 def inode_owners(inodes: set[int], proc: str = "/proc") -> dict[int, int]:
