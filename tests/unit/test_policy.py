@@ -151,7 +151,7 @@ def test_cli_policy_check(tmp_path, capsys):
 def test_reloader_keeps_the_old_policy_on_errors(tmp_path):
     import io
 
-    from busted.policy_cli import Reloader
+    from busted.cli.policy import Reloader
 
     class FakeMonitor:
         closed = False

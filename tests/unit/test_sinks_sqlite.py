@@ -762,7 +762,7 @@ def test_calls_and_mcp_messages_have_typed_tables(tmp_path):
     from events_factory import sample_calls
 
     from busted.events import LlmCall, McpMessage
-    from busted.sinks.sqlite import _CALL_COLS, _MCP_COLS
+    from busted.sinks.store_rows import _CALL_COLS, _MCP_COLS
 
     # every field of the events has its column (ts holds wall_time)
     assert set(_CALL_COLS) - {"ts"} | {"wall_time"} == {f.name for f in fields(LlmCall)}

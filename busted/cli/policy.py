@@ -1,4 +1,4 @@
-"""``busted policy check FILE`` and the monitor's policy options, kept out of cli.py's way."""
+"""``busted policy check FILE`` and the live commands' policy options (--policy, --enforce, reload)."""
 
 from __future__ import annotations
 
