@@ -28,14 +28,14 @@ from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any, Protocol, TypeVar
 
-from busted.busy import Quiet
 from busted.ebpf.loader import CHUNK_BYTES, MAX_FLOWS, RINGBUF_BYTES
 from busted.ebpf.plan import ProbePlan, choose_plan
 from busted.ebpf.probe import Capabilities, mount_tracefs, probe
 from busted.errors import MonitorClosed, PermissionDenied, TracefsNotMounted, UsageError
 from busted.events import Event, EventsLost, FlowEvent, FlowSummary, LossPlace
-from busted.flows import FlowTable
-from busted.procinfo import ProcCache
+from busted.host.procinfo import ProcCache
+from busted.pipeline.busy import Quiet
+from busted.pipeline.flows import FlowTable
 
 __all__ = ["Monitor", "MonitorStats", "StopEvent"]
 
@@ -90,7 +90,7 @@ class Monitor:
     """Watch every TCP flow on the host. See the module docstring.
 
     The Monitor owns the kernel program, the reader thread and the bounded queue; what a record
-    means (flows, their ids, parsers, losses) is decided by its ``FlowTable`` (busted.flows).
+    means (flows, their ids, parsers, losses) is decided by its ``FlowTable`` (busted.pipeline.flows).
 
     Filters (all optional; a flow must match every one given): ``pid``, ``uid``, ``comm`` (exact),
     ``cgroup`` (cgroup v2 id), ``port`` (either end), ``netns`` (inode), ``family`` (4 or 6).
@@ -174,7 +174,7 @@ class Monitor:
         self._sweep_interval = sweep_interval
         self._agents = agents  # busted.classify.agents.AgentCatalog (None: the built-in one)
         self._max_procs = max_procs
-        self.lineage: Any = None  # busted.lineage.LineageTable when the lineage probe runs
+        self.lineage: Any = None  # busted.host.lineage.LineageTable when the lineage probe runs
         self._sweep_failed = False
         self._llm_calls = llm_calls
         self._capture_content = capture_content
@@ -193,7 +193,7 @@ class Monitor:
         self._error: BaseException | None = None
         self.capabilities: Capabilities | None = None
         self.plan: ProbePlan | None = None
-        # policy (busted.policy, busted.enforce): judged in user space; enforced in the kernel
+        # policy (busted.policy.rules, busted.policy.enforce): judged in user space; enforced in the kernel
         # only with enforce=True, under the cgroup v2 path policy_scope (default: the root)
         self._policy = policy
         self._enforce = enforce
@@ -202,7 +202,7 @@ class Monitor:
         self._policy_rt: Any = None
         if enforce and policy is None:
             raise ValueError("enforce=True needs a policy")
-        # busy-host mode (busted.busy): flows to quiet peers summed in the kernel, drained as
+        # busy-host mode (busted.pipeline.busy): flows to quiet peers summed in the kernel, drained as
         # FlowSummary events every summary_interval
         self._busy_host = busy_host
         self._summary_interval = summary_interval
@@ -210,7 +210,7 @@ class Monitor:
         if busy_host:
             if not classify:
                 raise ValueError("busy_host=True needs classification (classify=True): it judges peers")
-            from busted.busy import QuietPeers
+            from busted.pipeline.busy import QuietPeers
 
             self._quiet = QuietPeers(ttl_s=quiet_ttl)
         self._next_summary = 0.0
@@ -263,22 +263,22 @@ class Monitor:
     def _start_rest(self, t0: float) -> None:
         reader = None
         if self.plan.plaintext == "uprobe":
-            from busted.calls import TlsScanner, reader_factory
+            from busted.pipeline.calls import TlsScanner, reader_factory
 
             reader = reader_factory(capture_content=self._capture_content, prices=self._prices)
             self._tls_scanner = TlsScanner(self._program)
             self._tls_scanner.scan_all()
         enricher = None
         if self._classify:
-            from busted.enrich import Enricher
+            from busted.pipeline.enrich import Enricher
 
             enricher = Enricher(self._catalog)
         proc = self._proc.get
         if self.plan.lineage != "off":
             # Process identity from the kernel's fork/exec records first, /proc second.
-            from busted.cgroups import CgroupPaths, proc_cgroup_path
-            from busted.lineage import LineageProc, LineageTable
-            from busted.procinfo import read_exec_argv
+            from busted.host.cgroups import CgroupPaths, proc_cgroup_path
+            from busted.host.lineage import LineageProc, LineageTable
+            from busted.host.procinfo import read_exec_argv
 
             self.lineage = LineageTable(max_procs=self._max_procs, exec_argv=read_exec_argv)
             proc = LineageProc(self.lineage, self._proc.get, agents=self._agents,
@@ -550,7 +550,7 @@ class Monitor:
         if now >= self._next_summary or final:
             self._next_summary = now + self._summary_interval
             changes += self._quiet.expire(now_ns)
-            from busted.busy import summary_events
+            from busted.pipeline.busy import summary_events
 
             proc = self._proc
             self._pending.extend(summary_events(prog.drain_summaries(), now_ns, self._wall_offset,
@@ -614,7 +614,7 @@ class Monitor:
             candidates = prog.flow_entries(older_than_ns=now_ns - int(self._sweep_interval * 1e9))
             if not candidates:
                 return
-            from busted.preexisting import absent_tuples
+            from busted.host.preexisting import absent_tuples
 
             own = self._proc.get(os.getpid()).netns
             # The dump sees this network namespace only: flows of others are left alone.
@@ -630,11 +630,11 @@ class Monitor:
             if tup in gone and prog.forget_flow(sk):
                 self._pending.extend(table.expire(sk, now_ns, sent, recv))
 
-    # -- policy (busted/policy.py, busted/enforce.py) -------------------------------------------
+    # -- policy (busted/policy/rules.py, busted/policy/enforce.py) -------------------------------------------
 
     def _start_policy(self, enricher: Any) -> None:
-        from busted.enforce import PolicyRuntime
-        from busted.policy import Policy
+        from busted.policy.enforce import PolicyRuntime
+        from busted.policy.rules import Policy
 
         pol = self._policy
         if not isinstance(pol, Policy):
@@ -652,7 +652,7 @@ class Monitor:
 
     def budgets(self) -> list[dict[str, Any]]:
         """Spend against limits, one dict per budget x scope with spend in its current window
-        (busted.budgets; [] without a policy or budgets)."""
+        (busted.policy.budgets; [] without a policy or budgets)."""
         with self._drain_lock:
             rt = self._policy_rt
             return rt.budgets.snapshot() if rt is not None else []
@@ -660,7 +660,7 @@ class Monitor:
     def set_policy(self, policy: Any) -> None:
         """Replace the policy (a ``Policy`` or a path): the next connect sees it. An invalid
         policy raises ``PolicyError`` and leaves the previous one in force."""
-        from busted.policy import Policy
+        from busted.policy.rules import Policy
 
         pol = policy if isinstance(policy, Policy) else Policy.load(policy)
         with self._drain_lock:
@@ -673,7 +673,7 @@ class Monitor:
     # -- flows that predate us ---------------------------------------------------------------
 
     def _load_preexisting(self) -> None:
-        from busted.preexisting import dump_established, inode_owners
+        from busted.host.preexisting import dump_established, inode_owners
 
         try:
             existing = dump_established()

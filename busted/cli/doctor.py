@@ -57,7 +57,7 @@ def _llm_calls_report(caps: Any, plan: Any) -> dict[str, Any]:
 
 
 def _doctor_security(args: argparse.Namespace, out: TextIO) -> int:
-    from busted._security import FAIL, render, security_checks
+    from busted.cli.security import FAIL, render, security_checks
 
     checks = security_checks(**{k: getattr(args, k) for k in ("policy", "prices", "store", "jsonl", "metrics", "ui")})
     if args.json:

@@ -262,7 +262,7 @@ def _start(args: argparse.Namespace, before_start: Any = None) -> tuple[Any, _Si
     try:
         kw = _monitor_kwargs(args)
         if getattr(kw.get("policy"), "budgets", ()):  # budgets: spend of the current windows from --store
-            from busted.budget_enforce import stored_spend
+            from busted.policy.budget_enforce import stored_spend
             from busted.sinks import Store
 
             kw["budget_spend"] = stored_spend([s for s in sinks.sinks if isinstance(s, Store)], kw["policy"])

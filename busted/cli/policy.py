@@ -9,7 +9,7 @@ import threading
 from typing import Any, TextIO
 
 from busted.errors import PolicyError
-from busted.policy import Policy
+from busted.policy.rules import Policy
 
 __all__ = ["Reloader", "add_policy_options", "add_policy_parser", "policy_command", "policy_kwargs"]
 

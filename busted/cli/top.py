@@ -31,7 +31,7 @@ class TopTable:
     """
 
     def __init__(self, max_flows: int = 65536, by: str = "comm") -> None:
-        from busted.flowview import FlowView
+        from busted.sinks.flowview import FlowView
 
         if by not in TOP_BY:
             raise UsageError(f"top --by {by!r}: expected one of {', '.join(TOP_BY)}")
@@ -130,7 +130,7 @@ def _top(args: argparse.Namespace, out: TextIO) -> int:
                     out.write(f"busted top — {time.strftime('%H:%M:%S')}  events {st.events}  "
                               f"lost {lost}\n{table.text()}\n")
                     if budgets:
-                        from busted.budgets import budget_table
+                        from busted.policy.budgets import budget_table
 
                         out.write(f"\n{budget_table(budgets)}\n")
                     if not tty:

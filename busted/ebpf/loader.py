@@ -459,7 +459,7 @@ class FlowProgram:
         if self.plan.plaintext == "uprobe":
             self.maps["pt_skip"].delete(_U64.pack(sk))
 
-    # -- busy-host mode: the only map access it needs, in plain types (busted/busy.py decodes) ----
+    # -- busy-host mode: the only map access it needs, in plain types (busted/pipeline/busy.py decodes) ----
 
     def set_quiet_peer(self, family: int, addr: bytes, port: int, expiry_ns: int, direction: int = 1) -> None:
         """Aggregate new flows to this peer until ``expiry_ns`` (CLOCK_MONOTONIC). ``addr`` is 4

@@ -115,10 +115,10 @@ NAMES: dict[str, str] = {
     "tool_calls": "busted.tool_calls",
     "direction_sent": "busted.mcp.sent",
     # log records
-    "policy_rule": "busted.policy.rule",
-    "policy_action": "busted.policy.action",
-    "policy_enforced": "busted.policy.enforced",
-    "policy_point": "busted.policy.point",
+    "policy_rule": "busted.policy.rules.rule",
+    "policy_action": "busted.policy.rules.action",
+    "policy_enforced": "busted.policy.rules.enforced",
+    "policy_point": "busted.policy.rules.point",
     "lost_where": "busted.lost.where",
     "lost_count": "busted.lost.count",
 }
@@ -819,7 +819,7 @@ class OtlpSink:
             if ev.dport is not None:
                 a[N["server_port"]] = ev.dport
         if ev.matched:
-            a["busted.policy.matched"] = [_clean(f"{k}={v}") for k, v in ev.matched]
+            a["busted.policy.rules.matched"] = [_clean(f"{k}={v}") for k, v in ev.matched]
         sev = "WARN" if ev.action == "deny" else "INFO"
         body = f"policy {ev.action}{' (enforced)' if ev.enforced else ''} by rule {ev.rule} at {ev.point}"
         self._emit_log(ev, body, sev, a, "busted.policy_decision")

@@ -48,8 +48,8 @@ from busted.events import (
     EventsLost,
     LossPlace,
 )
-from busted.flowview import FlowView
 from busted.sinks._codec import Encoded, dumps, redact
+from busted.sinks.flowview import FlowView
 from busted.sinks.store_query import StoreQueries
 from busted.sinks.store_rows import (
     _SQL_EVENT,

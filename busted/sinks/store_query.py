@@ -145,7 +145,7 @@ class StoreQueries:
         """A pandas DataFrame of ``flows`` (default; plus ``opened_at``/``closed_at`` datetimes),
         ``events`` (as ``busted.to_dataframe``, any kind) or another table (plus a ``time`` column).
         ``filters``: since, until, pid, comm, provider (and kinds, for events)."""
-        from busted.dataframe import _pandas
+        from busted.sinks.dataframe import _pandas
 
         pd = _pandas()  # EnvironmentProblem naming `pip install 'busted[pandas]'` if missing
         if table == "flows":
@@ -154,7 +154,7 @@ class StoreQueries:
             df["closed_at"] = pd.to_datetime(df["closed"], unit="s", utc=True)
             return df
         if table == "events":
-            from busted.dataframe import frame_from_dicts
+            from busted.sinks.dataframe import frame_from_dicts
 
             return frame_from_dicts(self.events(raw=True, **filters))
         if table not in _TABLES_WITH_TS:

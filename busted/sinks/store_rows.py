@@ -19,8 +19,8 @@ from busted.events import (
     McpMessage,
     TlsClientHello,
 )
-from busted.flowview import FlowState, FlowView
 from busted.sinks._codec import redact
+from busted.sinks.flowview import FlowState, FlowView
 
 _FLOW_COLS = ("flow_id", "opened", "closed", "direction", "pid", "tid", "uid", "ppid", "comm", "exe",
               "cmdline", "cgroup_id", "netns", "family", "saddr", "sport", "daddr", "dport", "preexisting",

@@ -1,4 +1,4 @@
-"""The sock_diag reader behind pre-existing flows and the stale-flow sweep (busted/preexisting.py),
+"""The sock_diag reader behind pre-existing flows and the stale-flow sweep (busted/host/preexisting.py),
 against real sockets of this namespace and against ``ss``, the tool people check it with."""
 
 from __future__ import annotations
@@ -7,7 +7,7 @@ import socket
 import subprocess
 import tracemalloc
 
-from busted import preexisting
+from busted.host import preexisting
 from tests import needs
 
 

@@ -1,4 +1,4 @@
-"""Budgets (busted.budgets): parsing, accounting per scope, epoch-aligned windows, restore, reload."""
+"""Budgets (busted.policy.budgets): parsing, accounting per scope, epoch-aligned windows, restore, reload."""
 
 import math
 
@@ -9,7 +9,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from busted import BudgetExceeded, BudgetSpend, Policy, PolicyError
-from busted.budgets import (
+from busted.events import Direction, LlmCall
+from busted.policy.budgets import (
     BUDGET_TOP_BIT,
     Block,
     BudgetBook,
@@ -17,7 +18,6 @@ from busted.budgets import (
     parse_window,
     window_of,
 )
-from busted.events import Direction, LlmCall
 from busted.sinks._codec import event_from_dict
 
 T0 = 1_800_000_000.0  # a multiple of 3600
@@ -250,7 +250,7 @@ def test_spend_survives_a_restart_through_the_store(tmp_path):
     """The store keeps BudgetSpend events; at start the current windows' spend is read back."""
     import time
 
-    from busted.budget_enforce import BudgetRunner, stored_spend
+    from busted.policy.budget_enforce import BudgetRunner, stored_spend
     from busted.sinks import Store
 
     pol = budget_policy(window="1d")
@@ -320,7 +320,7 @@ def test_prometheus_budget_gauges_are_bounded():
 
 
 def test_top_budget_table_escapes_and_sorts():
-    from busted.budgets import budget_table
+    from busted.policy.budgets import budget_table
 
     b = BudgetBook(budget_policy(per="exe", limit_usd=1.0).budgets)
     b.feed([call(T0, exe="/tmp/\x1b[2Jevil", cost=0.5), call(T0, exe="/usr/bin/python3", tokens=40, cost=0.1)])
@@ -353,7 +353,7 @@ def test_web_budgets_route_latest_spend_and_exceeded():
 
 def test_compile_gives_kernel_budgets_their_destination_bits():
     from busted.classify.providers import Catalog
-    from busted.enforce import ANY_BIT, compile_policy, name_mask
+    from busted.policy.enforce import ANY_BIT, compile_policy, name_mask
 
     pol = Policy.from_dict({"rules": [{"name": "r0", "action": "audit", "provider": "openai"}], "budgets": [
         {"name": "a", "provider": ["anthropic", "nosuch"], "per": "uid", "limit_tokens": 1, "window": "1h",

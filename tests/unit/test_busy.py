@@ -1,4 +1,4 @@
-"""Busy-host mode's user-space half (busted/busy.py): the quiet-peer policy, driven by events, and
+"""Busy-host mode's user-space half (busted/pipeline/busy.py): the quiet-peer policy, driven by events, and
 kernel summaries decoded into FlowSummary events; plus what the sinks and filters make of them.
 The kernel half is tested in tests/kernel/test_busy_host.py."""
 
@@ -10,7 +10,6 @@ import pytest
 from events_factory import IDENT
 
 from busted import Direction, EventsLost, FlowClosed, FlowSummary, LossPlace
-from busted.busy import Quiet, QuietPeers, Unquiet, kernel_addr, summary_events
 from busted.ebpf.layout import FL, FLOW, REC_CLOSE, REC_HDR, REC_OPEN, SUM_KEY, SUM_VAL
 from busted.events import (
     DnsAnswer,
@@ -23,7 +22,8 @@ from busted.events import (
     PolicyDecision,
     TlsClientHello,
 )
-from busted.flows import FlowTable
+from busted.pipeline.busy import Quiet, QuietPeers, Unquiet, kernel_addr, summary_events
+from busted.pipeline.flows import FlowTable
 from busted.sinks import PrometheusExporter, Store, event_from_dict
 
 S = 1_000_000_000

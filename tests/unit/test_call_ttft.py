@@ -6,10 +6,10 @@ from test_flows_capture import flow_rec
 
 from busted.ebpf.layout import PT_HDR, REC_ARRIVAL, REC_OPEN, REC_PLAIN, RX_REC
 from busted.ebpf.records import ArrivalRecord, decode_any
-from busted.enrich import Enricher
 from busted.events import LlmCall
-from busted.flows import FlowTable
-from busted.llmreader import CallReader
+from busted.pipeline.enrich import Enricher
+from busted.pipeline.flows import FlowTable
+from busted.pipeline.llmreader import CallReader
 
 MS = 1_000_000
 REQ_BODY = b'{"model":"gpt-4o-mini","messages":[{"role":"user","content":"hello"}]}'

@@ -3,10 +3,10 @@
 import pytest
 
 from busted.classify import Catalog, Classifier, NameCache, Provider
-from busted.enrich import Enricher, host_name
 from busted.events import Direction, Evidence, FlowClassified, FlowOpened, LlmCall
-from busted.flows import FlowTable
-from busted.llmreader import CallReader
+from busted.pipeline.enrich import Enricher, host_name
+from busted.pipeline.flows import FlowTable
+from busted.pipeline.llmreader import CallReader
 
 # Ports many unrelated servers use by default: dev servers, gateways, MCP (`mcp`'s default 8000).
 GENERIC = (80, 443, 1234, 3000, 5000, 8000, 8008, 8080, 8081, 8443, 8888, 9000)

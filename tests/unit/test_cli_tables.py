@@ -307,8 +307,8 @@ def test_top_shows_budgets(fake, tmp_path):
 def test_monitor_restores_budget_spend_from_its_store(fake, tmp_path):
     import time
 
-    from busted.budgets import window_of
     from busted.events import BudgetSpend
+    from busted.policy.budgets import window_of
     from busted.sinks import Store
 
     now = time.time()

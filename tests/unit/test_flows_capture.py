@@ -23,8 +23,8 @@ from busted.ebpf.layout import (
     REC_OPEN,
     REC_TLS,
 )
-from busted.enrich import Enricher
-from busted.flows import FlowTable
+from busted.pipeline.enrich import Enricher
+from busted.pipeline.flows import FlowTable
 
 HELLO = bytes.fromhex(Path(__file__).with_name("fixtures").joinpath("hello_curl.hex").read_text().strip())
 A = FL.ATTRIBUTED | FL.HAVE_TUPLE | FL.OPEN_SENT

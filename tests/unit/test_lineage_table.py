@@ -8,9 +8,9 @@ from busted.classify.agents import AgentCatalog
 from busted.ebpf.layout import LIN_HDR, LINF, REC_EXEC, REC_EXIT, REC_FORK, c_definitions
 from busted.ebpf.records import LinRecord, decode_any, decode_lineage
 from busted.events import Ancestor, FlowOpened, LossPlace
-from busted.flows import FlowTable
-from busted.lineage import NO_LINEAGE, LineageProc, LineageTable
-from busted.procinfo import ProcInfo
+from busted.host.lineage import NO_LINEAGE, LineageProc, LineageTable
+from busted.host.procinfo import ProcInfo
+from busted.pipeline.flows import FlowTable
 from busted.sinks._codec import event_from_dict
 
 NOPROC = ProcInfo(None, None, None, None, None)
@@ -236,7 +236,7 @@ def test_proc_start_time_is_the_wall_time_the_process_started():
     import subprocess
     import time
 
-    from busted.procinfo import read_proc
+    from busted.host.procinfo import read_proc
 
     before = time.time()
     child = subprocess.Popen(["sleep", "5"])
@@ -398,7 +398,7 @@ def test_exec_without_argv_and_no_reader_is_unknown_not_empty():
 
 
 def test_read_exec_argv_checks_the_program(tmp_path):
-    from busted.procinfo import read_exec_argv
+    from busted.host.procinfo import read_exec_argv
 
     d = tmp_path / "42"
     d.mkdir()

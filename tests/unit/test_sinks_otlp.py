@@ -137,8 +137,8 @@ def test_calls_exported_exactly(protocol: str, monkeypatch: pytest.MonkeyPatch) 
     by_event = {rec["event_name"]: rec for rec in logs}
     assert by_event["busted.events_lost"]["attrs"] == {"busted.lost.where": "kernel_ring", "busted.lost.count": 3}
     deny = by_event["busted.policy_decision"]
-    assert deny["severity"] == "WARN" and deny["attrs"]["busted.policy.action"] == "deny"
-    assert deny["attrs"]["busted.policy.enforced"] is True and deny["attrs"]["gen_ai.provider.name"] == "deepseek"
+    assert deny["severity"] == "WARN" and deny["attrs"]["busted.policy.rules.action"] == "deny"
+    assert deny["attrs"]["busted.policy.rules.enforced"] is True and deny["attrs"]["gen_ai.provider.name"] == "deepseek"
 
 
 def test_server_kind_error_and_no_content(monkeypatch: pytest.MonkeyPatch) -> None:

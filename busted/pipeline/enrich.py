@@ -1,6 +1,6 @@
 """Enrichment: classification of flows and captured payloads against the name caches and catalog.
 
-The FlowTable (busted.flows) owns every per-flow state, including the parsers'; this module holds
+The FlowTable (busted.pipeline.flows) owns every per-flow state, including the parsers'; this module holds
 what is shared by all flows: the name cache fed by DNS answers and ClientHellos, the classifier
 and the provider catalog. It turns parser results into events and never reads anything itself.
 """

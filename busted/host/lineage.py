@@ -27,7 +27,7 @@ from busted.classify.containers import container_of
 from busted.ebpf.layout import LINF, REC_EXEC, REC_EXIT, REC_FORK
 from busted.ebpf.records import LinRecord
 from busted.events import Ancestor
-from busted.procinfo import ProcCache, ProcInfo
+from busted.host.procinfo import ProcCache, ProcInfo
 from busted.redact import redact_argv
 
 __all__ = ["NO_LINEAGE", "LineageProc", "LineageTable", "Proc"]

@@ -37,8 +37,8 @@ from busted.events import (
     LossPlace,
     TlsClientHello,
 )
-from busted.lineage import NO_LINEAGE
-from busted.procinfo import ProcInfo
+from busted.host.lineage import NO_LINEAGE
+from busted.host.procinfo import ProcInfo
 
 __all__ = ["FlowTable"]
 
@@ -109,7 +109,7 @@ class FlowTable:
                  max_streams: int = 4096, reader: Callable[[FlowEvent, Callable[[int], float]], Any] | None = None,
                  kernel: Any = None, max_pending: int = 64, lineage: Any = None) -> None:
         self.enricher = enricher
-        self.lineage = lineage  # a busted.lineage.LineageTable fed the fork/exec/exit records
+        self.lineage = lineage  # a busted.host.lineage.LineageTable fed the fork/exec/exit records
         # Plaintext: ``reader(flow, wall)`` makes the per-flow object that turns plaintext into events
         # (``feed(sent, data, ts_ns, start=) -> list[Event]``, ``feed_gap(sent, size, ts_ns)`` for bytes
         # not copied, ``take_losses() -> list[str]``, ``close(ts_ns)``, ``interesting``: None

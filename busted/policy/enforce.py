@@ -26,7 +26,7 @@ generations and ``pol_gen`` names the one in force; a reload writes the other co
 flips ``pol_gen`` (one 4-byte write). A kernel decision reads ``pol_gen`` once and uses that
 generation throughout (a DNS answer's stages carry it), so it sees one policy, never a mix.
 
-Budgets (busted/budgets.py, busted/budget_enforce.py): kernel budget *j* takes destination bit
+Budgets (busted/policy/budgets.py, busted/policy/budget_enforce.py): kernel budget *j* takes destination bit
 61 - *j*; exhausted scopes go into the ``pol_budget`` map, checked at connect after the rules.
 
 Programs are attached with BPF links (``BPF_LINK_CREATE``), held by file descriptor and never
@@ -53,8 +53,8 @@ from busted.classify.names import normalize_name
 from busted.ebpf.layout import Layout
 from busted.errors import PermissionDenied, PolicyError, ProbeLoadError
 from busted.events import DnsAnswer, Event, EventsLost, FlowOpened, LossPlace, PolicyDecision
-from busted.policy import MAX_KERNEL_ENTRIES, Policy, Rule
-from busted.policy import MAX_RULES as _MAX_RULES
+from busted.policy.rules import MAX_KERNEL_ENTRIES, Policy, Rule
+from busted.policy.rules import MAX_RULES as _MAX_RULES
 
 __all__ = ["CGROUP2_MOUNTS", "Compiled", "Enforcer", "PolicyRuntime", "cgroup2_mount", "compile_policy",
            "name_entry", "name_mask"]
@@ -128,7 +128,7 @@ def c_definitions(max_addrs: int = MAX_ADDRS, max_names: int = MAX_NAMES) -> str
         "PR_UID": PR_UID, "PR_COMM": PR_COMM, "PR_CGROUP": PR_CGROUP, "PR_USER_ONLY": PR_USER_ONLY,
         "POINT_CONNECT": POINT_CONNECT, "POINT_TLS": POINT_TLS,
     }
-    out = ["/* Generated from busted/enforce.py: edit it there. */"]
+    out = ["/* Generated from busted/policy/enforce.py: edit it there. */"]
     out += [f"#define {k} {v}" for k, v in consts.items()]
     out += [lay.c_struct() for lay in (POL_CONF, POL_RULE, POL_REC, POL_TLS_EXT)]
     out.append("struct sys_enter_args { u64 common; s32 nr; s32 pad; u64 arg[6]; };")
@@ -137,7 +137,7 @@ def c_definitions(max_addrs: int = MAX_ADDRS, max_names: int = MAX_NAMES) -> str
 
 
 def build_source() -> str:
-    from busted.budgets import c_definitions as budget_definitions
+    from busted.policy.budgets import c_definitions as budget_definitions
 
     src = resources.files("busted.ebpf").joinpath("policy_enforce.c").read_text()
     return c_definitions() + budget_definitions() + src
@@ -260,7 +260,7 @@ class Compiled:
     default: int = POL_AUDIT
     notes: list[str] = field(default_factory=list)  # what the kernel cannot check, per rule
     kernel_deny: set[str] = field(default_factory=set)  # deny rules the kernel enforces
-    budgets: dict[str, int] = field(default_factory=dict)  # budget name -> kernel index (busted.budgets)
+    budgets: dict[str, int] = field(default_factory=dict)  # budget name -> kernel index (busted.policy.budgets)
 
 
 def _glob_chars(s: str) -> bool:
@@ -327,7 +327,7 @@ def compile_policy(policy: Policy, catalog: Any, *, cgroup_mount: str | None = N
             c.kernel_deny.add(r.name)
         c.rules.extend(entries)
     if policy.budgets:
-        from busted.budgets import compile_budgets
+        from busted.policy.budgets import compile_budgets
 
         c.budgets = compile_budgets(policy, catalog, add_name, add_cidr, c.notes)
     c.names = fold_names(c.names)
@@ -413,7 +413,7 @@ def link_create(prog_fd: int, target_fd: int, attach_type: int) -> int:
 
 
 def _budget_name(c: Compiled, idx: int) -> str | None:
-    from busted.budgets import BUDGET_RULE_BASE
+    from busted.policy.budgets import BUDGET_RULE_BASE
 
     if idx < BUDGET_RULE_BASE:
         return None
@@ -794,9 +794,9 @@ class Enforcer:
         )
 
     def budget_commands(self, cmds: list[Any]) -> list[str]:
-        """Carry out busted.budgets Block/Unblock commands in the kernel's budget map; returns the
+        """Carry out busted.policy.budgets Block/Unblock commands in the kernel's budget map; returns the
         names of budgets whose block did not fit (map full)."""
-        from busted.budget_enforce import apply_commands
+        from busted.policy.budget_enforce import apply_commands
 
         with self._lock:
             if self.bpf is None:
@@ -849,8 +849,8 @@ class PolicyRuntime:
 
     def __init__(self, policy: Policy, catalog: Any, *, enforce: bool = False, scope: str | None = None,
                  budget_spend: Any = ()) -> None:
-        from busted.budget_enforce import BudgetRunner
-        from busted.policy import PolicyJudge
+        from busted.policy.budget_enforce import BudgetRunner
+        from busted.policy.rules import PolicyJudge
 
         policy.check_providers(catalog.providers)  # dry run or not: a typo never silently matches nothing
         self.catalog = catalog

@@ -136,8 +136,8 @@ class TlsScanner:
 
 
 def reader_factory(*, capture_content: int = 0, prices: Any = None) -> Any:
-    """A function (flow, wall) -> reader for the FlowTable (see busted.flows)."""
-    from busted.llmreader import CallReader
+    """A function (flow, wall) -> reader for the FlowTable (see busted.pipeline.flows)."""
+    from busted.pipeline.llmreader import CallReader
 
     def make(flow: Any, wall: Any) -> CallReader:
         return CallReader(flow, wall, capture_content=capture_content, prices=prices)
