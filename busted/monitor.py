@@ -35,7 +35,7 @@ from busted.errors import MonitorClosed, PermissionDenied, TracefsNotMounted, Us
 from busted.events import Event, EventsLost, FlowEvent, FlowSummary, LossPlace
 from busted.host.procinfo import ProcCache
 from busted.pipeline.busy import Quiet
-from busted.pipeline.flows import FlowTable
+from busted.pipeline.flows import FlowTable, SkipPlaintext, UnskipPlaintext
 
 __all__ = ["Monitor", "MonitorStats", "StopEvent"]
 
@@ -263,7 +263,8 @@ class Monitor:
     def _start_rest(self, t0: float) -> None:
         reader = None
         if self.plan.plaintext == "uprobe":
-            from busted.pipeline.calls import TlsScanner, reader_factory
+            from busted.ebpf.tlsscan import TlsScanner
+            from busted.pipeline.llmreader import reader_factory
 
             reader = reader_factory(capture_content=self._capture_content, prices=self._prices)
             self._tls_scanner = TlsScanner(self._program)
@@ -285,7 +286,7 @@ class Monitor:
                                cgroup_path=CgroupPaths().path, proc_cgroup=proc_cgroup_path).get
         self._table = FlowTable(enricher=enricher, proc=proc, salt=self._salt,
                                 wall_offset=self._wall_offset, max_flows=4 * self._max_flows,
-                                reader=reader, kernel=self._program, lineage=self.lineage)
+                                reader=reader, lineage=self.lineage)
         self._stats.plan = self.plan.describe()
         if self._policy is not None:
             self._start_policy(enricher)
@@ -536,10 +537,24 @@ class Monitor:
                 batch = prog.read(n)
             if not batch:
                 return
+            table = self._table
             for raw in batch:
                 evs = feed(raw)
                 if evs:
                     pending.extend(policy.feed(evs) if policy is not None else evs)
+                if table.commands:
+                    self._carry_out(table.take_commands())
+
+    def _carry_out(self, commands: list[Any]) -> None:
+        """The flow table's decisions, told to the kernel program."""
+        prog = self._program
+        for c in commands:
+            if isinstance(c, SkipPlaintext):
+                prog.skip_plaintext(c.sk, c.open_ns)
+            elif isinstance(c, UnskipPlaintext):
+                prog.unskip_plaintext(c.sk)
+            else:
+                prog.unbind_ssl(c.pid, c.ssl)
 
     def _busy(self, now: float, final: bool) -> None:
         """Busy-host mode: judge peers from this drain's events, tell the kernel, and every

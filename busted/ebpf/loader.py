@@ -22,9 +22,7 @@ from cachetools import LRUCache
 
 from busted.ebpf import bpfsys, bytecode
 from busted.ebpf.bpfsys import prog_recursion_misses
-from busted.ebpf.layout import FL, FLOW, LOSS_MAP, LOSS_MISS, LOSS_RING, QUIET_KEY, c_definitions
 from busted.ebpf.plan import ProbePlan, lineage_syscall_argv
-from busted.ebpf.records import decode_flow_value
 from busted.errors import (
     BccNotInstalled,
     EnvironmentProblem,
@@ -35,6 +33,8 @@ from busted.errors import (
     UsageError,
 )
 from busted.events import LossPlace
+from busted.wire.layout import FL, FLOW, LOSS_MAP, LOSS_MISS, LOSS_RING, QUIET_KEY, c_definitions
+from busted.wire.records import decode_flow_value
 
 __all__ = ["MAX_FLOWS", "MAX_TLS_LIBRARIES", "RINGBUF_BYTES", "FlowProgram", "build_source",
            "check_architecture"]

@@ -13,8 +13,8 @@ from dataclasses import replace
 
 from busted.classify import Catalog, Classifier, NameCache
 from busted.classify.dns import DnsInfo
-from busted.ebpf.records import CapRecord
 from busted.events import Direction, DnsAnswer, Evidence, FlowEvent
+from busted.wire.records import CapRecord
 
 __all__ = ["Enricher", "host_name"]
 

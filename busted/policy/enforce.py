@@ -50,11 +50,11 @@ from typing import Any
 from cachetools import LRUCache
 
 from busted.classify.names import normalize_name
-from busted.ebpf.layout import Layout
 from busted.errors import PermissionDenied, PolicyError, ProbeLoadError
 from busted.events import DnsAnswer, Event, EventsLost, FlowOpened, LossPlace, PolicyDecision
 from busted.policy.rules import MAX_KERNEL_ENTRIES, Policy, Rule
 from busted.policy.rules import MAX_RULES as _MAX_RULES
+from busted.wire.layout import Layout
 
 __all__ = ["CGROUP2_MOUNTS", "Compiled", "Enforcer", "PolicyRuntime", "cgroup2_mount", "compile_policy",
            "name_entry", "name_mask"]

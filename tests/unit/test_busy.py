@@ -10,7 +10,6 @@ import pytest
 from events_factory import IDENT
 
 from busted import Direction, EventsLost, FlowClosed, FlowSummary, LossPlace
-from busted.ebpf.layout import FL, FLOW, REC_CLOSE, REC_HDR, REC_OPEN, SUM_KEY, SUM_VAL
 from busted.events import (
     DnsAnswer,
     DnsRecord,
@@ -25,6 +24,7 @@ from busted.events import (
 from busted.pipeline.busy import Quiet, QuietPeers, Unquiet, kernel_addr, summary_events
 from busted.pipeline.flows import FlowTable
 from busted.sinks import PrometheusExporter, Store, event_from_dict
+from busted.wire.layout import FL, FLOW, REC_CLOSE, REC_HDR, REC_OPEN, SUM_KEY, SUM_VAL
 
 S = 1_000_000_000
 V4 = socket.inet_aton("10.0.0.9")

@@ -82,7 +82,7 @@ def test_flow_table_names_a_plain_http_flow_by_its_host_header():
     classifies the flow (FlowClassified before the call), the call carries the name and no provider."""
     from test_flows_capture import flow_rec
 
-    from busted.ebpf.layout import PT_HDR, REC_OPEN, REC_PLAIN
+    from busted.wire.layout import PT_HDR, REC_OPEN, REC_PLAIN
 
     table = FlowTable(enricher=Enricher(), salt=1, reader=lambda f, wall: CallReader(f, wall, prices=_Prices()))
     sk = 0xFFFF0001

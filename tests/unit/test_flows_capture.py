@@ -11,7 +11,9 @@ import dns.message
 import dns.rrset
 
 from busted import DnsAnswer, EventsLost, Evidence, FlowClassified, FlowOpened, LossPlace, TlsClientHello
-from busted.ebpf.layout import (
+from busted.pipeline.enrich import Enricher
+from busted.pipeline.flows import FlowTable
+from busted.wire.layout import (
     CAP_DNS_TCP,
     CAP_DNS_UDP,
     CAP_HDR,
@@ -23,8 +25,6 @@ from busted.ebpf.layout import (
     REC_OPEN,
     REC_TLS,
 )
-from busted.pipeline.enrich import Enricher
-from busted.pipeline.flows import FlowTable
 
 HELLO = bytes.fromhex(Path(__file__).with_name("fixtures").joinpath("hello_curl.hex").read_text().strip())
 A = FL.ATTRIBUTED | FL.HAVE_TUPLE | FL.OPEN_SENT

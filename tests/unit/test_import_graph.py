@@ -13,6 +13,7 @@ ROOT = Path(__file__).resolve().parents[2] / "busted"
 # stage -> the module prefixes it is made of
 STAGES = {
     "base": ("busted.errors", "busted.events", "busted.redact", "busted._text", "busted._safe"),
+    "wire": ("busted.wire",),
     "classify": ("busted.classify",),
     "kernel": ("busted.ebpf",),
     "host": ("busted.host",),
@@ -27,15 +28,16 @@ STAGES = {
 # what each stage may import besides itself (the layers of docs/architecture.md)
 ALLOWED = {
     "base": set(),
+    "wire": {"base"},
     "classify": {"base"},
-    "kernel": {"base"},
-    "host": {"base", "classify", "kernel"},
-    "pipeline": {"base", "classify", "kernel", "host"},
-    "policy": {"base", "classify", "kernel", "host"},
+    "kernel": {"base", "wire"},
+    "host": {"base", "classify", "wire", "kernel"},
+    "pipeline": {"base", "classify", "wire", "host"},  # not the kernel: the flow table decides, the Monitor does
+    "policy": {"base", "classify", "wire", "kernel", "host"},
     "outputs": {"base", "classify"},
     "lab": {"base"},
-    "monitor": {"base", "classify", "kernel", "host", "pipeline", "policy"},
-    "cli": {"base", "classify", "kernel", "host", "pipeline", "policy", "outputs", "lab", "monitor", "api"},
+    "monitor": {"base", "classify", "wire", "kernel", "host", "pipeline", "policy"},
+    "cli": {"base", "classify", "wire", "kernel", "host", "pipeline", "policy", "outputs", "lab", "monitor", "api"},
     "api": {"base", "monitor", "policy", "outputs"},
 }
 # The version string is the one name any stage may take from the package root.

@@ -12,9 +12,9 @@ import pytest
 
 import busted
 from busted import Direction, EventsLost, FlowClosed, FlowOpened, LossPlace, Monitor
-from busted.ebpf.layout import FL, FLOW, REC_CLOSE, REC_HDR, REC_OPEN
 from busted.host.procinfo import ProcInfo
 from busted.pipeline.flows import FlowTable
+from busted.wire.layout import FL, FLOW, REC_CLOSE, REC_HDR, REC_OPEN
 
 
 def rec(typ, flags, sk, *, ts=2_000, open_ns=1_000, sent=0, recv=0, pid=10, direction=1,

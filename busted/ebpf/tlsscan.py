@@ -1,11 +1,9 @@
-"""LLM calls from plaintext: which TLS libraries to probe, and per flow, bytes -> LlmCall/McpMessage.
+"""Which TLS libraries to probe for plaintext, as processes come.
 
 ``TlsScanner`` attaches the plaintext uprobes to the TLS library files processes map: all of them
 at start, then, in its own thread, those of each process that opens its first flow (a new venv's
 OpenSSL, a node binary). Files already probed cover new processes from their first call. One
 attachment per file (device, inode), a bounded number of them, a bounded scan rate.
-
-``reader_factory`` makes the per-flow reader the FlowTable feeds with plaintext.
 """
 
 from __future__ import annotations
@@ -18,7 +16,7 @@ from typing import Any
 
 from cachetools import LRUCache
 
-__all__ = ["TlsScanner", "reader_factory"]
+__all__ = ["TlsScanner"]
 
 
 class TlsScanner:
@@ -133,13 +131,3 @@ class TlsScanner:
                 except IndexError:
                     break
                 self.scan_pid(pid)
-
-
-def reader_factory(*, capture_content: int = 0, prices: Any = None) -> Any:
-    """A function (flow, wall) -> reader for the FlowTable (see busted.pipeline.flows)."""
-    from busted.pipeline.llmreader import CallReader
-
-    def make(flow: Any, wall: Any) -> CallReader:
-        return CallReader(flow, wall, capture_content=capture_content, prices=prices)
-
-    return make
