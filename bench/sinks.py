@@ -109,7 +109,7 @@ def connections(n: int, t0: float = 1_700_000_000.0, calls: bool = False) -> lis
                                cache_read_tokens=0, total_tokens=160 + i % 80, finish_reason="stop",
                                request_bytes=300, response_bytes=900, time_to_first_token_ns=150_000_000,
                                duration_ns=800_000, user_agent="OpenAI/Python 1.54.0", cost_usd=0.00004,
-                               price_source="genai-prices"))
+                               price_source="genai-prices", response_id=f"chatcmpl-B9MH{i:08d}slfkBeAs8l4beb"))
         evs.append(FlowClosed(ts_ns=i * 4 + 4, wall_time=t + 0.001, **ident, hostname="api.openai.com",
                               provider="openai", evidence=Evidence.SNI, confidence=0.95, bytes_sent=517,
                               bytes_received=4096, duration_ns=1_000_000))
