@@ -172,11 +172,26 @@ def key_field(k: str) -> bytes:
     return kb
 
 
+_INTS: dict[bytes, dict[int, bytes]] = {}  # key field -> small value -> its attribute field (token counts repeat)
+
+
 def int_attr(kb: bytes, v: int) -> bytes:
     """The Span.attributes field ``key``: int ``v`` (``kb`` from ``key_field``)."""
+    d = _INTS.get(kb)
+    if d is not None:
+        b = d.get(v)
+        if b is not None:
+            return b
     iv = _uvarint(v) if v >= 0 else _varint(v)
     n = len(iv) + 1
-    return b"\x4a" + _SMALL[len(kb) + n + 2] + kb + b"\x12" + _SMALL[n] + b"\x18" + iv
+    b = b"\x4a" + _SMALL[len(kb) + n + 2] + kb + b"\x12" + _SMALL[n] + b"\x18" + iv
+    if 0 <= v < 4096:
+        if d is None:
+            if len(_INTS) >= 64:
+                _INTS.clear()
+            d = _INTS[kb] = {}
+        d[v] = b  # at most 4096 a key, 64 keys
+    return b
 
 
 def float_attr(kb: bytes, v: float) -> bytes:
