@@ -15,6 +15,7 @@ and lists of them.
 
 from __future__ import annotations
 
+import os
 import random
 import struct
 from collections.abc import Sequence
@@ -210,7 +211,11 @@ def status_flags(error: bool) -> bytes:
 
 
 _TIMES = struct.Struct("<BQBQ").pack  # Span.start_time_unix_nano (7) and end (8), fixed64
-_randbytes = random.randbytes
+# Span and trace ids: a generator of our own (the application's seeded `random` sequence is not
+# disturbed), seeded from the OS, and again in a forked child (which would otherwise repeat ours).
+_rng = random.Random()
+os.register_at_fork(after_in_child=_rng.seed)
+_randbytes = _rng.randbytes
 _Z16, _Z8 = bytes(16), bytes(8)
 
 
