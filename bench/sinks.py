@@ -18,7 +18,7 @@ consumer's figure (docs/benchmarks.md) for the whole process. The "feed" line is
 --calls adds an LlmCall (every field an OpenAI chat call has) to each connection; json+otlp exports
 them (--otlp, http/protobuf, busted[otlp]) to an OTLP receiver in a child process that reads and
 discards each request, so its CPU is not ours; (json+otlp - json) x events / calls is the CPU per
-exported call, the SDK's batch threads (encoding, sending) included. --interleave runs the paths
+exported call, the SDK's batch threads (joining, sending) included. --interleave runs the paths
 in turn within each round (order reversed every other round) and gives the CPU per exported call
 as the median of the rounds' own differences: on a shared, noisy VM a difference of two medians
 taken minutes apart can swing by more than the figure itself.
