@@ -183,7 +183,7 @@ def int_attr(kb: bytes, v: int) -> bytes:
         b = d.get(v)
         if b is not None:
             return b
-    iv = _uvarint(v) if v >= 0 else _varint(v)
+    iv = _uvarint(v) if 0 <= v < 1 << 63 else _varint(v)  # int64 on the wire, as the official encoder
     n = len(iv) + 1
     b = b"\x4a" + _SMALL[len(kb) + n + 2] + kb + b"\x12" + _SMALL[n] + b"\x18" + iv
     if 0 <= v < 4096:
