@@ -23,9 +23,10 @@ Never in the way: ``write()`` only builds the span's bytes and hands them to the
 processors, whose own threads join them into requests and send. Their queues are bounded; when
 the collector is slow or down the newest spans are dropped and counted (``report()``), a failed
 export is counted too, the owner is told once per ``warn_interval`` (``on_error``), and the count
-goes to the collector as an ``EventsLost`` (place ``SINK``) log record once it answers again. ``close()`` flushes for at
-most ``shutdown_timeout`` seconds. Exported strings pass through busted's redaction; header
-values (``headers=``, ``OTEL_EXPORTER_OTLP_HEADERS``) travel only as request headers.
+goes to the collector as an ``EventsLost`` (place ``SINK``) log record once it answers again.
+``close()`` flushes for at most ``shutdown_timeout`` seconds. Exported strings pass through
+busted's redaction; header values (``headers=``, ``OTEL_EXPORTER_OTLP_HEADERS``) travel only as
+request headers.
 """
 
 from __future__ import annotations
