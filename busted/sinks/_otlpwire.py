@@ -21,11 +21,11 @@ import struct
 from collections.abc import Sequence
 from typing import Any
 
-__all__ = ["Head", "WireSpan", "encode_request", "float_attr", "int_attr", "key_field", "span"]
+__all__ = ["Head", "WireSpan", "attrs", "encode_request", "float_attr", "int_attr", "key_field", "name_kind",
+           "once_attr", "span", "status_flags", "str_attr"]
 
 
 _D = struct.Struct("<d").pack
-_Q = struct.Struct("<Q").pack
 _I = struct.Struct("<I").pack
 _FLAGS = b"\x85\x01" + _I(0x100)  # Span.flags (16, fixed32): SPAN_FLAGS_CONTEXT_HAS_IS_REMOTE_MASK, no parent
 _KV: dict[str, dict[Any, bytes]] = {}  # key -> value (str) or (type, value) -> the Span.attributes field
