@@ -377,6 +377,9 @@ class LlmCall(FlowIdentity):
     price_source: str | None = None
     prompt: str | None = None  # only with capture_content: the first N bytes, secrets masked
     completion: str | None = None
+    # the provider's id of this answer (OTel gen_ai.response.id): chatcmpl-..., resp_..., msg_..., Gemini's
+    # responseId; None where the API gives none (docs/llm.md)
+    response_id: str | None = None
 
 
 @dataclass(frozen=True, kw_only=True)

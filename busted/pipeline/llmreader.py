@@ -180,7 +180,7 @@ class CallReader:
             user_agent=r.user_agent, complete=r.complete,
             cost_usd=cost.usd if cost is not None else None,
             price_source=cost.source if cost is not None else None,
-            prompt=r.prompt_text, completion=r.completion_text,
+            prompt=r.prompt_text, completion=r.completion_text, response_id=r.response_id,
         )
 
     def _ttft_source(self, r: LlmCallInfo) -> str | None:

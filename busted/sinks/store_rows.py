@@ -38,7 +38,7 @@ _CALL_COLS = ("ts", "ts_ns", *_IDENT_COLS, "api", "operation", "method", "path",
               "output_tokens", "cache_read_tokens", "cache_write_tokens", "reasoning_tokens", "total_tokens",
               "finish_reason", "tool_calls", "request_bytes", "response_bytes", "time_to_first_token_ns",
               "duration_ns", "user_agent", "complete", "cost_usd", "price_source", "prompt", "completion",
-              "ttft_source")
+              "ttft_source", "response_id")
 _MCP_COLS = ("ts", "ts_ns", *_IDENT_COLS, "direction_sent", "jsonrpc_method", "jsonrpc_id", "session_id", "tool",
              "error_code", "is_notification")
 # Every FlowSummary field after ts (= wall_time) and ts_ns.

@@ -7,7 +7,7 @@ import re
 import sqlite3
 from typing import Any
 
-SCHEMA_VERSION = 7
+SCHEMA_VERSION = 8
 
 # The flow identity as the call and MCP tables store it (one list, so the two cannot drift apart).
 _IDENTITY_DDL = """flow_id INTEGER, direction TEXT, pid INTEGER, tid INTEGER, uid INTEGER, comm TEXT, ppid INTEGER,
@@ -56,7 +56,7 @@ CREATE TABLE IF NOT EXISTS llm_calls (
     reasoning_tokens INTEGER, total_tokens INTEGER, finish_reason TEXT, tool_calls INTEGER,
     request_bytes INTEGER, response_bytes INTEGER, time_to_first_token_ns INTEGER, duration_ns INTEGER,
     user_agent TEXT, complete INTEGER, cost_usd REAL, price_source TEXT, prompt TEXT, completion TEXT,
-    ttft_source TEXT);
+    ttft_source TEXT, response_id TEXT);
 CREATE INDEX IF NOT EXISTS llm_ts ON llm_calls(ts);
 CREATE INDEX IF NOT EXISTS llm_provider ON llm_calls(provider, ts);
 CREATE INDEX IF NOT EXISTS llm_model ON llm_calls(request_model, ts);
@@ -109,6 +109,8 @@ _MIGRATIONS: dict[int, list[str]] = {
     5: [],
     # v7: what each call's time to first token ends at ("socket" or "read"; NULL in older rows).
     6: ["ALTER TABLE llm_calls ADD COLUMN ttft_source TEXT"],
+    # v8: the provider's id of each answer (OTel gen_ai.response.id; NULL in older rows).
+    7: ["ALTER TABLE llm_calls ADD COLUMN response_id TEXT"],
 }
 _ALTER = re.compile(r"ALTER TABLE (\w+) ADD COLUMN")
 
