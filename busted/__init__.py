@@ -46,6 +46,7 @@ from busted.events import (
     TlsClientHello,
 )
 from busted.monitor import Monitor, MonitorStats
+from busted.options import MonitorOptions
 from busted.policy.rules import Policy
 
 __version__ = "0.1.0"
@@ -85,6 +86,7 @@ __all__ = [
     "McpMessage",
     "MissingDependency",
     "Monitor",
+    "MonitorOptions",
     "MonitorStats",
     "MonitorClosed",
     "PermissionDenied",

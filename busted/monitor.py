@@ -24,17 +24,18 @@ import hashlib
 import os
 import threading
 import time
-from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Mapping
+from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass, field, replace
 from typing import Any, Protocol, TypeVar
 
-from busted.ebpf.loader import CHUNK_BYTES, MAX_FLOWS, RINGBUF_BYTES
 from busted.ebpf.plan import ProbePlan, choose_plan
 from busted.ebpf.probe import Capabilities, mount_tracefs, probe
-from busted.errors import MonitorClosed, PermissionDenied, TracefsNotMounted, UsageError
-from busted.events import Event, EventsLost, FlowEvent, FlowSummary, LossPlace
+from busted.errors import MonitorClosed, PermissionDenied, TracefsNotMounted
+from busted.events import Event, EventsLost, LossPlace
 from busted.host.procinfo import ProcCache
+from busted.options import MonitorOptions
 from busted.pipeline.busy import Quiet
+from busted.pipeline.filters import Filters
 from busted.pipeline.flows import FlowTable, SkipPlaintext, UnskipPlaintext
 
 __all__ = ["Monitor", "MonitorStats", "StopEvent"]
@@ -102,58 +103,20 @@ class Monitor:
     ``FlowSummary`` events every ``summary_interval`` seconds (docs/outputs.md, "Busy-host mode").
     """
 
-    def __init__(
-        self,
-        *,
-        probes: Mapping[str, str] | ProbePlan | None = None,
-        pid: int | Iterable[int] | None = None,
-        uid: int | Iterable[int] | None = None,
-        comm: str | Iterable[str] | None = None,
-        cgroup: int | None = None,
-        port: int | Iterable[int] | None = None,
-        netns: int | None = None,
-        family: int | None = None,
-        preexisting: bool = True,
-        queue_size: int = 16384,
-        drain_interval: float = 0.01,
-        ringbuf_bytes: int = RINGBUF_BYTES,
-        max_flows: int = MAX_FLOWS,
-        mount_tracefs: bool = False,
-        classify: bool = True,
-        catalog: Any = None,
-        sweep_interval: float = 30.0,
-        llm_calls: bool = True,
-        capture_content: int = 0,
-        prices: Any = None,
-        chunk_bytes: int = CHUNK_BYTES,
-        agents: Any = None,
-        max_procs: int = 32768,
-        policy: Any = None,
-        enforce: bool = False,
-        policy_scope: str | None = None,
-        budget_spend: Any = (),
-        busy_host: bool = False,
-        summary_interval: float = 5.0,
-        quiet_ttl: float = 60.0,
-    ) -> None:
-        self._force = probes
-        self._filters = _Filters.build(pid=pid, uid=uid, comm=comm, cgroup=cgroup, port=port,
-                                       netns=netns, family=family)
-        self._want_pre = preexisting
+    def __init__(self, options: MonitorOptions | None = None, /, **kw: Any) -> None:
+        """``Monitor(**kw)`` or ``Monitor(MonitorOptions(...), **overrides)``: every option, its
+        default and its meaning are in ``busted.options.MonitorOptions``. An unknown keyword is a
+        ``TypeError``, as for any function."""
+        o = options if options is not None else MonitorOptions()
+        self.options = o = replace(o, **kw) if kw else o
+        self._filters = Filters.build(pid=o.pid, uid=o.uid, comm=o.comm, cgroup=o.cgroup, port=o.port,
+                                       netns=o.netns, family=o.family)
         self._queue: collections.deque[Event] = collections.deque()
-        if queue_size < 1:
-            raise UsageError(f"queue_size={queue_size}: the Monitor needs a queue of at least 1 event")
-        self._queue_size = queue_size
+        self._queue_size = o.queue_size
         # Room kept for the events one record can still produce (a synthesized open + its close, a
         # hello + its classification, ...); at most a quarter of a small queue, or the reader of a
         # queue of 16 or fewer would never take a record (it did: events never came).
-        self._headroom = min(16, queue_size // 4)
-        self._drain_interval = drain_interval
-        self._ringbuf_bytes = ringbuf_bytes
-        self._max_flows = max_flows
-        self._mount = mount_tracefs
-        self._classify = classify
-        self._catalog = catalog
+        self._headroom = min(16, o.queue_size // 4)
         self._table: FlowTable | None = None
         self._stop = threading.Event()
         self._ready = threading.Event()
@@ -171,21 +134,16 @@ class Monitor:
         self._next_sweep = 0.0
         self._user_lost_pending = 0
         self._user_lost: dict[str, int] = {}
-        self._sweep_interval = sweep_interval
-        self._agents = agents  # busted.classify.agents.AgentCatalog (None: the built-in one)
-        self._max_procs = max_procs
         self.lineage: Any = None  # busted.host.lineage.LineageTable when the lineage probe runs
         self._sweep_failed = False
-        self._llm_calls = llm_calls
-        self._capture_content = capture_content
         # LLM call prices: a PriceBook, or a path to a JSON/TOML override file (checked now, so a bad
         # file fails before anything is loaded); None: genai-prices alone.
+        prices = o.prices
         if isinstance(prices, str | os.PathLike):
             from busted.classify.prices import PriceBook
 
             prices = PriceBook.from_file(prices)
         self._prices = prices
-        self._chunk_bytes = chunk_bytes
         self._tls_scanner: Any = None
         self._pending: list[Event] = []
         self._early: list[bytes] | None = None  # raw records read during start-up
@@ -193,26 +151,17 @@ class Monitor:
         self._error: BaseException | None = None
         self.capabilities: Capabilities | None = None
         self.plan: ProbePlan | None = None
-        # policy (busted.policy.rules, busted.policy.enforce): judged in user space; enforced in the kernel
-        # only with enforce=True, under the cgroup v2 path policy_scope (default: the root)
-        self._policy = policy
-        self._enforce = enforce
-        self._policy_scope = policy_scope
-        self._budget_spend = budget_spend  # stored BudgetSpend records: spend restored at start
+        # policy (busted.policy): judged in user space; enforced in the kernel only with
+        # enforce=True, under the cgroup v2 path policy_scope (default: the root)
+        self._policy = o.policy  # replaced by set_policy()
         self._policy_rt: Any = None
-        if enforce and policy is None:
-            raise ValueError("enforce=True needs a policy")
         # busy-host mode (busted.pipeline.busy): flows to quiet peers summed in the kernel, drained as
         # FlowSummary events every summary_interval
-        self._busy_host = busy_host
-        self._summary_interval = summary_interval
         self._quiet: Any = None
-        if busy_host:
-            if not classify:
-                raise ValueError("busy_host=True needs classification (classify=True): it judges peers")
+        if o.busy_host:
             from busted.pipeline.busy import QuietPeers
 
-            self._quiet = QuietPeers(ttl_s=quiet_ttl)
+            self._quiet = QuietPeers(ttl_s=o.quiet_ttl)
         self._next_summary = 0.0
 
     # -- lifecycle ---------------------------------------------------------------------------
@@ -228,23 +177,23 @@ class Monitor:
         if not caps.privileged:  # checked first: unprivileged users cannot even see tracefs
             raise PermissionDenied(f"euid {os.geteuid()}")
         if caps.tracefs is None:
-            if not self._mount or mount_tracefs() is None:
+            if not self.options.mount_tracefs or mount_tracefs() is None:
                 raise TracefsNotMounted()
             caps = probe()
         self.capabilities = caps
-        force = self._force
-        if not self._classify and not (isinstance(force, ProbePlan) or (force and "capture" in force)):
+        force = self.options.probes
+        if not self.options.classify and not (isinstance(force, ProbePlan) or (force and "capture" in force)):
             force = {**(force or {}), "capture": "off"}
-        if not (self._classify and self._llm_calls) and not (isinstance(force, ProbePlan)
+        if not (self.options.classify and self.options.llm_calls) and not (isinstance(force, ProbePlan)
                                                               or (force and "plaintext" in force)):
             force = {**(force or {}), "plaintext": "off"}
         self.plan = choose_plan(caps, force)
         from busted.ebpf.loader import FlowProgram
 
         # The bytecode comes from the cache or a compiler child process: LLVM never maps here.
-        self._program = FlowProgram(self.plan, ringbuf_bytes=self._ringbuf_bytes,
-                                    max_flows=self._max_flows, chunk_bytes=self._chunk_bytes,
-                                    busy_host=self._busy_host)
+        self._program = FlowProgram(self.plan, ringbuf_bytes=self.options.ringbuf_bytes,
+                                    max_flows=self.options.max_flows, chunk_bytes=self.options.chunk_bytes,
+                                    busy_host=self.options.busy_host)
         self._stats.bytecode = self._program.bytecode_from
         self._stats.compile_s = self._program.compile_s
         # The probes run from here on. Until the flow table exists and the pre-existing flows are
@@ -266,14 +215,14 @@ class Monitor:
             from busted.ebpf.tlsscan import TlsScanner
             from busted.pipeline.llmreader import reader_factory
 
-            reader = reader_factory(capture_content=self._capture_content, prices=self._prices)
+            reader = reader_factory(capture_content=self.options.capture_content, prices=self._prices)
             self._tls_scanner = TlsScanner(self._program)
             self._tls_scanner.scan_all()
         enricher = None
-        if self._classify:
+        if self.options.classify:
             from busted.pipeline.enrich import Enricher
 
-            enricher = Enricher(self._catalog)
+            enricher = Enricher(self.options.catalog)
         proc = self._proc.get
         if self.plan.lineage != "off":
             # Process identity from the kernel's fork/exec records first, /proc second.
@@ -281,17 +230,17 @@ class Monitor:
             from busted.host.lineage import LineageProc, LineageTable
             from busted.host.procinfo import read_exec_argv
 
-            self.lineage = LineageTable(max_procs=self._max_procs, exec_argv=read_exec_argv)
-            proc = LineageProc(self.lineage, self._proc.get, agents=self._agents,
+            self.lineage = LineageTable(max_procs=self.options.max_procs, exec_argv=read_exec_argv)
+            proc = LineageProc(self.lineage, self._proc.get, agents=self.options.agents,
                                cgroup_path=CgroupPaths().path, proc_cgroup=proc_cgroup_path).get
         self._table = FlowTable(enricher=enricher, proc=proc, salt=self._salt,
-                                wall_offset=self._wall_offset, max_flows=4 * self._max_flows,
+                                wall_offset=self._wall_offset, max_flows=4 * self.options.max_flows,
                                 reader=reader, lineage=self.lineage)
         self._stats.plan = self.plan.describe()
         if self._policy is not None:
             self._start_policy(enricher)
         self._started = True
-        if self._want_pre:
+        if self.options.preexisting:
             self._load_preexisting()
         with self._drain_lock:
             # What the reader held during start-up is decoded by the reader, first and under the
@@ -466,17 +415,17 @@ class Monitor:
 
     def _reader(self) -> None:
         try:
-            ms = max(1, int(self._drain_interval * 1000))
+            ms = max(1, int(self.options.drain_interval * 1000))
             half = self._queue_size // 2
             # At most one drain per ``gap``: under load a wake-up per flow open would cost more
             # (thread switches, GIL hand-offs, a consumer wake-up each) than decoding the record;
             # batches of a few ms cost a few ms of latency.
-            gap = self._drain_interval / 2
+            gap = self.options.drain_interval / 2
             while not self._stop.is_set():
                 if len(self._queue) > half:
                     # Back-pressure: let the consumer catch up (the GIL is shared) while the
                     # kernel ring keeps buffering; dropping decoded events would be a waste.
-                    self._stop.wait(self._drain_interval)
+                    self._stop.wait(self.options.drain_interval)
                     continue
                 t0 = time.monotonic()
                 self._drain(ms)
@@ -563,7 +512,7 @@ class Monitor:
         now_ns = time.monotonic_ns()
         changes = self._quiet.observe(self._pending, now_ns)
         if now >= self._next_summary or final:
-            self._next_summary = now + self._summary_interval
+            self._next_summary = now + self.options.summary_interval
             changes += self._quiet.expire(now_ns)
             from busted.pipeline.busy import summary_events
 
@@ -614,7 +563,7 @@ class Monitor:
         now = time.monotonic_ns()
         self._pending.extend(self._table.kernel_losses(prog.losses(), now))
         if time.monotonic() >= self._next_sweep:
-            self._next_sweep = time.monotonic() + self._sweep_interval
+            self._next_sweep = time.monotonic() + self.options.sweep_interval
             self._sweep(now)
         self._flush_pending()
 
@@ -626,7 +575,7 @@ class Monitor:
         prog = self._program
         table = self._table
         try:
-            candidates = prog.flow_entries(older_than_ns=now_ns - int(self._sweep_interval * 1e9))
+            candidates = prog.flow_entries(older_than_ns=now_ns - int(self.options.sweep_interval * 1e9))
             if not candidates:
                 return
             from busted.host.preexisting import absent_tuples
@@ -656,8 +605,8 @@ class Monitor:
             pol = Policy.load(pol)
         if enricher is None:
             raise ValueError("a policy needs classification (classify=True)")
-        self._policy_rt = PolicyRuntime(pol, enricher.catalog, enforce=self._enforce,
-                                        scope=self._policy_scope, budget_spend=self._budget_spend)
+        self._policy_rt = PolicyRuntime(pol, enricher.catalog, enforce=self.options.enforce,
+                                        scope=self.options.policy_scope, budget_spend=self.options.budget_spend)
 
     @property
     def policy(self) -> Any:
@@ -701,58 +650,3 @@ class Monitor:
         owners = inode_owners({e.inode for e in existing if e.inode})
         self._pending.extend(self._table.preexisting(existing, owners, tracked, time.monotonic_ns()))
         self._flush_pending()
-
-
-class _Filters:
-    __slots__ = ("pid", "uid", "comm", "cgroup", "port", "netns", "family", "active")
-
-    @staticmethod
-    def _set(v: Any) -> frozenset | None:
-        if v is None:
-            return None
-        if isinstance(v, int | str):
-            return frozenset([v])
-        return frozenset(v)
-
-    @classmethod
-    def build(cls, **kw: Any) -> _Filters:
-        f = cls()
-        f.pid = cls._set(kw["pid"])
-        f.uid = cls._set(kw["uid"])
-        f.comm = cls._set(kw["comm"])
-        f.port = cls._set(kw["port"])
-        f.cgroup = kw["cgroup"]
-        f.netns = kw["netns"]
-        f.family = kw["family"]
-        f.active = any(x is not None for x in (f.pid, f.uid, f.comm, f.port, f.cgroup, f.netns, f.family))
-        return f
-
-    def match(self, ev: Event) -> bool:
-        if not self.active:
-            return True
-        if isinstance(ev, FlowSummary):
-            return self._match_summary(ev)
-        if not isinstance(ev, FlowEvent):
-            return True
-        if self.pid is not None and ev.pid not in self.pid:
-            return False
-        if self.uid is not None and ev.uid not in self.uid:
-            return False
-        if self.comm is not None and ev.comm not in self.comm:
-            return False
-        if self.port is not None and ev.sport not in self.port and ev.dport not in self.port:
-            return False
-        if self.cgroup is not None and ev.cgroup_id != self.cgroup:
-            return False
-        if self.netns is not None and ev.netns != self.netns:
-            return False
-        if self.family is not None and ev.family != self.family:
-            return False
-        return True
-
-    def _match_summary(self, ev: FlowSummary) -> bool:
-        # A summary has no local port for a connect nor a netns: those filters drop it.
-        return ((self.pid is None or ev.pid in self.pid) and (self.uid is None or ev.uid in self.uid)
-                and (self.comm is None or ev.comm in self.comm) and (self.port is None or ev.port in self.port)
-                and (self.cgroup is None or ev.cgroup_id == self.cgroup) and self.netns is None
-                and (self.family is None or ev.family == self.family))

@@ -183,7 +183,7 @@ def _lab(args: argparse.Namespace, out: TextIO) -> int:
         with contextlib.ExitStack() as stack:
             print("busted lab: starting network namespaces, lab DNS and fake LLM providers ...", file=sys.stderr)
             lab = stack.enter_context(Lab())
-            mon = stack.enter_context(busted.Monitor(**_monitor_kwargs(args)))
+            mon = stack.enter_context(busted.Monitor(busted.MonitorOptions(**_monitor_kwargs(args))))
             started = True
             sinks.started(mon)
             _run_lab(args, out, lab, mon, sinks, summary, calls, results, stop)

@@ -60,6 +60,8 @@ class _Summary:
 
 
 def _monitor_kwargs(args: argparse.Namespace) -> dict[str, Any]:
+    """The Monitor options the flags ask for (only those given: the defaults live in
+    ``busted.options.MonitorOptions``)."""
     kw: dict[str, Any] = {"probes": _parse_probes(getattr(args, "probes", None))}
     if getattr(args, "pid", None):
         kw["pid"] = args.pid
@@ -266,7 +268,7 @@ def _start(args: argparse.Namespace, before_start: Any = None) -> tuple[Any, _Si
             from busted.sinks import Store
 
             kw["budget_spend"] = stored_spend([s for s in sinks.sinks if isinstance(s, Store)], kw["policy"])
-        mon = busted.Monitor(**kw)
+        mon = busted.Monitor(busted.MonitorOptions(**kw))
         if before_start is not None:
             before_start(mon)
         mon.start()

@@ -252,11 +252,11 @@ def test_prometheus_counts_summaries_as_flows_and_bytes_of_provider_none():
 
 
 def test_monitor_filters_apply_to_summaries():
-    from busted.monitor import _Filters
+    from busted.pipeline.filters import Filters
 
     def f(**kw):
         base = dict(pid=None, uid=None, comm=None, cgroup=None, port=None, netns=None, family=None)
-        return _Filters.build(**{**base, **kw})
+        return Filters.build(**{**base, **kw})
 
     ev = a_summary()
     assert f(pid=42).match(ev) and not f(pid=43).match(ev)

@@ -21,7 +21,7 @@ STAGES = {
     "policy": ("busted.policy",),
     "outputs": ("busted.sinks", "busted.web"),
     "lab": ("busted.lab",),
-    "monitor": ("busted.monitor",),
+    "monitor": ("busted.monitor", "busted.options"),
     "cli": ("busted.cli",),
     "api": ("busted",),  # busted/__init__.py: the public names
 }
@@ -42,7 +42,7 @@ ALLOWED = {
 }
 # The version string is the one name any stage may take from the package root.
 ROOT_NAMES_ANYONE_MAY_IMPORT = {"__version__"}
-TOP_LEVEL = {"__init__", "errors", "events", "monitor", "redact", "_text", "_safe"}
+TOP_LEVEL = {"__init__", "errors", "events", "monitor", "options", "redact", "_text", "_safe"}
 
 
 def _module(path: Path) -> str:
