@@ -19,7 +19,17 @@ __all__ = ["MonitorOptions"]
 
 @dataclass(frozen=True, kw_only=True)
 class MonitorOptions:
-    """Every option of ``busted.Monitor``; see its docstring for what they do together."""
+    """Every option of ``busted.Monitor``.
+
+    Filters (all optional; a flow must match every one given): ``pid``, ``uid``, ``comm`` (exact),
+    ``cgroup`` (cgroup v2 id), ``port`` (either end), ``netns`` (inode), ``family`` (4 or 6).
+    ``probes`` forces tiers, e.g. ``{"bytes": "syscall"}`` (see ``busted doctor``).
+    ``agents`` (an ``AgentCatalog``) names the agents on flows and ``max_procs`` bounds the process
+    lineage table (``Monitor.lineage``, when the lineage probe runs; docs/agents.md).
+    ``busy_host=True``: flows to peers judged "no LLM provider, not MCP" are summed in the kernel
+    per process x peer for ``quiet_ttl`` seconds after the judgement and delivered as
+    ``FlowSummary`` events every ``summary_interval`` seconds (docs/outputs.md, "Busy-host mode").
+    """
 
     # -- probes ------------------------------------------------------------------------------
     probes: Mapping[str, str] | Any = None  # forced tiers ({"bytes": "syscall"}) or a ProbePlan
