@@ -133,7 +133,7 @@ class Monitor(ReaderLoop):
         if isinstance(prices, str | os.PathLike):
             from busted.classify.prices import PriceBook
 
-            prices = PriceBook.from_file(prices)
+            prices = PriceBook.from_file(os.fsdecode(prices))
         self._prices = prices
         self._tls_scanner: Any = None
         self._pending: list[Event] = []
@@ -194,15 +194,15 @@ class Monitor(ReaderLoop):
         self._thread = threading.Thread(target=self._reader, name="busted-reader", daemon=True)
         self._thread.start()
         try:
-            self._start_rest(t0)
+            self._start_rest(t0, self.plan)
         except BaseException:
             self.close()
             raise
         return self
 
-    def _start_rest(self, t0: float) -> None:
+    def _start_rest(self, t0: float, plan: ProbePlan) -> None:
         reader = None
-        if self.plan.plaintext == "uprobe":
+        if plan.plaintext == "uprobe":
             from busted.ebpf.tlsscan import TlsScanner
             from busted.pipeline.llmreader import reader_factory
 
@@ -215,7 +215,7 @@ class Monitor(ReaderLoop):
 
             enricher = Enricher(self.options.catalog)
         proc = self._proc.get
-        if self.plan.lineage != "off":
+        if plan.lineage != "off":
             # Process identity from the kernel's fork/exec records first, /proc second.
             from busted.host.cgroups import CgroupPaths, proc_cgroup_path
             from busted.host.lineage import LineageProc, LineageTable
@@ -227,7 +227,7 @@ class Monitor(ReaderLoop):
         self._table = FlowTable(enricher=enricher, proc=proc, salt=self._salt,
                                 wall_offset=self._wall_offset, max_flows=4 * self.options.max_flows,
                                 reader=reader, lineage=self.lineage)
-        self._stats.plan = self.plan.describe()
+        self._stats.plan = plan.describe()
         if self._policy is not None:
             self._start_policy(enricher)
         self._started = True

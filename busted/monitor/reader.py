@@ -10,13 +10,15 @@ side are in ``busted/monitor/__init__.py``; the state both halves share is set u
 
 from __future__ import annotations
 
+import collections
 import os
 import threading
 import time
 from typing import Any
 
-from busted.events import Event, EventsLost, LossPlace
+from busted.events import Event, EventsLost, FlowOpened, LossPlace
 from busted.pipeline.busy import Quiet
+from busted.pipeline.filters import Filters
 from busted.pipeline.flows import SkipPlaintext, UnskipPlaintext
 
 __all__ = ["ReaderLoop"]
@@ -27,19 +29,32 @@ _EARLY_MAX = 1 << 17  # records held during start-up (~20 MB at most); beyond, t
 class ReaderLoop:
     """Mixed into ``Monitor``; uses the attributes ``Monitor.__init__`` sets."""
 
+    options: Any  # busted.options.MonitorOptions
     _stop: threading.Event
     _ready: threading.Event
     _drain_lock: threading.Lock
-    _queue: Any
+    _queue: collections.deque[Event]
     _queue_size: int
     _headroom: int
     _pending: list[Event]
-    _program: Any
-    _table: Any
-    _stats: Any
-    _filters: Any
-    _proc: Any
-    options: Any
+    _program: Any  # busted.ebpf.loader.FlowProgram once started
+    _table: Any  # busted.pipeline.flows.FlowTable once started
+    _stats: Any  # MonitorStats
+    _filters: Filters
+    _proc: Any  # busted.host.procinfo.ProcCache
+    _policy_rt: Any  # busted.policy.enforce.PolicyRuntime with a policy
+    _quiet: Any  # busted.pipeline.busy.QuietPeers in busy-host mode
+    _tls_scanner: Any  # busted.ebpf.tlsscan.TlsScanner with plaintext capture
+    _early: list[bytes] | None
+    _backlog: collections.deque[bytes]
+    _error: BaseException | None
+    _wall_offset: float
+    _next_loss_check: float
+    _next_summary: float
+    _next_sweep: float
+    _sweep_failed: bool
+    _user_lost_pending: int
+    _user_lost: dict[str, int]
 
     # -- producing (reader thread) -----------------------------------------------------------
 
@@ -167,7 +182,7 @@ class ReaderLoop:
             room -= 1
         scanner = self._tls_scanner
         for ev in pending:
-            if scanner is not None and ev.kind == "flow_opened":
+            if scanner is not None and isinstance(ev, FlowOpened):
                 scanner.saw(ev.pid)  # a process new to us may use a TLS library not probed yet
             if not self._filters.match(ev):
                 self._stats.filtered += 1

@@ -13,6 +13,14 @@ class Filters:
     """A flow must match every filter given; a repeatable one matches any of its values."""
 
     __slots__ = ("pid", "uid", "comm", "cgroup", "port", "netns", "family", "active")
+    pid: frozenset[Any] | None
+    uid: frozenset[Any] | None
+    comm: frozenset[Any] | None
+    port: frozenset[Any] | None
+    cgroup: int | None
+    netns: int | None
+    family: int | None
+    active: bool
 
     @staticmethod
     def _set(v: Any) -> frozenset | None:
