@@ -160,3 +160,22 @@ def test_garbage_dns_is_a_parse_loss():
 def test_without_an_enricher_captures_are_ignored():
     t = FlowTable()
     assert t.feed(cap(REC_TLS, HELLO, sk=1)) == [] and t.records == 1
+
+
+def test_the_flow_table_runs_on_recorded_records_without_root():
+    """Issue 20: the flow table is driven by plain records, no kernel, no privilege: this module's
+    own tests (and the plaintext gap tests) pass as uid 65534."""
+    import subprocess
+    import sys
+
+    import needs
+
+    needs.root("to run as uid 65534")
+    setpriv = needs.tool("setpriv")
+    here = Path(__file__).resolve().parent
+    r = subprocess.run([setpriv, "--reuid=65534", "--regid=65534", "--clear-groups", sys.executable, "-m", "pytest",
+                        "-q", "-p", "no:cacheprovider", "-k", "not without_root", str(here / "test_flows_capture.py"),
+                        str(here / "test_flows_gaps.py")],
+                       capture_output=True, text=True, cwd=here.parents[1], timeout=300,
+                       env={"PATH": "/usr/bin:/bin", "HOME": "/nonexistent", "PYTHONDONTWRITEBYTECODE": "1"})
+    assert r.returncode == 0 and " passed" in r.stdout and "failed" not in r.stdout, r.stdout[-3000:] + r.stderr[-2000:]
