@@ -1,13 +1,15 @@
 /* Capability "model in the kernel" (issue 22): a request whose JSON body names a denied model is
- * stopped before its bytes leave the host. Loaded with --enforce when the policy has deny rules
- * the kernel can check on `model` (busted/policy/model_enforce.py); compiled into the same object as
+ * stopped before its bytes leave the host. Compiled with --enforce, attached once the policy has
+ * deny rules the kernel can check on `model` (busted/policy/model_enforce.py); compiled into the same object as
  * policy_enforce.c (its source follows that file's), so it shares pol_gen, pol_events and
  * pol_denied_sk.
  *
  *   mdl_ssl_write*, mdl_gnutls_send (uprobes at the TLS library's write entry) - the plaintext is
  *       the caller's buffer here, before the library encrypts it: the first MDL_SCAN bytes are
  *       scanned for the JSON key "model" with a string value, and the value looked up in
- *       mdl_names. A denied model marks the calling thread (mdl_thread).
+ *       mdl_names (stages mdl_scan, mdl_judge; mdl_path first for an HTTP/1.x POST, whose URL
+ *       path may name the model, as Gemini's does). A denied model marks the calling thread
+ *       (mdl_thread, an LRU: more than 4096 threads marked at once forget the oldest mark).
  *   mdl_egress (cgroup skb egress) - a data segment sent in a marked thread's context is that
  *       write's first segment: the thread's mark moves to the socket (pol_denied_sk, so this and
  *       every later segment of the socket are dropped, and pol_sockops makes the connection
