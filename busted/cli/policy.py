@@ -30,6 +30,10 @@ def policy_command(args: argparse.Namespace, out: TextIO) -> int:
     pol = Policy.load(args.file)
     pol.check_providers(Catalog.builtin().providers)
     print(pol.describe(), file=out)
+    from busted.policy.model_enforce import check_notes
+
+    for note in check_notes(pol):  # what --enforce does with model rules (in the kernel or not)
+        print(f"  note: {note}", file=out)
     return 0
 
 

@@ -415,6 +415,11 @@ class Monitor(ReaderLoop):
             raise ValueError("a policy needs classification (classify=True)")
         self._policy_rt = PolicyRuntime(pol, enricher.catalog, enforce=self.options.enforce,
                                         scope=self.options.policy_scope, budget_spend=self.options.budget_spend)
+        enf = self._policy_rt.enforcer
+        if enf is not None and self._tls_scanner is not None:
+            self._tls_scanner.listeners.append(enf.models.attach_fd)  # model rules: same TLS files
+            if enf.models.attached:
+                self._tls_scanner.replay(enf.models.attach_fd)  # those found at start, before this
 
     @property
     def policy(self) -> Any:

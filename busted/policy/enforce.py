@@ -78,7 +78,8 @@ _COUNT_LOSSES = {
                           "policy: denied socket not remembered (map refused): its next segment is judged again"),
 }
 _ACTION_CODE = {"allow": POL_ALLOW, "audit": POL_AUDIT, "deny": POL_DENY}
-_POINTS = {POINT_CONNECT: "connect", POINT_TLS: "tls_client_hello"}
+POINT_MODEL = 3  # policy_model.c: a request naming a denied model (busted/policy/model_enforce.py)
+_POINTS = {POINT_CONNECT: "connect", POINT_TLS: "tls_client_hello", POINT_MODEL: "llm_request"}
 CGROUP2_MOUNTS = ("/sys/fs/cgroup/unified", "/sys/fs/cgroup")
 
 POL_CONF = Layout.of("pol_conf", ("own_tgid", "u32"), ("nrules", "u32"), ("dflt", "u32"), ("pad", "u32"))
@@ -139,8 +140,10 @@ def c_definitions(max_addrs: int = MAX_ADDRS, max_names: int = MAX_NAMES) -> str
 def build_source() -> str:
     from busted.policy.budgets import c_definitions as budget_definitions
 
-    src = resources.files("busted.ebpf").joinpath("policy_enforce.c").read_text()
-    return c_definitions() + budget_definitions() + src
+    ebpf = resources.files("busted.ebpf")
+    src = ebpf.joinpath("policy_enforce.c").read_text()
+    # model rules (busted/policy/model_enforce.py): one object, so they share pol_gen, the ring and pol_denied_sk
+    return c_definitions() + budget_definitions() + src + ebpf.joinpath("policy_model.c").read_text()
 
 
 # -- names ---------------------------------------------------------------------------------------
@@ -261,6 +264,7 @@ class Compiled:
     notes: list[str] = field(default_factory=list)  # what the kernel cannot check, per rule
     kernel_deny: set[str] = field(default_factory=set)  # deny rules the kernel enforces
     budgets: dict[str, int] = field(default_factory=dict)  # budget name -> kernel index (busted.policy.budgets)
+    models: Any = None  # busted.policy.model_enforce.ModelRules: the model rules the kernel checks
 
 
 def _glob_chars(s: str) -> bool:
@@ -330,6 +334,7 @@ def compile_policy(policy: Policy, catalog: Any, *, cgroup_mount: str | None = N
         from busted.policy.budgets import compile_budgets
 
         c.budgets = compile_budgets(policy, catalog, add_name, add_cidr, c.notes)
+    _compile_models(policy, c)
     c.names = fold_names(c.names)
     if len(c.rules) > MAX_KERNEL_RULES:
         raise PolicyError(f"the policy expands to {len(c.rules)} kernel rule entries (one per uid x comm x "
@@ -345,6 +350,18 @@ def compile_policy(policy: Policy, catalog: Any, *, cgroup_mount: str | None = N
             raise PolicyError(f"the policy and catalog need {n} IPv{fam} kernel address ranges; at most {MAX_ADDRS}",
                               path=policy.source)
     return c
+
+
+def _compile_models(policy: Policy, c: Compiled) -> None:
+    """Model deny rules the kernel checks at the TLS write (busted/policy/model_enforce.py): their
+    "user space only" note is replaced by the model compiler's."""
+    from busted.policy.model_enforce import compile_models
+
+    c.models = compile_models(policy)
+    for name in c.models.kernel:
+        c.notes = [n for n in c.notes if not (n.startswith(f"{name}: checked in user space only") and "model" in n)]
+        c.kernel_deny.add(name)
+    c.notes.extend(c.models.notes)
 
 
 def _expand(r: Rule, i: int, unsure: list[str], mount: str | None, notes: list[str]) -> list[bytes]:
@@ -471,6 +488,9 @@ class Enforcer:
             self.bpf = bcc.BPF(text=build_source().encode())
         except Exception as exc:
             raise ProbeLoadError(f"policy program failed to compile or load: {exc}") from exc
+        from busted.policy.model_enforce import ModelGuard
+
+        self.models = ModelGuard(self.bpf, lambda: self._cg_fd)
         try:
             self._write_maps(self.compiled, first=True)
             for table, slot, fn, ptype, atype in _TAILS:
@@ -482,6 +502,7 @@ class Enforcer:
                 self._links.append(link_create(f.fd, self._cg_fd, atype))
             self._events: list[Event] = []
             self.bpf[b"pol_events"].open_ring_buffer(self._on_rec)
+            self.models.ensure_attached()
         except BaseException:
             self.close()
             raise
@@ -549,6 +570,7 @@ class Enforcer:
             ctypes.memmove(k.addr, addr, 16)
             t6[k] = ctypes.c_ulonglong(mask)
         self._relearn(c, g)
+        self.models.write(c.models, g)
         b[b"pol_gen"][ctypes.c_int(0)] = ctypes.c_uint(g)  # the switch, written last
         self._gen = g
 
@@ -563,6 +585,10 @@ class Enforcer:
                                   path=getattr(policy, "source", None)) from exc
             self.compiled = c
             self._policy = policy
+            try:
+                self.models.ensure_attached()  # a reload that brings the first model rules
+            except Exception as exc:  # noqa: BLE001 - the policy is in force; the model part is reported
+                self._count(LossPlace.KERNEL_MAP, f"policy: model programs not attached: {type(exc).__name__}: {exc}")
 
     def learn_dns(self, ev: DnsAnswer, uid: int | None = None) -> None:
         """Map a DNS-over-TCP answer's addresses for policy names, for ``uid`` (the owner of the
@@ -736,16 +762,27 @@ class Enforcer:
                     self._kcounts[what] = now[what]
         except Exception as exc:  # noqa: BLE001 - counted, the reader goes on
             self._count(LossPlace.KERNEL_MAP, f"policy: counters not read: {type(exc).__name__}")
+        models: list[Event] = []
+        try:
+            guard = getattr(self, "models", None)  # None: an Enforcer not built by __init__ (tests)
+            models = guard.losses() if guard is not None else []
+        except Exception as exc:  # noqa: BLE001 - counted, the reader goes on
+            self._count(LossPlace.KERNEL_MAP, f"policy: model counters not read: {type(exc).__name__}")
         if not self._lost:
-            return []
+            return models
         ns, wall = time.monotonic_ns(), time.time()
-        out: list[Event] = [EventsLost(ts_ns=ns, wall_time=wall, where=where, count=n, detail=detail)
+        out: list[Event] = models + [EventsLost(ts_ns=ns, wall_time=wall, where=where, count=n, detail=detail)
                             for (where, detail), n in self._lost.items()]
         self._lost = {}
         return out
 
     def _decision(self, r: dict[str, Any]) -> PolicyDecision:
         pol = self._policy
+        if r["point"] == POINT_MODEL:
+            from busted.policy.model_enforce import decision
+
+            ip = _ip_key(r["family"], r["daddr"]) if r["family"] else None
+            return decision(r, pol, self.catalog, ip, self._names.get((r["pid"] or None, ip)) if ip else None)
         idx = r["rule"]
         budget = _budget_name(self.compiled, idx)
         rule = pol.rules[idx] if budget is None and idx != POL_DEFAULT and idx < len(pol.rules) else None
@@ -823,6 +860,9 @@ class Enforcer:
 
     def close(self) -> None:
         with self._lock:
+            models = getattr(self, "models", None)
+            if models is not None:
+                models.close()
             for fd in self._links:
                 try:
                     os.close(fd)
@@ -865,6 +905,9 @@ class PolicyRuntime:
         self.dns_learn_s: list[float] = []
         self._dns_flow_uid: LRUCache[int, int | None] = LRUCache(maxsize=4096)  # DNS-over-TCP flow -> uid
         self.dns_lag_ns: list[int] = []
+        # (pid, model) of requests the kernel stopped: user space's own llm_request verdict on the
+        # same call (its plaintext was read before the drop) is not repeated.
+        self._model_stopped: LRUCache[tuple[int | None, str], bool] = LRUCache(maxsize=4096)
 
     @property
     def policy(self) -> Policy:
@@ -892,13 +935,23 @@ class PolicyRuntime:
                     if len(self.dns_learn_s) < 4096:
                         self.dns_learn_s.append(time.perf_counter() - t0)
                         self.dns_lag_ns.append(time.monotonic_ns() - ev.ts_ns)
-        return self.budgets.feed(self.judge.feed(events))
+        out = self.judge.feed(events)
+        if self._model_stopped:
+            out = [e for e in out if not (isinstance(e, PolicyDecision) and e.point == "llm_request"
+                                          and (e.pid, dict(e.matched).get("model")) in self._model_stopped)]
+        return self.budgets.feed(out)
 
     def consume(self, final: bool = False) -> list[Event]:
         """The kernel's decisions (aggregated) and counted losses; ``final`` reports every open
         aggregation window (the Monitor's last drain)."""
         self.budgets.tick()
-        return self.enforcer.consume(final) if self.enforcer is not None else []
+        if self.enforcer is None:
+            return []
+        out = self.enforcer.consume(final)
+        for e in out:
+            if isinstance(e, PolicyDecision) and e.point == "llm_request" and e.enforced:
+                self._model_stopped[(e.pid, dict(e.matched).get("model"))] = True
+        return out
 
     def close(self) -> None:
         if self.enforcer is not None:
