@@ -36,7 +36,7 @@ def test_exact_names_are_whole_values_and_uid_is_kept():
 
 
 def test_policy_check_prints_the_model_notes(tmp_path):
-    from busted.policy_cli import policy_command
+    from busted.cli.policy import policy_command
 
     f = tmp_path / "p.toml"
     f.write_text('[[rules]]\nname = "no-4o"\naction = "deny"\nmodel = "gpt-4o"\n'
