@@ -15,6 +15,7 @@ that port was seen here (time.monotonic_ns(), comparable across processes) and w
 BUSTED_PROFILE=FILE dumps cProfile stats.
 """
 
+import dataclasses
 import inspect
 import json
 import os
@@ -60,7 +61,10 @@ if "--policy" in sys.argv:  # a policy that denies a provider the workload never
 if "--no-llm-calls" in sys.argv:
     kw["llm_calls"] = False
 if "--busy-host" in sys.argv:
-    if "busy_host" not in inspect.signature(busted.Monitor).parameters:
+    takes = set(inspect.signature(busted.Monitor).parameters)  # an older busted: keywords on Monitor
+    if hasattr(busted, "MonitorOptions"):
+        takes |= {f.name for f in dataclasses.fields(busted.MonitorOptions)}
+    if "busy_host" not in takes:
         print("UNSUPPORTED Monitor(busy_host=...) is not an option of this busted", flush=True)
         sys.exit(3)
     kw["busy_host"] = True

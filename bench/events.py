@@ -3,9 +3,9 @@
     .venv/bin/python bench/events.py offline [--seconds 2] [--mix churn|tls]
     sudo .venv/bin/python bench/events.py live [--seconds 20] [--procs 4] [--configs busted,busted-noplaintext]
 
-offline: kernel records built with busted/ebpf/layout.py, as the kernel emits them for loopback
+offline: kernel records built with busted/wire/layout.py, as the kernel emits them for loopback
   connections (client open, [client ClientHello], client close, server open, server close), fed
-  through ``busted.flows.FlowTable`` with classification (``Enricher``) and a counting consumer loop,
+  through ``busted.pipeline.flows.FlowTable`` with classification (``Enricher``) and a counting consumer loop,
   in a tight loop for at least ``--seconds`` of process CPU (time.process_time). No root, no kernel:
   the Python floor of the pipeline, without the ring buffer, the queue and the thread hand-off.
 live: a counting ``Monitor()`` consumer in its own process (bench/busted_consumer.py) while churn
@@ -34,7 +34,7 @@ def records(conns: int, mix: str = "churn") -> list[bytes]:
     """Kernel records for ``conns`` loopback connections, in the order the kernel submits them."""
     from harness import HELLO
 
-    from busted.ebpf.layout import CAP_HDR, FL, FLOW, REC_CLOSE, REC_HDR, REC_OPEN, REC_TLS
+    from busted.wire.layout import CAP_HDR, FL, FLOW, REC_CLOSE, REC_HDR, REC_OPEN, REC_TLS
 
     attributed = FL.ATTRIBUTED | FL.HAVE_TUPLE | FL.OPEN_SENT
     lo = bytes((127, 0, 0, 1))
@@ -69,9 +69,9 @@ def records(conns: int, mix: str = "churn") -> list[bytes]:
 
 def offline(seconds: float = 2.0, mix: str = "churn", conns: int = 5000) -> dict[str, Any]:
     from busted import EventsLost
-    from busted.enrich import Enricher
-    from busted.flows import FlowTable
-    from busted.procinfo import ProcInfo
+    from busted.host.procinfo import ProcInfo
+    from busted.pipeline.enrich import Enricher
+    from busted.pipeline.flows import FlowTable
 
     recs = records(conns, mix)
     # What the Monitor's /proc cache answers for a live process (a dict hit on the hot path).

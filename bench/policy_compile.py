@@ -1,4 +1,4 @@
-"""Time to compile a policy for the kernel (``busted.enforce.compile_policy``) by hostname count.
+"""Time to compile a policy for the kernel (``busted.policy.enforce.compile_policy``) by hostname count.
 
     .venv/bin/python bench/policy_compile.py [--sizes 2000,4000,8000] [--repeat 5]
 
@@ -21,7 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 
 def policy(n: int):
-    from busted.policy import Policy
+    from busted.policy.rules import Policy
 
     rules = [{"name": f"r{i}", "action": "deny", "hostname": []} for i in range(62)]
     for j in range(n):
@@ -36,7 +36,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--repeat", type=int, default=5)
     args = ap.parse_args(argv)
     from busted.classify import Catalog
-    from busted.enforce import compile_policy
+    from busted.policy.enforce import compile_policy
 
     cat = Catalog.builtin()
     out = []

@@ -36,7 +36,7 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     from busted import Policy
     from busted.classify import Catalog
-    from busted.enforce import Enforcer
+    from busted.policy.enforce import Enforcer
 
     pol = Policy.from_dict({"rules": [{"name": "c", "action": "deny", "provider": "anthropic",
                                        "exe": "/usr/bin/curl"}]})

@@ -18,7 +18,10 @@ consumer's figure (docs/benchmarks.md) for the whole process. The "feed" line is
 --calls adds an LlmCall (every field an OpenAI chat call has) to each connection; json+otlp exports
 them (--otlp, http/protobuf, busted[otlp]) to an OTLP receiver in a child process that reads and
 discards each request, so its CPU is not ours; (json+otlp - json) x events / calls is the CPU per
-exported call, the SDK's batch threads (encoding, sending) included.
+exported call, the SDK's batch threads (joining, sending) included. --interleave runs the paths
+in turn within each round (order reversed every other round) and gives the CPU per exported call
+as the median of the rounds' own differences: on a shared, noisy VM a difference of two medians
+taken minutes apart can swing by more than the figure itself.
 """
 
 from __future__ import annotations
@@ -109,7 +112,7 @@ def connections(n: int, t0: float = 1_700_000_000.0, calls: bool = False) -> lis
                                cache_read_tokens=0, total_tokens=160 + i % 80, finish_reason="stop",
                                request_bytes=300, response_bytes=900, time_to_first_token_ns=150_000_000,
                                duration_ns=800_000, user_agent="OpenAI/Python 1.54.0", cost_usd=0.00004,
-                               price_source="genai-prices"))
+                               price_source="genai-prices", response_id=f"chatcmpl-B9MH{i:08d}slfkBeAs8l4beb"))
         evs.append(FlowClosed(ts_ns=i * 4 + 4, wall_time=t + 0.001, **ident, hostname="api.openai.com",
                               provider="openai", evidence=Evidence.SNI, confidence=0.95, bytes_sent=517,
                               bytes_received=4096, duration_ns=1_000_000))
@@ -159,6 +162,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--no-orjson", action="store_true", help="encode with the standard library")
     ap.add_argument("--calls", action="store_true", help="one LlmCall per connection (for json+otlp)")
     ap.add_argument("--paths", default=",".join(PATHS), help="comma-separated: " + ", ".join(PATHS))
+    ap.add_argument("--interleave", action="store_true",
+                    help="every path in each round (alternating order); per call: median of round differences")
     a = ap.parse_args(argv)
     from busted.sinks import _codec
 
@@ -178,9 +183,18 @@ def main(argv: list[str] | None = None) -> int:
           f"rate {a.rate or 'unpaced'}, {a.rounds} rounds, encoder {enc}, python {sys.version.split()[0]}")
 
     med = {}
+    names = a.paths.split(",")
+    per_round: list[dict[str, float]] = []
     try:
-        for name in a.paths.split(","):
-            per = sorted(run_once(PATHS[name], evs, a.batch, a.rate, otlp) / len(evs) * 1e6 for _ in range(a.rounds))
+        if a.interleave:
+            for r in range(a.rounds):
+                got = {}
+                for name in (names if r % 2 == 0 else names[::-1]):
+                    got[name] = run_once(PATHS[name], evs, a.batch, a.rate, otlp) / len(evs) * 1e6
+                per_round.append(got)
+        for name in names:
+            per = sorted(g[name] for g in per_round) if a.interleave else sorted(
+                run_once(PATHS[name], evs, a.batch, a.rate, otlp) / len(evs) * 1e6 for _ in range(a.rounds))
             med[name] = statistics.median(per)
             print(f"{name:<18} {med[name]:6.1f} µs/event  (min {per[0]:.1f}, max {per[-1]:.1f})")
     finally:
@@ -190,6 +204,10 @@ def main(argv: list[str] | None = None) -> int:
     if ncalls and "json+otlp" in med and "json" in med:
         print(f"otlp per exported call: {(med['json+otlp'] - med['json']) * len(evs) / ncalls:.1f} µs "
               "((json+otlp - json) x events / calls)")
+        if a.interleave:
+            diffs = sorted((g["json+otlp"] - g["json"]) * len(evs) / ncalls for g in per_round)
+            print(f"otlp per exported call, median of the {len(diffs)} rounds' differences: "
+                  f"{statistics.median(diffs):.1f} µs (min {diffs[0]:.1f}, max {diffs[-1]:.1f})")
     return 0
 
 if __name__ == "__main__":

@@ -46,14 +46,15 @@ from busted.events import (
     TlsClientHello,
 )
 from busted.monitor import Monitor, MonitorStats
-from busted.policy import Policy
+from busted.options import MonitorOptions
+from busted.policy.rules import Policy
 
 __version__ = "0.1.0"
 
 
 def to_dataframe(events):  # noqa: ANN001, ANN201 - pandas is an optional extra
     """One row per event (``to_dict()`` flattened) as a pandas DataFrame; needs ``busted[pandas]``."""
-    from busted.dataframe import to_dataframe as _to_dataframe
+    from busted.sinks.dataframe import to_dataframe as _to_dataframe
 
     return _to_dataframe(events)
 
@@ -85,6 +86,7 @@ __all__ = [
     "McpMessage",
     "MissingDependency",
     "Monitor",
+    "MonitorOptions",
     "MonitorStats",
     "MonitorClosed",
     "PermissionDenied",

@@ -377,6 +377,9 @@ class LlmCall(FlowIdentity):
     price_source: str | None = None
     prompt: str | None = None  # only with capture_content: the first N bytes, secrets masked
     completion: str | None = None
+    # the provider's id of this answer (OTel gen_ai.response.id): chatcmpl-..., resp_..., msg_..., Gemini's
+    # responseId; None where the API gives none (docs/llm.md)
+    response_id: str | None = None
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -395,7 +398,7 @@ class McpMessage(FlowIdentity):
 
 @dataclass(frozen=True, kw_only=True)
 class PolicyDecision(Event):
-    """A policy rule decided about a flow (busted.policy; docs/policy.md).
+    """A policy rule decided about a flow (busted.policy.rules; docs/policy.md).
 
     ``point``: where it was decided: ``"connect"`` (the kernel refused connect(), or a flow opened),
     ``"tls_client_hello"`` (the SNI), ``"llm_request"``. ``enforced`` is True iff the kernel stopped
@@ -404,7 +407,7 @@ class PolicyDecision(Event):
     opened (refused at connect); the identity fields are what was known at that point.
 
     ``count``: how many identical decisions this event stands for. The kernel's decisions about one
-    process x rule x point x destination are aggregated (busted/enforce.py): the first is reported
+    process x rule x point x destination are aggregated (busted/policy/enforce.py): the first is reported
     at once (``count`` 1), the rest of each 1 s window as one event carrying their ``count``, with
     ``first_ns``/``last_ns`` (monotonic, like ``ts_ns``) bounding them. A loop of denials cannot
     flood the history, and none goes uncounted.
@@ -435,7 +438,7 @@ class PolicyDecision(Event):
 @dataclass(frozen=True, kw_only=True)
 class BudgetSpend(Event):
     """A budget's spend for one scope in the current window, after an LLM call counted against it
-    (busted.budgets; docs/policy.md "Budgets"). The store keeps these to restore spend at start.
+    (busted.policy.budgets; docs/policy.md "Budgets"). The store keeps these to restore spend at start.
 
     ``scope`` is the ``per`` value as text (a uid, an exe path, an agent id, a container id, a
     cgroup id, or ``"host"``). Windows are fixed and aligned to the UNIX epoch:

@@ -25,7 +25,7 @@ from collections.abc import Iterable, Sequence
 from typing import TypeVar
 
 __all__ = ["MASK", "SECRET_HEADERS", "is_secret_name", "looks_secret", "redact_argv", "redact_headers",
-           "redact_text", "redact_url"]
+           "redact_id", "redact_text", "redact_url"]
 
 MASK = "[REDACTED]"
 SECRET_HEADERS = ("authorization", "proxy-authorization", "x-api-key", "api-key", "x-goog-api-key", "cookie",
@@ -227,6 +227,16 @@ def redact_text(s: str) -> str:
             s = nxt
         return s
     except Exception:  # noqa: BLE001 - a redactor that raises would leak the unredacted line upstream
+        return MASK
+
+
+def redact_id(s: str) -> str:
+    """Mask credentials of a known shape (provider key prefixes, JWTs) in an identifier a server
+    chose (an LLM answer's response id). The entropy rule is not applied: every real response id
+    (``chatcmpl-B9MHDbslfkBeAs8l4bebGdFOJ6PeG``) is a random token, and would be masked whole."""
+    try:
+        return _SHAPE.sub(MASK, s)
+    except Exception:  # noqa: BLE001 - as redact_text
         return MASK
 
 

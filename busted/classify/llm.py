@@ -47,7 +47,7 @@ from busted.classify.httpevents import (
 )
 from busted.classify.mcp import CLIENT_TO_SERVER, SERVER_TO_CLIENT, McpMessageInfo, is_jsonrpc, mcp_messages
 from busted.classify.sse import LineSplitter, SseParser
-from busted.redact import redact_text, redact_url
+from busted.redact import redact_id, redact_text, redact_url
 
 __all__ = ["CallTracker", "LlmCallInfo", "McpMessageInfo", "redact_secrets", "sanitize_path", "scan_request"]
 
@@ -96,6 +96,10 @@ class LlmCallInfo:
     http_version: str
     prompt_text: str | None = None  # only with capture_content > 0; secrets masked
     completion_text: str | None = None
+    # the provider's id of the answer (chatcmpl-..., resp_..., msg_..., Gemini's responseId); None when
+    # the answer has none (Ollama, Bedrock Converse, embeddings) or it is not a plain token of at most
+    # 128 characters; key-shaped strings masked
+    response_id: str | None = None
 
 
 # The one redaction of every output (busted.redact): the sinks apply the same functions again.
@@ -775,6 +779,7 @@ class CallTracker:
             time_to_first_token_ns=ttft, duration_ns=max(0, ts - ex.ts), user_agent=redact_secrets(ua)[:256] if ua
             else None, complete=complete or u.done, stream_id=ex.stream, http_version=ex.version,
             prompt_text=ex.prompt, completion_text=redact_secrets("".join(u.text)) if self.capture_content else None,
+            response_id=redact_id(u.response_id) if u.response_id else None,
         ))
 
 

@@ -22,6 +22,10 @@ __all__ = ["RequestInfo", "Usage", "recognise", "handle", "regex_request", "rege
 
 _MAX_STR = 256  # model names, finish reasons and error types are cut to this
 _MAX_TOOL_IDS = 1024
+MAX_RESPONSE_ID = 128
+# A response id is the server's choice (attacker-controlled): kept only if it is a plain token of
+# this alphabet (what every provider's ids use: chatcmpl-..., resp_..., msg_..., base64url), else dropped.
+_RESPONSE_ID = re.compile(rf"[A-Za-z0-9._:\-]{{1,{MAX_RESPONSE_ID}}}")
 
 
 @dataclass(frozen=True, slots=True)
@@ -169,12 +173,13 @@ def prompt_text(body: Any, limit: int) -> str:
 class Usage:
     """Counters of one call's answer; None = not reported."""
 
-    __slots__ = ("response_model", "input", "output", "cache_read", "cache_write", "reasoning", "total",
+    __slots__ = ("response_model", "response_id", "input", "output", "cache_read", "cache_write", "reasoning", "total",
                  "input_excludes_cache", "finish_reason", "tool_calls", "error_type", "first_content_ts",
                  "text", "text_limit", "done", "_tool_ids")
 
     def __init__(self, text_limit: int = 0) -> None:
         self.response_model: str | None = None
+        self.response_id: str | None = None  # the provider's id of this answer (first seen wins)
         self.input: int | None = None
         self.output: int | None = None
         self.cache_read: int | None = None
@@ -215,6 +220,10 @@ class Usage:
         s = _s(v)
         if s is not None:
             self.response_model = s
+
+    def rid(self, v: Any) -> None:
+        if self.response_id is None and isinstance(v, str) and _RESPONSE_ID.fullmatch(v):
+            self.response_id = v
 
     def error(self, v: Any) -> None:
         s = _s(v) if not isinstance(v, int) or isinstance(v, bool) else str(v)
@@ -272,6 +281,7 @@ def openai_chat(u: Usage, obj: Any, ts: int, event: str | None = None) -> None:
     if not isinstance(obj, dict) or _openai_error(u, obj):
         return
     u.model(obj.get("model"))
+    u.rid(obj.get("id"))  # chatcmpl-... (every chunk of a stream repeats it); cmpl-... for completions
     _openai_usage(u, obj.get("usage"))
     choices = obj.get("choices")
     if not isinstance(choices, list):
@@ -348,6 +358,7 @@ def openai_responses(u: Usage, obj: Any, ts: int, event: str | None = None) -> N
 
 def _responses_object(u: Usage, r: dict[str, Any], final: bool) -> None:
     u.model(r.get("model"))
+    u.rid(r.get("id"))  # resp_...; streams: the response.created event's response
     _openai_usage(u, r.get("usage"))
     err = r.get("error")
     if isinstance(err, dict):
@@ -408,6 +419,7 @@ def anthropic_messages(u: Usage, obj: Any, ts: int, event: str | None = None) ->
 
 def _anthropic_message(u: Usage, m: dict[str, Any], ts: int, final: bool) -> None:
     u.model(m.get("model"))
+    u.rid(m.get("id"))  # msg_... (Bedrock: msg_bdrk_...); streams: message_start's message
     _anthropic_usage(u, m.get("usage"))
     u.finish(m.get("stop_reason"))
     content = m.get("content")
@@ -429,6 +441,7 @@ def gemini(u: Usage, obj: Any, ts: int, event: str | None = None) -> None:
         u.error(err.get("status") or err.get("code") or "error")
         return
     u.model(obj.get("modelVersion"))
+    u.rid(obj.get("responseId"))
     um = _d(obj.get("usageMetadata"))
     if um:
         # Each streamed chunk repeats the running totals: keep the latest.
@@ -608,6 +621,9 @@ def handle(api: str, u: Usage, obj: Any, ts: int, event: str | None = None) -> N
 _RX_NUM = re.compile(rb'"([A-Za-z_]{3,40})"\s*:\s*(\d{1,15})\b')
 _RX_STR = re.compile(rb'"(model|modelVersion|stop_reason|finish_reason|done_reason|stopReason|finishReason)"'
                      rb'\s*:\s*"([^"\\]{1,256})"')
+# The answer's own id is its first key (OpenAI, Anthropic): only there, not a tool call's or an item's id.
+_RX_FIRST_ID = re.compile(rb'\s*\{\s*"id"\s*:\s*"([^"\\]{1,128})"')
+_RX_GEMINI_ID = re.compile(rb'"responseId"\s*:\s*"([^"\\]{1,128})"')
 
 
 def regex_usage(api: str, head: bytes, tail: bytes) -> dict[str, Any]:
@@ -621,10 +637,14 @@ def regex_usage(api: str, head: bytes, tail: bytes) -> dict[str, Any]:
             strs[m.group(1).decode()] = m.group(2).decode("utf-8", "replace")
     model = strs.get("model")
     if api.startswith("gemini"):
+        g = _RX_GEMINI_ID.search(head) or _RX_GEMINI_ID.search(tail)
         return {"modelVersion": strs.get("modelVersion"), "usageMetadata": nums,
-                "candidates": [{"finishReason": strs.get("finishReason")}] if "finishReason" in strs else None}
+                "candidates": [{"finishReason": strs.get("finishReason")}] if "finishReason" in strs else None,
+                "responseId": g.group(1).decode("utf-8", "replace") if g else None}
+    first = _RX_FIRST_ID.match(head)
+    rid = first.group(1).decode("utf-8", "replace") if first else None
     if api.startswith("anthropic"):
-        return {"type": "message", "model": model, "stop_reason": strs.get("stop_reason"), "usage": nums}
+        return {"type": "message", "id": rid, "model": model, "stop_reason": strs.get("stop_reason"), "usage": nums}
     if api.startswith("ollama"):
         return {"model": model, "done": True, "done_reason": strs.get("done_reason"), **nums}
     if api == "bedrock.converse":
@@ -634,7 +654,7 @@ def regex_usage(api: str, head: bytes, tail: bytes) -> dict[str, Any]:
     usage: dict[str, Any] = dict(nums)
     usage["prompt_tokens_details"] = {"cached_tokens": nums.get("cached_tokens")}
     usage["completion_tokens_details"] = {"reasoning_tokens": nums.get("reasoning_tokens")}
-    out: dict[str, Any] = {"model": model, "usage": usage}
+    out: dict[str, Any] = {"model": model, "usage": usage, "id": rid}
     if api == "openai.responses":
         out["status"] = strs.get("status")
     return out

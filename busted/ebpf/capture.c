@@ -18,7 +18,7 @@
 #define CAP_WRITES 4      /* writes inspected per new connection for a ClientHello */
 #define CAP_TOTAL  16384  /* bytes per connection after which we stop looking */
 
-/* struct cap_hdr, REC_DNS/REC_TLS and CAP_DNS_* come from busted/ebpf/layout.py. */
+/* struct cap_hdr, REC_DNS/REC_TLS and CAP_DNS_* come from busted/wire/layout.py. */
 #define CAP_HTTP 3   /* cap_rfd kind: a plain-HTTP connection (plaintext.c copies its bytes) */
 
 struct cap_rec {

@@ -38,7 +38,7 @@ struct bst_sockaddr {
 #define BST_MSG_PEEK 2
 
 /* The record layouts (struct flow, struct rec, struct cap_hdr), record types REC_*, flow flags
- * FL_* and loss places LOSS_* are generated from busted/ebpf/layout.py and precede this file. */
+ * FL_* and loss places LOSS_* are generated from busted/wire/layout.py and precede this file. */
 
 #define DIR_CONNECT 1
 #define DIR_ACCEPT  2

@@ -22,9 +22,7 @@ from cachetools import LRUCache
 
 from busted.ebpf import bpfsys, bytecode
 from busted.ebpf.bpfsys import prog_recursion_misses
-from busted.ebpf.layout import FL, FLOW, LOSS_MAP, LOSS_MISS, LOSS_RING, QUIET_KEY, c_definitions
 from busted.ebpf.plan import ProbePlan, lineage_syscall_argv
-from busted.ebpf.records import decode_flow_value
 from busted.errors import (
     BccNotInstalled,
     EnvironmentProblem,
@@ -35,6 +33,8 @@ from busted.errors import (
     UsageError,
 )
 from busted.events import LossPlace
+from busted.wire.layout import FL, FLOW, LOSS_MAP, LOSS_MISS, LOSS_RING, QUIET_KEY, c_definitions
+from busted.wire.records import decode_flow_value
 
 __all__ = ["MAX_FLOWS", "MAX_TLS_LIBRARIES", "RINGBUF_BYTES", "FlowProgram", "build_source",
            "check_architecture"]
@@ -459,7 +459,7 @@ class FlowProgram:
         if self.plan.plaintext == "uprobe":
             self.maps["pt_skip"].delete(_U64.pack(sk))
 
-    # -- busy-host mode: the only map access it needs, in plain types (busted/busy.py decodes) ----
+    # -- busy-host mode: the only map access it needs, in plain types (busted/pipeline/busy.py decodes) ----
 
     def set_quiet_peer(self, family: int, addr: bytes, port: int, expiry_ns: int, direction: int = 1) -> None:
         """Aggregate new flows to this peer until ``expiry_ns`` (CLOCK_MONOTONIC). ``addr`` is 4

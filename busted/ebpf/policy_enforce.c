@@ -157,7 +157,7 @@ BPF_PERCPU_ARRAY(pol_scratch, struct pol_buf, 2);
  * [3] decision records the ring had no room for (the verdict stood), [4] learned addresses the
  * map refused, [5] denied sockets the map refused (their next segment is judged again), [6]
  * processes pol_exe_proc refused (their exe unknown): [3]-[6] are reported as EventsLost
- * (busted/enforce.py, POL_COUNTS); [7] connect decisions whose caller's exe was not known */
+ * (busted/policy/enforce.py, POL_COUNTS); [7] connect decisions whose caller's exe was not known */
 BPF_PERCPU_ARRAY(pol_counts, u64, 8);
 /* 512 KiB: user space aggregates repeated decisions, but every record must reach it to be counted
  * (a connect record carries the caller's exe: 216 bytes) */
@@ -320,7 +320,7 @@ TRACEPOINT_PROBE(sched, sched_process_exit)
     return 0;
 }
 
-/* Container rules (busted/enforce.py, docs/policy.md): the cgroups of the containers a rule names
+/* Container rules (busted/policy/enforce.py, docs/policy.md): the cgroups of the containers a rule names
  * (their top cgroup: what is below is found through the ancestry), per generation, -> the bits
  * (policy rule indices) of the rules naming them. Written by user space from a cgroupfs walk at
  * load and from pol_cg_mkdir's records as containers start; pol_cg_rmdir deletes. */
@@ -329,7 +329,7 @@ struct pol_ckey {
     u32 gen;
     u32 pad;
 };
-/* mask: the rule bits; scope: the container id's hash (busted.budgets.scope_hash), for budgets per
+/* mask: the rule bits; scope: the container id's hash (busted.policy.budgets.scope_hash), for budgets per
  * container (user space then adds every container's top cgroup, named by a rule or not). */
 struct pol_cval {
     u64 mask;
@@ -490,7 +490,7 @@ struct pol_bkey {
 BPF_HASH(pol_budget, struct pol_bkey, u64, POL_MAX_BUDGET_SCOPES);
 
 /* The caller's exe scope for budgets per exe: 64-bit FNV-1a over its exec'd filename as
- * pol_exe_proc holds it (busted.budgets.scope_hash); 0 when the process is not known. */
+ * pol_exe_proc holds it (busted.policy.budgets.scope_hash); 0 when the process is not known. */
 static __always_inline u64 pol_exe_hash(void)
 {
     u32 tgid = bpf_get_current_pid_tgid() >> 32;

@@ -21,7 +21,7 @@ from collections.abc import Callable
 from typing import Any, NamedTuple
 
 from busted.events import Event
-from busted.redact import MASK, SECRET_HEADERS, redact_text, redact_url
+from busted.redact import MASK, SECRET_HEADERS, redact_id, redact_text, redact_url
 
 __all__ = ["MASK", "Encoded", "dumps", "encode", "event_from_dict", "event_kinds", "redact"]
 
@@ -121,7 +121,7 @@ _SECRET_KEYS = frozenset(SECRET_HEADERS) | {"set-cookie", "x-auth-token", "api-t
 # are made with credentials masked; the sinks mask them again by name and shape (defence in depth).
 # The same functions the events are built with (busted.classify.llm), by field name.
 _TEXT_KEYS: dict[str, Callable[[str], str]] = {"path": redact_url, "user_agent": redact_text, "prompt": redact_text,
-                                               "completion": redact_text}
+                                               "completion": redact_text, "response_id": redact_id}
 
 
 def _subclasses(cls: type) -> list[type]:

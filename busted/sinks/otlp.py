@@ -4,9 +4,10 @@ Built on the official ``opentelemetry-sdk`` and ``opentelemetry-exporter-otlp-pr
 ``-grpc`` packages (``pip install 'busted[otlp]'``): what every OTLP backend is tested against,
 with the retries, backoff, compression and ``OTEL_*`` environment handling the spec asks for.
 Two of their general mechanisms cost what a per-call audit cannot pay, and are replaced while
-their sending stays: spans are built finished (``ReadableSpan``) and serialized by
-``busted.sinks._otlpwire`` (the same message, pinned by a test), and metrics are aggregated here
-into the SDK's metric data model (docs/outputs.md, "Why these libraries"; docs/benchmarks.md).
+their sending stays: each span's protobuf bytes are written in ``write()`` straight from the event
+by ``busted.sinks._otlpwire`` (the same message the official encoder builds, pinned by a test) and
+carried by the SDK's batch processor, and metrics are aggregated here into the SDK's metric data
+model (docs/outputs.md, "Why these libraries"; docs/benchmarks.md).
 
 * ``LlmCall`` -> one span, kind CLIENT (SERVER for a call this host accepted), named
   ``"{gen_ai.operation.name} {gen_ai.request.model}"``, from the request's first byte to the
@@ -18,13 +19,14 @@ into the SDK's metric data model (docs/outputs.md, "Why these libraries"; docs/b
 * Metrics: ``gen_ai.client.token.usage``, ``gen_ai.client.operation.duration``,
   ``gen_ai.client.operation.time_to_first_chunk`` (the spec's buckets) and a cost counter.
 
-Never in the way: ``write()`` only builds the span and hands it to the SDK's batch processors,
-whose own threads encode and send. Their queues are bounded; when the collector is slow or down
-the newest spans are dropped and counted (``report()``), a failed export is counted too, the
-owner is told once per ``warn_interval`` (``on_error``), and the count goes to the collector as
-an ``EventsLost`` (place ``SINK``) log record once it answers again. ``close()`` flushes for at
-most ``shutdown_timeout`` seconds. Exported strings pass through busted's redaction; header
-values (``headers=``, ``OTEL_EXPORTER_OTLP_HEADERS``) travel only as request headers.
+Never in the way: ``write()`` only builds the span's bytes and hands them to the SDK's batch
+processors, whose own threads join them into requests and send. Their queues are bounded; when
+the collector is slow or down the newest spans are dropped and counted (``report()``), a failed
+export is counted too, the owner is told once per ``warn_interval`` (``on_error``), and the count
+goes to the collector as an ``EventsLost`` (place ``SINK``) log record once it answers again.
+``close()`` flushes for at most ``shutdown_timeout`` seconds. Exported strings pass through
+busted's redaction; header values (``headers=``, ``OTEL_EXPORTER_OTLP_HEADERS``) travel only as
+request headers.
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ from __future__ import annotations
 import bisect
 import json
 import logging
+import math
 import os
 import platform
 import socket
@@ -44,8 +47,8 @@ from urllib.parse import urlsplit
 
 from busted.errors import MissingDependency, UsageError
 from busted.events import Direction, Event, EventsLost, LlmCall, LossPlace, McpMessage, PolicyDecision
-from busted.redact import redact_argv, redact_text
-from busted.sinks._otlpwire import Group, SpanAttrs
+from busted.redact import redact_argv, redact_id, redact_text
+from busted.sinks import _otlpwire as wire
 
 __all__ = ["METRICS", "NAMES", "PROTOCOLS", "PROVIDER_NAMES", "SEMCONV_VERSION", "OtlpSink"]
 
@@ -115,10 +118,10 @@ NAMES: dict[str, str] = {
     "tool_calls": "busted.tool_calls",
     "direction_sent": "busted.mcp.sent",
     # log records
-    "policy_rule": "busted.policy.rule",
-    "policy_action": "busted.policy.action",
-    "policy_enforced": "busted.policy.enforced",
-    "policy_point": "busted.policy.point",
+    "policy_rule": "busted.policy.rules.rule",
+    "policy_action": "busted.policy.rules.action",
+    "policy_enforced": "busted.policy.rules.enforced",
+    "policy_point": "busted.policy.rules.point",
     "lost_where": "busted.lost.where",
     "lost_count": "busted.lost.count",
 }
@@ -150,8 +153,34 @@ _K_IN, _K_OUT, _K_CACHE_R, _K_CACHE_W, _K_REASONING = (N[k] for k in (
     "input_tokens", "output_tokens", "cache_read_tokens", "cache_write_tokens", "reasoning_tokens"))
 _K_TTFC, _K_TOOL_CALLS, _K_COST, _K_PRICE, _K_ADDR, _K_PORT = (N[k] for k in (
     "time_to_first_chunk", "tool_calls", "cost", "price_source", "server_address", "server_port"))
+# The per-call int/float attributes' KeyValue.key fields, encoded once.
+_W_IN, _W_OUT, _W_CACHE_R, _W_CACHE_W, _W_REASONING, _W_TTFC, _W_TOOL_CALLS, _W_COST, _W_PORT, _W_CPORT, _W_FLOW = (
+    wire.key_field(N[k]) for k in ("input_tokens", "output_tokens", "cache_read_tokens", "cache_write_tokens",
+                                   "reasoning_tokens", "time_to_first_chunk", "tool_calls", "cost", "server_port",
+                                   "client_port", "flow_id"))
+_W_RESPONSE_ID, _W_IN_MSG, _W_OUT_MSG = (wire.key_field(N[k]) for k in ("response_id", "input_messages",
+                                                                          "output_messages"))
 _MAX_SERIES = 2000  # per metric, as the SDK's default cardinality limit; beyond: one overflow series
 _OVERFLOW: tuple[Any, ...] = ("otel.metric.overflow",)
+
+
+_M_TOKENS, _M_DUR, _M_TTFC, _M_COST = METRICS  # the table's names, in its order
+
+
+def _put(refs: list[Any], i: int, v: Any) -> Any:
+    refs[i] = v
+    return v
+
+
+def _hadd(h: list[Any], bounds: tuple[float, ...], v: float) -> None:
+    """One measurement into a histogram series [count, sum, min, max, buckets]."""
+    h[0] += 1
+    h[1] += v
+    if v < h[2]:
+        h[2] = v
+    if v > h[3]:
+        h[3] = v
+    h[4][bisect.bisect_left(bounds, v)] += 1
 
 
 def _metric_attrs(m: tuple[Any, ...]) -> dict[str, Any]:
@@ -190,18 +219,14 @@ def _import_sdk() -> dict[str, Any]:
         from opentelemetry.sdk._logs.export import BatchLogRecordProcessor
         from opentelemetry.sdk.metrics import export as metrics_data
         from opentelemetry.sdk.resources import OTELResourceDetector, Resource
-        from opentelemetry.sdk.trace import ReadableSpan
         from opentelemetry.sdk.trace.export import BatchSpanProcessor
-        from opentelemetry.sdk.trace.id_generator import RandomIdGenerator
         from opentelemetry.sdk.util.instrumentation import InstrumentationScope
-        from opentelemetry.trace import SpanContext, SpanKind, Status, StatusCode, TraceFlags
+        from opentelemetry.trace import SpanKind
     except ImportError as exc:
         raise MissingDependency("opentelemetry-sdk", "otlp", "OTLP export (--otlp)") from exc
     return dict(LoggerProvider=LoggerProvider, BatchLogRecordProcessor=BatchLogRecordProcessor,
                 metrics_data=metrics_data, OTELResourceDetector=OTELResourceDetector, Resource=Resource,
-                ReadableSpan=ReadableSpan, RandomIdGenerator=RandomIdGenerator,
-                InstrumentationScope=InstrumentationScope, SpanContext=SpanContext, TraceFlags=TraceFlags,
-                BatchSpanProcessor=BatchSpanProcessor, SpanKind=SpanKind, Status=Status, StatusCode=StatusCode)
+                InstrumentationScope=InstrumentationScope, BatchSpanProcessor=BatchSpanProcessor, SpanKind=SpanKind)
 
 
 def _exporters(protocol: str) -> tuple[type, type, type]:
@@ -221,27 +246,30 @@ def _exporters(protocol: str) -> tuple[type, type, type]:
 
 
 def _fast_spans(base: type, protocol: str) -> type:
-    """The official span exporter, serializing with busted.sinks._otlpwire (same bytes' meaning,
-    ~1/10 the CPU); its sending, retries and headers unchanged. Where this SDK version lacks the
-    hook used, its own encoder is used (slower, same message)."""
-    from busted.sinks._otlpwire import encode_spans
-
+    """The official span exporter, sending the spans' bytes as busted.sinks._otlpwire wrote them
+    (``WireSpan``s); its sending, retries, backoff, headers and compression unchanged."""
     if protocol == "grpc":
         from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
 
         class GrpcSpans(base):  # type: ignore[misc, valid-type]
+            # The gRPC stub takes a message: the bytes parsed into one, in C (the protobuf runtime).
             def _translate_data(self, data: Sequence[Any]) -> Any:
-                return ExportTraceServiceRequest.FromString(encode_spans(data))
+                return ExportTraceServiceRequest.FromString(wire.encode_request(data))
 
         return GrpcSpans
     from opentelemetry.sdk.trace.export import SpanExportResult
 
     class HttpSpans(base):  # type: ignore[misc, valid-type]
+        def __init__(self, *a: Any, **kw: Any) -> None:
+            super().__init__(*a, **kw)
+            if not hasattr(getattr(self, "_client", None), "export"):  # the hook this class posts bytes with
+                raise MissingDependency("opentelemetry-exporter-otlp-proto-http>=1.45", "otlp",
+                                        "OTLP export over http/protobuf (this version has no bytes client)")
+
         def export(self, spans: Sequence[Any]) -> Any:
-            client = getattr(self, "_client", None)
-            if client is None or not hasattr(client, "export") or getattr(self, "_shutdown", False):
-                return super().export(spans)
-            result = client.export(encode_spans(spans))
+            if getattr(self, "_shutdown", False):
+                return SpanExportResult.FAILURE
+            result = self._client.export(wire.encode_request(spans))
             return SpanExportResult.SUCCESS if getattr(result, "success", False) else SpanExportResult.FAILURE
 
     return HttpSpans
@@ -364,6 +392,9 @@ def _shown(url: str) -> str:
     return f"{p.scheme}://{host}" + (f":{p.port}" if p.port else "") + p.path
 
 
+_EXPORTED = frozenset((LlmCall, McpMessage, PolicyDecision, EventsLost))  # the kinds write() turns into telemetry
+
+
 class OtlpSink:
     """Export events over OTLP. ``endpoint``: the collector's base URL (``http://HOST:4318`` for
     http/protobuf, ``http://HOST:4317`` for grpc; default ``OTEL_EXPORTER_OTLP_ENDPOINT``, then
@@ -399,9 +430,7 @@ class OtlpSink:
         self.warn_interval = warn_interval
         self.on_error = on_error
         self._sdk = sdk
-        self._kind = {True: sdk["SpanKind"].SERVER, False: sdk["SpanKind"].CLIENT}
-        self._error_status = sdk["Status"](sdk["StatusCode"].ERROR)
-        self._unset_status = sdk["Status"](sdk["StatusCode"].UNSET)
+        self._kind = {True: sdk["SpanKind"].SERVER.value, False: sdk["SpanKind"].CLIENT.value}
         self._lock = threading.Lock()
         self._accepted = {"traces": 0, "logs": 0}
         self._dropped = {"traces": 0, "logs": 0}
@@ -413,7 +442,8 @@ class OtlpSink:
         self._report: dict[str, Any] | None = None
         self._mcp: OrderedDict[tuple[int, str], McpMessage] = OrderedDict()
         self._mcp_pending = mcp_pending
-        self._procs: dict[tuple[Any, ...], Group] = {}  # a process's identity -> its attributes
+        self._procs: dict[tuple[Any, ...], bytes] = {}  # a process's identity -> its attributes' bytes
+        self._peers: dict[bool, dict[tuple[Any, ...], Any]] = {True: {}, False: {}}  # -> _peer()
         self._shapes: dict[tuple[Any, ...], Any] = {}  # a call's shared fields -> _call_shape()
         for name in _SDK_LOGGERS:
             lg = logging.getLogger(name)
@@ -443,19 +473,20 @@ class OtlpSink:
 
         self._logger = self._logger_provider.get_logger("busted", version, schema_url=SCHEMA_URL)
         # Spans are records of exchanges already over (seen by the kernel), not operations in
-        # progress: each is built finished, as a ReadableSpan, and handed to the batch processor
-        # (the Tracer's live-span path validates and locks per attribute: ~60 us a span here).
-        # Every call is exported: sampling an audit trail would lose calls silently.
+        # progress: each is written finished, as its protobuf bytes (a WireSpan), and handed to the
+        # batch processor (the Tracer's live-span path validates and locks per attribute: ~60 us a
+        # span here; a ReadableSpan and the official encoder ~100 us). Every call is exported:
+        # sampling an audit trail would lose calls silently.
         self._resource_obj = resource
         self._scope = sdk["InstrumentationScope"]("busted", version, SCHEMA_URL)
-        self._ids = sdk["RandomIdGenerator"]()
-        self._flags = sdk["TraceFlags"](sdk["TraceFlags"].SAMPLED)
+        self._head = wire.Head(resource, self._scope)
         # Metrics: aggregated here (a dict and a bisect per measurement, not the SDK instruments'
         # ~8 us each) into the SDK's own data model, exported by the official exporter from a
         # thread of ours every metric_interval seconds, cumulative, and once more at close.
         self._metric_interval = metric_interval
         self._hist: dict[tuple[str, tuple[Any, ...]], list[Any]] = {}  # [count, sum, min, max, buckets]
         self._sums: dict[tuple[str, tuple[Any, ...]], float] = {}
+        self._series_by_m: dict[tuple[Any, ...], list[Any]] = {}  # -> _series_of()
         self._series: dict[str, int] = dict.fromkeys(METRICS, 0)
         self._metrics_start = time.time_ns()
         self._metric_stop = threading.Event()
@@ -501,46 +532,77 @@ class OtlpSink:
             self._tell_losses()
 
     def write_encoded(self, items: Iterable[Any], *, flush: bool = False) -> None:
-        """The CLI's batch call: events, or ``busted.sinks.Encoded`` (their ``event`` is used)."""
+        """The CLI's batch call: events, or ``busted.sinks.Encoded`` (their ``event`` is used); the
+        kinds this output does not export are passed over here (most of a monitor's events)."""
         for item in items:
-            self.write(getattr(item, "event", item))
+            ev = getattr(item, "event", item)
+            if type(ev) in _EXPORTED:
+                self.write(ev)
 
     def _admit(self, signal: str) -> bool:
         """Room in the signal's queue? (What was accepted and not yet handed to the exporter is in
         it.) Else the item is dropped here, counted: the SDK's own drop would be silent."""
-        counted = self._spans if signal == "traces" else self._logs
         with self._lock:
-            if self._accepted[signal] - counted.handed >= self.max_queue_size:
-                self._dropped[signal] += 1
-                drop = True
-            else:
-                self._accepted[signal] += 1
-                drop = False
-        if drop:
+            ok = self._admit_locked(signal)
+        if not ok:
             self._warn(f"its {signal} queue ({self.max_queue_size}) is full: the collector is slow or down")
-        return not drop
+        return ok
 
-    def _identity(self, ev: LlmCall | McpMessage, a: dict[str, Any]) -> tuple[bool, Group]:
-        """The peer and flow attributes into ``a``; whether this host accepted the flow (SERVER) and
-        the process's attributes (shared: the caller adds them)."""
+    def _admit_locked(self, signal: str) -> bool:
+        """``_admit`` for a caller holding the lock (and telling ``_warn`` on False)."""
+        counted = self._spans if signal == "traces" else self._logs
+        if self._accepted[signal] - counted.handed >= self.max_queue_size:
+            self._dropped[signal] += 1
+            return False
+        self._accepted[signal] += 1
+        return True
+
+    def _identity(self, ev: LlmCall | McpMessage, out: list[bytes]) -> tuple[bool, Any, Any]:
+        """The peer and flow attributes' bytes onto ``out``, then the process's (shared, cached);
+        whether this host accepted the flow (SERVER), and the server's address and port."""
         server = ev.direction == Direction.ACCEPT
-        if server:
-            a[N["server_address"]], a[N["server_port"]] = ev.saddr, ev.sport
-            a[N["client_address"]], a[N["client_port"]] = ev.daddr, ev.dport
-        else:
-            a[N["server_address"]] = _clean(ev.hostname) if ev.hostname else ev.daddr
-            a[N["server_port"]] = ev.dport
-        a[N["flow_id"]] = ev.flow_id
+        # The peer repeats for every call to it (a client's host and port): encoded once, bounded.
+        pkey = (ev.saddr, ev.sport, ev.daddr, ev.dport, ev.hostname) if server else (ev.hostname, ev.daddr, ev.dport)
+        peer = self._peers[server].get(pkey)
+        if peer is None:
+            peer = self._peers[server][pkey] = self._peer(ev, server)
+            if len(self._peers[server]) > 4096:
+                self._peers[server].clear()
+        addr, port, pb = peer
+        out.append(pb)
+        if ev.flow_id is not None:
+            out.append(wire.int_attr(_W_FLOW, ev.flow_id))
         # The process, agent and container attributes repeat for every call a process makes:
-        # built (and redacted) once per distinct identity, bounded.
+        # built (and redacted) and encoded once per distinct identity, bounded.
         key = (ev.pid, ev.comm, ev.uid, ev.ppid, ev.exe, ev.cmdline, ev.hostname, ev.evidence, ev.confidence,
                ev.agent, ev.agent_pid, ev.agent_evidence, ev.container_id, ev.container_runtime, ev.pod_uid)
         proc = self._procs.get(key)
         if proc is None:
-            proc = self._procs[key] = Group(self._process_attrs(ev))
+            proc = self._procs[key] = wire.attrs(self._process_attrs(ev))
             if len(self._procs) > 4096:
                 self._procs.clear()
-        return server, proc
+        out.append(proc)
+        return server, addr, port
+
+    @staticmethod
+    def _peer(ev: LlmCall | McpMessage, server: bool) -> tuple[str | None, int | None, bytes]:
+        """The server's address and port (this host's when it accepted the flow), and the peer's
+        attributes encoded."""
+        if server:
+            addr, port = ev.saddr, ev.sport
+        else:
+            addr, port = (_clean(ev.hostname) if ev.hostname else ev.daddr), ev.dport
+        out = []
+        if addr:
+            out.append(wire.str_attr(_K_ADDR, addr))
+        if port is not None:
+            out.append(wire.int_attr(_W_PORT, port))
+        if server:
+            if ev.daddr:
+                out.append(wire.str_attr(N["client_address"], ev.daddr))
+            if ev.dport is not None:
+                out.append(wire.int_attr(_W_CPORT, ev.dport))
+        return addr, port, b"".join(out)
 
     @staticmethod
     def _process_attrs(ev: LlmCall | McpMessage) -> dict[str, Any]:
@@ -570,10 +632,10 @@ class OtlpSink:
             a[N["pod_uid"]] = _clean(ev.pod_uid)
         return a
 
-    @staticmethod
-    def _call_shape(ev: LlmCall) -> tuple[Group, str, str | None, tuple[Any, ...]]:
+    def _call_shape(self, ev: LlmCall) -> tuple[bytes, dict[bool, bytes], bytes, str | None, tuple[Any, ...]]:
         """What a call shares with the other calls of its client (API, models, path, status ...):
-        the attributes (redacted), the span name, the error type, the metric attributes."""
+        the attributes (redacted, encoded), the span's name and kind (client, server), its status,
+        the error type, the metric attributes."""
         op = ev.operation or "chat"
         model = ev.request_model or ev.response_model
         a: dict[str, Any] = {N["operation"]: op}
@@ -607,7 +669,9 @@ class OtlpSink:
         if ev.price_source and ev.cost_usd is not None:  # a price source without a cost says nothing
             a[N["price_source"]] = _clean(ev.price_source)
         name = f"{op} {_clean(model)}" if model else op
-        return Group(a), name, error, (op, a.get(N["provider"]), a.get(N["request_model"]), a.get(N["response_model"]))
+        heads = {server: wire.name_kind(name, kind) for server, kind in self._kind.items()}
+        return (wire.attrs(a), heads, wire.status_flags(error is not None), error,
+                (op, a.get(N["provider"]), a.get(N["request_model"]), a.get(N["response_model"])))
 
     def _call(self, ev: LlmCall) -> None:
         key = (ev.operation, ev.provider, ev.request_model, ev.response_model, ev.finish_reason, ev.stream,
@@ -618,58 +682,66 @@ class OtlpSink:
             shape = self._shapes[key] = self._call_shape(ev)
             if len(self._shapes) > 4096:
                 self._shapes.clear()
-        base, name, error, mpart = shape
-        a: dict[str, Any] = {}  # this call's own attributes; the shape's and the process's are shared
+        shared, heads, tail, error, mpart = shape
+        # The span's attributes as protobuf bytes, in order: the shape's (cached), this call's own,
+        # the peer's and the flow's, the process's (cached). No key is in two of these.
+        parts = [shared]
+        put = parts.append
+        int_attr = wire.int_attr
         if ev.input_tokens is not None:
-            a[_K_IN] = ev.input_tokens
+            put(int_attr(_W_IN, ev.input_tokens))
         if ev.output_tokens is not None:
-            a[_K_OUT] = ev.output_tokens
+            put(int_attr(_W_OUT, ev.output_tokens))
         if ev.cache_read_tokens is not None:
-            a[_K_CACHE_R] = ev.cache_read_tokens
+            put(int_attr(_W_CACHE_R, ev.cache_read_tokens))
         if ev.cache_write_tokens is not None:
-            a[_K_CACHE_W] = ev.cache_write_tokens
+            put(int_attr(_W_CACHE_W, ev.cache_write_tokens))
         if ev.reasoning_tokens is not None:
-            a[_K_REASONING] = ev.reasoning_tokens
+            put(int_attr(_W_REASONING, ev.reasoning_tokens))
         ttfc = None
         if ev.stream and ev.time_to_first_token_ns is not None:
-            ttfc = a[_K_TTFC] = ev.time_to_first_token_ns / 1e9
+            ttfc = ev.time_to_first_token_ns / 1e9
+            put(wire.float_attr(_W_TTFC, ttfc))
         if ev.tool_calls is not None:
-            a[_K_TOOL_CALLS] = ev.tool_calls
+            put(int_attr(_W_TOOL_CALLS, ev.tool_calls))
         if ev.cost_usd is not None:
-            a[_K_COST] = ev.cost_usd
+            put(wire.float_attr(_W_COST, ev.cost_usd))
         if ev.prompt is not None:  # only when content capture is on (the event carries it)
-            a[N["input_messages"]] = json.dumps([{"role": "user", "parts": [
-                {"type": "text", "content": redact_text(ev.prompt)}]}])
+            put(wire.once_attr(_W_IN_MSG, json.dumps([{"role": "user", "parts": [
+                {"type": "text", "content": redact_text(ev.prompt)}]}])))
         if ev.completion is not None:
             out: dict[str, Any] = {"role": "assistant", "parts": [{"type": "text",
                                                                    "content": redact_text(ev.completion)}]}
             if ev.finish_reason:
                 out["finish_reason"] = redact_text(ev.finish_reason)
-            a[N["output_messages"]] = json.dumps([out])
-        server, proc = self._identity(ev, a)
-        own, a = a, SpanAttrs(base)
-        a.update(own)
-        a.update(proc)
-        # the encoder writes the shared parts from their cached bytes (no key may be in two parts)
-        a.parts = (base, own, proc) if len(a) == len(base) + len(own) + len(proc) else None
+            put(wire.once_attr(_W_OUT_MSG, json.dumps([out])))
+        if ev.response_id:
+            put(wire.once_attr(_W_RESPONSE_ID, redact_id(ev.response_id)))
+        server, addr, port = self._identity(ev, parts)
         end = int(ev.wall_time * 1e9)
         start = end - (ev.duration_ns or 0)
         # Metrics: every call counts, queue or no queue (an aggregate costs no queue slot).
-        m = (*mpart, a[_K_ADDR], a[_K_PORT], error)
+        m = (*mpart, addr, port, error)
         with self._lock:
+            refs = self._series_of(m)
             if ev.duration_ns is not None:
-                self._observe("gen_ai.client.operation.duration", m, ev.duration_ns / 1e9)
+                _hadd(refs[0] or _put(refs, 0, self._hist_of(_M_DUR, m)), _SECONDS_BUCKETS, ev.duration_ns / 1e9)
             if ttfc is not None:
-                self._observe("gen_ai.client.operation.time_to_first_chunk", m, ttfc)
+                _hadd(refs[1] or _put(refs, 1, self._hist_of(_M_TTFC, m)), _SECONDS_BUCKETS, ttfc)
             if ev.input_tokens is not None:
-                self._observe("gen_ai.client.token.usage", (*m, "input"), ev.input_tokens)
+                _hadd(refs[2] or _put(refs, 2, self._hist_of(_M_TOKENS, (*m, "input"))), _TOKEN_BUCKETS,
+                      ev.input_tokens)
             if ev.output_tokens is not None:
-                self._observe("gen_ai.client.token.usage", (*m, "output"), ev.output_tokens)
+                _hadd(refs[3] or _put(refs, 3, self._hist_of(_M_TOKENS, (*m, "output"))), _TOKEN_BUCKETS,
+                      ev.output_tokens)
             if ev.cost_usd is not None:
-                self._add("busted.gen_ai.client.cost", m, ev.cost_usd)
-        if not self._admit("traces"):
+                key = refs[4] or _put(refs, 4, self._sum_of(_M_COST, m))
+                self._sums[key] += ev.cost_usd
+            admitted = self._admit_locked("traces")
+        if not admitted:
+            self._warn(f"its traces queue ({self.max_queue_size}) is full: the collector is slow or down")
             return
-        self._emit_span(name, server, a, start, end, error is not None)
+        self._span_proc.on_end(wire.WireSpan(wire.span(heads[server], start, end, parts, tail), self._head))
 
     def _mcp_message(self, ev: McpMessage) -> None:
         is_request = ev.jsonrpc_method is not None and not ev.is_notification and ev.jsonrpc_id is not None
@@ -700,27 +772,32 @@ class OtlpSink:
         if code is not None:
             a[N["rpc_status"]] = str(code)
             a[N["error_type"]] = str(code)
-        server, proc = self._identity(req, a)
-        a.update(proc)
+        parts = [wire.attrs(a)]
+        server, _, _ = self._identity(req, parts)
         name = f"{_clean(method)} {_clean(req.tool)}" if method and req.tool else (_clean(method) if method else
                                                                                      "mcp response")
         start = int(req.wall_time * 1e9)
         end = int(resp.wall_time * 1e9) if resp is not None else start
-        self._emit_span(name, server, a, start, max(start, end), code is not None)
-
-    def _emit_span(self, name: str, server: bool, attrs: dict[str, Any], start: int, end: int, error: bool) -> None:
-        sdk = self._sdk
-        ctx = sdk["SpanContext"](self._ids.generate_trace_id(), self._ids.generate_span_id(), is_remote=False,
-                                 trace_flags=self._flags)
-        span = sdk["ReadableSpan"](name, context=ctx, resource=self._resource_obj, attributes=attrs,
-                                   kind=self._kind[server], status=self._error_status if error else self._unset_status,
-                                   start_time=start, end_time=end, instrumentation_scope=self._scope)
-        self._span_proc.on_end(span)
+        head = wire.name_kind(name, self._kind[server])
+        self._span_proc.on_end(wire.WireSpan(wire.span(head, start, max(start, end), parts,
+                                                       wire.status_flags(code is not None)), self._head))
 
     # -- metrics ------------------------------------------------------------------------------
 
-    def _observe(self, name: str, m: tuple[Any, ...], v: float) -> None:
-        """One measurement into a histogram series. Caller holds the lock."""
+    def _series_of(self, m: tuple[Any, ...]) -> list[Any]:
+        """The series a call with metric attributes ``m`` goes to, found once per distinct ``m``
+        (bounded): [duration, time to first chunk, input tokens, output tokens] histograms and the
+        cost counter's key, each None until first used. Caller holds the lock."""
+        refs = self._series_by_m.get(m)
+        if refs is None:
+            if len(self._series_by_m) >= 4096:
+                self._series_by_m.clear()
+            refs = self._series_by_m[m] = [None, None, None, None, None]
+        return refs
+
+    def _hist_of(self, name: str, m: tuple[Any, ...]) -> list[Any]:
+        """A histogram series, made on first use ([count, sum, min, max, buckets]); past the
+        cardinality limit, the overflow series. Caller holds the lock."""
         h = self._hist.get((name, m))
         if h is None:
             if self._series[name] >= _MAX_SERIES:
@@ -728,23 +805,19 @@ class OtlpSink:
                 h = self._hist.get((name, m))
             if h is None:
                 self._series[name] += 1
-                h = self._hist[(name, m)] = [0, 0.0, v, v, [0] * (len(METRICS[name][2] or ()) + 1)]
-        h[0] += 1
-        h[1] += v
-        if v < h[2]:
-            h[2] = v
-        if v > h[3]:
-            h[3] = v
-        h[4][bisect.bisect_left(METRICS[name][2] or (), v)] += 1
+                h = self._hist[(name, m)] = [0, 0.0, math.inf, -math.inf, [0] * (len(METRICS[name][2] or ()) + 1)]
+        return h
 
-    def _add(self, name: str, m: tuple[Any, ...], v: float) -> None:
-        """Add to a counter series. Caller holds the lock."""
+    def _sum_of(self, name: str, m: tuple[Any, ...]) -> tuple[str, tuple[Any, ...]]:
+        """A counter series' key in ``_sums``, made on first use; past the limit, the overflow
+        series'. Caller holds the lock."""
         key = (name, m)
         if key not in self._sums and self._series[name] >= _MAX_SERIES:
             key = (name, _OVERFLOW)
         if key not in self._sums:
             self._series[name] += 1
-        self._sums[key] = self._sums.get(key, 0.0) + v
+            self._sums[key] = 0.0
+        return key
 
     def _metrics_data(self) -> Any:
         """The cumulative readings so far, in the SDK's data model (what its exporters encode)."""
@@ -819,7 +892,7 @@ class OtlpSink:
             if ev.dport is not None:
                 a[N["server_port"]] = ev.dport
         if ev.matched:
-            a["busted.policy.matched"] = [_clean(f"{k}={v}") for k, v in ev.matched]
+            a["busted.policy.rules.matched"] = [_clean(f"{k}={v}") for k, v in ev.matched]
         sev = "WARN" if ev.action == "deny" else "INFO"
         body = f"policy {ev.action}{' (enforced)' if ev.enforced else ''} by rule {ev.rule} at {ev.point}"
         self._emit_log(ev, body, sev, a, "busted.policy_decision")

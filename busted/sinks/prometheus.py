@@ -30,8 +30,8 @@ from busted.events import (
     McpMessage,
     PolicyDecision,
 )
-from busted.flowview import FlowView
 from busted.redact import redact_text
+from busted.sinks.flowview import FlowView
 
 if TYPE_CHECKING:
     from busted.classify.providers import Catalog

@@ -20,6 +20,9 @@ batch is kept and retried (backing off to every 2 s: space may come back) and ``
 at once; at most ``queue_size`` events wait in memory, newer ones are dropped, counted and recorded
 as an ``EventsLost`` row once writing works again. ``close()`` reports the truth (``report()``:
 written, lost) and raises ``StoreError`` if events remain unwritten (``pending()`` hands them back).
+
+This module opens, locks, writes and trims; the schema and its migrations are in ``store_schema``,
+how an event becomes rows in ``store_rows``, the queries in ``store_query``.
 """
 
 from __future__ import annotations
@@ -27,7 +30,6 @@ from __future__ import annotations
 import collections
 import contextlib
 import fcntl
-import json
 import os
 import re
 import sqlite3
@@ -35,31 +37,34 @@ import stat
 import threading
 import time
 import urllib.parse
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any
 
 from busted._safe import dir_problem, file_problem, open_private
 from busted.errors import StoreError, UsageError
 from busted.events import (
-    DnsAnswer,
     Event,
     EventsLost,
-    FlowClassified,
-    FlowClosed,
-    FlowOpened,
-    FlowSummary,
-    LlmCall,
     LossPlace,
-    McpMessage,
-    TlsClientHello,
 )
-from busted.flowview import FlowState, FlowView
-from busted.sinks._codec import Encoded, dumps, event_from_dict, redact
+from busted.sinks._codec import Encoded, dumps, redact
+from busted.sinks.flowview import FlowView
+from busted.sinks.store_query import StoreQueries
+from busted.sinks.store_rows import (
+    _SQL_EVENT,
+    _SQL_FLOW,
+    _TABLES_WITH_TS,
+    _backfill,
+    _flow_rows,
+    _FlowRow,
+    _Row,
+    _row,
+    _typed,
+)
+from busted.sinks.store_schema import _MIGRATIONS, _SCHEMA, SCHEMA_VERSION, _one, _run_migration, _used_bytes
 
 __all__ = ["DEFAULT_MAX_BYTES", "DEFAULT_RETENTION_SECONDS", "SCHEMA_VERSION", "Store", "parse_age", "parse_size"]
-
-SCHEMA_VERSION = 7
 
 # Retention `busted monitor --store` applies unless told otherwise (--retention-age/--retention-size):
 # a week of history, and at most 1 GiB of data (about 11 minutes at the 1.6 MB/s measured with 500
@@ -93,338 +98,6 @@ def parse_size(text: str) -> int | None:
     n = _parse_amount(text, _SIZE_UNITS, "(?:i?b)?", "size", "1GiB, 500MiB, 64k, a byte count, or off")
     return None if n is None else int(n)
 
-# The flow identity as the call and MCP tables store it (one list, so the two cannot drift apart).
-_IDENTITY_DDL = """flow_id INTEGER, direction TEXT, pid INTEGER, tid INTEGER, uid INTEGER, comm TEXT, ppid INTEGER,
-    exe TEXT, cmdline TEXT, cgroup_id INTEGER, netns INTEGER, family INTEGER, saddr TEXT, sport INTEGER,
-    daddr TEXT, dport INTEGER, preexisting INTEGER, hostname TEXT, provider TEXT, evidence TEXT,
-    confidence REAL, ancestry TEXT, agent TEXT, agent_pid INTEGER, agent_evidence TEXT, container_id TEXT,
-    container_runtime TEXT, pod_uid TEXT, pod_qos TEXT, proc_start_time REAL"""
-
-# The newest schema. A new store gets it whole; an older one is first brought here by _MIGRATIONS.
-_SCHEMA = """
-CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
-CREATE TABLE IF NOT EXISTS events (
-    id INTEGER PRIMARY KEY, ts REAL NOT NULL, kind TEXT NOT NULL, flow_id INTEGER, pid INTEGER,
-    comm TEXT, provider TEXT, json TEXT NOT NULL);
-CREATE INDEX IF NOT EXISTS events_ts ON events(ts);
-CREATE INDEX IF NOT EXISTS events_kind ON events(kind, ts);
-CREATE INDEX IF NOT EXISTS events_flow ON events(flow_id);
-CREATE TABLE IF NOT EXISTS flows (
-    flow_id INTEGER PRIMARY KEY, opened REAL, closed REAL, direction TEXT, pid INTEGER, tid INTEGER,
-    uid INTEGER, ppid INTEGER, comm TEXT, exe TEXT, cmdline TEXT, cgroup_id INTEGER, netns INTEGER,
-    family INTEGER, saddr TEXT, sport INTEGER, daddr TEXT, dport INTEGER, preexisting INTEGER,
-    hostname TEXT, provider TEXT, evidence TEXT, confidence REAL,
-    bytes_sent INTEGER, bytes_received INTEGER, duration_ns INTEGER,
-    ancestry TEXT, agent TEXT, agent_pid INTEGER, agent_evidence TEXT, container_id TEXT,
-    container_runtime TEXT, pod_uid TEXT, pod_qos TEXT, proc_start_time REAL);
-CREATE INDEX IF NOT EXISTS flows_opened ON flows(opened);
-CREATE INDEX IF NOT EXISTS flows_provider ON flows(provider, opened);
-CREATE INDEX IF NOT EXISTS flows_last ON flows(coalesce(closed, opened));
-CREATE TABLE IF NOT EXISTS dns_answers (
-    id INTEGER PRIMARY KEY, ts REAL NOT NULL, pid INTEGER, comm TEXT, netns INTEGER, transport TEXT,
-    server TEXT, qname TEXT, qtype TEXT, rcode TEXT, answers TEXT, cname_chain TEXT);
-CREATE INDEX IF NOT EXISTS dns_ts ON dns_answers(ts);
-CREATE TABLE IF NOT EXISTS tls_hellos (
-    id INTEGER PRIMARY KEY, ts REAL NOT NULL, flow_id INTEGER, pid INTEGER, comm TEXT, daddr TEXT,
-    dport INTEGER, sni TEXT, alpn TEXT, versions TEXT, ja4 TEXT, saddr TEXT, sport INTEGER);
-CREATE INDEX IF NOT EXISTS tls_ts ON tls_hellos(ts);
-CREATE TABLE IF NOT EXISTS losses (
-    id INTEGER PRIMARY KEY, ts REAL NOT NULL, place TEXT, count INTEGER, detail TEXT);
-CREATE INDEX IF NOT EXISTS losses_ts ON losses(ts);
-CREATE TABLE IF NOT EXISTS llm_calls (
-    id INTEGER PRIMARY KEY, ts REAL NOT NULL, ts_ns INTEGER,
-    {identity},
-    api TEXT, operation TEXT, method TEXT, path TEXT, http_version TEXT, stream_id INTEGER,
-    request_model TEXT, response_model TEXT, stream INTEGER, status INTEGER, error_type TEXT,
-    input_tokens INTEGER, output_tokens INTEGER, cache_read_tokens INTEGER, cache_write_tokens INTEGER,
-    reasoning_tokens INTEGER, total_tokens INTEGER, finish_reason TEXT, tool_calls INTEGER,
-    request_bytes INTEGER, response_bytes INTEGER, time_to_first_token_ns INTEGER, duration_ns INTEGER,
-    user_agent TEXT, complete INTEGER, cost_usd REAL, price_source TEXT, prompt TEXT, completion TEXT,
-    ttft_source TEXT);
-CREATE INDEX IF NOT EXISTS llm_ts ON llm_calls(ts);
-CREATE INDEX IF NOT EXISTS llm_provider ON llm_calls(provider, ts);
-CREATE INDEX IF NOT EXISTS llm_model ON llm_calls(request_model, ts);
-CREATE INDEX IF NOT EXISTS llm_pid ON llm_calls(pid, ts);
-CREATE INDEX IF NOT EXISTS llm_flow ON llm_calls(flow_id);
-CREATE TABLE IF NOT EXISTS mcp_messages (
-    id INTEGER PRIMARY KEY, ts REAL NOT NULL, ts_ns INTEGER,
-    {identity},
-    direction_sent INTEGER, jsonrpc_method TEXT, jsonrpc_id TEXT, session_id TEXT, tool TEXT,
-    error_code INTEGER, is_notification INTEGER);
-CREATE INDEX IF NOT EXISTS mcp_ts ON mcp_messages(ts);
-CREATE INDEX IF NOT EXISTS mcp_method ON mcp_messages(jsonrpc_method, ts);
-CREATE INDEX IF NOT EXISTS mcp_provider ON mcp_messages(provider, ts);
-CREATE INDEX IF NOT EXISTS mcp_pid ON mcp_messages(pid, ts);
-CREATE INDEX IF NOT EXISTS mcp_flow ON mcp_messages(flow_id);
-CREATE TABLE IF NOT EXISTS flow_summaries (
-    id INTEGER PRIMARY KEY, ts REAL NOT NULL, ts_ns INTEGER, pid INTEGER, uid INTEGER, comm TEXT, exe TEXT,
-    cgroup_id INTEGER, direction TEXT, family INTEGER, peer TEXT, port INTEGER, count INTEGER,
-    bytes_sent INTEGER, bytes_received INTEGER, start_ns INTEGER, end_ns INTEGER, start_time REAL,
-    end_time REAL);
-CREATE INDEX IF NOT EXISTS summaries_ts ON flow_summaries(ts);
-CREATE INDEX IF NOT EXISTS summaries_peer ON flow_summaries(peer, port, ts);
-CREATE INDEX IF NOT EXISTS summaries_pid ON flow_summaries(pid, ts);
-""".replace("{identity}", _IDENTITY_DDL)
-
-# from_version -> statements that bring a store of that version to from_version + 1.
-# (Indexes and new tables come from _SCHEMA, which runs after the migrations.)
-_MIGRATIONS: dict[int, list[str]] = {
-    1: [
-        "ALTER TABLE tls_hellos ADD COLUMN saddr TEXT",
-        "ALTER TABLE tls_hellos ADD COLUMN sport INTEGER",
-    ],
-    # v1/v2 had placeholder tables for LLM calls and policy decisions, events that do not exist
-    # yet; whatever was spread into them is also in `events` (as JSON), so nothing is lost.
-    2: [
-        "DROP TABLE IF EXISTS llm_calls",
-        "DROP TABLE IF EXISTS policy_decisions",
-    ],
-    # v4 adds llm_calls and mcp_messages (from _SCHEMA); rows for the calls and messages already
-    # in `events` are spread into them after the migrations (_backfill), so nothing is lost.
-    # ... and the flows table gains who is behind each flow (process lineage, agent, container).
-    3: [f"ALTER TABLE flows ADD COLUMN {c}" for c in (
-        "ancestry TEXT", "agent TEXT", "agent_pid INTEGER", "agent_evidence TEXT", "container_id TEXT",
-        "container_runtime TEXT", "pod_uid TEXT")],
-    # v5: the pod's QoS class and the process's start time, on every table with the flow identity.
-    # A v3 store has no llm_calls/mcp_messages yet: _SCHEMA creates them whole (_run_migration).
-    4: [f"ALTER TABLE {t} ADD COLUMN {c}" for t in ("flows", "llm_calls", "mcp_messages")
-        for c in ("pod_qos TEXT", "proc_start_time REAL")],
-    # v6 adds flow_summaries (from _SCHEMA): busy-host mode's FlowSummary events.
-    5: [],
-    # v7: what each call's time to first token ends at ("socket" or "read"; NULL in older rows).
-    6: ["ALTER TABLE llm_calls ADD COLUMN ttft_source TEXT"],
-}
-_ALTER = re.compile(r"ALTER TABLE (\w+) ADD COLUMN")
-
-
-def _run_migration(db: sqlite3.Connection, stmt: str) -> None:
-    """One migration statement; a column added to a table this store does not have yet is skipped
-    (_SCHEMA, which runs after the migrations, creates that table with every column)."""
-    m = _ALTER.match(stmt)
-    if m and not _one(db, "SELECT count(*) FROM sqlite_master WHERE type='table' AND name=?", m[1]):
-        return
-    db.execute(stmt)
-
-_FLOW_COLS = ("flow_id", "opened", "closed", "direction", "pid", "tid", "uid", "ppid", "comm", "exe",
-              "cmdline", "cgroup_id", "netns", "family", "saddr", "sport", "daddr", "dport", "preexisting",
-              "hostname", "provider", "evidence", "confidence", "bytes_sent", "bytes_received", "duration_ns",
-              "ancestry", "agent", "agent_pid", "agent_evidence", "container_id", "container_runtime", "pod_uid",
-              "pod_qos", "proc_start_time")
-_CLASS_COLS = ("hostname", "provider", "evidence", "confidence")
-_IDENT_COLS = ("flow_id", "direction", "pid", "tid", "uid", "comm", "ppid", "exe", "cmdline", "cgroup_id", "netns",
-               "family", "saddr", "sport", "daddr", "dport", "preexisting", "hostname", "provider", "evidence",
-               "confidence", "ancestry", "agent", "agent_pid", "agent_evidence", "container_id", "container_runtime",
-               "pod_uid", "pod_qos", "proc_start_time")
-# Every field of the event (a unit test pins them to the dataclasses), after ts (= wall_time) and ts_ns.
-_CALL_COLS = ("ts", "ts_ns", *_IDENT_COLS, "api", "operation", "method", "path", "http_version", "stream_id",
-              "request_model", "response_model", "stream", "status", "error_type", "input_tokens",
-              "output_tokens", "cache_read_tokens", "cache_write_tokens", "reasoning_tokens", "total_tokens",
-              "finish_reason", "tool_calls", "request_bytes", "response_bytes", "time_to_first_token_ns",
-              "duration_ns", "user_agent", "complete", "cost_usd", "price_source", "prompt", "completion",
-              "ttft_source")
-_MCP_COLS = ("ts", "ts_ns", *_IDENT_COLS, "direction_sent", "jsonrpc_method", "jsonrpc_id", "session_id", "tool",
-             "error_code", "is_notification")
-# Every FlowSummary field after ts (= wall_time) and ts_ns.
-_SUMMARY_COLS = ("ts", "ts_ns", "pid", "uid", "comm", "exe", "cgroup_id", "direction", "family", "peer", "port",
-                 "count", "bytes_sent", "bytes_received", "start_ns", "end_ns", "start_time", "end_time")
-_BOOL_COLS = frozenset({"preexisting", "stream", "complete", "direction_sent", "is_notification"})
-_CLOSE_COLS = ("closed", "bytes_sent", "bytes_received", "duration_ns")
-
-
-def _keep_if_null(c: str) -> str:
-    return f"{c}=coalesce(excluded.{c}, flows.{c})"
-
-
-# One upsert for every flow change (the row is FlowView's state): identity from the latest event;
-# a classification only when the event carries one; an opened time already known wins (it may
-# come from FlowOpened while the state only derived it from the duration); close facts never
-# go back to NULL (a FlowOpened replayed after its close keeps them).
-_SQL_FLOW = (f"INSERT INTO flows({', '.join(_FLOW_COLS)}) VALUES ({', '.join('?' * len(_FLOW_COLS))}) "
-             "ON CONFLICT(flow_id) DO UPDATE SET " + ", ".join(
-                 [f"{c}=excluded.{c}" for c in _FLOW_COLS
-                  if c not in ("flow_id", "opened", *_CLASS_COLS, *_CLOSE_COLS)]
-                 + [f"{c}=CASE WHEN excluded.provider IS NULL AND excluded.hostname IS NULL THEN flows.{c} "
-                    f"ELSE excluded.{c} END" for c in _CLASS_COLS]
-                 + ["opened=coalesce(flows.opened, excluded.opened)"]
-                 + [_keep_if_null(c) for c in _CLOSE_COLS]))
-_I_OPENED = _FLOW_COLS.index("opened")
-_I_CLASS = tuple(_FLOW_COLS.index(c) for c in _CLASS_COLS)
-_I_HOST, _I_PROVIDER = _FLOW_COLS.index("hostname"), _FLOW_COLS.index("provider")
-_I_CLOSE = tuple(_FLOW_COLS.index(c) for c in _CLOSE_COLS)
-
-
-def _merge_flow_rows(a: tuple[Any, ...], b: tuple[Any, ...]) -> tuple[Any, ...]:
-    """One flows row that upserts as ``a`` then ``b`` would (the rules of _SQL_FLOW, applied to
-    ``a`` as the stored row): identity from ``b``; the classification of ``b`` if it has one, else
-    ``a``'s; the first known opened time; close facts of ``b``, else ``a``'s."""
-    m = list(b)
-    if b[_I_PROVIDER] is None and b[_I_HOST] is None:
-        for i in _I_CLASS:
-            m[i] = a[i]
-    if a[_I_OPENED] is not None:
-        m[_I_OPENED] = a[_I_OPENED]
-    for i in _I_CLOSE:
-        if m[i] is None:
-            m[i] = a[i]
-    return tuple(m)
-
-
-_SQL_EVENT = "INSERT INTO events(ts, kind, flow_id, pid, comm, provider, json) VALUES (?,?,?,?,?,?,?)"
-_SQL_DNS = ("INSERT INTO dns_answers(ts, pid, comm, netns, transport, server, qname, qtype, rcode, answers,"
-            " cname_chain) VALUES (?,?,?,?,?,?,?,?,?,?,?)")
-_SQL_TLS = ("INSERT INTO tls_hellos(ts, flow_id, pid, comm, saddr, sport, daddr, dport, sni, alpn, versions,"
-            " ja4) VALUES (?,?,?,?,?,?,?,?,?,?,?,?)")
-_SQL_LOSS = "INSERT INTO losses(ts, place, count, detail) VALUES (?,?,?,?)"
-_SQL_CALL = f"INSERT INTO llm_calls({', '.join(_CALL_COLS)}) VALUES ({', '.join('?' * len(_CALL_COLS))})"
-_SQL_MCP = f"INSERT INTO mcp_messages({', '.join(_MCP_COLS)}) VALUES ({', '.join('?' * len(_MCP_COLS))})"
-_SQL_SUMMARY = (f"INSERT INTO flow_summaries({', '.join(_SUMMARY_COLS)}) "
-                f"VALUES ({', '.join('?' * len(_SUMMARY_COLS))})")
-# table -> the expression retention compares with a cutoff
-_TABLES_WITH_TS = {"events": "ts", "dns_answers": "ts", "tls_hellos": "ts", "losses": "ts",
-                   "llm_calls": "ts", "mcp_messages": "ts", "flow_summaries": "ts",
-                   "flows": "coalesce(closed, opened)"}
-_INT64 = (-(2**63), 2**63 - 1)
-
-
-def _sql(v: Any) -> Any:
-    """A value SQLite takes as is: bools as 0/1, ints beyond int64 as REAL (what an INTEGER column
-    makes of them anyway; the exact value stays in ``events.json``), lists/dicts as JSON,
-    strings that are not valid UTF-8 (lone surrogates) escaped."""
-    if v is None or isinstance(v, float):
-        return v
-    if isinstance(v, str):
-        if not v.isascii():
-            try:
-                v.encode("utf-8")
-            except UnicodeEncodeError:
-                return v.encode("utf-8", "backslashreplace").decode("utf-8")
-        return v
-    if isinstance(v, bool):
-        return int(v)
-    if isinstance(v, int):
-        return v if _INT64[0] <= v <= _INT64[1] else float(v)
-    if isinstance(v, list | tuple | dict):
-        return _LIST_JSON.encode(v)
-    return str(v)
-
-
-_LIST_JSON = json.JSONEncoder(default=str)  # = json.dumps(v, default=str), built once
-_INT64_LO, _INT64_HI = _INT64
-
-
-def _row(*values: Any) -> tuple[Any, ...]:
-    out = []
-    for v in values:  # _sql(v), with the common cases inline: this runs for every column written
-        t = type(v)
-        if v is None or t is float or t is str and v.isascii():
-            out.append(v)
-        elif t is int and _INT64_LO <= v <= _INT64_HI:
-            out.append(v)
-        else:
-            out.append(_sql(v))
-    return tuple(out)
-
-
-def _flow_row(st: FlowState, ev: Event, d: dict[str, Any]) -> tuple[Any, ...]:
-    # d is redact(ev.to_dict()): the state's flow is usually the event itself (else a copy of it
-    # with the known classification merged in, encoded here).
-    d = {**(d if st.flow is ev else redact(st.flow.to_dict())), "opened": st.opened, "closed": st.closed,
-         "bytes_sent": st.bytes_sent, "bytes_received": st.bytes_received, "duration_ns": st.duration_ns}
-    return _row(*(d.get(c) for c in _FLOW_COLS))
-
-
-def _spread(d: dict[str, Any]) -> tuple[str, tuple[Any, ...]] | None:
-    """The llm_calls / mcp_messages row of a (redacted) ``to_dict()`` of an LlmCall or McpMessage."""
-    d = {**d, "ts": d.get("wall_time")}
-    if d.get("kind") == LlmCall.kind:
-        return _SQL_CALL, _row(*(d.get(c) for c in _CALL_COLS))
-    if d.get("kind") == McpMessage.kind:
-        return _SQL_MCP, _row(*(d.get(c) for c in _MCP_COLS))
-    return None
-
-
-def _backfill(db: sqlite3.Connection) -> None:
-    """Spread the calls and messages an older store kept only in ``events`` into their tables."""
-    cur = db.execute("SELECT json FROM events WHERE kind IN (?, ?) ORDER BY id", (LlmCall.kind, McpMessage.kind))
-    for (js,) in cur.fetchall():
-        try:
-            typed = _spread(redact(json.loads(js)))
-        except (ValueError, TypeError):
-            continue  # unreadable JSON stays where it is, in `events`
-        if typed is not None:
-            db.execute(*typed)
-
-
-def _typed(ev: Event, d: dict[str, Any], flows: FlowView) -> tuple[str, tuple[Any, ...]] | None:
-    """The typed-table statement for one event (None: it lives only in ``events``)."""
-    ts = ev.wall_time
-    if isinstance(ev, FlowOpened | FlowClassified | FlowClosed):
-        change = flows.update(ev)
-        return None if change is None else (_SQL_FLOW, _FlowRow(change.after, ev, d, change.before is not None))
-    if isinstance(ev, DnsAnswer):
-        return _SQL_DNS, _row(ts, ev.pid, ev.comm, ev.netns, ev.transport, ev.server, ev.qname, ev.qtype,
-                              ev.rcode, d["answers"], d["cname_chain"])
-    if isinstance(ev, TlsClientHello):
-        return _SQL_TLS, _row(ts, ev.flow_id, ev.pid, ev.comm, ev.saddr, ev.sport, ev.daddr, ev.dport, ev.sni,
-                              d["alpn"], d["versions"], ev.ja4)
-    if isinstance(ev, EventsLost):
-        return _SQL_LOSS, _row(ts, d["where"], ev.count, ev.detail)
-    if isinstance(ev, LlmCall | McpMessage):
-        return _spread(d)
-    if isinstance(ev, FlowSummary):
-        d = {**d, "ts": ts}
-        return _SQL_SUMMARY, _row(*(d.get(c) for c in _SUMMARY_COLS))
-    return None  # any other kind (including future ones): kept in `events`
-
-
-class _FlowRow(NamedTuple):
-    """A flows row not built yet: a batch writes one row per flow, built from its last state
-    (``_flow_rows``). ``chained``: FlowView knew the flow before this event."""
-
-    state: FlowState
-    event: Event
-    data: dict[str, Any]
-    chained: bool
-
-    def build(self) -> tuple[Any, ...]:
-        return _flow_row(self.state, self.event, self.data)
-
-
-def _flow_rows(changes: list[_FlowRow]) -> tuple[Any, ...]:
-    """The one flows row that upserts as ``changes`` (one flow's, in order) would, one by one.
-    When FlowView carried the flow from each change to the next, the last state holds everything
-    the earlier rows would have written (classification merged, opened time kept, close facts
-    only at the end): build that one. Otherwise (the flow was forgotten in between: a replayed
-    open after its close, an eviction) build them all and merge them as the upsert does."""
-    if all(c.chained for c in changes[1:]):
-        return changes[-1].build()
-    row = changes[0].build()
-    for c in changes[1:]:
-        row = _merge_flow_rows(row, c.build())
-    return row
-
-
-class _Row(NamedTuple):
-    """One encoded event: its ``events`` row, its typed-table statement, and for the store's own
-    loss record (``src`` None) the number of drops it records."""
-
-    src: Event | None
-    event: tuple[Any, ...]
-    typed: tuple[str, tuple[Any, ...]] | None
-    lost: int
-
-
-def _one(db: sqlite3.Connection, sql: str, *args: Any) -> Any:
-    """The first column of the first row, with the statement run to its end (a half-read statement
-    keeps a read transaction open on the connection)."""
-    rows = db.execute(sql, args).fetchall()
-    return rows[0][0] if rows else None
-
-
-def _used_bytes(db: sqlite3.Connection) -> int:
-    """Bytes of the database that hold data (pages in use, not free pages)."""
-    return (_one(db, "PRAGMA page_count") - _one(db, "PRAGMA freelist_count")) * _one(db, "PRAGMA page_size")
-
 
 def _read_problem(st: os.stat_result) -> str | None:
     """Why a store file (``lstat``) must not be read by this user, or None: the output-file rules
@@ -436,7 +109,7 @@ def _read_problem(st: os.stat_result) -> str | None:
     return file_problem(st)
 
 
-class Store:
+class Store(StoreQueries):
     """SQLite event store; see the module docstring.
 
     ``write`` is thread-safe and never blocks on the database; one writer thread commits batches
@@ -1146,149 +819,3 @@ class Store:
             failing = None if self._failing_since is None else time.monotonic() - self._failing_since
             return {**self._stats, "queued": len(self._q) + self._inflight, "failing": failing,
                     "last_error": self.last_error}
-
-    # -- reading -----------------------------------------------------------------------------
-
-    @staticmethod
-    def _where(*, since: float | None = None, until: float | None = None, pid: int | None = None,
-               comm: str | None = None, provider: str | None = None, ts: str = "ts",
-               provider_via_flows: bool = False) -> tuple[str, list[Any]]:
-        clauses: list[str] = []
-        args: list[Any] = []
-        for cond, val in ((f"{ts} >= ?", since), (f"{ts} <= ?", until), ("pid = ?", pid), ("comm = ?", comm)):
-            if val is not None:
-                clauses.append(cond)
-                args.append(val)
-        if provider is not None:
-            if provider_via_flows:  # events of a flow that was (later) tied to the provider count too
-                clauses.append("(provider = ? OR flow_id IN (SELECT flow_id FROM flows WHERE provider = ?))")
-                args += [provider, provider]
-            else:
-                clauses.append("provider = ?")
-                args.append(provider)
-        return (" WHERE " + " AND ".join(clauses)) if clauses else "", args
-
-    def events(self, kinds: Iterable[str] | str | None = None, since: float | None = None,
-               until: float | None = None, pid: int | None = None, comm: str | None = None,
-               provider: str | None = None, *, raw: bool = False) -> Iterator[Any]:
-        """The stored events, in write order, rebuilt as the original objects (``raw=True``: the
-        stored dicts, including kinds this version has no class for, which are otherwise skipped).
-        ``provider`` also matches events of flows classified as that provider (e.g. their TLS hello)."""
-        where, args = self._where(since=since, until=until, pid=pid, comm=comm, provider=provider,
-                                  provider_via_flows=True)
-        if kinds is not None:
-            ks = [kinds] if isinstance(kinds, str) else list(kinds)
-            where += (" AND " if where else " WHERE ") + f"kind IN ({','.join('?' * len(ks))})"
-            args += ks
-        with self._reader() as db:
-            try:
-                for (js,) in db.execute(f"SELECT json FROM events{where} ORDER BY id", args):
-                    d = json.loads(js)
-                    if raw:
-                        yield d
-                        continue
-                    try:
-                        yield event_from_dict(d)
-                    except ValueError:
-                        continue  # a kind this version does not know: use raw=True to see it
-            except sqlite3.Error as exc:
-                raise self._error(exc, "reading events") from exc
-
-    def flows(self, since: float | None = None, until: float | None = None, pid: int | None = None,
-              comm: str | None = None, provider: str | None = None) -> list[dict[str, Any]]:
-        """One dict per flow (columns of the ``flows`` table), by open time; ``since``/``until``
-        compare the open time (the close time for flows whose start is unknown)."""
-        where, args = self._where(since=since, until=until, pid=pid, comm=comm, provider=provider,
-                                  ts="coalesce(opened, closed)")
-        with self._reader() as db:
-            try:
-                cur = db.execute(f"SELECT * FROM flows{where} ORDER BY coalesce(opened, closed), flow_id",
-                                 args)
-                names = [c[0] for c in cur.description]
-                rows = cur.fetchall()
-            except sqlite3.Error as exc:
-                raise self._error(exc, "reading flows") from exc
-        out = []
-        for row in rows:
-            d = dict(zip(names, row, strict=True))
-            d["cmdline"] = json.loads(d["cmdline"]) if d["cmdline"] else None
-            d["preexisting"] = bool(d["preexisting"])
-            out.append(d)
-        return out
-
-    def calls(self, since: float | None = None, until: float | None = None, pid: int | None = None,
-              comm: str | None = None, provider: str | None = None,
-              model: str | None = None) -> list[dict[str, Any]]:
-        """One dict per LLM call (the ``llm_calls`` columns: ``ts`` = ``wall_time``, then every
-        ``LlmCall`` field), oldest first. ``model`` matches the request or the response model."""
-        extra = ("(request_model = ? OR response_model = ?)", [model, model]) if model is not None else None
-        return self._typed_rows("llm_calls", extra, since=since, until=until, pid=pid, comm=comm,
-                                provider=provider)
-
-    def mcp_messages(self, since: float | None = None, until: float | None = None, pid: int | None = None,
-                     comm: str | None = None, method: str | None = None) -> list[dict[str, Any]]:
-        """One dict per MCP message (the ``mcp_messages`` columns), oldest first; ``method``
-        matches ``jsonrpc_method``."""
-        extra = ("jsonrpc_method = ?", [method]) if method is not None else None
-        return self._typed_rows("mcp_messages", extra, since=since, until=until, pid=pid, comm=comm)
-
-    def summaries(self, since: float | None = None, until: float | None = None, pid: int | None = None,
-                  comm: str | None = None) -> list[dict[str, Any]]:
-        """One dict per FlowSummary (busy-host mode; the ``flow_summaries`` columns), oldest first."""
-        return self._typed_rows("flow_summaries", None, since=since, until=until, pid=pid, comm=comm)
-
-    def _typed_rows(self, table: str, extra: tuple[str, list[Any]] | None, **filters: Any) -> list[dict[str, Any]]:
-        where, args = self._where(**filters)
-        if extra is not None:
-            where += (" AND " if where else " WHERE ") + extra[0]
-            args += extra[1]
-        with self._reader() as db:
-            try:
-                cur = db.execute(f"SELECT * FROM {table}{where} ORDER BY ts, id", args)
-                names = [c[0] for c in cur.description]
-                rows = cur.fetchall()
-            except sqlite3.OperationalError as exc:
-                if "no such table" in str(exc):  # an older store read before any writer migrated it
-                    return []
-                raise self._error(exc, f"reading {table}") from exc
-            except sqlite3.Error as exc:
-                raise self._error(exc, f"reading {table}") from exc
-        out = []
-        for row in rows:
-            d = dict(zip(names, row, strict=True))
-            d.pop("id", None)
-            if "cmdline" in d:
-                d["cmdline"] = json.loads(d["cmdline"]) if d["cmdline"] else None
-            for c in _BOOL_COLS & d.keys():
-                if d[c] is not None:
-                    d[c] = bool(d[c])
-            out.append(d)
-        return out
-
-    def dataframe(self, table: str = "flows", **filters: Any) -> Any:
-        """A pandas DataFrame of ``flows`` (default; plus ``opened_at``/``closed_at`` datetimes),
-        ``events`` (as ``busted.to_dataframe``, any kind) or another table (plus a ``time`` column).
-        ``filters``: since, until, pid, comm, provider (and kinds, for events)."""
-        from busted.dataframe import _pandas
-
-        pd = _pandas()  # EnvironmentProblem naming `pip install 'busted[pandas]'` if missing
-        if table == "flows":
-            df = pd.DataFrame(self.flows(**filters), columns=list(_FLOW_COLS))
-            df["opened_at"] = pd.to_datetime(df["opened"], unit="s", utc=True)
-            df["closed_at"] = pd.to_datetime(df["closed"], unit="s", utc=True)
-            return df
-        if table == "events":
-            from busted.dataframe import frame_from_dicts
-
-            return frame_from_dicts(self.events(raw=True, **filters))
-        if table not in _TABLES_WITH_TS:
-            raise StoreError(f"unknown table {table!r}; one of {sorted(_TABLES_WITH_TS)}")
-        with self._reader() as db:
-            cols = [r[1] for r in db.execute(f"PRAGMA table_info({table})")]
-            missing = [k for k in filters if k not in ("since", "until") and k not in cols]
-            if missing:
-                raise StoreError(f"table {table} cannot be filtered by {missing}; its columns are {cols}")
-            where, args = self._where(**filters)
-            df = pd.read_sql_query(f"SELECT * FROM {table}{where} ORDER BY ts, id", db, params=args)
-        df["time"] = pd.to_datetime(df["ts"], unit="s", utc=True)
-        return df

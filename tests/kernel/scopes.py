@@ -10,7 +10,7 @@ from pathlib import Path
 def scope_cgroup(name: str):
     """A cgroup v2 directory made for a test module's clients (an enforcement scope), removed
     once its processes are gone (bounded wait)."""
-    from busted.enforce import cgroup2_mount
+    from busted.policy.enforce import cgroup2_mount
 
     mount = cgroup2_mount()
     assert mount is not None

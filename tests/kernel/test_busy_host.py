@@ -16,9 +16,9 @@ from conftest import Peer, collect
 
 import busted
 from busted import Direction, DnsAnswer, FlowClosed, FlowOpened, FlowSummary
-from busted.ebpf.layout import QUIET_KEY, SUM_KEY, SUM_VAL
 from busted.ebpf.loader import FlowProgram
 from busted.ebpf.plan import ProbePlan
+from busted.wire.layout import QUIET_KEY, SUM_KEY, SUM_VAL
 
 DNS_ADDR = "127.0.0.2"  # a loopback address of its own, so a local resolver on :53 is no obstacle
 

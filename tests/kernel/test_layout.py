@@ -6,11 +6,11 @@ import os
 import socket
 import time
 
-from busted.ebpf.layout import CAP_HDR, FL, FLOW, REC_HDR, REC_OPEN
 from busted.ebpf.loader import FlowProgram, prog_recursion_misses
 from busted.ebpf.plan import choose_plan
 from busted.ebpf.probe import probe
 from busted.events import FlowClosed, LossPlace
+from busted.wire.layout import CAP_HDR, FL, FLOW, REC_HDR, REC_OPEN
 
 
 def _offsets(ctype) -> dict[str, int]:

@@ -10,7 +10,7 @@ import pytest
 from test_lineage import _curl_flow, server  # noqa: F401  (fixture)
 
 import busted
-from busted.cgroups import cgroup2_mount
+from busted.host.cgroups import cgroup2_mount
 
 CID = "0f1e2d3c4b5a69788796a5b4c3d2e1f00112233445566778899aabbccddeeff"
 

@@ -5,10 +5,10 @@ import json
 
 import pytest
 
-from busted.ebpf.layout import LIN_ARGS, LIN_FNAME, LIN_HDR
 from busted.ebpf.loader import FlowProgram
 from busted.ebpf.plan import choose_plan
 from busted.ebpf.probe import probe
+from busted.wire.layout import LIN_ARGS, LIN_FNAME, LIN_HDR
 
 
 @pytest.mark.parametrize("tier", ["tracepoint", "sched-fork", "syscall"])

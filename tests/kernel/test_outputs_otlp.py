@@ -6,6 +6,7 @@ collector holds nothing up."""
 
 import json
 import os
+import re
 import select
 import signal
 import socket
@@ -29,7 +30,7 @@ import openai
 c = openai.OpenAI(api_key="{OPENAI_KEY}", base_url="https://api.openai.com/v1", max_retries=0)
 r = c.chat.completions.create(model="gpt-4o-mini", messages=[{{"role": "user", "content": "hi there"}}],
                               max_tokens=7)
-print(r.model, r.usage.prompt_tokens, r.usage.completion_tokens)
+print(r.model, r.usage.prompt_tokens, r.usage.completion_tokens, r.id)
 """
 GEMINI = gemini_client(GOOGLE_KEY, "hello from the otlp test")
 CLIENT = 3  # opentelemetry.proto.trace.v1.Span.SpanKind.SPAN_KIND_CLIENT
@@ -51,20 +52,22 @@ def _run(lab, argv) -> tuple[int, bytes]:
     return p.pid, out
 
 
-def _clients(lab) -> dict[int, tuple[str, str, str | None, int, int]]:
-    """Run the three clients; pid -> (provider, request model, response model or None, tokens in, out)."""
+def _clients(lab) -> dict[int, tuple[str, str, str | None, int, int, str | None]]:
+    """Run the three clients; pid -> (provider, request model, response model or None, tokens in, out,
+    the answer's id as the client received it, or None where it did not print it)."""
     want = {}
     pid, out = _run(lab, ["curl", "-sf", "--http1.1", "-m", "10", "-H", "content-type: application/json",
                           "-H", f"Authorization: Bearer {OPENAI_KEY}", "-d", BODY,
                           "https://api.openai.com/v1/chat/completions"])
     d = json.loads(out)
-    want[pid] = ("openai", "gpt-4o", d["model"], d["usage"]["prompt_tokens"], d["usage"]["completion_tokens"])
+    want[pid] = ("openai", "gpt-4o", d["model"], d["usage"]["prompt_tokens"], d["usage"]["completion_tokens"],
+                 d["id"])
     pid, out = _run(lab, [PY, "-c", OPENAI])
-    model, tin, tout = out.split()
-    want[pid] = ("openai", "gpt-4o-mini", model.decode(), int(tin), int(tout))
+    model, tin, tout, rid = out.split()
+    want[pid] = ("openai", "gpt-4o-mini", model.decode(), int(tin), int(tout), rid.decode())
     pid, out = _run(lab, ["/usr/bin/python3", "-c", GEMINI])
     tin, tout = map(int, out.split())
-    want[pid] = ("gcp.gemini", "gemini-1.5-flash", None, tin, tout)  # operation generate_content
+    want[pid] = ("gcp.gemini", "gemini-1.5-flash", None, tin, tout, None)  # operation generate_content
     return want
 
 
@@ -105,9 +108,17 @@ def test_monitor_otlp_exports_calls_as_genai_spans(lab, tmp_path, protocol):
     calls = [r for r in rows if r["kind"] == "llm_call"]
     by_pid = {s["attrs"]["process.pid"]: s for s in spans if s["kind"] == CLIENT and s["attrs"]["process.pid"] in want}
     assert sorted(by_pid) == sorted(want), [(s["name"], s["attrs"].get("process.pid")) for s in spans]
-    for pid, (prov, req_model, resp_model, tin, tout) in want.items():
+    rows_by_pid = {c["pid"]: c for c in calls if c["direction"] == "connect"}
+    for pid, (prov, req_model, resp_model, tin, tout, rid) in want.items():
         s = by_pid[pid]
         a = s["attrs"]
+        # the answer's id, as the client got it (and as --json printed it): the lab answers
+        # chatcmpl-<24 hex> (OpenAI) and a 16-hex responseId (Gemini)
+        assert a["gen_ai.response.id"] == rows_by_pid[pid]["response_id"], (a, rows_by_pid[pid])
+        if rid is not None:
+            assert a["gen_ai.response.id"] == rid and rid.startswith("chatcmpl-")
+        else:
+            assert re.fullmatch(r"[0-9a-f]{16}", a["gen_ai.response.id"]), a
         op = "generate_content" if prov == "gcp.gemini" else "chat"
         assert s["name"] == f"{op} {req_model}", s["name"]
         assert (a["gen_ai.operation.name"], a["gen_ai.provider.name"], a["gen_ai.request.model"]) == (
@@ -159,7 +170,7 @@ def test_monitor_with_a_dead_collector_keeps_every_call(lab, tmp_path):
     rows = [json.loads(ln) for ln in stdout.read_text().splitlines() if ln.startswith("{")]
     calls = {r["pid"]: r for r in rows if r["kind"] == "llm_call" and r["pid"] in want}
     assert sorted(calls) == sorted(want)
-    for pid, (_, _, _, tin, tout) in want.items():
+    for pid, (_, _, _, tin, tout, _) in want.items():
         assert (calls[pid]["input_tokens"], calls[pid]["output_tokens"]) == (tin, tout)
     # the failed export is reported: what was lost, at the end (and a rate-limited line once an
     # export has failed, which may come after the stop: the SDK retries for its timeout first)
@@ -193,8 +204,14 @@ def test_lab_otlp_every_call_is_a_span(tmp_path):
                             ("output_tokens", "gen_ai.usage.output_tokens"),
                             ("request_model", "gen_ai.request.model"), ("stream", "gen_ai.request.stream")):
             assert a.get(attr) == c[field], (field, c, a)
+        assert a.get("gen_ai.response.id") == c["response_id"], (c, a)
     assert {s["attrs"].get("gen_ai.provider.name") for s in spans if s["kind"] == CLIENT} >= {
         "openai", "anthropic", "gcp.gemini", "azure.ai.openai", "ollama"}
+    # the fake providers answer realistic ids (chatcmpl-..., msg_..., Gemini's responseId); Ollama has none
+    ids = {c["api"]: c["response_id"] for c in calls if c["direction"] == "connect" and c["response_id"]}
+    assert ids["openai.chat"].startswith("chatcmpl-") and ids["anthropic.messages"].startswith("msg_"), ids
+    assert re.fullmatch(r"[0-9a-f]{16}", ids["gemini.generate_content"]), ids
+    assert not any(c["response_id"] for c in calls if c["api"].startswith("ollama")), calls
     n_in = sum(1 for c in calls if c["input_tokens"] is not None)
     assert sum(p["count"] for p in metrics["gen_ai.client.token.usage"]
                if p["attrs"]["gen_ai.token.type"] == "input") == n_in

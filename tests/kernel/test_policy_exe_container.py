@@ -246,7 +246,7 @@ def test_token_budget_per_container_is_refused_in_the_kernel(lab, cgroup):
     docker-named cgroup work, the third from inside (a cgroup below it) is refused at connect and
     reaches no server; the same client outside any container still works; the event names it."""
     from busted import BudgetExceeded
-    from busted.budgets import window_of
+    from busted.policy.budgets import window_of
 
     wait = window_of(time.time(), 86400)[1] - time.time()
     if wait < 120:  # all calls in one window: wait out a day's end (bounded: 2 minutes)

@@ -89,7 +89,7 @@ def test_enforce_at_connect_curl_httpx_openssl(lab, cgroup, monkeypatch, kernel_
     """The first connection after a fresh DNS answer is refused: with user space's map updates
     turned off, only the BPF DNS parser can have mapped the address in time."""
     if kernel_dns_only:
-        from busted.enforce import Enforcer
+        from busted.policy.enforce import Enforcer
 
         monkeypatch.setattr(Enforcer, "learn_dns", lambda self, ev, uid=None: None)
     m, out_m = uuid.uuid4().hex, uuid.uuid4().hex
@@ -315,7 +315,7 @@ def test_token_budget_per_uid_stops_the_third_call(lab, cgroup, per):
     third call that moves the budget to another kernel index: the block follows it. Per exe (the
     exec'd filename the kernel keeps per process, hashed): the python client is refused, curl not."""
     from busted import BudgetExceeded, BudgetSpend, LlmCall
-    from busted.budgets import window_of
+    from busted.policy.budgets import window_of
 
     wait = window_of(time.time(), 86400)[1] - time.time()
     if wait < 120:  # all three calls in one window: wait out a day's end (bounded: 2 minutes)
@@ -372,8 +372,8 @@ def test_budget_spent_before_a_restart_still_refuses(lab, cgroup, tmp_path):
     """Spend kept in the store (BudgetSpend events) is restored at start: an exhausted uid is refused
     on its first connection after the restart (before any LLM call of this run); openai is not."""
     from busted import BudgetSpend
-    from busted.budget_enforce import stored_spend
-    from busted.budgets import window_of
+    from busted.policy.budget_enforce import stored_spend
+    from busted.policy.budgets import window_of
     from busted.sinks import Store
 
     now = time.time()

@@ -16,8 +16,8 @@ from scopes import scope_cgroup
 from busted import Direction, EventsLost, FlowOpened, Policy, PolicyDecision
 from busted.classify import Catalog
 from busted.classify.providers import Provider
-from busted.enforce import MAX_ADDRS, PolicyRuntime
 from busted.events import DnsAnswer, DnsRecord, LossPlace
+from busted.policy.enforce import MAX_ADDRS, PolicyRuntime
 
 DENIED, ALLOWED, PORT = "127.77.0.1", "127.77.0.2", 9
 LEARNED = "127.78.0.1"  # in no catalog range: known only from a DNS answer

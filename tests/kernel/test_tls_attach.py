@@ -162,7 +162,7 @@ def settle(scanner, timeout: float = 30.0) -> None:
 def test_one_attachment_set_per_inode_across_mount_namespaces(built, program, mappers, tmp_path):
     """Two processes in two mount namespaces map the same file under paths that exist only in
     their namespace: one set of uprobes (8 perf fds), not one per process."""
-    from busted.calls import TlsScanner
+    from busted.ebpf.tlsscan import TlsScanner
 
     shared = tmp_path / "shared"
     shared.mkdir()
@@ -190,7 +190,7 @@ def test_an_executable_is_probed_as_run_not_the_file_its_path_names_here(built, 
     """A process in its own mount namespace runs X at /…/bin/node, where this namespace has Y (a
     bind mount over it in that namespace): X is what runs and is probed; Y, on disk and run by
     nobody, is never attached."""
-    from busted.calls import TlsScanner
+    from busted.ebpf.tlsscan import TlsScanner
 
     (tmp_path / "bin").mkdir()
     (tmp_path / "theirs").mkdir()
@@ -215,7 +215,7 @@ def test_a_replaced_library_is_probed_as_mapped_never_the_file_now_at_its_path(b
                                                                                 tmp_path):
     """A process maps A at P; P is then replaced by B (an upgrade), and C lies beside it: A, still
     mapped (maps says "(deleted)"), is probed; B and C, mapped by nobody, are not."""
-    from busted.calls import TlsScanner
+    from busted.ebpf.tlsscan import TlsScanner
 
     lib = tmp_path / "lib"
     lib.mkdir()
@@ -242,10 +242,10 @@ def test_a_replaced_library_is_probed_as_mapped_never_the_file_now_at_its_path(b
 def test_fake_library_storm_is_bounded_counted_and_closes(built, mappers, tmp_path):
     """200 processes each map their own copy of a fake libssl: at most MAX_TLS_LIBRARIES files are
     probed, the rest are refused and counted as TLS_LIBRARY losses, and close() detaches all."""
-    from busted.calls import TlsScanner
     from busted.ebpf.loader import FlowProgram
     from busted.ebpf.plan import choose_plan
     from busted.ebpf.probe import probe
+    from busted.ebpf.tlsscan import TlsScanner
     from busted.events import LossPlace
 
     n = 200

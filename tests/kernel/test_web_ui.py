@@ -2,6 +2,7 @@
 `busted monitor --ui` with real BPF and real clients, then `busted ui --store` as an unprivileged user.
 Screenshots of every view are saved in the test's temporary directory."""
 
+import contextlib
 import json
 import os
 import re
@@ -213,3 +214,97 @@ def test_live_page_in_chromium_then_the_store_as_nobody(lab, tmp_path):
     if os.environ.get("BUSTED_UI_SHOTS"):  # where a developer wants the screenshots kept
         for p in Path(tmp_path).glob("ui-*.png"):
             shutil.copy(p, os.environ["BUSTED_UI_SHOTS"])
+
+
+def _rss_mb(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    raise AssertionError(f"no VmRSS for {pid}")
+
+
+class _Churn:
+    """Loopback connections at about ``rate`` per second (connect, one byte, close) from a thread,
+    for at most ``seconds``: the monitor's workload while the tab stays open. Each leaves a socket
+    in TIME_WAIT for a minute, as churn does on a real host."""
+
+    def __init__(self, rate: float, seconds: float) -> None:
+        import socket
+        import threading
+
+        self.srv = socket.create_server(("127.0.0.1", 0), backlog=1024)
+        self.rate, self.seconds, self.made = rate, seconds, 0
+        self.stop = threading.Event()
+        self.threads = [threading.Thread(target=self._accept, daemon=True),
+                        threading.Thread(target=self._connect, daemon=True)]
+        for t in self.threads:
+            t.start()
+
+    def _accept(self) -> None:
+        self.srv.settimeout(0.5)
+        while not self.stop.is_set():
+            try:
+                c, _ = self.srv.accept()
+            except OSError:
+                continue
+            with c:  # read before closing: unread data would make close() send a RST (no TIME_WAIT)
+                c.settimeout(2)
+                with contextlib.suppress(OSError):
+                    c.recv(1)
+
+    def _connect(self) -> None:
+        import socket
+
+        start = time.monotonic()
+        while not self.stop.is_set() and time.monotonic() - start < self.seconds:
+            due = start + self.made / self.rate
+            if (wait := due - time.monotonic()) > 0:
+                time.sleep(wait)
+            with socket.create_connection(self.srv.getsockname(), timeout=2) as c:
+                c.sendall(b"x")
+            self.made += 1
+
+    def close(self) -> None:
+        self.stop.set()
+        for t in self.threads:
+            t.join(5)
+        self.srv.close()
+
+
+def test_a_tab_open_for_a_minute_keeps_the_monitor_flat(tmp_path):
+    """Issue 24: a tab left open at 500 connections/s. The event stream is a flow that lives past
+    the 30-s stale-flow sweep; the sweep used to dump every socket (the churn's ~30,000 TIME_WAIT
+    ones among them) through pyroute2, and the monitor's RSS jumped by ~45 MB at the first sweep."""
+    mon = Proc([*BUSTED, "monitor", "--json", "--ui", "127.0.0.1:0"])
+    pw = browser = churn = None
+    try:
+        url = mon.wait_for(URL).group(1).decode()
+        mon.wait_for(re.compile(rb"busted: monitoring"))
+        churn = _Churn(rate=500, seconds=120)
+        pw, browser = _browser()
+        page = browser.new_page(viewport={"width": 1400, "height": 900})
+        page.goto(url)
+        page.click("#tabs button[data-view=flows]")  # reloads its table every 3 s, plus the stream
+        _wait_rows(page, "flows", lambda rs: len(rs) > 0, timeout=30)
+        page.wait_for_timeout(10_000)  # the bounded windows fill (10,000 flow events)
+        samples = [_rss_mb(mon.proc.pid)]
+        for _ in range(11):  # 55 s more: two sweeps pass while the stream is older than 30 s
+            page.wait_for_timeout(5_000)
+            samples.append(_rss_mb(mon.proc.pid))
+        page.click("#tabs button[data-view=health]")
+        health = dict((r[0], r[1]) for r in _wait_rows(page, "health", lambda rs: any(r[0] == "open tabs" for r in rs)))
+        assert health["open tabs"] == "1"
+        assert churn.made > 10_000, f"the workload made only {churn.made} connections"
+        tw = subprocess.run(["ss", "-Htn", "state", "time-wait"], capture_output=True, text=True).stdout
+        assert tw.count("\n") > 5_000, "the churn left no TIME_WAIT sockets: it does not make the load it means to"
+    finally:
+        if churn is not None:
+            churn.close()
+        if browser is not None:
+            browser.close()
+        if pw is not None:
+            pw.stop()
+        mon.stop()
+    assert mon.proc.returncode == 0, mon.err.decode(errors="replace")[-2000:]
+    # flat: the windows are full after the first 10 s, so what is left is noise (a few MB)
+    assert max(samples) - samples[0] < 15, samples

@@ -1,4 +1,4 @@
-"""Budgets (busted.budgets): parsing, accounting per scope, epoch-aligned windows, restore, reload."""
+"""Budgets (busted.policy.budgets): parsing, accounting per scope, epoch-aligned windows, restore, reload."""
 
 import math
 
@@ -9,7 +9,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from busted import BudgetExceeded, BudgetSpend, Policy, PolicyError
-from busted.budgets import (
+from busted.events import Direction, LlmCall
+from busted.policy.budgets import (
     BUDGET_TOP_BIT,
     Block,
     BudgetBook,
@@ -17,7 +18,6 @@ from busted.budgets import (
     parse_window,
     window_of,
 )
-from busted.events import Direction, LlmCall
 from busted.sinks._codec import event_from_dict
 
 T0 = 1_800_000_000.0  # a multiple of 3600
@@ -250,7 +250,7 @@ def test_spend_survives_a_restart_through_the_store(tmp_path):
     """The store keeps BudgetSpend events; at start the current windows' spend is read back."""
     import time
 
-    from busted.budget_enforce import BudgetRunner, stored_spend
+    from busted.policy.budget_enforce import BudgetRunner, stored_spend
     from busted.sinks import Store
 
     pol = budget_policy(window="1d")
@@ -320,7 +320,7 @@ def test_prometheus_budget_gauges_are_bounded():
 
 
 def test_top_budget_table_escapes_and_sorts():
-    from busted.budgets import budget_table
+    from busted.policy.budgets import budget_table
 
     b = BudgetBook(budget_policy(per="exe", limit_usd=1.0).budgets)
     b.feed([call(T0, exe="/tmp/\x1b[2Jevil", cost=0.5), call(T0, exe="/usr/bin/python3", tokens=40, cost=0.1)])
@@ -353,7 +353,7 @@ def test_web_budgets_route_latest_spend_and_exceeded():
 
 def test_compile_gives_kernel_budgets_their_destination_bits():
     from busted.classify.providers import Catalog
-    from busted.enforce import ANY_BIT, compile_policy, name_mask
+    from busted.policy.enforce import ANY_BIT, compile_policy, name_mask
 
     pol = Policy.from_dict({"rules": [{"name": "r0", "action": "audit", "provider": "openai"}], "budgets": [
         {"name": "a", "provider": ["anthropic", "nosuch"], "per": "uid", "limit_tokens": 1, "window": "1h",
@@ -372,10 +372,10 @@ def test_compile_gives_kernel_budgets_their_destination_bits():
 
 
 def test_budget_per_exe_is_keyed_by_the_kernels_hash_of_the_path():
-    from busted.budgets import KIND_EXE, Block
-    from busted.budgets import scope_hash as exe_hash
     from busted.classify.providers import Catalog
-    from busted.enforce import CF_BEXE, compile_policy
+    from busted.policy.budgets import KIND_EXE, Block
+    from busted.policy.budgets import scope_hash as exe_hash
+    from busted.policy.enforce import CF_BEXE, compile_policy
 
     # FNV-1a 64 (the C twin in policy_enforce.c): known vectors, and the kernel's 127-byte cut
     assert exe_hash("") == 0xCBF29CE484222325 and exe_hash("a") == 0xAF63DC4C8601EC8C
@@ -388,9 +388,9 @@ def test_budget_per_exe_is_keyed_by_the_kernels_hash_of_the_path():
 
 
 def test_budget_per_container_puts_every_container_in_the_kernels_map(tmp_path):
-    from busted.budgets import KIND_CONTAINER, Block, scope_hash
     from busted.classify.providers import Catalog
-    from busted.enforce import CF_BCTR, compile_policy
+    from busted.policy.budgets import KIND_CONTAINER, Block, scope_hash
+    from busted.policy.enforce import CF_BCTR, compile_policy
 
     a, b = "a" * 64, "b" * 64
     (tmp_path / "system.slice" / f"docker-{a}.scope" / "sub").mkdir(parents=True)

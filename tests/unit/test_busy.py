@@ -1,4 +1,4 @@
-"""Busy-host mode's user-space half (busted/busy.py): the quiet-peer policy, driven by events, and
+"""Busy-host mode's user-space half (busted/pipeline/busy.py): the quiet-peer policy, driven by events, and
 kernel summaries decoded into FlowSummary events; plus what the sinks and filters make of them.
 The kernel half is tested in tests/kernel/test_busy_host.py."""
 
@@ -10,8 +10,6 @@ import pytest
 from events_factory import IDENT
 
 from busted import Direction, EventsLost, FlowClosed, FlowSummary, LossPlace
-from busted.busy import Quiet, QuietPeers, Unquiet, kernel_addr, summary_events
-from busted.ebpf.layout import FL, FLOW, REC_CLOSE, REC_HDR, REC_OPEN, SUM_KEY, SUM_VAL
 from busted.events import (
     DnsAnswer,
     DnsRecord,
@@ -23,8 +21,10 @@ from busted.events import (
     PolicyDecision,
     TlsClientHello,
 )
-from busted.flows import FlowTable
+from busted.pipeline.busy import Quiet, QuietPeers, Unquiet, kernel_addr, summary_events
+from busted.pipeline.flows import FlowTable
 from busted.sinks import PrometheusExporter, Store, event_from_dict
+from busted.wire.layout import FL, FLOW, REC_CLOSE, REC_HDR, REC_OPEN, SUM_KEY, SUM_VAL
 
 S = 1_000_000_000
 V4 = socket.inet_aton("10.0.0.9")
@@ -252,11 +252,11 @@ def test_prometheus_counts_summaries_as_flows_and_bytes_of_provider_none():
 
 
 def test_monitor_filters_apply_to_summaries():
-    from busted.monitor import _Filters
+    from busted.pipeline.filters import Filters
 
     def f(**kw):
         base = dict(pid=None, uid=None, comm=None, cgroup=None, port=None, netns=None, family=None)
-        return _Filters.build(**{**base, **kw})
+        return Filters.build(**{**base, **kw})
 
     ev = a_summary()
     assert f(pid=42).match(ev) and not f(pid=43).match(ev)

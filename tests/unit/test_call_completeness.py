@@ -14,7 +14,7 @@ from busted.classify.http import HttpConnection
 from busted.classify.http2 import PREFACE
 from busted.classify.httpevents import ResponseData, ResponseEnd, ResponseHead, Side
 from busted.events import Direction, Evidence, FlowOpened, LlmCall
-from busted.llmreader import CallReader
+from busted.pipeline.llmreader import CallReader
 
 C, S = Side.CLIENT, Side.SERVER
 BODY = json.dumps({"id": "c1", "object": "chat.completion", "model": "gpt-4o-mini",

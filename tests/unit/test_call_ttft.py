@@ -4,12 +4,12 @@ chunk its read delivered, and the call says which clock its TTFT ends at (``ttft
 from test_call_completeness import BODY, FLOW, _NoPrices
 from test_flows_capture import flow_rec
 
-from busted.ebpf.layout import PT_HDR, REC_ARRIVAL, REC_OPEN, REC_PLAIN, RX_REC
-from busted.ebpf.records import ArrivalRecord, decode_any
-from busted.enrich import Enricher
 from busted.events import LlmCall
-from busted.flows import FlowTable
-from busted.llmreader import CallReader
+from busted.pipeline.enrich import Enricher
+from busted.pipeline.flows import FlowTable
+from busted.pipeline.llmreader import CallReader
+from busted.wire.layout import PT_HDR, REC_ARRIVAL, REC_OPEN, REC_PLAIN, RX_REC
+from busted.wire.records import ArrivalRecord, decode_any
 
 MS = 1_000_000
 REQ_BODY = b'{"model":"gpt-4o-mini","messages":[{"role":"user","content":"hello"}]}'

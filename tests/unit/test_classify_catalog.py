@@ -125,7 +125,7 @@ def test_shared_address_lowers_confidence():
 def test_peer_memo_ignores_ports_no_provider_is_known_by():
     """Accepted flows' peers arrive on a new ephemeral port each: one memo entry serves them all,
     and a memoised answer is the classifier's answer for every port, catalog ports included."""
-    from busted.enrich import Enricher
+    from busted.pipeline.enrich import Enricher
 
     enr = Enricher()
     cl = Classifier(enr.catalog, NameCache())

@@ -3,10 +3,10 @@
 import pytest
 
 from busted.classify import Catalog, Classifier, NameCache, Provider
-from busted.enrich import Enricher, host_name
 from busted.events import Direction, Evidence, FlowClassified, FlowOpened, LlmCall
-from busted.flows import FlowTable
-from busted.llmreader import CallReader
+from busted.pipeline.enrich import Enricher, host_name
+from busted.pipeline.flows import FlowTable
+from busted.pipeline.llmreader import CallReader
 
 # Ports many unrelated servers use by default: dev servers, gateways, MCP (`mcp`'s default 8000).
 GENERIC = (80, 443, 1234, 3000, 5000, 8000, 8008, 8080, 8081, 8443, 8888, 9000)
@@ -82,7 +82,7 @@ def test_flow_table_names_a_plain_http_flow_by_its_host_header():
     classifies the flow (FlowClassified before the call), the call carries the name and no provider."""
     from test_flows_capture import flow_rec
 
-    from busted.ebpf.layout import PT_HDR, REC_OPEN, REC_PLAIN
+    from busted.wire.layout import PT_HDR, REC_OPEN, REC_PLAIN
 
     table = FlowTable(enricher=Enricher(), salt=1, reader=lambda f, wall: CallReader(f, wall, prices=_Prices()))
     sk = 0xFFFF0001

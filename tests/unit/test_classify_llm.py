@@ -75,7 +75,7 @@ def base(**kw) -> dict:
              cache_read_tokens=None, cache_write_tokens=None, reasoning_tokens=None, total_tokens=None,
              finish_reason=None, tool_calls=None, request_body_bytes=None, response_body_bytes=None, ts_ns=T0,
              time_to_first_token_ns=STEP, duration_ns=None, user_agent=None, complete=True, stream_id=0,
-             http_version="1.1", prompt_text=None, completion_text=None)
+             http_version="1.1", prompt_text=None, completion_text=None, response_id=None)
     d.update(kw)
     assert set(d) == {f.name for f in dataclasses.fields(LlmCallInfo)}
     return d
@@ -105,7 +105,8 @@ def test_openai_chat_tool_calls_non_streamed():
     chunks = [OPENAI_CHAT_RESP[:100], OPENAI_CHAT_RESP[100:]]
     evs = events("POST", "/v1/chat/completions", OPENAI_CHAT_REQ, 200, JSON, chunks,
                  req_headers=[("authorization", "Bearer sk-proj-abcdefghijklmnop"), ("user-agent", UA)])
-    rec = check(evs, base(api="openai.chat", operation="chat", path="/v1/chat/completions", request_model="gpt-4o",
+    rec = check(evs, base(response_id="chatcmpl-B9MHDbslfkBeAs8l4bebGdFOJ6PeG",
+                          api="openai.chat", operation="chat", path="/v1/chat/completions", request_model="gpt-4o",
                           response_model="gpt-4o-2024-08-06", input_tokens=1117, output_tokens=46,
                           cache_read_tokens=1024, reasoning_tokens=0, total_tokens=1163, finish_reason="tool_calls",
                           tool_calls=2, user_agent=UA, **sizes(OPENAI_CHAT_REQ, chunks)))
@@ -115,7 +116,8 @@ def test_openai_chat_tool_calls_non_streamed():
 def test_openai_chat_stream_with_include_usage_and_done():
     c = OPENAI_CHAT_STREAM_RESP
     check(events("POST", "/v1/chat/completions", OPENAI_CHAT_STREAM_REQ, 200, SSE, c),
-          base(api="openai.chat", operation="chat", path="/v1/chat/completions", request_model="gpt-4o-mini",
+          base(response_id="chatcmpl-123",
+               api="openai.chat", operation="chat", path="/v1/chat/completions", request_model="gpt-4o-mini",
                response_model="gpt-4o-mini-2024-07-18", stream=True, input_tokens=9, output_tokens=3,
                cache_read_tokens=0, reasoning_tokens=0, total_tokens=12, finish_reason="stop", tool_calls=0,
                # chunk 0 only sets the role (empty content): the first token is chunk 1
@@ -125,7 +127,8 @@ def test_openai_chat_stream_with_include_usage_and_done():
 def test_openai_chat_stream_counts_distinct_tool_calls():
     c = OPENAI_CHAT_TOOLS_STREAM
     check(events("POST", "/v1/chat/completions", OPENAI_CHAT_STREAM_REQ, 200, SSE, c),
-          base(api="openai.chat", operation="chat", path="/v1/chat/completions", request_model="gpt-4o-mini",
+          base(response_id="chatcmpl-123",
+               api="openai.chat", operation="chat", path="/v1/chat/completions", request_model="gpt-4o-mini",
                response_model="gpt-4o-mini-2024-07-18", stream=True, finish_reason="tool_calls", tool_calls=2,
                **sizes(OPENAI_CHAT_STREAM_REQ, c)))
 
@@ -133,7 +136,8 @@ def test_openai_chat_stream_counts_distinct_tool_calls():
 def test_llamacpp_usage_chunk_that_still_has_choices():
     c = LLAMACPP_STREAM
     check(events("POST", "/v1/chat/completions", OPENAI_CHAT_STREAM_REQ, 200, SSE, c, authority="127.0.0.1:8080"),
-          base(api="openai.chat", operation="chat", path="/v1/chat/completions", request_model="gpt-4o-mini",
+          base(response_id="chatcmpl-123",
+               api="openai.chat", operation="chat", path="/v1/chat/completions", request_model="gpt-4o-mini",
                response_model="qwen2.5-7b-instruct-q4_k_m.gguf", stream=True, input_tokens=5, output_tokens=2,
                total_tokens=7, finish_reason="stop", tool_calls=0, authority="127.0.0.1:8080",
                **sizes(OPENAI_CHAT_STREAM_REQ, c)))
@@ -149,7 +153,8 @@ def test_openai_compatible_prefixes(prefix):
 def test_openai_responses_non_streamed():
     c = [RESPONSES_RESP]
     check(events("POST", "/v1/responses", RESPONSES_REQ, 200, JSON, c),
-          base(api="openai.responses", operation="chat", path="/v1/responses", request_model="gpt-5",
+          base(response_id="resp_67ccd2bed1ec8190",
+               api="openai.responses", operation="chat", path="/v1/responses", request_model="gpt-5",
                response_model="gpt-5-2025-08-07", input_tokens=36, output_tokens=87, cache_read_tokens=4,
                reasoning_tokens=64, total_tokens=123, finish_reason="completed", tool_calls=1,
                **sizes(RESPONSES_REQ, c)))
@@ -158,7 +163,8 @@ def test_openai_responses_non_streamed():
 def test_openai_responses_stream_ends_at_response_completed():
     c = RESPONSES_STREAM
     check(events("POST", "/v1/responses", RESPONSES_REQ, 200, SSE, c),
-          base(api="openai.responses", operation="chat", path="/v1/responses", request_model="gpt-5",
+          base(response_id="resp_67ccd2bed1ec8190",
+               api="openai.responses", operation="chat", path="/v1/responses", request_model="gpt-5",
                response_model="gpt-5-2025-08-07", stream=True, input_tokens=36, output_tokens=87,
                cache_read_tokens=4, reasoning_tokens=64, total_tokens=123, finish_reason="completed", tool_calls=1,
                time_to_first_token_ns=4 * STEP, **sizes(RESPONSES_REQ, c)))
@@ -194,7 +200,8 @@ def test_openai_embeddings_over_the_cap_read_from_head_and_tail():
 def test_legacy_completions():
     c = [COMPL_RESP]
     check(events("POST", "/v1/completions", COMPL_REQ, 200, JSON, c),
-          base(api="openai.completions", operation="text_completion", path="/v1/completions",
+          base(response_id="cmpl-uqkvlQyYK7bGYrRHQ0eXlWi7",
+               api="openai.completions", operation="text_completion", path="/v1/completions",
                request_model="gpt-3.5-turbo-instruct", response_model="gpt-3.5-turbo-instruct", input_tokens=5,
                output_tokens=7, total_tokens=12, finish_reason="length", tool_calls=0, **sizes(COMPL_REQ, c)))
 
@@ -223,7 +230,8 @@ def test_azure_deployment_names_the_model():
 def test_anthropic_messages_input_includes_cache_tokens():
     c = [ANTH_RESP]
     check(events("POST", "/v1/messages", ANTH_REQ, 200, JSON, c),
-          base(api="anthropic.messages", operation="chat", path="/v1/messages", request_model="claude-sonnet-4-5",
+          base(response_id="msg_013Zva2CMHLNnXjNJJKqJ2EF",
+               api="anthropic.messages", operation="chat", path="/v1/messages", request_model="claude-sonnet-4-5",
                response_model="claude-sonnet-4-5-20250929", input_tokens=12 + 2000 + 100, output_tokens=25,
                cache_read_tokens=2000, cache_write_tokens=100, total_tokens=2137, finish_reason="tool_use",
                tool_calls=1, **sizes(ANTH_REQ, c)))
@@ -232,7 +240,8 @@ def test_anthropic_messages_input_includes_cache_tokens():
 def test_anthropic_stream_keeps_latest_cumulative_output():
     c = ANTH_STREAM
     check(events("POST", "/v1/messages", ANTH_STREAM_REQ, 200, SSE, c),
-          base(api="anthropic.messages", operation="chat", path="/v1/messages",
+          base(response_id="msg_1nZdL29xx5MUA1yADyHTEsnR8uuvGzszyY",
+               api="anthropic.messages", operation="chat", path="/v1/messages",
                request_model="claude-3-7-sonnet-latest", response_model="claude-3-7-sonnet-20250219", stream=True,
                input_tokens=472 + 1500, output_tokens=89, cache_read_tokens=1500, cache_write_tokens=0,
                total_tokens=472 + 1500 + 89, finish_reason="tool_use", tool_calls=1,
@@ -242,7 +251,7 @@ def test_anthropic_stream_keeps_latest_cumulative_output():
 def test_anthropic_error_event_inside_200_stream():
     c = ANTH_OVERLOADED
     check(events("POST", "/v1/messages", ANTH_STREAM_REQ, 200, SSE, c),
-          base(api="anthropic.messages", operation="chat", path="/v1/messages",
+          base(response_id="msg_1", api="anthropic.messages", operation="chat", path="/v1/messages",
                request_model="claude-3-7-sonnet-latest", response_model="claude-3-7-sonnet-20250219", stream=True,
                error_type="overloaded_error", input_tokens=10, output_tokens=1, total_tokens=11,
                **sizes(ANTH_STREAM_REQ, c)))
@@ -277,20 +286,22 @@ def test_gemini_generate_content_key_param_masked():
     c = [GEMINI_RESP]
     rec = check(events("POST", GEM + ":generateContent?key=AIzaSyDdI0hCZtE6vySjMm-WEfRq3CPzqKqqsHI", GEMINI_REQ,
                        200, JSON, c),
-                base(path=GEM + ":generateContent?key=[REDACTED]", **GEMINI_FIELDS, **sizes(GEMINI_REQ, c)))
+                base(response_id="mAitaLmkHPPlz7IPvtfUqQ4",
+                     path=GEM + ":generateContent?key=[REDACTED]", **GEMINI_FIELDS, **sizes(GEMINI_REQ, c)))
     assert "AIza" not in repr(rec)
 
 
 def test_gemini_stream_alt_sse():
     c = GEMINI_SSE
     check(events("POST", GEM + ":streamGenerateContent?alt=sse", GEMINI_REQ, 200, SSE, c),
-          base(path=GEM + ":streamGenerateContent?alt=sse", stream=True, **GEMINI_FIELDS, **sizes(GEMINI_REQ, c)))
+          base(response_id="mAitaLmkHPPlz7IPvtfUqQ4",
+               path=GEM + ":streamGenerateContent?alt=sse", stream=True, **GEMINI_FIELDS, **sizes(GEMINI_REQ, c)))
 
 
 def test_gemini_stream_json_array():
     c = GEMINI_ARRAY
     check(events("POST", GEM + ":streamGenerateContent", GEMINI_REQ, 200, JSON, c),
-          base(path=GEM + ":streamGenerateContent", stream=True,
+          base(response_id="mAitaLmkHPPlz7IPvtfUqQ4", path=GEM + ":streamGenerateContent", stream=True,
                **{**GEMINI_FIELDS, "time_to_first_token_ns": 2 * STEP}, **sizes(GEMINI_REQ, c)))
 
 
@@ -361,7 +372,7 @@ def test_bedrock_invoke_with_response_stream_claude_chunks():
     c = BEDROCK_INVOKE_STREAM
     path = "/model/anthropic.claude-3-5-sonnet-20241022-v2%3A0/invoke-with-response-stream"
     check(events("POST", path, BEDROCK_INVOKE_REQ, 200, EVENTSTREAM, c),
-          base(api="bedrock.invoke", operation="chat", path=path,
+          base(response_id="msg_bdrk_01", api="bedrock.invoke", operation="chat", path=path,
                request_model="anthropic.claude-3-5-sonnet-20241022-v2:0",
                response_model="claude-3-5-sonnet-20241022", stream=True, input_tokens=14, output_tokens=9,
                total_tokens=23, finish_reason="end_turn", tool_calls=0, time_to_first_token_ns=3 * STEP,
@@ -615,3 +626,71 @@ def test_overlong_stream_event_is_skipped_and_counted():
     assert t.stats["overlong"] == 1
     # the only delta was dropped: time to first token falls back to the first body byte
     assert (out[0].input_tokens, out[0].output_tokens, out[0].time_to_first_token_ns) == (36, 87, STEP)
+
+
+# --- the answer's own id (OTel gen_ai.response.id) ------------------------------------------------
+
+RESPONSE_IDS = {"openai": "chatcmpl-123", "openai_tools": "chatcmpl-123", "responses": "resp_67ccd2bed1ec8190",
+                "anthropic": "msg_1nZdL29xx5MUA1yADyHTEsnR8uuvGzszyY", "gemini_sse": "mAitaLmkHPPlz7IPvtfUqQ4",
+                "gemini_array": "mAitaLmkHPPlz7IPvtfUqQ4", "ollama": None, "bedrock_converse": None,
+                "bedrock_invoke": "msg_bdrk_01"}
+
+
+@pytest.mark.parametrize("name", sorted(STREAMS))
+def test_response_id_of_every_stream_byte_at_a_time(name):
+    """Every streamed shape gives its id (Ollama and Converse have none), fed one byte at a time."""
+    assert set(RESPONSE_IDS) == set(STREAMS)
+    path, req, hdrs, chunks = STREAMS[name]
+    whole = b"".join(chunks)
+    assert one(events("POST", path, req, 200, hdrs, [bytes([b]) for b in whole])).response_id == RESPONSE_IDS[name]
+
+
+def _chat(*ids) -> bytes:
+    return sse(*[{"id": i, "object": "chat.completion.chunk", "model": "m",
+                  "choices": [{"index": 0, "delta": {"content": "x"}, "finish_reason": None}]} for i in ids],
+               done=True)
+
+
+@pytest.mark.parametrize(("ids", "want"), [
+    (["chatcmpl-1", "chatcmpl-2"], "chatcmpl-1"),  # the first seen wins
+    (["x" * 128], "x" * 128),
+    (["x" * 129, "chatcmpl-ok"], "chatcmpl-ok"),  # too long: dropped, not cut
+    (["id with spaces"], None),
+    (["\x1b]0;pwned\x07", "chatcmpl-ok"], "chatcmpl-ok"),  # a terminal escape is no id
+    (["caf\u00e9"], None),
+    ([""], None),
+    ([7, ["a"], {"a": 1}, None, True], None),  # not a string
+    (["chatcmpl-sk-proj-Zq3xW9vT1bN7mK2pL5hR8cY4dF6gJ0sA"], "chatcmpl-[REDACTED]"),  # a key's shape is masked
+])
+def test_response_id_is_a_bounded_plain_token(ids, want):
+    body = _chat(*ids)
+    rec = one(events("POST", "/v1/chat/completions", OPENAI_CHAT_STREAM_REQ, 200, SSE, [body]))
+    assert rec.response_id == want
+    assert rec.output_tokens is None and rec.complete  # the rest of the answer is read as before
+
+
+def test_response_id_of_truncated_answers_is_the_top_level_one():
+    """An answer over the cap is read from its head and tail: the id is taken only as the body's
+    first key (OpenAI, Anthropic), never a tool call's or an item's; Gemini's responseId anywhere."""
+    pad = "w " * 40000
+    openai = j({"id": "chatcmpl-top", "object": "chat.completion", "model": "gpt-4o",
+                "choices": [{"index": 0, "message": {"role": "assistant", "content": pad}, "finish_reason": "stop"}],
+                "usage": {"prompt_tokens": 3, "completion_tokens": 4, "total_tokens": 7}})
+    nested = j({"object": "chat.completion", "choices": [{"index": 0, "message": {
+        "role": "assistant", "content": pad, "tool_calls": [{"id": "call_1", "type": "function"}]}}],
+        "id": "chatcmpl-late", "usage": {"prompt_tokens": 3, "completion_tokens": 4}})
+    gemini = j({"candidates": [{"content": {"parts": [{"text": pad}]}, "finishReason": "STOP"}],
+                "usageMetadata": {"promptTokenCount": 3, "candidatesTokenCount": 4}, "modelVersion": "g",
+                "responseId": "gem-tail_1"})
+    anth = j({"id": "msg_top", "type": "message", "content": [{"type": "text", "text": pad}], "model": "claude",
+              "usage": {"input_tokens": 3, "output_tokens": 4}})
+    for path, body, want in (("/v1/chat/completions", openai, "chatcmpl-top"),
+                             ("/v1/chat/completions", nested, None),
+                             (GEM + ":generateContent", gemini, "gem-tail_1"),
+                             ("/v1/messages", anth, "msg_top")):
+        req = GEMINI_REQ if "models" in path else ANTH_REQ if "messages" in path else OPENAI_CHAT_REQ
+        chunks = [body[i:i + 4096] for i in range(0, len(body), 4096)]
+        out, t = run(events("POST", path, req, 200, JSON, chunks), response_body_cap=16384)
+        (rec,) = out
+        assert t.stats["response_truncated"] == 1
+        assert (rec.response_id, rec.input_tokens) == (want, 3), path

@@ -156,3 +156,20 @@ def test_json_array_splitter_matches_json_loads(values, indent, cuts):
     for a, b in zip([0, *cuts], [*cuts, len(doc)], strict=True):
         got += [json.loads(e) for e in sp.feed(doc[a:b])]
     assert json.dumps(got) == json.dumps(values)
+
+
+@settings(max_examples=500, deadline=None)
+@given(st.sampled_from(["openai.chat", "openai.responses", "anthropic.messages", "gemini.generate_content",
+                        "bedrock.invoke"]),
+       st.one_of(st.text(max_size=200), st.binary(max_size=60).map(lambda b: b.decode("latin-1")), json_values))
+def test_any_response_id_is_kept_only_as_a_bounded_plain_token(api, rid):
+    """Whatever a server puts where the answer's id goes, what is kept is None or a plain token of at
+    most 128 characters (nothing a terminal interprets), the server's own string."""
+    import re
+
+    objs = {"openai.chat": {"id": rid, "choices": []}, "openai.responses": {"id": rid, "output": []},
+            "anthropic.messages": {"type": "message", "id": rid}, "gemini.generate_content": {"responseId": rid},
+            "bedrock.invoke": {"type": "message_start", "message": {"id": rid}}}
+    u = shapes.Usage()
+    shapes.handle(api, u, objs[api], 1)
+    assert u.response_id is None or (u.response_id == rid and re.fullmatch(r"[A-Za-z0-9._:\-]{1,128}", rid))

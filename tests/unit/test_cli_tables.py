@@ -185,23 +185,26 @@ def test_top_by_agent_moves_a_flow_with_its_classification():
 # -- the CLI with a fake Monitor ---------------------------------------------------------------
 
 
-_MONITOR_SIGNATURE = inspect.signature(busted.Monitor)  # the real one, taken before any test patches it
+_MONITOR_OPTIONS = busted.MonitorOptions  # the real one, taken before any test patches busted.Monitor
 
 
 class FakeMonitor:
     """Stands in for busted.Monitor: records how it was made and started, yields scripted events.
-    Its keywords are bound to the real ``Monitor.__init__`` signature, so a keyword the CLI passes
-    that the Monitor does not take fails here as it would for real (issue 20: a ``**kw`` fake hid
-    CLI/Monitor drift)."""
+    Its keywords build the real ``MonitorOptions`` (what ``Monitor(**kw)`` does first), so a
+    keyword the CLI passes that the Monitor does not take, or a value its checks refuse, fails here
+    as it would for real (issue 20: a ``**kw`` fake hid CLI/Monitor drift)."""
 
     made: list = []
     script: list = []
     budget_rows: list = []
     fail_start: BaseException | None = None
 
-    def __init__(self, **kw):
-        _MONITOR_SIGNATURE.bind(**kw)  # TypeError: an unexpected keyword argument, as Monitor(**kw)
-        self.kw = kw
+    def __init__(self, options=None, /, **kw):
+        # TypeError for an unexpected keyword, as Monitor(**kw)
+        self.options = dataclasses.replace(options, **kw) if options is not None else _MONITOR_OPTIONS(**kw)
+        default = _MONITOR_OPTIONS()
+        self.kw = {f.name: getattr(self.options, f.name) for f in dataclasses.fields(self.options)
+                   if getattr(self.options, f.name) != getattr(default, f.name)}  # what was asked for
         self.started = False
         self.closed = False
         FakeMonitor.made.append(self)
@@ -263,7 +266,7 @@ def test_monitor_prints_the_ready_line_then_escaped_rows(fake, capsys):
                           "bytes=tracepoint)\n")
     text = out.getvalue()
     assert text.splitlines()[0] == HEADER and "\\x1b]0;OWNED" in text and "\x1b" not in text
-    assert fake.made[0].kw == {"probes": None, "pid": [5, 6], "comm": ["curl"], "port": [443], "family": 4}
+    assert fake.made[0].kw == {"pid": [5, 6], "comm": ["curl"], "port": [443], "family": 4}
 
 
 def test_monitor_json_is_exact(fake, capsys):
@@ -307,8 +310,8 @@ def test_top_shows_budgets(fake, tmp_path):
 def test_monitor_restores_budget_spend_from_its_store(fake, tmp_path):
     import time
 
-    from busted.budgets import window_of
     from busted.events import BudgetSpend
+    from busted.policy.budgets import window_of
     from busted.sinks import Store
 
     now = time.time()
@@ -533,9 +536,8 @@ def test_doctor_ebpf_prints_what_monitor_loads(monkeypatch):
     monkeypatch.setattr(busted.ebpf.probe, "probe", lambda: caps)
     out = io.StringIO()
     assert main(["doctor", "--ebpf"], out=out) == 0
-    params = inspect.signature(busted.monitor.Monitor.__init__).parameters
-    want = build_source(choose_plan(caps, None), ringbuf_bytes=params["ringbuf_bytes"].default,
-                        max_flows=params["max_flows"].default)
+    o = busted.MonitorOptions()
+    want = build_source(choose_plan(caps, None), ringbuf_bytes=o.ringbuf_bytes, max_flows=o.max_flows)
     assert out.getvalue() == want
     assert "#define RINGBUF_PAGES 1024\n" in want  # 4 MiB
 
@@ -543,9 +545,9 @@ def test_doctor_ebpf_prints_what_monitor_loads(monkeypatch):
 def test_monitor_and_loader_share_their_defaults():
     from busted.ebpf import loader
 
-    params = inspect.signature(busted.monitor.Monitor.__init__).parameters
-    assert params["ringbuf_bytes"].default == loader.RINGBUF_BYTES
-    assert params["max_flows"].default == loader.MAX_FLOWS
+    o = busted.MonitorOptions()
+    assert o.ringbuf_bytes == loader.RINGBUF_BYTES
+    assert o.max_flows == loader.MAX_FLOWS
     for fn in (loader.build_source, loader.FlowProgram.__init__):
         p = inspect.signature(fn).parameters
         assert (p["ringbuf_bytes"].default, p["max_flows"].default) == (loader.RINGBUF_BYTES, loader.MAX_FLOWS)
@@ -602,7 +604,7 @@ def test_llm_flags_reach_the_monitor(fake, capsys):
     out = io.StringIO()
     assert main(["monitor", "--json", "--duration", "0.2", "--no-llm-calls", "--capture-content", "512"],
                 out=out) == 0
-    assert fake.made[0].kw == {"probes": None, "llm_calls": False, "capture_content": 512}
+    assert fake.made[0].kw == {"llm_calls": False, "capture_content": 512}
     rows = [json.loads(ln) for ln in out.getvalue().splitlines()]
     assert [r["kind"] for r in rows] == ["llm_call", "mcp_message", "mcp_message"]
     assert rows[0]["input_tokens"] == 120 and rows[0]["cache_write_tokens"] is None

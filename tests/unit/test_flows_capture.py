@@ -11,7 +11,9 @@ import dns.message
 import dns.rrset
 
 from busted import DnsAnswer, EventsLost, Evidence, FlowClassified, FlowOpened, LossPlace, TlsClientHello
-from busted.ebpf.layout import (
+from busted.pipeline.enrich import Enricher
+from busted.pipeline.flows import FlowTable
+from busted.wire.layout import (
     CAP_DNS_TCP,
     CAP_DNS_UDP,
     CAP_HDR,
@@ -23,8 +25,6 @@ from busted.ebpf.layout import (
     REC_OPEN,
     REC_TLS,
 )
-from busted.enrich import Enricher
-from busted.flows import FlowTable
 
 HELLO = bytes.fromhex(Path(__file__).with_name("fixtures").joinpath("hello_curl.hex").read_text().strip())
 A = FL.ATTRIBUTED | FL.HAVE_TUPLE | FL.OPEN_SENT
@@ -160,3 +160,22 @@ def test_garbage_dns_is_a_parse_loss():
 def test_without_an_enricher_captures_are_ignored():
     t = FlowTable()
     assert t.feed(cap(REC_TLS, HELLO, sk=1)) == [] and t.records == 1
+
+
+def test_the_flow_table_runs_on_recorded_records_without_root():
+    """Issue 20: the flow table is driven by plain records, no kernel, no privilege: this module's
+    own tests (and the plaintext gap tests) pass as uid 65534."""
+    import subprocess
+    import sys
+
+    import needs
+
+    needs.root("to run as uid 65534")
+    setpriv = needs.tool("setpriv")
+    here = Path(__file__).resolve().parent
+    r = subprocess.run([setpriv, "--reuid=65534", "--regid=65534", "--clear-groups", sys.executable, "-m", "pytest",
+                        "-q", "-p", "no:cacheprovider", "-k", "not without_root", str(here / "test_flows_capture.py"),
+                        str(here / "test_flows_gaps.py")],
+                       capture_output=True, text=True, cwd=here.parents[1], timeout=300,
+                       env={"PATH": "/usr/bin:/bin", "HOME": "/nonexistent", "PYTHONDONTWRITEBYTECODE": "1"})
+    assert r.returncode == 0 and " passed" in r.stdout and "failed" not in r.stdout, r.stdout[-3000:] + r.stderr[-2000:]

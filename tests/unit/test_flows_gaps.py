@@ -9,10 +9,10 @@ import json
 import socket
 
 from busted import EventsLost, LlmCall, LossPlace
-from busted.ebpf.layout import FL, FLOW, PT_HDR, REC_HDR, REC_OPEN, REC_PLAIN
-from busted.enrich import Enricher
-from busted.flows import FlowTable
-from busted.llmreader import CallReader
+from busted.pipeline.enrich import Enricher
+from busted.pipeline.flows import FlowTable
+from busted.pipeline.llmreader import CallReader
+from busted.wire.layout import FL, FLOW, PT_HDR, REC_HDR, REC_OPEN, REC_PLAIN
 
 CHUNK, PIECES = 16384, 4
 SK = 0x1234

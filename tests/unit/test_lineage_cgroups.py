@@ -2,7 +2,7 @@
 
 import os
 
-from busted.cgroups import CgroupPaths, cgroup2_mount, proc_cgroup_path
+from busted.host.cgroups import CgroupPaths, cgroup2_mount, proc_cgroup_path
 
 
 def test_ids_are_directory_inodes(tmp_path):

@@ -5,13 +5,13 @@ import struct
 import pytest
 
 from busted.classify.agents import AgentCatalog
-from busted.ebpf.layout import LIN_HDR, LINF, REC_EXEC, REC_EXIT, REC_FORK, c_definitions
-from busted.ebpf.records import LinRecord, decode_any, decode_lineage
 from busted.events import Ancestor, FlowOpened, LossPlace
-from busted.flows import FlowTable
-from busted.lineage import NO_LINEAGE, LineageProc, LineageTable
-from busted.procinfo import ProcInfo
+from busted.host.lineage import NO_LINEAGE, LineageProc, LineageTable
+from busted.host.procinfo import ProcInfo
+from busted.pipeline.flows import FlowTable
 from busted.sinks._codec import event_from_dict
+from busted.wire.layout import LIN_HDR, LINF, REC_EXEC, REC_EXIT, REC_FORK, c_definitions
+from busted.wire.records import LinRecord, decode_any, decode_lineage
 
 NOPROC = ProcInfo(None, None, None, None, None)
 
@@ -236,7 +236,7 @@ def test_proc_start_time_is_the_wall_time_the_process_started():
     import subprocess
     import time
 
-    from busted.procinfo import read_proc
+    from busted.host.procinfo import read_proc
 
     before = time.time()
     child = subprocess.Popen(["sleep", "5"])
@@ -280,7 +280,7 @@ def test_a_fork_only_child_runs_its_parents_program():
 # -- through the flow table ------------------------------------------------------------------------
 
 def test_flow_table_routes_lineage_records_and_fills_flow_events():
-    from busted.ebpf.layout import FL, FLOW, REC_HDR, REC_OPEN
+    from busted.wire.layout import FL, FLOW, REC_HDR, REC_OPEN
 
     t = LineageTable()
     src = _source(t)
@@ -316,7 +316,7 @@ def test_flow_table_without_lineage_ignores_its_records():
 
 
 def test_flow_table_without_lineage_still_has_the_start_time_from_proc():
-    from busted.ebpf.layout import FL, FLOW, REC_HDR, REC_OPEN
+    from busted.wire.layout import FL, FLOW, REC_HDR, REC_OPEN
 
     info = ProcInfo(1, "/usr/bin/curl", ("curl",), None, 250, "curl", None, 1_700_000_002.5)
     ft = FlowTable(proc=lambda pid: info)
@@ -398,7 +398,7 @@ def test_exec_without_argv_and_no_reader_is_unknown_not_empty():
 
 
 def test_read_exec_argv_checks_the_program(tmp_path):
-    from busted.procinfo import read_exec_argv
+    from busted.host.procinfo import read_exec_argv
 
     d = tmp_path / "42"
     d.mkdir()

@@ -12,9 +12,9 @@ import pytest
 
 import busted
 from busted import Direction, EventsLost, FlowClosed, FlowOpened, LossPlace, Monitor
-from busted.ebpf.layout import FL, FLOW, REC_CLOSE, REC_HDR, REC_OPEN
-from busted.flows import FlowTable
-from busted.procinfo import ProcInfo
+from busted.host.procinfo import ProcInfo
+from busted.pipeline.flows import FlowTable
+from busted.wire.layout import FL, FLOW, REC_CLOSE, REC_HDR, REC_OPEN
 
 
 def rec(typ, flags, sk, *, ts=2_000, open_ns=1_000, sent=0, recv=0, pid=10, direction=1,
@@ -82,7 +82,7 @@ def test_listener_and_untracked_closes_are_ignored_not_reported(table):
 
 
 def test_preexisting_flow_close_joins_the_dump_entry(table):
-    from busted.preexisting import ExistingFlow
+    from busted.host.preexisting import ExistingFlow
 
     dumped = [ExistingFlow(4, "127.0.0.1", 5555, "127.0.0.2", 443, inode=77, uid=0, listening_port=False),
               ExistingFlow(4, "127.0.0.1", 6666, "127.0.0.2", 443, inode=78, uid=0, listening_port=False)]

@@ -7,8 +7,8 @@ from hypothesis import strategies as st
 from busted import Policy
 from busted.classify import Catalog, ClientHelloParser
 from busted.classify.names import normalize_name
-from busted.enforce import NAME_MAX, compile_policy, name_entry, name_mask
-from busted.policy import Subject
+from busted.policy.enforce import NAME_MAX, compile_policy, name_entry, name_mask
+from busted.policy.rules import Subject
 
 
 def test_normalize_name_spellings_of_one_host():

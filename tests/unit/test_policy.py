@@ -6,7 +6,7 @@ import needs
 import pytest
 
 from busted import Policy, PolicyError
-from busted.policy import Subject, container_of
+from busted.policy.rules import Subject, container_of
 
 ISSUE_EXAMPLE = textwrap.dedent("""\
     default = "audit"                 # allow | audit | deny
@@ -162,7 +162,7 @@ def test_cli_policy_check(tmp_path, capsys):
 def test_reloader_keeps_the_old_policy_on_errors(tmp_path):
     import io
 
-    from busted.policy_cli import Reloader
+    from busted.cli.policy import Reloader
 
     class FakeMonitor:
         closed = False
@@ -188,7 +188,7 @@ def test_reloader_keeps_the_old_policy_on_errors(tmp_path):
 
 def test_llm_calls_are_judged_with_their_model():
     from busted import Direction, LlmCall
-    from busted.policy import Policy, PolicyJudge
+    from busted.policy.rules import Policy, PolicyJudge
 
     pol = Policy.from_dict({"default": "audit", "rules": [
         {"name": "no-o1", "action": "deny", "model": "o1*"}]})
@@ -215,7 +215,7 @@ def _check(path):
 def test_unknown_provider_is_refused_with_the_nearest_id(tmp_path, capsys):
     """Issue 18 item 11: ``provider = "deepseeek"`` was accepted and silently matched nothing."""
     from busted.classify import Catalog
-    from busted.enforce import PolicyRuntime
+    from busted.policy.enforce import PolicyRuntime
 
     f = tmp_path / "p.toml"
     f.write_text('[[rules]]\nname = "a"\naction = "deny"\nprovider = ["openai", "deepseeek"]\n')

@@ -6,7 +6,7 @@ import pytest
 
 from busted import Direction, Evidence, FlowClassified, FlowClosed, FlowOpened, Policy, PolicyDecision, PolicyError
 from busted.classify import Catalog
-from busted.enforce import (
+from busted.policy.enforce import (
     ANY_BIT,
     POL_RULE,
     PR_COMM,
@@ -24,7 +24,7 @@ from busted.enforce import (
     name_entry,
     name_mask,
 )
-from busted.policy import PolicyJudge, Rule
+from busted.policy.rules import PolicyJudge, Rule
 
 BASE = dict(ts_ns=1, wall_time=1.0, flow_id=7, direction=Direction.CONNECT, pid=10, tid=10, uid=1000, comm="curl",
             family=4, saddr="10.0.0.1", sport=40000, daddr="10.0.0.2", dport=443)
@@ -246,7 +246,7 @@ def test_aggregated_decision_fields_round_trip_through_the_outputs(tmp_path):
 
 def _agg_enforcer():
     """An Enforcer's aggregation state without BPF (``_aggregate`` and ``_flush_windows`` only)."""
-    from busted.enforce import Enforcer
+    from busted.policy.enforce import Enforcer
 
     e = Enforcer.__new__(Enforcer)
     e._events, e._windows, e._lost, e._names, e.decisions_in = [], {}, {}, {}, 0
@@ -267,7 +267,7 @@ def test_identical_denials_aggregate_per_window_and_every_one_is_counted():
     before) become the first at once and one event per 1 s window; their counts add up to every
     denial. Another process or destination is its own key; open windows are capped (the oldest
     reported early) and the final flush reports what is left."""
-    from busted.enforce import AGG_MAX_KEYS, AGG_WINDOW_NS
+    from busted.policy.enforce import AGG_MAX_KEYS, AGG_WINDOW_NS
 
     e = _agg_enforcer()
     n, step = 20_000, 250_000  # 20 k records, one every 0.25 ms: 5 s
@@ -329,8 +329,8 @@ def test_a_map_write_error_is_a_counted_loss_not_a_dead_reader():
     from cachetools import LRUCache
 
     from busted import EventsLost
-    from busted.enforce import _COUNT_LOSSES
     from busted.events import DnsAnswer, DnsRecord, LossPlace
+    from busted.policy.enforce import _COUNT_LOSSES
 
     e = _agg_enforcer()
     e._lock, e.bpf, e._learned = threading.Lock(), _FullBpf(), LRUCache(maxsize=16)

@@ -8,10 +8,10 @@ import subprocess
 import time
 from pathlib import Path
 
-from busted.ebpf.layout import REC_EXEC, REC_EXIT, REC_FORK
-from busted.ebpf.records import LinRecord
-from busted.lineage import LineageProc, LineageTable
-from busted.procinfo import ProcCache
+from busted.host.lineage import LineageProc, LineageTable
+from busted.host.procinfo import ProcCache
+from busted.wire.layout import REC_EXEC, REC_EXIT, REC_FORK
+from busted.wire.records import LinRecord
 
 
 def _wait_exe(pid: int, want: str, timeout: float = 10.0) -> None:

@@ -10,7 +10,7 @@ EXPECTED = [
     "EnvironmentProblem",
     "Event", "EventsLost", "Evidence", "FlowClassified", "FlowClosed", "FlowEvent", "FlowIdentity",
     "FlowOpened", "FlowSummary", "KernelHeadersMissing", "LabError", "LlmCall", "LossPlace", "McpMessage",
-    "MissingDependency", "Monitor", "MonitorClosed", "MonitorStats",
+    "MissingDependency", "Monitor", "MonitorClosed", "MonitorOptions", "MonitorStats",
     "PermissionDenied", "ProbeLoadError", "ProbeUnavailable", "StoreError", "TlsClientHello", "TracefsNotMounted",
     "UsageError", "__version__", "to_dataframe", "Policy", "PolicyDecision", "PolicyError",
 ]

@@ -10,7 +10,7 @@ import pytest
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
-from busted.procinfo import read_proc
+from busted.host.procinfo import read_proc
 from busted.redact import MASK, is_secret_name, looks_secret, redact_argv, redact_headers, redact_text, redact_url
 
 R = MASK

@@ -8,7 +8,7 @@ from events_factory import IDENT
 
 from busted.cli import render
 from busted.events import Evidence, FlowOpened, LlmCall
-from busted.llmreader import CallReader
+from busted.pipeline.llmreader import CallReader
 from busted.sinks import encode, redact
 
 UA_TOKEN = "Zx8Kq2Lm9Np4Rt6Vw1Yb3Cd5Ef7Gh0Jk"  # token=<32 random characters> in a User-Agent

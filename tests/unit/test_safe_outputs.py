@@ -61,11 +61,9 @@ def test_jsonl_through_a_symlink_is_refused(tmp_path):
 
 
 def test_cli_jsonl_through_a_symlink_exits_2_before_the_monitor(tmp_path, monkeypatch, capsys):
-    import inspect
-
     made = []
-    sig = inspect.signature(busted.Monitor)  # the fake takes what the real Monitor takes, no more
-    monkeypatch.setattr(busted, "Monitor", lambda **kw: made.append(sig.bind(**kw)))
+    options = busted.MonitorOptions  # the fake takes what the real Monitor takes, no more
+    monkeypatch.setattr(busted, "Monitor", lambda **kw: made.append(options(**kw)))
     target = _root_only(tmp_path / "shadow")
     (tmp_path / "out.jsonl").symlink_to(target)
     rc = main(["monitor", "--jsonl", str(tmp_path / "out.jsonl"), "--duration", "0"], out=io.StringIO())

@@ -9,9 +9,9 @@ import pytest
 from events_factory import sample_events
 
 import busted
-from busted.dataframe import frame_from_dicts, to_dataframe
 from busted.errors import EnvironmentProblem
 from busted.events import Event
+from busted.sinks.dataframe import frame_from_dicts, to_dataframe
 
 pd = needs.module("pandas", module_level=True)
 
@@ -107,8 +107,8 @@ def test_spend_per_agent_from_events_and_from_the_store(tmp_path):
 
     from events_factory import sample_calls
 
-    from busted.dataframe import spend_by
     from busted.sinks import Store
+    from busted.sinks.dataframe import spend_by
 
     call = sample_calls()[0]  # 120 in, 45 out, $0.0000435
     evs = [*sample_events(),

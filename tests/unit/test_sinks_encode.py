@@ -28,7 +28,7 @@ from busted.events import (
     FlowOpened,
     PolicyDecision,
 )
-from busted.redact import MASK, redact_text
+from busted.redact import MASK, redact_id, redact_text
 from busted.sinks import Store, _codec, dumps, encode, redact
 
 # -- the plain implementations these replace, kept here as the reference --------------------------
@@ -59,7 +59,8 @@ def _ref_secret(k: Any) -> bool:
 
 def _ref_redact(d: Any) -> Any:
     if isinstance(d, dict):
-        return {k: (MASK if _ref_secret(k) else redact_text(v) if k in _codec._TEXT_KEYS and isinstance(v, str)
+        return {k: (MASK if _ref_secret(k) else (redact_id if k == "response_id" else redact_text)(v)
+                    if k in _codec._TEXT_KEYS and isinstance(v, str)
                     else _ref_redact(v)) for k, v in d.items()}
     if isinstance(d, list | tuple):
         if d and all(isinstance(x, list | tuple) and len(x) == 2 and isinstance(x[0], str) for x in d):

@@ -6,7 +6,7 @@ import pytest
 from events_factory import sample_events
 
 from busted.events import Evidence, FlowClassified, FlowClosed, FlowOpened
-from busted.flowview import FlowView
+from busted.sinks.flowview import FlowView
 
 
 def _flow_events(flow_id: int = 4242, **kw):

@@ -218,7 +218,8 @@ def test_llm_calls_round_trip_and_their_secrets_are_masked(tmp_path):
     got = _read(p)
     assert got[:3] == clean  # exact: every field, None kept as None
     masked = replace(dirty[0], path="/v1/chat/completions?key=[REDACTED]",
-                     user_agent="OpenAI/Python 1.54.0 [REDACTED]", prompt="hello [REDACTED]")
+                     user_agent="OpenAI/Python 1.54.0 [REDACTED]", prompt="hello [REDACTED]",
+                     response_id="chatcmpl-B9MHDbslfkBeAs8l4bebGdFOJ6PeG-[REDACTED]")
     assert got[3:] == [masked, *dirty[1:]]
     assert [e.kind for e in got] == ["llm_call", "mcp_message", "mcp_message"] * 2
 

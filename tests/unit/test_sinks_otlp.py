@@ -100,6 +100,7 @@ def test_calls_exported_exactly(protocol: str, monkeypatch: pytest.MonkeyPatch) 
         "gen_ai.usage.input_tokens": 120, "gen_ai.usage.output_tokens": 45,
         "gen_ai.usage.cache_read.input_tokens": 100, "gen_ai.usage.reasoning.output_tokens": 7,
         "gen_ai.request.stream": True, "gen_ai.response.time_to_first_chunk": 0.15,
+        "gen_ai.response.id": "chatcmpl-B9MHDbslfkBeAs8l4bebGdFOJ6PeG",
         "gen_ai.input.messages": '[{"role": "user", "parts": [{"type": "text", "content": "hello"}]}]',
         "gen_ai.output.messages": '[{"role": "assistant", "parts": [{"type": "text", "content": "hi"}], '
                                   '"finish_reason": "stop"}]',
@@ -137,8 +138,8 @@ def test_calls_exported_exactly(protocol: str, monkeypatch: pytest.MonkeyPatch) 
     by_event = {rec["event_name"]: rec for rec in logs}
     assert by_event["busted.events_lost"]["attrs"] == {"busted.lost.where": "kernel_ring", "busted.lost.count": 3}
     deny = by_event["busted.policy_decision"]
-    assert deny["severity"] == "WARN" and deny["attrs"]["busted.policy.action"] == "deny"
-    assert deny["attrs"]["busted.policy.enforced"] is True and deny["attrs"]["gen_ai.provider.name"] == "deepseek"
+    assert deny["severity"] == "WARN" and deny["attrs"]["busted.policy.rules.action"] == "deny"
+    assert deny["attrs"]["busted.policy.rules.enforced"] is True and deny["attrs"]["gen_ai.provider.name"] == "deepseek"
 
 
 def test_server_kind_error_and_no_content(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -186,6 +187,8 @@ def test_no_secret_in_any_exported_byte(monkeypatch: pytest.MonkeyPatch) -> None
             assert SECRET not in sink.report()["text"] and not errors
             (s,) = [s for s in r.spans() if s["name"].startswith("chat")]
             assert "[REDACTED]" in s["attrs"]["process.command_args"]
+            # a key planted in the response id (bypassing the parser's own check) is masked here too
+            assert s["attrs"]["gen_ai.response.id"] == "chatcmpl-B9MHDbslfkBeAs8l4bebGdFOJ6PeG-[REDACTED]"
 
 
 def test_missing_extra_one_clear_error(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -273,29 +276,53 @@ def test_dead_collector_close_within_timeout() -> None:
 
 
 def test_wire_encoder_writes_the_official_message() -> None:
-    """busted.sinks._otlpwire's bytes parse (opentelemetry-proto) to exactly the message the official
-    encoder builds, for calls, SERVER and error spans, MCP spans, every attribute type."""
+    """The spans busted.sinks._otlpwire writes in write() parse (opentelemetry-proto) to exactly the
+    message the official encoder builds for the same spans (ReadableSpans made from what was
+    decoded: ids, name, kind, times, status, every attribute with its type, resource, scope), for
+    calls, SERVER and error spans, MCP spans, every attribute type; and our bytes are the
+    canonical serialization of that message."""
     from opentelemetry.exporter.otlp.proto.common.trace_encoder import encode_spans as official
     from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
+    from opentelemetry.sdk.trace import ReadableSpan
+    from opentelemetry.trace import SpanContext, SpanKind, Status, StatusCode, TraceFlags
+    from otlp_receiver import attrs
 
-    from busted.sinks._otlpwire import SpanAttrs, encode_spans
+    from busted.sinks._otlpwire import WireSpan, encode_request
 
     call, req, resp = sample_calls(secret=SECRET)
     server = dataclasses.replace(call, direction=Direction.ACCEPT, status=500, input_tokens=-1, cost_usd=1e-300,
-                                 request_model="modèle-ü\u2028", tool_calls=2**62)
+                                 request_model="modèle-ü\u2028", tool_calls=2**62, flow_id=2**48 + 3,
+                                 response_id=None, prompt=None, completion=None, saddr=None)
     sink = OtlpSink("http://127.0.0.1:9", schedule_delay=3600, shutdown_timeout=0.5)
     got: list = []
     sink._span_proc.on_end = got.append  # the spans as the batch processor would get them
     for ev in (call, req, resp, server, *_calls(3)):
         sink.write(ev)
     sink.close()
-    assert len(got) == 6
-    # the calls' spans take the cached path (shared parts written from their bytes), MCP's the plain one
-    assert [s._attributes.parts is not None for s in got if isinstance(s._attributes, SpanAttrs)] == [True] * 5
+    assert len(got) == 6 and all(type(s) is WireSpan for s in got)
     for batch in (got, got[:1], got[3:4], got[4:]):
-        mine = ExportTraceServiceRequest.FromString(encode_spans(batch))
-        assert mine == official(batch)
-        assert encode_spans(batch) == encode_spans(batch)  # the cache changes nothing
+        raw = encode_request(batch)
+        mine = ExportTraceServiceRequest.FromString(raw)
+        assert mine.SerializeToString() == raw
+        (rs,) = mine.resource_spans
+        (ss,) = rs.scope_spans
+        assert len(ss.spans) == len(batch)
+        ref = [ReadableSpan(
+            sp.name, context=SpanContext(int.from_bytes(sp.trace_id, "big"), int.from_bytes(sp.span_id, "big"),
+                                         is_remote=False, trace_flags=TraceFlags(TraceFlags.SAMPLED)),
+            resource=sink._resource_obj, attributes=attrs(sp.attributes), kind=SpanKind(sp.kind - 1),
+            status=Status(StatusCode(sp.status.code)), start_time=sp.start_time_unix_nano,
+            end_time=sp.end_time_unix_nano, instrumentation_scope=sink._scope) for sp in ss.spans]
+        assert mine == official(ref)
+    ids = [(sp.trace_id, sp.span_id) for s in got for sp in
+           ExportTraceServiceRequest.FromString(encode_request([s])).resource_spans[0].scope_spans[0].spans]
+    assert len(set(ids)) == 6 and all(len(t) == 16 and len(i) == 8 for t, i in ids)
+    (srv,) = [sp for s in got for sp in
+              ExportTraceServiceRequest.FromString(encode_request([s])).resource_spans[0].scope_spans[0].spans
+              if sp.kind == SERVER]
+    a = attrs(srv.attributes)
+    assert a["gen_ai.usage.input_tokens"] == -1 and a["busted.tool_calls"] == 2**62
+    assert a["busted.flow.id"] == 2**48 + 3 and "server.address" not in a and srv.status.code == 2
 
 
 def test_standard_environment_variables(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -762,7 +762,7 @@ def test_calls_and_mcp_messages_have_typed_tables(tmp_path):
     from events_factory import sample_calls
 
     from busted.events import LlmCall, McpMessage
-    from busted.sinks.sqlite import _CALL_COLS, _MCP_COLS
+    from busted.sinks.store_rows import _CALL_COLS, _MCP_COLS
 
     # every field of the events has its column (ts holds wall_time)
     assert set(_CALL_COLS) - {"ts"} | {"wall_time"} == {f.name for f in fields(LlmCall)}
@@ -923,6 +923,7 @@ def test_v6_store_gains_ttft_source(tmp_path):
         s.write_many([call])
     db = sqlite3.connect(p)
     db.execute("ALTER TABLE llm_calls DROP COLUMN ttft_source")  # as v6 wrote it
+    db.execute("ALTER TABLE llm_calls DROP COLUMN response_id")
     db.execute("UPDATE llm_calls SET flow_id = 1")
     db.execute("UPDATE meta SET value='6' WHERE key='schema_version'")
     db.commit()
@@ -933,3 +934,25 @@ def test_v6_store_gains_ttft_source(tmp_path):
     assert _rows(p, "SELECT flow_id, ttft_source FROM llm_calls ORDER BY flow_id") == [(1, None), (2, "read")]
     with Store.open_readonly(p) as r:
         assert [c["ttft_source"] for c in r.calls()] == [None, "read"]
+
+
+def test_v7_store_gains_response_id(tmp_path):
+    """v8 adds llm_calls.response_id; the rows of a v7 store keep NULL there, new rows get theirs."""
+    from events_factory import sample_calls
+
+    p = tmp_path / "v7.db"
+    call = sample_calls(flow_id=1)[0]
+    with Store(p) as s:
+        s.write_many([call])
+    db = sqlite3.connect(p)
+    db.execute("ALTER TABLE llm_calls DROP COLUMN response_id")  # as v7 wrote it
+    db.execute("UPDATE meta SET value='7' WHERE key='schema_version'")
+    db.commit()
+    db.close()
+    with Store(p) as s:
+        s.write_many([replace(call, flow_id=2, ts_ns=99, response_id="msg_013Zva2CMHLNnXjNJJKqJ2EF")])
+    assert _rows(p, "SELECT value FROM meta WHERE key='schema_version'") == [(str(SCHEMA_VERSION),)]
+    assert _rows(p, "SELECT flow_id, response_id FROM llm_calls ORDER BY flow_id") == [
+        (1, None), (2, "msg_013Zva2CMHLNnXjNJJKqJ2EF")]
+    with Store.open_readonly(p) as r:
+        assert [c["response_id"] for c in r.calls()] == [None, "msg_013Zva2CMHLNnXjNJJKqJ2EF"]

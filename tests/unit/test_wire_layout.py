@@ -5,8 +5,8 @@ import struct
 
 import pytest
 
-from busted.ebpf.layout import CAP_HDR, FLOW, REC_DNS, REC_HDR, REC_TLS, c_definitions
-from busted.ebpf.records import CapRecord, FlowRecord, decode, decode_any, decode_capture
+from busted.wire.layout import CAP_HDR, FLOW, REC_DNS, REC_HDR, REC_TLS, c_definitions
+from busted.wire.records import CapRecord, FlowRecord, decode, decode_any, decode_capture
 
 # struct rec { rec_hdr h; flow f; } for a close of 127.0.0.1:1234 -> 10.0.0.2:443 (v4-mapped v6)
 GOLDEN_CLOSE = bytes.fromhex(
@@ -81,8 +81,8 @@ def test_c_text_declares_each_layout_in_order_with_explicit_padding():
 
 def test_golden_arrival_record():
     """REC_ARRIVAL (arrival.c's struct rx_rec): type, 4 bytes of padding, read time, socket, arrival."""
-    from busted.ebpf.layout import REC_ARRIVAL, RX_REC
-    from busted.ebpf.records import ArrivalRecord
+    from busted.wire.layout import REC_ARRIVAL, RX_REC
+    from busted.wire.records import ArrivalRecord
 
     golden = bytes.fromhex("0c000000" "00000000" "e803000000000000" "bb0a000000000000" "6400000000000000")
     assert RX_REC.size == len(golden) == 32 and RX_REC.offsets()["ts_ns"] == 8

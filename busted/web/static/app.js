@@ -100,7 +100,7 @@ function prepend(kind, d) {
 function showDetail(d) {
   const keys = ["flow_id", "pid", "ppid", "uid", "comm", "exe", "cmdline", "agent", "agent_evidence", "container_id",
     "hostname", "provider", "evidence", "saddr", "sport", "daddr", "dport", "api", "method", "path",
-    "http_version", "request_model", "response_model", "finish_reason", "ttft_source", "user_agent", "price_source",
+    "http_version", "request_model", "response_model", "response_id", "finish_reason", "ttft_source", "user_agent", "price_source",
     "ancestry"];
   const lines = [];
   for (const k of keys) {

@@ -29,7 +29,7 @@ generations and ``pol_gen`` names the one in force; a reload writes the other co
 flips ``pol_gen`` (one 4-byte write). A kernel decision reads ``pol_gen`` once and uses that
 generation throughout (a DNS answer's stages carry it), so it sees one policy, never a mix.
 
-Budgets (busted/budgets.py, busted/budget_enforce.py): kernel budget *j* takes destination bit
+Budgets (busted/policy/budgets.py, busted/policy/budget_enforce.py): kernel budget *j* takes destination bit
 61 - *j*; exhausted scopes go into the ``pol_budget`` map, checked at connect after the rules.
 
 Programs are attached with BPF links (``BPF_LINK_CREATE``), held by file descriptor and never
@@ -54,11 +54,11 @@ from cachetools import LRUCache
 
 from busted.classify.containers import container_of
 from busted.classify.names import normalize_name
-from busted.ebpf.layout import Layout
 from busted.errors import PermissionDenied, PolicyError, ProbeLoadError
 from busted.events import DnsAnswer, Event, EventsLost, FlowOpened, LossPlace, PolicyDecision
-from busted.policy import MAX_KERNEL_ENTRIES, Policy, Rule
-from busted.policy import MAX_RULES as _MAX_RULES
+from busted.policy.rules import MAX_KERNEL_ENTRIES, Policy, Rule
+from busted.policy.rules import MAX_RULES as _MAX_RULES
+from busted.wire.layout import Layout
 
 __all__ = ["CGROUP2_MOUNTS", "Compiled", "Enforcer", "PolicyRuntime", "cgroup2_mount", "compile_policy",
            "name_entry", "name_mask"]
@@ -88,7 +88,8 @@ _COUNT_LOSSES = {
                     "policy: process not tracked (pol_exe_proc full): its exe is unknown to exe rules"),
 }
 _ACTION_CODE = {"allow": POL_ALLOW, "audit": POL_AUDIT, "deny": POL_DENY}
-_POINTS = {POINT_CONNECT: "connect", POINT_TLS: "tls_client_hello"}
+POINT_MODEL = 3  # policy_model.c: a request naming a denied model (busted/policy/model_enforce.py)
+_POINTS = {POINT_CONNECT: "connect", POINT_TLS: "tls_client_hello", POINT_MODEL: "llm_request"}
 CGROUP2_MOUNTS = ("/sys/fs/cgroup/unified", "/sys/fs/cgroup")
 
 POL_CONF = Layout.of("pol_conf", ("own_tgid", "u32"), ("nrules", "u32"), ("dflt", "u32"), ("flags", "u32"))
@@ -148,7 +149,7 @@ def c_definitions(max_addrs: int = MAX_ADDRS, max_names: int = MAX_NAMES) -> str
         "POL_EXE_MAX": EXE_MAX, "POL_MAX_EXES": MAX_EXES, "POL_MAX_PROCS": MAX_PROCS,
         "POL_MAX_CTR_CGROUPS": MAX_CTR_CGROUPS, "POL_CG_LEVELS": CG_LEVELS,
     }
-    out = ["/* Generated from busted/enforce.py: edit it there. */"]
+    out = ["/* Generated from busted/policy/enforce.py: edit it there. */"]
     out += [f"#define {k} {v}" for k, v in consts.items()]
     out += [lay.c_struct() for lay in (POL_CONF, POL_RULE, POL_REC, POL_TLS_EXT)]
     out.append("struct sys_enter_args { u64 common; s32 nr; s32 pad; u64 arg[6]; };")
@@ -157,10 +158,12 @@ def c_definitions(max_addrs: int = MAX_ADDRS, max_names: int = MAX_NAMES) -> str
 
 
 def build_source() -> str:
-    from busted.budgets import c_definitions as budget_definitions
+    from busted.policy.budgets import c_definitions as budget_definitions
 
-    src = resources.files("busted.ebpf").joinpath("policy_enforce.c").read_text()
-    return c_definitions() + budget_definitions() + src
+    ebpf = resources.files("busted.ebpf")
+    src = ebpf.joinpath("policy_enforce.c").read_text()
+    # model rules (busted/policy/model_enforce.py): one object, so they share pol_gen, the ring and pol_denied_sk
+    return c_definitions() + budget_definitions() + src + ebpf.joinpath("policy_model.c").read_text()
 
 
 # -- names ---------------------------------------------------------------------------------------
@@ -419,9 +422,10 @@ class Compiled:
     exes: dict[bytes, int] = field(default_factory=dict)  # exe_key() -> rule-index bits (folded)
     ctr: dict[int, int] = field(default_factory=dict)  # container top cgroup id -> rule-index bits
     ctr_scope: dict[int, int] = field(default_factory=dict)  # ... -> its container id's scope_hash()
-    flags: int = 0  # CF_EXE | CF_CTR
+    flags: int = 0  # CF_EXE | CF_CTR | CF_BEXE | CF_BCTR
     user_only: list[str] = field(default_factory=list)  # "rule: key value" the kernel cannot check
-    budgets: dict[str, int] = field(default_factory=dict)  # budget name -> kernel index (busted.budgets)
+    budgets: dict[str, int] = field(default_factory=dict)  # budget name -> kernel index (busted.policy.budgets)
+    models: Any = None  # busted.policy.model_enforce.ModelRules: the model rules the kernel checks
 
 
 def _glob_chars(s: str) -> bool:
@@ -514,7 +518,7 @@ def compile_policy(policy: Policy, catalog: Any, *, cgroup_mount: str | None = N
             c.kernel_deny.add(r.name)
         c.rules.extend(entries)
     if policy.budgets:
-        from busted.budgets import compile_budgets
+        from busted.policy.budgets import compile_budgets
 
         c.budgets = compile_budgets(policy, catalog, add_name, add_cidr, c.notes)
         if any(b.per == "exe" and b.name in c.budgets for b in policy.budgets):
@@ -522,12 +526,13 @@ def compile_policy(policy: Policy, catalog: Any, *, cgroup_mount: str | None = N
         if any(b.per == "container" and b.name in c.budgets for b in policy.budgets):
             c.flags |= CF_BCTR  # every container's top cgroup, to key a caller by its container
     if c.flags & (CF_CTR | CF_BCTR):
-        from busted.budgets import scope_hash
+        from busted.policy.budgets import scope_hash
 
         for cgid, (_path, cid) in (ctrs if ctrs is not None else container_cgroups(mount)).items():
             if cgid in c.ctr or c.flags & CF_BCTR:
                 c.ctr.setdefault(cgid, 0)
                 c.ctr_scope[cgid] = scope_hash(cid)
+    _compile_models(policy, c)
     c.names = fold_names(c.names)
     c.exes = fold_exes(c.exes)
     if len(c.exes) > MAX_EXES:
@@ -550,6 +555,18 @@ def compile_policy(policy: Policy, catalog: Any, *, cgroup_mount: str | None = N
             raise PolicyError(f"the policy and catalog need {n} IPv{fam} kernel address ranges; at most {MAX_ADDRS}",
                               path=policy.source)
     return c
+
+
+def _compile_models(policy: Policy, c: Compiled) -> None:
+    """Model deny rules the kernel checks at the TLS write (busted/policy/model_enforce.py): their
+    "user space only" note is replaced by the model compiler's."""
+    from busted.policy.model_enforce import compile_models
+
+    c.models = compile_models(policy)
+    for name in c.models.kernel:
+        c.notes = [n for n in c.notes if not (n.startswith(f"{name}: checked in user space only") and "model" in n)]
+        c.kernel_deny.add(name)
+    c.notes.extend(c.models.notes)
 
 
 def _expand(r: Rule, i: int, unsure: list[str], mount: str | None, notes: list[str], kflags: int = 0) -> list[bytes]:
@@ -618,7 +635,7 @@ def link_create(prog_fd: int, target_fd: int, attach_type: int) -> int:
 
 
 def _budget_name(c: Compiled, idx: int) -> str | None:
-    from busted.budgets import BUDGET_RULE_BASE
+    from busted.policy.budgets import BUDGET_RULE_BASE
 
     if idx < BUDGET_RULE_BASE:
         return None
@@ -668,7 +685,7 @@ class Enforcer:
         self._kcounts = dict.fromkeys(_COUNT_LOSSES, 0)  # pol_counts losses already reported
         self._windows: dict[tuple, _Window] = {}  # aggregation (insertion order = oldest first)
         self.decisions_in = 0  # kernel records read (tests, stats)
-        from busted.cgroups import CgroupPaths as _IdPaths
+        from busted.host.cgroups import CgroupPaths as _IdPaths
 
         self._cg_paths = _IdPaths(self.mount)  # names the container of a kernel decision
         self._gen = 0  # the generation in force (pol_gen)
@@ -679,6 +696,9 @@ class Enforcer:
             self.bpf = bcc.BPF(text=build_source().encode())
         except Exception as exc:
             raise ProbeLoadError(f"policy program failed to compile or load: {exc}") from exc
+        from busted.policy.model_enforce import ModelGuard
+
+        self.models = ModelGuard(self.bpf, lambda: self._cg_fd)
         try:
             self._write_maps(self.compiled, first=True)
             # The exec/fork/exit tracepoints are attached (bcc attaches TRACEPOINT_PROBEs at load):
@@ -696,6 +716,7 @@ class Enforcer:
                 self._links.append(link_create(f.fd, self._cg_fd, atype))
             self._events: list[Event] = []
             self.bpf[b"pol_events"].open_ring_buffer(self._on_rec)
+            self.models.ensure_attached()
         except BaseException:
             self.close()
             raise
@@ -781,6 +802,7 @@ class Enforcer:
             ctypes.memmove(k.addr, addr, 16)
             t6[k] = ctypes.c_ulonglong(mask)
         self._relearn(c, g)
+        self.models.write(c.models, g)
         b[b"pol_gen"][ctypes.c_int(0)] = ctypes.c_uint(g)  # the switch, written last
         self._gen = g
 
@@ -795,6 +817,10 @@ class Enforcer:
                                   path=getattr(policy, "source", None)) from exc
             self.compiled = c
             self._policy = policy
+            try:
+                self.models.ensure_attached()  # a reload that brings the first model rules
+            except Exception as exc:  # noqa: BLE001 - the policy is in force; the model part is reported
+                self._count(LossPlace.KERNEL_MAP, f"policy: model programs not attached: {type(exc).__name__}: {exc}")
 
     def learn_dns(self, ev: DnsAnswer, uid: int | None = None) -> None:
         """Map a DNS-over-TCP answer's addresses for policy names, for ``uid`` (the owner of the
@@ -957,7 +983,7 @@ class Enforcer:
                 return  # another hierarchy (v1), or already gone
         except OSError:
             return
-        from busted.budgets import scope_hash
+        from busted.policy.budgets import scope_hash
 
         t = self.bpf[b"pol_ctr"]
         k, v = t.Key(), t.Leaf()
@@ -1060,16 +1086,27 @@ class Enforcer:
                     self._kcounts[what] = now[what]
         except Exception as exc:  # noqa: BLE001 - counted, the reader goes on
             self._count(LossPlace.KERNEL_MAP, f"policy: counters not read: {type(exc).__name__}")
+        models: list[Event] = []
+        try:
+            guard = getattr(self, "models", None)  # None: an Enforcer not built by __init__ (tests)
+            models = guard.losses() if guard is not None else []
+        except Exception as exc:  # noqa: BLE001 - counted, the reader goes on
+            self._count(LossPlace.KERNEL_MAP, f"policy: model counters not read: {type(exc).__name__}")
         if not self._lost:
-            return []
+            return models
         ns, wall = time.monotonic_ns(), time.time()
-        out: list[Event] = [EventsLost(ts_ns=ns, wall_time=wall, where=where, count=n, detail=detail)
+        out: list[Event] = models + [EventsLost(ts_ns=ns, wall_time=wall, where=where, count=n, detail=detail)
                             for (where, detail), n in self._lost.items()]
         self._lost = {}
         return out
 
     def _decision(self, r: dict[str, Any]) -> PolicyDecision:
         pol = self._policy
+        if r["point"] == POINT_MODEL:
+            from busted.policy.model_enforce import decision
+
+            ip = _ip_key(r["family"], r["daddr"]) if r["family"] else None
+            return decision(r, pol, self.catalog, ip, self._names.get((r["pid"] or None, ip)) if ip else None)
         idx = r["rule"]
         budget = _budget_name(self.compiled, idx)
         rule = pol.rules[idx] if budget is None and idx != POL_DEFAULT and idx < len(pol.rules) else None
@@ -1128,9 +1165,9 @@ class Enforcer:
         )
 
     def budget_commands(self, cmds: list[Any]) -> list[str]:
-        """Carry out busted.budgets Block/Unblock commands in the kernel's budget map; returns the
+        """Carry out busted.policy.budgets Block/Unblock commands in the kernel's budget map; returns the
         names of budgets whose block did not fit (map full)."""
-        from busted.budget_enforce import apply_commands
+        from busted.policy.budget_enforce import apply_commands
 
         with self._lock:
             if self.bpf is None:
@@ -1157,6 +1194,9 @@ class Enforcer:
 
     def close(self) -> None:
         with self._lock:
+            models = getattr(self, "models", None)
+            if models is not None:
+                models.close()
             for fd in self._links:
                 try:
                     os.close(fd)
@@ -1183,8 +1223,8 @@ class PolicyRuntime:
 
     def __init__(self, policy: Policy, catalog: Any, *, enforce: bool = False, scope: str | None = None,
                  budget_spend: Any = ()) -> None:
-        from busted.budget_enforce import BudgetRunner
-        from busted.policy import PolicyJudge
+        from busted.policy.budget_enforce import BudgetRunner
+        from busted.policy.rules import PolicyJudge
 
         policy.check_providers(catalog.providers)  # dry run or not: a typo never silently matches nothing
         self.catalog = catalog
@@ -1199,6 +1239,9 @@ class PolicyRuntime:
         self.dns_learn_s: list[float] = []
         self._dns_flow_uid: LRUCache[int, int | None] = LRUCache(maxsize=4096)  # DNS-over-TCP flow -> uid
         self.dns_lag_ns: list[int] = []
+        # (pid, model) of requests the kernel stopped: user space's own llm_request verdict on the
+        # same call (its plaintext was read before the drop) is not repeated.
+        self._model_stopped: LRUCache[tuple[int | None, str], bool] = LRUCache(maxsize=4096)
 
     @property
     def policy(self) -> Policy:
@@ -1226,13 +1269,23 @@ class PolicyRuntime:
                     if len(self.dns_learn_s) < 4096:
                         self.dns_learn_s.append(time.perf_counter() - t0)
                         self.dns_lag_ns.append(time.monotonic_ns() - ev.ts_ns)
-        return self.budgets.feed(self.judge.feed(events))
+        out = self.judge.feed(events)
+        if self._model_stopped:
+            out = [e for e in out if not (isinstance(e, PolicyDecision) and e.point == "llm_request"
+                                          and (e.pid, dict(e.matched).get("model")) in self._model_stopped)]
+        return self.budgets.feed(out)
 
     def consume(self, final: bool = False) -> list[Event]:
         """The kernel's decisions (aggregated) and counted losses; ``final`` reports every open
         aggregation window (the Monitor's last drain)."""
         self.budgets.tick()
-        return self.enforcer.consume(final) if self.enforcer is not None else []
+        if self.enforcer is None:
+            return []
+        out = self.enforcer.consume(final)
+        for e in out:
+            if isinstance(e, PolicyDecision) and e.point == "llm_request" and e.enforced:
+                self._model_stopped[(e.pid, dict(e.matched).get("model"))] = True
+        return out
 
     def close(self) -> None:
         if self.enforcer is not None:

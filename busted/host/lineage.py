@@ -24,11 +24,11 @@ from cachetools import LRUCache
 
 from busted.classify.agents import AgentCatalog
 from busted.classify.containers import container_of
-from busted.ebpf.layout import LINF, REC_EXEC, REC_EXIT, REC_FORK
-from busted.ebpf.records import LinRecord
 from busted.events import Ancestor
-from busted.procinfo import ProcCache, ProcInfo
+from busted.host.procinfo import ProcCache, ProcInfo
 from busted.redact import redact_argv
+from busted.wire.layout import LINF, REC_EXEC, REC_EXIT, REC_FORK
+from busted.wire.records import LinRecord
 
 __all__ = ["NO_LINEAGE", "LineageProc", "LineageTable", "Proc"]
 

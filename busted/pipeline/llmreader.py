@@ -18,7 +18,7 @@ from busted.classify.llm import CallTracker, LlmCallInfo
 from busted.classify.mcp import CLIENT_TO_SERVER, McpMessageInfo
 from busted.events import FLOW_IDENTITY, Direction, Event, FlowIdentity, LlmCall, McpMessage
 
-__all__ = ["CallReader", "default_prices"]
+__all__ = ["CallReader", "default_prices", "reader_factory"]
 
 _IDENTITY = tuple(k for k in FLOW_IDENTITY if k not in ("ts_ns", "wall_time"))
 ARRIVAL_JOIN_NS = 10_000_000  # a socket read's arrival is joined to plaintext read this soon after it
@@ -180,7 +180,7 @@ class CallReader:
             user_agent=r.user_agent, complete=r.complete,
             cost_usd=cost.usd if cost is not None else None,
             price_source=cost.source if cost is not None else None,
-            prompt=r.prompt_text, completion=r.completion_text,
+            prompt=r.prompt_text, completion=r.completion_text, response_id=r.response_id,
         )
 
     def _ttft_source(self, r: LlmCallInfo) -> str | None:
@@ -195,3 +195,12 @@ class CallReader:
             jsonrpc_method=r.method, jsonrpc_id=None if r.id is None else str(r.id), session_id=r.session_id,
             tool=r.tool_name, error_code=r.error_code, is_notification=r.is_notification,
         )
+
+
+def reader_factory(*, capture_content: int = 0, prices: Any = None) -> Any:
+    """A function (flow, wall) -> reader for the FlowTable (see busted.pipeline.flows)."""
+
+    def make(flow: Any, wall: Any) -> CallReader:
+        return CallReader(flow, wall, capture_content=capture_content, prices=prices)
+
+    return make

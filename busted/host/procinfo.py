@@ -25,7 +25,7 @@ class ProcInfo(NamedTuple):
     netns: int | None
     start_ticks: int | None
     comm: str | None = None
-    # Lineage fields for FlowEvent (ancestry, agent, container...: busted.lineage), when known.
+    # Lineage fields for FlowEvent (ancestry, agent, container...: busted.host.lineage), when known.
     lineage: dict | None = None
     # start_ticks as UNIX seconds (``FlowEvent.proc_start_time``)
     start_time: float | None = None
@@ -88,7 +88,7 @@ def read_exec_argv(pid: int, comm: str, root: str = "/proc", limit: int = 8192) 
     process is gone or a zombie, or its comm is no longer ``comm`` (it exec'd another program, or
     the pid was reused, since the exec being decoded; or renamed itself with PR_SET_NAME: then the
     flow's lookup reads /proc again, unchecked, while the process lives). Lineage's exec records
-    call this when the kernel did not copy argv (busted/lineage.py). A process may rewrite its argv
+    call this when the kernel did not copy argv (busted/host/lineage.py). A process may rewrite its argv
     area (setproctitle): this reads what it shows now, as ``ps`` does."""
     base = f"{root}/{pid}"
     try:
@@ -127,7 +127,7 @@ class ProcCache:
     ``stat(/proc/<pid>)`` (a reused pid is a new directory: a new inode and mtime) and
     ``readlink(/proc/<pid>/exe)`` (an exec of another program). A change re-reads /proc (the new
     generation's start time with it). An exec of the same executable file keeps the entry until
-    ``ttl``: the kernel's exec records (``busted.lineage``) name that case when lineage runs. A
+    ``ttl``: the kernel's exec records (``busted.host.lineage``) name that case when lineage runs. A
     process that has exited (or is a zombie) keeps the entry of its generation: its flows are often
     decoded after it is gone.
 

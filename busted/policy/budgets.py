@@ -14,7 +14,7 @@ the budget's match keys hold, per budget x scope value, in fixed windows aligned
 API gave no total, ``input_tokens + output_tokens``; dollars are its ``cost_usd`` (the price table).
 A scope is exhausted when its spend reaches a limit (>=); ``BudgetBook`` then emits one
 ``BudgetExceeded`` for that window and, for a kernel-enforced budget, a ``Block`` command: the
-runtime (busted.enforce) writes it to the kernel's budget map, and the connect programs refuse
+runtime (busted.policy.enforce) writes it to the kernel's budget map, and the connect programs refuse
 that scope's next connections to the budget's destinations until the window ends.
 
 What the kernel can key at connect: ``per`` = uid, cgroup (the caller's own cgroup) or host, and
@@ -102,7 +102,7 @@ def window_of(wall: float, window_s: int) -> tuple[float, float]:
 
 @dataclass(frozen=True)
 class Budget:
-    """One budget as understood. ``match`` is a ``busted.policy.Rule`` holding the rule match keys;
+    """One budget as understood. ``match`` is a ``busted.policy.rules.Rule`` holding the rule match keys;
     ``agent`` the agent ids (exact) or None."""
 
     name: str
@@ -111,7 +111,7 @@ class Budget:
     action: str
     limit_tokens: int | None
     limit_usd: float | None
-    match: Any  # busted.policy.Rule
+    match: Any  # busted.policy.rules.Rule
     agent: tuple[str, ...] | None = None
     window: str = ""
     line: int | None = field(default=None, compare=False)
@@ -137,7 +137,7 @@ class Budget:
 
     def scope_of(self, ev: LlmCall, cgroup_path: str | None) -> str | None:
         """The scope value a call counts against (None: not known, not counted)."""
-        from busted.policy import container_of
+        from busted.policy.rules import container_of
 
         if self.per == "uid":
             return str(ev.uid)
@@ -191,7 +191,7 @@ def _budget_lines(text: str) -> list[dict[str | None, int]]:
 def parse_budgets(raw: Any, *, source: str | None = None, text: str = "",
                   rule_names: Iterable[str] = ()) -> tuple[Budget, ...]:
     """Validate the ``budgets`` array of a policy file; a ``PolicyError`` names the file, line, key."""
-    from busted.policy import _rule
+    from busted.policy.rules import _rule
 
     lines = _budget_lines(text)
     taken = set(rule_names)
@@ -298,7 +298,7 @@ def kernel_budgets(budgets: Iterable[Budget], nrules: int) -> tuple[dict[str, in
 
 def compile_budgets(policy: Any, catalog: Any, add_name: Callable[..., None], add_cidr: Callable[[str, int], None],
                     notes: list[str]) -> dict[str, int]:
-    """Give each kernel budget's destinations its bit (busted.enforce.compile_policy calls this
+    """Give each kernel budget's destinations its bit (busted.policy.enforce.compile_policy calls this
     before folding names). Returns name -> kernel index."""
     budgets = getattr(policy, "budgets", ())
     idx, why = kernel_budgets(budgets, len(policy.rules))
@@ -413,7 +413,7 @@ class BudgetBook:
         return s
 
     def feed(self, events: Iterable[Event]) -> tuple[list[Event], list[Block | Unblock]]:
-        from busted.policy import Subject
+        from busted.policy.rules import Subject
 
         out: list[Event] = []
         cmds: list[Block | Unblock] = []

@@ -1,4 +1,4 @@
-"""Decoders for the ring buffer records, from the layouts in ``busted.ebpf.layout``.
+"""Decoders for the ring buffer records, from the layouts in ``busted.wire.layout``.
 
 ``decode_any(raw)`` dispatches on the record type (the first u32): flow records (open/close)
 become ``FlowRecord``, capture records (DNS answers, TLS hellos) ``CapRecord``.
@@ -11,7 +11,7 @@ import struct
 from functools import lru_cache
 from typing import NamedTuple
 
-from busted.ebpf.layout import (
+from busted.wire.layout import (
     CAP_DNS_TCP,
     CAP_HDR,
     FL,

@@ -1,4 +1,4 @@
-"""``busted policy check FILE`` and the monitor's policy options, kept out of cli.py's way."""
+"""``busted policy check FILE`` and the live commands' policy options (--policy, --enforce, reload)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import threading
 from typing import Any, TextIO
 
 from busted.errors import PolicyError
-from busted.policy import Policy
+from busted.policy.rules import Policy
 
 __all__ = ["Reloader", "add_policy_options", "add_policy_parser", "policy_command", "policy_kwargs"]
 
@@ -30,6 +30,10 @@ def policy_command(args: argparse.Namespace, out: TextIO) -> int:
     pol = Policy.load(args.file)
     pol.check_providers(Catalog.builtin().providers)
     print(pol.describe(), file=out)
+    from busted.policy.model_enforce import check_notes
+
+    for note in check_notes(pol):  # what --enforce does with model rules (in the kernel or not)
+        print(f"  note: {note}", file=out)
     return 0
 
 

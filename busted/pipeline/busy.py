@@ -23,7 +23,6 @@ from typing import NamedTuple
 
 from cachetools import LRUCache
 
-from busted.ebpf.layout import QUIET_MAX, SUM_KEY, SUM_VAL
 from busted.events import (
     Direction,
     DnsAnswer,
@@ -39,6 +38,7 @@ from busted.events import (
     PolicyDecision,
     TlsClientHello,
 )
+from busted.wire.layout import QUIET_MAX, SUM_KEY, SUM_VAL
 
 __all__ = ["DEFAULT_TTL_S", "Quiet", "QuietPeers", "Unquiet", "kernel_addr", "summary_events"]
 

@@ -295,7 +295,7 @@ def c_definitions() -> str:
         ("LIN_MAXARGS", LIN_MAXARGS), ("QUIET_MAX", QUIET_MAX), ("SUM_MAX", SUM_MAX),
     ] + [(f"FL_{k}", v) for k, v in vars(FL).items() if k.isupper()] + [
         (f"LINF_{k}", v) for k, v in vars(LINF).items() if k.isupper()]
-    out = ["/* Generated from busted/ebpf/layout.py: edit it there. */"]
+    out = ["/* Generated from busted/wire/layout.py: edit it there. */"]
     out += [f"#define {k} {v}" for k, v in consts]
     for lay in (FLOW, REC_HDR, CAP_HDR, PT_HDR, RX_REC, LIN_HDR, QUIET_KEY, SUM_KEY, SUM_VAL):
         out.append(lay.c_struct())

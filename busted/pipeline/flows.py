@@ -5,7 +5,9 @@ table owns everything that is per flow: the open flows and those that predate th
 ids, the capture parsers' state (a ClientHello split over writes, DNS over TCP framing) and the
 loss accounting. It reads nothing by itself: process details come from the ``proc`` function and
 classification from an ``Enricher``, both given to it, so it can be driven by plain records in a
-test or a notebook. The Monitor owns the threads, the kernel program and the queue.
+test or a notebook. It decides what the kernel should be told (stop copying a judged flow's
+plaintext, forget a TLS session) and hands those commands over (``take_commands()``); the Monitor,
+which owns the threads, the kernel program and the queue, carries them out.
 
 Flow identity: ``(socket pointer, open time)`` names a flow on one boot; ``flow_id`` mixes it with
 a per-boot salt. Every event about a flow carries that id.
@@ -16,14 +18,12 @@ from __future__ import annotations
 import struct
 from collections import Counter
 from collections.abc import Callable, Iterable, Mapping
-from typing import Any, TypeVar
+from typing import Any, NamedTuple, TypeVar
 
 from cachetools import LRUCache
 
 from busted.classify.dns import TcpDnsFramer, parse_dns
 from busted.classify.tls import ClientHelloInfo, ClientHelloParser, NeedMore
-from busted.ebpf.layout import FL, REC_BIND, REC_CLOSE, REC_DNS, REC_OPEN
-from busted.ebpf.records import ArrivalRecord, CapRecord, FlowRecord, LinRecord, PlainRecord, decode, decode_any
 from busted.events import (
     FLOW_IDENTITY,
     Direction,
@@ -37,10 +37,12 @@ from busted.events import (
     LossPlace,
     TlsClientHello,
 )
-from busted.lineage import NO_LINEAGE
-from busted.procinfo import ProcInfo
+from busted.host.lineage import NO_LINEAGE
+from busted.host.procinfo import ProcInfo
+from busted.wire.layout import FL, REC_BIND, REC_CLOSE, REC_DNS, REC_OPEN
+from busted.wire.records import ArrivalRecord, CapRecord, FlowRecord, LinRecord, PlainRecord, decode, decode_any
 
-__all__ = ["FlowTable"]
+__all__ = ["Command", "FlowTable", "SkipPlaintext", "UnbindSsl", "UnskipPlaintext"]
 
 E = TypeVar("E", bound=Event)
 
@@ -95,8 +97,31 @@ class _Flow:
         self.calls = [(0, 0), (0, 0)]
 
 
+class SkipPlaintext(NamedTuple):
+    """Stop copying this flow's plaintext: the flow is judged (not an LLM API nor MCP)."""
+
+    sk: int
+    open_ns: int
+
+
+class UnskipPlaintext(NamedTuple):
+    """Copy plaintext for this socket again: it ended, and its address may be reused."""
+
+    sk: int
+
+
+class UnbindSsl(NamedTuple):
+    """Forget a TLS session joined to a socket that ended (the SSL* may be reused)."""
+
+    pid: int
+    ssl: int
+
+
+Command = SkipPlaintext | UnskipPlaintext | UnbindSsl
+
+
 class FlowTable:
-    """Kernel records -> events. Not thread-safe: one reader feeds it.
+    """Kernel records -> events, and commands for the kernel. Not thread-safe: one reader feeds it.
 
     ``proc(pid)`` returns a ``ProcInfo`` (the Monitor passes its /proc cache); ``enricher`` (None:
     no classification, no capture parsing) classifies peers. ``max_flows`` bounds the open-flow
@@ -107,18 +132,17 @@ class FlowTable:
     def __init__(self, *, enricher: Any = None, proc: Callable[[int], ProcInfo] | None = None,
                  salt: int = 0, wall_offset: float = 0.0, max_flows: int = 4 * 65536,
                  max_streams: int = 4096, reader: Callable[[FlowEvent, Callable[[int], float]], Any] | None = None,
-                 kernel: Any = None, max_pending: int = 64, lineage: Any = None) -> None:
+                 max_pending: int = 64, lineage: Any = None) -> None:
         self.enricher = enricher
-        self.lineage = lineage  # a busted.lineage.LineageTable fed the fork/exec/exit records
+        self.lineage = lineage  # a busted.host.lineage.LineageTable fed the fork/exec/exit records
         # Plaintext: ``reader(flow, wall)`` makes the per-flow object that turns plaintext into events
         # (``feed(sent, data, ts_ns, start=) -> list[Event]``, ``feed_gap(sent, size, ts_ns)`` for bytes
         # not copied, ``take_losses() -> list[str]``, ``close(ts_ns)``, ``interesting``: None
-        # undecided / False not an LLM API nor MCP). ``kernel`` (the loaded program, or None) is
-        # told verdicts: ``skip_plaintext(sk, open_ns)`` stops copying a judged flow's plaintext,
-        # ``unbind_ssl(pid, ssl)`` forgets a session joined to a socket that ended (the SSL*
-        # address may be reused by the next connection).
+        # undecided / False not an LLM API nor MCP).
         self._reader = reader
-        self._kernel = kernel
+        # What the kernel should be told, decided here and carried out by the Monitor
+        # (``take_commands()`` after each ``feed``): the table itself never touches the kernel.
+        self.commands: list[Command] = []
         self._ssl_sk: LRUCache[tuple[int, int], int] = LRUCache(maxsize=65536)  # (pid, SSL*) -> sk
         self._sk_ssl: dict[int, set[tuple[int, int]]] = {}  # sk -> its sessions
         # Chunks of sessions not joined to a socket yet (memory-BIO stacks write before they send).
@@ -137,6 +161,12 @@ class FlowTable:
         self.records = 0
         self.ignored = 0  # records for sockets never tracked (listeners, pre-start leftovers)
         self._kernel_seen: dict[int, int] = {}
+
+    def take_commands(self) -> list[Command]:
+        """What the kernel should be told since the last call (``SkipPlaintext``,
+        ``UnskipPlaintext``, ``UnbindSsl``), oldest first."""
+        cmds, self.commands = self.commands, []
+        return cmds
 
     # -- in ------------------------------------------------------------------------------------
 
@@ -262,8 +292,8 @@ class FlowTable:
         if self._sk_ssl:
             self._unbind(rec.sk)
         if flow is not None and flow.ev is not None:
-            if flow.plain_off and self._kernel is not None:
-                self._kernel.unskip_plaintext(rec.sk)  # the socket address may be reused
+            if flow.plain_off:
+                self.commands.append(UnskipPlaintext(rec.sk))  # the socket address may be reused
             if flow.reader is not None:  # calls cut short by the end of the flow come first
                 return [*self._read_close(flow, rec.ts_ns), self._closed(flow.ev, rec)]
             return [self._closed(flow.ev, rec)]
@@ -442,8 +472,7 @@ class FlowTable:
         for key in self._sk_ssl.pop(sk, ()):
             if self._ssl_sk.get(key) == sk:
                 del self._ssl_sk[key]
-                if self._kernel is not None:
-                    self._kernel.unbind_ssl(*key)
+                self.commands.append(UnbindSsl(*key))
 
     def _plain_chunk(self, rec: PlainRecord, sk: int) -> list[Event]:
         flow = self._open.get(sk)
@@ -484,8 +513,7 @@ class FlowTable:
             out.append(self.loss(LossPlace.PLAINTEXT, 1, why, rec.ts_ns))
         if reader.interesting is False:
             flow.plain_off = True
-            if self._kernel is not None:
-                self._kernel.skip_plaintext(sk, flow.open_ns)
+            self.commands.append(SkipPlaintext(sk, flow.open_ns))
         return out
 
     def _arrival(self, rec: ArrivalRecord) -> None:

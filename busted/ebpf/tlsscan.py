@@ -1,11 +1,9 @@
-"""LLM calls from plaintext: which TLS libraries to probe, and per flow, bytes -> LlmCall/McpMessage.
+"""Which TLS libraries to probe for plaintext, as processes come.
 
 ``TlsScanner`` attaches the plaintext uprobes to the TLS library files processes map: all of them
 at start, then, in its own thread, those of each process that opens its first flow (a new venv's
 OpenSSL, a node binary). Files already probed cover new processes from their first call. One
 attachment per file (device, inode), a bounded number of them, a bounded scan rate.
-
-``reader_factory`` makes the per-flow reader the FlowTable feeds with plaintext.
 """
 
 from __future__ import annotations
@@ -18,7 +16,7 @@ from typing import Any
 
 from cachetools import LRUCache
 
-__all__ = ["TlsScanner", "reader_factory"]
+__all__ = ["TlsScanner"]
 
 
 class TlsScanner:
@@ -39,6 +37,9 @@ class TlsScanner:
         self._thread: threading.Thread | None = None
         self._rate = max(1.0, scans_per_s)
         self.dropped = 0  # pids not scanned because the queue was full
+        # Called as f(fd, key, offsets, path) for each TLS file probed after start (the policy's
+        # model uprobes go on the same files: busted/policy/model_enforce.py).
+        self.listeners: list[Any] = []
         self.scanned = 0  # pids scanned
 
     @property
@@ -88,11 +89,47 @@ class TlsScanner:
                 got = inspect_fd(fd)
                 if got is None or got.kind is None or (c.exe and got.kind != "openssl"):
                     continue  # only OpenSSL embedded in an executable is looked for (node and kin)
-                prog.attach_tls_fd(fd, got.key, got.kind, got.offsets, c.path)
+                if prog.attach_tls_fd(fd, got.key, got.kind, got.offsets, c.path):
+                    for listener in self.listeners:
+                        listener(fd, got.key, got.offsets, c.path)
             except Exception:  # recorded in tls_failed by the program; never fatal
                 pass
             finally:
                 os.close(fd)
+
+    def replay(self, listener: Any) -> None:
+        """Give ``listener`` (as ``listeners``) the files probed so far that running processes map:
+        those ``scan_all`` found before it was registered. One more walk of /proc, at most
+        ``MAX_CANDIDATES_PER_PID`` files a process, only files the program probes."""
+        from busted.ebpf.tlslibs import inspect_fd, mapped_candidates, open_candidate
+
+        probed = set(self._program.tls_inodes)
+        done: set[tuple[int, int]] = set()
+        try:
+            pids = [int(n) for n in os.listdir("/proc") if n.isdigit()]
+        except OSError:
+            pids = []
+        for pid in pids:
+            try:
+                cands, _over = mapped_candidates(pid)
+            except Exception:  # gone or unreadable
+                continue
+            for c in cands:
+                key = (c.dev, c.ino)
+                if key not in probed or key in done:
+                    continue
+                fd = open_candidate(c)
+                if fd is None:
+                    continue
+                try:
+                    got = inspect_fd(fd)
+                    if got is not None and got.kind is not None and got.key in probed:
+                        done.add(got.key)
+                        listener(fd, got.key, got.offsets, c.path)
+                except Exception:  # the listener reports its own failures
+                    pass
+                finally:
+                    os.close(fd)
 
     def saw(self, pid: int) -> None:
         """A flow was opened by ``pid``: scan it once (in the scanner thread)."""
@@ -133,13 +170,3 @@ class TlsScanner:
                 except IndexError:
                     break
                 self.scan_pid(pid)
-
-
-def reader_factory(*, capture_content: int = 0, prices: Any = None) -> Any:
-    """A function (flow, wall) -> reader for the FlowTable (see busted.flows)."""
-    from busted.llmreader import CallReader
-
-    def make(flow: Any, wall: Any) -> CallReader:
-        return CallReader(flow, wall, capture_content=capture_content, prices=prices)
-
-    return make

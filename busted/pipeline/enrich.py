@@ -1,6 +1,6 @@
 """Enrichment: classification of flows and captured payloads against the name caches and catalog.
 
-The FlowTable (busted.flows) owns every per-flow state, including the parsers'; this module holds
+The FlowTable (busted.pipeline.flows) owns every per-flow state, including the parsers'; this module holds
 what is shared by all flows: the name cache fed by DNS answers and ClientHellos, the classifier
 and the provider catalog. It turns parser results into events and never reads anything itself.
 """
@@ -13,8 +13,8 @@ from dataclasses import replace
 
 from busted.classify import Catalog, Classifier, NameCache
 from busted.classify.dns import DnsInfo
-from busted.ebpf.records import CapRecord
 from busted.events import Direction, DnsAnswer, Evidence, FlowEvent
+from busted.wire.records import CapRecord
 
 __all__ = ["Enricher", "host_name"]
 

@@ -1,4 +1,4 @@
-"""Budgets at run time: the I/O side of busted.budgets. ``BudgetRunner`` feeds LLM calls to a
+"""Budgets at run time: the I/O side of busted.policy.budgets. ``BudgetRunner`` feeds LLM calls to a
 ``BudgetBook``, carries out its commands in the kernel's ``pol_budget`` map (when enforcing), turns
 window ends into clock values, and restores spend from the store at start."""
 
@@ -10,8 +10,8 @@ import time
 from collections.abc import Callable, Iterable
 from typing import Any
 
-from busted.budgets import Block, BudgetBook, Unblock, kernel_budgets
 from busted.events import BudgetExceeded, BudgetSpend, Event
+from busted.policy.budgets import Block, BudgetBook, Unblock, kernel_budgets
 
 __all__ = ["BudgetRunner", "apply_commands"]
 
@@ -56,7 +56,7 @@ class _KBlock:
 
 
 class BudgetRunner:
-    """Owned by busted.enforce.PolicyRuntime; driven by the Monitor's reader thread."""
+    """Owned by busted.policy.enforce.PolicyRuntime; driven by the Monitor's reader thread."""
 
     def __init__(self, policy: Any, enforcer: Any, cgroup_path: Callable[[int], str | None] | None,
                  seed: Iterable[BudgetSpend | dict[str, Any]] = ()) -> None:
@@ -126,7 +126,7 @@ def stored_spend(stores: Iterable[Any], policy: Any, now: float | None = None) -
     budgets = getattr(policy, "budgets", ()) if policy is not None else ()
     if not budgets:
         return []
-    from busted.budgets import window_of
+    from busted.policy.budgets import window_of
 
     now = time.time() if now is None else now
     since = min(window_of(now, b.window_s)[0] for b in budgets)

@@ -25,7 +25,7 @@ Match keys (all optional; a list means "any of"):
 * ``container`` - container id prefix (from the cgroup path), when known
 
 A value the monitor does not know (the exe of a process that exited) does not match.
-``evaluate`` is the reference semantics; busted.enforce compiles the same rules for the kernel.
+``evaluate`` is the reference semantics; busted.policy.enforce compiles the same rules for the kernel.
 """
 
 from __future__ import annotations
@@ -52,7 +52,7 @@ MATCH_KEYS = ("provider", "hostname", "model", "comm", "exe", "uid", "cgroup", "
 _RULE_KEYS = ("name", "action", *MATCH_KEYS)
 _TOP_KEYS = ("default", "rules", "budgets")
 _COMM_MAX = 15  # TASK_COMM_LEN - 1
-# What the kernel can hold (busted/enforce.py): a rule is a bit of a 64-bit mask (two bits are
+# What the kernel can hold (busted/policy/enforce.py): a rule is a bit of a 64-bit mask (two bits are
 # reserved), and a rule with several uid/comm/cgroup values is one kernel entry per combination.
 # Checked at every load, dry run included, so a policy that works in a dry run also enforces.
 MAX_RULES = 62
@@ -189,7 +189,7 @@ class Policy:
         self.rules = tuple(rules)
         self.default = default
         self.source = source
-        self.budgets = tuple(budgets)  # busted.budgets.Budget: spend limits (docs/policy.md "Budgets")
+        self.budgets = tuple(budgets)  # busted.policy.budgets.Budget: spend limits (docs/policy.md "Budgets")
         # whether evaluating needs the flow's cgroup path (a /proc-free but not free lookup)
         self.needs_cgroup = any(r.cgroup is not None or r.container is not None for r in self.rules)
 
@@ -307,7 +307,7 @@ class Policy:
     def describe(self) -> str:
         """The rules as understood, one per line (what ``busted policy check`` prints)."""
         out = [f"policy {self.source or '<dict>'}: {len(self.rules)} rule(s), first match wins"]
-        from busted.enforce import exe_key
+        from busted.policy.enforce import exe_key
 
         for i, r in enumerate(self.rules, 1):
             at = f"  (line {r.line})" if r.line else ""
@@ -319,7 +319,7 @@ class Policy:
                                                           else "ends the kernel's search"))
         out.append(f"  -  {self.default:<5} default  [any other provider flow]")
         if self.budgets:
-            from busted.budgets import describe_budgets
+            from busted.policy.budgets import describe_budgets
 
             out.append(describe_budgets(self))
         return "\n".join(out)
@@ -424,10 +424,10 @@ def _rule(r: Mapping[str, Any], i: int, err: Callable[..., PolicyError]) -> Rule
 
 
 def _budgets(d: Mapping[str, Any], rule_names: set[str], source: str | None, text: str) -> tuple[Any, ...]:
-    """The ``[[budgets]]`` tables (busted.budgets), if any."""
+    """The ``[[budgets]]`` tables (busted.policy.budgets), if any."""
     if "budgets" not in d:
         return ()
-    from busted.budgets import parse_budgets
+    from busted.policy.budgets import parse_budgets
 
     return parse_budgets(d["budgets"], source=source, text=text, rule_names=rule_names)
 
