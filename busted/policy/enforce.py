@@ -70,8 +70,9 @@ MAX_KERNEL_RULES = MAX_KERNEL_ENTRIES
 POL_ALLOW, POL_AUDIT, POL_DENY = 0, 1, 2
 POL_DEFAULT = 0xFFFF
 PR_UID, PR_COMM, PR_CGROUP, PR_USER_ONLY, PR_EXE, PR_CTR = 1, 2, 4, 8, 16, 32
-# not decisions: POINT_CGROUP a cgroup_mkdir record, POINT_EXE an exec by a relative filename
-POINT_CONNECT, POINT_TLS, POINT_CGROUP, POINT_EXE = 1, 2, 3, 4
+POINT_CONNECT, POINT_TLS = 1, 2
+# not decisions: a cgroup_mkdir record, an exec by a relative filename (3 is POINT_MODEL, below)
+POINT_CGROUP, POINT_EXE = 5, 6
 # pol_conf.flags: kernel exe rules, container rules, kernel budgets per exe, per container
 CF_EXE, CF_CTR, CF_BEXE, CF_BCTR = 1, 2, 4, 8
 AGG_WINDOW_NS = 1_000_000_000  # identical kernel decisions within this window become one event
