@@ -107,6 +107,7 @@ class LineageTable:
     def feed(self, rec: LinRecord) -> int:
         """Apply one record; returns the count of forgotten running processes to report now."""
         self.records += 1
+        p: Proc | None
         if rec.type == REC_FORK:
             self.forks += 1
             parent = self._procs.get(rec.ppid)

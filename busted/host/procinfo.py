@@ -180,10 +180,10 @@ class ProcCache:
             return e.info
         self.reads += 1
         info = read_proc(pid, self._root)
-        same_dir = e is not None and e.ino == st.st_ino and e.mtime_ns == st.st_mtime_ns
-        if same_dir and exe is None and (info.start_ticks is None or info.start_ticks == e.info.start_ticks):
+        if (e is not None and e.ino == st.st_ino and e.mtime_ns == st.st_mtime_ns and exe is None
+                and (info.start_ticks is None or info.start_ticks == e.info.start_ticks)):
             # the same process exiting (a zombie has no exe and an empty cmdline): keep what it ran
-            e = e._replace(exe=None, gen=gen)  # type: ignore[union-attr]
+            e = e._replace(exe=None, gen=gen)
         elif info.exe is None and info.ppid is None:
             return info  # gone since the stat: no guess (another process may have been there)
         elif info.exe is not None and not info.cmdline:
