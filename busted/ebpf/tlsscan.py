@@ -12,11 +12,32 @@ import collections
 import os
 import threading
 import time
-from typing import Any
+from collections.abc import Mapping
+from typing import Protocol
 
 from cachetools import LRUCache
 
-__all__ = ["TlsScanner"]
+__all__ = ["TlsProgram", "TlsScanner"]
+
+
+class TlsProgram(Protocol):
+    """What the scanner needs of the loaded kernel program (``busted.ebpf.loader.FlowProgram``):
+    attach the plaintext uprobes to a file, know which files are done, count what it left."""
+
+    @property
+    def tls_files(self) -> Mapping[str, str]: ...  # attached: path as a process names it -> kind
+
+    @property
+    def tls_failed(self) -> Mapping[str, str]: ...  # path -> why not attached
+
+    def attach_tls_library(self, path: str, kind: str | None = None) -> bool: ...
+
+    def attach_tls_fd(self, fd: int, key: tuple[int, int], kind: str, offsets: dict[str, int],
+                      label: str) -> bool: ...
+
+    def tls_known(self, key: tuple[int, int]) -> bool: ...
+
+    def count_tls_loss(self, n: int = 1) -> None: ...
 
 
 class TlsScanner:
@@ -28,7 +49,7 @@ class TlsScanner:
     process, each file inspected once per identity, and the program probes at most
     ``max_tls_libraries`` distinct files (refusals counted: ``LossPlace.TLS_LIBRARY``)."""
 
-    def __init__(self, program: Any, *, max_queue: int = 4096, scans_per_s: float = 200.0) -> None:
+    def __init__(self, program: TlsProgram, *, max_queue: int = 4096, scans_per_s: float = 200.0) -> None:
         self._program = program
         self._seen: LRUCache[int, bool] = LRUCache(maxsize=65536)  # pids already scanned
         self._queue: collections.deque[int] = collections.deque(maxlen=max_queue)

@@ -25,7 +25,7 @@ from cachetools import LRUCache
 from busted.classify.agents import AgentCatalog
 from busted.classify.containers import container_of
 from busted.events import Ancestor
-from busted.host.procinfo import ProcCache, ProcInfo
+from busted.host.procinfo import ProcCache, ProcInfo, ProcReader
 from busted.redact import redact_argv
 from busted.wire.layout import LINF, REC_EXEC, REC_EXIT, REC_FORK
 from busted.wire.records import LinRecord
@@ -199,7 +199,7 @@ class LineageProc:
     records' CLOCK_MONOTONIC ns into UNIX seconds (the Monitor's; default: measured now).
     """
 
-    def __init__(self, table: LineageTable, proc: Callable[[int], ProcInfo], *,
+    def __init__(self, table: LineageTable, proc: ProcReader, *,
                  agents: AgentCatalog | None = None,
                  cgroup_path: Callable[[int], str | None] = lambda _id: None,
                  proc_cgroup: Callable[[int], str | None] = lambda _pid: None,

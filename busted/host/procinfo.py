@@ -9,13 +9,13 @@ from __future__ import annotations
 
 import os
 import time
-from typing import NamedTuple
+from typing import NamedTuple, Protocol
 
 from cachetools import TTLCache
 
 from busted.redact import redact_argv
 
-__all__ = ["ProcInfo", "ProcCache", "read_exec_argv", "ticks_to_wall"]
+__all__ = ["ProcInfo", "ProcCache", "ProcReader", "read_exec_argv", "ticks_to_wall"]
 
 
 class ProcInfo(NamedTuple):
@@ -29,6 +29,14 @@ class ProcInfo(NamedTuple):
     lineage: dict | None = None
     # start_ticks as UNIX seconds (``FlowEvent.proc_start_time``)
     start_time: float | None = None
+
+
+class ProcReader(Protocol):
+    """The process-facts seam: pid -> what is known of it (``ProcCache.get`` reads /proc,
+    ``busted.host.lineage.LineageProc.get`` the kernel's fork/exec records first). Never raises: a
+    pid nothing is known of gets a ``ProcInfo`` of Nones. A test passes a dict's lookup."""
+
+    def __call__(self, pid: int, /) -> ProcInfo: ...
 
 
 _MISSING = ProcInfo(None, None, None, None, None)
