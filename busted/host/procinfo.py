@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import os
 import time
-from typing import NamedTuple, Protocol
+from typing import Any, NamedTuple, Protocol
 
 from cachetools import TTLCache
 
@@ -26,7 +26,7 @@ class ProcInfo(NamedTuple):
     start_ticks: int | None
     comm: str | None = None
     # Lineage fields for FlowEvent (ancestry, agent, container...: busted.host.lineage), when known.
-    lineage: dict | None = None
+    lineage: dict[str, Any] | None = None
     # start_ticks as UNIX seconds (``FlowEvent.proc_start_time``)
     start_time: float | None = None
 

@@ -91,7 +91,7 @@ def dumps(d: dict[str, Any], *, cls: type | None = None) -> str:
     ``1e+16``)."""
     if _orjson is not None and cls is not None and _plain_class(cls):
         try:
-            b = _orjson.dumps(d, default=str, option=_ORJSON_OPTS)
+            b: bytes = _orjson.dumps(d, default=str, option=_ORJSON_OPTS)
         except (TypeError, ValueError):  # orjson.JSONEncodeError is a TypeError
             pass
         else:

@@ -260,7 +260,7 @@ def _fast_spans(base: type, protocol: str) -> type:
     if protocol == "grpc":
         from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
 
-        class GrpcSpans(base):
+        class GrpcSpans(base):  # type: ignore[misc]  # base: the SDK's exporter class, imported at run time
             # The gRPC stub takes a message: the bytes parsed into one, in C (the protobuf runtime).
             def _translate_data(self, data: Sequence[Any]) -> Any:
                 return ExportTraceServiceRequest.FromString(wire.encode_request(data))
@@ -268,7 +268,7 @@ def _fast_spans(base: type, protocol: str) -> type:
         return GrpcSpans
     from opentelemetry.sdk.trace.export import SpanExportResult
 
-    class HttpSpans(base):
+    class HttpSpans(base):  # type: ignore[misc]  # base: the SDK's exporter class, imported at run time
         def __init__(self, *a: Any, **kw: Any) -> None:
             super().__init__(*a, **kw)
             if not hasattr(getattr(self, "_client", None), "export"):  # the hook this class posts bytes with
