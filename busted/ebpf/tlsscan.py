@@ -12,12 +12,16 @@ import collections
 import os
 import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Protocol
 
 from cachetools import LRUCache
 
-__all__ = ["TlsProgram", "TlsScanner"]
+__all__ = ["TlsListener", "TlsProgram", "TlsScanner"]
+
+# Told of each TLS file probed: f(fd, (st_dev, st_ino), TLS function -> offset, path); what it
+# returns is ignored (busted.policy.model_enforce's attach_fd says whether it attached).
+TlsListener = Callable[[int, tuple[int, int], dict[str, int], str], object]
 
 
 class TlsProgram(Protocol):
@@ -36,6 +40,9 @@ class TlsProgram(Protocol):
                       label: str) -> bool: ...
 
     def tls_known(self, key: tuple[int, int]) -> bool: ...
+
+    @property
+    def tls_inodes(self) -> list[tuple[int, int]]: ...  # (st_dev, st_ino) of every file probed
 
     def count_tls_loss(self, n: int = 1) -> None: ...
 
@@ -60,7 +67,7 @@ class TlsScanner:
         self.dropped = 0  # pids not scanned because the queue was full
         # Called as f(fd, key, offsets, path) for each TLS file probed after start (the policy's
         # model uprobes go on the same files: busted/policy/model_enforce.py).
-        self.listeners: list[Any] = []
+        self.listeners: list[TlsListener] = []
         self.scanned = 0  # pids scanned
 
     @property
@@ -118,7 +125,7 @@ class TlsScanner:
             finally:
                 os.close(fd)
 
-    def replay(self, listener: Any) -> None:
+    def replay(self, listener: TlsListener) -> None:
         """Give ``listener`` (as ``listeners``) the files probed so far that running processes map:
         those ``scan_all`` found before it was registered. One more walk of /proc, at most
         ``MAX_CANDIDATES_PER_PID`` files a process, only files the program probes."""
