@@ -6,6 +6,9 @@
             print(ev.to_dict())
 """
 
+from collections.abc import Iterable
+from typing import Any
+
 from busted.errors import (
     BccNotInstalled,
     BustedError,
@@ -52,7 +55,7 @@ from busted.policy.rules import Policy
 __version__ = "0.1.0"
 
 
-def to_dataframe(events):  # noqa: ANN001, ANN201 - pandas is an optional extra
+def to_dataframe(events: Iterable[Event]) -> Any:  # a pandas DataFrame: pandas is an optional extra
     """One row per event (``to_dict()`` flattened) as a pandas DataFrame; needs ``busted[pandas]``."""
     from busted.sinks.dataframe import to_dataframe as _to_dataframe
 

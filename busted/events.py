@@ -106,10 +106,10 @@ def _jsonable(v: Any) -> Any:
     if t in _PLAIN:
         return v
     if isinstance(v, enum.Enum):
-        names = _ENUM_NAMES.get(t)
-        if names is None:  # members of one enum class are distinct keys (IntEnums of two classes may be ==)
-            names = _ENUM_NAMES[t] = {m: m.name.lower() for m in t}
-        return names.get(v) or v.name.lower()
+        members = _ENUM_NAMES.get(t)
+        if members is None:  # members of one enum class are distinct keys (IntEnums of two classes may be ==)
+            members = _ENUM_NAMES[t] = {m: m.name.lower() for m in t}
+        return members.get(v) or v.name.lower()
     if isinstance(v, tuple | list):
         return [x if type(x) in _PLAIN else _jsonable(x) for x in v]
     names = _FIELD_NAMES.get(t)  # a dataclass seen before (Ancestor, DnsRecord)

@@ -371,5 +371,5 @@ def redact_headers(headers: Iterable[tuple[H, H]]) -> tuple[tuple[H, H], ...]:
         v = value.decode("latin-1") if isinstance(value, bytes) else value
         v = MASK if n.strip().lower() in SECRET_HEADERS or is_secret_name(n) else redact_text(v)
         # latin-1 round-trips every byte, and MASK is ASCII
-        out.append((name, v.encode("latin-1") if isinstance(value, bytes) else v))  # type: ignore[arg-type]
+        out.append((name, v.encode("latin-1") if isinstance(value, bytes) else v))
     return tuple(out)

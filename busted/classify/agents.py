@@ -74,7 +74,8 @@ class Agent:
         extra = set(d) - known
         if extra:
             raise ValueError(f"unknown agent field(s) {sorted(extra)}")
-        return cls(**{k: (tuple(v) if isinstance(v, list) else v) for k, v in d.items()})
+        kw: dict[str, Any] = {k: (tuple(v) if isinstance(v, list) else v) for k, v in d.items()}
+        return cls(**kw)
 
 
 @dataclass(frozen=True)

@@ -11,6 +11,7 @@ address (CIDR) or port name one, and is kept as the hostname.
 from __future__ import annotations
 
 from collections import OrderedDict
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -133,7 +134,7 @@ class Classifier:
 
         Returns how many (address, name) pairs were stored."""
         chain = tuple(getattr(answer, "cname_chain", ()) or (answer.qname,))
-        records = getattr(answer, "records", None) or getattr(answer, "answers", ())
+        records: Iterable[Any] = getattr(answer, "records", ()) or getattr(answer, "answers", ())
         end = chain[-1]
         n = 0
         for r in records:

@@ -21,7 +21,8 @@ __all__ = ["DnsInfo", "TcpDnsFramer", "parse_dns"]
 
 # rdata type -> (label, the dnspython class its rdata must be). Records of another class than IN
 # (ANY, NONE, CH...) decode as GenericRdata without .address/.target: they are skipped, not fatal.
-_KEEP = {dns.rdatatype.A: ("A", A), dns.rdatatype.AAAA: ("AAAA", AAAA), dns.rdatatype.CNAME: ("CNAME", CNAME)}
+_KEEP: dict[int, tuple[str, type[A | AAAA | CNAME]]] = {
+    dns.rdatatype.A: ("A", A), dns.rdatatype.AAAA: ("AAAA", AAAA), dns.rdatatype.CNAME: ("CNAME", CNAME)}
 # What a dnspython bug or an unforeseen record shape could raise while reading a decoded message.
 _EXTRACT_ERRORS = (AttributeError, ValueError, TypeError, KeyError, IndexError, UnicodeError,
                    dns.exception.DNSException)
@@ -77,7 +78,7 @@ def _extract(msg: dns.message.Message) -> DnsInfo | None:
         for rd in rrset:
             if not isinstance(rd, cls):
                 continue
-            value = _name(rd.target) if rtype == "CNAME" else rd.address
+            value = _name(rd.target) if isinstance(rd, CNAME) else rd.address
             records.append(DnsRecord(owner, rtype, value, int(rrset.ttl)))
             if rtype == "CNAME":
                 cnames.setdefault(owner, value)

@@ -50,7 +50,7 @@ class _Stage:
         elif coding == "deflate":
             self._z = zlib.decompressobj(zlib.MAX_WBITS)  # zlib-wrapped; raw deflate tried on failure
         else:  # br
-            self._br = _brotli.Decompressor()  # type: ignore[union-attr]
+            self._br = _brotli.Decompressor()
 
     def feed(self, data: bytes):
         if self._br is not None:

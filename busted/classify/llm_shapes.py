@@ -290,7 +290,8 @@ def openai_chat(u: Usage, obj: Any, ts: int, event: str | None = None) -> None:
     for c in choices[:64]:
         if not isinstance(c, dict):
             continue
-        idx = c.get("index") if isinstance(c.get("index"), int) else 0
+        idx = c.get("index")
+        idx = idx if isinstance(idx, int) else 0
         fr = c.get("finish_reason")
         if fr is not None and (idx == 0 or u.finish_reason is None):
             u.finish(fr)
@@ -307,7 +308,8 @@ def openai_chat(u: Usage, obj: Any, ts: int, event: str | None = None) -> None:
                 u.content(ts, text)
             for tc in _l(delta.get("tool_calls"))[:64]:
                 # One tool call streams as many deltas with the same index; count distinct ones.
-                ti = tc.get("index") if isinstance(tc, dict) and isinstance(tc.get("index"), int) else 0
+                ti = tc.get("index") if isinstance(tc, dict) else None
+                ti = ti if isinstance(ti, int) else 0
                 u.content(ts)
                 if (idx, ti) not in u._tool_ids and len(u._tool_ids) < _MAX_TOOL_IDS:
                     u._tool_ids.add((idx, ti))

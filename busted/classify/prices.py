@@ -184,18 +184,21 @@ class PriceBook:
         from genai_prices import Usage, calc_price
 
         usage = Usage(input_tokens=inp, output_tokens=out, cache_read_tokens=cr, cache_write_tokens=cw)
-        attempts: list[dict[str, str]] = []
+        attempts: list[tuple[str | None, str | None]] = []  # (provider_id, provider_api_url), at most one
         if provider:
-            attempts.append({"provider_id": _GENAI_IDS.get(provider, provider)})
+            attempts.append((_GENAI_IDS.get(provider, provider), None))
         if authority:
-            attempts.append({"provider_api_url": f"https://{authority}"})
+            attempts.append((None, f"https://{authority}"))
         hint = _SHAPE_PROVIDER.get(api or "")
         if hint:
-            attempts.append({"provider_id": hint})
-        attempts.append({})  # the model name alone (an unknown gateway passing "gpt-4o" through)
-        for kw in attempts:
-            try:
-                r = calc_price(usage, model, **kw)  # type: ignore[arg-type]
+            attempts.append((hint, None))
+        attempts.append((None, None))  # the model name alone (an unknown gateway passing "gpt-4o" through)
+        for provider_id, api_url in attempts:
+            try:  # two calls, not one with both: calc_price's overloads take one or the other
+                if api_url is not None:
+                    r = calc_price(usage, model, provider_api_url=api_url)
+                else:
+                    r = calc_price(usage, model, provider_id=provider_id)
             except LookupError:
                 continue
             return Cost(float(r.total_price), f"genai-prices {genai_prices_version()}", r.provider.id, r.model.id)

@@ -11,6 +11,7 @@ dict per prefix length (longest first). This runs for every flow.
 
 from __future__ import annotations
 
+import enum
 import functools
 import ipaddress
 import json
@@ -19,7 +20,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
-from typing import Any
+from typing import Any, Final
 
 from cachetools import LRUCache
 
@@ -66,7 +67,7 @@ class Provider:
         extra = set(d) - known
         if extra:
             raise CatalogError(f"unknown provider field(s) {sorted(extra)}")
-        kw = {k: (tuple(v) if isinstance(v, list) else v) for k, v in d.items()}
+        kw: dict[str, Any] = {k: (tuple(v) if isinstance(v, list) else v) for k, v in d.items()}
         kw["hostnames"] = tuple(_norm(h) for h in kw.get("hostnames", ()))
         kw["suffixes"] = tuple(_norm(h) for h in kw.get("suffixes", ()))
         kw["patterns"] = tuple(_norm(h) for h in kw.get("patterns", ()))
@@ -84,7 +85,11 @@ class ProviderMatch:
         return self.provider.id
 
 
-_MISS = object()
+class _Miss(enum.Enum):  # a memo's "not there" (None is a cached answer); an enum so `is` narrows the type
+    MISS = 0
+
+
+_MISS: Final = _Miss.MISS
 
 
 def parse_ip(ip: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:

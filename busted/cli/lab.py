@@ -255,7 +255,7 @@ def _in_lab(ev: Event, lab: Any) -> bool:
     """Only show what the lab's clients did (the host may have other traffic)."""
     from busted.events import FlowIdentity
 
-    addrs = set()
+    addrs: set[str] = set()
     for h in lab.hosts.values():
         addrs.update(a for a in h.addresses if a)
     if isinstance(ev, FlowIdentity):  # flow events, LLM calls, MCP messages

@@ -15,6 +15,7 @@ from busted._text import printable as _p
 from busted.cli.outputs import _Sinks, _start, _Summary
 from busted.cli.render import HEADER, _announce, _install_sigterm, _stdout_line, _wants, render
 from busted.events import Event
+from busted.sinks import Encoded
 from busted.sinks import encode as _encode_event
 
 _BATCH = 4096  # at most this many events per batch the monitor loop takes from the Monitor
@@ -35,7 +36,7 @@ def _run_monitor(args: argparse.Namespace, out: TextIO, events: Iterable[Event |
     try:
         for item in events:
             batch: Sequence[Event] = (item,) if isinstance(item, Event) else item
-            encoded = []
+            encoded: list[Encoded | Event] = []  # an event that would not encode goes as is (the store counts it)
             lines = []
             for ev in batch:
                 summary.add(ev)

@@ -218,7 +218,7 @@ class _Sinks:
         it), under one lock each; the JSONL file is written out per batch. ``queue_depth()`` is
         read once per batch, and only for --metrics."""
         for s in self.sinks:
-            if s is self.exporter:
+            if s is self.exporter and s is not None:
                 for ev in events:
                     s.write(ev)
                 s.set_queue_depth(queue_depth())

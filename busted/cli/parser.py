@@ -45,7 +45,7 @@ class _Parser(argparse.ArgumentParser):
         super().__init__(*args, **kwargs)
 
 
-def _filter_flags() -> argparse.ArgumentParser:
+def _filter_flags() -> _Parser:
     """The filter flags, defined once: monitor, top, lab and query take the same ones."""
     fp = _Parser(add_help=False)
     g = fp.add_argument_group("filters (a flow must match every one given; repeatable ones match any value)")
@@ -62,7 +62,7 @@ def _filter_flags() -> argparse.ArgumentParser:
     return fp
 
 
-def _live_flags() -> argparse.ArgumentParser:
+def _live_flags() -> _Parser:
     """Flags of the commands that load probes and write outputs (monitor, top, lab)."""
     lp = _Parser(add_help=False)
     lp.add_argument("--probes", help="force tiers, e.g. bytes=syscall,lifecycle=tracepoint")

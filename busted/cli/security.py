@@ -148,7 +148,7 @@ def _addr(flag: str, addr: str) -> Check:
         ips = {ipaddress.ip_address(host)}
     except ValueError:
         try:
-            ips = {ipaddress.ip_address(ai[4][0].split("%")[0]) for ai in socket.getaddrinfo(host, None)}
+            ips = {ipaddress.ip_address(str(ai[4][0]).split("%")[0]) for ai in socket.getaddrinfo(host, None)}
         except OSError as exc:
             return Check(WARN, flag, f"{addr}: cannot resolve {host!r} ({exc})")
     if ips and all(ip.is_loopback for ip in ips):

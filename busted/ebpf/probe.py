@@ -160,7 +160,7 @@ def probe() -> Capabilities:
     tps: dict[str, bool] = {}
     for group in TRACEPOINTS.values():
         for tp in group:
-            tps[tp] = bool(root) and os.path.isdir(os.path.join(root, "events", tp))
+            tps[tp] = bool(root and os.path.isdir(os.path.join(root, "events", tp)))
     pmu = Path("/sys/bus/event_source/devices")
     kprobes = (pmu / "kprobe").exists() or bool(root and os.path.exists(os.path.join(root, "kprobe_events")))
     uprobes = (pmu / "uprobe").exists() or bool(root and os.path.exists(os.path.join(root, "uprobe_events")))

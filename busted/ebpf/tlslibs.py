@@ -28,6 +28,7 @@ import os
 import shutil
 import stat
 from dataclasses import dataclass
+from typing import BinaryIO
 
 from cachetools import LRUCache
 
@@ -77,7 +78,7 @@ def _kind(syms: object) -> str | None:
     return None
 
 
-def _read_symbols(f: object) -> dict[str, int]:
+def _read_symbols(f: BinaryIO) -> dict[str, int]:
     """TLS function -> file offset for the functions the ELF file ``f`` defines ({} if none or not ELF)."""
     try:
         from elftools.elf.elffile import ELFFile

@@ -12,11 +12,39 @@ import collections
 import os
 import threading
 import time
-from typing import Any
+from collections.abc import Callable, Mapping
+from typing import Protocol
 
 from cachetools import LRUCache
 
-__all__ = ["TlsScanner"]
+__all__ = ["TlsListener", "TlsProgram", "TlsScanner"]
+
+# Told of each TLS file probed: f(fd, (st_dev, st_ino), TLS function -> offset, path); what it
+# returns is ignored (busted.policy.model_enforce's attach_fd says whether it attached).
+TlsListener = Callable[[int, tuple[int, int], dict[str, int], str], object]
+
+
+class TlsProgram(Protocol):
+    """What the scanner needs of the loaded kernel program (``busted.ebpf.loader.FlowProgram``):
+    attach the plaintext uprobes to a file, know which files are done, count what it left."""
+
+    @property
+    def tls_files(self) -> Mapping[str, str]: ...  # attached: path as a process names it -> kind
+
+    @property
+    def tls_failed(self) -> Mapping[str, str]: ...  # path -> why not attached
+
+    def attach_tls_library(self, path: str, kind: str | None = None) -> bool: ...
+
+    def attach_tls_fd(self, fd: int, key: tuple[int, int], kind: str, offsets: dict[str, int],
+                      label: str) -> bool: ...
+
+    def tls_known(self, key: tuple[int, int]) -> bool: ...
+
+    @property
+    def tls_inodes(self) -> list[tuple[int, int]]: ...  # (st_dev, st_ino) of every file probed
+
+    def count_tls_loss(self, n: int = 1) -> None: ...
 
 
 class TlsScanner:
@@ -28,7 +56,7 @@ class TlsScanner:
     process, each file inspected once per identity, and the program probes at most
     ``max_tls_libraries`` distinct files (refusals counted: ``LossPlace.TLS_LIBRARY``)."""
 
-    def __init__(self, program: Any, *, max_queue: int = 4096, scans_per_s: float = 200.0) -> None:
+    def __init__(self, program: TlsProgram, *, max_queue: int = 4096, scans_per_s: float = 200.0) -> None:
         self._program = program
         self._seen: LRUCache[int, bool] = LRUCache(maxsize=65536)  # pids already scanned
         self._queue: collections.deque[int] = collections.deque(maxlen=max_queue)
@@ -39,7 +67,7 @@ class TlsScanner:
         self.dropped = 0  # pids not scanned because the queue was full
         # Called as f(fd, key, offsets, path) for each TLS file probed after start (the policy's
         # model uprobes go on the same files: busted/policy/model_enforce.py).
-        self.listeners: list[Any] = []
+        self.listeners: list[TlsListener] = []
         self.scanned = 0  # pids scanned
 
     @property
@@ -97,7 +125,7 @@ class TlsScanner:
             finally:
                 os.close(fd)
 
-    def replay(self, listener: Any) -> None:
+    def replay(self, listener: TlsListener) -> None:
         """Give ``listener`` (as ``listeners``) the files probed so far that running processes map:
         those ``scan_all`` found before it was registered. One more walk of /proc, at most
         ``MAX_CANDIDATES_PER_PID`` files a process, only files the program probes."""

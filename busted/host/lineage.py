@@ -25,7 +25,7 @@ from cachetools import LRUCache
 from busted.classify.agents import AgentCatalog
 from busted.classify.containers import container_of
 from busted.events import Ancestor
-from busted.host.procinfo import ProcCache, ProcInfo
+from busted.host.procinfo import ProcCache, ProcInfo, ProcReader
 from busted.redact import redact_argv
 from busted.wire.layout import LINF, REC_EXEC, REC_EXIT, REC_FORK
 from busted.wire.records import LinRecord
@@ -107,6 +107,7 @@ class LineageTable:
     def feed(self, rec: LinRecord) -> int:
         """Apply one record; returns the count of forgotten running processes to report now."""
         self.records += 1
+        p: Proc | None
         if rec.type == REC_FORK:
             self.forks += 1
             parent = self._procs.get(rec.ppid)
@@ -198,7 +199,7 @@ class LineageProc:
     records' CLOCK_MONOTONIC ns into UNIX seconds (the Monitor's; default: measured now).
     """
 
-    def __init__(self, table: LineageTable, proc: Callable[[int], ProcInfo], *,
+    def __init__(self, table: LineageTable, proc: ProcReader, *,
                  agents: AgentCatalog | None = None,
                  cgroup_path: Callable[[int], str | None] = lambda _id: None,
                  proc_cgroup: Callable[[int], str | None] = lambda _pid: None,

@@ -9,13 +9,13 @@ from __future__ import annotations
 
 import os
 import time
-from typing import NamedTuple
+from typing import Any, NamedTuple, Protocol
 
 from cachetools import TTLCache
 
 from busted.redact import redact_argv
 
-__all__ = ["ProcInfo", "ProcCache", "read_exec_argv", "ticks_to_wall"]
+__all__ = ["ProcInfo", "ProcCache", "ProcReader", "read_exec_argv", "ticks_to_wall"]
 
 
 class ProcInfo(NamedTuple):
@@ -26,9 +26,17 @@ class ProcInfo(NamedTuple):
     start_ticks: int | None
     comm: str | None = None
     # Lineage fields for FlowEvent (ancestry, agent, container...: busted.host.lineage), when known.
-    lineage: dict | None = None
+    lineage: dict[str, Any] | None = None
     # start_ticks as UNIX seconds (``FlowEvent.proc_start_time``)
     start_time: float | None = None
+
+
+class ProcReader(Protocol):
+    """The process-facts seam: pid -> what is known of it (``ProcCache.get`` reads /proc,
+    ``busted.host.lineage.LineageProc.get`` the kernel's fork/exec records first). Never raises: a
+    pid nothing is known of gets a ``ProcInfo`` of Nones. A test passes a dict's lookup."""
+
+    def __call__(self, pid: int, /) -> ProcInfo: ...
 
 
 _MISSING = ProcInfo(None, None, None, None, None)
@@ -180,10 +188,10 @@ class ProcCache:
             return e.info
         self.reads += 1
         info = read_proc(pid, self._root)
-        same_dir = e is not None and e.ino == st.st_ino and e.mtime_ns == st.st_mtime_ns
-        if same_dir and exe is None and (info.start_ticks is None or info.start_ticks == e.info.start_ticks):
+        if (e is not None and e.ino == st.st_ino and e.mtime_ns == st.st_mtime_ns and exe is None
+                and (info.start_ticks is None or info.start_ticks == e.info.start_ticks)):
             # the same process exiting (a zombie has no exe and an empty cmdline): keep what it ran
-            e = e._replace(exe=None, gen=gen)  # type: ignore[union-attr]
+            e = e._replace(exe=None, gen=gen)
         elif info.exe is None and info.ppid is None:
             return info  # gone since the stat: no guess (another process may have been there)
         elif info.exe is not None and not info.cmdline:

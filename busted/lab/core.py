@@ -23,11 +23,15 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from busted._safe import CHILD_CWD, child_env, python_argv
 from busted.errors import LabError, MissingDependency
 from busted.lab import topology
 from busted.lab.topology import Plan
+
+if TYPE_CHECKING:
+    from busted.lab.pki import LabCA, ServerCert
 
 __all__ = ["Lab", "LabError", "LabHost"]
 
@@ -149,8 +153,8 @@ class Lab:
         self.bare_cidr = ""
         self.bare_cidr6 = ""
         self.tmpdir: Path | None = None
-        self._ca = None
-        self._cert = None
+        self._ca: LabCA | None = None  # made in the lab's netns setup (needs cryptography: imported there)
+        self._cert: ServerCert | None = None
         self._dns: _Child | None = None
         self._http: _Child | None = None
         self._sinks: dict[int, _Child] = {}
@@ -349,11 +353,11 @@ class Lab:
         deadline = time.monotonic() + self.ready_timeout
         dns_cfg = self.tmpdir / "dns.json"
         self._write_dns_config()
-        self._dns = self._spawn("dns", self._python_cmd(self.server_ns, "busted.lab.dns_server",
-                                                        "--config", str(dns_cfg)))
-        self._start_http()
-        self._wait_ready_line(self._dns, deadline)
-        self._wait_ready_line(self._http, deadline)
+        self._dns = dns = self._spawn("dns", self._python_cmd(self.server_ns, "busted.lab.dns_server",
+                                                              "--config", str(dns_cfg)))
+        http = self._start_http()
+        self._wait_ready_line(dns, deadline)
+        self._wait_ready_line(http, deadline)
         self._wait_dns(deadline)
         self._wait_tls(deadline)
 
@@ -369,14 +373,14 @@ class Lab:
         tmp.write_text(json.dumps(cfg, indent=1))
         os.replace(tmp, self.tmpdir / "dns.json")
 
-    def _start_http(self) -> None:
+    def _start_http(self) -> _Child:
         assert self.tmpdir is not None and self._ca is not None
         names = [n for n in self.hosts] + list(AZURE_CHAIN)
-        self._cert = self._ca.issue_server(names, self._tls_listeners())
+        self._cert = cert = self._ca.issue_server(names, self._tls_listeners())
         ollama = self.hosts["ollama.lab.test"]
-        cfg = {
-            "cert": str(self._cert.cert_path),
-            "key": str(self._cert.key_path),
+        cfg: dict[str, Any] = {
+            "cert": str(cert.cert_path),
+            "key": str(cert.key_path),
             "max_seconds": self.max_seconds,
             "tls": [[ip, 443] for ip in self._tls_listeners()],
             "plain": [[ip, 80] for ip in self._tls_listeners()],
@@ -386,8 +390,9 @@ class Lab:
             cfg["plain"] += [[a, GATEWAY_PORT] for a in self.gateway.addresses]
         path = self.tmpdir / "http.json"
         path.write_text(json.dumps(cfg, indent=1))
-        self._http = self._spawn("http", self._python_cmd(self.server_ns, "busted.lab.http_server",
-                                                          "--config", str(path)))
+        self._http = http = self._spawn("http", self._python_cmd(self.server_ns, "busted.lab.http_server",
+                                                                 "--config", str(path)))
+        return http
 
     def _wait_dns(self, deadline: float, name: str = "api.openai.com", want: str | None = None) -> None:
         import dns.message
@@ -548,9 +553,9 @@ class Lab:
             assert self._dns is not None and self._http is not None
             self._dns.proc.send_signal(signal.SIGHUP)
             _stop(self._http.proc)
-            self._start_http()
+            http = self._start_http()
             deadline = time.monotonic() + self.ready_timeout
-            self._wait_ready_line(self._http, deadline)
+            self._wait_ready_line(http, deadline)
             self._wait_dns(deadline, name=name, want=ip)
             self._wait_tls(deadline)
         return host
@@ -603,7 +608,7 @@ def _stop(proc: subprocess.Popen, grace: float = 2.0) -> None:
 
 
 def _json_lines(path: Path) -> list[dict]:
-    out = []
+    out: list[dict] = []
     try:
         text = path.read_text(errors="replace")
     except OSError:

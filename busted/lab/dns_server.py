@@ -120,11 +120,11 @@ class Server:
         except Exception as exc:  # malformed: answer FORMERR if the header at least parses
             self.log(proto=proto, peer=str(peer[0]), error=type(exc).__name__)
             if len(wire) >= 12:
-                resp = bytearray(wire[:12])
-                resp[2] = (resp[2] | 0x80) & 0xF9  # QR=1, keep opcode/RD, clear AA/TC
-                resp[3] = (resp[3] & 0xF0) | dns.rcode.FORMERR
-                resp[4:12] = b"\x00" * 8
-                return bytes(resp)
+                err = bytearray(wire[:12])
+                err[2] = (err[2] | 0x80) & 0xF9  # QR=1, keep opcode/RD, clear AA/TC
+                err[3] = (err[3] & 0xF0) | dns.rcode.FORMERR
+                err[4:12] = b"\x00" * 8
+                return bytes(err)
             return None
         resp = self.zone.answer(query)
         q = query.question[0] if query.question else None

@@ -442,7 +442,8 @@ class LabHTTPServer:
                 events = conn.receive_data(data) if data else []
                 for ev in events:
                     if isinstance(ev, h2.events.RequestReceived):
-                        streams[ev.stream_id] = (list(ev.headers), bytearray())
+                        # h2 types headers as bytes or hpack tuples; header_encoding="latin-1" makes them str
+                        streams[ev.stream_id] = (list(ev.headers), bytearray())  # type: ignore[arg-type]
                     elif isinstance(ev, h2.events.DataReceived):
                         try:
                             conn.acknowledge_received_data(ev.flow_controlled_length, ev.stream_id)

@@ -164,7 +164,7 @@ def choose_networks(prefix: str, ipr, rng: random.Random | None = None) -> tuple
 
 
 def read_states(prefix: str) -> list[Plan]:
-    out = []
+    out: list[Plan] = []
     if not STATE_DIR.is_dir():
         return out
     for p in sorted(STATE_DIR.glob(f"{prefix}*.json")):

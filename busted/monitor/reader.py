@@ -131,13 +131,12 @@ class ReaderLoop:
                 batch = prog.read(n)
             if not batch:
                 return
-            table = self._table
             for raw in batch:
                 evs = feed(raw)
                 if evs:
                     pending.extend(policy.feed(evs) if policy is not None else evs)
-                if table.commands:
-                    self._carry_out(table.take_commands())
+            if self._table.commands:  # once per batch: the kernel acts on them as late as on any record
+                self._carry_out(self._table.take_commands())
 
     def _carry_out(self, commands: list[Any]) -> None:
         """The flow table's decisions, told to the kernel program."""

@@ -18,7 +18,7 @@ from __future__ import annotations
 import struct
 from collections import Counter
 from collections.abc import Callable, Iterable, Mapping
-from typing import Any, NamedTuple, TypeVar
+from typing import TYPE_CHECKING, Any, NamedTuple, Protocol, TypeVar
 
 from cachetools import LRUCache
 
@@ -27,22 +27,28 @@ from busted.classify.tls import ClientHelloInfo, ClientHelloParser, NeedMore
 from busted.events import (
     FLOW_IDENTITY,
     Direction,
+    DnsAnswer,
     Event,
     EventsLost,
     Evidence,
     FlowClassified,
     FlowClosed,
     FlowEvent,
+    FlowIdentity,
     FlowOpened,
     LossPlace,
     TlsClientHello,
 )
 from busted.host.lineage import NO_LINEAGE
-from busted.host.procinfo import ProcInfo
+from busted.host.procinfo import ProcInfo, ProcReader
 from busted.wire.layout import FL, REC_BIND, REC_CLOSE, REC_DNS, REC_OPEN
 from busted.wire.records import ArrivalRecord, CapRecord, FlowRecord, LinRecord, PlainRecord, decode, decode_any
 
-__all__ = ["Command", "FlowTable", "SkipPlaintext", "UnbindSsl", "UnskipPlaintext"]
+if TYPE_CHECKING:
+    from busted.classify.dns import DnsInfo
+
+__all__ = ["Classifier", "Command", "FlowReader", "FlowTable", "LineageFeed", "ReaderFactory", "SkipPlaintext",
+           "UnbindSsl", "UnskipPlaintext"]
 
 E = TypeVar("E", bound=Event)
 
@@ -79,6 +85,55 @@ def _derive(cls: type[E], base: FlowEvent, **changes: Any) -> E:
     return ev
 
 
+# -- the seams: what the table is given (the Monitor passes busted's own; a test, doubles) -----------
+
+
+class FlowReader(Protocol):
+    """One flow's plaintext -> events (``busted.pipeline.llmreader.CallReader``). Optional, looked up
+    with getattr: ``take_host() -> str | None`` (the HTTP authority, once) and
+    ``arrival(read_ns, arrival_ns)`` (when a read's first byte reached the socket, for TTFT)."""
+
+    flow: FlowIdentity  # the flow's latest identity: the table updates it when the flow is renamed
+    interesting: bool | None  # None undecided; False: not an LLM API nor MCP (its plaintext is skipped)
+
+    def feed(self, sent: bool, data: bytes, ts_ns: int, *, start: bool = False) -> list[Event]: ...
+
+    def feed_gap(self, sent: bool, size: int, ts_ns: int) -> list[Event]: ...  # bytes not copied
+
+    def take_losses(self) -> list[str]: ...
+
+    def close(self, ts_ns: int) -> Iterable[Event]: ...
+
+
+# (flow, wall) -> the flow's reader; ``wall`` turns monotonic nanoseconds into UNIX seconds
+ReaderFactory = Callable[[FlowEvent, Callable[[int], float]], FlowReader]
+
+
+class Classifier(Protocol):
+    """Names a flow's peer (``busted.pipeline.enrich.Enricher``): from the catalog, DNS answers seen,
+    the ClientHello's SNI, the HTTP authority."""
+
+    def classify_peer(self, netns: int | None, daddr: str, dport: int,
+                      now: float) -> tuple[str | None, str | None, Evidence, float]: ...
+
+    def classify_flow(self, ev: FlowEvent) -> FlowEvent: ...
+
+    def reclassify(self, flow: FlowEvent, sni: str, now: float) -> FlowEvent | None: ...
+
+    def reclassify_host(self, flow: FlowEvent, authority: str | None) -> FlowEvent | None: ...
+
+    def dns_answer(self, rec: CapRecord, info: DnsInfo, wall: float, netns: int | None,
+                   flow_id: int | None) -> DnsAnswer: ...
+
+
+class LineageFeed(Protocol):
+    """Takes the fork/exec/exit records (``busted.host.lineage.LineageTable``)."""
+
+    def feed(self, rec: LinRecord) -> int: ...  # -> running processes forgotten, to report now
+
+    def take_unreported(self) -> int: ...
+
+
 class _Flow:
     """One open flow: its identity (the latest FlowOpened/FlowClassified) and parser state."""
 
@@ -90,7 +145,7 @@ class _Flow:
         self.hello: ClientHelloParser | None = None
         self.hello_done = False
         self.dns: TcpDnsFramer | None = None
-        self.reader: Any = None  # plaintext -> LLM calls (see ``readers``)
+        self.reader: FlowReader | None = None  # plaintext -> LLM calls
         self.plain_off = False  # its plaintext is not followed (judged, or a gap in it)
         # Per direction (0 sent, 1 received): (bytes of the library call / syscall being read, where
         # its next copied piece should start). The kernel copies a bounded head and tail of each call.
@@ -129,10 +184,10 @@ class FlowTable:
     end was seen is a counted ``USER_TABLE`` loss.
     """
 
-    def __init__(self, *, enricher: Any = None, proc: Callable[[int], ProcInfo] | None = None,
+    def __init__(self, *, enricher: Classifier | None = None, proc: ProcReader | None = None,
                  salt: int = 0, wall_offset: float = 0.0, max_flows: int = 4 * 65536,
-                 max_streams: int = 4096, reader: Callable[[FlowEvent, Callable[[int], float]], Any] | None = None,
-                 max_pending: int = 64, lineage: Any = None) -> None:
+                 max_streams: int = 4096, reader: ReaderFactory | None = None,
+                 max_pending: int = 64, lineage: LineageFeed | None = None) -> None:
         self.enricher = enricher
         self.lineage = lineage  # a busted.host.lineage.LineageTable fed the fork/exec/exit records
         # Plaintext: ``reader(flow, wall)`` makes the per-flow object that turns plaintext into events
@@ -365,16 +420,17 @@ class FlowTable:
         return flow
 
     def _capture(self, rec: CapRecord) -> list[Event]:
-        if self.enricher is None:
+        enr = self.enricher
+        if enr is None:
             return []
         try:
             if rec.type == REC_DNS:
-                return self._dns(rec)
-            return self._tls(rec)
+                return self._dns(rec, enr)
+            return self._tls(rec, enr)
         except Exception as exc:  # a parser bug must not stop the monitor: count it
             return [self.loss(LossPlace.PARSE, 1, f"{type(exc).__name__}: {exc}", rec.ts_ns)]
 
-    def _dns(self, rec: CapRecord) -> list[Event]:
+    def _dns(self, rec: CapRecord, enr: Classifier) -> list[Event]:
         truncated = rec.wire_len > len(rec.data)
         out: list[Event] = []
         flow = None
@@ -404,10 +460,10 @@ class FlowTable:
                 continue
             if not info.is_response:
                 continue
-            out.append(self.enricher.dns_answer(rec, info, wall, netns, flow_id))
+            out.append(enr.dns_answer(rec, info, wall, netns, flow_id))
         return out
 
-    def _tls(self, rec: CapRecord) -> list[Event]:
+    def _tls(self, rec: CapRecord, enr: Classifier) -> list[Event]:
         flow = self._state(rec.sk)
         if flow.hello_done:  # later writes of a flow whose hello is already parsed
             return []
@@ -424,7 +480,7 @@ class FlowTable:
         opened = flow.ev
         new = None
         if opened is not None and res.sni:
-            new = self.enricher.reclassify(opened, res.sni, wall)
+            new = enr.reclassify(opened, res.sni, wall)
         cur = new or opened
         out: list[Event] = [_make(TlsClientHello, {  # every field named (a test checks)
             "ts_ns": rec.ts_ns, "wall_time": wall, "flow_id": cur.flow_id if cur else None, "pid": rec.pid,
@@ -508,7 +564,7 @@ class FlowTable:
             return [self.loss(LossPlace.PARSE, 1, f"plaintext: {type(exc).__name__}: {exc}", rec.ts_ns)]
         take_host = getattr(reader, "take_host", None)
         if take_host is not None and self.enricher is not None and (host := take_host()) is not None:
-            out[:0] = self._http_host(flow, host, rec.ts_ns)
+            out[:0] = self._http_host(flow, reader, self.enricher, host, rec.ts_ns)
         for why in lost:  # exchanges (or the connection) the parsers could not follow: counted, with why
             out.append(self.loss(LossPlace.PLAINTEXT, 1, why, rec.ts_ns))
         if reader.interesting is False:
@@ -523,14 +579,16 @@ class FlowTable:
         if arrival is not None:
             arrival(rec.ts_ns, rec.arrival_ns)
 
-    def _http_host(self, flow: _Flow, authority: str, ts_ns: int) -> list[Event]:
-        """A request's Host header named a flow nothing else named (docs/classification.md)."""
+    def _http_host(self, flow: _Flow, reader: FlowReader, enr: Classifier, authority: str,
+                   ts_ns: int) -> list[Event]:
+        """A request's Host header named a flow nothing else named (docs/classification.md);
+        ``reader`` is the flow's."""
         assert flow.ev is not None
-        new = self.enricher.reclassify_host(flow.ev, authority)
+        new = enr.reclassify_host(flow.ev, authority)
         if new is None:
             return []
         flow.ev = _derive(FlowClassified, new, ts_ns=ts_ns, wall_time=self.wall(ts_ns))
-        flow.reader.flow = flow.ev  # the calls read from now on carry the name
+        reader.flow = flow.ev  # the calls read from now on carry the name
         return [flow.ev]
 
     def _read_close(self, flow: _Flow, ts_ns: int) -> list[Event]:

@@ -17,6 +17,7 @@ from busted.classify.httpevents import RequestHead, Side
 from busted.classify.llm import CallTracker, LlmCallInfo
 from busted.classify.mcp import CLIENT_TO_SERVER, McpMessageInfo
 from busted.events import FLOW_IDENTITY, Direction, Event, FlowIdentity, LlmCall, McpMessage
+from busted.pipeline.flows import ReaderFactory
 
 __all__ = ["CallReader", "default_prices", "reader_factory"]
 
@@ -197,10 +198,10 @@ class CallReader:
         )
 
 
-def reader_factory(*, capture_content: int = 0, prices: Any = None) -> Any:
+def reader_factory(*, capture_content: int = 0, prices: Any = None) -> ReaderFactory:
     """A function (flow, wall) -> reader for the FlowTable (see busted.pipeline.flows)."""
 
-    def make(flow: Any, wall: Any) -> CallReader:
+    def make(flow: FlowIdentity, wall: Callable[[int], float]) -> CallReader:
         return CallReader(flow, wall, capture_content=capture_content, prices=prices)
 
     return make

@@ -18,13 +18,14 @@ import operator
 import types
 import typing
 from collections.abc import Callable
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, TypeVar
 
 from busted.events import Event
 from busted.redact import MASK, SECRET_HEADERS, redact_id, redact_text, redact_url
 
 __all__ = ["MASK", "Encoded", "dumps", "encode", "event_from_dict", "event_kinds", "redact"]
 
+_orjson: types.ModuleType | None
 try:  # optional (busted[fast]): ~10x faster than json.dumps on an event; the same JSON values
     import orjson as _orjson
 except ImportError:  # pragma: no cover - depends on the environment
@@ -90,7 +91,7 @@ def dumps(d: dict[str, Any], *, cls: type | None = None) -> str:
     ``1e+16``)."""
     if _orjson is not None and cls is not None and _plain_class(cls):
         try:
-            b = _orjson.dumps(d, default=str, option=_ORJSON_OPTS)
+            b: bytes = _orjson.dumps(d, default=str, option=_ORJSON_OPTS)
         except (TypeError, ValueError):  # orjson.JSONEncodeError is a TypeError
             pass
         else:
@@ -116,6 +117,7 @@ def encode(ev: Event, d: dict[str, Any] | None = None) -> Encoded:
     data = redact(ev.to_dict() if d is None else d)
     return Encoded(ev, data, dumps(data, cls=type(ev)))
 
+_T = TypeVar("_T")
 _SECRET_KEYS = frozenset(SECRET_HEADERS) | {"set-cookie", "x-auth-token", "api-token"}
 # Free-text fields read from the wire (an LlmCall's path, user agent, captured content): the events
 # are made with credentials masked; the sinks mask them again by name and shape (defence in depth).
@@ -124,8 +126,8 @@ _TEXT_KEYS: dict[str, Callable[[str], str]] = {"path": redact_url, "user_agent":
                                                "completion": redact_text, "response_id": redact_id}
 
 
-def _subclasses(cls: type) -> list[type]:
-    out = []
+def _subclasses(cls: type[_T]) -> list[type[_T]]:
+    out: list[type[_T]] = []
     for sub in cls.__subclasses__():
         out.append(sub)
         out.extend(_subclasses(sub))
@@ -137,10 +139,16 @@ def event_kinds() -> dict[str, type[Event]]:
     return {c.kind: c for c in _subclasses(Event) if "kind" in c.__dict__}
 
 
-@functools.cache
+_HINTS: dict[type, dict[str, Any]] = {}  # one entry per event or nested dataclass: bounded by the classes
+
+
 def _hints(cls: type) -> dict[str, Any]:
     # Resolved per class in its own module, so event classes defined outside busted.events work too.
-    return typing.get_type_hints(cls)
+    # A dict, not functools.cache: mypy rejects a dataclass type as the cache's Hashable argument.
+    hints = _HINTS.get(cls)
+    if hints is None:
+        hints = _HINTS[cls] = typing.get_type_hints(cls)
+    return hints
 
 
 def _convert(tp: Any, v: Any) -> Any:
@@ -155,10 +163,10 @@ def _convert(tp: Any, v: Any) -> Any:
     if tp is bytes and isinstance(v, str):
         return bytes.fromhex(v)
     if origin is tuple:
-        args = typing.get_args(tp)
-        inner = args[0] if args else Any
+        targs = typing.get_args(tp)
+        inner = targs[0] if targs else Any
         return tuple(_convert(inner, x) for x in v)
-    if dataclasses.is_dataclass(tp) and isinstance(v, dict):
+    if isinstance(tp, type) and dataclasses.is_dataclass(tp) and isinstance(v, dict):
         hints = _hints(tp)
         return tp(**{k: _convert(hints[k], x) for k, x in v.items() if k in hints})
     return v

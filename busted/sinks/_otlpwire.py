@@ -97,6 +97,7 @@ def _attr(k: str, v: Any, t: type) -> bytes:
     """The Span.attributes field for ``k``: ``v``. Strings and lists repeat across spans (models,
     hosts, processes) and are kept, per key; numbers (tokens, ids, times) mostly do not and are
     written directly."""
+    av: bytes  # (``_SMALL[v]`` with ``v: Any`` would make it Any: the list's __getitem__ is overloaded)
     if t is int and -1 < v < 16384:
         av = b"\x18" + _SMALL[v]
     elif t is float:

@@ -230,19 +230,28 @@ def _import_sdk() -> dict[str, Any]:
 
 
 def _exporters(protocol: str) -> tuple[type, type, type]:
+    spans: type
+    metrics: type
+    logs: type
     try:
         if protocol == "grpc":
-            from opentelemetry.exporter.otlp.proto.grpc._log_exporter import OTLPLogExporter
-            from opentelemetry.exporter.otlp.proto.grpc.metric_exporter import OTLPMetricExporter
-            from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
+            from opentelemetry.exporter.otlp.proto.grpc import _log_exporter as grpc_logs
+            from opentelemetry.exporter.otlp.proto.grpc import metric_exporter as grpc_metrics
+            from opentelemetry.exporter.otlp.proto.grpc import trace_exporter as grpc_spans
+
+            spans, metrics = grpc_spans.OTLPSpanExporter, grpc_metrics.OTLPMetricExporter
+            logs = grpc_logs.OTLPLogExporter
         else:
-            from opentelemetry.exporter.otlp.proto.http._log_exporter import OTLPLogExporter
-            from opentelemetry.exporter.otlp.proto.http.metric_exporter import OTLPMetricExporter
-            from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
+            from opentelemetry.exporter.otlp.proto.http import _log_exporter as http_logs
+            from opentelemetry.exporter.otlp.proto.http import metric_exporter as http_metrics
+            from opentelemetry.exporter.otlp.proto.http import trace_exporter as http_spans
+
+            spans, metrics = http_spans.OTLPSpanExporter, http_metrics.OTLPMetricExporter
+            logs = http_logs.OTLPLogExporter
     except ImportError as exc:
         pkg = "opentelemetry-exporter-otlp-proto-" + ("grpc" if protocol == "grpc" else "http")
         raise MissingDependency(pkg, "otlp", f"OTLP export over {protocol}") from exc
-    return _fast_spans(OTLPSpanExporter, protocol), OTLPMetricExporter, OTLPLogExporter
+    return _fast_spans(spans, protocol), metrics, logs
 
 
 def _fast_spans(base: type, protocol: str) -> type:
@@ -251,7 +260,7 @@ def _fast_spans(base: type, protocol: str) -> type:
     if protocol == "grpc":
         from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
 
-        class GrpcSpans(base):  # type: ignore[misc, valid-type]
+        class GrpcSpans(base):  # type: ignore[misc]  # base: the SDK's exporter class, imported at run time
             # The gRPC stub takes a message: the bytes parsed into one, in C (the protobuf runtime).
             def _translate_data(self, data: Sequence[Any]) -> Any:
                 return ExportTraceServiceRequest.FromString(wire.encode_request(data))
@@ -259,7 +268,7 @@ def _fast_spans(base: type, protocol: str) -> type:
         return GrpcSpans
     from opentelemetry.sdk.trace.export import SpanExportResult
 
-    class HttpSpans(base):  # type: ignore[misc, valid-type]
+    class HttpSpans(base):  # type: ignore[misc]  # base: the SDK's exporter class, imported at run time
         def __init__(self, *a: Any, **kw: Any) -> None:
             super().__init__(*a, **kw)
             if not hasattr(getattr(self, "_client", None), "export"):  # the hook this class posts bytes with
@@ -275,13 +284,23 @@ def _fast_spans(base: type, protocol: str) -> type:
     return HttpSpans
 
 
-class _Counted:
-    """Wraps an SDK exporter: counts what the batch processor hands it and how the exports went.
-    ``handed`` is counted before the export is tried, so ``accepted - handed`` bounds the queue."""
+class _Wrapped:
+    """An SDK exporter wrapped to count how its exports went (``_Counted``, ``_MetricCounted``)."""
 
     def __init__(self, inner: Any, owner: OtlpSink, signal: str) -> None:
         self.inner, self.owner, self.signal = inner, owner, signal
         self.handed = self.ok = self.failed = 0
+
+    def force_flush(self, timeout_millis: int = 30000) -> bool:
+        return bool(self.inner.force_flush(timeout_millis))
+
+    def shutdown(self) -> None:
+        self.inner.shutdown()
+
+
+class _Counted(_Wrapped):
+    """Wraps a span or log exporter: counts what the batch processor hands it and how the exports
+    went. ``handed`` is counted before the export is tried, so ``accepted - handed`` bounds the queue."""
 
     def export(self, batch: Sequence[Any]) -> Any:
         n = len(batch)
@@ -300,14 +319,8 @@ class _Counted:
             self.owner._failed(self.signal, n, None)
         return result
 
-    def force_flush(self, timeout_millis: int = 30000) -> bool:
-        return bool(self.inner.force_flush(timeout_millis))
 
-    def shutdown(self) -> None:
-        self.inner.shutdown()
-
-
-class _MetricCounted(_Counted):
+class _MetricCounted(_Wrapped):
     """The metric exporter: one export is a reading of every series (cumulative), not items."""
 
     def __init__(self, inner: Any, owner: OtlpSink) -> None:
@@ -761,8 +774,9 @@ class OtlpSink:
         method = req.jsonrpc_method
         if method:
             a[N["mcp_method"]] = _clean(method)
-        if req.session_id or resp and resp.session_id:
-            a[N["mcp_session"]] = _clean(req.session_id or resp.session_id)  # type: ignore[union-attr]
+        session = req.session_id or (resp.session_id if resp is not None else None)
+        if session:
+            a[N["mcp_session"]] = _clean(session)
         if req.jsonrpc_id is not None:
             a[N["jsonrpc_id"]] = _clean(req.jsonrpc_id)
         if req.tool:
@@ -964,8 +978,11 @@ class OtlpSink:
         # exporter stuck in a retry does not hold us past it (its thread is a daemon; what it held
         # is counted as not sent). The span and log processors' shutdown() take no timeout.
         self._metric_stop.set()
-        jobs = (lambda: self.metrics and self._metric_thread.join(), self._span_proc.shutdown,
-                self._log_proc.shutdown)
+        def stop_metrics() -> None:
+            if self.metrics:
+                self._metric_thread.join()
+
+        jobs = (stop_metrics, self._span_proc.shutdown, self._log_proc.shutdown)
         threads = [threading.Thread(target=_quietly, args=(job,), name="busted-otlp-close", daemon=True)
                    for job in jobs]
         for th in threads:

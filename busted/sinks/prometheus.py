@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import collections
 import threading
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
 from cachetools import LRUCache
 
@@ -140,7 +140,7 @@ class PrometheusExporter:
         self._values: dict[str, set[str]] = {"agent": set(), "container": set(), "scope": set(), "budget": set()}
         self.view = FlowView(max_flows=max_open_flows)
         self._catalog = catalog
-        self._builtin: Catalog | None | bool = None  # loaded on first need; False: unavailable
+        self._builtin: Catalog | None | Literal[False] = None  # loaded on first need; False: unavailable
         self._seen: dict[int, set[tuple[str, ...]]] = collections.defaultdict(set)
         self._learned: collections.OrderedDict[str, str] = collections.OrderedDict()  # hostname -> provider
         self._dns_cache: LRUCache[str, str] = LRUCache(maxsize=10_000)

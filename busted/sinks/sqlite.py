@@ -639,9 +639,9 @@ class Store(StoreQueries):
             self.last_error = None
             self._cv.notify_all()
         if since is not None:
-            lost = (f"{dropped_meanwhile} events were dropped meanwhile (recorded as events_lost)"
-                    if dropped_meanwhile else "nothing was lost")
-            self._tell(f"{self.path}: the store writes again, after {time.monotonic() - since:.1f} s; {lost}")
+            meanwhile = (f"{dropped_meanwhile} events were dropped meanwhile (recorded as events_lost)"
+                         if dropped_meanwhile else "nothing was lost")
+            self._tell(f"{self.path}: the store writes again, after {time.monotonic() - since:.1f} s; {meanwhile}")
         return True
 
     def _transaction(self, batch: list[_Row]) -> None:

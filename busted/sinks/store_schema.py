@@ -133,4 +133,7 @@ def _one(db: sqlite3.Connection, sql: str, *args: Any) -> Any:
 
 def _used_bytes(db: sqlite3.Connection) -> int:
     """Bytes of the database that hold data (pages in use, not free pages)."""
-    return (_one(db, "PRAGMA page_count") - _one(db, "PRAGMA freelist_count")) * _one(db, "PRAGMA page_size")
+    pages: int = _one(db, "PRAGMA page_count")
+    free: int = _one(db, "PRAGMA freelist_count")
+    size: int = _one(db, "PRAGMA page_size")
+    return (pages - free) * size

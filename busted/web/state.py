@@ -296,14 +296,15 @@ class WebState:
         keep = ("budget", "per", "scope", "window_start", "window_end", "tokens", "usd", "limit_tokens",
                 "limit_usd", "calls")
         old = self._budgets.get(key)
-        same = old is not None and old.get("window_end") == d.get("window_end")
+        same = old if old is not None and old.get("window_end") == d.get("window_end") else None  # this window's
         if d.get("kind") == "budget_exceeded":
-            row = dict(old) if same else {k: d.get(k) for k in keep}
+            row = dict(same) if same is not None else {k: d.get(k) for k in keep}
             row.update(exceeded=True, action=d.get("action"), enforced=d.get("enforced"))
         else:
             row = {k: d.get(k) for k in keep}
-            row.update(exceeded=bool(same and old.get("exceeded")), action=old.get("action") if same else None,
-                       enforced=old.get("enforced") if same else None)
+            row.update(exceeded=bool(same is not None and same.get("exceeded")),
+                       action=same.get("action") if same is not None else None,
+                       enforced=same.get("enforced") if same is not None else None)
         self._budgets[key] = row
         self._budgets.move_to_end(key)
         while len(self._budgets) > self.max_budget_rows:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import socket
 import struct
+from collections.abc import Callable
 from functools import lru_cache
 from typing import NamedTuple
 
@@ -213,12 +214,15 @@ def decode_lineage(buf: bytes) -> LinRecord:
     return LinRecord(typ, pid, ts, cg, ppid, tid, uid, flags, _comm(comm), fname or None, argv)
 
 
-_DECODERS = {REC_OPEN: decode, REC_CLOSE: decode, REC_DNS: decode_capture, REC_TLS: decode_capture,
-             REC_PLAIN: decode_plain, REC_BIND: decode_plain, REC_ARRIVAL: decode_arrival,
-             REC_FORK: decode_lineage, REC_EXEC: decode_lineage, REC_EXIT: decode_lineage}
+Record = FlowRecord | CapRecord | PlainRecord | LinRecord | ArrivalRecord
+
+_DECODERS: dict[int, Callable[[bytes], Record]] = {
+    REC_OPEN: decode, REC_CLOSE: decode, REC_DNS: decode_capture, REC_TLS: decode_capture,
+    REC_PLAIN: decode_plain, REC_BIND: decode_plain, REC_ARRIVAL: decode_arrival,
+    REC_FORK: decode_lineage, REC_EXEC: decode_lineage, REC_EXIT: decode_lineage}
 
 
-def decode_any(buf: bytes) -> FlowRecord | CapRecord | PlainRecord | LinRecord | ArrivalRecord:
+def decode_any(buf: bytes) -> Record:
     """Decode a record of any type. Raises ``ValueError`` for an unknown type, ``struct.error``
     for a short buffer."""
     if len(buf) < 4:
