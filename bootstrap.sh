@@ -107,10 +107,7 @@ case "${1:-}" in
           say "ruff check (lint)"
           python -m ruff check . || { say "ruff found problems (above); fix them or run 'ruff check --fix .'" >&2; exit 1; }
           say "mypy (types; configured in pyproject.toml, [tool.mypy])"
-          # TODO(lead): drop the exclude when monitor.py and busted/policy/ are clean (and with it
-          # --follow-imports=silent, which only keeps the excluded modules' errors out while others import them).
-          python -m mypy --follow-imports=silent --exclude '^busted/monitor(\.py$|/)' --exclude '^busted/policy/' \
-              --exclude '^busted/ebpf/policy[^/]*\.py$' \
+          python -m mypy \
               || { say "mypy found type errors (above)" >&2; exit 1; }
           exec python -m pytest -q -p no:cacheprovider "$@" ;;
     --) shift; exec "$@" ;;

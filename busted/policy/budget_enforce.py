@@ -7,7 +7,7 @@ from __future__ import annotations
 import ctypes
 import dataclasses
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 from busted.events import BudgetExceeded, BudgetSpend, Event
@@ -74,7 +74,7 @@ class BudgetRunner:
             kernel = dict(self.enforcer.compiled.budgets)
         return BudgetBook(policy.budgets, kernel=kernel, not_kernel=why, cgroup_path=cgroup_path)
 
-    def _apply(self, cmds: list[Block | Unblock], clear: bool = False) -> set[str]:
+    def _apply(self, cmds: Sequence[Block | Unblock], clear: bool = False) -> set[str]:
         enf = self.enforcer
         if enf is None or not (cmds or clear):
             return set()

@@ -271,7 +271,7 @@ def describe_budgets(policy: Any) -> str:
             note = (f"with --enforce, held in the kernel: once exhausted, new connections of that {b.per} "
                     "to its destinations are refused until the window ends")
         else:
-            note = why.get(b.name)
+            note = why.get(b.name) or ""
         out.append(f"{i:>3}. {b.describe(None)}{at}\n        {note}")
     return "\n".join(out)
 
@@ -429,7 +429,7 @@ class BudgetBook:
                 if b.agent is not None and ev.agent not in b.agent:
                     continue
                 if subj is None:
-                    subj = Subject.of_flow(ev, (lambda _c, p=path: p) if path else None,
+                    subj = Subject.of_flow(ev, _constant_path(path) if path else None,
                                            model=ev.request_model or ev.response_model)
                 if b.match.matches(subj) is None:
                     continue
@@ -576,3 +576,8 @@ def budget_table(rows: Iterable[Mapping[str, Any]], limit: int = 30) -> str:
         lines.append(f"{printable(r['budget'])[:20]:<20} {r['per']:<9} {scope:<24} {tok:>15} {usd:>17} "
                      f"{used(r):>5.0%} {r['window']:>6}  {state}")
     return "\n".join(lines)
+
+
+def _constant_path(path: str) -> Callable[[int], str | None]:
+    """A cgroup-path reader that knows one path: the call's, read once for every budget."""
+    return lambda _cgroup_id: path

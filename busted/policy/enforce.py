@@ -378,7 +378,7 @@ def container_cgroups(mount: str | None, max_dirs: int = 100_000) -> dict[int, t
     out: dict[int, tuple[str, str]] = {}
     if not mount:
         return out
-    stack = [(mount, "/", None)]
+    stack: list[tuple[str, str, str | None]] = [(mount, "/", None)]
     n = 0
     while stack and n < max_dirs:  # bounded: a hostile tree cannot keep us here
         d, rel, parent_cid = stack.pop()
@@ -797,10 +797,10 @@ class Enforcer:
         for k in list(t6.keys()):
             if k.gen == g and (bytes(k.addr), k.prefixlen - 32) not in want6:
                 del t6[k]
-        for (addr, plen), mask in want6.items():
+        for (addr6, plen), mask in want6.items():
             k = t6.Key()
             k.prefixlen, k.gen = 32 + plen, g
-            ctypes.memmove(k.addr, addr, 16)
+            ctypes.memmove(k.addr, addr6, 16)
             t6[k] = ctypes.c_ulonglong(mask)
         self._relearn(c, g)
         self.models.write(c.models, g)
@@ -1273,7 +1273,7 @@ class PolicyRuntime:
         out = self.judge.feed(events)
         if self._model_stopped:
             out = [e for e in out if not (isinstance(e, PolicyDecision) and e.point == "llm_request"
-                                          and (e.pid, dict(e.matched).get("model")) in self._model_stopped)]
+                                          and (e.pid, str(dict(e.matched).get("model"))) in self._model_stopped)]
         return self.budgets.feed(out)
 
     def consume(self, final: bool = False) -> list[Event]:
@@ -1285,7 +1285,7 @@ class PolicyRuntime:
         out = self.enforcer.consume(final)
         for e in out:
             if isinstance(e, PolicyDecision) and e.point == "llm_request" and e.enforced:
-                self._model_stopped[(e.pid, dict(e.matched).get("model"))] = True
+                self._model_stopped[(e.pid, str(dict(e.matched).get("model")))] = True
         return out
 
     def close(self) -> None:
