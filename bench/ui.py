@@ -69,8 +69,13 @@ def _one(config: str, w: Workload, seconds: float) -> dict[str, Any]:
             "rss_first_mb": rss[0], "rss_last_mb": rss[-1], "rss_max_mb": max(rss)}
 
 
-def run(seconds: float, rounds: int, rate: float = 500.0) -> dict[str, Any]:
-    configs = ["cli-json", "cli-ui", "cli-ui-tab"]
+CONFIGS = ("cli-json", "cli-ui", "cli-ui-tab")
+
+
+def run(seconds: float, rounds: int, rate: float = 500.0, configs: list[str] | None = None) -> dict[str, Any]:
+    configs = list(configs or CONFIGS)
+    if "cli-json" not in configs:
+        configs.insert(0, "cli-json")  # the baseline every ratio is taken against
     rows: list[dict[str, Any]] = []
     with Workload(procs=2, rate=rate, max_seconds=rounds * len(configs) * (seconds + 60) + 60) as w:
         w.start_clients()
@@ -88,7 +93,7 @@ def run(seconds: float, rounds: int, rate: float = 500.0) -> dict[str, Any]:
     for c in configs:
         us = [r["us_per_event"] for r in rows if r["config"] == c and r["us_per_event"]]
         out[c] = {"us_per_event_median": statistics.median(us), "min": min(us), "max": max(us)}
-    for c in ("cli-ui", "cli-ui-tab"):  # ratio to no page, round by round
+    for c in [c for c in configs if c != "cli-json"]:  # ratio to no page, round by round
         ratios = [a["us_per_event"] / b["us_per_event"] for a in rows for b in rows
                   if a["config"] == c and b["config"] == "cli-json" and a["round"] == b["round"]]
         out[c]["ratio_to_cli_json_median"] = statistics.median(ratios)
@@ -100,8 +105,12 @@ def main() -> None:
     ap.add_argument("--seconds", type=float, default=60.0)
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--rate", type=float, default=500.0)
+    ap.add_argument("--configs", default=",".join(CONFIGS), help="a subset of " + ",".join(CONFIGS))
     a = ap.parse_args()
-    print(json.dumps(run(a.seconds, a.rounds, a.rate), indent=1))
+    configs = [c for c in a.configs.split(",") if c]
+    if unknown := set(configs) - set(CONFIGS):
+        ap.error(f"unknown configurations {sorted(unknown)}")
+    print(json.dumps(run(a.seconds, a.rounds, a.rate, configs), indent=1))
 
 
 if __name__ == "__main__":

@@ -18,6 +18,7 @@ import secrets
 import socket
 import sys
 import threading
+import time
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -96,7 +97,7 @@ class WebUI:
             host = socket.gethostname()
         return f"http://{host}:{self.port}/?token={self.token}"
 
-    def start(self, stats: Callable[[], Any] | None = None) -> WebUI:
+    def start(self, stats: Callable[[], Any] | None = None, startup_timeout: float = 10.0) -> WebUI:
         import uvicorn
 
         from busted.web.app import make_app
@@ -109,6 +110,13 @@ class WebUI:
         self._server = uvicorn.Server(config)
         self._thread = threading.Thread(target=self._serve, name="busted-ui", daemon=True)
         self._thread.start()
+        # The URL is printed once the page is served: the server's start-up (its imports, its
+        # event loop) is done before the monitor says it is ready, not on the monitor's time after.
+        end = time.monotonic() + startup_timeout
+        while not self._server.started and self._thread.is_alive() and time.monotonic() < end:
+            time.sleep(0.01)
+        if not self._server.started:
+            self._warn(f"the web UI did not start within {startup_timeout:.0f} s; the monitor goes on without it")
         return self
 
     def _serve(self) -> None:
