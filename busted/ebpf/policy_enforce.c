@@ -880,32 +880,39 @@ int pol_dns_answers(struct __sk_buff *skb)
     return 1;
 }
 
+/* An egress segment's IP header into ip[40], its family (4/6) and IP header length (20..60) and
+ * the first 16 bytes of its TCP header into th[16]; anything else (not IPv4/IPv6 TCP, unreadable)
+ * passes (return 1). A macro, not a function: the verifier must see the bounds of ihl in the
+ * caller's registers (a helper filling it through a pointer lost them: the program was refused).
+ * pol_egress and policy_model.c's mdl_egress read a segment with it. */
+#define POL_TCP_HEADERS(skb, ip, th, family, ihl)                       \
+    u8 ip[40], th[16];                                                  \
+    u32 ihl, family, ihl##_proto;                                       \
+    if (bpf_skb_load_bytes(skb, 0, ip, 20) != 0)                        \
+        return 1;                                                       \
+    if ((ip[0] >> 4) == 4) {                                            \
+        ihl = (ip[0] & 0x0f) * 4;                                       \
+        ihl##_proto = ip[9];                                            \
+        family = 4;                                                     \
+    } else if ((ip[0] >> 4) == 6) {                                     \
+        if (bpf_skb_load_bytes(skb, 0, ip, 40) != 0)                    \
+            return 1;                                                   \
+        ihl = 40;                                                       \
+        ihl##_proto = ip[6];                                            \
+        family = 6;                                                     \
+    } else {                                                            \
+        return 1;                                                       \
+    }                                                                   \
+    if (ihl##_proto != 6 || ihl < 20 || ihl > 60)                       \
+        return 1;                                                       \
+    if (bpf_skb_load_bytes(skb, ihl, th, 16) != 0)                      \
+        return 1;
+
 /* Egress: TLS ClientHellos. A segment that starts one, or continues one of this socket still
  * being reassembled, goes to pol_egress_hello; every data segment of a denied socket is dropped. */
 int pol_egress(struct __sk_buff *skb)
 {
-    u8 ip[40];
-    u32 ihl, proto, family;
-    if (bpf_skb_load_bytes(skb, 0, ip, 20) != 0)
-        return 1;
-    if ((ip[0] >> 4) == 4) {
-        ihl = (ip[0] & 0x0f) * 4;
-        proto = ip[9];
-        family = 4;
-    } else if ((ip[0] >> 4) == 6) {
-        if (bpf_skb_load_bytes(skb, 0, ip, 40) != 0)
-            return 1;
-        ihl = 40;
-        proto = ip[6];
-        family = 6;
-    } else {
-        return 1;
-    }
-    if (proto != 6 || ihl < 20 || ihl > 60)
-        return 1;
-    u8 th[16];
-    if (bpf_skb_load_bytes(skb, ihl, th, 16) != 0)
-        return 1;
+    POL_TCP_HEADERS(skb, ip, th, family, ihl)
     u32 p = ihl + (th[12] >> 4) * 4;
     if (skb->len <= p)
         return 1;  /* no payload (ACK, SYN, FIN): nothing of a request */

@@ -364,28 +364,7 @@ int mdl_egress(struct __sk_buff *skb)
     if (bpf_get_socket_uid(skb) != (u32)bpf_get_current_uid_gid() ||
         bpf_skb_cgroup_id(skb) != bpf_get_current_cgroup_id())
         return 1;
-    u8 ip[40];
-    u32 ihl, proto, family;
-    if (bpf_skb_load_bytes(skb, 0, ip, 20) != 0)
-        return 1;
-    if ((ip[0] >> 4) == 4) {
-        ihl = (ip[0] & 0x0f) * 4;
-        proto = ip[9];
-        family = 4;
-    } else if ((ip[0] >> 4) == 6) {
-        if (bpf_skb_load_bytes(skb, 0, ip, 40) != 0)
-            return 1;
-        ihl = 40;
-        proto = ip[6];
-        family = 6;
-    } else {
-        return 1;
-    }
-    if (proto != 6 || ihl < 20 || ihl > 60)
-        return 1;
-    u8 th[16];
-    if (bpf_skb_load_bytes(skb, ihl, th, 16) != 0)
-        return 1;
+    POL_TCP_HEADERS(skb, ip, th, family, ihl)  /* policy_enforce.c, which precedes this file */
     if (skb->len <= ihl + (th[12] >> 4) * 4)
         return 1;  /* no payload (an ACK): not the write */
     u64 ck = bpf_get_socket_cookie(skb);

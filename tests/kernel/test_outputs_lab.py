@@ -1,14 +1,13 @@
 """Outputs fed by a real capture: the store round-trips it, Prometheus counts it, query reads it."""
 
 import json
-import os
-import select
-import socket
 import subprocess
 import sys
 import threading
 import time
 import urllib.request
+
+from clients import free_port, wait_ready
 
 import busted
 from busted import FlowClosed, FlowEvent
@@ -49,20 +48,8 @@ def test_lab_capture_round_trips_through_the_store_across_restarts(lab, tmp_path
                 e.provider, e.bytes_sent, e.bytes_received, e.pid)
 
 
-def _wait_ready(proc, timeout: float = 60.0) -> None:
-    """Until the CLI's ready line (probes attached) is on its stderr. Read from the fd, unbuffered,
-    so no later line is swallowed into a buffer the wait cannot see."""
-    fd, buf, end = proc.stderr.fileno(), b"", time.monotonic() + timeout
-    while b"busted: monitoring (" not in buf and time.monotonic() < end and proc.poll() is None:
-        if select.select([fd], [], [], 0.2)[0]:
-            buf += os.read(fd, 4096)
-    assert b"busted: monitoring (" in buf, buf.decode(errors="replace")
 
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _metric(text, name, **labels):
@@ -77,14 +64,14 @@ def _metric(text, name, **labels):
 
 def test_cli_store_metrics_and_query(lab, tmp_path):
     db = tmp_path / "cli.db"
-    port = _free_port()
+    port = free_port()
     jsonl = tmp_path / "cli.jsonl"
     proc = subprocess.Popen([sys.executable, "-m", "busted.cli", "monitor", "--json", "--comm", "curl",
                              "--store", str(db), "--metrics", f"127.0.0.1:{port}", "--duration", "25",
                              "--jsonl", str(jsonl)],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
-        _wait_ready(proc)
+        wait_ready(proc)
         for _ in range(3):
             _curl(lab)
         text = ""

@@ -4,17 +4,14 @@ reach stdout, the store's llm_calls table, the JSONL file and the metrics with t
 counts the fake providers answered; the secrets must reach none of them."""
 
 import json
-import os
-import select
 import signal
-import socket
 import subprocess
 import sys
 import time
 import urllib.request
 from collections import Counter
 
-from clients import gemini_client
+from clients import free_port, gemini_client, wait_ready
 
 from busted.sinks import Store
 
@@ -34,20 +31,8 @@ print(r.usage.prompt_tokens, r.usage.completion_tokens)
 GEMINI = gemini_client(GOOGLE_KEY, "hello from the outputs test")
 
 
-def _wait_ready(proc, timeout: float = 60.0) -> bytes:
-    """Until the CLI's ready line is on its stderr (read from the fd: nothing swallowed)."""
-    fd, buf, end = proc.stderr.fileno(), b"", time.monotonic() + timeout
-    while b"busted: monitoring (" not in buf and time.monotonic() < end and proc.poll() is None:
-        if select.select([fd], [], [], 0.2)[0]:
-            buf += os.read(fd, 4096)
-    assert b"busted: monitoring (" in buf, buf.decode(errors="replace")
-    return buf
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _metric(text: str, name: str, **labels: str) -> float | None:
@@ -92,14 +77,14 @@ def _run(lab, argv) -> tuple[int, bytes]:
 
 def test_calls_reach_every_output_and_secrets_none(lab, tmp_path):
     db, jsonl, stdout = tmp_path / "calls.db", tmp_path / "calls.jsonl", tmp_path / "stdout"
-    port = _free_port()
+    port = free_port()
     with open(stdout, "wb") as so:
         proc = subprocess.Popen([PY, "-m", "busted.cli", "monitor", "--json", "--store", str(db), "--jsonl",
                                  str(jsonl), "--metrics", f"127.0.0.1:{port}", "--duration", "60",
                                  "-c", "curl", "-c", "python", "-c", "python3", "-c", "python3.11"],
                                 stdout=so, stderr=subprocess.PIPE)
     try:
-        err = _wait_ready(proc)
+        err = wait_ready(proc)
         want: dict[int, tuple[int, int]] = {}
         url = "https://api.openai.com/v1/chat/completions"
         pid, out = _run(lab, ["curl", "-sf", "--http1.1", "-m", "10", "-H", "content-type: application/json",

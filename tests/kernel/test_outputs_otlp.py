@@ -5,9 +5,7 @@ the fake providers answered, the GenAI metrics count them, and no key reaches th
 collector holds nothing up."""
 
 import json
-import os
 import re
-import select
 import signal
 import socket
 import subprocess
@@ -16,7 +14,7 @@ import time
 from pathlib import Path
 
 import pytest
-from clients import gemini_client
+from clients import gemini_client, wait_ready
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "unit"))  # the receivers live with the unit tests
 from otlp_receiver import GrpcReceiver, HttpReceiver  # noqa: E402
@@ -36,13 +34,6 @@ GEMINI = gemini_client(GOOGLE_KEY, "hello from the otlp test")
 CLIENT = 3  # opentelemetry.proto.trace.v1.Span.SpanKind.SPAN_KIND_CLIENT
 
 
-def _wait_ready(proc, timeout: float = 60.0) -> bytes:
-    fd, buf, end = proc.stderr.fileno(), b"", time.monotonic() + timeout
-    while b"busted: monitoring (" not in buf and time.monotonic() < end and proc.poll() is None:
-        if select.select([fd], [], [], 0.2)[0]:
-            buf += os.read(fd, 4096)
-    assert b"busted: monitoring (" in buf, buf.decode(errors="replace")
-    return buf
 
 
 def _run(lab, argv) -> tuple[int, bytes]:
@@ -93,7 +84,7 @@ def test_monitor_otlp_exports_calls_as_genai_spans(lab, tmp_path, protocol):
                                      "-c", "python3", "-c", "python3.11"], stdout=so, stderr=subprocess.PIPE)
         err = b""
         try:
-            err = _wait_ready(proc)
+            err = wait_ready(proc)
             want = _clients(lab)
             recv.wait(lambda: {s["attrs"].get("process.pid") for s in recv.spans()} >= set(want), timeout=30)
         finally:
@@ -154,7 +145,7 @@ def test_monitor_with_a_dead_collector_keeps_every_call(lab, tmp_path):
                                  "python3.11"], stdout=so, stderr=subprocess.PIPE)
     err = b""
     try:
-        err = _wait_ready(proc)
+        err = wait_ready(proc)
         want = _clients(lab)
         deadline = time.monotonic() + 20
         while time.monotonic() < deadline:

@@ -11,6 +11,8 @@ import subprocess
 import sys
 import time
 
+from clients import wait_ready
+
 import busted
 from busted import LlmCall
 
@@ -55,11 +57,7 @@ def test_monitor_api_and_json_hold_no_query_or_user_agent_secret(lab):
     proc = subprocess.Popen([PY, "-m", "busted.cli", "monitor", "--json", "--capture-content", "4096", "-c", "curl",
                              "--duration", "40"], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     try:
-        fd, buf, end = proc.stderr.fileno(), b"", time.monotonic() + 60
-        while b"busted: monitoring (" not in buf and time.monotonic() < end and proc.poll() is None:
-            if select.select([fd], [], [], 0.2)[0]:
-                buf += os.read(fd, 4096)
-        assert b"busted: monitoring (" in buf, buf.decode(errors="replace")
+        wait_ready(proc)
         pid = _curl(lab)
         out, fd, end = b"", proc.stdout.fileno(), time.monotonic() + 15
         while time.monotonic() < end and b'"llm_call"' not in out:
