@@ -1,7 +1,7 @@
 """The syscall tax of a whole plan: added CPU per getppid() while busted (or bcc's tcplife) runs.
 
     sudo flock /tmp/busted-kernel.lock .venv/bin/python bench/syscall_tax.py [--rounds 5]
-        [--calls 3000000] [--configs tcplife,default,no-capture] [--base /path/to/other/tree]
+        [--calls 3000000] [--configs tcplife,default,no-capture,...] [--base /path/to/other/tree]
 
 A C loop calls ``syscall(SYS_getppid)`` ``--calls`` times and reports its own thread CPU time per
 call (CLOCK_THREAD_CPUTIME_ID: preemption by other load is not counted); each measurement is the
@@ -18,6 +18,11 @@ and p10..p90 over rounds. Configs:
 * ``default``: ``busted.Monitor()`` with every default (its plan and attached hooks are printed).
 * ``no-capture``: ``Monitor(probes={"capture": "off", "plaintext": "off"})``: the flow and lineage
   tiers alone.
+* ``no-plaintext``: ``Monitor(probes={"plaintext": "off"})``: the default without the LLM-call
+  (TLS-library uprobe) plan.
+* ``syscall-capture``: ``Monitor(probes={"capture": "syscall"})``: the capture tier of the syscall
+  tracepoints (the default before the cgroup tier; now for kernels without cgroup v2).
+* ``enforce``: the default with a policy enforced in the kernel (``enforce=True``, one deny rule).
 * With ``--base DIR``, ``default@base`` and ``no-capture@base`` run the same in the busted source
   tree DIR (e.g. a ``git worktree`` of an older commit), imported through PYTHONPATH.
 
@@ -70,7 +75,11 @@ import busted
 probes = json.loads(sys.argv[1]) or None
 stop = threading.Event()
 threading.Thread(target=lambda: (sys.stdin.read(), stop.set()), daemon=True).start()
-with busted.Monitor(probes=probes) as mon:
+kw = {}
+if policy := json.loads(sys.argv[2]):
+    from busted.policy import Policy
+    kw = {"policy": Policy.from_dict(policy), "enforce": True}
+with busted.Monitor(probes=probes, **kw) as mon:
     prog = mon._program
     print(json.dumps({"plan": mon.plan.describe(), "attached": list(getattr(prog, "attached", []))}), flush=True)
     while not stop.is_set():
@@ -78,9 +87,14 @@ with busted.Monitor(probes=probes) as mon:
             pass
 """
 
-CONFIGS = {
-    "default": {},
-    "no-capture": {"capture": "off", "plaintext": "off"},
+# config -> (forced probe tiers, policy enforced in the kernel or None)
+_DENY = {"default": "audit", "rules": [{"name": "no-deepseek", "action": "deny", "provider": "deepseek"}]}
+CONFIGS: dict[str, tuple[dict, dict | None]] = {
+    "default": ({}, None),
+    "no-capture": ({"capture": "off", "plaintext": "off"}, None),
+    "no-plaintext": ({"plaintext": "off"}, None),
+    "syscall-capture": ({"capture": "syscall"}, None),
+    "enforce": ({}, _DENY),
 }
 
 
@@ -116,7 +130,8 @@ class Running:
         cfg, _, at = name.partition("@")
         if at:
             env["PYTHONPATH"] = base or ""
-        self.p = subprocess.Popen([sys.executable, "-c", _MONITOR_PY, json.dumps(CONFIGS[cfg])],
+        probes, policy = CONFIGS[cfg]
+        self.p = subprocess.Popen([sys.executable, "-c", _MONITOR_PY, json.dumps(probes), json.dumps(policy)],
                                   stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env,
                                   cwd=base if at else None, start_new_session=True)
         line = self._ready(lambda line: line.startswith("{"), 120)

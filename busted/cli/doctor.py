@@ -18,6 +18,8 @@ from busted.errors import BustedError, UsageError
 # What a tier costs or lacks that its availability does not say (docs/kernel.md, tiers).
 _TIER_NOTES = {
     ("bytes", "syscall"): " (syscall tracepoints: every syscall of every process pays the slow path)",
+    ("capture", "cgroup"): " (cgroup skb + sock_addr programs on the cgroup v2 root: per packet, no syscall hook)",
+    ("capture", "syscall"): " (syscall tracepoints: every syscall of every process pays the slow path)",
     ("lineage", "tracepoint"): " (argv from /proc when the exec is decoded)",
     ("lineage", "sched-fork"): " (argv from /proc when the exec is decoded)",
     ("lineage", "syscall"): " (opt-in: argv copied at execve; syscall tracepoints tax every syscall)",
@@ -78,12 +80,15 @@ def _doctor(args: argparse.Namespace, out: TextIO) -> int:
     from busted.ebpf.loader import MAX_FLOWS, RINGBUF_BYTES, build_source
     from busted.ebpf.plan import (
         BYTES_TIERS,
+        CAPTURE_TIERS,
         LIFECYCLE_TIERS,
         LINEAGE_TIERS,
         _bytes_ok,
+        _capture_ok,
         _lifecycle_ok,
         _lineage_ok,
         choose_plan,
+        syscall_tiers,
     )
     from busted.ebpf.probe import probe
 
@@ -112,6 +117,7 @@ def _doctor(args: argparse.Namespace, out: TextIO) -> int:
         if hidden:
             d["tracefs"] = d["tracepoints"] = None  # unknown, not absent
         d["plan"] = plan.describe() if plan else None
+        d["plan_syscall_tiers"] = syscall_tiers(plan) if plan else None
         d["plan_error"] = plan_err
         d["llm_calls"] = _llm_calls_report(caps, plan)
         json.dump(d, out, indent=2)
@@ -170,7 +176,8 @@ def _doctor(args: argparse.Namespace, out: TextIO) -> int:
           f"{sum(1 for tp in caps.tracepoints if tp.startswith('syscalls/'))} present")
         w("tiers")
         for name, tiers, check in (("lifecycle", LIFECYCLE_TIERS, _lifecycle_ok),
-                                   ("bytes", BYTES_TIERS, _bytes_ok), ("lineage", LINEAGE_TIERS, _lineage_ok)):
+                                   ("bytes", BYTES_TIERS, _bytes_ok), ("capture", CAPTURE_TIERS, _capture_ok),
+                                   ("lineage", LINEAGE_TIERS, _lineage_ok)):
             for t in tiers:
                 why = check(caps, t)
                 note = _TIER_NOTES.get((name, t), "")
@@ -197,6 +204,10 @@ def _doctor(args: argparse.Namespace, out: TextIO) -> int:
         w("chosen plan")
         for k, v in plan.describe().items():
             w(f"  {k:<10}{v}")
+        taxed = syscall_tiers(plan)
+        w("syscall hooks   " + (f"{', '.join(taxed)} register syscall tracepoints: every syscall of every "
+                                 "process pays the tracing slow path" if taxed else
+                                 "none (no syscall tracepoint: unrelated syscalls pay nothing)"))
         return 0
     w(f"chosen plan     NONE: {'needs privileges (see the first line)' if not caps.privileged else plan_err}")
     return 1

@@ -19,7 +19,7 @@ import struct
 from collections.abc import Iterator
 
 __all__ = ["TRACE_UPROBE_MULTI", "BpfError", "Map", "RingReader", "load_prog", "map_create", "possible_cpus",
-           "perf_attach_tracepoint", "perf_attach_probe", "prog_recursion_misses", "uprobe_multi_link"]
+           "cgroup_link", "perf_attach_tracepoint", "perf_attach_probe", "prog_recursion_misses", "uprobe_multi_link"]
 
 _MACHINE = os.uname().machine
 _NR_BPF = {"x86_64": 321, "aarch64": 280}.get(_MACHINE)
@@ -397,3 +397,16 @@ def uprobe_multi_link(prog_fd: int, path: str, offsets: list[int], *, ret: bool 
     attr = _attr("<IIIIQQQQIII", prog_fd, 0, TRACE_UPROBE_MULTI, 0, ctypes.addressof(name),
                  ctypes.addressof(offs), 0, 0, len(offsets), _F_UPROBE_MULTI_RETURN if ret else 0, 0)
     return _bpf(_LINK_CREATE, attr, f"uprobe_multi link {path}")
+
+
+# enum bpf_attach_type values of the cgroup programs busted attaches (uapi)
+CGROUP_INET_INGRESS, CGROUP_INET_EGRESS, CGROUP_SOCK_OPS = 0, 1, 3
+CGROUP_INET4_CONNECT, CGROUP_INET6_CONNECT, CGROUP_UDP4_SENDMSG, CGROUP_UDP6_SENDMSG = 10, 11, 14, 15
+
+
+def cgroup_link(prog_fd: int, cgroup_fd: int, attach_type: int) -> int:
+    """Attach a cgroup program to the cgroup open at ``cgroup_fd`` as a BPF link; returns the link
+    fd, which keeps it attached (the kernel detaches it when the fd's last holder exits). Links
+    stack with other programs on the same cgroup (other tools', busted's enforcement)."""
+    attr = _attr("<IIII", prog_fd, cgroup_fd, attach_type, 0, size=64)
+    return _bpf(_LINK_CREATE, attr, f"cgroup link (attach type {attach_type})")

@@ -9,7 +9,7 @@
  *
  * Syscall tracepoints run in the caller's context, so the pid is the asking process. Answers are
  * read at the syscall's exit, where the return value says how many bytes are valid; writes at
- * entry, from the buffer about to be sent. Every record says how many bytes the syscall really
+ * entry, from the buffer about to be sent (plain-HTTP writes at exit, see cap_http_write). Every record says how many bytes the syscall really
  * moved (wire_len), so a copy cut at CAP_MAX is a counted truncation in user space. Only user
  * memory and the user ABI layouts of sockaddr/iovec/msghdr are read (R0).
  */
@@ -48,7 +48,7 @@ struct cap_io {
     u64 iov;         /* readv/writev/recvmsg/sendmsg: user iovec array (first entry is read) */
     u64 name;        /* recvfrom/recvmsg: where the kernel writes the source address */
     u32 fd;
-    u32 kind;        /* 2 = DNS read, 3 = plain-HTTP read (exit-time capture) */
+    u32 kind;        /* 2 = DNS read, 3 = plain-HTTP read, 4 = plain-HTTP write (exit-time capture) */
     u64 sk;          /* kind 3: the connection's socket */
 };
 
@@ -205,41 +205,40 @@ static __always_inline int looks_like_http(u8 *h)
            w == 0x4954504f /* "OPTI" */ || w == 0x20495250 /* "PRI " */;
 }
 
-#define CAP_IOVS 8  /* iovecs summed for a gathered write's length (only the first is copied) */
+/* A plain-HTTP write is copied at the syscall's exit, where the return value says how many bytes
+ * the kernel took: a non-blocking send() may take fewer than asked, and the caller sends the rest
+ * again (copying what was asked at entry would repeat those bytes). */
+static __always_inline void cap_http_write(u64 sk, u64 fd, u64 buf, u64 iov)
+{
+    u32 tid = (u32)bpf_get_current_pid_tgid();
+    struct cap_io io = {};
+    io.buf = buf;
+    io.iov = iov;
+    io.fd = (u32)fd;
+    io.kind = 4;
+    io.sk = sk;
+    cap_io_ctx.update(&tid, &io);
+}
 
-static __always_inline void cap_write_in(u64 fd, u64 buf, u64 iov, u64 len, u64 iovcnt)
+static __always_inline void cap_write_in(u64 fd, u64 buf, u64 iov, u64 len)
 {
     u64 key = cap_key(fd);
     struct cap_tls *t = cap_tls_fd.lookup(&key);
     if (!t)
         return;
-    u64 wire = len;
+    u64 ubuf = buf;  /* 0 for gathered writes: the exit reads the iovec again */
     if (!buf && iov) {
         struct bst_iovec v = {};
         if (bpf_probe_read_user(&v, sizeof(v), (void *)iov) != 0)
             return;
         buf = v.base;
         len = v.len;
-        wire = len;
-#ifdef HAVE_PLAINTEXT
-        /* plain HTTP (or its first write): the whole length, so the other buffers' bytes are a known gap */
-        if (t->http || t->writes == 0) {
-#pragma unroll
-            for (int k = 1; k < CAP_IOVS; k++) {
-                struct bst_iovec w = {};
-                if (k >= iovcnt || bpf_probe_read_user(&w, sizeof(w), (void *)(iov + k * sizeof(w))) != 0)
-                    break;
-                wire += w.len;
-            }
-        }
-#endif
     }
-    (void)wire;
     if (!buf || len == 0)
         return;
 #ifdef HAVE_PLAINTEXT
-    if (t->http) {  /* a later write of a plain-HTTP connection */
-        plaintext_socket(t->sk, buf, len, wire, 0);
+    if (t->http) {  /* a later write of a plain-HTTP connection: copied at exit (cap_io_out) */
+        cap_http_write(t->sk, fd, ubuf, iov);
         return;
     }
 #endif
@@ -255,7 +254,7 @@ static __always_inline void cap_write_in(u64 fd, u64 buf, u64 iov, u64 len, u64 
                 r.kind = CAP_HTTP;
                 cap_rfd.update(&key, &r);  /* its reads too */
                 t->http = 1;
-                plaintext_socket(t->sk, buf, len, wire, 0);
+                cap_http_write(t->sk, fd, ubuf, iov);
                 return;
             }
 #endif
@@ -315,8 +314,8 @@ static __always_inline void cap_io_out(long ret)
     if (!buf)
         return;
 #ifdef HAVE_PLAINTEXT
-    if (io.kind == 3) {
-        plaintext_socket(io.sk, buf, ret, wire, 1);  /* the bytes of other buffers: a known gap */
+    if (io.kind == 3 || io.kind == 4) {  /* plain HTTP read / write; other buffers' bytes: a known gap */
+        plaintext_socket(io.sk, buf, ret, wire, io.kind == 3);
         return;
     }
 #endif
@@ -343,14 +342,6 @@ static __always_inline u64 msg_iov(u64 umsg)
     return m.iov;
 }
 
-static __always_inline u64 msg_iovlen(u64 umsg)
-{
-    struct bst_msghdr m = {};
-    if (!umsg || bpf_probe_read_user(&m, sizeof(m), (void *)umsg) != 0)
-        return 0;
-    return m.iovlen;
-}
-
 static __always_inline u64 msg_name(u64 umsg)
 {
     struct bst_msghdr m = {};
@@ -360,17 +351,18 @@ static __always_inline u64 msg_name(u64 umsg)
 }
 
 /* Hooks: writes on new TCP connections (ClientHello) and reads on DNS sockets (answers). */
-int bst_cap_write_in(struct sys_enter_args *a) { cap_write_in(a->arg[0], a->arg[1], 0, a->arg[2], 0); return 0; }
-int bst_cap_writev_in(struct sys_enter_args *a) { cap_write_in(a->arg[0], 0, a->arg[1], 0, a->arg[2]); return 0; }
-int bst_cap_sendto_in(struct sys_enter_args *a) { cap_write_in(a->arg[0], a->arg[1], 0, a->arg[2], 0); return 0; }
-int bst_cap_sendmsg_in(struct sys_enter_args *a) { cap_write_in(a->arg[0], 0, msg_iov(a->arg[1]), 0, msg_iovlen(a->arg[1])); return 0; }
+int bst_cap_write_in(struct sys_enter_args *a) { cap_write_in(a->arg[0], a->arg[1], 0, a->arg[2]); return 0; }
+int bst_cap_writev_in(struct sys_enter_args *a) { cap_write_in(a->arg[0], 0, a->arg[1], 0); return 0; }
+int bst_cap_sendto_in(struct sys_enter_args *a) { cap_write_in(a->arg[0], a->arg[1], 0, a->arg[2]); return 0; }
+int bst_cap_sendmsg_in(struct sys_enter_args *a) { cap_write_in(a->arg[0], 0, msg_iov(a->arg[1]), 0); return 0; }
 int bst_cap_read_in(struct sys_enter_args *a) { cap_read_in(a->arg[0], a->arg[1], 0, 0); return 0; }
 int bst_cap_readv_in(struct sys_enter_args *a) { cap_read_in(a->arg[0], 0, a->arg[1], 0); return 0; }
 int bst_cap_recvfrom_in(struct sys_enter_args *a) { cap_read_in(a->arg[0], a->arg[1], 0, a->arg[4]); return 0; }
 int bst_cap_recvmsg_in(struct sys_enter_args *a) { u64 m = a->arg[1]; cap_read_in(a->arg[0], 0, msg_iov(m), msg_name(m)); return 0; }
 
-/* Hook: the exit of the four reading syscalls above (one program attached four times: the exit
- * record layout is the same and the per-thread context says what the call was). */
+/* Hook: the exit of the four reading syscalls above, and of the four writing ones (plain-HTTP
+ * writes: one program attached eight times; the exit record layout is the same and the per-thread
+ * context says what the call was). */
 int bst_cap_out(struct sys_exit_args *a)
 {
     cap_io_out(a->ret);

@@ -4,9 +4,9 @@
  * are opaque map keys; addresses come from tracepoint arguments or user memory; process identity
  * from helpers (bpf_get_current_*). That is why busted compiles against headers of another kernel.
  *
- * The loader concatenates: this header, optional capability files (capture.c), one bytes-tier
+ * The loader concatenates: this header, optional capability files (capture*.c), one bytes-tier
  * file, one lifecycle-tier file. The lifecycle tier comes last because it calls hooks the others
- * define (hook_connect_start, hook_passive_established, hook_flow_end; cap_on_syn_sent).
+ * define (hook_connect_start, hook_passive_established, hook_flow_end; cap_on_syn_sent, capc_forget).
  */
 
 /* User ABI constants and the sockaddr layout, declared here rather than included: they are fixed

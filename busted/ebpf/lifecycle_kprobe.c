@@ -92,6 +92,9 @@ int bst_kp_accept_ret(struct pt_regs *ctx)
 int bst_kp_close(struct pt_regs *ctx)
 {
     u64 sk = PT_REGS_PARM1(ctx);
+#ifdef HAVE_CAPTURE_SK
+    capc_forget(sk);  /* capture_cgroup.c: the socket's address may be reused */
+#endif
     struct flow *f = flows.lookup(&sk);
     if (!f) {
         lost_socks.delete(&sk);

@@ -44,6 +44,9 @@ static __always_inline void copy_tuple(struct flow *f, struct tuple *t)
 
 static __always_inline void flow_end(u64 sk, struct tuple *t)
 {
+#ifdef HAVE_CAPTURE_SK
+    capc_forget(sk);  /* capture_cgroup.c: the socket's address may be reused */
+#endif
     struct flow *f = flows.lookup(&sk);
     if (!f) {
         /* Never seen sending or receiving: if it predates us, user space may know it from its

@@ -65,6 +65,7 @@ def check_architecture(machine: str | None = None) -> None:
 
 _BYTES_FILES = {"tracepoint": "bytes_tp.c", "syscall": "bytes_syscall.c", "kprobe": "bytes_kprobe.c"}
 _LIFECYCLE_FILES = {"tracepoint": "lifecycle_tp.c", "kprobe": "lifecycle_kprobe.c"}
+_CAPTURE_FILES = {"cgroup": "capture_cgroup.c", "syscall": "capture.c"}
 
 # (tracepoint "cat:name", function) per tier; kprobes as (kind, kernel function, function).
 _TP_ATTACH = {
@@ -99,7 +100,18 @@ _CAPTURE_ATTACH = [
 ] + [
     (f"syscalls:sys_enter_{n}", f"bst_cap_{n}_in")
     for n in ("write", "writev", "sendto", "sendmsg", "read", "readv", "recvfrom", "recvmsg")
-] + [(f"syscalls:sys_exit_{n}", "bst_cap_out") for n in ("read", "readv", "recvfrom", "recvmsg")]
+] + [(f"syscalls:sys_exit_{n}", "bst_cap_out")  # answers and plain-HTTP bytes: copied at exit
+      for n in ("read", "readv", "recvfrom", "recvmsg", "write", "writev", "sendto", "sendmsg")]
+# The "cgroup" capture tier: (function, program type, attach type), linked to the cgroup v2 root.
+_PROG_CGROUP_SKB, _PROG_SOCK_ADDR = 8, 18  # enum bpf_prog_type (uapi)
+_CAPTURE_CGROUP = [
+    ("bst_capc_egress", _PROG_CGROUP_SKB, bpfsys.CGROUP_INET_EGRESS),
+    ("bst_capc_ingress", _PROG_CGROUP_SKB, bpfsys.CGROUP_INET_INGRESS),
+    ("bst_capc_connect4", _PROG_SOCK_ADDR, bpfsys.CGROUP_INET4_CONNECT),
+    ("bst_capc_connect6", _PROG_SOCK_ADDR, bpfsys.CGROUP_INET6_CONNECT),
+    ("bst_capc_sendmsg4", _PROG_SOCK_ADDR, bpfsys.CGROUP_UDP4_SENDMSG),
+    ("bst_capc_sendmsg6", _PROG_SOCK_ADDR, bpfsys.CGROUP_UDP6_SENDMSG),
+]
 _LINEAGE_ATTACH = [
     ("sched:sched_process_exec", "bst_lin_exec"),
     ("sched:sched_process_exit", "bst_lin_exit"),
@@ -179,7 +191,7 @@ def build_source(plan: ProbePlan, *, ringbuf_bytes: int = RINGBUF_BYTES, max_flo
         _read("common.h"),
         _read("arrival.c") if plan.plaintext == "uprobe" else "",
         _read("plaintext.c") if plan.plaintext == "uprobe" else "",
-        _read("capture.c") if plan.capture == "syscall" else "",
+        _read(_CAPTURE_FILES[plan.capture]) if plan.capture in _CAPTURE_FILES else "",
         _read("lineage.c") if plan.lineage != "off" else "",
         _read(_BYTES_FILES[plan.bytes]),
         _read(_LIFECYCLE_FILES[plan.lifecycle]),
@@ -291,6 +303,8 @@ class FlowProgram:
         if self.plan.capture == "syscall":
             for tp, fn in _CAPTURE_ATTACH:
                 self._attach_tp(tp, fn)
+        elif self.plan.capture == "cgroup":
+            self._attach_cgroup(_CAPTURE_CGROUP)
         if self.plan.lineage != "off":
             fork_tp = "sched:sched_process_fork" if self.plan.lineage == "sched-fork" else "task:task_newtask"
             syscall_argv = lineage_syscall_argv(self.plan.lineage)
@@ -317,6 +331,28 @@ class FlowProgram:
                 except bpfsys.BpfError as exc:
                     raise ProbeUnavailable(f"cannot attach {kind} {kfn}: {exc}") from exc
                 self.attached.append(f"{kind}:{kfn}")
+
+    def _attach_cgroup(self, progs: list[tuple[str, int, int]]) -> None:
+        """Link cgroup programs to the cgroup v2 root: every socket of the host, whatever its
+        namespace, belongs to a cgroup under it. All are verified before the first is linked."""
+        from busted.ebpf.probe import _cgroup2
+
+        root = _cgroup2()
+        if root is None:
+            raise ProbeUnavailable("the capture tier 'cgroup' needs cgroup v2 mounted (none in /proc/self/mountinfo); "
+                                   "mount it (mount -t cgroup2 none /sys/fs/cgroup/unified) or force "
+                                   "--probes capture=syscall")
+        loaded = [(fn, self._prog(fn, ptype, atype), atype) for fn, ptype, atype in progs]
+        cg = os.open(root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        try:
+            for fn, prog, atype in loaded:
+                try:
+                    self._links.append(bpfsys.cgroup_link(prog, cg, atype))
+                except bpfsys.BpfError as exc:
+                    raise ProbeLoadError(f"cannot link {fn} to the cgroup v2 root {root}: {exc}") from exc
+                self.attached.append(f"cgroup:{fn}")
+        finally:
+            os.close(cg)
 
     def _attach_tp(self, tp: str, fn: str) -> None:
         prog = self._prog(fn, _PROG_TRACEPOINT)

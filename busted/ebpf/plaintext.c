@@ -38,6 +38,7 @@
 #define PT_OPENSSL 1
 #define PT_GNUTLS  2
 #define PT_SOCKET  3
+#define PT_PACKET  4   /* plain HTTP from packets (capture_cgroup.c): timed at arrival */
 
 #define PT_WRITE 0
 #define PT_READ  1

@@ -12,7 +12,8 @@ from dataclasses import dataclass
 from busted.ebpf.probe import TRACEPOINTS, Capabilities
 from busted.errors import ProbeUnavailable
 
-__all__ = ["LIFECYCLE_TIERS", "BYTES_TIERS", "LINEAGE_TIERS", "ProbePlan", "choose_plan"]
+__all__ = ["BYTES_TIERS", "CAPTURE_TIERS", "LIFECYCLE_TIERS", "LINEAGE_TIERS", "ProbePlan", "choose_plan",
+           "syscall_tiers"]
 
 LIFECYCLE_TIERS = ("tracepoint", "kprobe")
 BYTES_TIERS = ("tracepoint", "syscall", "kprobe")
@@ -25,6 +26,13 @@ BYTES_TIERS = ("tracepoint", "syscall", "kprobe")
 #                 execve, so processes that exit within a millisecond keep theirs. Opt-in (forced).
 #   "off"
 LINEAGE_TIERS = ("tracepoint", "sched-fork", "syscall", "off")
+# Payload capture (DNS answers, TLS ClientHellos, plain HTTP), best first:
+#   "cgroup"   cgroup skb ingress/egress + sock_addr programs on the cgroup v2 root (capture_cgroup.c):
+#              per packet of the sockets it follows, nothing on unrelated syscalls
+#   "syscall"  the socket syscalls' tracepoints (capture.c): every syscall of the host pays the
+#              tracing slow path; for kernels without cgroup v2
+#   "off"
+CAPTURE_TIERS = ("cgroup", "syscall", "off")
 _LINEAGE_COMMON = ("sched/sched_process_exec", "sched/sched_process_exit")
 _LINEAGE_EXECVE = ("syscalls/sys_enter_execve", "syscalls/sys_exit_execve")
 
@@ -35,8 +43,8 @@ class ProbePlan:
     bytes: str = "tracepoint"
     # Where flows end: "destroy" (tcp:tcp_destroy_sock, final byte counts) or "close-state".
     flow_end: str = "destroy"
-    # "syscall": DNS answers and TLS ClientHellos copied at the syscall boundary; "off".
-    capture: str = "syscall"
+    # One of CAPTURE_TIERS: where DNS answers, TLS ClientHellos and plain-HTTP bytes are copied.
+    capture: str = "cgroup"
     # "uprobe": TLS library plaintext (and plain HTTP) for LLM calls; "off".
     plaintext: str = "off"
     # Process lineage from fork/exec/exit tracepoints: one of LINEAGE_TIERS.
@@ -87,6 +95,29 @@ def _lineage_ok(caps: Capabilities, tier: str) -> str | None:
         miss = _missing(caps, (*_LINEAGE_COMMON, "task/task_newtask", *_LINEAGE_EXECVE))
     else:
         return f"unknown lineage tier {tier!r}; choose one of {LINEAGE_TIERS}"
+    return f"missing tracepoints {', '.join(miss)}" if miss else None
+
+
+def syscall_tiers(plan: ProbePlan) -> list[str]:
+    """The plan's tiers that register syscall tracepoints ("bytes=syscall", ...): each of them puts
+    every syscall of every process on the kernel's tracing slow path (docs/benchmarks.md)."""
+    uses = [("lifecycle", "kprobe"), ("bytes", "syscall"), ("capture", "syscall"), ("lineage", "syscall")]
+    d = plan.describe()
+    return [f"{k}={t}" for k, t in uses if d[k] == t]
+
+
+def _capture_ok(caps: Capabilities, tier: str) -> str | None:
+    if tier == "off":
+        return None
+    if tier == "cgroup":
+        # Which connections to follow comes from the lifecycle tier's connect hook (any tier).
+        return None if caps.cgroup2 else "no cgroup v2 mount (its skb and sock_addr programs attach to the v2 root)"
+    if tier == "syscall":
+        return _missing_text(_missing(caps, TRACEPOINTS["syscall"]))
+    return f"unknown capture tier {tier!r}; choose one of {CAPTURE_TIERS}"
+
+
+def _missing_text(miss: list[str]) -> str | None:
     return f"missing tracepoints {', '.join(miss)}" if miss else None
 
 
@@ -145,14 +176,7 @@ def choose_plan(caps: Capabilities, force: Mapping[str, str] | ProbePlan | None 
         raise ProbeUnavailable(f"unknown flow_end {end!r}; use 'destroy' or 'close-state'")
     elif end == "destroy" and not caps.has("tcp/tcp_destroy_sock"):
         raise ProbeUnavailable("flow_end 'destroy' needs tracepoint tcp/tcp_destroy_sock")
-    capture = forced.get("capture")
-    cap_missing = _missing(caps, TRACEPOINTS["syscall"])
-    if capture is None:
-        capture = "off" if cap_missing else "syscall"
-    elif capture not in ("syscall", "off"):
-        raise ProbeUnavailable(f"unknown capture tier {capture!r}; use 'syscall' or 'off'")
-    elif capture == "syscall" and cap_missing:
-        raise ProbeUnavailable(f"capture tier 'syscall' needs tracepoints {', '.join(cap_missing)}")
+    capture = pick("capture", CAPTURE_TIERS, _capture_ok)
     plaintext = forced.get("plaintext")
     why_not = _plaintext_why_not(caps, capture, nbytes)
     if plaintext is None:
@@ -169,8 +193,8 @@ def _plaintext_why_not(caps: Capabilities, capture: str, nbytes: str) -> str | N
     """None if LLM-call plaintext can be read here, else why not."""
     if not caps.uprobes:
         return "this kernel has no uprobes (CONFIG_UPROBE_EVENTS off): flows and SNI only"
-    if capture != "syscall":
-        return "it needs the capture tier 'syscall' (plain HTTP and connection tracking)"
+    if capture == "off":
+        return "it needs a capture tier (plain HTTP and connection tracking)"
     if nbytes not in ("tracepoint", "syscall"):
         return "it needs the bytes tier 'tracepoint' or 'syscall' (the join to the socket)"
     return None

@@ -41,7 +41,7 @@ from busted.events import (
 )
 from busted.host.lineage import NO_LINEAGE
 from busted.host.procinfo import ProcInfo, ProcReader
-from busted.wire.layout import FL, REC_BIND, REC_CLOSE, REC_DNS, REC_OPEN
+from busted.wire.layout import FL, PT_PACKET, REC_BIND, REC_CLOSE, REC_DNS, REC_OPEN
 from busted.wire.records import ArrivalRecord, CapRecord, FlowRecord, LinRecord, PlainRecord, decode, decode_any
 
 if TYPE_CHECKING:
@@ -96,7 +96,8 @@ class FlowReader(Protocol):
     flow: FlowIdentity  # the flow's latest identity: the table updates it when the flow is renamed
     interesting: bool | None  # None undecided; False: not an LLM API nor MCP (its plaintext is skipped)
 
-    def feed(self, sent: bool, data: bytes, ts_ns: int, *, start: bool = False) -> list[Event]: ...
+    def feed(self, sent: bool, data: bytes, ts_ns: int, *, start: bool = False,
+             arrived: bool = False) -> list[Event]: ...
 
     def feed_gap(self, sent: bool, size: int, ts_ns: int) -> list[Event]: ...  # bytes not copied
 
@@ -542,6 +543,8 @@ class FlowTable:
         gap = 0
         if rec.offset == 0:
             gap = call_len - nxt  # the previous call's last pieces never came (ring full)
+        elif rec.cut & 4:  # a packet after bytes never seen (cgroup capture tier): the hole is its offset
+            gap = call_len - nxt + rec.offset
         elif call_len == rec.wire_len and rec.offset >= nxt:
             gap = rec.offset - nxt  # the bytes the kernel did not copy (the middle of a long call)
         else:  # a piece that does not follow: the bytes in between are unknown
@@ -555,7 +558,8 @@ class FlowTable:
         flow.calls[d] = (0, 0) if end >= rec.wire_len or after else (rec.wire_len, end)
         try:
             out = reader.feed_gap(rec.sent, gap, rec.ts_ns) if gap > 0 else []
-            out.extend(reader.feed(rec.sent, rec.data, rec.ts_ns, start=rec.offset == 0))
+            out.extend(reader.feed(rec.sent, rec.data, rec.ts_ns, start=rec.offset == 0 or bool(rec.cut & 4),
+                                   arrived=rec.source == PT_PACKET))
             if after > 0:
                 out.extend(reader.feed_gap(rec.sent, after, rec.ts_ns))
             lost = reader.take_losses()

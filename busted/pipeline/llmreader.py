@@ -79,17 +79,22 @@ class CallReader:
                 self._arrival_read, self._arrival_ts = ts, a[1]
         if ts != self._arrival_read:
             return ts
-        t = self._arrival_ts
+        return self._at_socket(self._arrival_ts)
+
+    def _at_socket(self, t: int) -> int:
+        """``t`` is an arrival time: a TTFT measured to it says so (``ttft_source`` "socket")."""
         if len(self._socket_ts) >= ARRIVAL_MEMO:
             del self._socket_ts[next(iter(self._socket_ts))]
         self._socket_ts[t] = None
         return t
 
-    def feed(self, sent: bool, data: bytes, ts_ns: int, *, start: bool = False) -> list[Event]:
-        """Bytes the process sent (or received); ``start``: they begin one of its writes/reads."""
+    def feed(self, sent: bool, data: bytes, ts_ns: int, *, start: bool = False,
+             arrived: bool = False) -> list[Event]:
+        """Bytes the process sent (or received); ``start``: they begin one of its writes/reads;
+        ``arrived``: ``ts_ns`` is already when they reached the socket (read from packets)."""
         side = Side.CLIENT if sent == self._we_are_client else Side.SERVER
         if not sent:
-            ts_ns = self._arrived(ts_ns)
+            ts_ns = self._at_socket(ts_ns) if arrived else self._arrived(ts_ns)
         out: list[Event] = []
         for hev in self._http.feed(side, data, ts_ns, start=start):
             if self._host_wanted and isinstance(hev, RequestHead):

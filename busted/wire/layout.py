@@ -14,8 +14,8 @@ from dataclasses import dataclass
 
 __all__ = [
     "CAP_DNS_TCP", "CAP_DNS_UDP", "CAP_HDR", "FL", "FLOW", "LOSS_MAP", "LOSS_MISS", "LOSS_RING",
-    "LIN_ARGS", "LIN_FNAME", "LIN_HDR", "LINF", "Layout", "PT_HDR", "QUIET_KEY", "QUIET_MAX", "REC_ARRIVAL",
-    "REC_BIND", "RX_REC",
+    "LIN_ARGS", "LIN_FNAME", "LIN_HDR", "LINF", "Layout", "PT_HDR", "PT_PACKET", "QUIET_KEY", "QUIET_MAX",
+    "REC_ARRIVAL", "REC_BIND", "RX_REC",
     "REC_CLOSE", "REC_DNS", "REC_EXEC", "REC_EXIT", "REC_FORK", "REC_HDR", "REC_OPEN", "REC_PLAIN",
     "REC_TLS", "SUM_KEY", "SUM_MAX", "SUM_VAL", "c_definitions",
 ]
@@ -116,6 +116,9 @@ REC_EXIT = 7  # lineage: a process (its last thread) exited
 
 CAP_DNS_UDP = 1
 CAP_DNS_TCP = 2
+# pt_hdr.source of plain-HTTP bytes read from packets (capture tier "cgroup"): a received piece's
+# time is when it reached the socket, not when the process read it.
+PT_PACKET = 4
 
 # Kernel loss counters, indexed by place (the values of busted.events.LossPlace).
 LOSS_RING = 1
@@ -234,8 +237,10 @@ PT_HDR = Layout.of(
     ("wire_len", "u32"),  # bytes the call moved in all; > offset + len means pieces were cut
     ("offset", "u32"),  # where this piece starts within the call's bytes
     ("direction", "u8"),  # 0 the process wrote (sent), 1 it read (received)
-    ("source", "u8"),  # 1 OpenSSL, 2 GnuTLS, 3 a plain socket
-    ("cut", "u8"),  # 1: bytes of the call before this piece were not copied; 2: its bytes after it never come
+    ("source", "u8"),  # 1 OpenSSL, 2 GnuTLS, 3 a plain socket's syscalls, PT_PACKET its packets
+    # 1: bytes of the call before this piece were not copied; 2: its bytes after it never come;
+    # 4: a new call (a packet, cgroup capture tier) after `offset` bytes of the stream never seen
+    ("cut", "u8"),
 )
 
 

@@ -34,12 +34,15 @@ def final_flow(evs, dport=443):
     return closed[-1]
 
 
-@pytest.fixture(scope="module")
-def mon(lab):
+# Both capture tiers: "cgroup" (packets at the cgroup root; the default) and "syscall" (the socket
+# syscalls' tracepoints, for kernels without cgroup v2) must classify every client the same.
+@pytest.fixture(scope="module", params=["cgroup", "syscall"])
+def mon(lab, request):
     cat = Catalog.builtin()
     cat.add(Provider(id="lab-cidr-provider", name="Lab CIDR provider", category="hosted",
                      cidrs=(lab.bare_cidr, lab.bare_cidr6), source="test"))
-    with busted.Monitor(catalog=cat) as m:
+    with busted.Monitor(catalog=cat, probes={"capture": request.param}) as m:
+        assert m.plan is not None and m.plan.capture == request.param
         yield m
 
 

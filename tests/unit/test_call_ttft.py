@@ -8,7 +8,7 @@ from busted.events import LlmCall
 from busted.pipeline.enrich import Enricher
 from busted.pipeline.flows import FlowTable
 from busted.pipeline.llmreader import CallReader
-from busted.wire.layout import PT_HDR, REC_ARRIVAL, REC_OPEN, REC_PLAIN, RX_REC
+from busted.wire.layout import PT_HDR, PT_PACKET, REC_ARRIVAL, REC_OPEN, REC_PLAIN, RX_REC
 from busted.wire.records import ArrivalRecord, decode_any
 
 MS = 1_000_000
@@ -64,3 +64,50 @@ def test_arrival_records_reach_the_flow_reader():
     (c,) = [e for e in out if isinstance(e, LlmCall)]
     assert (c.time_to_first_token_ns, c.ttft_source) == (120 * MS, "socket")
     assert table.feed(RX_REC.pack(type=REC_ARRIVAL, sk=0xBEEF)) == []  # no such flow: nothing
+
+
+def _packet(sent: bool, data: bytes, ts: int, *, offset: int = 0, wire: int | None = None, cut: int = 0) -> bytes:
+    """A plaintext record of the cgroup capture tier: one TCP segment's payload (source PT_PACKET)."""
+    return PT_HDR.pack(type=REC_PLAIN, len=len(data), ts_ns=ts, sk=0xA2, pid=10, tid=10,
+                       wire_len=len(data) + offset if wire is None else wire, offset=offset,
+                       direction=0 if sent else 1, source=PT_PACKET, cut=cut) + data
+
+
+def _table() -> FlowTable:
+    table = FlowTable(enricher=Enricher(), salt=1, reader=lambda f, wall: CallReader(f, wall, prices=_NoPrices()))
+    table.feed(flow_rec(REC_OPEN, 0xA2, dport=80))
+    return table
+
+
+def test_packets_are_timed_at_arrival_without_an_arrival_record():
+    """Segments read at cgroup skb ingress carry the time they reached the socket: TTFT says so."""
+    table = _table()
+    cut = RESP.index(b"\r\n\r\n") + 10  # the head and the body's first bytes, then the rest
+    out = table.feed(_packet(True, REQ, T0))
+    out += table.feed(_packet(False, RESP[:cut], T0 + 80 * MS))
+    out += table.feed(_packet(False, RESP[cut:], T0 + 81 * MS))
+    (c,) = [e for e in out if isinstance(e, LlmCall)]
+    assert (c.time_to_first_token_ns, c.ttft_source, c.complete) == (80 * MS, "socket", True)
+
+
+def test_a_hole_before_a_segment_is_a_counted_gap_not_misread_bytes():
+    """A segment after bytes never seen (cut bit 4, the hole's size as its offset): the reader skips
+    exactly that many bytes, so the body's end still lines up and the call is read (incomplete)."""
+    hole = 30
+    body_at = RESP.index(b"\r\n\r\n") + 4
+    table = _table()
+    out = table.feed(_packet(True, REQ, T0))
+    out += table.feed(_packet(False, RESP[:body_at + 5], T0 + 10 * MS))
+    # the next segment (RESP[body_at+5 : body_at+5+hole]) never reached us
+    rest = RESP[body_at + 5 + hole:]
+    out += table.feed(_packet(False, rest, T0 + 12 * MS, offset=hole, cut=4))
+    calls = [e for e in out if isinstance(e, LlmCall)]
+    lost = [e for e in out if type(e).__name__ == "EventsLost"]
+    assert not [e for e in lost if "does not follow" in e.detail], lost  # the flow is still parsed
+    assert len(calls) == 1 and calls[0].request_model == "gpt-4o-mini"
+    # the same bytes with no hole flag: a piece that does not follow, the flow stops being parsed
+    table = _table()
+    table.feed(_packet(True, REQ, T0))
+    table.feed(_packet(False, RESP[:body_at + 5], T0 + 10 * MS))
+    out = table.feed(_packet(False, rest, T0 + 12 * MS, offset=hole))
+    assert [e for e in out if type(e).__name__ == "EventsLost" and "does not follow" in e.detail]

@@ -9,11 +9,11 @@ from busted.ebpf.probe import TRACEPOINTS, Capabilities
 from busted.errors import ProbeUnavailable
 
 
-def caps(*, tps=None, kprobes=False) -> Capabilities:
+def caps(*, tps=None, kprobes=False, cgroup2=None) -> Capabilities:
     all_tps = [tp for g in TRACEPOINTS.values() for tp in g]
     present = set(all_tps if tps is None else tps)
     return Capabilities(kernel_release="6.18.0", kernel_version=(6, 18), btf=True, tracefs="/x",
-                        tracepoints={tp: tp in present for tp in all_tps}, kprobes=kprobes)
+                        tracepoints={tp: tp in present for tp in all_tps}, kprobes=kprobes, cgroup2=cgroup2)
 
 
 def test_everything_present_picks_tracepoints():
@@ -29,7 +29,7 @@ def test_plaintext_needs_uprobes_and_says_why():
     c = dataclasses.replace(c, uprobes=True)
     assert choose_plan(c).plaintext == "uprobe"
     assert choose_plan(c, {"plaintext": "off"}).plaintext == "off"
-    with pytest.raises(ProbeUnavailable, match="capture tier 'syscall'"):
+    with pytest.raises(ProbeUnavailable, match="needs a capture tier"):
         choose_plan(c, {"capture": "off", "plaintext": "uprobe"})
     assert choose_plan(c, {"capture": "off"}).plaintext == "off"
 
@@ -83,3 +83,23 @@ def test_missing_headers_are_detected_before_compiling(tmp_path, monkeypatch):
     assert headers_available("9.9.9-other", modules=str(tmp_path), kheaders=no_kheaders)
     msg = str(KernelHeadersMissing("9.9.9-none"))
     assert "linux-headers-9.9.9-none" in msg and "bootstrap.sh" in msg
+
+
+def test_capture_prefers_cgroup_programs_and_falls_back_to_syscalls():
+    # cgroup v2 mounted: packets at the cgroup root, no syscall tracepoint
+    assert choose_plan(caps(cgroup2="/sys/fs/cgroup")).capture == "cgroup"
+    # no cgroup v2: the syscall tracepoints, then nothing
+    assert choose_plan(caps()).capture == "syscall"
+    no_sys = [t for t in TRACEPOINTS["lifecycle"] + TRACEPOINTS["bytes"]]
+    assert choose_plan(caps(tps=no_sys)).capture == "off"
+    assert choose_plan(caps(tps=no_sys, cgroup2="/cg")).capture == "cgroup"
+    # every tier can be forced, and a forced one that cannot run says why
+    assert choose_plan(caps(cgroup2="/cg"), {"capture": "syscall"}).capture == "syscall"
+    with pytest.raises(ProbeUnavailable, match="no cgroup v2 mount"):
+        choose_plan(caps(), {"capture": "cgroup"})
+    with pytest.raises(ProbeUnavailable, match="unknown capture tier"):
+        choose_plan(caps(cgroup2="/cg"), {"capture": "packets"})
+    # plaintext (plain HTTP) runs on either capture tier
+    c = dataclasses.replace(caps(cgroup2="/cg"), uprobes=True)
+    assert choose_plan(c).plaintext == "uprobe"
+    assert choose_plan(c, {"capture": "syscall"}).plaintext == "uprobe"
