@@ -292,3 +292,26 @@ def test_records_carry_what_the_events_carry():
     rec = decode(raw)
     assert (ev.pid, ev.uid, ev.comm, ev.sport, ev.dport, ev.cgroup_id, ev.family) == (
         rec.pid, rec.uid, rec.comm, rec.sport, rec.dport, rec.cgroup, rec.family) == (42, 7, "node", 1234, 443, 99, 4)
+
+
+def test_the_monitor_hands_a_refused_flows_process_to_the_tls_scanner():
+    """A refused flow makes no FlowOpened, the event the scanner is told of: ScanProcess tells it."""
+    from test_monitor_records import FakeProgram
+
+    seen: list[int] = []
+
+    class Scanner:
+        def saw(self, pid: int) -> None:
+            seen.append(pid)
+
+    m = Monitor(classify=False, comm="python")
+    m._program = FakeProgram()
+    m._table = FlowTable(reader=lambda flow, wall: None)  # plaintext followed: a reader factory is given
+    m._tls_scanner = Scanner()
+    m._started = True
+    m._prefilter()
+    m._program.ring.extend([flow(REC_OPEN, 0xA, pid=77), flow(REC_OPEN, 0xB, pid=78, comm=b"python")])
+    m._drain(0)
+    got = list(m._queue)
+    assert [(type(e), e.pid) for e in got] == [(FlowOpened, 78)]
+    assert seen == [77, 78]  # the refused one through the command, the admitted one at its event
