@@ -230,6 +230,7 @@ class Monitor(ReaderLoop):
         self._stats.plan = plan.describe()
         if self._policy is not None:
             self._start_policy(enricher)
+        self._prefilter()
         self._started = True
         if self.options.preexisting:
             self._load_preexisting()
@@ -400,7 +401,8 @@ class Monitor(ReaderLoop):
         lost = dict(t.lost) if t is not None else {}
         for k, v in self._user_lost.items():
             lost[k] = lost.get(k, 0) + v
-        return replace(s, lost=lost, plan=dict(s.plan), tls_libraries=dict(s.tls_libraries))
+        return replace(s, lost=lost, plan=dict(s.plan), tls_libraries=dict(s.tls_libraries),
+                       filtered=s.filtered + (t.prefiltered if t is not None else 0))  # table's + ours
 
     # -- policy (busted/policy/rules.py, busted/policy/enforce.py) -------------------------------------------
 
@@ -415,6 +417,7 @@ class Monitor(ReaderLoop):
             raise ValueError("a policy needs classification (classify=True)")
         self._policy_rt = PolicyRuntime(pol, enricher.catalog, enforce=self.options.enforce,
                                         scope=self.options.policy_scope, budget_spend=self.options.budget_spend)
+        self._prefilter()  # the policy judges every flow opened from now on
         enf = self._policy_rt.enforcer
         if enf is not None and self._tls_scanner is not None:
             self._tls_scanner.listeners.append(enf.models.attach_fd)  # model rules: same TLS files

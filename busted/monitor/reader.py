@@ -3,7 +3,8 @@
 ``ReaderLoop`` is the half of ``Monitor`` that runs in the reader thread (and the start-up work
 that feeds the same path): it drains the ring in batches while the queue has room, hands each
 record to the ``FlowTable``, carries out the table's kernel commands, runs the policy on the
-events, applies the filters, counts what is lost, sweeps flows the kernel never ended, and
+events, applies the filters (the cheap ones already in the table when no policy or busy-host
+mode needs every flow), counts what is lost, sweeps flows the kernel never ended, and
 reports the flows that predate the Monitor. The public object, its life cycle and the consuming
 side are in ``busted/monitor/__init__.py``; the state both halves share is set up there.
 """
@@ -19,7 +20,7 @@ from typing import Any
 from busted.events import Event, EventsLost, FlowOpened, LossPlace
 from busted.pipeline.busy import Quiet
 from busted.pipeline.filters import Filters
-from busted.pipeline.flows import SkipPlaintext, UnskipPlaintext
+from busted.pipeline.flows import ScanProcess, SkipPlaintext, UnskipPlaintext
 
 __all__ = ["ReaderLoop"]
 
@@ -138,6 +139,13 @@ class ReaderLoop:
             if self._table.commands:  # once per batch: the kernel acts on them as late as on any record
                 self._carry_out(self._table.take_commands())
 
+    def _prefilter(self) -> None:
+        """Let the table refuse flows by the cheap filters before /proc and classification, unless
+        a stage must see every flow: a policy judges each one, busy-host mode each peer."""
+        if self._table is not None:
+            every = self._policy_rt is not None or self._quiet is not None or not self._filters.cheap
+            self._table.admit = None if every else self._filters.admits
+
     def _carry_out(self, commands: list[Any]) -> None:
         """The flow table's decisions, told to the kernel program."""
         prog = self._program
@@ -146,6 +154,9 @@ class ReaderLoop:
                 prog.skip_plaintext(c.sk, c.open_ns)
             elif isinstance(c, UnskipPlaintext):
                 prog.unskip_plaintext(c.sk)
+            elif isinstance(c, ScanProcess):
+                if self._tls_scanner is not None:  # as _flush_pending does for a FlowOpened
+                    self._tls_scanner.saw(c.pid)
             else:
                 prog.unbind_ssl(c.pid, c.ssl)
 

@@ -48,7 +48,7 @@ if TYPE_CHECKING:
     from busted.classify.dns import DnsInfo
 
 __all__ = ["Classifier", "Command", "FlowReader", "FlowTable", "LineageFeed", "ReaderFactory", "SkipPlaintext",
-           "UnbindSsl", "UnskipPlaintext"]
+           "ScanProcess", "UnbindSsl", "UnskipPlaintext"]
 
 E = TypeVar("E", bound=Event)
 
@@ -138,10 +138,13 @@ class LineageFeed(Protocol):
 class _Flow:
     """One open flow: its identity (the latest FlowOpened/FlowClassified) and parser state."""
 
-    __slots__ = ("ev", "open_ns", "hello", "hello_done", "dns", "reader", "plain_off", "calls")
+    __slots__ = ("ev", "rec", "open_ns", "hello", "hello_done", "dns", "reader", "plain_off", "calls")
 
     def __init__(self, ev: FlowEvent | None) -> None:
         self.ev = ev
+        # The open record of a flow the filters passed over (``FlowTable.admit``): its identity is
+        # built from it only if something other than its flow events needs it (``_identity``).
+        self.rec: FlowRecord | None = None
         self.open_ns = 0  # the kernel's open time: with the socket, it names this flow
         self.hello: ClientHelloParser | None = None
         self.hello_done = False
@@ -173,7 +176,14 @@ class UnbindSsl(NamedTuple):
     ssl: int
 
 
-Command = SkipPlaintext | UnskipPlaintext | UnbindSsl
+class ScanProcess(NamedTuple):
+    """A process opened a flow the filters passed over (no FlowOpened is made for it): the TLS
+    library scanner should still look at it, as at any flow's open (its LLM calls are reported)."""
+
+    pid: int
+
+
+Command = SkipPlaintext | UnskipPlaintext | UnbindSsl | ScanProcess
 
 
 class FlowTable:
@@ -217,10 +227,17 @@ class FlowTable:
         self.records = 0
         self.ignored = 0  # records for sockets never tracked (listeners, pre-start leftovers)
         self._kernel_seen: dict[int, int] = {}
+        # The cheap filters, asked at a flow's open before /proc and classification (the Monitor's
+        # ``Filters.admits``; None: every flow is built). A flow it refuses makes no FlowOpened and
+        # no FlowClosed: only set it when nothing downstream must see every flow (no policy, no
+        # busy-host mode). Its other events (TLS hello, LLM calls, DNS answers, losses) are made
+        # as before, from an identity built when first needed.
+        self.admit: Callable[[FlowRecord], bool] | None = None
+        self.prefiltered = 0  # flow events never made because ``admit`` refused their flow
 
     def take_commands(self) -> list[Command]:
         """What the kernel should be told since the last call (``SkipPlaintext``,
-        ``UnskipPlaintext``, ``UnbindSsl``), oldest first."""
+        ``UnskipPlaintext``, ``UnbindSsl``, ``ScanProcess``), oldest first."""
         cmds, self.commands = self.commands, []
         return cmds
 
@@ -259,7 +276,15 @@ class FlowTable:
     def flow(self, sk: int) -> FlowEvent | None:
         """The latest identity of the open flow on socket ``sk``."""
         f = self._open.get(sk)
-        return f.ev if f is not None else None
+        return self._identity(f) if f is not None else None
+
+    def _identity(self, flow: _Flow) -> FlowEvent | None:
+        """``flow.ev``; for a flow ``admit`` refused, built now from its open record (/proc and
+        the peer's classification as they are now) the first time an event needs it."""
+        if flow.ev is None and flow.rec is not None:
+            flow.ev = self._opened(flow.rec)
+            flow.rec = None
+        return flow.ev
 
     # -- losses --------------------------------------------------------------------------------
 
@@ -328,13 +353,22 @@ class FlowTable:
                        duration_ns=0 if opened.preexisting else max(0, rec.ts_ns - opened.ts_ns))
 
     def _on_open(self, rec: FlowRecord) -> list[Event]:
-        ev = self._opened(rec)
-        out: list[Event] = [ev]
+        admit = self.admit
+        if admit is not None and not admit(rec):  # filtered out: no /proc, no classification
+            ev = None
+            self.prefiltered += 1
+            out: list[Event] = []
+            if self._reader is not None:
+                self.commands.append(ScanProcess(rec.pid))
+        else:
+            ev = self._opened(rec)
+            out = [ev]
         if len(self._open) >= self._max_flows:  # a lost end must not grow us forever
             self._open.pop(next(iter(self._open)))
             out.append(self.loss(LossPlace.USER_TABLE, 1, "flow end never seen; identity evicted", rec.ts_ns))
         flow = (self._orphans.pop(rec.sk, None) if self._orphans else None) or _Flow(None)
         flow.ev = ev
+        flow.rec = rec if ev is None else None
         flow.open_ns = rec.open_ns
         self._open[rec.sk] = flow
         return out
@@ -347,9 +381,12 @@ class FlowTable:
         flow = self._open.pop(rec.sk, None)
         if self._sk_ssl:
             self._unbind(rec.sk)
-        if flow is not None and flow.ev is not None:
+        if flow is not None and (flow.ev is not None or flow.rec is not None):
             if flow.plain_off:
                 self.commands.append(UnskipPlaintext(rec.sk))  # the socket address may be reused
+            if flow.ev is None:  # filtered out at its open and never needed since: so is its end
+                self.prefiltered += 1
+                return []
             if flow.reader is not None:  # calls cut short by the end of the flow come first
                 return [*self._read_close(flow, rec.ts_ns), self._closed(flow.ev, rec)]
             return [self._closed(flow.ev, rec)]
@@ -376,11 +413,12 @@ class FlowTable:
         its close, with the bytes last counted, and a counted loss saying so."""
         flow = self._open.pop(sk, None)
         self._orphans.pop(sk, None)
-        if flow is None or flow.ev is None:
+        ident = self._identity(flow) if flow is not None else None
+        if ident is None:
             return []
         rec = FlowRecord(REC_CLOSE, 0, ts_ns, 0, sk, 0, sent, recv, 0, 0, 0, 0, 0, 0, 0, "", "", "")
         return [self.loss(LossPlace.KERNEL_MISS, 1, "flow end missed by the kernel; closed by the sweep",
-                          ts_ns), self._closed(flow.ev, rec)]
+                          ts_ns), self._closed(ident, rec)]
 
     # -- flows that predate the monitor ----------------------------------------------------------
 
@@ -453,7 +491,8 @@ class FlowTable:
             messages = [rec.data]
         wall = self.wall(rec.ts_ns)
         netns = self._proc(rec.pid).netns
-        flow_id = flow.ev.flow_id if flow is not None and flow.ev is not None else None
+        ident = self._identity(flow) if flow is not None else None
+        flow_id = ident.flow_id if ident is not None else None
         for wire in messages:
             info = parse_dns(wire)
             if info is None:
@@ -478,7 +517,7 @@ class FlowTable:
         if not isinstance(res, ClientHelloInfo):
             return [self.loss(LossPlace.PARSE, 1, "malformed TLS ClientHello", rec.ts_ns)]
         wall = self.wall(rec.ts_ns)
-        opened = flow.ev
+        opened = self._identity(flow)
         new = None
         if opened is not None and res.sni:
             new = enr.reclassify(opened, res.sni, wall)
@@ -533,10 +572,10 @@ class FlowTable:
 
     def _plain_chunk(self, rec: PlainRecord, sk: int) -> list[Event]:
         flow = self._open.get(sk)
-        if flow is None or flow.ev is None or flow.plain_off or self._reader is None:
+        if flow is None or flow.plain_off or self._reader is None or (ev := self._identity(flow)) is None:
             return []  # a flow we do not know (it predates us) or do not follow
         if flow.reader is None:
-            flow.reader = self._reader(flow.ev, self.wall)
+            flow.reader = self._reader(ev, self.wall)
         reader = flow.reader
         d = 0 if rec.sent else 1
         call_len, nxt = flow.calls[d]

@@ -164,7 +164,7 @@ def test_without_an_enricher_captures_are_ignored():
 
 def test_the_flow_table_runs_on_recorded_records_without_root():
     """Issue 20: the flow table is driven by plain records, no kernel, no privilege: this module's
-    own tests (and the plaintext gap tests) pass as uid 65534."""
+    own tests (and the plaintext gap and pre-filter tests) pass as uid 65534."""
     import subprocess
     import sys
 
@@ -175,7 +175,7 @@ def test_the_flow_table_runs_on_recorded_records_without_root():
     here = Path(__file__).resolve().parent
     r = subprocess.run([setpriv, "--reuid=65534", "--regid=65534", "--clear-groups", sys.executable, "-m", "pytest",
                         "-q", "-p", "no:cacheprovider", "-k", "not without_root", str(here / "test_flows_capture.py"),
-                        str(here / "test_flows_gaps.py")],
+                        str(here / "test_flows_gaps.py"), str(here / "test_flows_prefilter.py")],
                        capture_output=True, text=True, cwd=here.parents[1], timeout=300,
                        env={"PATH": "/usr/bin:/bin", "HOME": "/nonexistent", "PYTHONDONTWRITEBYTECODE": "1"})
     assert r.returncode == 0 and " passed" in r.stdout and "failed" not in r.stdout, r.stdout[-3000:] + r.stderr[-2000:]

@@ -164,6 +164,7 @@ def monitor(**kw):
     m = Monitor(classify=False, **kw)
     m._program = FakeProgram()
     m._table = FlowTable()
+    m._prefilter()  # as start() does: the cheap filters in the table when nothing needs every flow
     m._started = True
     return m
 
