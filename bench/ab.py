@@ -18,7 +18,8 @@ EventsLost in all, and the monitor's CPU (cores) during its slices.
 
 Configurations: busted (``Monitor()`` defaults: flows, DNS/TLS capture, LLM plaintext capture),
 busted-noplaintext (``llm_calls=False``), busted-busyhost (``busy_host=True``: skipped with a message
-if this busted has no such option), tcplife (bcc's tcplife-bpfcc, the outside reference).
+if this busted has no such option), busted-syscallcapture (``probes={"capture": "syscall"}``: the
+capture tier of syscall tracepoints), tcplife (bcc's tcplife-bpfcc, the outside reference).
 """
 
 from __future__ import annotations

@@ -1,6 +1,7 @@
 """A busted Monitor consuming events until SIGTERM/SIGINT, then a JSON summary on stdout.
 
     python bench/busted_consumer.py [--no-classify] [--no-llm-calls] [--busy-host] [--policy [--enforce [--exe-rule]]]
+                                    [--capture-syscall]
                                     [--control] [--arrivals-port PORT --arrivals FILE]
 
 Prints "READY <since_spawn_s> <monitor_start_s>" once the probes are attached (the first: process
@@ -68,6 +69,8 @@ if "--busy-host" in sys.argv:
         print("UNSUPPORTED Monitor(busy_host=...) is not an option of this busted", flush=True)
         sys.exit(3)
     kw["busy_host"] = True
+if "--capture-syscall" in sys.argv:  # the capture tier of syscall tracepoints (the default before the cgroup tier)
+    kw["probes"] = {"capture": "syscall"}
 arr_port = int(arg("--arrivals-port") or 0)
 arrivals: list = []
 

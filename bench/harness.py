@@ -78,7 +78,7 @@ def _readline(stream: Any, timeout: float) -> str | None:
 # -- a monitor process ------------------------------------------------------------------------------
 
 CONSUMER_FLAGS = {"busted": [], "busted-noplaintext": ["--no-llm-calls"], "busted-noclassify": ["--no-classify"],
-                  "busted-busyhost": ["--busy-host"]}
+                  "busted-busyhost": ["--busy-host"], "busted-syscallcapture": ["--capture-syscall"]}
 CLI_FLAGS = {"cli-json": [], "cli-jsonl": ["--jsonl", "{dir}/events.jsonl"],
              "cli-store": ["--store", "{dir}/busted.db"], "cli-busyhost": ["--busy-host"],
              "cli-ui": ["--ui", "127.0.0.1:0"]}
