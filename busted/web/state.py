@@ -6,7 +6,7 @@ MCP messages, losses, and spend over time. Every window is bounded (``deque(maxl
 evicting dict) and what falls out is counted.
 
 With no tab open the cost per event is small and bounded: an event the page does not show costs a
-dict lookup; a call, MCP message, decision or loss is appended as it came (turned into a redacted
+set lookup; a call, MCP message, decision or loss is appended as it came (turned into a redacted
 dict, ``busted.sinks.redact``, the same redaction as every other output, only when a page asks); a
 flow close or classification updates its group in place. Live tabs subscribe with ``subscribe()``;
 events are encoded for them once per batch, never per tab, and only while one is subscribed.
@@ -130,7 +130,7 @@ class WebState:
     def write_batch(self, events: Iterable[Event | dict[str, Any]]) -> None:
         """Keep what the page shows; with a tab open, encode the streamed events once and publish.
 
-        The hot path of a monitor with ``--ui``: an event the page does not show costs a dict
+        The hot path of a monitor with ``--ui``: an event the page does not show costs a set
         lookup; a flow close or classification updates its group in place (no copy, no encoding)."""
         shown: list[Any] = []
         rows = self._flows
