@@ -81,7 +81,11 @@ CONSUMER_FLAGS = {"busted": [], "busted-noplaintext": ["--no-llm-calls"], "buste
                   "busted-busyhost": ["--busy-host"], "busted-syscallcapture": ["--capture-syscall"]}
 CLI_FLAGS = {"cli-json": [], "cli-jsonl": ["--jsonl", "{dir}/events.jsonl"],
              "cli-store": ["--store", "{dir}/busted.db"], "cli-busyhost": ["--busy-host"],
-             "cli-ui": ["--ui", "127.0.0.1:0"]}
+             "cli-ui": ["--ui", "127.0.0.1:0"], "cli-import": []}
+# cli-import: `busted monitor --json` in a process that has imported the web page's modules
+# (Starlette, uvicorn, busted.web.app) without serving: what loading them costs, apart from --ui
+_IMPORT_UI = ("import sys, starlette.applications, uvicorn, busted.web.app; from busted.cli import main; "
+              "sys.argv[0] = 'busted'; sys.exit(main())")
 
 
 _EXE = Path(PY).parent / "busted"
@@ -130,7 +134,8 @@ class Tracer:
             if c == "cli-busyhost" and not cli_has("--busy-host"):
                 raise Unsupported("`busted monitor --busy-host` is not an option of this busted")
             flags = [x.format(dir=self.workdir) for x in CLI_FLAGS[c]]
-            argv = [*BUSTED, "monitor", "--json", *flags, *self.extra]
+            prefix = [PY, "-c", _IMPORT_UI] if c == "cli-import" else BUSTED
+            argv = [*prefix, "monitor", "--json", *flags, *self.extra]
             self.proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                                          stderr=subprocess.PIPE, text=True, cwd=ROOT)
             end = time.monotonic() + self.ready_timeout

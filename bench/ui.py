@@ -5,6 +5,7 @@
 Configurations, in turn within each round (each its own ``busted monitor --json`` process):
   cli-json      no page
   cli-ui        ``--ui 127.0.0.1:0``, no tab open
+  cli-import    no page, but Starlette, uvicorn and busted.web.app imported (modules loaded, no server)
   cli-ui-tab    ``--ui``, one headless Chromium tab (Debian's, driven by Playwright) open on the flows
                 view, which reloads its table every 3 s, plus the live event stream
 CPU per event = the monitor's CPU (every thread) from its ready line to the stop / events it
@@ -69,11 +70,12 @@ def _one(config: str, w: Workload, seconds: float) -> dict[str, Any]:
             "rss_first_mb": rss[0], "rss_last_mb": rss[-1], "rss_max_mb": max(rss)}
 
 
-CONFIGS = ("cli-json", "cli-ui", "cli-ui-tab")
+CONFIGS = ("cli-json", "cli-ui", "cli-ui-tab", "cli-import")
+DEFAULT = ("cli-json", "cli-ui", "cli-ui-tab")  # cli-import only when asked (--configs)
 
 
 def run(seconds: float, rounds: int, rate: float = 500.0, configs: list[str] | None = None) -> dict[str, Any]:
-    configs = list(configs or CONFIGS)
+    configs = list(configs or DEFAULT)
     if "cli-json" not in configs:
         configs.insert(0, "cli-json")  # the baseline every ratio is taken against
     rows: list[dict[str, Any]] = []
@@ -105,7 +107,7 @@ def main() -> None:
     ap.add_argument("--seconds", type=float, default=60.0)
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--rate", type=float, default=500.0)
-    ap.add_argument("--configs", default=",".join(CONFIGS), help="a subset of " + ",".join(CONFIGS))
+    ap.add_argument("--configs", default=",".join(DEFAULT), help="a subset of " + ",".join(CONFIGS))
     a = ap.parse_args()
     configs = [c for c in a.configs.split(",") if c]
     if unknown := set(configs) - set(CONFIGS):

@@ -13,6 +13,8 @@ installs.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import ipaddress
 import secrets
 import socket
@@ -53,6 +55,39 @@ def _is_loopback(host: str) -> bool:
         return ipaddress.ip_address(host).is_loopback
     except ValueError:
         return False
+
+
+def _idle_server_class() -> type:
+    """uvicorn's ``Server`` whose main loop sleeps until ``request_exit()``.
+
+    uvicorn's own main loop wakes every 0.1 s to look at ``should_exit`` (and, once a second, to
+    refresh the Date header, which is off here): ten wake-ups a second of a thread that competes for
+    the GIL with the monitor's reader and main thread, even when no tab is open. This one runs one
+    tick (it sets the default headers) and then waits on an event that only ``request_exit()`` sets;
+    with no connection the server's thread sleeps in epoll."""
+    import uvicorn
+
+    class _IdleServer(uvicorn.Server):
+        _wake: asyncio.Event | None = None
+        _loop: asyncio.AbstractEventLoop | None = None
+
+        async def main_loop(self) -> None:
+            self._wake = asyncio.Event()  # set before _loop: request_exit() reads _loop first
+            self._loop = asyncio.get_running_loop()
+            if await self.on_tick(0):  # default headers; an exit asked before the loop ran
+                return
+            while not self.should_exit:  # request_exit() sets should_exit, then wakes us
+                await self._wake.wait()
+
+        def request_exit(self) -> None:
+            """Stop serving (from any thread)."""
+            self.should_exit = True
+            loop, wake = self._loop, self._wake
+            if loop is not None and wake is not None:
+                with contextlib.suppress(RuntimeError):  # the loop is already closed: it has stopped
+                    loop.call_soon_threadsafe(wake.set)
+
+    return _IdleServer
 
 
 class WebUI:
@@ -107,7 +142,7 @@ class WebUI:
         config = uvicorn.Config(app, log_level="warning", access_log=False, lifespan="off",
                                 timeout_graceful_shutdown=2, ws="none", proxy_headers=False,
                                 server_header=False, date_header=False)
-        self._server = uvicorn.Server(config)
+        self._server = _idle_server_class()(config)
         self._thread = threading.Thread(target=self._serve, name="busted-ui", daemon=True)
         self._thread.start()
         # The URL is printed once the page is served: the server's start-up (its imports, its
@@ -134,7 +169,7 @@ class WebUI:
     def close(self, timeout: float = 5.0) -> None:
         self._stop.set()
         if self._server is not None:
-            self._server.should_exit = True
+            self._server.request_exit()
         if self._thread is not None:
             self._thread.join(timeout)
         self._sock.close()

@@ -5,16 +5,16 @@ and answers the page's questions: the recent calls, flows by who talks to where,
 MCP messages, losses, and spend over time. Every window is bounded (``deque(maxlen=...)`` or an
 evicting dict) and what falls out is counted.
 
-The cost when no tab is open is an ``append`` per event the page shows: events are kept as they came
-and turned into redacted dicts (``busted.sinks.redact``, the same redaction as every other output)
-only when a page asks. Live tabs subscribe with ``subscribe()``; ``publish()`` hands the encoded
-batch to a callback per batch, never per event.
+With no tab open the cost per event is small and bounded: an event the page does not show costs a
+set lookup; a call, MCP message, decision or loss is appended as it came (turned into a redacted
+dict, ``busted.sinks.redact``, the same redaction as every other output, only when a page asks); a
+flow close or classification updates its group in place. Live tabs subscribe with ``subscribe()``;
+events are encoded for them once per batch, never per tab, and only while one is subscribed.
 """
 
 from __future__ import annotations
 
 import collections
-import operator
 import threading
 import time
 from collections.abc import Callable, Iterable, Mapping
@@ -28,6 +28,7 @@ __all__ = ["SHOWN_KINDS", "Filters", "WebState"]
 SHOWN_KINDS = frozenset({"llm_call", "mcp_message", "policy_decision", "events_lost", "flow_classified",
                          "flow_closed"})
 _LISTS = {"llm_call": "calls", "mcp_message": "mcp", "policy_decision": "decisions", "events_lost": "losses"}
+_KEPT_KINDS = SHOWN_KINDS | {"budget_spend", "budget_exceeded"}
 SPEND_KEYS = ("provider", "model", "agent", "container", "comm")
 
 
@@ -72,59 +73,21 @@ class Filters:
         return True
 
 
-# A flow event kept for the flows view: a tuple of plain values (not the event object), so the
-# window holds no object the garbage collector has to walk (a window of dataclasses made every
-# full collection of a busy monitor slower).
-_FLOW_FIELDS = ("kind", "comm", "exe", "hostname", "daddr", "provider", "dport", "direction", "evidence", "pid",
-                "uid", "agent", "container_id", "bytes_sent", "bytes_received", "wall_time")
-_flow_attrs = operator.attrgetter(*_FLOW_FIELDS[:13])  # every flow event has these
-_closed_attrs = operator.attrgetter("bytes_sent", "bytes_received", "wall_time")
+# Flows are grouped as they come, by who talks to where: (comm, exe, hostname or peer, provider,
+# port, direction). A close adds to its group's counts; a classification updates what the group
+# shows. Only closes and classifications are shown (not opens: a flow appears once it is tied to a
+# provider or ends). The groups are dicts in an LRU map bounded by ``max_flows``: no window of
+# events is kept, so the memory is bounded by the groups, not by the event rate.
+_FLOW_KINDS = {"flow_closed": True, "flow_classified": False}  # kind -> counts as one flow
+_ROW_PLAIN = ("direction", "evidence")  # enum members in a live group; names on the page
 
 
-def _flow_tuple(ev: Any) -> tuple[Any, ...]:
-    if isinstance(ev, dict):
-        return tuple(ev.get(k) for k in _FLOW_FIELDS)
-    t = _flow_attrs(ev)
-    tail = _closed_attrs(ev) if t[0] == "flow_closed" else (None, None, ev.wall_time)
-    return (*t[:7], _plain(t[7]), _plain(t[8]), *t[9:], *tail)
+class _Attrs(dict):
+    """A stored event (a dict as ``to_dict()`` wrote it) read like a live one: ``d.comm``; a
+    missing field reads as None (older stores lack newer fields)."""
 
-
-class _Flows:
-    """Flows grouped by who talks to where: (comm, exe, hostname or peer, provider), bounded."""
-
-    def __init__(self, maxlen: int) -> None:
-        self.rows: collections.OrderedDict[tuple[Any, ...], dict[str, Any]] = collections.OrderedDict()
-        self.maxlen = maxlen
-        self.evicted = 0
-
-    def add(self, t: tuple[Any, ...]) -> None:
-        """One flow event, as ``_flow_tuple`` keeps it."""
-        (kind, comm, exe, hostname, daddr, provider, dport, direction, evidence, pid, uid, agent, container_id,
-         sent, received, wall) = t
-        key = (comm, exe, hostname or daddr, provider, dport, direction)
-        row = self.rows.get(key)
-        if row is None:
-            if len(self.rows) >= self.maxlen:
-                self.rows.popitem(last=False)
-                self.evicted += 1
-            row = self.rows[key] = {
-                "comm": comm, "exe": exe, "pid": pid, "uid": uid, "hostname": hostname, "daddr": daddr,
-                "dport": dport, "direction": direction, "provider": provider, "evidence": evidence, "agent": agent,
-                "container_id": container_id, "flows": 0, "bytes_sent": 0, "bytes_received": 0, "last_seen": 0.0}
-        else:
-            self.rows.move_to_end(key)
-        row["last_seen"] = wall or row["last_seen"]
-        row["pid"] = pid
-        if evidence not in (None, "unknown"):
-            row["evidence"] = evidence
-        if agent is not None:
-            row["agent"] = agent
-        if container_id is not None:
-            row["container_id"] = container_id
-        if kind == "flow_closed":
-            row["flows"] += 1
-            row["bytes_sent"] += int(sent or 0)
-            row["bytes_received"] += int(received or 0)
+    __slots__ = ()
+    __getattr__ = dict.get
 
 
 def _plain(v: Any) -> Any:
@@ -137,16 +100,15 @@ class WebState:
     """Bounded windows of what the page shows. Thread-safe: the Monitor's thread writes, the web
     server's thread reads."""
 
-    def __init__(self, *, max_items: int = 5000, max_flows: int = 2000, max_flow_events: int = 10000,
+    def __init__(self, *, max_items: int = 5000, max_flows: int = 2000,
                  stats: Callable[[], Any] | None = None) -> None:
         self._lock = threading.Lock()
         self._items: dict[str, collections.deque[Any]] = {
             name: collections.deque(maxlen=max_items) for name in ("calls", "mcp", "decisions", "losses")}
-        # Flow events are only appended here (the hot path); the flows view groups the newest
-        # ``max_flow_events`` of them when a page asks.
-        self._flow_events: collections.deque[Any] = collections.deque(maxlen=max_flow_events)
+        # the flows view's groups, updated per close/classification (see _FLOW_KINDS), LRU-bounded
+        self._flows: collections.OrderedDict[tuple[Any, ...], dict[str, Any]] = collections.OrderedDict()
         self.max_flows = max_flows
-        self.flows_evicted = 0
+        self.flows_evicted = 0  # groups that fell out (the least recently seen) to make room
         self.dropped_window = 0  # items that fell out of a full window (shown on the health view)
         self.seen = 0
         self.started = time.time()
@@ -166,34 +128,78 @@ class WebState:
         self.write_batch((ev,))
 
     def write_batch(self, events: Iterable[Event | dict[str, Any]]) -> None:
-        """Keep the events the page shows; with a tab open, encode them once and publish."""
+        """Keep what the page shows; with a tab open, encode the streamed events once and publish.
+
+        The hot path of a monitor with ``--ui``: an event the page does not show costs a set
+        lookup; a flow close or classification updates its group in place (no copy, no encoding)."""
         shown: list[Any] = []
+        rows = self._flows
+        n = 0
         with self._lock:
-            for ev in events:
-                kind = ev.get("kind") if isinstance(ev, dict) else ev.kind
-                if kind in ("budget_spend", "budget_exceeded"):
-                    self._budget(_as_dict(ev))
+            subscribed = bool(self._subscribers)
+            for orig in events:
+                ev: Any = _Attrs(orig) if isinstance(orig, dict) else orig
+                kind = ev.kind
+                if kind not in _KEPT_KINDS:  # flow opens, DNS, TLS hellos...: the common case
                     continue
-                if kind not in SHOWN_KINDS:
+                closes = _FLOW_KINDS.get(kind)
+                if closes is not None:
+                    n += 1
+                    key = (ev.comm, ev.exe, ev.hostname or ev.daddr, ev.provider, ev.dport, ev.direction)
+                    row = rows.get(key)
+                    if row is None:
+                        row = self._new_flow_row(key, ev)
+                    else:
+                        rows.move_to_end(key)
+                    row["last_seen"] = ev.wall_time or row["last_seen"]
+                    row["pid"] = ev.pid
+                    evidence = ev.evidence
+                    if evidence and evidence != "unknown":  # Evidence.UNKNOWN is 0; a stored one "unknown"
+                        row["evidence"] = evidence
+                    if ev.agent is not None:
+                        row["agent"] = ev.agent
+                    if ev.container_id is not None:
+                        row["container_id"] = ev.container_id
+                    if closes:
+                        row["flows"] += 1
+                        row["bytes_sent"] += ev.bytes_sent or 0
+                        row["bytes_received"] += ev.bytes_received or 0
                     continue
-                self.seen += 1
                 name = _LISTS.get(kind)
-                q = self._flow_events if name is None else self._items[name]
+                if name is None:
+                    if kind in ("budget_spend", "budget_exceeded"):
+                        self._budget(_as_dict(orig))
+                    continue
+                n += 1
+                q = self._items[name]
                 if len(q) == q.maxlen:
                     self.dropped_window += 1  # out of the page's window (every other output has it)
-                q.append(_flow_tuple(ev) if name is None else ev)
-                if name is not None:
-                    if kind == "events_lost":
-                        d = _as_dict(ev)
-                        w = str(d.get("where"))
-                        self.lost_by_place[w] = self.lost_by_place.get(w, 0) + int(d.get("count") or 0)
-                    if self._subscribers:
-                        shown.append(ev)  # flows are not streamed: the page reloads their table
-            subs = list(self._subscribers)
-        if shown and subs:
+                q.append(orig)
+                if kind == "events_lost":
+                    d = _as_dict(orig)
+                    w = str(d.get("where"))
+                    self.lost_by_place[w] = self.lost_by_place.get(w, 0) + int(d.get("count") or 0)
+                if subscribed:
+                    shown.append(orig)  # flows are not streamed: the page reloads their table
+            self.seen += n
+            subs = list(self._subscribers) if shown else []
+        if subs:
             batch = [_as_dict(ev) for ev in shown]
             for cb in subs:
                 cb(batch)
+
+    def _new_flow_row(self, key: tuple[Any, ...], ev: Any) -> dict[str, Any]:
+        """A new group for ``ev`` (a first sight: off the common path). Caller holds the lock."""
+        rows = self._flows
+        if len(rows) >= self.max_flows:
+            rows.popitem(last=False)
+            self.flows_evicted += 1
+        row = rows[key] = {
+            "comm": ev.comm, "exe": ev.exe, "pid": ev.pid, "uid": ev.uid, "hostname": ev.hostname, "daddr": ev.daddr,
+            "dport": ev.dport, "direction": ev.direction, "provider": ev.provider, "evidence": ev.evidence,
+            "agent": ev.agent, "container_id": ev.container_id, "flows": 0, "bytes_sent": 0, "bytes_received": 0,
+            "last_seen": 0.0}
+        return row
 
     def subscribe(self, cb: Callable[[list[dict[str, Any]]], None]) -> Callable[[], None]:
         """``cb(batch)`` for every published batch (called in the writer's thread: it must not block).
@@ -227,15 +233,18 @@ class WebState:
         return out
 
     def flows(self, filters: Filters | None = None, limit: int = 500) -> list[dict[str, Any]]:
-        """Who talks to where, grouped from the newest flow events, most recently seen first."""
+        """Who talks to where, one row per group, most recently seen first."""
         with self._lock:
-            evs = list(self._flow_events)
-        grouped = _Flows(self.max_flows)
-        for ev in evs:
-            grouped.add(ev)
-        self.flows_evicted = grouped.evicted
-        rows = list(reversed(grouped.rows.values()))
-        return [r for r in rows if filters is None or filters.match(r)][:limit]
+            rows = [dict(r) for r in reversed(self._flows.values())]
+        out = []
+        for r in rows:
+            for k in _ROW_PLAIN:
+                r[k] = _plain(r[k])
+            if filters is None or filters.match(r):
+                out.append(r)
+                if len(out) >= limit:
+                    break
+        return out
 
     def spend(self, by: str = "provider", window_s: float = 3600.0, buckets: int = 60,
               filters: Filters | None = None, now: float | None = None) -> dict[str, Any]:

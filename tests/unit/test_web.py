@@ -10,6 +10,7 @@ import urllib.request
 import pytest
 from starlette.testclient import TestClient
 
+from busted.events import Evidence
 from busted.web import Filters, WebState, WebUI
 from busted.web.app import COOKIE, CSP, Tab, make_app
 from tests.unit.events_factory import SECRET, sample_calls, sample_events
@@ -200,3 +201,100 @@ def test_stored_dicts_and_live_events_show_alike():
     a, b = live.items("calls"), stored.items("calls")
     assert a == b
     assert live.flows() == stored.flows() and live.flows()[0]["bytes_received"] == 2233
+
+
+def _flow_kinds():
+    by = {ev.kind: ev for ev in sample_events()}
+    return by["flow_opened"], by["flow_classified"], by["flow_closed"]
+
+
+def test_flows_are_grouped_as_they_come_and_keep_no_event():
+    """The flows view's groups are updated per close/classification: opens are not kept, a flow
+    tied to a provider shows before it closes, counts are not limited to a window of events, and
+    no event object is held (nothing for the garbage collector to walk, memory bounded by groups)."""
+    import weakref
+
+    opened, classified, closed = _flow_kinds()
+    st = WebState()
+    st.write_batch([opened])
+    assert st.flows() == [] and st.seen == 0
+    st.write_batch([classified])
+    (row,) = st.flows()
+    assert (row["flows"], row["bytes_sent"], row["evidence"], row["direction"]) == (0, 0, "sni", "connect")
+    n = 12_000  # more than the 10,000-event window the view used to group
+    for i in range(0, n, 1000):
+        st.write_batch([dataclasses.replace(closed, flow_id=j, wall_time=closed.wall_time + j)
+                        for j in range(i, i + 1000)])
+    (row,) = st.flows()
+    assert row["flows"] == n and row["bytes_sent"] == 811 * n and row["bytes_received"] == 2233 * n
+    assert row["last_seen"] == closed.wall_time + n - 1
+    peer = dataclasses.replace(closed, hostname=None, provider=None, daddr="10.9.9.9", evidence=Evidence.UNKNOWN)
+    ref = weakref.ref(peer)
+    st.write_batch([peer])
+    del peer
+    assert ref() is None  # the state kept no reference to the event
+    rows = st.flows()
+    assert [(r["hostname"], r["daddr"], r["flows"], r["evidence"]) for r in rows] == [
+        (None, "10.9.9.9", 1, "unknown"), ("api.openai.com", "10.231.1.65", n, "sni")]
+    assert st.seen == 1 + n + 1
+    assert st.flows(Filters({"provider": "none"}))[0]["daddr"] == "10.9.9.9"
+
+
+def test_flow_groups_are_lru_bounded_and_evictions_counted():
+    _, _, closed = _flow_kinds()
+    st = WebState(max_flows=3)
+    for h in ("a", "b", "c"):
+        st.write_batch([dataclasses.replace(closed, hostname=f"{h}.test")])
+    st.write_batch([dataclasses.replace(closed, hostname="a.test")])  # a: the most recently seen
+    st.write_batch([dataclasses.replace(closed, hostname="d.test")])  # evicts b, the least recently seen
+    assert [r["hostname"] for r in st.flows()] == ["d.test", "a.test", "c.test"]
+    assert st.flows_evicted == 1 and st.flows()[1]["flows"] == 2
+    assert st.health()["flows_evicted"] == 1
+
+
+def test_stored_flow_dicts_missing_newer_fields_still_group():
+    from busted.sinks import encode
+
+    _, _, closed = _flow_kinds()
+    d = {k: v for k, v in encode(closed).data.items() if k not in ("agent", "container_id", "bytes_received")}
+    st = WebState()
+    st.write_batch([d, d])
+    (row,) = st.flows()
+    assert (row["flows"], row["bytes_sent"], row["bytes_received"], row["agent"]) == (2, 1622, 0, None)
+    assert row["direction"] == "connect" and row["evidence"] == "sni"
+
+
+def test_the_server_loop_sleeps_while_no_tab_is_open():
+    """No timer in the server's event loop when nothing is connected (uvicorn's own main loop
+    keeps a 0.1-s sleep scheduled at all times); close() still stops it."""
+    import asyncio
+
+    ui = WebUI("127.0.0.1:0").start()
+    try:
+        deadline = time.monotonic() + 10
+        while ui._server._loop is None and time.monotonic() < deadline:  # the main loop is entered
+            time.sleep(0.01)
+        loop = ui._server._loop
+        assert loop is not None
+
+        async def timers():
+            await asyncio.sleep(0)  # let the main loop reach its wait
+            return [h for h in loop._scheduled if not h.cancelled()]  # asyncio's pending timers
+
+        assert asyncio.run_coroutine_threadsafe(timers(), loop).result(5) == []
+    finally:
+        ui.close()
+    assert not ui._thread.is_alive()
+
+
+def test_an_exit_asked_before_the_server_loop_runs_ends_it_at_once():
+    import asyncio
+
+    import uvicorn
+
+    from busted.web.server import _idle_server_class
+
+    server = _idle_server_class()(uvicorn.Config(make_app(WebState(), TOKEN), lifespan="off"))
+    server.request_exit()
+    asyncio.run(asyncio.wait_for(server.main_loop(), 5))  # returns, not TimeoutError
+    assert server.should_exit

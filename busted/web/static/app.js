@@ -141,6 +141,7 @@ async function loadHealth() {
   add("open tabs", h.tabs);
   add("events dropped to slow tabs", fmt.int(h.tabs_dropped));
   add("events out of the page's window", fmt.int(h.window_dropped));
+  add("flow groups evicted (least recently seen)", fmt.int(h.flows_evicted));
   if (h.monitor) {
     add("monitor events", fmt.int(h.monitor.events));
     add("queue depth", fmt.int(h.monitor.queue_depth));
