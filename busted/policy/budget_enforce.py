@@ -4,8 +4,8 @@ window ends into clock values, and restores spend from the store at start."""
 
 from __future__ import annotations
 
-import ctypes
 import dataclasses
+import struct
 import time
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
@@ -18,30 +18,29 @@ __all__ = ["BudgetRunner", "apply_commands"]
 _MAP_FULL = "the kernel's budget map is full: this scope is not refused"
 
 
-def apply_commands(bpf: Any, cmds: Iterable[Any]) -> list[str]:
+_BKEY = struct.Struct("<IIQ")  # struct pol_bkey (policy_enforce.c): budget, kind, value
+_U64 = struct.Struct("<Q")
+
+
+def apply_commands(table: Any, cmds: Iterable[Any]) -> list[str]:
     """Write Block/Unblock commands (``until`` already turned into ktime ns, see BudgetRunner) to
-    ``pol_budget``; ``"clear"`` empties it. Returns the budgets whose block did not fit."""
-    t = bpf[b"pol_budget"]
+    the ``pol_budget`` map (a busted.ebpf.bpfsys.Map); ``"clear"`` empties it. Returns the budgets
+    whose block did not fit."""
+    from busted.ebpf.bpfsys import BpfError
+
     failed = []
     for c in cmds:
         if c == "clear":
-            for k in list(t.keys()):
-                try:
-                    del t[k]
-                except KeyError:
-                    pass
+            for k in list(table.keys()):
+                table.delete(k)  # False if gone meanwhile
             continue
-        k = t.Key()
-        k.budget, k.kind, k.value = c.index, c.kind, c.value
+        k = _BKEY.pack(c.index, c.kind, c.value)
         if isinstance(c, Unblock):
-            try:
-                del t[k]
-            except KeyError:
-                pass
+            table.delete(k)
             continue
         try:
-            t[k] = ctypes.c_ulonglong(c.until_ns)
-        except Exception:  # noqa: BLE001 - bcc raises a bare Exception when the map is full
+            table.update(k, _U64.pack(c.until_ns))
+        except BpfError:  # the map is full
             failed.append(c.budget)
     return failed
 

@@ -32,13 +32,14 @@ generation throughout (a DNS answer's stages carry it), so it sees one policy, n
 Budgets (busted/policy/budgets.py, busted/policy/budget_enforce.py): kernel budget *j* takes destination bit
 61 - *j*; exhausted scopes go into the ``pol_budget`` map, checked at connect after the rules.
 
-Programs are attached with BPF links (``BPF_LINK_CREATE``), held by file descriptor and never
-pinned: when the process exits, however it exits, the kernel detaches them.
+Programs are compiled by BCC in a child process and cached (busted/ebpf/bytecode.py), loaded here
+with busted's own loader (``PolicyObject``: no BCC or LLVM in this process), and attached with BPF
+links (``BPF_LINK_CREATE``) or perf events, held by file descriptor and never pinned: when the
+process exits, however it exits, the kernel detaches them.
 """
 
 from __future__ import annotations
 
-import ctypes
 import errno
 import ipaddress
 import os
@@ -54,8 +55,10 @@ from cachetools import LRUCache
 
 from busted.classify.containers import container_of
 from busted.classify.names import normalize_name
-from busted.errors import PermissionDenied, PolicyError, ProbeLoadError
+from busted.ebpf import bpfsys, bytecode
+from busted.errors import BccNotInstalled, KernelHeadersMissing, PermissionDenied, PolicyError, ProbeLoadError
 from busted.events import DnsAnswer, Event, EventsLost, FlowOpened, LossPlace, PolicyDecision
+from busted.policy.model_enforce import NAME_MAX as MDL_NAME_MAX
 from busted.policy.rules import MAX_KERNEL_ENTRIES, Policy, Rule
 from busted.policy.rules import MAX_RULES as _MAX_RULES
 from busted.wire.layout import Layout
@@ -600,39 +603,142 @@ def _expand(r: Rule, i: int, unsure: list[str], mount: str | None, notes: list[s
 
 # -- the kernel side -------------------------------------------------------------------------------
 
-_BPF_SYSCALL = {"x86_64": 321, "aarch64": 280}.get(os.uname().machine)
-_BPF_LINK_CREATE = 28
-_ATTACH = {  # program -> (bcc prog type, attach type); connect4 last: once it shows, all are there
-    "pol_sockops": (13, 3),  # SOCK_OPS, CGROUP_SOCK_OPS
-    "pol_egress": (8, 1),  # CGROUP_SKB, CGROUP_INET_EGRESS
-    "pol_dns_ingress": (8, 0),  # CGROUP_SKB, CGROUP_INET_INGRESS
-    "pol_connect6": (18, 11),  # CGROUP_SOCK_ADDR, CGROUP_INET6_CONNECT
-    "pol_connect4": (18, 10),  # CGROUP_INET4_CONNECT
+_PROG_KPROBE, _PROG_TRACEPOINT, _PROG_CGROUP_SKB, _PROG_SOCK_OPS, _PROG_SOCK_ADDR = 2, 5, 8, 13, 18  # bpf_prog_type
+_ATTACH = {  # program -> (prog type, attach type); connect4 last: once it shows, all are there
+    "pol_sockops": (_PROG_SOCK_OPS, bpfsys.CGROUP_SOCK_OPS),
+    "pol_egress": (_PROG_CGROUP_SKB, bpfsys.CGROUP_INET_EGRESS),
+    "pol_dns_ingress": (_PROG_CGROUP_SKB, bpfsys.CGROUP_INET_INGRESS),
+    "pol_connect6": (_PROG_SOCK_ADDR, bpfsys.CGROUP_INET6_CONNECT),
+    "pol_connect4": (_PROG_SOCK_ADDR, bpfsys.CGROUP_INET4_CONNECT),
 }
 _TAILS = [  # (prog array, slot, program, prog type, expected attach type)
-    ("pol_dns_tail", 0, "pol_dns_mask", 8, 0),  # CGROUP_SKB, ingress
-    ("pol_dns_tail", 1, "pol_dns_answers", 8, 0),
-    ("pol_dns_tail", 2, "pol_dns_name", 8, 0),
-    ("pol_skb_tail", 0, "pol_egress_judge", 8, 1),  # CGROUP_SKB, egress
-    ("pol_skb_tail", 1, "pol_egress_hello", 8, 1),
-    ("pol_skb_tail", 2, "pol_egress_parse", 8, 1),
-    ("pol_skb_tail", 3, "pol_egress_name", 8, 1),
+    ("pol_dns_tail", 0, "pol_dns_mask", _PROG_CGROUP_SKB, bpfsys.CGROUP_INET_INGRESS),
+    ("pol_dns_tail", 1, "pol_dns_answers", _PROG_CGROUP_SKB, bpfsys.CGROUP_INET_INGRESS),
+    ("pol_dns_tail", 2, "pol_dns_name", _PROG_CGROUP_SKB, bpfsys.CGROUP_INET_INGRESS),
+    ("pol_skb_tail", 0, "pol_egress_judge", _PROG_CGROUP_SKB, bpfsys.CGROUP_INET_EGRESS),
+    ("pol_skb_tail", 1, "pol_egress_hello", _PROG_CGROUP_SKB, bpfsys.CGROUP_INET_EGRESS),
+    ("pol_skb_tail", 2, "pol_egress_parse", _PROG_CGROUP_SKB, bpfsys.CGROUP_INET_EGRESS),
+    ("pol_skb_tail", 3, "pol_egress_name", _PROG_CGROUP_SKB, bpfsys.CGROUP_INET_EGRESS),
 ]
+# policy_enforce.c's TRACEPOINT_PROBEs, which BCC names tracepoint__<category>__<event> (BCC attached
+# them itself when it loaded the object in this process; the loader here attaches them).
+_TRACEPOINTS = [("sched", "sched_process_exec"), ("task", "task_newtask"), ("sched", "sched_process_exit"),
+                ("cgroup", "cgroup_mkdir"), ("cgroup", "cgroup_rmdir")]
+_NOEXIST = 1  # BPF_NOEXIST: a map update that never replaces an entry
+
+_U32 = struct.Struct("<I")
+_U64 = struct.Struct("<Q")
+_LPM_HEAD = struct.Struct("<II")  # prefixlen, gen: the head of every policy LPM key
+_CKEY = struct.Struct("<QII")  # pol_ckey: id, gen, pad
+_CVAL = struct.Struct("<QQ")  # pol_cval: mask, scope
+_LKEY4 = struct.Struct("<I4sI")  # pol_lkey4: uid, addr (network order), gen
+_LKEY6 = struct.Struct("<I16sI")  # pol_lkey6: uid, addr, gen
+# (key size, value size) of every map user space writes or reads, as policy_enforce.c declares them:
+# checked against what the compiler reports, so a change on one side fails at load, not in a map write.
+_MAP_SIZES = {
+    "pol_gen": (4, 4), "pol_conf": (4, POL_CONF.size), "pol_rules": (4, 2 * POL_RULE.size),
+    "pol_exe": (8 + EXE_MAX, 8), "pol_names": (8 + NAME_MAX, 8), "pol_addr4": (12, 8), "pol_addr6": (24, 8),
+    "pol_learn4": (_LKEY4.size, 8), "pol_learn6": (_LKEY6.size, 8), "pol_ctr": (_CKEY.size, _CVAL.size),
+    "pol_exe_proc": (4, EXE_MAX), "pol_counts": (4, 8), "pol_budget": (16, 8), "pol_denied_sk": (8, 4),
+    "pol_dns_tail": (4, 4), "pol_skb_tail": (4, 4),
+    "mdl_names": (8 + MDL_NAME_MAX + 4, 16), "mdl_counts": (4, 8), "mdl_tail": (4, 4),  # policy_model.c
+}
 
 
-def link_create(prog_fd: int, target_fd: int, attach_type: int) -> int:
-    """bpf(BPF_LINK_CREATE): an attachment that lives as long as the returned fd."""
-    if _BPF_SYSCALL is None:
-        raise ProbeLoadError(f"BPF links: unsupported machine {os.uname().machine}")
-    attr = ctypes.create_string_buffer(struct.pack("<IIII", prog_fd, target_fd, attach_type, 0), 64)
-    libc = ctypes.CDLL(None, use_errno=True)
-    fd = libc.syscall(_BPF_SYSCALL, _BPF_LINK_CREATE, attr, 64)
-    if fd < 0:
-        e = ctypes.get_errno()
+def _attach_cgroup(prog_fd: int, cgroup_fd: int, attach_type: int) -> int:
+    """A cgroup program attached with a BPF link (bpfsys.cgroup_link), failures as busted errors."""
+    try:
+        return bpfsys.cgroup_link(prog_fd, cgroup_fd, attach_type)
+    except bpfsys.BpfError as exc:
+        e = exc.errno or errno.EINVAL
         if e == errno.EPERM:
-            raise PermissionDenied(f"BPF_LINK_CREATE: {os.strerror(e)}")
-        raise ProbeLoadError(f"cannot attach cgroup program (attach type {attach_type}): {os.strerror(e)}")
-    return fd
+            raise PermissionDenied(f"BPF_LINK_CREATE: {os.strerror(e)}") from exc
+        raise ProbeLoadError(f"cannot attach cgroup program (attach type {attach_type}): {os.strerror(e)}") from exc
+
+
+class PolicyObject:
+    """policy_enforce.c + policy_model.c as one loaded object in this process, without BCC: the
+    bytecode comes from ``bytecode.get_compiled`` (the cache, or BCC in a child process that exits,
+    LLVM with it), the maps are created here and the programs loaded on demand. Shared by the
+    Enforcer and its ModelGuard (one pol_gen, one ring, one pol_denied_sk)."""
+
+    def __init__(self, source: str) -> None:
+        try:
+            self.compiled = bytecode.get_compiled(source)
+        except bytecode.CompileFailed as exc:
+            if exc.kind == "bcc":
+                raise BccNotInstalled(str(exc)) from exc
+            if exc.kind == "headers":
+                raise KernelHeadersMissing(os.uname().release, str(exc)) from exc
+            if exc.kind == "permission":
+                raise PermissionDenied(str(exc)) from exc
+            raise ProbeLoadError(f"policy program failed to compile or load: {exc}") from exc
+        self.bytecode_from = self.compiled.source  # "cache" or "compile"
+        specs = {m.name: m for m in self.compiled.maps}
+        for name, (ksz, vsz) in _MAP_SIZES.items():
+            m = specs.get(name)
+            if m is None or (m.key_size, m.value_size) != (ksz, vsz):
+                got = f"{m.key_size}/{m.value_size} bytes" if m is not None else "missing"
+                raise ProbeLoadError(f"policy program: map {name} is {got}, busted expects key/value {ksz}/{vsz}")
+        try:
+            self._loaded: bytecode.Loaded | None = bytecode.create_maps(self.compiled)
+        except bpfsys.BpfError as exc:
+            if exc.errno == errno.EPERM:
+                raise PermissionDenied(f"creating the policy's maps: {exc}") from exc
+            raise ProbeLoadError(f"policy program failed to compile or load: {exc}") from exc
+        self.maps: dict[str, bpfsys.Map] = self._loaded.maps
+        self._lock = threading.Lock()  # the TLS scanner's thread loads model uprobe programs too
+
+    def prog(self, fn: str, prog_type: int, attach_type: int = 0) -> int:
+        """Function ``fn`` loaded (once) and verified; its program fd."""
+        try:
+            with self._lock:
+                if self._loaded is None:
+                    raise ProbeLoadError("the policy programs are closed")
+                return bytecode.load_function(self.compiled, self._loaded, fn, prog_type,
+                                              expected_attach_type=attach_type)
+        except bpfsys.BpfError as exc:
+            if exc.errno == errno.EPERM:
+                raise PermissionDenied(f"loading {fn}: {exc}") from exc
+            tail = "\n".join(exc.log.strip().splitlines()[-12:])
+            raise ProbeLoadError(f"policy program failed to compile or load: the kernel refused {fn}: {exc}\n"
+                                 f"{tail}") from exc
+        except KeyError as exc:
+            raise ProbeLoadError(f"policy program: function {fn} is not in the compiled object") from exc
+
+    def set_prog_slot(self, table: str, slot: int, prog_fd: int) -> None:
+        """Write a program into a prog array (a tail call's target)."""
+        self.maps[table].update(_U32.pack(slot), _U32.pack(prog_fd))
+
+    def close(self) -> None:
+        """Programs and maps closed (after every attachment was): the kernel frees them."""
+        with self._lock:
+            if self._loaded is not None:
+                self._loaded.close()
+                self._loaded = None
+            self.maps = {}
+
+
+def percpu_sum(m: bpfsys.Map, slot: int) -> int:
+    """A per-CPU u64 counter array's slot, summed over CPUs."""
+    return sum(_U64.unpack_from(v)[0] for v in m.lookup_percpu(_U32.pack(slot)))
+
+
+def lpm_key(gen: int, raw: bytes, size: int) -> bytes:
+    """A policy LPM key (pol_names, pol_exe, mdl_names): the generation's 32 bits, then ``raw``,
+    zero-filled to ``size`` data bytes (the prefix covers the generation and ``raw``)."""
+    return _LPM_HEAD.pack(32 + 8 * len(raw), gen) + raw.ljust(size, b"\0")
+
+
+def _exe_value(path: str) -> bytes:
+    """A pol_exe_proc value: the path's first EXE_MAX - 1 bytes, NUL-filled."""
+    return os.fsencode(path)[: EXE_MAX - 1].ljust(EXE_MAX, b"\0")
+
+
+def lpm_split(key: bytes) -> tuple[int, bytes]:
+    """(gen, the prefix's data bytes) of a key made by ``lpm_key``."""
+    plen, gen = _LPM_HEAD.unpack_from(key)
+    return gen, key[8: 8 + max(0, plen // 8 - 4)]
 
 
 def _budget_name(c: Compiled, idx: int) -> str | None:
@@ -667,8 +773,6 @@ class Enforcer:
 
     def __init__(self, policy: Policy, catalog: Any, *, scope: str | None = None,
                  own_tgid: int | None = None) -> None:
-        import bcc  # enforcement needs BCC; the caller checked privileges
-
         self.mount = cgroup2_mount()
         if self.mount is None:
             raise ProbeLoadError("enforcement needs a cgroup v2 mount (none found in /proc/self/mounts)")
@@ -693,30 +797,35 @@ class Enforcer:
         self._krules: list[list[bytes]] = [[], []]  # packed pol_rule entries per generation
         self._policy = policy
         self.compiled = compile_policy(policy, catalog, cgroup_mount=self.mount)
-        try:
-            self.bpf = bcc.BPF(text=build_source().encode())
-        except Exception as exc:
-            raise ProbeLoadError(f"policy program failed to compile or load: {exc}") from exc
+        self._events: list[Event] = []
+        self._ring: bpfsys.RingReader | None = None
+        self.maps: dict[str, bpfsys.Map] = {}  # empty once closed
+        self.obj = PolicyObject(build_source())  # raises before anything is attached
+        self.maps = self.obj.maps
         from busted.policy.model_enforce import ModelGuard
 
-        self.models = ModelGuard(self.bpf, lambda: self._cg_fd)
+        self.models = ModelGuard(self.obj, lambda: self._cg_fd)
         try:
+            ring = self.maps["pol_events"]
+            self._ring = bpfsys.RingReader(ring.fd, ring.max_entries)
+            # The exec/fork/exit tracepoints first, then the processes that were already running
+            # (seed_exes), before any cgroup program judges them.
+            for cat, name in _TRACEPOINTS:
+                fd = self.obj.prog(f"tracepoint__{cat}__{name}", _PROG_TRACEPOINT)
+                try:
+                    self._links.append(bpfsys.perf_attach_tracepoint(cat, name, fd))
+                except bpfsys.BpfError as exc:
+                    raise ProbeLoadError(f"cannot attach tracepoint {cat}:{name}: {exc}") from exc
             self._write_maps(self.compiled, first=True)
-            # The exec/fork/exit tracepoints are attached (bcc attaches TRACEPOINT_PROBEs at load):
-            # now the processes that were already running, before any cgroup program judges them.
             self.seed_exes()
             for table, slot, fn, ptype, atype in _TAILS:
-                f = self.bpf.load_func(fn.encode(), ptype, attach_type=atype)
-                self.bpf[table.encode()][ctypes.c_int(slot)] = ctypes.c_int(f.fd)
+                self.obj.set_prog_slot(table, slot, self.obj.prog(fn, ptype, atype))
             self._cg_fd = os.open(self.scope, os.O_RDONLY | os.O_DIRECTORY)
             # All verified first, then attached back to back: no window in which some are attached
             # and the rest still in the verifier.
-            loaded = [(self.bpf.load_func(fn.encode(), ptype, attach_type=atype), atype)
-                      for fn, (ptype, atype) in _ATTACH.items()]
-            for f, atype in loaded:
-                self._links.append(link_create(f.fd, self._cg_fd, atype))
-            self._events: list[Event] = []
-            self.bpf[b"pol_events"].open_ring_buffer(self._on_rec)
+            loaded = [(self.obj.prog(fn, ptype, atype), atype) for fn, (ptype, atype) in _ATTACH.items()]
+            for fd, atype in loaded:
+                self._links.append(_attach_cgroup(fd, self._cg_fd, atype))
             self.models.ensure_attached()
         except BaseException:
             self.close()
@@ -737,74 +846,56 @@ class Enforcer:
         """Write ``c`` into the generation not in force, completely, then flip ``pol_gen``: one
         4-byte write, so every decision sees the old policy or the new one (issue 18, item 8). An
         error before the flip leaves the generation in force untouched."""
-        b = self.bpf
+        m = self.maps
         g = 0 if first else 1 - self._gen
-        conf = b[b"pol_conf"]
-        rules = b[b"pol_rules"]
+        rules = m["pol_rules"]
         # Slot i holds rule i of both generations; the half in force is rewritten with the same
         # bytes, so a reader of it sees no change.
         self._krules[g] = list(c.rules)
         empty = bytes(POL_RULE.struct.size)
         for i in range(max(len(kr) for kr in self._krules)):
-            pair = b"".join(kr[i] if i < len(kr) else empty for kr in self._krules)
-            rules[ctypes.c_int(i)] = rules.Leaf.from_buffer_copy(pair)
-        conf[ctypes.c_int(g)] = conf.Leaf.from_buffer_copy(
-            POL_CONF.pack(own_tgid=self.own_tgid, nrules=len(c.rules), dflt=c.default, flags=c.flags))
-        exes = b[b"pol_exe"]
+            rules.update(_U32.pack(i), b"".join(kr[i] if i < len(kr) else empty for kr in self._krules))
+        m["pol_conf"].update(_U32.pack(g), POL_CONF.pack(own_tgid=self.own_tgid, nrules=len(c.rules),
+                                                          dflt=c.default, flags=c.flags))
+        exes = m["pol_exe"]
         for k in list(exes.keys()):
-            if k.gen == g and bytes(k.path)[: k.prefixlen // 8 - 4] not in c.exes:
-                del exes[k]
+            kg, raw = lpm_split(k)
+            if kg == g and raw not in c.exes:
+                exes.delete(k)
         for raw, mask in c.exes.items():
-            k = exes.Key()
-            k.prefixlen, k.gen = 32 + len(raw) * 8, g
-            ctypes.memmove(k.path, raw, len(raw))
-            exes[k] = ctypes.c_ulonglong(mask)
-        ctr = b[b"pol_ctr"]
+            exes.update(lpm_key(g, raw, EXE_MAX), _U64.pack(mask))
+        ctr = m["pol_ctr"]
         for k in list(ctr.keys()):
-            if k.gen == g and k.id not in c.ctr:
-                del ctr[k]
+            cgid, kg, _pad = _CKEY.unpack(k)
+            if kg == g and cgid not in c.ctr:
+                ctr.delete(k)
         for cgid, mask in c.ctr.items():
-            k, v = ctr.Key(), ctr.Leaf()
-            k.id, k.gen = cgid, g
-            v.mask, v.scope = mask, c.ctr_scope.get(cgid, 0)
-            ctr[k] = v
+            ctr.update(_CKEY.pack(cgid, g, 0), _CVAL.pack(mask, c.ctr_scope.get(cgid, 0)))
         # LPM keys start with the generation (32 bits of every prefix).
-        names = b[b"pol_names"]
+        names = m["pol_names"]
         for k in list(names.keys()):
-            raw = bytes(k.name)[: k.prefixlen // 8 - 4]
-            if k.gen == g and raw not in c.names:
-                del names[k]
+            kg, raw = lpm_split(k)
+            if kg == g and raw not in c.names:
+                names.delete(k)
         for raw, mask in c.names.items():
-            k = names.Key()
-            k.prefixlen, k.gen = 32 + len(raw) * 8, g
-            ctypes.memmove(k.name, raw, len(raw))
-            names[k] = ctypes.c_ulonglong(mask)
-        want4: dict[tuple[int, int], int] = {}
+            names.update(lpm_key(g, raw, NAME_MAX), _U64.pack(mask))
+        want4: dict[tuple[bytes, int], int] = {}
         want6: dict[tuple[bytes, int], int] = {}
         for (fam, addr, plen), mask in c.cidrs.items():
             if fam == 4:
-                want4[(addr, plen)] = mask
+                want4[(addr.to_bytes(4, "big"), plen)] = mask
             else:
                 want6[(addr.to_bytes(16, "big"), plen)] = mask
-        t4, t6 = b[b"pol_addr4"], b[b"pol_addr6"]
-        for k in list(t4.keys()):
-            if k.gen == g and (socket.ntohl(k.addr), k.prefixlen - 32) not in want4:
-                del t4[k]
-        for (addr, plen), mask in want4.items():
-            k = t4.Key()
-            k.prefixlen, k.gen, k.addr = 32 + plen, g, socket.htonl(addr)
-            t4[k] = ctypes.c_ulonglong(mask)
-        for k in list(t6.keys()):
-            if k.gen == g and (bytes(k.addr), k.prefixlen - 32) not in want6:
-                del t6[k]
-        for (addr6, plen), mask in want6.items():
-            k = t6.Key()
-            k.prefixlen, k.gen = 32 + plen, g
-            ctypes.memmove(k.addr, addr6, 16)
-            t6[k] = ctypes.c_ulonglong(mask)
+        for t, want, size in ((m["pol_addr4"], want4, 4), (m["pol_addr6"], want6, 16)):
+            for k in list(t.keys()):
+                klen, kg = _LPM_HEAD.unpack_from(k)
+                if kg == g and (k[8: 8 + size], klen - 32) not in want:
+                    t.delete(k)
+            for (packed, bits), mask in want.items():
+                t.update(_LPM_HEAD.pack(32 + bits, g) + packed, _U64.pack(mask))
         self._relearn(c, g)
         self.models.write(c.models, g)
-        b[b"pol_gen"][ctypes.c_int(0)] = ctypes.c_uint(g)  # the switch, written last
+        m["pol_gen"].update(_U32.pack(0), _U32.pack(g))  # the switch, written last
         self._gen = g
 
     def set_policy(self, policy: Policy) -> None:
@@ -838,28 +929,24 @@ class Enforcer:
             except Exception as exc:  # noqa: BLE001 - the reader must not die on a map error: counted
                 self._count(LossPlace.KERNEL_MAP, f"policy: DNS answer not learned: {type(exc).__name__}: {exc}")
 
-    def _learned_key(self, uid: int, ip: str, gen: int | None = None) -> tuple[Any, Any]:
+    def _learned_key(self, uid: int, ip: str, gen: int | None = None) -> tuple[bpfsys.Map, bytes]:
         a = ipaddress.ip_address(ip)
-        t = self.bpf[b"pol_learn4" if a.version == 4 else b"pol_learn6"]
-        k = t.Key()
-        k.uid = uid
-        k.gen = self._gen if gen is None else gen
+        g = self._gen if gen is None else gen
         if a.version == 4:
-            k.addr = socket.htonl(int(a))
-        else:
-            ctypes.memmove(k.addr, a.packed, 16)
-        return t, k
+            return self.maps["pol_learn4"], _LKEY4.pack(uid, a.packed, g)
+        return self.maps["pol_learn6"], _LKEY6.pack(uid, a.packed, g)
 
     def _put_learned(self, uid: int, ip: str, mask: int, gen: int | None = None) -> None:
         t, k = self._learned_key(uid, ip, gen)
-        old = t.get(k)
+        raw = t.lookup(k)
+        old = _U64.unpack_from(raw)[0] if raw is not None else 0
         v = mask
-        if old is not None and old.value and (old.value & ~(1 << AMBIG_BIT)) != mask:
-            v = old.value | mask | (1 << AMBIG_BIT)
-        t[k] = ctypes.c_ulonglong(v)  # an LRU map: never full
+        if old and (old & ~(1 << AMBIG_BIT)) != mask:
+            v = old | mask | (1 << AMBIG_BIT)
+        t.update(k, _U64.pack(v))  # an LRU map: never full
 
     def _learn(self, ev: DnsAnswer, uid: int) -> None:
-        if self.bpf is None:
+        if not self.maps:
             return
         names = (ev.qname, *ev.cname_chain)
         mask = 0
@@ -875,14 +962,10 @@ class Enforcer:
         ``gen`` (the one being written) starts empty, and what user space learned (DNS over TCP)
         is judged again into it. The next UDP answer teaches the rest (in the generation in force
         when it arrives); the old generation's entries wait for the next reload's clearing."""
-        for name in (b"pol_learn4", b"pol_learn6"):
-            t = self.bpf[name]
+        for t, lay in ((self.maps["pol_learn4"], _LKEY4), (self.maps["pol_learn6"], _LKEY6)):
             for k in list(t.keys()):
-                if k.gen == gen:
-                    try:
-                        del t[k]
-                    except KeyError:
-                        pass
+                if lay.unpack(k)[2] == gen:
+                    t.delete(k)  # False if the LRU evicted it meanwhile
         for (uid, ip), names in list(self._learned.items()):
             mask = 0
             for n in names:
@@ -894,21 +977,13 @@ class Enforcer:
         """The kernel's mask for an address: the policy's (catalog CIDRs), with what DNS answers
         taught ``uid``'s sockets (as connect() sees it for that uid). For tests and docs."""
         a = ipaddress.ip_address(ip)
-        if a.version == 4:
-            t = self.bpf[b"pol_addr4"]
-            k = t.Key()
-            k.prefixlen, k.gen, k.addr = 64, self._gen, socket.htonl(int(a))
-        else:
-            t = self.bpf[b"pol_addr6"]
-            k = t.Key()
-            k.prefixlen, k.gen = 160, self._gen
-            ctypes.memmove(k.addr, a.packed, 16)
-        v = t.get(k)
-        mask = int(v.value) if v is not None else 0
+        t = self.maps["pol_addr4" if a.version == 4 else "pol_addr6"]
+        v = t.lookup(_LPM_HEAD.pack(32 + 8 * len(a.packed), self._gen) + a.packed)
+        mask = _U64.unpack_from(v)[0] if v is not None else 0
         if uid is not None:
             lt, lk = self._learned_key(uid, ip)
-            lv = lt.get(lk)
-            mask |= int(lv.value) if lv is not None else 0
+            lv = lt.lookup(lk)
+            mask |= _U64.unpack_from(lv)[0] if lv is not None else 0
         return mask
 
     def seed_exes(self, proc: str = "/proc", passes: int = 2) -> int:
@@ -916,10 +991,7 @@ class Enforcer:
         written only where the kernel has no entry yet (BPF_NOEXIST: an exec or fork the
         tracepoints saw since is newer than what we read). Two passes catch the children of
         processes not yet seeded when they forked. Returns the entries written."""
-        import bcc
-
-        t = self.bpf[b"pol_exe_proc"]
-        lib = bcc.libbcc.lib
+        t = self.maps["pol_exe_proc"]
         written = 0
         for _ in range(passes):
             try:
@@ -931,39 +1003,33 @@ class Enforcer:
                     path = os.readlink(f"{proc}/{pid}/exe")
                 except OSError:
                     continue  # a kernel thread, gone, or not ours to read
-                k, v = t.Key(pid), t.Leaf()
-                raw = os.fsencode(path)[: EXE_MAX - 1]
-                ctypes.memmove(v.path, raw, len(raw))
-                rc = lib.bpf_update_elem(t.map_fd, ctypes.byref(k), ctypes.byref(v), 1)  # BPF_NOEXIST
-                if rc == 0:
+                try:
+                    t.update(_U32.pack(pid), _exe_value(path), _NOEXIST)
                     written += 1
-                elif errno.E2BIG in (-rc, ctypes.get_errno()):
-                    self._count(LossPlace.KERNEL_MAP, _COUNT_LOSSES["exe_refused"][1])
+                except bpfsys.BpfError as exc:
+                    if exc.errno == errno.E2BIG:  # full (EEXIST: the kernel knows it already)
+                        self._count(LossPlace.KERNEL_MAP, _COUNT_LOSSES["exe_refused"][1])
         return written
 
     def exe_of(self, pid: int) -> str | None:
         """The exe the kernel holds for process ``pid`` (tests, docs), or None."""
-        t = self.bpf[b"pol_exe_proc"]
-        v = t.get(t.Key(pid))
-        return None if v is None else os.fsdecode(bytes(v.path).split(b"\0", 1)[0])
+        v = self.maps["pol_exe_proc"].lookup(_U32.pack(pid))
+        return None if v is None else os.fsdecode(v.split(b"\0", 1)[0])
 
     def _resolve_exe(self, pid: int, rel: bytes, proc: str = "/proc") -> None:
         """An exec by a relative filename: the kernel's entry becomes /proc/PID/exe, if it still
         holds that filename (the process has not exec'd again since)."""
-        t = self.bpf[b"pol_exe_proc"]
-        k = t.Key(pid)
-        v = t.get(k)
-        if v is None or bytes(v.path).split(b"\0", 1)[0] != rel:
+        t = self.maps["pol_exe_proc"]
+        v = t.lookup(_U32.pack(pid))
+        if v is None or v.split(b"\0", 1)[0] != rel:
             return
         try:
-            raw = os.fsencode(os.readlink(f"{proc}/{pid}/exe"))[: EXE_MAX - 1]
+            path = os.readlink(f"{proc}/{pid}/exe")
         except OSError:
             return  # gone
-        new = t.Leaf()
-        ctypes.memmove(new.path, raw, len(raw))
         try:
-            t[k] = new
-        except Exception:  # noqa: BLE001 - bcc raises a bare Exception on a map error: counted
+            t.update(_U32.pack(pid), _exe_value(path))
+        except bpfsys.BpfError:
             self._count(LossPlace.KERNEL_MAP, _COUNT_LOSSES["exe_refused"][1])
 
     def _on_cgroup(self, r: dict[str, Any]) -> None:
@@ -986,13 +1052,9 @@ class Enforcer:
             return
         from busted.policy.budgets import scope_hash
 
-        t = self.bpf[b"pol_ctr"]
-        k, v = t.Key(), t.Leaf()
-        k.id, k.gen = r["cookie"], self._gen
-        v.mask, v.scope = bits, scope_hash(cid)
         try:
-            t[k] = v
-        except Exception:  # noqa: BLE001 - bcc raises a bare Exception when the map is full
+            self.maps["pol_ctr"].update(_CKEY.pack(r["cookie"], self._gen, 0), _CVAL.pack(bits, scope_hash(cid)))
+        except bpfsys.BpfError:  # the map is full
             self._count(LossPlace.KERNEL_MAP, "policy: container cgroup not added (pol_ctr full): not enforced")
             return
         self.compiled.ctr[r["cookie"]] = bits
@@ -1001,29 +1063,28 @@ class Enforcer:
         """Kernel counters (POL_COUNTS): pol_denied_sk entries taken, ClientHellos whose SNI could
         not be judged, addresses learned from DNS answers; and the losses: decision records the
         ring had no room for, learned addresses and denied sockets a map refused."""
-        t = self.bpf[b"pol_counts"]
-        vals = [sum(int(x) for x in t.getvalue(ctypes.c_int(i))) for i in range(len(POL_COUNTS))]
-        return dict(zip(POL_COUNTS, vals, strict=True))
+        t = self.maps["pol_counts"]
+        return {what: percpu_sum(t, i) for i, what in enumerate(POL_COUNTS)}
 
     # -- decisions -----------------------------------------------------------------------------
 
-    def _on_rec(self, _ctx: int, data: int, size: int) -> int:
+    def _on_rec(self, raw: bytes) -> None:
+        """One record of the policy ring: a decision, or a cgroup_mkdir / relative exec note."""
+        size = len(raw)
         try:
-            raw = ctypes.string_at(data, size)
             r = dict(zip(POL_REC.names(), POL_REC.struct.unpack_from(raw), strict=True))
             if size >= POL_REC.size + POL_TLS_EXT.size:
                 r.update(zip(POL_TLS_EXT.names(), POL_TLS_EXT.struct.unpack_from(raw, POL_REC.size), strict=True))
             if r["point"] == POINT_CGROUP:
                 self._on_cgroup(r)
-                return 0
+                return
             if r["point"] == POINT_EXE:
                 self._resolve_exe(r["pid"], r["exe"].split(b"\0", 1)[0])
-                return 0
+                return
             self.decisions_in += 1
             self._aggregate(r)
         except Exception:  # a record we cannot read must not stop the reader: counted
             self._count(LossPlace.PARSE, "policy: unreadable decision record")
-        return 0
 
     def _count(self, where: LossPlace, what: str, n: int = 1) -> None:
         k = (where, what)
@@ -1171,10 +1232,10 @@ class Enforcer:
         from busted.policy.budget_enforce import apply_commands
 
         with self._lock:
-            if self.bpf is None:
+            if not self.maps:
                 return []
             try:
-                return apply_commands(self.bpf, cmds)
+                return apply_commands(self.maps["pol_budget"], cmds)
             except Exception as exc:  # noqa: BLE001 - the reader must not die on a map error: counted
                 self._count(LossPlace.KERNEL_MAP, f"policy: budget map not written: {type(exc).__name__}: {exc}")
                 return []
@@ -1183,38 +1244,52 @@ class Enforcer:
         """Decisions the kernel made since the last call (aggregated), and counted losses.
         ``final``: report every open aggregation window (at close)."""
         with self._lock:
-            if self.bpf is None:
+            if not self.maps:
                 return []
             try:
-                self.bpf.ring_buffer_consume()
+                self._read_ring()
             except Exception as exc:  # noqa: BLE001 - counted, the reader goes on
                 self._count(LossPlace.KERNEL_RING, f"policy: decision ring not read: {type(exc).__name__}")
             self._flush_windows(time.monotonic_ns(), final)
             out, self._events = self._events, []
             return out + self._losses()
 
+    _RING_BATCH = 4096  # records per read
+    _RING_BATCHES = 64  # per drain: the ring (512 KiB) holds fewer records than this reads
+
+    def _read_ring(self) -> None:
+        """Every record the kernel committed since the last drain (bounded), handled in order."""
+        ring = self._ring
+        if ring is None:
+            return
+        for _ in range(self._RING_BATCHES):
+            recs = ring.read(self._RING_BATCH)
+            for raw in recs:
+                self._on_rec(raw)
+            if len(recs) < self._RING_BATCH:
+                return
+
     def close(self) -> None:
         with self._lock:
             models = getattr(self, "models", None)
             if models is not None:
                 models.close()
-            for fd in self._links:
+            links, self._links = getattr(self, "_links", []), []
+            for fd in links:  # detach first, then programs and maps
                 try:
                     os.close(fd)
                 except OSError:
                     pass
-            self._links = []
-            if self._cg_fd >= 0:
+            if getattr(self, "_cg_fd", -1) >= 0:
                 os.close(self._cg_fd)
                 self._cg_fd = -1
-            bpf = getattr(self, "bpf", None)
-            self.bpf = None
-            if bpf is not None:
-                try:
-                    bpf.cleanup()
-                except Exception:
-                    pass
-
+            ring, self._ring = getattr(self, "_ring", None), None
+            if ring is not None:
+                ring.close()
+            obj = getattr(self, "obj", None)
+            self.maps = {}
+            if obj is not None:
+                obj.close()
 
 
 class PolicyRuntime:

@@ -16,8 +16,8 @@ policy's ring as point ``llm_request`` records (``decision``).
 
 from __future__ import annotations
 
-import ctypes
 import os
+import struct
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -42,6 +42,8 @@ _LOSSES = {
                       "not judged in the kernel (user space still judges the call)"),
 }
 # The TLS write entries (tlslibs.TLS_SYMBOLS) and the program for each.
+_MVAL = struct.Struct("<IIII")  # struct mdl_val: rule, flags, uid, pad
+_PROG_KPROBE, _PROG_TRACEPOINT, _PROG_CGROUP_SKB = 2, 5, 8  # bpf_prog_type
 _HOOKS = {"SSL_write": "mdl_ssl_write", "SSL_write_ex": "mdl_ssl_write_ex",
           "gnutls_record_send": "mdl_gnutls_send"}
 
@@ -120,8 +122,8 @@ class ModelGuard:
     library it is given, the egress program on the scope cgroup and the send tracepoint. Attached
     when a policy first has kernel model rules; detached by ``close`` (or process exit)."""
 
-    def __init__(self, bpf: Any, cg_fd_of: Any) -> None:
-        self.bpf = bpf
+    def __init__(self, obj: Any, cg_fd_of: Any) -> None:
+        self.obj = obj  # busted.policy.enforce.PolicyObject: the maps and programs, shared with the Enforcer
         self._cg_fd_of = cg_fd_of  # () -> the scope cgroup's fd (opened by the Enforcer)
         self._links: list[int] = []
         self._files: dict[tuple[int, int], str] = {}
@@ -134,17 +136,15 @@ class ModelGuard:
 
     def write(self, rules: ModelRules, gen: int) -> None:
         """Write ``rules`` into generation ``gen`` (the Enforcer flips pol_gen afterwards)."""
-        t = self.bpf[b"mdl_names"]
+        from busted.policy.enforce import lpm_key, lpm_split
+
+        t = self.obj.maps["mdl_names"]
         for k in list(t.keys()):
-            if k.gen == gen:
-                del t[k]
+            if lpm_split(k)[0] == gen:
+                t.delete(k)
+        size = t.key_size - 8  # struct mdl_key's name bytes (MDL_NAME_MAX + 4)
         for raw, (rule, flags, uid) in rules.entries.items():
-            k = t.Key()
-            k.prefixlen, k.gen = 32 + 8 * len(raw), gen
-            ctypes.memmove(k.name, raw, len(raw))
-            v = t.Leaf()
-            v.rule, v.flags, v.uid = rule, flags, uid
-            t[k] = v
+            t.update(lpm_key(gen, raw, size), _MVAL.pack(rule, flags, uid, 0))
         self.rules = rules
 
     def ensure_attached(self) -> None:
@@ -154,15 +154,15 @@ class ModelGuard:
             return
         from busted.ebpf import bpfsys
         from busted.ebpf.tlslibs import inspect_fd, open_path, system_libraries
-        from busted.policy.enforce import link_create
+        from busted.policy.enforce import _attach_cgroup
 
-        tail = self.bpf[b"mdl_tail"]
-        for slot, fn in enumerate((b"mdl_scan", b"mdl_judge", b"mdl_path")):
-            tail[ctypes.c_int(slot)] = ctypes.c_int(self.bpf.load_func(fn, 2).fd)  # KPROBE, as the uprobes
-        f = self.bpf.load_func(b"mdl_egress", 8, attach_type=1)  # CGROUP_SKB, CGROUP_INET_EGRESS
-        self._links.append(link_create(f.fd, self._cg_fd_of(), 1))
-        t = self.bpf.load_func(b"mdl_send_done", 5)  # TRACEPOINT
-        self._links.append(bpfsys.perf_attach_tracepoint("sock", "sock_send_length", t.fd))
+        obj = self.obj
+        for slot, fn in enumerate(("mdl_scan", "mdl_judge", "mdl_path")):
+            obj.set_prog_slot("mdl_tail", slot, obj.prog(fn, _PROG_KPROBE))  # KPROBE, as the uprobes
+        egress = obj.prog("mdl_egress", _PROG_CGROUP_SKB, bpfsys.CGROUP_INET_EGRESS)
+        send = obj.prog("mdl_send_done", _PROG_TRACEPOINT)
+        self._links.append(_attach_cgroup(egress, self._cg_fd_of(), bpfsys.CGROUP_INET_EGRESS))
+        self._links.append(bpfsys.perf_attach_tracepoint("sock", "sock_send_length", send))
         self.attached = True
         for path in system_libraries():
             fd = open_path(path)
@@ -186,8 +186,8 @@ class ModelGuard:
         try:
             for sym, fn in _HOOKS.items():
                 if sym in offsets:
-                    prog = self.bpf.load_func(fn.encode(), 2)  # KPROBE (uprobes are kprobe programs)
-                    links.append(bpfsys.perf_attach_probe("uprobe", f"/proc/self/fd/{fd}", offsets[sym], prog.fd))
+                    prog = self.obj.prog(fn, _PROG_KPROBE)  # uprobes are kprobe programs
+                    links.append(bpfsys.perf_attach_probe("uprobe", f"/proc/self/fd/{fd}", offsets[sym], prog))
         except Exception as exc:  # noqa: BLE001 - a library we cannot probe is reported, not fatal
             for fd_ in links:
                 os.close(fd_)
@@ -202,9 +202,10 @@ class ModelGuard:
         return list(self._files.values())
 
     def counts(self) -> dict[str, int]:
-        t = self.bpf[b"mdl_counts"]
-        vals = [sum(int(x) for x in t.getvalue(ctypes.c_int(i))) for i in range(len(MDL_COUNTS))]
-        return dict(zip(MDL_COUNTS, vals, strict=True))
+        from busted.policy.enforce import percpu_sum
+
+        t = self.obj.maps["mdl_counts"]
+        return {what: percpu_sum(t, i) for i, what in enumerate(MDL_COUNTS)}
 
     def losses(self) -> list[Event]:
         now = self.counts()

@@ -186,8 +186,8 @@ def test_denied_socket_entry_is_dropped_at_close(lab, cgroup):
     ip = lab.hosts["api.openai.com"].ipv4
     with monitor(cgroup) as mon:
         enf = mon._policy_rt.enforcer
-        t = enf.bpf[b"pol_denied_sk"]
-        kind = type(t).__name__
+        t = enf.maps["pol_denied_sk"]
+        kind = t.type
         for _ in range(3):
             r = run(lab, [sys.executable, "-I", "-c", TLS_CLIENT, ip, "api.anthropic.com", "whole", "x"], cgroup)
             assert r.returncode != 0
@@ -196,7 +196,7 @@ def test_denied_socket_entry_is_dropped_at_close(lab, cgroup):
             time.sleep(0.1)
         left = len(list(t.keys()))
     assert left == 0, f"{left} closed sockets still in pol_denied_sk"
-    assert kind == "LruHash"
+    assert kind == 9  # BPF_MAP_TYPE_LRU_HASH
 
 
 # -- DNS evidence ----------------------------------------------------------------------------

@@ -181,7 +181,7 @@ def test_flooded_learning_leaves_the_reader_running_and_enforcing(cgroup):
         out = rt.consume()
         assert not [e for e in out if isinstance(e, EventsLost)], out  # bounded by eviction, nothing refused
         assert len(enf._learned) <= 16384 and len(enf._names) <= 16384
-        assert len(enf.bpf[b"pol_learn4"]) <= MAX_ADDRS
+        assert len(enf.maps["pol_learn4"]) <= MAX_ADDRS
         assert enf.addr_mask("10.1.99.249", uid=0) != 0  # the newest are in force
         rt.feed([tcp_answer(1, "api.anthropic.com", [LEARNED])])
         assert enf.addr_mask(LEARNED, uid=0) != 0

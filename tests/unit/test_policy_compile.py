@@ -1,5 +1,6 @@
 """The user-space judge (flow events -> PolicyDecision) and the kernel compilation of a policy."""
 
+import errno
 import struct
 
 import pytest
@@ -298,26 +299,32 @@ def test_identical_denials_aggregate_per_window_and_every_one_is_counted():
     assert len(e._events) == AGG_MAX_KEYS + 13 and not e._windows
 
 
-class _FullTable:
-    """A bcc table whose writes fail as a full map's do."""
+class _FullMap:
+    """A map whose writes fail as a full map's do (ENOSPC), and whose walk fails."""
 
-    class Key:
-        uid = 0
-        addr = 0
-
-    def get(self, _k):
+    def lookup(self, _k):
         return None
 
-    def __setitem__(self, _k, _v):
-        raise Exception("Could not update table: No space left on device")
+    def update(self, _k, _v, _flags=0):
+        from busted.ebpf.bpfsys import BpfError
 
-    def getvalue(self, _i):
-        return [0, 0]
+        raise BpfError(errno.ENOSPC, "map pol_learn4 update")
+
+    def keys(self):
+        from busted.ebpf.bpfsys import BpfError
+
+        raise BpfError(errno.EIO, "map pol_budget next key")
+
+    def lookup_percpu(self, _k):
+        return [bytes(8), bytes(8)]
 
 
-class _FullBpf:
-    def __getitem__(self, _name):
-        return _FullTable()
+class _FullMaps(dict):
+    def __missing__(self, _name):
+        return _FullMap()
+
+    def __bool__(self):
+        return True
 
 
 def test_a_map_write_error_is_a_counted_loss_not_a_dead_reader():
@@ -333,7 +340,7 @@ def test_a_map_write_error_is_a_counted_loss_not_a_dead_reader():
     from busted.policy.enforce import _COUNT_LOSSES
 
     e = _agg_enforcer()
-    e._lock, e.bpf, e._learned = threading.Lock(), _FullBpf(), LRUCache(maxsize=16)
+    e._lock, e.maps, e._learned = threading.Lock(), _FullMaps(), LRUCache(maxsize=16)
     e._kcounts, e._gen = dict.fromkeys(_COUNT_LOSSES, 0), 0
     e._policy = Policy.from_dict({"default": "audit", "rules": [
         {"name": "no-anthropic", "action": "deny", "provider": "anthropic"}]})
@@ -342,7 +349,7 @@ def test_a_map_write_error_is_a_counted_loss_not_a_dead_reader():
                     qtype="A", rcode="NOERROR", answers=(DnsRecord("api.anthropic.com", "A", "10.0.0.1", 60),))
     for _ in range(3):
         e.learn_dns(ans, uid=0)  # raised before
-    assert e.budget_commands(["clear"]) == []  # a table without keys(): raised before
+    assert e.budget_commands(["clear"]) == []  # a map whose walk fails: raised before
     lost = [x for x in e._losses() if isinstance(x, EventsLost)]
     assert {x.where for x in lost} == {LossPlace.KERNEL_MAP}
     by = {x.detail: x.count for x in lost}
