@@ -147,6 +147,15 @@ class ModelGuard:
             t.update(lpm_key(gen, raw, size), _MVAL.pack(rule, flags, uid, 0))
         self.rules = rules
 
+    @staticmethod
+    def programs() -> list[tuple[str, int, int]]:
+        """(function, prog type, attach type) of every model program: the Enforcer verifies them
+        with its own at load when the policy has kernel model rules."""
+        from busted.ebpf import bpfsys
+
+        return ([(fn, _PROG_KPROBE, 0) for fn in ("mdl_scan", "mdl_judge", "mdl_path", *_HOOKS.values())]
+                + [("mdl_egress", _PROG_CGROUP_SKB, bpfsys.CGROUP_INET_EGRESS), ("mdl_send_done", _PROG_TRACEPOINT, 0)])
+
     def ensure_attached(self) -> None:
         """Attach the programs once a policy has kernel model rules (not before: the egress and
         send hooks cost every packet and send something)."""
