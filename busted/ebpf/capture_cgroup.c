@@ -249,14 +249,10 @@ static __always_inline void capc_plain(struct __sk_buff *skb, u64 sk, struct cap
     u64 ts = bpf_ktime_get_ns();
 #pragma unroll
     for (int i = 0; i < PT_PIECES; i++) {
-        u64 off = (u64)i * PT_CHUNK;
-        if (off >= total)
+        u64 off;
+        u32 n;
+        if (!pt_piece(i, total, &off, &n))
             break;
-        if (i == PT_PIECES - 1 && total > (u64)PT_PIECES * PT_CHUNK)
-            off = total - PT_CHUNK;
-        u64 left = total - off;
-        u32 n = left > PT_CHUNK ? PT_CHUNK : (u32)left;
-        n = ((n - 1) & (PT_CHUNK - 1)) + 1;  /* 1..PT_CHUNK, in a form the verifier keeps */
         if (bpf_skb_load_bytes(skb, base + off, r->data, n) != 0)
             return;
         r->h.type = REC_PLAIN;

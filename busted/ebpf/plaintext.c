@@ -154,6 +154,24 @@ static __always_inline u64 pt_sock_of(u64 ssl)
     return sk ? *sk : 0;
 }
 
+/* Piece i of a call of `total` bytes: its offset and length (1..PT_CHUNK); 0 when there is none.
+ * The first PT_PIECES - 1 pieces are the call's head; the last is its next piece, or for a call
+ * longer than PT_PIECES * PT_CHUNK its tail (a gap of off - (PT_PIECES - 1) * PT_CHUNK bytes before
+ * it). Shared by the copies from user memory (here) and from packets (capture_cgroup.c). */
+static __always_inline int pt_piece(int i, u64 total, u64 *off, u32 *n)
+{
+    u64 o = (u64)i * PT_CHUNK;
+    if (o >= total)
+        return 0;
+    if (i == PT_PIECES - 1 && total > (u64)PT_PIECES * PT_CHUNK)
+        o = total - PT_CHUNK;
+    u64 left = total - o;
+    u32 k = left > PT_CHUNK ? PT_CHUNK : (u32)left;
+    *off = o;
+    *n = ((k - 1) & (PT_CHUNK - 1)) + 1;  /* 1..PT_CHUNK, in a form the verifier keeps */
+    return 1;
+}
+
 /* Copy up to PT_PIECES * PT_CHUNK bytes of user memory at ubuf as records: the call's head, and
  * for a call longer than that, its last PT_CHUNK bytes instead of the next head piece. Every record
  * carries the call's full length and its own offset, so user space knows each gap exactly and can
@@ -177,16 +195,10 @@ static __always_inline void pt_copy_part(u64 sk, u64 ssl, u64 ubuf, u64 total, u
 #endif
 #pragma unroll
     for (int i = 0; i < PT_PIECES; i++) {
-        u64 off = (u64)i * PT_CHUNK;
-        if (off >= total)
+        u64 off;
+        u32 n;
+        if (!pt_piece(i, total, &off, &n))
             break;
-        if (i == PT_PIECES - 1 && total > (u64)PT_PIECES * PT_CHUNK)
-            off = total - PT_CHUNK;  /* the tail: a gap of (off - (PT_PIECES - 1) * PT_CHUNK) bytes before it */
-        u64 left = total - off;
-        u32 n = left > PT_CHUNK ? PT_CHUNK : (u32)left;
-        n &= (PT_CHUNK - 1) | PT_CHUNK;
-        if (n > PT_CHUNK)
-            return;
         if (bpf_probe_read_user(r->data, n, (void *)(ubuf + off)) != 0)
             return;
         r->h.type = REC_PLAIN;
