@@ -232,44 +232,15 @@ static __always_inline int capc_http_start(u8 *h)
 }
 
 #ifdef HAVE_PLAINTEXT
-/* A plain-HTTP segment as plaintext records (plaintext.c's layout): the segment is one "call" of
- * hole + plen bytes whose first `hole` bytes were never seen (cut bit 4 tells user space). Up to
- * PT_PIECES pieces: the head, and for a segment longer than that, its tail. */
+/* A plain-HTTP segment as plaintext records (plaintext.c's layout and piece rule): the segment is
+ * one "call" of hole + plen bytes whose first `hole` bytes were never seen (cut bit 4). */
 static __always_inline void capc_plain(struct __sk_buff *skb, u64 sk, struct capc_pkt *pk, u32 skip,
                                        u32 hole, u8 dir, struct capc_who *who)
 {
-    if (pt_skipped(sk))
-        return;
-    u32 zero = 0;
-    struct pt_rec *r = pt_scratch.lookup(&zero);
-    if (!r || pk->plen <= skip)
+    if (pt_skipped(sk) || pk->plen <= skip)
         return;
     u64 total = pk->plen - skip;
-    u64 base = pk->payload + skip;
-    u64 ts = bpf_ktime_get_ns();
-#pragma unroll
-    for (int i = 0; i < PT_PIECES; i++) {
-        u64 off;
-        u32 n;
-        if (!pt_piece(i, total, &off, &n))
-            break;
-        if (bpf_skb_load_bytes(skb, base + off, r->data, n) != 0)
-            return;
-        r->h.type = REC_PLAIN;
-        r->h.len = n;
-        r->h.ts_ns = ts;
-        r->h.sk = sk;
-        r->h.ssl = 0;
-        r->h.pid = who->pid;
-        r->h.tid = who->tid;
-        r->h.wire_len = hole + (u32)total;
-        r->h.offset = hole + (u32)off;
-        r->h.direction = dir;
-        r->h.source = PT_PACKET;
-        r->h.cut = ((i == PT_PIECES - 1 && off > (u64)i * PT_CHUNK) ? 1 : 0) | ((i == 0 && hole) ? 4 : 0);
-        if (events.ringbuf_output(r, sizeof(struct pt_hdr) + n, BPF_RB_NO_WAKEUP) != 0)
-            count_loss(LOSS_RING);
-    }
+    pt_emit_pieces(skb, pk->payload + skip, total, total, hole, sk, 0, who->pid, who->tid, dir, PT_PACKET);
 }
 #endif
 

@@ -43,6 +43,9 @@ __all__ = ["MAX_FLOWS", "MAX_TLS_LIBRARIES", "RINGBUF_BYTES", "FlowProgram", "bu
 RINGBUF_BYTES = 4 << 20
 MAX_FLOWS = 65536
 CHUNK_BYTES = 16384  # plaintext bytes per ring record (the TLS record size)
+# The largest chunk: pieces are staged in a per-CPU array (pt_scratch), whose values the kernel caps
+# at 32 KiB (PCPU_MIN_UNIT_SIZE); 32768 + the record header is over it.
+MAX_CHUNK_BYTES = 16384
 # Distinct TLS library files (inodes) probed at most; each costs up to 8 links (or perf fds), uprobes on the
 # file and, at close, a detach that waits for an RCU grace period. BUSTED_MAX_TLS_LIBRARIES changes it.
 MAX_TLS_LIBRARIES = 32
@@ -173,8 +176,9 @@ def build_source(plan: ProbePlan, *, ringbuf_bytes: int = RINGBUF_BYTES, max_flo
     pages = max(1, ringbuf_bytes // 4096)
     if pages & (pages - 1):  # BPF ring buffers are a power-of-two number of pages
         pages = 1 << pages.bit_length()
-    if chunk_bytes & (chunk_bytes - 1) or not 256 <= chunk_bytes <= 65536:
-        raise UsageError("chunk_bytes must be a power of two between 256 and 65536")
+    if chunk_bytes & (chunk_bytes - 1) or not 256 <= chunk_bytes <= MAX_CHUNK_BYTES:
+        raise UsageError(f"chunk_bytes must be a power of two between 256 and {MAX_CHUNK_BYTES} (got {chunk_bytes}): "
+                         "a piece and its header are staged in a per-CPU buffer, which the kernel caps at 32 KiB")
     defines = [f"#define RINGBUF_PAGES {pages}", f"#define MAX_FLOWS {max_flows}",
                f"#define PT_CHUNK_BYTES {chunk_bytes}"]
     if plan.flow_end == "close-state" or plan.lifecycle != "tracepoint":

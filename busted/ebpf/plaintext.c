@@ -172,52 +172,67 @@ static __always_inline int pt_piece(int i, u64 total, u64 *off, u32 *n)
     return 1;
 }
 
-/* Copy up to PT_PIECES * PT_CHUNK bytes of user memory at ubuf as records: the call's head, and
- * for a call longer than that, its last PT_CHUNK bytes instead of the next head piece. Every record
- * carries the call's full length and its own offset, so user space knows each gap exactly and can
- * skip it inside a body (a big request's prompt, the middle of a long answer) while the message
- * heads, the JSON body's start (model, stream) and a response's end (usage) stay readable. */
-static __always_inline void pt_copy_part(u64 sk, u64 ssl, u64 ubuf, u64 total, u64 wire, u8 dir, u8 lib)
+/* Emit a call's bytes as up to PT_PIECES records: the call's head, and for a call longer than
+ * that, its last PT_CHUNK bytes instead of the next head piece. Every record carries the call's
+ * full length and its own offset, so user space knows each gap exactly and can skip it inside a
+ * body (a big request's prompt, the middle of a long answer) while the message heads, the JSON
+ * body's start (model, stream) and a response's end (usage) stay readable.
+ *   The bytes come from user memory at src (skb NULL: a library call or a socket syscall), or
+ * from the packet skb at offset src (capture_cgroup.c); with a constant NULL the compiler drops
+ * the packet branch, so uprobe programs never name a helper they may not call.
+ *   total: bytes readable there (contiguous); wire: bytes the call moved in all (more when a
+ * plain-HTTP writev/sendmsg/readv/recvmsg used several buffers: only the first is copied);
+ * hole: bytes of the stream before this call that were never seen (a packet after a gap). */
+static __always_inline void pt_emit_pieces(struct __sk_buff *skb, u64 src, u64 total, u64 wire, u32 hole,
+                                           u64 sk, u64 ssl, u32 pid, u32 tid, u8 dir, u8 source)
 {
-    /* total: bytes readable at ubuf (contiguous); wire: bytes the call moved in all (more when
-     * a plain-HTTP writev/sendmsg/readv/recvmsg used several buffers: only the first is copied). */
     u32 zero = 0;
     struct pt_rec *r = pt_scratch.lookup(&zero);
     if (!r || total == 0)
         return;
     if (wire < total)
         wire = total;
-    u64 pt = bpf_get_current_pid_tgid();
+    wire += hole;
     u64 ts = bpf_ktime_get_ns();
-#ifdef HAVE_ARRIVAL
-    if (sk && dir == PT_WRITE)
-        rx_on_write(sk);  /* arrival.c: an answer's bytes may come now */
-#endif
 #pragma unroll
     for (int i = 0; i < PT_PIECES; i++) {
         u64 off;
         u32 n;
         if (!pt_piece(i, total, &off, &n))
             break;
-        if (bpf_probe_read_user(r->data, n, (void *)(ubuf + off)) != 0)
+        long err = skb ? bpf_skb_load_bytes(skb, src + off, r->data, n)
+                       : bpf_probe_read_user(r->data, n, (void *)(src + off));
+        if (err != 0)
             return;
         r->h.type = REC_PLAIN;
         r->h.len = n;
         r->h.ts_ns = ts;
         r->h.sk = sk;
         r->h.ssl = ssl;
-        r->h.pid = pt >> 32;
-        r->h.tid = (u32)pt;
+        r->h.pid = pid;
+        r->h.tid = tid;
         r->h.wire_len = wire > 0xffffffffULL ? 0xffffffff : (u32)wire;
-        r->h.offset = (u32)off;
+        r->h.offset = hole + (u32)off;
         r->h.direction = dir;
-        r->h.source = lib;
-        /* 1: bytes before this piece were skipped; 2: the call's bytes after this piece never come */
+        r->h.source = source;
+        /* 1: bytes before this piece were skipped; 2: the call's bytes after this piece never come;
+         * 4: a new call after `hole` bytes of the stream never seen */
         r->h.cut = ((i == PT_PIECES - 1 && off > (u64)i * PT_CHUNK) ? 1 : 0) |
-                   ((off + n >= total && off + n < wire) ? 2 : 0);
+                   ((off + n >= total && hole + off + n < wire) ? 2 : 0) | ((i == 0 && hole) ? 4 : 0);
         if (events.ringbuf_output(r, sizeof(struct pt_hdr) + n, BPF_RB_NO_WAKEUP) != 0)
             count_loss(LOSS_RING);
     }
+}
+
+/* A call's bytes in user memory at ubuf (see pt_emit_pieces), by the calling thread. */
+static __always_inline void pt_copy_part(u64 sk, u64 ssl, u64 ubuf, u64 total, u64 wire, u8 dir, u8 lib)
+{
+    u64 pt = bpf_get_current_pid_tgid();
+#ifdef HAVE_ARRIVAL
+    if (sk && total && dir == PT_WRITE)
+        rx_on_write(sk);  /* arrival.c: an answer's bytes may come now */
+#endif
+    pt_emit_pieces(0, ubuf, total, wire, 0, sk, ssl, pt >> 32, (u32)pt, dir, lib);
 }
 
 static __always_inline void pt_copy(u64 sk, u64 ssl, u64 ubuf, u64 total, u8 dir, u8 lib)

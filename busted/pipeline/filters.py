@@ -52,48 +52,29 @@ class Filters:
         f.active = f.cheap or f.netns is not None
         return f
 
+    def _keeps(self, pid: int, uid: int, comm: str, sport: int, dport: int, cgroup: int, family: int) -> bool:
+        """The cheap filters' one rule, whether the facts come from a kernel record or an event."""
+        return ((self.pid is None or pid in self.pid) and (self.uid is None or uid in self.uid)
+                and (self.comm is None or comm in self.comm)
+                and (self.port is None or sport in self.port or dport in self.port)
+                and (self.cgroup is None or cgroup == self.cgroup)
+                and (self.family is None or family == self.family))
+
     def admits(self, rec: FlowRecord) -> bool:
         """False when a flow opened by ``rec`` cannot match: every flow event of that flow carries
         the record's pid, uid, comm, ports, cgroup and family (busted.pipeline.flows builds them
         from it), so ``match`` would drop them all. ``netns`` is left to ``match``."""
-        if self.pid is not None and rec.pid not in self.pid:
-            return False
-        if self.uid is not None and rec.uid not in self.uid:
-            return False
-        if self.comm is not None and rec.comm not in self.comm:
-            return False
-        if self.port is not None and rec.sport not in self.port and rec.dport not in self.port:
-            return False
-        if self.cgroup is not None and rec.cgroup != self.cgroup:
-            return False
-        return self.family is None or rec.family == self.family
+        return self._keeps(rec.pid, rec.uid, rec.comm, rec.sport, rec.dport, rec.cgroup, rec.family)
 
     def match(self, ev: Event) -> bool:
         if not self.active:
             return True
         if isinstance(ev, FlowSummary):
-            return self._match_summary(ev)
+            # A summary has one port (the peer's for a connect, ours for an accept) and no netns:
+            # a netns filter drops it.
+            return self.netns is None and self._keeps(ev.pid, ev.uid, ev.comm, ev.port, ev.port, ev.cgroup_id,
+                                                      ev.family)
         if not isinstance(ev, FlowEvent):
             return True
-        if self.pid is not None and ev.pid not in self.pid:
-            return False
-        if self.uid is not None and ev.uid not in self.uid:
-            return False
-        if self.comm is not None and ev.comm not in self.comm:
-            return False
-        if self.port is not None and ev.sport not in self.port and ev.dport not in self.port:
-            return False
-        if self.cgroup is not None and ev.cgroup_id != self.cgroup:
-            return False
-        if self.netns is not None and ev.netns != self.netns:
-            return False
-        if self.family is not None and ev.family != self.family:
-            return False
-        return True
-
-    def _match_summary(self, ev: FlowSummary) -> bool:
-        # A summary has no local port for a connect nor a netns: those filters drop it.
-        return ((self.pid is None or ev.pid in self.pid) and (self.uid is None or ev.uid in self.uid)
-                and (self.comm is None or ev.comm in self.comm) and (self.port is None or ev.port in self.port)
-                and (self.cgroup is None or ev.cgroup_id == self.cgroup) and self.netns is None
-                and (self.family is None or ev.family == self.family))
+        return ((self.netns is None or ev.netns == self.netns)
+                and self._keeps(ev.pid, ev.uid, ev.comm, ev.sport, ev.dport, ev.cgroup_id, ev.family))

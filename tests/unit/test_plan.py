@@ -103,3 +103,17 @@ def test_capture_prefers_cgroup_programs_and_falls_back_to_syscalls():
     c = dataclasses.replace(caps(cgroup2="/cg"), uprobes=True)
     assert choose_plan(c).plaintext == "uprobe"
     assert choose_plan(c, {"capture": "syscall"}).plaintext == "uprobe"
+
+
+def test_chunk_bytes_beyond_what_the_kernel_stages_is_refused_with_the_reason():
+    """A piece is staged in a per-CPU array, whose values the kernel caps at 32 KiB: 32768 and
+    65536 used to pass this check and fail later in the compile ("Argument list too long")."""
+    from busted.ebpf.loader import MAX_CHUNK_BYTES, build_source
+    from busted.errors import UsageError
+
+    plan = ProbePlan(plaintext="uprobe")
+    for ok in (256, 4096, MAX_CHUNK_BYTES):
+        assert f"#define PT_CHUNK_BYTES {ok}" in build_source(plan, chunk_bytes=ok)
+    for bad in (128, 300, 32768, 65536):
+        with pytest.raises(UsageError, match="power of two between 256 and 16384"):
+            build_source(plan, chunk_bytes=bad)
