@@ -47,6 +47,26 @@ def cpu_s(pid: int) -> float:
     return (int(f[11]) + int(f[12])) / CLK
 
 
+def children_cpu_s(pid: int) -> dict[int, float]:
+    """CPU seconds so far of each live child of ``pid`` (``--ui``'s page process, for one)."""
+    out: dict[int, float] = {}
+    try:
+        tasks = os.listdir(f"/proc/{pid}/task")
+    except OSError:
+        return out
+    for t in tasks:
+        try:
+            kids = open(f"/proc/{pid}/task/{t}/children").read().split()
+        except OSError:
+            continue
+        for k in kids:
+            try:
+                out[int(k)] = cpu_s(int(k))
+            except OSError:
+                pass
+    return out
+
+
 def mem_mb(pid: int) -> dict[str, float]:
     """VmRSS and VmHWM of ``pid`` in MB."""
     out = {}
@@ -163,6 +183,7 @@ class Tracer:
             raise ValueError(f"unknown config {c}")
         self.res["startup_wall_s"] = time.monotonic() - t
         self.res["cpu_at_ready_s"] = cpu_s(self.proc.pid)
+        self._kids_at_ready = children_cpu_s(self.proc.pid)
         self.res.update({f"{k}_at_ready_mb": v for k, v in mem_mb(self.proc.pid).items()})
         return self
 
@@ -192,6 +213,10 @@ class Tracer:
         p = self.proc
         assert p is not None
         self.res["cpu_at_stop_s"] = cpu_s(p.pid)
+        # children alive from ready to stop (the page's process of --ui): their CPU in that window
+        kids = children_cpu_s(p.pid)
+        before = getattr(self, "_kids_at_ready", {})
+        self.res["cpu_children_steady_s"] = sum(c - before[k] for k, c in kids.items() if k in before)
         self.res.update({f"{k}_at_stop_mb": v for k, v in mem_mb(p.pid).items()})
         p.send_signal(signal.SIGTERM)  # not SIGINT: a background job may have it ignored
         texts: dict[str, str] = {}

@@ -9,8 +9,10 @@ Configurations, in turn within each round (each its own ``busted monitor --json`
   cli-ui-tab    ``--ui``, one headless Chromium tab (Debian's, driven by Playwright) open on the flows
                 view, which reloads its table every 3 s, plus the live event stream
 CPU per event = the monitor's CPU (every thread) from its ready line to the stop / events it
-delivered. RSS is sampled every 5 s in the tab's window: flat means the last sample is within a few
-MB of the first. The workload is bench/harness.py's paced loopback churn (2 clients, 250 conn/s each).
+delivered; ``--ui`` serves the page from a child process, whose CPU in the same window is reported
+beside it (``page_us_per_event``, and the ratio of both together to no page). RSS is sampled every
+5 s in the tab's window: flat means the last sample is within a few MB of the first. The workload
+is bench/harness.py's paced loopback churn (2 clients, 250 conn/s each).
 """
 
 from __future__ import annotations
@@ -67,6 +69,8 @@ def _one(config: str, w: Workload, seconds: float) -> dict[str, Any]:
     ev = r["events"]
     return {"config": config, "conn_per_s": conn, "events": ev, "lost": r["lost"],
             "us_per_event": r["cpu_steady_s"] / ev * 1e6 if ev else None,
+            # --ui: the page's own process (a child of the monitor), per monitor event
+            "page_us_per_event": r.get("cpu_children_steady_s", 0.0) / ev * 1e6 if ev else None,
             "rss_first_mb": rss[0], "rss_last_mb": rss[-1], "rss_max_mb": max(rss)}
 
 
@@ -94,11 +98,18 @@ def run(seconds: float, rounds: int, rate: float = 500.0, configs: list[str] | N
     out: dict[str, Any] = {"machine": machine(), "seconds": seconds, "rounds": rounds, "rows": rows}
     for c in configs:
         us = [r["us_per_event"] for r in rows if r["config"] == c and r["us_per_event"]]
-        out[c] = {"us_per_event_median": statistics.median(us), "min": min(us), "max": max(us)}
+        page = [r["page_us_per_event"] or 0.0 for r in rows if r["config"] == c and r["us_per_event"]]
+        out[c] = {"us_per_event_median": statistics.median(us), "min": min(us), "max": max(us),
+                  "page_us_per_event_median": statistics.median(page)}
     for c in [c for c in configs if c != "cli-json"]:  # ratio to no page, round by round
         ratios = [a["us_per_event"] / b["us_per_event"] for a in rows for b in rows
                   if a["config"] == c and b["config"] == "cli-json" and a["round"] == b["round"]]
         out[c]["ratio_to_cli_json_median"] = statistics.median(ratios)
+        out[c]["ratios"] = ratios
+        # the monitor and its page's process together, against no page
+        both = [(a["us_per_event"] + (a["page_us_per_event"] or 0.0)) / b["us_per_event"] for a in rows for b in rows
+                if a["config"] == c and b["config"] == "cli-json" and a["round"] == b["round"]]
+        out[c]["ratio_with_page_process_median"] = statistics.median(both)
     return out
 
 

@@ -180,9 +180,11 @@ class _Sinks:
             elif getattr(args, "otlp_protocol", None):
                 raise UsageError("--otlp-protocol needs --otlp [ENDPOINT]")
             if getattr(args, "ui", None):
-                from busted.web import WebUI  # binds now: a taken port fails before the probes load
+                # binds now (a taken port fails before the probes load) and starts the page's own
+                # process: no web server or web modules in the monitor (docs/outputs.md)
+                from busted.web.process import PageProcess
 
-                self.ui = WebUI(args.ui, warn=_warn)
+                self.ui = PageProcess(args.ui, warn=_warn)
                 self.sinks.append(self.ui)
         except BaseException:
             self.abort()

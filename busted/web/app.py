@@ -115,6 +115,7 @@ def make_app(state: WebState, token: str, *, loopback: bool = True, stopping: th
     Host headers (a page on another site cannot reach us by DNS rebinding)."""
     stopping = stopping or threading.Event()
     page = _static("index.html")
+    files = {name: _static(name) for name in STATIC}  # read once: the page's process may give up root after
     counters = {"tabs_dropped": 0}
 
     def authorized(request: Request) -> bool:
@@ -154,7 +155,7 @@ def make_app(state: WebState, token: str, *, loopback: bool = True, stopping: th
         name = request.path_params["name"]
         if name not in STATIC:
             return secure(PlainTextResponse("not found\n", status_code=404))
-        return secure(Response(_static(name), media_type=STATIC[name]))
+        return secure(Response(files[name], media_type=STATIC[name]))
 
     def limit_of(request: Request) -> int:
         try:

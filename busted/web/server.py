@@ -1,4 +1,7 @@
-"""``WebUI``: the page served from a thread of the running monitor (or from a store), as a sink.
+"""``WebUI``: the page served from a thread of this process, fed like a sink.
+
+``busted ui --store`` serves it this way, and so does the page's child process that ``busted monitor
+--ui`` starts (``busted.web.process``): the monitor itself holds no web server.
 
     ui = WebUI("127.0.0.1:8765")      # binds now: a taken port fails before any probe loads
     ui.start(stats=mon.stats)         # uvicorn in a daemon thread
@@ -28,7 +31,7 @@ from busted.errors import EnvironmentProblem, MissingDependency, UsageError
 from busted.events import Event
 from busted.web.state import WebState
 
-__all__ = ["DEFAULT_ADDR", "WebUI", "parse_addr"]
+__all__ = ["DEFAULT_ADDR", "WebUI", "listen", "page_url", "parse_addr"]
 
 DEFAULT_ADDR = "127.0.0.1:8765"
 
@@ -55,6 +58,39 @@ def _is_loopback(host: str) -> bool:
         return ipaddress.ip_address(host).is_loopback
     except ValueError:
         return False
+
+
+def _stderr_warn(message: str) -> None:
+    print(f"busted: {message}", file=sys.stderr, flush=True)
+
+
+def listen(addr: str, warn: Callable[[str], None] = _stderr_warn) -> socket.socket:
+    """A socket listening on ``addr`` (``HOST:PORT``): bound now, so a taken port fails before any
+    probe loads; a non-loopback address is warned about."""
+    host, port = parse_addr(addr)
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((host, port))
+        sock.listen(64)
+    except OSError as exc:
+        sock.close()
+        raise EnvironmentProblem(f"--ui {addr}: cannot listen there ({exc.strerror or exc}); "
+                                 "pick another HOST:PORT (port 0 picks a free one)") from exc
+    sock.set_inheritable(False)
+    if not _is_loopback(host):
+        warn(f"--ui {addr}: listening on a non-loopback address; anyone who can reach it and has the "
+             "token sees every call (prefer 127.0.0.1 and an SSH tunnel)")
+    return sock
+
+
+def page_url(host: str, port: int, token: str) -> str:
+    """The address to open: ``http://HOST:PORT/?token=...`` (the token is the key)."""
+    shown = f"[{host}]" if ":" in host else host
+    if host in ("0.0.0.0", "::"):
+        shown = socket.gethostname()
+    return f"http://{shown}:{port}/?token={token}"
 
 
 def _idle_server_class() -> type:
@@ -95,44 +131,34 @@ class WebUI:
     ``append`` each when no tab is open), ``close()`` stops the server."""
 
     def __init__(self, addr: str = DEFAULT_ADDR, *, state: WebState | None = None, token: str | None = None,
-                 warn: Callable[[str], None] | None = None) -> None:
+                 warn: Callable[[str], None] | None = None, sock: socket.socket | None = None) -> None:
+        """``sock``: a socket already listening (the page's child process gets the monitor's)."""
         try:
             import starlette  # noqa: F401
             import uvicorn  # noqa: F401
         except ImportError as exc:
             raise MissingDependency("starlette/uvicorn", "ui", "--ui") from exc
-        self.host, port = parse_addr(addr)
-        self.loopback = _is_loopback(self.host)
         self.token = token or secrets.token_urlsafe(24)
         self.state = state or WebState()
-        self._warn = warn or (lambda m: print(f"busted: {m}", file=sys.stderr, flush=True))
-        family = socket.AF_INET6 if ":" in self.host else socket.AF_INET
-        self._sock = socket.socket(family, socket.SOCK_STREAM)
-        try:
-            self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            self._sock.bind((self.host, port))
-            self._sock.listen(64)
-        except OSError as exc:
-            self._sock.close()
-            raise EnvironmentProblem(f"--ui {addr}: cannot listen there ({exc.strerror or exc}); "
-                                     "pick another HOST:PORT (port 0 picks a free one)") from exc
-        self._sock.set_inheritable(False)
-        self.port = self._sock.getsockname()[1]
+        self._warn = warn or _stderr_warn
+        if sock is None:
+            sock = listen(addr, self._warn)
+        self._sock = sock
+        self.host, self.port = sock.getsockname()[:2]
+        self.loopback = _is_loopback(self.host)
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._server: Any = None
-        if not self.loopback:
-            self._warn(f"--ui {addr}: listening on a non-loopback address; anyone who can reach it and has the "
-                       "token sees every call (prefer 127.0.0.1 and an SSH tunnel)")
 
     @property
     def url(self) -> str:
-        host = f"[{self.host}]" if ":" in self.host else self.host
-        if self.host in ("0.0.0.0", "::"):
-            host = socket.gethostname()
-        return f"http://{host}:{self.port}/?token={self.token}"
+        return page_url(self.host, self.port, self.token)
 
-    def start(self, stats: Callable[[], Any] | None = None, startup_timeout: float = 10.0) -> WebUI:
+    def start(self, stats: Callable[[], Any] | None = None, startup_timeout: float = 10.0,
+              before_serve: Callable[[], None] | None = None) -> WebUI:
+        """Serve in a daemon thread; returns once the page is served. ``before_serve()`` runs after
+        everything the server needs is imported and loaded, before its thread starts (the page's
+        child process gives up root there)."""
         import uvicorn
 
         from busted.web.app import make_app
@@ -142,7 +168,10 @@ class WebUI:
         config = uvicorn.Config(app, log_level="warning", access_log=False, lifespan="off",
                                 timeout_graceful_shutdown=2, ws="none", proxy_headers=False,
                                 server_header=False, date_header=False)
+        config.load()  # the protocol classes uvicorn imports lazily: loaded now, not after before_serve()
         self._server = _idle_server_class()(config)
+        if before_serve is not None:
+            before_serve()
         self._thread = threading.Thread(target=self._serve, name="busted-ui", daemon=True)
         self._thread.start()
         # The URL is printed once the page is served: the server's start-up (its imports, its
@@ -153,6 +182,11 @@ class WebUI:
         if not self._server.started:
             self._warn(f"the web UI did not start within {startup_timeout:.0f} s; the monitor goes on without it")
         return self
+
+    @property
+    def serving(self) -> bool:
+        """True once uvicorn serves the page."""
+        return bool(self._server is not None and self._server.started)
 
     def _serve(self) -> None:
         try:

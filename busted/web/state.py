@@ -341,4 +341,6 @@ class WebState:
                     "lost": {str(getattr(k, "name", k)).lower(): v for k, v in dict(getattr(s, "lost", {})).items()},
                     "plan": {str(k): str(v) for k, v in dict(getattr(s, "plan", {})).items()},
                 }
+                if getattr(s, "page_dropped", None) is not None:  # the page's own process fell behind
+                    h["monitor"]["page_dropped"] = s.page_dropped
         return h

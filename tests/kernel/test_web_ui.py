@@ -137,6 +137,11 @@ def test_live_page_in_chromium_then_the_store_as_nobody(lab, tmp_path):
         for path in ("/", "/api/stream", "/api/calls", "/static/app.js"):
             assert _status(base + path) == 401, path
         assert _listens_on(port) == {"127.0.0.1"}
+        # The page is served by a child of the monitor that gave up root before serving.
+        page_pid = _page_pid(mon.proc.pid)
+        status = Path(f"/proc/{page_pid}/status").read_text()
+        assert re.search(r"^Uid:\s+65534\s+65534\s+65534\s+65534$", status, re.M), status
+        assert re.search(r"^CapEff:\s+0+$", status, re.M), status
 
         first = [("gpt-4o", *_call(lab, "gpt-4o", 5, "hello")),
                  ("gpt-4o-mini", *_call(lab, "gpt-4o-mini", 9, "x" * 80))]
@@ -185,6 +190,7 @@ def test_live_page_in_chromium_then_the_store_as_nobody(lab, tmp_path):
             pw.stop()
         mon.stop()
     assert mon.proc.returncode == 0, mon.err.decode(errors="replace")[-2000:]
+    assert not Path(f"/proc/{page_pid}").exists(), "the page's process outlived the monitor"
 
     # The same calls from the store, served read-only by an unprivileged user.
     ro = Path(tempfile.mkdtemp(prefix="busted-ui-"))  # pytest's tmp_path is root's alone (0700)
@@ -214,6 +220,15 @@ def test_live_page_in_chromium_then_the_store_as_nobody(lab, tmp_path):
     if os.environ.get("BUSTED_UI_SHOTS"):  # where a developer wants the screenshots kept
         for p in Path(tmp_path).glob("ui-*.png"):
             shutil.copy(p, os.environ["BUSTED_UI_SHOTS"])
+
+
+def _page_pid(monitor_pid: int) -> int:
+    """The page's own process: the monitor's child running busted.web.child."""
+    for task in Path(f"/proc/{monitor_pid}/task").iterdir():
+        for pid in (task / "children").read_text().split():
+            if b"busted.web.child" in Path(f"/proc/{pid}/cmdline").read_bytes():
+                return int(pid)
+    raise AssertionError(f"monitor {monitor_pid} has no page process")
 
 
 def _rss_mb(pid: int) -> float:
@@ -272,7 +287,8 @@ class _Churn:
 
 
 def test_a_tab_open_for_a_minute_keeps_the_monitor_flat(tmp_path):
-    """Issue 24: a tab left open at 500 connections/s. The event stream is a flow that lives past
+    """Issue 24: a tab left open at 500 connections/s: the monitor and the page's process stay flat.
+    The event stream is a flow that lives past
     the 30-s stale-flow sweep; the sweep used to dump every socket (the churn's ~30,000 TIME_WAIT
     ones among them) through pyroute2, and the monitor's RSS jumped by ~45 MB at the first sweep."""
     mon = Proc([*BUSTED, "monitor", "--json", "--ui", "127.0.0.1:0"])
@@ -287,10 +303,13 @@ def test_a_tab_open_for_a_minute_keeps_the_monitor_flat(tmp_path):
         page.click("#tabs button[data-view=flows]")  # reloads its table every 3 s, plus the stream
         _wait_rows(page, "flows", lambda rs: len(rs) > 0, timeout=30)
         page.wait_for_timeout(10_000)  # the bounded windows fill (10,000 flow events)
+        page_pid = _page_pid(mon.proc.pid)
         samples = [_rss_mb(mon.proc.pid)]
+        page_samples = [_rss_mb(page_pid)]
         for _ in range(11):  # 55 s more: two sweeps pass while the stream is older than 30 s
             page.wait_for_timeout(5_000)
             samples.append(_rss_mb(mon.proc.pid))
+            page_samples.append(_rss_mb(page_pid))
         page.click("#tabs button[data-view=health]")
         health = dict((r[0], r[1]) for r in _wait_rows(page, "health", lambda rs: any(r[0] == "open tabs" for r in rs)))
         assert health["open tabs"] == "1"
@@ -308,3 +327,4 @@ def test_a_tab_open_for_a_minute_keeps_the_monitor_flat(tmp_path):
     assert mon.proc.returncode == 0, mon.err.decode(errors="replace")[-2000:]
     # flat: the windows are full after the first 10 s, so what is left is noise (a few MB)
     assert max(samples) - samples[0] < 15, samples
+    assert max(page_samples) - page_samples[0] < 15, page_samples  # the page's process too

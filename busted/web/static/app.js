@@ -149,6 +149,7 @@ async function loadHealth() {
     const lost = Object.entries(h.monitor.lost || {});
     add("lost (by place)", lost.length ? lost.map(([k, v]) => k + "=" + v).join(", ") : "none");
     add("plan", Object.entries(h.monitor.plan || {}).map(([k, v]) => k + "=" + v).join(", "));
+    if (h.monitor.page_dropped !== undefined) add("events the page fell behind on", fmt.int(h.monitor.page_dropped));
   }
   body.replaceChildren(...rows);
   fill("budgets", await getJSON("/api/budgets"));

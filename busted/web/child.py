@@ -1,0 +1,106 @@
+"""The page's own process (started by ``busted.web.process.PageProcess``; not a command to run).
+
+``python -I busted.web.child LISTEN_FD FEED_FD``: serves the page on the listening socket the
+monitor bound, from a ``WebState`` fed over the ``SOCK_SEQPACKET`` socket ``FEED_FD``. The first
+message is JSON (the access token); then pickled ``("batch", items)`` and ``("stats", dict)``
+messages from the monitor. End-of-file (the monitor closed it, or died) ends this process.
+
+Before it serves, the process gives up root: everything it needs is imported and the page's
+files are read by then (``WebUI.start(before_serve=...)``).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import json
+import os
+import pickle
+import pwd
+import signal
+import socket
+import sys
+import types
+from typing import Any
+
+from busted.web.process import FLOW_FIELDS, MAX_MESSAGE
+from busted.web.server import WebUI
+from busted.web.state import WebState
+
+PR_SET_DUMPABLE = 4
+PR_SET_NO_NEW_PRIVS = 38
+UNPRIVILEGED_USER = "nobody"
+
+
+def _warn(message: str) -> None:
+    print(f"busted: web UI: {message}", file=sys.stderr, flush=True)
+
+
+def drop_privileges(user: str = UNPRIVILEGED_USER) -> None:
+    """Root -> ``user`` (its group, no supplementary groups), no new privileges, not dumpable (no
+    other process of that user may trace this one or read its memory, where the token is).
+    Not root: nothing to give up. No such user: stays, and says so."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    if os.geteuid() == 0:
+        try:
+            pw = pwd.getpwnam(user)
+        except KeyError:
+            _warn(f"no user {user!r} on this host: the page's process keeps root")
+        else:
+            os.setgroups([])
+            os.setresgid(pw.pw_gid, pw.pw_gid, pw.pw_gid)
+            os.setresuid(pw.pw_uid, pw.pw_uid, pw.pw_uid)
+    libc.prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0)
+    libc.prctl(PR_SET_DUMPABLE, 0, 0, 0, 0)
+
+
+class _Stats:
+    """The monitor's latest stats, as the health view reads them."""
+
+    latest: Any = None
+
+    def get(self) -> Any:
+        return self.latest
+
+
+def _items(payload: list[Any]) -> list[Any]:
+    return [dict(zip(FLOW_FIELDS, it, strict=True)) if isinstance(it, tuple) else it for it in payload]
+
+
+def main(argv: list[str]) -> int:
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is for the monitor; its end ends us
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+    lsock = socket.socket(fileno=int(argv[0]))
+    feed = socket.socket(fileno=int(argv[1]))
+    feed.settimeout(60)
+    try:
+        hello = json.loads(feed.recv(65536) or b"{}")
+    except (OSError, ValueError):
+        return 1
+    feed.settimeout(None)
+    token = hello.get("token")
+    if not isinstance(token, str) or not token:
+        return 1
+    state, stats = WebState(), _Stats()
+    ui = WebUI(state=state, token=token, sock=lsock, warn=_warn)
+    try:
+        ui.start(stats=stats.get, before_serve=drop_privileges)
+        if not ui.serving:
+            return 1
+        feed.sendall(json.dumps({"ready": True}).encode())
+        while True:
+            msg = feed.recv(MAX_MESSAGE)
+            if not msg:
+                return 0  # the monitor closed the page (or ended)
+            tag, payload = pickle.loads(msg)  # noqa: S301 - from the monitor, which started us
+            if tag == "batch":
+                state.write_batch(_items(payload))
+            elif tag == "stats":
+                stats.latest = types.SimpleNamespace(**payload)
+    except OSError:
+        return 0  # the socket went away with the monitor
+    finally:
+        ui.close()
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
