@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import importlib
 import ipaddress
 import secrets
 import socket
@@ -34,6 +35,10 @@ from busted.web.state import WebState
 __all__ = ["DEFAULT_ADDR", "WebUI", "listen", "page_url", "parse_addr"]
 
 DEFAULT_ADDR = "127.0.0.1:8765"
+# What uvicorn and Starlette (through anyio) import only when serving starts or the first request
+# comes: loaded before the page's process gives up root, which may leave it unable to read them.
+_LAZY_MODULES = ("uvicorn.loops.auto", "uvicorn.loops.asyncio", "anyio.lowlevel", "anyio._backends._asyncio",
+                 "anyio.streams.memory", "anyio.streams.stapled", "anyio.streams.tls")
 
 
 def parse_addr(addr: str, flag: str = "--ui") -> tuple[str, int]:
@@ -169,6 +174,9 @@ class WebUI:
                                 timeout_graceful_shutdown=2, ws="none", proxy_headers=False,
                                 server_header=False, date_header=False)
         config.load()  # the protocol classes uvicorn imports lazily: loaded now, not after before_serve()
+        for name in _LAZY_MODULES:  # imported on the first request otherwise: after before_serve()
+            with contextlib.suppress(ImportError):
+                importlib.import_module(name)
         self._server = _idle_server_class()(config)
         if before_serve is not None:
             before_serve()

@@ -168,3 +168,48 @@ def test_a_page_that_does_not_start_is_said_and_the_monitor_goes_on():
     page.write_batch(sample_events())  # no error: the page is gone, the monitor goes on
     page.close()
     assert warned and "did not start" in warned[0] and "goes on without it" in warned[0]
+
+
+def test_nothing_is_imported_after_the_page_gives_up_root():
+    """Every route and the event stream served after ``before_serve`` (where the page's process
+    drops root) import no module: one that did could be unreadable to ``nobody`` (a venv in /root)."""
+    code = r'''
+import json, sys, threading, time, urllib.request
+from busted.web import WebUI
+from busted.web.state import _as_dict
+from tests.unit.events_factory import sample_calls
+calls = [_as_dict(ev) for ev in sample_calls(pid=1)]  # the page's process gets dicts from the monitor
+snap = {}
+ui = WebUI("127.0.0.1:0").start(before_serve=lambda: snap.setdefault("m", set(sys.modules)))
+base, hdr = f"http://127.0.0.1:{ui.port}", {"Authorization": "Bearer " + ui.token}
+codes = []
+for path in ["/", "/?token=" + ui.token, "/static/app.js", "/static/uPlot.min.css", "/api/calls", "/api/flows",
+             "/api/spend?by=model", "/api/health", "/api/budgets", "/api/mcp?pid=1&limit=x", "/nope"]:
+    try:
+        with urllib.request.urlopen(urllib.request.Request(base + path, headers=hdr), timeout=5) as r:
+            codes.append(r.status)
+    except urllib.error.HTTPError as e:
+        codes.append(e.code)
+got = []
+def stream():
+    with urllib.request.urlopen(urllib.request.Request(base + "/api/stream", headers=hdr), timeout=10) as r:
+        for raw in r:
+            if raw.startswith(b"data: {"):
+                got.append(raw)
+                return
+t = threading.Thread(target=stream, daemon=True)
+t.start()
+end = time.monotonic() + 10
+while ui.state.subscribers == 0 and time.monotonic() < end:
+    time.sleep(0.05)
+ui.write_batch(calls)
+t.join(10)
+ui.close()
+print(json.dumps({"codes": codes, "streamed": len(got), "new": sorted(set(sys.modules) - snap["m"])}))
+'''
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=90)
+    assert out.returncode == 0, out.stderr
+    res = json.loads(out.stdout.strip().splitlines()[-1])
+    assert res["codes"] == [200] * 10 + [404], res
+    assert res["streamed"] == 1
+    assert res["new"] == [], res["new"]
