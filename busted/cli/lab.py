@@ -241,6 +241,7 @@ def _run_lab(args: argparse.Namespace, out: TextIO, lab: Any, mon: Any, sinks: _
                 show(ev)
                 if not worker.is_alive():
                     break
+            sinks.tick()  # idle (or the demo ended): the page gets what it was held back
         # The demo is done: take what is still in flight (closes, late answers), bounded.
         end = time.monotonic() + 3.0
         for ev in mon.events(timeout=1.0, stop_event=stop):

@@ -36,6 +36,10 @@ def _run_monitor(args: argparse.Namespace, out: TextIO, events: Iterable[Event |
     try:
         for item in events:
             batch: Sequence[Event] = (item,) if isinstance(item, Event) else item
+            if not batch:  # idle: nothing to write; what an output holds back (the page) goes now
+                if sinks is not None:
+                    sinks.tick()
+                continue
             encoded: list[Encoded | Event] = []  # an event that would not encode goes as is (the store counts it)
             lines = []
             for ev in batch:
@@ -99,6 +103,7 @@ def _monitor_loop(args: argparse.Namespace, out: TextIO, stop: threading.Event) 
                     yield [first, *itertools.islice(gen, min(mon.stats().queue_depth, _BATCH - 1))]
                     if deadline is not None and time.monotonic() >= deadline:
                         return
+                yield []  # half a second without an event: an empty batch lets the outputs catch up
 
         summary = _run_monitor(args, out, stream(), mon, sinks)
         st = mon.stats()

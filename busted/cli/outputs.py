@@ -202,6 +202,11 @@ class _Sinks:
             if not os.path.lexists(p):
                 self._created.append(Path(p))
 
+    def tick(self) -> None:
+        """The monitor's loop is idle: let the page send what it holds (--ui)."""
+        if self.ui is not None:
+            self.ui.tick()
+
     def write(self, ev: Event, queue_depth: int = 0) -> None:
         for s in self.sinks:
             s.write(ev)

@@ -118,6 +118,7 @@ def _top(args: argparse.Namespace, out: TextIO) -> int:
                         table.add(ev)
                     if time.monotonic() >= tick:
                         break
+                sinks.tick()  # once per redraw: the page gets what it was held back
                 st = mon.stats()
                 lost = sum(st.lost.values())
                 budgets = mon.budgets()  # spend against limits (a policy's [[budgets]])

@@ -9,12 +9,13 @@
 - The child imports Starlette and uvicorn, loads what it serves, then gives up root (to ``nobody``,
   no supplementary groups, no new privileges) before it accepts a connection: the process that
   parses HTTP from the network holds no privilege and no BPF object.
-- The monitor feeds it what the page shows: per batch of events, the calls, MCP messages, policy
-  decisions, losses and budget events as the redacted dicts every output writes, and flow closes
-  and classifications as small tuples of the fields the flows view groups by. Everything else
-  costs a set lookup. One non-blocking ``send`` per batch: if the child falls behind and the
-  socket buffer is full, the batch is dropped for the page and counted (``dropped``), never waited
-  for, so a slow page cannot slow the monitor or grow its memory.
+- The monitor feeds it what the page shows: the calls, MCP messages, policy decisions, losses and
+  budget events as the redacted dicts every output writes, and flow closes and classifications as
+  small tuples of the fields the flows view groups by. Everything else costs a set lookup. What
+  is kept waits in a bounded list and goes out with one non-blocking ``send`` at most every
+  ``FLUSH_S`` (and when the monitor's loop is idle, ``tick()``): if the child falls behind and the
+  socket buffer is full, the items are dropped for the page and counted (``dropped``), never
+  waited for, so a slow page cannot slow the monitor or grow its memory.
 - The monitor's stats reach the child at most once a second, with a batch.
 - The child unpickles what the monitor sends; the monitor never unpickles what the child says
   (its one message, "ready", is JSON). If the monitor dies, the child reads end-of-file and exits.
@@ -37,31 +38,16 @@ from typing import Any
 from busted.errors import MissingDependency
 from busted.events import Event
 from busted.web.server import DEFAULT_ADDR, listen, page_url
-from busted.web.state import _KEPT_KINDS, _as_dict
+from busted.web.state import _KEPT_KINDS, _as_dict, flow_record
 
-__all__ = ["FLOW_FIELDS", "MAX_MESSAGE", "PageProcess", "flow_record"]
+__all__ = ["MAX_MESSAGE", "PageProcess"]
 
-#: The fields of a flow close/classification the flows view needs, in the order the tuples carry them.
-FLOW_FIELDS = ("kind", "comm", "exe", "hostname", "daddr", "provider", "dport", "direction", "wall_time", "pid",
-               "uid", "evidence", "agent", "container_id", "bytes_sent", "bytes_received")
 MAX_MESSAGE = 1 << 20  # bytes per message on the socketpair; a batch is split to fit
 _ITEMS_PER_MESSAGE = 512
+_MAX_PENDING = 50_000  # items waiting for the next send
+FLUSH_S = 0.1  # at most ten sends a second: one per drain (up to 200 a second) cost the monitor more
 _SNDBUF = 4 << 20  # room for a few seconds of a busy host's flow closes if the child is slow
 _STATS_EVERY_S = 1.0
-
-
-def _name(v: Any) -> Any:
-    """An enum member as ``to_dict()`` writes it (lower-case name); anything else as it is."""
-    name = getattr(v, "name", None)
-    return name.lower() if isinstance(name, str) and not isinstance(v, str) else v
-
-
-def flow_record(ev: Any) -> tuple[Any, ...]:
-    """A flow close or classification as the tuple the child groups (``FLOW_FIELDS`` order)."""
-    closed = ev.kind == "flow_closed"
-    return (ev.kind, ev.comm, ev.exe, ev.hostname, ev.daddr, ev.provider, ev.dport, _name(ev.direction),
-            ev.wall_time, ev.pid, ev.uid, _name(ev.evidence), ev.agent, ev.container_id,
-            ev.bytes_sent if closed else 0, ev.bytes_received if closed else 0)
 
 
 def _stats_dict(s: Any, dropped: int) -> dict[str, Any]:
@@ -90,6 +76,8 @@ class PageProcess:
         self.dropped = 0  # events the page did not get: its socket was full, or it had stopped
         self._stats: Callable[[], Any] | None = None
         self._stats_at = 0.0
+        self._sent_at = 0.0
+        self._pending: list[Any] = []
         self._dead = False
         self._timeout = startup_timeout
         lsock = listen(addr, self._warn)
@@ -160,8 +148,7 @@ class PageProcess:
         self.write_batch((ev,))
 
     def write_batch(self, events: Iterable[Event]) -> None:
-        """What the page shows, to the child: one non-blocking send per batch (more only if the batch
-        is larger than a message)."""
+        """Keep what the page shows; send it if the last send was ``FLUSH_S`` ago or more."""
         if self._dead:
             return
         kept = _KEPT_KINDS
@@ -171,11 +158,30 @@ class PageProcess:
             if kind not in kept:  # flow opens, DNS, TLS hellos...: the common case
                 continue
             if kind == "flow_closed" or kind == "flow_classified":
-                out.append(flow_record(ev))
+                out.append(flow_record(ev))  # a tuple: the child groups it
             else:
                 out.append(_as_dict(ev))  # calls, MCP, decisions, losses, budgets: rare, redacted
-        if self._stats is not None and time.monotonic() - self._stats_at >= _STATS_EVERY_S:
+        if out:
+            pending = self._pending
+            room = _MAX_PENDING - len(pending)
+            if room < len(out):  # the page has not been flushed to for long: bounded, counted
+                self.dropped += len(out) - max(room, 0)
+                out = out[:max(room, 0)]
+            pending.extend(out)
+        if time.monotonic() - self._sent_at >= FLUSH_S:
+            self.tick()
+
+    def tick(self) -> None:
+        """Send what is pending (and the stats, at most once a second). ``write_batch`` calls it
+        at most every ``FLUSH_S``; the monitor's loops call it when idle, so the last events of a
+        burst reach the page within about half a second."""
+        if self._dead:
+            return
+        now = time.monotonic()
+        self._sent_at = now
+        if self._stats is not None and now - self._stats_at >= _STATS_EVERY_S:
             self._send_stats()
+        out, self._pending = self._pending, []
         for i in range(0, len(out), _ITEMS_PER_MESSAGE):
             self._send_items(out[i:i + _ITEMS_PER_MESSAGE])
 
@@ -222,6 +228,7 @@ class PageProcess:
 
     def close(self, timeout: float = 5.0) -> None:
         """Stop the page: end-of-file on its socket ends the child; killed if it lingers."""
+        self.tick()
         self._dead = True
         self._feed.close()
         try:

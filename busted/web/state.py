@@ -20,9 +20,9 @@ import time
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
-from busted.events import Event
+from busted.events import Direction, Event, Evidence
 
-__all__ = ["SHOWN_KINDS", "Filters", "WebState"]
+__all__ = ["FLOW_FIELDS", "SHOWN_KINDS", "Filters", "WebState", "flow_record"]
 
 # Event kinds the page shows; everything else is ignored at the cost of one set lookup.
 SHOWN_KINDS = frozenset({"llm_call", "mcp_message", "policy_decision", "events_lost", "flow_classified",
@@ -79,7 +79,6 @@ class Filters:
 # provider or ends). The groups are dicts in an LRU map bounded by ``max_flows``: no window of
 # events is kept, so the memory is bounded by the groups, not by the event rate.
 _FLOW_KINDS = {"flow_closed": True, "flow_classified": False}  # kind -> counts as one flow
-_ROW_PLAIN = ("direction", "evidence")  # enum members in a live group; names on the page
 
 
 class _Attrs(dict):
@@ -94,6 +93,28 @@ def _plain(v: Any) -> Any:
     """An event attribute as ``to_dict()`` writes it: enums by lower-case name."""
     name = getattr(v, "name", None)
     return name.lower() if isinstance(name, str) and not isinstance(v, str) else v
+
+
+#: The fields of a flow close or classification the flows view groups by, in ``flow_record``'s order.
+FLOW_FIELDS = ("kind", "comm", "exe", "hostname", "daddr", "provider", "dport", "direction", "wall_time", "pid",
+               "uid", "evidence", "agent", "container_id", "bytes_sent", "bytes_received")
+
+
+# Enum members by name, one table per enum: an enum's ``name`` is a property, read per flow here
+# (and IntEnums of two classes can be equal, so one table would mix them). A stored dict's names
+# (strings) are not keys and come back as they are.
+_DIRECTION_NAMES: dict[Any, str] = {m: m.name.lower() for m in Direction}
+_EVIDENCE_NAMES: dict[Any, str] = {m: m.name.lower() for m in Evidence}
+
+
+def flow_record(ev: Any) -> tuple[Any, ...]:
+    """A flow close or classification (an event, or a stored dict read through ``_Attrs``) as the
+    tuple of plain values ``WebState.write_flows`` takes (``FLOW_FIELDS`` order; enums by name)."""
+    closed = ev.kind == "flow_closed"
+    d, e = ev.direction, ev.evidence
+    return (ev.kind, ev.comm, ev.exe, ev.hostname, ev.daddr, ev.provider, ev.dport, _DIRECTION_NAMES.get(d, d),
+            ev.wall_time, ev.pid, ev.uid, _EVIDENCE_NAMES.get(e, e), ev.agent, ev.container_id,
+            (ev.bytes_sent or 0) if closed else 0, (ev.bytes_received or 0) if closed else 0)
 
 
 class WebState:
@@ -133,7 +154,6 @@ class WebState:
         The hot path of a monitor with ``--ui``: an event the page does not show costs a set
         lookup; a flow close or classification updates its group in place (no copy, no encoding)."""
         shown: list[Any] = []
-        rows = self._flows
         n = 0
         with self._lock:
             subscribed = bool(self._subscribers)
@@ -142,28 +162,9 @@ class WebState:
                 kind = ev.kind
                 if kind not in _KEPT_KINDS:  # flow opens, DNS, TLS hellos...: the common case
                     continue
-                closes = _FLOW_KINDS.get(kind)
-                if closes is not None:
+                if kind in _FLOW_KINDS:
                     n += 1
-                    key = (ev.comm, ev.exe, ev.hostname or ev.daddr, ev.provider, ev.dport, ev.direction)
-                    row = rows.get(key)
-                    if row is None:
-                        row = self._new_flow_row(key, ev)
-                    else:
-                        rows.move_to_end(key)
-                    row["last_seen"] = ev.wall_time or row["last_seen"]
-                    row["pid"] = ev.pid
-                    evidence = ev.evidence
-                    if evidence and evidence != "unknown":  # Evidence.UNKNOWN is 0; a stored one "unknown"
-                        row["evidence"] = evidence
-                    if ev.agent is not None:
-                        row["agent"] = ev.agent
-                    if ev.container_id is not None:
-                        row["container_id"] = ev.container_id
-                    if closes:
-                        row["flows"] += 1
-                        row["bytes_sent"] += ev.bytes_sent or 0
-                        row["bytes_received"] += ev.bytes_received or 0
+                    self._add_flow(flow_record(ev))
                     continue
                 name = _LISTS.get(kind)
                 if name is None:
@@ -188,18 +189,46 @@ class WebState:
             for cb in subs:
                 cb(batch)
 
-    def _new_flow_row(self, key: tuple[Any, ...], ev: Any) -> dict[str, Any]:
-        """A new group for ``ev`` (a first sight: off the common path). Caller holds the lock."""
+    def write_flows(self, records: Iterable[tuple[Any, ...]]) -> None:
+        """Flow closes and classifications as ``flow_record`` tuples (what the page's own process
+        gets from the monitor: no event object, no dict per flow)."""
+        n = 0
+        with self._lock:
+            for rec in records:
+                self._add_flow(rec)
+                n += 1
+            self.seen += n
+
+    def _add_flow(self, rec: tuple[Any, ...]) -> None:
+        """A close or classification into its group (created on first sight, LRU-bounded). Caller holds the lock."""
+        (kind, comm, exe, hostname, daddr, provider, dport, direction, wall_time, pid, uid, evidence, agent,
+         container_id, sent, received) = rec
         rows = self._flows
-        if len(rows) >= self.max_flows:
-            rows.popitem(last=False)
-            self.flows_evicted += 1
-        row = rows[key] = {
-            "comm": ev.comm, "exe": ev.exe, "pid": ev.pid, "uid": ev.uid, "hostname": ev.hostname, "daddr": ev.daddr,
-            "dport": ev.dport, "direction": ev.direction, "provider": ev.provider, "evidence": ev.evidence,
-            "agent": ev.agent, "container_id": ev.container_id, "flows": 0, "bytes_sent": 0, "bytes_received": 0,
-            "last_seen": 0.0}
-        return row
+        key = (comm, exe, hostname or daddr, provider, dport, direction)
+        row = rows.get(key)
+        if row is None:
+            if len(rows) >= self.max_flows:
+                rows.popitem(last=False)
+                self.flows_evicted += 1
+            row = rows[key] = {
+                "comm": comm, "exe": exe, "pid": pid, "uid": uid, "hostname": hostname, "daddr": daddr,
+                "dport": dport, "direction": direction, "provider": provider, "evidence": evidence,
+                "agent": agent, "container_id": container_id, "flows": 0, "bytes_sent": 0, "bytes_received": 0,
+                "last_seen": 0.0}
+        else:
+            rows.move_to_end(key)
+        row["last_seen"] = wall_time or row["last_seen"]
+        row["pid"] = pid
+        if evidence and evidence != "unknown":
+            row["evidence"] = evidence
+        if agent is not None:
+            row["agent"] = agent
+        if container_id is not None:
+            row["container_id"] = container_id
+        if _FLOW_KINDS[kind]:  # a close counts the flow and its bytes
+            row["flows"] += 1
+            row["bytes_sent"] += sent or 0
+            row["bytes_received"] += received or 0
 
     def subscribe(self, cb: Callable[[list[dict[str, Any]]], None]) -> Callable[[], None]:
         """``cb(batch)`` for every published batch (called in the writer's thread: it must not block).
@@ -237,9 +266,7 @@ class WebState:
         with self._lock:
             rows = [dict(r) for r in reversed(self._flows.values())]
         out = []
-        for r in rows:
-            for k in _ROW_PLAIN:
-                r[k] = _plain(r[k])
+        for r in rows:  # plain values already (flow_record): nothing to convert
             if filters is None or filters.match(r):
                 out.append(r)
                 if len(out) >= limit:

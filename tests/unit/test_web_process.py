@@ -59,6 +59,7 @@ def test_the_page_shows_what_the_monitor_feeds_it_as_the_in_process_page_would()
         page.start(stats=_Stats)
         assert page.url == f"http://127.0.0.1:{page.port}/?token={page.token}"
         page.write_batch(events)
+        page.tick()  # what the monitor's loop does when idle
         calls = _wait(lambda: _get(page, "/api/calls"))
         assert calls == json.loads(json.dumps(here.items("calls")))
         assert SECRET not in json.dumps(calls)
@@ -116,6 +117,7 @@ def test_a_stopped_page_drops_and_counts_and_never_blocks_the_monitor():
             for _ in range(400):  # ~200,000 flow closes: far more than the socket's buffer holds
                 t = time.monotonic()
                 page.write_batch(batch)
+                page.tick()  # a send per batch, as if FLUSH_S had passed each time
                 slowest = max(slowest, time.monotonic() - t)
                 if page.dropped:
                     break
@@ -124,12 +126,11 @@ def test_a_stopped_page_drops_and_counts_and_never_blocks_the_monitor():
         finally:
             os.kill(page.pid, signal.SIGCONT)
         health = None
-        page.write_batch([])  # stats go at most once a second: wait for one carrying the count
-        end = time.monotonic() + 10
+        end = time.monotonic() + 10  # stats go at most once a second: wait for one carrying the count
+        page._stats = _Stats
         while time.monotonic() < end:
             page._stats_at = 0.0
-            page._stats = _Stats
-            page.write_batch([])
+            page.tick()
             health = _get(page, "/api/health")
             if health.get("monitor", {}).get("page_dropped"):
                 break
@@ -213,3 +214,32 @@ print(json.dumps({"codes": codes, "streamed": len(got), "new": sorted(set(sys.mo
     assert res["codes"] == [200] * 10 + [404], res
     assert res["streamed"] == 1
     assert res["new"] == [], res["new"]
+
+
+def test_what_the_page_is_sent_is_held_briefly_bounded_and_flushed_when_idle():
+    """Sends are coalesced (at most one per FLUSH_S); what waits is bounded and counted when it
+    overflows; tick() (the monitor's idle loop) sends the rest, so a lone call still shows."""
+    from busted.web import process
+
+    closed = next(ev for ev in sample_events() if ev.kind == "flow_closed")
+    with PageProcess("127.0.0.1:0") as page:
+        page.start()
+        page.tick()
+        sends = []
+        real = page._send
+        page._send = lambda data: sends.append(len(data)) or real(data)
+        for _ in range(50):
+            page.write_batch([closed] * 10)  # within FLUSH_S of the last send: held
+        assert sends == [] and len(page._pending) == 500
+        rounds = process._MAX_PENDING // 500 + 1
+        for _ in range(rounds):
+            page.write_batch([closed] * 500)
+        assert len(page._pending) == process._MAX_PENDING
+        assert page.dropped == 500 + rounds * 500 - process._MAX_PENDING
+        page._pending.clear()
+        page.dropped = 0
+        page.write_batch(sample_calls(t0=time.time(), flow_id=3, pid=300))  # a lone call, then silence
+        assert sends == []
+        page.tick()
+        assert sends and page._pending == []
+        assert _wait(lambda: [c for c in _get(page, "/api/calls") if c["pid"] == 300])
