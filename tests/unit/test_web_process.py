@@ -12,6 +12,7 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
+import needs
 import pytest
 
 from busted.web import WebState
@@ -75,8 +76,8 @@ def test_the_page_shows_what_the_monitor_feeds_it_as_the_in_process_page_would()
     assert page.proc.returncode == 0
 
 
-@pytest.mark.skipif(os.geteuid() != 0, reason="giving up root needs root")
 def test_the_page_process_gives_up_root_and_keeps_the_token_out_of_proc():
+    needs.root("giving up root")
     with PageProcess("127.0.0.1:0") as page:
         page.start()
         st = _status_lines(page.pid)
