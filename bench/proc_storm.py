@@ -26,6 +26,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import select
 import signal
 import socket
@@ -202,7 +203,8 @@ def calibrate(seconds: float, rate: float, workers: int) -> dict[str, float]:
     return rates
 
 
-def run(kind: str, seconds: float, rate: float, workers: int, max_procs: int, lineage: str | None = None) -> dict:
+def run(kind: str, seconds: float, rate: float, workers: int, max_procs: int, lineage: str | None = None,
+        ringbuf_mb: int = 0) -> dict:
     import busted
     from busted import Direction, EventsLost, FlowOpened
 
@@ -213,7 +215,8 @@ def run(kind: str, seconds: float, rate: float, workers: int, max_procs: int, li
     exes: Counter[str] = Counter()
     try:
         with busted.Monitor(classify=False, preexisting=False, llm_calls=False, max_procs=max_procs,
-                            port=port, probes={"lineage": lineage} if lineage else None) as mon:
+                            port=port, probes={"lineage": lineage} if lineage else None,
+                            **({"ringbuf_bytes": ringbuf_mb << 20} if ringbuf_mb else {})) as mon:
             def take(ev: object) -> None:
                 nonlocal opened, with_exe, with_ppid, with_both, with_argv
                 if isinstance(ev, FlowOpened) and ev.direction == Direction.CONNECT and ev.dport == port:
@@ -277,6 +280,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--max-procs", type=int, default=4096, help="Monitor(max_procs=...): the table's bound")
     ap.add_argument("--lineage", help="force the lineage tier (busted.ebpf.plan.LINEAGE_TIERS), e.g. syscall")
+    ap.add_argument("--ringbuf-mb", type=int, default=0, help="Monitor(ringbuf_bytes=...) in MiB (0: the default)")
     ap.add_argument("--calibrate-seconds", type=float, default=3.0)
     ap.add_argument("--calibrate-only", action="store_true")
     a = ap.parse_args(argv)
@@ -293,9 +297,11 @@ def main(argv: list[str] | None = None) -> int:
     if os.geteuid() != 0:
         print("proc_storm: the Monitor needs root (or --calibrate-only)", file=sys.stderr)
         return 2
-    result = run(kind, a.seconds, a.rate, a.workers, a.max_procs, a.lineage)
+    result = run(kind, a.seconds, a.rate, a.workers, a.max_procs, a.lineage, a.ringbuf_mb)
     result["calibrate_no_busted"] = {k: round(v) for k, v in rates.items()}
     result["loadavg_after"] = os.getloadavg()[0]
+    result["ringbuf_mb"] = a.ringbuf_mb or None
+    result["maxrss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # the Monitor ran in this process
     print(json.dumps(result))
     return 0
 
