@@ -1,6 +1,6 @@
 """Start time and memory of ``Monitor(policy=..., enforce=True)`` (issue 21, "One BPF stack").
 
-    sudo .venv/bin/python bench/enforce_start.py [--runs 5] [--configs default,enforce]
+    sudo .venv/bin/python bench/enforce_start.py [--runs 5] [--configs default,enforce] [--base DIR]
 
 Each run is a fresh process that builds the Monitor, starts it (timed: ``Monitor()`` ->
 ``start()`` returned), keeps it 2 s, then closes it. Reported per config, medians over the runs:
@@ -9,6 +9,9 @@ prints), and whether BCC or LLVM was in the process. One warm-up run per config 
 is not counted, so the bytecode cache is warm (``enforce``: the flow program and, since issue 21,
 the enforcement programs). The policy denies a provider and a model and is enforced under a cgroup
 made for the run (no process in it): nothing on the host is refused.
+
+``--base DIR``: each config also runs with the ``busted`` package of DIR (a checkout or ``git
+archive`` of another revision), as ``CONFIG@base``, in the same alternation: before/after in one run.
 """
 
 from __future__ import annotations
@@ -42,17 +45,19 @@ start_s = time.monotonic() - t0
 time.sleep(2)
 maps = open("/proc/self/maps").read()
 rss = next(int(l.split()[1]) for l in open("/proc/self/status") if l.startswith("VmRSS:")) / 1024
-out = {"start_s": start_s, "rss_mb": rss, "bcc": "bcc" in sys.modules,
+out = {"start_s": start_s, "rss_mb": rss, "bcc": "bcc" in sys.modules, "busted": busted.__file__,
        "llvm": "libLLVM" in maps or "libclang" in maps or "libbcc" in maps}
 m.close()
 print(json.dumps(out), flush=True)
 """
 
 
-def one(cfg: str, scope: str) -> dict:
+def one(cfg: str, scope: str, root: Path = ROOT) -> dict:
+    """One run; the child imports ``busted`` from ``root`` (its working directory, first on sys.path)."""
+    env = dict(os.environ, PYTHONPATH=str(root))
     with tempfile.TemporaryFile("w+") as out:
         p = subprocess.Popen([PY, "-c", CHILD, cfg, scope], stdout=out, stderr=subprocess.PIPE, text=True,
-                             cwd=ROOT)
+                             cwd=root, env=env)
         _pid, status, ru = os.wait4(p.pid, 0)
         p.returncode = os.waitstatus_to_exitcode(status)
         err = p.stderr.read() if p.stderr else ""
@@ -68,6 +73,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(allow_abbrev=False, description=__doc__.split("\n")[0])
     ap.add_argument("--runs", type=int, default=5)
     ap.add_argument("--configs", default="default,enforce")
+    ap.add_argument("--base", default=None, help="also run each config with the busted package of this tree")
     a = ap.parse_args()
     from busted.policy.enforce import cgroup2_mount
 
@@ -78,12 +84,13 @@ def main() -> None:
     Path(mount, name).mkdir()
     try:
         res: dict[str, list[dict]] = {}
-        configs = a.configs.split(",")
-        for cfg in configs:
-            one(cfg, "/" + name)  # warm-up: the bytecode cache
+        roots = {"": ROOT} | ({"@base": Path(a.base).resolve()} if a.base else {})
+        configs = [(cfg + tag, cfg, root) for cfg in a.configs.split(",") for tag, root in roots.items()]
+        for _label, cfg, root in configs:
+            one(cfg, "/" + name, root)  # warm-up: the bytecode cache
         for _ in range(a.runs):  # configs alternate run by run: drift on a shared host hits both
-            for cfg in configs:
-                res.setdefault(cfg, []).append(one(cfg, "/" + name))
+            for label, cfg, root in configs:
+                res.setdefault(label, []).append(one(cfg, "/" + name, root))
     finally:
         for _ in range(50):  # bounded: the children are gone, the cgroup empties at once
             try:
@@ -99,6 +106,7 @@ def main() -> None:
             "rss_mb_median": round(statistics.median(r["rss_mb"] for r in rs), 1),
             "maxrss_mb_median": round(statistics.median(r["maxrss_mb"] for r in rs), 1),
             "bcc_or_llvm_in_process": any(r["bcc"] or r["llvm"] for r in rs),
+            "busted_from": sorted({str(Path(r["busted"]).parent.parent) for r in rs}),
             "start_s": [round(r["start_s"], 3) for r in rs],
             "maxrss_mb": [round(r["maxrss_mb"], 1) for r in rs],
         }

@@ -18,8 +18,9 @@ import select
 import struct
 from collections.abc import Iterator
 
-__all__ = ["TRACE_UPROBE_MULTI", "BpfError", "Map", "RingReader", "load_prog", "map_create", "possible_cpus",
-           "cgroup_link", "perf_attach_tracepoint", "perf_attach_probe", "prog_recursion_misses", "uprobe_multi_link"]
+__all__ = ["TRACE_UPROBE_MULTI", "BpfError", "Map", "RingReader", "load_prog", "load_prog_stats", "map_create",
+           "possible_cpus", "cgroup_link", "perf_attach_tracepoint", "perf_attach_probe", "prog_recursion_misses",
+           "uprobe_multi_link"]
 
 _MACHINE = os.uname().machine
 _NR_BPF = {"x86_64": 321, "aarch64": 280}.get(_MACHINE)
@@ -120,6 +121,25 @@ def load_prog(prog_type: int, insns: bytes, *, name: str, license: str = "GPL", 
         if exc.errno in (errno.EPERM, errno.ENOSYS):
             raise
     return attempt(1 << 20)  # again, only to get the verifier's explanation
+
+
+def load_prog_stats(prog_type: int, insns: bytes, *, name: str, license: str = "GPL", kern_version: int = 0,
+                    expected_attach_type: int = 0) -> tuple[int, str]:
+    """Load one program asking the verifier for its statistics only (log level 4, BPF_LOG_STATS:
+    "processed N insns ... peak_states ..." and "verification time N usec"); (fd, that text).
+    For bench/verifier_cost.py: the monitor loads with ``load_prog``, no log."""
+    code = ctypes.create_string_buffer(insns, len(insns))
+    lic = ctypes.create_string_buffer(license.encode())
+    log = ctypes.create_string_buffer(1 << 16)
+    attr = _attr("<IIQQIIQII16sII", prog_type, len(insns) // 8, ctypes.addressof(code),
+                 ctypes.addressof(lic), 4, len(log), ctypes.addressof(log), kern_version, 0,
+                 name.encode()[:15], 0, expected_attach_type)
+    try:
+        fd = _bpf(_PROG_LOAD, attr, f"loading program {name}")
+    except BpfError as exc:
+        exc.log = log.value.decode(errors="replace")
+        raise
+    return fd, log.value.decode(errors="replace")
 
 
 def _info(fd: int, size: int) -> bytes:

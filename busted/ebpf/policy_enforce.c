@@ -48,6 +48,8 @@
 #define POL_ANY_BIT   63
 #define POL_AMBIG_BIT 62
 #define BST_SOCK_STREAM 1
+/* the destination-mask bits of the kernel budgets: POL_BUDGET_TOP_BIT - j for budget j */
+#define POL_BUDGET_BITS (((1ULL << POL_MAX_BUDGETS) - 1) << (POL_BUDGET_TOP_BIT + 1 - POL_MAX_BUDGETS))
 
 /* LPM keys start with the policy generation (pol_gen): its 32 bits are part of every prefix. */
 struct pol_lpm4 {
@@ -125,6 +127,18 @@ struct pol_tls_rec {
 #define V32(x) (*(volatile u32 *)&(x))
 #define V64(x) (*(volatile u64 *)&(x))
 #define BARRIER_VAR(x) asm volatile("" : "+r"(x))
+/* 1 if a != b, else 0, without a branch (the barrier keeps the compiler from making one). */
+static __always_inline u64 pol_ne(u64 a, u64 b)
+{
+    u64 x = a ^ b;
+    BARRIER_VAR(x);
+    x |= -x;  /* top bit set iff x != 0 */
+    BARRIER_VAR(x);
+    return x >> 63;
+}
+
+/* 1 if flag bit `bit` (a power of two) is set in f, without a branch. */
+#define pol_flag(f, bit) (((f) / (bit)) & 1)
 
 /* Two generations of everything the policy writes (conf, rules, address and name masks, learned
  * addresses), and one switch: pol_gen[0] names the generation in force. A reload writes the other
@@ -368,11 +382,12 @@ static __always_inline u32 pol_eval(u32 gen, u64 mask, u32 uid, const u64 *comm,
     struct pol_conf *c = pol_cfg(gen);
     if (!c)
         return POL_ALLOW;
-    u32 n = c->nrules;
     u64 scope = 0;
     u64 ctr = (c->flags & POL_CF_CTR) ? pol_ctr_mask(gen, skb, &scope) : 0;
     for (u32 i = 0; i < POL_MAX_RULES; i++) {
-        if (i >= n)
+        /* Read each pass, not once before the loop: a bound kept in a register is narrowed by
+         * every pass's compare, and the verifier then carries one loop state per narrowing. */
+        if (i >= V32(c->nrules))
             break;
         u32 k = i;
         struct pol_rule2 *rr = pol_rules.lookup(&k);
@@ -381,34 +396,31 @@ static __always_inline u32 pol_eval(u32 gen, u64 mask, u32 uid, const u64 *comm,
         struct pol_rule *r = &rr->g[gen & 1];
         if (!(mask & (1ULL << (r->bit & 63))))
             continue;
-        if ((r->flags & PR_UID) && r->uid != uid)
+        /* The rule's other keys, without a branch each (the verifier then walks one path through
+         * them, not one per outcome): skip when a key does not hold; unsure when the kernel
+         * cannot check it (comm at egress, an exe not known, a user-space-only key). */
+        u64 f = r->flags, idx = r->index & 63;
+        u64 skip = pol_flag(f, PR_UID) & pol_ne(r->uid, uid);
+        u64 unsure = pol_flag(f, PR_USER_ONLY);
+        if (comm)
+            skip |= pol_flag(f, PR_COMM) & (pol_ne(comm[0], r->comm_lo) | pol_ne(comm[1], r->comm_hi));
+        else
+            unsure |= pol_flag(f, PR_COMM);
+        skip |= pol_flag(f, PR_CTR) & (((ctr >> idx) & 1) ^ 1);
+        u64 eu = (exe_unknown >> idx) & 1;
+        unsure |= pol_flag(f, PR_EXE) & eu;
+        skip |= pol_flag(f, PR_EXE) & (eu ^ 1) & (((exe >> idx) & 1) ^ 1);
+        /* A rule with keys the kernel cannot check: never deny on it; an allow/audit stops here
+         * (over-allowing is the safe side). */
+        skip |= unsure & (pol_ne(r->action, POL_DENY) ^ 1);
+        if (skip)
             continue;
-        u32 unsure = r->flags & PR_USER_ONLY;
-        if (r->flags & PR_COMM) {
-            if (!comm)
-                unsure = 1;
-            else if (comm[0] != r->comm_lo || comm[1] != r->comm_hi)
-                continue;
-        }
-        if (r->flags & PR_CGROUP) {
+        if (r->flags & PR_CGROUP) {  /* a helper call: only for a rule that holds otherwise */
             u64 id = skb ? bpf_skb_ancestor_cgroup_id(skb, r->cg_level)
                          : bpf_get_current_ancestor_cgroup_id(r->cg_level);
             if (id != r->cg_id)
                 continue;
         }
-        if ((r->flags & PR_CTR) && !(ctr & (1ULL << (r->index & 63))))
-            continue;
-        if (r->flags & PR_EXE) {
-            u64 b = 1ULL << (r->index & 63);
-            if (exe_unknown & b)
-                unsure = 1;
-            else if (!(exe & b))
-                continue;
-        }
-        /* A rule with keys the kernel cannot check: never deny on it; an allow/audit stops here
-         * (over-allowing is the safe side). */
-        if (unsure && r->action == POL_DENY)
-            continue;
         *rule = r->index;
         return r->action;
     }
@@ -419,8 +431,10 @@ static __always_inline u32 pol_eval(u32 gen, u64 mask, u32 uid, const u64 *comm,
     return POL_ALLOW;
 }
 
-static __always_inline void pol_emit(u32 point, u32 rule, u32 uid, u32 family, u32 port,
-                                     const void *addr, u64 cgid, u64 cookie)
+/* A refused connect(): the destination is read again from ctx here, after the rule and budget
+ * loops, so no address buffer (4 bytes or 16, by family) is carried through them. v6: the
+ * program is pol_connect6 (ctx->user_ip6; an IPv4-mapped address is reported as IPv4). */
+static __always_inline void pol_emit_connect(struct bpf_sock_addr *ctx, const int v6, u32 rule, u32 uid)
 {
     struct pol_rec *r = pol_events.ringbuf_reserve(sizeof(struct pol_rec));
     if (!r) {
@@ -429,29 +443,40 @@ static __always_inline void pol_emit(u32 point, u32 rule, u32 uid, u32 family, u
     }
     u64 pt = bpf_get_current_pid_tgid();
     r->ts_ns = bpf_ktime_get_ns();
-    r->cgroup = cgid;
-    r->cookie = cookie;
+    r->cgroup = bpf_get_current_cgroup_id();
+    r->cookie = 0;
     r->pid = pt >> 32;
     r->tid = (u32)pt;
     r->uid = uid;
     r->rule = rule;
-    r->point = point;
-    r->family = family;
-    r->dport = port;
+    r->point = POINT_CONNECT;
+    r->dport = __builtin_bswap16((u16)ctx->user_port);
     __builtin_memset(r->daddr, 0, 16);
-    if (family == 4)
-        __builtin_memcpy(r->daddr, addr, 4);
-    else
-        __builtin_memcpy(r->daddr, addr, 16);
+    if (v6) {
+        u32 w[4];
+        w[0] = ctx->user_ip6[0];
+        w[1] = ctx->user_ip6[1];
+        w[2] = ctx->user_ip6[2];
+        w[3] = ctx->user_ip6[3];
+        if (w[0] == 0 && w[1] == 0 && w[2] == __builtin_bswap32(0xffff)) {  /* ::ffff:a.b.c.d */
+            r->family = 4;
+            __builtin_memcpy(r->daddr, &w[3], 4);
+        } else {
+            r->family = 6;
+            __builtin_memcpy(r->daddr, w, 16);
+        }
+    } else {
+        u32 a = ctx->user_ip4;
+        r->family = 4;
+        __builtin_memcpy(r->daddr, &a, 4);
+    }
     __builtin_memset(r->comm, 0, 16);
     __builtin_memset(r->exe, 0, POL_EXE_MAX);
-    if (point == POINT_CONNECT) {
-        bpf_get_current_comm(r->comm, 16);
-        u32 tgid = pt >> 32;
-        struct pol_eproc *p = pol_exe_proc.lookup(&tgid);
-        if (p)
-            __builtin_memcpy(r->exe, p->path, POL_EXE_MAX);
-    }
+    bpf_get_current_comm(r->comm, 16);
+    u32 tgid = pt >> 32;
+    struct pol_eproc *p = pol_exe_proc.lookup(&tgid);
+    if (p)
+        __builtin_memcpy(r->exe, p->path, POL_EXE_MAX);
     pol_events.ringbuf_submit(r, 0);
 }
 
@@ -508,12 +533,22 @@ static __always_inline u64 pol_exe_hash(void)
 }
 
 /* 1 and *rule = POL_BUDGET_BASE + j when an exhausted budget holds this destination for the
- * caller; no map entry (the common case) costs one mask test per kernel budget. The exe scope is
- * hashed once, only when the policy has a kernel budget per exe (POL_CF_BEXE). */
+ * caller; a mask without budget bits (the common case) costs one test. The scopes (exe hash,
+ * container) are worked out once, before the loop, only when the mask has a budget bit and the
+ * policy has a kernel budget of that kind (POL_CF_BEXE, POL_CF_BCTR); for each budget j the
+ * first entry found (uid, cgroup, host, exe, container) decides: live until its window ends.
+ * Worked out up front, not on first need: "done" flags carried through the loop made the verifier
+ * walk it once per combination of them. */
 static __always_inline int pol_budget_hit(u32 gen, u64 mask, u32 uid, u32 flags, u32 *rule)
 {
-    u64 now = 0, exe = 0, ctr = 0;
-    u32 exe_done = 0, ctr_done = 0;
+    if (!(mask & POL_BUDGET_BITS))
+        return 0;
+    u64 exe = 0, ctr = 0;
+    if (flags & POL_CF_BEXE)
+        exe = pol_exe_hash();
+    if (flags & POL_CF_BCTR)
+        pol_ctr_mask(gen, 0, &ctr);
+    u64 now = bpf_ktime_get_ns(), cg = bpf_get_current_cgroup_id();
     for (u32 j = 0; j < POL_MAX_BUDGETS; j++) {
         if (!(mask & (1ULL << (POL_BUDGET_TOP_BIT - j))))
             continue;
@@ -521,7 +556,7 @@ static __always_inline int pol_budget_hit(u32 gen, u64 mask, u32 uid, u32 flags,
         u64 *until = pol_budget.lookup(&k);
         if (!until) {
             k.kind = BK_CGROUP;
-            k.value = bpf_get_current_cgroup_id();
+            k.value = cg;
             until = pol_budget.lookup(&k);
         }
         if (!until) {
@@ -529,31 +564,17 @@ static __always_inline int pol_budget_hit(u32 gen, u64 mask, u32 uid, u32 flags,
             k.value = 0;
             until = pol_budget.lookup(&k);
         }
-        if (!until && (flags & POL_CF_BEXE)) {
-            if (!exe_done) {
-                exe = pol_exe_hash();
-                exe_done = 1;
-            }
+        if (!until && exe) {
             k.kind = BK_EXE;
             k.value = exe;
-            if (exe)
-                until = pol_budget.lookup(&k);
+            until = pol_budget.lookup(&k);
         }
-        if (!until && (flags & POL_CF_BCTR)) {
-            if (!ctr_done) {
-                pol_ctr_mask(gen, 0, &ctr);
-                ctr_done = 1;
-            }
+        if (!until && ctr) {
             k.kind = BK_CONTAINER;
             k.value = ctr;
-            if (ctr)
-                until = pol_budget.lookup(&k);
+            until = pol_budget.lookup(&k);
         }
-        if (!until)
-            continue;
-        if (!now)
-            now = bpf_ktime_get_ns();
-        if (now < *until) {
+        if (until && now < *until) {
             *rule = POL_BUDGET_BASE + j;
             return 1;
         }
@@ -561,9 +582,33 @@ static __always_inline int pol_budget_hit(u32 gen, u64 mask, u32 uid, u32 flags,
     return 0;
 }
 
-static __always_inline int pol_connect_common(struct bpf_sock_addr *ctx, u32 gen, u64 mask, u32 family,
-                                              const void *addr)
+/* The destination's mask (policy CIDRs and learned addresses) for this connect(). */
+static __always_inline u64 pol_connect_mask(struct bpf_sock_addr *ctx, const int v6, u32 gen, u32 uid)
 {
+    if (!v6)
+        return pol_addr4_mask(gen, uid, ctx->user_ip4);
+    u32 w[4];
+    w[0] = ctx->user_ip6[0];
+    w[1] = ctx->user_ip6[1];
+    w[2] = ctx->user_ip6[2];
+    w[3] = ctx->user_ip6[3];
+    if (w[0] == 0 && w[1] == 0 && w[2] == __builtin_bswap32(0xffff))  /* ::ffff:a.b.c.d */
+        return pol_addr4_mask(gen, uid, w[3]);
+    return pol_addr6_mask(gen, uid, (u8 *)w);
+}
+
+/* pol_connect4 and pol_connect6 are this one body (v6 a constant in each): one walk of the rule
+ * and budget loops per program, whichever family or mapping the address has. */
+static __always_inline int pol_connect(struct bpf_sock_addr *ctx, const int v6)
+{
+    if (ctx->type != BST_SOCK_STREAM)
+        return 1;
+    u32 *gp = pol_gen_ptr();
+    if (!gp)
+        return 1;
+    u32 gen = *gp & 1;
+    u32 uid = (u32)bpf_get_current_uid_gid();
+    u64 mask = pol_connect_mask(ctx, v6, gen, uid);
     struct pol_conf *c = pol_cfg(gen);
     if (!c)
         return 1;
@@ -574,7 +619,6 @@ static __always_inline int pol_connect_common(struct bpf_sock_addr *ctx, u32 gen
     }
     if ((bpf_get_current_pid_tgid() >> 32) == c->own_tgid)
         return 1;
-    u32 uid = (u32)bpf_get_current_uid_gid();
     u64 comm[2] = {};
     bpf_get_current_comm(comm, sizeof(comm));
     u64 exe = 0;
@@ -586,45 +630,18 @@ static __always_inline int pol_connect_common(struct bpf_sock_addr *ctx, u32 gen
             pol_note_sk_exe(ctx, gen, exe);
         return 1;
     }
-    pol_emit(POINT_CONNECT, rule, uid, family, __builtin_bswap16((u16)ctx->user_port), addr,
-             bpf_get_current_cgroup_id(), 0);
+    pol_emit_connect(ctx, v6, rule, uid);
     return 0;  /* connect() fails with EPERM */
 }
 
 int pol_connect4(struct bpf_sock_addr *ctx)
 {
-    if (ctx->type != BST_SOCK_STREAM)
-        return 1;
-    u32 a = ctx->user_ip4;
-    u32 *gp = pol_gen_ptr();
-    if (!gp)
-        return 1;
-    u32 gen = *gp & 1;
-    u64 m = pol_addr4_mask(gen, (u32)bpf_get_current_uid_gid(), a);
-    return pol_connect_common(ctx, gen, m, 4, &a);
+    return pol_connect(ctx, 0);
 }
 
 int pol_connect6(struct bpf_sock_addr *ctx)
 {
-    if (ctx->type != BST_SOCK_STREAM)
-        return 1;
-    u32 w[4];
-    w[0] = ctx->user_ip6[0];
-    w[1] = ctx->user_ip6[1];
-    w[2] = ctx->user_ip6[2];
-    w[3] = ctx->user_ip6[3];
-    u32 uid = (u32)bpf_get_current_uid_gid();
-    u32 *gp = pol_gen_ptr();
-    if (!gp)
-        return 1;
-    u32 gen = *gp & 1;
-    u64 m;
-    if (w[0] == 0 && w[1] == 0 && w[2] == __builtin_bswap32(0xffff)) {  /* ::ffff:a.b.c.d */
-        m = pol_addr4_mask(gen, uid, w[3]);
-        return pol_connect_common(ctx, gen, m, 4, &w[3]);
-    }
-    m = pol_addr6_mask(gen, uid, (u8 *)w);
-    return pol_connect_common(ctx, gen, m, 6, w);
+    return pol_connect(ctx, 1);
 }
 
 /* The rule mask of the dotted name of length n (1..POL_DNS_NAME_MAX) whose byte k is at
@@ -636,10 +653,17 @@ static __always_inline u64 pol_name_mask(u32 gen, struct pol_buf *b, u32 n)
     k->prefixlen = 32 + POL_NAME_MAX * 8;
     k->gen = gen & 1;
     for (u32 i = 0; i < POL_NAME_MAX; i++) {
-        u64 valid = ((u64)((s64)i - (s64)n)) >> 63;       /* i < n */
-        u64 c = b->nm[(n - 1 - i) & (POL_NAME_MAX - 1)] * valid;
-        s64 x = (s64)c - 'A';
-        u64 up = (((u64)(x - 26)) >> 63) & ((((u64)x) >> 63) ^ 1);  /* 'A' <= c <= 'Z' */
+        /* The barriers keep the compiler from turning the masks back into compares and jumps
+         * (a jump per byte is a fork per byte for the verifier: ~0.2 s of it for this loop). */
+        u64 d = (u64)((s64)i - (s64)n);  /* negative (top bit set) if i < n */
+        BARRIER_VAR(d);
+        u64 live = -(d >> 63);           /* all ones if i < n */
+        BARRIER_VAR(live);
+        u64 c = b->nm[(n - 1 - i) & (POL_NAME_MAX - 1)] & live;
+        u64 lo = c - 'A', hi = c - ('Z' + 1);
+        BARRIER_VAR(lo);
+        BARRIER_VAR(hi);
+        u64 up = (hi >> 63) & ((lo >> 63) ^ 1);  /* 'A' <= c <= 'Z' */
         k->name[i] = (u8)(c | (up << 5));
     }
     u64 *m = pol_names.lookup(k);
@@ -1170,10 +1194,16 @@ int pol_egress_name(struct __sk_buff *skb)
     u32 take = nl > POL_NAME_MAX ? POL_NAME_MAX : nl;
     u32 from = nl - take;
     for (u32 k = 0; k < POL_NAME_MAX; k++) {
-        u64 valid = ((u64)((s64)k - (s64)take)) >> 63;
+        /* Branch-free (the barriers keep it so): a compare and jump on k < take here forked the
+         * verifier's walk once per byte, and the forks each walked the rest of the loop. */
+        u64 dk = (u64)((s64)k - (s64)take);
+        BARRIER_VAR(dk);
+        u64 valid = dk >> 63;  /* k < take */
         u64 c = d[(s + from + k) & (POL_HELLO_BUF - 1)];
         b->nm[(from + k) & (POL_NAME_MAX - 1)] = (u8)c;
-        bad |= valid & ((c >> 7) | ((c - 1) >> 63));  /* >= 0x80 or NUL */
+        u64 c1 = c - 1;
+        BARRIER_VAR(c1);
+        bad |= valid & ((c >> 7) | (c1 >> 63));  /* >= 0x80 or NUL */
     }
     V32(b->nl) = nl;
     if (bad)
@@ -1215,28 +1245,31 @@ int pol_egress_judge(struct __sk_buff *skb)
      * pol_eval instead of one per constant. */
     V64(b->exe) = ex;
     V64(b->exe_unknown) = ex_unknown;
+    /* The destination's mask: the address's for a hello that could not be read (b->reason), the
+     * SNI's otherwise. Through map memory too, and one pol_eval after both: one walk of it. */
     if (V32(b->reason)) {
         pol_count(1);
-        u64 mask;
         if (V32(b->family) == 4) {
             u32 a4;
             __builtin_memcpy(&a4, b->daddr, 4);
-            mask = pol_addr4_mask(gen, uid, a4);
+            V64(b->mask) = pol_addr4_mask(gen, uid, a4);
         } else {
-            u8 a6[16];
-            __builtin_memcpy(a6, b->daddr, 16);
-            mask = pol_addr6_mask(gen, uid, a6);
+            V64(b->mask) = pol_addr6_mask(gen, uid, b->daddr);
         }
-        u32 act = mask ? pol_eval(gen, mask, uid, 0, V64(b->exe), V64(b->exe_unknown), skb, &rule) : POL_ALLOW;
-        drop = (mask & (1ULL << POL_AMBIG_BIT)) || act == POL_DENY;
-        if (!drop)
-            rule = POL_DEFAULT;
     } else {
         u32 nl = V32(b->nl);
         if (nl == 0 || nl > POL_DNS_NAME_MAX)
             return 1;
-        u64 mask = pol_name_mask(gen, b, nl);
-        if (!mask || pol_eval(gen, mask, uid, 0, V64(b->exe), V64(b->exe_unknown), skb, &rule) != POL_DENY) {
+        V64(b->mask) = pol_name_mask(gen, b, nl);
+    }
+    u64 mask = V64(b->mask);
+    u32 act = mask ? pol_eval(gen, mask, uid, 0, V64(b->exe), V64(b->exe_unknown), skb, &rule) : POL_ALLOW;
+    if (V32(b->reason)) {
+        drop = (V64(b->mask) & (1ULL << POL_AMBIG_BIT)) || act == POL_DENY;
+        if (!drop)
+            rule = POL_DEFAULT;
+    } else {
+        if (act != POL_DENY) {
             pol_hello.delete(&ck);  /* judged: later segments pass without a look */
             return 1;
         }

@@ -98,6 +98,27 @@ static __always_inline u64 mdl_ws(u64 c)
     return ((0x100002600ULL >> (c & 63)) & 1) & (((c >> 6) - 1) >> 63);
 }
 
+/* 1 if the 8 bytes at p (any alignment: map memory, read unaligned as x86-64 allows) equal
+ * those of `want` where `keep` has ones, else 0. One load per position instead of a load and a
+ * test per byte: the scans below take about half the verifier's work they did. Little-endian:
+ * byte k at p is bits 8k..8k+7. */
+#if __BYTE_ORDER__ != __ORDER_LITTLE_ENDIAN__
+#error "mdl_at compares little-endian words"
+#endif
+static __always_inline u64 mdl_at(const u8 *p, u64 want, u64 keep)
+{
+    u64 x = (*(const u64 *)p ^ want) & keep;
+    BARRIER_VAR(x);
+    x |= -x;  /* top bit set iff x != 0 */
+    BARRIER_VAR(x);
+    return (x >> 63) ^ 1;
+}
+#define MDL_B(c, k) ((u64)(u8)(c) << (8 * (k)))
+#define MDL_KEY_MODEL (MDL_B('"', 0) | MDL_B('m', 1) | MDL_B('o', 2) | MDL_B('d', 3) | MDL_B('e', 4) | \
+                       MDL_B('l', 5) | MDL_B('"', 6))                  /* "model" (7 bytes) */
+#define MDL_KEY_PATH  (MDL_B('/', 0) | MDL_B('m', 1) | MDL_B('o', 2) | MDL_B('d', 3) | MDL_B('e', 4) | \
+                       MDL_B('l', 5) | MDL_B('s', 6) | MDL_B('/', 7))  /* /models/ (8 bytes) */
+
 #define MDL_M     (2 * MDL_SCAN - 1)
 #define MDL_CHUNK 1024   /* bytes scanned per stage: what one verification of the loop allows */
 #define MDL_PATH  256    /* request-line bytes looked at for a model in the URL path */
@@ -152,9 +173,7 @@ int mdl_scan(struct pt_regs *ctx)
         u32 j = pos + i;
         if (j + 8 > n)
             break;
-        u8 *p = &s->d[j & (MDL_SCAN - 1)];
-        u64 m = mdl_is(p[0], '"') & mdl_is(p[1], 'm') & mdl_is(p[2], 'o') & mdl_is(p[3], 'd') &
-                mdl_is(p[4], 'e') & mdl_is(p[5], 'l') & mdl_is(p[6], '"');
+        u64 m = mdl_at(&s->d[j & (MDL_SCAN - 1)], MDL_KEY_MODEL, 0x00ffffffffffffffULL);
         u64 at = V32(s->at);  /* through map memory: every path meets the next pass in one state */
         at |= m * (u64)(j + 7) * ((at - 1) >> 63);
         V32(s->at) = (u32)at;
@@ -235,9 +254,7 @@ int mdl_path(struct pt_regs *ctx)
     for (u32 i = 5; i < MDL_PATH; i++) {
         if (i + 9 > n)
             break;
-        u8 *p = &s->d[i & (MDL_SCAN - 1)];
-        u64 m = mdl_is(p[0], '/') & mdl_is(p[1], 'm') & mdl_is(p[2], 'o') & mdl_is(p[3], 'd') &
-                mdl_is(p[4], 'e') & mdl_is(p[5], 'l') & mdl_is(p[6], 's') & mdl_is(p[7], '/');
+        u64 m = mdl_at(&s->d[i & (MDL_SCAN - 1)], MDL_KEY_PATH, ~0ULL);
         u64 at = V32(s->at);
         at |= m * (u64)(i + 8) * ((at - 1) >> 63);
         V32(s->at) = (u32)at;

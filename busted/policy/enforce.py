@@ -723,8 +723,9 @@ class PolicyObject:
 
     def preload(self, specs: list[tuple[str, int, int]]) -> None:
         """Load (function, prog type, attach type) ``specs`` concurrently, one thread per CPU: the
-        verifier is most of a warm start (pol_connect6 alone ~0.7 s here, all ~1.7 s) and each
-        BPF_PROG_LOAD verifies on the CPU of the thread that asked (ctypes lets go of the GIL)."""
+        verifier is the largest part of a warm start (~0.2 s summed over the programs here,
+        bench/verifier_cost.py) and each BPF_PROG_LOAD verifies on the CPU of the thread that
+        asked (ctypes lets go of the GIL)."""
         workers = min(len(specs), os.cpu_count() or 1)
         if workers <= 1:
             for spec in specs:
@@ -732,7 +733,8 @@ class PolicyObject:
             return
         from concurrent.futures import ThreadPoolExecutor
 
-        # longest first (by instruction count): the others fill the remaining CPUs around them
+        # longest first (by instruction count, a rough proxy: a short program with a long loop,
+        # mdl_scan, can cost more): the others fill the remaining CPUs around them
         order = sorted(specs, key=lambda sp: -len(self.compiled.funcs.get(sp[0], b"")))
         with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="busted-verify") as ex:
             for f in [ex.submit(self.prog, *sp) for sp in order]:

@@ -129,6 +129,47 @@ def test_enforce_at_connect_curl_httpx_openssl(lab, cgroup, monkeypatch, kernel_
     assert ours_attached() == ""
 
 
+PY_V6_CONNECTS = r"""
+import json, socket, sys
+infos = socket.getaddrinfo(sys.argv[1], 443, proto=socket.IPPROTO_TCP)
+v4 = next(i[4][0] for i in infos if i[0] == socket.AF_INET)
+v6 = next(i[4][0] for i in infos if i[0] == socket.AF_INET6)
+out = {}
+for name, addr in (("to_mapped", "::ffff:" + v4), ("to_v6", v6)):
+    s = socket.socket(socket.AF_INET6, socket.SOCK_STREAM)
+    s.settimeout(5)
+    try:
+        s.connect((addr, 443))
+        out[name] = "connected"
+    except OSError as exc:
+        out[name] = exc.errno
+    finally:
+        s.close()
+print(json.dumps({"v4": v4, "v6": v6, **out}))
+"""
+
+
+def test_enforce_ipv6_and_v4_mapped_connects(lab, cgroup):
+    """pol_connect6 judges both kinds of address an AF_INET6 socket connects to: an IPv6 one, and
+    an IPv4-mapped one (::ffff:a.b.c.d, judged and reported as the IPv4 address); an audited
+    provider's connects go through either way."""
+    import errno
+    import json
+
+    with busted.Monitor(policy=Policy.from_dict(DENY_ANTHROPIC), enforce=True,
+                        policy_scope="/" + cgroup.name) as mon:
+        denied = run(lab, [sys.executable, "-c", PY_V6_CONNECTS, "api.anthropic.com"], cgroup)
+        audited = run(lab, [sys.executable, "-c", PY_V6_CONNECTS, "api.openai.com"], cgroup)
+        evs = collect(mon, lambda e: sum(isinstance(x, PolicyDecision) and x.enforced for x in e) >= 2,
+                      timeout=10)
+    assert denied.returncode == 0 and audited.returncode == 0, (denied.stderr, audited.stderr)
+    d, a = json.loads(denied.stdout), json.loads(audited.stdout)
+    assert (d["to_mapped"], d["to_v6"]) == (errno.EPERM, errno.EPERM), d
+    assert (a["to_mapped"], a["to_v6"]) == ("connected", "connected"), a
+    refused = {(x.daddr, x.point, x.rule, x.dport) for x in evs if isinstance(x, PolicyDecision) and x.enforced}
+    assert refused == {(d["v4"], "connect", "no-anthropic", 443), (d["v6"], "connect", "no-anthropic", 443)}
+
+
 def test_enforce_by_sni_on_a_shared_address(lab, cgroup):
     """api.deepseek.com served on api.openai.com's address: openai works, deepseek's hello is
     stopped in the kernel and the server sees no request."""
