@@ -1,0 +1,169 @@
+"""The per-class generated encoders (``_codec.redacted_dict``) give exactly ``redact(ev.to_dict())``:
+the same values, value types and key order, for every event class and any field values (the
+usual ones, and values of other types than declared, which must take the generic path for that
+field), and credentials are masked as strongly as the generic path masks them."""
+
+import dataclasses
+import enum
+import json
+import math
+from typing import Any
+
+import pytest
+from events_factory import SECRET, sample_calls, sample_events
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from test_sinks_encode import ODD, _Planted, _Str
+from test_sinks_sqlite import EVENTS
+
+import busted.events as E
+from busted.events import Ancestor, Direction, DnsRecord, Event, Evidence, FlowOpened, LlmCall
+from busted.redact import MASK
+from busted.sinks import _codec, encode, event_kinds, redact
+from busted.sinks._codec import redacted_dict
+
+
+def _same(a: Any, b: Any, where: str = "") -> None:
+    """``a`` and ``b`` alike: equal values, the same types at every depth, the same key order."""
+    assert type(a) is type(b), f"{where}: {type(a).__name__} vs {type(b).__name__}"
+    if isinstance(a, dict):
+        assert list(a) == list(b), f"{where}: key order {list(a)} vs {list(b)}"
+        for k in a:
+            _same(a[k], b[k], f"{where}.{k}")
+    elif isinstance(a, list | tuple):
+        assert len(a) == len(b), where
+        for i, (x, y) in enumerate(zip(a, b, strict=True)):
+            _same(x, y, f"{where}[{i}]")
+    elif isinstance(a, float) and math.isnan(a):
+        assert math.isnan(b), where
+    else:
+        assert a == b, f"{where}: {a!r} vs {b!r}"
+
+
+def _check(ev: Event) -> dict[str, Any]:
+    want = redact(ev.to_dict())
+    got = redacted_dict(ev)
+    _same(got, want)
+    return got
+
+
+ALL_CLASSES = sorted({*event_kinds().values(), _Planted}, key=lambda c: c.kind)
+BUILTIN = [c for c in vars(E).values() if isinstance(c, type) and issubclass(c, Event) and "kind" in c.__dict__
+           and c.__module__ == E.__name__ and c.kind not in ("event", "flow")]
+
+
+@pytest.mark.parametrize("cls", BUILTIN, ids=lambda c: c.kind)
+def test_every_builtin_class_has_an_encoder(cls):
+    assert _codec._compile(cls) is not None
+
+
+@pytest.mark.parametrize("ev", [*sample_events(), *sample_calls(secret=SECRET), *ODD,
+                                FlowOpened(ts_ns=1, wall_time=1.0, flow_id=1, direction=Direction.CONNECT, pid=1,
+                                           tid=1, uid=0, comm="c", family=4, saddr="a", sport=1, daddr="b", dport=2,
+                                           ancestry=(Ancestor(1, "c"), Ancestor(0, "init", "/sbin/init")))],
+                         ids=lambda e: e.kind)
+def test_known_events_as_the_generic_path(ev):
+    got = _check(ev)
+    if type(ev) in BUILTIN:  # the generated encoder made it, not the fallback
+        assert _codec._ENCODERS[type(ev)](ev) is not None
+    assert SECRET not in json.dumps(got)
+
+
+@settings(max_examples=300, suppress_health_check=[HealthCheck.too_slow])
+@given(ev=EVENTS)
+def test_any_event_as_the_generic_path(ev):
+    _check(ev)
+
+
+class Shade(enum.IntEnum):
+    UNKNOWN = 0
+    DARK = 1
+
+
+# Values a field may hold against its declaration (frozen dataclasses do not check): other enums,
+# ints equal to an enum member, str subclasses, bytes, lists, header pairs, nested dicts with
+# credential keys, dataclasses, secrets in any text.
+_ODD_VALUES = st.recursive(
+    st.none() | st.booleans() | st.integers(-(2**70), 2**70) | st.floats() | st.text(max_size=12)
+    | st.text(max_size=8).map(_Str) | st.binary(max_size=6)
+    | st.sampled_from([SECRET, f"Bearer {SECRET}", f"/v1/x?api_key={SECRET}", Direction.ACCEPT, Evidence.SNI,
+                       Shade.DARK, 1, 4, Ancestor(1, "a", SECRET), DnsRecord("n", "A", "v", 1)]),
+    lambda kids: st.lists(kids, max_size=3) | st.lists(kids, max_size=3).map(tuple)
+    | st.tuples(st.sampled_from(["Authorization", "accept", "x-api-key", "path"]), kids)
+    | st.dictionaries(st.sampled_from(["cookie", "path", "user_agent", "comm", "api_key"]), kids, max_size=3),
+    max_leaves=8)
+
+
+@st.composite
+def _odd_event(draw: st.DrawFn) -> Event:
+    """An event of any class, some fields replaced by odd values (the rest as EVENTS or defaults)."""
+    cls = draw(st.sampled_from(ALL_CLASSES))
+    fields = dataclasses.fields(cls)
+    kw: dict[str, Any] = {}
+    for f in fields:
+        odd = draw(st.integers(0, 3)) == 0
+        if odd or (f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING):
+            kw[f.name] = draw(_ODD_VALUES)
+    return cls(**kw)
+
+
+@settings(max_examples=600, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(ev=_odd_event())
+def test_odd_field_values_as_the_generic_path(ev):
+    _check(ev)
+
+
+@settings(max_examples=200, deadline=None)
+@given(ev=_odd_event())
+def test_no_secret_in_any_line(ev):
+    """A key-shaped secret in a text field (path, user agent, prompt, completion), or under a
+    credential-named field, never reaches the line."""
+    line = encode(ev).line
+    d = ev.__dict__
+    for name in ("path", "user_agent", "prompt", "completion", "response_id", "x_api_key"):
+        if d.get(name) == SECRET or d.get(name) == f"/v1/x?api_key={SECRET}":
+            assert SECRET not in json.loads(line)[name]
+
+
+def test_secrets_masked_in_every_text_field():
+    call = sample_calls(secret=SECRET)[0]
+    call = dataclasses.replace(call, completion=f"key {SECRET}", response_id=f"chatcmpl-1 {SECRET}")
+    d = _check(call)
+    assert SECRET not in json.dumps(d)
+    assert d["path"].endswith("?key=" + MASK)
+    planted = _Planted(ts_ns=1, wall_time=1.0, x_api_key=SECRET, headers=(("Cookie", SECRET), ("accept", "x")))
+    d = _check(planted)
+    assert d["x_api_key"] == MASK and d["headers"] == [["Cookie", MASK], ["accept", "x"]]
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class _OwnDict(Event):
+    kind = "own_dict"
+    x: int = 0
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"kind": self.kind, "x": self.x, "api_key": "k"}
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True, slots=True)
+class _Slots(Event):
+    kind = "slots_event"
+    path: str = ""
+
+
+def test_classes_the_encoders_leave_to_the_generic_path():
+    assert _codec._compile(_OwnDict) is None  # its own to_dict is what the generic path calls
+    _same(redacted_dict(_OwnDict(ts_ns=1, wall_time=1.0, x=3)), {"kind": "own_dict", "x": 3, "api_key": MASK})
+    _check(_Slots(ts_ns=1, wall_time=1.0, path=f"/x?key={SECRET}"))  # no __dict__: the generic path
+
+
+def test_an_instance_of_a_subclass_is_not_encoded_as_its_base():
+    @dataclasses.dataclass(frozen=True, kw_only=True)
+    class Sub(LlmCall):
+        kind = "llm_call_sub"
+        api_key: str = ""
+
+    base = sample_calls()[0]
+    ev = Sub(**{f.name: getattr(base, f.name) for f in dataclasses.fields(base)}, api_key=SECRET)
+    assert _codec._compile(LlmCall)(ev) is None
+    assert _check(ev)["api_key"] == MASK
