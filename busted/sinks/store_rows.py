@@ -4,6 +4,7 @@ an event into its ``events`` row and its typed row (no database access)."""
 from __future__ import annotations
 
 import json
+import operator
 import sqlite3
 from typing import Any, NamedTuple
 
@@ -19,7 +20,7 @@ from busted.events import (
     McpMessage,
     TlsClientHello,
 )
-from busted.sinks._codec import redact
+from busted.sinks._codec import redact, redacted_dict
 from busted.sinks.flowview import FlowState, FlowView
 
 _FLOW_COLS = ("flow_id", "opened", "closed", "direction", "pid", "tid", "uid", "ppid", "comm", "exe",
@@ -121,33 +122,69 @@ def _sql(v: Any) -> Any:
     if isinstance(v, int):
         return v if _INT64[0] <= v <= _INT64[1] else float(v)
     if isinstance(v, list | tuple | dict):
-        return _LIST_JSON.encode(v)
+        return _json(v)
     return str(v)
+
+
+_STRS = frozenset({str})
+_JSON_SEEN: dict[tuple[str, ...], str] = {}  # lists of str -> their JSON: bounded, cleared when full
+
+
+def _json(v: list[Any] | tuple[Any, ...] | dict[Any, Any]) -> str:
+    """``json.dumps(v, default=str)``. Lists of strings (command lines, ALPN ids, TLS versions,
+    CNAME chains) repeat from event to event: their JSON is remembered (at most 4096 of them)."""
+    if type(v) is not list or not _STRS.issuperset(map(type, v)):
+        return _LIST_JSON.encode(v)
+    key = tuple(v)
+    js = _JSON_SEEN.get(key)
+    if js is None:
+        if len(_JSON_SEEN) >= 4096:
+            _JSON_SEEN.clear()
+        js = _JSON_SEEN[key] = _LIST_JSON.encode(v)
+    return js
 
 
 _LIST_JSON = json.JSONEncoder(default=str)  # = json.dumps(v, default=str), built once
 _INT64_LO, _INT64_HI = _INT64
+# Exact types sqlite3 binds as they are. Two values of them it refuses, at bind time: an int beyond
+# int64 (OverflowError) and a str with a lone surrogate (UnicodeEncodeError); a transaction that
+# meets one is done again with every row made strict (_strict: what _sql makes of each value).
+_BIND = frozenset({type(None), float, int, str})
 
 
 def _row(*values: Any) -> tuple[Any, ...]:
+    """A row of ``_sql`` values, but for ints and strs, which are left to ``_strict`` if SQLite
+    refuses them (rare: the type check is one C-level pass, not a Python step per column)."""
+    if _BIND.issuperset(map(type, values)):
+        return values
+    return tuple(v if type(v) in _BIND else _sql(v) for v in values)
+
+
+def _strict(row: tuple[Any, ...]) -> tuple[Any, ...]:
+    """``row`` with every value as ``_sql`` makes it (ints beyond int64 as REAL, lone surrogates
+    escaped): what ``_row`` leaves to SQLite, for the transaction it refused."""
     out = []
-    for v in values:  # _sql(v), with the common cases inline: this runs for every column written
+    for v in row:
         t = type(v)
-        if v is None or t is float or t is str and v.isascii():
-            out.append(v)
-        elif t is int and _INT64_LO <= v <= _INT64_HI:
+        if v is None or t is float or t is str and v.isascii() or t is int and _INT64_LO <= v <= _INT64_HI:
             out.append(v)
         else:
             out.append(_sql(v))
     return tuple(out)
 
 
+_GET_FLOW = operator.itemgetter(*_FLOW_COLS)
+
+
 def _flow_row(st: FlowState, ev: Event, d: dict[str, Any]) -> tuple[Any, ...]:
     # d is redact(ev.to_dict()): the state's flow is usually the event itself (else a copy of it
     # with the known classification merged in, encoded here).
-    d = {**(d if st.flow is ev else redact(st.flow.to_dict())), "opened": st.opened, "closed": st.closed,
+    d = {**(d if st.flow is ev else redacted_dict(st.flow)), "opened": st.opened, "closed": st.closed,
          "bytes_sent": st.bytes_sent, "bytes_received": st.bytes_received, "duration_ns": st.duration_ns}
-    return _row(*(d.get(c) for c in _FLOW_COLS))
+    try:
+        return _row(*_GET_FLOW(d))
+    except KeyError:  # a flow class without every identity field
+        return _row(*(d.get(c) for c in _FLOW_COLS))
 
 
 def _spread(d: dict[str, Any]) -> tuple[str, tuple[Any, ...]] | None:

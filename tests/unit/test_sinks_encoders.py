@@ -167,3 +167,59 @@ def test_an_instance_of_a_subclass_is_not_encoded_as_its_base():
     ev = Sub(**{f.name: getattr(base, f.name) for f in dataclasses.fields(base)}, api_key=SECRET)
     assert _codec._compile(LlmCall)(ev) is None
     assert _check(ev)["api_key"] == MASK
+
+
+# -- the store's rows: values left to SQLite's own binding, and the strict path when it refuses -----
+
+_TABLES = ("events", "flows", "dns_answers", "tls_hellos", "losses", "llm_calls", "mcp_messages", "flow_summaries")
+
+
+def _dump(path) -> dict[str, list]:
+    import sqlite3
+
+    with sqlite3.connect(path) as db:
+        return {t: db.execute(f"SELECT * FROM {t} ORDER BY 1").fetchall() for t in _TABLES}
+
+
+def _odd_values(ev: Event) -> Event:
+    """Values _row leaves to SQLite that it refuses (beyond int64, lone surrogates), or not."""
+    if not isinstance(ev, E.FlowEvent):
+        return ev
+    if ev.flow_id % 3 == 0:
+        return dataclasses.replace(ev, cgroup_id=2**64 + ev.flow_id, comm="bad\udcff")
+    if ev.flow_id % 3 == 1:
+        return dataclasses.replace(ev, exe="/usr/bin/\u00e9", cmdline=("a", "\u00e9", ""), preexisting=True)
+    return ev
+
+
+@pytest.mark.parametrize("odd", [False, True])
+def test_store_rows_as_every_value_made_strict(tmp_path, monkeypatch, odd):
+    """Rows whose ints and strs go to SQLite as they are store what rows made value by value (the
+    code before) stored; with values SQLite refuses in the batch, the whole batch is redone strictly."""
+    from busted.sinks import Store, sqlite as store_sqlite, store_rows
+
+    evs = [ev for i in range(6) for ev in (*sample_events(flow_id=i), *sample_calls(flow_id=i, secret=SECRET))]
+    if odd:
+        evs = [_odd_values(ev) for ev in evs]
+    with Store(tmp_path / "fast.db", batch_size=10_000) as s:
+        s.write_encoded([encode(ev) for ev in evs])
+    strict = lambda *values: store_rows._strict(values)  # noqa: E731 - every value through _sql
+    monkeypatch.setattr(store_rows, "_row", strict)
+    monkeypatch.setattr(store_sqlite, "_row", strict)
+    with Store(tmp_path / "strict.db", batch_size=10_000) as s:
+        s.write_encoded([encode(ev) for ev in evs])
+        assert s.stats()["invalid"] == 0
+    assert _dump(tmp_path / "fast.db") == _dump(tmp_path / "strict.db")
+    if odd:
+        flows = _dump(tmp_path / "fast.db")["flows"]
+        assert sum("bad\\udcff" in row and float(2**64) in row for row in flows) == 2
+
+
+def test_list_json_remembered_is_the_json(monkeypatch):
+    from busted.sinks import store_rows
+
+    for v in (["h2", "http/1.1"], ["caf\u00e9", "\ud800"], [], ["a"] * 3, [1, "a"], [True], [{"pid": 1}]):
+        want = json.dumps(v, default=str)
+        assert store_rows._sql(v) == want and store_rows._sql(v) == want  # computed, then remembered
+    monkeypatch.setattr(store_rows, "_JSON_SEEN", {str(i): "" for i in range(4096)})
+    assert store_rows._sql(["x"]) == '["x"]' and len(store_rows._JSON_SEEN) == 1  # full: cleared, bounded
