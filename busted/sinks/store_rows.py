@@ -4,8 +4,10 @@ an event into its ``events`` row and its typed row (no database access)."""
 from __future__ import annotations
 
 import json
+import math
 import operator
 import sqlite3
+from collections.abc import Callable
 from typing import Any, NamedTuple
 
 from busted.events import (
@@ -126,14 +128,40 @@ def _sql(v: Any) -> Any:
     return str(v)
 
 
+_LIST_JSON = json.JSONEncoder(default=str)  # = json.dumps(v, default=str), built once
 _STRS = frozenset({str})
 _JSON_SEEN: dict[tuple[str, ...], str] = {}  # lists of str -> their JSON: bounded, cleared when full
+
+
+def _c_encoder() -> Callable[[Any, int], Any] | None:
+    """The standard library's own C encoder, made once with ``_LIST_JSON``'s settings (its
+    ``encode()`` makes one per call); None if this Python has none, or it writes otherwise."""
+    try:
+        from json.encoder import c_make_encoder, encode_basestring_ascii  # type: ignore[attr-defined]
+
+        # markers None: no cycle check; the values are redact()'s fresh copies (a cycle would have
+        # failed there), and _json falls back to the checking encoder on any error anyway
+        enc: Callable[[Any, int], Any] = c_make_encoder(None, str, encode_basestring_ascii, None, ": ", ", ",
+                                                        False, False, True)
+        probe = [{"pid": 1, "comm": "caf\u00e9\ud800", "exe": None, "f": 1e16, "b": True, "n": math.nan,
+                  "l": [-(2**70), "x", math.inf]}, "\x1b", (), {}]
+        return enc if "".join(enc(probe, 0)) == _LIST_JSON.encode(probe) else None
+    except Exception:  # noqa: BLE001 - not CPython's json: the plain encoder
+        return None
+
+
+_C_JSON = _c_encoder()
 
 
 def _json(v: list[Any] | tuple[Any, ...] | dict[Any, Any]) -> str:
     """``json.dumps(v, default=str)``. Lists of strings (command lines, ALPN ids, TLS versions,
     CNAME chains) repeat from event to event: their JSON is remembered (at most 4096 of them)."""
     if type(v) is not list or not _STRS.issuperset(map(type, v)):
+        if _C_JSON is not None:
+            try:
+                return "".join(_C_JSON(v, 0))
+            except Exception:  # noqa: BLE001 - the checking encoder says what is wrong (a cycle, ...)
+                pass
         return _LIST_JSON.encode(v)
     key = tuple(v)
     js = _JSON_SEEN.get(key)
@@ -144,7 +172,6 @@ def _json(v: list[Any] | tuple[Any, ...] | dict[Any, Any]) -> str:
     return js
 
 
-_LIST_JSON = json.JSONEncoder(default=str)  # = json.dumps(v, default=str), built once
 _INT64_LO, _INT64_HI = _INT64
 # Exact types sqlite3 binds as they are. Two values of them it refuses, at bind time: an int beyond
 # int64 (OverflowError) and a str with a lone surrogate (UnicodeEncodeError); a transaction that
@@ -157,7 +184,17 @@ def _row(*values: Any) -> tuple[Any, ...]:
     refuses them (rare: the type check is one C-level pass, not a Python step per column)."""
     if _BIND.issuperset(map(type, values)):
         return values
-    return tuple(v if type(v) in _BIND else _sql(v) for v in values)
+    return tuple([v if type(v) in _BIND else _sql(v) for v in values])
+
+
+def _row_at(values: tuple[Any, ...], at: tuple[int, ...]) -> tuple[Any, ...]:
+    """``_row(*values)``, the columns at ``at`` (the ones a table's lists and bools go to) made
+    first, so the rest usually passes the C-level check without a Python step per column."""
+    out = list(values)
+    for i in at:
+        if type(out[i]) not in _BIND:
+            out[i] = _sql(out[i])
+    return _row(*out)
 
 
 def _strict(row: tuple[Any, ...]) -> tuple[Any, ...]:
@@ -174,6 +211,7 @@ def _strict(row: tuple[Any, ...]) -> tuple[Any, ...]:
 
 
 _GET_FLOW = operator.itemgetter(*_FLOW_COLS)
+_FLOW_AT = tuple(i for i, c in enumerate(_FLOW_COLS) if c in ("cmdline", "ancestry", *_BOOL_COLS))
 
 
 def _flow_row(st: FlowState, ev: Event, d: dict[str, Any]) -> tuple[Any, ...]:
@@ -182,7 +220,7 @@ def _flow_row(st: FlowState, ev: Event, d: dict[str, Any]) -> tuple[Any, ...]:
     d = {**(d if st.flow is ev else redacted_dict(st.flow)), "opened": st.opened, "closed": st.closed,
          "bytes_sent": st.bytes_sent, "bytes_received": st.bytes_received, "duration_ns": st.duration_ns}
     try:
-        return _row(*_GET_FLOW(d))
+        return _row_at(_GET_FLOW(d), _FLOW_AT)
     except KeyError:  # a flow class without every identity field
         return _row(*(d.get(c) for c in _FLOW_COLS))
 

@@ -196,7 +196,8 @@ def _odd_values(ev: Event) -> Event:
 def test_store_rows_as_every_value_made_strict(tmp_path, monkeypatch, odd):
     """Rows whose ints and strs go to SQLite as they are store what rows made value by value (the
     code before) stored; with values SQLite refuses in the batch, the whole batch is redone strictly."""
-    from busted.sinks import Store, sqlite as store_sqlite, store_rows
+    from busted.sinks import Store, store_rows
+    from busted.sinks import sqlite as store_sqlite
 
     evs = [ev for i in range(6) for ev in (*sample_events(flow_id=i), *sample_calls(flow_id=i, secret=SECRET))]
     if odd:
@@ -223,3 +224,27 @@ def test_list_json_remembered_is_the_json(monkeypatch):
         assert store_rows._sql(v) == want and store_rows._sql(v) == want  # computed, then remembered
     monkeypatch.setattr(store_rows, "_JSON_SEEN", {str(i): "" for i in range(4096)})
     assert store_rows._sql(["x"]) == '["x"]' and len(store_rows._JSON_SEEN) == 1  # full: cleared, bounded
+
+
+_JSONABLE = st.recursive(
+    st.none() | st.booleans() | st.integers(-(2**70), 2**70) | st.floats() | st.text(max_size=8),
+    lambda kids: st.lists(kids, max_size=3) | st.dictionaries(st.text(max_size=4), kids, max_size=3), max_leaves=12)
+
+
+@settings(max_examples=300)
+@given(v=st.lists(_JSONABLE, max_size=4))
+def test_list_json_is_json_dumps(v):
+    """The prebuilt C encoder (when this Python has it) and the remembered string lists write
+    what json.dumps(v, default=str) writes: the store's list columns keep their format."""
+    from busted.sinks import store_rows
+
+    assert store_rows._sql(v) == json.dumps(v, default=str)
+
+
+def test_list_json_cycle_is_refused_as_before():
+    from busted.sinks import store_rows
+
+    v: list = [1]
+    v.append(v)
+    with pytest.raises(ValueError, match="Circular"):
+        store_rows._sql(v)
