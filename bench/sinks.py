@@ -4,10 +4,11 @@
     .venv/bin/python bench/sinks.py --calls --paths json,json+otlp   # CPU per call exported over OTLP
 
 Feeds synthetic connections (FlowOpened, TlsClientHello, FlowClassified, FlowClosed; a DnsAnswer
-every 5th connection, as a resolver cache would) through the very loop `busted monitor` runs
-(busted.cli._run_monitor with the CLI's own _Sinks, built from the same argv) with stdout going to
-/dev/null, and reports process CPU (time.process_time: every thread, so the store's writer and the
-JSONL timer count) per event, closing the outputs included. --batch is how many events the loop
+every 5th connection, as a resolver cache would), stamped from the time the run starts (the
+store's 7-day retention keeps them, as it keeps live events), through the very loop `busted
+monitor` runs (busted.cli._run_monitor with the CLI's own _Sinks, built from the same argv) with
+stdout going to /dev/null, and reports process CPU (time.process_time: every thread, so the
+store's writer and the JSONL timer count) per event, closing the outputs included. --batch is how many events the loop
 takes from the Monitor at once: the Monitor's reader queues a drain's worth (every 20 ms; 40
 events at 500 connections/s); --batch 1 is one event at a time. --rate N paces the feed at N
 events/s (batches spaced in time, as the Monitor hands them out; 0: as fast as the loop takes
@@ -183,7 +184,7 @@ def main(argv: list[str] | None = None) -> int:
     if a.no_orjson and hasattr(_codec, "_orjson"):
         _codec._orjson = None
     enc = "orjson" if getattr(_codec, "_orjson", None) is not None else "json"
-    evs = connections(a.connections, calls=a.calls)
+    evs = connections(a.connections, t0=time.time(), calls=a.calls)  # current: retention keeps them
     ncalls = sum(1 for e in evs if isinstance(e, LlmCall))
     otlp = ""
     recv = None

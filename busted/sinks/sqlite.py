@@ -48,7 +48,7 @@ from busted.events import (
     EventsLost,
     LossPlace,
 )
-from busted.sinks._codec import Encoded, dumps, redact
+from busted.sinks._codec import Encoded, dumps, redacted_dict
 from busted.sinks.flowview import FlowView
 from busted.sinks.store_query import StoreQueries
 from busted.sinks.store_rows import (
@@ -568,7 +568,7 @@ class Store(StoreQueries):
                 if isinstance(item, Encoded):
                     d, js = item.data, item.line
                 else:
-                    d = redact(ev.to_dict())
+                    d = redacted_dict(ev)
                     js = dumps(d, cls=type(ev))
                 if not isinstance(ev.wall_time, int | float):
                     raise TypeError(f"wall_time is {type(ev.wall_time).__name__}")
