@@ -247,21 +247,26 @@ def _backfill(db: sqlite3.Connection) -> None:
             db.execute(*typed)
 
 
+_FLOW_EVENTS = (FlowOpened, FlowClassified, FlowClosed)  # a tuple: isinstance with X | Y builds the union per call
+_CALLS = (LlmCall, McpMessage)
+_LISTS_AT = (9, 10)  # the list columns of a dns_answers row (answers, cname_chain), a tls_hellos one (alpn, versions)
+
+
 def _typed(ev: Event, d: dict[str, Any], flows: FlowView) -> tuple[str, tuple[Any, ...]] | None:
     """The typed-table statement for one event (None: it lives only in ``events``)."""
     ts = ev.wall_time
-    if isinstance(ev, FlowOpened | FlowClassified | FlowClosed):
+    if isinstance(ev, _FLOW_EVENTS):
         change = flows.update(ev)
         return None if change is None else (_SQL_FLOW, _FlowRow(change.after, ev, d, change.before is not None))
     if isinstance(ev, DnsAnswer):
-        return _SQL_DNS, _row(ts, ev.pid, ev.comm, ev.netns, ev.transport, ev.server, ev.qname, ev.qtype,
-                              ev.rcode, d["answers"], d["cname_chain"])
+        return _SQL_DNS, _row_at((ts, ev.pid, ev.comm, ev.netns, ev.transport, ev.server, ev.qname, ev.qtype,
+                                  ev.rcode, d["answers"], d["cname_chain"]), _LISTS_AT)
     if isinstance(ev, TlsClientHello):
-        return _SQL_TLS, _row(ts, ev.flow_id, ev.pid, ev.comm, ev.saddr, ev.sport, ev.daddr, ev.dport, ev.sni,
-                              d["alpn"], d["versions"], ev.ja4)
+        return _SQL_TLS, _row_at((ts, ev.flow_id, ev.pid, ev.comm, ev.saddr, ev.sport, ev.daddr, ev.dport, ev.sni,
+                                  d["alpn"], d["versions"], ev.ja4), _LISTS_AT)
     if isinstance(ev, EventsLost):
         return _SQL_LOSS, _row(ts, d["where"], ev.count, ev.detail)
-    if isinstance(ev, LlmCall | McpMessage):
+    if isinstance(ev, _CALLS):
         return _spread(d)
     if isinstance(ev, FlowSummary):
         d = {**d, "ts": ts}

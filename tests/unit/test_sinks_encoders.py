@@ -248,3 +248,14 @@ def test_list_json_cycle_is_refused_as_before():
     v.append(v)
     with pytest.raises(ValueError, match="Circular"):
         store_rows._sql(v)
+
+
+def test_the_list_columns_made_first_are_the_lists():
+    from busted.sinks import store_rows as R
+
+    def cols(sql: str) -> list[str]:
+        return [c.strip() for c in sql[sql.index("(") + 1:sql.index(")")].split(",")]
+
+    assert [cols(R._SQL_DNS)[i] for i in R._LISTS_AT] == ["answers", "cname_chain"]
+    assert [cols(R._SQL_TLS)[i] for i in R._LISTS_AT] == ["alpn", "versions"]
+    assert {R._FLOW_COLS[i] for i in R._FLOW_AT} == {"cmdline", "ancestry", "preexisting"}
