@@ -122,8 +122,30 @@ _SECRET_KEYS = frozenset(SECRET_HEADERS) | {"set-cookie", "x-auth-token", "api-t
 # Free-text fields read from the wire (an LlmCall's path, user agent, captured content): the events
 # are made with credentials masked; the sinks mask them again by name and shape (defence in depth).
 # The same functions the events are built with (busted.classify.llm), by field name.
-_TEXT_KEYS: dict[str, Callable[[str], str]] = {"path": redact_url, "user_agent": redact_text, "prompt": redact_text,
-                                               "completion": redact_text, "response_id": redact_id}
+def _remembered(fn: Callable[[str], str], longest: int = 256, most: int = 1024) -> Callable[[str], str]:
+    """``fn`` (a pure function of the text that never raises: busted.redact's), its results for
+    texts up to ``longest`` characters remembered: request paths and user agents repeat from call
+    to call (``redact_url`` of ``/v1/chat/completions`` is ~6 µs). At most ``most`` of them; the
+    memory is cleared when full."""
+    seen: dict[str, str] = {}
+
+    def remembered(text: str) -> str:
+        out = seen.get(text)
+        if out is None:
+            out = fn(text)
+            if len(text) <= longest and type(text) is str:
+                if len(seen) >= most:
+                    seen.clear()
+                seen[text] = out
+        return out
+
+    remembered.__wrapped__ = fn  # type: ignore[attr-defined]
+    return remembered
+
+
+_TEXT_KEYS: dict[str, Callable[[str], str]] = {"path": _remembered(redact_url), "user_agent": _remembered(redact_text),
+                                               "prompt": redact_text, "completion": redact_text,
+                                               "response_id": redact_id}
 
 
 def _subclasses(cls: type[_T]) -> list[type[_T]]:

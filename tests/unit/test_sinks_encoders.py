@@ -259,3 +259,20 @@ def test_the_list_columns_made_first_are_the_lists():
     assert [cols(R._SQL_DNS)[i] for i in R._LISTS_AT] == ["answers", "cname_chain"]
     assert [cols(R._SQL_TLS)[i] for i in R._LISTS_AT] == ["alpn", "versions"]
     assert {R._FLOW_COLS[i] for i in R._FLOW_AT} == {"cmdline", "ancestry", "preexisting"}
+
+
+def test_remembered_text_redaction_is_the_function():
+    """Paths and user agents repeat: their redaction is remembered, bounded, and the same."""
+    from busted.redact import redact_text, redact_url
+
+    path, ua = _codec._TEXT_KEYS["path"], _codec._TEXT_KEYS["user_agent"]
+    texts = ["/v1/chat/completions", f"/v1/x?key={SECRET}&alt=sse", f"/v1/{SECRET}/y", "", "x" * 300 + " " + SECRET,
+             f"OpenAI/Python 1.54.0 {SECRET}", f"Bearer {SECRET}"]
+    for _ in range(2):  # computed, then remembered
+        for t in texts:
+            assert path(t) == redact_url(t) and ua(t) == redact_text(t)
+            assert SECRET not in path(t) and SECRET not in ua(t)
+    small = _codec._remembered(redact_text, longest=8, most=3)
+    for i in range(10):
+        assert small(f"t{i}") == f"t{i}"
+    assert small(SECRET) == MASK and small(SECRET) == MASK
