@@ -243,8 +243,8 @@ def _backfill(db: sqlite3.Connection) -> None:
             typed = _spread(redact(json.loads(js)))
         except (ValueError, TypeError):
             continue  # unreadable JSON stays where it is, in `events`
-        if typed is not None:
-            db.execute(*typed)
+        if typed is not None:  # every value made here: an old event's JSON may hold any int or string
+            db.execute(typed[0], _strict(typed[1]))
 
 
 _FLOW_EVENTS = (FlowOpened, FlowClassified, FlowClosed)  # a tuple: isinstance with X | Y builds the union per call

@@ -276,3 +276,23 @@ def test_remembered_text_redaction_is_the_function():
     for i in range(10):
         assert small(f"t{i}") == f"t{i}"
     assert small(SECRET) == MASK and small(SECRET) == MASK
+
+
+def test_backfill_of_an_old_store_makes_every_value(tmp_path):
+    """The v3 -> v4 backfill spreads calls read back from `events.json`, whose ints and strings may
+    be anything (beyond int64, lone surrogates): they are made as the writer makes them."""
+    import sqlite3
+
+    from test_sinks_sqlite import _V2, old_store
+
+    from busted.sinks import Store
+
+    call = dataclasses.replace(sample_calls(flow_id=1)[0], cgroup_id=2**64 + 5, exe="/bin/bad\udcff")
+    p = tmp_path / "v3.db"
+    db = old_store(p, _V2.split("CREATE TABLE IF NOT EXISTS llm_calls")[0], 3, [call])
+    db.commit()
+    db.close()
+    with Store(p):
+        pass
+    with sqlite3.connect(p) as db:
+        assert db.execute("SELECT cgroup_id, exe FROM llm_calls").fetchall() == [(float(2**64), "/bin/bad\\udcff")]
