@@ -4,10 +4,11 @@
     .venv/bin/python bench/sinks.py --calls --paths json,json+otlp   # CPU per call exported over OTLP
 
 Feeds synthetic connections (FlowOpened, TlsClientHello, FlowClassified, FlowClosed; a DnsAnswer
-every 5th connection, as a resolver cache would) through the very loop `busted monitor` runs
-(busted.cli._run_monitor with the CLI's own _Sinks, built from the same argv) with stdout going to
-/dev/null, and reports process CPU (time.process_time: every thread, so the store's writer and the
-JSONL timer count) per event, closing the outputs included. --batch is how many events the loop
+every 5th connection, as a resolver cache would), stamped from the time the run starts (the
+store's 7-day retention keeps them, as it keeps live events), through the very loop `busted
+monitor` runs (busted.cli._run_monitor with the CLI's own _Sinks, built from the same argv) with
+stdout going to /dev/null, and reports process CPU (time.process_time: every thread, so the
+store's writer and the JSONL timer count) per event, closing the outputs included. --batch is how many events the loop
 takes from the Monitor at once: the Monitor's reader queues a drain's worth (every 20 ms; 40
 events at 500 connections/s); --batch 1 is one event at a time. --rate N paces the feed at N
 events/s (batches spaced in time, as the Monitor hands them out; 0: as fast as the loop takes
@@ -22,6 +23,10 @@ exported call, the SDK's batch threads (joining, sending) included. --interleave
 in turn within each round (order reversed every other round) and gives the CPU per exported call
 as the median of the rounds' own differences: on a shared, noisy VM a difference of two medians
 taken minutes apart can swing by more than the figure itself.
+--old CHECKOUT compares two versions of busted in one run: each round runs every path once with
+this checkout's busted and once with CHECKOUT's (a child process each, importing busted from its
+tree; the order alternates by round), and prints both medians and the median of the rounds'
+new/old ratios.
 """
 
 from __future__ import annotations
@@ -29,6 +34,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import io
+import json
 import os
 import statistics
 import sys
@@ -37,7 +43,10 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+# --tree DIR (set by --old for its children): import busted from that checkout, not this one's
+_HERE = str(Path(__file__).resolve().parent.parent)
+_TREE = sys.argv[sys.argv.index("--tree") + 1] if "--tree" in sys.argv[:-1] else _HERE
+sys.path.insert(0, _TREE)
 
 from busted.events import (  # noqa: E402
     Ancestor,
@@ -164,13 +173,18 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--paths", default=",".join(PATHS), help="comma-separated: " + ", ".join(PATHS))
     ap.add_argument("--interleave", action="store_true",
                     help="every path in each round (alternating order); per call: median of round differences")
+    ap.add_argument("--old", help="another checkout of busted: A/B against it, round by round")
+    ap.add_argument("--tree", help=argparse.SUPPRESS)  # read before the imports (see _TREE)
+    ap.add_argument("--machine", action="store_true", help=argparse.SUPPRESS)  # one JSON line: path -> µs/event
     a = ap.parse_args(argv)
+    if a.old:
+        return _ab(a, argv if argv is not None else sys.argv[1:])
     from busted.sinks import _codec
 
     if a.no_orjson and hasattr(_codec, "_orjson"):
         _codec._orjson = None
     enc = "orjson" if getattr(_codec, "_orjson", None) is not None else "json"
-    evs = connections(a.connections, calls=a.calls)
+    evs = connections(a.connections, t0=time.time(), calls=a.calls)  # current: retention keeps them
     ncalls = sum(1 for e in evs if isinstance(e, LlmCall))
     otlp = ""
     recv = None
@@ -196,7 +210,10 @@ def main(argv: list[str] | None = None) -> int:
             per = sorted(g[name] for g in per_round) if a.interleave else sorted(
                 run_once(PATHS[name], evs, a.batch, a.rate, otlp) / len(evs) * 1e6 for _ in range(a.rounds))
             med[name] = statistics.median(per)
-            print(f"{name:<18} {med[name]:6.1f} µs/event  (min {per[0]:.1f}, max {per[-1]:.1f})")
+            if not a.machine:
+                print(f"{name:<18} {med[name]:6.1f} µs/event  (min {per[0]:.1f}, max {per[-1]:.1f})")
+        if a.machine:
+            print("RESULT " + json.dumps(med), flush=True)
     finally:
         if recv is not None:
             recv.kill()
@@ -209,6 +226,41 @@ def main(argv: list[str] | None = None) -> int:
             print(f"otlp per exported call, median of the {len(diffs)} rounds' differences: "
                   f"{statistics.median(diffs):.1f} µs (min {diffs[0]:.1f}, max {diffs[-1]:.1f})")
     return 0
+
+def _ab(a: argparse.Namespace, argv: list[str]) -> int:
+    """--old: both checkouts, one child process per checkout per round, order alternating."""
+    import subprocess
+
+    rest: list[str] = []
+    skip = False
+    for x in argv:  # this run's options but --old and --rounds, for the children
+        if skip:
+            skip = False
+        elif x in ("--old", "--rounds"):
+            skip = True
+        elif not x.startswith(("--old=", "--rounds=")):
+            rest.append(x)
+    trees = {"new": _TREE, "old": str(Path(a.old).resolve())}
+    got: dict[str, list[dict[str, float]]] = {"new": [], "old": []}
+    for r in range(a.rounds):
+        for which in (("new", "old") if r % 2 == 0 else ("old", "new")):
+            out = subprocess.run([sys.executable, __file__, *rest, "--rounds", "1", "--tree", trees[which],
+                                  "--machine"], check=True, capture_output=True, text=True, timeout=3600).stdout
+            line = next(ln for ln in out.splitlines() if ln.startswith("RESULT "))
+            got[which].append(json.loads(line[len("RESULT "):]))
+        print(f"round {r + 1}: " + "; ".join(f"{w} " + ", ".join(f"{k} {v:.1f}" for k, v in got[w][-1].items())
+                                              for w in ("new", "old")), flush=True)
+    print(f"new: {trees['new']}\nold: {trees['old']}\nmedians of {a.rounds} rounds (µs/event; ratio: median of "
+          "the rounds' new/old):")
+    for name in got["new"][0]:
+        new = sorted(g[name] for g in got["new"])
+        old = sorted(g[name] for g in got["old"])
+        ratios = sorted(n[name] / o[name] for n, o in zip(got["new"], got["old"], strict=True) if o[name])
+        print(f"{name:<18} new {statistics.median(new):6.1f} ({new[0]:.1f}-{new[-1]:.1f})  old "
+              f"{statistics.median(old):6.1f} ({old[0]:.1f}-{old[-1]:.1f})  new/old "
+              f"{statistics.median(ratios) if ratios else float('nan'):.2f}")
+    return 0
+
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -44,19 +44,17 @@ def _run_monitor(args: argparse.Namespace, out: TextIO, events: Iterable[Event |
             lines = []
             for ev in batch:
                 summary.add(ev)
-                d = enc = None
+                enc = None
                 if encodes:
                     try:
-                        d = ev.to_dict()
-                        enc = _encode_event(ev, d)
+                        enc = _encode_event(ev)
                     except Exception:  # noqa: BLE001 - the store counts an event it cannot encode
-                        d = None
                         encoded.append(ev)
                     else:
                         encoded.append(enc)
                 if not _wants(ev, args.provider):
                     continue
-                lines.append(_stdout_line(ev, d, enc) if as_json else render(ev))
+                lines.append(_stdout_line(ev, None, enc) if as_json else render(ev))
             if sinks is not None:
                 sinks.write_batch(batch, encoded, depth)
             if lines:

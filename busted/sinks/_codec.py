@@ -20,7 +20,7 @@ import typing
 from collections.abc import Callable
 from typing import Any, NamedTuple, TypeVar
 
-from busted.events import Event
+from busted.events import Event, _jsonable
 from busted.redact import MASK, SECRET_HEADERS, redact_id, redact_text, redact_url
 
 __all__ = ["MASK", "Encoded", "dumps", "encode", "event_from_dict", "event_kinds", "redact"]
@@ -114,7 +114,7 @@ class Encoded(NamedTuple):
 
 def encode(ev: Event, d: dict[str, Any] | None = None) -> Encoded:
     """``ev`` encoded for the file outputs; ``d`` is its ``to_dict()`` if the caller has it."""
-    data = redact(ev.to_dict() if d is None else d)
+    data = redacted_dict(ev) if d is None else redact(d)
     return Encoded(ev, data, dumps(data, cls=type(ev)))
 
 _T = TypeVar("_T")
@@ -122,8 +122,30 @@ _SECRET_KEYS = frozenset(SECRET_HEADERS) | {"set-cookie", "x-auth-token", "api-t
 # Free-text fields read from the wire (an LlmCall's path, user agent, captured content): the events
 # are made with credentials masked; the sinks mask them again by name and shape (defence in depth).
 # The same functions the events are built with (busted.classify.llm), by field name.
-_TEXT_KEYS: dict[str, Callable[[str], str]] = {"path": redact_url, "user_agent": redact_text, "prompt": redact_text,
-                                               "completion": redact_text, "response_id": redact_id}
+def _remembered(fn: Callable[[str], str], longest: int = 256, most: int = 1024) -> Callable[[str], str]:
+    """``fn`` (a pure function of the text that never raises: busted.redact's), its results for
+    texts up to ``longest`` characters remembered: request paths and user agents repeat from call
+    to call (``redact_url`` of ``/v1/chat/completions`` is ~6 µs). At most ``most`` of them; the
+    memory is cleared when full."""
+    seen: dict[str, str] = {}
+
+    def remembered(text: str) -> str:
+        out = seen.get(text)
+        if out is None:
+            out = fn(text)
+            if len(text) <= longest and type(text) is str:
+                if len(seen) >= most:
+                    seen.clear()
+                seen[text] = out
+        return out
+
+    remembered.__wrapped__ = fn  # type: ignore[attr-defined]
+    return remembered
+
+
+_TEXT_KEYS: dict[str, Callable[[str], str]] = {"path": _remembered(redact_url), "user_agent": _remembered(redact_text),
+                                               "prompt": redact_text, "completion": redact_text,
+                                               "response_id": redact_id}
 
 
 def _subclasses(cls: type[_T]) -> list[type[_T]]:
@@ -252,4 +274,120 @@ def _redact_dict(d: dict[Any, Any]) -> dict[Any, Any]:
         return out
     for i in itertools.compress(range(len(vals)), map(operator.not_, map(_PLAIN.__contains__, map(type, vals)))):
         out[keys[i]] = redact(vals[i])
+    return out
+
+
+# -- per-class encoders: redact(ev.to_dict()) in one step -----------------------------------------
+# The generic path builds the event's dict field by field (to_dict), then copies it again while
+# deciding per key what to mask (redact). Both decisions depend only on the class: a field's name
+# says whether it is masked or passed through a text function, its declared type what its value
+# usually is. So each event class gets one generated function (like dataclasses' own __init__)
+# that builds the redacted dict in a single dict display, with each field's fast case inline and
+# everything else -- a value of another type than usual, a field type it has no case for --
+# through the generic code for that one key. Same dict, same key order, same masking: a unit test
+# compares the two paths over every event class and random field values (tests/unit/test_sinks_encode.py).
+
+
+def _slow_value(key: str, value: Any) -> Any:
+    """What redact(to_dict()) makes of ``value`` under ``key``: the generic code, for one key."""
+    return _redact_dict({key: _jsonable(value)})[key]
+
+
+def _type_args(tp: Any) -> tuple[Any, ...]:
+    """``tp`` without ``None``, as a tuple of the types a union allows (``tp`` alone if not a union)."""
+    if typing.get_origin(tp) in (typing.Union, types.UnionType):
+        return tuple(a for a in typing.get_args(tp) if a is not _NONE)
+    return (tp,)
+
+
+def _field_expr(name: str, tp: Any, ns: dict[str, Any], compiling: frozenset[type]) -> str:
+    """Python source of the redacted, JSON-safe value of field ``name`` (declared ``tp``), read as
+    ``v[name]`` from the instance's ``__dict__``. Objects the source uses are put in ``ns``."""
+    key = repr(name)
+    i = len(ns)
+    if _secret(name):
+        return "MASK"  # masked whatever it holds, as redact() masks it
+    if name in _TEXT_KEYS:
+        ns[f"t{i}"] = _TEXT_KEYS[name]
+        return f"t{i}(x) if type(x := v[{key}]) is str else S({key}, x)"
+    (tp,) = _type_args(tp)[:1] or (Any,)
+    if isinstance(tp, type) and issubclass(tp, enum.Enum):
+        # type() is, not a dict lookup alone: an int equal to a member would find the member's name
+        ns[f"e{i}"], ns[f"n{i}"] = tp, {m: m.name.lower() for m in tp}
+        return f"n{i}[x] if type(x := v[{key}]) is e{i} else S({key}, x)"
+    if typing.get_origin(tp) is tuple:
+        inner = typing.get_args(tp)[:1]
+        sub = inner[0] if inner and isinstance(inner[0], type) else None
+        if sub is not None and dataclasses.is_dataclass(sub) and sub not in compiling:
+            enc = _compile(sub, compiling)
+            if enc is not None:  # a tuple of dataclasses: each its own redacted dict
+                ns[f"d{i}"] = enc
+                return f"_dcs(x, d{i}) if type(x := v[{key}]) is tuple else S({key}, x)"
+        # scalars only (a command line, ALPN ids): redact() copies such a list as it is
+        return f"list(x) if type(x := v[{key}]) is tuple and all(map(P, map(type, x))) else S({key}, x)"
+    return f"x if type(x := v[{key}]) in PLAIN else S({key}, x)"
+
+
+def _dcs(items: tuple[Any, ...], enc: Callable[[Any], dict[str, Any] | None]) -> Any:
+    out = [enc(x) for x in items]
+    return out if None not in out else _redact_list(items)
+
+
+def _redact_list(items: tuple[Any, ...]) -> Any:
+    return redact(_jsonable(items))
+
+
+def _compile(cls: type, compiling: frozenset[type] = frozenset()) -> Callable[[Any], dict[str, Any] | None] | None:
+    """A function giving ``redact(ob.to_dict())`` (or, for a nested dataclass, what redact makes of
+    its dict) for an ``ob`` of exactly ``cls``, or None when it cannot tell (then use the generic
+    path); None instead of a function when ``cls`` is not one this handles."""
+    event = issubclass(cls, Event)
+    if event and getattr(cls, "to_dict", None) is not Event.to_dict:
+        return None  # a class with its own to_dict: only the generic path calls it
+    try:
+        hints = _hints(cls)
+        names = tuple(f.name for f in dataclasses.fields(cls))
+    except Exception:  # noqa: BLE001 - unresolvable annotations: the generic path
+        return None
+    if not all(n.isidentifier() for n in names):
+        return None
+    ns: dict[str, Any] = {"MASK": MASK, "S": _slow_value, "PLAIN": _PLAIN, "P": _PLAIN.__contains__,
+                          "_dcs": _dcs}
+    items = [f"{n!r}: {_field_expr(n, hints.get(n, Any), ns, compiling | {cls})}" for n in names]
+    if event:
+        items.insert(0, "'kind': k")
+    # Only for an instance of exactly cls whose __dict__ holds every field (as _dataclass_dict reads
+    # it); kind is the instance's, as to_dict reads it, and a str. Anything else: None (generic path).
+    src = (f"def enc(ob):\n"
+           f"    try:\n"
+           f"        v = ob.__dict__\n"
+           f"        if type(ob) is not C or len(v) < {len(names)}"
+           + (" or type(k := ob.kind) is not str" if event else "") + ":\n"
+           f"            return None\n"
+           f"        return {{{', '.join(items)}}}\n"
+           f"    except (AttributeError, KeyError):\n"  # no __dict__ (slots), a field missing from it
+           f"        return None\n")
+    ns["C"] = cls
+    exec(compile(src, f"<busted encoder for {cls.__qualname__}>", "exec"), ns)  # noqa: S102 - field names only
+    fn: Callable[[Any], dict[str, Any] | None] = ns["enc"]
+    return fn
+
+
+_ENCODERS: dict[type, Callable[[Any], dict[str, Any] | None] | None] = {}  # bounded by the event classes
+
+
+def redacted_dict(ev: Event) -> dict[str, Any]:
+    """``redact(ev.to_dict())``, through the class's generated encoder when it has one."""
+    cls = type(ev)
+    try:
+        enc = _ENCODERS[cls]
+    except KeyError:
+        enc = _compile(cls)
+        if len(_ENCODERS) < 1024:
+            _ENCODERS[cls] = enc
+    if enc is not None:
+        d = enc(ev)
+        if d is not None:
+            return d
+    out: dict[str, Any] = redact(ev.to_dict())
     return out

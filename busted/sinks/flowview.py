@@ -77,6 +77,9 @@ class FlowChange:
         return bool(self.after.provider) and not (self.before is not None and self.before.provider)
 
 
+_FLOW_EVENTS = (FlowOpened, FlowClassified, FlowClosed)  # a tuple: isinstance with X | Y builds the union per call
+
+
 def _classification(ev: FlowEvent) -> tuple[object, ...]:
     return ev.hostname, ev.provider, ev.evidence, ev.confidence
 
@@ -112,7 +115,7 @@ class FlowView:
     def update(self, ev: Event) -> FlowChange | None:
         """Apply one event. Returns what changed, or None (not a flow event, or a repeat that
         changes nothing, e.g. a duplicate FlowOpened)."""
-        if not isinstance(ev, FlowOpened | FlowClassified | FlowClosed):
+        if not isinstance(ev, _FLOW_EVENTS):
             return None
         before = self._flows.get(ev.flow_id)
         flow: FlowEvent = ev

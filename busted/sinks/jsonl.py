@@ -136,15 +136,43 @@ class JsonlSink:
         ``write`` would have written (a plain event among them is encoded here). One lock for them
         all; ``flush=True`` writes them out now (the CLI does, once per batch from the Monitor)."""
         tells: list[str] = []
+        lines: list[str] = []
+        failed: Exception | None = None
+        for item in items:  # a plain event that does not encode: the lines before it are written
+            try:
+                lines.append((item if isinstance(item, Encoded) else encode(item)).line)
+            except Exception as exc:  # noqa: BLE001 - raised below, once those lines are in
+                failed = exc
+                break
         with self._lock:
-            for item in items:
-                line = (item if isinstance(item, Encoded) else encode(item)).line
-                tells += self._add((line + "\n").encode())
+            chunk = ("\n".join(lines) + "\n").encode() if lines else b""
+            if chunk and self._takes_whole(len(chunk)):
+                # what _add would do line by line when no line rotates, writes out or is dropped
+                self._buf += chunk
+                self._buf_lines += len(lines)
+                if len(self._buf) >= _CHUNK or self.flush_interval <= 0:
+                    tells.append(self._write_out() or "")
+            else:
+                for line in lines:
+                    tells += self._add((line + "\n").encode())
             if flush and self._is_open:
                 tells.append(self._write_out() or "")
         for msg in tells:
             if msg:
                 self._tell(msg)
+        if failed is not None:
+            raise failed
+
+    def _takes_whole(self, n: int) -> bool:
+        """Whether ``n`` bytes of lines fit in the buffer as they are: the sink open, the file too
+        (or stdout), no rotation due (the file stays within ``max_bytes``) and within the backlog.
+        Then every line of them would only be appended by ``_add``. Caller holds the lock."""
+        if not self._is_open:
+            return False  # _add raises for it
+        if self.path != "-" and (self._fd is None or self._size - self._rotate_base + len(self._buf) + n
+                                 > self.max_bytes):
+            return False
+        return len(self._buf) + n <= self.max_backlog
 
     def _add(self, line: bytes) -> list[str]:
         """Buffer one line (rotating, writing out, or dropping as needed). Caller holds the lock.

@@ -48,7 +48,7 @@ from busted.events import (
     EventsLost,
     LossPlace,
 )
-from busted.sinks._codec import Encoded, dumps, redact
+from busted.sinks._codec import Encoded, dumps, redacted_dict
 from busted.sinks.flowview import FlowView
 from busted.sinks.store_query import StoreQueries
 from busted.sinks.store_rows import (
@@ -60,6 +60,7 @@ from busted.sinks.store_rows import (
     _FlowRow,
     _Row,
     _row,
+    _strict,
     _typed,
 )
 from busted.sinks.store_schema import _MIGRATIONS, _SCHEMA, SCHEMA_VERSION, _one, _run_migration, _used_bytes
@@ -567,7 +568,7 @@ class Store(StoreQueries):
                 if isinstance(item, Encoded):
                     d, js = item.data, item.line
                 else:
-                    d = redact(ev.to_dict())
+                    d = redacted_dict(ev)
                     js = dumps(d, cls=type(ev))
                 if not isinstance(ev.wall_time, int | float):
                     raise TypeError(f"wall_time is {type(ev.wall_time).__name__}")
@@ -648,31 +649,43 @@ class Store(StoreQueries):
         with self._dblock:
             db = self._db
             assert db is not None
-            db.execute("BEGIN IMMEDIATE")
             try:
-                db.executemany(_SQL_EVENT, [r.event for r in batch])
-                # One executemany per statement, each table's rows in order (the tables do not
-                # depend on each other), and one upsert per flow: its rows merged as the upsert
-                # would merge them (open, classification, close of one flow are usually together).
-                by_sql: dict[str, list[tuple[Any, ...]]] = {}
-                flows: dict[Any, list[_FlowRow]] = {}
-                for r in batch:
-                    if r.typed is None:
-                        continue
-                    sql, params = r.typed
-                    if isinstance(params, _FlowRow):
-                        flows.setdefault(params.state.flow_id, []).append(params)
-                    else:
-                        by_sql.setdefault(sql, []).append(params)
-                if flows:
-                    db.executemany(_SQL_FLOW, [_flow_rows(changes) for changes in flows.values()])
-                for sql, rows in by_sql.items():
-                    db.executemany(sql, rows)
-                db.execute("COMMIT")
-            except BaseException:
-                if db.in_transaction:
-                    db.rollback()
-                raise
+                self._statements(db, batch, strict=False)
+            except (OverflowError, UnicodeEncodeError):
+                # an int beyond int64 or a lone surrogate that _row left to SQLite: the batch again,
+                # every value as _sql makes it (a failure now is the caller's to handle)
+                self._statements(db, batch, strict=True)
+
+    @staticmethod
+    def _statements(db: sqlite3.Connection, batch: list[_Row], strict: bool) -> None:
+        """The batch's rows in one transaction (rolled back if a statement fails)."""
+        fix = _strict if strict else None
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            db.executemany(_SQL_EVENT, [r.event for r in batch] if fix is None else [fix(r.event) for r in batch])
+            # One executemany per statement, each table's rows in order (the tables do not
+            # depend on each other), and one upsert per flow: its rows merged as the upsert
+            # would merge them (open, classification, close of one flow are usually together).
+            by_sql: dict[str, list[tuple[Any, ...]]] = {}
+            flows: dict[Any, list[_FlowRow]] = {}
+            for r in batch:
+                if r.typed is None:
+                    continue
+                sql, params = r.typed
+                if isinstance(params, _FlowRow):
+                    flows.setdefault(params.state.flow_id, []).append(params)
+                else:
+                    by_sql.setdefault(sql, []).append(params)
+            if flows:
+                rows = [_flow_rows(changes) for changes in flows.values()]
+                db.executemany(_SQL_FLOW, rows if fix is None else [fix(row) for row in rows])
+            for sql, params_list in by_sql.items():
+                db.executemany(sql, params_list if fix is None else [fix(p) for p in params_list])
+            db.execute("COMMIT")
+        except BaseException:
+            if db.in_transaction:
+                db.rollback()
+            raise
 
     def trim(self, now: float | None = None) -> int:
         """Apply retention now (the writer also does it every ``trim_interval`` s). Returns rows deleted."""

@@ -4,7 +4,10 @@ an event into its ``events`` row and its typed row (no database access)."""
 from __future__ import annotations
 
 import json
+import math
+import operator
 import sqlite3
+from collections.abc import Callable
 from typing import Any, NamedTuple
 
 from busted.events import (
@@ -19,7 +22,7 @@ from busted.events import (
     McpMessage,
     TlsClientHello,
 )
-from busted.sinks._codec import redact
+from busted.sinks._codec import redact, redacted_dict
 from busted.sinks.flowview import FlowState, FlowView
 
 _FLOW_COLS = ("flow_id", "opened", "closed", "direction", "pid", "tid", "uid", "ppid", "comm", "exe",
@@ -121,33 +124,105 @@ def _sql(v: Any) -> Any:
     if isinstance(v, int):
         return v if _INT64[0] <= v <= _INT64[1] else float(v)
     if isinstance(v, list | tuple | dict):
-        return _LIST_JSON.encode(v)
+        return _json(v)
     return str(v)
 
 
 _LIST_JSON = json.JSONEncoder(default=str)  # = json.dumps(v, default=str), built once
+_STRS = frozenset({str})
+_JSON_SEEN: dict[tuple[str, ...], str] = {}  # lists of str -> their JSON: bounded, cleared when full
+
+
+def _c_encoder() -> Callable[[Any, int], Any] | None:
+    """The standard library's own C encoder, made once with ``_LIST_JSON``'s settings (its
+    ``encode()`` makes one per call); None if this Python has none, or it writes otherwise."""
+    try:
+        from json.encoder import c_make_encoder, encode_basestring_ascii  # type: ignore[attr-defined]
+
+        # markers None: no cycle check; the values are redact()'s fresh copies (a cycle would have
+        # failed there), and _json falls back to the checking encoder on any error anyway
+        enc: Callable[[Any, int], Any] = c_make_encoder(None, str, encode_basestring_ascii, None, ": ", ", ",
+                                                        False, False, True)
+        probe = [{"pid": 1, "comm": "caf\u00e9\ud800", "exe": None, "f": 1e16, "b": True, "n": math.nan,
+                  "l": [-(2**70), "x", math.inf]}, "\x1b", (), {}]
+        return enc if "".join(enc(probe, 0)) == _LIST_JSON.encode(probe) else None
+    except Exception:  # noqa: BLE001 - not CPython's json: the plain encoder
+        return None
+
+
+_C_JSON = _c_encoder()
+
+
+def _json(v: list[Any] | tuple[Any, ...] | dict[Any, Any]) -> str:
+    """``json.dumps(v, default=str)``. Lists of strings (command lines, ALPN ids, TLS versions,
+    CNAME chains) repeat from event to event: their JSON is remembered (at most 4096 of them)."""
+    if type(v) is not list or not _STRS.issuperset(map(type, v)):
+        if _C_JSON is not None:
+            try:
+                return "".join(_C_JSON(v, 0))
+            except Exception:  # noqa: BLE001 - the checking encoder says what is wrong (a cycle, ...)
+                pass
+        return _LIST_JSON.encode(v)
+    key = tuple(v)
+    js = _JSON_SEEN.get(key)
+    if js is None:
+        if len(_JSON_SEEN) >= 4096:
+            _JSON_SEEN.clear()
+        js = _JSON_SEEN[key] = _LIST_JSON.encode(v)
+    return js
+
+
 _INT64_LO, _INT64_HI = _INT64
+# Exact types sqlite3 binds as they are. Two values of them it refuses, at bind time: an int beyond
+# int64 (OverflowError) and a str with a lone surrogate (UnicodeEncodeError); a transaction that
+# meets one is done again with every row made strict (_strict: what _sql makes of each value).
+_BIND = frozenset({type(None), float, int, str})
 
 
 def _row(*values: Any) -> tuple[Any, ...]:
+    """A row of ``_sql`` values, but for ints and strs, which are left to ``_strict`` if SQLite
+    refuses them (rare: the type check is one C-level pass, not a Python step per column)."""
+    if _BIND.issuperset(map(type, values)):
+        return values
+    return tuple([v if type(v) in _BIND else _sql(v) for v in values])
+
+
+def _row_at(values: tuple[Any, ...], at: tuple[int, ...]) -> tuple[Any, ...]:
+    """``_row(*values)``, the columns at ``at`` (the ones a table's lists and bools go to) made
+    first, so the rest usually passes the C-level check without a Python step per column."""
+    out = list(values)
+    for i in at:
+        if type(out[i]) not in _BIND:
+            out[i] = _sql(out[i])
+    return _row(*out)
+
+
+def _strict(row: tuple[Any, ...]) -> tuple[Any, ...]:
+    """``row`` with every value as ``_sql`` makes it (ints beyond int64 as REAL, lone surrogates
+    escaped): what ``_row`` leaves to SQLite, for the transaction it refused."""
     out = []
-    for v in values:  # _sql(v), with the common cases inline: this runs for every column written
+    for v in row:
         t = type(v)
-        if v is None or t is float or t is str and v.isascii():
-            out.append(v)
-        elif t is int and _INT64_LO <= v <= _INT64_HI:
+        if v is None or t is float or t is str and v.isascii() or t is int and _INT64_LO <= v <= _INT64_HI:
             out.append(v)
         else:
             out.append(_sql(v))
     return tuple(out)
 
 
+_GET_FLOW = operator.itemgetter(*_FLOW_COLS)
+_FLOW_AT = tuple(i for i, c in enumerate(_FLOW_COLS) if c in ("cmdline", "ancestry", *_BOOL_COLS))
+
+
 def _flow_row(st: FlowState, ev: Event, d: dict[str, Any]) -> tuple[Any, ...]:
     # d is redact(ev.to_dict()): the state's flow is usually the event itself (else a copy of it
     # with the known classification merged in, encoded here).
-    d = {**(d if st.flow is ev else redact(st.flow.to_dict())), "opened": st.opened, "closed": st.closed,
+    d = {**(d if st.flow is ev else redacted_dict(st.flow)), "opened": st.opened, "closed": st.closed,
          "bytes_sent": st.bytes_sent, "bytes_received": st.bytes_received, "duration_ns": st.duration_ns}
-    return _row(*(d.get(c) for c in _FLOW_COLS))
+    try:
+        return _row_at(_GET_FLOW(d), _FLOW_AT)
+    except KeyError:  # a flow class without every identity field
+        return _row(*(d.get(c) for c in _FLOW_COLS))
 
 
 def _spread(d: dict[str, Any]) -> tuple[str, tuple[Any, ...]] | None:
@@ -168,25 +243,30 @@ def _backfill(db: sqlite3.Connection) -> None:
             typed = _spread(redact(json.loads(js)))
         except (ValueError, TypeError):
             continue  # unreadable JSON stays where it is, in `events`
-        if typed is not None:
-            db.execute(*typed)
+        if typed is not None:  # every value made here: an old event's JSON may hold any int or string
+            db.execute(typed[0], _strict(typed[1]))
+
+
+_FLOW_EVENTS = (FlowOpened, FlowClassified, FlowClosed)  # a tuple: isinstance with X | Y builds the union per call
+_CALLS = (LlmCall, McpMessage)
+_LISTS_AT = (9, 10)  # the list columns of a dns_answers row (answers, cname_chain), a tls_hellos one (alpn, versions)
 
 
 def _typed(ev: Event, d: dict[str, Any], flows: FlowView) -> tuple[str, tuple[Any, ...]] | None:
     """The typed-table statement for one event (None: it lives only in ``events``)."""
     ts = ev.wall_time
-    if isinstance(ev, FlowOpened | FlowClassified | FlowClosed):
+    if isinstance(ev, _FLOW_EVENTS):
         change = flows.update(ev)
         return None if change is None else (_SQL_FLOW, _FlowRow(change.after, ev, d, change.before is not None))
     if isinstance(ev, DnsAnswer):
-        return _SQL_DNS, _row(ts, ev.pid, ev.comm, ev.netns, ev.transport, ev.server, ev.qname, ev.qtype,
-                              ev.rcode, d["answers"], d["cname_chain"])
+        return _SQL_DNS, _row_at((ts, ev.pid, ev.comm, ev.netns, ev.transport, ev.server, ev.qname, ev.qtype,
+                                  ev.rcode, d["answers"], d["cname_chain"]), _LISTS_AT)
     if isinstance(ev, TlsClientHello):
-        return _SQL_TLS, _row(ts, ev.flow_id, ev.pid, ev.comm, ev.saddr, ev.sport, ev.daddr, ev.dport, ev.sni,
-                              d["alpn"], d["versions"], ev.ja4)
+        return _SQL_TLS, _row_at((ts, ev.flow_id, ev.pid, ev.comm, ev.saddr, ev.sport, ev.daddr, ev.dport, ev.sni,
+                                  d["alpn"], d["versions"], ev.ja4), _LISTS_AT)
     if isinstance(ev, EventsLost):
         return _SQL_LOSS, _row(ts, d["where"], ev.count, ev.detail)
-    if isinstance(ev, LlmCall | McpMessage):
+    if isinstance(ev, _CALLS):
         return _spread(d)
     if isinstance(ev, FlowSummary):
         d = {**d, "ts": ts}

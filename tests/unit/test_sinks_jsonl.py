@@ -270,3 +270,50 @@ def test_failed_reopen_after_rotation_is_told_counted_retried_never_stdout(tmp_p
     assert rep["lost"] == s.dropped and capsys.readouterr().out == ""
     if plant == "directory-at-backup":  # nothing lost: every line in the (oversized) file
         assert rep["lost"] == 0 and len(p.read_text().splitlines()) == rep["written"] == 30 * len(evs)
+
+
+def _files(base) -> dict[str, bytes]:
+    return {p.name.replace(base.name, "x"): p.read_bytes() for p in sorted(base.parent.glob(base.name + "*"))}
+
+
+@settings(max_examples=40, deadline=None)
+@given(sizes=st.lists(st.integers(1, 9), min_size=1, max_size=8), max_bytes=st.sampled_from([700, 3000, 1 << 20]),
+       backups=st.sampled_from([0, 2]))
+def test_batches_write_what_lines_one_by_one_write(tmp_path_factory, sizes, max_bytes, backups):
+    """write_encoded takes a batch whole when no line of it would rotate, write out or drop: the
+    files (rotations included) hold what writing the same events one by one leaves."""
+    from busted.sinks import encode
+
+    d = tmp_path_factory.mktemp("b")
+    evs = [ev for i in range(sum(sizes)) for ev in sample_events(flow_id=i)][: sum(sizes)]
+    one, many = d / "one.jsonl", d / "many.jsonl"
+    with JsonlSink(one, max_bytes=max_bytes, backups=backups) as s:
+        for ev in evs:
+            s.write(ev)
+    with JsonlSink(many, max_bytes=max_bytes, backups=backups) as s:
+        i = 0
+        for n in sizes:
+            s.write_encoded([encode(ev) for ev in evs[i:i + n]], flush=n % 2 == 0)
+            i += n
+    assert _files(many) == _files(one)
+
+
+def test_a_batch_with_an_event_that_does_not_encode(tmp_path):
+    """The lines before it are written, then the error is raised (as line by line)."""
+    from busted.sinks import encode
+
+    class Bad(Exception):
+        pass
+
+    class Broken:
+        def to_dict(self):
+            raise Bad
+
+        kind = "broken"
+
+    good = sample_events()
+    with JsonlSink(tmp_path / "e.jsonl") as s:
+        with pytest.raises(Bad):
+            s.write_encoded([encode(good[0]), Broken(), encode(good[1])])  # type: ignore[list-item]
+    lines = (tmp_path / "e.jsonl").read_text().splitlines()
+    assert [json.loads(ln)["kind"] for ln in lines] == [good[0].kind]
