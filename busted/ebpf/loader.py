@@ -40,7 +40,12 @@ __all__ = ["MAX_FLOWS", "MAX_TLS_LIBRARIES", "RINGBUF_BYTES", "FlowProgram", "bu
            "check_architecture"]
 
 # Defaults shared by Monitor, FlowProgram and `busted doctor --ebpf` (which must print what loads).
-RINGBUF_BYTES = 4 << 20
+# 16 MiB: a 10-s storm of ~3,400 short-lived processes/s (fork + exit + their flows, ~130,000
+# records) fits while the reader, sharing 2 CPUs with the spawners, catches up; 4 MiB lost half of
+# them (docs/benchmarks.md, "Lineage at the VM's highest process rate"). The cost: 16 MiB of kernel
+# memory, and up to twice that in RSS once the reader has touched every page (the data pages are
+# mapped twice, so a record can wrap around the end).
+RINGBUF_BYTES = 16 << 20
 MAX_FLOWS = 65536
 CHUNK_BYTES = 16384  # plaintext bytes per ring record (the TLS record size)
 # The largest chunk: pieces are staged in a per-CPU array (pt_scratch), whose values the kernel caps
