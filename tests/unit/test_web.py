@@ -2,7 +2,6 @@
 
 import dataclasses
 import json
-import threading
 import time
 import urllib.error
 import urllib.request
@@ -14,6 +13,7 @@ from busted.events import Evidence
 from busted.web import Filters, WebState, WebUI
 from busted.web.app import COOKIE, CSP, Tab, make_app
 from tests.unit.events_factory import SECRET, sample_calls, sample_events
+from tests.unit.sse_reader import open_tab, wait_subscribed
 
 TOKEN = "t0k3n-for-tests"
 
@@ -156,22 +156,8 @@ def test_webui_serves_live_events_over_sse_and_stops():
         with pytest.raises(urllib.error.HTTPError) as e:
             _get(base + "/api/stream")
         assert e.value.code == 401
-        got: list = []
-
-        def read():
-            with _get(base + "/api/stream?pid=321", {"Authorization": f"Bearer {ui.token}"}) as r:
-                for raw in r:
-                    line = raw.decode().strip()
-                    if line.startswith("data: {"):
-                        got.append(json.loads(line[6:]))
-                        if len(got) >= 2:
-                            return
-
-        t = threading.Thread(target=read, daemon=True)
-        t.start()
-        deadline = time.monotonic() + 10
-        while ui.state.subscribers == 0 and time.monotonic() < deadline:
-            time.sleep(0.05)
+        t, got = open_tab(base + "/api/stream?pid=321", ui.token, want=2)
+        wait_subscribed(ui.state)
         ui.write_batch(sample_calls(pid=999))  # filtered out for this tab
         ui.write_batch(sample_calls(pid=321, secret=SECRET))
         t.join(10)

@@ -176,10 +176,11 @@ def test_nothing_is_imported_after_the_page_gives_up_root():
     """Every route and the event stream served after ``before_serve`` (where the page's process
     drops root) import no module: one that did could be unreadable to ``nobody`` (a venv in /root)."""
     code = r'''
-import json, sys, threading, time, urllib.request
+import json, sys, urllib.request
 from busted.web import WebUI
 from busted.web.state import _as_dict
 from tests.unit.events_factory import sample_calls
+from tests.unit.sse_reader import open_tab, wait_subscribed
 calls = [_as_dict(ev) for ev in sample_calls(pid=1)]  # the page's process gets dicts from the monitor
 snap = {}
 ui = WebUI("127.0.0.1:0").start(before_serve=lambda: snap.setdefault("m", set(sys.modules)))
@@ -192,18 +193,8 @@ for path in ["/", "/?token=" + ui.token, "/static/app.js", "/static/uPlot.min.cs
             codes.append(r.status)
     except urllib.error.HTTPError as e:
         codes.append(e.code)
-got = []
-def stream():
-    with urllib.request.urlopen(urllib.request.Request(base + "/api/stream", headers=hdr), timeout=10) as r:
-        for raw in r:
-            if raw.startswith(b"data: {"):
-                got.append(raw)
-                return
-t = threading.Thread(target=stream, daemon=True)
-t.start()
-end = time.monotonic() + 10
-while ui.state.subscribers == 0 and time.monotonic() < end:
-    time.sleep(0.05)
+t, got = open_tab(base + "/api/stream", ui.token, want=1)
+wait_subscribed(ui.state)
 ui.write_batch(calls)
 t.join(10)
 ui.close()
@@ -217,11 +208,12 @@ print(json.dumps({"codes": codes, "streamed": len(got), "new": sorted(set(sys.mo
     assert res["new"] == [], res["new"]
 
 
-def test_what_the_page_is_sent_is_held_briefly_bounded_and_flushed_when_idle():
+def test_what_the_page_is_sent_is_held_briefly_bounded_and_flushed_when_idle(monkeypatch):
     """Sends are coalesced (at most one per FLUSH_S); what waits is bounded and counted when it
     overflows; tick() (the monitor's idle loop) sends the rest, so a lone call still shows."""
     from busted.web import process
 
+    monkeypatch.setattr(process, "FLUSH_S", 3600.0)  # a loaded host must not reach it mid-test
     closed = next(ev for ev in sample_events() if ev.kind == "flow_closed")
     with PageProcess("127.0.0.1:0") as page:
         page.start()
