@@ -4,13 +4,13 @@
     .venv/bin/python bench/stages.py [--rounds 5] [--conns 3000] [--mix churn|tls]
 
 Stages, each run over the same kernel records (bench/events.py's: loopback connections as the
-kernel emits them), cumulative, so each row's extra cost is that stage's:
+kernel emits them), each including the one it builds on, so the difference is that stage's cost:
   decode     the ring record -> ``FlowRecord`` (struct unpack, addresses as text)
   table      + ``FlowTable.feed``: the typed events (classification, /proc answered from a cache)
   encode     + ``busted.sinks.encode``: the redacted dict and its compact JSON line, once per event
              (what ``--json``, ``--jsonl`` and ``--store`` share)
-  jsonl      + a ``JsonlSink`` writing those lines, 40 events per batch (a drain's worth)
-  store      + a ``Store`` (SQLite) writing them, 40 per batch
+  jsonl      encode + a ``JsonlSink`` writing those lines, 40 events per batch (a drain's worth)
+  store      encode + a ``Store`` (SQLite) writing them, 40 per batch
 Each round runs every stage once (order rotating by round) for at least ``--seconds`` of process
 CPU (``time.process_time``); the figure is the median over rounds of CPU per event. Caches are hot
 (a tight loop): a live monitor at low rates pays more per event (docs/benchmarks.md, "Why 500 conn/s
@@ -33,6 +33,7 @@ sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(HERE.parent))
 
 STAGES = ("decode", "table", "encode", "jsonl", "store")
+BUILDS_ON = {"decode": None, "table": "decode", "encode": "table", "jsonl": "encode", "store": "encode"}
 BATCH = 40
 
 
@@ -101,11 +102,10 @@ def run(rounds: int, conns: int, mix: str, seconds: float) -> dict[str, Any]:
                 per[stage].append(cpu / n * 1e6)
     med = {s: statistics.median(v) for s, v in per.items()}
     rows = []
-    prev = 0.0
     for s in STAGES:
-        rows.append({"stage": s, "us_per_event_cumulative": med[s], "us_per_event_this_stage": med[s] - prev,
-                     "rounds": per[s]})
-        prev = med[s]
+        base = med[BUILDS_ON[s]] if BUILDS_ON[s] else 0.0
+        rows.append({"stage": s, "builds_on": BUILDS_ON[s], "us_per_event_cumulative": med[s],
+                     "us_per_event_this_stage": med[s] - base, "rounds": per[s]})
     return {"mix": mix, "conns": conns, "rounds": rounds, "seconds_per_stage": seconds, "stages": rows}
 
 
