@@ -38,10 +38,15 @@ def _warn(message: str) -> None:
     print(f"busted: web UI: {message}", file=sys.stderr, flush=True)
 
 
+class CannotDrop(Exception):
+    """Root could not be given up: the page is not served (failing closed, said on stderr)."""
+
+
 def drop_privileges(user: str = UNPRIVILEGED_USER) -> None:
     """Root -> ``user`` (its group, no supplementary groups), no new privileges, not dumpable (no
     other process of that user may trace this one or read its memory, where the token is).
-    Not root: nothing to give up. No such user: stays, and says so."""
+    Not root: nothing to give up. No such user: stays, and says so. Root that may not change its
+    user (a container without CAP_SETUID/CAP_SETGID): ``CannotDrop``, and the page is not served."""
     libc = ctypes.CDLL(None, use_errno=True)
     if os.geteuid() == 0:
         try:
@@ -49,9 +54,13 @@ def drop_privileges(user: str = UNPRIVILEGED_USER) -> None:
         except KeyError:
             _warn(f"no user {user!r} on this host: the page's process keeps root")
         else:
-            os.setgroups([])
-            os.setresgid(pw.pw_gid, pw.pw_gid, pw.pw_gid)
-            os.setresuid(pw.pw_uid, pw.pw_uid, pw.pw_uid)
+            try:
+                os.setgroups([])
+                os.setresgid(pw.pw_gid, pw.pw_gid, pw.pw_gid)
+                os.setresuid(pw.pw_uid, pw.pw_uid, pw.pw_uid)
+            except OSError as exc:
+                raise CannotDrop(f"cannot give up root ({exc.strerror or exc}); the page is not served. "
+                                 "Run busted with CAP_SETUID and CAP_SETGID, or without --ui") from exc
     libc.prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0)
     libc.prctl(PR_SET_DUMPABLE, 0, 0, 0, 0)
 
@@ -121,7 +130,11 @@ def main(argv: list[str]) -> int:
     state, stats = WebState(), _Stats()
     ui = WebUI(state=state, token=token, sock=lsock, warn=_warn)
     try:
-        ui.start(stats=stats.get, before_serve=drop_privileges)
+        try:
+            ui.start(stats=stats.get, before_serve=drop_privileges)
+        except CannotDrop as exc:
+            _warn(str(exc))
+            return 1
         if not ui.serving:
             return 1
         feed.sendall(json.dumps({"ready": True}).encode())

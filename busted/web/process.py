@@ -133,11 +133,12 @@ class PageProcess:
         except (ValueError, AttributeError):
             ready = False
         if not ready:
+            timed_out = time.monotonic() >= end and self.proc.poll() is None and msg == b""
             if self.proc.poll() is None:
                 self.proc.kill()  # a page that never got going serves nothing: no stray process
-            self._stop_feeding(f"the web UI did not start within {self._timeout:.0f} s "
-                               f"(its process {'exited' if self.proc.poll() is not None else 'is still starting'}); "
-                               "the monitor goes on without it")
+            why = (f"did not start within {self._timeout:.0f} s" if timed_out else
+                   "did not start: its process ended before serving (its reason, if it gave one, is above)")
+            self._stop_feeding(f"the web UI {why}; the monitor goes on without it")
         else:
             self._send_stats()
         return self

@@ -236,3 +236,21 @@ def test_what_the_page_is_sent_is_held_briefly_bounded_and_flushed_when_idle(mon
         page.tick()
         assert sends and page._pending == []
         assert _wait(lambda: [c for c in _get(page, "/api/calls") if c["pid"] == 300])
+
+
+def test_root_that_may_not_change_user_serves_no_page():
+    """A monitor run as root without CAP_SETUID/CAP_SETGID (some containers): the page's process
+    cannot give up root, so it serves nothing and says why (failing closed); the monitor goes on."""
+    needs.root("dropping capabilities")
+    setpriv = needs.tool("setpriv")
+    code = ("import sys\n"
+            "from busted.web.process import PageProcess\n"
+            "warned = []\n"
+            "p = PageProcess('127.0.0.1:0', warn=warned.append, startup_timeout=20).start()\n"
+            "p.close()\n"
+            "print(repr(warned))\n")
+    out = subprocess.run([setpriv, "--bounding-set=-setuid,-setgid", "--inh-caps=-setuid,-setgid",
+                          sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert "cannot give up root (Operation not permitted); the page is not served" in out.stderr
+    assert "did not start: its process ended before serving" in out.stdout
