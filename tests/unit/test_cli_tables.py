@@ -529,7 +529,7 @@ def test_doctor_as_uid_65534():
 
 def test_doctor_ebpf_prints_what_monitor_loads(monkeypatch):
     import busted.ebpf.probe
-    from busted.ebpf.loader import build_source
+    from busted.ebpf.loader import RINGBUF_BYTES, build_source
     from busted.ebpf.plan import choose_plan
 
     caps = _caps()
@@ -539,7 +539,8 @@ def test_doctor_ebpf_prints_what_monitor_loads(monkeypatch):
     o = busted.MonitorOptions()
     want = build_source(choose_plan(caps, None), ringbuf_bytes=o.ringbuf_bytes, max_flows=o.max_flows)
     assert out.getvalue() == want
-    assert "#define RINGBUF_PAGES 1024\n" in want  # 4 MiB
+    assert f"#define RINGBUF_PAGES {RINGBUF_BYTES // 4096}\n" in want  # the default ring, in pages
+    assert RINGBUF_BYTES == 16 << 20  # docs/kernel.md "Transport" says why 16 MiB
 
 
 def test_monitor_and_loader_share_their_defaults():
