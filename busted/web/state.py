@@ -89,12 +89,6 @@ class _Attrs(dict):
     __getattr__ = dict.get
 
 
-def _plain(v: Any) -> Any:
-    """An event attribute as ``to_dict()`` writes it: enums by lower-case name."""
-    name = getattr(v, "name", None)
-    return name.lower() if isinstance(name, str) and not isinstance(v, str) else v
-
-
 #: The fields of a flow close or classification the flows view groups by, in ``flow_record``'s order.
 FLOW_FIELDS = ("kind", "comm", "exe", "hostname", "daddr", "provider", "dport", "direction", "wall_time", "pid",
                "uid", "evidence", "agent", "container_id", "bytes_sent", "bytes_received")
